@@ -1,0 +1,44 @@
+// Shared pieces of the bntrain kernels: activation functions and the deterministic
+// per-column reduction used by every kernel that sums over the batch.
+//
+// Layout everywhere: activations are [rows, width] row-major f32 (rows = batch examples),
+// per-feature vectors are [width]. Math is IEEE f32 (no fast-math), matching
+// src/cpu/ops.rs operation for operation; nvcc may contract a*b+c into one FMA.
+#pragma once
+
+// Activation codes; must match `activation_code` in src/cuda/kernels.rs.
+#define ACT_SIGMOID 0
+#define ACT_RELU 1
+
+// a = σ(y) = 1/(1+e^{−y}) or max(y, 0)  (cpu::ops::activation_forward)
+__device__ __forceinline__ float activate(int activation, float y) {
+    if (activation == ACT_SIGMOID) return 1.0f / (1.0f + expf(-y));
+    return y > 0.0f ? y : 0.0f;
+}
+
+// dy = da·σ'(y) from the saved output a: a(1−a) for the sigmoid, 1[a>0] for relu
+// (cpu::ops::activation_backward; same evaluation order: (da·a)·(1−a)).
+__device__ __forceinline__ float activate_backward(int activation, float a, float da) {
+    if (activation == ACT_SIGMOID) return da * a * (1.0f - a);
+    return a > 0.0f ? da : 0.0f;
+}
+
+// Column tiles: a block of (TILE_COLS, TILE_ROWS) threads owns TILE_COLS consecutive
+// features (threadIdx.x; coalesced 128-byte row segments) and walks all rows, thread row
+// threadIdx.y taking rows threadIdx.y, +TILE_ROWS, ... . Launch: grid.x = ceil(width/32),
+// block = (32, 8). Every thread of the block must call column_total (it synchronizes).
+#define TILE_COLS 32
+#define TILE_ROWS 8
+
+// Total over the block's thread rows of each column's partial sum `v`, always added in
+// the same order (thread row 0, 1, ..., 7): deterministic, no atomics. Every thread of a
+// column gets the same total. `part` is the block's [TILE_ROWS][TILE_COLS] shared scratch.
+__device__ __forceinline__ float column_total(float (*part)[TILE_COLS], float v) {
+    part[threadIdx.y][threadIdx.x] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < TILE_ROWS; ++k) total += part[k][threadIdx.x];
+    __syncthreads();  // `part` is reused by the next call
+    return total;
+}

@@ -1,0 +1,87 @@
+// Softmax cross-entropy of the output layer, in one pass over the logits, fused with the
+// output layer's bias add and bias gradient (cpu::ops::softmax_cross_entropy, argmax, and
+// the bias parts of linear_forward / linear_backward).
+//
+// Per example r, with logits v_k = z[r,k] + bias_k (bias may be null) and label t:
+//   m = max_k v_k at k* = argmax (the first index on ties), D = Σ_k e^{v_k − m}
+//   ℓ_r = ln D + m − v_t                        (accumulated in f64)
+//   dlogits[r,k] = (e^{v_k − m}/D − 1[k=t])·grad_scale   (grad_scale = 1, or 1/B for a mean)
+//   correct += 1[k* = t];  predicted[r] = k*
+// then  loss_sum[0] += Σ_r ℓ_r,  correct[0] += Σ_r 1[k*_r = t_r]
+// and   dbias_k = Σ_r dlogits[r,k]  (rows in order 0..B, as on the CPU).
+// A label ≥ classes (a gather out of range) makes that example's loss and gradient NaN.
+//
+// Layout: z, dlogits: [B, K] row-major; bias, dbias: [K]; labels, predicted: [B] u8;
+//   loss_sum: [1] f64, correct: [1] u64 — device accumulators read only by the host's
+//   take_step_stats / evaluate. dlogits, dbias (needs dlogits), predicted may be null.
+// Launch: exactly ONE block of SOFTMAX_THREADS threads (the launcher enforces it): the
+//   accumulators are then updated without atomics and the reductions have a fixed order
+//   (each thread sums its rows r = tid, tid+256, ..., then a fixed tree over threads).
+
+#include <stdint.h>
+
+#define SOFTMAX_THREADS 256
+
+extern "C" __global__ void softmax_xent_f32(
+    const float* __restrict__ z, const float* __restrict__ bias, const uint8_t* __restrict__ labels,
+    unsigned rows, unsigned classes, float grad_scale,
+    float* __restrict__ dlogits, float* __restrict__ dbias, uint8_t* __restrict__ predicted,
+    double* __restrict__ loss_sum, unsigned long long* __restrict__ correct)
+{
+    __shared__ double loss_part[SOFTMAX_THREADS];
+    __shared__ unsigned long long correct_part[SOFTMAX_THREADS];
+    const unsigned tid = threadIdx.x;
+    const float nan = __int_as_float(0x7fc00000);
+
+    double my_loss = 0.0;
+    unsigned long long my_correct = 0;
+    for (unsigned r = tid; r < rows; r += SOFTMAX_THREADS) {
+        const float* row = z + (size_t)r * classes;
+#define LOGIT(k) (bias != nullptr ? row[k] + bias[k] : row[k])
+        unsigned best = 0;
+        float m = LOGIT(0);
+        for (unsigned k = 1; k < classes; ++k) {
+            const float v = LOGIT(k);
+            if (v > m) { m = v; best = k; }
+        }
+        float denom = 0.0f;
+        for (unsigned k = 0; k < classes; ++k) denom += expf(LOGIT(k) - m);
+        const unsigned label = labels[r];
+        const bool valid = label < classes;
+        if (dlogits != nullptr) {
+            float* grad = dlogits + (size_t)r * classes;
+            for (unsigned k = 0; k < classes; ++k) {
+                const float p = expf(LOGIT(k) - m) / denom;
+                grad[k] = valid ? (p - (k == label ? 1.0f : 0.0f)) * grad_scale : nan;
+            }
+        }
+        const float loss = valid ? logf(denom) + m - LOGIT(label) : nan;
+#undef LOGIT
+        my_loss += (double)loss;
+        my_correct += (valid && best == label) ? 1ull : 0ull;
+        if (predicted != nullptr) predicted[r] = (uint8_t)best;
+    }
+
+    loss_part[tid] = my_loss;
+    correct_part[tid] = my_correct;
+    __syncthreads();
+    for (unsigned s = SOFTMAX_THREADS / 2; s > 0; s >>= 1) {
+        if (tid < s) {
+            loss_part[tid] += loss_part[tid + s];
+            correct_part[tid] += correct_part[tid + s];
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        loss_sum[0] += loss_part[0];
+        correct[0] += correct_part[0];
+    }
+    // The block's dlogits writes are visible to all its threads after the barriers above.
+    if (dbias != nullptr && dlogits != nullptr) {
+        for (unsigned k = tid; k < classes; k += SOFTMAX_THREADS) {
+            float s = 0.0f;
+            for (unsigned r = 0; r < rows; ++r) s += dlogits[(size_t)r * classes + k];
+            dbias[k] = s;
+        }
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Runs on a GPU host without Rust, from a bundle made by scripts/gpu-bundle.sh:
+#   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure);
+#   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST;
+#   3. `bntrain bench --device cuda` on the seed and wide configurations;
+#   4. optionally a peer anchor (python3 torch_anchor.py) on the same GPU, same call;
+# then prints a summary table last.
+#
+#   bash gpu-check.sh [BUNDLE_DIR] [PATH/TO/torch_anchor.py]
+# BUNDLE_DIR defaults to the directory of this script when it holds `bntrain`, else
+# ./gpu-bundle. STEPS (default 10000) shortens the training run.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+if [[ $# -ge 1 ]]; then bundle="$1"; elif [[ -x "$here/bntrain" ]]; then bundle="$here"; else bundle="./gpu-bundle"; fi
+anchor="${2:-}"
+steps="${STEPS:-10000}"
+bin="$bundle/bntrain"
+[[ -x "$bin" ]] || { echo "gpu-check: $bin not found (build the bundle with scripts/gpu-bundle.sh)" >&2; exit 2; }
+logs="$(mktemp -d)"
+summary=()
+failed=0
+row() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+# The last line of a log that parses as JSON, then one field of it.
+json_field() { python3 - "$1" "$2" <<'PY'
+import json, sys
+value = None
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        value = json.loads(line)
+    except ValueError:
+        pass
+field = value.get(sys.argv[2]) if isinstance(value, dict) else None
+print("?" if field is None else (f"{field:.4f}" if isinstance(field, float) else field))
+PY
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
+
+for test in gpu_kernels gpu_training; do
+    echo "== $test"
+    if [[ ! -x "$bundle/$test" ]]; then row "$test" "MISSING"; failed=1; continue; fi
+    BNTRAIN_REQUIRE_GPU=1 timeout 600 "$bundle/$test" --test-threads=4 2>&1 | tee "$logs/$test.log"
+    status=${PIPESTATUS[0]}
+    result="$(grep -E '^test result:' "$logs/$test.log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
+    if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi
+done
+
+echo "== bntrain info"
+timeout 120 "$bin" info 2>&1 | tee "$logs/info.log"
+
+echo "== bntrain train --device cuda --steps $steps"
+timeout 900 "$bin" train --device cuda --data "$bundle/data" --steps "$steps" --json 2>&1 | tee "$logs/train.log"
+if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
+    acc="$(json_field "$logs/train.log" test_accuracy)"
+    secs="$(json_field "$logs/train.log" seconds)"
+    us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$steps" 2>/dev/null || echo '?')"
+    row "train $steps steps (BN, cuda)" "test accuracy $acc, $secs s ($us µs/step incl. evaluation)"
+else
+    row "train $steps steps (BN, cuda)" "FAIL"; failed=1
+fi
+
+for config in seed wide; do
+    echo "== bntrain bench --device cuda --config $config"
+    timeout 600 "$bin" bench --device cuda --config "$config" --json 2>&1 | tee "$logs/bench-$config.log"
+    if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
+        row "bench $config (cuda)" "$(json_field "$logs/bench-$config.log" us_per_step) µs/step (median)"
+    else
+        row "bench $config (cuda)" "FAIL"; failed=1
+    fi
+done
+
+if [[ -n "$anchor" ]]; then
+    echo "== python3 $anchor (peer anchor, same GPU)"
+    QUICK="${QUICK:-1}" timeout 600 python3 "$anchor" "$bundle/data" 2>&1 | tee "$logs/anchor.log"
+    row "anchor $(basename "$anchor")" "exit ${PIPESTATUS[0]}, see the JSON lines above"
+fi
+
+echo
+echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1))"
+printf '%s\n' "${summary[@]}"
+echo "logs: $logs"
+exit $failed

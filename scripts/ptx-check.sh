@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Compiles every cuda/*.cu to PTX the way build.rs does and assembles it with ptxas for
+# sm_80 (A100) and sm_90 (H100/H200), printing registers, shared memory and spills per
+# kernel. Fails on any compiler or assembler error; warns about spills.
+#
+#   scripts/ptx-check.sh            # nvcc from $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin or PATH
+#   BNTRAIN_PTX_ARCH=compute_80 scripts/ptx-check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+nvcc="${NVCC:-}"
+for candidate in "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" "${CUDA_PATH:+$CUDA_PATH/bin/nvcc}" "$(command -v nvcc || true)" /usr/local/cuda/bin/nvcc; do
+    [[ -z "$nvcc" && -n "$candidate" && -x "$candidate" ]] && nvcc="$candidate"
+done
+if [[ -z "$nvcc" ]]; then
+    echo "ptx-check: nvcc not found (set NVCC, CUDA_HOME, or put it on PATH)" >&2
+    exit 1
+fi
+ptxas="$(dirname "$nvcc")/ptxas"
+[[ -x "$ptxas" ]] || ptxas="$(command -v ptxas)"
+arch="${BNTRAIN_PTX_ARCH:-compute_75}"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+
+echo "nvcc: $("$nvcc" --version | grep release)   PTX for $arch"
+status=0
+for source in cuda/*.cu; do
+    name="$(basename "$source" .cu)"
+    "$nvcc" -ptx "-arch=$arch" -lineinfo -Wno-deprecated-gpu-targets -Icuda -o "$out/$name.ptx" "$source"
+    for sm in sm_80 sm_90; do
+        report="$("$ptxas" "-arch=$sm" -v "$out/$name.ptx" -o /dev/null 2>&1)" || { echo "$report"; echo "ptxas failed on $name for $sm" >&2; status=1; continue; }
+        # "Compiling entry function 'k' for 'sm_90'" then "Used N registers, ..." per kernel.
+        echo "$report" | awk -v sm="$sm" '
+            /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); kernel = substr($0, RSTART + 1, RLENGTH - 2) }
+            /bytes stack frame/ { spill = $0; sub(/^ +/, "", spill) }
+            /Used [0-9]+ registers/ { used = $0; sub(/.*: +/, "", used); printf "  %-6s %-28s %s; %s\n", sm, kernel, used, spill }'
+        if echo "$report" | grep -E "[1-9][0-9]* bytes spill (stores|loads)" >/dev/null; then
+            echo "ptx-check: warning: $name spills registers on $sm" >&2
+        fi
+    done
+done
+[[ $status -eq 0 ]] && echo "ptx-check: every kernel assembles for sm_80 and sm_90"
+exit $status

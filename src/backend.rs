@@ -1,0 +1,124 @@
+//! The interface the training loop is generic over. A backend owns the dataset, the
+//! parameters, the gradients, the optimizer state and every statistic, wherever it keeps them
+//! (host memory for the CPU reference, device memory for CUDA); the loop only tells it which
+//! examples to visit and asks for numbers at evaluation points.
+
+use crate::model::ModelParams;
+use crate::Result;
+
+/// Which part of the dataset an operation reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitKind {
+    Train,
+    Test,
+}
+
+/// Which statistics BN normalizes with at prediction time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsMode {
+    /// The running (population) estimates: inference as it should be.
+    Population,
+    /// The statistics of the batch being predicted, as in training mode. For
+    /// [`Backend::evaluate`] the batch is the whole split (what the source's training curves
+    /// measure); for [`Backend::predict_each`] it is one example, whose normalized values
+    /// are all 0, so the network predicts one class for every input.
+    Batch,
+}
+
+/// What the training steps since the last call produced, summed over examples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepStats {
+    pub steps: u64,
+    pub examples: u64,
+    /// Σ per-example cross-entropy, whatever the loss reduction.
+    pub loss_sum: f64,
+    pub correct: u64,
+}
+
+impl StepStats {
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.examples.max(1) as f64
+    }
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+}
+
+/// Which pre-activation values to record during an evaluation (Figure 1(b,c)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// 0-based hidden layer.
+    pub layer: usize,
+    /// The first `neurons` units of that layer.
+    pub neurons: usize,
+}
+
+/// Inference-mode results on a whole split.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Evaluation {
+    pub examples: u64,
+    pub loss_sum: f64,
+    pub correct: u64,
+    /// `[examples, probe.neurons]` row-major: the activation's input of the probed units.
+    pub probe: Vec<f32>,
+}
+
+impl Evaluation {
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.examples.max(1) as f64
+    }
+}
+
+/// A device that trains and evaluates one network. Object safe, so a loop can drive a BN and
+/// a plain network side by side as `&mut dyn Backend`.
+pub trait Backend {
+    /// What runs the computation, for logs and reports (e.g. `cpu f32`, `NVIDIA H200`).
+    fn device_name(&self) -> String;
+
+    /// Sets the order of training examples for the coming epoch: a permutation of the training
+    /// indices (or a prefix of one). Batch `b` of the epoch is `order[b·B .. (b+1)·B]`.
+    fn set_epoch_order(&mut self, order: &[u32]) -> Result<()>;
+
+    /// One SGD step on batch `batch` of the current epoch order: forward, loss, backward,
+    /// parameter update and running-statistics update.
+    fn train_step(&mut self, batch: usize) -> Result<()>;
+
+    /// Waits until all queued work has finished (a no-op on the CPU); benchmarks call it
+    /// before reading the clock.
+    fn synchronize(&mut self) -> Result<()>;
+
+    /// Loss and accuracy of the training steps since the previous call (resets them).
+    fn take_step_stats(&mut self) -> Result<StepStats>;
+
+    /// Replaces those running sums: a run resumed between two evaluation points continues
+    /// the sums it was interrupted in, so its next point equals the unbroken run's bit for bit
+    /// (adding the two parts afterwards would round differently).
+    fn restore_step_stats(&mut self, stats: StepStats) -> Result<()>;
+
+    /// Loss and accuracy over a whole split, normalizing with population statistics or with
+    /// the statistics of the whole split taken as one batch (running statistics untouched).
+    fn evaluate(&mut self, split: SplitKind, mode: StatsMode, probe: Option<Probe>) -> Result<Evaluation>;
+
+    /// Predicts the first `count` examples of a split one at a time (batch of one), with
+    /// population or per-example batch statistics. Returns the predicted classes.
+    fn predict_each(&mut self, split: SplitKind, count: usize, mode: StatsMode) -> Result<Vec<u8>>;
+
+    /// Copies every parameter and running statistic to the host.
+    fn params(&mut self) -> Result<ModelParams>;
+
+    /// Replaces every parameter and running statistic (shapes must match the model).
+    fn set_params(&mut self, params: &ModelParams) -> Result<()>;
+
+    /// Gradients of the last step, one tensor per trainable tensor in
+    /// [`ModelParams::trainable_tensors`] order.
+    fn gradients(&mut self) -> Result<Vec<Vec<f64>>>;
+
+    /// Momentum buffers in the same order (empty when momentum is 0).
+    fn velocity(&mut self) -> Result<Vec<Vec<f64>>>;
+
+    /// Restores momentum buffers written by [`Backend::velocity`].
+    fn set_velocity(&mut self, velocity: &[Vec<f64>]) -> Result<()>;
+}

@@ -1,0 +1,138 @@
+//! `bntrain bench`: microseconds per training step, the median of several timed runs after a
+//! warm-up, on synthetic data (the step's cost does not depend on the pixel values).
+
+use crate::backend::Backend;
+use crate::data::{Dataset, DatasetKind, Split, CLASSES};
+use crate::model::{ModelConfig, ModelParams, TrainConfig};
+use crate::train;
+use crate::Result;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The two benchmark networks of the peers' anchors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchConfig {
+    /// 784-100-100-10, BN, sigmoid, batch 60: the seed.
+    Seed,
+    /// 784-1024-1024-10, BN, sigmoid, batch 1024.
+    Wide,
+}
+
+impl FromStr for BenchConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "seed" => Ok(BenchConfig::Seed),
+            "wide" => Ok(BenchConfig::Wide),
+            _ => Err(format!("unknown bench config `{s}`: expected seed or wide")),
+        }
+    }
+}
+
+impl BenchConfig {
+    pub fn configs(self, batch_norm: bool) -> (ModelConfig, TrainConfig) {
+        let mut model = ModelConfig::seed(batch_norm);
+        let mut train = TrainConfig::seed();
+        if self == BenchConfig::Wide {
+            model.hidden = vec![1024, 1024];
+            train.batch_size = 1024;
+        }
+        (model, train)
+    }
+}
+
+/// A dataset of random pixels and labels with MNIST's shape.
+pub fn synthetic_dataset(train_count: usize, test_count: usize, seed: u64) -> Dataset {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut split = |count: usize| Split {
+        images: (0..count * 784).map(|_| rng.random::<u8>()).collect(),
+        labels: (0..count).map(|_| rng.random_range(0..CLASSES as u8)).collect(),
+        count,
+        features: 784,
+        classes: CLASSES,
+    };
+    Dataset { kind: DatasetKind::Mnist, train: split(train_count), test: split(test_count), source: "synthetic".into() }
+}
+
+/// The result of one benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub config: BenchConfig,
+    pub batch_norm: bool,
+    pub device: String,
+    pub batch_size: usize,
+    pub us_per_step: f64,
+    pub us_per_step_min: f64,
+    pub us_per_step_max: f64,
+    pub steps_per_second: f64,
+    pub runs: usize,
+    pub steps_per_run: u64,
+}
+
+/// Times training steps of `net`: `warmup` steps, then `runs` runs of enough steps to last
+/// about `seconds_per_run` each; the median run gives µs per step.
+pub fn time_steps(
+    net: &mut dyn Backend, train: &TrainConfig, train_examples: usize,
+    warmup: u64, runs: usize, seconds_per_run: f64,
+) -> Result<(Vec<f64>, u64)> {
+    let per_epoch = train::batches_per_epoch(train_examples, train.batch_size);
+    let order = train::epoch_order(train.order, train.seed, 0, train_examples);
+    net.set_epoch_order(&order)?;
+    let mut step = 0u64;
+    let mut run_steps = |net: &mut dyn Backend, n: u64| -> Result<f64> {
+        let t = Instant::now();
+        for _ in 0..n {
+            net.train_step((step % per_epoch) as usize)?;
+            step += 1;
+        }
+        net.synchronize()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let warm = run_steps(net, warmup.max(1))?;
+    let per_step = warm / warmup.max(1) as f64;
+    let steps_per_run = ((seconds_per_run / per_step.max(1e-9)) as u64).clamp(3, 100_000);
+    let mut us = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        us.push(run_steps(net, steps_per_run)? * 1e6 / steps_per_run as f64);
+    }
+    net.take_step_stats()?;
+    Ok((us, steps_per_run))
+}
+
+/// Median of a non-empty sample.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 { f64::NAN } else if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+/// Builds the benchmark network with `open` and times it.
+pub fn run(
+    config: BenchConfig, batch_norm: bool, runs: usize, seconds_per_run: f64,
+    open: &mut dyn FnMut(ModelConfig, TrainConfig, Arc<Dataset>, &ModelParams) -> Result<Box<dyn Backend>>,
+) -> Result<BenchReport> {
+    let (model, train) = config.configs(batch_norm);
+    let data = Arc::new(synthetic_dataset(train.batch_size * 12, 1000, 1));
+    let params = ModelParams::init(&model, train.seed, 1);
+    let mut net = open(model, train.clone(), Arc::clone(&data), &params)?;
+    let (us, steps_per_run) = time_steps(net.as_mut(), &train, data.train.count, 20, runs, seconds_per_run)?;
+    let med = median(&us);
+    Ok(BenchReport {
+        config,
+        batch_norm,
+        device: net.device_name(),
+        batch_size: train.batch_size,
+        us_per_step: med,
+        us_per_step_min: us.iter().cloned().fold(f64::INFINITY, f64::min),
+        us_per_step_max: us.iter().cloned().fold(0.0, f64::max),
+        steps_per_second: 1e6 / med,
+        runs: us.len(),
+        steps_per_run,
+    })
+}

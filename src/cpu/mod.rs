@@ -1,0 +1,467 @@
+//! The CPU reference backend: the oracle of every GPU test and a usable trainer.
+//!
+//! It computes in `F` (f32 to train, f64 to check) with the operations of [`ops`], one per
+//! CUDA kernel, so a failing GPU test points at one function here.
+
+pub mod float;
+pub mod ops;
+
+use crate::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
+use crate::data::{Dataset, Split};
+use crate::model::{BatchNormParams, ConfigError, LayerParams, ModelConfig, ModelParams, RunningStats, TrainConfig};
+use crate::Result;
+pub use float::Float;
+use std::sync::Arc;
+
+/// Rows per chunk when evaluating a whole split: bounds the workspace, keeps GEMMs large.
+const EVAL_CHUNK: usize = 1000;
+
+struct BatchNorm<F> {
+    gamma: Vec<F>,
+    beta: Vec<F>,
+    /// (mean, var, batches folded in) per estimator; index 0 is used for inference.
+    running: Vec<(Vec<F>, Vec<F>, u64)>,
+    grad_gamma: Vec<F>,
+    grad_beta: Vec<F>,
+}
+
+struct Layer<F> {
+    inputs: usize,
+    outputs: usize,
+    weight: Vec<F>,
+    bias: Option<Vec<F>>,
+    batch_norm: Option<BatchNorm<F>>,
+    grad_weight: Vec<F>,
+    grad_bias: Option<Vec<F>>,
+}
+
+/// What one forward pass keeps for the backward pass, for `rows` examples.
+struct Activations<F> {
+    rows: usize,
+    /// The network's input: [rows, inputs].
+    x: Vec<F>,
+    /// Per layer: the linear output z, the normalized x̂, the activation input y and output a
+    /// ([rows, outputs] each; the output layer only uses z as logits), and BN's batch
+    /// statistics ([outputs] each).
+    z: Vec<Vec<F>>,
+    x_hat: Vec<Vec<F>>,
+    y: Vec<Vec<F>>,
+    a: Vec<Vec<F>>,
+    mean: Vec<Vec<F>>,
+    var: Vec<Vec<F>>,
+    inv_std: Vec<Vec<F>>,
+}
+
+impl<F: Float> Activations<F> {
+    fn new(config: &ModelConfig, rows: usize) -> Self {
+        let widths = config.widths();
+        let per_layer = |f: &dyn Fn(usize) -> usize| widths[1..].iter().map(|&w| vec![F::ZERO; f(w)]).collect();
+        Activations {
+            rows,
+            x: vec![F::ZERO; rows * config.inputs],
+            z: per_layer(&|w| rows * w),
+            x_hat: per_layer(&|w| rows * w),
+            y: per_layer(&|w| rows * w),
+            a: per_layer(&|w| rows * w),
+            mean: per_layer(&|w| w),
+            var: per_layer(&|w| w),
+            inv_std: per_layer(&|w| w),
+        }
+    }
+}
+
+/// How BN normalizes during a forward pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Normalize {
+    WithBatchStats,
+    WithPopulationStats,
+}
+
+/// The reference backend. `F` is the precision everything is computed and stored in.
+pub struct CpuBackend<F: Float> {
+    model: ModelConfig,
+    train: TrainConfig,
+    data: Arc<Dataset>,
+    layers: Vec<Layer<F>>,
+    /// Momentum buffers in trainable-tensor order; empty when momentum is 0.
+    velocity: Vec<Vec<F>>,
+    order: Vec<u32>,
+    step_buffers: Activations<F>,
+    /// Scratch for the backward pass: gradient w.r.t. the current layer's output a, and its
+    /// y / z gradients ([B, widest layer]).
+    grad_a: Vec<F>,
+    grad_y: Vec<F>,
+    grad_z: Vec<F>,
+    pending: StepStats,
+}
+
+impl<F: Float> CpuBackend<F> {
+    /// A backend that trains `params` on `data`. The configuration is validated here.
+    pub fn new(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams) -> Result<Self> {
+        model.validate()?;
+        train.validate(&model, data.train.count)?;
+        if data.train.features != model.inputs || data.train.classes != model.classes {
+            return Err(ConfigError::Invalid(format!(
+                "the dataset has {} features and {} classes but the model expects {} and {}",
+                data.train.features, data.train.classes, model.inputs, model.classes
+            ))
+            .into());
+        }
+        let widest = *model.widths().iter().max().unwrap_or(&1);
+        let batch = train.batch_size;
+        let mut backend = CpuBackend {
+            step_buffers: Activations::new(&model, batch),
+            grad_a: vec![F::ZERO; batch * widest],
+            grad_y: vec![F::ZERO; batch * widest],
+            grad_z: vec![F::ZERO; batch * widest],
+            model,
+            train,
+            data,
+            layers: Vec::new(),
+            velocity: Vec::new(),
+            order: Vec::new(),
+            pending: StepStats::default(),
+        };
+        backend.set_params(params)?;
+        if backend.train.momentum > 0.0 {
+            backend.velocity = backend.trainable().iter().map(|t| vec![F::ZERO; t.len()]).collect();
+        }
+        Ok(backend)
+    }
+
+    fn split(&self, split: SplitKind) -> &Split {
+        match split {
+            SplitKind::Train => &self.data.train,
+            SplitKind::Test => &self.data.test,
+        }
+    }
+
+    /// The trainable tensors in the canonical order (weight, bias, γ, β per layer).
+    fn trainable(&self) -> Vec<&Vec<F>> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            out.push(&layer.weight);
+            out.extend(layer.bias.as_ref());
+            if let Some(bn) = &layer.batch_norm {
+                out.push(&bn.gamma);
+                out.push(&bn.beta);
+            }
+        }
+        out
+    }
+
+    /// Forward pass over `acts.x` (already filled), keeping what the backward pass needs.
+    fn forward(layers: &[Layer<F>], model: &ModelConfig, acts: &mut Activations<F>, normalize: Normalize) {
+        let epsilon = F::from_f64(model.epsilon);
+        let hidden = model.hidden.len();
+        for (l, layer) in layers.iter().enumerate() {
+            let (done, rest) = acts.a.split_at_mut(l);
+            let input: &[F] = if l == 0 { &acts.x } else { &done[l - 1] };
+            let z = &mut acts.z[l];
+            ops::linear_forward(input, &layer.weight, layer.bias.as_deref(), layer.inputs, layer.outputs, z);
+            if l == hidden {
+                break; // the output layer's z are the logits
+            }
+            let y = &mut acts.y[l];
+            match (&layer.batch_norm, normalize) {
+                (Some(bn), Normalize::WithBatchStats) => ops::batch_norm_forward_train(
+                    z, &bn.gamma, &bn.beta, epsilon,
+                    &mut acts.mean[l], &mut acts.var[l], &mut acts.inv_std[l], &mut acts.x_hat[l], y,
+                ),
+                (Some(bn), Normalize::WithPopulationStats) => {
+                    let (mean, var, _) = &bn.running[0];
+                    ops::batch_norm_forward_infer(z, &bn.gamma, &bn.beta, mean, var, epsilon, y)
+                }
+                (None, _) => y.copy_from_slice(z),
+            }
+            ops::activation_forward(model.activation, y, &mut rest[0]);
+        }
+    }
+
+    /// Runs inference over `split` in chunks, calling `visit(first_row, logits, acts)`.
+    fn for_each_chunk(
+        &self, split: SplitKind, count: usize, chunk: usize, normalize: Normalize,
+        mut visit: impl FnMut(usize, &Activations<F>),
+    ) {
+        let data = self.split(split);
+        let mut acts = Activations::new(&self.model, chunk.min(count).max(1));
+        let mut start = 0;
+        while start < count {
+            let rows = chunk.min(count - start);
+            if rows != acts.rows {
+                acts = Activations::new(&self.model, rows);
+            }
+            let indices: Vec<u32> = (start as u32..(start + rows) as u32).collect();
+            ops::gather_batch(&data.images, data.features, &indices, &mut acts.x);
+            Self::forward(&self.layers, &self.model, &mut acts, normalize);
+            visit(start, &acts);
+            start += rows;
+        }
+    }
+}
+
+impl<F: Float> Backend for CpuBackend<F> {
+    fn device_name(&self) -> String {
+        format!("cpu {}", F::NAME)
+    }
+
+    fn set_epoch_order(&mut self, order: &[u32]) -> Result<()> {
+        let n = self.data.train.count as u32;
+        if let Some(bad) = order.iter().find(|&&i| i >= n) {
+            return Err(ConfigError::Invalid(format!("epoch order holds index {bad} but the training set has {n} examples")).into());
+        }
+        self.order = order.to_vec();
+        Ok(())
+    }
+
+    fn train_step(&mut self, batch: usize) -> Result<()> {
+        let b = self.train.batch_size;
+        let range = batch * b..(batch + 1) * b;
+        if range.end > self.order.len() {
+            return Err(ConfigError::Invalid(format!("batch {batch} lies past the epoch order ({} indices)", self.order.len())).into());
+        }
+        let data = Arc::clone(&self.data);
+        let indices = &self.order[range];
+        let labels: Vec<u8> = indices.iter().map(|&i| data.train.labels[i as usize]).collect();
+        let acts = &mut self.step_buffers;
+        ops::gather_batch(&data.train.images, data.train.features, indices, &mut acts.x);
+        Self::forward(&self.layers, &self.model, acts, Normalize::WithBatchStats);
+
+        // Loss and the gradient of the logits.
+        let hidden = self.model.hidden.len();
+        let classes = self.model.classes;
+        let grad_logits = &mut self.grad_z[..b * classes];
+        let (loss, correct) = ops::softmax_cross_entropy(&acts.z[hidden], &labels, classes, self.train.loss, grad_logits);
+        self.pending.steps += 1;
+        self.pending.examples += b as u64;
+        self.pending.loss_sum += loss;
+        self.pending.correct += correct;
+
+        // Backward, from the output layer down; grad_z holds dL/dz of layer l on entry.
+        for l in (0..=hidden).rev() {
+            let layer = &mut self.layers[l];
+            let (inputs, outputs) = (layer.inputs, layer.outputs);
+            let input: &[F] = if l == 0 { &acts.x } else { &acts.a[l - 1] };
+            let grad_input = (l > 0).then(|| &mut self.grad_a[..b * inputs]);
+            ops::linear_backward(
+                &self.grad_z[..b * outputs], input, &layer.weight, inputs, outputs,
+                &mut layer.grad_weight, layer.grad_bias.as_deref_mut(), grad_input,
+            );
+            if l == 0 {
+                break;
+            }
+            // Through the activation and BN of layer l−1 to its z.
+            let below = &mut self.layers[l - 1];
+            let n = b * below.outputs;
+            ops::activation_backward(self.model.activation, &acts.a[l - 1], &self.grad_a[..n], &mut self.grad_y[..n]);
+            match &mut below.batch_norm {
+                Some(bn) => ops::batch_norm_backward(
+                    &self.grad_y[..n], &acts.x_hat[l - 1], &bn.gamma, &acts.inv_std[l - 1],
+                    &mut self.grad_z[..n], &mut bn.grad_gamma, &mut bn.grad_beta,
+                ),
+                None => self.grad_z[..n].copy_from_slice(&self.grad_y[..n]),
+            }
+        }
+
+        // Parameter update, then running statistics from this step's batch statistics.
+        let lr = F::from_f64(self.train.learning_rate);
+        let momentum = F::from_f64(self.train.momentum);
+        let mut velocity = self.velocity.iter_mut();
+        let mut update = |w: &mut [F], g: &[F]| ops::sgd_update(w, g, velocity.next().map(|v| v.as_mut_slice()), lr, momentum);
+        let estimators = self.train.estimators();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            update(&mut layer.weight, &layer.grad_weight);
+            if let (Some(bias), Some(grad)) = (&mut layer.bias, &layer.grad_bias) {
+                update(bias, grad);
+            }
+            if let Some(bn) = &mut layer.batch_norm {
+                update(&mut bn.gamma, &bn.grad_gamma);
+                update(&mut bn.beta, &bn.grad_beta);
+                for (estimator, (mean, var, batches)) in estimators.iter().zip(&mut bn.running) {
+                    ops::update_running_stats(*estimator, b, *batches, mean, var, &acts.mean[l], &acts.var[l]);
+                    *batches += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn take_step_stats(&mut self) -> Result<StepStats> {
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    fn restore_step_stats(&mut self, stats: StepStats) -> Result<()> {
+        self.pending = stats;
+        Ok(())
+    }
+
+    fn evaluate(&mut self, split: SplitKind, mode: StatsMode, probe: Option<Probe>) -> Result<Evaluation> {
+        if let Some(p) = probe {
+            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
+                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
+            }
+        }
+        let data = self.split(split);
+        let (count, classes, hidden) = (data.count, self.model.classes, self.model.hidden.len());
+        let labels = &data.labels;
+        // Batch statistics must cover the whole split, so that mode takes it in one chunk.
+        let (chunk, normalize) = match mode {
+            StatsMode::Population => (EVAL_CHUNK, Normalize::WithPopulationStats),
+            StatsMode::Batch => (count, Normalize::WithBatchStats),
+        };
+        let mut eval = Evaluation { examples: count as u64, ..Default::default() };
+        let mut scratch = vec![F::ZERO; chunk.min(count) * classes];
+        self.for_each_chunk(split, count, chunk, normalize, |start, acts| {
+            let rows = acts.rows;
+            let (loss, correct) = ops::softmax_cross_entropy(
+                &acts.z[hidden], &labels[start..start + rows], classes, crate::model::LossReduction::Sum, &mut scratch[..rows * classes],
+            );
+            eval.loss_sum += loss;
+            eval.correct += correct;
+            if let Some(p) = probe {
+                let width = self.model.hidden[p.layer];
+                for row in acts.y[p.layer].chunks_exact(width) {
+                    eval.probe.extend(row[..p.neurons].iter().map(|v| v.to_f64() as f32));
+                }
+            }
+        });
+        Ok(eval)
+    }
+
+    fn predict_each(&mut self, split: SplitKind, count: usize, mode: StatsMode) -> Result<Vec<u8>> {
+        let available = self.split(split).count;
+        if count > available {
+            return Err(ConfigError::Invalid(format!("asked for {count} predictions but the split has {available} examples")).into());
+        }
+        let normalize = match mode {
+            StatsMode::Population => Normalize::WithPopulationStats,
+            StatsMode::Batch => Normalize::WithBatchStats,
+        };
+        let hidden = self.model.hidden.len();
+        let mut predictions = Vec::with_capacity(count);
+        self.for_each_chunk(split, count, 1, normalize, |_, acts| {
+            predictions.push(ops::argmax(&acts.z[hidden]) as u8);
+        });
+        Ok(predictions)
+    }
+
+    fn params(&mut self) -> Result<ModelParams> {
+        let to_f64 = |v: &[F]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| LayerParams {
+                inputs: layer.inputs,
+                outputs: layer.outputs,
+                weight: to_f64(&layer.weight),
+                bias: layer.bias.as_deref().map(to_f64),
+                batch_norm: layer.batch_norm.as_ref().map(|bn| BatchNormParams {
+                    gamma: to_f64(&bn.gamma),
+                    beta: to_f64(&bn.beta),
+                    running: bn
+                        .running
+                        .iter()
+                        .map(|(m, v, n)| RunningStats { mean: to_f64(m), var: to_f64(v), batches: *n })
+                        .collect(),
+                }),
+            })
+            .collect();
+        Ok(ModelParams { layers })
+    }
+
+    fn set_params(&mut self, params: &ModelParams) -> Result<()> {
+        check_params_match(&self.model, &self.train, params)?;
+        let from_f64 = |v: &[f64]| v.iter().map(|&x| F::from_f64(x)).collect::<Vec<F>>();
+        self.layers = params
+            .layers
+            .iter()
+            .map(|p| Layer {
+                inputs: p.inputs,
+                outputs: p.outputs,
+                weight: from_f64(&p.weight),
+                bias: p.bias.as_deref().map(from_f64),
+                batch_norm: p.batch_norm.as_ref().map(|bn| BatchNorm {
+                    gamma: from_f64(&bn.gamma),
+                    beta: from_f64(&bn.beta),
+                    running: bn.running.iter().map(|s| (from_f64(&s.mean), from_f64(&s.var), s.batches)).collect(),
+                    grad_gamma: vec![F::ZERO; p.outputs],
+                    grad_beta: vec![F::ZERO; p.outputs],
+                }),
+                grad_weight: vec![F::ZERO; p.weight.len()],
+                grad_bias: p.bias.as_ref().map(|b| vec![F::ZERO; b.len()]),
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn gradients(&mut self) -> Result<Vec<Vec<f64>>> {
+        let mut out = Vec::new();
+        for layer in &self.layers {
+            out.push(layer.grad_weight.iter().map(|x| x.to_f64()).collect());
+            out.extend(layer.grad_bias.as_ref().map(|g| g.iter().map(|x| x.to_f64()).collect()));
+            if let Some(bn) = &layer.batch_norm {
+                out.push(bn.grad_gamma.iter().map(|x| x.to_f64()).collect());
+                out.push(bn.grad_beta.iter().map(|x| x.to_f64()).collect());
+            }
+        }
+        Ok(out)
+    }
+
+    fn velocity(&mut self) -> Result<Vec<Vec<f64>>> {
+        Ok(self.velocity.iter().map(|v| v.iter().map(|x| x.to_f64()).collect()).collect())
+    }
+
+    fn set_velocity(&mut self, velocity: &[Vec<f64>]) -> Result<()> {
+        if self.train.momentum == 0.0 {
+            return Ok(());
+        }
+        let shapes: Vec<usize> = self.trainable().iter().map(|t| t.len()).collect();
+        let given: Vec<usize> = velocity.iter().map(|v| v.len()).collect();
+        if shapes != given {
+            return Err(ConfigError::Mismatch(format!("momentum buffers have sizes {given:?}, the model needs {shapes:?}")).into());
+        }
+        self.velocity = velocity.iter().map(|v| v.iter().map(|&x| F::from_f64(x)).collect()).collect();
+        Ok(())
+    }
+}
+
+/// Checks that `params` has the shapes and the number of estimators the configuration asks
+/// for; shared by every backend's `set_params`.
+pub fn check_params_match(model: &ModelConfig, train: &TrainConfig, params: &ModelParams) -> Result<(), ConfigError> {
+    let widths = model.widths();
+    let hidden = model.hidden.len();
+    let mismatch = |m: String| Err(ConfigError::Mismatch(m));
+    if params.layers.len() != widths.len() - 1 {
+        return mismatch(format!("{} layers given, the model {} has {}", params.layers.len(), model, widths.len() - 1));
+    }
+    for (l, (p, pair)) in params.layers.iter().zip(widths.windows(2)).enumerate() {
+        let n = l + 1;
+        if (p.inputs, p.outputs) != (pair[0], pair[1]) || p.weight.len() != pair[0] * pair[1] {
+            return mismatch(format!("layer {n} is {}→{}, the model needs {}→{}", p.inputs, p.outputs, pair[0], pair[1]));
+        }
+        let normalized = l < hidden && model.batch_norm;
+        if normalized != p.batch_norm.is_some() || normalized == p.bias.is_some() {
+            return mismatch(format!("layer {n}: batch normalization is {} in the parameters but {} in the model", if p.batch_norm.is_some() { "on" } else { "off" }, if normalized { "on" } else { "off" }));
+        }
+        if p.bias.as_ref().is_some_and(|b| b.len() != p.outputs) {
+            return mismatch(format!("layer {n}: bias has the wrong length"));
+        }
+        if let Some(bn) = &p.batch_norm {
+            let wanted = train.estimators().len();
+            if bn.gamma.len() != p.outputs || bn.beta.len() != p.outputs {
+                return mismatch(format!("layer {n}: γ/β have the wrong length"));
+            }
+            if bn.running.len() != wanted {
+                return mismatch(format!("layer {n}: {} running-statistics slots, the configuration has {wanted} estimators", bn.running.len()));
+            }
+            if bn.running.iter().any(|s| s.mean.len() != p.outputs || s.var.len() != p.outputs) {
+                return mismatch(format!("layer {n}: running statistics have the wrong length"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,729 @@
+//! [`CudaBackend`]: the network trained entirely on the device.
+//!
+//! Residency: both splits (u8 pixels and labels) are uploaded once; every trainable tensor
+//! lives in ONE flat f32 buffer (gradients and velocities in buffers of the same layout, so
+//! one SGD launch updates everything); running statistics of every estimator, their batch
+//! counts, the activations and the loss/accuracy accumulators live on the device too.
+//! `train_step` only launches (no synchronization, no readback): the batch it reads comes
+//! from a device-side counter advanced by the SGD kernel, so a step has no per-step host
+//! argument and can later be captured in a CUDA graph. The host reads back only in
+//! `take_step_stats`, `evaluate`, `predict_each`, `params`, `gradients` and `velocity`.
+//!
+//! One training step (seed network: 16 launches, 8 of them cuBLAS GEMMs): gather; per layer GEMM + fused
+//! BN/bias + activation; softmax-CE (with the output bias and its gradient); per layer
+//! GEMM dW, GEMM dX, fused activation' + BN/bias backward; SGD; running statistics.
+
+use super::context::Gpu;
+use super::gemm::matmul;
+use super::kernels::{self, RunningStatsLayout};
+use super::CudaError;
+use crate::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
+use crate::cpu::check_params_match;
+use crate::data::{Dataset, Split};
+use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
+use crate::Result;
+use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Rows per chunk when evaluating a whole split (as on the CPU).
+const EVAL_CHUNK: usize = 1000;
+/// Every tensor in the flat buffers starts on a 64-float (256-byte) boundary, which cuBLAS
+/// and vector loads like; the padding stays 0 (its gradient is never written).
+const ALIGN: usize = 64;
+
+/// Where a BN layer's tensors live.
+#[derive(Clone, Debug)]
+struct BnSlots {
+    gamma: Range<usize>,
+    beta: Range<usize>,
+    /// This layer's features within the concatenated BN statistics (`[total]`).
+    stats: Range<usize>,
+}
+
+/// Where a layer's tensors live in the flat parameter buffer (and, identically, in the
+/// gradient and velocity buffers).
+#[derive(Clone, Debug)]
+struct LayerSlots {
+    inputs: usize,
+    outputs: usize,
+    weight: Range<usize>,
+    bias: Option<Range<usize>>,
+    bn: Option<BnSlots>,
+}
+
+impl LayerSlots {
+    /// The trainable tensors in [`ModelParams::trainable_tensors`] order.
+    fn trainable(&self) -> Vec<Range<usize>> {
+        let mut out = vec![self.weight.clone()];
+        out.extend(self.bias.clone());
+        if let Some(bn) = &self.bn {
+            out.push(bn.gamma.clone());
+            out.push(bn.beta.clone());
+        }
+        out
+    }
+}
+
+/// Lays the model out: returns the layers, the flat buffer's length and the total BN width.
+fn layout(model: &ModelConfig) -> (Vec<LayerSlots>, usize, usize) {
+    let widths = model.widths();
+    let hidden = model.hidden.len();
+    let mut next = 0;
+    let mut take = |len: usize| {
+        let range = next..next + len;
+        next = (next + len).div_ceil(ALIGN) * ALIGN;
+        range
+    };
+    let mut stats = 0;
+    let mut layers = Vec::with_capacity(widths.len() - 1);
+    for (l, pair) in widths.windows(2).enumerate() {
+        let (inputs, outputs) = (pair[0], pair[1]);
+        let normalized = l < hidden && model.batch_norm;
+        let weight = take(inputs * outputs);
+        let bias = (!normalized).then(|| take(outputs));
+        let bn = normalized.then(|| {
+            let slots = BnSlots { gamma: take(outputs), beta: take(outputs), stats: stats..stats + outputs };
+            stats += outputs;
+            slots
+        });
+        layers.push(LayerSlots { inputs, outputs, weight, bias, bn });
+    }
+    (layers, next, stats)
+}
+
+/// A zeroed device buffer of `len` elements (at least one, so nothing is a null pointer).
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>, CudaError> {
+    let len = len.max(1);
+    gpu.stream().alloc_zeros::<T>(len).map_err(|e| match CudaError::from(e) {
+        CudaError::OutOfMemory { .. } => CudaError::OutOfMemory { bytes_needed: len * std::mem::size_of::<T>() },
+        other => other,
+    })
+}
+
+/// A device copy of `host` (padded to one element when empty).
+fn upload<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, host: &[T]) -> Result<CudaSlice<T>, CudaError> {
+    let mut buf = zeros::<T>(gpu, host.len())?;
+    if !host.is_empty() {
+        gpu.stream().memcpy_htod(host, &mut buf.slice_mut(..host.len()))?;
+    }
+    Ok(buf)
+}
+
+/// Copies a device buffer to the host and waits for it (a readback point: this is where
+/// any asynchronous kernel fault of the queued work is reported).
+fn read<T: DeviceRepr, S: DevicePtr<T>>(gpu: &Gpu, src: &S) -> Result<Vec<T>, CudaError> {
+    let host = gpu.stream().clone_dtoh(src)?;
+    gpu.synchronize()?;
+    Ok(host)
+}
+
+/// What one forward pass over up to `rows` examples writes (and the backward pass reads).
+struct Activations {
+    rows: usize,
+    /// `[rows, inputs]` and `[rows]`.
+    x: CudaSlice<f32>,
+    labels: CudaSlice<u8>,
+    /// Per layer (the output layer's z are the logits without the bias): `[rows, outputs]`.
+    z: Vec<CudaSlice<f32>>,
+    /// Per hidden layer, `[rows, width]`: x̂ (BN nets only), the activation output a, and the
+    /// activation input y (only in the evaluation buffers, for probes).
+    x_hat: Vec<CudaSlice<f32>>,
+    a: Vec<CudaSlice<f32>>,
+    y: Vec<CudaSlice<f32>>,
+    /// Batch statistics of every BN layer, concatenated: `[total BN width]`.
+    mean: CudaSlice<f32>,
+    var: CudaSlice<f32>,
+    inv_std: CudaSlice<f32>,
+}
+
+impl Activations {
+    fn new(gpu: &Gpu, model: &ModelConfig, rows: usize, bn_total: usize, with_y: bool) -> Result<Self, CudaError> {
+        let hidden = &model.hidden;
+        let per_hidden = |on: bool| -> Result<Vec<CudaSlice<f32>>, CudaError> {
+            if on { hidden.iter().map(|&w| zeros(gpu, rows * w)).collect() } else { Ok(Vec::new()) }
+        };
+        Ok(Activations {
+            rows,
+            x: zeros(gpu, rows * model.inputs)?,
+            labels: zeros(gpu, rows)?,
+            z: model.widths()[1..].iter().map(|&w| zeros(gpu, rows * w)).collect::<Result<_, _>>()?,
+            x_hat: per_hidden(model.batch_norm)?,
+            a: per_hidden(true)?,
+            y: per_hidden(with_y)?,
+            mean: zeros(gpu, bn_total)?,
+            var: zeros(gpu, bn_total)?,
+            inv_std: zeros(gpu, bn_total)?,
+        })
+    }
+}
+
+/// How BN normalizes during a forward pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Normalize {
+    WithBatchStats,
+    WithPopulationStats,
+}
+
+/// The read-only parts a forward pass needs, borrowed from the backend.
+struct Net<'a> {
+    gpu: &'a Gpu,
+    model: &'a ModelConfig,
+    layers: &'a [LayerSlots],
+    params: &'a CudaSlice<f32>,
+    /// Estimator 0's running statistics (the inference ones): `[total BN width]`.
+    population: (&'a CudaSlice<f32>, &'a CudaSlice<f32>),
+}
+
+impl Net<'_> {
+    /// Forward pass over `acts.x[..rows]` (already gathered) up to the output layer's z;
+    /// writes y of hidden layer `probe_layer` when asked.
+    fn forward(&self, acts: &mut Activations, rows: usize, normalize: Normalize, probe_layer: Option<usize>) -> Result<(), CudaError> {
+        let (gpu, model) = (self.gpu, self.model);
+        let epsilon = model.epsilon as f32;
+        let hidden = model.hidden.len();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (inputs, outputs) = (layer.inputs, layer.outputs);
+            let (done, rest) = acts.a.split_at_mut(l);
+            let input = if l == 0 { acts.x.slice(..rows * inputs) } else { done[l - 1].slice(..rows * inputs) };
+            let n = rows * outputs;
+            // z = x·wᵀ  (x: [rows, in], w: [out, in], z: [rows, out])
+            matmul(gpu, false, true, rows, outputs, inputs, &input, &self.params.slice(layer.weight.clone()), &mut acts.z[l].slice_mut(..n), false)?;
+            if l == hidden {
+                break; // the output layer's bias is added by the loss kernel
+            }
+            let z = acts.z[l].slice(..n);
+            let mut a = rest[0].slice_mut(..n);
+            let mut y = match probe_layer {
+                Some(p) if p == l => Some(acts.y[l].slice_mut(..n)),
+                _ => None,
+            };
+            match (&layer.bn, normalize) {
+                (Some(bn), Normalize::WithBatchStats) => kernels::bn_act_fwd_train(
+                    gpu, &z, &self.params.slice(bn.gamma.clone()), &self.params.slice(bn.beta.clone()), epsilon,
+                    model.activation, rows, outputs,
+                    &mut acts.mean.slice_mut(bn.stats.clone()), &mut acts.var.slice_mut(bn.stats.clone()),
+                    &mut acts.inv_std.slice_mut(bn.stats.clone()), &mut acts.x_hat[l].slice_mut(..n), y.as_mut(), &mut a,
+                )?,
+                (Some(bn), Normalize::WithPopulationStats) => kernels::bn_act_fwd_infer(
+                    gpu, &z, &self.params.slice(bn.gamma.clone()), &self.params.slice(bn.beta.clone()),
+                    &self.population.0.slice(bn.stats.clone()), &self.population.1.slice(bn.stats.clone()), epsilon,
+                    model.activation, rows, outputs, y.as_mut(), &mut a,
+                )?,
+                (None, _) => {
+                    let bias = layer.bias.clone().map(|b| self.params.slice(b));
+                    kernels::bias_act_fwd(gpu, &z, bias.as_ref(), model.activation, rows, outputs, y.as_mut(), &mut a)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CUDA backend (f32 on the device; parameters cross the host boundary as f64).
+pub struct CudaBackend {
+    gpu: Gpu,
+    model: ModelConfig,
+    train: TrainConfig,
+    data: Arc<Dataset>,
+    layers: Vec<LayerSlots>,
+    /// Length of the flat parameter / gradient / velocity buffers.
+    flat_len: usize,
+    /// BN nets: the layout of the running statistics (None for a plain net).
+    stats_layout: Option<RunningStatsLayout>,
+    train_images: CudaSlice<u8>,
+    train_labels: CudaSlice<u8>,
+    test_images: CudaSlice<u8>,
+    test_labels: CudaSlice<u8>,
+    /// The epoch order (`[order_len]` used) and the device batch counter the gather reads.
+    order: CudaSlice<u32>,
+    order_len: usize,
+    cursor: CudaSlice<u32>,
+    /// The batch the device counter holds, as far as the host knows (None: unknown).
+    cursor_batch: Option<usize>,
+    params: CudaSlice<f32>,
+    grads: CudaSlice<f32>,
+    velocity: Option<CudaSlice<f32>>,
+    /// `[estimators, total BN width]` and `[estimators, BN layers]`.
+    running_mean: CudaSlice<f32>,
+    running_var: CudaSlice<f32>,
+    batches: CudaSlice<u64>,
+    step: Activations,
+    eval: Activations,
+    /// Backward scratch, `[batch, widest layer]`: dL/da of the layer below, dL/dz of the current one.
+    grad_a: CudaSlice<f32>,
+    grad_z: CudaSlice<f32>,
+    /// Device accumulators: Σ loss and correct count of the steps since take_step_stats, and
+    /// of the evaluation in progress.
+    step_loss: CudaSlice<f64>,
+    step_correct: CudaSlice<u64>,
+    eval_loss: CudaSlice<f64>,
+    eval_correct: CudaSlice<u64>,
+    pending_steps: u64,
+}
+
+impl CudaBackend {
+    /// A backend that trains `params` on `data` on GPU 0. The configuration is validated
+    /// here, as by [`crate::cpu::CpuBackend::new`].
+    pub fn new(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams) -> Result<Self> {
+        model.validate()?;
+        train.validate(&model, data.train.count)?;
+        if data.train.features != model.inputs || data.train.classes != model.classes || data.test.features != model.inputs {
+            return Err(ConfigError::Invalid(format!(
+                "the dataset has {} features and {} classes but the model expects {} and {}",
+                data.train.features, data.train.classes, model.inputs, model.classes
+            ))
+            .into());
+        }
+        if model.classes > 256 {
+            return Err(ConfigError::Invalid(format!("the CUDA backend handles at most 256 classes (got {})", model.classes)).into());
+        }
+        let gpu = Gpu::open()?;
+        let (layers, flat_len, bn_total) = layout(&model);
+        let estimators = train.estimators();
+        let stats_layout = if model.batch_norm && !model.hidden.is_empty() {
+            Some(RunningStatsLayout::new(&gpu, &model.hidden, &estimators)?)
+        } else {
+            None
+        };
+        let bn_layers = stats_layout.as_ref().map_or(0, |s| s.layers());
+        let batch = train.batch_size;
+        let widest = *model.widths().iter().max().unwrap_or(&1);
+        let mut backend = CudaBackend {
+            train_images: upload(&gpu, &data.train.images)?,
+            train_labels: upload(&gpu, &data.train.labels)?,
+            test_images: upload(&gpu, &data.test.images)?,
+            test_labels: upload(&gpu, &data.test.labels)?,
+            order: zeros(&gpu, data.train.count)?,
+            order_len: 0,
+            cursor: zeros(&gpu, 1)?,
+            cursor_batch: None,
+            params: zeros(&gpu, flat_len)?,
+            grads: zeros(&gpu, flat_len)?,
+            velocity: if train.momentum > 0.0 { Some(zeros(&gpu, flat_len)?) } else { None },
+            running_mean: zeros(&gpu, estimators.len() * bn_total)?,
+            running_var: zeros(&gpu, estimators.len() * bn_total)?,
+            batches: zeros(&gpu, estimators.len() * bn_layers)?,
+            step: Activations::new(&gpu, &model, batch, bn_total, false)?,
+            eval: Activations::new(&gpu, &model, EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1), bn_total, true)?,
+            grad_a: zeros(&gpu, batch * widest)?,
+            grad_z: zeros(&gpu, batch * widest)?,
+            step_loss: zeros(&gpu, 1)?,
+            step_correct: zeros(&gpu, 1)?,
+            eval_loss: zeros(&gpu, 1)?,
+            eval_correct: zeros(&gpu, 1)?,
+            pending_steps: 0,
+            gpu,
+            model,
+            train,
+            data,
+            layers,
+            flat_len,
+            stats_layout,
+        };
+        backend.set_params(params)?;
+        Ok(backend)
+    }
+
+    fn split(&self, split: SplitKind) -> (&Split, &CudaSlice<u8>, &CudaSlice<u8>) {
+        match split {
+            SplitKind::Train => (&self.data.train, &self.train_images, &self.train_labels),
+            SplitKind::Test => (&self.data.test, &self.test_images, &self.test_labels),
+        }
+    }
+
+    fn bn_total(&self) -> usize {
+        self.stats_layout.as_ref().map_or(0, |s| s.total())
+    }
+
+    /// Sizes of the trainable tensors, in [`ModelParams::trainable_tensors`] order.
+    fn trainable_ranges(&self) -> Vec<Range<usize>> {
+        self.layers.iter().flat_map(LayerSlots::trainable).collect()
+    }
+
+    /// Reads a flat buffer back as one f64 vector per trainable tensor.
+    fn read_trainable(&self, buf: &CudaSlice<f32>) -> Result<Vec<Vec<f64>>> {
+        let host: Vec<f32> = read(&self.gpu, buf)?;
+        Ok(self.trainable_ranges().into_iter().map(|r| host[r].iter().map(|&v| f64::from(v)).collect()).collect())
+    }
+
+    /// Sets the device batch counter (an asynchronous memset: no host synchronization).
+    fn set_cursor(&mut self, batch: usize) -> Result<(), CudaError> {
+        let value = u32::try_from(batch).map_err(|_| CudaError::Launch { kernel: "cuMemsetD32Async", message: format!("batch {batch} exceeds 2^32") })?;
+        self.gpu.context().bind_to_thread()?;
+        let stream = self.gpu.stream();
+        let (ptr, _record) = self.cursor.device_ptr(stream);
+        // SAFETY: `ptr` is the live 1-element u32 buffer `cursor`, written by one 32-bit
+        // memset ordered on the stream every kernel that reads it runs on.
+        unsafe { sys::cuMemsetD32Async(ptr, value, 1, stream.cu_stream()) }.result()?;
+        self.cursor_batch = Some(batch);
+        Ok(())
+    }
+
+    /// Gathers `rows` examples of `split` from `first` into the evaluation buffers and runs
+    /// the forward pass and the loss kernel (accumulating into the evaluation accumulators).
+    fn infer_rows(
+        &mut self, split: SplitKind, first: usize, rows: usize, normalize: Normalize,
+        probe_layer: Option<usize>, predicted: Option<&mut CudaSlice<u8>>,
+    ) -> Result<(), CudaError> {
+        let (data, images, labels) = match split {
+            SplitKind::Train => (&self.data.train, &self.train_images, &self.train_labels),
+            SplitKind::Test => (&self.data.test, &self.test_images, &self.test_labels),
+        };
+        let gpu = &self.gpu;
+        let acts = &mut self.eval;
+        debug_assert!(rows <= acts.rows);
+        let (features, count) = (data.features, data.count);
+        kernels::gather_rows(
+            gpu, &images.slice(..count * features), &labels.slice(..count), features, None, None, first, rows,
+            &mut acts.x.slice_mut(..rows * features), &mut acts.labels.slice_mut(..rows),
+        )?;
+        let net = Net {
+            gpu,
+            model: &self.model,
+            layers: &self.layers,
+            params: &self.params,
+            population: (&self.running_mean, &self.running_var),
+        };
+        net.forward(acts, rows, normalize, probe_layer)?;
+        let hidden = self.model.hidden.len();
+        let out = &self.layers[hidden];
+        let classes = out.outputs;
+        let bias = out.bias.clone().map(|b| self.params.slice(b));
+        let mut predicted = predicted.map(|p| p.slice_mut(first..first + rows));
+        kernels::softmax_xent(
+            gpu, &acts.z[hidden].slice(..rows * classes), bias.as_ref(), &acts.labels.slice(..rows),
+            rows, classes, 1.0, None, None, predicted.as_mut(),
+            &mut self.eval_loss.as_view_mut(), &mut self.eval_correct.as_view_mut(),
+        )
+    }
+
+    /// Evaluates `count` examples of `split` in chunks of `chunk` rows (≤ the evaluation
+    /// buffers' rows), accumulating loss and accuracy on the device.
+    fn evaluate_in_chunks(&mut self, split: SplitKind, count: usize, chunk: usize, normalize: Normalize, probe: Option<Probe>) -> Result<Evaluation> {
+        let stream = self.gpu.stream().clone();
+        stream.memset_zeros(&mut self.eval_loss).map_err(CudaError::from)?;
+        stream.memset_zeros(&mut self.eval_correct).map_err(CudaError::from)?;
+        let mut eval = Evaluation { examples: count as u64, ..Default::default() };
+        let mut start = 0;
+        while start < count {
+            let rows = chunk.min(count - start);
+            self.infer_rows(split, start, rows, normalize, probe.map(|p| p.layer), None)?;
+            if let Some(p) = probe {
+                let width = self.model.hidden[p.layer];
+                let y: Vec<f32> = read(&self.gpu, &self.eval.y[p.layer].slice(..rows * width))?;
+                for row in y.chunks_exact(width) {
+                    eval.probe.extend_from_slice(&row[..p.neurons]);
+                }
+            }
+            start += rows;
+        }
+        eval.loss_sum = read(&self.gpu, &self.eval_loss)?[0];
+        eval.correct = read(&self.gpu, &self.eval_correct)?[0];
+        Ok(eval)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Let queued work finish before the buffers and modules go away.
+        let _ = self.gpu.synchronize();
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device_name(&self) -> String {
+        self.gpu.name().to_string()
+    }
+
+    fn set_epoch_order(&mut self, order: &[u32]) -> Result<()> {
+        let n = self.data.train.count as u32;
+        if let Some(bad) = order.iter().find(|&&i| i >= n) {
+            return Err(ConfigError::Invalid(format!("epoch order holds index {bad} but the training set has {n} examples")).into());
+        }
+        if order.len() > self.order.len() {
+            self.order = zeros(&self.gpu, order.len())?;
+        }
+        if !order.is_empty() {
+            self.gpu.stream().memcpy_htod(order, &mut self.order.slice_mut(..order.len())).map_err(CudaError::from)?;
+        }
+        self.order_len = order.len();
+        self.cursor_batch = None;
+        Ok(())
+    }
+
+    fn train_step(&mut self, batch: usize) -> Result<()> {
+        let b = self.train.batch_size;
+        let end = batch.checked_add(1).and_then(|n| n.checked_mul(b)).unwrap_or(usize::MAX);
+        if end > self.order_len {
+            return Err(ConfigError::Invalid(format!("batch {batch} lies past the epoch order ({} indices)", self.order_len)).into());
+        }
+        // Until this step has launched completely, the device counter is not known.
+        if self.cursor_batch.take() != Some(batch) {
+            self.set_cursor(batch)?;
+            self.cursor_batch = None;
+        }
+        let gpu = &self.gpu;
+        let model = &self.model;
+        let features = self.data.train.features;
+        let count = self.data.train.count;
+        let acts = &mut self.step;
+        kernels::gather_rows(
+            gpu, &self.train_images.slice(..count * features), &self.train_labels.slice(..count), features,
+            Some(&self.order.slice(..self.order_len)), Some(&self.cursor.as_view()), 0, b,
+            &mut acts.x.slice_mut(..b * features), &mut acts.labels.slice_mut(..b),
+        )?;
+        let net = Net { gpu, model, layers: &self.layers, params: &self.params, population: (&self.running_mean, &self.running_var) };
+        net.forward(acts, b, Normalize::WithBatchStats, None)?;
+
+        // Loss, dL/dlogits (into grad_z) and the output bias gradient.
+        let hidden = model.hidden.len();
+        let out = &self.layers[hidden];
+        let classes = out.outputs;
+        let grad_scale = match self.train.loss {
+            LossReduction::Sum => 1.0f32,
+            LossReduction::Mean => 1.0f32 / b as f32,
+        };
+        {
+            let bias = out.bias.clone().map(|r| self.params.slice(r));
+            let mut dbias = out.bias.clone().map(|r| self.grads.slice_mut(r));
+            kernels::softmax_xent(
+                gpu, &acts.z[hidden].slice(..b * classes), bias.as_ref(), &acts.labels.slice(..b), b, classes, grad_scale,
+                Some(&mut self.grad_z.slice_mut(..b * classes)), dbias.as_mut(), None,
+                &mut self.step_loss.as_view_mut(), &mut self.step_correct.as_view_mut(),
+            )?;
+        }
+
+        // Backward, from the output layer down; grad_z holds dL/dz of layer l on entry.
+        for l in (0..=hidden).rev() {
+            let layer = &self.layers[l];
+            let (inputs, outputs) = (layer.inputs, layer.outputs);
+            let input = if l == 0 { acts.x.slice(..b * inputs) } else { acts.a[l - 1].slice(..b * inputs) };
+            // dW = dzᵀ·x  (dz: [B, out], x: [B, in], dW: [out, in])
+            matmul(gpu, true, false, outputs, inputs, b, &self.grad_z.slice(..b * outputs), &input, &mut self.grads.slice_mut(layer.weight.clone()), false)?;
+            if l == 0 {
+                break;
+            }
+            // dx = dz·W  (W: [out, in], dx: [B, in]) is dL/da of layer l−1.
+            matmul(gpu, false, false, b, inputs, outputs, &self.grad_z.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
+            // Through the activation and BN (or bias) of layer l−1 to its z.
+            let below = &self.layers[l - 1];
+            let n = b * below.outputs;
+            match &below.bn {
+                Some(bn) => {
+                    // γ lies before β in the layout: split the gradient buffer between them.
+                    let (mut lo, mut hi) = self.grads.split_at_mut(bn.beta.start);
+                    let mut d_gamma = lo.slice_mut(bn.gamma.clone());
+                    let mut d_beta = hi.slice_mut(..bn.beta.len());
+                    kernels::act_bn_bwd(
+                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), &acts.x_hat[l - 1].slice(..n),
+                        &self.params.slice(bn.gamma.clone()), &acts.inv_std.slice(bn.stats.clone()), model.activation,
+                        b, below.outputs, &mut self.grad_z.slice_mut(..n), &mut d_gamma, &mut d_beta,
+                    )?;
+                }
+                None => {
+                    let mut dbias = below.bias.clone().map(|r| self.grads.slice_mut(r));
+                    kernels::act_bwd_bias_grad(
+                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), model.activation, b, below.outputs,
+                        &mut self.grad_z.slice_mut(..n), dbias.as_mut(),
+                    )?;
+                }
+            }
+        }
+
+        // Every parameter at once, advancing the batch counter; then the running statistics.
+        kernels::sgd_update(
+            gpu, &mut self.params.as_view_mut(), &self.grads.as_view(), self.velocity.as_mut().map(|v| v.as_view_mut()).as_mut(),
+            self.train.learning_rate as f32, self.train.momentum as f32, Some(&mut self.cursor.as_view_mut()),
+        )?;
+        if let Some(layout) = &self.stats_layout {
+            let total = layout.total();
+            kernels::running_stats_update(
+                gpu, layout, b, &acts.mean.slice(..total), &acts.var.slice(..total),
+                &mut self.running_mean.as_view_mut(), &mut self.running_var.as_view_mut(), &mut self.batches.as_view_mut(),
+            )?;
+        }
+        self.cursor_batch = Some(batch + 1);
+        self.pending_steps += 1;
+        Ok(())
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Ok(self.gpu.synchronize()?)
+    }
+
+    fn take_step_stats(&mut self) -> Result<StepStats> {
+        let stream = self.gpu.stream().clone();
+        let loss: Vec<f64> = read(&self.gpu, &self.step_loss)?;
+        let correct: Vec<u64> = read(&self.gpu, &self.step_correct)?;
+        stream.memset_zeros(&mut self.step_loss).map_err(CudaError::from)?;
+        stream.memset_zeros(&mut self.step_correct).map_err(CudaError::from)?;
+        let steps = std::mem::take(&mut self.pending_steps);
+        Ok(StepStats { steps, examples: steps * self.train.batch_size as u64, loss_sum: loss[0], correct: correct[0] })
+    }
+
+    fn restore_step_stats(&mut self, stats: StepStats) -> Result<()> {
+        let stream = self.gpu.stream().clone();
+        stream.memcpy_htod(&[stats.loss_sum], &mut self.step_loss).map_err(CudaError::from)?;
+        stream.memcpy_htod(&[stats.correct], &mut self.step_correct).map_err(CudaError::from)?;
+        self.pending_steps = stats.steps;
+        Ok(())
+    }
+
+    fn evaluate(&mut self, split: SplitKind, mode: StatsMode, probe: Option<Probe>) -> Result<Evaluation> {
+        if let Some(p) = probe {
+            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
+                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
+            }
+        }
+        let count = self.split(split).0.count;
+        // Batch statistics must cover the whole split, so that mode takes it in one chunk
+        // (in buffers of that size, allocated for this call only).
+        let (chunk, normalize) = match mode {
+            StatsMode::Population => (self.eval.rows, Normalize::WithPopulationStats),
+            StatsMode::Batch => (count.max(1), Normalize::WithBatchStats),
+        };
+        let saved = if chunk > self.eval.rows {
+            let big = Activations::new(&self.gpu, &self.model, chunk, self.bn_total(), true)?;
+            Some(std::mem::replace(&mut self.eval, big))
+        } else {
+            None
+        };
+        let result = self.evaluate_in_chunks(split, count, chunk, normalize, probe);
+        if let Some(saved) = saved {
+            self.eval = saved;
+        }
+        result
+    }
+
+    fn predict_each(&mut self, split: SplitKind, count: usize, mode: StatsMode) -> Result<Vec<u8>> {
+        let available = self.split(split).0.count;
+        if count > available {
+            return Err(ConfigError::Invalid(format!("asked for {count} predictions but the split has {available} examples")).into());
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let normalize = match mode {
+            StatsMode::Population => Normalize::WithPopulationStats,
+            StatsMode::Batch => Normalize::WithBatchStats,
+        };
+        let mut predicted = zeros::<u8>(&self.gpu, count)?;
+        // One example at a time: with batch statistics each is normalized by its own
+        // mean and zero variance (x̂ = 0), exactly as the CPU does.
+        for i in 0..count {
+            self.infer_rows(split, i, 1, normalize, None, Some(&mut predicted))?;
+        }
+        let host = read(&self.gpu, &predicted.slice(..count))?;
+        Ok(host)
+    }
+
+    fn params(&mut self) -> Result<ModelParams> {
+        let flat: Vec<f32> = read(&self.gpu, &self.params)?;
+        let (rm, rv, counts): (Vec<f32>, Vec<f32>, Vec<u64>) = if self.stats_layout.is_some() {
+            (
+                read(&self.gpu, &self.running_mean)?,
+                read(&self.gpu, &self.running_var)?,
+                read(&self.gpu, &self.batches)?,
+            )
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
+        let total = self.bn_total();
+        let bn_layers = self.stats_layout.as_ref().map_or(0, |s| s.layers());
+        let estimators = self.train.estimators().len();
+        let to_f64 = |r: &Range<usize>, v: &[f32]| v[r.clone()].iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| LayerParams {
+                inputs: s.inputs,
+                outputs: s.outputs,
+                weight: to_f64(&s.weight, &flat),
+                bias: s.bias.as_ref().map(|r| to_f64(r, &flat)),
+                batch_norm: s.bn.as_ref().map(|bn| BatchNormParams {
+                    gamma: to_f64(&bn.gamma, &flat),
+                    beta: to_f64(&bn.beta, &flat),
+                    running: (0..estimators)
+                        .map(|e| {
+                            let r = e * total + bn.stats.start..e * total + bn.stats.end;
+                            RunningStats { mean: to_f64(&r, &rm), var: to_f64(&r, &rv), batches: counts[e * bn_layers + l] }
+                        })
+                        .collect(),
+                }),
+            })
+            .collect();
+        Ok(ModelParams { layers })
+    }
+
+    fn set_params(&mut self, params: &ModelParams) -> Result<()> {
+        check_params_match(&self.model, &self.train, params)?;
+        let mut flat = vec![0.0f32; self.flat_len];
+        let total = self.bn_total();
+        let bn_layers = self.stats_layout.as_ref().map_or(0, |s| s.layers());
+        let estimators = self.train.estimators().len();
+        let mut rm = vec![0.0f32; estimators * total];
+        let mut rv = vec![0.0f32; estimators * total];
+        let mut counts = vec![0u64; estimators * bn_layers];
+        let put = |dst: &mut [f32], src: &[f64]| dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s as f32);
+        for (l, (s, p)) in self.layers.iter().zip(&params.layers).enumerate() {
+            put(&mut flat[s.weight.clone()], &p.weight);
+            if let (Some(r), Some(b)) = (&s.bias, &p.bias) {
+                put(&mut flat[r.clone()], b);
+            }
+            if let (Some(slots), Some(bn)) = (&s.bn, &p.batch_norm) {
+                put(&mut flat[slots.gamma.clone()], &bn.gamma);
+                put(&mut flat[slots.beta.clone()], &bn.beta);
+                for (e, stats) in bn.running.iter().enumerate() {
+                    let r = e * total + slots.stats.start..e * total + slots.stats.end;
+                    put(&mut rm[r.clone()], &stats.mean);
+                    put(&mut rv[r], &stats.var);
+                    counts[e * bn_layers + l] = stats.batches;
+                }
+            }
+        }
+        let stream = self.gpu.stream().clone();
+        stream.memcpy_htod(&flat, &mut self.params).map_err(CudaError::from)?;
+        if self.stats_layout.is_some() {
+            stream.memcpy_htod(&rm, &mut self.running_mean).map_err(CudaError::from)?;
+            stream.memcpy_htod(&rv, &mut self.running_var).map_err(CudaError::from)?;
+            stream.memcpy_htod(&counts, &mut self.batches).map_err(CudaError::from)?;
+        }
+        // Fresh parameters start with zero gradients, as on the CPU.
+        stream.memset_zeros(&mut self.grads).map_err(CudaError::from)?;
+        Ok(())
+    }
+
+    fn gradients(&mut self) -> Result<Vec<Vec<f64>>> {
+        self.read_trainable(&self.grads)
+    }
+
+    fn velocity(&mut self) -> Result<Vec<Vec<f64>>> {
+        match &self.velocity {
+            Some(v) => self.read_trainable(v),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn set_velocity(&mut self, velocity: &[Vec<f64>]) -> Result<()> {
+        if self.velocity.is_none() {
+            return Ok(());
+        }
+        let ranges = self.trainable_ranges();
+        let shapes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+        let given: Vec<usize> = velocity.iter().map(|v| v.len()).collect();
+        if shapes != given {
+            return Err(ConfigError::Mismatch(format!("momentum buffers have sizes {given:?}, the model needs {shapes:?}")).into());
+        }
+        let mut flat = vec![0.0f32; self.flat_len];
+        for (r, v) in ranges.into_iter().zip(velocity) {
+            flat[r].iter_mut().zip(v).for_each(|(d, &s)| *d = s as f32);
+        }
+        let stream = self.gpu.stream().clone();
+        if let Some(buf) = &mut self.velocity {
+            stream.memcpy_htod(&flat, buf).map_err(CudaError::from)?;
+        }
+        Ok(())
+    }
+}

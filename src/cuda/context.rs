@@ -1,0 +1,154 @@
+//! Opening the GPU: the driver and cuBLAS libraries are loaded at run time (cudarc's dynamic
+//! loading), so a machine without them runs the CPU backend; this module checks for them
+//! before the first driver call (which would panic otherwise), opens device 0, creates one
+//! stream and one cuBLAS handle on it, and loads every PTX module `build.rs` compiled.
+
+use super::{built, describe_driver_error, CudaError};
+use cudarc::cublas::{sys as cublas_sys, CudaBlas};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream};
+use cudarc::nvrtc::Ptx;
+use std::sync::Arc;
+
+/// The handles of every kernel in `cuda/*.cu`, loaded from their modules.
+pub(crate) struct Functions {
+    pub gather_rows: CudaFunction,
+    pub bn_act_fwd_train: CudaFunction,
+    pub bn_act_fwd_infer: CudaFunction,
+    pub act_bn_bwd: CudaFunction,
+    pub bias_act_fwd: CudaFunction,
+    pub act_bwd_bias_grad: CudaFunction,
+    pub softmax_xent: CudaFunction,
+    pub running_stats_update: CudaFunction,
+    pub sgd_update: CudaFunction,
+}
+
+/// An open GPU: context, the one stream everything runs on (in order, so no events are
+/// needed), a cuBLAS handle bound to that stream, and the kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    pub(crate) functions: Functions,
+    name: String,
+}
+
+impl Gpu {
+    /// Opens device 0. Fails (never panics) when the kernels were not built, when libcuda
+    /// or libcublas is absent, when there is no device, or when the driver rejects the PTX.
+    pub fn open() -> Result<Gpu, CudaError> {
+        let modules = built::KERNELS.ok_or(CudaError::KernelsNotBuilt)?;
+        // SAFETY: these only try to dlopen the libraries; nothing is called through them.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaError::NoDriver);
+        }
+        if !unsafe { cublas_sys::is_culib_present() } {
+            return Err(CudaError::Cublas("libcublas was not found on the library path (install the CUDA runtime libraries)".into()));
+        }
+        // cudarc resolves each symbol on first use and panics if the driver lacks it (a
+        // driver far older than CUDA 13): turn that into an error instead of a crash.
+        match std::panic::catch_unwind(|| Self::open_device(modules)) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(CudaError::Driver(format!("the CUDA libraries could not be used: {}", what.replace('\n', " "))))
+            }
+        }
+    }
+
+    fn open_device(modules: &[(&str, &str)]) -> Result<Gpu, CudaError> {
+        if CudaContext::device_count()? < 1 {
+            return Err(CudaError::NoDevice);
+        }
+        let ctx = CudaContext::new(0)?;
+        // One stream, used in order by everything: cudarc's per-buffer event tracking is
+        // pure overhead here (and would put event nodes into a captured graph).
+        // SAFETY: disabled before any buffer exists, and every buffer, launch and copy of
+        // this Gpu goes through `stream`, so work on a buffer is ordered by the stream.
+        unsafe { ctx.disable_event_tracking() };
+        // A non-default stream, so that a step can later be captured into a CUDA graph.
+        let stream = ctx.new_stream()?;
+        let name = ctx.name()?;
+
+        let blas = CudaBlas::new(stream.clone())?;
+        // SAFETY: `blas.handle()` is a live handle; both calls only set modes on it.
+        unsafe {
+            // Plain IEEE f32 (no TF32) and no atomics: sgemm results are then bitwise
+            // reproducible run to run on the same GPU (cuBLAS's reproducibility guarantee).
+            cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result()?;
+            cublas_sys::cublasSetAtomicsMode(*blas.handle(), cublas_sys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED).result()?;
+        }
+
+        let mut loaded = Vec::with_capacity(modules.len());
+        for &(module, ptx) in modules {
+            let handle = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| match e.0 {
+                sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => CudaError::PtxTooNew {
+                    module: module.to_string(),
+                    ptx_isa: ptx_isa(ptx),
+                    driver: driver_version(),
+                },
+                _ => CudaError::Driver(format!("loading kernel module `{module}`: {}", describe_driver_error(e))),
+            })?;
+            loaded.push((module, handle));
+        }
+        let function = |module: &str, name: &'static str| -> Result<CudaFunction, CudaError> {
+            let (_, m) = loaded.iter().find(|(n, _)| *n == module).ok_or_else(|| CudaError::Launch {
+                kernel: name,
+                message: format!("module `{module}` is missing from the build (is cuda/{module}.cu there?)"),
+            })?;
+            m.load_function(name).map_err(|e| CudaError::Launch { kernel: name, message: format!("not found in module `{module}`: {}", describe_driver_error(e)) })
+        };
+        let functions = Functions {
+            gather_rows: function("gather", "gather_rows_f32")?,
+            bn_act_fwd_train: function("batchnorm", "bn_act_fwd_train_f32")?,
+            bn_act_fwd_infer: function("batchnorm", "bn_act_fwd_infer_f32")?,
+            act_bn_bwd: function("batchnorm", "act_bn_bwd_f32")?,
+            bias_act_fwd: function("activation", "bias_act_fwd_f32")?,
+            act_bwd_bias_grad: function("activation", "act_bwd_bias_grad_f32")?,
+            softmax_xent: function("softmax_xent", "softmax_xent_f32")?,
+            running_stats_update: function("running_stats", "running_stats_update_f32")?,
+            sgd_update: function("sgd", "sgd_update_f32")?,
+        };
+        Ok(Gpu { ctx, stream, blas, functions, name })
+    }
+
+    /// The device's name, e.g. `NVIDIA H200`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream every launch, copy and allocation of this GPU goes through. Buffers used
+    /// with the launchers of [`super::kernels`] must be allocated on it.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all queued work; reports any asynchronous kernel fault.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(CudaError::from)
+    }
+}
+
+/// The `.version` line of a PTX text, e.g. `9.0`.
+fn ptx_isa(ptx: &str) -> String {
+    ptx.lines()
+        .find_map(|l| l.trim().strip_prefix(".version").map(|v| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The driver's CUDA version, e.g. `12.4`.
+fn driver_version() -> String {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: the driver library is loaded (checked in `Gpu::open`) and `v` is a valid out pointer.
+    match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
+        Ok(()) => format!("{}.{}", v / 1000, (v % 1000) / 10),
+        Err(_) => "unknown".into(),
+    }
+}

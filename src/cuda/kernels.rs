@@ -1,0 +1,456 @@
+//! One launcher per kernel of `cuda/*.cu`. Each checks its preconditions (lengths, sizes,
+//! what the kernel's grid assumes) and returns [`CudaError::Launch`] instead of launching
+//! something that could read or write out of bounds; then it launches on the [`Gpu`]'s
+//! stream without waiting. The math of every kernel is the CPU reference's op of the same
+//! name in [`crate::cpu::ops`]; see the comment at the top of each `.cu` file.
+//!
+//! Buffers are passed as views (`slice.as_view()`, `slice.slice(a..b)`), allocated on
+//! [`Gpu::stream`]; row-major `[rows, width]` buffers may be longer than `rows·width` (a
+//! buffer sized for the largest batch serves smaller ones). `None` passes a null pointer for
+//! an optional output.
+
+use super::context::Gpu;
+use super::{describe_driver_error, CudaError};
+use crate::model::{Activation, Averaging, StatsEstimator, VarianceKind};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
+
+/// A null device pointer, for optional kernel arguments.
+static NULL: u64 = 0;
+/// Threads per block of the elementwise and gather kernels.
+const BLOCK: u32 = 256;
+/// Upper bound on blocks for grid-stride kernels (enough to fill an H100/H200 several times).
+const MAX_BLOCKS: usize = 4096;
+/// Column kernels: block (TILE_COLS, TILE_ROWS); must match common.cuh.
+const TILE_COLS: u32 = 32;
+const TILE_ROWS: u32 = 8;
+/// The one block of softmax_xent_f32; must match SOFTMAX_THREADS in softmax_xent.cu.
+const SOFTMAX_THREADS: u32 = 256;
+
+/// The kernels' activation code; must match ACT_* in common.cuh.
+fn activation_code(activation: Activation) -> i32 {
+    match activation {
+        Activation::Sigmoid => 0,
+        Activation::Relu => 1,
+    }
+}
+
+/// Fails with a precondition message for `kernel` unless `ok`.
+fn require(kernel: &'static str, ok: bool, message: impl FnOnce() -> String) -> Result<(), CudaError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(CudaError::Launch { kernel, message: format!("precondition failed: {}", message()) })
+    }
+}
+
+/// `value` as a kernel's 32-bit size argument, at least 1.
+fn size_u32(kernel: &'static str, what: &str, value: usize) -> Result<u32, CudaError> {
+    require(kernel, value >= 1, || format!("{what} must be at least 1"))?;
+    u32::try_from(value).ok().filter(|&v| v <= i32::MAX as u32).ok_or_else(|| CudaError::Launch {
+        kernel,
+        message: format!("precondition failed: {what} = {value} exceeds the kernel's 31-bit range"),
+    })
+}
+
+/// Checks that buffer `what` holds at least `needed` elements.
+fn require_len(kernel: &'static str, what: &str, len: usize, needed: usize) -> Result<(), CudaError> {
+    require(kernel, len >= needed, || format!("{what} holds {len} elements, needs {needed}"))
+}
+
+/// `rows·width`, checked against overflow.
+fn elements(kernel: &'static str, rows: usize, width: usize) -> Result<usize, CudaError> {
+    rows.checked_mul(width).ok_or_else(|| CudaError::Launch { kernel, message: format!("precondition failed: {rows}×{width} overflows") })
+}
+
+fn launch_error(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+    move |e| CudaError::Launch { kernel, message: format!("launch failed: {}", describe_driver_error(e)) }
+}
+
+/// Grid-stride launch shape for `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Column-kernel launch shape for `width` features (common.cuh): one block per 32 features.
+fn columns(width: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (width.div_ceil(TILE_COLS), 1, 1), block_dim: (TILE_COLS, TILE_ROWS, 1), shared_mem_bytes: 0 }
+}
+
+fn builder<'a>(gpu: &'a Gpu, function: &'a CudaFunction) -> LaunchArgs<'a> {
+    gpu.stream().launch_builder(function)
+}
+
+/// Pushes an optional read-only buffer (null when absent).
+fn opt<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a CudaView<'_, T>>) {
+    match v {
+        Some(v) => b.arg(v),
+        None => b.arg(&NULL),
+    };
+}
+
+/// Pushes an optional output buffer (null when absent).
+fn opt_mut<'a, T>(b: &mut LaunchArgs<'a>, v: Option<&'a mut CudaViewMut<'_, T>>) {
+    match v {
+        Some(v) => b.arg(v),
+        None => b.arg(&NULL),
+    };
+}
+
+/// `gather_rows_f32` (cpu::ops::gather_batch): `x[r,:]` = `images[idx(r),:]`/255 and
+/// `batch_labels[r]` = `labels[idx(r)]`, with idx(r) = `order[base + r]` (or base + r without an
+/// order) and base = first + `cursor[0]`·rows (cursor: the device batch counter; without
+/// one, base = first).
+/// images: `[count, features]` u8 with count = labels.len(); x: `[rows, features]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_rows(
+    gpu: &Gpu, images: &CudaView<u8>, labels: &CudaView<u8>, features: usize,
+    order: Option<&CudaView<u32>>, cursor: Option<&CudaView<u32>>, first: usize, rows: usize,
+    x: &mut CudaViewMut<f32>, batch_labels: &mut CudaViewMut<u8>,
+) -> Result<(), CudaError> {
+    const K: &str = "gather_rows_f32";
+    let count = labels.len();
+    let (count_u, features_u, rows_u) = (size_u32(K, "count", count)?, size_u32(K, "features", features)?, size_u32(K, "rows", rows)?);
+    require_len(K, "images", images.len(), elements(K, count, features)?)?;
+    require_len(K, "x", x.len(), elements(K, rows, features)?)?;
+    require_len(K, "batch_labels", batch_labels.len(), rows)?;
+    let order_len = order.map_or(0, |o| o.len());
+    let order_len_u = u32::try_from(order_len).map_err(|_| CudaError::Launch { kernel: K, message: "precondition failed: order longer than 2^32".into() })?;
+    if cursor.is_none() {
+        // Without a device cursor the rows read are known here: check them.
+        let end = first.saturating_add(rows);
+        let available = if order.is_some() { order_len } else { count };
+        require(K, end <= available, || format!("rows {first}..{end} lie past the {} ({available} entries)", if order.is_some() { "order" } else { "split" }))?;
+    }
+    // (With a cursor, rows past the order or indices ≥ count become NaN rows on the device.)
+    let first_u = u32::try_from(first).map_err(|_| CudaError::Launch { kernel: K, message: "precondition failed: first ≥ 2^32".into() })?;
+    let cfg = LaunchConfig { grid_dim: (rows_u, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    let mut b = builder(gpu, &gpu.functions.gather_rows);
+    b.arg(images).arg(labels).arg(&count_u).arg(&features_u);
+    opt(&mut b, order);
+    b.arg(&order_len_u);
+    opt(&mut b, cursor);
+    b.arg(&first_u).arg(&rows_u).arg(x).arg(batch_labels);
+    // SAFETY: argument types and order match the kernel's signature; images holds
+    // count·features bytes, x rows·features floats and batch_labels rows bytes (checked);
+    // the kernel reads order only below order_len and images only for indices < count.
+    unsafe { b.launch(cfg) }.map(drop).map_err(launch_error(K))
+}
+
+/// `bn_act_fwd_train_f32` (cpu::ops::batch_norm_forward_train, then activation_forward):
+/// batch mean, biased variance, inv_std = 1/√(σ²+ε), x̂, y = γx̂+β, a = act(y).
+/// z, x_hat, y, a: `[rows, width]`; gamma, beta, mean, var, inv_std: `[width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_act_fwd_train(
+    gpu: &Gpu, z: &CudaView<f32>, gamma: &CudaView<f32>, beta: &CudaView<f32>, epsilon: f32,
+    activation: Activation, rows: usize, width: usize,
+    mean: &mut CudaViewMut<f32>, var: &mut CudaViewMut<f32>, inv_std: &mut CudaViewMut<f32>,
+    x_hat: &mut CudaViewMut<f32>, y: Option<&mut CudaViewMut<f32>>, a: &mut CudaViewMut<f32>,
+) -> Result<(), CudaError> {
+    const K: &str = "bn_act_fwd_train_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    let n = elements(K, rows, width)?;
+    require_len(K, "z", z.len(), n)?;
+    require_len(K, "x_hat", x_hat.len(), n)?;
+    require_len(K, "a", a.len(), n)?;
+    if let Some(y) = &y {
+        require_len(K, "y", y.len(), n)?;
+    }
+    for (what, len) in [("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len()), ("inv_std", inv_std.len())] {
+        require_len(K, what, len, width)?;
+    }
+    let act = activation_code(activation);
+    let mut b = builder(gpu, &gpu.functions.bn_act_fwd_train);
+    b.arg(z).arg(gamma).arg(beta).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u);
+    b.arg(mean).arg(var).arg(inv_std).arg(x_hat);
+    opt_mut(&mut b, y);
+    b.arg(a);
+    // SAFETY: types and order match the kernel; every [rows, width] buffer holds rows·width
+    // floats and every per-feature buffer width floats (checked); the grid covers the
+    // columns with blocks of (32, 8) threads, the shape the kernel's shared tile assumes.
+    unsafe { b.launch(columns(width_u)) }.map(drop).map_err(launch_error(K))
+}
+
+/// `bn_act_fwd_infer_f32` (cpu::ops::batch_norm_forward_infer, then activation_forward):
+/// y = (z − μ)·γ/√(σ²+ε) + β with population μ, σ²; a = act(y).
+/// z, y, a: `[rows, width]`; gamma, beta, mean, var: `[width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_act_fwd_infer(
+    gpu: &Gpu, z: &CudaView<f32>, gamma: &CudaView<f32>, beta: &CudaView<f32>,
+    mean: &CudaView<f32>, var: &CudaView<f32>, epsilon: f32, activation: Activation,
+    rows: usize, width: usize, y: Option<&mut CudaViewMut<f32>>, a: &mut CudaViewMut<f32>,
+) -> Result<(), CudaError> {
+    const K: &str = "bn_act_fwd_infer_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    let n = elements(K, rows, width)?;
+    require_len(K, "z", z.len(), n)?;
+    require_len(K, "a", a.len(), n)?;
+    if let Some(y) = &y {
+        require_len(K, "y", y.len(), n)?;
+    }
+    for (what, len) in [("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len())] {
+        require_len(K, what, len, width)?;
+    }
+    let act = activation_code(activation);
+    let mut b = builder(gpu, &gpu.functions.bn_act_fwd_infer);
+    b.arg(z).arg(gamma).arg(beta).arg(mean).arg(var).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u);
+    opt_mut(&mut b, y);
+    b.arg(a);
+    // SAFETY: types and order match the kernel; buffers hold rows·width or width floats
+    // (checked); the kernel is grid-stride over rows·width, so any grid is valid.
+    unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
+}
+
+/// `act_bn_bwd_f32` (cpu::ops::activation_backward, then batch_norm_backward):
+/// dy = act'(da) from the saved a; dβ = Σ dy, dγ = Σ dy·x̂, dz = (γ·inv_std/B)(B·dy − dβ − x̂·dγ).
+/// da, a, x_hat, dz: `[rows, width]`; gamma, inv_std, d_gamma, d_beta: `[width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn act_bn_bwd(
+    gpu: &Gpu, da: &CudaView<f32>, a: &CudaView<f32>, x_hat: &CudaView<f32>,
+    gamma: &CudaView<f32>, inv_std: &CudaView<f32>, activation: Activation, rows: usize, width: usize,
+    dz: &mut CudaViewMut<f32>, d_gamma: &mut CudaViewMut<f32>, d_beta: &mut CudaViewMut<f32>,
+) -> Result<(), CudaError> {
+    const K: &str = "act_bn_bwd_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    let n = elements(K, rows, width)?;
+    for (what, len) in [("da", da.len()), ("a", a.len()), ("x_hat", x_hat.len()), ("dz", dz.len())] {
+        require_len(K, what, len, n)?;
+    }
+    for (what, len) in [("gamma", gamma.len()), ("inv_std", inv_std.len()), ("d_gamma", d_gamma.len()), ("d_beta", d_beta.len())] {
+        require_len(K, what, len, width)?;
+    }
+    let act = activation_code(activation);
+    let mut b = builder(gpu, &gpu.functions.act_bn_bwd);
+    b.arg(da).arg(a).arg(x_hat).arg(gamma).arg(inv_std).arg(&act).arg(&rows_u).arg(&width_u);
+    b.arg(dz).arg(d_gamma).arg(d_beta);
+    // SAFETY: types and order match the kernel; buffers hold rows·width or width floats
+    // (checked); grid and block are the column-kernel shape the shared tile assumes.
+    unsafe { b.launch(columns(width_u)) }.map(drop).map_err(launch_error(K))
+}
+
+/// `bias_act_fwd_f32` (cpu::ops::linear_forward's bias add, then activation_forward):
+/// y = z + bias (y = z without a bias), a = act(y).  z, y, a: `[rows, width]`; bias: `[width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act_fwd(
+    gpu: &Gpu, z: &CudaView<f32>, bias: Option<&CudaView<f32>>, activation: Activation,
+    rows: usize, width: usize, y: Option<&mut CudaViewMut<f32>>, a: &mut CudaViewMut<f32>,
+) -> Result<(), CudaError> {
+    const K: &str = "bias_act_fwd_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    let n = elements(K, rows, width)?;
+    require_len(K, "z", z.len(), n)?;
+    require_len(K, "a", a.len(), n)?;
+    if let Some(y) = &y {
+        require_len(K, "y", y.len(), n)?;
+    }
+    if let Some(bias) = bias {
+        require_len(K, "bias", bias.len(), width)?;
+    }
+    let act = activation_code(activation);
+    let mut b = builder(gpu, &gpu.functions.bias_act_fwd);
+    b.arg(z);
+    opt(&mut b, bias);
+    b.arg(&act).arg(&rows_u).arg(&width_u);
+    opt_mut(&mut b, y);
+    b.arg(a);
+    // SAFETY: types and order match the kernel; buffers hold rows·width or width floats
+    // (checked); grid-stride over rows·width, so any grid is valid.
+    unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
+}
+
+/// `act_bwd_bias_grad_f32` (cpu::ops::activation_backward, then the bias part of
+/// linear_backward): dz = act'(da) from the saved a, dbias = Σ_rows dz.
+/// da, a, dz: `[rows, width]`; dbias: `[width]`.
+#[allow(clippy::too_many_arguments)]
+pub fn act_bwd_bias_grad(
+    gpu: &Gpu, da: &CudaView<f32>, a: &CudaView<f32>, activation: Activation, rows: usize, width: usize,
+    dz: &mut CudaViewMut<f32>, dbias: Option<&mut CudaViewMut<f32>>,
+) -> Result<(), CudaError> {
+    const K: &str = "act_bwd_bias_grad_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    let n = elements(K, rows, width)?;
+    for (what, len) in [("da", da.len()), ("a", a.len()), ("dz", dz.len())] {
+        require_len(K, what, len, n)?;
+    }
+    if let Some(dbias) = &dbias {
+        require_len(K, "dbias", dbias.len(), width)?;
+    }
+    let act = activation_code(activation);
+    let mut b = builder(gpu, &gpu.functions.act_bwd_bias_grad);
+    b.arg(da).arg(a).arg(&act).arg(&rows_u).arg(&width_u).arg(dz);
+    opt_mut(&mut b, dbias);
+    // SAFETY: types and order match the kernel; buffers hold rows·width or width floats
+    // (checked); grid and block are the column-kernel shape the shared tile assumes.
+    unsafe { b.launch(columns(width_u)) }.map(drop).map_err(launch_error(K))
+}
+
+/// `softmax_xent_f32` (cpu::ops::softmax_cross_entropy and argmax, with the output layer's
+/// bias add and bias gradient): logits = z + bias; `loss_sum[0]` += Σ ℓ (f64),
+/// `correct[0]` += #(argmax = label); dlogits = (softmax − onehot)·grad_scale;
+/// dbias = Σ_rows dlogits (needs dlogits); `predicted[r]` = argmax.
+/// z, dlogits: `[rows, classes]`; bias, dbias: `[classes]`; labels, predicted: `[rows]`.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_xent(
+    gpu: &Gpu, z: &CudaView<f32>, bias: Option<&CudaView<f32>>, labels: &CudaView<u8>,
+    rows: usize, classes: usize, grad_scale: f32,
+    dlogits: Option<&mut CudaViewMut<f32>>, dbias: Option<&mut CudaViewMut<f32>>,
+    predicted: Option<&mut CudaViewMut<u8>>,
+    loss_sum: &mut CudaViewMut<f64>, correct: &mut CudaViewMut<u64>,
+) -> Result<(), CudaError> {
+    const K: &str = "softmax_xent_f32";
+    let (rows_u, classes_u) = (size_u32(K, "rows", rows)?, size_u32(K, "classes", classes)?);
+    require(K, classes <= 256, || format!("{classes} classes do not fit the u8 predictions"))?;
+    let n = elements(K, rows, classes)?;
+    require_len(K, "z", z.len(), n)?;
+    require_len(K, "labels", labels.len(), rows)?;
+    if let Some(bias) = bias {
+        require_len(K, "bias", bias.len(), classes)?;
+    }
+    if let Some(d) = &dlogits {
+        require_len(K, "dlogits", d.len(), n)?;
+    }
+    if let Some(d) = &dbias {
+        require(K, dlogits.is_some(), || "the bias gradient is summed from dlogits, which is missing".into())?;
+        require_len(K, "dbias", d.len(), classes)?;
+    }
+    if let Some(p) = &predicted {
+        require_len(K, "predicted", p.len(), rows)?;
+    }
+    require_len(K, "loss_sum", loss_sum.len(), 1)?;
+    require_len(K, "correct", correct.len(), 1)?;
+    let mut b = builder(gpu, &gpu.functions.softmax_xent);
+    b.arg(z);
+    opt(&mut b, bias);
+    b.arg(labels).arg(&rows_u).arg(&classes_u).arg(&grad_scale);
+    opt_mut(&mut b, dlogits);
+    opt_mut(&mut b, dbias);
+    opt_mut(&mut b, predicted);
+    b.arg(loss_sum).arg(correct);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SOFTMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: types and order match the kernel; buffers hold rows·classes, classes or rows
+    // elements and the accumulators one each (checked); exactly one block of
+    // SOFTMAX_THREADS threads, which its unsynchronized accumulator update requires.
+    unsafe { b.launch(cfg) }.map(drop).map_err(launch_error(K))
+}
+
+/// The BN layers and estimators the running statistics cover, uploaded once. Layer `l`
+/// owns features `[offset_l, offset_l + width_l)` of `total`; statistics buffers are
+/// `[estimators, total]` and the batch counts `[estimators, layers]`.
+pub struct RunningStatsLayout {
+    widths: Vec<usize>,
+    total: usize,
+    estimators: usize,
+    offsets_dev: CudaSlice<u32>,
+    widths_dev: CudaSlice<u32>,
+    /// Per estimator: (decay, or −1 for the cumulative average; 1 if unbiased else 0).
+    table_dev: CudaSlice<f64>,
+}
+
+impl RunningStatsLayout {
+    /// Lays out BN layers of the given widths (concatenated) for `estimators`.
+    pub fn new(gpu: &Gpu, widths: &[usize], estimators: &[StatsEstimator]) -> Result<Self, CudaError> {
+        const K: &str = "running_stats_update_f32";
+        require(K, !widths.is_empty() && widths.iter().all(|&w| w >= 1), || "needs at least one BN layer, each of width ≥ 1".into())?;
+        require(K, !estimators.is_empty(), || "needs at least one estimator".into())?;
+        let total: usize = widths.iter().sum();
+        size_u32(K, "total BN width", total)?;
+        let mut offsets = Vec::with_capacity(widths.len());
+        let mut acc = 0u32;
+        for &w in widths {
+            offsets.push(acc);
+            acc += w as u32;
+        }
+        let widths_u: Vec<u32> = widths.iter().map(|&w| w as u32).collect();
+        let mut table = Vec::with_capacity(2 * estimators.len());
+        for e in estimators {
+            let decay = match e.averaging {
+                Averaging::Ema { decay } => {
+                    require(K, decay > 0.0 && decay < 1.0, || format!("EMA decay {decay} is not in (0, 1)"))?;
+                    decay
+                }
+                Averaging::Cumulative => -1.0,
+            };
+            table.push(decay);
+            table.push(if e.variance == VarianceKind::Unbiased { 1.0 } else { 0.0 });
+        }
+        let stream = gpu.stream();
+        Ok(RunningStatsLayout {
+            widths: widths.to_vec(),
+            total,
+            estimators: estimators.len(),
+            offsets_dev: stream.clone_htod(&offsets)?,
+            widths_dev: stream.clone_htod(&widths_u)?,
+            table_dev: stream.clone_htod(&table)?,
+        })
+    }
+
+    /// Sum of the BN layers' widths.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+    pub fn layers(&self) -> usize {
+        self.widths.len()
+    }
+    pub fn estimators(&self) -> usize {
+        self.estimators
+    }
+}
+
+/// `running_stats_update_f32` (cpu::ops::update_running_stats for every BN layer and
+/// estimator at once): folds the batch statistics into every running estimate and adds 1
+/// to every batch count.
+/// batch_mean, batch_var: `[total]`; running_mean, running_var: `[estimators, total]`;
+/// batches: `[estimators, layers]`.
+#[allow(clippy::too_many_arguments)]
+pub fn running_stats_update(
+    gpu: &Gpu, layout: &RunningStatsLayout, batch_size: usize,
+    batch_mean: &CudaView<f32>, batch_var: &CudaView<f32>,
+    running_mean: &mut CudaViewMut<f32>, running_var: &mut CudaViewMut<f32>, batches: &mut CudaViewMut<u64>,
+) -> Result<(), CudaError> {
+    const K: &str = "running_stats_update_f32";
+    let batch_u = size_u32(K, "batch size", batch_size)?;
+    let (total, e, layers) = (layout.total, layout.estimators, layout.layers());
+    require_len(K, "batch_mean", batch_mean.len(), total)?;
+    require_len(K, "batch_var", batch_var.len(), total)?;
+    require_len(K, "running_mean", running_mean.len(), e * total)?;
+    require_len(K, "running_var", running_var.len(), e * total)?;
+    require_len(K, "batches", batches.len(), e * layers)?;
+    let (total_u, e_u, layers_u) = (total as u32, e as u32, layers as u32);
+    let mut b = builder(gpu, &gpu.functions.running_stats_update);
+    b.arg(batch_mean).arg(batch_var).arg(&layout.offsets_dev).arg(&layout.widths_dev).arg(&total_u);
+    b.arg(&layout.table_dev).arg(&e_u).arg(&batch_u).arg(running_mean).arg(running_var).arg(batches);
+    let cfg = LaunchConfig { grid_dim: (layers_u, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: types and order match the kernel; the layout's offsets and widths tile
+    // [0, total) by construction, so every index is below total (or estimators·total, or
+    // estimators·layers for the counts), and those lengths are checked above; one block per
+    // layer, as the kernel's race-free count update requires.
+    unsafe { b.launch(cfg) }.map(drop).map_err(launch_error(K))
+}
+
+/// `sgd_update_f32` (cpu::ops::sgd_update over one flat buffer): v ← μv + g, w ← w − lr·v
+/// (w ← w − lr·g without velocity); then `cursor[0]` += 1 when a cursor is given.
+/// w, g, v: the same length.
+pub fn sgd_update(
+    gpu: &Gpu, w: &mut CudaViewMut<f32>, g: &CudaView<f32>, v: Option<&mut CudaViewMut<f32>>,
+    lr: f32, momentum: f32, cursor: Option<&mut CudaViewMut<u32>>,
+) -> Result<(), CudaError> {
+    const K: &str = "sgd_update_f32";
+    let n = w.len();
+    require(K, n >= 1, || "no parameters".into())?;
+    require(K, g.len() == n, || format!("gradient length {} differs from the parameters' {n}", g.len()))?;
+    if let Some(v) = &v {
+        require(K, v.len() == n, || format!("velocity length {} differs from the parameters' {n}", v.len()))?;
+    }
+    if let Some(c) = &cursor {
+        require_len(K, "cursor", c.len(), 1)?;
+    }
+    let n_u = n as u64;
+    let mut b = builder(gpu, &gpu.functions.sgd_update);
+    b.arg(w).arg(g);
+    opt_mut(&mut b, v);
+    b.arg(&n_u).arg(&lr).arg(&momentum);
+    opt_mut(&mut b, cursor);
+    // SAFETY: types and order match the kernel; w, g and v hold n floats (checked) and the
+    // kernel is grid-stride below n, so any grid is valid.
+    unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
+}

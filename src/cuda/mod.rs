@@ -1,0 +1,103 @@
+//! The CUDA backend: everything lives on the device (dataset, parameters, gradients, running
+//! statistics, momentum, activations, loss accumulators); the host only launches and, at
+//! evaluation points, reads back.
+//!
+//! - [`context`]: opening device 0 safely (no panic without a driver), loading the PTX
+//!   modules that `build.rs` compiled from `cuda/*.cu`;
+//! - [`kernels`]: one checked launcher per CUDA kernel (public so tests can drive them);
+//! - [`gemm`]: the one row-major GEMM helper over cuBLAS;
+//! - `backend`: [`CudaBackend`], the [`crate::backend::Backend`] implementation.
+
+mod backend;
+pub mod context;
+pub mod gemm;
+pub mod kernels;
+
+pub use backend::CudaBackend;
+pub use context::Gpu;
+
+use cudarc::driver::{result::DriverError, sys::CUresult};
+use thiserror::Error;
+
+/// What `build.rs` produced: `KERNELS` (module name, PTX) or `None` without nvcc,
+/// `PTX_ARCH` and `NVCC_VERSION`.
+mod built {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Why the GPU cannot be used, or what failed on it. Every message is one line that ends by
+/// pointing at the CPU backend.
+#[derive(Debug, Error)]
+pub enum CudaError {
+    #[error("no CUDA driver: libcuda was not found on the library path (on Docker, run with --gpus all); use --device cpu")]
+    NoDriver,
+    #[error("the CUDA driver sees no GPU; use --device cpu")]
+    NoDevice,
+    #[error("built without CUDA kernels: install nvcc and rebuild (see README); use --device cpu")]
+    KernelsNotBuilt,
+    #[error("the CUDA driver (version {driver}) is older than the PTX ISA {ptx_isa} of kernel module `{module}`: rebuild with an older nvcc or update the driver; use --device cpu")]
+    PtxTooNew { module: String, ptx_isa: String, driver: String },
+    #[error("out of GPU memory{}: free the GPU or use a smaller model or batch; use --device cpu", describe_bytes(*.bytes_needed))]
+    OutOfMemory { bytes_needed: usize },
+    #[error("CUDA kernel {kernel}: {message}; use --device cpu")]
+    Launch { kernel: &'static str, message: String },
+    #[error("CUDA driver error: {0}; use --device cpu")]
+    Driver(String),
+    #[error("cuBLAS error: {0}; use --device cpu")]
+    Cublas(String),
+}
+
+fn describe_bytes(bytes: usize) -> String {
+    if bytes == 0 {
+        String::new()
+    } else {
+        format!(" (allocating {:.1} MiB)", bytes as f64 / (1 << 20) as f64)
+    }
+}
+
+impl From<DriverError> for CudaError {
+    fn from(e: DriverError) -> Self {
+        match e.0 {
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => CudaError::OutOfMemory { bytes_needed: 0 },
+            CUresult::CUDA_ERROR_NO_DEVICE => CudaError::NoDevice,
+            _ => CudaError::Driver(describe_driver_error(e)),
+        }
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for CudaError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        CudaError::Cublas(format!("{:?}", e.0))
+    }
+}
+
+/// `CUDA_ERROR_NAME (description)` on one line.
+pub(crate) fn describe_driver_error(e: DriverError) -> String {
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    match e.error_string() {
+        Ok(text) => format!("{name} ({})", text.to_string_lossy()),
+        Err(_) => name,
+    }
+}
+
+/// Whether `build.rs` found nvcc and compiled the kernels into this binary.
+pub fn kernels_built() -> bool {
+    built::KERNELS.is_some()
+}
+
+/// One line on how the kernels were built, for `bntrain info`.
+pub fn build_info() -> String {
+    match (built::KERNELS, built::NVCC_VERSION) {
+        (Some(modules), Some(nvcc)) => {
+            format!("CUDA kernels: {} PTX modules for {} ({nvcc})", modules.len(), built::PTX_ARCH)
+        }
+        _ => "CUDA kernels: not built (nvcc was not found at build time)".to_string(),
+    }
+}
+
+/// Opens the GPU exactly as [`CudaBackend::new`] would (driver, device 0, cuBLAS, every
+/// kernel module) and returns the device's name. Never panics; used by `--device auto`
+/// and `bntrain info`.
+pub fn cuda_available() -> Result<String, CudaError> {
+    Gpu::open().map(|gpu| gpu.name().to_string())
+}

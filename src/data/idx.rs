@@ -1,0 +1,309 @@
+//! Reading IDX files (the format of MNIST and Fashion-MNIST), raw or gzip-compressed.
+//!
+//! An IDX file is a big-endian header (magic, then one u32 per dimension) followed by the
+//! data. We trust nothing in the header: every size is checked against the file before any
+//! buffer is sized from it, so a corrupt or hostile file yields a [`DataError`] naming the
+//! file, never a panic or a multi-gigabyte allocation.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::Path;
+
+use flate2::read::MultiGzDecoder;
+
+use super::DataError;
+
+/// Magic number of an IDX file of unsigned bytes with three dimensions (count, rows, cols).
+pub const IMAGES_MAGIC: u32 = 0x0000_0803;
+/// Magic number of an IDX file of unsigned bytes with one dimension (count).
+pub const LABELS_MAGIC: u32 = 0x0000_0801;
+/// Far above any image a dense MLP could take (MNIST has 784); a larger header is corrupt.
+const MAX_PIXELS_PER_IMAGE: u64 = 1 << 20;
+/// DEFLATE cannot expand data more than about 1032:1, so a `.gz` announcing more
+/// decompressed bytes than this allows is lying, and we can refuse before reading it.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+/// Reading the body in chunks of at most this much keeps a lying gzip from making us
+/// reserve the announced size up front; raw files are size-checked first and read at once.
+const MAX_INITIAL_CAPACITY: u64 = 64 << 20;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Images as stored: `count` images of `rows`×`cols` u8 pixels, row-major, image after image.
+/// Pixels stay u8 here; scaling to [0, 1] is the model's business.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Images {
+    pub count: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// Prints the shape, not the megabytes of pixels.
+impl std::fmt::Debug for Images {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Images {{ count: {}, rows: {}, cols: {}, .. }}",
+            self.count, self.rows, self.cols
+        )
+    }
+}
+
+/// Reads an IDX images file (magic 0x00000803), raw or `.gz` (decided by the extension).
+pub fn read_idx_images(path: &Path) -> Result<Images, DataError> {
+    images_from(IdxSource::open(path)?)
+}
+
+/// Parses the bytes of an IDX images file already in memory, gzip-compressed when
+/// `compressed`; `path` only names the file in errors. Never panics (the fuzz target's entry).
+pub fn parse_idx_images(bytes: &[u8], path: &Path, compressed: bool) -> Result<Images, DataError> {
+    images_from(IdxSource::from_bytes(bytes, path, compressed))
+}
+
+fn images_from(mut source: IdxSource<'_>) -> Result<Images, DataError> {
+    let path = source.path;
+    let header: [u8; 16] = source.read_header(IMAGES_MAGIC)?;
+    let [count, rows, cols] = [4, 8, 12].map(|at| u64::from(be_u32(&header, at)));
+    let bad_header = |problem: String| DataError::BadHeader {
+        path: path.to_path_buf(),
+        problem,
+    };
+    if rows == 0 || cols == 0 {
+        return Err(bad_header(format!(
+            "images of {rows}x{cols} pixels are empty"
+        )));
+    }
+    let pixels_per_image = rows * cols;
+    if pixels_per_image > MAX_PIXELS_PER_IMAGE {
+        return Err(bad_header(format!(
+            "images of {rows}x{cols} pixels are absurdly large (limit {MAX_PIXELS_PER_IMAGE} pixels)"
+        )));
+    }
+    let body_len = count.checked_mul(pixels_per_image).ok_or_else(|| {
+        bad_header(format!(
+            "{count} images of {rows}x{cols} overflow a 64-bit size"
+        ))
+    })?;
+    let pixels = source.read_body(header.len() as u64, body_len)?;
+    // The three values were checked to fit the body we just read, so they fit in usize.
+    Ok(Images {
+        count: count as usize,
+        rows: rows as usize,
+        cols: cols as usize,
+        pixels,
+    })
+}
+
+/// Reads an IDX labels file (magic 0x00000801), raw or `.gz`. The range of the labels is
+/// not checked here (it depends on the dataset); [`super::load_dir`] checks it.
+pub fn read_idx_labels(path: &Path) -> Result<Vec<u8>, DataError> {
+    labels_from(IdxSource::open(path)?)
+}
+
+/// Parses the bytes of an IDX labels file already in memory, like [`parse_idx_images`].
+pub fn parse_idx_labels(bytes: &[u8], path: &Path, compressed: bool) -> Result<Vec<u8>, DataError> {
+    labels_from(IdxSource::from_bytes(bytes, path, compressed))
+}
+
+fn labels_from(mut source: IdxSource<'_>) -> Result<Vec<u8>, DataError> {
+    let header: [u8; 8] = source.read_header(LABELS_MAGIC)?;
+    let count = u64::from(be_u32(&header, 4));
+    source.read_body(header.len() as u64, count)
+}
+
+/// Opens `path` for reading its decompressed bytes: through gzip when it ends in `.gz`.
+/// Returns the reader and whether it decompresses (read errors then mean a corrupt gzip).
+pub(crate) fn open_decoded(path: &Path) -> Result<(Box<dyn Read>, bool, u64), DataError> {
+    let file = File::open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => DataError::MissingFile {
+            path: path.to_path_buf(),
+            hint: "check the path, or pass `--data DIR` holding the four IDX files (raw or .gz)"
+                .into(),
+        },
+        _ => DataError::io("cannot open", path, source),
+    })?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| DataError::io("cannot stat", path, e))?
+        .len();
+    let compressed = path.extension().is_some_and(|ext| ext == "gz");
+    let reader: Box<dyn Read> = if compressed {
+        // Multi-member so that concatenated gzips work and junk after the stream is caught.
+        Box::new(MultiGzDecoder::new(BufReader::new(file)))
+    } else {
+        Box::new(BufReader::new(file))
+    };
+    Ok((reader, compressed, file_len))
+}
+
+/// Turns a read error into the error a user can act on: a corrupt gzip, or plain I/O.
+pub(crate) fn read_error(path: &Path, compressed: bool, source: io::Error) -> DataError {
+    if compressed {
+        DataError::Gzip {
+            path: path.to_path_buf(),
+            reason: source.to_string(),
+        }
+    } else {
+        DataError::io("cannot read", path, source)
+    }
+}
+
+/// An open IDX file whose header has not been trusted yet.
+struct IdxSource<'a> {
+    path: &'a Path,
+    reader: Box<dyn Read + 'a>,
+    compressed: bool,
+    /// Length on disk: compressed for a `.gz`, exact for a raw file.
+    file_len: u64,
+}
+
+impl<'a> IdxSource<'a> {
+    fn open(path: &'a Path) -> Result<Self, DataError> {
+        let (reader, compressed, file_len) = open_decoded(path)?;
+        Ok(IdxSource {
+            path,
+            reader,
+            compressed,
+            file_len,
+        })
+    }
+
+    fn from_bytes(bytes: &'a [u8], path: &'a Path, compressed: bool) -> Self {
+        let reader: Box<dyn Read + 'a> = if compressed {
+            Box::new(MultiGzDecoder::new(bytes))
+        } else {
+            Box::new(bytes)
+        };
+        IdxSource {
+            path,
+            reader,
+            compressed,
+            file_len: bytes.len() as u64,
+        }
+    }
+
+    /// Reads the `N`-byte header. The magic number is checked first, so that a short file of
+    /// the wrong kind (labels passed as images) is reported as such, not as truncated.
+    fn read_header<const N: usize>(&mut self, magic: u32) -> Result<[u8; N], DataError> {
+        let mut header = [0u8; N];
+        let got = read_up_to(&mut self.reader, &mut header).map_err(|e| self.error(e))?;
+        if got >= 4 {
+            check_magic(self.path, be_u32(&header, 0), magic)?;
+        }
+        if got < N {
+            return Err(DataError::Truncated {
+                path: self.path.to_path_buf(),
+                expected: N as u64,
+                actual: got as u64,
+            });
+        }
+        Ok(header)
+    }
+
+    /// Reads exactly `body_len` bytes after a `header_len`-byte header, and checks that
+    /// nothing follows them. Sizes are checked against the file before anything is allocated.
+    fn read_body(mut self, header_len: u64, body_len: u64) -> Result<Vec<u8>, DataError> {
+        let expected_total = header_len.saturating_add(body_len);
+        let path = self.path.to_path_buf();
+        if !self.compressed && self.file_len < expected_total {
+            return Err(DataError::Truncated {
+                path,
+                expected: expected_total,
+                actual: self.file_len,
+            });
+        }
+        if !self.compressed && self.file_len > expected_total {
+            return Err(DataError::TooLong {
+                path,
+                expected: expected_total,
+            });
+        }
+        let most_a_gzip_holds = self.file_len.saturating_mul(MAX_DEFLATE_RATIO);
+        if self.compressed && expected_total > most_a_gzip_holds {
+            return Err(DataError::BadHeader {
+                path,
+                problem: format!(
+                    "it announces {expected_total} bytes, more than a {}-byte gzip can hold",
+                    self.file_len
+                ),
+            });
+        }
+        let mut body = Vec::with_capacity(body_len.min(MAX_INITIAL_CAPACITY) as usize);
+        let read = (&mut self.reader).take(body_len).read_to_end(&mut body);
+        read.map_err(|e| self.error(e))?;
+        if (body.len() as u64) < body_len {
+            let actual = header_len + body.len() as u64;
+            return Err(DataError::Truncated {
+                path,
+                expected: expected_total,
+                actual,
+            });
+        }
+        // Reading one byte more also makes the gzip decoder check its CRC and trailer.
+        let extra = read_up_to(&mut self.reader, &mut [0u8; 1]).map_err(|e| self.error(e))?;
+        if extra > 0 {
+            if self.compressed {
+                // A corrupt deflate stream often decodes to too much; reading on (bounded)
+                // reaches the CRC check, which names the real problem.
+                let drain_limit = expected_total.max(1 << 20);
+                io::copy(&mut (&mut self.reader).take(drain_limit), &mut io::sink())
+                    .map_err(|e| self.error(e))?;
+            }
+            return Err(DataError::TooLong {
+                path,
+                expected: expected_total,
+            });
+        }
+        Ok(body)
+    }
+
+    fn error(&self, source: io::Error) -> DataError {
+        read_error(self.path, self.compressed, source)
+    }
+}
+
+/// Like `read_exact`, but reports how much it got instead of failing at end of file,
+/// so that a short file can be reported as truncated with its actual length.
+fn read_up_to(reader: &mut dyn Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn be_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Checks the magic number, and when it is wrong guesses the likely mix-up for the message.
+fn check_magic(path: &Path, found: u32, expected: u32) -> Result<(), DataError> {
+    if found == expected {
+        return Ok(());
+    }
+    let hint = if found.to_be_bytes()[..2] == GZIP_MAGIC {
+        "; it looks gzip-compressed: give it a .gz name"
+    } else if found == IMAGES_MAGIC {
+        "; this is an images file: images and labels swapped?"
+    } else if found == LABELS_MAGIC {
+        "; this is a labels file: images and labels swapped?"
+    } else {
+        ""
+    };
+    let what = if expected == IMAGES_MAGIC {
+        "images"
+    } else {
+        "labels"
+    };
+    Err(DataError::BadMagic {
+        path: path.to_path_buf(),
+        what,
+        found,
+        expected,
+        hint,
+    })
+}

@@ -1,0 +1,83 @@
+//! Choosing where to train: the CPU reference, the CUDA backend, or whichever works.
+
+use crate::backend::Backend;
+use crate::cpu::CpuBackend;
+use crate::data::Dataset;
+use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
+use crate::Result;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    /// CUDA when a usable GPU and the kernels are there, else the CPU (with a notice).
+    Auto,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            "auto" => Ok(DeviceChoice::Auto),
+            _ => Err(format!("unknown device `{s}`: expected cpu, cuda or auto")),
+        }
+    }
+}
+
+/// The arithmetic a backend uses. The CPU computes in f32 or f64; CUDA in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    F64,
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "f64" | "fp64" => Ok(Precision::F64),
+            _ => Err(format!("unknown precision `{s}`: expected f32 or f64")),
+        }
+    }
+}
+
+/// Resolves `--device auto` once: the device to use and, when falling back, why.
+pub fn resolve(choice: DeviceChoice) -> (DeviceChoice, Option<String>) {
+    match choice {
+        DeviceChoice::Auto => match crate::cuda::cuda_available() {
+            Ok(_) => (DeviceChoice::Cuda, None),
+            Err(why) => (DeviceChoice::Cpu, Some(format!("no usable GPU, training on the CPU ({why})"))),
+        },
+        other => (other, None),
+    }
+}
+
+/// Opens a backend on a resolved device (`resolve` first for `Auto`).
+pub fn open(
+    device: DeviceChoice,
+    precision: Precision,
+    model: ModelConfig,
+    train: TrainConfig,
+    data: Arc<Dataset>,
+    params: &ModelParams,
+) -> Result<Box<dyn Backend>> {
+    Ok(match (device, precision) {
+        (DeviceChoice::Cpu, Precision::F32) => Box::new(CpuBackend::<f32>::new(model, train, data, params)?),
+        (DeviceChoice::Cpu, Precision::F64) => Box::new(CpuBackend::<f64>::new(model, train, data, params)?),
+        (DeviceChoice::Cuda, Precision::F32) => Box::new(crate::cuda::CudaBackend::new(model, train, data, params)?),
+        (DeviceChoice::Cuda, Precision::F64) => {
+            return Err(ConfigError::Invalid("the CUDA backend computes in f32; use --precision f32, or --device cpu for f64".into()).into())
+        }
+        (DeviceChoice::Auto, _) => {
+            let (resolved, _) = resolve(DeviceChoice::Auto);
+            return open(resolved, precision, model, train, data, params);
+        }
+    })
+}

@@ -1,0 +1,559 @@
+//! The `bntrain` command line: parse, call the library, print. Progress goes to stderr;
+//! with `--json` the last line of stdout is one JSON object.
+
+use anyhow::{bail, Context, Result};
+use bntrain::backend::{SplitKind, StatsMode};
+use bntrain::bench::{self, BenchConfig};
+use bntrain::data::{self, Dataset, DatasetKind};
+use bntrain::device::{self, DeviceChoice, Precision};
+use bntrain::model::checkpoint::Checkpoint;
+use bntrain::model::{
+    Activation, Averaging, BatchOrder, LossReduction, ModelConfig, StatsEstimator, TrainConfig, VarianceKind,
+};
+use bntrain::report::{self, ReproduceOptions};
+use bntrain::session::{self, Start, TrainRequest};
+use bntrain::train::{Event, Outcome};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Batch-normalized MLP trainer for NVIDIA GPUs, with a CPU reference. Reproduces
+/// Ioffe & Szegedy 2015, Figure 1, on MNIST.
+#[derive(Parser, Debug)]
+#[command(name = "bntrain", version, about, propagate_version = true)]
+struct Cli {
+    /// Where to compute: cpu, cuda, or auto (CUDA when usable, else the CPU with a notice).
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
+    device: DeviceChoice,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a network, evaluating on the test set as it goes.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on a split, with population statistics.
+    Eval(EvalArgs),
+    /// Predict the first N test images one at a time (the seed's demonstration).
+    Predict(PredictArgs),
+    /// Run the whole BN study (Figure 1, the test-time story, estimators) and write a report.
+    Reproduce(ReproduceArgs),
+    /// Microseconds per training step (median of several timed runs after warm-up).
+    Bench(BenchArgs),
+    /// Manage datasets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Build facts (kernels, PTX target) and device facts.
+    Info,
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Download MNIST into the cache and verify its SHA-256 checksums.
+    Fetch {
+        #[arg(long, default_value = "mnist", value_parser = parse_dataset)]
+        dataset: DatasetKind,
+        /// Directory to download into (default: the cache).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Show where the data would be read from.
+    Where {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataArgs {
+    /// Directory holding the four IDX files (raw or .gz). Default: $BNTRAIN_DATA, then the
+    /// cache (downloading MNIST there on first use).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Which dataset: mnist or fashion-mnist.
+    #[arg(long, default_value = "mnist", value_parser = parse_dataset)]
+    dataset: DatasetKind,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ModelArgs {
+    /// Hidden layer widths, comma-separated (BN2015 uses 100,100,100).
+    #[arg(long, value_delimiter = ',', default_value = "100,100")]
+    hidden: Vec<usize>,
+    #[arg(long, value_enum, default_value_t = ActivationArg::Sigmoid)]
+    activation: ActivationArg,
+    /// Train the plain network (a bias instead of batch normalization).
+    #[arg(long)]
+    no_bn: bool,
+    /// BN's ε, added to the variance.
+    #[arg(long, default_value_t = 1e-3)]
+    epsilon: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct OptimArgs {
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    /// Classical momentum (0 = plain SGD, the seed's).
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f64,
+    #[arg(long, default_value_t = 60)]
+    batch: usize,
+    /// Cross-entropy summed over the batch (the seed's) or averaged.
+    #[arg(long, value_enum, default_value_t = LossArg::Sum)]
+    loss: LossArg,
+    #[arg(long, value_enum, default_value_t = OrderArg::Shuffled)]
+    order: OrderArg,
+    /// Seeds the initial weights and the epoch shuffles.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Running statistics: exponential moving average or cumulative average.
+    #[arg(long, value_enum, default_value_t = AveragingArg::Ema)]
+    averaging: AveragingArg,
+    /// EMA decay (PyTorch momentum = 1 − decay).
+    #[arg(long, default_value_t = 0.999)]
+    decay: f64,
+    /// Variance fed to the running variance: biased (the seed's) or unbiased m/(m−1).
+    #[arg(long, value_enum, default_value_t = VarianceArg::Biased)]
+    variance: VarianceArg,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    optim: OptimArgs,
+    /// Total training steps.
+    #[arg(long, default_value_t = 10_000)]
+    steps: u64,
+    /// Evaluate on the test set every this many steps.
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Write a checkpoint here at the end (and on Ctrl-C).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Start from the weights and statistics of this checkpoint.
+    #[arg(long, conflicts_with = "resume")]
+    init: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint (its configuration is used).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Arithmetic of the CPU backend (CUDA computes in f32).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: Precision,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    split: SplitArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PredictArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// How many test images, from the first.
+    #[arg(long, default_value_t = 100)]
+    first: usize,
+    /// Normalize with population statistics, or with each single example's own statistics.
+    #[arg(long, value_enum, default_value_t = ModeArg::Population)]
+    mode: ModeArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReproduceArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Name of the run: results go to <out>/<name>/.
+    #[arg(long, default_value = "bn2015")]
+    name: String,
+    #[arg(long, default_value = "runs")]
+    out: PathBuf,
+    /// A small, fast run (for tests and a first look).
+    #[arg(long)]
+    quick: bool,
+    /// Steps of the BN-vs-plain comparison (default 40000).
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Seeds for the population-statistics estimator study.
+    #[arg(long)]
+    seeds: Option<u32>,
+    #[arg(long, value_delimiter = ',', default_value = "100,100")]
+    hidden: Vec<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    #[arg(long, default_value = "seed", value_parser = parse_bench_config)]
+    config: BenchConfig,
+    /// Benchmark the plain network instead of the BN one.
+    #[arg(long)]
+    no_bn: bool,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// Approximate seconds per timed run.
+    #[arg(long, default_value_t = 0.3)]
+    seconds: f64,
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    precision: Precision,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ActivationArg { Sigmoid, Relu }
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LossArg { Sum, Mean }
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OrderArg { Shuffled, Sequential }
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AveragingArg { Ema, Cumulative }
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum VarianceArg { Biased, Unbiased }
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SplitArg { Train, Test }
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg { Population, Batch }
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> { s.parse() }
+fn parse_precision(s: &str) -> Result<Precision, String> { s.parse() }
+fn parse_bench_config(s: &str) -> Result<BenchConfig, String> { s.parse() }
+fn parse_dataset(s: &str) -> Result<DatasetKind, String> { s.parse().map_err(|e: data::DataError| e.to_string()) }
+
+impl ModelArgs {
+    fn config(&self, inputs: usize, classes: usize) -> ModelConfig {
+        ModelConfig {
+            inputs,
+            hidden: self.hidden.clone(),
+            classes,
+            activation: match self.activation {
+                ActivationArg::Sigmoid => Activation::Sigmoid,
+                ActivationArg::Relu => Activation::Relu,
+            },
+            batch_norm: !self.no_bn,
+            epsilon: self.epsilon,
+        }
+    }
+}
+
+impl OptimArgs {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            learning_rate: self.lr,
+            momentum: self.momentum,
+            batch_size: self.batch,
+            loss: match self.loss { LossArg::Sum => LossReduction::Sum, LossArg::Mean => LossReduction::Mean },
+            order: match self.order { OrderArg::Shuffled => BatchOrder::Shuffled, OrderArg::Sequential => BatchOrder::Sequential },
+            seed: self.seed,
+            estimator: StatsEstimator {
+                averaging: match self.averaging {
+                    AveragingArg::Ema => Averaging::Ema { decay: self.decay },
+                    AveragingArg::Cumulative => Averaging::Cumulative,
+                },
+                variance: match self.variance { VarianceArg::Biased => VarianceKind::Biased, VarianceArg::Unbiased => VarianceKind::Unbiased },
+            },
+            extra_estimators: Vec::new(),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(err) = run(cli) {
+        // One line: the context chain joined, as anyhow's `{:#}` prints it.
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(args) => train(cli.device, args),
+        Command::Eval(args) => eval(cli.device, args),
+        Command::Predict(args) => predict(cli.device, args),
+        Command::Reproduce(args) => reproduce(cli.device, args),
+        Command::Bench(args) => bench_cmd(cli.device, args),
+        Command::Data { command } => data_cmd(command),
+        Command::Info => info(),
+    }
+}
+
+/// Resolves `auto`, printing the fallback notice once.
+fn resolve_device(choice: DeviceChoice) -> DeviceChoice {
+    let (device, notice) = device::resolve(choice);
+    if let Some(notice) = notice {
+        eprintln!("notice: {notice}");
+    }
+    device
+}
+
+fn load_data(args: &DataArgs) -> Result<Arc<Dataset>> {
+    let dir = data::locate(args.data.as_deref(), args.dataset, true).context("cannot find the dataset")?;
+    let dataset = data::load_dir(&dir, args.dataset).with_context(|| format!("cannot load {} from {}", args.dataset, dir.display()))?;
+    Ok(Arc::new(dataset))
+}
+
+fn progress_bar(len: u64, position: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos:>6}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(position);
+    bar
+}
+
+/// Ctrl-C / SIGTERM: the first asks training to stop at the next step boundary (a
+/// checkpoint is written), the second exits at once.
+fn install_interrupt_handler() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let presses = Arc::new(AtomicUsize::new(0));
+    let flag = Arc::clone(&stop);
+    let handler = move || {
+        if presses.fetch_add(1, Ordering::SeqCst) >= 1 {
+            eprintln!("\nsecond interrupt: exiting now");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: stopping at the next step boundary (press again to exit at once)");
+        flag.store(true, Ordering::SeqCst);
+    };
+    if let Err(e) = ctrlc::set_handler(handler) {
+        eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will not save a checkpoint");
+    }
+    stop
+}
+
+fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
+    let data = load_data(&args.data)?;
+    let model = args.model.config(data.train.features, data.train.classes);
+    let start = match (&args.init, &args.resume) {
+        (Some(p), _) => Start::Init(p.clone()),
+        (_, Some(p)) => Start::Resume(p.clone()),
+        _ => Start::Fresh,
+    };
+    // An interrupted run without --checkpoint still saves, next to where it was started.
+    let checkpoint = args.checkpoint.clone().or_else(|| args.resume.clone());
+    let req = TrainRequest {
+        model,
+        train: args.optim.config(),
+        steps: args.steps,
+        eval_every: args.eval_every,
+        start,
+        checkpoint: checkpoint.clone(),
+        device: resolve_device(device_choice),
+        precision: args.precision,
+    };
+    let stop = install_interrupt_handler();
+    let bar = progress_bar(args.steps, 0);
+    let mut last_eval = String::new();
+    let mut on_event = |event: Event<'_>| match event {
+        Event::Stepped { step } => {
+            if step % 25 == 0 {
+                bar.set_position(step);
+            }
+        }
+        Event::Evaluated { record, .. } => {
+            let p = &record.point;
+            last_eval = format!("loss {:.4}  train acc {:.4}  test acc {:.4}", p.train_loss, p.train_accuracy, p.test_accuracy);
+            bar.set_position(p.step);
+            bar.set_message(last_eval.clone());
+        }
+    };
+    let result = session::run(&req, Arc::clone(&data), Some(&stop), &mut on_event);
+    bar.finish_and_clear();
+    let report = result?;
+    if let Outcome::Interrupted { step, .. } = report.outcome {
+        match &report.checkpoint {
+            Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {}`", p.display(), p.display()),
+            None => eprintln!("interrupted at step {step}; nothing saved (no --checkpoint given)"),
+        }
+        std::process::exit(130);
+    }
+    let last = report.last().context("no evaluation point was reached")?;
+    println!(
+        "trained {} on {} for {} steps in {:.2} s: test accuracy {:.4} (population statistics), test loss {:.4}",
+        req.model, report.device, report.outcome.step() - report.start_step, report.seconds, last.test_accuracy, last.test_loss
+    );
+    if let Some(p) = &report.checkpoint {
+        println!("checkpoint: {}", p.display());
+    }
+    if args.json {
+        println!("{}", json!({
+            "test_accuracy": last.test_accuracy,
+            "test_loss": last.test_loss,
+            "train_loss": last.train_loss,
+            "steps": report.outcome.step(),
+            "device": report.device,
+            "seconds": report.seconds,
+            "checkpoint": report.checkpoint,
+        }));
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint and opens a backend holding it.
+fn open_checkpoint(device_choice: DeviceChoice, path: &Path, data: &Arc<Dataset>) -> Result<(Checkpoint, Box<dyn bntrain::backend::Backend>)> {
+    let ckpt = Checkpoint::load(path).context("cannot load the checkpoint")?;
+    if ckpt.model.inputs != data.train.features {
+        bail!("{} expects {} input features but the dataset has {}", path.display(), ckpt.model.inputs, data.train.features);
+    }
+    let mut train = ckpt.train.clone();
+    train.batch_size = train.batch_size.min(data.train.count);
+    let net = device::open(resolve_device(device_choice), Precision::F32, ckpt.model.clone(), train, Arc::clone(data), &ckpt.params)?;
+    Ok((ckpt, net))
+}
+
+fn eval(device_choice: DeviceChoice, args: EvalArgs) -> Result<()> {
+    let data = load_data(&args.data)?;
+    let (ckpt, mut net) = open_checkpoint(device_choice, &args.checkpoint, &data)?;
+    let split = match args.split { SplitArg::Train => SplitKind::Train, SplitArg::Test => SplitKind::Test };
+    let started = std::time::Instant::now();
+    let e = net.evaluate(split, StatsMode::Population, None)?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!("{} ({} steps) on {:?}: accuracy {:.4}, loss {:.4} (population statistics, {} examples)", ckpt.model, ckpt.progress.step, split, e.accuracy(), e.mean_loss(), e.examples);
+    if args.json {
+        println!("{}", json!({
+            "test_accuracy": e.accuracy(), "accuracy": e.accuracy(), "loss": e.mean_loss(), "examples": e.examples,
+            "split": format!("{split:?}").to_lowercase(), "steps": ckpt.progress.step, "device": net.device_name(), "seconds": seconds,
+        }));
+    }
+    Ok(())
+}
+
+fn predict(device_choice: DeviceChoice, args: PredictArgs) -> Result<()> {
+    let data = load_data(&args.data)?;
+    let (ckpt, mut net) = open_checkpoint(device_choice, &args.checkpoint, &data)?;
+    let mode = match args.mode { ModeArg::Population => StatsMode::Population, ModeArg::Batch => StatsMode::Batch };
+    let predictions = net.predict_each(SplitKind::Test, args.first, mode)?;
+    let labels = &data.test.labels[..predictions.len()];
+    let correct = predictions.iter().zip(labels).filter(|(p, l)| p == l).count();
+    let accuracy = correct as f64 / predictions.len().max(1) as f64;
+    let mut histogram = [0usize; 256];
+    predictions.iter().for_each(|&p| histogram[p as usize] += 1);
+    let spread: Vec<String> = histogram.iter().enumerate().filter(|(_, &n)| n > 0).map(|(c, n)| format!("{c}:{n}")).collect();
+    println!(
+        "{} predicted one by one with {} statistics: {correct}/{} correct (accuracy {accuracy:.2}); predicted classes (class:count) {}",
+        ckpt.model, if mode == StatsMode::Batch { "batch" } else { "population" }, predictions.len(), spread.join(" ")
+    );
+    if args.json {
+        println!("{}", json!({
+            "accuracy": accuracy, "predictions": predictions, "labels": labels,
+            "mode": if mode == StatsMode::Batch { "batch" } else { "population" }, "device": net.device_name(),
+        }));
+    }
+    Ok(())
+}
+
+fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
+    if args.name.is_empty() || args.name.contains(['/', '\\']) || args.name == ".." {
+        bail!("--name `{}` must be a plain directory name", args.name);
+    }
+    let data = load_data(&args.data)?;
+    let out_dir = args.out.join(&args.name);
+    let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
+    if let Some(steps) = args.steps {
+        opts.steps_compare = steps;
+    }
+    if let Some(seeds) = args.seeds {
+        opts.seeds = seeds;
+    }
+    opts.seed = args.seed;
+    opts.hidden = args.hidden.clone();
+    opts.progress = true;
+    let device = resolve_device(device_choice);
+    let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
+    let summary = report::reproduce(&opts, Arc::clone(&data), &mut open)
+        .with_context(|| format!("reproduce into {}", out_dir.display()))?;
+    println!("{}", summary.table());
+    println!("report: {}", out_dir.join("report.md").display());
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}
+
+fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
+    let device = resolve_device(device_choice);
+    let mut open = |m, t, d, p: &_| device::open(device, args.precision, m, t, d, p);
+    let r = bench::run(args.config, !args.no_bn, args.runs, args.seconds, &mut open)?;
+    println!(
+        "{:?} ({}, batch {}) on {}: {:.1} µs per step (median of {} runs of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
+        r.config, if r.batch_norm { "BN" } else { "plain" }, r.batch_size, r.device, r.us_per_step, r.runs, r.steps_per_run,
+        r.us_per_step_min, r.us_per_step_max, r.steps_per_second
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn data_cmd(command: DataCommand) -> Result<()> {
+    match command {
+        DataCommand::Fetch { dataset, dir } => {
+            let dest = dir.unwrap_or_else(|| data::cache_dir(dataset));
+            let report = data::fetch(dataset, &dest, true)?;
+            println!(
+                "{} in {}: downloaded {:?}, already present {:?}; checksums verified",
+                dataset, report.dir.display(), report.downloaded, report.already_present
+            );
+        }
+        DataCommand::Where { data: args } => {
+            let dir = data::locate(args.data.as_deref(), args.dataset, false)?;
+            println!("{}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn info() -> Result<()> {
+    println!("bntrain {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu: {} threads available", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    match device::resolve(DeviceChoice::Auto) {
+        (DeviceChoice::Cuda, _) => println!("cuda: usable"),
+        (_, notice) => println!("cuda: {}", notice.unwrap_or_default()),
+    }
+    match data::locate(None, DatasetKind::Mnist, false) {
+        Ok(dir) => println!("mnist: {}", dir.display()),
+        Err(e) => println!("mnist: {e}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

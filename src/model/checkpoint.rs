@@ -1,0 +1,323 @@
+//! Checkpoints: safetensors files that PyTorch can load into an `nn.Sequential` of
+//! `nn.Linear` / `nn.BatchNorm1d` / activation modules, plus what bntrain needs to resume.
+//!
+//! Tensor names (hidden layer l = 0, 1, …; with BN each hidden layer takes three Sequential
+//! slots — Linear, BatchNorm1d, activation — without BN two):
+//! - `{i}.weight` `[out, in]`, `{i}.bias` `[out]` for a Linear at slot i (no bias before BN);
+//! - `{j}.weight` (γ), `{j}.bias` (β), `{j}.running_mean`, `{j}.running_var`,
+//!   `{j}.num_batches_tracked` (i64) for a BatchNorm1d at slot j;
+//! - `bntrain.*` for the rest (further estimators, momentum buffers): drop these keys before
+//!   `load_state_dict`.
+//!
+//! Metadata: `format` = `bntrain-checkpoint`, `format_version`, `model` and `train` (the
+//! configuration as JSON), `progress` (step and metric history as JSON), `dtype`, and
+//! `checksum`: SHA-256 over every tensor's name, dtype, shape and bytes in name order, so a
+//! flipped byte anywhere is caught. Files are written to a temporary file and renamed.
+
+use super::config::{ConfigError, ModelConfig, TrainConfig};
+use super::params::{ModelParams, RunningStats};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+pub const FORMAT: &str = "bntrain-checkpoint";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write checkpoint {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a safetensors file ({reason})")]
+    NotSafetensors { path: PathBuf, reason: String },
+    #[error("{path} is a safetensors file but not a bntrain checkpoint ({reason})")]
+    Foreign { path: PathBuf, reason: String },
+    #[error("{path} has checkpoint format version {found}; this bntrain reads version {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: String },
+    #[error("{path} is corrupted: its checksum does not match its contents")]
+    Corrupted { path: PathBuf },
+    #[error("{path}: {problem}")]
+    Malformed { path: PathBuf, problem: String },
+    #[error("cannot encode checkpoint: {0}")]
+    Encode(String),
+}
+
+/// The floating-point type tensors are stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoredPrecision {
+    #[default]
+    F32,
+    F64,
+}
+
+/// One evaluation point of a training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    pub step: u64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_accuracy: f64,
+}
+
+/// Where a run stands: enough, with the configuration, to continue it exactly.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainProgress {
+    pub step: u64,
+    pub history: Vec<HistoryPoint>,
+    /// Training statistics since the last evaluation point, when the run was interrupted
+    /// between two of them.
+    #[serde(default)]
+    pub pending: crate::backend::StepStats,
+}
+
+/// Everything a checkpoint holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub params: ModelParams,
+    /// Momentum buffers in trainable-tensor order (empty without momentum).
+    pub velocity: Vec<Vec<f64>>,
+    pub progress: TrainProgress,
+    pub precision: StoredPrecision,
+}
+
+struct Slot {
+    linear: usize,
+    batch_norm: Option<usize>,
+}
+
+/// Sequential slot indices of each layer's Linear and BatchNorm1d.
+fn slots(model: &ModelConfig) -> Vec<Slot> {
+    let per_hidden = if model.batch_norm { 3 } else { 2 };
+    (0..=model.hidden.len())
+        .map(|l| Slot {
+            linear: l * per_hidden,
+            batch_norm: (l < model.hidden.len() && model.batch_norm).then_some(l * per_hidden + 1),
+        })
+        .collect()
+}
+
+fn encode(values: &[f64], precision: StoredPrecision) -> Vec<u8> {
+    match precision {
+        StoredPrecision::F32 => values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+        StoredPrecision::F64 => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+    }
+}
+
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut hasher = Sha256::new();
+    for (name, dtype, shape, data) in sorted {
+        hasher.update(name.as_bytes());
+        hasher.update(format!("{dtype:?}{shape:?}").as_bytes());
+        hasher.update(data);
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Checkpoint {
+    /// The named tensors as (name, dtype, shape, little-endian bytes).
+    fn tensors(&self) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+        let dtype = match self.precision {
+            StoredPrecision::F32 => Dtype::F32,
+            StoredPrecision::F64 => Dtype::F64,
+        };
+        let mut out = BTreeMap::new();
+        let mut put = |name: String, shape: Vec<usize>, values: &[f64]| {
+            out.insert(name, (dtype, shape, encode(values, self.precision)));
+        };
+        let mut counters = Vec::new();
+        for (layer, slot) in self.params.layers.iter().zip(slots(&self.model)) {
+            let i = slot.linear;
+            put(format!("{i}.weight"), vec![layer.outputs, layer.inputs], &layer.weight);
+            if let Some(b) = &layer.bias {
+                put(format!("{i}.bias"), vec![layer.outputs], b);
+            }
+            if let (Some(bn), Some(j)) = (&layer.batch_norm, slot.batch_norm) {
+                put(format!("{j}.weight"), vec![layer.outputs], &bn.gamma);
+                put(format!("{j}.bias"), vec![layer.outputs], &bn.beta);
+                for (e, stats) in bn.running.iter().enumerate() {
+                    let prefix = if e == 0 { format!("{j}.") } else { format!("bntrain.{j}.estimator{e}.") };
+                    put(format!("{prefix}running_mean"), vec![layer.outputs], &stats.mean);
+                    put(format!("{prefix}running_var"), vec![layer.outputs], &stats.var);
+                    counters.push((format!("{prefix}num_batches_tracked"), stats.batches));
+                }
+            }
+        }
+        for (k, v) in self.velocity.iter().enumerate() {
+            put(format!("bntrain.velocity.{k}"), vec![v.len()], v);
+        }
+        for (name, n) in counters {
+            out.insert(name, (Dtype::I64, vec![], (n as i64).to_le_bytes().to_vec()));
+        }
+        out
+    }
+
+    /// Writes the checkpoint atomically: a temporary file in the same directory, flushed and
+    /// renamed over `path`, so a crash leaves either the old file or the new one.
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        if let Some((name, value)) = self.params.first_non_finite() {
+            return Err(CheckpointError::Encode(format!("refusing to write {name}: it holds {value}")));
+        }
+        let tensors = self.tensors();
+        let json = |v: &dyn erased::Json| v.to_json().map_err(|e| CheckpointError::Encode(e.to_string()));
+        let mut metadata = HashMap::new();
+        metadata.insert("format".to_string(), FORMAT.to_string());
+        metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        metadata.insert("model".to_string(), json(&self.model)?);
+        metadata.insert("train".to_string(), json(&self.train)?);
+        metadata.insert("progress".to_string(), json(&self.progress)?);
+        metadata.insert("dtype".to_string(), json(&self.precision)?);
+        metadata.insert(
+            "checksum".to_string(),
+            checksum(tensors.iter().map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice()))),
+        );
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, (dtype, shape, bytes))| {
+                TensorView::new(*dtype, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| CheckpointError::Encode(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Encode(e.to_string()))?;
+        write_atomically(path, &bytes).map_err(|source| CheckpointError::Write { path: path.to_path_buf(), source })
+    }
+
+    /// Reads and verifies a checkpoint: format, version, checksum, every tensor's dtype and
+    /// shape against the configuration stored beside it.
+    pub fn load(path: &Path) -> Result<Self, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read { path: path.to_path_buf(), source })?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// [`load`](Self::load) for the bytes of a checkpoint already in memory; `path` only names
+    /// it in errors. Never panics, whatever the bytes (the fuzz target's entry).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self, CheckpointError> {
+        let malformed = |problem: String| CheckpointError::Malformed { path: path.to_path_buf(), problem };
+        let file = SafeTensors::deserialize(bytes)
+            .map_err(|e| CheckpointError::NotSafetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let (_, header) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| CheckpointError::NotSafetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let foreign = |reason: &str| CheckpointError::Foreign { path: path.to_path_buf(), reason: reason.to_string() };
+        let meta = header.metadata().as_ref().ok_or_else(|| foreign("no metadata"))?;
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(foreign("no `format: bntrain-checkpoint` entry in its metadata"));
+        }
+        let version = meta.get("format_version").cloned().unwrap_or_default();
+        if version != FORMAT_VERSION.to_string() {
+            return Err(CheckpointError::Version { path: path.to_path_buf(), found: version });
+        }
+        let field = |key: &str| meta.get(key).ok_or_else(|| malformed(format!("metadata has no `{key}`")));
+        let parse_err = |key: &str, e: serde_json::Error| malformed(format!("metadata `{key}` does not parse: {e}"));
+        let model: ModelConfig = serde_json::from_str(field("model")?).map_err(|e| parse_err("model", e))?;
+        let train: TrainConfig = serde_json::from_str(field("train")?).map_err(|e| parse_err("train", e))?;
+        let progress: TrainProgress = serde_json::from_str(field("progress")?).map_err(|e| parse_err("progress", e))?;
+        let precision: StoredPrecision = serde_json::from_str(field("dtype")?).map_err(|e| parse_err("dtype", e))?;
+        model.validate().map_err(|e| malformed(e.to_string()))?;
+
+        let stored: Vec<(String, TensorView<'_>)> = file.tensors();
+        let actual = checksum(stored.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())));
+        if field("checksum")? != &actual {
+            return Err(CheckpointError::Corrupted { path: path.to_path_buf() });
+        }
+
+        let want_dtype = match precision {
+            StoredPrecision::F32 => Dtype::F32,
+            StoredPrecision::F64 => Dtype::F64,
+        };
+        let floats = |name: &str, len: usize| -> Result<Vec<f64>, CheckpointError> {
+            let view = file.tensor(name).map_err(|_| malformed(format!("tensor `{name}` is missing")))?;
+            if view.dtype() != want_dtype || view.shape().iter().product::<usize>() != len {
+                return Err(malformed(format!("tensor `{name}` is {:?}{:?}, expected {want_dtype:?} with {len} elements", view.dtype(), view.shape())));
+            }
+            Ok(match precision {
+                StoredPrecision::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect(),
+                StoredPrecision::F64 => view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+            })
+        };
+        let counter = |name: &str| -> Result<u64, CheckpointError> {
+            let view = file.tensor(name).map_err(|_| malformed(format!("tensor `{name}` is missing")))?;
+            let raw: [u8; 8] = view.data().try_into().map_err(|_| malformed(format!("tensor `{name}` is not one i64")))?;
+            u64::try_from(i64::from_le_bytes(raw)).map_err(|_| malformed(format!("tensor `{name}` is negative")))
+        };
+
+        let estimators = train.estimators().len();
+        let mut params = ModelParams::init_shapes(&model, estimators);
+        for (layer, slot) in params.layers.iter_mut().zip(slots(&model)) {
+            let i = slot.linear;
+            layer.weight = floats(&format!("{i}.weight"), layer.inputs * layer.outputs)?;
+            if layer.bias.is_some() {
+                layer.bias = Some(floats(&format!("{i}.bias"), layer.outputs)?);
+            }
+            if let (Some(bn), Some(j)) = (&mut layer.batch_norm, slot.batch_norm) {
+                bn.gamma = floats(&format!("{j}.weight"), layer.outputs)?;
+                bn.beta = floats(&format!("{j}.bias"), layer.outputs)?;
+                for (e, stats) in bn.running.iter_mut().enumerate() {
+                    let prefix = if e == 0 { format!("{j}.") } else { format!("bntrain.{j}.estimator{e}.") };
+                    *stats = RunningStats {
+                        mean: floats(&format!("{prefix}running_mean"), layer.outputs)?,
+                        var: floats(&format!("{prefix}running_var"), layer.outputs)?,
+                        batches: counter(&format!("{prefix}num_batches_tracked"))?,
+                    };
+                }
+            }
+        }
+        let mut velocity = Vec::new();
+        if train.momentum > 0.0 {
+            for (k, (_, tensor)) in params.trainable_tensors().iter().enumerate() {
+                velocity.push(floats(&format!("bntrain.velocity.{k}"), tensor.len())?);
+            }
+        }
+        if let Some((name, value)) = params.first_non_finite() {
+            return Err(malformed(format!("{name} holds {value}")));
+        }
+        Ok(Checkpoint { model, train, params, velocity, progress, precision })
+    }
+
+    /// Checks that this checkpoint's network is the one requested.
+    pub fn check_model(&self, requested: &ModelConfig) -> Result<(), ConfigError> {
+        if &self.model != requested {
+            return Err(ConfigError::Mismatch(format!("the checkpoint holds {} (ε {}), the request is {} (ε {})", self.model, self.model.epsilon, requested, requested.epsilon)));
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "checkpoint".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Object-safe JSON encoding for the metadata fields.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> serde_json::Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> serde_json::Result<String> {
+            serde_json::to_string(self)
+        }
+    }
+}

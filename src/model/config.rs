@@ -1,0 +1,236 @@
+//! What a network is and how it is trained. Validation happens here, up front, so that an
+//! impossible configuration fails in one line before any data is loaded or memory allocated.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use thiserror::Error;
+
+/// A configuration that cannot be trained, or a request that disagrees with a checkpoint.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("checkpoint does not match the request: {0}")]
+    Mismatch(String),
+}
+
+/// The nonlinearity after each hidden layer (after BN when BN is on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Sigmoid,
+    Relu,
+}
+
+/// How the running (population) statistics follow the batch statistics during training.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Averaging {
+    /// running ← decay·running + (1−decay)·batch  (PyTorch momentum = 1 − decay).
+    Ema { decay: f64 },
+    /// running ← mean of every batch statistic seen so far (PyTorch `momentum=None`).
+    Cumulative,
+}
+
+/// Which variance feeds the running variance: the biased batch variance (the seed, TF) or
+/// the unbiased m/(m−1) one (PyTorch, cuDNN, BN2015 §3.1). Normalization in training always
+/// uses the biased one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VarianceKind {
+    #[default]
+    Biased,
+    Unbiased,
+}
+
+/// One way of estimating population statistics during training.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsEstimator {
+    pub averaging: Averaging,
+    pub variance: VarianceKind,
+}
+
+impl StatsEstimator {
+    pub const SEED: StatsEstimator =
+        StatsEstimator { averaging: Averaging::Ema { decay: 0.999 }, variance: VarianceKind::Biased };
+
+    /// A short label used in reports and CSV headers, e.g. `ema0.999-biased`.
+    pub fn label(&self) -> String {
+        let avg = match self.averaging {
+            Averaging::Ema { decay } => format!("ema{decay}"),
+            Averaging::Cumulative => "cumulative".to_string(),
+        };
+        let var = match self.variance {
+            VarianceKind::Biased => "biased",
+            VarianceKind::Unbiased => "unbiased",
+        };
+        format!("{avg}-{var}")
+    }
+}
+
+/// The loss over a batch: the seed sums the per-example cross-entropy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossReduction {
+    #[default]
+    Sum,
+    Mean,
+}
+
+/// The order in which training examples are visited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchOrder {
+    /// A fresh permutation of the training set every epoch, from the seeded RNG.
+    #[default]
+    Shuffled,
+    /// 0, 1, 2, … every epoch.
+    Sequential,
+}
+
+/// The network: input → hidden layers (linear, BN or bias, activation) → linear → softmax.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub inputs: usize,
+    pub hidden: Vec<usize>,
+    pub classes: usize,
+    pub activation: Activation,
+    pub batch_norm: bool,
+    /// Added to the variance before the square root.
+    pub epsilon: f64,
+}
+
+impl ModelConfig {
+    /// The seed network: 784-100-100-10, sigmoid, BN before each sigmoid, ε = 1e-3.
+    pub fn seed(batch_norm: bool) -> Self {
+        ModelConfig {
+            inputs: 784,
+            hidden: vec![100, 100],
+            classes: 10,
+            activation: Activation::Sigmoid,
+            batch_norm,
+            epsilon: 1e-3,
+        }
+    }
+
+    /// Layer widths from input to output, e.g. [784, 100, 100, 10].
+    pub fn widths(&self) -> Vec<usize> {
+        let mut w = Vec::with_capacity(self.hidden.len() + 2);
+        w.push(self.inputs);
+        w.extend_from_slice(&self.hidden);
+        w.push(self.classes);
+        w
+    }
+
+    /// Number of trainable scalars (weights, biases, γ, β).
+    pub fn parameter_count(&self) -> usize {
+        let w = self.widths();
+        let mut n = 0;
+        for (l, pair) in w.windows(2).enumerate() {
+            let is_hidden = l < self.hidden.len();
+            n += pair[0] * pair[1] + if is_hidden && self.batch_norm { 2 * pair[1] } else { pair[1] };
+        }
+        n
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.inputs == 0 || self.classes < 2 {
+            return bad(format!("need at least one input and two classes (got {} inputs, {} classes)", self.inputs, self.classes));
+        }
+        if let Some(i) = self.hidden.iter().position(|&h| h == 0) {
+            return bad(format!("hidden layer {} has width 0; every layer needs at least one unit", i + 1));
+        }
+        if self.hidden.iter().any(|&h| h > 1 << 16) {
+            return bad("a hidden layer is wider than 65536 units".into());
+        }
+        if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
+            return bad(format!("epsilon must be positive and finite (got {})", self.epsilon));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let widths: Vec<String> = self.widths().iter().map(|w| w.to_string()).collect();
+        write!(
+            f,
+            "{} {:?}{}",
+            widths.join("-"),
+            self.activation,
+            if self.batch_norm { " with BN" } else { " plain" }
+        )
+    }
+}
+
+/// How the network is trained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub learning_rate: f64,
+    /// Classical momentum μ: v ← μ·v + g, w ← w − lr·v. 0 is plain SGD (the seed).
+    pub momentum: f64,
+    pub batch_size: usize,
+    pub loss: LossReduction,
+    pub order: BatchOrder,
+    pub seed: u64,
+    /// The estimator used at inference and stored in checkpoints as `running_mean/var`.
+    pub estimator: StatsEstimator,
+    /// Further estimators kept side by side during training, for comparison only.
+    pub extra_estimators: Vec<StatsEstimator>,
+}
+
+impl TrainConfig {
+    /// The seed's optimizer: plain SGD, lr 0.01, batch 60, summed loss, EMA 0.999, biased.
+    pub fn seed() -> Self {
+        TrainConfig {
+            learning_rate: 0.01,
+            momentum: 0.0,
+            batch_size: 60,
+            loss: LossReduction::Sum,
+            order: BatchOrder::Shuffled,
+            seed: 0,
+            estimator: StatsEstimator::SEED,
+            extra_estimators: Vec::new(),
+        }
+    }
+
+    /// All estimators, the primary first.
+    pub fn estimators(&self) -> Vec<StatsEstimator> {
+        let mut all = vec![self.estimator];
+        all.extend_from_slice(&self.extra_estimators);
+        all
+    }
+
+    /// Checks the optimizer settings against the model and the training-set size.
+    pub fn validate(&self, model: &ModelConfig, train_examples: usize) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad(format!("learning rate must be positive and finite (got {})", self.learning_rate));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!("momentum must be in [0, 1) (got {})", self.momentum));
+        }
+        if self.batch_size == 0 {
+            return bad("batch size must be at least 1".into());
+        }
+        if self.batch_size > train_examples {
+            return bad(format!(
+                "batch size {} is larger than the training set ({} examples)",
+                self.batch_size, train_examples
+            ));
+        }
+        if model.batch_norm && self.batch_size == 1 {
+            return bad("batch size 1 with batch normalization: the batch variance is 0 and every normalized value is 0; use a batch of 2 or more, or --no-bn".into());
+        }
+        for e in self.estimators() {
+            if let Averaging::Ema { decay } = e.averaging {
+                if !(decay > 0.0 && decay < 1.0) {
+                    return bad(format!("decay must be strictly between 0 and 1 (got {decay})"));
+                }
+            }
+        }
+        Ok(())
+    }
+}

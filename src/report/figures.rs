@@ -1,0 +1,457 @@
+//! The figures, each as PNG and SVG, drawn with plotters from a [`ReproduceSummary`]:
+//!
+//! - `fig1a_accuracy`: test accuracy of the BN and plain nets over training (Figure 1(a),
+//!   y from 0.8 to 1 as the source draws it), with PyTorch's anchor points;
+//! - `fig1b_input_means`: the post's view of Figure 1(b,c): the test-set mean of the
+//!   sigmoid's input for five units of the second layer, without and with BN;
+//! - `fig1c_input_percentiles`: the paper's view: their 15th, 50th and 85th percentiles;
+//! - `test_time_predictions`: one-by-one predictions of the first 100 test images per class,
+//!   with batch and with population statistics;
+//! - `estimators`: test accuracy of each population-statistics estimator over the seeds.
+//!
+//! PNG text is rendered with DejaVu Sans, embedded in the binary (assets/, with its license)
+//! and registered with plotters under the family name `DejaVu Sans, sans-serif`, which SVG
+//! viewers read as CSS (DejaVu Sans where installed, else their own sans-serif).
+
+use super::{Curve, ReportError, ReproduceSummary};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use std::fmt::Display;
+use std::path::Path;
+
+/// DejaVu Sans 2.37 (Bitstream Vera license: assets/DejaVuSans-LICENSE.txt).
+static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+/// The family the font is registered under; SVG writes it as CSS, so viewers fall back to
+/// their own sans-serif when DejaVu Sans is not installed.
+const FONT: &str = "DejaVu Sans, sans-serif";
+/// matplotlib's first two default colors, as the source's figures use them.
+const PLAIN: RGBColor = RGBColor(31, 119, 180);
+const BN: RGBColor = RGBColor(255, 127, 14);
+const GRID: RGBColor = RGBColor(225, 225, 225);
+const INK: RGBColor = RGBColor(40, 40, 40);
+
+pub const FIG1A: &str = "fig1a_accuracy";
+pub const FIG1B: &str = "fig1b_input_means";
+pub const FIG1C: &str = "fig1c_input_percentiles";
+pub const TEST_TIME: &str = "test_time_predictions";
+pub const ESTIMATORS: &str = "estimators";
+
+type DrawResult<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+
+/// Registers the embedded font with plotters (once per process).
+pub fn register_fonts() -> Result<(), ReportError> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            for style in [FontStyle::Normal, FontStyle::Bold] {
+                plotters::style::register_font(FONT, style, DEJAVU_SANS)
+                    .map_err(|_| "DejaVuSans.ttf is not a valid TrueType font".to_string())?;
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(ReportError::Font)
+}
+
+fn plot_error(path: &Path, e: impl Display) -> ReportError {
+    ReportError::Plot { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+/// Draws `$draw(&root, args…)` once on a PNG and once on an SVG named `$stem` in `$dir`;
+/// evaluates to the two file names.
+macro_rules! render {
+    ($dir:expr, $stem:expr, $size:expr, $draw:path $(, $arg:expr)*) => {{
+        let png = $dir.join(format!("{}.png", $stem));
+        {
+            let root = BitMapBackend::new(&png, $size).into_drawing_area();
+            $draw(&root $(, $arg)*).map_err(|e| plot_error(&png, e))?;
+            root.present().map_err(|e| plot_error(&png, e))?;
+        }
+        let svg = $dir.join(format!("{}.svg", $stem));
+        {
+            let root = SVGBackend::new(&svg, $size).into_drawing_area();
+            $draw(&root $(, $arg)*).map_err(|e| plot_error(&svg, e))?;
+            root.present().map_err(|e| plot_error(&svg, e))?;
+        }
+        vec![format!("{}.png", $stem), format!("{}.svg", $stem)]
+    }};
+}
+
+/// Draws every figure into `dir`; returns the file names written.
+pub fn draw_all(summary: &ReproduceSummary, dir: &Path) -> Result<Vec<String>, ReportError> {
+    register_fonts()?;
+    let mut files = Vec::new();
+    files.extend(render!(dir, FIG1A, (1000, 620), fig1a, summary));
+    let rows = summary.comparison.probe_neurons as u32;
+    let grid = (1000, 110 + 220 * rows.max(1));
+    files.extend(render!(dir, FIG1B, grid, fig1_inputs, summary, false));
+    files.extend(render!(dir, FIG1C, grid, fig1_inputs, summary, true));
+    files.extend(render!(dir, TEST_TIME, (1000, 520), test_time, summary));
+    let height = 150 + 48 * summary.estimators.rows.len() as u32;
+    files.extend(render!(dir, ESTIMATORS, (1000, height), estimators, summary));
+    Ok(files)
+}
+
+fn centered(style: TextStyle<'_>) -> TextStyle<'_> {
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    style.pos(Pos::new(HPos::Center, VPos::Center))
+}
+
+fn text(size: f64) -> TextStyle<'static> {
+    (FONT, size).into_font().color(&INK)
+}
+
+fn bold(size: f64) -> TextStyle<'static> {
+    (FONT, size, FontStyle::Bold).into_font().color(&INK)
+}
+
+/// Step labels: 10k, 20k, … when the axis is long.
+fn step_label(max: f64) -> impl Fn(&f64) -> String {
+    move |v: &f64| {
+        if max >= 5000.0 {
+            let k = v / 1000.0;
+            if (k - k.round()).abs() < 1e-9 { format!("{}k", k.round()) } else { format!("{k:.1}k") }
+        } else {
+            format!("{}", v.round())
+        }
+    }
+}
+
+/// Splits a polyline into the pieces inside y ∈ [lo, hi], cutting segments at the edges, so
+/// that points off the chart do not spill over the axes.
+fn clip(points: &[(f64, f64)], lo: f64, hi: f64) -> Vec<Vec<(f64, f64)>> {
+    let inside = |y: f64| (lo..=hi).contains(&y);
+    let cut = |a: (f64, f64), b: (f64, f64), y: f64| {
+        let t = (y - a.1) / (b.1 - a.1);
+        (a.0 + t * (b.0 - a.0), y)
+    };
+    let mut pieces = Vec::new();
+    let mut current: Vec<(f64, f64)> = Vec::new();
+    for (i, &p) in points.iter().enumerate() {
+        if i > 0 {
+            let a = points[i - 1];
+            // Entering or leaving (or crossing) the band between a and p.
+            let mut crossings: Vec<(f64, f64)> = [lo, hi]
+                .into_iter()
+                .filter(|&edge| (a.1 - edge) * (p.1 - edge) < 0.0)
+                .map(|edge| cut(a, p, edge))
+                .collect();
+            crossings.sort_by(|u, v| u.0.total_cmp(&v.0));
+            for c in crossings {
+                if current.is_empty() {
+                    current.push(c);
+                } else {
+                    current.push(c);
+                    pieces.push(std::mem::take(&mut current));
+                }
+            }
+        }
+        if inside(p.1) {
+            current.push(p);
+        } else if !current.is_empty() {
+            pieces.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces.into_iter().filter(|piece| !piece.is_empty()).collect()
+}
+
+/// A polyline as separate two-point segments. plotters' bitmap backend joins the segments of
+/// a wide polyline with unlimited miters, which throws spikes across the chart wherever a
+/// noisy curve turns sharply; separate segments have no joins.
+fn segments(points: &[(f64, f64)], style: ShapeStyle) -> Vec<PathElement<(f64, f64)>> {
+    points.windows(2).map(|w| PathElement::new(vec![w[0], w[1]], style)).collect()
+}
+
+/// Is this the seed study on MNIST, where PyTorch's anchors apply?
+fn anchors_apply(s: &ReproduceSummary) -> bool {
+    s.dataset == "mnist" && s.model.hidden == [100, 100] && s.train_examples == 60_000 && s.test_examples == 10_000
+}
+
+/// The accuracy axis: 0.8–1 as in the source, lowered (in steps of 0.05) only when the
+/// second half of the curves lies below it.
+pub(crate) fn accuracy_floor(curves: &[&Curve]) -> f64 {
+    let late_min = curves
+        .iter()
+        .flat_map(|c| {
+            let n = c.history.len();
+            c.history[n / 2..].iter().map(|p| p.test_accuracy)
+        })
+        .fold(1.0f64, f64::min);
+    if late_min >= 0.82 { 0.8 } else { ((late_min - 0.02) * 20.0).floor().max(0.0) / 20.0 }
+}
+
+fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let c = &s.comparison;
+    let x_max = c.steps as f64;
+    let y_min = accuracy_floor(&[&c.bn, &c.plain]);
+    let caption = format!("Figure 1(a): test accuracy, {} with and without BN", s.model.widths().iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"));
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, bold(24.0))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(75)
+        .build_cartesian_2d(0f64..x_max, y_min..1.0f64)?;
+    let fmt = step_label(x_max);
+    chart
+        .configure_mesh()
+        .max_light_lines(0)
+        .bold_line_style(GRID)
+        .x_labels(9)
+        .y_labels(((1.0 - y_min) / 0.05).round() as usize + 1)
+        .x_label_formatter(&fmt)
+        .y_label_formatter(&|v| format!("{v:.2}"))
+        .x_desc(format!("training step (batch {}, SGD lr {})", s.train.batch_size, s.train.learning_rate))
+        .y_desc("test accuracy")
+        .label_style(text(15.0))
+        .axis_desc_style(text(17.0))
+        .draw()?;
+    for (curve, color, name) in [(&c.plain, PLAIN, "Without BN"), (&c.bn, BN, "With BN")] {
+        let points: Vec<(f64, f64)> = curve.history.iter().map(|p| (p.step as f64, p.test_accuracy)).collect();
+        let style = color.stroke_width(2);
+        let mut first = true;
+        for piece in clip(&points, y_min, 1.0) {
+            let series = chart.draw_series(segments(&piece, style))?;
+            if std::mem::take(&mut first) {
+                let final_acc = curve.final_accuracy();
+                series
+                    .label(format!("{name} (final {final_acc:.4})"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
+            }
+        }
+    }
+    if anchors_apply(s) {
+        let anchors: Vec<_> = s.references.pytorch_curve.iter().filter(|(step, _, _)| (*step as f64) <= x_max).collect();
+        if !anchors.is_empty() {
+            chart
+                .draw_series(anchors.iter().map(|&&(step, _, plain)| Circle::new((step as f64, plain), 6, PLAIN.stroke_width(2))))?
+                .label("PyTorch anchor, without BN")
+                .legend(|(x, y)| Circle::new((x + 12, y), 6, PLAIN.stroke_width(2)));
+            chart
+                .draw_series(anchors.iter().map(|&&(step, bn, _)| Circle::new((step as f64, bn), 6, BN.stroke_width(2))))?
+                .label("PyTorch anchor, with BN")
+                .legend(|(x, y)| Circle::new((x + 12, y), 6, BN.stroke_width(2)));
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .margin(15)
+        .label_font(text(16.0))
+        .background_style(WHITE.mix(0.9))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()?;
+    Ok(())
+}
+
+/// Figure 1(b,c): one row per probed unit, without BN on the left and with BN on the right.
+/// The two panels of a row share their y scale (the same span of input values per pixel),
+/// each centered on its own values, so how far the inputs wander compares directly even
+/// though the plain net's inputs sit far from 0. `percentiles` draws the 15/50/85th
+/// percentiles (the paper's view); otherwise the test-set mean (the post's view).
+fn fig1_inputs<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary, percentiles: bool) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let c = &s.comparison;
+    let (title, subtitle) = if percentiles {
+        (
+            format!("Figure 1(b,c): inputs to the sigmoid, layer {}: 15th, 50th, 85th percentiles", c.probe_layer + 1),
+            "over the test set at each evaluation (the paper's view); line: median, band: 15th to 85th percentile; same y scale within a row",
+        )
+    } else {
+        (
+            format!("Figure 1(b,c): inputs to the sigmoid, layer {}: mean over the test set", c.probe_layer + 1),
+            "at each evaluation (the post's view); same y scale within a row, each panel centered on its own values",
+        )
+    };
+    let (w, _) = root.dim_in_pixel();
+    let (head, body) = root.split_vertically(100);
+    head.draw(&Text::new(title, (w as i32 / 2, 24), centered(bold(22.0))))?;
+    head.draw(&Text::new(subtitle.to_string(), (w as i32 / 2, 52), centered(text(14.0))))?;
+    for (i, (name, color)) in [("Without BN", PLAIN), ("With BN", BN)].into_iter().enumerate() {
+        let x = (w as i32 / 2) * i as i32 + w as i32 / 4 + 35;
+        head.draw(&Text::new(name.to_string(), (x, 84), centered(bold(19.0).color(&color))))?;
+    }
+    let rows = c.probe_neurons.max(1);
+    let panels = body.split_evenly((rows, 2));
+    let x_max = c.steps as f64;
+    let fmt = step_label(x_max);
+    for unit in 0..c.probe_neurons {
+        let extent = |curve: &Curve| -> (f64, f64) {
+            curve.probes.iter().flat_map(|p| {
+                let n = p.neurons[unit];
+                if percentiles { [n.p15, n.p85] } else { [n.mean, n.mean] }
+            })
+            .filter(|v| v.is_finite())
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+        };
+        let (plain_extent, bn_extent) = (extent(&c.plain), extent(&c.bn));
+        let span = (plain_extent.1 - plain_extent.0).max(bn_extent.1 - bn_extent.0);
+        let span = if span.is_finite() { (span * 1.15).max(0.1) } else { 2.0 };
+        for (col, (curve, color, (lo, hi))) in [(&c.plain, PLAIN, plain_extent), (&c.bn, BN, bn_extent)].into_iter().enumerate() {
+            let mid = if lo.is_finite() { (lo + hi) / 2.0 } else { 0.0 };
+            let (y_lo, y_hi) = (mid - span / 2.0, mid + span / 2.0);
+            let decimals = if span >= 10.0 { 0 } else if span >= 1.0 { 1 } else { 2 };
+            let y_fmt = move |v: &f64| format!("{v:.decimals$}");
+            let area = &panels[unit * 2 + col];
+            let last_row = unit + 1 == c.probe_neurons;
+            let mut chart = ChartBuilder::on(area)
+                .margin_left(10)
+                .margin_right(20)
+                .margin_top(8)
+                .margin_bottom(4)
+                .x_label_area_size(if last_row { 48 } else { 26 })
+                .y_label_area_size(70)
+                .build_cartesian_2d(0f64..x_max, y_lo..y_hi)?;
+            let mut mesh = chart.configure_mesh();
+            mesh.max_light_lines(0)
+                .bold_line_style(GRID)
+                .x_labels(6)
+                .y_labels(5)
+                .x_label_formatter(&fmt)
+                .y_label_formatter(&y_fmt)
+                .label_style(text(13.0))
+                .axis_desc_style(text(15.0));
+            if col == 0 {
+                mesh.y_desc(format!("unit {}", unit + 1));
+            }
+            if last_row {
+                mesh.x_desc("training step");
+            }
+            mesh.draw()?;
+            let series = |f: &dyn Fn(&super::ProbeStats) -> f64| -> Vec<(f64, f64)> {
+                curve.probes.iter().map(|p| (p.step as f64, f(&p.neurons[unit]))).collect()
+            };
+            if percentiles {
+                let (p15, p50, p85) = (series(&|n| n.p15), series(&|n| n.p50), series(&|n| n.p85));
+                let band: Vec<(f64, f64)> = p15.iter().chain(p85.iter().rev()).copied().collect();
+                chart.draw_series(std::iter::once(Polygon::new(band, color.mix(0.18).filled())))?;
+                for line in [p15, p85] {
+                    chart.draw_series(std::iter::once(PathElement::new(line, color.mix(0.8).stroke_width(1))))?;
+                }
+                chart.draw_series(segments(&p50, color.stroke_width(2)))?;
+            } else {
+                chart.draw_series(segments(&series(&|n| n.mean), color.stroke_width(2)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One-by-one predictions of the first test images per class: batch statistics collapse to
+/// one class, population statistics follow the labels.
+fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let t = &s.test_time;
+    let classes = t.first_batch.class_histogram.len().max(1);
+    let max = t.first_batch.class_histogram.iter().chain(&t.first_population.class_histogram).copied().max().unwrap_or(1) as f64;
+    let caption = format!("One-by-one predictions of the first {} test images (BN net after {} steps, restored)", t.first_batch.count, t.steps);
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, bold(21.0))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(65)
+        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), 0f64..(max * 1.12).max(1.0))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .max_light_lines(0)
+        .bold_line_style(GRID)
+        .x_labels(classes)
+        .x_label_formatter(&|v| if (v - v.round()).abs() < 1e-6 && *v >= -0.01 { format!("{}", v.round()) } else { String::new() })
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc("predicted class")
+        .y_desc("predictions")
+        .label_style(text(15.0))
+        .axis_desc_style(text(17.0))
+        .draw()?;
+    let bars = [
+        (&t.first_population, PLAIN, -0.38, "population statistics", t.first_population.accuracy),
+        (&t.first_batch, BN, 0.02, "batch statistics (a batch of one)", t.first_batch.accuracy),
+    ];
+    for (one, color, offset, name, acc) in bars {
+        chart
+            .draw_series(one.class_histogram.iter().enumerate().map(|(k, &n)| {
+                let x = k as f64 + offset;
+                Rectangle::new([(x, 0.0), (x + 0.36, n as f64)], color.filled())
+            }))?
+            .label(format!("{name}: accuracy {acc:.2}"))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .margin(15)
+        .label_font(text(16.0))
+        .background_style(WHITE.mix(0.9))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()?;
+    Ok(())
+}
+
+/// Test accuracy per population-statistics estimator: each seed a small dot, the mean a large
+/// one, the range across seeds a bar.
+fn estimators<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let e = &s.estimators;
+    let n = e.rows.len();
+    let (lo, hi) = e.rows.iter().flat_map(|r| r.accuracy.iter().copied()).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
+    let pad = ((hi - lo) * 0.1).max(0.002);
+    let (x_lo, x_hi) = ((lo - pad).max(0.0), (hi + pad).min(1.0));
+    let caption = format!(
+        "Population statistics: test accuracy on the same weights ({} seed{}, {} steps)",
+        e.seeds.len(), if e.seeds.len() == 1 { "" } else { "s" }, e.steps
+    );
+    let labels: Vec<String> = e.rows.iter().map(|r| r.label.clone()).collect();
+    let label_of = move |v: &f64| {
+        let i = v.round();
+        if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() { labels[n - 1 - i as usize].clone() } else { String::new() }
+    };
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, bold(21.0))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(190)
+        .build_cartesian_2d(x_lo..x_hi, -0.6f64..(n as f64 - 0.4))?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .max_light_lines(0)
+        .bold_line_style(GRID)
+        .x_labels(8)
+        .y_labels(n + 1)
+        .x_label_formatter(&|v| format!("{v:.4}"))
+        .y_label_formatter(&label_of)
+        .x_desc("test accuracy (small dots: seeds; ring: mean over seeds; bar: min to max)")
+        .label_style(text(15.0))
+        .axis_desc_style(text(17.0))
+        .draw()?;
+    for (i, row) in e.rows.iter().enumerate() {
+        let y = (n - 1 - i) as f64;
+        let color = if row.label.starts_with("exact") { RGBColor(44, 160, 44) } else if row.label.starts_with("cumulative") { RGBColor(148, 103, 189) } else { BN };
+        chart.draw_series(std::iter::once(PathElement::new(vec![(row.min, y), (row.max, y)], color.stroke_width(3))))?;
+        chart.draw_series(row.accuracy.iter().map(|&a| Circle::new((a, y), 4, color.mix(0.6).filled())))?;
+        chart.draw_series(std::iter::once(Circle::new((row.mean, y), 8, color.stroke_width(2))))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clipping_cuts_at_the_edges() {
+        let pts = [(0.0, 0.5), (1.0, 0.9), (2.0, 0.95), (3.0, 0.7), (4.0, 0.85)];
+        let pieces = clip(&pts, 0.8, 1.0);
+        assert_eq!(pieces.len(), 2);
+        assert!((pieces[0][0].0 - 0.75).abs() < 1e-12 && pieces[0][0].1 == 0.8);
+        assert_eq!(pieces[0][1], (1.0, 0.9));
+        assert_eq!(pieces[1].last(), Some(&(4.0, 0.85)));
+        assert!(clip(&[(0.0, 0.1), (1.0, 0.2)], 0.8, 1.0).is_empty());
+    }
+}

@@ -1,0 +1,86 @@
+//! The numbers the report puts next to its own: what the source reports and what a PyTorch run
+//! of the same setup measured. Hard-coded on purpose: they are citations, not computations.
+
+use serde::{Deserialize, Serialize};
+
+/// The source: R2RT, "Implementing Batch Normalization in TensorFlow" (2016),
+/// <https://r2rt.com/implementing-batch-normalization-in-tensorflow.html>, retelling
+/// Ioffe & Szegedy 2015, §4.1 and Figure 1 (<https://arxiv.org/abs/1502.03167>).
+pub const SOURCE: &str = "R2RT 2016, \"Implementing Batch Normalization in TensorFlow\"";
+
+/// Source: test accuracy of the BN net restored after 10000 steps, population statistics.
+pub const SOURCE_FINAL_ACCURACY_10000: f64 = 0.9721;
+/// Source: the steps after which [`SOURCE_FINAL_ACCURACY_10000`] was measured.
+pub const SOURCE_FINAL_STEPS: u64 = 10_000;
+/// Source: one-by-one predictions of the first 100 test images, population statistics.
+pub const SOURCE_ONE_BY_ONE_POPULATION: f64 = 0.99;
+/// Source: the same with batch statistics (every prediction the same class).
+pub const SOURCE_ONE_BY_ONE_BATCH: f64 = 0.02;
+/// Source: the class every batch-statistics prediction collapsed to.
+pub const SOURCE_COLLAPSED_CLASS: u8 = 8;
+/// Source: how many test images were predicted one by one.
+pub const SOURCE_ONE_BY_ONE_COUNT: usize = 100;
+
+/// PyTorch anchor: `../shared/anchors/torch.jsonl` (torch_anchor.py, NVIDIA H200,
+/// 2026-11-26, fp32, TF32 off), the same seed setup in PyTorch with CUDA graphs.
+pub const PYTORCH: &str = "shared/anchors/torch.jsonl (torch_anchor.py, NVIDIA H200, 2026-11-26, fp32)";
+
+/// PyTorch anchor: test accuracy (BN, plain) at these steps of the 40000-step comparison
+/// (`acc_at_steps` of the `seed-experiment` line; its last point is step 39950).
+pub const PYTORCH_CURVE: [(u64, f64, f64); 7] = [
+    (500, 0.8768, 0.8542),
+    (1000, 0.8986, 0.8798),
+    (2000, 0.9160, 0.9059),
+    (5000, 0.9344, 0.9317),
+    (10000, 0.9535, 0.9430),
+    (20000, 0.9638, 0.9504),
+    (39950, 0.9689, 0.9548),
+];
+/// PyTorch anchor: BN and plain test accuracy at 10000 steps.
+pub const PYTORCH_BN_10000: f64 = 0.9535;
+pub const PYTORCH_PLAIN_10000: f64 = 0.9430;
+/// PyTorch anchor: BN and plain test accuracy at the end of the 40000-step comparison.
+pub const PYTORCH_BN_40000: f64 = 0.9689;
+pub const PYTORCH_PLAIN_40000: f64 = 0.9548;
+/// PyTorch anchor: one-by-one accuracy on the first 100 test images (`seed-single`).
+pub const PYTORCH_ONE_BY_ONE_POPULATION: f64 = 0.98;
+pub const PYTORCH_ONE_BY_ONE_BATCH: f64 = 0.02;
+
+/// The reference numbers as they appear in `metrics.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct References {
+    pub source: String,
+    pub source_final_accuracy_10000: f64,
+    pub source_one_by_one_population: f64,
+    pub source_one_by_one_batch: f64,
+    pub source_collapsed_class: u8,
+    pub pytorch: String,
+    pub pytorch_bn_10000: f64,
+    pub pytorch_plain_10000: f64,
+    pub pytorch_bn_40000: f64,
+    pub pytorch_plain_40000: f64,
+    pub pytorch_one_by_one_population: f64,
+    pub pytorch_one_by_one_batch: f64,
+    /// (step, BN, plain).
+    pub pytorch_curve: Vec<(u64, f64, f64)>,
+}
+
+impl Default for References {
+    fn default() -> Self {
+        References {
+            source: SOURCE.into(),
+            source_final_accuracy_10000: SOURCE_FINAL_ACCURACY_10000,
+            source_one_by_one_population: SOURCE_ONE_BY_ONE_POPULATION,
+            source_one_by_one_batch: SOURCE_ONE_BY_ONE_BATCH,
+            source_collapsed_class: SOURCE_COLLAPSED_CLASS,
+            pytorch: PYTORCH.into(),
+            pytorch_bn_10000: PYTORCH_BN_10000,
+            pytorch_plain_10000: PYTORCH_PLAIN_10000,
+            pytorch_bn_40000: PYTORCH_BN_40000,
+            pytorch_plain_40000: PYTORCH_PLAIN_40000,
+            pytorch_one_by_one_population: PYTORCH_ONE_BY_ONE_POPULATION,
+            pytorch_one_by_one_batch: PYTORCH_ONE_BY_ONE_BATCH,
+            pytorch_curve: PYTORCH_CURVE.to_vec(),
+        }
+    }
+}

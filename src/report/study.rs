@@ -1,0 +1,424 @@
+//! The three experiments of `reproduce`, generic over [`Backend`]:
+//!
+//! 1. [`run_comparison`]: BN and plain nets from identical initial weights, trained side by
+//!    side on the same batches, test accuracy and the second layer's activation inputs at
+//!    every evaluation (Figure 1);
+//! 2. [`run_test_time`]: a BN net trained, saved, restored into a fresh backend and used one
+//!    example at a time with batch and with population statistics;
+//! 3. [`run_estimators`]: on the same trained weights, every way of estimating the population
+//!    statistics, by test accuracy, over several seeds.
+
+use super::population;
+use super::{OpenBackend, Comparison, Curve, EstimatorRow, EstimatorStudy, OneByOne, ProbePoint, ProbeStats, ReproduceOptions, TestTime};
+use crate::backend::{Backend, Probe, SplitKind, StatsMode};
+use crate::data::Dataset;
+use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress};
+use crate::model::{Averaging, ModelConfig, ModelParams, RunningStats, StatsEstimator, TrainConfig, VarianceKind};
+use crate::train::{train_lockstep, Event, Schedule};
+use crate::Result;
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use std::time::Instant;
+
+/// The file the test-time net is saved to, inside the output directory.
+pub const CHECKPOINT: &str = "bn_net.safetensors";
+
+/// Units probed per network (Figure 1(b,c) shows the first five of the second layer).
+pub const PROBE_NEURONS: usize = 5;
+
+/// How many test images the source predicts one at a time.
+pub const FIRST: usize = 100;
+
+/// A BN model with the study's hidden widths, shaped for `data`.
+pub fn model_config(opts: &ReproduceOptions, data: &Dataset, batch_norm: bool) -> ModelConfig {
+    ModelConfig {
+        inputs: data.train.features,
+        hidden: opts.hidden.clone(),
+        classes: data.train.classes,
+        ..ModelConfig::seed(batch_norm)
+    }
+}
+
+/// The seed's optimizer with `seed` and further estimators.
+pub fn train_config(seed: u64, extra_estimators: Vec<StatsEstimator>) -> TrainConfig {
+    TrainConfig { seed, extra_estimators, ..TrainConfig::seed() }
+}
+
+/// The running estimators maintained side by side (slot 0, the seed's, first).
+pub fn running_estimators() -> Vec<StatsEstimator> {
+    let mut out = Vec::new();
+    for averaging in [Averaging::Ema { decay: 0.999 }, Averaging::Ema { decay: 0.99 }, Averaging::Cumulative] {
+        for variance in [VarianceKind::Biased, VarianceKind::Unbiased] {
+            out.push(StatsEstimator { averaging, variance });
+        }
+    }
+    out
+}
+
+fn describe(e: &StatsEstimator) -> String {
+    let avg = match e.averaging {
+        Averaging::Ema { decay } => {
+            let source = if decay == 0.999 { "the source; " } else { "" };
+            format!("EMA, decay {decay} ({source}PyTorch momentum {})", fmt_g(1.0 - decay))
+        }
+        Averaging::Cumulative => "cumulative average of the batch statistics (PyTorch momentum=None)".to_string(),
+    };
+    let var = match e.variance {
+        VarianceKind::Biased => "biased batch variance",
+        VarianceKind::Unbiased => "unbiased m/(m−1) batch variance",
+    };
+    format!("{avg}, {var}")
+}
+
+fn fmt_g(v: f64) -> String {
+    let s = format!("{v:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// The probed layer: the second hidden layer, or the only one.
+pub fn probe_for(model: &ModelConfig) -> Probe {
+    let layer = 1.min(model.hidden.len() - 1);
+    Probe { layer, neurons: PROBE_NEURONS.min(model.hidden[layer]) }
+}
+
+/// A progress bar for `len` training steps that shows live loss and accuracy in its message;
+/// hidden unless asked for.
+fn step_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template("{prefix:>14.bold} [{bar:28.cyan/blue}] {pos:>6}/{len} steps {rate:>11} eta {eta:>4}  {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0} steps/s", state.per_sec());
+        })
+        .progress_chars("=> ");
+    ProgressBar::new(len).with_style(style).with_prefix(prefix.to_string())
+}
+
+fn live(name: &str, p: &HistoryPoint) -> String {
+    format!("{name} loss {:.3} acc {:.4}", p.train_loss, p.test_accuracy)
+}
+
+/// Linear-interpolation percentile of sorted values (numpy's default).
+pub fn percentile(sorted: &[f32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = p / 100.0 * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let frac = pos - lo as f64;
+    sorted[lo] as f64 * (1.0 - frac) + sorted[hi] as f64 * frac
+}
+
+/// Mean and 15/50/85th percentiles of each probed unit; `probe` is `[examples, neurons]`.
+pub fn summarize_probe(probe: &[f32], neurons: usize) -> Vec<ProbeStats> {
+    (0..neurons)
+        .map(|j| {
+            let mut column: Vec<f32> = probe.iter().skip(j).step_by(neurons).copied().collect();
+            let mean = column.iter().map(|&v| v as f64).sum::<f64>() / column.len().max(1) as f64;
+            column.sort_unstable_by(f32::total_cmp);
+            ProbeStats { mean, p15: percentile(&column, 15.0), p50: percentile(&column, 50.0), p85: percentile(&column, 85.0) }
+        })
+        .collect()
+}
+
+/// Mean over units of the range of each unit's test-set mean over training.
+fn drift(curve: &Curve) -> f64 {
+    let neurons = curve.probes.first().map_or(0, |p| p.neurons.len());
+    if neurons == 0 {
+        return 0.0;
+    }
+    let range = |j: usize| {
+        let values = curve.probes.iter().map(|p| p.neurons[j].mean);
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        hi - lo
+    };
+    (0..neurons).map(range).sum::<f64>() / neurons as f64
+}
+
+/// What [`run_comparison`] hands back: the results and the device that produced them.
+pub struct ComparisonRun {
+    pub result: Comparison,
+    pub device: String,
+}
+
+/// Part 1: the BN and plain nets side by side (Figure 1).
+pub fn run_comparison(
+    opts: &ReproduceOptions,
+    data: &Dataset,
+    open: &mut OpenBackend<'_>,
+) -> Result<ComparisonRun> {
+    let started = Instant::now();
+    let model_bn = model_config(opts, data, true);
+    let model_plain = model_config(opts, data, false);
+    let train = train_config(opts.seed, Vec::new());
+    // The same seed gives the same weight draws: only the bias / BN parameters differ.
+    let init_bn = ModelParams::init(&model_bn, opts.seed, 1);
+    let init_plain = ModelParams::init(&model_plain, opts.seed, 1);
+    let probe = probe_for(&model_bn);
+    let mut bn = open(model_bn, train.clone(), &init_bn)?;
+    let mut plain = open(model_plain, train.clone(), &init_plain)?;
+    let device = bn.device_name();
+
+    // As the source (and PyTorch's anchor) measure their curves: BN normalizes the test set
+    // with its own batch statistics, the whole test set taken as one batch.
+    let schedule = Schedule { probe: Some(probe), eval_mode: StatsMode::Batch, ..Schedule::new(opts.steps_compare, opts.eval_every) };
+    let bar = step_bar(opts.progress, opts.steps_compare, "BN vs plain");
+    let mut curves = [Curve::default(), Curve::default()];
+    let mut latest: [Option<HistoryPoint>; 2] = [None, None];
+    {
+        let mut nets: [&mut dyn Backend; 2] = [bn.as_mut(), plain.as_mut()];
+        train_lockstep(&mut nets, &train, data.train.count, 0, &schedule, None, &mut |event| match event {
+            Event::Stepped { step } => bar.set_position(step),
+            Event::Evaluated { net, record } => {
+                let curve = &mut curves[net];
+                curve.history.push(record.point.clone());
+                curve.probes.push(ProbePoint { step: record.point.step, neurons: summarize_probe(&record.probe, probe.neurons) });
+                latest[net] = Some(record.point.clone());
+                if let [Some(b), Some(p)] = &latest {
+                    bar.set_message(format!("{} | {}", live("BN", b), live("plain", p)));
+                }
+            }
+        })?;
+    }
+    bar.finish();
+    let [bn_curve, plain_curve] = curves;
+    let result = Comparison {
+        steps: opts.steps_compare,
+        eval_every: opts.eval_every,
+        probe_layer: probe.layer,
+        probe_neurons: probe.neurons,
+        eval_mode: "batch".to_string(),
+        drift_bn: drift(&bn_curve),
+        drift_plain: drift(&plain_curve),
+        bn: bn_curve,
+        plain: plain_curve,
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    Ok(ComparisonRun { result, device })
+}
+
+/// A trained BN network with every running estimator, ready for the estimator study.
+pub struct TrainedNet {
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub params: ModelParams,
+    pub backend: Box<dyn Backend>,
+}
+
+/// Trains a BN net for `opts.steps_bn` steps with all the running estimators side by side.
+fn train_bn(
+    opts: &ReproduceOptions,
+    data: &Dataset,
+    open: &mut OpenBackend<'_>,
+    seed: u64,
+    eval_every: u64,
+    label: &str,
+) -> Result<(ModelConfig, TrainConfig, Box<dyn Backend>, Curve)> {
+    let estimators = running_estimators();
+    let model = model_config(opts, data, true);
+    let train = train_config(seed, estimators[1..].to_vec());
+    let init = ModelParams::init(&model, seed, estimators.len());
+    let mut net = open(model.clone(), train.clone(), &init)?;
+    let schedule = Schedule::new(opts.steps_bn, eval_every);
+    let bar = step_bar(opts.progress, opts.steps_bn, label);
+    let mut curve = Curve::default();
+    train_lockstep(&mut [net.as_mut()], &train, data.train.count, 0, &schedule, None, &mut |event| match event {
+        Event::Stepped { step } => bar.set_position(step),
+        Event::Evaluated { record, .. } => {
+            bar.set_message(live("BN", &record.point));
+            curve.history.push(record.point.clone());
+        }
+    })?;
+    bar.finish();
+    Ok((model, train, net, curve))
+}
+
+fn one_by_one(predictions: Vec<u8>, labels: &[u8], classes: usize) -> OneByOne {
+    let count = predictions.len();
+    let correct = predictions.iter().zip(labels).filter(|(p, l)| p == l).count();
+    let mut class_histogram = vec![0u32; classes];
+    for &p in &predictions {
+        if let Some(h) = class_histogram.get_mut(p as usize) {
+            *h += 1;
+        }
+    }
+    // The most predicted class; the lowest on ties.
+    let (majority_class, majority) = class_histogram.iter().enumerate().fold((0, 0), |best, (k, &n)| if n > best.1 { (k, n) } else { best });
+    OneByOne {
+        count,
+        accuracy: correct as f64 / count.max(1) as f64,
+        class_histogram,
+        majority_class: majority_class as u8,
+        majority_share: majority as f64 / count.max(1) as f64,
+        predictions,
+    }
+}
+
+/// Part 2: the BN net trained for `steps_bn` steps, saved, restored into a fresh backend and
+/// used one example at a time. Returns the restored net for the estimator study.
+pub fn run_test_time(
+    opts: &ReproduceOptions,
+    data: &Dataset,
+    open: &mut OpenBackend<'_>,
+) -> Result<(TestTime, TrainedNet)> {
+    let started = Instant::now();
+    let (model, train, mut net, curve) = train_bn(opts, data, open, opts.seed, opts.eval_every, "BN (test time)")?;
+    let checkpoint = Checkpoint {
+        model,
+        train,
+        params: net.params()?,
+        velocity: net.velocity()?,
+        progress: TrainProgress { step: opts.steps_bn, history: curve.history.clone(), ..TrainProgress::default() },
+        precision: StoredPrecision::F32,
+    };
+    let path = opts.out_dir.join(CHECKPOINT);
+    checkpoint.save(&path)?;
+    drop(net);
+
+    // Restored in inference mode, in a backend that never trained.
+    let restored = Checkpoint::load(&path)?;
+    let mut net = open(restored.model.clone(), restored.train.clone(), &restored.params)?;
+    let accuracy_population = net.evaluate(SplitKind::Test, StatsMode::Population, None)?.accuracy();
+    let accuracy_test_batch = net.evaluate(SplitKind::Test, StatsMode::Batch, None)?.accuracy();
+    let test = &data.test;
+    let first = FIRST.min(test.count);
+    let classes = restored.model.classes;
+    let first_population = one_by_one(net.predict_each(SplitKind::Test, first, StatsMode::Population)?, &test.labels, classes);
+    let first_batch = one_by_one(net.predict_each(SplitKind::Test, first, StatsMode::Batch)?, &test.labels, classes);
+    let all_batch = one_by_one(net.predict_each(SplitKind::Test, test.count, StatsMode::Batch)?, &test.labels, classes).accuracy;
+    let result = TestTime {
+        steps: opts.steps_bn,
+        checkpoint: CHECKPOINT.to_string(),
+        accuracy_before_save: curve.final_accuracy(),
+        curve,
+        accuracy_population,
+        accuracy_test_batch,
+        first_population,
+        first_batch,
+        all_batch,
+        all_count: test.count,
+        ema_initial_weight: match restored.train.estimator.averaging {
+            Averaging::Ema { decay } => decay.powf(opts.steps_bn as f64),
+            Averaging::Cumulative => 0.0,
+        },
+        wall_s: started.elapsed().as_secs_f64(),
+    };
+    let trained = TrainedNet { seed: opts.seed, model: restored.model, params: restored.params, backend: net };
+    Ok((result, trained))
+}
+
+/// Mean over BN units of |μ̂ − μ| and of |σ̂²/σ² − 1| against `exact`.
+fn errors(params: &ModelParams, slot: usize, exact: &[RunningStats]) -> (f64, f64) {
+    let (mut mean_err, mut var_err, mut n) = (0.0, 0.0, 0usize);
+    let layers = params.layers.iter().filter_map(|l| l.batch_norm.as_ref());
+    for (bn, truth) in layers.zip(exact) {
+        let est = &bn.running[slot];
+        for j in 0..truth.mean.len() {
+            mean_err += (est.mean[j] - truth.mean[j]).abs();
+            var_err += (est.var[j] / truth.var[j] - 1.0).abs();
+            n += 1;
+        }
+    }
+    (mean_err / n.max(1) as f64, var_err / n.max(1) as f64)
+}
+
+/// Part 3: every population-statistics estimator on the same trained weights, over
+/// `opts.seeds` seeds (`opts.seed`, `opts.seed + 1`, …; the first is the test-time net).
+pub fn run_estimators(
+    opts: &ReproduceOptions,
+    data: &Dataset,
+    open: &mut OpenBackend<'_>,
+    first: TrainedNet,
+) -> Result<EstimatorStudy> {
+    let started = Instant::now();
+    let running = running_estimators();
+    let mut rows: Vec<EstimatorRow> = running
+        .iter()
+        .map(|e| EstimatorRow { label: e.label(), description: describe(e), ..empty_row() })
+        .collect();
+    for (variance, what) in [(VarianceKind::Biased, "biased (÷N)"), (VarianceKind::Unbiased, "unbiased (÷(N−1))")] {
+        let label = format!("exact-{}", if variance == VarianceKind::Biased { "biased" } else { "unbiased" });
+        let description = format!("exact population moments after training, one f64 pass over the training set, {what}");
+        rows.push(EstimatorRow { label, description, ..empty_row() });
+    }
+    let mut seeds = Vec::new();
+    let mut errs = vec![(0.0, 0.0); rows.len()];
+    let mut first = Some(first);
+    for k in 0..opts.seeds as u64 {
+        let seed = opts.seed + k;
+        let mut net = match first.take() {
+            Some(net) => net,
+            None => {
+                let label = format!("BN seed {seed}");
+                let (model, _, mut backend, _) = train_bn(opts, data, open, seed, opts.steps_bn, &label)?;
+                let params = backend.params()?;
+                TrainedNet { seed, model, params, backend }
+            }
+        };
+        seeds.push(net.seed);
+        let (exact_biased, exact_unbiased) = population::exact_moments_both(&net.model, &net.params, &data.train);
+        for (i, estimator) in running.iter().enumerate() {
+            net.backend.set_params(&net.params.with_estimator(i))?;
+            rows[i].accuracy.push(net.backend.evaluate(SplitKind::Test, StatsMode::Population, None)?.accuracy());
+            let exact = if estimator.variance == VarianceKind::Biased { &exact_biased } else { &exact_unbiased };
+            let (m, v) = errors(&net.params, i, exact);
+            errs[i].0 += m;
+            errs[i].1 += v;
+        }
+        for (offset, exact) in [&exact_biased, &exact_unbiased].into_iter().enumerate() {
+            net.backend.set_params(&population::with_slot0(&net.params, exact))?;
+            rows[running.len() + offset].accuracy.push(net.backend.evaluate(SplitKind::Test, StatsMode::Population, None)?.accuracy());
+        }
+        net.backend.set_params(&net.params)?;
+    }
+    let n = seeds.len() as f64;
+    for (row, (m, v)) in rows.iter_mut().zip(errs) {
+        let acc = &row.accuracy;
+        row.mean = acc.iter().sum::<f64>() / n;
+        row.std = (acc.iter().map(|a| (a - row.mean).powi(2)).sum::<f64>() / n).sqrt();
+        row.min = acc.iter().copied().fold(f64::INFINITY, f64::min);
+        row.max = acc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        row.mean_error = m / n;
+        row.var_rel_error = v / n;
+    }
+    Ok(EstimatorStudy { steps: opts.steps_bn, seeds, rows, wall_s: started.elapsed().as_secs_f64() })
+}
+
+fn empty_row() -> EstimatorRow {
+    EstimatorRow {
+        label: String::new(),
+        description: String::new(),
+        accuracy: Vec::new(),
+        mean: 0.0,
+        std: 0.0,
+        min: 0.0,
+        max: 0.0,
+        mean_error: 0.0,
+        var_rel_error: 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let v: Vec<f32> = (0..=10).map(|i| i as f32).collect();
+        assert_eq!(percentile(&v, 50.0), 5.0);
+        assert!((percentile(&v, 15.0) - 1.5).abs() < 1e-12);
+        assert!((percentile(&v, 85.0) - 8.5).abs() < 1e-12);
+        let s = summarize_probe(&[1.0, 10.0, 2.0, 20.0, 3.0, 30.0], 2);
+        assert_eq!(s[0].mean, 2.0);
+        assert_eq!(s[1].p50, 20.0);
+    }
+
+    #[test]
+    fn estimator_labels_are_distinct() {
+        let labels: std::collections::HashSet<String> = running_estimators().iter().map(|e| e.label()).collect();
+        assert_eq!(labels.len(), 6);
+        assert_eq!(running_estimators()[0], StatsEstimator::SEED);
+    }
+}

@@ -1,0 +1,322 @@
+//! The tables and the report: `curves.csv`, `probes.csv`, `predictions.csv`,
+//! `estimators.csv`, `metrics.json` (the whole [`ReproduceSummary`]) and `report.md`, which
+//! shows the figures and puts every measured number next to the source's and PyTorch's.
+//! Every number in `report.md` is printed from the summary with four decimals, so it equals
+//! the one in `metrics.json` rounded the same way.
+
+use super::figures::{ESTIMATORS, FIG1A, FIG1B, FIG1C, TEST_TIME};
+use super::{Curve, ReportError, ReproduceSummary};
+use crate::model::checkpoint::write_atomically;
+use std::fmt::Write as _;
+use std::path::Path;
+
+pub const CURVES_CSV: &str = "curves.csv";
+pub const PROBES_CSV: &str = "probes.csv";
+pub const PREDICTIONS_CSV: &str = "predictions.csv";
+pub const ESTIMATORS_CSV: &str = "estimators.csv";
+pub const METRICS_JSON: &str = "metrics.json";
+pub const REPORT_MD: &str = "report.md";
+
+fn save(dir: &Path, name: &str, contents: &str) -> Result<(), ReportError> {
+    let path = dir.join(name);
+    write_atomically(&path, contents.as_bytes()).map_err(|e| ReportError::Write { path, reason: e.to_string() })
+}
+
+/// Four decimals: the one format of every accuracy in the report.
+pub fn fmt4(v: f64) -> String {
+    format!("{v:.4}")
+}
+
+/// Four significant figures, in scientific notation below 0.001.
+fn fmt_small(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v.abs() >= 1e-3 {
+        format!("{v:.4}")
+    } else {
+        let e = v.abs().log10().floor() as i32;
+        format!("{:.2}e{e}", v / 10f64.powi(e))
+    }
+}
+
+/// Writes the CSV files; returns their names.
+pub fn write_tables(s: &ReproduceSummary, dir: &Path) -> Result<Vec<String>, ReportError> {
+    let mut curves = String::from("run,step,train_loss,train_accuracy,test_loss,test_accuracy\n");
+    let runs: [(&str, &Curve); 3] = [("compare-bn", &s.comparison.bn), ("compare-plain", &s.comparison.plain), ("test-time-bn", &s.test_time.curve)];
+    for (run, curve) in runs {
+        for p in &curve.history {
+            let _ = writeln!(curves, "{run},{},{},{},{},{}", p.step, p.train_loss, p.train_accuracy, p.test_loss, p.test_accuracy);
+        }
+    }
+    save(dir, CURVES_CSV, &curves)?;
+
+    let mut probes = String::from("net,layer,unit,step,mean,p15,p50,p85\n");
+    for (net, curve) in [("bn", &s.comparison.bn), ("plain", &s.comparison.plain)] {
+        for point in &curve.probes {
+            for (unit, n) in point.neurons.iter().enumerate() {
+                let _ = writeln!(probes, "{net},{},{},{},{},{},{},{}", s.comparison.probe_layer + 1, unit + 1, point.step, n.mean, n.p15, n.p50, n.p85);
+            }
+        }
+    }
+    save(dir, PROBES_CSV, &probes)?;
+
+    let t = &s.test_time;
+    let mut predictions = String::from("index,population,batch\n");
+    for (i, (p, b)) in t.first_population.predictions.iter().zip(&t.first_batch.predictions).enumerate() {
+        let _ = writeln!(predictions, "{i},{p},{b}");
+    }
+    save(dir, PREDICTIONS_CSV, &predictions)?;
+
+    let mut estimators = String::from("estimator,seed,test_accuracy\n");
+    for row in &s.estimators.rows {
+        for (seed, acc) in s.estimators.seeds.iter().zip(&row.accuracy) {
+            let _ = writeln!(estimators, "{},{seed},{acc}", row.label);
+        }
+    }
+    save(dir, ESTIMATORS_CSV, &estimators)?;
+    Ok(vec![CURVES_CSV.into(), PROBES_CSV.into(), PREDICTIONS_CSV.into(), ESTIMATORS_CSV.into()])
+}
+
+/// Writes `metrics.json`: the whole summary.
+pub fn write_json(s: &ReproduceSummary, dir: &Path) -> Result<(), ReportError> {
+    let json = serde_json::to_string_pretty(s).map_err(|e| ReportError::Write { path: dir.join(METRICS_JSON), reason: e.to_string() })?;
+    save(dir, METRICS_JSON, &(json + "\n"))
+}
+
+/// The steps at which the report tabulates the comparison: PyTorch's anchor steps that this
+/// run reached (the last anchor, 39950, reads as the run's end), else a handful spread over
+/// the run.
+fn table_steps(s: &ReproduceSummary) -> Vec<u64> {
+    let c = &s.comparison;
+    let reached: Vec<u64> = s.references.pytorch_curve.iter().map(|r| r.0).filter(|&step| step <= c.steps).collect();
+    if reached.len() >= 3 {
+        return reached;
+    }
+    let n = 5u64;
+    let mut steps: Vec<u64> = (1..=n).map(|i| c.steps * i / n).map(|st| st / c.eval_every * c.eval_every).filter(|&st| st > 0).collect();
+    steps.dedup();
+    steps
+}
+
+/// Evaluation point at or before `step`, as (step, BN, plain).
+fn both_at(s: &ReproduceSummary, step: u64) -> Option<(u64, f64, f64)> {
+    let (at, bn) = s.comparison.bn.accuracy_at(step)?;
+    let (_, plain) = s.comparison.plain.accuracy_at(at)?;
+    Some((at, bn, plain))
+}
+
+/// Writes `report.md`.
+pub fn write_report(s: &ReproduceSummary, dir: &Path) -> Result<(), ReportError> {
+    save(dir, REPORT_MD, &render_report(s))
+}
+
+/// The report's text.
+pub fn render_report(s: &ReproduceSummary) -> String {
+    let r = &s.references;
+    let c = &s.comparison;
+    let t = &s.test_time;
+    let e = &s.estimators;
+    let mut md = String::new();
+    let mut w = |line: String| {
+        md.push_str(&line);
+        md.push('\n');
+    };
+    let dash = "—".to_string();
+
+    w("# Batch normalization, reproduced".into());
+    w(String::new());
+    w("Ioffe & Szegedy 2015 (<https://arxiv.org/abs/1502.03167>), §4.1 and Figure 1, as retold in R2RT's \
+       \"Implementing Batch Normalization in TensorFlow\" (2016, <https://r2rt.com/implementing-batch-normalization-in-tensorflow.html>), \
+       run end to end by `bntrain reproduce`. Every number below is in `metrics.json`."
+        .into());
+    w(String::new());
+    if s.options.quick {
+        w("> **Quick run** (`--quick`): far fewer steps than the source, so the numbers are not comparable to the references; it exists to test the pipeline.".into());
+        w(String::new());
+    }
+    if s.dataset != "mnist" || s.train_examples != 60_000 {
+        w(format!("> The references are for MNIST (60000 / 10000); this run used {} ({} / {}).", s.dataset, s.train_examples, s.test_examples));
+        w(String::new());
+    }
+    w("| setting | value |".into());
+    w("|---|---|".into());
+    w(format!("| device | {} |", s.device));
+    w(format!("| dataset | {}, {} training / {} test examples (`{}`) |", s.dataset, s.train_examples, s.test_examples, s.dataset_source));
+    w(format!("| network | {}: BN (ε = {}) before each sigmoid, no pre-BN bias; the plain net has biases; N(0,1) weights, the same draws for both |", s.model.widths().iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"), s.model.epsilon));
+    w(format!("| training | SGD lr {}, batch {}, summed cross-entropy, seed {}, running statistics `{}` |", s.train.learning_rate, s.train.batch_size, s.options.seed, s.train.estimator.label()));
+    w(format!("| runs | {} steps side by side (test accuracy every {} steps); BN {} steps, saved and restored; estimators over {} seed(s) |", c.steps, c.eval_every, t.steps, e.seeds.len()));
+    w(format!(
+        "| wall time | {:.1} s in all: comparison {:.1} s, test time {:.1} s, estimators {:.1} s, outputs {:.1} s |",
+        s.timings.total_s, s.timings.comparison_s, s.timings.test_time_s, s.timings.estimators_s, s.timings.outputs_s
+    ));
+    w(String::new());
+
+    // Headline table.
+    w("## Headline numbers".into());
+    w(String::new());
+    w(format!("| quantity | bntrain | source ({}) | PyTorch anchor |", "R2RT 2016"));
+    w("|---|---:|---:|---:|".into());
+    if let Some((at, bn, plain)) = both_at(s, 10_000) {
+        w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), fmt4(r.pytorch_bn_10000)));
+        w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), fmt4(r.pytorch_plain_10000)));
+    }
+    if c.steps > 10_000 || both_at(s, 10_000).map(|x| x.0) != Some(c.steps) {
+        if let Some((at, bn, plain)) = both_at(s, c.steps) {
+            w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), fmt4(r.pytorch_bn_40000)));
+            w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), fmt4(r.pytorch_plain_40000)));
+        }
+    }
+    w(format!("| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}¹ |", t.steps, fmt4(t.accuracy_population), fmt4(r.source_final_accuracy_10000), fmt4(r.pytorch_bn_10000)));
+    w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), fmt4(r.source_one_by_one_population), fmt4(r.pytorch_one_by_one_population)));
+    w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), fmt4(r.source_one_by_one_batch), fmt4(r.pytorch_one_by_one_batch)));
+    w(format!(
+        "| batch statistics: share predicted as \"{}\" | {} | {} (all \"{}\") | {} (all \"{}\") |",
+        t.first_batch.majority_class, fmt4(t.first_batch.majority_share), fmt4(1.0), r.source_collapsed_class, fmt4(1.0), r.source_collapsed_class
+    ));
+    w(format!("| one-by-one, all {} test images, batch statistics | {} | {dash} | {dash} |", t.all_count, fmt4(t.all_batch)));
+    w(format!("| restored BN net, whole test set as one batch (batch statistics) | {} | {dash} | {dash} |", fmt4(t.accuracy_test_batch)));
+    w(String::new());
+    w(format!(
+        "Reference steps: the source's {} is after {} steps, PyTorch's after 10000 and 40000 (its last evaluation is at 39950). \
+         ¹ PyTorch's BN net at step 10000 of its comparison run (the same setup). PyTorch numbers: {}.",
+        fmt4(r.source_final_accuracy_10000), super::reference::SOURCE_FINAL_STEPS, r.pytorch
+    ));
+    w(String::new());
+
+    // Figure 1(a).
+    w("## Figure 1(a): BN trains faster and ends higher".into());
+    w(String::new());
+    w(format!("![Figure 1(a)]({FIG1A}.png)"));
+    w(String::new());
+    let above = |points: &[(f64, f64)]| points.iter().filter(|(b, p)| b > p).count();
+    let pairs: Vec<(f64, f64)> = c.bn.history.iter().zip(&c.plain.history).map(|(b, p)| (b.test_accuracy, p.test_accuracy)).collect();
+    let first = |fraction: usize| (pairs.len() / fraction).max(1).min(pairs.len());
+    let (early, quarter) = (first(20), first(4));
+    w(format!(
+        "BN is above plain at {} of the first {} evaluation points (the first 5% of training), {} of the first {} (the first quarter) and {} of all {}.",
+        above(&pairs[..early]), early, above(&pairs[..quarter]), quarter, above(&pairs), pairs.len()
+    ));
+    w(String::new());
+    let floor = super::figures::accuracy_floor(&[&c.bn, &c.plain]);
+    let below = c.bn.history.iter().chain(&c.plain.history).filter(|p| p.test_accuracy < floor).count();
+    w(format!(
+        "Test accuracy every {} steps, measured as the source and PyTorch's anchor measure it: BN normalizes the test set with the statistics of the whole test set taken as one batch (`eval_mode: {}`). \
+         The accuracy axis runs from {floor:.2} to 1{}; {below} early point(s) lie below it.",
+        c.eval_every, c.eval_mode, if floor == 0.8 { " as in the source" } else { " (lowered from the source's 0.8 to show this run)" }
+    ));
+    w(String::new());
+    w("| step | BN | plain | PyTorch BN | PyTorch plain |".into());
+    w("|---:|---:|---:|---:|---:|".into());
+    for step in table_steps(s) {
+        if let Some((at, bn, plain)) = both_at(s, step) {
+            let torch = r.pytorch_curve.iter().find(|x| x.0 == step);
+            let (tb, tp) = torch.map_or((dash.clone(), dash.clone()), |x| (fmt4(x.1), fmt4(x.2)));
+            w(format!("| {at} | {} | {} | {tb} | {tp} |", fmt4(bn), fmt4(plain)));
+        }
+    }
+    w(String::new());
+
+    // Figure 1(b,c).
+    w("## Figure 1(b,c): the sigmoid's inputs stay put with BN".into());
+    w(String::new());
+    w(format!(
+        "The inputs to the sigmoid of the first {} units of hidden layer {} over training, on the test set. \
+         The post's view: their mean. The paper's view: their 15th, 50th and 85th percentiles. \
+         The two panels of a row share their scale, each centered on its own values, so how far the inputs wander compares directly. \
+         The plain net's inputs sit far from 0 (unscaled N(0,1) weights saturate the sigmoids) and wander as the layers below learn; with BN they stay near 0.",
+        c.probe_neurons, c.probe_layer + 1
+    ));
+    w(String::new());
+    w(format!("![Figure 1(b,c), means]({FIG1B}.png)"));
+    w(String::new());
+    w(format!("![Figure 1(b,c), percentiles]({FIG1C}.png)"));
+    w(String::new());
+    w("| drift: range of a unit's test-set mean input over training, averaged over the units | without BN | with BN |".into());
+    w("|---|---:|---:|".into());
+    w(format!("| mean range | {} | {} |", fmt4(c.drift_plain), fmt4(c.drift_bn)));
+    w(String::new());
+
+    // Test time.
+    w("## Test time: population statistics, not batch statistics".into());
+    w(String::new());
+    w(format!(
+        "The BN net trained for {} steps was saved to `{}`, restored into a fresh backend and asked to predict the first {} test images one at a time. \
+         With batch statistics every normalized value of a batch of one is 0, so the net sees the same input whatever the image: \
+         {} of {} predictions are \"{}\". With population statistics it classifies as it should. \
+         (After {} steps the EMA of the population statistics still gives weight {} to its initial values, mean 0 and variance 1.)",
+        t.steps, t.checkpoint, t.first_batch.count,
+        (t.first_batch.majority_share * t.first_batch.count as f64).round(), t.first_batch.count, t.first_batch.majority_class,
+        t.steps, fmt_small(t.ema_initial_weight)
+    ));
+    w(String::new());
+    w(format!("![One-by-one predictions]({TEST_TIME}.png)"));
+    w(String::new());
+    w("| predicted class | ".to_string() + &(0..t.first_batch.class_histogram.len()).map(|k| k.to_string()).collect::<Vec<_>>().join(" | ") + " |");
+    w("|---|".to_string() + &"---:|".repeat(t.first_batch.class_histogram.len()));
+    for (name, one) in [("population statistics", &t.first_population), ("batch statistics", &t.first_batch)] {
+        w(format!("| {name} | {} |", one.class_histogram.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" | ")));
+    }
+    w(String::new());
+    w(format!(
+        "Test accuracy before saving {} and after restoring {} (population statistics, the whole test set at once).",
+        fmt4(t.accuracy_before_save), fmt4(t.accuracy_population)
+    ));
+    w(String::new());
+
+    // Estimators.
+    w("## Beyond the source: which population statistics?".into());
+    w(String::new());
+    w(format!(
+        "On the same trained weights (BN, {} steps; seeds {}), each estimator's statistics are swapped in for inference and the test set is evaluated. \
+         The running estimators were maintained side by side during training; the exact moments were recomputed afterwards in one f64 pass over the {} training images, \
+         layer by layer, each layer's input normalized by the statistics already recomputed below it. \
+         Errors are against the exact moments of the same variance kind, averaged over BN units and seeds.",
+        e.steps, e.seeds.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "), s.train_examples
+    ));
+    w(String::new());
+    w(format!("![Estimators]({ESTIMATORS}.png)"));
+    w(String::new());
+    w("| estimator | mean | std | min | max | per seed | mean abs error of μ | mean rel. error of σ² | what |".into());
+    w("|---|---:|---:|---:|---:|---|---:|---:|---|".into());
+    for row in &e.rows {
+        w(format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.label, fmt4(row.mean), fmt4(row.std), fmt4(row.min), fmt4(row.max),
+            row.accuracy.iter().map(|a| fmt4(*a)).collect::<Vec<_>>().join(", "),
+            fmt_small(row.mean_error), fmt_small(row.var_rel_error), row.description
+        ));
+    }
+    w(String::new());
+    if let (Some(ema), Some(cum)) = (e.row("ema0.999-biased"), e.row("cumulative-biased")) {
+        let delta = cum.mean - ema.mean;
+        let spread = (ema.max - ema.min).max(cum.max - cum.min);
+        let verdict = if e.seeds.len() == 1 {
+            if delta > 0.0 { "leans its way on one seed (`--seeds N` measures the spread)" } else { "goes against it on one seed (`--seeds N` measures the spread)" }
+        } else if delta > 0.0 && delta > spread {
+            "bears it out: the simple average is better by more than the spread across seeds"
+        } else if delta > 0.0 {
+            "leans its way, but the difference is within the spread across seeds"
+        } else if delta == 0.0 {
+            "finds no difference"
+        } else {
+            "does not bear it out: the EMA is at least as good here"
+        };
+        w(format!(
+            "The source claims a simple average of the batch statistics would be marginally better than the EMA. Cumulative average {} vs EMA 0.999 {} (difference {:+.4}, over {} seed(s)): this run {}.",
+            fmt4(cum.mean), fmt4(ema.mean), delta, e.seeds.len(), verdict
+        ));
+        w(String::new());
+        w("The cumulative average weighs the batch statistics of early training, when the weights below were different, as much as the latest ones; \
+           an EMA forgets them, and its decay sets how fast (0.999 also forgets its initial mean 0 and variance 1 slowly, which shows after few steps). \
+           The exact moments, recomputed once the weights are fixed, need no forgetting: they are what inference should use."
+            .into());
+        w(String::new());
+    }
+
+    w("## Files".into());
+    w(String::new());
+    for f in &s.files {
+        w(format!("- `{f}`"));
+    }
+    md
+}

@@ -1,0 +1,170 @@
+//! A training session as the CLI runs it: start fresh, from `--init` weights or `--resume`
+//! a checkpoint; train with evaluation points; stop cleanly on request; write the checkpoint
+//! atomically at the end or at the interruption point — never after a divergence.
+
+use crate::backend::{Backend, StepStats};
+use crate::data::Dataset;
+use crate::device::{self, DeviceChoice, Precision};
+use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress};
+use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
+use crate::train::{self, Event, Outcome, Schedule};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where the starting weights come from.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// N(0,1) weights from the seed.
+    Fresh,
+    /// Weights and statistics of a checkpoint, training afresh from step 0 with this config.
+    Init(PathBuf),
+    /// Everything of a checkpoint, continuing its run (its configuration wins).
+    Resume(PathBuf),
+}
+
+/// What to train and where.
+#[derive(Clone, Debug)]
+pub struct TrainRequest {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    /// Total steps of the run (a resumed run continues up to this step).
+    pub steps: u64,
+    pub eval_every: u64,
+    pub start: Start,
+    pub checkpoint: Option<PathBuf>,
+    pub device: DeviceChoice,
+    pub precision: Precision,
+}
+
+/// How a session went.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub device: String,
+    pub start_step: u64,
+    pub outcome: Outcome,
+    pub seconds: f64,
+    pub history: Vec<HistoryPoint>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl TrainReport {
+    pub fn last(&self) -> Option<&HistoryPoint> {
+        self.history.last()
+    }
+}
+
+/// Fails now, rather than after an hour of training, if `path` cannot be written.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let probe = dir.join(format!(".bntrain-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| Error::io(format!("cannot write to {} (for {})", dir.display(), path.display()), e))
+}
+
+/// Resolves the request against a checkpoint when resuming or initializing from one.
+fn starting_point(req: &TrainRequest) -> Result<(ModelConfig, TrainConfig, ModelParams, Vec<Vec<f64>>, TrainProgress)> {
+    match &req.start {
+        Start::Fresh => {
+            let params = ModelParams::init(&req.model, req.train.seed, req.train.estimators().len());
+            Ok((req.model.clone(), req.train.clone(), params, Vec::new(), TrainProgress::default()))
+        }
+        Start::Init(path) => {
+            let ckpt = Checkpoint::load(path)?;
+            ckpt.check_model(&req.model)?;
+            let mut params = ckpt.params;
+            // Keep the primary running statistics; start any further estimators fresh.
+            let wanted = req.train.estimators().len();
+            for layer in &mut params.layers {
+                if let Some(bn) = &mut layer.batch_norm {
+                    bn.running.truncate(1);
+                    bn.running.resize(wanted, crate::model::RunningStats::initial(layer.outputs));
+                }
+            }
+            Ok((req.model.clone(), req.train.clone(), params, Vec::new(), TrainProgress::default()))
+        }
+        Start::Resume(path) => {
+            let ckpt = Checkpoint::load(path)?;
+            if ckpt.progress.step > req.steps {
+                return Err(ConfigError::Invalid(format!(
+                    "{} is at step {}, past the requested --steps {}; ask for more steps to continue",
+                    path.display(), ckpt.progress.step, req.steps
+                )).into());
+            }
+            Ok((ckpt.model, ckpt.train, ckpt.params, ckpt.velocity, ckpt.progress))
+        }
+    }
+}
+
+/// Writes the state of `net` as a checkpoint.
+pub fn save_checkpoint(
+    net: &mut dyn Backend, model: &ModelConfig, train: &TrainConfig, progress: TrainProgress,
+    precision: Precision, path: &Path,
+) -> Result<()> {
+    let ckpt = Checkpoint {
+        model: model.clone(),
+        train: train.clone(),
+        params: net.params()?,
+        velocity: net.velocity()?,
+        progress,
+        precision: match precision {
+            Precision::F32 => StoredPrecision::F32,
+            Precision::F64 => StoredPrecision::F64,
+        },
+    };
+    Ok(ckpt.save(path)?)
+}
+
+/// Runs a training session. `on_event` sees every step and evaluation (for progress bars).
+pub fn run(
+    req: &TrainRequest, data: Arc<Dataset>, stop: Option<&AtomicBool>,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<TrainReport> {
+    if let Some(path) = &req.checkpoint {
+        check_writable(path)?;
+    }
+    let (model, train_cfg, params, velocity, progress) = starting_point(req)?;
+    model.validate()?;
+    train_cfg.validate(&model, data.train.count)?;
+    if req.eval_every == 0 {
+        return Err(ConfigError::Invalid("--eval-every must be at least 1".into()).into());
+    }
+    let mut net = device::open(req.device, req.precision, model.clone(), train_cfg.clone(), Arc::clone(&data), &params)?;
+    if !velocity.is_empty() {
+        net.set_velocity(&velocity)?;
+    }
+    let device_name = net.device_name();
+
+    let start_step = progress.step;
+    let mut history = progress.history.clone();
+    let schedule = Schedule {
+        carried: vec![progress.pending],
+        ..Schedule::new(req.steps, req.eval_every)
+    };
+    let started = Instant::now();
+    let outcome = {
+        let mut nets: [&mut dyn Backend; 1] = [net.as_mut()];
+        let mut record = |event: Event<'_>| {
+            if let Event::Evaluated { record, .. } = &event {
+                history.push(record.point.clone());
+            }
+            on_event(event);
+        };
+        train::train_lockstep(&mut nets, &train_cfg, data.train.count, start_step, &schedule, stop, &mut record)?
+    };
+    net.synchronize()?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let pending = match &outcome {
+        Outcome::Interrupted { pending, .. } => pending.first().copied().unwrap_or_default(),
+        Outcome::Finished { .. } => StepStats::default(),
+    };
+    let final_progress = TrainProgress { step: outcome.step(), history: history.clone(), pending };
+    if let Some(path) = &req.checkpoint {
+        save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, req.precision, path)?;
+    }
+    Ok(TrainReport { device: device_name, start_step, outcome, seconds, history, checkpoint: req.checkpoint.clone() })
+}

@@ -1,0 +1,182 @@
+//! The training loop, generic over [`Backend`]: it decides which examples each step visits
+//! and when to evaluate, and never asks where the computation runs.
+//!
+//! Batches: the epoch's order is a permutation drawn from a ChaCha8 stream keyed by
+//! (seed, epoch) — or the identity with `--order sequential` — and an epoch is
+//! ⌊N / B⌋ batches (the remainder is dropped, as PyTorch's `drop_last`). Since the order of
+//! epoch e depends on nothing but (seed, e), a run resumed at step s visits exactly the
+//! batches the uninterrupted run would have.
+
+use crate::backend::{Backend, Probe, SplitKind, StatsMode, StepStats};
+use crate::model::checkpoint::HistoryPoint;
+use crate::model::{BatchOrder, ConfigError, TrainConfig};
+use crate::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The order in which epoch `epoch` visits the `n` training examples.
+pub fn epoch_order(order: BatchOrder, seed: u64, epoch: u64, n: usize) -> Vec<u32> {
+    let mut indices: Vec<u32> = (0..n as u32).collect();
+    if order == BatchOrder::Shuffled {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Stream 0 draws the initial weights; epoch e shuffles with stream e + 1.
+        rng.set_stream(epoch + 1);
+        indices.shuffle(&mut rng);
+    }
+    indices
+}
+
+/// Full batches per epoch.
+pub fn batches_per_epoch(train_examples: usize, batch_size: usize) -> u64 {
+    (train_examples / batch_size.max(1)) as u64
+}
+
+/// What a run does besides stepping.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    /// Step to stop at (counted from the start of training, not of this call).
+    pub until_step: u64,
+    /// Evaluate on the test set every this many steps (and at the last step).
+    pub eval_every: u64,
+    /// Record the activation inputs of these units at each evaluation.
+    pub probe: Option<Probe>,
+    /// How the test set is normalized at evaluation points: population statistics (the
+    /// default), or the whole test set's batch statistics (the source's training curves).
+    pub eval_mode: StatsMode,
+    /// Per network, training statistics carried over from an interrupted run: they belong
+    /// to the first evaluation point of this one, so a resumed history equals an unbroken one.
+    pub carried: Vec<StepStats>,
+}
+
+impl Schedule {
+    pub fn new(until_step: u64, eval_every: u64) -> Self {
+        Schedule { until_step, eval_every, probe: None, eval_mode: StatsMode::Population, carried: Vec::new() }
+    }
+}
+
+/// One evaluation point of one network.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalRecord {
+    pub point: HistoryPoint,
+    /// `[test examples, probe.neurons]`, when a probe was asked for.
+    pub probe: Vec<f32>,
+}
+
+/// What the loop reports as it goes.
+pub enum Event<'a> {
+    /// Network `net` was evaluated.
+    Evaluated { net: usize, record: &'a EvalRecord },
+    /// `step` steps are done (sent after every step).
+    Stepped { step: u64 },
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Finished { step: u64 },
+    /// A stop was requested; every network is at the boundary of `step`. `pending` holds each
+    /// network's training statistics since its last evaluation (see [`Schedule::carried`]).
+    Interrupted { step: u64, pending: Vec<StepStats> },
+}
+
+impl Outcome {
+    pub fn step(&self) -> u64 {
+        match *self {
+            Outcome::Finished { step } | Outcome::Interrupted { step, .. } => step,
+        }
+    }
+}
+
+/// Trains every network in `nets` in lockstep on the same batches, from `start_step` to
+/// `schedule.until_step`, evaluating each on the test set every `schedule.eval_every` steps.
+/// Checks for divergence at each evaluation: a non-finite loss or parameter stops the run
+/// with [`Error::Diverged`] before anything is written. `stop` is polled between steps.
+pub fn train_lockstep(
+    nets: &mut [&mut dyn Backend],
+    config: &TrainConfig,
+    train_examples: usize,
+    start_step: u64,
+    schedule: &Schedule,
+    stop: Option<&AtomicBool>,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Outcome> {
+    if schedule.eval_every == 0 {
+        return Err(ConfigError::Invalid("the evaluation interval must be at least 1 step".into()).into());
+    }
+    let per_epoch = batches_per_epoch(train_examples, config.batch_size);
+    if per_epoch == 0 {
+        return Err(ConfigError::Invalid(format!("batch size {} is larger than the training set ({train_examples})", config.batch_size)).into());
+    }
+    for (net, carried) in nets.iter_mut().zip(&schedule.carried) {
+        net.restore_step_stats(*carried)?;
+    }
+    let mut step = start_step;
+    let mut loaded_epoch = None;
+    while step < schedule.until_step {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            let mut pending = Vec::with_capacity(nets.len());
+            for net in nets.iter_mut() {
+                pending.push(net.take_step_stats()?);
+            }
+            return Ok(Outcome::Interrupted { step, pending });
+        }
+        let epoch = step / per_epoch;
+        if loaded_epoch != Some(epoch) {
+            let order = epoch_order(config.order, config.seed, epoch, train_examples);
+            for net in nets.iter_mut() {
+                net.set_epoch_order(&order)?;
+            }
+            loaded_epoch = Some(epoch);
+        }
+        let batch = (step % per_epoch) as usize;
+        for net in nets.iter_mut() {
+            net.train_step(batch)?;
+        }
+        step += 1;
+        on_event(Event::Stepped { step });
+        if step % schedule.eval_every == 0 || step == schedule.until_step {
+            for (i, net) in nets.iter_mut().enumerate() {
+                let record = evaluate_point(&mut **net, step, schedule.eval_mode, schedule.probe)?;
+                on_event(Event::Evaluated { net: i, record: &record });
+            }
+        }
+    }
+    Ok(Outcome::Finished { step })
+}
+
+/// A mean cross-entropy per example above this is no longer training: guessing scores
+/// ln(classes), a confidently wrong network a few tens; only weights grown without bound
+/// (a learning rate far too large) reach a thousand.
+pub const EXPLODED_LOSS: f64 = 1000.0;
+
+/// Takes the training statistics since the last point, evaluates on the test set and checks
+/// that nothing has gone non-finite.
+pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: Option<Probe>) -> Result<EvalRecord> {
+    let stats = net.take_step_stats()?;
+    let diverged = |what: String| Error::Diverged { step, what };
+    if !stats.loss_sum.is_finite() {
+        return Err(diverged(format!("the training loss is {}", stats.loss_sum)));
+    }
+    if stats.mean_loss() > EXPLODED_LOSS {
+        return Err(diverged(format!(
+            "the mean training loss per example is {:.3e}, over {EXPLODED_LOSS} (chance level is ln(classes), 2.3 for ten): the weights have blown up",
+            stats.mean_loss()
+        )));
+    }
+    if let Some((name, value)) = net.params()?.first_non_finite() {
+        return Err(diverged(format!("{name} contains a non-finite value ({value})")));
+    }
+    let eval = net.evaluate(SplitKind::Test, mode, probe)?;
+    Ok(EvalRecord {
+        point: HistoryPoint {
+            step,
+            train_loss: stats.mean_loss(),
+            train_accuracy: stats.accuracy(),
+            test_loss: eval.mean_loss(),
+            test_accuracy: eval.accuracy(),
+        },
+        probe: eval.probe,
+    })
+}

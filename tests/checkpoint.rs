@@ -1,0 +1,141 @@
+//! Checkpoints: exact round trips, PyTorch-compatible names, atomic writes, and one clear
+//! error for every kind of bad file.
+
+use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainProgress};
+use bntrain::model::{Averaging, CheckpointError, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::HashMap;
+
+fn sample(precision: StoredPrecision, momentum: f64) -> Checkpoint {
+    let model = ModelConfig::seed(true);
+    let mut train = TrainConfig::seed();
+    train.momentum = momentum;
+    train.extra_estimators = vec![StatsEstimator { averaging: Averaging::Cumulative, variance: VarianceKind::Unbiased }];
+    let mut params = ModelParams::init(&model, 7, 2);
+    // Make every value f32-representable so the f32 round trip is exact.
+    let round = |v: &mut Vec<f64>| v.iter_mut().for_each(|x| *x = *x as f32 as f64);
+    for layer in &mut params.layers {
+        round(&mut layer.weight);
+        if let Some(bn) = &mut layer.batch_norm {
+            bn.running[1].mean.iter_mut().enumerate().for_each(|(i, m)| *m = i as f64 * 0.25);
+            bn.running[1].batches = 17;
+        }
+    }
+    let velocity = if momentum > 0.0 { params.trainable_tensors().iter().map(|(_, t)| vec![0.5; t.len()]).collect() } else { vec![] };
+    let mut progress = TrainProgress { step: 1234, ..Default::default() };
+    progress.pending.steps = 34;
+    progress.pending.loss_sum = 12.5;
+    Checkpoint { model, train, params, velocity, progress, precision }
+}
+
+#[test]
+fn round_trips_exactly_in_f32_and_f64() {
+    let dir = tempfile::tempdir().unwrap();
+    for (precision, momentum) in [(StoredPrecision::F32, 0.0), (StoredPrecision::F64, 0.9)] {
+        let ckpt = sample(precision, momentum);
+        let path = dir.path().join("c.safetensors");
+        ckpt.save(&path).unwrap();
+        let back = Checkpoint::load(&path).unwrap();
+        assert_eq!(back, ckpt);
+        // Nothing but the checkpoint is left in the directory (the temporary file was renamed).
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("c.safetensors")]);
+    }
+}
+
+#[test]
+fn uses_pytorch_sequential_names_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    sample(StoredPrecision::F32, 0.0).save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let shape = |n: &str| file.tensor(n).unwrap().shape().to_vec();
+    // nn.Sequential(Linear(784,100,bias=False), BatchNorm1d(100), Sigmoid(), Linear(100,100,bias=False),
+    //               BatchNorm1d(100), Sigmoid(), Linear(100,10))
+    assert_eq!(shape("0.weight"), vec![100, 784]);
+    assert_eq!(shape("1.weight"), vec![100]);
+    assert_eq!(shape("1.bias"), vec![100]);
+    assert_eq!(shape("1.running_mean"), vec![100]);
+    assert_eq!(shape("1.running_var"), vec![100]);
+    assert_eq!(file.tensor("1.num_batches_tracked").unwrap().dtype(), Dtype::I64);
+    assert_eq!(shape("3.weight"), vec![100, 100]);
+    assert_eq!(shape("4.running_var"), vec![100]);
+    assert_eq!(shape("6.weight"), vec![10, 100]);
+    assert_eq!(shape("6.bias"), vec![10]);
+    assert!(file.tensor("0.bias").is_err(), "no bias before BN");
+    let extra: Vec<_> = file.names().into_iter().filter(|n| !n.chars().next().unwrap().is_ascii_digit()).collect();
+    assert!(extra.iter().all(|n| n.starts_with("bntrain.")), "{extra:?}");
+}
+
+fn expect_err(path: &std::path::Path) -> CheckpointError {
+    let err = Checkpoint::load(path).expect_err("loading should fail");
+    let msg = err.to_string();
+    assert!(!msg.contains('\n'), "one line: {msg}");
+    assert!(msg.contains(&path.display().to_string()), "names the file: {msg}");
+    err
+}
+
+#[test]
+fn bad_files_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    sample(StoredPrecision::F32, 0.0).save(&good).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+
+    let missing = dir.path().join("missing.safetensors");
+    assert!(matches!(expect_err(&missing), CheckpointError::Read { .. }));
+
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(expect_err(&truncated), CheckpointError::NotSafetensors { .. }));
+
+    let empty = dir.path().join("empty.safetensors");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(matches!(expect_err(&empty), CheckpointError::NotSafetensors { .. }));
+
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, vec![0xffu8; 4096]).unwrap();
+    assert!(matches!(expect_err(&garbage), CheckpointError::NotSafetensors { .. }));
+
+    let corrupted = dir.path().join("corrupted.safetensors");
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x40;
+    std::fs::write(&corrupted, &flipped).unwrap();
+    assert!(matches!(expect_err(&corrupted), CheckpointError::Corrupted { .. }));
+
+    let data = vec![0u8; 16];
+    let view = TensorView::new(Dtype::F32, vec![4], &data).unwrap();
+    let foreign = dir.path().join("foreign.safetensors");
+    std::fs::write(&foreign, safetensors::serialize([("weight", view.clone())], None).unwrap()).unwrap();
+    assert!(matches!(expect_err(&foreign), CheckpointError::Foreign { .. }));
+
+    let future = dir.path().join("future.safetensors");
+    let meta = HashMap::from([("format".to_string(), "bntrain-checkpoint".to_string()), ("format_version".to_string(), "99".to_string())]);
+    std::fs::write(&future, safetensors::serialize([("weight", view)], Some(meta)).unwrap()).unwrap();
+    assert!(matches!(expect_err(&future), CheckpointError::Version { .. }));
+}
+
+#[test]
+fn refuses_to_write_non_finite_values_and_keeps_the_old_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let good = sample(StoredPrecision::F32, 0.0);
+    good.save(&path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad.params.layers[1].weight[5] = f64::NAN;
+    let err = bad.save(&path).unwrap_err().to_string();
+    assert!(err.contains("layer2.weight"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+#[test]
+fn a_checkpoint_for_another_network_is_refused() {
+    let ckpt = sample(StoredPrecision::F32, 0.0);
+    let mut other = ckpt.model.clone();
+    other.hidden = vec![100, 100, 100];
+    let err = ckpt.check_model(&other).unwrap_err().to_string();
+    assert!(err.contains("784-100-100-10") && err.contains("784-100-100-100-10"), "{err}");
+}

@@ -1,0 +1,236 @@
+//! The command line end to end, on a small learnable IDX dataset the test writes itself:
+//! train → checkpoint → eval → predict, resume, interruption, divergence, bad input.
+
+mod support;
+
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bntrain");
+
+/// Writes IDX files of 28×28 images whose class is a bright 4×4 block at a class-specific
+/// place, over uniform noise: easy to learn in a few hundred steps.
+fn write_dataset(dir: &Path, train: usize, test: usize, gzip: bool) {
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    for (prefix, count) in [("train", train), ("t10k", test)] {
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        for _ in 0..count {
+            let label = (next() % 10) as usize;
+            labels.push(label as u8);
+            let (r0, c0) = (2 + (label / 5) * 12, 2 + (label % 5) * 5);
+            for r in 0..28 {
+                for c in 0..28 {
+                    let inside = (r0..r0 + 4).contains(&r) && (c0..c0 + 4).contains(&c);
+                    images.push(if inside { 200 + (next() % 56) as u8 } else { (next() % 60) as u8 });
+                }
+            }
+        }
+        let mut img = vec![0, 0, 8, 3];
+        for d in [count as u32, 28, 28] {
+            img.extend(d.to_be_bytes());
+        }
+        img.extend(images);
+        let mut lab = vec![0, 0, 8, 1];
+        lab.extend((count as u32).to_be_bytes());
+        lab.extend(labels);
+        for (name, bytes) in [(format!("{prefix}-images-idx3-ubyte"), img), (format!("{prefix}-labels-idx1-ubyte"), lab)] {
+            if gzip {
+                let f = std::fs::File::create(dir.join(format!("{name}.gz"))).unwrap();
+                let mut enc = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+                enc.write_all(&bytes).unwrap();
+                enc.finish().unwrap();
+            } else {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+    }
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    dir: PathBuf,
+}
+
+fn env() -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_dataset(&data, 600, 200, true);
+    let dir = tmp.path().to_path_buf();
+    Env { _tmp: tmp, data, dir }
+}
+
+fn bntrain(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("BNTRAIN_CACHE", "/nonexistent-bntrain-cache")
+        .env_remove("BNTRAIN_DATA")
+        .output()
+        .unwrap()
+}
+
+fn last_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "failed: {}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.lines().last().expect("no stdout")).expect("last line is JSON")
+}
+
+/// A failure: non-zero exit, one `error:` line on stderr, no panic.
+fn expect_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert!(errors[0].contains(needle), "`{}` should contain `{needle}`", errors[0]);
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn train_eval_predict_round_trip() {
+    let e = env();
+    let ckpt = e.dir.join("model.safetensors");
+    // The cumulative average: after 300 steps an EMA with decay 0.999 still holds 74% of its
+    // starting point (0, 1) and population-statistics accuracy would lag.
+    let out = bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "300", "--eval-every", "100", "--averaging", "cumulative", "--checkpoint", s(&ckpt), "--json"]);
+    let train = last_json(&out);
+    assert_eq!(train["steps"], 300);
+    assert_eq!(train["device"], "cpu f32");
+    let acc = train["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "the block dataset is easy: {acc}");
+    assert!(train["seconds"].as_f64().unwrap() > 0.0);
+
+    let eval = last_json(&bntrain(&["--device", "cpu", "eval", "--data", s(&e.data), "--checkpoint", s(&ckpt), "--json"]));
+    assert_eq!(eval["test_accuracy"], train["test_accuracy"], "eval reproduces the final evaluation");
+
+    let pop = last_json(&bntrain(&["--device", "cpu", "predict", "--data", s(&e.data), "--checkpoint", s(&ckpt), "--first", "50", "--mode", "population", "--json"]));
+    assert_eq!(pop["predictions"].as_array().unwrap().len(), 50);
+    assert!(pop["accuracy"].as_f64().unwrap() > 0.8);
+    let batch = last_json(&bntrain(&["--device", "cpu", "predict", "--data", s(&e.data), "--checkpoint", s(&ckpt), "--first", "50", "--mode", "batch", "--json"]));
+    let preds = batch["predictions"].as_array().unwrap();
+    assert!(preds.iter().all(|p| p == &preds[0]), "batch statistics of one example collapse to one class");
+    assert!(batch["accuracy"].as_f64().unwrap() < 0.3);
+}
+
+#[test]
+fn resume_continues_bitwise_identically() {
+    let e = env();
+    let full = e.dir.join("full.safetensors");
+    let half = e.dir.join("half.safetensors");
+    let common = ["--device", "cpu", "train", "--data", s(&e.data), "--eval-every", "40", "--momentum", "0.5"];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = common.to_vec();
+        args.extend_from_slice(extra);
+        last_json(&bntrain(&args))
+    };
+    run(&["--steps", "250", "--checkpoint", s(&full), "--json"]);
+    // A run asked for 120 steps ends on an evaluation point; stopping between two points is
+    // the interruption case (tests/resume.rs).
+    run(&["--steps", "120", "--checkpoint", s(&half), "--json"]);
+    let resumed = run(&["--steps", "250", "--resume", s(&half), "--json"]);
+    assert_eq!(resumed["steps"], 250);
+    let a = bntrain::model::checkpoint::Checkpoint::load(&full).unwrap();
+    let b = bntrain::model::checkpoint::Checkpoint::load(&half).unwrap();
+    assert_eq!(a.params, b.params, "parameters and running statistics");
+    assert_eq!(a.velocity, b.velocity, "momentum buffers");
+    assert_eq!(a.progress, b.progress, "step and metric history");
+}
+
+#[test]
+fn interrupt_writes_a_checkpoint_that_resumes() {
+    let e = env();
+    let ckpt = e.dir.join("int.safetensors");
+    let mut child = Command::new(BIN)
+        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--checkpoint", s(&ckpt)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let saved = bntrain::model::checkpoint::Checkpoint::load(&ckpt).unwrap();
+    assert!(saved.progress.step > 0);
+    let more = (saved.progress.step + 20).to_string();
+    let resumed = last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", &more, "--resume", s(&ckpt), "--json"]));
+    assert_eq!(resumed["steps"].as_u64().unwrap(), saved.progress.step + 20);
+}
+
+#[test]
+fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
+    let e = env();
+    let ckpt = e.dir.join("good.safetensors");
+    last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "50", "--checkpoint", s(&ckpt), "--json"]));
+    let before = std::fs::read(&ckpt).unwrap();
+    let out = bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "200", "--lr", "1e6", "--no-bn", "--init", s(&ckpt), "--checkpoint", s(&ckpt)]);
+    // --no-bn makes --init refuse the BN checkpoint; train the plain net from scratch instead.
+    expect_failure(&out, "checkpoint does not match");
+    let out = bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "200", "--lr", "1e6", "--init", s(&ckpt), "--checkpoint", s(&ckpt)]);
+    expect_failure(&out, "diverged at step");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the last good checkpoint is untouched");
+    // relu lets the activations themselves overflow: a NaN, named as such.
+    let out = bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "200", "--lr", "1e6", "--activation", "relu", "--eval-every", "20", "--checkpoint", s(&ckpt)]);
+    expect_failure(&out, "NaN");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the last good checkpoint is untouched");
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let e = env();
+    let data = s(&e.data);
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", "/nonexistent/dir", "--steps", "10"]), "not found");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--batch", "1"]), "batch size 1");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--lr", "0"]), "learning rate");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--decay", "1.5"]), "decay");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--hidden", "100,0"]), "width 0");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--batch", "100000"]), "larger than the training set");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--checkpoint", "/nonexistent/dir/c.safetensors"]), "cannot write");
+    expect_failure(&bntrain(&["--device", "cpu", "eval", "--data", data, "--checkpoint", "/nonexistent.safetensors"]), "cannot read checkpoint");
+    let not_ckpt = e.dir.join("junk.safetensors");
+    std::fs::write(&not_ckpt, b"hello").unwrap();
+    expect_failure(&bntrain(&["--device", "cpu", "predict", "--data", data, "--checkpoint", s(&not_ckpt)]), "not a safetensors file");
+    let bad_data = e.dir.join("bad");
+    std::fs::create_dir(&bad_data).unwrap();
+    write_dataset(&bad_data, 20, 10, false);
+    std::fs::write(bad_data.join("t10k-labels-idx1-ubyte"), [0u8, 0, 8, 1, 0, 0, 0, 10, 1, 2]).unwrap();
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", s(&bad_data)]), "t10k-labels-idx1-ubyte");
+}
+
+#[test]
+fn cuda_without_a_gpu_says_what_to_do() {
+    if bntrain::cuda::cuda_available().is_ok() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    let e = env();
+    expect_failure(&bntrain(&["--device", "cuda", "train", "--data", s(&e.data), "--steps", "10"]), "--device cpu");
+    // auto falls back to the CPU with a notice.
+    let out = bntrain(&["--device", "auto", "train", "--data", s(&e.data), "--steps", "20", "--eval-every", "10", "--json"]);
+    assert_eq!(last_json(&out)["device"], "cpu f32");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("notice: no usable GPU"));
+}
+
+#[test]
+fn bench_and_info_run_on_the_cpu() {
+    let r = last_json(&bntrain(&["--device", "cpu", "bench", "--config", "seed", "--runs", "3", "--seconds", "0.05", "--json"]));
+    assert!(r["us_per_step"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["batch_size"], 60);
+    let out = bntrain(&["info"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bntrain"));
+}
