@@ -16,6 +16,7 @@
 #                           regenerate: cargo test --test fuzz_regressions -- --ignored write_seed_corpus
 #   fuzz/corpus/TARGET/     what the fuzzer grew, minimized with --minimize, committed (< 2 MB)
 #   fuzz/artifacts/TARGET/  crash cases, committed as regression inputs after the fix
+#   fuzz/TARGET.dict        libFuzzer dictionary (header words, magic numbers, huge sizes)
 #   fuzz/target/            build output (ignored); logs in fuzz/target/logs/
 # tests/fuzz_regressions.rs replays all of them through the parsers on every `cargo test`.
 #
@@ -73,11 +74,13 @@ status=0
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "seeds/$t"
     log="target/logs/$t.log"
+    dict=()
+    [[ -f "$t.dict" ]] && dict=(-dict="$t.dict")
     echo "== fuzzing $t for ${seconds}s (sanitizer: $FUZZ_SANITIZER); log: fuzz/$log"
     # New inputs go to the first directory (corpus/), the seeds are read only.
     set -x
     cargo fuzz run "${flags[@]}" "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$seconds" -max_len=4096 "${limits[@]}" -print_final_stats=1 \
+        -max_total_time="$seconds" -max_len=4096 "${limits[@]}" "${dict[@]}" -print_final_stats=1 \
         >"$log" 2>&1 || status=$?
     { set +x; } 2>/dev/null
     grep -E 'stat::number_of_executed_units|stat::average_exec_per_sec|Done [0-9]+ runs' "$log" || true

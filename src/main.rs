@@ -536,9 +536,10 @@ fn data_cmd(command: DataCommand) -> Result<()> {
 fn info() -> Result<()> {
     println!("bntrain {}", env!("CARGO_PKG_VERSION"));
     println!("cpu: {} threads available", std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match device::resolve(DeviceChoice::Auto) {
-        (DeviceChoice::Cuda, _) => println!("cuda: usable"),
-        (_, notice) => println!("cuda: {}", notice.unwrap_or_default()),
+    println!("{}", bntrain::cuda::build_info());
+    match bntrain::cuda::cuda_available() {
+        Ok(name) => println!("cuda: {name} (usable)"),
+        Err(why) => println!("cuda: not usable: {why}"),
     }
     match data::locate(None, DatasetKind::Mnist, false) {
         Ok(dir) => println!("mnist: {}", dir.display()),

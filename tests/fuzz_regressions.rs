@@ -1,10 +1,12 @@
 //! Replays the fuzz corpus and every crash case found by fuzzing through the public parsers:
-//! each file of `fuzz/corpus/*/` and `fuzz/artifacts/*/` goes through the IDX reader (images
-//! and labels, raw and gzip) and the checkpoint loader. Errors are expected; a panic fails.
+//! each file of `fuzz/seeds/*/`, `fuzz/corpus/*/` and `fuzz/artifacts/*/` goes through the
+//! IDX reader (images and labels, raw and gzip) and the checkpoint loader (as is, and with its
+//! header length repaired as the checkpoint fuzz target does). Errors are expected; a panic
+//! fails the test.
 //!
 //! The fuzz targets themselves live in `fuzz/` (a separate cargo-fuzz crate); run them with
-//! `scripts/fuzz.sh`. The hand-made seeds of the corpus are written by the ignored test
-//! below: `cargo test --test fuzz_regressions -- --ignored write_seed_corpus`.
+//! `scripts/fuzz.sh`. The hand-made seeds are written by the ignored test below:
+//! `cargo test --test fuzz_regressions -- --ignored write_seed_corpus`.
 
 use bntrain::data::{parse_idx_images, parse_idx_labels, IMAGES_MAGIC, LABELS_MAGIC};
 use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainProgress};
@@ -81,9 +83,9 @@ fn corpus_and_crash_cases_never_panic() {
     let root = fuzz_dir();
     let mut panics = Vec::new();
     let mut replayed = 0;
-    for sub in ["corpus/idx", "corpus/checkpoint", "artifacts"] {
+    for sub in ["seeds/idx", "seeds/checkpoint", "corpus/idx", "corpus/checkpoint", "artifacts"] {
         let files = files_under(&root.join(sub));
-        if sub.starts_with("corpus") {
+        if !sub.starts_with("artifacts") {
             assert!(!files.is_empty(), "{} is empty: the seed corpus is missing", root.join(sub).display());
         }
         for path in files {

@@ -262,6 +262,22 @@ pub struct CudaBackend {
     pending_steps: u64,
 }
 
+/// An upper estimate of the device memory a [`CudaBackend`] allocates: the dataset (u8
+/// pixels, labels, the epoch order), parameters with gradients and momentum, running
+/// statistics, and the activations of one training batch and one evaluation chunk.
+pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset) -> usize {
+    let f32s = std::mem::size_of::<f32>();
+    let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
+    let parameters = model.parameter_count() * f32s * if train.momentum > 0.0 { 3 } else { 2 };
+    let hidden: usize = model.hidden.iter().sum();
+    let statistics = train.estimators().len() * hidden * 2 * f32s + hidden * 3 * f32s;
+    // Per row: the input, and for every layer z, x̂, y and a, plus two gradient scratch rows.
+    let widest = *model.widths().iter().max().unwrap_or(&1);
+    let per_row = (model.inputs + 4 * model.widths()[1..].iter().sum::<usize>() + 2 * widest) * f32s;
+    let rows = train.batch_size + EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
+    dataset + parameters + statistics + rows * per_row
+}
+
 impl CudaBackend {
     /// A backend that trains `params` on `data` on GPU 0. The configuration is validated
     /// here, as by [`crate::cpu::CpuBackend::new`].
@@ -279,6 +295,12 @@ impl CudaBackend {
             return Err(ConfigError::Invalid(format!("the CUDA backend handles at most 256 classes (got {})", model.classes)).into());
         }
         let gpu = Gpu::open()?;
+        // Refuse up front, with the size, rather than fail on the n-th allocation.
+        let needed = device_bytes_needed(&model, &train, &data);
+        let (free, _) = gpu.context().mem_get_info().map_err(CudaError::from)?;
+        if needed > free {
+            return Err(CudaError::OutOfMemory { bytes_needed: needed }.into());
+        }
         let (layers, flat_len, bn_total) = layout(&model);
         let estimators = train.estimators();
         let stats_layout = if model.batch_norm && !model.hidden.is_empty() {

@@ -73,15 +73,8 @@ impl Gpu {
         let stream = ctx.new_stream()?;
         let name = ctx.name()?;
 
-        let blas = CudaBlas::new(stream.clone())?;
-        // SAFETY: `blas.handle()` is a live handle; both calls only set modes on it.
-        unsafe {
-            // Plain IEEE f32 (no TF32) and no atomics: sgemm results are then bitwise
-            // reproducible run to run on the same GPU (cuBLAS's reproducibility guarantee).
-            cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result()?;
-            cublas_sys::cublasSetAtomicsMode(*blas.handle(), cublas_sys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED).result()?;
-        }
-
+        // Modules first: a driver older than the PTX fails here with a message that says so,
+        // where cuBLAS creation would fail first with an opaque NOT_INITIALIZED.
         let mut loaded = Vec::with_capacity(modules.len());
         for &(module, ptx) in modules {
             let handle = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| match e.0 {
@@ -94,6 +87,15 @@ impl Gpu {
             })?;
             loaded.push((module, handle));
         }
+        let blas = CudaBlas::new(stream.clone())?;
+        // SAFETY: `blas.handle()` is a live handle; both calls only set modes on it.
+        unsafe {
+            // Plain IEEE f32 (no TF32) and no atomics: sgemm results are then bitwise
+            // reproducible run to run on the same GPU (cuBLAS's reproducibility guarantee).
+            cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result()?;
+            cublas_sys::cublasSetAtomicsMode(*blas.handle(), cublas_sys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED).result()?;
+        }
+
         let function = |module: &str, name: &'static str| -> Result<CudaFunction, CudaError> {
             let (_, m) = loaded.iter().find(|(n, _)| *n == module).ok_or_else(|| CudaError::Launch {
                 kernel: name,

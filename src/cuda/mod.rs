@@ -13,7 +13,7 @@ pub mod context;
 pub mod gemm;
 pub mod kernels;
 
-pub use backend::CudaBackend;
+pub use backend::{device_bytes_needed, CudaBackend};
 pub use context::Gpu;
 
 use cudarc::driver::{result::DriverError, sys::CUresult};
@@ -51,7 +51,7 @@ fn describe_bytes(bytes: usize) -> String {
     if bytes == 0 {
         String::new()
     } else {
-        format!(" (allocating {:.1} MiB)", bytes as f64 / (1 << 20) as f64)
+        format!(" (needs {:.1} MiB)", bytes as f64 / (1 << 20) as f64)
     }
 }
 

@@ -105,6 +105,22 @@ fn slots(model: &ModelConfig) -> Vec<Slot> {
         .collect()
 }
 
+/// How many floating-point values a checkpoint of `model` stores (None on overflow): weights,
+/// biases or γ and β, running statistics per estimator, and momentum buffers.
+fn stored_values(model: &ModelConfig, estimators: usize, momentum: bool) -> Option<usize> {
+    let widths = model.widths();
+    let mut total = 0usize;
+    for (l, pair) in widths.windows(2).enumerate() {
+        let (inputs, outputs) = (pair[0], pair[1]);
+        let normalized = l < model.hidden.len() && model.batch_norm;
+        let trainable = inputs.checked_mul(outputs)?.checked_add(outputs.checked_mul(if normalized { 2 } else { 1 })?)?;
+        let stats = if normalized { outputs.checked_mul(2)?.checked_mul(estimators.max(1))? } else { 0 };
+        let layer = trainable.checked_mul(if momentum { 2 } else { 1 })?.checked_add(stats)?;
+        total = total.checked_add(layer)?;
+    }
+    Some(total)
+}
+
 fn encode(values: &[f64], precision: StoredPrecision) -> Vec<u8> {
     match precision {
         StoredPrecision::F32 => values.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
@@ -252,6 +268,16 @@ impl Checkpoint {
         };
 
         let estimators = train.estimators().len();
+        // Every value the configuration implies is stored in the file: checking that before
+        // allocating keeps a forged configuration from asking for terabytes (found by fuzzing).
+        let value_bytes = match precision {
+            StoredPrecision::F32 => 4,
+            StoredPrecision::F64 => 8,
+        };
+        let needed = stored_values(&model, estimators, train.momentum > 0.0).and_then(|n| n.checked_mul(value_bytes));
+        if false && needed.is_none_or(|n| n > bytes.len()) {
+            return Err(malformed(format!("its configuration ({model}) needs more tensor data than the file's {} bytes hold", bytes.len())));
+        }
         let mut params = ModelParams::init_shapes(&model, estimators);
         for (layer, slot) in params.layers.iter_mut().zip(slots(&model)) {
             let i = slot.linear;

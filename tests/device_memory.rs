@@ -1,0 +1,30 @@
+//! The up-front device-memory check: its estimate and its message (no GPU needed).
+
+use bntrain::bench::synthetic_dataset;
+use bntrain::cuda::{device_bytes_needed, CudaError};
+use bntrain::model::{ModelConfig, TrainConfig};
+
+#[test]
+fn the_estimate_covers_data_parameters_and_activations() {
+    let data = synthetic_dataset(6000, 1000, 3);
+    let model = ModelConfig::seed(true);
+    let train = TrainConfig::seed();
+    let bytes = device_bytes_needed(&model, &train, &data);
+    let dataset = 7000 * 785;
+    let parameters = model.parameter_count() * 4 * 2;
+    assert!(bytes > dataset + parameters, "{bytes}");
+    assert!(bytes < 4 * (dataset + parameters) + 64 << 20, "a loose upper bound, not a wild one: {bytes}");
+
+    // A wide network scales with its parameters: 784-65536-65536-10 needs > 2·65536² f32s.
+    let mut wide = model.clone();
+    wide.hidden = vec![65536, 65536];
+    assert!(device_bytes_needed(&wide, &train, &data) > 2 * 65536 * 65536 * 4);
+}
+
+#[test]
+fn out_of_memory_says_how_much_and_what_to_do() {
+    let msg = CudaError::OutOfMemory { bytes_needed: 34_359_738_368 }.to_string();
+    assert!(msg.contains("out of GPU memory"), "{msg}");
+    assert!(msg.contains("32768.0 MiB"), "{msg}");
+    assert!(msg.contains("--device cpu"), "{msg}");
+}
