@@ -46,14 +46,15 @@ impl BenchConfig {
     }
 }
 
-/// A dataset of random pixels and labels with MNIST's shape.
-pub fn synthetic_dataset(train_count: usize, test_count: usize, seed: u64) -> Dataset {
+/// A dataset of random pixels (`features` per image) and labels of ten classes: for timing,
+/// and for tests that need data of a given shape.
+pub fn synthetic_dataset(train_count: usize, test_count: usize, features: usize, seed: u64) -> Dataset {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut split = |count: usize| Split {
-        images: (0..count * 784).map(|_| rng.random::<u8>()).collect(),
+        images: (0..count * features).map(|_| rng.random::<u8>()).collect(),
         labels: (0..count).map(|_| rng.random_range(0..CLASSES as u8)).collect(),
         count,
-        features: 784,
+        features,
         classes: CLASSES,
     };
     Dataset { kind: DatasetKind::Mnist, train: split(train_count), test: split(test_count), source: "synthetic".into() }
@@ -112,13 +113,16 @@ pub fn median(values: &[f64]) -> f64 {
     if n == 0 { f64::NAN } else if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
 }
 
+/// Builds a backend for a model, its training configuration, data and initial parameters.
+pub type OpenBackend<'a> = dyn FnMut(ModelConfig, TrainConfig, Arc<Dataset>, &ModelParams) -> Result<Box<dyn Backend>> + 'a;
+
 /// Builds the benchmark network with `open` and times it.
 pub fn run(
     config: BenchConfig, batch_norm: bool, runs: usize, seconds_per_run: f64,
-    open: &mut dyn FnMut(ModelConfig, TrainConfig, Arc<Dataset>, &ModelParams) -> Result<Box<dyn Backend>>,
+    open: &mut OpenBackend<'_>,
 ) -> Result<BenchReport> {
     let (model, train) = config.configs(batch_norm);
-    let data = Arc::new(synthetic_dataset(train.batch_size * 12, 1000, 1));
+    let data = Arc::new(synthetic_dataset(train.batch_size * 12, 1000, 784, 1));
     let params = ModelParams::init(&model, train.seed, 1);
     let mut net = open(model, train.clone(), Arc::clone(&data), &params)?;
     let (us, steps_per_run) = time_steps(net.as_mut(), &train, data.train.count, 20, runs, seconds_per_run)?;

@@ -65,12 +65,21 @@ pub fn check_writable(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot write to {} (for {})", dir.display(), path.display()), e))
 }
 
+/// Where a session starts from: the configuration it trains with and the state it loads.
+struct StartingPoint {
+    model: ModelConfig,
+    train: TrainConfig,
+    params: ModelParams,
+    velocity: Vec<Vec<f64>>,
+    progress: TrainProgress,
+}
+
 /// Resolves the request against a checkpoint when resuming or initializing from one.
-fn starting_point(req: &TrainRequest) -> Result<(ModelConfig, TrainConfig, ModelParams, Vec<Vec<f64>>, TrainProgress)> {
+fn starting_point(req: &TrainRequest) -> Result<StartingPoint> {
     match &req.start {
         Start::Fresh => {
             let params = ModelParams::init(&req.model, req.train.seed, req.train.estimators().len());
-            Ok((req.model.clone(), req.train.clone(), params, Vec::new(), TrainProgress::default()))
+            Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default() })
         }
         Start::Init(path) => {
             let ckpt = Checkpoint::load(path)?;
@@ -84,7 +93,7 @@ fn starting_point(req: &TrainRequest) -> Result<(ModelConfig, TrainConfig, Model
                     bn.running.resize(wanted, crate::model::RunningStats::initial(layer.outputs));
                 }
             }
-            Ok((req.model.clone(), req.train.clone(), params, Vec::new(), TrainProgress::default()))
+            Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default() })
         }
         Start::Resume(path) => {
             let ckpt = Checkpoint::load(path)?;
@@ -94,7 +103,7 @@ fn starting_point(req: &TrainRequest) -> Result<(ModelConfig, TrainConfig, Model
                     path.display(), ckpt.progress.step, req.steps
                 )).into());
             }
-            Ok((ckpt.model, ckpt.train, ckpt.params, ckpt.velocity, ckpt.progress))
+            Ok(StartingPoint { model: ckpt.model, train: ckpt.train, params: ckpt.params, velocity: ckpt.velocity, progress: ckpt.progress })
         }
     }
 }
@@ -126,7 +135,7 @@ pub fn run(
     if let Some(path) = &req.checkpoint {
         check_writable(path)?;
     }
-    let (model, train_cfg, params, velocity, progress) = starting_point(req)?;
+    let StartingPoint { model, train: train_cfg, params, velocity, progress } = starting_point(req)?;
     model.validate()?;
     train_cfg.validate(&model, data.train.count)?;
     if req.eval_every == 0 {

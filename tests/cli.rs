@@ -150,7 +150,7 @@ fn resume_continues_bitwise_identically() {
 fn interrupt_writes_a_checkpoint_that_resumes() {
     let e = env();
     let ckpt = e.dir.join("int.safetensors");
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--checkpoint", s(&ckpt)])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -10,7 +10,7 @@ use bntrain::model::{
 };
 use bntrain::tolerance::{assert_close, Tolerance};
 use std::sync::Arc;
-use support::{tiny_dataset, uniform};
+use support::{synthetic_dataset, uniform};
 
 /// Central differences in f64 with h = 1e-6 have truncation error O(h²·f''') ≈ 1e-12 and
 /// rounding error O(ε·|f|/h) ≈ 1e-10·|f|: gradients agree to ~1e-7 relative.
@@ -120,7 +120,7 @@ fn activation_and_linear_backward_match_finite_differences() {
 /// A small network whose loss, as a function of its flattened trainable parameters, is one
 /// training-mode forward pass over batch 0.
 fn network_loss_and_gradient(batch_norm: bool, activation: Activation, reduction: LossReduction) {
-    let data = Arc::new(tiny_dataset(12, 4, 6, 10));
+    let data = Arc::new(synthetic_dataset(12, 4, 6, 10));
     let model = ModelConfig { inputs: 6, hidden: vec![5, 4], classes: 10, activation, batch_norm, epsilon: 1e-3 };
     let mut train = TrainConfig::seed();
     train.batch_size = 6;
@@ -272,7 +272,7 @@ fn running_statistics_follow_their_closed_forms() {
 fn running_statistics_in_training_are_the_batch_moments() {
     // With decay → the update keeps (1−d) of the batch statistics: after one step from
     // (0, 1) the running mean is (1−d)·μ_B of layer 1's z = x·Wᵀ.
-    let data = Arc::new(tiny_dataset(8, 4, 6, 20));
+    let data = Arc::new(synthetic_dataset(8, 4, 6, 20));
     let model = ModelConfig { inputs: 6, hidden: vec![3], classes: 10, activation: Activation::Sigmoid, batch_norm: true, epsilon: 1e-3 };
     let mut train = TrainConfig::seed();
     train.batch_size = 8;
@@ -299,7 +299,7 @@ fn f32_and_f64_backends_agree_over_many_steps() {
     // The f32 trainer is the f64 oracle up to rounding: 100 steps of the seed's shape on
     // random data keep the loss within 1e-3 relative (rounding grows over steps but SGD on
     // a smooth loss does not amplify it much).
-    let data = Arc::new(tiny_dataset(600, 200, 784, 30));
+    let data = Arc::new(synthetic_dataset(600, 200, 784, 30));
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
     let params = ModelParams::init(&model, 0, 1);
@@ -321,7 +321,7 @@ fn f32_and_f64_backends_agree_over_many_steps() {
 
 #[test]
 fn one_by_one_batch_statistics_predict_a_single_class() {
-    let data = Arc::new(tiny_dataset(120, 30, 784, 40));
+    let data = Arc::new(synthetic_dataset(120, 30, 784, 40));
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
     let params = ModelParams::init(&model, 0, 1);
@@ -337,7 +337,7 @@ fn one_by_one_batch_statistics_predict_a_single_class() {
 
 #[test]
 fn configuration_errors_are_caught_up_front() {
-    let data = Arc::new(tiny_dataset(10, 4, 6, 50));
+    let data = Arc::new(synthetic_dataset(10, 4, 6, 50));
     let model = ModelConfig { inputs: 6, hidden: vec![3], classes: 10, activation: Activation::Sigmoid, batch_norm: true, epsilon: 1e-3 };
     let params = ModelParams::init(&model, 0, 1);
     let try_train = |edit: &dyn Fn(&mut TrainConfig, &mut ModelConfig)| {

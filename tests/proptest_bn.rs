@@ -39,7 +39,13 @@ struct Case {
 }
 
 fn offset() -> impl Strategy<Value = f64> {
-    prop_oneof![Just(0.0), -10.0..10.0f64, -1e4..1e4f64, Just(1e4), Just(-1e4)]
+    prop_oneof![
+        Just(0.0),
+        -10.0..10.0f64,
+        -1e4..1e4f64,
+        Just(1e4),
+        Just(-1e4)
+    ]
 }
 
 fn case_with(epsilon: impl Strategy<Value = f64>) -> impl Strategy<Value = Case> {
@@ -58,7 +64,15 @@ fn case_with(epsilon: impl Strategy<Value = f64>) -> impl Strategy<Value = Case>
                     .enumerate()
                     .map(|(i, v)| offset[i % width] + 10f64.powf(log_scale[i % width]) * v)
                     .collect();
-                Case { batch, width, z, gamma, beta, epsilon, dy }
+                Case {
+                    batch,
+                    width,
+                    z,
+                    gamma,
+                    beta,
+                    epsilon,
+                    dy,
+                }
             })
     })
 }
@@ -87,7 +101,15 @@ fn forward(c: &Case) -> Forward {
         y: vec![0.0; n],
     };
     ops::batch_norm_forward_train(
-        &c.z, &c.gamma, &c.beta, c.epsilon, &mut f.mean, &mut f.var, &mut f.inv_std, &mut f.x_hat, &mut f.y,
+        &c.z,
+        &c.gamma,
+        &c.beta,
+        c.epsilon,
+        &mut f.mean,
+        &mut f.var,
+        &mut f.inv_std,
+        &mut f.x_hat,
+        &mut f.y,
     );
     f
 }
@@ -101,7 +123,10 @@ fn column(m: &[f64], width: usize, j: usize) -> Vec<f64> {
 fn moments(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
-    (mean, v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n)
+    (
+        mean,
+        v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n,
+    )
 }
 
 /// `actual ≈ expected` within `tol`, as a proptest failure naming `what` on mismatch.
@@ -116,7 +141,9 @@ fn close(what: String, actual: f64, expected: f64, tol: Tolerance) -> Result<(),
 /// product add a relative B·ε_mach to values as large as √B.
 fn x_hat_error(c: &Case, f: &Forward, j: usize) -> f64 {
     let b = c.batch as f64;
-    let max_z = column(&c.z, c.width, j).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let max_z = column(&c.z, c.width, j)
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()));
     4.0 * b * EPS * (max_z * f.inv_std[j] + b.sqrt())
 }
 
@@ -125,24 +152,51 @@ fn check_forward(c: &Case) -> Result<(), TestCaseError> {
     let b = c.batch as f64;
     for j in 0..c.width {
         let (mean_z, var_z) = moments(&column(&c.z, c.width, j));
-        let max_z = column(&c.z, c.width, j).iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let max_z = column(&c.z, c.width, j)
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
         // A mean off by e moves Σ(z − mean)²/B by e² (no linear term): that, and rounding.
         let mean_error = 2.0 * b * EPS * max_z;
-        close(format!("batch mean of feature {j}"), f.mean[j], mean_z, Tolerance::new(mean_error, 0.0))?;
+        close(
+            format!("batch mean of feature {j}"),
+            f.mean[j],
+            mean_z,
+            Tolerance::new(mean_error, 0.0),
+        )?;
         let var_tol = Tolerance::new(4.0 * mean_error * mean_error, 4.0 * b * EPS);
-        close(format!("batch variance of feature {j}"), f.var[j], var_z, var_tol)?;
+        close(
+            format!("batch variance of feature {j}"),
+            f.var[j],
+            var_z,
+            var_tol,
+        )?;
 
         let delta = x_hat_error(c, &f, j);
         let (mean_x, var_x) = moments(&column(&f.x_hat, c.width, j));
-        close(format!("mean of x̂ for feature {j}"), mean_x, 0.0, Tolerance::new(delta, 0.0))?;
+        close(
+            format!("mean of x̂ for feature {j}"),
+            mean_x,
+            0.0,
+            Tolerance::new(delta, 0.0),
+        )?;
         let want_var = var_z / (var_z + c.epsilon);
-        close(format!("variance of x̂ for feature {j}"), var_x, want_var, Tolerance::new(4.0 * delta, 4.0 * b * EPS))?;
+        close(
+            format!("variance of x̂ for feature {j}"),
+            var_x,
+            want_var,
+            Tolerance::new(4.0 * delta, 4.0 * b * EPS),
+        )?;
 
         let (g, be) = (c.gamma[j], c.beta[j]);
         let (mean_y, var_y) = moments(&column(&f.y, c.width, j));
         // y = γx̂ + β rounds to ε_mach·(|γ|√B + |β|) per element.
         let y_round = 4.0 * b * EPS * (g.abs() * b.sqrt() + be.abs());
-        close(format!("mean of y for feature {j}"), mean_y, be, Tolerance::new(g.abs() * delta + y_round, 0.0))?;
+        close(
+            format!("mean of y for feature {j}"),
+            mean_y,
+            be,
+            Tolerance::new(g.abs() * delta + y_round, 0.0),
+        )?;
         close(
             format!("variance of y for feature {j}"),
             var_y,
@@ -157,13 +211,30 @@ fn check_backward(c: &Case) -> Result<(), TestCaseError> {
     let f = forward(c);
     let mut dz = vec![0.0; c.batch * c.width];
     let (mut d_gamma, mut d_beta) = (vec![0.0; c.width], vec![0.0; c.width]);
-    ops::batch_norm_backward(&c.dy, &f.x_hat, &c.gamma, &f.inv_std, &mut dz, &mut d_gamma, &mut d_beta);
+    ops::batch_norm_backward(
+        &c.dy,
+        &f.x_hat,
+        &c.gamma,
+        &f.inv_std,
+        &mut dz,
+        &mut d_gamma,
+        &mut d_beta,
+    );
     let b = c.batch as f64;
     for j in 0..c.width {
-        let (dy, x_hat, dz) = (column(&c.dy, c.width, j), column(&f.x_hat, c.width, j), column(&dz, c.width, j));
+        let (dy, x_hat, dz) = (
+            column(&c.dy, c.width, j),
+            column(&f.x_hat, c.width, j),
+            column(&dz, c.width, j),
+        );
         let abs_dy: f64 = dy.iter().map(|v| v.abs()).sum();
         let abs_dy_x: f64 = dy.iter().zip(&x_hat).map(|(d, x)| (d * x).abs()).sum();
-        close(format!("dβ of feature {j}"), d_beta[j], dy.iter().sum(), Tolerance::new(b * EPS * abs_dy, 0.0))?;
+        close(
+            format!("dβ of feature {j}"),
+            d_beta[j],
+            dy.iter().sum(),
+            Tolerance::new(b * EPS * abs_dy, 0.0),
+        )?;
         close(
             format!("dγ of feature {j}"),
             d_gamma[j],
@@ -194,7 +265,9 @@ fn check_backward(c: &Case) -> Result<(), TestCaseError> {
             dz.iter().zip(&x_hat).map(|(d, x)| d * x).sum(),
             scaling,
             Tolerance::new(
-                rounding * b.sqrt() + (g * s * d_beta[j]).abs() * delta + 4.0 * (g * s * d_gamma[j]).abs() * delta,
+                rounding * b.sqrt()
+                    + (g * s * d_beta[j]).abs() * delta
+                    + 4.0 * (g * s * d_gamma[j]).abs() * delta,
                 4.0 * b * EPS,
             ),
         )?;
@@ -203,15 +276,26 @@ fn check_backward(c: &Case) -> Result<(), TestCaseError> {
 }
 
 fn estimator() -> impl Strategy<Value = StatsEstimator> {
-    let averaging = prop_oneof![(0.0..1.0f64).prop_map(|decay| Averaging::Ema { decay }), Just(Averaging::Cumulative)];
+    let averaging = prop_oneof![
+        (0.0..1.0f64).prop_map(|decay| Averaging::Ema { decay }),
+        Just(Averaging::Cumulative)
+    ];
     let variance = prop_oneof![Just(VarianceKind::Biased), Just(VarianceKind::Unbiased)];
-    (averaging, variance).prop_map(|(averaging, variance)| StatsEstimator { averaging, variance })
+    (averaging, variance).prop_map(|(averaging, variance)| StatsEstimator {
+        averaging,
+        variance,
+    })
 }
 
 /// `value` lies in the closed interval between `a` and `b`, up to a few ulps.
 fn between(what: String, value: f64, a: f64, b: f64) -> Result<(), TestCaseError> {
     let (lo, hi) = (a.min(b), a.max(b));
-    close(what, value, value.clamp(lo, hi), Tolerance::new(0.0, 4.0 * EPS))
+    close(
+        what,
+        value,
+        value.clamp(lo, hi),
+        Tolerance::new(0.0, 4.0 * EPS),
+    )
 }
 
 fn check_running_stats(
@@ -223,7 +307,15 @@ fn check_running_stats(
 ) -> Result<(), TestCaseError> {
     let f = forward(c);
     let (mut mean, mut var) = (old_mean[..c.width].to_vec(), old_var[..c.width].to_vec());
-    ops::update_running_stats(estimator, c.batch, batches_so_far, &mut mean, &mut var, &f.mean, &f.var);
+    ops::update_running_stats(
+        estimator,
+        c.batch,
+        batches_so_far,
+        &mut mean,
+        &mut var,
+        &f.mean,
+        &f.var,
+    );
     let correction = match estimator.variance {
         VarianceKind::Biased => 1.0,
         VarianceKind::Unbiased => c.batch as f64 / (c.batch as f64 - 1.0),
@@ -234,9 +326,23 @@ fn check_running_stats(
     };
     for j in 0..c.width {
         let batch_var = f.var[j] * correction;
-        between(format!("running mean of feature {j}"), mean[j], old_mean[j], f.mean[j])?;
-        between(format!("running variance of feature {j}"), var[j], old_var[j], batch_var)?;
-        prop_assert!(var[j] >= 0.0, "running variance of feature {j} is negative: {}", var[j]);
+        between(
+            format!("running mean of feature {j}"),
+            mean[j],
+            old_mean[j],
+            f.mean[j],
+        )?;
+        between(
+            format!("running variance of feature {j}"),
+            var[j],
+            old_var[j],
+            batch_var,
+        )?;
+        prop_assert!(
+            var[j] >= 0.0,
+            "running variance of feature {j} is negative: {}",
+            var[j]
+        );
         let scale = old_mean[j].abs() + f.mean[j].abs();
         close(
             format!("running mean of feature {j} = keep·old + (1−keep)·batch"),

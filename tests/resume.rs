@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 #[test]
 fn interrupted_and_resumed_equals_unbroken() {
-    let data = Arc::new(support::tiny_dataset(600, 100, 784, 5));
+    let data = Arc::new(support::synthetic_dataset(600, 100, 784, 5));
     let dir = tempfile::tempdir().unwrap();
     let mut train = TrainConfig::seed();
     train.momentum = 0.5;

@@ -275,7 +275,7 @@ impl Checkpoint {
             StoredPrecision::F64 => 8,
         };
         let needed = stored_values(&model, estimators, train.momentum > 0.0).and_then(|n| n.checked_mul(value_bytes));
-        if false && needed.is_none_or(|n| n > bytes.len()) {
+        if needed.is_none_or(|n| n > bytes.len()) {
             return Err(malformed(format!("its configuration ({model}) needs more tensor data than the file's {} bytes hold", bytes.len())));
         }
         let mut params = ModelParams::init_shapes(&model, estimators);

@@ -93,23 +93,15 @@ impl ModelParams {
         p
     }
 
-    /// Every tensor with a readable name (`layer1.weight`, `layer2.running_var[0]`, …), in a
-    /// fixed order: used to find non-finite values and to compare two sets of parameters.
+    /// Every tensor with a readable name: the trainable ones, then each BN layer's running
+    /// statistics (`layer2.running_var[0]`, …). Used to find non-finite values.
     pub fn named_tensors(&self) -> Vec<(String, &[f64])> {
-        let mut out: Vec<(String, &[f64])> = Vec::new();
+        let mut out: Vec<(String, &[f64])> =
+            self.trainable_tensors().into_iter().map(|(name, t)| (name, t.as_slice())).collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            let n = l + 1;
-            out.push((format!("layer{n}.weight"), &layer.weight));
-            if let Some(b) = &layer.bias {
-                out.push((format!("layer{n}.bias"), b));
-            }
-            if let Some(bn) = &layer.batch_norm {
-                out.push((format!("layer{n}.gamma"), &bn.gamma));
-                out.push((format!("layer{n}.beta"), &bn.beta));
-                for (e, stats) in bn.running.iter().enumerate() {
-                    out.push((format!("layer{n}.running_mean[{e}]"), &stats.mean));
-                    out.push((format!("layer{n}.running_var[{e}]"), &stats.var));
-                }
+            for (e, stats) in layer.batch_norm.iter().flat_map(|bn| bn.running.iter().enumerate()) {
+                out.push((format!("layer{}.running_mean[{e}]", l + 1), &stats.mean));
+                out.push((format!("layer{}.running_var[{e}]", l + 1), &stats.var));
             }
         }
         out

@@ -3,11 +3,10 @@
 #![allow(dead_code)]
 
 use bntrain::cuda::{self, CudaError, Gpu};
-use bntrain::data::{Dataset, DatasetKind, Split};
+
 use cudarc::driver::CudaSlice;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::PathBuf;
 
 /// The GPU, or None (after printing why) when this machine has no usable one. With
 /// `BNTRAIN_REQUIRE_GPU=1` (the GPU host's check script) a missing GPU is a failure instead.
@@ -27,18 +26,8 @@ pub fn gpu() -> Option<Gpu> {
     None
 }
 
-/// A random dataset: u8 images of `features` pixels, labels below 10.
-pub fn synthetic_dataset(train: usize, test: usize, features: usize, seed: u64) -> Dataset {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut split = |count: usize| Split {
-        images: (0..count * features).map(|_| rng.random::<u8>()).collect(),
-        labels: (0..count).map(|_| rng.random_range(0..10u8)).collect(),
-        count,
-        features,
-        classes: 10,
-    };
-    Dataset { kind: DatasetKind::Mnist, train: split(train), test: split(test), source: PathBuf::from("synthetic") }
-}
+#[allow(unused_imports)] // not every test crate that includes this module uses it
+pub use bntrain::bench::synthetic_dataset;
 
 /// Uniform f32 values in [lo, hi).
 pub fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
