@@ -42,7 +42,8 @@ done
 if command -v strip >/dev/null; then
     strip "$bundle/bntrain" "${tests[@]/#/$bundle/}" 2>/dev/null || true
 fi
-cp scripts/gpu-check.sh "$bundle/gpu-check.sh"
+cp scripts/gpu-check.sh scripts/compare-peers.sh "$bundle/"
+cp -r scripts/peers "$bundle/peers"
 
 data="${BNTRAIN_DATA:-${BNTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bntrain}/mnist}"
 for file in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do

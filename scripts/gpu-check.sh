@@ -8,7 +8,8 @@
 #
 #   bash gpu-check.sh [BUNDLE_DIR] [PATH/TO/torch_anchor.py]
 # BUNDLE_DIR defaults to the directory of this script when it holds `bntrain`, else
-# ./gpu-bundle. STEPS (default 10000) shortens the training run.
+# ./gpu-bundle. STEPS (default 10000) shortens the training run; REPRODUCE=0 skips the full
+# study, RUN_PEERS=0 the PyTorch/JAX comparison.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [[ $# -ge 1 ]]; then bundle="$1"; elif [[ -x "$here/bntrain" ]]; then bundle="$here"; else bundle="./gpu-bundle"; fi
@@ -68,6 +69,24 @@ for config in seed wide; do
         row "bench $config (cuda)" "FAIL"; failed=1
     fi
 done
+
+# The whole study (issue 4): its wall time on the GPU goes to docs/perf.md. REPRODUCE=0 skips.
+if [[ "${REPRODUCE:-1}" == 1 ]]; then
+    echo "== bntrain reproduce --device cuda (the full study)"
+    out_runs="${OUT:-$logs}/runs"
+    start=$(date +%s.%N)
+    timeout 900 "$bin" --device cuda reproduce --data "$bundle/data" --out "$out_runs" --name gpu --json 2>&1 | tee "$logs/reproduce.log"
+    status=${PIPESTATUS[0]}
+    wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
+    if [[ $status -eq 0 ]]; then row "reproduce (full, cuda)" "${wall} s wall; report in $out_runs/gpu"; else row "reproduce (full, cuda)" "FAIL (exit $status)"; failed=1; fi
+fi
+
+# Our own PyTorch and JAX versions of the same step, same GPU, same call (issue 5). RUN_PEERS=0 skips.
+if [[ "${RUN_PEERS:-1}" == 1 && -f "$bundle/compare-peers.sh" ]]; then
+    echo "== compare-peers.sh"
+    timeout 600 bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
+    row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
+fi
 
 if [[ -n "$anchor" ]]; then
     echo "== python3 $anchor (peer anchor, same GPU)"
