@@ -10,7 +10,9 @@
 
 use bntrain::data::{parse_idx_images, parse_idx_labels, IMAGES_MAGIC, LABELS_MAGIC};
 use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainProgress};
-use bntrain::model::{Activation, Averaging, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind};
+use bntrain::model::{
+    Activation, Averaging, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind,
+};
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -26,7 +28,9 @@ fn fuzz_dir() -> PathBuf {
 /// Every regular file under `dir`, recursively, in a stable order (none if it is absent).
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name();
@@ -60,7 +64,10 @@ fn replay(bytes: &[u8], origin: &Path) -> Vec<String> {
         let name = Path::new(if compressed { "replay.gz" } else { "replay" });
         guard(&format!("parse_idx_images(gz={compressed})"), &mut || {
             if let Ok(images) = parse_idx_images(bytes, name, compressed) {
-                assert_eq!(images.pixels.len(), images.count * images.rows * images.cols);
+                assert_eq!(
+                    images.pixels.len(),
+                    images.count * images.rows * images.cols
+                );
             }
         });
         guard(&format!("parse_idx_labels(gz={compressed})"), &mut || {
@@ -71,10 +78,22 @@ fn replay(bytes: &[u8], origin: &Path) -> Vec<String> {
         let _ = Checkpoint::from_bytes(bytes, Path::new("replay.safetensors"));
     });
     if let Some(repaired) = fuzz_input::with_repaired_header_length(bytes) {
-        guard("Checkpoint::from_bytes (header length repaired)", &mut || {
-            let _ = Checkpoint::from_bytes(&repaired, Path::new("replay.safetensors"));
-        });
+        guard(
+            "Checkpoint::from_bytes (header length repaired)",
+            &mut || {
+                let _ = Checkpoint::from_bytes(&repaired, Path::new("replay.safetensors"));
+            },
+        );
     }
+    guard(
+        "Checkpoint::from_bytes (as the configuration of the template)",
+        &mut || {
+            let _ = Checkpoint::from_bytes(
+                &fuzz_input::template_with_config(bytes),
+                Path::new("replay.safetensors"),
+            );
+        },
+    );
     panics
 }
 
@@ -83,10 +102,22 @@ fn corpus_and_crash_cases_never_panic() {
     let root = fuzz_dir();
     let mut panics = Vec::new();
     let mut replayed = 0;
-    for sub in ["seeds/idx", "seeds/checkpoint", "corpus/idx", "corpus/checkpoint", "artifacts"] {
+    for sub in [
+        "seeds/idx",
+        "seeds/checkpoint",
+        "seeds/checkpoint_config",
+        "corpus/idx",
+        "corpus/checkpoint",
+        "corpus/checkpoint_config",
+        "artifacts",
+    ] {
         let files = files_under(&root.join(sub));
         if !sub.starts_with("artifacts") {
-            assert!(!files.is_empty(), "{} is empty: the seed corpus is missing", root.join(sub).display());
+            assert!(
+                !files.is_empty(),
+                "{} is empty: the seed corpus is missing",
+                root.join(sub).display()
+            );
         }
         for path in files {
             let bytes = std::fs::read(&path).unwrap();
@@ -94,7 +125,12 @@ fn corpus_and_crash_cases_never_panic() {
             replayed += 1;
         }
     }
-    assert!(panics.is_empty(), "{} of {replayed} inputs panicked:\n{}", panics.len(), panics.join("\n"));
+    assert!(
+        panics.is_empty(),
+        "{} of {replayed} inputs panicked:\n{}",
+        panics.len(),
+        panics.join("\n")
+    );
 }
 
 /// The seeds parse: a sanity check that the corpus starts from valid files, so the fuzzer
@@ -109,7 +145,10 @@ fn valid_seeds_are_accepted() {
     }
     for (name, compressed) in [("valid-labels", false), ("valid-labels.gz", true)] {
         let bytes = std::fs::read(root.join("seeds/idx").join(name)).unwrap();
-        assert_eq!(parse_idx_labels(&bytes, Path::new(name), compressed).unwrap(), vec![0, 7, 9]);
+        assert_eq!(
+            parse_idx_labels(&bytes, Path::new(name), compressed).unwrap(),
+            vec![0, 7, 9]
+        );
     }
     for (name, _) in checkpoint_seeds() {
         let bytes = std::fs::read(root.join("seeds/checkpoint").join(&name)).unwrap();
@@ -145,26 +184,42 @@ fn checkpoint_seeds() -> Vec<(String, Checkpoint)> {
             inputs: 4,
             hidden: vec![3, 2],
             classes: 2,
-            activation: if batch_norm { Activation::Sigmoid } else { Activation::Relu },
+            activation: if batch_norm {
+                Activation::Sigmoid
+            } else {
+                Activation::Relu
+            },
             batch_norm,
             epsilon: 1e-3,
         };
         let mut train = TrainConfig::seed();
         train.momentum = momentum;
         if extra {
-            train.extra_estimators =
-                vec![StatsEstimator { averaging: Averaging::Cumulative, variance: VarianceKind::Unbiased }];
+            train.extra_estimators = vec![StatsEstimator {
+                averaging: Averaging::Cumulative,
+                variance: VarianceKind::Unbiased,
+            }];
         }
         let mut params = ModelParams::init(&model, 3, train.estimators().len());
         for layer in &mut params.layers {
-            layer.weight.iter_mut().for_each(|w| *w = (*w * 8.0).round() / 8.0);
+            layer
+                .weight
+                .iter_mut()
+                .for_each(|w| *w = (*w * 8.0).round() / 8.0);
         }
         let velocity = if momentum > 0.0 {
-            params.trainable_tensors().iter().map(|(_, t)| vec![0.25; t.len()]).collect()
+            params
+                .trainable_tensors()
+                .iter()
+                .map(|(_, t)| vec![0.25; t.len()])
+                .collect()
         } else {
             Vec::new()
         };
-        let progress = TrainProgress { step: 42, ..Default::default() };
+        let progress = TrainProgress {
+            step: 42,
+            ..Default::default()
+        };
         let name = format!(
             "valid-{}-{:?}{}{}.safetensors",
             if batch_norm { "bn" } else { "plain" },
@@ -173,7 +228,17 @@ fn checkpoint_seeds() -> Vec<(String, Checkpoint)> {
             if extra { "-two-estimators" } else { "" },
         )
         .to_lowercase();
-        seeds.push((name, Checkpoint { model, train, params, velocity, progress, precision }));
+        seeds.push((
+            name,
+            Checkpoint {
+                model,
+                train,
+                params,
+                velocity,
+                progress,
+                precision,
+            },
+        ));
     }
     seeds
 }
@@ -200,14 +265,39 @@ fn write_seed_corpus() {
         ("empty-images", idx_bytes(IMAGES_MAGIC, &[0, 28, 28], &[])),
         ("truncated-images", images[..images.len() - 7].to_vec()),
         ("too-long-labels", idx_bytes(LABELS_MAGIC, &[2], &[1, 2, 3])),
-        ("huge-count-images", idx_bytes(IMAGES_MAGIC, &[u32::MAX, 28, 28], &pixels)),
-        ("huge-count-labels.gz", gzip(&idx_bytes(LABELS_MAGIC, &[u32::MAX], &[1, 2, 3]))),
-        ("concatenated.gz", [gzip(&labels[..6]), gzip(&labels[6..])].concat()),
+        (
+            "huge-count-images",
+            idx_bytes(IMAGES_MAGIC, &[u32::MAX, 28, 28], &pixels),
+        ),
+        (
+            "huge-count-labels.gz",
+            gzip(&idx_bytes(LABELS_MAGIC, &[u32::MAX], &[1, 2, 3])),
+        ),
+        (
+            "concatenated.gz",
+            [gzip(&labels[..6]), gzip(&labels[6..])].concat(),
+        ),
     ];
     for (name, bytes) in idx_seeds {
         std::fs::write(idx_dir.join(name), bytes).unwrap();
     }
+    let config_dir = root.join("seeds/checkpoint_config");
+    std::fs::create_dir_all(&config_dir).unwrap();
     for (name, checkpoint) in checkpoint_seeds() {
-        checkpoint.save(&ckpt_dir.join(name)).unwrap();
+        checkpoint.save(&ckpt_dir.join(&name)).unwrap();
+        // The same configuration as the checkpoint_config target reads it: the metadata
+        // texts of fuzz_input::CONFIG_KEYS joined by NUL bytes.
+        let bytes = std::fs::read(ckpt_dir.join(&name)).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let metadata = header.metadata().clone().unwrap();
+        let texts: Vec<&[u8]> = fuzz_input::CONFIG_KEYS
+            .iter()
+            .map(|k| metadata[*k].as_bytes())
+            .collect();
+        std::fs::write(
+            config_dir.join(name.replace(".safetensors", ".config")),
+            texts.join(&0u8),
+        )
+        .unwrap();
     }
 }
