@@ -495,7 +495,22 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     println!("{}", summary.table());
     println!("report: {}", out_dir.join("report.md").display());
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        // The headline numbers; every curve and table is in metrics.json.
+        let t = &summary.test_time;
+        let estimators: serde_json::Map<String, serde_json::Value> =
+            summary.estimators.rows.iter().map(|r| (r.label.clone(), json!(r.mean))).collect();
+        println!("{}", json!({
+            "device": summary.device,
+            "seconds": summary.timings.total_s,
+            "bn_final_accuracy": summary.comparison.bn.final_accuracy(),
+            "plain_final_accuracy": summary.comparison.plain.final_accuracy(),
+            "test_accuracy": t.accuracy_population,
+            "one_by_one_population": t.first_population.accuracy,
+            "one_by_one_batch": t.first_batch.accuracy,
+            "estimators": estimators,
+            "report": out_dir.join("report.md"),
+            "metrics": out_dir.join("metrics.json"),
+        }));
     }
     Ok(())
 }
