@@ -167,6 +167,21 @@ fn segments(points: &[(f64, f64)], style: ShapeStyle) -> Vec<PathElement<(f64, f
 }
 
 /// Is this the seed study on MNIST, where PyTorch's anchors apply?
+/// The legend every chart uses, at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> DrawResult<DB> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .margin(15)
+        .label_font(text(16.0))
+        .background_style(WHITE.mix(0.9))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()
+}
+
 fn anchors_apply(s: &ReproduceSummary) -> bool {
     s.dataset == "mnist" && s.model.hidden == [100, 100] && s.train_examples == 60_000 && s.test_examples == 10_000
 }
@@ -237,15 +252,7 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
                 .legend(|(x, y)| Circle::new((x + 12, y), 6, BN.stroke_width(2)));
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .margin(15)
-        .label_font(text(16.0))
-        .background_style(WHITE.mix(0.9))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// Figure 1(b,c): one row per probed unit, without BN on the left and with BN on the right.
@@ -381,15 +388,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
             .label(format!("{name}: accuracy {acc:.2}"))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .margin(15)
-        .label_font(text(16.0))
-        .background_style(WHITE.mix(0.9))
-        .border_style(RGBColor(180, 180, 180))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 /// Test accuracy per population-statistics estimator: each seed a small dot, the mean a large

@@ -45,10 +45,12 @@ pub enum ReportError {
     Options(String),
 }
 
-/// What `reproduce` runs and where it writes.
-#[derive(Clone, Debug, PartialEq)]
+/// What `reproduce` runs and where it writes; recorded in `metrics.json` without the two
+/// fields that say where and how, not what.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReproduceOptions {
     /// Output directory, conventionally `runs/<name>`; created if missing.
+    #[serde(skip)]
     pub out_dir: PathBuf,
     /// Steps of the side-by-side BN / plain comparison (Figure 1).
     pub steps_compare: u64,
@@ -65,6 +67,7 @@ pub struct ReproduceOptions {
     /// A small run for tests: recorded in the report, nothing else changes behavior.
     pub quick: bool,
     /// Progress bars on stderr (hidden otherwise).
+    #[serde(skip)]
     pub progress: bool,
 }
 
@@ -107,18 +110,6 @@ impl ReproduceOptions {
         }
         Ok(())
     }
-}
-
-/// The options as recorded in `metrics.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OptionsRecord {
-    pub steps_compare: u64,
-    pub steps_bn: u64,
-    pub eval_every: u64,
-    pub seeds: u32,
-    pub seed: u64,
-    pub hidden: Vec<usize>,
-    pub quick: bool,
 }
 
 /// Distribution of one probed unit's activation input over the test set.
@@ -265,7 +256,7 @@ pub struct ReproduceSummary {
     pub test_examples: usize,
     pub model: ModelConfig,
     pub train: TrainConfig,
-    pub options: OptionsRecord,
+    pub options: ReproduceOptions,
     pub comparison: Comparison,
     pub test_time: TestTime,
     pub estimators: EstimatorStudy,
@@ -346,15 +337,7 @@ pub fn reproduce(
         test_examples: data.test.count,
         model: study::model_config(opts, &data, true),
         train: study::train_config(opts.seed, Vec::new()),
-        options: OptionsRecord {
-            steps_compare: opts.steps_compare,
-            steps_bn: opts.steps_bn,
-            eval_every: opts.eval_every,
-            seeds: opts.seeds,
-            seed: opts.seed,
-            hidden: opts.hidden.clone(),
-            quick: opts.quick,
-        },
+        options: opts.clone(),
         timings: Timings {
             comparison_s: comparison.result.wall_s,
             test_time_s: test_time.wall_s,
