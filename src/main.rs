@@ -352,6 +352,8 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
 }
 
 fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
+    // First thing, so that an interrupt at any point after start-up is a clean stop.
+    let stop = install_interrupt_handler();
     let data = load_data(&args.data)?;
     let model = args.model.config(data.train.features, data.train.classes);
     let start = match (&args.init, &args.resume) {
@@ -371,7 +373,6 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         device: resolve_device(device_choice),
         precision: args.precision,
     };
-    let stop = install_interrupt_handler();
     let bar = progress_bar(args.steps, 0);
     let mut last_eval = String::new();
     let mut on_event = |event: Event<'_>| match event {

@@ -146,8 +146,9 @@ fn resume_continues_bitwise_identically() {
     assert_eq!(a.progress, b.progress, "step and metric history");
 }
 
-#[test]
-fn interrupt_writes_a_checkpoint_that_resumes() {
+/// Ctrl-C (SIGINT) or SIGTERM mid-run: a checkpoint at the next step boundary, exit 130,
+/// and the checkpoint resumes.
+fn interrupt_writes_a_checkpoint_that_resumes(signal: &str) {
     let e = env();
     let ckpt = e.dir.join("int.safetensors");
     let child = Command::new(BIN)
@@ -157,7 +158,7 @@ fn interrupt_writes_a_checkpoint_that_resumes() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -168,6 +169,16 @@ fn interrupt_writes_a_checkpoint_that_resumes() {
     let more = (saved.progress.step + 20).to_string();
     let resumed = last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", &more, "--resume", s(&ckpt), "--json"]));
     assert_eq!(resumed["steps"].as_u64().unwrap(), saved.progress.step + 20);
+}
+
+#[test]
+fn sigint_writes_a_checkpoint_that_resumes() {
+    interrupt_writes_a_checkpoint_that_resumes("-INT");
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_that_resumes() {
+    interrupt_writes_a_checkpoint_that_resumes("-TERM");
 }
 
 #[test]
