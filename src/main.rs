@@ -138,7 +138,8 @@ struct TrainArgs {
     /// Evaluate on the test set every this many steps.
     #[arg(long, default_value_t = 50)]
     eval_every: u64,
-    /// Write a checkpoint here at the end (and on Ctrl-C).
+    /// Write a checkpoint here at the end and on Ctrl-C (without it, Ctrl-C saves to
+    /// bntrain-interrupted.safetensors).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Start from the weights and statistics of this checkpoint.
@@ -242,6 +243,9 @@ enum VarianceArg { Biased, Unbiased }
 enum SplitArg { Train, Test }
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ModeArg { Population, Batch }
+
+/// Where an interrupted `train` without `--checkpoint` saves its state.
+const INTERRUPT_CHECKPOINT: &str = "bntrain-interrupted.safetensors";
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> { s.parse() }
 fn parse_precision(s: &str) -> Result<Precision, String> { s.parse() }
@@ -361,9 +365,11 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         (_, Some(p)) => Start::Resume(p.clone()),
         _ => Start::Fresh,
     };
-    // An interrupted run without --checkpoint still saves, next to where it was started.
+    // A resumed run saves back into the file it resumed from unless told otherwise.
     let checkpoint = args.checkpoint.clone().or_else(|| args.resume.clone());
     let req = TrainRequest {
+        // Nothing is lost on Ctrl-C, even without --checkpoint.
+        interrupt_checkpoint: Some(PathBuf::from(INTERRUPT_CHECKPOINT)),
         model,
         train: args.optim.config(),
         steps: args.steps,
@@ -374,7 +380,6 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         precision: args.precision,
     };
     let bar = progress_bar(args.steps, 0);
-    let mut last_eval = String::new();
     let mut on_event = |event: Event<'_>| match event {
         Event::Stepped { step } => {
             if step % 25 == 0 {
@@ -383,18 +388,16 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         }
         Event::Evaluated { record, .. } => {
             let p = &record.point;
-            last_eval = format!("loss {:.4}  train acc {:.4}  test acc {:.4}", p.train_loss, p.train_accuracy, p.test_accuracy);
             bar.set_position(p.step);
-            bar.set_message(last_eval.clone());
+            bar.set_message(format!("loss {:.4}  train acc {:.4}  test acc {:.4}", p.train_loss, p.train_accuracy, p.test_accuracy));
         }
     };
     let result = session::run(&req, Arc::clone(&data), Some(&stop), &mut on_event);
     bar.finish_and_clear();
     let report = result?;
     if let Outcome::Interrupted { step, .. } = report.outcome {
-        match &report.checkpoint {
-            Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {}`", p.display(), p.display()),
-            None => eprintln!("interrupted at step {step}; nothing saved (no --checkpoint given)"),
+        if let Some(p) = &report.checkpoint {
+            eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), p.display(), args.steps);
         }
         std::process::exit(130);
     }

@@ -35,6 +35,8 @@ pub struct TrainRequest {
     pub eval_every: u64,
     pub start: Start,
     pub checkpoint: Option<PathBuf>,
+    /// Where to save when interrupted and `checkpoint` is None.
+    pub interrupt_checkpoint: Option<PathBuf>,
     pub device: DeviceChoice,
     pub precision: Precision,
 }
@@ -172,8 +174,12 @@ pub fn run(
         Outcome::Finished { .. } => StepStats::default(),
     };
     let final_progress = TrainProgress { step: outcome.step(), history: history.clone(), pending };
-    if let Some(path) = &req.checkpoint {
+    let checkpoint = match outcome {
+        Outcome::Interrupted { .. } => req.checkpoint.clone().or_else(|| req.interrupt_checkpoint.clone()),
+        Outcome::Finished { .. } => req.checkpoint.clone(),
+    };
+    if let Some(path) = &checkpoint {
         save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, req.precision, path)?;
     }
-    Ok(TrainReport { device: device_name, start_step, outcome, seconds, history, checkpoint: req.checkpoint.clone() })
+    Ok(TrainReport { device: device_name, start_step, outcome, seconds, history, checkpoint })
 }

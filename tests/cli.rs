@@ -177,6 +177,26 @@ fn sigint_writes_a_checkpoint_that_resumes() {
 }
 
 #[test]
+fn an_interrupt_without_checkpoint_flag_still_saves() {
+    let e = env();
+    let child = Command::new(BIN)
+        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000"])
+        .current_dir(&e.dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("bntrain-interrupted.safetensors"), "{stderr}");
+    let saved = bntrain::model::checkpoint::Checkpoint::load(&e.dir.join("bntrain-interrupted.safetensors")).unwrap();
+    assert!(saved.progress.step > 0);
+}
+
+#[test]
 fn sigterm_writes_a_checkpoint_that_resumes() {
     interrupt_writes_a_checkpoint_that_resumes("-TERM");
 }

@@ -24,6 +24,7 @@ fn interrupted_and_resumed_equals_unbroken() {
         eval_every: 40,
         start,
         checkpoint: Some(dir.path().join(checkpoint)),
+        interrupt_checkpoint: None,
         device: DeviceChoice::Cpu,
         precision: Precision::F32,
     };
