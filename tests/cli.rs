@@ -245,7 +245,7 @@ fn bad_input_gets_one_line_errors() {
 #[test]
 fn cuda_without_a_gpu_says_what_to_do() {
     if bntrain::cuda::cuda_available().is_ok() {
-        eprintln!("skipped: a GPU is present");
+        let _ = writeln!(std::io::stderr(), "skipped: a GPU is present");
         return;
     }
     let e = env();

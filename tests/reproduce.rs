@@ -5,6 +5,8 @@
 //! are found through `BNTRAIN_DATA` or the cache, without downloading; skipped loudly
 //! otherwise). Outputs stay in `target/tmp/reproduce-quick-*` for inspection.
 
+// Skip notices go to stderr directly, past the test harness's capture, so a run shows them.
+use std::io::Write as _;
 use bntrain::backend::Backend;
 use bntrain::cpu::CpuBackend;
 use bntrain::data::{load_dir, locate, Dataset, DatasetKind, Split};
@@ -287,7 +289,7 @@ fn reproduce_quick_on_synthetic_data() {
 #[test]
 fn reproduce_quick_on_mnist() {
     let Ok(dir) = locate(None, DatasetKind::Mnist, false) else {
-        eprintln!("skipped: MNIST not found (set BNTRAIN_DATA or run `bntrain fetch`)");
+        let _ = writeln!(std::io::stderr(), "skipped: MNIST not found (set BNTRAIN_DATA or run `bntrain data fetch`)");
         return;
     };
     let data = load_dir(&dir, DatasetKind::Mnist).expect("MNIST loads");
@@ -310,7 +312,7 @@ fn reproduce_quick_on_mnist() {
 #[ignore]
 fn reproduce_full_on_mnist() {
     let Ok(dir) = locate(None, DatasetKind::Mnist, false) else {
-        eprintln!("skipped: MNIST not found (set BNTRAIN_DATA or run `bntrain fetch`)");
+        let _ = writeln!(std::io::stderr(), "skipped: MNIST not found (set BNTRAIN_DATA or run `bntrain data fetch`)");
         return;
     };
     let data = Arc::new(load_dir(&dir, DatasetKind::Mnist).expect("MNIST loads"));
@@ -341,7 +343,7 @@ fn check_outputs_full(summary: &ReproduceSummary, dir: &Path) {
 #[ignore]
 fn rerender() {
     let Some(dir) = std::env::var_os("BNTRAIN_RERENDER") else {
-        eprintln!("skipped: set BNTRAIN_RERENDER to a run directory");
+        let _ = writeln!(std::io::stderr(), "skipped: set BNTRAIN_RERENDER to a run directory");
         return;
     };
     let summary = bntrain::report::rerender(Path::new(&dir)).expect("rerender");

@@ -2,6 +2,8 @@
 //! buffers and the f32 → f64 bridge to the CPU reference.
 #![allow(dead_code)]
 
+// Skip notices go to stderr directly, past the test harness's capture, so a run shows them.
+use std::io::Write as _;
 use bntrain::cuda::{self, CudaError, Gpu};
 
 use cudarc::driver::CudaSlice;
@@ -22,7 +24,7 @@ pub fn gpu() -> Option<Gpu> {
     if std::env::var("BNTRAIN_REQUIRE_GPU").as_deref() == Ok("1") {
         panic!("BNTRAIN_REQUIRE_GPU=1 but there is no usable GPU: {reason}");
     }
-    eprintln!("skipped: no usable GPU ({reason})");
+    let _ = writeln!(std::io::stderr(), "skipped: no usable GPU ({reason})");
     None
 }
 

@@ -1,6 +1,8 @@
 //! Helpers shared by the CPU-side integration tests.
 #![allow(dead_code)]
 
+// Skip notices go to stderr directly, past the test harness's capture, so a run shows them.
+use std::io::Write as _;
 use bntrain::data::DatasetKind;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,7 +22,7 @@ pub fn real_mnist() -> Option<PathBuf> {
     match bntrain::data::locate(None, DatasetKind::Mnist, false) {
         Ok(dir) => Some(dir),
         Err(e) => {
-            eprintln!("skipped: real MNIST not found ({e})");
+            let _ = writeln!(std::io::stderr(), "skipped: real MNIST not found ({e})");
             None
         }
     }
