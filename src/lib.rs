@@ -10,6 +10,7 @@
 //! - [`report`]: figures, CSV/JSON and the reproduction report;
 //! - [`tolerance`]: the one numeric comparison helper.
 
+pub mod atomic_file;
 pub mod backend;
 pub mod cpu;
 pub mod cuda;

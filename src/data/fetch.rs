@@ -6,8 +6,8 @@
 //! since mirrors compress differently, and land atomically so an interrupted download never
 //! leaves a half file that looks complete.
 
-use std::fs::{self, File};
-use std::io::{self, IsTerminal, Read, Write};
+use std::fs;
+use std::io::{self, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use flate2::read::MultiGzDecoder;
 use sha2::{Digest, Sha256};
 
 use super::idx::{open_decoded, read_error};
+use crate::atomic_file::write_atomically;
 use super::{find_idx_file, require_idx_file, DataError, DatasetKind, IDX_FILES};
 
 /// Mirrors of the MNIST `.gz` files, tried in order: torchvision's first choice, TensorFlow's,
@@ -206,7 +207,7 @@ pub fn fetch_from(mirrors: &[&str], dest: &Path, progress: bool) -> Result<Fetch
                 tried,
             });
         };
-        write_atomically(&target, &contents)?;
+        write_atomically(&target, &contents).map_err(|e| DataError::io("cannot write", &target, e))?;
         report.downloaded.push(file.name.to_string());
     }
     Ok(report)
@@ -262,23 +263,6 @@ fn download_verified(
         return Err(format!("SHA-256 {actual}, expected {}", file.sha256));
     }
     Ok(contents)
-}
-
-/// Writes through a temporary file in the same directory, then renames: readers see either
-/// no file or the whole verified file.
-fn write_atomically(target: &Path, contents: &[u8]) -> Result<(), DataError> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = target.with_file_name(format!(".{name}.part-{}", std::process::id()));
-    let written = File::create(&temporary)
-        .and_then(|mut out| out.write_all(contents).and_then(|()| out.sync_all()))
-        .and_then(|()| fs::rename(&temporary, target));
-    written.map_err(|e| {
-        let _ = fs::remove_file(&temporary);
-        DataError::io("cannot write", target, e)
-    })
 }
 
 /// Checks that `dir` holds the original MNIST files (raw or `.gz`), by the SHA-256 of

@@ -6,7 +6,7 @@
 
 use super::figures::{ESTIMATORS, FIG1A, FIG1B, FIG1C, TEST_TIME};
 use super::{Curve, ReportError, ReproduceSummary};
-use crate::model::checkpoint::write_atomically;
+use crate::atomic_file::write_atomically;
 use std::fmt::Write as _;
 use std::path::Path;
 
