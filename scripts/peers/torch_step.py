@@ -45,24 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CONFIGS = {"seed": (100, 60), "wide": (1024, 1024)}
-INPUTS, CLASSES = 784, 10
-EPS, DECAY, LR = 1e-3, 0.999, 0.01
-
-
-def host_problem(cfg, seed, examples=None):
-    """Initial parameters, data and permutation as numpy arrays, from one RandomState.
-    The same function (same draws, same order) is in jax_step.py and ref_step.py."""
-    hidden, batch = CONFIGS[cfg]
-    n = examples or batch * 12
-    rs = np.random.RandomState(seed)
-    widths = [INPUTS, hidden, hidden, CLASSES]
-    layers = [rs.standard_normal((widths[i], widths[i + 1])).astype(np.float32)  # [in, out]
-              for i in range(3)]
-    images = rs.randint(0, 256, size=(n, INPUTS)).astype(np.uint8)
-    labels = rs.randint(0, CLASSES, size=n).astype(np.int64)
-    perm = rs.permutation(n).astype(np.int64)
-    return widths, layers, images, labels, perm, batch
+from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem  # noqa: E402,F401
 
 
 class Problem:
