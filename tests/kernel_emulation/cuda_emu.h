@@ -1,0 +1,45 @@
+// Minimal CPU emulation of the CUDA features the bntrain kernels use.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <cstdio>
+#include <thread>
+#include <vector>
+#include <functional>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+std::barrier<>* g_bar = nullptr;
+inline void __syncthreads() {
+    if (!g_bar) { fprintf(stderr, "__syncthreads in a sequential launch\n"); abort(); }
+    g_bar->arrive_and_wait();
+}
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__ __restrict
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+
+// Threaded launch (kernels with barriers): every thread of a block is a std::thread.
+inline void launch(dim3 grid, dim3 block, std::function<void()> f) {
+    gridDim = grid; blockDim = block;
+    for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> bar(block.x * block.y * block.z);
+        g_bar = &bar;
+        std::vector<std::thread> ts;
+        for (unsigned tz = 0; tz < block.z; ++tz) for (unsigned ty = 0; ty < block.y; ++ty) for (unsigned tx = 0; tx < block.x; ++tx)
+            ts.emplace_back([=, &f] { blockIdx = {bx, by, bz}; threadIdx = {tx, ty, tz}; f(); });
+        for (auto& t : ts) t.join();
+        g_bar = nullptr;
+    }
+}
+// Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
+inline void launch_seq(dim3 grid, dim3 block, std::function<void()> f) {
+    gridDim = grid; blockDim = block;
+    for (int bx = grid.x - 1; bx >= 0; --bx) for (int tx = block.x - 1; tx >= 0; --tx) {
+        blockIdx = {(unsigned)bx, 0, 0}; threadIdx = {(unsigned)tx, 0, 0}; f();
+    }
+}

@@ -1,0 +1,156 @@
+// The CUDA kernels of cuda/*.cu, compiled as C++ against cuda_emu.h (one std::thread per
+// CUDA thread, real barriers, the launch shapes of src/cuda/kernels.rs) and checked against
+// double-precision references written out here, on awkward sizes, with poisoned outputs.
+// This is how CI, which has no GPU, checks every kernel's arithmetic and indexing; the GPU
+// tests (tests/gpu_kernels.rs) check the same kernels on a device against src/cpu/ops.rs.
+// Run: scripts/kernel-emulation.sh
+#include "cuda_emu.h"
+#include "gather.cu"
+#include "batchnorm.cu"
+#include "activation.cu"
+#include "softmax_xent.cu"
+#include "running_stats.cu"
+#include "sgd.cu"
+#include <algorithm>
+#include <string>
+
+static uint64_t rs = 88172645463325252ull;
+static double rnd() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return (rs >> 11) * (1.0 / 9007199254740992.0); }
+static std::vector<float> uni(size_t n, float lo, float hi) { std::vector<float> v(n); for (auto& x : v) x = lo + (hi - lo) * (float)rnd(); return v; }
+static int failures = 0;
+static void check(const std::string& what, const std::vector<float>& got, const std::vector<double>& want, double atol, double rtol, size_t tail_from = SIZE_MAX) {
+    size_t bad = 0, worst = 0; double wex = -1;
+    for (size_t i = 0; i < want.size(); ++i) {
+        double ex = std::isnan(got[i]) ? INFINITY : fabs(got[i] - want[i]) - (atol + rtol * fabs(want[i]));
+        if (ex > 0) { bad++; if (ex > wex) { wex = ex; worst = i; } }
+    }
+    for (size_t i = want.size(); i < got.size(); ++i) if (!std::isnan(got[i])) { printf("%s: wrote past end at %zu\n", what.c_str(), i); failures++; break; }
+    if (bad) { failures++; printf("FAIL %s: %zu/%zu bad, worst %zu got %g want %g\n", what.c_str(), bad, want.size(), worst, got[worst], want[worst]); }
+}
+static std::vector<float> poison(size_t n) { return std::vector<float>(n + 5, NAN); }
+static dim3 cols(unsigned w) { return {(w + 31) / 32, 1, 1}; }
+static dim3 ew(size_t n) { return {(unsigned)std::clamp<size_t>((n + 255) / 256, 1, 4096), 1, 1}; }
+static double act(int a, double y) { return a == 0 ? 1.0 / (1.0 + exp(-y)) : (y > 0 ? y : 0); }
+static double actb(int a, double o, double g) { return a == 0 ? g * o * (1 - o) : (o > 0 ? g : 0); }
+
+int main() {
+    std::vector<std::pair<unsigned, unsigned>> shapes = {{1,1},{1,1000},{2,2},{2,127},{60,100},{60,10},{100,60},{127,127},{127,33},{1000,1},{1030,100},{300,1000}};
+    // gather
+    for (unsigned features : {1u, 2u, 60u, 784u}) for (unsigned rows : {1u, 2u, 60u, 127u, 1030u}) {
+        unsigned count = 1100;
+        std::vector<uint8_t> img(count * features), lab(count);
+        for (auto& v : img) v = (uint8_t)(rnd() * 256); for (auto& v : lab) v = (uint8_t)(rnd() * 10);
+        std::vector<unsigned> order(2 * rows + 5); for (auto& o : order) o = (unsigned)(rnd() * count);
+        unsigned cursor = 1;
+        auto x = poison(rows * features); std::vector<uint8_t> bl(rows + 3, 0xEE);
+        launch_seq({rows,1,1}, {256,1,1}, [&]{ gather_rows_f32(img.data(), lab.data(), count, features, order.data(), (unsigned)order.size(), &cursor, 0, rows, x.data(), bl.data()); });
+        std::vector<double> want(rows * features); bool ok = true;
+        for (unsigned r = 0; r < rows; ++r) { unsigned idx = order[rows + r]; for (unsigned f = 0; f < features; ++f) want[r * features + f] = img[idx * features + f] / 255.0; ok &= bl[r] == lab[idx]; }
+        ok &= bl[rows] == 0xEE;
+        if (!ok) { failures++; printf("FAIL gather labels\n"); }
+        check("gather " + std::to_string(rows) + "x" + std::to_string(features), x, want, 0, 1e-6);
+        // eval form
+        auto x2 = poison(rows * features);
+        launch_seq({rows,1,1}, {256,1,1}, [&]{ gather_rows_f32(img.data(), lab.data(), count, features, nullptr, 0, nullptr, count - rows, rows, x2.data(), bl.data()); });
+        for (unsigned r = 0; r < rows; ++r) for (unsigned f = 0; f < features; ++f) want[r * features + f] = img[(count - rows + r) * features + f] / 255.0;
+        check("gather eval", x2, want, 0, 1e-6);
+    }
+    for (auto [rows, width] : shapes) for (int a : {0, 1}) {
+        std::string tag = std::to_string(rows) + "x" + std::to_string(width) + " act" + std::to_string(a);
+        size_t n = (size_t)rows * width;
+        // bn forward train
+        auto z = uni(n, 1, 3), g = uni(width, 0.5, 2), b = uni(width, -1, 1);
+        float eps = 1e-3f;
+        auto mean = poison(width), var = poison(width), istd = poison(width), xh = poison(n), y = poison(n), av = poison(n);
+        launch(cols(width), {32, 8, 1}, [&]{ bn_act_fwd_train_f32(z.data(), g.data(), b.data(), eps, a, rows, width, mean.data(), var.data(), istd.data(), xh.data(), y.data(), av.data()); });
+        std::vector<double> rm(width), rv(width), ri(width), rx(n), ry(n), ra(n);
+        for (unsigned c = 0; c < width; ++c) { double s = 0; for (unsigned r = 0; r < rows; ++r) s += z[r * width + c]; rm[c] = s / rows; double q = 0; for (unsigned r = 0; r < rows; ++r) { double d = z[r * width + c] - rm[c]; q += d * d; } rv[c] = q / rows; ri[c] = 1 / sqrt(rv[c] + (double)eps);
+            for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; rx[i] = (z[i] - rm[c]) * ri[c]; ry[i] = g[c] * rx[i] + b[c]; ra[i] = act(a, ry[i]); } }
+        check("bn_train mean " + tag, mean, rm, 1e-6, 2e-5); check("bn_train var " + tag, var, rv, 1e-6, 2e-5); check("bn_train istd " + tag, istd, ri, 1e-6, 2e-5);
+        check("bn_train xhat " + tag, xh, rx, 1e-4, 1e-4); check("bn_train y " + tag, y, ry, 1e-4, 1e-4); check("bn_train a " + tag, av, ra, 1e-4, 1e-4);
+        // bn infer
+        auto pm = uni(width, -1, 1), pv = uni(width, 0.1, 2), z2 = uni(n, -3, 3);
+        auto y2 = poison(n), a2 = poison(n);
+        launch_seq(ew(n), {256,1,1}, [&]{ bn_act_fwd_infer_f32(z2.data(), g.data(), b.data(), pm.data(), pv.data(), eps, a, rows, width, y2.data(), a2.data()); });
+        for (size_t i = 0; i < n; ++i) { unsigned c = i % width; ry[i] = (z2[i] - pm[c]) * (g[c] / sqrt(pv[c] + (double)eps)) + b[c]; ra[i] = act(a, ry[i]); }
+        check("bn_infer y " + tag, y2, ry, 1e-6, 1e-5); check("bn_infer a " + tag, a2, ra, 1e-6, 1e-5);
+        // act_bn_bwd
+        auto da = uni(n, -1, 1), ao = a == 0 ? uni(n, 0.01, 0.99) : uni(n, -1, 1); if (a == 1) for (auto& v : ao) v = v > 0 ? v : 0;
+        auto xh2 = uni(n, -2, 2), is2 = uni(width, 0.5, 3);
+        auto dz = poison(n), dg = poison(width), db = poison(width);
+        launch(cols(width), {32, 8, 1}, [&]{ act_bn_bwd_f32(da.data(), ao.data(), xh2.data(), g.data(), is2.data(), a, rows, width, dz.data(), dg.data(), db.data()); });
+        std::vector<double> rdz(n), rdg(width), rdb(width);
+        for (unsigned c = 0; c < width; ++c) { double sb = 0, sg = 0; for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; double dy = actb(a, ao[i], da[i]); sb += dy; sg += dy * xh2[i]; } rdb[c] = sb; rdg[c] = sg;
+            for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; double dy = actb(a, ao[i], da[i]); rdz[i] = g[c] * is2[c] / rows * (rows * dy - sb - xh2[i] * sg); } }
+        check("act_bn_bwd db " + tag, db, rdb, 1e-5 * rows, 1e-4); check("act_bn_bwd dg " + tag, dg, rdg, 2e-5 * rows, 1e-4); check("act_bn_bwd dz " + tag, dz, rdz, 1e-4 * 6, 1e-3);
+        // bias_act_fwd
+        auto y3 = poison(n), a3 = poison(n);
+        launch_seq(ew(n), {256,1,1}, [&]{ bias_act_fwd_f32(z2.data(), b.data(), a, rows, width, y3.data(), a3.data()); });
+        for (size_t i = 0; i < n; ++i) { ry[i] = (float)(z2[i] + b[i % width]); ra[i] = act(a, ry[i]); }
+        check("bias_act y " + tag, y3, ry, 0, 0); check("bias_act a " + tag, a3, ra, 1e-6, 1e-5);
+        auto a4 = poison(n);
+        launch_seq(ew(n), {256,1,1}, [&]{ bias_act_fwd_f32(z2.data(), nullptr, a, rows, width, nullptr, a4.data()); });
+        for (size_t i = 0; i < n; ++i) ra[i] = act(a, z2[i]);
+        check("bias_act nobias a " + tag, a4, ra, 1e-6, 1e-5);
+        // act_bwd_bias_grad
+        auto dz5 = poison(n), db5 = poison(width);
+        launch(cols(width), {32, 8, 1}, [&]{ act_bwd_bias_grad_f32(da.data(), ao.data(), a, rows, width, dz5.data(), db5.data()); });
+        for (unsigned c = 0; c < width; ++c) { double s = 0; for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; rdz[i] = actb(a, ao[i], da[i]); s += rdz[i]; } rdb[c] = s; }
+        check("act_bwd_bias dz " + tag, dz5, rdz, 1e-7, 1e-6); check("act_bwd_bias db " + tag, db5, rdb, 1e-5 * rows, 1e-4);
+    }
+    // softmax
+    for (auto [rows, classes] : std::vector<std::pair<unsigned,unsigned>>{{1,2},{1,10},{2,10},{60,10},{100,3},{127,127},{1030,10},{300,256},{1000,1}}) {
+        size_t n = (size_t)rows * classes;
+        auto z = uni(n, -5, 5), b = uni(classes, -1, 1);
+        std::vector<uint8_t> lab(rows); for (auto& l : lab) l = (uint8_t)(rnd() * classes);
+        float scale = 1.0f / rows;
+        auto dl = poison(n), db = poison(classes); std::vector<uint8_t> pred(rows + 2, 0xEE);
+        double loss = 0.5; unsigned long long correct = 3;
+        launch({1,1,1}, {256,1,1}, [&]{ softmax_xent_f32(z.data(), b.data(), lab.data(), rows, classes, scale, dl.data(), db.data(), pred.data(), &loss, &correct); });
+        std::vector<double> rdl(n), rdb(classes, 0); double rl = 0; unsigned long long rc = 0; bool pok = pred[rows] == 0xEE;
+        for (unsigned r = 0; r < rows; ++r) {
+            std::vector<double> v(classes); for (unsigned k = 0; k < classes; ++k) v[k] = (float)(z[r * classes + k] + b[k]);
+            unsigned best = 0; for (unsigned k = 1; k < classes; ++k) if (v[k] > v[best]) best = k;
+            double m = v[best], d = 0; for (unsigned k = 0; k < classes; ++k) d += exp(v[k] - m);
+            for (unsigned k = 0; k < classes; ++k) { rdl[r * classes + k] = (exp(v[k] - m) / d - (k == lab[r])) * scale; rdb[k] += rdl[r * classes + k]; }
+            rl += log(d) + m - v[lab[r]]; rc += best == lab[r]; pok &= pred[r] == best;
+        }
+        std::string tag = std::to_string(rows) + "x" + std::to_string(classes);
+        if (!pok) { failures++; printf("FAIL softmax pred %s\n", tag.c_str()); }
+        if (correct - 3 != rc) { failures++; printf("FAIL softmax correct %s %llu %llu\n", tag.c_str(), correct - 3, rc); }
+        if (fabs(loss - 0.5 - rl) > 3e-5 * rows + 1e-6 * fabs(rl)) { failures++; printf("FAIL softmax loss %s %g %g\n", tag.c_str(), loss - 0.5, rl); }
+        check("softmax dl " + tag, dl, rdl, 3e-5 * scale, 1e-4); check("softmax db " + tag, db, rdb, 3e-5 * scale * rows, 1e-4);
+    }
+    // running stats
+    {
+        std::vector<unsigned> widths = {100, 1, 127}; unsigned total = 228, L = 3, E = 4, B = 60;
+        std::vector<unsigned> off = {0, 100, 101};
+        std::vector<double> est = {0.999, 0, 0.9, 1, -1, 0, -1, 1};
+        auto rm = uni(E * total, -1, 1), rv = uni(E * total, 0.5, 2);
+        std::vector<unsigned long long> cnt(E * L); for (unsigned i = 0; i < E * L; ++i) cnt[i] = i % 5;
+        std::vector<double> rm64(rm.begin(), rm.end()), rv64(rv.begin(), rv.end()); auto cnt64 = cnt;
+        for (int step = 0; step < 3; ++step) {
+            auto bm = uni(total, -2, 2), bv = uni(total, 0, 3);
+            launch({L,1,1}, {256,1,1}, [&]{ running_stats_update_f32(bm.data(), bv.data(), off.data(), widths.data(), total, est.data(), E, B, rm.data(), rv.data(), cnt.data()); });
+            for (unsigned l = 0; l < L; ++l) for (unsigned e = 0; e < E; ++e) {
+                double n = cnt64[e * L + l]; double keep = est[2*e] > 0 ? est[2*e] : n / (n + 1); double corr = est[2*e+1] ? B / (B - 1.0) : 1;
+                for (unsigned j = 0; j < widths[l]; ++j) { size_t i = e * total + off[l] + j; rm64[i] = keep * rm64[i] + (1 - keep) * bm[off[l] + j]; rv64[i] = keep * rv64[i] + (1 - keep) * bv[off[l] + j] * corr; }
+                cnt64[e * L + l]++;
+            }
+        }
+        check("running mean", rm, rm64, 1e-6, 1e-5); check("running var", rv, rv64, 1e-6, 1e-5);
+        if (cnt != cnt64) { failures++; printf("FAIL counts\n"); }
+    }
+    // sgd
+    for (size_t n : {1ul, 2ul, 1000ul, 89610ul, 2000000ul}) for (float mu : {0.0f, 0.9f}) {
+        auto w = uni(n, -2, 2), g = uni(n, -5, 5), v = uni(n, -1, 1);
+        std::vector<double> rw(w.begin(), w.end()), rv(v.begin(), v.end());
+        unsigned cursor = 7;
+        launch_seq(ew(n), {256,1,1}, [&]{ sgd_update_f32(w.data(), g.data(), mu > 0 ? v.data() : nullptr, n, 0.01f, mu, &cursor); });
+        for (size_t i = 0; i < n; ++i) { if (mu > 0) { rv[i] = mu * rv[i] + g[i]; rw[i] -= 0.01 * rv[i]; } else rw[i] -= 0.01 * g[i]; }
+        check("sgd w", w, rw, 1e-6, 1e-6); check("sgd v", v, rv, 1e-6, 1e-6);
+        if (cursor != 8) { failures++; printf("FAIL cursor\n"); }
+    }
+    printf("%s (%d failures)\n", failures ? "FAILED" : "all kernels match", failures);
+    return failures != 0;
+}
