@@ -30,7 +30,6 @@ JSON line each, {"impl", "cfg", "bn", "batch", "us_per_step", "device", ...}.
   python3 jax_step.py --device cpu --check 5     # losses of 5 steps from a fixed init,
                                                 # to compare with ref_step.py / torch_step.py
 """
-import argparse
 import json
 import math
 import statistics
@@ -40,21 +39,12 @@ import warnings
 
 import numpy as np
 
-from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem  # noqa: E402,F401
+from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, peer_arguments  # noqa: E402,F401
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--quick", action="store_true", help="a few steps per measurement (smoke test)")
-    ap.add_argument("--cfg", default="seed,wide", help="comma-separated: seed, wide")
-    ap.add_argument("--bn", choices=["both", "on", "off"], default="both")
-    ap.add_argument("--impl", default="jit,scan", help="comma-separated: jit, scan")
-    ap.add_argument("--k", type=int, default=100, help="steps per lax.scan call in jax-scan-kK")
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--seconds", type=float, default=0.3, help="approximate seconds per timed run")
-    ap.add_argument("--check", type=int, default=0, metavar="N",
-                    help="print the losses of N jitted steps from the fixed init instead of timing")
+    ap = peer_arguments(__doc__, "jit,scan", "steps per lax.scan call in jax-scan-kK",
+                        "print the losses of N jitted steps from the fixed init instead of timing")
     args = ap.parse_args()
 
     import jax

@@ -1,6 +1,8 @@
 """The problem every peer solves, shared so that their starting states and data are the
 same draws in the same order: the configurations, the constants of the seed's step, and the
 initial parameters, data and permutation from one numpy RandomState."""
+import argparse
+
 import numpy as np
 
 CONFIGS = {"seed": (100, 60), "wide": (1024, 1024)}
@@ -20,3 +22,18 @@ def host_problem(cfg, seed, examples=None):
     labels = rs.randint(0, CLASSES, size=n).astype(np.int64)
     perm = rs.permutation(n).astype(np.int64)
     return widths, layers, images, labels, perm, batch
+
+
+def peer_arguments(doc, impls, k_help, check_help):
+    """The command line every peer script shares; `impls` is its comma-separated default."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--quick", action="store_true", help="a few steps per measurement (smoke test)")
+    ap.add_argument("--cfg", default="seed,wide", help="comma-separated: seed, wide")
+    ap.add_argument("--bn", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--impl", default=impls, help=f"comma-separated: {impls.replace(',', ', ')}")
+    ap.add_argument("--k", type=int, default=100, help=k_help)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=0.3, help="approximate seconds per timed run")
+    ap.add_argument("--check", type=int, default=0, metavar="N", help=check_help)
+    return ap

@@ -34,7 +34,6 @@ with torch.cuda.synchronize); µs per step is the median run. Output: one JSON l
   python3 torch_step.py --device cpu --check 5     # losses of 5 steps from a fixed init,
                                                   # to compare with ref_step.py / jax_step.py
 """
-import argparse
 import json
 import math
 import statistics
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem  # noqa: E402,F401
+from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, peer_arguments  # noqa: E402,F401
 
 
 class Problem:
@@ -130,18 +129,9 @@ def median_timing(run_units, steps_per_unit, sync, runs, seconds, warm_units, mi
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--quick", action="store_true", help="a few steps per measurement (smoke test)")
-    ap.add_argument("--cfg", default="seed,wide", help="comma-separated: seed, wide")
-    ap.add_argument("--bn", choices=["both", "on", "off"], default="both")
-    ap.add_argument("--impl", default="eager,graph1,graphk", help="comma-separated: eager, graph1, graphk")
-    ap.add_argument("--k", type=int, default=100, help="steps per CUDA graph in torch-cudagraph-kK")
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--seconds", type=float, default=0.3, help="approximate seconds per timed run")
+    ap = peer_arguments(__doc__, "eager,graph1,graphk", "steps per CUDA graph in torch-cudagraph-kK",
+                        "print the losses of N eager steps from the fixed init instead of timing")
     ap.add_argument("--bn-impl", choices=["native", "manual"], default="native")
-    ap.add_argument("--check", type=int, default=0, metavar="N",
-                    help="print the losses of N eager steps from the fixed init instead of timing")
     args = ap.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
