@@ -39,7 +39,7 @@ import warnings
 
 import numpy as np
 
-from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, peer_arguments  # noqa: E402,F401
+from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, measurement_plan, peer_arguments  # noqa: E402,F401
 
 
 def main():
@@ -62,15 +62,7 @@ def main():
     device_name = device.device_kind if args.device == "cuda" else "cpu"
     warnings.filterwarnings("ignore", message=".*donated buffers.*")
 
-    cfgs = [c.strip() for c in args.cfg.split(",") if c.strip()]
-    for c in cfgs:
-        if c not in CONFIGS:
-            sys.exit(f"jax_step: unknown config {c!r} (seed, wide)")
-    bns = {"both": [True, False], "on": [True], "off": [False]}[args.bn]
-    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
-    runs, seconds, warm, k = args.runs, args.seconds, 20, args.k
-    if args.quick:
-        runs, seconds, warm, k = 3, 0.01, 2, min(k, 4)
+    cfgs, bns, impls, runs, seconds, warm, k = measurement_plan(args, "jax_step")
 
     def setup(cfg, bn):
         widths, ws, images, labels, perm, batch = host_problem(cfg, 0)

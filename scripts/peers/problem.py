@@ -2,6 +2,7 @@
 same draws in the same order: the configurations, the constants of the seed's step, and the
 initial parameters, data and permutation from one numpy RandomState."""
 import argparse
+import sys
 
 import numpy as np
 
@@ -37,3 +38,18 @@ def peer_arguments(doc, impls, k_help, check_help):
     ap.add_argument("--seconds", type=float, default=0.3, help="approximate seconds per timed run")
     ap.add_argument("--check", type=int, default=0, metavar="N", help=check_help)
     return ap
+
+
+def measurement_plan(args, program):
+    """What to measure, from peer_arguments' options: configs, BN on/off, implementations,
+    and the timing (runs, seconds per run, warm-up steps, K steps per graph or scan)."""
+    cfgs = [c.strip() for c in args.cfg.split(",") if c.strip()]
+    for c in cfgs:
+        if c not in CONFIGS:
+            sys.exit(f"{program}: unknown config {c!r} (seed, wide)")
+    bns = {"both": [True, False], "on": [True], "off": [False]}[args.bn]
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    runs, seconds, warm, k = args.runs, args.seconds, 20, args.k
+    if args.quick:
+        runs, seconds, warm, k = 3, 0.01, 2, min(k, 4)
+    return cfgs, bns, impls, runs, seconds, warm, k

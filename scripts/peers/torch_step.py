@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, peer_arguments  # noqa: E402,F401
+from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, measurement_plan, peer_arguments  # noqa: E402,F401
 
 
 class Problem:
@@ -144,15 +144,7 @@ def main():
     manual = args.bn_impl == "manual"
     suffix = "-manualbn" if manual else ""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    cfgs = [c.strip() for c in args.cfg.split(",") if c.strip()]
-    for c in cfgs:
-        if c not in CONFIGS:
-            sys.exit(f"torch_step: unknown config {c!r} (seed, wide)")
-    bns = {"both": [True, False], "on": [True], "off": [False]}[args.bn]
-    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
-    runs, seconds, warm, k = args.runs, args.seconds, 20, args.k
-    if args.quick:
-        runs, seconds, warm, k = 3, 0.01, 2, min(k, 4)
+    cfgs, bns, impls, runs, seconds, warm, k = measurement_plan(args, "torch_step")
 
     def emit(impl, cfg, bn, batch, **kw):
         line = {"impl": impl + suffix, "cfg": cfg, "bn": bn, "batch": batch, **kw,
