@@ -136,7 +136,7 @@ pub fn train_lockstep(
         }
         step += 1;
         on_event(Event::Stepped { step });
-        if step % schedule.eval_every == 0 || step == schedule.until_step {
+        if step.is_multiple_of(schedule.eval_every) || step == schedule.until_step {
             for (i, net) in nets.iter_mut().enumerate() {
                 let record = evaluate_point(&mut **net, step, schedule.eval_mode, schedule.probe)?;
                 on_event(Event::Evaluated { net: i, record: &record });

@@ -11,7 +11,7 @@ fn the_estimate_covers_data_parameters_and_activations() {
     let train = TrainConfig::seed();
     let bytes = device_bytes_needed(&model, &train, &data);
     let dataset = 7000 * 785;
-    let parameters = model.parameter_count() * 4 * 2;
+    let parameters = model.parameter_count().unwrap() * 4 * 2;
     assert!(bytes > dataset + parameters, "{bytes}");
     assert!(bytes < 4 * (dataset + parameters) + (64 << 20), "a loose upper bound, not a wild one: {bytes}");
 

@@ -268,14 +268,15 @@ pub struct CudaBackend {
 pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset) -> usize {
     let f32s = std::mem::size_of::<f32>();
     let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
-    let parameters = model.parameter_count() * f32s * if train.momentum > 0.0 { 3 } else { 2 };
+    // An overflowing count saturates, so the check that follows refuses it.
+    let parameters = model.parameter_count().unwrap_or(usize::MAX).saturating_mul(f32s * if train.momentum > 0.0 { 3 } else { 2 });
     let hidden: usize = model.hidden.iter().sum();
     let statistics = train.estimators().len() * hidden * 2 * f32s + hidden * 3 * f32s;
     // Per row: the input, and for every layer z, x̂, y and a, plus two gradient scratch rows.
     let widest = *model.widths().iter().max().unwrap_or(&1);
     let per_row = (model.inputs + 4 * model.widths()[1..].iter().sum::<usize>() + 2 * widest) * f32s;
     let rows = train.batch_size + EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
-    dataset + parameters + statistics + rows * per_row
+    dataset.saturating_add(parameters).saturating_add(statistics).saturating_add(rows * per_row)
 }
 
 impl CudaBackend {

@@ -105,20 +105,16 @@ fn slots(model: &ModelConfig) -> Vec<Slot> {
         .collect()
 }
 
-/// How many floating-point values a checkpoint of `model` stores (None on overflow): weights,
-/// biases or γ and β, running statistics per estimator, and momentum buffers.
+/// How many floating-point values a checkpoint of `model` stores (None on overflow): the
+/// trainable tensors (twice with momentum buffers) and the running statistics per estimator.
 fn stored_values(model: &ModelConfig, estimators: usize, momentum: bool) -> Option<usize> {
-    let widths = model.widths();
-    let mut total = 0usize;
-    for (l, pair) in widths.windows(2).enumerate() {
-        let (inputs, outputs) = (pair[0], pair[1]);
-        let normalized = l < model.hidden.len() && model.batch_norm;
-        let trainable = inputs.checked_mul(outputs)?.checked_add(outputs.checked_mul(if normalized { 2 } else { 1 })?)?;
-        let stats = if normalized { outputs.checked_mul(2)?.checked_mul(estimators.max(1))? } else { 0 };
-        let layer = trainable.checked_mul(if momentum { 2 } else { 1 })?.checked_add(stats)?;
-        total = total.checked_add(layer)?;
-    }
-    Some(total)
+    let trainable = model.parameter_count()?.checked_mul(if momentum { 2 } else { 1 })?;
+    let statistics = if model.batch_norm {
+        model.hidden.iter().try_fold(0usize, |n, &w| n.checked_add(w))?.checked_mul(2)?.checked_mul(estimators.max(1))?
+    } else {
+        0
+    };
+    trainable.checked_add(statistics)
 }
 
 fn encode(values: &[f64], precision: StoredPrecision) -> Vec<u8> {

@@ -123,15 +123,16 @@ impl ModelConfig {
         w
     }
 
-    /// Number of trainable scalars (weights, biases, γ, β).
-    pub fn parameter_count(&self) -> usize {
-        let w = self.widths();
-        let mut n = 0;
-        for (l, pair) in w.windows(2).enumerate() {
-            let is_hidden = l < self.hidden.len();
-            n += pair[0] * pair[1] + if is_hidden && self.batch_norm { 2 * pair[1] } else { pair[1] };
+    /// Number of trainable scalars (weights, biases, γ, β); None when it overflows, as a
+    /// forged or absurd configuration can make it.
+    pub fn parameter_count(&self) -> Option<usize> {
+        let mut n = 0usize;
+        for (l, pair) in self.widths().windows(2).enumerate() {
+            let normalized = l < self.hidden.len() && self.batch_norm;
+            let layer = pair[0].checked_mul(pair[1])?.checked_add(pair[1].checked_mul(if normalized { 2 } else { 1 })?)?;
+            n = n.checked_add(layer)?;
         }
-        n
+        Some(n)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
