@@ -1,5 +1,6 @@
 //! `bntrain bench`: microseconds per training step, the median of several timed runs after a
-//! warm-up, on synthetic data (the step's cost does not depend on the pixel values).
+//! warm-up, on the first twelve batches of a real training set (the CPU backend's cost
+//! depends on how many pixels are zero), or on uniform noise.
 
 use crate::backend::Backend;
 use crate::data::{Dataset, DatasetKind, Split, CLASSES};
@@ -60,12 +61,23 @@ pub fn synthetic_dataset(train_count: usize, test_count: usize, features: usize,
     Dataset { kind: DatasetKind::Mnist, train: split(train_count), test: split(test_count), source: "synthetic".into() }
 }
 
+/// What the benchmark trains on.
+pub enum BenchData<'a> {
+    /// The first twelve batches of this dataset's training split.
+    Real(&'a Dataset),
+    /// Uniform random pixels (every pixel non-zero with probability 255/256).
+    Noise,
+}
+
 /// The result of one benchmark.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub config: BenchConfig,
     pub batch_norm: bool,
     pub device: String,
+    /// `mnist`, `fashion-mnist` or `noise`, and the fraction of non-zero pixels.
+    pub data: String,
+    pub nonzero_pixels: f64,
     pub batch_size: usize,
     pub us_per_step: f64,
     pub us_per_step_min: f64,
@@ -118,11 +130,25 @@ pub type OpenBackend<'a> = dyn FnMut(ModelConfig, TrainConfig, Arc<Dataset>, &Mo
 
 /// Builds the benchmark network with `open` and times it.
 pub fn run(
-    config: BenchConfig, batch_norm: bool, runs: usize, seconds_per_run: f64,
+    config: BenchConfig, batch_norm: bool, data: BenchData<'_>, runs: usize, seconds_per_run: f64,
     open: &mut OpenBackend<'_>,
 ) -> Result<BenchReport> {
     let (model, train) = config.configs(batch_norm);
-    let data = Arc::new(synthetic_dataset(train.batch_size * 12, 1000, 784, 1));
+    let examples = train.batch_size * 12;
+    let (data, name) = match data {
+        BenchData::Real(dataset) => {
+            let subset = Dataset {
+                kind: dataset.kind,
+                train: dataset.train.subset(examples),
+                test: dataset.test.subset(1000),
+                source: dataset.source.clone(),
+            };
+            (subset, dataset.kind.name().to_string())
+        }
+        BenchData::Noise => (synthetic_dataset(examples, 1000, 784, 1), "noise".to_string()),
+    };
+    let nonzero_pixels = data.train.images.iter().filter(|&&p| p != 0).count() as f64 / data.train.images.len().max(1) as f64;
+    let data = Arc::new(data);
     let params = ModelParams::init(&model, train.seed, 1);
     let mut net = open(model, train.clone(), Arc::clone(&data), &params)?;
     let (us, steps_per_run) = time_steps(net.as_mut(), &train, data.train.count, 20, runs, seconds_per_run)?;
@@ -131,6 +157,8 @@ pub fn run(
         config,
         batch_norm,
         device: net.device_name(),
+        data: name,
+        nonzero_pixels,
         batch_size: train.batch_size,
         us_per_step: med,
         us_per_step_min: us.iter().cloned().fold(f64::INFINITY, f64::min),

@@ -1,7 +1,7 @@
 //! Choosing where to train: the CPU reference, the CUDA backend, or whichever works.
 
 use crate::backend::Backend;
-use crate::cpu::CpuBackend;
+use crate::cpu::{CpuBackend, InputPath};
 use crate::data::Dataset;
 use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
 use crate::Result;
@@ -68,16 +68,29 @@ pub fn open(
     data: Arc<Dataset>,
     params: &ModelParams,
 ) -> Result<Box<dyn Backend>> {
+    open_with(device, precision, InputPath::Auto, model, train, data, params)
+}
+
+/// [`open`], with the CPU backend's first-layer input path chosen (ignored by CUDA).
+pub fn open_with(
+    device: DeviceChoice,
+    precision: Precision,
+    cpu_input: InputPath,
+    model: ModelConfig,
+    train: TrainConfig,
+    data: Arc<Dataset>,
+    params: &ModelParams,
+) -> Result<Box<dyn Backend>> {
     Ok(match (device, precision) {
-        (DeviceChoice::Cpu, Precision::F32) => Box::new(CpuBackend::<f32>::new(model, train, data, params)?),
-        (DeviceChoice::Cpu, Precision::F64) => Box::new(CpuBackend::<f64>::new(model, train, data, params)?),
+        (DeviceChoice::Cpu, Precision::F32) => Box::new(CpuBackend::<f32>::with_input_path(model, train, data, params, cpu_input)?),
+        (DeviceChoice::Cpu, Precision::F64) => Box::new(CpuBackend::<f64>::with_input_path(model, train, data, params, cpu_input)?),
         (DeviceChoice::Cuda, Precision::F32) => Box::new(crate::cuda::CudaBackend::new(model, train, data, params)?),
         (DeviceChoice::Cuda, Precision::F64) => {
             return Err(ConfigError::Invalid("the CUDA backend computes in f32; use --precision f32, or --device cpu for f64".into()).into())
         }
         (DeviceChoice::Auto, _) => {
             let (resolved, _) = resolve(DeviceChoice::Auto);
-            return open(resolved, precision, model, train, data, params);
+            return open_with(resolved, precision, cpu_input, model, train, data, params);
         }
     })
 }

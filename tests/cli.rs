@@ -258,9 +258,18 @@ fn cuda_without_a_gpu_says_what_to_do() {
 
 #[test]
 fn bench_and_info_run_on_the_cpu() {
-    let r = last_json(&bntrain(&["--device", "cpu", "bench", "--config", "seed", "--runs", "3", "--seconds", "0.05", "--json"]));
+    let e = env();
+    let quick = ["--device", "cpu", "bench", "--config", "seed", "--runs", "3", "--seconds", "0.05", "--json"];
+    let r = last_json(&bntrain(&[&quick[..], &["--data", s(&e.data), "--cpu-input", "sparse"]].concat()));
     assert!(r["us_per_step"].as_f64().unwrap() > 0.0);
     assert_eq!(r["batch_size"], 60);
+    assert_eq!(r["data"], "mnist");
+    assert_eq!(r["device"], "cpu f32, sparse input");
+    let r = last_json(&bntrain(&[&quick[..], &["--noise"]].concat()));
+    assert_eq!((r["data"].as_str(), r["device"].as_str()), (Some("noise"), Some("cpu f32")));
+    assert!(r["nonzero_pixels"].as_f64().unwrap() > 0.99, "uniform bytes are 255/256 non-zero");
+    // Without data and without --noise, bench says where the data should come from.
+    expect_failure(&bntrain(&quick), "cannot find the dataset");
     let out = bntrain(&["info"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("bntrain"));

@@ -28,6 +28,8 @@ pub trait Float:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
+    /// self·a + b rounded once (a hardware FMA where the code is compiled for one).
+    fn mul_add(self, a: Self, b: Self) -> Self;
 
     /// c ← alpha·a·b + beta·c for `m×k` times `k×n` matrices given by (row stride, column
     /// stride) pairs, which is how transposes are expressed without copying.
@@ -51,6 +53,8 @@ macro_rules! impl_float {
             fn exp(self) -> Self { <$t>::exp(self) }
             fn ln(self) -> Self { <$t>::ln(self) }
             fn sqrt(self) -> Self { <$t>::sqrt(self) }
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self { <$t>::mul_add(self, a, b) }
             fn gemm_strided(
                 m: usize, k: usize, n: usize, alpha: Self,
                 a: &[Self], a_strides: (isize, isize),

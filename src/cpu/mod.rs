@@ -5,12 +5,14 @@
 
 pub mod float;
 pub mod ops;
+pub mod sparse;
 
 use crate::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, ModelConfig, ModelParams, RunningStats, TrainConfig};
 use crate::Result;
 pub use float::Float;
+use sparse::{ColumnScratch, SparseImages};
 use std::sync::Arc;
 
 /// Rows per chunk when evaluating a whole split: bounds the workspace, keeps GEMMs large.
@@ -52,6 +54,15 @@ struct Activations<F> {
     inv_std: Vec<Vec<F>>,
 }
 
+impl SparseInput {
+    fn split(&self, split: SplitKind) -> &SparseImages {
+        match split {
+            SplitKind::Train => &self.train,
+            SplitKind::Test => &self.test,
+        }
+    }
+}
+
 impl<F: Float> Activations<F> {
     fn new(config: &ModelConfig, rows: usize) -> Self {
         let widths = config.widths();
@@ -70,6 +81,44 @@ impl<F: Float> Activations<F> {
     }
 }
 
+/// How the first layer reads its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InputPath {
+    /// Gather the batch as dense rows and multiply with the GEMM.
+    Dense,
+    /// Visit only the non-zero pixels ([`sparse`]).
+    Sparse,
+    /// Sparse when at most [`SPARSE_DENSITY_LIMIT`] of the training pixels are non-zero and
+    /// the CPU has hardware FMA ([`sparse::fast_on_this_cpu`]).
+    #[default]
+    Auto,
+}
+
+/// Above this fraction of non-zero pixels the dense GEMM is faster than visiting them one
+/// by one (docs/perf.md: MNIST, 19% non-zero, gains; uniform noise loses).
+pub const SPARSE_DENSITY_LIMIT: f64 = 0.5;
+
+/// The first layer's sparse input: both splits indexed once, and the backward scratch.
+struct SparseInput {
+    train: SparseImages,
+    test: SparseImages,
+    scratch: ColumnScratch,
+}
+
+/// The first layer's input for one forward pass.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// `Activations::x` holds the rows.
+    Dense,
+    /// The rows are these images; the first layer's weight is input-major.
+    Sparse { images: &'a SparseImages, indices: &'a [u32] },
+}
+
+/// `src` `[rows, cols]` → `[cols, rows]`.
+fn transpose<T: Copy>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..cols * rows).map(|i| src[(i % rows) * cols + i / rows]).collect()
+}
+
 /// How BN normalizes during a forward pass.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Normalize {
@@ -86,6 +135,10 @@ pub struct CpuBackend<F: Float> {
     /// Momentum buffers in trainable-tensor order; empty when momentum is 0.
     velocity: Vec<Vec<F>>,
     order: Vec<u32>,
+    /// Some when the first layer visits only non-zero pixels; its weight, gradient and
+    /// momentum are then stored input-major (`[in, out]`) and transposed at the boundary
+    /// ([`Backend::params`], [`Backend::gradients`], ...).
+    sparse: Option<SparseInput>,
     step_buffers: Activations<F>,
     /// Scratch for the backward pass: gradient w.r.t. the current layer's output a, and its
     /// y / z gradients ([B, widest layer]).
@@ -98,6 +151,13 @@ pub struct CpuBackend<F: Float> {
 impl<F: Float> CpuBackend<F> {
     /// A backend that trains `params` on `data`. The configuration is validated here.
     pub fn new(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams) -> Result<Self> {
+        Self::with_input_path(model, train, data, params, InputPath::Auto)
+    }
+
+    /// [`CpuBackend::new`] with the first layer's input path chosen.
+    pub fn with_input_path(
+        model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams, path: InputPath,
+    ) -> Result<Self> {
         model.validate()?;
         train.validate(&model, data.train.count)?;
         if data.train.features != model.inputs || data.train.classes != model.classes {
@@ -109,7 +169,18 @@ impl<F: Float> CpuBackend<F> {
         }
         let widest = *model.widths().iter().max().unwrap_or(&1);
         let batch = train.batch_size;
+        let sparse = {
+            let index = |split: &Split| SparseImages::new(&split.images, split.features);
+            let train_images = (path != InputPath::Dense).then(|| index(&data.train));
+            match (path, train_images) {
+                (InputPath::Sparse, Some(train)) => Some(train),
+                (InputPath::Auto, Some(train)) if train.density() <= SPARSE_DENSITY_LIMIT && sparse::fast_on_this_cpu() => Some(train),
+                _ => None,
+            }
+            .map(|train| SparseInput { train, test: index(&data.test), scratch: ColumnScratch::default() })
+        };
         let mut backend = CpuBackend {
+            sparse,
             step_buffers: Activations::new(&model, batch),
             grad_a: vec![F::ZERO; batch * widest],
             grad_y: vec![F::ZERO; batch * widest],
@@ -127,6 +198,19 @@ impl<F: Float> CpuBackend<F> {
             backend.velocity = backend.trainable().iter().map(|t| vec![F::ZERO; t.len()]).collect();
         }
         Ok(backend)
+    }
+
+    /// A weight (or its gradient or momentum) of layer `l` as stored → `[out, in]`.
+    fn canonical_weight(&self, l: usize, stored: Vec<f64>) -> Vec<f64> {
+        match (l, &self.sparse) {
+            (0, Some(_)) => transpose(&stored, self.layers[0].inputs, self.layers[0].outputs),
+            _ => stored,
+        }
+    }
+
+    /// Whether the first layer visits only non-zero pixels (see [`InputPath`]).
+    pub fn input_path(&self) -> InputPath {
+        if self.sparse.is_some() { InputPath::Sparse } else { InputPath::Dense }
     }
 
     fn split(&self, split: SplitKind) -> &Split {
@@ -150,15 +234,22 @@ impl<F: Float> CpuBackend<F> {
         out
     }
 
-    /// Forward pass over `acts.x` (already filled), keeping what the backward pass needs.
-    fn forward(layers: &[Layer<F>], model: &ModelConfig, acts: &mut Activations<F>, normalize: Normalize) {
+    /// Forward pass over `input`, keeping what the backward pass needs.
+    fn forward(layers: &[Layer<F>], model: &ModelConfig, input: Input<'_>, acts: &mut Activations<F>, normalize: Normalize) {
         let epsilon = F::from_f64(model.epsilon);
         let hidden = model.hidden.len();
         for (l, layer) in layers.iter().enumerate() {
             let (done, rest) = acts.a.split_at_mut(l);
-            let input: &[F] = if l == 0 { &acts.x } else { &done[l - 1] };
             let z = &mut acts.z[l];
-            ops::linear_forward(input, &layer.weight, layer.bias.as_deref(), layer.inputs, layer.outputs, z);
+            match (l, input) {
+                (0, Input::Sparse { images, indices }) => {
+                    sparse::forward(images, indices, &layer.weight, layer.bias.as_deref(), layer.outputs, z)
+                }
+                _ => {
+                    let rows: &[F] = if l == 0 { &acts.x } else { &done[l - 1] };
+                    ops::linear_forward(rows, &layer.weight, layer.bias.as_deref(), layer.inputs, layer.outputs, z)
+                }
+            }
             if l == hidden {
                 break; // the output layer's z are the logits
             }
@@ -192,8 +283,14 @@ impl<F: Float> CpuBackend<F> {
                 acts = Activations::new(&self.model, rows);
             }
             let indices: Vec<u32> = (start as u32..(start + rows) as u32).collect();
-            ops::gather_batch(&data.images, data.features, &indices, &mut acts.x);
-            Self::forward(&self.layers, &self.model, &mut acts, normalize);
+            let input = match &self.sparse {
+                Some(sparse) => Input::Sparse { images: sparse.split(split), indices: &indices },
+                None => {
+                    ops::gather_batch(&data.images, data.features, &indices, &mut acts.x);
+                    Input::Dense
+                }
+            };
+            Self::forward(&self.layers, &self.model, input, &mut acts, normalize);
             visit(start, &acts);
             start += rows;
         }
@@ -202,7 +299,8 @@ impl<F: Float> CpuBackend<F> {
 
 impl<F: Float> Backend for CpuBackend<F> {
     fn device_name(&self) -> String {
-        format!("cpu {}", F::NAME)
+        let input = if self.sparse.is_some() { ", sparse input" } else { "" };
+        format!("cpu {}{input}", F::NAME)
     }
 
     fn set_epoch_order(&mut self, order: &[u32]) -> Result<()> {
@@ -224,8 +322,14 @@ impl<F: Float> Backend for CpuBackend<F> {
         let indices = &self.order[range];
         let labels: Vec<u8> = indices.iter().map(|&i| data.train.labels[i as usize]).collect();
         let acts = &mut self.step_buffers;
-        ops::gather_batch(&data.train.images, data.train.features, indices, &mut acts.x);
-        Self::forward(&self.layers, &self.model, acts, Normalize::WithBatchStats);
+        let input = match &self.sparse {
+            Some(sparse) => Input::Sparse { images: &sparse.train, indices },
+            None => {
+                ops::gather_batch(&data.train.images, data.train.features, indices, &mut acts.x);
+                Input::Dense
+            }
+        };
+        Self::forward(&self.layers, &self.model, input, acts, Normalize::WithBatchStats);
 
         // Loss and the gradient of the logits.
         let hidden = self.model.hidden.len();
@@ -241,12 +345,23 @@ impl<F: Float> Backend for CpuBackend<F> {
         for l in (0..=hidden).rev() {
             let layer = &mut self.layers[l];
             let (inputs, outputs) = (layer.inputs, layer.outputs);
-            let input: &[F] = if l == 0 { &acts.x } else { &acts.a[l - 1] };
-            let grad_input = (l > 0).then(|| &mut self.grad_a[..b * inputs]);
-            ops::linear_backward(
-                &self.grad_z[..b * outputs], input, &layer.weight, inputs, outputs,
-                &mut layer.grad_weight, layer.grad_bias.as_deref_mut(), grad_input,
-            );
+            let grad_z = &self.grad_z[..b * outputs];
+            match (l, self.sparse.as_mut()) {
+                (0, Some(sparse)) => {
+                    sparse::weight_gradient(&sparse.train, indices, grad_z, outputs, &mut layer.grad_weight, &mut sparse.scratch);
+                    if let Some(db) = layer.grad_bias.as_deref_mut() {
+                        ops::bias_gradient(grad_z, db);
+                    }
+                }
+                _ => {
+                    let input: &[F] = if l == 0 { &acts.x } else { &acts.a[l - 1] };
+                    let grad_input = (l > 0).then(|| &mut self.grad_a[..b * inputs]);
+                    ops::linear_backward(
+                        grad_z, input, &layer.weight, inputs, outputs,
+                        &mut layer.grad_weight, layer.grad_bias.as_deref_mut(), grad_input,
+                    );
+                }
+            }
             if l == 0 {
                 break;
             }
@@ -354,10 +469,11 @@ impl<F: Float> Backend for CpuBackend<F> {
         let layers = self
             .layers
             .iter()
-            .map(|layer| LayerParams {
+            .enumerate()
+            .map(|(l, layer)| LayerParams {
                 inputs: layer.inputs,
                 outputs: layer.outputs,
-                weight: to_f64(&layer.weight),
+                weight: self.canonical_weight(l, to_f64(&layer.weight)),
                 bias: layer.bias.as_deref().map(to_f64),
                 batch_norm: layer.batch_norm.as_ref().map(|bn| BatchNormParams {
                     gamma: to_f64(&bn.gamma),
@@ -376,13 +492,15 @@ impl<F: Float> Backend for CpuBackend<F> {
     fn set_params(&mut self, params: &ModelParams) -> Result<()> {
         check_params_match(&self.model, &self.train, params)?;
         let from_f64 = |v: &[f64]| v.iter().map(|&x| F::from_f64(x)).collect::<Vec<F>>();
+        let input_major = self.sparse.is_some();
         self.layers = params
             .layers
             .iter()
-            .map(|p| Layer {
+            .enumerate()
+            .map(|(l, p)| Layer {
                 inputs: p.inputs,
                 outputs: p.outputs,
-                weight: from_f64(&p.weight),
+                weight: if l == 0 && input_major { transpose(&from_f64(&p.weight), p.outputs, p.inputs) } else { from_f64(&p.weight) },
                 bias: p.bias.as_deref().map(from_f64),
                 batch_norm: p.batch_norm.as_ref().map(|bn| BatchNorm {
                     gamma: from_f64(&bn.gamma),
@@ -400,8 +518,8 @@ impl<F: Float> Backend for CpuBackend<F> {
 
     fn gradients(&mut self) -> Result<Vec<Vec<f64>>> {
         let mut out = Vec::new();
-        for layer in &self.layers {
-            out.push(layer.grad_weight.iter().map(|x| x.to_f64()).collect());
+        for (l, layer) in self.layers.iter().enumerate() {
+            out.push(self.canonical_weight(l, layer.grad_weight.iter().map(|x| x.to_f64()).collect()));
             out.extend(layer.grad_bias.as_ref().map(|g| g.iter().map(|x| x.to_f64()).collect()));
             if let Some(bn) = &layer.batch_norm {
                 out.push(bn.grad_gamma.iter().map(|x| x.to_f64()).collect());
@@ -412,7 +530,11 @@ impl<F: Float> Backend for CpuBackend<F> {
     }
 
     fn velocity(&mut self) -> Result<Vec<Vec<f64>>> {
-        Ok(self.velocity.iter().map(|v| v.iter().map(|x| x.to_f64()).collect()).collect())
+        // The first trainable tensor is the first layer's weight.
+        Ok(self.velocity.iter().enumerate().map(|(t, v)| {
+            let v = v.iter().map(|x| x.to_f64()).collect();
+            if t == 0 { self.canonical_weight(0, v) } else { v }
+        }).collect())
     }
 
     fn set_velocity(&mut self, velocity: &[Vec<f64>]) -> Result<()> {
@@ -425,6 +547,10 @@ impl<F: Float> Backend for CpuBackend<F> {
             return Err(ConfigError::Mismatch(format!("momentum buffers have sizes {given:?}, the model needs {shapes:?}")).into());
         }
         self.velocity = velocity.iter().map(|v| v.iter().map(|&x| F::from_f64(x)).collect()).collect();
+        if self.sparse.is_some() {
+            let first = &self.layers[0];
+            self.velocity[0] = transpose(&self.velocity[0], first.outputs, first.inputs);
+        }
         Ok(())
     }
 }

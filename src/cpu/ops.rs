@@ -227,15 +227,20 @@ pub fn linear_backward<F: Float>(
     let batch = dz.len() / outputs;
     matmul(true, false, outputs, inputs, batch, dz, x, dw, false);
     if let Some(db) = db {
-        db.fill(F::ZERO);
-        for row in dz.chunks_exact(outputs) {
-            for (d, &g) in db.iter_mut().zip(row) {
-                *d += g;
-            }
-        }
+        bias_gradient(dz, db);
     }
     if let Some(dx) = dx {
         matmul(false, false, batch, inputs, outputs, dz, w, dx, false);
+    }
+}
+
+/// db = Σ_b dz[b, :].  dz: [B, out]; db: [out].
+pub fn bias_gradient<F: Float>(dz: &[F], db: &mut [F]) {
+    db.fill(F::ZERO);
+    for row in dz.chunks_exact(db.len()) {
+        for (d, &g) in db.iter_mut().zip(row) {
+            *d += g;
+        }
     }
 }
 
