@@ -14,6 +14,10 @@
 #   CHECK=1           first, the peers' losses over 5 steps from one fixed init against
 #                     a float64 numpy reference (scripts/peers/ref_step.py); 0 skips it
 #   CFGS=seed,wide    configurations to measure
+#   DATA=DIR          everyone trains on the first twelve batches of MNIST's training set in DIR
+#                     (bntrain bench --data DIR, the peers --mnist DIR); unset: random bytes
+#                     (bntrain bench --noise). The data matter for bntrain's CPU path only: it
+#                     skips zero pixels (MNIST's are 81% zero).
 #   BENCH_ARGS, PEER_ARGS   extra arguments for `bntrain bench` and for both peer scripts
 #   BENCH_TIMEOUT=120, PEER_TIMEOUT=240   seconds per bntrain bench / per peer script
 #   BUDGET=540        seconds for the whole script: each command's timeout is cut so that the
@@ -36,6 +40,12 @@ peer_timeout="${PEER_TIMEOUT:-240}"
 budget="${BUDGET:-540}"
 read -r -a bench_extra <<< "${BENCH_ARGS:-}"
 read -r -a peer_extra <<< "${PEER_ARGS:-}"
+if [[ -n "${DATA:-}" ]]; then
+    [[ -d "$DATA" ]] || { echo "compare-peers: DATA=$DATA is not a directory" >&2; exit 2; }
+    bench_data=(--data "$DATA"); peer_data=(--mnist "$DATA"); data_label="MNIST's first 12 batches"
+else
+    bench_data=(--noise); peer_data=(); data_label="random bytes"
+fi
 if [[ "${QUICK:-0}" == 1 ]]; then
     bench_extra=(--runs 3 --seconds 0.05 "${bench_extra[@]}")
     peer_extra=(--quick "${peer_extra[@]}")
@@ -73,9 +83,9 @@ for cfg in "${cfg_list[@]}"; do
     for bn in bn no-bn; do
         flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
         name="bench-$cfg-$bn"
-        echo "== $bin --device $device bench --config $cfg ${flag[*]} --json ${bench_extra[*]}"
+        echo "== $bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
         limit "$bench_timeout" "bntrain $name" || { status=1; continue; }
-        timeout "$t" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" --json "${bench_extra[@]}" \
+        timeout "$t" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" "${bench_data[@]}" --json "${bench_extra[@]}" \
             > "$logs/$name.out" 2> "$logs/$name.err"
         rc=$?
         tail -n 3 "$logs/$name.err" | grep -v '^\s*$' >&2
@@ -112,11 +122,11 @@ done
 # 3. Agreement: a few steps of each peer against the float64 reference.
 if [[ "$check" == 1 && ${#available[@]} -gt 0 ]]; then
     echo "== check: losses of 5 steps from one fixed init (seed config), peers vs float64 numpy"
-    if limit 60 "ref_step.py" && timeout "$t" "$python" "$peers_dir/ref_step.py" --check 5 --cfg seed > "$logs/check-ref.out" 2> "$logs/check-ref.err"; then
+    if limit 60 "ref_step.py" && timeout "$t" "$python" "$peers_dir/ref_step.py" --check 5 --cfg seed "${peer_data[@]}" > "$logs/check-ref.out" 2> "$logs/check-ref.err"; then
         cat "$logs/check-ref.out" >> "$results"
         for peer in "${available[@]}"; do
             limit 90 "$peer --check" || break
-            if timeout "$t" "$python" "$peers_dir/${peer}_step.py" --device "$device" --check 5 --cfg seed \
+            if timeout "$t" "$python" "$peers_dir/${peer}_step.py" --device "$device" --check 5 --cfg seed "${peer_data[@]}" \
                 > "$logs/check-$peer.out" 2> "$logs/check-$peer.err"; then
                 cat "$logs/check-$peer.out" >> "$results"
             else
@@ -130,9 +140,9 @@ fi
 
 # 4. The peers' timings.
 for peer in "${available[@]}"; do
-    echo "== $python scripts/peers/${peer}_step.py --device $device --cfg $cfgs ${peer_extra[*]}"
+    echo "== $python scripts/peers/${peer}_step.py --device $device --cfg $cfgs ${peer_data[*]} ${peer_extra[*]}"
     limit "$peer_timeout" "${peer}_step.py" || continue
-    timeout "$t" "$python" "$peers_dir/${peer}_step.py" --device "$device" --cfg "$cfgs" "${peer_extra[@]}" \
+    timeout "$t" "$python" "$peers_dir/${peer}_step.py" --device "$device" --cfg "$cfgs" "${peer_data[@]}" "${peer_extra[@]}" \
         2> "$logs/$peer.err" | tee "$logs/$peer.out"
     rc=${PIPESTATUS[0]}
     grep -v '^\s*$' "$logs/$peer.err" | tail -n 5 >&2
@@ -145,14 +155,15 @@ for peer in "${available[@]}"; do
 done
 
 # 5. The table, last.
-"$python" - "$results" "$device" <<'PY'
+"$python" - "$results" "$device" "$data_label" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 timed = [r for r in rows if "us_per_step" in r]
 checks = [r for r in rows if r.get("check")]
 devices = sorted({r["device"] for r in timed})
 print()
-print(f"== bntrain vs peers on {', '.join(devices) or sys.argv[2]}: µs per training step (median), fp32, TF32 off")
+print(f"== bntrain vs peers on {', '.join(devices) or sys.argv[2]}: µs per training step (median), fp32, TF32 off,"
+      f" data: {sys.argv[3]}")
 print("   ratio = peer µs / bntrain µs (above 1: bntrain is faster)")
 head = f"{'config':<22} {'impl':<26} {'µs/step':>10} {'peer/bntrain':>13}"
 print(head)

@@ -65,7 +65,7 @@ def main():
     cfgs, bns, impls, runs, seconds, warm, k = measurement_plan(args, "jax_step")
 
     def setup(cfg, bn):
-        widths, ws, images, labels, perm, batch = host_problem(cfg, 0)
+        widths, ws, images, labels, perm, batch = host_problem(cfg, 0, mnist=args.mnist)
         hidden = widths[1:3]
         params = {"w": [jnp.asarray(w) for w in ws], "out_bias": jnp.zeros(CLASSES, jnp.float32)}
         running = {}

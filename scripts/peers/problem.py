@@ -2,6 +2,8 @@
 same draws in the same order: the configurations, the constants of the seed's step, and the
 initial parameters, data and permutation from one numpy RandomState."""
 import argparse
+import gzip
+import os
 import sys
 
 import numpy as np
@@ -11,8 +13,27 @@ INPUTS, CLASSES = 784, 10
 EPS, DECAY, LR = 1e-3, 0.999, 0.01
 
 
-def host_problem(cfg, seed, examples=None):
-    """Initial parameters ([in, out] layout), data and permutation as numpy arrays."""
+def read_idx(directory, name, n):
+    """The first n items of an IDX file (raw or .gz) in `directory`, as uint8."""
+    path = os.path.join(directory, name)
+    opener = open if os.path.exists(path) else gzip.open
+    if opener is gzip.open:
+        path += ".gz"
+    with opener(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    if shape[0] < n:
+        sys.exit(f"{path} holds {shape[0]} items, {n} are needed")
+    size = int(np.prod(shape[1:], dtype=np.int64))
+    start = 4 + 4 * dims
+    return np.frombuffer(data, np.uint8, count=n * size, offset=start).reshape([n] + shape[1:])
+
+
+def host_problem(cfg, seed, examples=None, mnist=None):
+    """Initial parameters ([in, out] layout), data and permutation as numpy arrays. The data
+    are random bytes, or with `mnist` (a directory of MNIST's IDX files) the first examples
+    of its training set: what `bntrain bench --data DIR` trains on."""
     hidden, batch = CONFIGS[cfg]
     n = examples or batch * 12
     rs = np.random.RandomState(seed)
@@ -22,6 +43,9 @@ def host_problem(cfg, seed, examples=None):
     images = rs.randint(0, 256, size=(n, INPUTS)).astype(np.uint8)
     labels = rs.randint(0, CLASSES, size=n).astype(np.int64)
     perm = rs.permutation(n).astype(np.int64)
+    if mnist:  # drawn above all the same, so the weights and the permutation do not change
+        images = read_idx(mnist, "train-images-idx3-ubyte", n).reshape(n, INPUTS).copy()
+        labels = read_idx(mnist, "train-labels-idx1-ubyte", n).astype(np.int64)
     return widths, layers, images, labels, perm, batch
 
 
@@ -37,6 +61,8 @@ def peer_arguments(doc, impls, k_help, check_help):
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.3, help="approximate seconds per timed run")
     ap.add_argument("--check", type=int, default=0, metavar="N", help=check_help)
+    ap.add_argument("--mnist", metavar="DIR", help="train on the first images of MNIST's training set in DIR "
+                    "(IDX files, raw or .gz) instead of random bytes")
     return ap
 
 

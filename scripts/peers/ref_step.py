@@ -15,8 +15,8 @@ import numpy as np
 from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem  # noqa: E402,F401
 
 
-def run(cfg, bn, steps):
-    widths, ws, images, labels, perm, batch = host_problem(cfg, 0)
+def run(cfg, bn, steps, mnist=None):
+    widths, ws, images, labels, perm, batch = host_problem(cfg, 0, mnist=mnist)
     f = np.float64
     w = [x.astype(f) for x in ws]
     hidden = widths[1:3]
@@ -97,11 +97,12 @@ def main():
     ap.add_argument("--check", type=int, default=5, metavar="N")
     ap.add_argument("--cfg", default="seed")
     ap.add_argument("--bn", choices=["both", "on", "off"], default="both")
+    ap.add_argument("--mnist", metavar="DIR")
     args = ap.parse_args()
     for cfg in [c.strip() for c in args.cfg.split(",") if c.strip()]:
         for bn in {"both": [True, False], "on": [True], "off": [False]}[args.bn]:
             with np.errstate(over="ignore"):  # exp(-u) of a saturated sigmoid
-                batch, losses, l1 = run(cfg, bn, args.check)
+                batch, losses, l1 = run(cfg, bn, args.check, args.mnist)
             print(json.dumps({"impl": "numpy-f64", "cfg": cfg, "bn": bn, "batch": batch, "check": True,
                               "losses": losses, "params_l1": l1, "device": "cpu"}), flush=True)
 

@@ -50,8 +50,8 @@ from problem import CLASSES, CONFIGS, DECAY, EPS, INPUTS, LR, host_problem, meas
 class Problem:
     """Parameters, running statistics, data and the step, all on `dev`."""
 
-    def __init__(self, cfg, bn, dev, seed=0, manual_bn=False, examples=None):
-        widths, ws, images, labels, perm, batch = host_problem(cfg, seed, examples)
+    def __init__(self, cfg, bn, dev, seed=0, manual_bn=False, examples=None, mnist=None):
+        widths, ws, images, labels, perm, batch = host_problem(cfg, seed, examples, mnist)
         self.bn, self.batch, self.manual_bn = bn, batch, manual_bn
         t = lambda a: torch.tensor(a, device=dev)
         self.weights = [t(w).requires_grad_() for w in ws]
@@ -154,7 +154,7 @@ def main():
     if args.check:
         for cfg in cfgs:
             for bn in bns:
-                p = Problem(cfg, bn, dev, manual_bn=manual)
+                p = Problem(cfg, bn, dev, manual_bn=manual, mnist=args.mnist)
                 losses = [float(p.step()) for _ in range(args.check)]
                 l1 = float(sum(q.detach().double().abs().sum() for q in p.params))
                 emit("torch-eager", cfg, bn, p.batch, check=True, losses=losses, params_l1=l1)
@@ -163,7 +163,7 @@ def main():
     for cfg in cfgs:
         for bn in bns:
             if "eager" in impls:
-                p = Problem(cfg, bn, dev, manual_bn=manual)
+                p = Problem(cfg, bn, dev, manual_bn=manual, mnist=args.mnist)
 
                 def run_eager(n, p=p):
                     for _ in range(n):
@@ -178,7 +178,7 @@ def main():
                 if dev.type != "cuda":
                     print(f"torch_step: {kind} needs CUDA; skipped on {dev.type}", file=sys.stderr)
                     continue
-                p = Problem(cfg, bn, dev, manual_bn=manual)
+                p = Problem(cfg, bn, dev, manual_bn=manual, mnist=args.mnist)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # lazy initialization outside the capture
