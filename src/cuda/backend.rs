@@ -735,6 +735,9 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Let queued work finish before the buffers and modules go away.
         let _ = self.gpu.synchronize();
+        // The graph's kernel nodes refer to the modules `gpu` owns, and `gpu`, the first
+        // field, drops first: destroy the graph before the modules are unloaded.
+        self.graph = GraphState::Stale;
     }
 }
 
