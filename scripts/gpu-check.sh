@@ -2,7 +2,9 @@
 # Runs on a GPU host without Rust, from a bundle made by scripts/gpu-bundle.sh:
 #   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure);
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST;
-#   3. `bntrain bench --device cuda` on the seed and wide configurations;
+#   3. `bntrain bench --device cuda` on the seed and wide configurations, each with the
+#      step replayed from a CUDA graph (the default) and launched eagerly
+#      (BNTRAIN_CUDA_GRAPH=0), so both variants are measured in the same call;
 #   4. optionally a peer anchor (python3 torch_anchor.py) on the same GPU, same call;
 # then prints a summary table last.
 #
@@ -60,14 +62,20 @@ else
     row "train $steps steps (BN, cuda)" "FAIL"; failed=1
 fi
 
+# A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the 120 s cap only keeps
+# a hang from eating the call.
 for config in seed wide; do
-    echo "== bntrain bench --device cuda --config $config"
-    timeout 600 "$bin" bench --device cuda --config "$config" --json 2>&1 | tee "$logs/bench-$config.log"
-    if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
-        row "bench $config (cuda)" "$(json_field "$logs/bench-$config.log" us_per_step) µs/step (median)"
-    else
-        row "bench $config (cuda)" "FAIL"; failed=1
-    fi
+    for graph in 1 0; do
+        if [[ $graph == 1 ]]; then variant="cuda graph"; else variant="eager"; fi
+        log="$logs/bench-$config-graph$graph.log"
+        echo "== BNTRAIN_CUDA_GRAPH=$graph bntrain bench --device cuda --config $config"
+        BNTRAIN_CUDA_GRAPH=$graph timeout 120 "$bin" bench --device cuda --config "$config" --json 2>&1 | tee "$log"
+        if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
+            row "bench $config ($variant)" "$(json_field "$log" us_per_step) µs/step (median), device: $(json_field "$log" device)"
+        else
+            row "bench $config ($variant)" "FAIL"; failed=1
+        fi
+    done
 done
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md. REPRODUCE=0 skips.

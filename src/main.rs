@@ -44,6 +44,9 @@ enum Command {
     /// Run the whole BN study (Figure 1, the test-time story, estimators) and write a report.
     Reproduce(ReproduceArgs),
     /// Microseconds per training step (median of several timed runs after warm-up).
+    ///
+    /// On CUDA the step is captured into a CUDA graph and replayed; BNTRAIN_CUDA_GRAPH=0
+    /// launches its operations one by one instead. The device shown says which ran.
     Bench(BenchArgs),
     /// Manage datasets.
     Data {

@@ -1,8 +1,9 @@
 //! The CUDA backend as a whole against the CPU reference (CpuBackend<f64>) on synthetic
 //! data: one training step (loss, every gradient, every parameter, running statistics,
 //! momentum), 200 shuffled steps with evaluations every 50, inference (probes, batch and
-//! population statistics, one-by-one prediction), bitwise determinism. Skips without a
-//! usable GPU (fails instead with BNTRAIN_REQUIRE_GPU=1).
+//! population statistics, one-by-one prediction), bitwise determinism, and the step replayed
+//! from a CUDA graph against eager launches (bitwise). Skips without a usable GPU (fails
+//! instead with BNTRAIN_REQUIRE_GPU=1).
 //!
 //! Tolerances (f32 on the GPU against f64): a layer's z = x·wᵀ sums 784 products of
 //! |x| ≤ 1, |w| ~ 1 in f32 (≈1e-6 relative); BN's backward dz = (γ·inv_std/B)(B·dy − dβ −
@@ -17,7 +18,7 @@ mod gpu_support;
 
 use bntrain::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
 use bntrain::cpu::CpuBackend;
-use bntrain::cuda::{self, CudaBackend};
+use bntrain::cuda::{self, CudaBackend, CudaOptions, StepLaunch};
 use bntrain::data::Dataset;
 use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind,
@@ -25,9 +26,21 @@ use bntrain::model::{
 use bntrain::tolerance::{assert_close, Tolerance};
 use bntrain::train::{batches_per_epoch, epoch_order};
 use gpu_support::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 const GRADIENT: (f64, f64) = (1e-4, 1e-3);
+
+/// The tests that open the GPU run one at a time. They share the process's primary context,
+/// and a call that synchronizes the whole device from one thread (cublasDestroy does, when
+/// a test drops its backend) while another thread captures a training step into a CUDA
+/// graph invalidates that capture (the backend then falls back to eager launches, which the
+/// graph tests would report as a failure) or fails itself.
+static GPU_TESTS: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    // A failed test must not fail the others: the lock guards no data.
+    GPU_TESTS.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn dataset() -> Arc<Dataset> {
     Arc::new(synthetic_dataset(2000, 500, 784, 42))
@@ -94,6 +107,7 @@ fn gradient_tolerance(reference: &[f64]) -> Tolerance {
 
 #[test]
 fn one_step_matches_the_cpu_reference() {
+    let _serial = serial();
     if gpu().is_some() {
         check_one_step(cuda_backend);
     }
@@ -178,6 +192,7 @@ fn lockstep(nets: &mut [&mut dyn Backend], train: &TrainConfig, examples: usize,
 
 #[test]
 fn two_hundred_steps_track_the_cpu_reference() {
+    let _serial = serial();
     if gpu().is_some() {
         check_two_hundred_steps(cuda_backend);
     }
@@ -216,6 +231,7 @@ fn check_two_hundred_steps(make: Maker) {
 
 #[test]
 fn inference_matches_the_cpu_reference() {
+    let _serial = serial();
     if gpu().is_some() {
         check_inference(cuda_backend);
     }
@@ -253,6 +269,7 @@ fn check_inference(make: Maker) {
 
 #[test]
 fn parameters_round_trip_and_runs_are_bitwise_deterministic() {
+    let _serial = serial();
     if gpu().is_none() {
         return;
     }
@@ -282,6 +299,7 @@ fn parameters_round_trip_and_runs_are_bitwise_deterministic() {
 
 #[test]
 fn bad_requests_are_errors() {
+    let _serial = serial();
     if gpu().is_none() {
         return;
     }
@@ -302,6 +320,257 @@ fn bad_requests_are_errors() {
     assert!(CudaBackend::new(model, train, bad_data, &params).is_err(), "dataset width differs from the model's");
 }
 
+/// A backend that launches its steps as asked (the environment switch is not read, so
+/// tests running in parallel cannot disturb each other).
+fn cuda_with(step_launch: StepLaunch, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> CudaBackend {
+    CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, CudaOptions { step_launch }).unwrap()
+}
+
+/// A backend the scripted runs below drive: the CUDA one, or (to check the scripts
+/// themselves on any machine) the CPU one, which has no launch variants.
+trait Scripted: Backend {
+    fn open(launch: StepLaunch, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Self;
+    /// How steps were launched and how often the step was captured (None on the CPU).
+    fn launches(&self) -> Option<(StepLaunch, u32)>;
+}
+
+impl Scripted for CudaBackend {
+    fn open(launch: StepLaunch, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Self {
+        cuda_with(launch, model, train, data, params)
+    }
+    fn launches(&self) -> Option<(StepLaunch, u32)> {
+        Some((self.step_launch(), self.graph_captures()))
+    }
+}
+
+impl Scripted for CpuBackend<f32> {
+    fn open(_: StepLaunch, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Self {
+        CpuBackend::<f32>::new(model.clone(), train.clone(), Arc::clone(data), params).unwrap()
+    }
+    fn launches(&self) -> Option<(StepLaunch, u32)> {
+        None
+    }
+}
+
+/// One step of a scripted run: the epoch order to load before it (if any) and its batch.
+struct Planned {
+    order: Option<Vec<u32>>,
+    batch: usize,
+}
+
+/// Batches per epoch in these scripts: whole epochs, but at most 40 batches, so that a few
+/// hundred steps cross several epoch boundaries in every configuration (batch 2 included).
+fn epoch_batches(order_len: usize, batch_size: usize) -> usize {
+    (order_len / batch_size).min(40)
+}
+
+/// `steps` steps over shuffled epochs. With `awkward`: one batch skipped at step 60 (the
+/// device counter is set outside the graph), the first epoch from step 120 on is half an
+/// order (the captured length changes), the first from step 180 on is two orders long (the
+/// order buffer is reallocated). Returns the plan and how many order loads after step 1
+/// (when the graph is first captured) change the order's length.
+fn plan(count: usize, batch_size: usize, seed: u64, steps: usize, awkward: bool) -> (Vec<Planned>, u32) {
+    let mut out: Vec<Planned> = Vec::with_capacity(steps);
+    let (mut epoch, mut batch, mut batches, mut len) = (0u64, 0usize, 0usize, 0usize);
+    let (mut short_done, mut long_done, mut changes) = (false, false, 0);
+    while out.len() < steps {
+        let step = out.len();
+        if awkward && step == 60 {
+            batch += 1;
+        }
+        let order = if batch >= batches {
+            let mut order = epoch_order(BatchOrder::Shuffled, seed, epoch, count);
+            if awkward && step >= 120 && !short_done {
+                order.truncate(count / 2);
+                short_done = true;
+            } else if awkward && step >= 180 && !long_done {
+                order.extend(epoch_order(BatchOrder::Shuffled, seed, epoch + 1000, count));
+                long_done = true;
+            }
+            epoch += 1;
+            batch = 0;
+            batches = epoch_batches(order.len(), batch_size);
+            if step >= 2 && order.len() != len {
+                changes += 1;
+            }
+            len = order.len();
+            Some(order)
+        } else {
+            None
+        };
+        out.push(Planned { order, batch });
+        batch += 1;
+    }
+    (out, changes)
+}
+
+fn stats_bits(s: StepStats) -> (u64, u64, u64, u64) {
+    (s.steps, s.examples, s.loss_sum.to_bits(), s.correct)
+}
+
+fn tensor_bits(tensors: &[Vec<f64>]) -> Vec<Vec<u64>> {
+    tensors.iter().map(|t| t.iter().map(|v| v.to_bits()).collect()).collect()
+}
+
+fn params_bits(p: &ModelParams) -> Vec<(String, Vec<u64>)> {
+    p.named_tensors().into_iter().map(|(name, t)| (name, t.iter().map(|v| v.to_bits()).collect())).collect()
+}
+
+fn evaluation_bits(e: &Evaluation) -> (u64, u64, u64, Vec<u32>) {
+    (e.examples, e.loss_sum.to_bits(), e.correct, e.probe.iter().map(|v| v.to_bits()).collect())
+}
+
+/// Everything a scripted run leaves behind, as bits.
+#[derive(Debug, Default, PartialEq)]
+struct Trace {
+    stats: Vec<(u64, u64, u64, u64)>,
+    evaluations: Vec<(u64, u64, u64, Vec<u32>)>,
+    params: Vec<(String, Vec<u64>)>,
+    batch_counts: Vec<u64>,
+    gradients: Vec<Vec<u64>>,
+    velocity: Vec<Vec<u64>>,
+}
+
+/// Runs `plan[range]` on `net`, taking the step statistics every 50 steps; at step 100 also
+/// evaluates (population statistics with a probe, and whole-split batch statistics, which
+/// allocates buffers of its own) and round-trips the parameters through the host.
+fn run_plan(net: &mut dyn Backend, plan: &[Planned], range: std::ops::Range<usize>, trace: &mut Trace) {
+    for step in range {
+        if let Some(order) = &plan[step].order {
+            net.set_epoch_order(order).unwrap();
+        }
+        net.train_step(plan[step].batch).unwrap();
+        let done = step + 1;
+        if done % 50 == 0 {
+            trace.stats.push(stats_bits(net.take_step_stats().unwrap()));
+        }
+        if done == 100 {
+            let probe = Some(Probe { layer: 0, neurons: 3 });
+            trace.evaluations.push(evaluation_bits(&net.evaluate(SplitKind::Test, StatsMode::Population, probe).unwrap()));
+            trace.evaluations.push(evaluation_bits(&net.evaluate(SplitKind::Train, StatsMode::Batch, None).unwrap()));
+            let params = net.params().unwrap();
+            net.set_params(&params).unwrap();
+            assert_eq!(params_bits(&net.params().unwrap()), params_bits(&params), "params/set_params round trip");
+        }
+    }
+}
+
+/// The end state of a run.
+fn finish(net: &mut dyn Backend, mut trace: Trace) -> Trace {
+    trace.stats.push(stats_bits(net.take_step_stats().unwrap()));
+    let params = net.params().unwrap();
+    trace.params = params_bits(&params);
+    trace.batch_counts = params.layers.iter().flat_map(|l| l.batch_norm.iter().flat_map(|bn| bn.running.iter().map(|s| s.batches))).collect();
+    trace.gradients = tensor_bits(&net.gradients().unwrap());
+    trace.velocity = tensor_bits(&net.velocity().unwrap());
+    trace
+}
+
+#[test]
+fn options_follow_the_graph_switch() {
+    let graph = CudaOptions { step_launch: StepLaunch::Graph };
+    let eager = CudaOptions { step_launch: StepLaunch::Eager };
+    assert_eq!(CudaOptions::default(), graph);
+    for value in [None, Some(""), Some("1"), Some("true"), Some("on")] {
+        assert_eq!(CudaOptions::from_graph_env(value), graph, "{value:?}");
+    }
+    for value in ["0", "false", "OFF", " no "] {
+        assert_eq!(CudaOptions::from_graph_env(Some(value)), eager, "{value:?}");
+    }
+}
+
+#[test]
+fn graph_replay_matches_eager_launches_bitwise() {
+    let _serial = serial();
+    if gpu().is_some() {
+        check_graph_vs_eager::<CudaBackend>();
+    }
+}
+
+/// 250 steps across epochs (with a skipped batch, a shorter and a longer order), an
+/// evaluation and a parameter round trip: graph replay and eager launches leave bitwise the
+/// same statistics, evaluations, parameters, running statistics, gradients and momentum.
+fn check_graph_vs_eager<B: Scripted>() {
+    let data = dataset();
+    for (name, model, train) in configurations() {
+        let params = ModelParams::init(&model, 11, train.estimators().len());
+        let (steps, changes) = plan(data.train.count, train.batch_size, train.seed, 250, true);
+        assert!(changes >= 2, "{name}: the plan changes the order's length {changes} times");
+        let mut traces = Vec::new();
+        for launch in [StepLaunch::Graph, StepLaunch::Eager] {
+            let mut net = B::open(launch, &model, &train, &data, &params);
+            let mut trace = Trace::default();
+            run_plan(&mut net, &steps, 0..steps.len(), &mut trace);
+            if let Some((launched, captures)) = net.launches() {
+                // Without this the comparison could be eager against eager.
+                assert_eq!(launched, launch, "{name}: the {launch:?} backend ended as {}", net.device_name());
+                let expected = if launch == StepLaunch::Graph { 1 + changes } else { 0 };
+                assert_eq!(captures, expected, "{name}: captures of the {launch:?} backend");
+            }
+            traces.push(finish(&mut net, trace));
+        }
+        assert_eq!(traces[0].stats.len(), 6, "{name}: statistics at 50, 100, …, 250 and at the end");
+        assert_eq!(traces[0], traces[1], "{name}: graph replay vs eager launches");
+    }
+}
+
+#[test]
+fn a_resumed_graph_run_matches_an_unbroken_eager_run_bitwise() {
+    let _serial = serial();
+    if gpu().is_some() {
+        check_resume::<CudaBackend>();
+    }
+}
+
+/// A graph run interrupted after step 70 (between the statistics taken at 50 and 100) and
+/// resumed on a fresh backend from what a checkpoint holds — parameters, running
+/// statistics, momentum, the pending step statistics, the epoch order — ends bitwise where
+/// an unbroken eager run does.
+fn check_resume<B: Scripted>() {
+    let data = dataset();
+    let with_momentum = configurations().into_iter().filter(|(_, _, t)| t.momentum > 0.0).collect::<Vec<_>>();
+    assert!(!with_momentum.is_empty());
+    for (name, model, train) in with_momentum {
+        let params = ModelParams::init(&model, 13, train.estimators().len());
+        let (steps, _) = plan(data.train.count, train.batch_size, train.seed, 130, false);
+        let mut unbroken = B::open(StepLaunch::Eager, &model, &train, &data, &params);
+        let mut expected = Trace::default();
+        run_plan(&mut unbroken, &steps, 0..steps.len(), &mut expected);
+        let expected = finish(&mut unbroken, expected);
+
+        let mut first = B::open(StepLaunch::Graph, &model, &train, &data, &params);
+        let mut trace = Trace::default();
+        run_plan(&mut first, &steps, 0..70, &mut trace);
+        let (saved, velocity, pending) = (first.params().unwrap(), first.velocity().unwrap(), first.take_step_stats().unwrap());
+        if let Some(launches) = first.launches() {
+            assert_eq!(launches, (StepLaunch::Graph, 1), "{name}: first part");
+        }
+        drop(first);
+        let mut resumed = B::open(StepLaunch::Graph, &model, &train, &data, &saved);
+        resumed.set_velocity(&velocity).unwrap();
+        resumed.restore_step_stats(pending).unwrap();
+        // The epoch the interruption fell in: the order loaded last before step 70.
+        let current = steps[..70].iter().rev().find_map(|p| p.order.as_ref()).unwrap();
+        resumed.set_epoch_order(current).unwrap();
+        run_plan(&mut resumed, &steps, 70..steps.len(), &mut trace);
+        if let Some(launches) = resumed.launches() {
+            assert_eq!(launches, (StepLaunch::Graph, 1), "{name}: resumed part");
+        }
+        let trace = finish(&mut resumed, trace);
+        assert!(!trace.velocity.is_empty(), "{name}: momentum buffers");
+        assert_eq!(trace, expected, "{name}: resumed graph run vs unbroken eager run");
+    }
+}
+
+/// Runs on every machine: the two scripts above are valid runs (no batch past an order),
+/// and on the CPU, which has one way to launch, they hold trivially — so a failure on the
+/// GPU points at the graph, not at the script.
+#[test]
+fn the_graph_scripts_hold_for_cpu_f32() {
+    check_graph_vs_eager::<CpuBackend<f32>>();
+    check_resume::<CpuBackend<f32>>();
+}
+
 /// Runs on every machine: the comparisons above, with CpuBackend<f32> standing in for the
 /// GPU, hold — so their tolerances are achievable by an f32 backend and a failure on the
 /// GPU points at the GPU.
@@ -316,6 +585,7 @@ fn the_comparisons_hold_for_cpu_f32() {
 /// message pointing at the CPU backend instead of panicking.
 #[test]
 fn without_a_usable_gpu_the_backend_fails_cleanly() {
+    let _serial = serial();
     assert!(!cuda::build_info().is_empty());
     match cuda::cuda_available() {
         Ok(name) => eprintln!("GPU present: {name}"),

@@ -6,23 +6,31 @@
 //! counts, the activations and the loss/accuracy accumulators live on the device too.
 //! `train_step` only launches (no synchronization, no readback): the batch it reads comes
 //! from a device-side counter advanced by the SGD kernel, so a step has no per-step host
-//! argument and can later be captured in a CUDA graph. The host reads back only in
-//! `take_step_stats`, `evaluate`, `predict_each`, `params`, `gradients` and `velocity`.
+//! argument and is captured once into a CUDA graph, then replayed (see [`StepLaunch`]). The
+//! host reads back only in `take_step_stats`, `evaluate`, `predict_each`, `params`,
+//! `gradients` and `velocity`.
 //!
 //! One training step (seed network: 16 launches, 8 of them cuBLAS GEMMs): gather; per layer GEMM + fused
 //! BN/bias + activation; softmax-CE (with the output bias and its gradient); per layer
 //! GEMM dW, GEMM dX, fused activation' + BN/bias backward; SGD; running statistics.
+//!
+//! The graph bakes in every device address and every by-value kernel argument of the step.
+//! All buffers the step touches are allocated once, in `new`, and only copied into later
+//! (`set_params`, `set_velocity`, `restore_step_stats`, `take_step_stats`), except the epoch
+//! order: `set_epoch_order` drops the graph when it reallocates the order or changes its
+//! length (the gather kernel takes the length by value), and the next step captures anew.
 
 use super::context::Gpu;
 use super::gemm::matmul;
 use super::kernels::{self, RunningStatsLayout};
-use super::CudaError;
+use super::{describe_driver_error, CudaError};
 use crate::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
 use crate::Result;
-use cudarc::driver::{sys, CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{result as driver_result, sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use std::io::Write as _;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -116,6 +124,31 @@ fn read<T: DeviceRepr, S: DevicePtr<T>>(gpu: &Gpu, src: &S) -> Result<Vec<T>, Cu
     let host = gpu.stream().clone_dtoh(src)?;
     gpu.synchronize()?;
     Ok(host)
+}
+
+fn graph_launch_error(e: cudarc::driver::DriverError) -> CudaError {
+    CudaError::Launch { kernel: "cuGraphLaunch", message: format!("launch failed: {}", describe_driver_error(e)) }
+}
+
+/// Makes sure `stream` is out of capture mode after a failed capture, discarding what it
+/// recorded: cudarc's `end_capture` returns early, before ending the capture, when the
+/// context holds a stale error, and a stream left capturing would record instead of run
+/// everything queued after. (The graph entry points exist in every driver that loads this
+/// crate's PTX, which needs CUDA 13, so cudarc's lazy symbol lookup cannot panic here.)
+fn leave_capture(stream: &CudaStream) {
+    // SAFETY: `stream` is a live stream of the context bound to this thread; these calls
+    // only query or end its capture, and a graph that ending returns is destroyed here, by
+    // its only owner, before anything could instantiate or launch it.
+    unsafe {
+        if matches!(driver_result::stream::is_capturing(stream.cu_stream()), Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)) {
+            return;
+        }
+        if let Ok(graph) = driver_result::stream::end_capture(stream.cu_stream()) {
+            if !graph.is_null() {
+                let _ = driver_result::graph::destroy(graph);
+            }
+        }
+    }
 }
 
 /// What one forward pass over up to `rows` examples writes (and the backward pass reads).
@@ -220,6 +253,70 @@ impl Net<'_> {
     }
 }
 
+/// How [`CudaBackend::train_step`](Backend::train_step) submits a step's operations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepLaunch {
+    /// Every operation launched on its own, every step (16 launches for the seed network).
+    Eager,
+    /// The step captured once into a CUDA graph, then one graph launch per step. The first
+    /// step after construction runs eagerly (a warm-up: kernels and cuBLAS initialize
+    /// outside the capture); the second is captured. If capture fails, every step runs
+    /// eagerly from then on, after a one-line notice on stderr. Capture wants the process's
+    /// other threads to leave the device alone meanwhile: a device-wide synchronization from
+    /// another thread (cudaDeviceSynchronize, or cublasDestroy, which calls it) invalidates
+    /// it, and the backend falls back.
+    Graph,
+}
+
+/// Construction options of a [`CudaBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub step_launch: StepLaunch,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions { step_launch: StepLaunch::Graph }
+    }
+}
+
+impl CudaOptions {
+    /// The environment switch read by [`CudaOptions::from_env`].
+    pub const GRAPH_ENV: &'static str = "BNTRAIN_CUDA_GRAPH";
+
+    /// The defaults, except that `BNTRAIN_CUDA_GRAPH=0` (or `false`, `off`, `no`) asks for
+    /// eager launches.
+    pub fn from_env() -> Self {
+        Self::from_graph_env(std::env::var(Self::GRAPH_ENV).ok().as_deref())
+    }
+
+    /// [`CudaOptions::from_env`] for a given value of the switch (None: unset).
+    pub fn from_graph_env(value: Option<&str>) -> Self {
+        let off = value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "off" | "no"));
+        CudaOptions { step_launch: if off { StepLaunch::Eager } else { StepLaunch::Graph } }
+    }
+}
+
+/// The captured step. CUDA graphs are not internally synchronized: every use of this one
+/// goes through `&mut CudaBackend`, which serializes them.
+struct StepGraph(CudaGraph);
+
+// SAFETY: CUDA allows a graph to be used from any thread as long as calls on it are not
+// concurrent; moving it between threads (Send) is therefore fine, and no method reachable
+// through `&CudaBackend` touches it (Sync), so `CudaBackend` keeps the auto traits it had.
+unsafe impl Send for StepGraph {}
+// SAFETY: see above: nothing reads or launches the graph through a shared reference.
+unsafe impl Sync for StepGraph {}
+
+/// Where the step's graph stands.
+enum GraphState {
+    /// Eager launches: asked for, or capture failed (`fell_back`).
+    Off { fell_back: bool },
+    /// To be captured at the next step (after the warm-up step).
+    Stale,
+    Ready(StepGraph),
+}
+
 /// The CUDA backend (f32 on the device; parameters cross the host boundary as f64).
 pub struct CudaBackend {
     gpu: Gpu,
@@ -260,7 +357,18 @@ pub struct CudaBackend {
     eval_loss: CudaSlice<f64>,
     eval_correct: CudaSlice<u64>,
     pending_steps: u64,
+    graph: GraphState,
+    /// Whether a step has run eagerly (the warm-up before the first capture).
+    warmed_up: bool,
+    /// How many times the step has been captured.
+    captures: u32,
 }
+
+// The graph wrapper must not cost the backend its auto traits.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<CudaBackend>();
+};
 
 /// An upper estimate of the device memory a [`CudaBackend`] allocates: the dataset (u8
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
@@ -280,9 +388,14 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
 }
 
 impl CudaBackend {
-    /// A backend that trains `params` on `data` on GPU 0. The configuration is validated
-    /// here, as by [`crate::cpu::CpuBackend::new`].
+    /// A backend that trains `params` on `data` on GPU 0, with [`CudaOptions::from_env`].
+    /// The configuration is validated here, as by [`crate::cpu::CpuBackend::new`].
     pub fn new(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams) -> Result<Self> {
+        Self::with_options(model, train, data, params, CudaOptions::from_env())
+    }
+
+    /// [`CudaBackend::new`] with explicit options (the environment is not read).
+    pub fn with_options(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams, options: CudaOptions) -> Result<Self> {
         model.validate()?;
         train.validate(&model, data.train.count)?;
         if data.train.features != model.inputs || data.train.classes != model.classes || data.test.features != model.inputs {
@@ -336,6 +449,12 @@ impl CudaBackend {
             eval_loss: zeros(&gpu, 1)?,
             eval_correct: zeros(&gpu, 1)?,
             pending_steps: 0,
+            graph: match options.step_launch {
+                StepLaunch::Eager => GraphState::Off { fell_back: false },
+                StepLaunch::Graph => GraphState::Stale,
+            },
+            warmed_up: false,
+            captures: 0,
             gpu,
             model,
             train,
@@ -368,6 +487,171 @@ impl CudaBackend {
     fn read_trainable(&self, buf: &CudaSlice<f32>) -> Result<Vec<Vec<f64>>> {
         let host: Vec<f32> = read(&self.gpu, buf)?;
         Ok(self.trainable_ranges().into_iter().map(|r| host[r].iter().map(|&v| f64::from(v)).collect()).collect())
+    }
+
+    /// Launches one training step's operations on the stream, reading the batch the device
+    /// counter points at and advancing it. Nothing here synchronizes, allocates, copies from
+    /// the host or touches an event (event tracking is off, see [`Gpu::open`]), so the same
+    /// sequence can be captured into a graph.
+    fn launch_step(&mut self) -> Result<(), CudaError> {
+        let b = self.train.batch_size;
+        let gpu = &self.gpu;
+        let model = &self.model;
+        let features = self.data.train.features;
+        let count = self.data.train.count;
+        let acts = &mut self.step;
+        kernels::gather_rows(
+            gpu, &self.train_images.slice(..count * features), &self.train_labels.slice(..count), features,
+            Some(&self.order.slice(..self.order_len)), Some(&self.cursor.as_view()), 0, b,
+            &mut acts.x.slice_mut(..b * features), &mut acts.labels.slice_mut(..b),
+        )?;
+        let net = Net { gpu, model, layers: &self.layers, params: &self.params, population: (&self.running_mean, &self.running_var) };
+        net.forward(acts, b, Normalize::WithBatchStats, None)?;
+
+        // Loss, dL/dlogits (into grad_z) and the output bias gradient.
+        let hidden = model.hidden.len();
+        let out = &self.layers[hidden];
+        let classes = out.outputs;
+        let grad_scale = match self.train.loss {
+            LossReduction::Sum => 1.0f32,
+            LossReduction::Mean => 1.0f32 / b as f32,
+        };
+        {
+            let bias = out.bias.clone().map(|r| self.params.slice(r));
+            let mut dbias = out.bias.clone().map(|r| self.grads.slice_mut(r));
+            kernels::softmax_xent(
+                gpu, &acts.z[hidden].slice(..b * classes), bias.as_ref(), &acts.labels.slice(..b), b, classes, grad_scale,
+                Some(&mut self.grad_z.slice_mut(..b * classes)), dbias.as_mut(), None,
+                &mut self.step_loss.as_view_mut(), &mut self.step_correct.as_view_mut(),
+            )?;
+        }
+
+        // Backward, from the output layer down; grad_z holds dL/dz of layer l on entry.
+        for l in (0..=hidden).rev() {
+            let layer = &self.layers[l];
+            let (inputs, outputs) = (layer.inputs, layer.outputs);
+            let input = if l == 0 { acts.x.slice(..b * inputs) } else { acts.a[l - 1].slice(..b * inputs) };
+            // dW = dzᵀ·x  (dz: [B, out], x: [B, in], dW: [out, in])
+            matmul(gpu, true, false, outputs, inputs, b, &self.grad_z.slice(..b * outputs), &input, &mut self.grads.slice_mut(layer.weight.clone()), false)?;
+            if l == 0 {
+                break;
+            }
+            // dx = dz·W  (W: [out, in], dx: [B, in]) is dL/da of layer l−1.
+            matmul(gpu, false, false, b, inputs, outputs, &self.grad_z.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
+            // Through the activation and BN (or bias) of layer l−1 to its z.
+            let below = &self.layers[l - 1];
+            let n = b * below.outputs;
+            match &below.bn {
+                Some(bn) => {
+                    // γ lies before β in the layout: split the gradient buffer between them.
+                    let (mut lo, mut hi) = self.grads.split_at_mut(bn.beta.start);
+                    let mut d_gamma = lo.slice_mut(bn.gamma.clone());
+                    let mut d_beta = hi.slice_mut(..bn.beta.len());
+                    kernels::act_bn_bwd(
+                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), &acts.x_hat[l - 1].slice(..n),
+                        &self.params.slice(bn.gamma.clone()), &acts.inv_std.slice(bn.stats.clone()), model.activation,
+                        b, below.outputs, &mut self.grad_z.slice_mut(..n), &mut d_gamma, &mut d_beta,
+                    )?;
+                }
+                None => {
+                    let mut dbias = below.bias.clone().map(|r| self.grads.slice_mut(r));
+                    kernels::act_bwd_bias_grad(
+                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), model.activation, b, below.outputs,
+                        &mut self.grad_z.slice_mut(..n), dbias.as_mut(),
+                    )?;
+                }
+            }
+        }
+
+        // Every parameter at once, advancing the batch counter; then the running statistics.
+        kernels::sgd_update(
+            gpu, &mut self.params.as_view_mut(), &self.grads.as_view(), self.velocity.as_mut().map(|v| v.as_view_mut()).as_mut(),
+            self.train.learning_rate as f32, self.train.momentum as f32, Some(&mut self.cursor.as_view_mut()),
+        )?;
+        if let Some(layout) = &self.stats_layout {
+            let total = layout.total();
+            kernels::running_stats_update(
+                gpu, layout, b, &acts.mean.slice(..total), &acts.var.slice(..total),
+                &mut self.running_mean.as_view_mut(), &mut self.running_var.as_view_mut(), &mut self.batches.as_view_mut(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Captures one step into a CUDA graph and launches it. While the stream captures,
+    /// nothing it records runs, so when capture fails in any way the step is launched
+    /// eagerly instead, and so is every later step (after a notice): the results are the
+    /// same either way.
+    fn capture_step(&mut self) -> Result<(), CudaError> {
+        let stream = Arc::clone(self.gpu.stream());
+        // A stale error an earlier drop left in the context is reported here, as an eager
+        // launch would report it, rather than being taken for a capture failure.
+        self.gpu.context().bind_to_thread()?;
+        match self.record_step(&stream) {
+            Ok(graph) => {
+                // An error here is returned, not retried eagerly: the step may not run twice.
+                graph.launch().map_err(graph_launch_error)?;
+                self.graph = GraphState::Ready(StepGraph(graph));
+                self.captures += 1;
+                Ok(())
+            }
+            Err(why) => {
+                // writeln, not eprintln: a closed stderr must not turn the notice into a panic.
+                let _ = writeln!(std::io::stderr(), "notice: CUDA graph capture of the training step failed ({why}); launching its operations one by one instead");
+                self.graph = GraphState::Off { fell_back: true };
+                self.launch_step()
+            }
+        }
+    }
+
+    /// Records the step's launches into a graph and instantiates it; on failure, says why
+    /// and leaves the stream out of capture mode with nothing queued.
+    fn record_step(&mut self, stream: &Arc<CudaStream>) -> Result<CudaGraph, String> {
+        // With event tracking, cudarc would record and wait on per-buffer events around every
+        // launch: event nodes in the graph, and waits on events recorded before the capture,
+        // which the capture rejects. `Gpu::open` turns it off; refuse rather than depend on it.
+        if self.gpu.context().is_event_tracking() {
+            return Err("cudarc's event tracking is on".into());
+        }
+        // Thread-local mode: a call that is illegal during capture (synchronization,
+        // allocation) fails if this thread makes it, while other threads, with other streams
+        // on the same primary context, are not restricted (a device-wide synchronization
+        // from one of them still invalidates the capture, which then falls back).
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| format!("cuStreamBeginCapture: {}", describe_driver_error(e)))?;
+        let launched = self.launch_step();
+        let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        let why = match (launched, ended) {
+            (Ok(()), Ok(Some(graph))) => return Ok(graph),
+            (Ok(()), Ok(None)) => "the capture recorded no work".to_string(),
+            (Ok(()), Err(e)) => format!("cuStreamEndCapture or cuGraphInstantiate: {}", describe_driver_error(e)),
+            (Err(e), _) => e.to_string().trim_end_matches("; use --device cpu").to_string(),
+        };
+        leave_capture(stream);
+        Err(why)
+    }
+
+    /// How steps are launched now: [`StepLaunch::Graph`] unless eager launches were asked
+    /// for or capture failed.
+    pub fn step_launch(&self) -> StepLaunch {
+        match self.graph {
+            GraphState::Off { .. } => StepLaunch::Eager,
+            GraphState::Stale | GraphState::Ready(_) => StepLaunch::Graph,
+        }
+    }
+
+    /// How many times the step has been captured into a graph (once, plus once per
+    /// `set_epoch_order` that changed the order's length or reallocated it).
+    pub fn graph_captures(&self) -> u32 {
+        self.captures
+    }
+
+    /// Drops the captured step, so that the next step captures anew.
+    fn invalidate_graph(&mut self) {
+        if matches!(self.graph, GraphState::Ready(_)) {
+            self.graph = GraphState::Stale;
+        }
     }
 
     /// Sets the device batch counter (an asynchronous memset: no host synchronization).
@@ -451,12 +735,21 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Let queued work finish before the buffers and modules go away.
         let _ = self.gpu.synchronize();
+        // The graph's kernel nodes refer to the modules `gpu` owns, and `gpu`, the first
+        // field, drops first: destroy the graph before the modules are unloaded.
+        self.graph = GraphState::Stale;
     }
 }
 
 impl Backend for CudaBackend {
+    /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph)`.
     fn device_name(&self) -> String {
-        self.gpu.name().to_string()
+        let launch = match self.graph {
+            GraphState::Off { fell_back: false } => "eager launches",
+            GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",
+            GraphState::Stale | GraphState::Ready(_) => "cuda graph",
+        };
+        format!("{} ({launch})", self.gpu.name())
     }
 
     fn set_epoch_order(&mut self, order: &[u32]) -> Result<()> {
@@ -464,8 +757,13 @@ impl Backend for CudaBackend {
         if let Some(bad) = order.iter().find(|&&i| i >= n) {
             return Err(ConfigError::Invalid(format!("epoch order holds index {bad} but the training set has {n} examples")).into());
         }
+        // The captured gather baked in the order's address and length.
         if order.len() > self.order.len() {
+            self.invalidate_graph();
             self.order = zeros(&self.gpu, order.len())?;
+        }
+        if order.len() != self.order_len {
+            self.invalidate_graph();
         }
         if !order.is_empty() {
             self.gpu.stream().memcpy_htod(order, &mut self.order.slice_mut(..order.len())).map_err(CudaError::from)?;
@@ -481,90 +779,19 @@ impl Backend for CudaBackend {
         if end > self.order_len {
             return Err(ConfigError::Invalid(format!("batch {batch} lies past the epoch order ({} indices)", self.order_len)).into());
         }
-        // Until this step has launched completely, the device counter is not known.
+        // Until this step has launched completely, the device counter is not known. Setting
+        // it is a memset queued before the step, outside any graph.
         if self.cursor_batch.take() != Some(batch) {
             self.set_cursor(batch)?;
             self.cursor_batch = None;
         }
-        let gpu = &self.gpu;
-        let model = &self.model;
-        let features = self.data.train.features;
-        let count = self.data.train.count;
-        let acts = &mut self.step;
-        kernels::gather_rows(
-            gpu, &self.train_images.slice(..count * features), &self.train_labels.slice(..count), features,
-            Some(&self.order.slice(..self.order_len)), Some(&self.cursor.as_view()), 0, b,
-            &mut acts.x.slice_mut(..b * features), &mut acts.labels.slice_mut(..b),
-        )?;
-        let net = Net { gpu, model, layers: &self.layers, params: &self.params, population: (&self.running_mean, &self.running_var) };
-        net.forward(acts, b, Normalize::WithBatchStats, None)?;
-
-        // Loss, dL/dlogits (into grad_z) and the output bias gradient.
-        let hidden = model.hidden.len();
-        let out = &self.layers[hidden];
-        let classes = out.outputs;
-        let grad_scale = match self.train.loss {
-            LossReduction::Sum => 1.0f32,
-            LossReduction::Mean => 1.0f32 / b as f32,
-        };
-        {
-            let bias = out.bias.clone().map(|r| self.params.slice(r));
-            let mut dbias = out.bias.clone().map(|r| self.grads.slice_mut(r));
-            kernels::softmax_xent(
-                gpu, &acts.z[hidden].slice(..b * classes), bias.as_ref(), &acts.labels.slice(..b), b, classes, grad_scale,
-                Some(&mut self.grad_z.slice_mut(..b * classes)), dbias.as_mut(), None,
-                &mut self.step_loss.as_view_mut(), &mut self.step_correct.as_view_mut(),
-            )?;
-        }
-
-        // Backward, from the output layer down; grad_z holds dL/dz of layer l on entry.
-        for l in (0..=hidden).rev() {
-            let layer = &self.layers[l];
-            let (inputs, outputs) = (layer.inputs, layer.outputs);
-            let input = if l == 0 { acts.x.slice(..b * inputs) } else { acts.a[l - 1].slice(..b * inputs) };
-            // dW = dzᵀ·x  (dz: [B, out], x: [B, in], dW: [out, in])
-            matmul(gpu, true, false, outputs, inputs, b, &self.grad_z.slice(..b * outputs), &input, &mut self.grads.slice_mut(layer.weight.clone()), false)?;
-            if l == 0 {
-                break;
+        match &self.graph {
+            GraphState::Ready(graph) => graph.0.launch().map_err(graph_launch_error)?,
+            GraphState::Stale if self.warmed_up => self.capture_step()?,
+            GraphState::Stale | GraphState::Off { .. } => {
+                self.launch_step()?;
+                self.warmed_up = true;
             }
-            // dx = dz·W  (W: [out, in], dx: [B, in]) is dL/da of layer l−1.
-            matmul(gpu, false, false, b, inputs, outputs, &self.grad_z.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
-            // Through the activation and BN (or bias) of layer l−1 to its z.
-            let below = &self.layers[l - 1];
-            let n = b * below.outputs;
-            match &below.bn {
-                Some(bn) => {
-                    // γ lies before β in the layout: split the gradient buffer between them.
-                    let (mut lo, mut hi) = self.grads.split_at_mut(bn.beta.start);
-                    let mut d_gamma = lo.slice_mut(bn.gamma.clone());
-                    let mut d_beta = hi.slice_mut(..bn.beta.len());
-                    kernels::act_bn_bwd(
-                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), &acts.x_hat[l - 1].slice(..n),
-                        &self.params.slice(bn.gamma.clone()), &acts.inv_std.slice(bn.stats.clone()), model.activation,
-                        b, below.outputs, &mut self.grad_z.slice_mut(..n), &mut d_gamma, &mut d_beta,
-                    )?;
-                }
-                None => {
-                    let mut dbias = below.bias.clone().map(|r| self.grads.slice_mut(r));
-                    kernels::act_bwd_bias_grad(
-                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), model.activation, b, below.outputs,
-                        &mut self.grad_z.slice_mut(..n), dbias.as_mut(),
-                    )?;
-                }
-            }
-        }
-
-        // Every parameter at once, advancing the batch counter; then the running statistics.
-        kernels::sgd_update(
-            gpu, &mut self.params.as_view_mut(), &self.grads.as_view(), self.velocity.as_mut().map(|v| v.as_view_mut()).as_mut(),
-            self.train.learning_rate as f32, self.train.momentum as f32, Some(&mut self.cursor.as_view_mut()),
-        )?;
-        if let Some(layout) = &self.stats_layout {
-            let total = layout.total();
-            kernels::running_stats_update(
-                gpu, layout, b, &acts.mean.slice(..total), &acts.var.slice(..total),
-                &mut self.running_mean.as_view_mut(), &mut self.running_var.as_view_mut(), &mut self.batches.as_view_mut(),
-            )?;
         }
         self.cursor_batch = Some(batch + 1);
         self.pending_steps += 1;

@@ -1,11 +1,12 @@
 //! Opening the GPU: the driver and cuBLAS libraries are loaded at run time (cudarc's dynamic
 //! loading), so a machine without them runs the CPU backend; this module checks for them
 //! before the first driver call (which would panic otherwise), opens device 0, creates one
-//! stream and one cuBLAS handle on it, and loads every PTX module `build.rs` compiled.
+//! stream and one cuBLAS handle on it (with a workspace of its own, so that cuBLAS calls can
+//! be captured into a CUDA graph), and loads every PTX module `build.rs` compiled.
 
 use super::{built, describe_driver_error, CudaError};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use std::sync::Arc;
 
@@ -23,14 +24,28 @@ pub(crate) struct Functions {
 }
 
 /// An open GPU: context, the one stream everything runs on (in order, so no events are
-/// needed), a cuBLAS handle bound to that stream, and the kernels.
+/// needed), a cuBLAS handle bound to that stream with its workspace, and the kernels.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Bound to `stream` once: cublasSetStream would also reset the workspace below.
     pub(crate) blas: CudaBlas,
+    /// The handle's workspace. Declared after `blas` so that it is freed after the handle
+    /// is destroyed (fields drop in declaration order).
+    _blas_workspace: CudaSlice<u8>,
     pub(crate) functions: Functions,
     name: String,
 }
+
+/// Bytes of the cuBLAS workspace: the sizes cuBLAS's documentation recommends for
+/// `cublasSetWorkspace` (32 MiB for Hopper, compute capability 9, and newer; 4 MiB before).
+/// A workspace too small makes cuBLAS fail or pick slower algorithms.
+fn blas_workspace_bytes(compute_major: i32) -> usize {
+    if compute_major >= 9 { 32 << 20 } else { 4 << 20 }
+}
+
+/// cuBLAS requires a workspace aligned to 256 bytes.
+const BLAS_WORKSPACE_ALIGN: u64 = 256;
 
 impl Gpu {
     /// Opens device 0. Fails (never panics) when the kernels were not built, when libcuda
@@ -69,7 +84,8 @@ impl Gpu {
         // SAFETY: disabled before any buffer exists, and every buffer, launch and copy of
         // this Gpu goes through `stream`, so work on a buffer is ordered by the stream.
         unsafe { ctx.disable_event_tracking() };
-        // A non-default stream, so that a step can later be captured into a CUDA graph.
+        // A non-default stream: the training step is captured into a CUDA graph on it (the
+        // legacy default stream cannot be captured).
         let stream = ctx.new_stream()?;
         let name = ctx.name()?;
 
@@ -95,6 +111,24 @@ impl Gpu {
             cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result()?;
             cublas_sys::cublasSetAtomicsMode(*blas.handle(), cublas_sys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED).result()?;
         }
+        // A workspace of our own: without one, cuBLAS may allocate (stream-ordered) inside a
+        // captured step, which would put memory nodes into the graph; with one, a GEMM only
+        // launches kernels. Set after `CudaBlas::new`'s cublasSetStream, which resets the
+        // workspace to the default pool, and never changed afterwards. The eager path uses
+        // the same workspace, so both paths run the same GEMM algorithms.
+        let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let workspace_bytes = blas_workspace_bytes(major);
+        let blas_workspace = stream.alloc_zeros::<u8>(workspace_bytes)?;
+        {
+            let (ptr, _record) = blas_workspace.device_ptr(&stream);
+            if ptr % BLAS_WORKSPACE_ALIGN != 0 {
+                return Err(CudaError::Cublas(format!("the driver returned a workspace at {ptr:#x}, not aligned to {BLAS_WORKSPACE_ALIGN} bytes")));
+            }
+            // SAFETY: `ptr` is a live allocation of `workspace_bytes` bytes, 256-byte aligned
+            // (checked), on the handle's stream; `Gpu` keeps it alive until after the handle
+            // is destroyed, and nothing else uses it.
+            unsafe { cublas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as usize as *mut std::ffi::c_void, workspace_bytes) }.result()?;
+        }
 
         let function = |module: &str, name: &'static str| -> Result<CudaFunction, CudaError> {
             let (_, m) = loaded.iter().find(|(n, _)| *n == module).ok_or_else(|| CudaError::Launch {
@@ -114,7 +148,7 @@ impl Gpu {
             running_stats_update: function("running_stats", "running_stats_update_f32")?,
             sgd_update: function("sgd", "sgd_update_f32")?,
         };
-        Ok(Gpu { ctx, stream, blas, functions, name })
+        Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name })
     }
 
     /// The device's name, e.g. `NVIDIA H200`.

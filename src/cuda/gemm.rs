@@ -18,7 +18,9 @@ use cudarc::driver::{CudaView, CudaViewMut};
 ///   stored `[k, m]` (transpose_a) it reads as A', so `OP_T`, ldb = m.
 ///
 /// With `accumulate` false, beta = 0 and c is never read (it may hold NaN). Deterministic:
-/// the handle has atomics disallowed and default (non-TF32) math, see [`Gpu::open`].
+/// the handle has atomics disallowed, default (non-TF32) math and a fixed workspace of its
+/// own, see [`Gpu::open`]. Capturable into a CUDA graph: host pointer mode, so alpha and
+/// beta are captured by value, and the workspace spares cuBLAS any allocation.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,

@@ -6,14 +6,15 @@
 //!   modules that `build.rs` compiled from `cuda/*.cu`;
 //! - [`kernels`]: one checked launcher per CUDA kernel (public so tests can drive them);
 //! - [`gemm`]: the one row-major GEMM helper over cuBLAS;
-//! - `backend`: [`CudaBackend`], the [`crate::backend::Backend`] implementation.
+//! - `backend`: [`CudaBackend`], the [`crate::backend::Backend`] implementation, whose
+//!   training step is captured into a CUDA graph and replayed ([`StepLaunch`]).
 
 mod backend;
 pub mod context;
 pub mod gemm;
 pub mod kernels;
 
-pub use backend::{device_bytes_needed, CudaBackend};
+pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch};
 pub use context::Gpu;
 
 use cudarc::driver::{result::DriverError, sys::CUresult};
