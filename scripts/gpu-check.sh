@@ -19,6 +19,9 @@ anchor="${2:-}"
 steps="${STEPS:-10000}"
 bin="$bundle/bntrain"
 [[ -x "$bin" ]] || { echo "gpu-check: $bin not found (build the bundle with scripts/gpu-bundle.sh)" >&2; exit 2; }
+# Every command (tests that train on real MNIST, train, bench, reproduce, the peers) reads
+# the bundle's copy of MNIST.
+export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
 summary=()
 failed=0
@@ -92,7 +95,7 @@ fi
 # Our own PyTorch and JAX versions of the same step, same GPU, same call (issue 5). RUN_PEERS=0 skips.
 if [[ "${RUN_PEERS:-1}" == 1 && -f "$bundle/compare-peers.sh" ]]; then
     echo "== compare-peers.sh"
-    timeout 600 bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
+    DATA="$bundle/data" timeout 600 bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi
 

@@ -25,6 +25,51 @@ pub enum StatsMode {
     Batch,
 }
 
+/// How a backend's GEMMs read their operands. Everything else (master weights, BN
+/// statistics, activations, accumulation) stays in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GemmPrecision {
+    /// Full f32 operands.
+    #[default]
+    F32,
+    /// Operands rounded to TF32 (f32's 8-bit exponent, 10 mantissa bits), as tensor cores
+    /// read them with cuBLAS's `CUBLAS_COMPUTE_32F_FAST_TF32`.
+    Tf32,
+    /// Operands rounded to bfloat16 (8-bit exponent, 7 mantissa bits), as with
+    /// `CUBLAS_COMPUTE_32F_FAST_16BF`.
+    Bf16,
+}
+
+impl GemmPrecision {
+    /// `x` as this precision holds it, rounded to nearest, ties to even. NaN and ±∞ pass
+    /// through; a finite value may round to ±∞ at the top of the range, as in hardware.
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            GemmPrecision::F32 => x,
+            GemmPrecision::Bf16 => half::bf16::from_f32(x).to_f32(),
+            GemmPrecision::Tf32 => {
+                if !x.is_finite() {
+                    return x;
+                }
+                // Keep the top 10 of 23 mantissa bits: add half of the dropped range (less
+                // one unless the kept part is odd, so ties go to even), then clear it.
+                let bits = x.to_bits();
+                let odd = (bits >> 13) & 1;
+                f32::from_bits(bits.wrapping_add(0x0fff + odd) & !0x1fff)
+            }
+        }
+    }
+
+    /// A short label for device names and reports: `f32`, `tf32`, `bf16`.
+    pub fn label(self) -> &'static str {
+        match self {
+            GemmPrecision::F32 => "f32",
+            GemmPrecision::Tf32 => "tf32",
+            GemmPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
 /// What the training steps since the last call produced, summed over examples.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepStats {

@@ -1,7 +1,9 @@
 //! Choosing where to train: the CPU reference, the CUDA backend, or whichever works.
 
 use crate::backend::Backend;
-use crate::cpu::{CpuBackend, InputPath};
+use crate::backend::GemmPrecision;
+use crate::cpu::{CpuBackend, CpuOptions, InputPath};
+use crate::cuda::{CudaBackend, CudaOptions};
 use crate::data::Dataset;
 use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
 use crate::Result;
@@ -29,12 +31,27 @@ impl FromStr for DeviceChoice {
     }
 }
 
-/// The arithmetic a backend uses. The CPU computes in f32 or f64; CUDA in f32.
+/// The arithmetic a backend uses. The CPU computes in f32 or f64; CUDA in f32. With tf32 and
+/// bf16 the GEMMs read their operands in that format (tensor cores on the GPU, an emulation
+/// on the CPU) and everything else stays f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
     #[default]
     F32,
     F64,
+    Tf32,
+    Bf16,
+}
+
+impl Precision {
+    /// What the GEMMs read.
+    pub fn gemm(self) -> GemmPrecision {
+        match self {
+            Precision::F32 | Precision::F64 => GemmPrecision::F32,
+            Precision::Tf32 => GemmPrecision::Tf32,
+            Precision::Bf16 => GemmPrecision::Bf16,
+        }
+    }
 }
 
 impl FromStr for Precision {
@@ -43,7 +60,9 @@ impl FromStr for Precision {
         match s {
             "f32" | "fp32" => Ok(Precision::F32),
             "f64" | "fp64" => Ok(Precision::F64),
-            _ => Err(format!("unknown precision `{s}`: expected f32 or f64")),
+            "tf32" => Ok(Precision::Tf32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision `{s}`: expected f32, f64, tf32 or bf16")),
         }
     }
 }
@@ -81,10 +100,14 @@ pub fn open_with(
     data: Arc<Dataset>,
     params: &ModelParams,
 ) -> Result<Box<dyn Backend>> {
+    let cpu = CpuOptions { input: cpu_input, gemm: precision.gemm() };
     Ok(match (device, precision) {
-        (DeviceChoice::Cpu, Precision::F32) => Box::new(CpuBackend::<f32>::with_input_path(model, train, data, params, cpu_input)?),
-        (DeviceChoice::Cpu, Precision::F64) => Box::new(CpuBackend::<f64>::with_input_path(model, train, data, params, cpu_input)?),
-        (DeviceChoice::Cuda, Precision::F32) => Box::new(crate::cuda::CudaBackend::new(model, train, data, params)?),
+        (DeviceChoice::Cpu, Precision::F64) => Box::new(CpuBackend::<f64>::with_options(model, train, data, params, cpu)?),
+        (DeviceChoice::Cpu, _) => Box::new(CpuBackend::<f32>::with_options(model, train, data, params, cpu)?),
+        (DeviceChoice::Cuda, Precision::F32 | Precision::Tf32 | Precision::Bf16) => {
+            let options = CudaOptions { gemm: precision.gemm(), ..CudaOptions::from_env() };
+            Box::new(CudaBackend::with_options(model, train, data, params, options)?)
+        }
         (DeviceChoice::Cuda, Precision::F64) => {
             return Err(ConfigError::Invalid("the CUDA backend computes in f32; use --precision f32, or --device cpu for f64".into()).into())
         }

@@ -152,7 +152,8 @@ struct TrainArgs {
     /// Continue the run saved in this checkpoint (its configuration is used).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Arithmetic of the CPU backend (CUDA computes in f32).
+    /// Arithmetic: f32; f64 (CPU only); tf32 or bf16 GEMM operands with f32 accumulation,
+    /// master weights and BN statistics (tensor cores on CUDA, emulated on the CPU).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: Precision,
     /// Print one JSON object as the last line of stdout.
@@ -227,6 +228,7 @@ struct BenchArgs {
     /// Approximate seconds per timed run.
     #[arg(long, default_value_t = 0.3)]
     seconds: f64,
+    /// f32, f64 (CPU), tf32 or bf16 (GEMM operands; emulated, so slower, on the CPU).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     precision: Precision,
     /// Train on uniform random pixels instead of the dataset's first twelve batches (the CPU

@@ -122,7 +122,8 @@ pub fn save_checkpoint(
         velocity: net.velocity()?,
         progress,
         precision: match precision {
-            Precision::F32 => StoredPrecision::F32,
+            // Reduced-precision GEMMs keep f32 master weights.
+            Precision::F32 | Precision::Tf32 | Precision::Bf16 => StoredPrecision::F32,
             Precision::F64 => StoredPrecision::F64,
         },
     };

@@ -16,8 +16,8 @@
 
 mod gpu_support;
 
-use bntrain::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
-use bntrain::cpu::CpuBackend;
+use bntrain::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
+use bntrain::cpu::{CpuBackend, CpuOptions};
 use bntrain::cuda::{self, CudaBackend, CudaOptions, StepLaunch};
 use bntrain::data::Dataset;
 use bntrain::model::{
@@ -323,7 +323,7 @@ fn bad_requests_are_errors() {
 /// A backend that launches its steps as asked (the environment switch is not read, so
 /// tests running in parallel cannot disturb each other).
 fn cuda_with(step_launch: StepLaunch, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> CudaBackend {
-    CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, CudaOptions { step_launch }).unwrap()
+    CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, CudaOptions { step_launch, ..Default::default() }).unwrap()
 }
 
 /// A backend the scripted runs below drive: the CUDA one, or (to check the scripts
@@ -468,8 +468,8 @@ fn finish(net: &mut dyn Backend, mut trace: Trace) -> Trace {
 
 #[test]
 fn options_follow_the_graph_switch() {
-    let graph = CudaOptions { step_launch: StepLaunch::Graph };
-    let eager = CudaOptions { step_launch: StepLaunch::Eager };
+    let graph = CudaOptions { step_launch: StepLaunch::Graph, ..Default::default() };
+    let eager = CudaOptions { step_launch: StepLaunch::Eager, ..Default::default() };
     assert_eq!(CudaOptions::default(), graph);
     for value in [None, Some(""), Some("1"), Some("true"), Some("on")] {
         assert_eq!(CudaOptions::from_graph_env(value), graph, "{value:?}");
@@ -576,9 +576,59 @@ fn the_graph_scripts_hold_for_cpu_f32() {
 /// GPU points at the GPU.
 #[test]
 fn the_comparisons_hold_for_cpu_f32() {
+    // The reduced-precision check against itself: the emulation, twice.
+    check_reduced_precision(|model, train, data, params, gemm| {
+        let options = CpuOptions { gemm, ..Default::default() };
+        Box::new(CpuBackend::<f32>::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
+    });
     check_one_step(cpu_f32_backend);
     check_two_hundred_steps(cpu_f32_backend);
     check_inference(cpu_f32_backend);
+}
+
+/// `--precision tf32|bf16`: one step of the seed network with the GEMMs on tensor cores
+/// against the CPU's emulation (the same operands rounded the same way, f32 elsewhere). The
+/// two differ by accumulation order and, where the hardware rounds an operand differently
+/// from round-to-nearest-even (TF32 may be truncated), by one ulp of that operand: 2⁻¹⁰
+/// relative for TF32, 2⁻⁸ for bf16. Those set the tolerances, with BN's backward
+/// cancellation amplifying them as for f32 above (×8 of the largest gradient, ×20 relative).
+/// The same step in f32 on the GPU must differ from it: the compute type took effect.
+#[test]
+fn reduced_precision_gemms_match_the_cpu_emulation() {
+    let _serial = serial();
+    if gpu().is_some() {
+        check_reduced_precision(|model, train, data, params, gemm| {
+            let options = CudaOptions { step_launch: StepLaunch::Eager, gemm };
+            Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
+        });
+    }
+}
+
+type PrecisionMaker = fn(&ModelConfig, &TrainConfig, &Arc<Dataset>, &ModelParams, GemmPrecision) -> Box<dyn Backend>;
+
+fn check_reduced_precision(make: PrecisionMaker) {
+    let data = dataset();
+    let (_, model, train) = configurations().remove(0);
+    let params = scaled_init(&model, &train);
+    let order = epoch_order(BatchOrder::Shuffled, 7, 0, data.train.count);
+    let step = |net: &mut dyn Backend| {
+        net.set_epoch_order(&order).unwrap();
+        net.train_step(1).unwrap();
+        (net.take_step_stats().unwrap(), net.gradients().unwrap())
+    };
+    let (_, f32_gradients) = step(&mut *make(&model, &train, &data, &params, GemmPrecision::F32));
+    for (gemm, ulp) in [(GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-8))] {
+        let emulated = CpuOptions { gemm, ..Default::default() };
+        let mut cpu = CpuBackend::<f32>::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, emulated).unwrap();
+        let (cs, cg) = step(&mut cpu);
+        let (gs, gg) = step(&mut *make(&model, &train, &data, &params, gemm));
+        let label = gemm.label();
+        assert_close(&format!("{label}: loss"), [gs.loss_sum], [cs.loss_sum], Tolerance::new(1e-6, 4.0 * ulp));
+        for (t, (g, c)) in gg.iter().zip(&cg).enumerate() {
+            assert_close(&format!("{label}: gradient of tensor {t}"), g.iter().copied(), c.iter().copied(), scaled(c, 8.0 * ulp, 20.0 * ulp));
+        }
+        assert_ne!(gg, f32_gradients, "{label}: the step's gradients equal f32's bit for bit: the compute type was ignored");
+    }
 }
 
 /// Runs on every machine: without a usable GPU, everything CUDA fails with a one-line

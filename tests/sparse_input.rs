@@ -5,7 +5,7 @@ mod support;
 
 use bntrain::backend::{Backend, SplitKind, StatsMode};
 use bntrain::cpu::sparse::{self, ColumnScratch, SparseImages};
-use bntrain::cpu::{ops, CpuBackend, InputPath};
+use bntrain::cpu::{ops, CpuBackend, CpuOptions, InputPath};
 use bntrain::data::{Dataset, DatasetKind, Split, CLASSES};
 use bntrain::model::{ModelConfig, ModelParams, TrainConfig};
 use bntrain::tolerance::{assert_close, Tolerance};
@@ -39,6 +39,10 @@ fn mnist_like(train: usize, test: usize, seed: u64) -> Dataset {
     };
     let (train, test) = (split(train, seed + 1), split(test, seed + 2));
     Dataset { kind: DatasetKind::Mnist, train, test, source: "mnist-like".into() }
+}
+
+fn sparse_options() -> CpuOptions {
+    CpuOptions { input: InputPath::Sparse, ..Default::default() }
 }
 
 /// `[rows, cols]` → `[cols, rows]`.
@@ -104,7 +108,7 @@ fn compare_paths(batch_norm: bool, momentum: f64) {
     let mut train = TrainConfig::seed();
     train.momentum = momentum;
     let params = ModelParams::init(&model, 5, train.estimators().len());
-    let open = |path| CpuBackend::<f64>::with_input_path(model.clone(), train.clone(), data.clone(), &params, path).unwrap();
+    let open = |path| CpuBackend::<f64>::with_options(model.clone(), train.clone(), data.clone(), &params, CpuOptions { input: path, ..Default::default() }).unwrap();
     let (mut sparse, mut dense) = (open(InputPath::Sparse), open(InputPath::Dense));
     assert_eq!((sparse.input_path(), dense.input_path()), (InputPath::Sparse, InputPath::Dense));
     let what = |s: &str| format!("{s} (BN {batch_norm}, momentum {momentum})");
@@ -168,7 +172,7 @@ fn sparse_backend_round_trips_momentum() {
     let mut train = TrainConfig::seed();
     train.momentum = 0.5;
     let params = ModelParams::init(&model, 1, 1);
-    let mut net = CpuBackend::<f64>::with_input_path(model, train, data, &params, InputPath::Sparse).unwrap();
+    let mut net = CpuBackend::<f64>::with_options(model, train, data, &params, sparse_options()).unwrap();
     let velocity: Vec<Vec<f64>> = net.velocity().unwrap().iter().enumerate().map(|(t, v)| uniform(v.len(), -1.0, 1.0, t as u64)).collect();
     net.set_velocity(&velocity).unwrap();
     assert_eq!(net.velocity().unwrap(), velocity, "momentum goes in and comes out in the canonical layout");
@@ -182,8 +186,8 @@ fn f32_sparse_backend_follows_the_f64_dense_oracle() {
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
     let params = ModelParams::init(&model, 0, 1);
-    let mut a = CpuBackend::<f32>::with_input_path(model.clone(), train.clone(), data.clone(), &params, InputPath::Sparse).unwrap();
-    let mut b = CpuBackend::<f64>::with_input_path(model, train.clone(), data.clone(), &params, InputPath::Dense).unwrap();
+    let mut a = CpuBackend::<f32>::with_options(model.clone(), train.clone(), data.clone(), &params, sparse_options()).unwrap();
+    let mut b = CpuBackend::<f64>::with_options(model, train.clone(), data.clone(), &params, CpuOptions { input: InputPath::Dense, ..Default::default() }).unwrap();
     let schedule = bntrain::train::Schedule::new(100, 25);
     let mut losses: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut nets: [&mut dyn Backend; 2] = [&mut a, &mut b];

@@ -7,12 +7,13 @@ pub mod float;
 pub mod ops;
 pub mod sparse;
 
-use crate::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, ModelConfig, ModelParams, RunningStats, TrainConfig};
 use crate::Result;
 pub use float::Float;
 use sparse::{ColumnScratch, SparseImages};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Rows per chunk when evaluating a whole split: bounds the workspace, keeps GEMMs large.
@@ -94,6 +95,23 @@ pub enum InputPath {
     Auto,
 }
 
+/// Construction options of a [`CpuBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CpuOptions {
+    pub input: InputPath,
+    /// Operands of every GEMM rounded as the GPU's tensor cores read them: an emulation of
+    /// `--precision tf32|bf16` for measuring its effect on accuracy (dense path only).
+    pub gemm: GemmPrecision,
+}
+
+/// A GEMM operand as `gemm` reads it: borrowed unchanged in f32, else a rounded copy.
+fn gemm_operand<F: Float>(gemm: GemmPrecision, values: &[F]) -> Cow<'_, [F]> {
+    match gemm {
+        GemmPrecision::F32 => Cow::Borrowed(values),
+        rounded => Cow::Owned(values.iter().map(|&v| F::from_f64(rounded.round(v.to_f64() as f32) as f64)).collect()),
+    }
+}
+
 /// Above this fraction of non-zero pixels the dense GEMM is faster than visiting them one
 /// by one (docs/perf.md: MNIST, 19% non-zero, gains; uniform noise loses).
 pub const SPARSE_DENSITY_LIMIT: f64 = 0.5;
@@ -146,18 +164,29 @@ pub struct CpuBackend<F: Float> {
     grad_y: Vec<F>,
     grad_z: Vec<F>,
     pending: StepStats,
+    gemm: GemmPrecision,
 }
 
 impl<F: Float> CpuBackend<F> {
     /// A backend that trains `params` on `data`. The configuration is validated here.
     pub fn new(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams) -> Result<Self> {
-        Self::with_input_path(model, train, data, params, InputPath::Auto)
+        Self::with_options(model, train, data, params, CpuOptions::default())
     }
 
-    /// [`CpuBackend::new`] with the first layer's input path chosen.
-    pub fn with_input_path(
-        model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams, path: InputPath,
+    /// [`CpuBackend::new`] with the first layer's input path and the GEMM precision chosen.
+    pub fn with_options(
+        model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams, options: CpuOptions,
     ) -> Result<Self> {
+        let path = match (options.input, options.gemm) {
+            (input, GemmPrecision::F32) => input,
+            (InputPath::Sparse, gemm) => {
+                return Err(ConfigError::Invalid(format!(
+                    "the CPU's sparse first layer computes in f32; {} GEMMs are emulated on the dense path only", gemm.label()
+                ))
+                .into())
+            }
+            _ => InputPath::Dense,
+        };
         model.validate()?;
         train.validate(&model, data.train.count)?;
         if data.train.features != model.inputs || data.train.classes != model.classes {
@@ -192,6 +221,7 @@ impl<F: Float> CpuBackend<F> {
             velocity: Vec::new(),
             order: Vec::new(),
             pending: StepStats::default(),
+            gemm: options.gemm,
         };
         backend.set_params(params)?;
         if backend.train.momentum > 0.0 {
@@ -235,7 +265,7 @@ impl<F: Float> CpuBackend<F> {
     }
 
     /// Forward pass over `input`, keeping what the backward pass needs.
-    fn forward(layers: &[Layer<F>], model: &ModelConfig, input: Input<'_>, acts: &mut Activations<F>, normalize: Normalize) {
+    fn forward(layers: &[Layer<F>], model: &ModelConfig, gemm: GemmPrecision, input: Input<'_>, acts: &mut Activations<F>, normalize: Normalize) {
         let epsilon = F::from_f64(model.epsilon);
         let hidden = model.hidden.len();
         for (l, layer) in layers.iter().enumerate() {
@@ -247,7 +277,8 @@ impl<F: Float> CpuBackend<F> {
                 }
                 _ => {
                     let rows: &[F] = if l == 0 { &acts.x } else { &done[l - 1] };
-                    ops::linear_forward(rows, &layer.weight, layer.bias.as_deref(), layer.inputs, layer.outputs, z)
+                    let (rows, weight) = (gemm_operand(gemm, rows), gemm_operand(gemm, &layer.weight));
+                    ops::linear_forward(&rows, &weight, layer.bias.as_deref(), layer.inputs, layer.outputs, z)
                 }
             }
             if l == hidden {
@@ -290,7 +321,7 @@ impl<F: Float> CpuBackend<F> {
                     Input::Dense
                 }
             };
-            Self::forward(&self.layers, &self.model, input, &mut acts, normalize);
+            Self::forward(&self.layers, &self.model, self.gemm, input, &mut acts, normalize);
             visit(start, &acts);
             start += rows;
         }
@@ -300,7 +331,11 @@ impl<F: Float> CpuBackend<F> {
 impl<F: Float> Backend for CpuBackend<F> {
     fn device_name(&self) -> String {
         let input = if self.sparse.is_some() { ", sparse input" } else { "" };
-        format!("cpu {}{input}", F::NAME)
+        let gemm = match self.gemm {
+            GemmPrecision::F32 => String::new(),
+            rounded => format!(", {} GEMMs emulated", rounded.label()),
+        };
+        format!("cpu {}{input}{gemm}", F::NAME)
     }
 
     fn set_epoch_order(&mut self, order: &[u32]) -> Result<()> {
@@ -329,7 +364,7 @@ impl<F: Float> Backend for CpuBackend<F> {
                 Input::Dense
             }
         };
-        Self::forward(&self.layers, &self.model, input, acts, Normalize::WithBatchStats);
+        Self::forward(&self.layers, &self.model, self.gemm, input, acts, Normalize::WithBatchStats);
 
         // Loss and the gradient of the logits.
         let hidden = self.model.hidden.len();
@@ -356,10 +391,13 @@ impl<F: Float> Backend for CpuBackend<F> {
                 _ => {
                     let input: &[F] = if l == 0 { &acts.x } else { &acts.a[l - 1] };
                     let grad_input = (l > 0).then(|| &mut self.grad_a[..b * inputs]);
-                    ops::linear_backward(
-                        grad_z, input, &layer.weight, inputs, outputs,
-                        &mut layer.grad_weight, layer.grad_bias.as_deref_mut(), grad_input,
-                    );
+                    let gemm = self.gemm;
+                    let (dz, x, w) = (gemm_operand(gemm, grad_z), gemm_operand(gemm, input), gemm_operand(gemm, &layer.weight));
+                    // The bias gradient is no GEMM: it sums the unrounded dz.
+                    ops::linear_backward(&dz, &x, &w, inputs, outputs, &mut layer.grad_weight, None, grad_input);
+                    if let Some(db) = layer.grad_bias.as_deref_mut() {
+                        ops::bias_gradient(grad_z, db);
+                    }
                 }
             }
             if l == 0 {

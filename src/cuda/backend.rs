@@ -24,7 +24,7 @@ use super::context::Gpu;
 use super::gemm::matmul;
 use super::kernels::{self, RunningStatsLayout};
 use super::{describe_driver_error, CudaError};
-use crate::backend::{Backend, Evaluation, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
@@ -201,6 +201,7 @@ enum Normalize {
 /// The read-only parts a forward pass needs, borrowed from the backend.
 struct Net<'a> {
     gpu: &'a Gpu,
+    gemm: GemmPrecision,
     model: &'a ModelConfig,
     layers: &'a [LayerSlots],
     params: &'a CudaSlice<f32>,
@@ -221,7 +222,7 @@ impl Net<'_> {
             let input = if l == 0 { acts.x.slice(..rows * inputs) } else { done[l - 1].slice(..rows * inputs) };
             let n = rows * outputs;
             // z = x·wᵀ  (x: [rows, in], w: [out, in], z: [rows, out])
-            matmul(gpu, false, true, rows, outputs, inputs, &input, &self.params.slice(layer.weight.clone()), &mut acts.z[l].slice_mut(..n), false)?;
+            matmul(gpu, self.gemm, false, true, rows, outputs, inputs, &input, &self.params.slice(layer.weight.clone()), &mut acts.z[l].slice_mut(..n), false)?;
             if l == hidden {
                 break; // the output layer's bias is added by the loss kernel
             }
@@ -272,11 +273,14 @@ pub enum StepLaunch {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CudaOptions {
     pub step_launch: StepLaunch,
+    /// What cuBLAS's GEMMs read: f32 (the default, bitwise deterministic sgemm), or TF32 /
+    /// bf16 operands on tensor cores with f32 accumulation.
+    pub gemm: GemmPrecision,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { step_launch: StepLaunch::Graph }
+        CudaOptions { step_launch: StepLaunch::Graph, gemm: GemmPrecision::F32 }
     }
 }
 
@@ -293,7 +297,7 @@ impl CudaOptions {
     /// [`CudaOptions::from_env`] for a given value of the switch (None: unset).
     pub fn from_graph_env(value: Option<&str>) -> Self {
         let off = value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "off" | "no"));
-        CudaOptions { step_launch: if off { StepLaunch::Eager } else { StepLaunch::Graph } }
+        CudaOptions { step_launch: if off { StepLaunch::Eager } else { StepLaunch::Graph }, ..Self::default() }
     }
 }
 
@@ -358,6 +362,8 @@ pub struct CudaBackend {
     eval_correct: CudaSlice<u64>,
     pending_steps: u64,
     graph: GraphState,
+    /// What the GEMMs read (f32 unless `--precision tf32|bf16`).
+    gemm: GemmPrecision,
     /// Whether a step has run eagerly (the warm-up before the first capture).
     warmed_up: bool,
     /// How many times the step has been captured.
@@ -455,6 +461,7 @@ impl CudaBackend {
             },
             warmed_up: false,
             captures: 0,
+            gemm: options.gemm,
             gpu,
             model,
             train,
@@ -496,6 +503,7 @@ impl CudaBackend {
     fn launch_step(&mut self) -> Result<(), CudaError> {
         let b = self.train.batch_size;
         let gpu = &self.gpu;
+        let gemm = self.gemm;
         let model = &self.model;
         let features = self.data.train.features;
         let count = self.data.train.count;
@@ -505,7 +513,7 @@ impl CudaBackend {
             Some(&self.order.slice(..self.order_len)), Some(&self.cursor.as_view()), 0, b,
             &mut acts.x.slice_mut(..b * features), &mut acts.labels.slice_mut(..b),
         )?;
-        let net = Net { gpu, model, layers: &self.layers, params: &self.params, population: (&self.running_mean, &self.running_var) };
+        let net = Net { gpu, gemm, model, layers: &self.layers, params: &self.params, population: (&self.running_mean, &self.running_var) };
         net.forward(acts, b, Normalize::WithBatchStats, None)?;
 
         // Loss, dL/dlogits (into grad_z) and the output bias gradient.
@@ -532,12 +540,12 @@ impl CudaBackend {
             let (inputs, outputs) = (layer.inputs, layer.outputs);
             let input = if l == 0 { acts.x.slice(..b * inputs) } else { acts.a[l - 1].slice(..b * inputs) };
             // dW = dzᵀ·x  (dz: [B, out], x: [B, in], dW: [out, in])
-            matmul(gpu, true, false, outputs, inputs, b, &self.grad_z.slice(..b * outputs), &input, &mut self.grads.slice_mut(layer.weight.clone()), false)?;
+            matmul(gpu, gemm, true, false, outputs, inputs, b, &self.grad_z.slice(..b * outputs), &input, &mut self.grads.slice_mut(layer.weight.clone()), false)?;
             if l == 0 {
                 break;
             }
             // dx = dz·W  (W: [out, in], dx: [B, in]) is dL/da of layer l−1.
-            matmul(gpu, false, false, b, inputs, outputs, &self.grad_z.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
+            matmul(gpu, gemm, false, false, b, inputs, outputs, &self.grad_z.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
             // Through the activation and BN (or bias) of layer l−1 to its z.
             let below = &self.layers[l - 1];
             let n = b * below.outputs;
@@ -687,6 +695,7 @@ impl CudaBackend {
         )?;
         let net = Net {
             gpu,
+            gemm: self.gemm,
             model: &self.model,
             layers: &self.layers,
             params: &self.params,
@@ -749,7 +758,10 @@ impl Backend for CudaBackend {
             GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",
             GraphState::Stale | GraphState::Ready(_) => "cuda graph",
         };
-        format!("{} ({launch})", self.gpu.name())
+        match self.gemm {
+            GemmPrecision::F32 => format!("{} ({launch})", self.gpu.name()),
+            rounded => format!("{} ({launch}, {} GEMMs)", self.gpu.name(), rounded.label()),
+        }
     }
 
     fn set_epoch_order(&mut self, order: &[u32]) -> Result<()> {

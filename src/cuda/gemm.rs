@@ -1,9 +1,12 @@
-//! The one GEMM helper: row-major matrices over cuBLAS sgemm.
+//! The one GEMM helper: row-major matrices over cuBLAS (sgemm in f32; GemmEx with a
+//! TF32 or bf16 compute type on tensor cores).
 
 use super::context::Gpu;
 use super::CudaError;
-use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{CudaView, CudaViewMut};
+use crate::backend::GemmPrecision;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::{result as blas_result, Gemm, GemmConfig};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 /// Row-major matrix product with optional transposes, like [`crate::cpu::ops::matmul`]:
 /// c ← a'·b' (+ c when `accumulate`), where a' = a (stored `[m, k]`) or aᵀ (a stored
@@ -21,9 +24,13 @@ use cudarc::driver::{CudaView, CudaViewMut};
 /// the handle has atomics disallowed, default (non-TF32) math and a fixed workspace of its
 /// own, see [`Gpu::open`]. Capturable into a CUDA graph: host pointer mode, so alpha and
 /// beta are captured by value, and the workspace spares cuBLAS any allocation.
+///
+/// `precision` TF32 or bf16: `cublasGemmEx` on the same f32 buffers with the compute type
+/// `CUBLAS_COMPUTE_32F_FAST_TF32` or `_FAST_16BF`, which lets cuBLAS round a and b to that
+/// format for the tensor cores and accumulate in f32; c stays f32.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
-    gpu: &Gpu, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,
+    gpu: &Gpu, precision: GemmPrecision, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,
     a: &CudaView<f32>, b: &CudaView<f32>, c: &mut CudaViewMut<f32>, accumulate: bool,
 ) -> Result<(), CudaError> {
     let fail = |message: String| CudaError::Launch { kernel: "cublasSgemm", message: format!("precondition failed: {message}") };
@@ -51,8 +58,31 @@ pub fn matmul(
         ldc: n_i,
     };
     gpu.context().bind_to_thread()?;
-    // SAFETY: a holds m·k, b k·n and c m·n floats (checked above), which is exactly what
-    // the column-major (n×m) = (n×k)·(k×m) product with these leading dimensions touches;
-    // all three live on the handle's stream.
-    unsafe { gpu.blas.gemm(cfg, b, a, c) }.map_err(CudaError::from)
+    let compute = match precision {
+        // SAFETY: a holds m·k, b k·n and c m·n floats (checked above), which is exactly what
+        // the column-major (n×m) = (n×k)·(k×m) product with these leading dimensions
+        // touches; all three live on the handle's stream.
+        GemmPrecision::F32 => return unsafe { gpu.blas.gemm(cfg, b, a, c) }.map_err(CudaError::from),
+        GemmPrecision::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        GemmPrecision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+    };
+    let stream = gpu.stream();
+    let (b_ptr, _record_b) = b.device_ptr(stream);
+    let (a_ptr, _record_a) = a.device_ptr(stream);
+    let (c_ptr, _record_c) = c.device_ptr_mut(stream);
+    let f32_type = cudaDataType_t::CUDA_R_32F;
+    // SAFETY: the same operands, shapes and leading dimensions as the sgemm above (bounds
+    // checked above), all f32 (CUDA_R_32F) on the handle's stream; alpha and beta are host
+    // f32 values, as the handle's host pointer mode and a 32F compute type expect, read
+    // before the call returns (captured by value under graph capture).
+    unsafe {
+        blas_result::gemm_ex(
+            *gpu.blas.handle(), cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k,
+            (&cfg.alpha) as *const f32 as *const _, b_ptr as *const _, f32_type, cfg.lda,
+            a_ptr as *const _, f32_type, cfg.ldb,
+            (&cfg.beta) as *const f32 as *const _, c_ptr as *mut _, f32_type, cfg.ldc,
+            compute, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(CudaError::from)
 }
