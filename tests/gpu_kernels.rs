@@ -13,6 +13,7 @@
 
 mod gpu_support;
 
+use bntrain::backend::GemmPrecision;
 use bntrain::cpu::ops;
 use bntrain::cuda::gemm::matmul;
 use bntrain::cuda::kernels::{self, RunningStatsLayout};
@@ -464,13 +465,17 @@ fn sgd_update_matches_sgd_update() {
     }
 }
 
+/// In f32 against the f64 product; with TF32 or bf16 operands against the f64 product of the
+/// operands rounded on the host ([`GemmPrecision::round`]), allowing one ulp of the format per
+/// operand (2⁻¹⁰, 2⁻⁸ relative) in case the hardware rounds differently (TF32 may truncate).
 #[test]
 fn matmul_matches_cpu_matmul_for_every_transpose() {
     let Some(gpu) = gpu() else { return };
     let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 1), (60, 100, 784), (100, 784, 60), (60, 784, 100), (127, 1, 33), (1000, 10, 100), (1, 1000, 2)];
+    let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-8))];
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-            for accumulate in [false, true] {
+            for (accumulate, &(precision, ulp)) in [false, true].into_iter().flat_map(|acc| precisions.iter().map(move |p| (acc, p))) {
                 let seed = 900 + 10 * i as u64;
                 let a = uniform(m * k, -1.0, 1.0, seed);
                 let b = uniform(k * n, -1.0, 1.0, seed + 1);
@@ -482,17 +487,18 @@ fn matmul_matches_cpu_matmul_for_every_transpose() {
                 } else {
                     poisoned(&gpu, m * n)
                 };
-                matmul(&gpu, ta, tb, m, n, k, &upload(&gpu, &a).as_view(), &upload(&gpu, &b).as_view(), &mut c.as_view_mut(), accumulate).unwrap();
+                matmul(&gpu, precision, ta, tb, m, n, k, &upload(&gpu, &a).as_view(), &upload(&gpu, &b).as_view(), &mut c.as_view_mut(), accumulate).unwrap();
                 let mut rc = wide(&c0);
-                ops::matmul(ta, tb, m, n, k, &wide(&a), &wide(&b), &mut rc, accumulate);
+                let rounded = |v: &[f32]| wide(&v.iter().map(|&x| precision.round(x)).collect::<Vec<f32>>());
+                ops::matmul(ta, tb, m, n, k, &rounded(&a), &rounded(&b), &mut rc, accumulate);
                 // Bound the f32 sum by the magnitude of its terms: Σ_k |a||b| ≤ k.
                 let mut abs_sum = vec![0.0f64; m * n];
                 let (a_abs, b_abs): (Vec<f64>, Vec<f64>) = (a.iter().map(|v| f64::from(v.abs())).collect(), b.iter().map(|v| f64::from(v.abs())).collect());
                 ops::matmul(ta, tb, m, n, k, &a_abs, &b_abs, &mut abs_sum, false);
                 let scale = abs_sum.iter().fold(1.0f64, |s, v| s.max(*v));
                 assert_close(
-                    &format!("matmul {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}"),
-                    read(&gpu, "c", &c, m * n), rc, Tolerance::new(1e-6 * scale, 1e-5),
+                    &format!("matmul {} {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}", precision.label()),
+                    read(&gpu, "c", &c, m * n), rc, Tolerance::new((1e-6 + 2.0 * ulp) * scale, 1e-5),
                 );
             }
         }
@@ -509,7 +515,7 @@ fn launchers_refuse_bad_sizes_instead_of_launching() {
     assert!(is_precondition(kernels::bias_act_fwd(&gpu, &small.as_view(), None, Activation::Sigmoid, 2, 3, None, &mut out.as_view_mut())));
     // width 0 and rows 0.
     assert!(is_precondition(kernels::bias_act_fwd(&gpu, &small.as_view(), None, Activation::Sigmoid, 0, 3, None, &mut out.as_view_mut())));
-    assert!(is_precondition(matmul(&gpu, false, false, 2, 2, 2, &small.as_view(), &small.slice(..3), &mut out.as_view_mut(), false)));
+    assert!(is_precondition(matmul(&gpu, GemmPrecision::F32, false, false, 2, 2, 2, &small.as_view(), &small.slice(..3), &mut out.as_view_mut(), false)));
     // The evaluation gather must stay inside the split.
     let images = upload(&gpu, &[0u8; 6]);
     let labels = upload(&gpu, &[0u8; 3]);
