@@ -17,6 +17,11 @@ use support::{synthetic_dataset, uniform};
 const FD: Tolerance = Tolerance::new(1e-6, 1e-5);
 const H: f64 = 1e-6;
 
+/// One batch's (mean, variance) per feature.
+type Moments = (Vec<f64>, Vec<f64>);
+/// A change that makes a configuration invalid.
+type Mutation = dyn Fn(&mut TrainConfig, &mut ModelConfig);
+
 /// ∂f/∂x_i for every i, by central differences.
 fn numeric_gradient(x: &[f64], f: &mut dyn FnMut(&[f64]) -> f64) -> Vec<f64> {
     let mut x = x.to_vec();
@@ -242,7 +247,7 @@ fn running_statistics_follow_their_closed_forms() {
             ops::update_running_stats(ema, 60, t as u64, &mut rm, &mut rv, m, v);
         }
         let n = batches.len() as i32;
-        let closed = |init: f64, pick: &dyn Fn(&(Vec<f64>, Vec<f64>)) -> f64, scale: f64| {
+        let closed = |init: f64, pick: &dyn Fn(&Moments) -> f64, scale: f64| {
             let mut r = decay.powi(n) * init;
             for (t, s) in batches.iter().enumerate() {
                 r += (1.0 - decay) * decay.powi(n - 1 - t as i32) * pick(s) * scale;
@@ -348,7 +353,7 @@ fn configuration_errors_are_caught_up_front() {
         CpuBackend::<f64>::new(m, t, data.clone(), &p).err().map(|e| e.to_string())
     };
     assert!(try_train(&|_, _| {}).is_none());
-    let cases: Vec<(&str, Box<dyn Fn(&mut TrainConfig, &mut ModelConfig)>)> = vec![
+    let cases: Vec<(&str, Box<Mutation>)> = vec![
         ("batch size 1 with batch normalization", Box::new(|t, _| t.batch_size = 1)),
         ("larger than the training set", Box::new(|t, _| t.batch_size = 11)),
         ("learning rate must be positive", Box::new(|t, _| t.learning_rate = 0.0)),
