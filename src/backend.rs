@@ -32,11 +32,12 @@ pub enum GemmPrecision {
     /// Full f32 operands.
     #[default]
     F32,
-    /// Operands rounded to TF32 (f32's 8-bit exponent, 10 mantissa bits), as tensor cores
-    /// read them with cuBLAS's `CUBLAS_COMPUTE_32F_FAST_TF32`.
+    /// Operands in TF32 (f32's 8-bit exponent, 10 mantissa bits): cuBLAS's
+    /// `CUBLAS_COMPUTE_32F_FAST_TF32` on tensor cores. cuBLAS does not document how it
+    /// rounds them (the hardware may truncate, PTX's conversion rounds ties away);
+    /// [`GemmPrecision::round`] and the CPU emulation round to nearest even.
     Tf32,
-    /// Operands rounded to bfloat16 (8-bit exponent, 7 mantissa bits), as with
-    /// `CUBLAS_COMPUTE_32F_FAST_16BF`.
+    /// Operands in bfloat16 (8-bit exponent, 7 mantissa bits): `CUBLAS_COMPUTE_32F_FAST_16BF`.
     Bf16,
 }
 

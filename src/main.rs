@@ -545,7 +545,14 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         CpuInputArg::Sparse => InputPath::Sparse,
     };
     let mut open = |m, t, d, p: &_| device::open_with(device, args.precision, cpu_input, m, t, d, p);
-    let dataset = if args.noise { None } else { Some(load_data(&args.data)?) };
+    // A benchmark does not download: without the data it says where it looked.
+    let dataset = if args.noise {
+        None
+    } else {
+        let dir = data::locate(args.data.data.as_deref(), args.data.dataset, false)
+            .context("cannot find the dataset to benchmark on (pass --noise for random pixels, or run `bntrain data fetch`)")?;
+        Some(Arc::new(data::load_dir(&dir, args.data.dataset).with_context(|| format!("cannot load {} from {}", args.data.dataset, dir.display()))?))
+    };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);
     let r = bench::run(args.config, !args.no_bn, data, args.runs, args.seconds, &mut open)?;
     println!(

@@ -12,7 +12,7 @@ fn the_estimate_covers_data_parameters_and_activations() {
     let bytes = device_bytes_needed(&model, &train, &data);
     let dataset = 7000 * 785;
     let parameters = model.parameter_count().unwrap() * 4 * 2;
-    assert!(bytes > dataset + parameters, "{bytes}");
+    assert!(bytes > dataset + parameters + (32 << 20), "data, parameters and cuBLAS's 32 MiB workspace: {bytes}");
     assert!(bytes < 4 * (dataset + parameters) + (64 << 20), "a loose upper bound, not a wild one: {bytes}");
 
     // A wide network scales with its parameters: 784-65536-65536-10 needs > 2·65536² f32s.

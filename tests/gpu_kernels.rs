@@ -465,14 +465,38 @@ fn sgd_update_matches_sgd_update() {
     }
 }
 
+/// With every operand 1 + ¼ulp of the format (1 + 2⁻¹² for TF32, 1 + 2⁻⁹ for bf16), the
+/// format holds each as exactly 1, under round-to-nearest, ties away or truncation alike, so
+/// every element of a 64×64×64 product is exactly 64; in f32 it is 64·(1 + 2·¼ulp) ≠ 64.
+#[test]
+fn reduced_precision_gemms_drop_the_low_operand_bits() {
+    let Some(gpu) = gpu() else { return };
+    let n = 64;
+    for (precision, operand) in [(GemmPrecision::Tf32, 1.0 + 2f32.powi(-12)), (GemmPrecision::Bf16, 1.0 + 2f32.powi(-9))] {
+        let ones = upload(&gpu, &vec![operand; n * n]);
+        for p in [precision, GemmPrecision::F32] {
+            let mut c = poisoned(&gpu, n * n);
+            matmul(&gpu, p, false, true, n, n, n, &ones.as_view(), &ones.as_view(), &mut c.as_view_mut(), false).unwrap();
+            let c = read(&gpu, "c", &c, n * n);
+            if p == GemmPrecision::F32 {
+                assert!(c.iter().all(|&v| v > 64.0), "f32 keeps the operands' low bits: {}", c[0]);
+            } else {
+                assert!(c.iter().all(|&v| v == 64.0), "{}: operands not rounded to the format ({} ≠ 64)", p.label(), c[0]);
+            }
+        }
+    }
+}
+
 /// In f32 against the f64 product; with TF32 or bf16 operands against the f64 product of the
-/// operands rounded on the host ([`GemmPrecision::round`]), allowing one ulp of the format per
-/// operand (2⁻¹⁰, 2⁻⁸ relative) in case the hardware rounds differently (TF32 may truncate).
+/// operands rounded on the host ([`GemmPrecision::round`], to nearest even), allowing one ulp
+/// of the format per operand (2⁻¹⁰, 2⁻⁷ relative) in case the hardware rounds differently
+/// (truncates, or rounds ties away). `reduced_precision_gemms_drop_the_low_operand_bits`
+/// shows the formats are used at all.
 #[test]
 fn matmul_matches_cpu_matmul_for_every_transpose() {
     let Some(gpu) = gpu() else { return };
     let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 1), (60, 100, 784), (100, 784, 60), (60, 784, 100), (127, 1, 33), (1000, 10, 100), (1, 1000, 2)];
-    let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-8))];
+    let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-7))];
     for (i, &(m, n, k)) in shapes.iter().enumerate() {
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             for (accumulate, &(precision, ulp)) in [false, true].into_iter().flat_map(|acc| precisions.iter().map(move |p| (acc, p))) {

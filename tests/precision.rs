@@ -63,7 +63,7 @@ fn one_step(gemm: GemmPrecision) -> (f64, Vec<Vec<f64>>) {
 }
 
 #[test]
-fn the_cpu_emulation_rounds_gemm_operands_only() {
+fn the_cpu_emulation_moves_a_step_by_rounding_sized_amounts() {
     let (loss, gradients) = one_step(GemmPrecision::F32);
     for (gemm, ulp) in [(GemmPrecision::Tf32, 2.0f64.powi(-11)), (GemmPrecision::Bf16, 2.0f64.powi(-8))] {
         let (l, g) = one_step(gemm);

@@ -41,8 +41,11 @@ pub struct Gpu {
 /// `cublasSetWorkspace` (32 MiB for Hopper, compute capability 9, and newer; 4 MiB before).
 /// A workspace too small makes cuBLAS fail or pick slower algorithms.
 fn blas_workspace_bytes(compute_major: i32) -> usize {
-    if compute_major >= 9 { 32 << 20 } else { 4 << 20 }
+    if compute_major >= 9 { BLAS_WORKSPACE_MAX } else { 4 << 20 }
 }
+
+/// The largest workspace [`blas_workspace_bytes`] asks for (memory estimates count it).
+pub(crate) const BLAS_WORKSPACE_MAX: usize = 32 << 20;
 
 /// cuBLAS requires a workspace aligned to 256 bytes.
 const BLAS_WORKSPACE_ALIGN: u64 = 256;
