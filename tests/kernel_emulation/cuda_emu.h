@@ -8,14 +8,22 @@
 #include <thread>
 #include <vector>
 #include <functional>
+#include <memory>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
-std::barrier<>* g_bar = nullptr;
+// The barrier of the calling thread's block (null in a sequential launch).
+thread_local std::barrier<>* g_bar = nullptr;
 inline void __syncthreads() {
     if (!g_bar) { fprintf(stderr, "__syncthreads in a sequential launch\n"); abort(); }
     g_bar->arrive_and_wait();
 }
+// Shared memory of the calling thread's block in a cooperative launch (see fused_step.cu).
+thread_local float* g_block_shared = nullptr;
+#define EMULATED_BLOCK_SHARED(n) (g_block_shared)
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -28,13 +36,23 @@ inline void launch(dim3 grid, dim3 block, std::function<void()> f) {
     gridDim = grid; blockDim = block;
     for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx) {
         std::barrier<> bar(block.x * block.y * block.z);
-        g_bar = &bar;
         std::vector<std::thread> ts;
         for (unsigned tz = 0; tz < block.z; ++tz) for (unsigned ty = 0; ty < block.y; ++ty) for (unsigned tx = 0; tx < block.x; ++tx)
-            ts.emplace_back([=, &f] { blockIdx = {bx, by, bz}; threadIdx = {tx, ty, tz}; f(); });
+            ts.emplace_back([=, &f, &bar] { g_bar = &bar; blockIdx = {bx, by, bz}; threadIdx = {tx, ty, tz}; f(); });
         for (auto& t : ts) t.join();
-        g_bar = nullptr;
     }
+}
+// Cooperative launch (kernels with grid barriers): every thread of every block runs at once,
+// as a cooperative launch guarantees all blocks are resident. 1-D grids and blocks.
+inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
+    gridDim = grid; blockDim = block;
+    std::vector<std::unique_ptr<std::barrier<>>> bars;
+    std::vector<std::vector<float>> shared(grid.x, std::vector<float>(1 << 14));
+    for (unsigned bx = 0; bx < grid.x; ++bx) bars.push_back(std::make_unique<std::barrier<>>(block.x));
+    std::vector<std::thread> ts;
+    for (unsigned bx = 0; bx < grid.x; ++bx) for (unsigned tx = 0; tx < block.x; ++tx)
+        ts.emplace_back([=, &f, &bars, &shared] { g_bar = bars[bx].get(); g_block_shared = shared[bx].data(); blockIdx = {bx, 0, 0}; threadIdx = {tx, 0, 0}; f(); });
+    for (auto& t : ts) t.join();
 }
 // Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
 inline void launch_seq(dim3 grid, dim3 block, std::function<void()> f) {

@@ -11,6 +11,7 @@
 #include "softmax_xent.cu"
 #include "running_stats.cu"
 #include "sgd.cu"
+#include "fused_step.cu"
 #include <algorithm>
 #include <string>
 
@@ -32,6 +33,7 @@ static dim3 cols(unsigned w) { return {(w + 31) / 32, 1, 1}; }
 static dim3 ew(size_t n) { return {(unsigned)std::clamp<size_t>((n + 255) / 256, 1, 4096), 1, 1}; }
 static double act(int a, double y) { return a == 0 ? 1.0 / (1.0 + exp(-y)) : (y > 0 ? y : 0); }
 static double actb(int a, double o, double g) { return a == 0 ? g * o * (1 - o) : (o > 0 ? g : 0); }
+#include "fused.inc"
 
 int main() {
     std::vector<std::pair<unsigned, unsigned>> shapes = {{1,1},{1,1000},{2,2},{2,127},{60,100},{60,10},{100,60},{127,127},{127,33},{1000,1},{1030,100},{300,1000}};
@@ -151,6 +153,7 @@ int main() {
         check("sgd w", w, rw, 1e-6, 1e-6); check("sgd v", v, rv, 1e-6, 1e-6);
         if (cursor != 8) { failures++; printf("FAIL cursor\n"); }
     }
+    fused_cases();
     printf("%s (%d failures)\n", failures ? "FAILED" : "all kernels match", failures);
     return failures != 0;
 }
