@@ -132,6 +132,16 @@ pub trait Backend {
     /// parameter update and running-statistics update.
     fn train_step(&mut self, batch: usize) -> Result<()>;
 
+    /// `count` steps on batches `first, first+1, …` of the current epoch order: the same as
+    /// [`Backend::train_step`] on each in turn, which is what this default does. A backend
+    /// that can run several steps in one go (the CUDA backend's fused kernel) overrides it.
+    fn train_steps(&mut self, first: usize, count: usize) -> Result<()> {
+        for batch in first..first + count {
+            self.train_step(batch)?;
+        }
+        Ok(())
+    }
+
     /// Waits until all queued work has finished (a no-op on the CPU); benchmarks call it
     /// before reading the clock.
     fn synchronize(&mut self) -> Result<()>;

@@ -97,11 +97,16 @@ pub fn time_steps(
     let order = train::epoch_order(train.order, train.seed, 0, train_examples);
     net.set_epoch_order(&order)?;
     let mut step = 0u64;
+    // As training does: runs of steps to the end of the epoch (the order is reused).
     let mut run_steps = |net: &mut dyn Backend, n: u64| -> Result<f64> {
         let t = Instant::now();
-        for _ in 0..n {
-            net.train_step((step % per_epoch) as usize)?;
-            step += 1;
+        let mut done = 0;
+        while done < n {
+            let batch = step % per_epoch;
+            let run = (per_epoch - batch).min(n - done);
+            net.train_steps(batch as usize, run as usize)?;
+            step += run;
+            done += run;
         }
         net.synchronize()?;
         Ok(t.elapsed().as_secs_f64())

@@ -105,7 +105,7 @@ pub fn open_with(
         (DeviceChoice::Cpu, Precision::F64) => Box::new(CpuBackend::<f64>::with_options(model, train, data, params, cpu)?),
         (DeviceChoice::Cpu, _) => Box::new(CpuBackend::<f32>::with_options(model, train, data, params, cpu)?),
         (DeviceChoice::Cuda, Precision::F32 | Precision::Tf32 | Precision::Bf16) => {
-            let options = CudaOptions { gemm: precision.gemm(), ..CudaOptions::from_env() };
+            let options = CudaOptions { gemm: precision.gemm(), ..CudaOptions::from_env()? };
             Box::new(CudaBackend::with_options(model, train, data, params, options)?)
         }
         (DeviceChoice::Cuda, Precision::F64) => {

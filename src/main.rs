@@ -399,11 +399,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     };
     let bar = progress_bar(args.steps, 0);
     let mut on_event = |event: Event<'_>| match event {
-        Event::Stepped { step } => {
-            if step % 25 == 0 {
-                bar.set_position(step);
-            }
-        }
+        Event::Stepped { step } => bar.set_position(step),
         Event::Evaluated { record, .. } => {
             let p = &record.point;
             bar.set_position(p.step);

@@ -68,7 +68,7 @@ pub struct EvalRecord {
 pub enum Event<'a> {
     /// Network `net` was evaluated.
     Evaluated { net: usize, record: &'a EvalRecord },
-    /// `step` steps are done (sent after every step).
+    /// `step` steps are done (sent after every run of steps, at most [`MAX_RUN`] long).
     Stepped { step: u64 },
 }
 
@@ -130,11 +130,16 @@ pub fn train_lockstep(
             }
             loaded_epoch = Some(epoch);
         }
+        // A run of steps up to the next evaluation point, the epoch's end or the end of
+        // training, whichever comes first (and at most MAX_RUN, so a stop request is seen
+        // soon): a backend may launch it at once.
         let batch = (step % per_epoch) as usize;
+        let next_eval = (step / schedule.eval_every + 1).saturating_mul(schedule.eval_every);
+        let run = next_eval.min((epoch + 1) * per_epoch).min(schedule.until_step).min(step + MAX_RUN) - step;
         for net in nets.iter_mut() {
-            net.train_step(batch)?;
+            net.train_steps(batch, run as usize)?;
         }
-        step += 1;
+        step += run;
         on_event(Event::Stepped { step });
         if step.is_multiple_of(schedule.eval_every) || step == schedule.until_step {
             for (i, net) in nets.iter_mut().enumerate() {
@@ -145,6 +150,9 @@ pub fn train_lockstep(
     }
     Ok(Outcome::Finished { step })
 }
+
+/// The most steps [`train_lockstep`] hands a backend at once.
+pub const MAX_RUN: u64 = 256;
 
 /// A mean cross-entropy per example above this is no longer training: guessing scores
 /// ln(classes), a confidently wrong network a few tens; only weights grown without bound

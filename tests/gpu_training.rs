@@ -173,14 +173,19 @@ fn check_one_step(make: Maker) {
 fn lockstep(nets: &mut [&mut dyn Backend], train: &TrainConfig, examples: usize, steps: u64, every: u64) -> Vec<Vec<(StepStats, Evaluation)>> {
     let per_epoch = batches_per_epoch(examples, train.batch_size);
     let mut points = vec![Vec::new(); nets.len()];
-    for step in 0..steps {
-        let (epoch, batch) = (step / per_epoch, (step % per_epoch) as usize);
+    let mut step = 0;
+    while step < steps {
+        let (epoch, batch) = (step / per_epoch, step % per_epoch);
         if batch == 0 {
             let order = epoch_order(BatchOrder::Shuffled, train.seed, epoch, examples);
             nets.iter_mut().for_each(|n| n.set_epoch_order(&order).unwrap());
         }
-        nets.iter_mut().for_each(|n| n.train_step(batch).unwrap());
-        if (step + 1) % every == 0 {
+        // Runs of steps to the next evaluation or the epoch's end, as train_lockstep hands
+        // them out (one launch per run for the fused kernel).
+        let run = (per_epoch - batch).min(every - step % every).min(steps - step);
+        nets.iter_mut().for_each(|n| n.train_steps(batch as usize, run as usize).unwrap());
+        step += run;
+        if step % every == 0 {
             for (net, out) in nets.iter_mut().zip(&mut points) {
                 let stats = net.take_step_stats().unwrap();
                 out.push((stats, net.evaluate(SplitKind::Test, StatsMode::Population, None).unwrap()));
@@ -467,15 +472,61 @@ fn finish(net: &mut dyn Backend, mut trace: Trace) -> Trace {
 }
 
 #[test]
-fn options_follow_the_graph_switch() {
-    let graph = CudaOptions { step_launch: StepLaunch::Graph, ..Default::default() };
-    let eager = CudaOptions { step_launch: StepLaunch::Eager, ..Default::default() };
-    assert_eq!(CudaOptions::default(), graph);
-    for value in [None, Some(""), Some("1"), Some("true"), Some("on")] {
-        assert_eq!(CudaOptions::from_graph_env(value), graph, "{value:?}");
+fn options_follow_the_step_switch() {
+    let with = |step_launch| CudaOptions { step_launch, ..Default::default() };
+    assert_eq!(CudaOptions::default(), with(StepLaunch::Graph));
+    for (value, expected) in [(None, StepLaunch::Graph), (Some(""), StepLaunch::Graph), (Some("graph"), StepLaunch::Graph), (Some(" Eager "), StepLaunch::Eager), (Some("fused"), StepLaunch::Fused)] {
+        assert_eq!(CudaOptions::from_step_env(value).unwrap(), with(expected), "{value:?}");
     }
-    for value in ["0", "false", "OFF", " no "] {
-        assert_eq!(CudaOptions::from_graph_env(Some(value)), eager, "{value:?}");
+    let err = CudaOptions::from_step_env(Some("0")).unwrap_err().to_string();
+    assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("graph, eager or fused"), "{err}");
+}
+
+fn cuda_fused_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let net = cuda_with(StepLaunch::Fused, model, train, data, params);
+    assert!(net.device_name().ends_with("(fused steps)"), "the fused kernel is not in use: {}", net.device_name());
+    Box::new(net)
+}
+
+/// The fused kernel (cuda/fused_step.cu) against the CPU reference: one step (single-step
+/// launches) of every configuration, 200 steps in runs of up to 50 (one launch per run) with
+/// evaluations, and inference after training; the tolerances are those of the unfused path.
+#[test]
+fn fused_steps_match_the_cpu_reference() {
+    let _serial = serial();
+    if gpu().is_some() {
+        check_one_step(cuda_fused_backend);
+        check_two_hundred_steps(cuda_fused_backend);
+        check_inference(cuda_fused_backend);
+    }
+}
+
+/// A run of steps in one launch equals the same steps launched one at a time, bit for bit
+/// (the kernel defers each weight update to the next step's forward or the launch's end).
+#[test]
+fn fused_runs_equal_fused_single_steps_bitwise() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    for (name, model, train) in configurations() {
+        let params = scaled_init(&model, &train);
+        let order = epoch_order(BatchOrder::Shuffled, 3, 0, data.train.count);
+        let per_epoch = batches_per_epoch(data.train.count, train.batch_size);
+        let steps = per_epoch.min(13) as usize;
+        let mut run = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
+        let mut single = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
+        run.set_epoch_order(&order).unwrap();
+        single.set_epoch_order(&order).unwrap();
+        run.train_steps(0, steps).unwrap();
+        for batch in 0..steps {
+            single.train_step(batch).unwrap();
+        }
+        assert_eq!(stats_bits(run.take_step_stats().unwrap()), stats_bits(single.take_step_stats().unwrap()), "{name}: step stats");
+        assert_eq!(params_bits(&run.params().unwrap()), params_bits(&single.params().unwrap()), "{name}: parameters");
+        assert_eq!(tensor_bits(&run.gradients().unwrap()), tensor_bits(&single.gradients().unwrap()), "{name}: gradients");
+        assert_eq!(tensor_bits(&run.velocity().unwrap()), tensor_bits(&single.velocity().unwrap()), "{name}: momentum");
     }
 }
 

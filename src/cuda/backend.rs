@@ -22,7 +22,7 @@
 
 use super::context::Gpu;
 use super::gemm::matmul;
-use super::kernels::{self, RunningStatsLayout};
+use super::kernels::{self, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
 use super::{describe_driver_error, CudaError};
 use crate::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
@@ -267,6 +267,11 @@ pub enum StepLaunch {
     /// another thread (cudaDeviceSynchronize, or cublasDestroy, which calls it) invalidates
     /// it, and the backend falls back.
     Graph,
+    /// Whole steps in one cooperative kernel (cuda/fused_step.cu): one launch per step, or
+    /// per run of steps through [`Backend::train_steps`]. f32 GEMMs only; where the device
+    /// or the request does not allow it (no cooperative launch, tf32/bf16, no hidden
+    /// layer), the backend says so on stderr and captures graphs instead.
+    Fused,
 }
 
 /// Construction options of a [`CudaBackend`].
@@ -286,18 +291,25 @@ impl Default for CudaOptions {
 
 impl CudaOptions {
     /// The environment switch read by [`CudaOptions::from_env`].
-    pub const GRAPH_ENV: &'static str = "BNTRAIN_CUDA_GRAPH";
+    pub const STEP_ENV: &'static str = "BNTRAIN_CUDA_STEP";
 
-    /// The defaults, except that `BNTRAIN_CUDA_GRAPH=0` (or `false`, `off`, `no`) asks for
-    /// eager launches.
-    pub fn from_env() -> Self {
-        Self::from_graph_env(std::env::var(Self::GRAPH_ENV).ok().as_deref())
+    /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`graph`, the default;
+    /// `eager`; `fused`).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())
     }
 
     /// [`CudaOptions::from_env`] for a given value of the switch (None: unset).
-    pub fn from_graph_env(value: Option<&str>) -> Self {
-        let off = value.is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "false" | "off" | "no"));
-        CudaOptions { step_launch: if off { StepLaunch::Eager } else { StepLaunch::Graph }, ..Self::default() }
+    pub fn from_step_env(value: Option<&str>) -> Result<Self, ConfigError> {
+        let step_launch = match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("graph") => StepLaunch::Graph,
+            Some("eager") => StepLaunch::Eager,
+            Some("fused") => StepLaunch::Fused,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!("{}={other}: expected graph, eager or fused", Self::STEP_ENV)))
+            }
+        };
+        Ok(CudaOptions { step_launch, ..Self::default() })
     }
 }
 
@@ -368,6 +380,10 @@ pub struct CudaBackend {
     warmed_up: bool,
     /// How many times the step has been captured.
     captures: u32,
+    /// StepLaunch::Fused: the fused kernel's plan; `fused_unavailable` when it was asked for
+    /// and could not be used (the backend captures graphs instead).
+    fused: Option<FusedPlan>,
+    fused_unavailable: bool,
 }
 
 // The graph wrapper must not cost the backend its auto traits.
@@ -398,7 +414,7 @@ impl CudaBackend {
     /// A backend that trains `params` on `data` on GPU 0, with [`CudaOptions::from_env`].
     /// The configuration is validated here, as by [`crate::cpu::CpuBackend::new`].
     pub fn new(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams) -> Result<Self> {
-        Self::with_options(model, train, data, params, CudaOptions::from_env())
+        Self::with_options(model, train, data, params, CudaOptions::from_env()?)
     }
 
     /// [`CudaBackend::new`] with explicit options (the environment is not read).
@@ -459,9 +475,13 @@ impl CudaBackend {
             graph: match options.step_launch {
                 StepLaunch::Eager => GraphState::Off { fell_back: false },
                 StepLaunch::Graph => GraphState::Stale,
+                // Unused while the fused plan serves; replaced if it cannot be built.
+                StepLaunch::Fused => GraphState::Off { fell_back: false },
             },
             warmed_up: false,
             captures: 0,
+            fused: None,
+            fused_unavailable: false,
             gemm: options.gemm,
             gpu,
             model,
@@ -472,7 +492,76 @@ impl CudaBackend {
             stats_layout,
         };
         backend.set_params(params)?;
+        if options.step_launch == StepLaunch::Fused {
+            match backend.fused_plan() {
+                Ok(plan) => backend.fused = Some(plan),
+                Err(why) => {
+                    let _ = writeln!(std::io::stderr(), "notice: fused CUDA steps unavailable, capturing CUDA graphs instead: {why}");
+                    backend.fused_unavailable = true;
+                    backend.graph = GraphState::Stale;
+                }
+            }
+        }
         Ok(backend)
+    }
+
+    /// The fused kernel's layer table from this backend's layout (see cuda/fused_step.cu).
+    fn fused_plan(&self) -> Result<FusedPlan, CudaError> {
+        if self.gemm != GemmPrecision::F32 {
+            return Err(CudaError::Launch {
+                kernel: "fused_train_steps_f32",
+                message: format!("it computes in f32; {} GEMMs need cuBLAS", self.gemm.label()),
+            });
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| FusedLayer {
+                inputs: l.inputs,
+                outputs: l.outputs,
+                weight: l.weight.start,
+                bias: l.bias.as_ref().map(|b| b.start),
+                batch_norm: l.bn.as_ref().map(|bn| (bn.gamma.start, bn.beta.start, bn.stats.start)),
+            })
+            .collect();
+        let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total)
+    }
+
+    /// Launches `steps` fused steps from the batch the device cursor holds (≤ FUSED_MAX_STEPS).
+    fn launch_fused(&mut self, steps: usize) -> Result<(), CudaError> {
+        let Some(plan) = self.fused.as_mut() else {
+            return Err(CudaError::Launch { kernel: "fused_train_steps_f32", message: "no fused plan".into() });
+        };
+        let (count, features) = (self.data.train.count, self.data.train.features);
+        let hyper = FusedHyper {
+            epsilon: self.model.epsilon as f32,
+            activation: self.model.activation,
+            grad_scale: match self.train.loss {
+                LossReduction::Sum => 1.0,
+                LossReduction::Mean => 1.0 / self.train.batch_size as f32,
+            },
+            learning_rate: self.train.learning_rate as f32,
+            momentum: self.train.momentum as f32,
+        };
+        let (mut params, mut grads, mut cursor) = (self.params.as_view_mut(), self.grads.as_view_mut(), self.cursor.as_view_mut());
+        let mut velocity = self.velocity.as_mut().map(|v| v.as_view_mut());
+        let (mut mean, mut var, mut batches) = (self.running_mean.as_view_mut(), self.running_var.as_view_mut(), self.batches.as_view_mut());
+        let (mut loss, mut correct) = (self.step_loss.as_view_mut(), self.step_correct.as_view_mut());
+        let buffers = FusedBuffers {
+            images: &self.train_images.slice(..count * features),
+            labels: &self.train_labels.slice(..count),
+            features,
+            order: &self.order.slice(..self.order_len),
+            cursor: &mut cursor,
+            params: &mut params,
+            grads: &mut grads,
+            velocity: velocity.as_mut(),
+            statistics: self.stats_layout.as_ref().map(|layout| (layout, &mut mean, &mut var, &mut batches)),
+            loss_sum: &mut loss,
+            correct: &mut correct,
+        };
+        kernels::fused_train_steps(&self.gpu, plan, buffers, hyper, steps)
     }
 
     fn split(&self, split: SplitKind) -> (&Split, &CudaSlice<u8>, &CudaSlice<u8>) {
@@ -755,8 +844,10 @@ impl Backend for CudaBackend {
     /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph)`.
     fn device_name(&self) -> String {
         let launch = match self.graph {
+            _ if self.fused.is_some() => "fused steps",
             GraphState::Off { fell_back: false } => "eager launches",
             GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",
+            GraphState::Stale | GraphState::Ready(_) if self.fused_unavailable => "cuda graph: fused steps unavailable",
             GraphState::Stale | GraphState::Ready(_) => "cuda graph",
         };
         match self.gemm {
@@ -799,6 +890,7 @@ impl Backend for CudaBackend {
             self.cursor_batch = None;
         }
         match &self.graph {
+            _ if self.fused.is_some() => self.launch_fused(1)?,
             GraphState::Ready(graph) => graph.0.launch().map_err(graph_launch_error)?,
             GraphState::Stale if self.warmed_up => self.capture_step()?,
             GraphState::Stale | GraphState::Off { .. } => {
@@ -808,6 +900,33 @@ impl Backend for CudaBackend {
         }
         self.cursor_batch = Some(batch + 1);
         self.pending_steps += 1;
+        Ok(())
+    }
+
+    fn train_steps(&mut self, first: usize, count: usize) -> Result<()> {
+        if self.fused.is_none() {
+            for batch in first..first + count {
+                self.train_step(batch)?;
+            }
+            return Ok(());
+        }
+        let b = self.train.batch_size;
+        let end = first.checked_add(count).and_then(|n| n.checked_mul(b)).unwrap_or(usize::MAX);
+        if end > self.order_len {
+            return Err(ConfigError::Invalid(format!("batches {first}..{} lie past the epoch order ({} indices)", first.saturating_add(count), self.order_len)).into());
+        }
+        if self.cursor_batch.take() != Some(first) {
+            self.set_cursor(first)?;
+            self.cursor_batch = None;
+        }
+        let mut left = count;
+        while left > 0 {
+            let steps = left.min(kernels::FUSED_MAX_STEPS);
+            self.launch_fused(steps)?;
+            left -= steps;
+        }
+        self.cursor_batch = Some(first + count);
+        self.pending_steps += count as u64;
         Ok(())
     }
 

@@ -21,6 +21,7 @@ pub(crate) struct Functions {
     pub softmax_xent: CudaFunction,
     pub running_stats_update: CudaFunction,
     pub sgd_update: CudaFunction,
+    pub fused_train_steps: CudaFunction,
 }
 
 /// An open GPU: context, the one stream everything runs on (in order, so no events are
@@ -150,6 +151,7 @@ impl Gpu {
             softmax_xent: function("softmax_xent", "softmax_xent_f32")?,
             running_stats_update: function("running_stats", "running_stats_update_f32")?,
             sgd_update: function("sgd", "sgd_update_f32")?,
+            fused_train_steps: function("fused_step", "fused_train_steps_f32")?,
         };
         Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name })
     }

@@ -12,7 +12,7 @@
 use super::context::Gpu;
 use super::{describe_driver_error, CudaError};
 use crate::model::{Activation, Averaging, StatsEstimator, VarianceKind};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
 
 /// A null device pointer, for optional kernel arguments.
 static NULL: u64 = 0;
@@ -453,4 +453,208 @@ pub fn sgd_update(
     // SAFETY: types and order match the kernel; w, g and v hold n floats (checked) and the
     // kernel is grid-stride below n, so any grid is valid.
     unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
+}
+
+/// Threads per block of `fused_train_steps_f32`; must not exceed FUSED_MAX_THREADS.
+const FUSED_THREADS: u32 = 256;
+/// Ints per layer of its layer table; must match LAYER_FIELDS in fused_step.cu.
+const FUSED_LAYER_FIELDS: usize = 10;
+/// Most steps per launch: bounds one kernel's run time (a few ms for the seed network).
+pub const FUSED_MAX_STEPS: usize = 1024;
+
+/// One layer as `fused_train_steps_f32` reads it: offsets into the flat parameter buffer
+/// (and, identically, the gradient and velocity buffers), and into the BN statistics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FusedLayer {
+    pub inputs: usize,
+    pub outputs: usize,
+    pub weight: usize,
+    pub bias: Option<usize>,
+    /// γ and β offsets, and the layer's first feature in the concatenated BN statistics.
+    pub batch_norm: Option<(usize, usize, usize)>,
+}
+
+/// What the fused kernel needs besides the backend's own buffers: the layer table and its
+/// workspaces, sized for one batch, and the grid every block of which stays resident.
+pub struct FusedPlan {
+    layers: Vec<FusedLayer>,
+    batch: usize,
+    flat_len: usize,
+    grid: u32,
+    info_dev: CudaSlice<i32>,
+    acts: CudaSlice<f32>,
+    xhat: CudaSlice<f32>,
+    dz: CudaSlice<f32>,
+    inv_std: CudaSlice<f32>,
+    row_loss: CudaSlice<f64>,
+    row_correct: CudaSlice<u32>,
+    barrier: CudaSlice<u32>,
+}
+
+impl FusedPlan {
+    /// Checks that the layers tile `flat_len` parameters without overlap and chain (each
+    /// layer's inputs are the outputs of the one below), and that the device can keep a
+    /// grid of blocks resident for a cooperative launch; allocates the workspaces.
+    pub fn new(gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize) -> Result<Self, CudaError> {
+        const K: &str = "fused_train_steps_f32";
+        require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
+        size_u32(K, "batch", batch)?;
+        let hidden = layers.len() - 1;
+        let mut info = Vec::with_capacity(layers.len() * FUSED_LAYER_FIELDS);
+        let (mut act, mut claimed) = (0usize, vec![false; flat_len]);
+        let mut claim = |what: &str, start: usize, len: usize| -> Result<i32, CudaError> {
+            let end = start.checked_add(len).filter(|&e| e <= flat_len);
+            require(K, end.is_some(), || format!("{what} [{start}, +{len}) lies past the {flat_len} parameters"))?;
+            require(K, !claimed[start..start + len].iter().any(|&c| c), || format!("{what} overlaps another tensor"))?;
+            claimed[start..start + len].iter_mut().for_each(|c| *c = true);
+            i32::try_from(start).map_err(|_| CudaError::Launch { kernel: K, message: format!("precondition failed: offset {start} exceeds 2^31") })
+        };
+        for (l, layer) in layers.iter().enumerate() {
+            require(K, layer.inputs >= 1 && layer.outputs >= 1, || format!("layer {l} has an empty side"))?;
+            if l > 0 {
+                require(K, layer.inputs == layers[l - 1].outputs, || format!("layer {l}'s inputs differ from layer {}'s outputs", l - 1))?;
+            }
+            let is_output = l == hidden;
+            require(K, layer.batch_norm.is_none() || !is_output, || "the output layer has no BN".into())?;
+            require(K, layer.batch_norm.is_some() != layer.bias.is_some(), || format!("layer {l} needs exactly one of a bias and BN"))?;
+            let weight = claim("weight", layer.weight, layer.inputs * layer.outputs)?;
+            let bias = match layer.bias { Some(b) => claim("bias", b, layer.outputs)?, None => -1 };
+            let (gamma, beta, col) = match layer.batch_norm {
+                Some((g, b, col)) => {
+                    require(K, col + layer.outputs <= bn_total, || format!("layer {l}'s BN features lie past the {bn_total} statistics"))?;
+                    (claim("gamma", g, layer.outputs)?, claim("beta", b, layer.outputs)?, col as i32)
+                }
+                None => (-1, -1, 0),
+            };
+            let bn_index = if layer.batch_norm.is_some() { l as i32 } else { -1 };
+            info.extend([layer.inputs as i32, layer.outputs as i32, weight, bias, gamma, beta, act as i32, col, bn_index, 0]);
+            act += batch * layer.outputs;
+            size_u32(K, "activation workspace", act)?;
+        }
+        // Every block must stay resident (blocks spin at the grid barriers): no more blocks
+        // than the device holds at once, and no more than the widest layer has neurons.
+        let ctx = gpu.context();
+        let attr = |a| ctx.attribute(a).map_err(CudaError::from);
+        require(K, attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 1, || "the device does not support cooperative launches".into())?;
+        let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
+        let per_sm = gpu.functions.fused_train_steps.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, 0, None).map_err(CudaError::from)?;
+        let widest = layers.iter().map(|l| l.outputs).max().unwrap_or(1) as u32;
+        let grid = widest.min(sms.saturating_mul(per_sm));
+        require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs, {per_sm} blocks each)"))?;
+        let stream = gpu.stream();
+        let zeros_f32 = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(CudaError::from);
+        Ok(FusedPlan {
+            info_dev: stream.clone_htod(&info)?,
+            acts: zeros_f32(act)?,
+            xhat: zeros_f32(act)?,
+            dz: zeros_f32(act)?,
+            inv_std: zeros_f32(bn_total)?,
+            row_loss: stream.alloc_zeros::<f64>(batch)?,
+            row_correct: stream.alloc_zeros::<u32>(batch)?,
+            barrier: stream.alloc_zeros::<u32>(2)?,
+            layers,
+            batch,
+            flat_len,
+            grid,
+        })
+    }
+
+    /// Blocks per launch.
+    pub fn grid(&self) -> u32 {
+        self.grid
+    }
+}
+
+/// A BN network's running statistics as a fused launch updates them: the layout, running
+/// mean and variance (`[estimators, total]`) and the batch counts (`[estimators, layers]`).
+pub type FusedStatistics<'a, 'b> =
+    (&'a RunningStatsLayout, &'a mut CudaViewMut<'b, f32>, &'a mut CudaViewMut<'b, f32>, &'a mut CudaViewMut<'b, u64>);
+
+/// The backend's buffers a fused launch reads and writes.
+pub struct FusedBuffers<'a, 'b> {
+    pub images: &'a CudaView<'b, u8>,
+    pub labels: &'a CudaView<'b, u8>,
+    pub features: usize,
+    pub order: &'a CudaView<'b, u32>,
+    pub cursor: &'a mut CudaViewMut<'b, u32>,
+    pub params: &'a mut CudaViewMut<'b, f32>,
+    pub grads: &'a mut CudaViewMut<'b, f32>,
+    pub velocity: Option<&'a mut CudaViewMut<'b, f32>>,
+    /// With BN: the layout, running mean and variance (`[estimators, total]`), batch counts.
+    pub statistics: Option<FusedStatistics<'a, 'b>>,
+    pub loss_sum: &'a mut CudaViewMut<'b, f64>,
+    pub correct: &'a mut CudaViewMut<'b, u64>,
+}
+
+/// The training hyperparameters a fused launch applies.
+#[derive(Clone, Copy, Debug)]
+pub struct FusedHyper {
+    pub epsilon: f32,
+    pub activation: Activation,
+    pub grad_scale: f32,
+    pub learning_rate: f32,
+    pub momentum: f32,
+}
+
+/// `fused_train_steps_f32`: `steps` whole training steps (forward, loss, backward, SGD,
+/// running statistics) on the batches `cursor[0]`, `cursor[0]+1`, ... of the order, in one
+/// cooperative launch; advances the cursor by `steps`. The batches must lie inside the order
+/// (the host checks its batch numbers against it, as for the unfused step).
+pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<'_, '_>, hyper: FusedHyper, steps: usize) -> Result<(), CudaError> {
+    const K: &str = "fused_train_steps_f32";
+    require(K, (1..=FUSED_MAX_STEPS).contains(&steps), || format!("{steps} steps: launch 1..={FUSED_MAX_STEPS} at a time"))?;
+    let FusedBuffers { images, labels, features, order, cursor, params, grads, velocity, statistics, loss_sum, correct } = buffers;
+    let count = labels.len();
+    require(K, features == plan.layers[0].inputs, || format!("{features} features, the first layer takes {}", plan.layers[0].inputs))?;
+    require_len(K, "images", images.len(), count.saturating_mul(features))?;
+    size_u32(K, "examples", count)?;
+    size_u32(K, "order length", order.len())?;
+    require_len(K, "cursor", cursor.len(), 1)?;
+    require_len(K, "params", params.len(), plan.flat_len)?;
+    require_len(K, "grads", grads.len(), plan.flat_len)?;
+    if let Some(v) = &velocity {
+        require_len(K, "velocity", v.len(), plan.flat_len)?;
+    }
+    let classes = plan.layers.last().map_or(0, |l| l.outputs);
+    require(K, classes <= 256, || format!("{classes} classes: labels are bytes"))?;
+    let has_bn = plan.layers.iter().any(|l| l.batch_norm.is_some());
+    require(K, has_bn == statistics.is_some(), || "running statistics are needed exactly when the layers have BN".into())?;
+    let (count_u, features_u, order_u) = (count as u32, features as u32, order.len() as u32);
+    let (layers_u, batch_u, steps_u) = (plan.layers.len() as u32, plan.batch as u32, steps as u32);
+    let activation = activation_code(hyper.activation);
+    // A launch that failed part-way could leave the barrier's count behind: start from zero.
+    gpu.stream().memset_zeros(&mut plan.barrier)?;
+    let mut b = builder(gpu, &gpu.functions.fused_train_steps);
+    b.arg(images).arg(labels).arg(&count_u).arg(&features_u).arg(order).arg(&order_u).arg(cursor);
+    b.arg(&plan.info_dev).arg(&layers_u).arg(&batch_u).arg(&hyper.epsilon).arg(&activation).arg(&hyper.grad_scale);
+    b.arg(&hyper.learning_rate).arg(&hyper.momentum).arg(params).arg(grads);
+    opt_mut(&mut b, velocity);
+    let (e_u, total_u, bn_layers_u);
+    match statistics {
+        Some((layout, mean, var, batches)) => {
+            let (e, total) = (layout.estimators(), layout.total());
+            require_len(K, "running_mean", mean.len(), e * total)?;
+            require_len(K, "running_var", var.len(), e * total)?;
+            require_len(K, "batches", batches.len(), e * layout.layers())?;
+            require(K, layout.layers() == plan.layers.len() - 1, || "every hidden layer must have BN".into())?;
+            (e_u, total_u, bn_layers_u) = (e as u32, total as u32, layout.layers() as u32);
+            b.arg(&layout.table_dev).arg(&e_u).arg(&total_u).arg(&bn_layers_u).arg(mean).arg(var).arg(batches);
+        }
+        None => {
+            (e_u, total_u, bn_layers_u) = (0, 0, 0);
+            b.arg(&NULL).arg(&e_u).arg(&total_u).arg(&bn_layers_u).arg(&NULL).arg(&NULL).arg(&NULL);
+        }
+    }
+    b.arg(&mut plan.acts).arg(&mut plan.xhat).arg(&mut plan.dz).arg(&mut plan.inv_std).arg(&mut plan.row_loss).arg(&mut plan.row_correct);
+    b.arg(loss_sum).arg(correct).arg(&mut plan.barrier).arg(&steps_u);
+    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: types and order match the kernel. The layer table was checked by
+    // FusedPlan::new: every tensor lies inside the flat_len parameters (and params, grads,
+    // velocity hold flat_len, checked above), BN features inside the statistics' total
+    // (running buffers hold estimators·total, checked), activation offsets inside the
+    // workspaces sized batch·Σ outputs. Rows index `order` below its length and examples
+    // below `count` (checked in the kernel, NaN otherwise); labels are read below count.
+    // The grid is at most the device's co-resident block count, which a cooperative launch
+    // requires (and the driver checks) for the spinning grid barrier.
+    unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(K))
 }
