@@ -56,6 +56,13 @@
 #ifndef FUSED_SPIN_PAUSE
 #define FUSED_SPIN_PAUSE() __nanosleep(32)
 #endif
+#ifndef FUSED_TRAP
+#define FUSED_TRAP() __trap()
+#endif
+// Waits at a grid barrier longer than this many pauses (seconds, where a step takes
+// microseconds) mean a block never arrived: the kernel traps, and the launch fails with an
+// error instead of hanging the device.
+#define FUSED_MAX_SPINS (1u << 26)
 
 // All blocks wait until every block has arrived. bar[0] counts arrivals, bar[1] is the
 // generation: a block reads it before arriving, the last to arrive resets the count and
@@ -72,7 +79,11 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             __threadfence();
             atomicAdd(bar + 1, 1u);
         } else {
-            while (*generation == seen) FUSED_SPIN_PAUSE();
+            unsigned spins = 0;
+            while (*generation == seen) {
+                FUSED_SPIN_PAUSE();
+                if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
+            }
         }
         __threadfence();
     }

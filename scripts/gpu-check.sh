@@ -2,12 +2,13 @@
 # Runs on a GPU host without Rust, from a bundle made by scripts/gpu-bundle.sh, in order of
 # importance (each step only starts while enough of BUDGET is left):
 #   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure);
-#   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32, then
-#      with tf32 and bf16 GEMMs (their accuracy against f32's);
-#   3. `bntrain bench --device cuda` on the seed and wide configurations, each with the
-#      step replayed from a CUDA graph (the default) and launched eagerly
-#      (BNTRAIN_CUDA_GRAPH=0), and the wide one with tf32 and bf16 GEMMs;
-#   4. the full `reproduce` study, timed (REPRODUCE=0 skips it);
+#   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
+#      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
+#   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
+#      launching a step (BNTRAIN_CUDA_STEP=graph, the default; eager; fused), and the wide
+#      one with tf32 and bf16 GEMMs;
+#   4. the full `reproduce` study, timed, with the default step, then fused (REPRODUCE=0
+#      skips both);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. optionally a peer anchor (python3 torch_anchor.py);
@@ -56,11 +57,24 @@ PY
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
 
+# The fused kernel first, briefly: it has never run on a GPU before this script. If it fails
+# (or hangs: its grid barrier traps after seconds), everything fused below is skipped, so a
+# broken kernel costs seconds, not the call.
+fused_ok=1
+echo "== smoke: BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
+BNTRAIN_CUDA_STEP=fused timeout 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/fused-smoke.log"
+if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/fused-smoke.log" device)" == *"(fused steps)"* ]]; then
+    row "fused smoke (300 steps)" "test accuracy $(json_field "$logs/fused-smoke.log" test_accuracy), $(json_field "$logs/fused-smoke.log" device)"
+else
+    row "fused smoke (300 steps)" "FAIL: every fused run below is skipped"; failed=1; fused_ok=0
+fi
+
 for test in gpu_kernels gpu_training; do
     echo "== $test"
     if [[ ! -x "$bundle/$test" ]]; then row "$test" "MISSING"; failed=1; continue; fi
     limit 240 30 "$test" || { failed=1; continue; }
-    BNTRAIN_REQUIRE_GPU=1 timeout "$t" "$bundle/$test" --test-threads=4 2>&1 | tee "$logs/$test.log"
+    skip=(); [[ $fused_ok == 1 ]] || skip=(--skip fused)
+    BNTRAIN_REQUIRE_GPU=1 timeout "$t" "$bundle/$test" --test-threads=4 "${skip[@]}" 2>&1 | tee "$logs/$test.log"
     status=${PIPESTATUS[0]}
     result="$(grep -E '^test result:' "$logs/$test.log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
     if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi
@@ -69,16 +83,19 @@ done
 echo "== bntrain info"
 timeout 60 "$bin" info 2>&1 | tee "$logs/info.log"
 
-for precision in f32 tf32 bf16; do
-    name="train $steps steps (BN, cuda, $precision)"
-    echo "== bntrain train --device cuda --steps $steps --precision $precision"
+for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
+    step="${run%%:*}" precision="${run##*:}"
+    [[ $step == fused && $fused_ok == 0 ]] && continue
+    name="train $steps steps (BN, $step, $precision)"
+    log="$logs/train-$step-$precision.log"
+    echo "== BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
     limit 120 15 "$name" || { failed=1; continue; }
-    timeout "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$logs/train-$precision.log"
+    BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
-        acc="$(json_field "$logs/train-$precision.log" test_accuracy)"
-        secs="$(json_field "$logs/train-$precision.log" seconds)"
+        acc="$(json_field "$log" test_accuracy)"
+        secs="$(json_field "$log" seconds)"
         us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$steps" 2>/dev/null || echo '?')"
-        row "$name" "test accuracy $acc, $secs s ($us µs/step incl. evaluation)"
+        row "$name" "test accuracy $acc, $secs s ($us µs/step incl. evaluation), $(json_field "$log" device)"
     else
         row "$name" "FAIL"; failed=1
     fi
@@ -86,41 +103,47 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG VARIANT GRAPH(1|0) PRECISION
-    local log="$logs/bench-$1-$2.log" name="bench $1 ($2)"
-    echo "== BNTRAIN_CUDA_GRAPH=$3 bntrain bench --device cuda --config $1 --precision $4"
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION
+    local log="$logs/bench-$1-$2-$3.log" name="bench $1 ($2, $3)"
+    [[ $2 == fused && $fused_ok == 0 ]] && return
+    echo "== BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_CUDA_GRAPH=$3 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$4" --json 2>&1 | tee "$log"
+    BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
-        local device; device="$(json_field "$log" device)"
+        local device want; device="$(json_field "$log" device)"
         row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device"
-        # A graph capture that fell back still times something, but not what was asked.
-        if [[ $3 == 1 && "$device" != *"cuda graph"* ]]; then failed=1; fi
+        # A variant that fell back still times something, but not what was asked.
+        case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
+        if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
     else
         row "$name" "FAIL"; failed=1
     fi
 }
 for config in seed wide; do
-    bench "$config" "cuda graph" 1 f32
-    bench "$config" "eager" 0 f32
+    for step in fused graph eager; do bench "$config" "$step" f32; done
 done
-bench wide "cuda graph, tf32" 1 tf32
-bench wide "cuda graph, bf16" 1 bf16
+bench wide graph tf32
+bench wide graph bf16
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-if [[ "${REPRODUCE:-1}" == 1 ]] && limit 300 60 "reproduce (full, cuda)"; then
-    echo "== bntrain reproduce --device cuda (the full study)"
+for step in fused graph; do
+    name="reproduce (full, cuda, $step)"
+    [[ $step == fused && $fused_ok == 0 ]] && continue
+    [[ "${REPRODUCE:-1}" == 1 ]] && limit 240 60 "$name" || continue
+    echo "== BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="${OUT:-$logs}/runs"
+    log="$logs/reproduce-$step.log"
     start=$(date +%s.%N)
-    timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name gpu --json 2>&1 | tee "$logs/reproduce.log"
+    BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$step" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
-        row "reproduce (full, cuda)" "${wall} s wall; BN $(json_field "$logs/reproduce.log" bn_final_accuracy), plain $(json_field "$logs/reproduce.log" plain_final_accuracy); report in $out_runs/gpu"
+        comparison="$(python3 -c "import json, sys; print(f\"{json.load(open(sys.argv[1]))['timings']['comparison_s']:.2f}\")" "$out_runs/gpu-$step/metrics.json" 2>/dev/null || echo '?')"
+        row "$name" "${wall} s wall (40000-step comparison ${comparison} s); BN $(json_field "$log" bn_final_accuracy), plain $(json_field "$log" plain_final_accuracy), 1-by-1 $(json_field "$log" one_by_one_population)/$(json_field "$log" one_by_one_batch); report in $out_runs/gpu-$step"
     else
-        row "reproduce (full, cuda)" "FAIL (exit $status after ${wall} s)"; failed=1
+        row "$name" "FAIL (exit $status after ${wall} s)"; failed=1
     fi
-fi
+done
 
 # Our own PyTorch and JAX versions of the same step, same GPU, same call, same MNIST batches
 # (issue 5). compare-peers.sh gets what is left of the budget.

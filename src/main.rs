@@ -45,8 +45,9 @@ enum Command {
     Reproduce(ReproduceArgs),
     /// Microseconds per training step (median of several timed runs after warm-up).
     ///
-    /// On CUDA the step is captured into a CUDA graph and replayed; BNTRAIN_CUDA_GRAPH=0
-    /// launches its operations one by one instead. The device shown says which ran.
+    /// On CUDA the step is captured into a CUDA graph and replayed; BNTRAIN_CUDA_STEP=eager
+    /// launches its operations one by one instead, BNTRAIN_CUDA_STEP=fused runs whole steps
+    /// in one kernel. The device shown says which ran.
     Bench(BenchArgs),
     /// Manage datasets.
     Data {
