@@ -103,6 +103,17 @@ __device__ __forceinline__ float block_total(float* red, float v) {
     return total;
 }
 
+// One row of a layer's input, looked up once: pixels (scaled on reading) or activations.
+struct InputRow {
+    const uint8_t* pixels;      // layer 0 (null: an invalid row, all NaN)
+    const float* values;        // otherwise
+    bool is_image;
+    __device__ __forceinline__ float at(unsigned k) const {
+        if (!is_image) return values[k];
+        return pixels != nullptr ? (float)pixels[k] * (1.0f / 255.0f) : __int_as_float(0x7fc00000);
+    }
+};
+
 // Where a layer reads its input: the batch's images (layer 0) or the layer below's a.
 struct Input {
     const uint8_t* images;      // non-null: layer 0
@@ -113,14 +124,19 @@ struct Input {
     unsigned width;
     // Pointer to row r's first input and whether the row is valid (an index outside the
     // order or the dataset gives NaN inputs, as gather.cu does).
-    __device__ __forceinline__ float at(unsigned r, unsigned k) const {
-        if (images == nullptr) return acts[(size_t)r * width + k];
-        const unsigned long long pos = base + r;
-        if (pos >= order_len) return __int_as_float(0x7fc00000);
-        const unsigned index = order[pos];
-        if (index >= count) return __int_as_float(0x7fc00000);
-        return (float)images[(size_t)index * features + k] * (1.0f / 255.0f);
+    __device__ __forceinline__ InputRow row(unsigned r) const {
+        InputRow row;
+        row.is_image = images != nullptr;
+        row.values = row.is_image ? nullptr : acts + (size_t)r * width;
+        row.pixels = nullptr;
+        if (row.is_image) {
+            const unsigned long long pos = base + r;
+            const unsigned index = pos < order_len ? order[pos] : count;
+            if (index < count) row.pixels = images + (size_t)index * features;
+        }
+        return row;
     }
+    __device__ __forceinline__ float at(unsigned r, unsigned k) const { return row(r).at(k); }
 };
 
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] for r < rows: threads form R row lanes
@@ -138,8 +154,10 @@ __device__ __forceinline__ void column_dot(
     for (unsigned first = 0; first < rows; first += lanes) {
         const unsigned r = first + lane;
         float acc = 0.0f;
-        if (r < rows)
-            for (unsigned k = slice; k < n; k += slices) acc += in.at(r, k) * w[(size_t)k * w_stride];
+        if (r < rows) {
+            const InputRow row = in.row(r);
+            for (unsigned k = slice; k < n; k += slices) acc += row.at(k) * w[(size_t)k * w_stride];
+        }
         part[threadIdx.x] = acc;
         __syncthreads();
         if (slice == 0 && r < rows) {

@@ -394,8 +394,8 @@ const _: fn() = || {
 
 /// An upper estimate of the device memory a [`CudaBackend`] allocates: the dataset (u8
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
-/// statistics, the activations of one training batch and one evaluation chunk, and
-/// cuBLAS's workspace.
+/// statistics, the activations of one training batch (twice: the fused kernel has its own)
+/// and one evaluation chunk, and cuBLAS's workspace.
 pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset) -> usize {
     let f32s = std::mem::size_of::<f32>();
     let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
@@ -406,7 +406,7 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     // Per row: the input, and for every layer z, x̂, y and a, plus two gradient scratch rows.
     let widest = *model.widths().iter().max().unwrap_or(&1);
     let per_row = (model.inputs + 4 * model.widths()[1..].iter().sum::<usize>() + 2 * widest) * f32s;
-    let rows = train.batch_size + EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
+    let rows = 2 * train.batch_size + EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
     dataset.saturating_add(parameters).saturating_add(statistics).saturating_add(rows * per_row).saturating_add(super::context::BLAS_WORKSPACE_MAX)
 }
 
