@@ -21,8 +21,9 @@
 // Work split: column j of a layer (a neuron: its z, BN, activation, gradients and weight row
 // W[j,:]) belongs to block j mod G. A grid barrier separates a layer's forward from the
 // next layer's (which reads all of a), the logits from the softmax (rows: r belongs to block
-// r mod G, thread r div G), the softmax from the backward, and each layer's backward from
-// the one below (which reads all of dz). W[j,:] is read by other blocks only in the
+// r mod G, thread r div G), the softmax from the backward, each layer's backward from the
+// one below (which reads all of dz), and, with one hidden layer, the step from the next
+// (whose forward rewrites the a that the output layer's gradient read). W[j,:] is read by other blocks only in the
 // backward of the layer below (column reads), so its update is deferred to the next step's
 // forward of its layer (or the end of the launch), which every such read precedes by a
 // barrier; the result is the same as updating at the end of the step.
@@ -59,6 +60,21 @@
 #ifndef FUSED_TRAP
 #define FUSED_TRAP() __trap()
 #endif
+// How the barrier reads its generation and resets its count: a volatile load (with the
+// fences around it, the legacy cooperative-groups pattern) and a plain store on the GPU;
+// the CPU emulation maps them to C++ atomics so ThreadSanitizer can follow them.
+#ifndef FUSED_LOAD_ACQUIRE
+#define FUSED_LOAD_ACQUIRE(p) (*(volatile unsigned*)(p))
+#endif
+#ifndef FUSED_STORE_RELAXED
+#define FUSED_STORE_RELAXED(p, v) (*(p) = (v))
+#endif
+// Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
+// emulation delays one block there, so the others run ahead into the next phase and any
+// read of another block's data that no barrier protects sees it overwritten.
+#ifndef FUSED_AFTER_BARRIER
+#define FUSED_AFTER_BARRIER()
+#endif
 // Waits at a grid barrier longer than this many pauses (seconds, where a step takes
 // microseconds) mean a block never arrived: the kernel traps, and the launch fails with an
 // error instead of hanging the device.
@@ -71,16 +87,16 @@
 __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        volatile unsigned* generation = bar + 1;
-        const unsigned seen = *generation;
+        unsigned* generation = bar + 1;
+        const unsigned seen = FUSED_LOAD_ACQUIRE(generation);
         __threadfence();
         if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            bar[0] = 0;
+            FUSED_STORE_RELAXED(bar, 0u);
             __threadfence();
             atomicAdd(bar + 1, 1u);
         } else {
             unsigned spins = 0;
-            while (*generation == seen) {
+            while (FUSED_LOAD_ACQUIRE(generation) == seen) {
                 FUSED_SPIN_PAUSE();
                 if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
             }
@@ -88,6 +104,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
         __threadfence();
     }
     __syncthreads();
+    FUSED_AFTER_BARRIER();
 }
 
 // Total of every thread's `v` over the block, in a fixed tree order; every thread gets it.
@@ -422,7 +439,10 @@ extern "C" __global__ void fused_train_steps_f32(
                 }
                 __syncthreads();
             }
-            if (l > 0) grid_barrier(barrier);
+            // The layer below reads all of this layer's dz. With one hidden layer the barrier
+            // is still needed: the output layer's weight gradient above read all of layer
+            // 0's a, which the next step's forward overwrites.
+            if (l > 0 || hidden == 1) grid_barrier(barrier);
         }
     }
 

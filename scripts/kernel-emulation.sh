@@ -8,3 +8,8 @@ out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 g++ -std=c++20 -O1 -pthread -w -I cuda -x c++ tests/kernel_emulation/harness.cpp -o "$out/harness"
 "$out/harness"
+# The cooperative kernel again under ThreadSanitizer: blocks run as concurrent threads, so a
+# read of another block's data that no grid barrier orders is reported as a race even when
+# the schedule happened not to corrupt it.
+g++ -std=c++20 -O1 -g -pthread -w -fsanitize=thread -I cuda -x c++ tests/kernel_emulation/harness.cpp -o "$out/harness-tsan"
+TSAN_OPTIONS="halt_on_error=1 exitcode=66" "$out/harness-tsan" fused

@@ -10,7 +10,7 @@ use bntrain::model::{
 };
 use bntrain::tolerance::{assert_close, Tolerance};
 use std::sync::Arc;
-use support::{synthetic_dataset, uniform};
+use support::{lockstep_losses, synthetic_dataset, uniform};
 
 /// Central differences in f64 with h = 1e-6 have truncation error O(h²·f''') ≈ 1e-12 and
 /// rounding error O(ε·|f|/h) ≈ 1e-10·|f|: gradients agree to ~1e-7 relative.
@@ -310,16 +310,7 @@ fn f32_and_f64_backends_agree_over_many_steps() {
     let params = ModelParams::init(&model, 0, 1);
     let mut a = CpuBackend::<f32>::new(model.clone(), train.clone(), data.clone(), &params).unwrap();
     let mut b = CpuBackend::<f64>::new(model, train.clone(), data.clone(), &params).unwrap();
-    let schedule = bntrain::train::Schedule::new(100, 25);
-    let mut losses: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut nets: [&mut dyn Backend; 2] = [&mut a, &mut b];
-    bntrain::train::train_lockstep(&mut nets, &train, data.train.count, 0, &schedule, None, &mut |e| {
-        if let bntrain::train::Event::Evaluated { net, record } = e {
-            losses[net].push(record.point.train_loss);
-            losses[net].push(record.point.test_loss);
-        }
-    })
-    .unwrap();
+    let losses = lockstep_losses(&mut a, &mut b, &train, data.train.count, 100, 25);
     assert_eq!(losses[0].len(), 8);
     assert_close("f32 vs f64 losses", losses[0].clone(), losses[1].clone(), Tolerance::new(1e-4, 1e-3));
 }

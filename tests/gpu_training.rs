@@ -65,11 +65,15 @@ fn configurations() -> Vec<(&'static str, ModelConfig, TrainConfig)> {
     };
     let plain_relu = ModelConfig { hidden: vec![100, 33], activation: Activation::Relu, ..ModelConfig::seed(false) };
     let plain_train = TrainConfig { momentum: 0.5, batch_size: 2, ..TrainConfig::seed() };
+    // One hidden layer: the fused kernel's step ends right after that layer's backward.
+    let one_hidden = ModelConfig { hidden: vec![64], ..ModelConfig::seed(true) };
+    let one_hidden_train = TrainConfig { momentum: 0.9, batch_size: 33, ..TrainConfig::seed() };
     vec![
         ("seed BN", seed_model, seed_train.clone()),
         ("seed plain", plain, seed_train),
         ("relu BN, momentum, mean loss, 3 estimators", relu_bn, relu_train),
         ("plain relu, momentum, batch 2", plain_relu, plain_train),
+        ("one hidden layer, momentum, batch 33", one_hidden, one_hidden_train),
     ]
 }
 

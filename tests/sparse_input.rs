@@ -12,7 +12,7 @@ use bntrain::tolerance::{assert_close, Tolerance};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
-use support::{synthetic_dataset, uniform};
+use support::{lockstep_losses, synthetic_dataset, uniform};
 
 /// In f64 the sparse and dense paths add the same non-zero products in different orders
 /// (and the zero products the dense one adds are exact): they agree to rounding, ~1e-15
@@ -188,16 +188,7 @@ fn f32_sparse_backend_follows_the_f64_dense_oracle() {
     let params = ModelParams::init(&model, 0, 1);
     let mut a = CpuBackend::<f32>::with_options(model.clone(), train.clone(), data.clone(), &params, sparse_options()).unwrap();
     let mut b = CpuBackend::<f64>::with_options(model, train.clone(), data.clone(), &params, CpuOptions { input: InputPath::Dense, ..Default::default() }).unwrap();
-    let schedule = bntrain::train::Schedule::new(100, 25);
-    let mut losses: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let mut nets: [&mut dyn Backend; 2] = [&mut a, &mut b];
-    bntrain::train::train_lockstep(&mut nets, &train, data.train.count, 0, &schedule, None, &mut |e| {
-        if let bntrain::train::Event::Evaluated { net, record } = e {
-            losses[net].push(record.point.train_loss);
-            losses[net].push(record.point.test_loss);
-        }
-    })
-    .unwrap();
+    let losses = lockstep_losses(&mut a, &mut b, &train, data.train.count, 100, 25);
     assert_eq!(losses[0].len(), 8);
     assert_close("f32 sparse vs f64 dense losses", losses[0].clone(), losses[1].clone(), Tolerance::new(1e-4, 1e-3));
 }

@@ -9,6 +9,7 @@
 #include <vector>
 #include <functional>
 #include <memory>
+#include <chrono>
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
@@ -25,6 +26,12 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 #define FUSED_TRAP() (fprintf(stderr, "grid barrier timed out\n"), abort())
+#define FUSED_LOAD_ACQUIRE(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define FUSED_STORE_RELAXED(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+// The block that sleeps after every grid barrier (none: UINT32_MAX); see fused_step.cu.
+inline unsigned g_slow_block = UINT32_MAX;
+#define FUSED_AFTER_BARRIER() \
+    do { if (blockIdx.x == g_slow_block) std::this_thread::sleep_for(std::chrono::milliseconds(2)); } while (0)
 #define __global__
 #define __device__
 #define __forceinline__ inline

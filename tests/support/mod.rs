@@ -27,3 +27,22 @@ pub fn real_mnist() -> Option<PathBuf> {
         }
     }
 }
+
+/// Trains two networks side by side with `train_lockstep` for `steps` steps and returns, per
+/// network, the training and test loss at every evaluation point (every `every` steps).
+pub fn lockstep_losses(
+    a: &mut dyn bntrain::backend::Backend, b: &mut dyn bntrain::backend::Backend,
+    train: &bntrain::model::TrainConfig, examples: usize, steps: u64, every: u64,
+) -> [Vec<f64>; 2] {
+    let schedule = bntrain::train::Schedule::new(steps, every);
+    let mut losses: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut nets: [&mut dyn bntrain::backend::Backend; 2] = [a, b];
+    bntrain::train::train_lockstep(&mut nets, train, examples, 0, &schedule, None, &mut |e| {
+        if let bntrain::train::Event::Evaluated { net, record } = e {
+            losses[net].push(record.point.train_loss);
+            losses[net].push(record.point.test_loss);
+        }
+    })
+    .unwrap();
+    losses
+}
