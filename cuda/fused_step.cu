@@ -76,8 +76,8 @@
 #define FUSED_AFTER_BARRIER()
 #endif
 // Waits at a grid barrier longer than this many pauses (seconds, where a step takes
-// microseconds) mean a block never arrived: the kernel traps, and the launch fails with an
-// error instead of hanging the device.
+// microseconds) mean a block never arrived: the kernel traps, and the process gets an error
+// instead of a hang (the trap leaves the CUDA context unusable: the process must restart).
 #define FUSED_MAX_SPINS (1u << 26)
 
 // All blocks wait until every block has arrived. bar[0] counts arrivals, bar[1] is the

@@ -622,7 +622,8 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     let (count_u, features_u, order_u) = (count as u32, features as u32, order.len() as u32);
     let (layers_u, batch_u, steps_u) = (plan.layers.len() as u32, plan.batch as u32, steps as u32);
     let activation = activation_code(hyper.activation);
-    // A launch that failed part-way could leave the barrier's count behind: start from zero.
+    // The kernel leaves the barrier's count at zero; zeroing it anyway keeps each launch
+    // independent of whatever ran before on this buffer.
     gpu.stream().memset_zeros(&mut plan.barrier)?;
     let mut b = builder(gpu, &gpu.functions.fused_train_steps);
     b.arg(images).arg(labels).arg(&count_u).arg(&features_u).arg(order).arg(&order_u).arg(cursor);
