@@ -243,6 +243,12 @@ fn inference_matches_the_cpu_reference() {
     let _serial = serial();
     if gpu().is_some() {
         check_inference(cuda_backend);
+        // Evaluation in chunks of 128 rows (500 test, 2000 training examples: several
+        // chunks and a short last one), where the default chunk takes a split at once.
+        check_inference(|model, train, data, params| {
+            let options = CudaOptions { eval_chunk: 128, ..Default::default() };
+            Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
+        });
     }
 }
 
