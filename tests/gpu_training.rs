@@ -661,7 +661,7 @@ fn reduced_precision_gemms_match_the_cpu_emulation() {
     let _serial = serial();
     if gpu().is_some() {
         check_reduced_precision(|model, train, data, params, gemm| {
-            let options = CudaOptions { step_launch: StepLaunch::Eager, gemm };
+            let options = CudaOptions { step_launch: StepLaunch::Eager, gemm, ..Default::default() };
             Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
         });
         let data = dataset();
@@ -670,7 +670,7 @@ fn reduced_precision_gemms_match_the_cpu_emulation() {
         let order = epoch_order(BatchOrder::Shuffled, 7, 0, data.train.count);
         for gemm in [GemmPrecision::Tf32, GemmPrecision::Bf16] {
             let run = |step_launch| {
-                let options = CudaOptions { step_launch, gemm };
+                let options = CudaOptions { step_launch, gemm, ..Default::default() };
                 let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
                 net.set_epoch_order(&order).unwrap();
                 for batch in 0..5 {
