@@ -165,6 +165,13 @@ pub trait Backend {
     /// Copies every parameter and running statistic to the host.
     fn params(&mut self) -> Result<ModelParams>;
 
+    /// The first NaN or ±∞ among the parameters and running statistics, as (tensor name,
+    /// value); checked at every evaluation point. The default reads everything; a backend
+    /// that can count on its device first reads one number instead.
+    fn first_non_finite(&mut self) -> Result<Option<(String, f64)>> {
+        Ok(self.params()?.first_non_finite())
+    }
+
     /// Replaces every parameter and running statistic (shapes must match the model).
     fn set_params(&mut self, params: &ModelParams) -> Result<()>;
 

@@ -173,7 +173,7 @@ pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: 
             stats.mean_loss()
         )));
     }
-    if let Some((name, value)) = net.params()?.first_non_finite() {
+    if let Some((name, value)) = net.first_non_finite()? {
         return Err(diverged(format!("{name} contains a non-finite value ({value})")));
     }
     let eval = net.evaluate(SplitKind::Test, mode, probe)?;

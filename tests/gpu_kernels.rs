@@ -529,6 +529,29 @@ fn matmul_matches_cpu_matmul_for_every_transpose() {
     }
 }
 
+/// NaN and ±∞ are counted, the largest finite floats are not; counts add across launches.
+#[test]
+fn count_non_finite_counts_nan_and_infinities() {
+    let Some(gpu) = gpu() else { return };
+    for n in [1usize, 5, 1000, 70_001] {
+        let mut x = uniform(n, -1e30, 1e30, n as u64);
+        let mut want = 0u32;
+        for i in (0..n).step_by(7) {
+            x[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][i % 3];
+            want += 1;
+        }
+        if n > 3 {
+            x[n - 2] = f32::MAX;
+            x[n - 3] = f32::MIN;
+        }
+        let mut count = upload(&gpu, &[3u32]);
+        let xs = upload(&gpu, &x);
+        kernels::count_non_finite(&gpu, &xs.as_view(), &mut count.as_view_mut()).unwrap();
+        kernels::count_non_finite(&gpu, &xs.as_view(), &mut count.as_view_mut()).unwrap();
+        assert_eq!(fetch(&gpu, &count), vec![3 + 2 * want], "n = {n}");
+    }
+}
+
 #[test]
 fn launchers_refuse_bad_sizes_instead_of_launching() {
     let Some(gpu) = gpu() else { return };

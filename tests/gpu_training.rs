@@ -335,6 +335,30 @@ fn bad_requests_are_errors() {
     assert!(CudaBackend::new(model, train, bad_data, &params).is_err(), "dataset width differs from the model's");
 }
 
+/// The divergence check's device count: None for finite parameters; a NaN weight or an
+/// infinite running variance is found and named.
+#[test]
+fn non_finite_parameters_are_found_on_the_device() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    let (_, model, train) = configurations().remove(0);
+    let mut params = ModelParams::init(&model, 0, 1);
+    let mut gpu = cuda_backend(&model, &train, &data, &params);
+    assert_eq!(gpu.first_non_finite().unwrap(), None);
+    params.layers[1].weight[7] = f64::NAN;
+    gpu.set_params(&params).unwrap();
+    let (name, value) = gpu.first_non_finite().unwrap().expect("a NaN weight");
+    assert!(name == "layer2.weight" && value.is_nan(), "{name} {value}");
+    params.layers[1].weight[7] = 0.5;
+    params.layers[0].batch_norm.as_mut().unwrap().running[0].var[3] = f64::INFINITY;
+    gpu.set_params(&params).unwrap();
+    let (name, value) = gpu.first_non_finite().unwrap().expect("an infinite running variance");
+    assert!(name.contains("running_var") && value == f64::INFINITY, "{name} {value}");
+}
+
 /// A backend that launches its steps as asked (the environment switch is not read, so
 /// tests running in parallel cannot disturb each other).
 fn cuda_with(step_launch: StepLaunch, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> CudaBackend {

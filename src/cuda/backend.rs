@@ -377,6 +377,8 @@ pub struct CudaBackend {
     step_correct: CudaSlice<u64>,
     eval_loss: CudaSlice<f64>,
     eval_correct: CudaSlice<u64>,
+    /// How many parameters and running statistics are not finite (first_non_finite).
+    non_finite: CudaSlice<u32>,
     pending_steps: u64,
     graph: GraphState,
     /// What the GEMMs read (f32 unless `--precision tf32|bf16`).
@@ -476,6 +478,7 @@ impl CudaBackend {
             step_correct: zeros(&gpu, 1)?,
             eval_loss: zeros(&gpu, 1)?,
             eval_correct: zeros(&gpu, 1)?,
+            non_finite: zeros(&gpu, 1)?,
             pending_steps: 0,
             graph: match options.step_launch {
                 StepLaunch::Eager => GraphState::Off { fell_back: false },
@@ -1003,6 +1006,19 @@ impl Backend for CudaBackend {
         }
         let host = read(&self.gpu, &predicted.slice(..count))?;
         Ok(host)
+    }
+
+    fn first_non_finite(&mut self) -> Result<Option<(String, f64)>> {
+        let stream = self.gpu.stream().clone();
+        stream.memset_zeros(&mut self.non_finite).map_err(CudaError::from)?;
+        kernels::count_non_finite(&self.gpu, &self.params.as_view(), &mut self.non_finite.as_view_mut())?;
+        if self.stats_layout.is_some() {
+            kernels::count_non_finite(&self.gpu, &self.running_mean.as_view(), &mut self.non_finite.as_view_mut())?;
+            kernels::count_non_finite(&self.gpu, &self.running_var.as_view(), &mut self.non_finite.as_view_mut())?;
+        }
+        let count: Vec<u32> = read(&self.gpu, &self.non_finite)?;
+        // Only a diverged run pays for reading everything back, to name the tensor.
+        Ok(if count[0] == 0 { None } else { self.params()?.first_non_finite() })
     }
 
     fn params(&mut self) -> Result<ModelParams> {

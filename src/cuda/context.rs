@@ -22,6 +22,7 @@ pub(crate) struct Functions {
     pub running_stats_update: CudaFunction,
     pub sgd_update: CudaFunction,
     pub fused_train_steps: CudaFunction,
+    pub count_non_finite: CudaFunction,
 }
 
 /// An open GPU: context, the one stream everything runs on (in order, so no events are
@@ -152,6 +153,7 @@ impl Gpu {
             running_stats_update: function("running_stats", "running_stats_update_f32")?,
             sgd_update: function("sgd", "sgd_update_f32")?,
             fused_train_steps: function("fused_step", "fused_train_steps_f32")?,
+            count_non_finite: function("finite", "count_non_finite_f32")?,
         };
         Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name })
     }

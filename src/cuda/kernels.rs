@@ -455,6 +455,21 @@ pub fn sgd_update(
     unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
 }
 
+/// `count_non_finite_f32`: `count[0]` += the number of NaN and ±∞ values in `x` (the caller
+/// zeroes the count once before a series of launches).
+pub fn count_non_finite(gpu: &Gpu, x: &CudaView<f32>, count: &mut CudaViewMut<u32>) -> Result<(), CudaError> {
+    const K: &str = "count_non_finite_f32";
+    let n = x.len();
+    require(K, n >= 1, || "an empty buffer".into())?;
+    require_len(K, "count", count.len(), 1)?;
+    let n_u = n as u64;
+    let mut b = builder(gpu, &gpu.functions.count_non_finite);
+    b.arg(x).arg(&n_u).arg(count);
+    // SAFETY: types and order match the kernel; x holds n floats and the kernel is
+    // grid-stride below n; count holds one u32 (checked).
+    unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
+}
+
 /// Threads per block of `fused_train_steps_f32`; must not exceed FUSED_MAX_THREADS.
 const FUSED_THREADS: u32 = 256;
 /// Ints per layer of its layer table; must match LAYER_FIELDS in fused_step.cu.

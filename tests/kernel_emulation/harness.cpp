@@ -12,6 +12,7 @@
 #include "running_stats.cu"
 #include "sgd.cu"
 #include "fused_step.cu"
+#include "finite.cu"
 #include <algorithm>
 #include <string>
 
@@ -157,6 +158,16 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < n; ++i) { if (mu > 0) { rv[i] = mu * rv[i] + g[i]; rw[i] -= 0.01 * rv[i]; } else rw[i] -= 0.01 * g[i]; }
         check("sgd w", w, rw, 1e-6, 1e-6); check("sgd v", v, rv, 1e-6, 1e-6);
         if (cursor != 8) { failures++; printf("FAIL cursor\n"); }
+    }
+    // count_non_finite: NaN, ±∞ counted; the largest finite float and huge values not.
+    for (size_t n : {1ul, 5ul, 1000ul, 70001ul}) {
+        auto x = uni(n, -1e30f, 1e30f);
+        unsigned want = 0;
+        for (size_t i = 0; i < n; i += 7) { x[i] = i % 3 == 0 ? NAN : (i % 3 == 1 ? INFINITY : -INFINITY); want++; }
+        if (n > 3) { x[n - 2] = 3.402823466e38f; x[n - 3] = -3.402823466e38f; }
+        unsigned count = 5;
+        launch_seq(ew(n), {256,1,1}, [&]{ count_non_finite_f32(x.data(), n, &count); });
+        if (count - 5 != want) { failures++; printf("FAIL count_non_finite n=%zu: %u want %u\n", n, count - 5, want); }
     }
     fused_cases();
     printf("%s (%d failures)\n", failures ? "FAILED" : "all kernels match", failures);
