@@ -38,7 +38,7 @@ static double actb(int a, double o, double g) { return a == 0 ? g * o * (1 - o) 
 
 int main(int argc, char** argv) {
     if (argc > 1 && std::string(argv[1]) == "fused") {  // the ThreadSanitizer run: the cooperative kernel only
-        fused_cases();
+        fused_cases(false);
         printf("%s (%d failures)\n", failures ? "FAILED" : "the fused kernel matches", failures);
         return failures != 0;
     }
@@ -169,7 +169,7 @@ int main(int argc, char** argv) {
         launch_seq(ew(n), {256,1,1}, [&]{ count_non_finite_f32(x.data(), n, &count); });
         if (count - 5 != want) { failures++; printf("FAIL count_non_finite n=%zu: %u want %u\n", n, count - 5, want); }
     }
-    fused_cases();
+    fused_cases(true);
     printf("%s (%d failures)\n", failures ? "FAILED" : "all kernels match", failures);
     return failures != 0;
 }
