@@ -55,15 +55,6 @@ struct Activations<F> {
     inv_std: Vec<Vec<F>>,
 }
 
-impl SparseInput {
-    fn split(&self, split: SplitKind) -> &SparseImages {
-        match split {
-            SplitKind::Train => &self.train,
-            SplitKind::Test => &self.test,
-        }
-    }
-}
-
 impl<F: Float> Activations<F> {
     fn new(config: &ModelConfig, rows: usize) -> Self {
         let widths = config.widths();
@@ -121,6 +112,15 @@ struct SparseInput {
     train: SparseImages,
     test: SparseImages,
     scratch: ColumnScratch,
+}
+
+impl SparseInput {
+    fn split(&self, split: SplitKind) -> &SparseImages {
+        match split {
+            SplitKind::Train => &self.train,
+            SplitKind::Test => &self.test,
+        }
+    }
 }
 
 /// The first layer's input for one forward pass.
