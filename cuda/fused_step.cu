@@ -107,11 +107,13 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     FUSED_AFTER_BARRIER();
 }
 
-// Total of every thread's `v` over the block, in a fixed tree order; every thread gets it.
-__device__ __forceinline__ float block_total(float* red, float v) {
-    red[threadIdx.x] = v;
+// Total of the `v` of threads 0..width−1 (a power of two ≤ blockDim; the other threads'
+// v must be 0), in a fixed tree order; every thread gets it. A tree over the whole block
+// would add only exact zeros beyond width: the same total in more steps.
+__device__ __forceinline__ float block_total(float* red, float v, unsigned width) {
+    if (threadIdx.x < width) red[threadIdx.x] = v;
     __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    for (unsigned s = width / 2; s > 0; s >>= 1) {
         if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
         __syncthreads();
     }
@@ -119,6 +121,15 @@ __device__ __forceinline__ float block_total(float* red, float v) {
     __syncthreads();
     return total;
 }
+
+// The smallest power of two ≥ min(rows, blockDim): the threads that hold a row's partial
+// sum when each thread sums rows t, t+blockDim, ….
+__device__ __forceinline__ unsigned row_threads(unsigned rows) {
+    unsigned width = 1;
+    while (width < rows && width < blockDim.x) width <<= 1;
+    return width;
+}
+
 
 // One row of a layer's input, looked up once: pixels (scaled on reading) or activations.
 struct InputRow {
@@ -153,8 +164,35 @@ struct Input {
         }
         return row;
     }
-    __device__ __forceinline__ float at(unsigned r, unsigned k) const { return row(r).at(k); }
 };
+
+// dw[i] = Σ_r g(r)·in(r, i) for i < n, with g(r) = dz[r·dz_stride], rows added in order
+// 0..rows−1. Each thread keeps ROW_GRAD_CHUNK outputs (i, i+T, …) in registers, so one
+// lookup of an input row (an order and an image index for layer 0) serves all of them.
+#define ROW_GRAD_CHUNK 4
+template <typename In>
+__device__ __forceinline__ void weight_row_gradient(
+    float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n)
+{
+    const unsigned T = blockDim.x;
+    for (unsigned first = 0; first < n; first += ROW_GRAD_CHUNK * T) {
+        float acc[ROW_GRAD_CHUNK];
+        for (unsigned q = 0; q < ROW_GRAD_CHUNK; ++q) acc[q] = 0.0f;
+        for (unsigned r = 0; r < rows; ++r) {
+            const InputRow row = in.row(r);
+            const float g = dz[(size_t)r * dz_stride];
+#pragma unroll
+            for (unsigned q = 0; q < ROW_GRAD_CHUNK; ++q) {
+                const unsigned i = first + q * T + threadIdx.x;
+                if (i < n) acc[q] += g * row.at(i);
+            }
+        }
+        for (unsigned q = 0; q < ROW_GRAD_CHUNK; ++q) {
+            const unsigned i = first + q * T + threadIdx.x;
+            if (i < n) dw[i] = acc[q];
+        }
+    }
+}
 
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] for r < rows: threads form R row lanes
 // (R = a power of two ≥ min(rows, blockDim)) × S = blockDim/R slices of k; slice partials
@@ -164,8 +202,7 @@ __device__ __forceinline__ void column_dot(
     float* part, const In& in, unsigned rows, unsigned n, const float* w, unsigned w_stride,
     float* out, unsigned out_stride)
 {
-    unsigned lanes = 1;
-    while (lanes < rows && lanes < blockDim.x) lanes <<= 1;
+    const unsigned lanes = row_threads(rows);
     const unsigned slices = blockDim.x / lanes;
     const unsigned lane = threadIdx.x % lanes, slice = threadIdx.x / lanes;
     for (unsigned first = 0; first < rows; first += lanes) {
@@ -235,6 +272,7 @@ extern "C" __global__ void fused_train_steps_f32(
     const int* out_info = layer_info + (size_t)hidden * LAYER_FIELDS;
     const unsigned classes = (unsigned)out_info[L_OUT];
     const float inv_rows = 1.0f / (float)batch;
+    const unsigned reduce_width = row_threads(batch);
     // Read before the first barrier; block 0 writes them back after the last.
     const unsigned cursor0 = cursor[0];
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
@@ -271,13 +309,13 @@ extern "C" __global__ void fused_train_steps_f32(
                 if (bn) {
                     float s = 0.0f;
                     for (unsigned r = t; r < batch; r += T) s += zx[(size_t)r * width + j];
-                    const float mu = block_total(part, s) * inv_rows;
+                    const float mu = block_total(part, s, reduce_width) * inv_rows;
                     float q = 0.0f;
                     for (unsigned r = t; r < batch; r += T) {
                         const float d = zx[(size_t)r * width + j] - mu;
                         q += d * d;
                     }
-                    const float sigma2 = block_total(part, q) * inv_rows;
+                    const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
                     const float istd = 1.0f / sqrtf(sigma2 + epsilon);
                     const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
                     for (unsigned r = t; r < batch; r += T) {
@@ -378,12 +416,7 @@ extern "C" __global__ void fused_train_steps_f32(
                     for (unsigned r = 0; r < batch; ++r) s += dlogits[(size_t)r * classes + k];
                     grads[out_info[L_BIAS] + k] = s;
                 }
-                float* dw = grads + out_info[L_W] + (size_t)k * in_w;
-                for (unsigned i = t; i < in_w; i += T) {
-                    float s = 0.0f;
-                    for (unsigned r = 0; r < batch; ++r) s += dlogits[(size_t)r * classes + k] * in.at(r, i);
-                    dw[i] = s;
-                }
+                weight_row_gradient(grads + out_info[L_W] + (size_t)k * in_w, dlogits + k, classes, in, batch, in_w);
             }
         }
         for (unsigned l = hidden; l-- > 0;) {
@@ -412,8 +445,8 @@ extern "C" __global__ void fused_train_steps_f32(
                         sb += d[i];
                         sg += d[i] * xh[i];
                     }
-                    const float d_beta = block_total(part, sb);
-                    const float d_gamma = block_total(part, sg);
+                    const float d_beta = block_total(part, sb, reduce_width);
+                    const float d_gamma = block_total(part, sg, reduce_width);
                     const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
                     const float b = (float)batch;
                     for (unsigned r = t; r < batch; r += T) {
@@ -431,12 +464,7 @@ extern "C" __global__ void fused_train_steps_f32(
                 }
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
-                float* dw = grads + info[L_W] + (size_t)j * in_w;
-                for (unsigned i = t; i < in_w; i += T) {
-                    float s = 0.0f;
-                    for (unsigned r = 0; r < batch; ++r) s += d[(size_t)r * width + j] * in.at(r, i);
-                    dw[i] = s;
-                }
+                weight_row_gradient(grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w);
                 __syncthreads();
             }
             // The layer below reads all of this layer's dz. With one hidden layer the barrier
