@@ -194,31 +194,33 @@ __device__ __forceinline__ void weight_row_gradient(
     }
 }
 
-// out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] for r < rows: threads form R row lanes
-// (R = a power of two ≥ min(rows, blockDim)) × S = blockDim/R slices of k; slice partials
-// are added in slice order. `part` holds blockDim floats.
+// out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] for r < rows. Threads form groups of
+// K consecutive lanes (K = a power of two ≥ min(n, 32)), one row per group at a time: a
+// warp reads K consecutive inputs of a row (coalesced; rows are row-major), and the group's
+// K partial sums are added by a fixed tree. `part` holds blockDim floats.
 template <typename In>
 __device__ __forceinline__ void column_dot(
     float* part, const In& in, unsigned rows, unsigned n, const float* w, unsigned w_stride,
     float* out, unsigned out_stride)
 {
-    const unsigned lanes = row_threads(rows);
-    const unsigned slices = blockDim.x / lanes;
-    const unsigned lane = threadIdx.x % lanes, slice = threadIdx.x / lanes;
-    for (unsigned first = 0; first < rows; first += lanes) {
-        const unsigned r = first + lane;
+    unsigned lanes = 1;
+    while (lanes < n && lanes < 32 && lanes < blockDim.x) lanes <<= 1;
+    const unsigned groups = blockDim.x / lanes;
+    const unsigned lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
+    for (unsigned first = 0; first < rows; first += groups) {
+        const unsigned r = first + group;
         float acc = 0.0f;
         if (r < rows) {
             const InputRow row = in.row(r);
-            for (unsigned k = slice; k < n; k += slices) acc += row.at(k) * w[(size_t)k * w_stride];
+            for (unsigned k = lane; k < n; k += lanes) acc += row.at(k) * w[(size_t)k * w_stride];
         }
         part[threadIdx.x] = acc;
         __syncthreads();
-        if (slice == 0 && r < rows) {
-            float total = 0.0f;
-            for (unsigned s = 0; s < slices; ++s) total += part[s * lanes + lane];
-            out[(size_t)r * out_stride] = total;
+        for (unsigned s = lanes / 2; s > 0; s >>= 1) {
+            if (lane < s) part[threadIdx.x] += part[threadIdx.x + s];
+            __syncthreads();
         }
+        if (lane == 0 && r < rows) out[(size_t)r * out_stride] = part[threadIdx.x];
         __syncthreads();
     }
 }
