@@ -75,6 +75,8 @@ pub struct BenchReport {
     pub config: BenchConfig,
     pub batch_norm: bool,
     pub device: String,
+    /// The build's CUDA kernels (PTX target, nvcc), as `bntrain info` prints them.
+    pub kernels: String,
     /// `mnist`, `fashion-mnist` or `noise`, and the fraction of non-zero pixels.
     pub data: String,
     pub nonzero_pixels: f64,
@@ -162,6 +164,7 @@ pub fn run(
         config,
         batch_norm,
         device: net.device_name(),
+        kernels: crate::cuda::build_info(),
         data: name,
         nonzero_pixels,
         batch_size: train.batch_size,

@@ -557,6 +557,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         r.config, if r.batch_norm { "BN" } else { "plain" }, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
         r.us_per_step, r.runs, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
+    println!("{}", r.kernels);
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     }
