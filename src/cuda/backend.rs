@@ -536,6 +536,30 @@ impl CudaBackend {
         FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total)
     }
 
+    /// Checks that batches `first..first+count` lie inside the epoch order and points the
+    /// device counter at `first` unless it is there already (a memset queued before the
+    /// steps, outside any graph).
+    fn start_steps(&mut self, first: usize, count: usize) -> Result<()> {
+        let end = first.checked_add(count).and_then(|n| n.checked_mul(self.train.batch_size)).unwrap_or(usize::MAX);
+        if end > self.order_len {
+            let batches = if count == 1 { format!("batch {first} lies") } else { format!("batches {first}..{} lie", first.saturating_add(count)) };
+            return Err(ConfigError::Invalid(format!("{batches} past the epoch order ({} indices)", self.order_len)).into());
+        }
+        // Until these steps have launched completely, the device counter is not known.
+        if self.cursor_batch.take() != Some(first) {
+            self.set_cursor(first)?;
+            self.cursor_batch = None;
+        }
+        Ok(())
+    }
+
+    /// After `count` steps from batch `first` have launched: the counter's batch and the
+    /// steps the next statistics cover.
+    fn finish_steps(&mut self, first: usize, count: usize) {
+        self.cursor_batch = Some(first + count);
+        self.pending_steps += count as u64;
+    }
+
     /// Launches `steps` fused steps from the batch the device cursor holds (≤ FUSED_MAX_STEPS).
     fn launch_fused(&mut self, steps: usize) -> Result<(), CudaError> {
         let Some(plan) = self.fused.as_mut() else {
@@ -886,17 +910,7 @@ impl Backend for CudaBackend {
     }
 
     fn train_step(&mut self, batch: usize) -> Result<()> {
-        let b = self.train.batch_size;
-        let end = batch.checked_add(1).and_then(|n| n.checked_mul(b)).unwrap_or(usize::MAX);
-        if end > self.order_len {
-            return Err(ConfigError::Invalid(format!("batch {batch} lies past the epoch order ({} indices)", self.order_len)).into());
-        }
-        // Until this step has launched completely, the device counter is not known. Setting
-        // it is a memset queued before the step, outside any graph.
-        if self.cursor_batch.take() != Some(batch) {
-            self.set_cursor(batch)?;
-            self.cursor_batch = None;
-        }
+        self.start_steps(batch, 1)?;
         match &self.graph {
             _ if self.fused.is_some() => self.launch_fused(1)?,
             GraphState::Ready(graph) => graph.0.launch().map_err(graph_launch_error)?,
@@ -906,8 +920,7 @@ impl Backend for CudaBackend {
                 self.warmed_up = true;
             }
         }
-        self.cursor_batch = Some(batch + 1);
-        self.pending_steps += 1;
+        self.finish_steps(batch, 1);
         Ok(())
     }
 
@@ -918,23 +931,14 @@ impl Backend for CudaBackend {
             }
             return Ok(());
         }
-        let b = self.train.batch_size;
-        let end = first.checked_add(count).and_then(|n| n.checked_mul(b)).unwrap_or(usize::MAX);
-        if end > self.order_len {
-            return Err(ConfigError::Invalid(format!("batches {first}..{} lie past the epoch order ({} indices)", first.saturating_add(count), self.order_len)).into());
-        }
-        if self.cursor_batch.take() != Some(first) {
-            self.set_cursor(first)?;
-            self.cursor_batch = None;
-        }
+        self.start_steps(first, count)?;
         let mut left = count;
         while left > 0 {
             let steps = left.min(kernels::FUSED_MAX_STEPS);
             self.launch_fused(steps)?;
             left -= steps;
         }
-        self.cursor_batch = Some(first + count);
-        self.pending_steps += count as u64;
+        self.finish_steps(first, count);
         Ok(())
     }
 
