@@ -10,8 +10,8 @@
 //
 // Layout: z, y, a, da, dz: [B, C] row-major; bias, dbias: [C].
 // Launch: forward elementwise, grid-stride, any grid, block 256; `y` may be null.
-//   Backward is a column kernel (common.cuh): grid.x = ceil(C/32), block (32, 8); the bias
-//   gradient sums each column over rows in a fixed order (deterministic, no atomics).
+//   Backward is a column kernel (common.cuh): grid.x = ceil(C/TILE_COLS), block
+//   (TILE_COLS, TILE_ROWS); the bias gradient sums each column over rows in a fixed order (deterministic, no atomics).
 
 #include "common.cuh"
 

@@ -15,8 +15,8 @@
 //   dz = (γ_c·inv_std_c / B)·(B·dy − dβ_c − x̂·dγ_c).
 //
 // Layout: z, x̂, y, a, da, dz: [B, C] row-major; γ, β, μ, σ², inv_std, dγ, dβ: [C].
-// Launch: column kernels (train forward, backward): grid.x = ceil(C/32), block (32, 8),
-//   see common.cuh; sums are over rows in a fixed order (deterministic, no atomics).
+// Launch: column kernels (train forward, backward): grid.x = ceil(C/TILE_COLS), block
+//   (TILE_COLS, TILE_ROWS), see common.cuh; sums are over rows in a fixed order (deterministic, no atomics).
 //   Inference forward: elementwise, grid-stride, any grid, block 256.
 // `y` may be null (only evaluation with a probe needs the activation input).
 

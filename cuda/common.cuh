@@ -24,21 +24,30 @@ __device__ __forceinline__ float activate_backward(int activation, float a, floa
 }
 
 // Column tiles: a block of (TILE_COLS, TILE_ROWS) threads owns TILE_COLS consecutive
-// features (threadIdx.x; coalesced 128-byte row segments) and walks all rows, thread row
-// threadIdx.y taking rows threadIdx.y, +TILE_ROWS, ... . Launch: grid.x = ceil(width/32),
-// block = (32, 8). Every thread of the block must call column_total (it synchronizes).
-#define TILE_COLS 32
-#define TILE_ROWS 8
+// features (threadIdx.x) and walks all rows, thread row threadIdx.y taking rows threadIdx.y,
+// +TILE_ROWS, ... . Launch: grid.x = ceil(width/TILE_COLS), block = (TILE_COLS, TILE_ROWS).
+// Narrow and tall, for latency: a warp reads 4 rows × 8 features, four full 32-byte sectors
+// (what the memory system moves anyway), and the grid has width/8 blocks of 16 warps. The
+// wide network's [1024, 1024] layers thus get 128 blocks, one per SM of an H100, with 16
+// rows per thread; 32 × 8 tiles gave 32 blocks with 128 rows per thread, and the BN kernels
+// ran at a fraction of the memory bandwidth (docs/perf.md). Every thread of the block must
+// call column_total (it synchronizes).
+#define TILE_COLS 8
+#define TILE_ROWS 64
 
-// Total over the block's thread rows of each column's partial sum `v`, always added in
-// the same order (thread row 0, 1, ..., 7): deterministic, no atomics. Every thread of a
-// column gets the same total. `part` is the block's [TILE_ROWS][TILE_COLS] shared scratch.
+// Total over the block's thread rows of each column's partial sum `v`, by a fixed pairwise
+// tree (thread row y adds y + s for s = 32, 16, ..., 1): deterministic, no atomics. Every
+// thread of a column gets the same total. `part` is the block's [TILE_ROWS][TILE_COLS]
+// shared scratch.
 __device__ __forceinline__ float column_total(float (*part)[TILE_COLS], float v) {
     part[threadIdx.y][threadIdx.x] = v;
     __syncthreads();
-    float total = 0.0f;
 #pragma unroll
-    for (int k = 0; k < TILE_ROWS; ++k) total += part[k][threadIdx.x];
+    for (unsigned s = TILE_ROWS / 2; s > 0; s >>= 1) {
+        if (threadIdx.y < s) part[threadIdx.y][threadIdx.x] += part[threadIdx.y + s][threadIdx.x];
+        __syncthreads();
+    }
+    const float total = part[0][threadIdx.x];
     __syncthreads();  // `part` is reused by the next call
     return total;
 }

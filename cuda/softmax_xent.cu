@@ -8,7 +8,7 @@
 //   dlogits[r,k] = (e^{v_k − m}/D − 1[k=t])·grad_scale   (grad_scale = 1, or 1/B for a mean)
 //   correct += 1[k* = t];  predicted[r] = k*
 // then  loss_sum[0] += Σ_r ℓ_r,  correct[0] += Σ_r 1[k*_r = t_r]
-// and   dbias_k = Σ_r dlogits[r,k]  (rows in order 0..B, as on the CPU).
+// and   dbias_k = Σ_r dlogits[r,k]  (in a fixed order: see the end of the kernel).
 // A label ≥ classes (a gather out of range) makes that example's loss and gradient NaN.
 //
 // Layout: z, dlogits: [B, K] row-major; bias, dbias: [K]; labels, predicted: [B] u8;
@@ -30,6 +30,7 @@ extern "C" __global__ void softmax_xent_f32(
 {
     __shared__ double loss_part[SOFTMAX_THREADS];
     __shared__ unsigned long long correct_part[SOFTMAX_THREADS];
+    __shared__ float bias_part[SOFTMAX_THREADS];
     const unsigned tid = threadIdx.x;
     const float nan = __int_as_float(0x7fc00000);
 
@@ -77,11 +78,22 @@ extern "C" __global__ void softmax_xent_f32(
         correct[0] += correct_part[0];
     }
     // The block's dlogits writes are visible to all its threads after the barriers above.
+    // dbias: the threads form G = SOFTMAX_THREADS / classes groups; thread (g, k) sums rows
+    // g, g+G, … of column k, then thread k adds the G partial sums in order. One thread per
+    // column walking all rows would wait on ~B dependent-latency loads (1024 for the wide
+    // network); this way each walks B/G rows (41 there, 3 for the seed's 60 rows, 10 classes).
     if (dbias != nullptr && dlogits != nullptr) {
-        for (unsigned k = tid; k < classes; k += SOFTMAX_THREADS) {
-            float s = 0.0f;
-            for (unsigned r = 0; r < rows; ++r) s += dlogits[(size_t)r * classes + k];
-            dbias[k] = s;
+        const unsigned groups = SOFTMAX_THREADS / classes;  // ≥ 1: classes ≤ SOFTMAX_THREADS
+        const unsigned k = tid % classes, g = tid / classes;
+        float s = 0.0f;
+        if (g < groups)
+            for (unsigned r = g; r < rows; r += groups) s += dlogits[(size_t)r * classes + k];
+        bias_part[tid] = s;
+        __syncthreads();
+        if (tid < classes) {
+            float total = 0.0f;
+            for (unsigned h = 0; h < groups; ++h) total += bias_part[h * classes + tid];
+            dbias[tid] = total;
         }
     }
 }

@@ -18,6 +18,9 @@
 #                     (bntrain bench --data DIR, the peers --mnist DIR); unset: random bytes
 #                     (bntrain bench --noise). The data matter for bntrain's CPU path only: it
 #                     skips zero pixels (MNIST's are 81% zero).
+#   STEP_VARIANTS=graph,fused   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant, as rows
+#                     bntrain-graph, bntrain-fused; ratios are against the fastest of them.
+#                     Unset: one row, `bntrain`, with whatever BNTRAIN_CUDA_STEP says
 #   BENCH_ARGS, PEER_ARGS   extra arguments for `bntrain bench` and for both peer scripts
 #   BENCH_TIMEOUT=120, PEER_TIMEOUT=240   seconds per bntrain bench / per peer script
 #   BUDGET=540        seconds for the whole script: each command's timeout is cut so that the
@@ -77,32 +80,38 @@ if [[ "$device" == cuda ]]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
 fi
 
-# 1. bntrain, each configuration with and without BN.
+# 1. bntrain, each configuration with and without BN (and each step variant asked for).
 IFS=, read -r -a cfg_list <<< "$cfgs"
+variants=("")
+[[ -n "${STEP_VARIANTS:-}" ]] && IFS=, read -r -a variants <<< "$STEP_VARIANTS"
 for cfg in "${cfg_list[@]}"; do
     for bn in bn no-bn; do
+      for variant in "${variants[@]}"; do
         flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
-        name="bench-$cfg-$bn"
-        echo "== $bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
-        limit "$bench_timeout" "bntrain $name" || { status=1; continue; }
-        timeout "$t" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" "${bench_data[@]}" --json "${bench_extra[@]}" \
+        name="bench-$cfg-$bn${variant:+-$variant}"
+        impl="bntrain${variant:+-$variant}"
+        step_env=(); [[ -n "$variant" ]] && step_env=(env "BNTRAIN_CUDA_STEP=$variant")
+        echo "== ${variant:+BNTRAIN_CUDA_STEP=$variant }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
+        limit "$bench_timeout" "$impl $name" || { status=1; continue; }
+        timeout "$t" "${step_env[@]}" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" "${bench_data[@]}" --json "${bench_extra[@]}" \
             > "$logs/$name.out" 2> "$logs/$name.err"
         rc=$?
         tail -n 3 "$logs/$name.err" | grep -v '^\s*$' >&2
         cat "$logs/$name.out"
         if [[ $rc -ne 0 ]]; then
-            fail 1 "bntrain bench --config $cfg ${flag[*]} failed (exit $rc): $(tail -n 1 "$logs/$name.err")"
+            fail 1 "$impl bench --config $cfg ${flag[*]} failed (exit $rc): $(tail -n 1 "$logs/$name.err")"
             continue
         fi
         # Its last stdout line, in the peers' schema.
         if ! tail -n 1 "$logs/$name.out" | "$python" -c '
 import json, sys
 r = json.loads(sys.stdin.read())
-print(json.dumps({"impl": "bntrain", "cfg": r["config"], "bn": r["batch_norm"], "batch": r["batch_size"],
+print(json.dumps({"impl": sys.argv[1], "cfg": r["config"], "bn": r["batch_norm"], "batch": r["batch_size"],
                   "us_per_step": r["us_per_step"], "us_min": r.get("us_per_step_min"),
-                  "us_max": r.get("us_per_step_max"), "device": r["device"]}))' >> "$results"; then
-            fail 1 "bntrain bench --config $cfg ${flag[*]}: no JSON on the last line of stdout"
+                  "us_max": r.get("us_per_step_max"), "device": r["device"]}))' "$impl" >> "$results"; then
+            fail 1 "$impl bench --config $cfg ${flag[*]}: no JSON on the last line of stdout"
         fi
+      done
     done
 done
 
@@ -164,7 +173,7 @@ devices = sorted({r["device"] for r in timed})
 print()
 print(f"== bntrain vs peers on {', '.join(devices) or sys.argv[2]}: µs per training step (median), fp32, TF32 off,"
       f" data: {sys.argv[3]}")
-print("   ratio = peer µs / bntrain µs (above 1: bntrain is faster)")
+print("   ratio = peer µs / bntrain µs, against bntrain's fastest row (above 1: bntrain is faster)")
 head = f"{'config':<22} {'impl':<26} {'µs/step':>10} {'peer/bntrain':>13}"
 print(head)
 print("-" * len(head))
@@ -179,16 +188,18 @@ for key in keys:
     cfg, bn, batch = key
     label = f"{cfg} {'BN' if bn else 'plain'} batch {batch}"
     group = [r for r in timed if (r["cfg"], r["bn"], r["batch"]) == key]
-    ours = next((r["us_per_step"] for r in group if r["impl"] == "bntrain"), None)
-    group.sort(key=lambda r: (r["impl"] != "bntrain", r["impl"]))
+    mine = [r for r in group if r["impl"].startswith("bntrain")]
+    fastest = min(mine, key=lambda r: r["us_per_step"]) if mine else None
+    ours = fastest["us_per_step"] if fastest else None
+    group.sort(key=lambda r: (not r["impl"].startswith("bntrain"), r["impl"]))
     for r in group:
-        ratio = "" if ours is None or r["impl"] == "bntrain" else f"{r['us_per_step'] / ours:.2f}x"
+        ratio = "" if ours is None or r["impl"].startswith("bntrain") else f"{r['us_per_step'] / ours:.2f}x"
         print(f"{label:<22} {r['impl']:<26} {r['us_per_step']:>10.1f} {ratio:>13}")
         label = ""
-    peers = [r for r in group if r["impl"] != "bntrain"]
+    peers = [r for r in group if not r["impl"].startswith("bntrain")]
     if ours is not None and peers:
         b = min(peers, key=lambda r: r["us_per_step"])
-        best.append(f"{cfg} {'BN' if bn else 'plain'}: bntrain {ours:.1f} µs, best peer {b['impl']} "
+        best.append(f"{cfg} {'BN' if bn else 'plain'}: {fastest['impl']} {ours:.1f} µs, best peer {b['impl']} "
                     f"{b['us_per_step']:.1f} µs, ratio {b['us_per_step'] / ours:.2f}x")
 if checks:
     ref = {(r["cfg"], r["bn"]): r for r in checks if r["impl"] == "numpy-f64"}

@@ -11,14 +11,19 @@
 #      skips both);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
-#   6. optionally a peer anchor (python3 torch_anchor.py);
+#   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
+#      and the fused kernel's stall reasons (skipped without ncu);
+#   7. optionally a peer anchor (python3 torch_anchor.py);
 # then prints a summary table last.
 #
 #   bash gpu-check.sh [BUNDLE_DIR] [PATH/TO/torch_anchor.py]
 # BUNDLE_DIR defaults to the directory of this script when it holds `bntrain`, else
 # ./gpu-bundle. STEPS (default 10000) shortens the training runs. BUDGET (default 540)
 # is the seconds the whole script may take: a device call is limited to 600 s, and the
-# summary must print before the limit cuts the output.
+# summary must print before the limit cuts the output. PARTS (default "tests train bench
+# reproduce peers profile") picks the steps after the fused smoke test, for a rerun of a few. When OUT
+# is set (a device call), every log and the reproduce reports come back in one archive,
+# $OUT/gpu-check.tar.gz.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [[ $# -ge 1 ]]; then bundle="$1"; elif [[ -x "$here/bntrain" ]]; then bundle="$here"; else bundle="./gpu-bundle"; fi
@@ -31,6 +36,8 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
+parts=" ${PARTS:-tests train bench reproduce peers profile} "
+part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
 row() { summary+=("$(printf '%-40s %s' "$1" "$2")"); }
@@ -70,6 +77,7 @@ else
 fi
 
 for test in gpu_kernels gpu_training; do
+    part tests || continue
     echo "== $test"
     if [[ ! -x "$bundle/$test" ]]; then row "$test" "MISSING"; failed=1; continue; fi
     limit 240 30 "$test" || { failed=1; continue; }
@@ -84,6 +92,7 @@ echo "== bntrain info"
 timeout 60 "$bin" info 2>&1 | tee "$logs/info.log"
 
 for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
+    part train || continue
     step="${run%%:*}" precision="${run##*:}"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     name="train $steps steps (BN, $step, $precision)"
@@ -103,12 +112,15 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION
-    local log="$logs/bench-$1-$2-$3.log" name="bench $1 ($2, $3)"
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(1|0)]
+    local small="${4:-1}"
+    local log="$logs/bench-$1-$2-$3-small$small.log" name="bench $1 ($2, $3)"
+    [[ $small == 0 ]] && name="bench $1 ($2, $3, cuBLAS for small GEMMs)"
     [[ $2 == fused && $fused_ok == 0 ]] && return
-    echo "== BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
+    part bench || return
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device"
@@ -124,14 +136,17 @@ for config in seed wide; do
 done
 bench wide graph tf32
 bench wide graph bf16
+# The seed step's GEMMs on cuBLAS instead of cuda/small_gemm.cu (the gain of the latter).
+bench seed graph f32 0
+bench seed eager f32 0
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
 for step in fused graph; do
     name="reproduce (full, cuda, $step)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
-    [[ "${REPRODUCE:-1}" == 1 ]] && limit 240 60 "$name" || continue
+    [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
     echo "== BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
-    out_runs="${OUT:-$logs}/runs"
+    out_runs="$logs/runs"
     log="$logs/reproduce-$step.log"
     start=$(date +%s.%N)
     BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$step" --json 2>&1 | tee "$log"
@@ -147,12 +162,52 @@ done
 
 # Our own PyTorch and JAX versions of the same step, same GPU, same call, same MNIST batches
 # (issue 5). compare-peers.sh gets what is left of the budget.
-if [[ "${RUN_PEERS:-1}" == 1 && -f "$bundle/compare-peers.sh" ]] && limit 600 60 "peers"; then
+if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh" ]] && limit 600 60 "peers"; then
     echo "== compare-peers.sh"
-    # bntrain's side with its fastest step when the fused kernel works (the table names it).
-    step=graph; [[ $fused_ok == 1 ]] && step=fused
-    BNTRAIN_CUDA_STEP=$step DATA="$bundle/data" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
+    # bntrain's side with each way of launching a step that works (the table names them and
+    # compares the peers with the fastest).
+    variants=graph; [[ $fused_ok == 1 ]] && variants=graph,fused
+    STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
+fi
+
+# Where a step's time goes (docs/perf.md): every kernel of a few eager steps timed by Nsight
+# Compute, summed per kernel per step; and the fused kernel's stall reasons.
+if part profile && command -v ncu >/dev/null; then
+    for config in seed wide; do
+        limit 60 20 "profile $config (eager, ncu)" || break
+        echo "== ncu: BNTRAIN_CUDA_STEP=eager bntrain bench --config $config (kernel durations)"
+        BNTRAIN_CUDA_STEP=eager timeout "$t" ncu --metrics gpu__time_duration.sum --csv --print-units base --launch-skip 60 --launch-count 80 \
+            "$bin" --device cuda bench --config "$config" --runs 1 --seconds 0.01 > "$logs/profile-$config.csv" 2> "$logs/profile-$config.err"
+        python3 - "$logs/profile-$config.csv" <<'PY' | tee "$logs/profile-$config.txt"
+import csv, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if len(rows) < 2:
+    sys.exit("no kernel rows (see the .err log)")
+head, rows = rows[0], rows[1:]
+name, value, grid, block = (head.index(k) for k in ("Kernel Name", "Metric Value", "Grid Size", "Block Size"))
+steps = max(1, sum(1 for r in rows if r[name].startswith("gather_rows")))
+total, per = 0.0, {}
+for r in rows:
+    ns = float(r[value].replace(",", ""))
+    k = r[name][:90]
+    calls, t, shape = per.get(k, (0, 0.0, f"{r[grid]}x{r[block]}"))
+    per[k] = (calls + 1, t + ns, shape)
+    total += ns
+print(f"{steps} steps profiled; GPU time per step {total / steps / 1000:.1f} µs (kernels back to back, no launch gaps)")
+for k, (calls, t, shape) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+    print(f"  {t / steps / 1000:8.2f} µs/step  {calls / steps:4.1f}×  {shape:<24} {k}")
+PY
+        row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null || echo FAIL)"
+    done
+    if [[ $fused_ok == 1 ]] && limit 60 20 "profile seed (fused, ncu)"; then
+        echo "== ncu: BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
+        BNTRAIN_CUDA_STEP=fused timeout "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+            --section WarpStateStats --section SourceCounters -k regex:fused --launch-skip 2 --launch-count 1 \
+            "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-fused.txt" 2>&1
+        grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-fused.txt"
+        row "profile seed (fused, ncu)" "$(grep -m1 -E '^ *Duration' "$logs/profile-fused.txt" | tr -s ' ' || echo FAIL)"
+    fi
 fi
 
 if [[ -n "$anchor" ]] && limit 300 30 "anchor $(basename "$anchor")"; then
@@ -165,4 +220,7 @@ echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1); ${SECONDS}s)"
 printf '%s\n' "${summary[@]}"
 echo "logs: $logs"
+if [[ -n "${OUT:-}" ]]; then
+    tar czf "$OUT/gpu-check.tar.gz" -C "$logs" . && echo "logs and reports: \$OUT/gpu-check.tar.gz"
+fi
 exit $failed

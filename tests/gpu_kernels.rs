@@ -497,9 +497,12 @@ fn reduced_precision_gemms_drop_the_low_operand_bits() {
 #[test]
 fn matmul_matches_cpu_matmul_for_every_transpose() {
     let Some(gpu) = gpu() else { return };
-    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 1), (60, 100, 784), (100, 784, 60), (60, 784, 100), (127, 1, 33), (1000, 10, 100), (1, 1000, 2)];
+    let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 1), (60, 100, 784), (100, 784, 60), (60, 784, 100), (127, 1, 33), (1000, 10, 100), (1, 1000, 2), (33, 9, 65)];
     let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-7))];
-    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+    // Every shape is small enough for cuda/small_gemm.cu: once through it, once through cuBLAS.
+    for (i, &(m, n, k), small) in shapes.iter().enumerate().flat_map(|(i, s)| [(i, s, true), (i, s, false)]) {
+        gpu.set_small_gemm(small);
+        let path = if small { "small-gemm kernels" } else { "cuBLAS" };
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             for (accumulate, &(precision, ulp)) in [false, true].into_iter().flat_map(|acc| precisions.iter().map(move |p| (acc, p))) {
                 let seed = 900 + 10 * i as u64;
@@ -523,7 +526,7 @@ fn matmul_matches_cpu_matmul_for_every_transpose() {
                 ops::matmul(ta, tb, m, n, k, &a_abs, &b_abs, &mut abs_sum, false);
                 let scale = abs_sum.iter().fold(1.0f64, |s, v| s.max(*v));
                 assert_close(
-                    &format!("matmul {} {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}", precision.label()),
+                    &format!("matmul {} ({path}) {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}", precision.label()),
                     read(&gpu, "c", &c, m * n), rc, Tolerance::new((1e-6 + 2.0 * ulp) * scale, 1e-5),
                 );
             }
@@ -551,6 +554,33 @@ fn count_non_finite_counts_nan_and_infinities() {
         kernels::count_non_finite(&gpu, &xs.as_view(), &mut count.as_view_mut()).unwrap();
         kernels::count_non_finite(&gpu, &xs.as_view(), &mut count.as_view_mut()).unwrap();
         assert_eq!(fetch(&gpu, &count), vec![3 + 2 * want], "n = {n}");
+    }
+}
+
+/// bf16 operand rounding, bit for bit the host's (`half`), on every float class: ties to
+/// even both ways, carries into the exponent and to ±∞, NaN (kept NaN with its sign), ±0,
+/// subnormals; the tail past n is left alone.
+#[test]
+fn round_to_bf16_matches_the_host_rounding_bitwise() {
+    let Some(gpu) = gpu() else { return };
+    let specials = [
+        0x3F80_8000u32, 0x3F81_8000, 0x3F80_FFFF, 0x7F7F_FFFF, 0xFF7F_FFFF, 0x7F7F_8000, 0x7F80_0000, 0xFF80_0000,
+        0x7FC0_0001, 0xFF80_0001, 0x0000_0000, 0x8000_0000, 0x0000_8000, 0x0001_8000,
+    ];
+    for n in [1usize, 14, 1000, 70_001] {
+        let mut x = uniform(n, -3.0, 3.0, n as u64);
+        for (v, bits) in x.iter_mut().zip(specials) {
+            *v = f32::from_bits(bits);
+        }
+        let mut out = upload(&gpu, &vec![0xDEADu16; n + 3]);
+        kernels::round_to_bf16(&gpu, &upload(&gpu, &x).as_view(), &mut out.as_view_mut()).unwrap();
+        let got = fetch(&gpu, &out);
+        for (i, &v) in x.iter().enumerate() {
+            let want = half::bf16::from_f32(v).to_bits();
+            assert_eq!(got[i], want, "n = {n}, element {i} ({:#010x})", v.to_bits());
+            assert_eq!(f32::from_bits(u32::from(want) << 16).to_bits(), GemmPrecision::Bf16.round(v).to_bits(), "element {i}");
+        }
+        assert_eq!(&got[n..], &[0xDEAD; 3], "n = {n}: wrote past the end");
     }
 }
 

@@ -455,6 +455,14 @@ impl CudaBackend {
         let bn_layers = stats_layout.as_ref().map_or(0, |s| s.layers());
         let batch = train.batch_size;
         let widest = *model.widths().iter().max().unwrap_or(&1);
+        let eval_rows = options.eval_chunk.min(data.test.count.max(data.train.count)).max(1);
+        if options.gemm == GemmPrecision::Bf16 {
+            // The largest GEMM operand: a batch (training or evaluation) of the widest layer
+            // input or output, or the largest weight matrix.
+            let activations = batch.max(eval_rows) * model.inputs.max(widest);
+            let weights = layers.iter().map(|l| l.inputs * l.outputs).max().unwrap_or(1);
+            gpu.reserve_bf16_operands(activations.max(weights))?;
+        }
         let mut backend = CudaBackend {
             train_images: upload(&gpu, &data.train.images)?,
             train_labels: upload(&gpu, &data.train.labels)?,
@@ -471,7 +479,7 @@ impl CudaBackend {
             running_var: zeros(&gpu, estimators.len() * bn_total)?,
             batches: zeros(&gpu, estimators.len() * bn_layers)?,
             step: Activations::new(&gpu, &model, batch, bn_total, false)?,
-            eval: Activations::new(&gpu, &model, options.eval_chunk.min(data.test.count.max(data.train.count)).max(1), bn_total, true)?,
+            eval: Activations::new(&gpu, &model, eval_rows, bn_total, true)?,
             grad_a: zeros(&gpu, batch * widest)?,
             grad_z: zeros(&gpu, batch * widest)?,
             step_loss: zeros(&gpu, 1)?,

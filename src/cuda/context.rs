@@ -8,7 +8,8 @@ use super::{built, describe_driver_error, CudaError};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The handles of every kernel in `cuda/*.cu`, loaded from their modules.
 pub(crate) struct Functions {
@@ -23,6 +24,9 @@ pub(crate) struct Functions {
     pub sgd_update: CudaFunction,
     pub fused_train_steps: CudaFunction,
     pub count_non_finite: CudaFunction,
+    pub round_to_bf16: CudaFunction,
+    pub small_gemm_dot: CudaFunction,
+    pub small_gemm_outer: CudaFunction,
 }
 
 /// An open GPU: context, the one stream everything runs on (in order, so no events are
@@ -37,6 +41,22 @@ pub struct Gpu {
     _blas_workspace: CudaSlice<u8>,
     pub(crate) functions: Functions,
     name: String,
+    /// bf16 GEMMs: the two operands rounded to bf16 (cuda/bf16.cu), see
+    /// [`Gpu::reserve_bf16_operands`]. Allocated on first use, grown when too small.
+    bf16_operands: Mutex<Option<Bf16Operands>>,
+    /// Whether f32 GEMMs of at most SMALL_GEMM_MAX_MACS go to cuda/small_gemm.cu instead of
+    /// cuBLAS: on unless `BNTRAIN_SMALL_GEMM=0` (for measuring one against the other).
+    small_gemm: AtomicBool,
+}
+
+/// The environment switch that turns the small-GEMM kernels off (`0`).
+pub const SMALL_GEMM_ENV: &str = "BNTRAIN_SMALL_GEMM";
+
+/// Scratch for one bf16 GEMM's operands: `len` bf16 values (u16 bits) each.
+pub(crate) struct Bf16Operands {
+    pub a: CudaSlice<u16>,
+    pub b: CudaSlice<u16>,
+    pub len: usize,
 }
 
 /// Bytes of the cuBLAS workspace: the sizes cuBLAS's documentation recommends for
@@ -154,8 +174,12 @@ impl Gpu {
             sgd_update: function("sgd", "sgd_update_f32")?,
             fused_train_steps: function("fused_step", "fused_train_steps_f32")?,
             count_non_finite: function("finite", "count_non_finite_f32")?,
+            round_to_bf16: function("bf16", "round_to_bf16")?,
+            small_gemm_dot: function("small_gemm", "small_gemm_dot_f32")?,
+            small_gemm_outer: function("small_gemm", "small_gemm_outer_f32")?,
         };
-        Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name })
+        let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).map_or(true, |v| v.trim() != "0"));
+        Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name, bf16_operands: Mutex::new(None), small_gemm })
     }
 
     /// The device's name, e.g. `NVIDIA H200`.
@@ -171,6 +195,35 @@ impl Gpu {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Whether small f32 GEMMs run on cuda/small_gemm.cu (see [`super::gemm::matmul`]).
+    pub fn small_gemm(&self) -> bool {
+        self.small_gemm.load(Ordering::Relaxed)
+    }
+
+    /// Routes small f32 GEMMs to cuda/small_gemm.cu (true) or to cuBLAS (false); tests
+    /// check both. A captured step keeps the kernels it was captured with.
+    pub fn set_small_gemm(&self, on: bool) {
+        self.small_gemm.store(on, Ordering::Relaxed);
+    }
+
+    /// Makes room for bf16 GEMM operands of up to `elements` values each. A backend calls
+    /// this once with its largest operand, before the first step: a step captured into a
+    /// CUDA graph must find the scratch allocated (and keep it: the graph holds its address).
+    pub fn reserve_bf16_operands(&self, elements: usize) -> Result<(), CudaError> {
+        let mut scratch = self.bf16_operands.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if scratch.as_ref().is_none_or(|s| s.len < elements) {
+            *scratch = None; // free the old pair before the new one is allocated
+            *scratch = Some(Bf16Operands { a: self.stream.alloc_zeros(elements)?, b: self.stream.alloc_zeros(elements)?, len: elements });
+        }
+        Ok(())
+    }
+
+    /// The bf16 operand scratch, at least `elements` long each (grown if not).
+    pub(crate) fn bf16_operands(&self, elements: usize) -> Result<std::sync::MutexGuard<'_, Option<Bf16Operands>>, CudaError> {
+        self.reserve_bf16_operands(elements)?;
+        Ok(self.bf16_operands.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     /// Waits for all queued work; reports any asynchronous kernel fault.

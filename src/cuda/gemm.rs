@@ -1,12 +1,21 @@
-//! The one GEMM helper: row-major matrices over cuBLAS (sgemm in f32; GemmEx with a
-//! TF32 or bf16 compute type on tensor cores).
+//! The one GEMM helper: row-major matrices over cuBLAS (sgemm in f32; GemmEx on tensor
+//! cores with TF32 rounding, or on operands rounded to bf16).
 
 use super::context::Gpu;
+use super::kernels;
 use super::CudaError;
 use crate::backend::GemmPrecision;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::{result as blas_result, Gemm, GemmConfig};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+/// f32 products of at most this many multiply-adds run on cuda/small_gemm.cu (unless
+/// [`Gpu::set_small_gemm`] turned it off): every GEMM of the seed network's step (the largest
+/// is 60×100×784 = 4.7M) and one-by-one prediction, not the wide network's or a 10000-row
+/// evaluation chunk's (≥ 800M), where cuBLAS's tiled kernels win.
+pub const SMALL_GEMM_MAX_MACS: usize = 1 << 24;
+/// The warp-per-output form needs enough terms per output to give 32 lanes work.
+const SMALL_GEMM_DOT_MIN_K: usize = 64;
 
 /// Row-major matrix product with optional transposes, like [`crate::cpu::ops::matmul`]:
 /// c ← a'·b' (+ c when `accumulate`), where a' = a (stored `[m, k]`) or aᵀ (a stored
@@ -20,14 +29,21 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 /// - cuBLAS's second operand is our `a`: stored `[m, k]` it reads as A'ᵀ (`OP_N`, ldb = k);
 ///   stored `[k, m]` (transpose_a) it reads as A', so `OP_T`, ldb = m.
 ///
+/// Small f32 products (≤ [`SMALL_GEMM_MAX_MACS`]) skip cuBLAS: one warp per output when
+/// both operands run along k (a·bᵀ), else one thread per output (cuda/small_gemm.cu).
+///
 /// With `accumulate` false, beta = 0 and c is never read (it may hold NaN). Deterministic:
-/// the handle has atomics disallowed, default (non-TF32) math and a fixed workspace of its
+/// the small kernels add in a fixed order; the cuBLAS handle has atomics disallowed, default (non-TF32) math and a fixed workspace of its
 /// own, see [`Gpu::open`]. Capturable into a CUDA graph: host pointer mode, so alpha and
 /// beta are captured by value, and the workspace spares cuBLAS any allocation.
 ///
-/// `precision` TF32 or bf16: `cublasGemmEx` on the same f32 buffers with the compute type
-/// `CUBLAS_COMPUTE_32F_FAST_TF32` or `_FAST_16BF`, which lets cuBLAS round a and b to that
-/// format for the tensor cores and accumulate in f32; c stays f32.
+/// `precision` TF32: `cublasGemmEx` on the same f32 buffers with the compute type
+/// `CUBLAS_COMPUTE_32F_FAST_TF32`, which rounds a and b to TF32 for the tensor cores and
+/// accumulates in f32. bf16: a and b are first rounded to bf16 into the [`Gpu`]'s operand
+/// scratch (cuda/bf16.cu, to nearest even, as [`GemmPrecision::round`]), then `cublasGemmEx`
+/// multiplies the bf16 operands with f32 accumulation (`CUBLAS_COMPUTE_32F`). The compute
+/// type `_FAST_16BF` on f32 buffers would only *allow* cuBLAS to use bf16: on an H100 it
+/// picked TF32 kernels instead (docs/perf.md). c stays f32 in every case.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu, precision: GemmPrecision, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,
@@ -58,28 +74,48 @@ pub fn matmul(
         ldc: n_i,
     };
     gpu.context().bind_to_thread()?;
+    if precision == GemmPrecision::F32 && gpu.small_gemm() && m.saturating_mul(n).saturating_mul(k) <= SMALL_GEMM_MAX_MACS {
+        return if !transpose_a && transpose_b && k >= SMALL_GEMM_DOT_MIN_K {
+            kernels::small_gemm_dot(gpu, m, n, k, a, b, c, accumulate)
+        } else {
+            kernels::small_gemm_outer(gpu, transpose_a, transpose_b, m, n, k, a, b, c, accumulate)
+        };
+    }
     let compute = match precision {
         // SAFETY: a holds m·k, b k·n and c m·n floats (checked above), which is exactly what
         // the column-major (n×m) = (n×k)·(k×m) product with these leading dimensions
         // touches; all three live on the handle's stream.
         GemmPrecision::F32 => return unsafe { gpu.blas.gemm(cfg, b, a, c) }.map_err(CudaError::from),
         GemmPrecision::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-        GemmPrecision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        GemmPrecision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
     };
     let stream = gpu.stream();
-    let (b_ptr, _record_b) = b.device_ptr(stream);
-    let (a_ptr, _record_a) = a.device_ptr(stream);
-    let (c_ptr, _record_c) = c.device_ptr_mut(stream);
     let f32_type = cudaDataType_t::CUDA_R_32F;
-    // SAFETY: the same operands, shapes and leading dimensions as the sgemm above (bounds
-    // checked above), all f32 (CUDA_R_32F) on the handle's stream; alpha and beta are host
-    // f32 values, as the handle's host pointer mode and a 32F compute type expect, read
+    let (c_ptr, _record_c) = c.device_ptr_mut(stream);
+    // The operands as cuBLAS reads them: the f32 buffers, or their bf16 copies.
+    let mut scratch;
+    let (b_ptr, a_ptr, operand_type) = if precision == GemmPrecision::Bf16 {
+        let (a_len, b_len) = (m * k, k * n);
+        scratch = gpu.bf16_operands(a_len.max(b_len))?;
+        let operands = scratch.as_mut().expect("bf16_operands allocates the scratch");
+        kernels::round_to_bf16(gpu, &a.slice(..a_len), &mut operands.a.slice_mut(..a_len))?;
+        kernels::round_to_bf16(gpu, &b.slice(..b_len), &mut operands.b.slice_mut(..b_len))?;
+        (operands.b.device_ptr(stream).0, operands.a.device_ptr(stream).0, cudaDataType_t::CUDA_R_16BF)
+    } else {
+        (b.device_ptr(stream).0, a.device_ptr(stream).0, f32_type)
+    };
+    // SAFETY: the same shapes and leading dimensions as the sgemm above, over operands that
+    // hold at least m·k (a) and k·n (b) elements of `operand_type` (the f32 buffers, bounds
+    // checked above, or their bf16 copies of exactly those lengths) and c with m·n f32, all on
+    // the handle's stream (the one stream orders the rounding before the product, and keeps
+    // the scratch from being overwritten before the product has read it). alpha and beta are
+    // host f32 values, as the handle's host pointer mode and a 32F compute type expect, read
     // before the call returns (captured by value under graph capture).
     unsafe {
         blas_result::gemm_ex(
             *gpu.blas.handle(), cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k,
-            (&cfg.alpha) as *const f32 as *const _, b_ptr as *const _, f32_type, cfg.lda,
-            a_ptr as *const _, f32_type, cfg.ldb,
+            (&cfg.alpha) as *const f32 as *const _, b_ptr as *const _, operand_type, cfg.lda,
+            a_ptr as *const _, operand_type, cfg.ldb,
             (&cfg.beta) as *const f32 as *const _, c_ptr as *mut _, f32_type, cfg.ldc,
             compute, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )

@@ -21,8 +21,8 @@ const BLOCK: u32 = 256;
 /// Upper bound on blocks for grid-stride kernels (enough to fill an H100/H200 several times).
 const MAX_BLOCKS: usize = 4096;
 /// Column kernels: block (TILE_COLS, TILE_ROWS); must match common.cuh.
-const TILE_COLS: u32 = 32;
-const TILE_ROWS: u32 = 8;
+const TILE_COLS: u32 = 8;
+const TILE_ROWS: u32 = 64;
 /// The one block of softmax_xent_f32; must match SOFTMAX_THREADS in softmax_xent.cu.
 const SOFTMAX_THREADS: u32 = 256;
 
@@ -72,7 +72,7 @@ fn elementwise(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Column-kernel launch shape for `width` features (common.cuh): one block per 32 features.
+/// Column-kernel launch shape for `width` features (common.cuh): one block per TILE_COLS features.
 fn columns(width: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (width.div_ceil(TILE_COLS), 1, 1), block_dim: (TILE_COLS, TILE_ROWS, 1), shared_mem_bytes: 0 }
 }
@@ -167,7 +167,7 @@ pub fn bn_act_fwd_train(
     b.arg(a);
     // SAFETY: types and order match the kernel; every [rows, width] buffer holds rows·width
     // floats and every per-feature buffer width floats (checked); the grid covers the
-    // columns with blocks of (32, 8) threads, the shape the kernel's shared tile assumes.
+    // columns with blocks of (TILE_COLS, TILE_ROWS) threads, the shape of its shared tile.
     unsafe { b.launch(columns(width_u)) }.map(drop).map_err(launch_error(K))
 }
 
@@ -467,6 +467,82 @@ pub fn count_non_finite(gpu: &Gpu, x: &CudaView<f32>, count: &mut CudaViewMut<u3
     b.arg(x).arg(&n_u).arg(count);
     // SAFETY: types and order match the kernel; x holds n floats and the kernel is
     // grid-stride below n; count holds one u32 (checked).
+    unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
+}
+
+/// Threads per block of the small-GEMM kernels, and outputs per block of the dot form;
+/// must match SMALL_GEMM_THREADS and SMALL_GEMM_LANES in small_gemm.cu.
+const SMALL_GEMM_THREADS: u32 = 256;
+const SMALL_GEMM_OUTPUTS_PER_BLOCK: usize = 256 / 32;
+
+/// Checks a small GEMM's sizes and operand lengths (a: m·k, b: k·n, c: m·n) and returns
+/// (m, n, k) as kernel arguments and m·n.
+#[allow(clippy::too_many_arguments)]
+fn small_gemm_shape(
+    kernel: &'static str, m: usize, n: usize, k: usize, a: &CudaView<f32>, b: &CudaView<f32>, c: &CudaViewMut<f32>,
+) -> Result<(u32, u32, u32, usize), CudaError> {
+    let (m_u, n_u, k_u) = (size_u32(kernel, "m", m)?, size_u32(kernel, "n", n)?, size_u32(kernel, "k", k)?);
+    require_len(kernel, "a", a.len(), elements(kernel, m, k)?)?;
+    require_len(kernel, "b", b.len(), elements(kernel, k, n)?)?;
+    let outputs = elements(kernel, m, n)?;
+    require_len(kernel, "c", c.len(), outputs)?;
+    Ok((m_u, n_u, k_u, outputs))
+}
+
+/// `small_gemm_dot_f32`: c ← a·bᵀ (+ c when `accumulate`) with a stored `[m, k]` and b
+/// stored `[n, k]` (the transposes [`super::gemm::matmul`] calls (false, true)); one warp
+/// per output.
+#[allow(clippy::too_many_arguments)]
+pub fn small_gemm_dot(
+    gpu: &Gpu, m: usize, n: usize, k: usize, a: &CudaView<f32>, b: &CudaView<f32>, c: &mut CudaViewMut<f32>, accumulate: bool,
+) -> Result<(), CudaError> {
+    const K: &str = "small_gemm_dot_f32";
+    let (m_u, n_u, k_u, outputs) = small_gemm_shape(K, m, n, k, a, b, c)?;
+    let blocks = u32::try_from(outputs.div_ceil(SMALL_GEMM_OUTPUTS_PER_BLOCK))
+        .map_err(|_| CudaError::Launch { kernel: K, message: format!("precondition failed: {m}×{n} outputs need too many blocks") })?;
+    let acc = i32::from(accumulate);
+    let mut args = builder(gpu, &gpu.functions.small_gemm_dot);
+    args.arg(a).arg(b).arg(c).arg(&m_u).arg(&n_u).arg(&k_u).arg(&acc);
+    // SAFETY: types and order match the kernel; a holds m·k, b n·k and c m·n floats
+    // (checked); the grid gives every one of the m·n outputs a group of 32 lanes, and
+    // groups past the last output only write shared memory.
+    let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (SMALL_GEMM_THREADS, 1, 1), shared_mem_bytes: 0 };
+    unsafe { args.launch(config) }.map(drop).map_err(launch_error(K))
+}
+
+/// `small_gemm_outer_f32`: c ← a'·b' (+ c when `accumulate`) with the transposes and
+/// layouts of [`super::gemm::matmul`]; one thread per output.
+#[allow(clippy::too_many_arguments)]
+pub fn small_gemm_outer(
+    gpu: &Gpu, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,
+    a: &CudaView<f32>, b: &CudaView<f32>, c: &mut CudaViewMut<f32>, accumulate: bool,
+) -> Result<(), CudaError> {
+    const K: &str = "small_gemm_outer_f32";
+    let (m_u, n_u, k_u, outputs) = small_gemm_shape(K, m, n, k, a, b, c)?;
+    let blocks = u32::try_from(outputs.div_ceil(SMALL_GEMM_THREADS as usize))
+        .map_err(|_| CudaError::Launch { kernel: K, message: format!("precondition failed: {m}×{n} outputs need too many blocks") })?;
+    let (ta, tb, acc) = (i32::from(transpose_a), i32::from(transpose_b), i32::from(accumulate));
+    let mut args = builder(gpu, &gpu.functions.small_gemm_outer);
+    args.arg(a).arg(b).arg(c).arg(&m_u).arg(&n_u).arg(&k_u).arg(&ta).arg(&tb).arg(&acc);
+    // SAFETY: types and order match the kernel; a holds m·k, b k·n and c m·n floats
+    // (checked), which bound every index the kernel forms for either transpose; threads
+    // past the m·n outputs return at once.
+    let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (SMALL_GEMM_THREADS, 1, 1), shared_mem_bytes: 0 };
+    unsafe { args.launch(config) }.map(drop).map_err(launch_error(K))
+}
+
+/// `round_to_bf16`: `out[i]` ← the bf16 bits of `x[i]` rounded to nearest even (NaN stays
+/// NaN), i.e. [`crate::backend::GemmPrecision::round`] for bf16, for every element of `x`.
+pub fn round_to_bf16(gpu: &Gpu, x: &CudaView<f32>, out: &mut CudaViewMut<u16>) -> Result<(), CudaError> {
+    const K: &str = "round_to_bf16";
+    let n = x.len();
+    require(K, n >= 1, || "an empty buffer".into())?;
+    require_len(K, "out", out.len(), n)?;
+    let n_u = n as u64;
+    let mut b = builder(gpu, &gpu.functions.round_to_bf16);
+    b.arg(x).arg(&n_u).arg(out);
+    // SAFETY: types and order match the kernel; x holds n floats, out at least n u16
+    // (checked), and the kernel is grid-stride below n.
     unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
 }
 

@@ -13,7 +13,10 @@
 #include "sgd.cu"
 #include "fused_step.cu"
 #include "finite.cu"
+#include "bf16.cu"
+#include "small_gemm.cu"
 #include <algorithm>
+#include <array>
 #include <string>
 
 static uint64_t rs = 88172645463325252ull;
@@ -30,7 +33,7 @@ static void check(const std::string& what, const std::vector<float>& got, const 
     if (bad) { failures++; printf("FAIL %s: %zu/%zu bad, worst %zu got %g want %g\n", what.c_str(), bad, want.size(), worst, got[worst], want[worst]); }
 }
 static std::vector<float> poison(size_t n) { return std::vector<float>(n + 5, NAN); }
-static dim3 cols(unsigned w) { return {(w + 31) / 32, 1, 1}; }
+static dim3 cols(unsigned w) { return {(w + TILE_COLS - 1) / TILE_COLS, 1, 1}; }
 static dim3 ew(size_t n) { return {(unsigned)std::clamp<size_t>((n + 255) / 256, 1, 4096), 1, 1}; }
 static double act(int a, double y) { return a == 0 ? 1.0 / (1.0 + exp(-y)) : (y > 0 ? y : 0); }
 static double actb(int a, double o, double g) { return a == 0 ? g * o * (1 - o) : (o > 0 ? g : 0); }
@@ -70,7 +73,7 @@ int main(int argc, char** argv) {
         auto z = uni(n, 1, 3), g = uni(width, 0.5, 2), b = uni(width, -1, 1);
         float eps = 1e-3f;
         auto mean = poison(width), var = poison(width), istd = poison(width), xh = poison(n), y = poison(n), av = poison(n);
-        launch(cols(width), {32, 8, 1}, [&]{ bn_act_fwd_train_f32(z.data(), g.data(), b.data(), eps, a, rows, width, mean.data(), var.data(), istd.data(), xh.data(), y.data(), av.data()); });
+        launch(cols(width), {TILE_COLS, TILE_ROWS, 1}, [&]{ bn_act_fwd_train_f32(z.data(), g.data(), b.data(), eps, a, rows, width, mean.data(), var.data(), istd.data(), xh.data(), y.data(), av.data()); });
         std::vector<double> rm(width), rv(width), ri(width), rx(n), ry(n), ra(n);
         for (unsigned c = 0; c < width; ++c) { double s = 0; for (unsigned r = 0; r < rows; ++r) s += z[r * width + c]; rm[c] = s / rows; double q = 0; for (unsigned r = 0; r < rows; ++r) { double d = z[r * width + c] - rm[c]; q += d * d; } rv[c] = q / rows; ri[c] = 1 / sqrt(rv[c] + (double)eps);
             for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; rx[i] = (z[i] - rm[c]) * ri[c]; ry[i] = g[c] * rx[i] + b[c]; ra[i] = act(a, ry[i]); } }
@@ -86,7 +89,7 @@ int main(int argc, char** argv) {
         auto da = uni(n, -1, 1), ao = a == 0 ? uni(n, 0.01, 0.99) : uni(n, -1, 1); if (a == 1) for (auto& v : ao) v = v > 0 ? v : 0;
         auto xh2 = uni(n, -2, 2), is2 = uni(width, 0.5, 3);
         auto dz = poison(n), dg = poison(width), db = poison(width);
-        launch(cols(width), {32, 8, 1}, [&]{ act_bn_bwd_f32(da.data(), ao.data(), xh2.data(), g.data(), is2.data(), a, rows, width, dz.data(), dg.data(), db.data()); });
+        launch(cols(width), {TILE_COLS, TILE_ROWS, 1}, [&]{ act_bn_bwd_f32(da.data(), ao.data(), xh2.data(), g.data(), is2.data(), a, rows, width, dz.data(), dg.data(), db.data()); });
         std::vector<double> rdz(n), rdg(width), rdb(width);
         for (unsigned c = 0; c < width; ++c) { double sb = 0, sg = 0; for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; double dy = actb(a, ao[i], da[i]); sb += dy; sg += dy * xh2[i]; } rdb[c] = sb; rdg[c] = sg;
             for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; double dy = actb(a, ao[i], da[i]); rdz[i] = g[c] * is2[c] / rows * (rows * dy - sb - xh2[i] * sg); } }
@@ -102,7 +105,7 @@ int main(int argc, char** argv) {
         check("bias_act nobias a " + tag, a4, ra, 1e-6, 1e-5);
         // act_bwd_bias_grad
         auto dz5 = poison(n), db5 = poison(width);
-        launch(cols(width), {32, 8, 1}, [&]{ act_bwd_bias_grad_f32(da.data(), ao.data(), a, rows, width, dz5.data(), db5.data()); });
+        launch(cols(width), {TILE_COLS, TILE_ROWS, 1}, [&]{ act_bwd_bias_grad_f32(da.data(), ao.data(), a, rows, width, dz5.data(), db5.data()); });
         for (unsigned c = 0; c < width; ++c) { double s = 0; for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; rdz[i] = actb(a, ao[i], da[i]); s += rdz[i]; } rdb[c] = s; }
         check("act_bwd_bias dz " + tag, dz5, rdz, 1e-7, 1e-6); check("act_bwd_bias db " + tag, db5, rdb, 1e-5 * rows, 1e-4);
     }
@@ -168,6 +171,46 @@ int main(int argc, char** argv) {
         unsigned count = 5;
         launch_seq(ew(n), {256,1,1}, [&]{ count_non_finite_f32(x.data(), n, &count); });
         if (count - 5 != want) { failures++; printf("FAIL count_non_finite n=%zu: %u want %u\n", n, count - 5, want); }
+    }
+    // small GEMMs: every transpose (the dot form: a·bᵀ), with and without accumulate, against
+    // the f64 product; k below, at and above the 32 lanes, m·n not a multiple of a block.
+    for (auto [m, n, k] : std::vector<std::array<unsigned, 3>>{{1,1,1},{2,3,1},{7,13,100},{60,10,100},{3,5,784},{33,9,31},{1,40,65}})
+        for (int ta : {0, 1}) for (int tb : {0, 1}) for (int acc : {0, 1}) {
+            auto a = uni((size_t)m * k, -1, 1), b = uni((size_t)k * n, -1, 1), c0 = uni((size_t)m * n, -1, 1);
+            std::vector<double> want(m * n);
+            for (unsigned i = 0; i < m; ++i) for (unsigned j = 0; j < n; ++j) {
+                double s = acc ? c0[i * n + j] : 0.0;
+                for (unsigned q = 0; q < k; ++q) s += (double)(ta ? a[q * m + i] : a[i * k + q]) * (tb ? b[j * k + q] : b[q * n + j]);
+                want[i * n + j] = s;
+            }
+            std::string tag = std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) + " ta" + std::to_string(ta) + " tb" + std::to_string(tb) + " acc" + std::to_string(acc);
+            auto c = acc ? c0 : poison(m * n);
+            launch_seq({(m * n + 255) / 256, 1, 1}, {256,1,1}, [&]{ small_gemm_outer_f32(a.data(), b.data(), c.data(), m, n, k, ta, tb, acc); });
+            check("small_gemm_outer " + tag, c, want, 1e-5 * k, 1e-5);
+            if (!ta && tb) {
+                auto c2 = acc ? c0 : poison(m * n);
+                launch({(m * n + 7) / 8, 1, 1}, {256,1,1}, [&]{ small_gemm_dot_f32(a.data(), b.data(), c2.data(), m, n, k, acc); });
+                check("small_gemm_dot " + tag, c2, want, 1e-5 * k, 1e-5);
+            }
+        }
+    // round_to_bf16 against the `half` crate's branchy formulation (round bit and sticky bits),
+    // on every float class: ties both ways, carries into the exponent and to ±∞, NaN, ±0.
+    {
+        auto x = uni(20000, -3.0f, 3.0f);
+        const unsigned specials[] = {0x3F808000u, 0x3F818000u, 0x3F80FFFFu, 0x7F7FFFFFu, 0xFF7FFFFFu, 0x7F7F8000u,
+                                     0x7F800000u, 0xFF800000u, 0x7FC00001u, 0xFF800001u, 0x00000000u, 0x80000000u, 0x00008000u};
+        for (size_t i = 0; i < sizeof specials / sizeof specials[0]; ++i) memcpy(&x[i], &specials[i], 4);
+        std::vector<unsigned short> out(x.size(), 0xDEAD);
+        size_t n = x.size();
+        launch_seq(ew(n), {256,1,1}, [&]{ round_to_bf16(x.data(), n, out.data()); });
+        for (size_t i = 0; i < n; ++i) {
+            unsigned b; memcpy(&b, &x[i], 4);
+            unsigned short want;
+            if ((b & 0x7FFFFFFFu) > 0x7F800000u) want = (unsigned short)((b >> 16) | 0x40u);
+            else if ((b & 0x8000u) && (b & 0x17FFFu)) want = (unsigned short)((b >> 16) + 1);
+            else want = (unsigned short)(b >> 16);
+            if (out[i] != want) { failures++; printf("FAIL round_to_bf16 %08x: %04x want %04x\n", b, out[i], want); break; }
+        }
     }
     fused_cases(true);
     printf("%s (%d failures)\n", failures ? "FAILED" : "all kernels match", failures);
