@@ -49,7 +49,8 @@
 //   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
 //   estimators [E, 2] f64 as in running_stats.cu; barrier [2] u32, zero before the launch.
 //   Shared memory (static, ~9 KB): a pass of FUSED_PASS_ROWS rows' dot-product partials
-//   [rows, lanes+1], image indices and dz column, and the softmax row's label.
+//   [rows, lanes+1], image indices and dz column, the softmax row's label, the barrier's
+//   expected generation.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256 on the GPU), at
 //   most 64 registers a thread (__launch_bounds__).
@@ -103,14 +104,15 @@
 #define FUSED_MAX_SPINS (1u << 26)
 
 // All blocks wait until every block has arrived. bar[0] counts arrivals, bar[1] is the
-// generation: a block reads it before arriving, the last to arrive resets the count and
-// advances it, the others spin until it moves. Fences order every block's earlier global
-// writes before the others' later reads.
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
+// generation: the last to arrive resets the count and advances it, the others spin until it
+// moves. Thread 0 of each block keeps the generation it expects in `generation` (shared
+// memory; read from bar[1] once at the start: it cannot move before this block arrives, and
+// moves by one per barrier), so an arrival costs no round trip to L2 to read it. Fences
+// order every block's earlier global writes before the others' later reads.
+__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned* generation) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        unsigned* generation = bar + 1;
-        const unsigned seen = FUSED_LOAD_ACQUIRE(generation);
+        const unsigned seen = *generation;
         __threadfence();
         if (atomicAdd(bar, 1u) == gridDim.x - 1) {
             FUSED_STORE_RELAXED(bar, 0u);
@@ -118,11 +120,12 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             atomicAdd(bar + 1, 1u);
         } else {
             unsigned spins = 0;
-            while (FUSED_LOAD_ACQUIRE(generation) == seen) {
+            while (FUSED_LOAD_ACQUIRE(bar + 1) == seen) {
                 FUSED_SPIN_PAUSE();
                 if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
             }
         }
+        *generation = seen + 1;
         __threadfence();
     }
     __syncthreads();
@@ -218,7 +221,7 @@ struct Floats {
 #define FUSED_PASS_ROWS 64
 #define FUSED_MAX_LANES 32
 #define FUSED_PART_FLOATS (FUSED_PASS_ROWS * (FUSED_MAX_LANES + 1))
-#define FUSED_SHARED_FLOATS (FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS + 1)
+#define FUSED_SHARED_FLOATS (FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS + 2)
 
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] (+ add[r], if given) for r < rows.
 // Threads form groups of K lanes (K = a power of two ≥ min(n/V, 32)); a group takes rows
@@ -442,11 +445,13 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     __shared__ float shared[FUSED_SHARED_FLOATS];
 #endif
     // part: column_dot's partials, block_total's tree, the weight gradient's group sums;
-    // index, gs: a pass's image indices and dz column; label: the softmax row's label.
+    // index, gs: a pass's image indices and dz column; label: the softmax row's label;
+    // generation: the grid barrier's, as thread 0 expects it.
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
     unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS);
+    unsigned* generation = shared_label + 1;
 
     const unsigned G = gridDim.x, me = blockIdx.x, t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
@@ -458,6 +463,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
     // Read before the first barrier; block 0 writes them back after the last.
     const unsigned cursor0 = cursor[0];
+    if (t == 0) *generation = FUSED_LOAD_ACQUIRE(barrier + 1);
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
 
     // Calls f with layer l's input: the batch's pixels (layer 0) or the layer below's a.
@@ -535,7 +541,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
                 }
                 __syncthreads();
             }
-            grid_barrier(barrier);
+            grid_barrier(barrier, generation);
         }
 
         // Logits (bias included) and softmax cross-entropy, row by row: row r belongs to
@@ -580,7 +586,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
                 }
                 __syncthreads();  // shared_label is rewritten for the next row
             }
-            grid_barrier(barrier);
+            grid_barrier(barrier, generation);
         }
 
         // Backward: the step's loss sums; the output layer's gradients; the hidden layers from
@@ -657,12 +663,12 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
             // The layer below reads all of this layer's dz. With one hidden layer the barrier
             // is still needed: the output layer's weight gradient above read all of layer
             // 0's a, which the next step's forward overwrites.
-            if (l > 0 || hidden == 1) grid_barrier(barrier);
+            if (l > 0 || hidden == 1) grid_barrier(barrier, generation);
         }
     }
 
     // The last step's deferred updates, then the counters every block read at the start.
-    grid_barrier(barrier);
+    grid_barrier(barrier, generation);
     if (steps > 0) {
         for (unsigned l = 0; l < n_layers; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
