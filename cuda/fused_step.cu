@@ -19,20 +19,22 @@
 // bitwise those of the unfused path (its GEMMs sum in cuBLAS's order).
 //
 // Work split: column j of a hidden layer (a neuron: its z, BN, activation, gradients and
-// weight row W[j,:]) belongs to block j mod G; so does the output layer's row k for its
-// gradients and update. The logits and the softmax go by rows: row r belongs to block
-// r mod G, which computes the row's `classes` dot products, then its softmax (a class per
-// thread). A grid barrier separates a layer's forward from the next layer's (which reads all
-// of a; the logits read all of the top layer's a), the softmax from the backward, each
-// layer's backward from the one below (which reads all of dz), and, with one hidden layer,
-// the step from the next (whose forward rewrites the a that the output layer's gradient
-// read): four barriers a step for the seed network. Other blocks read a hidden W[j,:] only in
-// the backward of the layer below (column reads), so its update is deferred to the next
-// step's forward of its layer; the output layer's rows are also read by every block for the
-// logits, so their update comes at the start of the next step, before the forward's
-// barriers (or, for the last step, at the end of the launch). Every read of a row precedes
-// its update by a barrier and follows the previous update by one: the result is the same as
-// updating at the end of the step.
+// weight row W[j,:]) belongs to block j mod G; the output layer's row k (its gradients and
+// update) to block G−1−(k mod G), counted from the other end: with a grid wider than the
+// hidden layers (the host adds the classes) those rows get blocks of their own instead of
+// lengthening the first blocks' phases. The logits and the softmax go by rows: row r belongs
+// to block r mod G, which computes the row's `classes` dot products, then its softmax (a
+// class per thread). A grid barrier separates a layer's forward from the next layer's (which
+// reads all of a; the logits read all of the top layer's a), the softmax from the backward,
+// each layer's backward from the one below (which reads all of dz), and, with one hidden
+// layer, the step from the next (whose forward rewrites the a that the output layer's
+// gradient read): four barriers a step for the seed network. Other blocks read a hidden
+// W[j,:] only in the backward of the layer below (column reads), so its update is deferred
+// to the next step's forward of its layer; the output layer's rows are also read by every
+// block for the logits, so their update comes at the start of the next step, before the
+// forward's barriers (or, for the last step, at the end of the launch). Every read of a row
+// follows its previous update, and precedes its next one, across a barrier: the result is
+// the same as updating at the end of the step.
 //
 // Latency, not bandwidth, bounds a step (a few warps per SM, each waiting on L2 round
 // trips), so the inner loops keep several independent loads in flight: a dot product takes
@@ -59,8 +61,8 @@
 #include "common.cuh"
 
 #define FUSED_MAX_THREADS 256
-// Caps registers at 64 per thread (65536 / (4·256)): the compiler would take ~85 for the
-// unrolled loads, which buys nothing here (the grid needs one block per SM).
+// Caps registers at 64 per thread (65536 / (4·256)); uncapped, the compiler takes ~85 for
+// the unrolled loads, and with the cap they still fit without spills (scripts/ptx-check.sh).
 #define FUSED_MIN_BLOCKS 4
 #define LAYER_FIELDS 10
 #define L_IN 0
@@ -457,6 +459,8 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     const unsigned hidden = n_layers - 1;
     const int* out_info = layer_info + (size_t)hidden * LAYER_FIELDS;
     const unsigned classes = (unsigned)out_info[L_OUT];
+    // The output layer's first row of this block (see the header).
+    const unsigned out_first = G - 1 - me;
     const float inv_rows = 1.0f / (float)batch;
     const unsigned reduce_width = row_threads(batch);
     // Four pixels per load where the images allow it (the seed: 784 features, an allocation).
@@ -483,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
         // The output layer's deferred update (see the header): its rows are read by every
         // block in the logits, after the barriers of the forward below.
         if (step > 0)
-            for (unsigned k = me; k < classes; k += G) sgd_row(out_info, k, params, grads, velocity, lr, momentum);
+            for (unsigned k = out_first; k < classes; k += G) sgd_row(out_info, k, params, grads, velocity, lr, momentum);
 
         // Forward, hidden layers.
         for (unsigned l = 0; l < hidden; ++l) {
@@ -601,7 +605,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
             const float* dlogits = dz + out_info[L_ACT];
-            for (unsigned k = me; k < classes; k += G) {
+            for (unsigned k = out_first; k < classes; k += G) {
                 if (out_info[L_BIAS] >= 0 && t == 0) {
                     float s = 0.0f;
                     for (unsigned r = 0; r < batch; ++r) s += dlogits[(size_t)r * classes + k];
@@ -672,7 +676,8 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     if (steps > 0) {
         for (unsigned l = 0; l < n_layers; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
-            for (unsigned j = me; j < (unsigned)info[L_OUT]; j += G) sgd_row(info, j, params, grads, velocity, lr, momentum);
+            for (unsigned j = l < hidden ? me : out_first; j < (unsigned)info[L_OUT]; j += G)
+                sgd_row(info, j, params, grads, velocity, lr, momentum);
         }
     }
     if (me == 0 && t == 0) {
