@@ -134,18 +134,41 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned* generation
     FUSED_AFTER_BARRIER();
 }
 
-// Total of the `v` of threads 0..width−1 (a power of two ≤ blockDim; the other threads'
-// v must be 0), in a fixed tree order; every thread gets it. A tree over the whole block
-// would add only exact zeros beyond width: the same total in more steps.
-__device__ __forceinline__ float block_total(float* red, float v, unsigned width) {
-    if (threadIdx.x < width) red[threadIdx.x] = v;
+// Totals of the N values `v` of threads 0..width−1 (width a power of two ≤ blockDim; the
+// other threads' v must be 0), in a fixed order: up to eight threads each add a chunk of
+// width/8 consecutive values in order, then every thread adds the chunk sums in order. Three
+// barriers whatever the width (a tree takes log2(width) + 2), and N totals share them.
+// `red` holds N·(width + 8) floats.
+template <unsigned N>
+__device__ __forceinline__ void block_totals(float* red, const float* v, float* total, unsigned width) {
+    const unsigned chunks = width < 8 ? width : 8, len = width / chunks;
+    float* sums = red + N * width;
+    if (threadIdx.x < width)
+#pragma unroll
+        for (unsigned n = 0; n < N; ++n) red[n * width + threadIdx.x] = v[n];
     __syncthreads();
-    for (unsigned s = width / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-        __syncthreads();
+    if (threadIdx.x < chunks) {
+#pragma unroll
+        for (unsigned n = 0; n < N; ++n) {
+            const float* chunk = red + n * width + threadIdx.x * len;
+            float sum = chunk[0];
+            for (unsigned i = 1; i < len; ++i) sum += chunk[i];
+            sums[n * 8 + threadIdx.x] = sum;
+        }
     }
-    const float total = red[0];
     __syncthreads();
+#pragma unroll
+    for (unsigned n = 0; n < N; ++n) {
+        float sum = sums[n * 8];
+        for (unsigned c = 1; c < chunks; ++c) sum += sums[n * 8 + c];
+        total[n] = sum;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ float block_total(float* red, float v, unsigned width) {
+    float total;
+    block_totals<1>(red, &v, &total, width);
     return total;
 }
 
@@ -446,7 +469,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 #else
     __shared__ float shared[FUSED_SHARED_FLOATS];
 #endif
-    // part: column_dot's partials, block_total's tree, the weight gradient's group sums;
+    // part: column_dot's partials, the block totals, the weight gradient's group sums;
     // index, gs: a pass's image indices and dz column; label: the softmax row's label;
     // generation: the grid barrier's, as thread 0 expects it.
     float* part = shared;
@@ -640,8 +663,10 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
                         sb += d[i];
                         sg += d[i] * xh[i];
                     }
-                    const float d_beta = block_total(part, sb, reduce_width);
-                    const float d_gamma = block_total(part, sg, reduce_width);
+                    const float sums[2] = {sb, sg};
+                    float totals[2];
+                    block_totals<2>(part, sums, totals, reduce_width);
+                    const float d_beta = totals[0], d_gamma = totals[1];
                     const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
                     const float b = (float)batch;
                     for (unsigned r = t; r < batch; r += T) {
