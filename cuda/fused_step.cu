@@ -526,6 +526,8 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
                 // The column's z are in zx (this block's writes, visible after the barrier
                 // inside column_dot).
                 if (bn) {
+                    // γ and β are loaded before the totals, whose barriers hide the round trip.
+                    const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
                     float s = 0.0f;
                     for (unsigned r = t; r < batch; r += T) s += zx[(size_t)r * width + j];
                     const float mu = block_total(part, s, reduce_width) * inv_rows;
@@ -536,28 +538,26 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
                     }
                     const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
                     const float istd = 1.0f / sqrtf(sigma2 + epsilon);
-                    const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
                         const float xh = (zx[i] - mu) * istd;
                         zx[i] = xh;
                         a[i] = activate(activation, g * xh + b);
                     }
-                    if (t == 0) {
-                        const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
-                        inv_std[col] = istd;
-                        for (unsigned e = 0; e < n_estimators; ++e) {
-                            const double decay = estimators[2 * e];
-                            const bool unbiased = estimators[2 * e + 1] != 0.0;
-                            const double n = (double)(batches_before(e, bn_index) + step);
-                            const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
-                            const float take = 1.0f - keep;
-                            const float corr = unbiased ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
-                            float* rm = running_mean + (size_t)e * bn_total + col;
-                            float* rv = running_var + (size_t)e * bn_total + col;
-                            *rm = keep * *rm + take * mu;
-                            *rv = keep * *rv + take * (sigma2 * corr);
-                        }
+                    // One thread per estimator: each is a chain of round trips of its own.
+                    const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
+                    if (t == 0) inv_std[col] = istd;
+                    for (unsigned e = t; e < n_estimators; e += T) {
+                        const double decay = estimators[2 * e];
+                        const bool unbiased = estimators[2 * e + 1] != 0.0;
+                        const double n = (double)(batches_before(e, bn_index) + step);
+                        const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
+                        const float take = 1.0f - keep;
+                        const float corr = unbiased ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
+                        float* rm = running_mean + (size_t)e * bn_total + col;
+                        float* rv = running_var + (size_t)e * bn_total + col;
+                        *rm = keep * *rm + take * mu;
+                        *rv = keep * *rv + take * (sigma2 * corr);
                     }
                 } else {
                     const float b = params[info[L_BIAS] + j];
@@ -649,25 +649,25 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
             float* d = dz + info[L_ACT];
             const bool bn = info[L_GAMMA] >= 0;
             for (unsigned j = me; j < width; j += G) {
-                // da[r] = Σ_m dz_up[r,m]·W_up[m,j] into d's column, then dy = act'(a)·da.
+                // da[r] = Σ_m dz_up[r,m]·W_up[m,j] into d's column, then dy = act'(a)·da, with
+                // the BN sums taken in the same pass (one round trip for a, da and x̂).
                 column_dot(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr);
+                float sb = 0.0f, sg = 0.0f;
                 for (unsigned r = t; r < batch; r += T) {
                     const size_t i = (size_t)r * width + j;
-                    d[i] = activate_backward(activation, a[i], d[i]);
-                }
-                __syncthreads();
-                if (bn) {
-                    float sb = 0.0f, sg = 0.0f;
-                    for (unsigned r = t; r < batch; r += T) {
-                        const size_t i = (size_t)r * width + j;
-                        sb += d[i];
-                        sg += d[i] * xh[i];
+                    const float dy = activate_backward(activation, a[i], d[i]);
+                    d[i] = dy;
+                    if (bn) {
+                        sb += dy;
+                        sg += dy * xh[i];
                     }
+                }
+                if (bn) {
+                    const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
                     const float sums[2] = {sb, sg};
                     float totals[2];
                     block_totals<2>(part, sums, totals, reduce_width);
                     const float d_beta = totals[0], d_gamma = totals[1];
-                    const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
                     const float b = (float)batch;
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
@@ -677,10 +677,13 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
                         grads[info[L_GAMMA] + j] = d_gamma;
                         grads[info[L_BETA] + j] = d_beta;
                     }
-                } else if (t == 0) {
-                    float s = 0.0f;
-                    for (unsigned r = 0; r < batch; ++r) s += d[(size_t)r * width + j];
-                    grads[info[L_BIAS] + j] = s;
+                } else {
+                    __syncthreads();  // thread 0 reads every thread's dy
+                    if (t == 0) {
+                        float s = 0.0f;
+                        for (unsigned r = 0; r < batch; ++r) s += d[(size_t)r * width + j];
+                        grads[info[L_BIAS] + j] = s;
+                    }
                 }
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
