@@ -18,15 +18,29 @@
 // Sums run in a fixed order (no atomics on data): results are deterministic, though not
 // bitwise those of the unfused path (its GEMMs sum in cuBLAS's order).
 //
-// Work split: column j of a layer (a neuron: its z, BN, activation, gradients and weight row
-// W[j,:]) belongs to block j mod G. A grid barrier separates a layer's forward from the
-// next layer's (which reads all of a), the logits from the softmax (rows: r belongs to block
-// r mod G, thread r div G), the softmax from the backward, each layer's backward from the
-// one below (which reads all of dz), and, with one hidden layer, the step from the next
-// (whose forward rewrites the a that the output layer's gradient read). W[j,:] is read by other blocks only in the
-// backward of the layer below (column reads), so its update is deferred to the next step's
-// forward of its layer (or the end of the launch), which every such read precedes by a
-// barrier; the result is the same as updating at the end of the step.
+// Work split: column j of a hidden layer (a neuron: its z, BN, activation, gradients and
+// weight row W[j,:]) belongs to block j mod G; the output layer's row k (its gradients and
+// update) to block G−1−(k mod G), counted from the other end: with a grid wider than the
+// hidden layers (the host adds the classes) those rows get blocks of their own instead of
+// lengthening the first blocks' phases. The logits and the softmax go by rows: row r belongs
+// to block r mod G, which computes the row's `classes` dot products, then its softmax (a
+// class per thread). A grid barrier separates a layer's forward from the next layer's (which
+// reads all of a; the logits read all of the top layer's a), the softmax from the backward,
+// each layer's backward from the one below (which reads all of dz), and, with one hidden
+// layer, the step from the next (whose forward rewrites the a that the output layer's
+// gradient read): four barriers a step for the seed network. Other blocks read a hidden
+// W[j,:] only in the backward of the layer below (column reads), so its update is deferred
+// to the next step's forward of its layer; the output layer's rows are also read by every
+// block for the logits, so their update comes at the start of the next step, before the
+// forward's barriers (or, for the last step, at the end of the launch). Every read of a row
+// follows its previous update, and precedes its next one, across a barrier: the result is
+// the same as updating at the end of the step.
+//
+// Latency, not bandwidth, bounds a step (a few warps per SM, each waiting on L2 round
+// trips), so the inner loops keep several independent loads in flight: a dot product takes
+// four rows at a time and adds their per-lane partials in one pass after one barrier; a
+// weight gradient issues eight rows' loads before using any; layer 0 looks a pass's image
+// indices up once, in parallel, into shared memory, and reads four pixels per 32-bit load.
 //
 // Layout: params, grads, velocity: the backend's flat buffers; `layer_info` [n_layers,
 //   LAYER_FIELDS] ints: inputs, outputs, weight offset, bias offset (−1: none), γ and β
@@ -36,13 +50,20 @@
 //   acts: a of the hidden layers and the logits; xhat: z then x̂ (hidden BN layers); dz: dL/dz
 //   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
 //   estimators [E, 2] f64 as in running_stats.cu; barrier [2] u32, zero before the launch.
+//   Shared memory (static, ~9 KB): a pass of FUSED_PASS_ROWS rows' dot-product partials
+//   [rows, lanes+1], image indices and dz column, the softmax row's label, the barrier's
+//   expected generation.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
-//   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256 on the GPU).
+//   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256 on the GPU), at
+//   most 64 registers a thread (__launch_bounds__).
 
 #include <stdint.h>
 #include "common.cuh"
 
 #define FUSED_MAX_THREADS 256
+// Caps registers at 64 per thread (65536 / (4·256)); uncapped, the compiler takes ~85 for
+// the unrolled loads, and with the cap they still fit without spills (scripts/ptx-check.sh).
+#define FUSED_MIN_BLOCKS 4
 #define LAYER_FIELDS 10
 #define L_IN 0
 #define L_OUT 1
@@ -72,6 +93,10 @@
 // Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
 // emulation delays one block there, so the others run ahead into the next phase and any
 // read of another block's data that no barrier protects sees it overwritten.
+// A 32-bit load of four pixels (4-byte aligned); the emulation copies the bytes instead.
+#ifndef FUSED_LOAD_U32
+#define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
+#endif
 #ifndef FUSED_AFTER_BARRIER
 #define FUSED_AFTER_BARRIER()
 #endif
@@ -81,14 +106,15 @@
 #define FUSED_MAX_SPINS (1u << 26)
 
 // All blocks wait until every block has arrived. bar[0] counts arrivals, bar[1] is the
-// generation: a block reads it before arriving, the last to arrive resets the count and
-// advances it, the others spin until it moves. Fences order every block's earlier global
-// writes before the others' later reads.
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
+// generation: the last to arrive resets the count and advances it, the others spin until it
+// moves. Thread 0 of each block keeps the generation it expects in `generation` (shared
+// memory; read from bar[1] once at the start: it cannot move before this block arrives, and
+// moves by one per barrier), so an arrival costs no round trip to L2 to read it. Fences
+// order every block's earlier global writes before the others' later reads.
+__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned* generation) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        unsigned* generation = bar + 1;
-        const unsigned seen = FUSED_LOAD_ACQUIRE(generation);
+        const unsigned seen = *generation;
         __threadfence();
         if (atomicAdd(bar, 1u) == gridDim.x - 1) {
             FUSED_STORE_RELAXED(bar, 0u);
@@ -96,29 +122,53 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             atomicAdd(bar + 1, 1u);
         } else {
             unsigned spins = 0;
-            while (FUSED_LOAD_ACQUIRE(generation) == seen) {
+            while (FUSED_LOAD_ACQUIRE(bar + 1) == seen) {
                 FUSED_SPIN_PAUSE();
                 if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
             }
         }
+        *generation = seen + 1;
         __threadfence();
     }
     __syncthreads();
     FUSED_AFTER_BARRIER();
 }
 
-// Total of the `v` of threads 0..width−1 (a power of two ≤ blockDim; the other threads'
-// v must be 0), in a fixed tree order; every thread gets it. A tree over the whole block
-// would add only exact zeros beyond width: the same total in more steps.
-__device__ __forceinline__ float block_total(float* red, float v, unsigned width) {
-    if (threadIdx.x < width) red[threadIdx.x] = v;
+// Totals of the N values `v` of threads 0..width−1 (width a power of two ≤ blockDim; the
+// other threads' v must be 0), in a fixed order: up to eight threads each add a chunk of
+// width/8 consecutive values in order, then every thread adds the chunk sums in order. Three
+// barriers whatever the width (a tree takes log2(width) + 2), and N totals share them.
+// `red` holds N·(width + 8) floats.
+template <unsigned N>
+__device__ __forceinline__ void block_totals(float* red, const float* v, float* total, unsigned width) {
+    const unsigned chunks = width < 8 ? width : 8, len = width / chunks;
+    float* sums = red + N * width;
+    if (threadIdx.x < width)
+#pragma unroll
+        for (unsigned n = 0; n < N; ++n) red[n * width + threadIdx.x] = v[n];
     __syncthreads();
-    for (unsigned s = width / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-        __syncthreads();
+    if (threadIdx.x < chunks) {
+#pragma unroll
+        for (unsigned n = 0; n < N; ++n) {
+            const float* chunk = red + n * width + threadIdx.x * len;
+            float sum = chunk[0];
+            for (unsigned i = 1; i < len; ++i) sum += chunk[i];
+            sums[n * 8 + threadIdx.x] = sum;
+        }
     }
-    const float total = red[0];
     __syncthreads();
+#pragma unroll
+    for (unsigned n = 0; n < N; ++n) {
+        float sum = sums[n * 8];
+        for (unsigned c = 1; c < chunks; ++c) sum += sums[n * 8 + c];
+        total[n] = sum;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ float block_total(float* red, float v, unsigned width) {
+    float total;
+    block_totals<1>(red, &v, &total, width);
     return total;
 }
 
@@ -131,106 +181,263 @@ __device__ __forceinline__ unsigned row_threads(unsigned rows) {
 }
 
 
-// One row of a layer's input, looked up once: pixels (scaled on reading) or activations.
-struct InputRow {
-    const uint8_t* pixels;      // layer 0 (null: an invalid row, all NaN)
-    const float* values;        // otherwise
-    bool is_image;
-    __device__ __forceinline__ float at(unsigned k) const {
-        if (!is_image) return values[k];
-        return pixels != nullptr ? (float)pixels[k] * (1.0f / 255.0f) : __int_as_float(0x7fc00000);
-    }
-};
-
-// Where a layer reads its input: the batch's images (layer 0) or the layer below's a.
-struct Input {
-    const uint8_t* images;      // non-null: layer 0
+// Layer inputs as the dot products and weight gradients read them: `V` consecutive inputs
+// per load; `stage` prepares a pass of rows (every thread calls it; the caller then
+// synchronizes), `row` finds row r (i within the pass) without touching global memory,
+// `at` loads inputs V·kv … V·kv+V−1 of a row.
+//
+// Layer 0: the batch's images. An image's index costs a load of `order[pos]` that the
+// pixel loads depend on: `stage` looks the pass's rows up in parallel, once, into shared
+// memory, so inner loops do one round trip per load instead of two. With V = 4 (features a
+// multiple of 4, images 4-byte aligned) one 32-bit load brings four pixels. An index outside
+// the order or the dataset gives NaN inputs, as gather.cu does.
+template <unsigned V_>
+struct Pixels {
+    static constexpr unsigned V = V_;
+    typedef const uint8_t* Row;  // null: an invalid row
+    const uint8_t* images;
     const unsigned* order;
     unsigned order_len, count, features;
-    unsigned long long base;    // b·B: the batch's first position in the order
-    const float* acts;          // otherwise: [B, width]
-    unsigned width;
-    // Pointer to row r's first input and whether the row is valid (an index outside the
-    // order or the dataset gives NaN inputs, as gather.cu does).
-    __device__ __forceinline__ InputRow row(unsigned r) const {
-        InputRow row;
-        row.is_image = images != nullptr;
-        row.values = row.is_image ? nullptr : acts + (size_t)r * width;
-        row.pixels = nullptr;
-        if (row.is_image) {
-            const unsigned long long pos = base + r;
-            const unsigned index = pos < order_len ? order[pos] : count;
-            if (index < count) row.pixels = images + (size_t)index * features;
+    unsigned long long base;     // b·B: the batch's first position in the order
+    unsigned* index;             // shared [FUSED_PASS_ROWS]: the pass's image indices
+    __device__ __forceinline__ void stage(unsigned first, unsigned rows) const {
+        for (unsigned i = threadIdx.x; i < rows; i += blockDim.x) {
+            const unsigned long long pos = base + first + i;
+            index[i] = pos < order_len ? order[pos] : count;
         }
-        return row;
     }
+    __device__ __forceinline__ Row row(unsigned, unsigned i) const {
+        const unsigned image = index[i];
+        return image < count ? images + (size_t)image * features : nullptr;
+    }
+    // `load` brings the raw bytes, `unpack` scales them (NaN for an invalid row): loads of
+    // several rows can be issued as packed words before any is widened to floats.
+    typedef unsigned Raw;
+    __device__ __forceinline__ Raw load(Row p, unsigned kv) const {
+        if (p == nullptr) return 0u;
+        return V == 4 ? FUSED_LOAD_U32(p + 4 * (size_t)kv) : (unsigned)p[kv];
+    }
+    __device__ __forceinline__ bool valid(unsigned i) const { return index[i] < count; }
+    __device__ __forceinline__ void unpack(bool valid, Raw q, float* x) const {
+#pragma unroll
+        for (unsigned e = 0; e < V; ++e)
+            x[e] = valid ? (float)((q >> (8 * e)) & 255u) * (1.0f / 255.0f) : __int_as_float(0x7fc00000);
+    }
+    __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { unpack(p != nullptr, load(p, kv), x); }
 };
 
-// dw[i] = Σ_r g(r)·in(r, i) for i < n, with g(r) = dz[r·dz_stride], rows added in order
-// 0..rows−1. Each thread keeps ROW_GRAD_CHUNK outputs (i, i+T, …) in registers, so one
-// lookup of an input row (an order and an image index for layer 0) serves all of them.
-#define ROW_GRAD_CHUNK 4
-template <typename In>
-__device__ __forceinline__ void weight_row_gradient(
-    float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n)
-{
-    const unsigned T = blockDim.x;
-    for (unsigned first = 0; first < n; first += ROW_GRAD_CHUNK * T) {
-        float acc[ROW_GRAD_CHUNK];
-        for (unsigned q = 0; q < ROW_GRAD_CHUNK; ++q) acc[q] = 0.0f;
-        for (unsigned r = 0; r < rows; ++r) {
-            const InputRow row = in.row(r);
-            const float g = dz[(size_t)r * dz_stride];
-#pragma unroll
-            for (unsigned q = 0; q < ROW_GRAD_CHUNK; ++q) {
-                const unsigned i = first + q * T + threadIdx.x;
-                if (i < n) acc[q] += g * row.at(i);
-            }
-        }
-        for (unsigned q = 0; q < ROW_GRAD_CHUNK; ++q) {
-            const unsigned i = first + q * T + threadIdx.x;
-            if (i < n) dw[i] = acc[q];
-        }
-    }
-}
+// Row-major float rows: a layer's input activations, dz of the layer above, weight rows.
+struct Floats {
+    static constexpr unsigned V = 1;
+    typedef const float* Row;
+    const float* base;
+    size_t stride;
+    __device__ __forceinline__ void stage(unsigned, unsigned) const {}
+    __device__ __forceinline__ Row row(unsigned r, unsigned) const { return base + (size_t)r * stride; }
+    typedef float Raw;
+    __device__ __forceinline__ Raw load(Row p, unsigned kv) const { return p[kv]; }
+    __device__ __forceinline__ bool valid(unsigned) const { return true; }
+    __device__ __forceinline__ void unpack(bool, Raw q, float* x) const { x[0] = q; }
+    __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { x[0] = p[kv]; }
+};
 
-// out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] for r < rows. Threads form groups of
-// K consecutive lanes (K = a power of two ≥ min(n, 32)), one row per group at a time: a
-// warp reads K consecutive inputs of a row (coalesced; rows are row-major), and the group's
-// K partial sums are added by a fixed tree. `part` holds blockDim floats.
+// Rows are taken FUSED_PASS_ROWS at a time (the batch, for the seed shape): the shared
+// tables (image indices, a dz column) and the partial sums of column_dot hold one pass.
+#define FUSED_PASS_ROWS 64
+#define FUSED_MAX_LANES 32
+#define FUSED_PART_FLOATS (FUSED_PASS_ROWS * (FUSED_MAX_LANES + 1))
+#define FUSED_SHARED_FLOATS (FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS + 2)
+
+// out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] (+ add[r], if given) for r < rows.
+// Threads form groups of K lanes (K = a power of two ≥ min(n/V, 32)); a group takes rows
+// g, g+groups, … four at a time, its lanes reading V·K consecutive inputs of each row
+// (coalesced) and one w each for all four: 4 independent loads per w instead of a chain.
+// Each (row, lane) partial goes to `part` ([rows of the pass] × (K+1): the padding keeps the
+// per-row sums free of bank conflicts); after one barrier a thread per row adds its K
+// partials in a fixed order (four interleaved sums, then (s0+s1)+(s2+s3)).
 template <typename In>
 __device__ __forceinline__ void column_dot(
     float* part, const In& in, unsigned rows, unsigned n, const float* w, unsigned w_stride,
-    float* out, unsigned out_stride)
+    float* out, unsigned out_stride, const float* add)
 {
+    constexpr unsigned V = In::V;
+    const unsigned nv = n / V;
     unsigned lanes = 1;
-    while (lanes < n && lanes < 32 && lanes < blockDim.x) lanes <<= 1;
-    const unsigned groups = blockDim.x / lanes;
+    while (lanes < nv && lanes < FUSED_MAX_LANES && lanes < blockDim.x) lanes <<= 1;
+    const unsigned groups = blockDim.x / lanes, pitch = lanes + 1;
     const unsigned lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
-    for (unsigned first = 0; first < rows; first += groups) {
-        const unsigned r = first + group;
-        float acc = 0.0f;
-        if (r < rows) {
-            const InputRow row = in.row(r);
-            for (unsigned k = lane; k < n; k += lanes) acc += row.at(k) * w[(size_t)k * w_stride];
-        }
-        part[threadIdx.x] = acc;
+    for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
+        const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
+        in.stage(first, pass);
         __syncthreads();
-        for (unsigned s = lanes / 2; s > 0; s >>= 1) {
-            if (lane < s) part[threadIdx.x] += part[threadIdx.x + s];
-            __syncthreads();
+        for (unsigned i0 = group; i0 < pass; i0 += 4 * groups) {
+            // Rows past the pass load row i0 again (harmless) and are not stored.
+            const unsigned i1 = i0 + groups, i2 = i1 + groups, i3 = i2 + groups;
+            const typename In::Row r0 = in.row(first + i0, i0);
+            const typename In::Row r1 = i1 < pass ? in.row(first + i1, i1) : r0;
+            const typename In::Row r2 = i2 < pass ? in.row(first + i2, i2) : r0;
+            const typename In::Row r3 = i3 < pass ? in.row(first + i3, i3) : r0;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma unroll 2
+            for (unsigned kv = lane; kv < nv; kv += lanes) {
+                float x0[V], x1[V], x2[V], x3[V];
+                in.at(r0, kv, x0); in.at(r1, kv, x1); in.at(r2, kv, x2); in.at(r3, kv, x3);
+#pragma unroll
+                for (unsigned e = 0; e < V; ++e) {
+                    const float wk = w[(size_t)(kv * V + e) * w_stride];
+                    a0 += x0[e] * wk; a1 += x1[e] * wk; a2 += x2[e] * wk; a3 += x3[e] * wk;
+                }
+            }
+            part[i0 * pitch + lane] = a0;
+            if (i1 < pass) part[i1 * pitch + lane] = a1;
+            if (i2 < pass) part[i2 * pitch + lane] = a2;
+            if (i3 < pass) part[i3 * pitch + lane] = a3;
         }
-        if (lane == 0 && r < rows) out[(size_t)r * out_stride] = part[threadIdx.x];
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < pass; i += blockDim.x) {
+            const float* p = part + i * pitch;
+            float s;
+            if (lanes >= 4) {
+                float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+                for (unsigned q = 0; q < lanes; q += 4) { s0 += p[q]; s1 += p[q + 1]; s2 += p[q + 2]; s3 += p[q + 3]; }
+                s = (s0 + s1) + (s2 + s3);
+            } else {
+                s = p[0];
+                for (unsigned q = 1; q < lanes; ++q) s += p[q];
+            }
+            if (add != nullptr) s += add[first + i];
+            out[(size_t)(first + i) * out_stride] = s;
+        }
         __syncthreads();
     }
 }
 
+// dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n. Thread t keeps CH vectors of V outputs
+// (V·(kv), kv = t', t'+T', …) in registers. The pass's dz column is staged in `gs` and the
+// rows' lookups in `in.stage`, so a row costs one round trip, and U rows' loads are issued
+// before any is used. When n/V ≤ T/2 the block splits into S = T/T' groups of T' ≥ n/V
+// threads, group s summing its contiguous share of each pass's rows; the groups' sums are
+// then added in group order (through `part`, T·V floats). Every sum runs in a fixed order.
+template <unsigned N> struct UnrollCount { static constexpr unsigned value = N; };
+template <unsigned CH, unsigned U, typename In>
+__device__ __forceinline__ void weight_row_gradient_by(
+    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n)
+{
+    constexpr unsigned V = In::V;
+    const unsigned nv = n / V, T = blockDim.x;
+    unsigned tg_n = T;
+    if (CH == 1) while (tg_n / 2 >= nv && tg_n > 1) tg_n >>= 1;
+    const unsigned S = T / tg_n, s = threadIdx.x / tg_n, tg = threadIdx.x % tg_n;
+    for (unsigned c0 = 0; c0 < nv; c0 += CH * tg_n) {
+        float acc[CH][V];
+#pragma unroll
+        for (unsigned q = 0; q < CH; ++q)
+#pragma unroll
+            for (unsigned e = 0; e < V; ++e) acc[q][e] = 0.0f;
+        for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
+            const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
+            __syncthreads();  // the previous pass's readers of the tables are done
+            in.stage(first, pass);
+            for (unsigned i = threadIdx.x; i < pass; i += T) gs[i] = dz[(size_t)(first + i) * dz_stride];
+            __syncthreads();
+            const unsigned lo = s * pass / S, hi = (s + 1) * pass / S;
+            auto rows_from = [&](unsigned i, auto count) {
+                constexpr unsigned M = decltype(count)::value;
+                typename In::Raw raw[M][CH];
+#pragma unroll
+                for (unsigned u = 0; u < M; ++u) {
+                    const typename In::Row row = in.row(first + i + u, i + u);
+#pragma unroll
+                    for (unsigned q = 0; q < CH; ++q) {
+                        const unsigned kv = c0 + q * tg_n + tg;
+                        raw[u][q] = kv < nv ? in.load(row, kv) : (typename In::Raw)0;
+                    }
+                }
+#pragma unroll
+                for (unsigned u = 0; u < M; ++u) {
+                    const float g = gs[i + u];
+                    const bool valid = in.valid(i + u);
+#pragma unroll
+                    for (unsigned q = 0; q < CH; ++q) {
+                        float x[V];
+                        in.unpack(valid, raw[u][q], x);
+#pragma unroll
+                        for (unsigned e = 0; e < V; ++e) acc[q][e] += g * x[e];
+                    }
+                }
+            };
+            unsigned i = lo;
+            for (; i + U <= hi; i += U) rows_from(i, UnrollCount<U>());
+            for (; i < hi; ++i) rows_from(i, UnrollCount<1>());
+        }
+        if (S == 1) {
+#pragma unroll
+            for (unsigned q = 0; q < CH; ++q) {
+                const unsigned kv = c0 + q * tg_n + tg;
+                if (kv < nv)
+                    for (unsigned e = 0; e < V; ++e) dw[(size_t)kv * V + e] = acc[q][e];
+            }
+        } else {  // CH == 1, c0 == 0
+            for (unsigned e = 0; e < V; ++e) part[(s * tg_n + tg) * V + e] = acc[0][e];
+            __syncthreads();
+            if (s == 0 && tg < nv) {
+                for (unsigned e = 0; e < V; ++e) {
+                    float v = part[tg * V + e];
+                    for (unsigned o = 1; o < S; ++o) v += part[(o * tg_n + tg) * V + e];
+                    dw[(size_t)tg * V + e] = v;
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// One load (V outputs) per thread and row in a block-sized chunk, U = 8 rows' loads in flight,
+// for pixel words or when the block covers the row (every layer of the seed network); four
+// outputs per thread, two rows at a time, for long float rows.
+template <typename In>
+__device__ __forceinline__ void weight_row_gradient(
+    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n)
+{
+    if (In::V > 1 || n <= blockDim.x) weight_row_gradient_by<1, 8>(part, gs, dw, dz, dz_stride, in, rows, n);
+    else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n);
+}
+
 // One SGD step on a layer's row j (weights, bias, γ, β), from the gradients in `grads`.
+// Four elements per thread are loaded before any is stored (the buffers are distinct, but
+// the compiler cannot know it and would otherwise wait a round trip per element); the bias,
+// γ and β go to three different threads.
 __device__ __forceinline__ void sgd_row(
     const int* info, unsigned j, float* params, const float* grads, float* velocity, float lr, float momentum)
 {
-    const unsigned in = (unsigned)info[L_IN];
-    auto update = [&](size_t i) {
+    const unsigned in = (unsigned)info[L_IN], T = blockDim.x;
+    const size_t row = (size_t)info[L_W] + (size_t)j * in;
+    for (unsigned k0 = threadIdx.x; k0 < in; k0 += 4 * T) {
+        float p[4], g[4], v[4];
+#pragma unroll
+        for (unsigned u = 0; u < 4; ++u) {
+            const unsigned k = k0 + u * T;
+            const size_t i = row + (k < in ? k : k0);
+            p[u] = params[i]; g[u] = grads[i];
+            v[u] = velocity != nullptr ? velocity[i] : 0.0f;
+        }
+#pragma unroll
+        for (unsigned u = 0; u < 4; ++u) {
+            const unsigned k = k0 + u * T;
+            if (k >= in) continue;
+            if (velocity != nullptr) {
+                const float vi = momentum * v[u] + g[u];
+                velocity[row + k] = vi;
+                params[row + k] = p[u] - lr * vi;
+            } else {
+                params[row + k] = p[u] - lr * g[u];
+            }
+        }
+    }
+    for (unsigned f = threadIdx.x; f < 3; f += T) {
+        const int field = f == 0 ? L_BIAS : f == 1 ? L_GAMMA : L_BETA;
+        if (info[field] < 0) continue;
+        const size_t i = (size_t)info[field] + j;
         if (velocity != nullptr) {
             const float vi = momentum * velocity[i] + grads[i];
             velocity[i] = vi;
@@ -238,18 +445,11 @@ __device__ __forceinline__ void sgd_row(
         } else {
             params[i] -= lr * grads[i];
         }
-    };
-    const size_t row = (size_t)info[L_W] + (size_t)j * in;
-    for (unsigned k = threadIdx.x; k < in; k += blockDim.x) update(row + k);
-    if (threadIdx.x == 0) {
-        if (info[L_BIAS] >= 0) update((size_t)info[L_BIAS] + j);
-        if (info[L_GAMMA] >= 0) update((size_t)info[L_GAMMA] + j);
-        if (info[L_BETA] >= 0) update((size_t)info[L_BETA] + j);
     }
     __syncthreads();
 }
 
-extern "C" __global__ void fused_train_steps_f32(
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(
     const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
     const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
     const int* __restrict__ layer_info, unsigned n_layers,
@@ -265,50 +465,69 @@ extern "C" __global__ void fused_train_steps_f32(
 #ifdef EMULATED_BLOCK_SHARED
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
     // its own buffer, where `__shared__` would be one static array for all of them.
-    float* part = EMULATED_BLOCK_SHARED(FUSED_MAX_THREADS);
+    float* shared = EMULATED_BLOCK_SHARED(FUSED_SHARED_FLOATS);
 #else
-    __shared__ float part[FUSED_MAX_THREADS];
+    __shared__ float shared[FUSED_SHARED_FLOATS];
 #endif
+    // part: column_dot's partials, the block totals, the weight gradient's group sums;
+    // index, gs: a pass's image indices and dz column; label: the softmax row's label;
+    // generation: the grid barrier's, as thread 0 expects it.
+    float* part = shared;
+    unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
+    float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
+    unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS);
+    unsigned* generation = shared_label + 1;
+
     const unsigned G = gridDim.x, me = blockIdx.x, t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
     const int* out_info = layer_info + (size_t)hidden * LAYER_FIELDS;
     const unsigned classes = (unsigned)out_info[L_OUT];
+    // The output layer's first row of this block (see the header).
+    const unsigned out_first = G - 1 - me;
     const float inv_rows = 1.0f / (float)batch;
     const unsigned reduce_width = row_threads(batch);
+    // Four pixels per load where the images allow it (the seed: 784 features, an allocation).
+    const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
     // Read before the first barrier; block 0 writes them back after the last.
     const unsigned cursor0 = cursor[0];
+    if (t == 0) *generation = FUSED_LOAD_ACQUIRE(barrier + 1);
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
 
-    auto input_of = [&](unsigned l, unsigned long long base) {
-        Input in;
-        in.order = order; in.order_len = order_len; in.count = count; in.features = features; in.base = base;
+    // Calls f with layer l's input: the batch's pixels (layer 0) or the layer below's a.
+    auto with_input = [&](unsigned l, unsigned long long base, auto f) {
         if (l == 0) {
-            in.images = images; in.acts = nullptr; in.width = features;
+            if (pixel_words) f(Pixels<4>{images, order, order_len, count, features, base, index});
+            else f(Pixels<1>{images, order, order_len, count, features, base, index});
         } else {
             const int* below = layer_info + (size_t)(l - 1) * LAYER_FIELDS;
-            in.images = nullptr; in.acts = acts + below[L_ACT]; in.width = (unsigned)below[L_OUT];
+            f(Floats{acts + below[L_ACT], (size_t)below[L_OUT]});
         }
-        return in;
     };
 
     for (unsigned step = 0; step < steps; ++step) {
         const unsigned long long base = (unsigned long long)(cursor0 + step) * batch;
 
+        // The output layer's deferred update (see the header): its rows are read by every
+        // block in the logits, after the barriers of the forward below.
+        if (step > 0)
+            for (unsigned k = out_first; k < classes; k += G) sgd_row(out_info, k, params, grads, velocity, lr, momentum);
+
         // Forward, hidden layers.
         for (unsigned l = 0; l < hidden; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
             const unsigned in_w = (unsigned)info[L_IN], width = (unsigned)info[L_OUT];
-            const Input in = input_of(l, base);
             float* a = acts + info[L_ACT];
             float* zx = xhat + info[L_ACT];
             const bool bn = info[L_GAMMA] >= 0;
             for (unsigned j = me; j < width; j += G) {
                 if (step > 0) sgd_row(info, j, params, grads, velocity, lr, momentum);
                 const float* w = params + info[L_W] + (size_t)j * in_w;
-                column_dot(part, in, batch, in_w, w, 1, zx + j, width);
+                with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr); });
                 // The column's z are in zx (this block's writes, visible after the barrier
                 // inside column_dot).
                 if (bn) {
+                    // γ and β are loaded before the totals, whose barriers hide the round trip.
+                    const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
                     float s = 0.0f;
                     for (unsigned r = t; r < batch; r += T) s += zx[(size_t)r * width + j];
                     const float mu = block_total(part, s, reduce_width) * inv_rows;
@@ -319,28 +538,26 @@ extern "C" __global__ void fused_train_steps_f32(
                     }
                     const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
                     const float istd = 1.0f / sqrtf(sigma2 + epsilon);
-                    const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
                         const float xh = (zx[i] - mu) * istd;
                         zx[i] = xh;
                         a[i] = activate(activation, g * xh + b);
                     }
-                    if (t == 0) {
-                        const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
-                        inv_std[col] = istd;
-                        for (unsigned e = 0; e < n_estimators; ++e) {
-                            const double decay = estimators[2 * e];
-                            const bool unbiased = estimators[2 * e + 1] != 0.0;
-                            const double n = (double)(batches_before(e, bn_index) + step);
-                            const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
-                            const float take = 1.0f - keep;
-                            const float corr = unbiased ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
-                            float* rm = running_mean + (size_t)e * bn_total + col;
-                            float* rv = running_var + (size_t)e * bn_total + col;
-                            *rm = keep * *rm + take * mu;
-                            *rv = keep * *rv + take * (sigma2 * corr);
-                        }
+                    // One thread per estimator: each is a chain of round trips of its own.
+                    const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
+                    if (t == 0) inv_std[col] = istd;
+                    for (unsigned e = t; e < n_estimators; e += T) {
+                        const double decay = estimators[2 * e];
+                        const bool unbiased = estimators[2 * e + 1] != 0.0;
+                        const double n = (double)(batches_before(e, bn_index) + step);
+                        const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
+                        const float take = 1.0f - keep;
+                        const float corr = unbiased ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
+                        float* rm = running_mean + (size_t)e * bn_total + col;
+                        float* rv = running_var + (size_t)e * bn_total + col;
+                        *rm = keep * *rm + take * mu;
+                        *rv = keep * *rv + take * (sigma2 * corr);
                     }
                 } else {
                     const float b = params[info[L_BIAS] + j];
@@ -351,52 +568,52 @@ extern "C" __global__ void fused_train_steps_f32(
                 }
                 __syncthreads();
             }
-            grid_barrier(barrier);
+            grid_barrier(barrier, generation);
         }
 
-        // Output layer: logits (bias included), column by column.
+        // Logits (bias included) and softmax cross-entropy, row by row: row r belongs to
+        // block r mod G, which computes its `classes` dot products (the weight rows are the
+        // "rows" of column_dot, the row's activations its vector) and then the softmax
+        // (softmax_xent.cu's arithmetic), a class per thread. One phase, one grid barrier.
         {
+            const int* top = layer_info + (size_t)(hidden - 1) * LAYER_FIELDS;
             const unsigned in_w = (unsigned)out_info[L_IN];
-            const Input in = input_of(hidden, base);
+            const float* a_top = acts + top[L_ACT];
             float* logits = acts + out_info[L_ACT];
-            for (unsigned k = me; k < classes; k += G) {
-                if (step > 0) sgd_row(out_info, k, params, grads, velocity, lr, momentum);
-                column_dot(part, in, batch, in_w, params + out_info[L_W] + (size_t)k * in_w, 1, logits + k, classes);
-                if (out_info[L_BIAS] >= 0) {
-                    const float b = params[out_info[L_BIAS] + k];
-                    for (unsigned r = t; r < batch; r += T) logits[(size_t)r * classes + k] += b;
-                }
-                __syncthreads();
-            }
-            grid_barrier(barrier);
-        }
-
-        // Softmax cross-entropy, row by row (softmax_xent.cu's arithmetic).
-        {
-            const float* logits = acts + out_info[L_ACT];
             float* dlogits = dz + out_info[L_ACT];
+            const float* bias = out_info[L_BIAS] >= 0 ? params + out_info[L_BIAS] : nullptr;
+            const Floats weight_rows{params + out_info[L_W], (size_t)in_w};
             const float nan = __int_as_float(0x7fc00000);
-            for (unsigned r = me + G * t; r < batch; r += G * T) {
+            for (unsigned r = me; r < batch; r += G) {
+                // The label's two dependent loads: the first before the dot products, the
+                // second after, so they overlap them.
+                const unsigned long long pos = base + r;
+                const bool in_order = pos < order_len;
+                const unsigned image = (t == 0 && in_order) ? order[pos] : 0;
+                column_dot(part, weight_rows, classes, in_w, a_top + (size_t)r * in_w, 1, logits + (size_t)r * classes, 1, bias);
+                if (t == 0) *shared_label = (in_order && image < count) ? labels[image] : 255u;
+                __syncthreads();
+                // Every thread finds the same maximum and denominator (same loads, same order).
                 const float* row = logits + (size_t)r * classes;
+                const unsigned label = *shared_label;
+                const bool valid = label < classes;
                 unsigned best = 0;
                 float m = row[0];
                 for (unsigned k = 1; k < classes; ++k)
                     if (row[k] > m) { m = row[k]; best = k; }
                 float denom = 0.0f;
                 for (unsigned k = 0; k < classes; ++k) denom += expf(row[k] - m);
-                const unsigned long long pos = base + r;
-                const bool in_order = pos < order_len;
-                const unsigned index = in_order ? order[pos] : 0;
-                const unsigned label = (in_order && index < count) ? labels[index] : 255u;
-                const bool valid = label < classes;
-                for (unsigned k = 0; k < classes; ++k) {
+                for (unsigned k = t; k < classes; k += T) {
                     const float p = expf(row[k] - m) / denom;
                     dlogits[(size_t)r * classes + k] = valid ? (p - (k == label ? 1.0f : 0.0f)) * grad_scale : nan;
                 }
-                row_loss[r] = valid ? (double)(logf(denom) + m - row[label]) : (double)nan;
-                row_correct[r] = (valid && best == label) ? 1u : 0u;
+                if (t == 0) {
+                    row_loss[r] = valid ? (double)(logf(denom) + m - row[label]) : (double)nan;
+                    row_correct[r] = (valid && best == label) ? 1u : 0u;
+                }
+                __syncthreads();  // shared_label is rewritten for the next row
             }
-            grid_barrier(barrier);
+            grid_barrier(barrier, generation);
         }
 
         // Backward: the step's loss sums; the output layer's gradients; the hidden layers from
@@ -410,46 +627,47 @@ extern "C" __global__ void fused_train_steps_f32(
         }
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
-            const Input in = input_of(hidden, base);
             const float* dlogits = dz + out_info[L_ACT];
-            for (unsigned k = me; k < classes; k += G) {
+            for (unsigned k = out_first; k < classes; k += G) {
                 if (out_info[L_BIAS] >= 0 && t == 0) {
                     float s = 0.0f;
                     for (unsigned r = 0; r < batch; ++r) s += dlogits[(size_t)r * classes + k];
                     grads[out_info[L_BIAS] + k] = s;
                 }
-                weight_row_gradient(grads + out_info[L_W] + (size_t)k * in_w, dlogits + k, classes, in, batch, in_w);
+                with_input(hidden, base, [&](const auto& in) {
+                    weight_row_gradient(part, gs, grads + out_info[L_W] + (size_t)k * in_w, dlogits + k, classes, in, batch, in_w);
+                });
             }
         }
         for (unsigned l = hidden; l-- > 0;) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
             const int* up = layer_info + (size_t)(l + 1) * LAYER_FIELDS;
             const unsigned in_w = (unsigned)info[L_IN], width = (unsigned)info[L_OUT], up_w = (unsigned)up[L_OUT];
-            const Input in = input_of(l, base);
-            Input up_dz;
-            up_dz.images = nullptr; up_dz.acts = dz + up[L_ACT]; up_dz.width = up_w;
+            const Floats up_dz{dz + up[L_ACT], (size_t)up_w};
             const float* a = acts + info[L_ACT];
             const float* xh = xhat + info[L_ACT];
             float* d = dz + info[L_ACT];
             const bool bn = info[L_GAMMA] >= 0;
             for (unsigned j = me; j < width; j += G) {
-                // da[r] = Σ_m dz_up[r,m]·W_up[m,j] into d's column, then dy = act'(a)·da.
-                column_dot(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width);
+                // da[r] = Σ_m dz_up[r,m]·W_up[m,j] into d's column, then dy = act'(a)·da, with
+                // the BN sums taken in the same pass (one round trip for a, da and x̂).
+                column_dot(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr);
+                float sb = 0.0f, sg = 0.0f;
                 for (unsigned r = t; r < batch; r += T) {
                     const size_t i = (size_t)r * width + j;
-                    d[i] = activate_backward(activation, a[i], d[i]);
-                }
-                __syncthreads();
-                if (bn) {
-                    float sb = 0.0f, sg = 0.0f;
-                    for (unsigned r = t; r < batch; r += T) {
-                        const size_t i = (size_t)r * width + j;
-                        sb += d[i];
-                        sg += d[i] * xh[i];
+                    const float dy = activate_backward(activation, a[i], d[i]);
+                    d[i] = dy;
+                    if (bn) {
+                        sb += dy;
+                        sg += dy * xh[i];
                     }
-                    const float d_beta = block_total(part, sb, reduce_width);
-                    const float d_gamma = block_total(part, sg, reduce_width);
+                }
+                if (bn) {
                     const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
+                    const float sums[2] = {sb, sg};
+                    float totals[2];
+                    block_totals<2>(part, sums, totals, reduce_width);
+                    const float d_beta = totals[0], d_gamma = totals[1];
                     const float b = (float)batch;
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
@@ -459,29 +677,35 @@ extern "C" __global__ void fused_train_steps_f32(
                         grads[info[L_GAMMA] + j] = d_gamma;
                         grads[info[L_BETA] + j] = d_beta;
                     }
-                } else if (t == 0) {
-                    float s = 0.0f;
-                    for (unsigned r = 0; r < batch; ++r) s += d[(size_t)r * width + j];
-                    grads[info[L_BIAS] + j] = s;
+                } else {
+                    __syncthreads();  // thread 0 reads every thread's dy
+                    if (t == 0) {
+                        float s = 0.0f;
+                        for (unsigned r = 0; r < batch; ++r) s += d[(size_t)r * width + j];
+                        grads[info[L_BIAS] + j] = s;
+                    }
                 }
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
-                weight_row_gradient(grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w);
+                with_input(l, base, [&](const auto& in) {
+                    weight_row_gradient(part, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w);
+                });
                 __syncthreads();
             }
             // The layer below reads all of this layer's dz. With one hidden layer the barrier
             // is still needed: the output layer's weight gradient above read all of layer
             // 0's a, which the next step's forward overwrites.
-            if (l > 0 || hidden == 1) grid_barrier(barrier);
+            if (l > 0 || hidden == 1) grid_barrier(barrier, generation);
         }
     }
 
     // The last step's deferred updates, then the counters every block read at the start.
-    grid_barrier(barrier);
+    grid_barrier(barrier, generation);
     if (steps > 0) {
         for (unsigned l = 0; l < n_layers; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
-            for (unsigned j = me; j < (unsigned)info[L_OUT]; j += G) sgd_row(info, j, params, grads, velocity, lr, momentum);
+            for (unsigned j = l < hidden ? me : out_first; j < (unsigned)info[L_OUT]; j += G)
+                sgd_row(info, j, params, grads, velocity, lr, momentum);
         }
     }
     if (me == 0 && t == 0) {

@@ -623,14 +623,16 @@ impl FusedPlan {
             size_u32(K, "activation workspace", act)?;
         }
         // Every block must stay resident (blocks spin at the grid barriers): no more blocks
-        // than the device holds at once, and no more than the widest layer has neurons.
+        // than the device holds at once, and no more than the widest hidden layer has neurons
+        // plus the output layer's rows, which the kernel gives to the last blocks (the first
+        // hold the hidden neurons), so that their work runs beside the hidden layers'.
         let ctx = gpu.context();
         let attr = |a| ctx.attribute(a).map_err(CudaError::from);
         require(K, attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 1, || "the device does not support cooperative launches".into())?;
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
         let per_sm = gpu.functions.fused_train_steps.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, 0, None).map_err(CudaError::from)?;
-        let widest = layers.iter().map(|l| l.outputs).max().unwrap_or(1) as u32;
-        let grid = widest.min(sms.saturating_mul(per_sm));
+        let wanted = layers[..hidden].iter().map(|l| l.outputs).max().unwrap_or(1) + layers[hidden].outputs;
+        let grid = u32::try_from(wanted).unwrap_or(u32::MAX).min(sms.saturating_mul(per_sm));
         require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs, {per_sm} blocks each)"))?;
         let stream = gpu.stream();
         let zeros_f32 = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(CudaError::from);

@@ -28,11 +28,15 @@ inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 #define FUSED_TRAP() (fprintf(stderr, "grid barrier timed out\n"), abort())
 #define FUSED_LOAD_ACQUIRE(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define FUSED_STORE_RELAXED(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+// Four pixels as one 32-bit word (little-endian, as on the GPU), without type punning.
+inline unsigned fused_load_u32(const uint8_t* p) { unsigned v; memcpy(&v, p, 4); return v; }
+#define FUSED_LOAD_U32(p) fused_load_u32(p)
 // The block that sleeps after every grid barrier (none: UINT32_MAX); see fused_step.cu.
 inline unsigned g_slow_block = UINT32_MAX;
 #define FUSED_AFTER_BARRIER() \
     do { if (blockIdx.x == g_slow_block) std::this_thread::sleep_for(std::chrono::milliseconds(2)); } while (0)
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
