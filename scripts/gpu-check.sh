@@ -112,10 +112,10 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(1|0)]
-    local small="${4:-1}"
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)]
+    local small="${4:-0}"
     local log="$logs/bench-$1-$2-$3-small$small.log" name="bench $1 ($2, $3)"
-    [[ $small == 0 ]] && name="bench $1 ($2, $3, cuBLAS for small GEMMs)"
+    [[ $small == 1 ]] && name="bench $1 ($2, $3, small-GEMM kernels)"
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
     echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
@@ -136,9 +136,9 @@ for config in seed wide; do
 done
 bench wide graph tf32
 bench wide graph bf16
-# The seed step's GEMMs on cuBLAS instead of cuda/small_gemm.cu (the gain of the latter).
-bench seed graph f32 0
-bench seed eager f32 0
+# The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).
+bench seed graph f32 1
+bench seed eager f32 1
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
 for step in fused graph; do

@@ -499,7 +499,8 @@ fn matmul_matches_cpu_matmul_for_every_transpose() {
     let Some(gpu) = gpu() else { return };
     let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 1), (60, 100, 784), (100, 784, 60), (60, 784, 100), (127, 1, 33), (1000, 10, 100), (1, 1000, 2), (33, 9, 65)];
     let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-7))];
-    // Every shape is small enough for cuda/small_gemm.cu: once through it, once through cuBLAS.
+    // Every shape is small enough for cuda/small_gemm.cu: once with it switched on (where the
+    // routing allows: a·bᵀ with k ≥ 64, or k ≤ 128), once through cuBLAS.
     for (i, &(m, n, k), small) in shapes.iter().enumerate().flat_map(|(i, s)| [(i, s, true), (i, s, false)]) {
         gpu.set_small_gemm(small);
         let path = if small { "small-gemm kernels" } else { "cuBLAS" };

@@ -18,7 +18,7 @@ mod gpu_support;
 
 use bntrain::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
 use bntrain::cpu::{CpuBackend, CpuOptions};
-use bntrain::cuda::{self, CudaBackend, CudaOptions, StepLaunch};
+use bntrain::cuda::{self, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 use bntrain::data::Dataset;
 use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind,
@@ -508,12 +508,34 @@ fn finish(net: &mut dyn Backend, mut trace: Trace) -> Trace {
 #[test]
 fn options_follow_the_step_switch() {
     let with = |step_launch| CudaOptions { step_launch, ..Default::default() };
-    assert_eq!(CudaOptions::default(), with(StepLaunch::Graph));
-    for (value, expected) in [(None, StepLaunch::Graph), (Some(""), StepLaunch::Graph), (Some("graph"), StepLaunch::Graph), (Some(" Eager "), StepLaunch::Eager), (Some("fused"), StepLaunch::Fused)] {
+    assert_eq!(CudaOptions::default(), with(StepLaunch::Auto));
+    for (value, expected) in [
+        (None, StepLaunch::Auto), (Some(""), StepLaunch::Auto), (Some("AUTO"), StepLaunch::Auto), (Some("graph"), StepLaunch::Graph),
+        (Some(" Eager "), StepLaunch::Eager), (Some("fused"), StepLaunch::Fused),
+    ] {
         assert_eq!(CudaOptions::from_step_env(value).unwrap(), with(expected), "{value:?}");
     }
     let err = CudaOptions::from_step_env(Some("0")).unwrap_err().to_string();
-    assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("graph, eager or fused"), "{err}");
+    assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("auto, graph, eager or fused"), "{err}");
+}
+
+/// Auto fuses the seed network in f32 and nothing wider, larger-batched, reduced-precision or
+/// without hidden layers; the explicit choices stay as asked.
+#[test]
+fn auto_fuses_networks_of_the_seeds_scale_only() {
+    use GemmPrecision::{Bf16, F32};
+    let seed = ModelConfig::seed(true);
+    let with_hidden = |hidden: Vec<usize>| ModelConfig { hidden, ..ModelConfig::seed(true) };
+    assert_eq!(StepLaunch::Auto.resolve(&seed, 60, F32), StepLaunch::Fused);
+    assert_eq!(StepLaunch::Auto.resolve(&with_hidden(vec![FUSED_AUTO_MAX_WIDTH, 7]), FUSED_AUTO_MAX_BATCH, F32), StepLaunch::Fused);
+    assert_eq!(StepLaunch::Auto.resolve(&seed, FUSED_AUTO_MAX_BATCH + 1, F32), StepLaunch::Graph);
+    assert_eq!(StepLaunch::Auto.resolve(&with_hidden(vec![100, FUSED_AUTO_MAX_WIDTH + 1]), 60, F32), StepLaunch::Graph);
+    assert_eq!(StepLaunch::Auto.resolve(&with_hidden(vec![1024, 1024]), 1024, F32), StepLaunch::Graph);
+    assert_eq!(StepLaunch::Auto.resolve(&with_hidden(vec![]), 60, F32), StepLaunch::Graph);
+    assert_eq!(StepLaunch::Auto.resolve(&seed, 60, Bf16), StepLaunch::Graph);
+    for chosen in [StepLaunch::Eager, StepLaunch::Graph, StepLaunch::Fused] {
+        assert_eq!(chosen.resolve(&with_hidden(vec![1024, 1024]), 1024, Bf16), chosen);
+    }
 }
 
 fn cuda_fused_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {

@@ -44,12 +44,13 @@ pub struct Gpu {
     /// bf16 GEMMs: the two operands rounded to bf16 (cuda/bf16.cu), see
     /// [`Gpu::reserve_bf16_operands`]. Allocated on first use, grown when too small.
     bf16_operands: Mutex<Option<Bf16Operands>>,
-    /// Whether f32 GEMMs of at most SMALL_GEMM_MAX_MACS go to cuda/small_gemm.cu instead of
-    /// cuBLAS: on unless `BNTRAIN_SMALL_GEMM=0` (for measuring one against the other).
+    /// Whether small f32 GEMMs go to cuda/small_gemm.cu instead of cuBLAS: off unless
+    /// `BNTRAIN_SMALL_GEMM=1` (on an H100 they beat cuBLAS only under eager launches, see
+    /// [`super::gemm::SMALL_GEMM_MAX_MACS`]).
     small_gemm: AtomicBool,
 }
 
-/// The environment switch that turns the small-GEMM kernels off (`0`).
+/// The environment switch that turns the small-GEMM kernels on (`1`).
 pub const SMALL_GEMM_ENV: &str = "BNTRAIN_SMALL_GEMM";
 
 /// Scratch for one bf16 GEMM's operands: `len` bf16 values (u16 bits) each.
@@ -178,7 +179,7 @@ impl Gpu {
             small_gemm_dot: function("small_gemm", "small_gemm_dot_f32")?,
             small_gemm_outer: function("small_gemm", "small_gemm_outer_f32")?,
         };
-        let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).map_or(true, |v| v.trim() != "0"));
+        let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1"));
         Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name, bf16_operands: Mutex::new(None), small_gemm })
     }
 

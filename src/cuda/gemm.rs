@@ -9,13 +9,19 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::cublas::{result as blas_result, Gemm, GemmConfig};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
-/// f32 products of at most this many multiply-adds run on cuda/small_gemm.cu (unless
-/// [`Gpu::set_small_gemm`] turned it off): every GEMM of the seed network's step (the largest
-/// is 60×100×784 = 4.7M) and one-by-one prediction, not the wide network's or a 10000-row
-/// evaluation chunk's (≥ 800M), where cuBLAS's tiled kernels win.
+/// With [`Gpu::set_small_gemm`] on (`BNTRAIN_SMALL_GEMM=1`), f32 products of at most this
+/// many multiply-adds run on cuda/small_gemm.cu: every GEMM of the seed network's step (the
+/// largest is 60×100×784 = 4.7M), not a 10000-row evaluation chunk's (≥ 800M). Measured on
+/// an H100 (docs/perf.md): the seed step takes 81 µs with them against 136 µs on cuBLAS
+/// when launched eagerly (cuBLAS's host-side cost per call), but 65.5 against 63.2 µs as a
+/// CUDA graph, the default, where cuBLAS's kernels are the faster ones. So they are off by
+/// default, kept for eager launches and as the base for faster small kernels.
 pub const SMALL_GEMM_MAX_MACS: usize = 1 << 24;
 /// The warp-per-output form needs enough terms per output to give 32 lanes work.
 const SMALL_GEMM_DOT_MIN_K: usize = 64;
+/// The thread-per-output form walks k serially: for the wide network's output layer
+/// (k = 1024, 10.5M multiply-adds) it took ~160 µs where cuBLAS takes a few.
+const SMALL_GEMM_OUTER_MAX_K: usize = 128;
 
 /// Row-major matrix product with optional transposes, like [`crate::cpu::ops::matmul`]:
 /// c ← a'·b' (+ c when `accumulate`), where a' = a (stored `[m, k]`) or aᵀ (a stored
@@ -29,8 +35,9 @@ const SMALL_GEMM_DOT_MIN_K: usize = 64;
 /// - cuBLAS's second operand is our `a`: stored `[m, k]` it reads as A'ᵀ (`OP_N`, ldb = k);
 ///   stored `[k, m]` (transpose_a) it reads as A', so `OP_T`, ldb = m.
 ///
-/// Small f32 products (≤ [`SMALL_GEMM_MAX_MACS`]) skip cuBLAS: one warp per output when
-/// both operands run along k (a·bᵀ), else one thread per output (cuda/small_gemm.cu).
+/// Small f32 products (≤ [`SMALL_GEMM_MAX_MACS`], when switched on) skip cuBLAS: one warp
+/// per output when both operands run along k (a·bᵀ), else, for k ≤ 128, one thread per
+/// output (cuda/small_gemm.cu).
 ///
 /// With `accumulate` false, beta = 0 and c is never read (it may hold NaN). Deterministic:
 /// the small kernels add in a fixed order; the cuBLAS handle has atomics disallowed, default (non-TF32) math and a fixed workspace of its
@@ -75,11 +82,12 @@ pub fn matmul(
     };
     gpu.context().bind_to_thread()?;
     if precision == GemmPrecision::F32 && gpu.small_gemm() && m.saturating_mul(n).saturating_mul(k) <= SMALL_GEMM_MAX_MACS {
-        return if !transpose_a && transpose_b && k >= SMALL_GEMM_DOT_MIN_K {
-            kernels::small_gemm_dot(gpu, m, n, k, a, b, c, accumulate)
-        } else {
-            kernels::small_gemm_outer(gpu, transpose_a, transpose_b, m, n, k, a, b, c, accumulate)
-        };
+        if !transpose_a && transpose_b && k >= SMALL_GEMM_DOT_MIN_K {
+            return kernels::small_gemm_dot(gpu, m, n, k, a, b, c, accumulate);
+        }
+        if k <= SMALL_GEMM_OUTER_MAX_K {
+            return kernels::small_gemm_outer(gpu, transpose_a, transpose_b, m, n, k, a, b, c, accumulate);
+        }
     }
     let compute = match precision {
         // SAFETY: a holds m·k, b k·n and c m·n floats (checked above), which is exactly what

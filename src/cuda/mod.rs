@@ -14,7 +14,7 @@ pub mod context;
 pub mod gemm;
 pub mod kernels;
 
-pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch};
+pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 pub use context::Gpu;
 
 use cudarc::driver::{result::DriverError, sys::CUresult};
