@@ -5,9 +5,9 @@
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
-#      launching a step (BNTRAIN_CUDA_STEP=graph, the default; eager; fused), and the wide
-#      one with tf32 and bf16 GEMMs;
-#   4. the full `reproduce` study, timed, with the default step, then fused (REPRODUCE=0
+#      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the wide one with tf32 and
+#      bf16 GEMMs, the seed one with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1);
+#   4. the full `reproduce` study, timed, with fused steps, then graphs (REPRODUCE=0
 #      skips both);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
@@ -64,7 +64,7 @@ PY
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
 
-# The fused kernel first, briefly: it has never run on a GPU before this script. If it fails
+# The fused kernel first, briefly. If it fails
 # (or hangs: its grid barrier traps after seconds), everything fused below is skipped, so a
 # broken kernel costs seconds, not the call.
 fused_ok=1
