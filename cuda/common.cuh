@@ -29,9 +29,9 @@ __device__ __forceinline__ float activate_backward(int activation, float a, floa
 // Narrow and tall, for latency: a warp reads 4 rows × 8 features, four full 32-byte sectors
 // (what the memory system moves anyway), and the grid has width/8 blocks of 16 warps. The
 // wide network's [1024, 1024] layers thus get 128 blocks, one per SM of an H100, with 16
-// rows per thread; 32 × 8 tiles gave 32 blocks with 128 rows per thread, and the BN kernels
-// ran at a fraction of the memory bandwidth (docs/perf.md). Every thread of the block must
-// call column_total (it synchronizes).
+// rows per thread; 32 × 8 tiles gave 32 blocks with 128 rows per thread, a few loads in
+// flight on each of 32 SMs. Every thread of the block must call column_total (it
+// synchronizes).
 #define TILE_COLS 8
 #define TILE_ROWS 64
 

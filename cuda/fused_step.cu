@@ -90,13 +90,13 @@
 #ifndef FUSED_STORE_RELAXED
 #define FUSED_STORE_RELAXED(p, v) (*(p) = (v))
 #endif
-// Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
-// emulation delays one block there, so the others run ahead into the next phase and any
-// read of another block's data that no barrier protects sees it overwritten.
 // A 32-bit load of four pixels (4-byte aligned); the emulation copies the bytes instead.
 #ifndef FUSED_LOAD_U32
 #define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
 #endif
+// Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
+// emulation delays one block there, so the others run ahead into the next phase and any
+// read of another block's data that no barrier protects sees it overwritten.
 #ifndef FUSED_AFTER_BARRIER
 #define FUSED_AFTER_BARRIER()
 #endif

@@ -83,35 +83,40 @@ fi
 # 1. bntrain, each configuration with and without BN (and each step variant asked for).
 IFS=, read -r -a cfg_list <<< "$cfgs"
 variants=("")
-[[ -n "${STEP_VARIANTS:-}" ]] && IFS=, read -r -a variants <<< "$STEP_VARIANTS"
+if [[ -n "${STEP_VARIANTS:-}" ]]; then
+    IFS=, read -r -a listed <<< "$STEP_VARIANTS"
+    variants=()
+    for v in "${listed[@]}"; do [[ -n "$v" ]] && variants+=("$v"); done
+    [[ ${#variants[@]} -gt 0 ]] || variants=("")
+fi
 for cfg in "${cfg_list[@]}"; do
     for bn in bn no-bn; do
-      for variant in "${variants[@]}"; do
-        flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
-        name="bench-$cfg-$bn${variant:+-$variant}"
-        impl="bntrain${variant:+-$variant}"
-        step_env=(); [[ -n "$variant" ]] && step_env=(env "BNTRAIN_CUDA_STEP=$variant")
-        echo "== ${variant:+BNTRAIN_CUDA_STEP=$variant }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
-        limit "$bench_timeout" "$impl $name" || { status=1; continue; }
-        timeout "$t" "${step_env[@]}" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" "${bench_data[@]}" --json "${bench_extra[@]}" \
-            > "$logs/$name.out" 2> "$logs/$name.err"
-        rc=$?
-        tail -n 3 "$logs/$name.err" | grep -v '^\s*$' >&2
-        cat "$logs/$name.out"
-        if [[ $rc -ne 0 ]]; then
-            fail 1 "$impl bench --config $cfg ${flag[*]} failed (exit $rc): $(tail -n 1 "$logs/$name.err")"
-            continue
-        fi
-        # Its last stdout line, in the peers' schema.
-        if ! tail -n 1 "$logs/$name.out" | "$python" -c '
+        for variant in "${variants[@]}"; do
+            flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
+            name="bench-$cfg-$bn${variant:+-$variant}"
+            impl="bntrain${variant:+-$variant}"
+            step_env=(); [[ -n "$variant" ]] && step_env=(env "BNTRAIN_CUDA_STEP=$variant")
+            echo "== ${variant:+BNTRAIN_CUDA_STEP=$variant }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
+            limit "$bench_timeout" "$impl $name" || { status=1; continue; }
+            timeout "$t" "${step_env[@]}" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" "${bench_data[@]}" --json "${bench_extra[@]}" \
+                > "$logs/$name.out" 2> "$logs/$name.err"
+            rc=$?
+            tail -n 3 "$logs/$name.err" | grep -v '^\s*$' >&2
+            cat "$logs/$name.out"
+            if [[ $rc -ne 0 ]]; then
+                fail 1 "$impl bench --config $cfg ${flag[*]} failed (exit $rc): $(tail -n 1 "$logs/$name.err")"
+                continue
+            fi
+            # Its last stdout line, in the peers' schema.
+            if ! tail -n 1 "$logs/$name.out" | "$python" -c '
 import json, sys
 r = json.loads(sys.stdin.read())
 print(json.dumps({"impl": sys.argv[1], "cfg": r["config"], "bn": r["batch_norm"], "batch": r["batch_size"],
-                  "us_per_step": r["us_per_step"], "us_min": r.get("us_per_step_min"),
-                  "us_max": r.get("us_per_step_max"), "device": r["device"]}))' "$impl" >> "$results"; then
-            fail 1 "$impl bench --config $cfg ${flag[*]}: no JSON on the last line of stdout"
-        fi
-      done
+                      "us_per_step": r["us_per_step"], "us_min": r.get("us_per_step_min"),
+                      "us_max": r.get("us_per_step_max"), "device": r["device"]}))' "$impl" >> "$results"; then
+                fail 1 "$impl bench --config $cfg ${flag[*]}: no JSON on the last line of stdout"
+            fi
+        done
     done
 done
 

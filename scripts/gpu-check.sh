@@ -179,14 +179,20 @@ if part profile && command -v ncu >/dev/null; then
         echo "== ncu: BNTRAIN_CUDA_STEP=eager bntrain bench --config $config (kernel durations)"
         BNTRAIN_CUDA_STEP=eager timeout "$t" ncu --metrics gpu__time_duration.sum --csv --print-units base --launch-skip 60 --launch-count 80 \
             "$bin" --device cuda bench --config "$config" --runs 1 --seconds 0.01 > "$logs/profile-$config.csv" 2> "$logs/profile-$config.err"
-        python3 - "$logs/profile-$config.csv" <<'PY' | tee "$logs/profile-$config.txt"
+        python3 - "$logs/profile-$config.csv" <<'PY' 2>&1 | tee "$logs/profile-$config.txt"
 import csv, sys
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
 if len(rows) < 2:
-    sys.exit("no kernel rows (see the .err log)")
+    sys.exit("FAIL: no kernel rows (see the .err log)")
 head, rows = rows[0], rows[1:]
 name, value, grid, block = (head.index(k) for k in ("Kernel Name", "Metric Value", "Grid Size", "Block Size"))
-steps = max(1, sum(1 for r in rows if r[name].startswith("gather_rows")))
+# Whole steps only: from the first batch gather to just before the last one (a step starts
+# with its gather), so that every kernel is counted once per step.
+starts = [i for i, r in enumerate(rows) if r[name].startswith("gather_rows")]
+if len(starts) < 2:
+    sys.exit("FAIL: fewer than two batch gathers in the profiled window")
+rows = rows[starts[0]:starts[-1]]
+steps = len(starts) - 1
 total, per = 0.0, {}
 for r in rows:
     ns = float(r[value].replace(",", ""))
@@ -194,11 +200,11 @@ for r in rows:
     calls, t, shape = per.get(k, (0, 0.0, f"{r[grid]}x{r[block]}"))
     per[k] = (calls + 1, t + ns, shape)
     total += ns
-print(f"{steps} steps profiled; GPU time per step {total / steps / 1000:.1f} µs (kernels back to back, no launch gaps)")
+print(f"{steps} whole steps profiled; GPU time per step {total / steps / 1000:.1f} µs (kernels back to back, no launch gaps; ncu locks the clocks)")
 for k, (calls, t, shape) in sorted(per.items(), key=lambda kv: -kv[1][1]):
     print(f"  {t / steps / 1000:8.2f} µs/step  {calls / steps:4.1f}×  {shape:<24} {k}")
 PY
-        row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null || echo FAIL)"
+        row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null | grep . || echo FAIL)"
     done
     if [[ $fused_ok == 1 ]] && limit 60 20 "profile seed (fused, ncu)"; then
         echo "== ncu: BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"

@@ -278,9 +278,9 @@ pub enum StepLaunch {
     /// The default: [`StepLaunch::Fused`] for networks of the seed's scale (f32, hidden
     /// layers at most [`FUSED_AUTO_MAX_WIDTH`] wide, batches of at most
     /// [`FUSED_AUTO_MAX_BATCH`]), where one block per neuron keeps the GPU busy enough
-    /// (seed step on an H100: 43.7 µs fused, 65.5 µs as a graph); [`StepLaunch::Graph`]
-    /// otherwise (wide network: 473 µs as a graph, 3370 µs fused), and also, silently, where
-    /// the fused kernel cannot run.
+    /// (seed step on an H200: 42.5 µs fused, 62.6 µs as a graph); [`StepLaunch::Graph`]
+    /// otherwise (wide network: 372.5 µs as a graph, 3348.3 µs fused), and also, silently,
+    /// where the fused kernel cannot run.
     Auto,
 }
 
@@ -428,11 +428,21 @@ const _: fn() = || {
     send_sync::<CudaBackend>();
 };
 
+/// Elements of each of the two bf16 operand buffers a bf16 backend needs: its largest GEMM
+/// operand, a batch (training or evaluation) of the widest layer input or output, or the
+/// largest weight matrix.
+fn bf16_operand_elements(model: &ModelConfig, batch: usize, eval_rows: usize) -> usize {
+    let widest = *model.widths().iter().max().unwrap_or(&1);
+    let activations = batch.max(eval_rows).saturating_mul(model.inputs.max(widest));
+    let weights = model.widths().windows(2).map(|w| w[0].saturating_mul(w[1])).max().unwrap_or(1);
+    activations.max(weights)
+}
+
 /// An upper estimate of the device memory a [`CudaBackend`] allocates: the dataset (u8
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
 /// statistics, the activations of one training batch (twice: the fused kernel has its own)
-/// and one evaluation chunk, and cuBLAS's workspace.
-pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset) -> usize {
+/// and one evaluation chunk, cuBLAS's workspace, and with bf16 GEMMs the operands' copies.
+pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, gemm: GemmPrecision) -> usize {
     let f32s = std::mem::size_of::<f32>();
     let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
     // An overflowing count saturates, so the check that follows refuses it.
@@ -442,8 +452,18 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     // Per row: the input, and for every layer z, x̂, y and a, plus two gradient scratch rows.
     let widest = *model.widths().iter().max().unwrap_or(&1);
     let per_row = (model.inputs + 4 * model.widths()[1..].iter().sum::<usize>() + 2 * widest) * f32s;
-    let rows = 2 * train.batch_size + EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
-    dataset.saturating_add(parameters).saturating_add(statistics).saturating_add(rows * per_row).saturating_add(super::context::BLAS_WORKSPACE_MAX)
+    let eval_rows = EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
+    let rows = 2 * train.batch_size + eval_rows;
+    let bf16_operands = match gemm {
+        GemmPrecision::Bf16 => bf16_operand_elements(model, train.batch_size, eval_rows).saturating_mul(2 * std::mem::size_of::<u16>()),
+        _ => 0,
+    };
+    dataset
+        .saturating_add(parameters)
+        .saturating_add(statistics)
+        .saturating_add(rows * per_row)
+        .saturating_add(super::context::BLAS_WORKSPACE_MAX)
+        .saturating_add(bf16_operands)
 }
 
 impl CudaBackend {
@@ -469,7 +489,7 @@ impl CudaBackend {
         }
         let gpu = Gpu::open()?;
         // Refuse up front, with the size, rather than fail on the n-th allocation.
-        let needed = device_bytes_needed(&model, &train, &data);
+        let needed = device_bytes_needed(&model, &train, &data, options.gemm);
         let (free, _) = gpu.context().mem_get_info().map_err(CudaError::from)?;
         if needed > free {
             return Err(CudaError::OutOfMemory { bytes_needed: needed }.into());
@@ -487,11 +507,7 @@ impl CudaBackend {
         let widest = *model.widths().iter().max().unwrap_or(&1);
         let eval_rows = options.eval_chunk.min(data.test.count.max(data.train.count)).max(1);
         if options.gemm == GemmPrecision::Bf16 {
-            // The largest GEMM operand: a batch (training or evaluation) of the widest layer
-            // input or output, or the largest weight matrix.
-            let activations = batch.max(eval_rows) * model.inputs.max(widest);
-            let weights = layers.iter().map(|l| l.inputs * l.outputs).max().unwrap_or(1);
-            gpu.reserve_bf16_operands(activations.max(weights))?;
+            gpu.reserve_bf16_operands(bf16_operand_elements(&model, batch, eval_rows))?;
         }
         let mut backend = CudaBackend {
             train_images: upload(&gpu, &data.train.images)?,

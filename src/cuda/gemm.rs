@@ -12,10 +12,10 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 /// With [`Gpu::set_small_gemm`] on (`BNTRAIN_SMALL_GEMM=1`), f32 products of at most this
 /// many multiply-adds run on cuda/small_gemm.cu: every GEMM of the seed network's step (the
 /// largest is 60×100×784 = 4.7M), not a 10000-row evaluation chunk's (≥ 800M). Measured on
-/// an H100 (docs/perf.md): the seed step takes 81 µs with them against 136 µs on cuBLAS
-/// when launched eagerly (cuBLAS's host-side cost per call), but 65.5 against 63.2 µs as a
-/// CUDA graph, the default, where cuBLAS's kernels are the faster ones. So they are off by
-/// default, kept for eager launches and as the base for faster small kernels.
+/// an H200 (docs/perf.md): the seed step takes 79.9 µs with them against 100.7 µs on cuBLAS
+/// when launched eagerly, but 65.3 against 62.6 µs as a CUDA graph, where cuBLAS's kernels
+/// are the faster ones. So they are off by default, kept for eager launches and as the
+/// base for faster small kernels.
 pub const SMALL_GEMM_MAX_MACS: usize = 1 << 24;
 /// The warp-per-output form needs enough terms per output to give 32 lanes work.
 const SMALL_GEMM_DOT_MIN_K: usize = 64;
@@ -56,7 +56,7 @@ pub fn matmul(
     gpu: &Gpu, precision: GemmPrecision, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,
     a: &CudaView<f32>, b: &CudaView<f32>, c: &mut CudaViewMut<f32>, accumulate: bool,
 ) -> Result<(), CudaError> {
-    let fail = |message: String| CudaError::Launch { kernel: "cublasSgemm", message: format!("precondition failed: {message}") };
+    let fail = |message: String| CudaError::Launch { kernel: "matmul", message: format!("precondition failed: {message}") };
     let dim = |what: &str, v: usize| -> Result<i32, CudaError> {
         i32::try_from(v).ok().filter(|&v| v >= 1).ok_or_else(|| fail(format!("{what} = {v} must be in 1..2^31")))
     };
