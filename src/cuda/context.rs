@@ -45,8 +45,8 @@ pub struct Gpu {
     /// [`Gpu::reserve_bf16_operands`]. Allocated on first use, grown when too small.
     bf16_operands: Mutex<Option<Bf16Operands>>,
     /// Whether small f32 GEMMs go to cuda/small_gemm.cu instead of cuBLAS: off unless
-    /// `BNTRAIN_SMALL_GEMM=1` (on an H100 they beat cuBLAS only under eager launches, see
-    /// [`super::gemm::SMALL_GEMM_MAX_MACS`]).
+    /// `BNTRAIN_SMALL_GEMM=1` (on an H100 and an H200 they beat cuBLAS only under eager
+    /// launches, see [`super::gemm::SMALL_GEMM_MAX_MACS`]).
     small_gemm: AtomicBool,
 }
 

@@ -20,7 +20,8 @@ pub const SMALL_GEMM_MAX_MACS: usize = 1 << 24;
 /// The warp-per-output form needs enough terms per output to give 32 lanes work.
 const SMALL_GEMM_DOT_MIN_K: usize = 64;
 /// The thread-per-output form walks k serially: for the wide network's output layer
-/// (k = 1024, 10.5M multiply-adds) it took ~160 µs where cuBLAS takes a few.
+/// (k = 1024, 10.5M multiply-adds) its two calls took 201.6 µs of kernel time a step under
+/// Nsight Compute on an H100 (docs/perf.md), where cuBLAS's take a few each.
 const SMALL_GEMM_OUTER_MAX_K: usize = 128;
 
 /// Row-major matrix product with optional transposes, like [`crate::cpu::ops::matmul`]:
@@ -40,9 +41,10 @@ const SMALL_GEMM_OUTER_MAX_K: usize = 128;
 /// output (cuda/small_gemm.cu).
 ///
 /// With `accumulate` false, beta = 0 and c is never read (it may hold NaN). Deterministic:
-/// the small kernels add in a fixed order; the cuBLAS handle has atomics disallowed, default (non-TF32) math and a fixed workspace of its
-/// own, see [`Gpu::open`]. Capturable into a CUDA graph: host pointer mode, so alpha and
-/// beta are captured by value, and the workspace spares cuBLAS any allocation.
+/// the small kernels add in a fixed order; the cuBLAS handle has atomics disallowed,
+/// default (non-TF32) math and a fixed workspace of its own, see [`Gpu::open`].
+/// Capturable into a CUDA graph: host pointer mode, so alpha and beta are captured by
+/// value, and the workspace spares cuBLAS any allocation.
 ///
 /// `precision` TF32: `cublasGemmEx` on the same f32 buffers with the compute type
 /// `CUBLAS_COMPUTE_32F_FAST_TF32`, which rounds a and b to TF32 for the tensor cores and
