@@ -45,9 +45,10 @@ enum Command {
     Reproduce(ReproduceArgs),
     /// Microseconds per training step (median of several timed runs after warm-up).
     ///
-    /// On CUDA the step is captured into a CUDA graph and replayed; BNTRAIN_CUDA_STEP=eager
-    /// launches its operations one by one instead, BNTRAIN_CUDA_STEP=fused runs whole steps
-    /// in one kernel. The device shown says which ran.
+    /// On CUDA, BNTRAIN_CUDA_STEP picks how a step runs: auto (the default: fused for networks
+    /// of the seed's scale, else graph), fused (whole steps in one kernel), graph (the step
+    /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
+    /// device shown says which ran.
     Bench(BenchArgs),
     /// Manage datasets.
     Data {
