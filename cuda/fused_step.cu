@@ -42,11 +42,24 @@
 // weight gradient issues eight rows' loads before using any; layer 0 looks a pass's image
 // indices up once, in parallel, into shared memory, and reads four pixels per 32-bit load.
 //
+// Staging (optional, chosen by the host per layer; off unless asked for until measured): a
+// block copies a layer's whole input (the batch's pixel rows for layer 0, the layer below's
+// a otherwise) into shared memory with 16-byte loads, all issued together, once per step,
+// and both the forward dot products and the weight gradient then read shared memory: the
+// unstaged loops wait on an L2 round trip per few rows. The weight row a block computes with
+// goes to shared memory as its deferred update writes it. Same sums in the same order:
+// staged and unstaged results are bitwise equal.
+//
 // Layout: params, grads, velocity: the backend's flat buffers; `layer_info` [n_layers,
 //   LAYER_FIELDS] ints: inputs, outputs, weight offset, bias offset (−1: none), γ and β
 //   offsets (−1: no BN), activation offset (this layer's [B, outputs] block in acts, xhat and
 //   dz), column offset (into inv_std and, for BN layers, the running statistics' [total]),
-//   BN layer index (into batches' [E, bn_layers]). The last layer is the output layer.
+//   BN layer index (into batches' [E, bn_layers]), staged input's byte offset in the dynamic
+//   shared memory (−1: read from global memory). The last layer is the output layer.
+//   Dynamic shared memory (16-byte aligned regions, host-computed): layer 0's staged input is
+//   [B] u32 image indices (rows outside the order or the dataset: NaN inputs), padded to 16
+//   bytes, then [B, features rounded up to 16] pixel bytes; a layer l > 0's is [B, inputs]
+//   floats; `weight_row_stage` (−1: none) holds the widest hidden layer's weight row.
 //   acts: a of the hidden layers and the logits; xhat: z then x̂ (hidden BN layers); dz: dL/dz
 //   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
 //   estimators [E, 2] f64 as in running_stats.cu; barrier [2] u32, zero before the launch.
@@ -55,7 +68,9 @@
 //   expected generation.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256 on the GPU), at
-//   most 64 registers a thread (__launch_bounds__).
+//   most 64 registers a thread (__launch_bounds__). fused_train_steps_staged_f32: the same,
+//   with the staged regions' bytes of dynamic shared memory (opted into beyond 48 KB) and
+//   at most 128 registers.
 
 #include <stdint.h>
 #include "common.cuh"
@@ -64,6 +79,7 @@
 // Caps registers at 64 per thread (65536 / (4·256)); uncapped, the compiler takes ~85 for
 // the unrolled loads, and with the cap they still fit without spills (scripts/ptx-check.sh).
 #define FUSED_MIN_BLOCKS 4
+#define FUSED_STAGED_MIN_BLOCKS 2
 #define LAYER_FIELDS 10
 #define L_IN 0
 #define L_OUT 1
@@ -74,6 +90,7 @@
 #define L_ACT 6
 #define L_COL 7
 #define L_BN 8
+#define L_STAGE 9
 
 #ifndef FUSED_SPIN_PAUSE
 #define FUSED_SPIN_PAUSE() __nanosleep(32)
@@ -93,6 +110,16 @@
 // A 32-bit load of four pixels (4-byte aligned); the emulation copies the bytes instead.
 #ifndef FUSED_LOAD_U32
 #define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
+#endif
+// Staging's 32- and 128-bit copies (aligned to their size); the emulation copies bytes.
+#ifndef FUSED_STORE_U32
+#define FUSED_STORE_U32(p, v) (*(unsigned*)(p) = (v))
+#endif
+#ifndef FUSED_LOAD_U128
+#define FUSED_LOAD_U128(p) (*(const uint4*)(p))
+#endif
+#ifndef FUSED_STORE_U128
+#define FUSED_STORE_U128(p, v) (*(uint4*)(p) = (v))
 #endif
 // Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
 // emulation delays one block there, so the others run ahead into the next phase and any
@@ -186,44 +213,68 @@ __device__ __forceinline__ unsigned row_threads(unsigned rows) {
 // synchronizes), `row` finds row r (i within the pass) without touching global memory,
 // `at` loads inputs V·kv … V·kv+V−1 of a row.
 //
-// Layer 0: the batch's images. An image's index costs a load of `order[pos]` that the
-// pixel loads depend on: `stage` looks the pass's rows up in parallel, once, into shared
-// memory, so inner loops do one round trip per load instead of two. With V = 4 (features a
-// multiple of 4, images 4-byte aligned) one 32-bit load brings four pixels. An index outside
-// the order or the dataset gives NaN inputs, as gather.cu does.
+// Layer 0: the batch's images, as bytes scaled by 1/255. `load` brings the raw bytes,
+// `unpack` scales them (NaN for an invalid row): loads of several rows can be issued as
+// packed words before any is widened to floats. With V = 4 (features a multiple of 4, rows
+// 4-byte aligned) one 32-bit load brings four pixels. An index outside the order or the
+// dataset gives NaN inputs, as gather.cu does.
 template <unsigned V_>
-struct Pixels {
+struct PixelBytes {
     static constexpr unsigned V = V_;
     typedef const uint8_t* Row;  // null: an invalid row
-    const uint8_t* images;
-    const unsigned* order;
-    unsigned order_len, count, features;
-    unsigned long long base;     // b·B: the batch's first position in the order
-    unsigned* index;             // shared [FUSED_PASS_ROWS]: the pass's image indices
-    __device__ __forceinline__ void stage(unsigned first, unsigned rows) const {
-        for (unsigned i = threadIdx.x; i < rows; i += blockDim.x) {
-            const unsigned long long pos = base + first + i;
-            index[i] = pos < order_len ? order[pos] : count;
-        }
-    }
-    __device__ __forceinline__ Row row(unsigned, unsigned i) const {
-        const unsigned image = index[i];
-        return image < count ? images + (size_t)image * features : nullptr;
-    }
-    // `load` brings the raw bytes, `unpack` scales them (NaN for an invalid row): loads of
-    // several rows can be issued as packed words before any is widened to floats.
     typedef unsigned Raw;
     __device__ __forceinline__ Raw load(Row p, unsigned kv) const {
         if (p == nullptr) return 0u;
         return V == 4 ? FUSED_LOAD_U32(p + 4 * (size_t)kv) : (unsigned)p[kv];
     }
-    __device__ __forceinline__ bool valid(unsigned i) const { return index[i] < count; }
     __device__ __forceinline__ void unpack(bool valid, Raw q, float* x) const {
 #pragma unroll
         for (unsigned e = 0; e < V; ++e)
             x[e] = valid ? (float)((q >> (8 * e)) & 255u) * (1.0f / 255.0f) : __int_as_float(0x7fc00000);
     }
     __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { unpack(p != nullptr, load(p, kv), x); }
+};
+
+// The pixels in global memory. An image's index costs a load of `order[pos]` that the pixel
+// loads depend on: `stage` looks the pass's rows up in parallel, once, into shared memory,
+// so inner loops do one round trip per load instead of two.
+template <unsigned V_>
+struct Pixels : PixelBytes<V_> {
+    const uint8_t* images;
+    const unsigned* order;
+    unsigned order_len, count, features;
+    unsigned long long base;     // b·B: the batch's first position in the order
+    unsigned* index;             // shared [FUSED_PASS_ROWS]: the pass's image indices
+    __device__ __forceinline__ Pixels(const uint8_t* images_, const unsigned* order_, unsigned order_len_, unsigned count_,
+                                      unsigned features_, unsigned long long base_, unsigned* index_)
+        : images(images_), order(order_), order_len(order_len_), count(count_), features(features_), base(base_), index(index_) {}
+    __device__ __forceinline__ void stage(unsigned first, unsigned rows) const {
+        for (unsigned i = threadIdx.x; i < rows; i += blockDim.x) {
+            const unsigned long long pos = base + first + i;
+            index[i] = pos < order_len ? order[pos] : count;
+        }
+    }
+    __device__ __forceinline__ const uint8_t* row(unsigned, unsigned i) const {
+        const unsigned image = index[i];
+        return image < count ? images + (size_t)image * features : nullptr;
+    }
+    __device__ __forceinline__ bool valid(unsigned, unsigned i) const { return index[i] < count; }
+};
+
+// The pixels as stage_pixel_rows left them in shared memory: row r at r·pitch, its image
+// index (≥ count: invalid) in `image`.
+template <unsigned V_>
+struct StagedPixels : PixelBytes<V_> {
+    const uint8_t* pixels;
+    const unsigned* image;
+    unsigned count, pitch;
+    __device__ __forceinline__ StagedPixels(const uint8_t* pixels_, const unsigned* image_, unsigned count_, unsigned pitch_)
+        : pixels(pixels_), image(image_), count(count_), pitch(pitch_) {}
+    __device__ __forceinline__ void stage(unsigned, unsigned) const {}
+    __device__ __forceinline__ const uint8_t* row(unsigned r, unsigned) const {
+        return image[r] < count ? pixels + (size_t)r * pitch : nullptr;
+    }
+    __device__ __forceinline__ bool valid(unsigned r, unsigned) const { return image[r] < count; }
 };
 
 // Row-major float rows: a layer's input activations, dz of the layer above, weight rows.
@@ -236,10 +287,14 @@ struct Floats {
     __device__ __forceinline__ Row row(unsigned r, unsigned) const { return base + (size_t)r * stride; }
     typedef float Raw;
     __device__ __forceinline__ Raw load(Row p, unsigned kv) const { return p[kv]; }
-    __device__ __forceinline__ bool valid(unsigned) const { return true; }
+    __device__ __forceinline__ bool valid(unsigned, unsigned) const { return true; }
     __device__ __forceinline__ void unpack(bool, Raw q, float* x) const { x[0] = q; }
     __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { x[0] = p[kv]; }
 };
+
+// Layer 0's staged input: bytes of the image-index table (16-byte multiple) and of a row.
+__device__ __forceinline__ unsigned staged_table_bytes(unsigned batch) { return (batch * 4 + 15) / 16 * 16; }
+__device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (features + 15) / 16 * 16; }
 
 // Rows are taken FUSED_PASS_ROWS at a time (the batch, for the seed shape): the shared
 // tables (image indices, a dz column) and the partial sums of column_dot hold one pass.
@@ -356,7 +411,7 @@ __device__ __forceinline__ void weight_row_gradient_by(
 #pragma unroll
                 for (unsigned u = 0; u < M; ++u) {
                     const float g = gs[i + u];
-                    const bool valid = in.valid(i + u);
+                    const bool valid = in.valid(first + i + u, i + u);
 #pragma unroll
                     for (unsigned q = 0; q < CH; ++q) {
                         float x[V];
@@ -403,12 +458,90 @@ __device__ __forceinline__ void weight_row_gradient(
     else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n);
 }
 
+// Staging's copy units: 16, 4 or 1 bytes.
+template <unsigned W> struct Chunk;
+template <> struct Chunk<16> {
+    typedef uint4 T;
+    static __device__ __forceinline__ T load(const void* p) { return FUSED_LOAD_U128(p); }
+    static __device__ __forceinline__ void store(void* p, T v) { FUSED_STORE_U128(p, v); }
+};
+template <> struct Chunk<4> {
+    typedef unsigned T;
+    static __device__ __forceinline__ T load(const void* p) { return FUSED_LOAD_U32((const uint8_t*)p); }
+    static __device__ __forceinline__ void store(void* p, T v) { FUSED_STORE_U32((unsigned*)p, v); }
+};
+template <> struct Chunk<1> {
+    typedef uint8_t T;
+    static __device__ __forceinline__ T load(const void* p) { return *(const uint8_t*)p; }
+    static __device__ __forceinline__ void store(void* p, T v) { *(uint8_t*)p = v; }
+};
+
+// Copies `rows` rows of `row_bytes` (a multiple of W) from src_row(r) to dst + r·pitch,
+// W bytes a load, four loads per thread issued before any store. A null source row is
+// skipped (its bytes are never read). Every thread calls it; the caller synchronizes.
+template <unsigned W, typename SrcRow>
+__device__ __forceinline__ void stage_rows(uint8_t* dst, unsigned pitch, unsigned rows, unsigned row_bytes, SrcRow src_row) {
+    typedef typename Chunk<W>::T T;
+    const unsigned per_row = row_bytes / W, n = rows * per_row, stride = blockDim.x;
+    for (unsigned i0 = threadIdx.x; i0 < n; i0 += 4 * stride) {
+        T v[4];
+        const uint8_t* src[4];
+#pragma unroll
+        for (unsigned u = 0; u < 4; ++u) {
+            const unsigned i = i0 + u * stride;
+            src[u] = i < n ? src_row(i / per_row) : nullptr;
+            if (src[u] != nullptr) v[u] = Chunk<W>::load(src[u] + (size_t)(i % per_row) * W);
+        }
+#pragma unroll
+        for (unsigned u = 0; u < 4; ++u) {
+            const unsigned i = i0 + u * stride;
+            if (src[u] != nullptr) Chunk<W>::store(dst + (size_t)(i / per_row) * pitch + (size_t)(i % per_row) * W, v[u]);
+        }
+    }
+}
+
+// The widest copy unit that divides `bytes` and the alignment of every address given.
+__device__ __forceinline__ unsigned copy_unit(size_t bytes, size_t a, size_t b) {
+    const size_t all = bytes | a | b;
+    return all % 16 == 0 ? 16 : all % 4 == 0 ? 4 : 1;
+}
+
+// Layer 0's staged input (see the header): the batch's image indices, then its pixel rows.
+__device__ __forceinline__ void stage_pixel_rows(
+    uint8_t* region, const uint8_t* images, const unsigned* order, unsigned order_len, unsigned count, unsigned features,
+    unsigned long long base, unsigned batch)
+{
+    unsigned* image = reinterpret_cast<unsigned*>(region);
+    uint8_t* pixels = region + staged_table_bytes(batch);
+    const unsigned pitch = staged_pitch(features);
+    for (unsigned r = threadIdx.x; r < batch; r += blockDim.x) {
+        const unsigned long long pos = base + r;
+        image[r] = pos < order_len ? order[pos] : count;
+    }
+    __syncthreads();
+    auto src_row = [&](unsigned r) -> const uint8_t* { return image[r] < count ? images + (size_t)image[r] * features : nullptr; };
+    const unsigned unit = copy_unit(features, (size_t)images, 0);
+    if (unit == 16) stage_rows<16>(pixels, pitch, batch, features, src_row);
+    else if (unit == 4) stage_rows<4>(pixels, pitch, batch, features, src_row);
+    else stage_rows<1>(pixels, pitch, batch, features, src_row);
+}
+
+// A layer l > 0's staged input: the layer below's a, `n` floats, copied as they lie.
+__device__ __forceinline__ void stage_floats(uint8_t* region, const float* a, unsigned n) {
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(a);
+    auto whole = [&](unsigned) { return src; };
+    if (copy_unit((size_t)n * 4, (size_t)a, 0) == 16) stage_rows<16>(region, 0, 1, n * 4, whole);
+    else stage_rows<4>(region, 0, 1, n * 4, whole);
+}
+
 // One SGD step on a layer's row j (weights, bias, γ, β), from the gradients in `grads`.
 // Four elements per thread are loaded before any is stored (the buffers are distinct, but
 // the compiler cannot know it and would otherwise wait a round trip per element); the bias,
-// γ and β go to three different threads.
+// γ and β go to three different threads. The updated weights also go to `row_copy` unless
+// it is null.
 __device__ __forceinline__ void sgd_row(
-    const int* info, unsigned j, float* params, const float* grads, float* velocity, float lr, float momentum)
+    const int* info, unsigned j, float* params, const float* grads, float* velocity, float lr, float momentum,
+    float* row_copy = nullptr)
 {
     const unsigned in = (unsigned)info[L_IN], T = blockDim.x;
     const size_t row = (size_t)info[L_W] + (size_t)j * in;
@@ -425,13 +558,16 @@ __device__ __forceinline__ void sgd_row(
         for (unsigned u = 0; u < 4; ++u) {
             const unsigned k = k0 + u * T;
             if (k >= in) continue;
+            float updated;
             if (velocity != nullptr) {
                 const float vi = momentum * v[u] + g[u];
                 velocity[row + k] = vi;
-                params[row + k] = p[u] - lr * vi;
+                updated = p[u] - lr * vi;
             } else {
-                params[row + k] = p[u] - lr * g[u];
+                updated = p[u] - lr * g[u];
             }
+            params[row + k] = updated;
+            if (row_copy != nullptr) row_copy[k] = updated;
         }
     }
     for (unsigned f = threadIdx.x; f < 3; f += T) {
@@ -449,10 +585,12 @@ __device__ __forceinline__ void sgd_row(
     __syncthreads();
 }
 
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(
+// The kernel's body; STAGED compiles the staging in (the two kernels below).
+template <bool STAGED>
+__device__ __forceinline__ void fused_train_steps(
     const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
     const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
-    const int* __restrict__ layer_info, unsigned n_layers,
+    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,
     unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,
     float* params, float* grads, float* velocity,
     const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,
@@ -466,8 +604,11 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
     // its own buffer, where `__shared__` would be one static array for all of them.
     float* shared = EMULATED_BLOCK_SHARED(FUSED_SHARED_FLOATS);
+    uint8_t* staged = EMULATED_BLOCK_DYNAMIC();
 #else
     __shared__ float shared[FUSED_SHARED_FLOATS];
+    extern __shared__ __align__(16) uint8_t fused_dynamic_shared[];
+    uint8_t* staged = fused_dynamic_shared;
 #endif
     // part: column_dot's partials, the block totals, the weight gradient's group sums;
     // index, gs: a pass's image indices and dz column; label: the softmax row's label;
@@ -493,16 +634,39 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     if (t == 0) *generation = FUSED_LOAD_ACQUIRE(barrier + 1);
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
 
-    // Calls f with layer l's input: the batch's pixels (layer 0) or the layer below's a.
+    // Calls f with layer l's input: the batch's pixels (layer 0) or the layer below's a,
+    // from shared memory where this layer is staged (the caller staged it this step).
     auto with_input = [&](unsigned l, unsigned long long base, auto f) {
-        if (l == 0) {
+        const int stage = STAGED ? layer_info[(size_t)l * LAYER_FIELDS + L_STAGE] : -1;
+        if (l == 0 && stage >= 0) {
+            const uint8_t* region = staged + stage;
+            const unsigned* image = reinterpret_cast<const unsigned*>(region);
+            const uint8_t* pixels = region + staged_table_bytes(batch);
+            // Staged rows start at multiples of 16 bytes: four pixels a load when features allow.
+            if (features % 4 == 0) f(StagedPixels<4>{pixels, image, count, staged_pitch(features)});
+            else f(StagedPixels<1>{pixels, image, count, staged_pitch(features)});
+        } else if (l == 0) {
             if (pixel_words) f(Pixels<4>{images, order, order_len, count, features, base, index});
             else f(Pixels<1>{images, order, order_len, count, features, base, index});
         } else {
             const int* below = layer_info + (size_t)(l - 1) * LAYER_FIELDS;
-            f(Floats{acts + below[L_ACT], (size_t)below[L_OUT]});
+            const float* a = stage >= 0 ? reinterpret_cast<const float*>(staged + stage) : acts + below[L_ACT];
+            f(Floats{a, (size_t)below[L_OUT]});
         }
     };
+    // Copies layer l's input into its staged region, if it has one (every thread calls it).
+    auto stage_input = [&](unsigned l, unsigned long long base) {
+        const int stage = STAGED ? layer_info[(size_t)l * LAYER_FIELDS + L_STAGE] : -1;
+        if (stage < 0) return;
+        if (l == 0) {
+            stage_pixel_rows(staged + stage, images, order, order_len, count, features, base, batch);
+        } else {
+            const int* below = layer_info + (size_t)(l - 1) * LAYER_FIELDS;
+            stage_floats(staged + stage, acts + below[L_ACT], batch * (unsigned)below[L_OUT]);
+        }
+        __syncthreads();
+    };
+    float* weight_row = STAGED && weight_row_stage >= 0 ? reinterpret_cast<float*>(staged + weight_row_stage) : nullptr;
 
     for (unsigned step = 0; step < steps; ++step) {
         const unsigned long long base = (unsigned long long)(cursor0 + step) * batch;
@@ -519,9 +683,17 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
             float* a = acts + info[L_ACT];
             float* zx = xhat + info[L_ACT];
             const bool bn = info[L_GAMMA] >= 0;
+            // The input is final (the barrier below the previous layer, or read-only pixels);
+            // it stays staged until this layer's weight gradient in the backward.
+            if (me < width) stage_input(l, base);
             for (unsigned j = me; j < width; j += G) {
-                if (step > 0) sgd_row(info, j, params, grads, velocity, lr, momentum);
                 const float* w = params + info[L_W] + (size_t)j * in_w;
+                // The weight row in shared memory: written by its deferred update, or copied
+                // (first step); column_dot's first barrier orders these writes before its reads.
+                if (step > 0) sgd_row(info, j, params, grads, velocity, lr, momentum, weight_row);
+                else if (weight_row != nullptr)
+                    for (unsigned k = t; k < in_w; k += T) weight_row[k] = w[k];
+                if (weight_row != nullptr) w = weight_row;
                 with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr); });
                 // The column's z are in zx (this block's writes, visible after the barrier
                 // inside column_dot).
@@ -628,6 +800,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
             const float* dlogits = dz + out_info[L_ACT];
+            if (out_first < classes) stage_input(hidden, base);
             for (unsigned k = out_first; k < classes; k += G) {
                 if (out_info[L_BIAS] >= 0 && t == 0) {
                     float s = 0.0f;
@@ -713,4 +886,44 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
         for (unsigned e = 0; e < n_estimators; ++e)
             for (unsigned bn = 0; bn < bn_layers; ++bn) batches[(size_t)e * bn_layers + bn] += steps;
     }
+}
+
+// Every layer read from global memory (the host's stage offsets are ignored).
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(
+    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
+    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
+    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,
+    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,
+    float* params, float* grads, float* velocity,
+    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,
+    float* running_mean, float* running_var, unsigned long long* batches,
+    float* acts, float* xhat, float* dz, float* inv_std,
+    double* row_loss, unsigned* row_correct,
+    double* loss_sum, unsigned long long* correct,
+    unsigned* barrier, unsigned steps)
+{
+    fused_train_steps<false>(images, labels, count, features, order, order_len, cursor, layer_info, n_layers, weight_row_stage, batch, epsilon,
+        activation, grad_scale, lr, momentum, params, grads, velocity, estimators, n_estimators, bn_total, bn_layers,
+        running_mean, running_var, batches, acts, xhat, dz, inv_std, row_loss, row_correct, loss_sum, correct, barrier, steps);
+}
+
+// The layers the host staged read from shared memory. The staged regions (~96 KB for the
+// seed network) allow two blocks an SM at most, so registers are capped at 128, not 64:
+// the staged loops want ~140 and spill under the unstaged kernel's cap.
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(
+    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
+    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
+    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,
+    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,
+    float* params, float* grads, float* velocity,
+    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,
+    float* running_mean, float* running_var, unsigned long long* batches,
+    float* acts, float* xhat, float* dz, float* inv_std,
+    double* row_loss, unsigned* row_correct,
+    double* loss_sum, unsigned long long* correct,
+    unsigned* barrier, unsigned steps)
+{
+    fused_train_steps<true>(images, labels, count, features, order, order_len, cursor, layer_info, n_layers, weight_row_stage, batch, epsilon,
+        activation, grad_scale, lr, momentum, params, grads, velocity, estimators, n_estimators, bn_total, bn_layers,
+        running_mean, running_var, batches, acts, xhat, dz, inv_std, row_loss, row_correct, loss_sum, correct, barrier, steps);
 }

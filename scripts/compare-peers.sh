@@ -18,8 +18,9 @@
 #                     (bntrain bench --data DIR, the peers --mnist DIR); unset: random bytes
 #                     (bntrain bench --noise). The data matter for bntrain's CPU path only: it
 #                     skips zero pixels (MNIST's are 81% zero).
-#   STEP_VARIANTS=graph,fused   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant, as rows
-#                     bntrain-graph, bntrain-fused; ratios are against the fastest of them.
+#   STEP_VARIANTS=graph,fused,staged   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant
+#                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1), as rows bntrain-graph,
+#                     bntrain-fused, bntrain-staged; ratios are against the fastest of them.
 #                     Unset: one row, `bntrain`, with whatever BNTRAIN_CUDA_STEP says
 #   BENCH_ARGS, PEER_ARGS   extra arguments for `bntrain bench` and for both peer scripts
 #   BENCH_TIMEOUT=120, PEER_TIMEOUT=240   seconds per bntrain bench / per peer script
@@ -95,8 +96,12 @@ for cfg in "${cfg_list[@]}"; do
             flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
             name="bench-$cfg-$bn${variant:+-$variant}"
             impl="bntrain${variant:+-$variant}"
-            step_env=(); [[ -n "$variant" ]] && step_env=(env "BNTRAIN_CUDA_STEP=$variant")
-            echo "== ${variant:+BNTRAIN_CUDA_STEP=$variant }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
+            case "$variant" in
+                "") step_env=() ;;
+                staged) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_STAGE=1) ;;
+                *) step_env=(env "BNTRAIN_CUDA_STEP=$variant") ;;
+            esac
+            echo "== ${step_env[*]:1}${step_env[*]:+ }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"
             limit "$bench_timeout" "$impl $name" || { status=1; continue; }
             timeout "$t" "${step_env[@]}" "$bin" --device "$device" bench --config "$cfg" "${flag[@]}" "${bench_data[@]}" --json "${bench_extra[@]}" \
                 > "$logs/$name.out" 2> "$logs/$name.err"

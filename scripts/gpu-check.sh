@@ -5,10 +5,11 @@
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
-#      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the wide one with tf32 and
-#      bf16 GEMMs, the seed one with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1);
-#   4. the full `reproduce` study, timed, with fused steps, then graphs (REPRODUCE=0
-#      skips both);
+#      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
+#      staging (BNTRAIN_FUSED_STAGE=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1),
+#      the wide one with tf32 and bf16 GEMMs;
+#   4. the full `reproduce` study, timed, with fused steps, staged fused steps, then graphs
+#      (REPRODUCE=0 skips them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
@@ -112,20 +113,22 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)]
-    local small="${4:-0}"
-    local log="$logs/bench-$1-$2-$3-small$small.log" name="bench $1 ($2, $3)"
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)]
+    local small="${4:-0}" stage="${5:-0}"
+    local log="$logs/bench-$1-$2-$3-small$small-stage$stage.log" name="bench $1 ($2, $3)"
     [[ $small == 1 ]] && name="bench $1 ($2, $3, small-GEMM kernels)"
+    [[ $stage == 1 ]] && name="bench $1 ($2, $3, staged)"
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device"
         # A variant that fell back still times something, but not what was asked.
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
+        [[ $stage == 1 ]] && want="(fused steps, staged in shared memory" 
         if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
     else
         row "$name" "FAIL"; failed=1
@@ -134,6 +137,8 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)]
 for config in seed wide; do
     for step in fused graph eager; do bench "$config" "$step" f32; done
 done
+# The fused kernel with layer inputs and weight rows in shared memory (BNTRAIN_FUSED_STAGE=1).
+bench seed fused f32 0 1
 bench wide graph tf32
 bench wide graph bf16
 # The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).
@@ -141,20 +146,22 @@ bench seed graph f32 1
 bench seed eager f32 1
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for step in fused graph; do
-    name="reproduce (full, cuda, $step)"
+for variant in fused staged graph; do
+    step=$variant stage=0
+    [[ $variant == staged ]] && step=fused stage=1
+    name="reproduce (full, cuda, $variant)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
-    log="$logs/reproduce-$step.log"
+    log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$step" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
-        comparison="$(python3 -c "import json, sys; print(f\"{json.load(open(sys.argv[1]))['timings']['comparison_s']:.2f}\")" "$out_runs/gpu-$step/metrics.json" 2>/dev/null || echo '?')"
-        row "$name" "${wall} s wall (40000-step comparison ${comparison} s); BN $(json_field "$log" bn_final_accuracy), plain $(json_field "$log" plain_final_accuracy), 1-by-1 $(json_field "$log" one_by_one_population)/$(json_field "$log" one_by_one_batch); report in $out_runs/gpu-$step"
+        comparison="$(python3 -c "import json, sys; print(f\"{json.load(open(sys.argv[1]))['timings']['comparison_s']:.2f}\")" "$out_runs/gpu-$variant/metrics.json" 2>/dev/null || echo '?')"
+        row "$name" "${wall} s wall (40000-step comparison ${comparison} s); BN $(json_field "$log" bn_final_accuracy), plain $(json_field "$log" plain_final_accuracy), 1-by-1 $(json_field "$log" one_by_one_population)/$(json_field "$log" one_by_one_batch); report in $out_runs/gpu-$variant"
     else
         row "$name" "FAIL (exit $status after ${wall} s)"; failed=1
     fi
@@ -166,7 +173,7 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     echo "== compare-peers.sh"
     # bntrain's side with each way of launching a step that works (the table names them and
     # compares the peers with the fastest).
-    variants=graph; [[ $fused_ok == 1 ]] && variants=graph,fused
+    variants=graph; [[ $fused_ok == 1 ]] && variants=graph,fused,staged
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi

@@ -48,7 +48,8 @@ enum Command {
     /// On CUDA, BNTRAIN_CUDA_STEP picks how a step runs: auto (the default: fused for networks
     /// of the seed's scale, else graph), fused (whole steps in one kernel), graph (the step
     /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
-    /// device shown says which ran.
+    /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
+    /// inputs and weight rows staged in shared memory (off until measured).
     Bench(BenchArgs),
     /// Manage datasets.
     Data {

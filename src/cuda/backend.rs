@@ -314,22 +314,37 @@ pub struct CudaOptions {
     pub gemm: GemmPrecision,
     /// Rows per chunk when evaluating a whole split ([`EVAL_CHUNK`] by default).
     pub eval_chunk: usize,
+    /// Fused steps keep layer inputs and weight rows in shared memory (the staged kernel of
+    /// cuda/fused_step.cu). Off by default until measured on a GPU; `BNTRAIN_FUSED_STAGE=1`.
+    pub fused_staging: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK }
+        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false }
     }
 }
 
 impl CudaOptions {
     /// The environment switch read by [`CudaOptions::from_env`].
     pub const STEP_ENV: &'static str = "BNTRAIN_CUDA_STEP";
+    /// The switch for [`CudaOptions::fused_staging`]: `1` on, `0` or unset off.
+    pub const STAGE_ENV: &'static str = "BNTRAIN_FUSED_STAGE";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
-    /// `graph`; `eager`; `fused`).
+    /// `graph`; `eager`; `fused`) and staging from `BNTRAIN_FUSED_STAGE`.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())
+        let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
+        Ok(CudaOptions { fused_staging: Self::staging_from_env(std::env::var(Self::STAGE_ENV).ok().as_deref())?, ..options })
+    }
+
+    /// [`CudaOptions::fused_staging`] for a value of `BNTRAIN_FUSED_STAGE` (None: unset).
+    pub fn staging_from_env(value: Option<&str>) -> Result<bool, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("") | Some("0") => Ok(false),
+            Some("1") => Ok(true),
+            Some(other) => Err(ConfigError::Invalid(format!("{}={other}: expected 0 or 1", Self::STAGE_ENV))),
+        }
     }
 
     /// [`CudaOptions::from_env`] for a given value of the switch (None: unset).
@@ -420,6 +435,8 @@ pub struct CudaBackend {
     /// and could not be used (the backend captures graphs instead).
     fused: Option<FusedPlan>,
     fused_unavailable: bool,
+    /// CudaOptions::fused_staging, for the fused plan.
+    fused_staging: bool,
 }
 
 // The graph wrapper must not cost the backend its auto traits.
@@ -544,6 +561,7 @@ impl CudaBackend {
             captures: 0,
             fused: None,
             fused_unavailable: false,
+            fused_staging: options.fused_staging,
             gemm: options.gemm,
             gpu,
             model,
@@ -589,7 +607,7 @@ impl CudaBackend {
             })
             .collect();
         let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
-        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total)
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging)
     }
 
     /// Checks that batches `first..first+count` lie inside the epoch order and points the
@@ -828,6 +846,11 @@ impl CudaBackend {
         }
     }
 
+    /// What the fused kernel keeps in shared memory (None: steps are not fused).
+    pub fn fused_staging(&self) -> Option<&kernels::FusedStaging> {
+        self.fused.as_ref().map(FusedPlan::staging)
+    }
+
     /// How many times the step has been captured into a graph (once, plus once per
     /// `set_epoch_order` that changed the order's length or reallocated it).
     pub fn graph_captures(&self) -> u32 {
@@ -933,6 +956,7 @@ impl Backend for CudaBackend {
     /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph)`.
     fn device_name(&self) -> String {
         let launch = match self.graph {
+            _ if self.fused_staging().is_some_and(|s| s.any()) => "fused steps, staged in shared memory",
             _ if self.fused.is_some() => "fused steps",
             GraphState::Off { fell_back: false } => "eager launches",
             GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",

@@ -565,6 +565,60 @@ pub struct FusedLayer {
     pub batch_norm: Option<(usize, usize, usize)>,
 }
 
+/// Which layers' inputs `fused_train_steps_staged_f32` keeps in shared memory (see
+/// cuda/fused_step.cu), as byte offsets into the launch's dynamic shared memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FusedStaging {
+    /// Per layer, its staged input's offset (None: read from global memory).
+    pub inputs: Vec<Option<usize>>,
+    /// The weight row a block computes with (None: read from global memory).
+    pub weight_row: Option<usize>,
+    /// Dynamic shared memory a block needs.
+    pub bytes: usize,
+}
+
+impl FusedStaging {
+    /// Staged regions start on 16-byte boundaries (the kernel copies 16 bytes a load).
+    const ALIGN: usize = 16;
+
+    /// The regions that could be staged, in the order they are offered: the weight row
+    /// (widest hidden layer's inputs), layer 0's image indices and pixel rows (rows padded to
+    /// 16 bytes), then each further layer's input, `batch × inputs` floats.
+    fn candidates(layers: &[FusedLayer], batch: usize) -> Vec<(Option<usize>, usize)> {
+        let align = |n: usize| n.div_ceil(Self::ALIGN) * Self::ALIGN;
+        let hidden = layers.len() - 1;
+        let widest = layers[..hidden].iter().map(|l| l.inputs).max().unwrap_or(0);
+        let mut regions = vec![(None, align(widest * 4))];
+        for (l, layer) in layers.iter().enumerate() {
+            let bytes = if l == 0 { align(batch * 4) + batch * align(layer.inputs) } else { batch * layer.inputs * 4 };
+            regions.push((Some(l), align(bytes)));
+        }
+        regions
+    }
+
+    /// Offers each candidate region in turn and keeps it if `fits(total bytes)` says the
+    /// staging still fits (shared memory per block, and the grid it allows).
+    fn choose(layers: &[FusedLayer], batch: usize, mut fits: impl FnMut(usize) -> Result<bool, CudaError>) -> Result<Self, CudaError> {
+        let mut staging = FusedStaging { inputs: vec![None; layers.len()], ..Default::default() };
+        for (layer, bytes) in Self::candidates(layers, batch) {
+            if !fits(staging.bytes + bytes)? {
+                continue;
+            }
+            match layer {
+                Some(l) => staging.inputs[l] = Some(staging.bytes),
+                None => staging.weight_row = Some(staging.bytes),
+            }
+            staging.bytes += bytes;
+        }
+        Ok(staging)
+    }
+
+    /// Whether anything is staged.
+    pub fn any(&self) -> bool {
+        self.bytes > 0
+    }
+}
+
 /// What the fused kernel needs besides the backend's own buffers: the layer table and its
 /// workspaces, sized for one batch, and the grid every block of which stays resident.
 pub struct FusedPlan {
@@ -572,6 +626,7 @@ pub struct FusedPlan {
     batch: usize,
     flat_len: usize,
     grid: u32,
+    staging: FusedStaging,
     info_dev: CudaSlice<i32>,
     acts: CudaSlice<f32>,
     xhat: CudaSlice<f32>,
@@ -585,8 +640,10 @@ pub struct FusedPlan {
 impl FusedPlan {
     /// Checks that the layers tile `flat_len` parameters without overlap and chain (each
     /// layer's inputs are the outputs of the one below), and that the device can keep a
-    /// grid of blocks resident for a cooperative launch; allocates the workspaces.
-    pub fn new(gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize) -> Result<Self, CudaError> {
+    /// grid of blocks resident for a cooperative launch; allocates the workspaces. With
+    /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
+    /// memory that fits without shrinking the grid.
+    pub fn new(gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
         size_u32(K, "batch", batch)?;
@@ -618,7 +675,7 @@ impl FusedPlan {
                 None => (-1, -1, 0),
             };
             let bn_index = if layer.batch_norm.is_some() { l as i32 } else { -1 };
-            info.extend([layer.inputs as i32, layer.outputs as i32, weight, bias, gamma, beta, act as i32, col, bn_index, 0]);
+            info.extend([layer.inputs as i32, layer.outputs as i32, weight, bias, gamma, beta, act as i32, col, bn_index, -1]);
             act += batch * layer.outputs;
             size_u32(K, "activation workspace", act)?;
         }
@@ -630,10 +687,30 @@ impl FusedPlan {
         let attr = |a| ctx.attribute(a).map_err(CudaError::from);
         require(K, attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 1, || "the device does not support cooperative launches".into())?;
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
-        let per_sm = gpu.functions.fused_train_steps.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, 0, None).map_err(CudaError::from)?;
-        let wanted = layers[..hidden].iter().map(|l| l.outputs).max().unwrap_or(1) + layers[hidden].outputs;
-        let grid = u32::try_from(wanted).unwrap_or(u32::MAX).min(sms.saturating_mul(per_sm));
-        require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs, {per_sm} blocks each)"))?;
+        let wanted = u32::try_from(layers[..hidden].iter().map(|l| l.outputs).max().unwrap_or(1) + layers[hidden].outputs).unwrap_or(u32::MAX);
+        let function = if stage { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
+        let grid_with = |dynamic: usize| -> Result<u32, CudaError> {
+            let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, dynamic, None)?;
+            Ok(wanted.min(sms.saturating_mul(per_sm)))
+        };
+        let grid = grid_with(0)?;
+        require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs)"))?;
+        let staging = if stage {
+            // Shared memory beyond 48 KB a block must be opted into, up to the device's limit
+            // less the kernel's static shared memory.
+            let optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
+            let fixed = function.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?.max(0) as usize;
+            let limit = optin.saturating_sub(fixed);
+            function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(limit).unwrap_or(i32::MAX))?;
+            FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(bytes)? >= grid))?
+        } else {
+            FusedStaging { inputs: vec![None; layers.len()], ..Default::default() }
+        };
+        for (l, offset) in staging.inputs.iter().enumerate() {
+            if let Some(offset) = offset {
+                info[l * FUSED_LAYER_FIELDS + FUSED_LAYER_FIELDS - 1] = i32::try_from(*offset).unwrap_or(i32::MAX);
+            }
+        }
         let stream = gpu.stream();
         let zeros_f32 = |n: usize| stream.alloc_zeros::<f32>(n.max(1)).map_err(CudaError::from);
         Ok(FusedPlan {
@@ -649,12 +726,18 @@ impl FusedPlan {
             batch,
             flat_len,
             grid,
+            staging,
         })
     }
 
     /// Blocks per launch.
     pub fn grid(&self) -> u32 {
         self.grid
+    }
+
+    /// What the launches keep in shared memory (nothing unless the plan was made to stage).
+    pub fn staging(&self) -> &FusedStaging {
+        &self.staging
     }
 }
 
@@ -718,9 +801,12 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     // The kernel leaves the barrier's count at zero; zeroing it anyway keeps each launch
     // independent of whatever ran before on this buffer.
     gpu.stream().memset_zeros(&mut plan.barrier)?;
-    let mut b = builder(gpu, &gpu.functions.fused_train_steps);
+    // The staged kernel whenever the plan stages anything (it reads the offsets).
+    let function = if plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
+    let weight_row_stage = plan.staging.weight_row.map_or(-1, |o| i32::try_from(o).unwrap_or(i32::MAX));
+    let mut b = builder(gpu, function);
     b.arg(images).arg(labels).arg(&count_u).arg(&features_u).arg(order).arg(&order_u).arg(cursor);
-    b.arg(&plan.info_dev).arg(&layers_u).arg(&batch_u).arg(&hyper.epsilon).arg(&activation).arg(&hyper.grad_scale);
+    b.arg(&plan.info_dev).arg(&layers_u).arg(&weight_row_stage).arg(&batch_u).arg(&hyper.epsilon).arg(&activation).arg(&hyper.grad_scale);
     b.arg(&hyper.learning_rate).arg(&hyper.momentum).arg(params).arg(grads);
     opt_mut(&mut b, velocity);
     let (e_u, total_u, bn_layers_u);
@@ -741,7 +827,8 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     }
     b.arg(&mut plan.acts).arg(&mut plan.xhat).arg(&mut plan.dz).arg(&mut plan.inv_std).arg(&mut plan.row_loss).arg(&mut plan.row_correct);
     b.arg(loss_sum).arg(correct).arg(&mut plan.barrier).arg(&steps_u);
-    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let shared_mem_bytes = u32::try_from(plan.staging.bytes).unwrap_or(u32::MAX);
+    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes };
     // SAFETY: types and order match the kernel. The layer table was checked by
     // FusedPlan::new: every tensor lies inside the flat_len parameters (and params, grads,
     // velocity hold flat_len, checked above), BN features inside the statistics' total
@@ -749,6 +836,48 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     // workspaces sized batch·Σ outputs. Rows index `order` below its length and examples
     // below `count` (checked in the kernel, NaN otherwise); labels are read below count.
     // The grid is at most the device's co-resident block count, which a cooperative launch
-    // requires (and the driver checks) for the spinning grid barrier.
+    // requires (and the driver checks) for the spinning grid barrier. Staged regions lie
+    // inside the dynamic shared memory given here (FusedStaging::choose sums them), which
+    // FusedPlan::new allowed with the function attribute and counted in that block count.
     unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(K))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed_layers() -> Vec<FusedLayer> {
+        let layer = |inputs, outputs| FusedLayer { inputs, outputs, weight: 0, bias: None, batch_norm: None };
+        vec![layer(784, 100), layer(100, 100), layer(100, 10)]
+    }
+
+    /// The layout the emulation (tests/kernel_emulation/fused.inc) and the kernel's header
+    /// describe: 16-byte aligned regions, the weight row first, then each layer's input.
+    #[test]
+    fn staging_regions_follow_the_kernels_layout() {
+        let staging = FusedStaging::choose(&seed_layers(), 60, |_| Ok(true)).unwrap();
+        let weight_row = 784 * 4;
+        let pixels = 240 + 60 * 784; // 60 image indices (240 bytes, a multiple of 16), rows of 784
+        assert_eq!(staging.weight_row, Some(0));
+        assert_eq!(staging.inputs, vec![Some(weight_row), Some(weight_row + pixels), Some(weight_row + pixels + 24_000)]);
+        assert_eq!(staging.bytes, weight_row + pixels + 2 * 24_000);
+        // Odd sizes round up: a 5-row batch of 3 features takes 32 bytes of indices (20
+        // rounded up) and five 16-byte rows; 5 floats of a 1-wide layer take 32 bytes.
+        let layer = |inputs, outputs| FusedLayer { inputs, outputs, weight: 0, bias: None, batch_norm: None };
+        let odd = FusedStaging::choose(&[layer(3, 1), layer(1, 2)], 5, |_| Ok(true)).unwrap();
+        assert_eq!((odd.weight_row, odd.inputs.clone(), odd.bytes), (Some(0), vec![Some(16), Some(16 + 112)], 16 + 112 + 32));
+    }
+
+    /// A region that does not fit is skipped, and later, smaller ones still go in.
+    #[test]
+    fn staging_skips_what_does_not_fit() {
+        let limit = 784 * 4 + 30_000; // the weight row and one 24 000-byte layer, not the pixels
+        let staging = FusedStaging::choose(&seed_layers(), 60, |bytes| Ok(bytes <= limit)).unwrap();
+        assert_eq!((staging.weight_row, staging.inputs.clone()), (Some(0), vec![None, Some(784 * 4), None]));
+        assert!(staging.any());
+        let none = FusedStaging::choose(&seed_layers(), 60, |_| Ok(false)).unwrap();
+        assert!(!none.any() && none.inputs == vec![None; 3] && none.weight_row.is_none());
+        let failing = FusedStaging::choose(&seed_layers(), 60, |_| Err(CudaError::NoDevice));
+        assert!(failing.is_err());
+    }
 }

@@ -19,9 +19,13 @@ inline void __syncthreads() {
     if (!g_bar) { fprintf(stderr, "__syncthreads in a sequential launch\n"); abort(); }
     g_bar->arrive_and_wait();
 }
-// Shared memory of the calling thread's block in a cooperative launch (see fused_step.cu).
+// Shared memory of the calling thread's block in a cooperative launch (see fused_step.cu):
+// the static array and the dynamic one (g_dynamic_bytes long, 16-byte aligned).
 thread_local float* g_block_shared = nullptr;
+thread_local uint8_t* g_block_dynamic = nullptr;
+inline size_t g_dynamic_bytes = 0;
 #define EMULATED_BLOCK_SHARED(n) (g_block_shared)
+#define EMULATED_BLOCK_DYNAMIC() (g_block_dynamic)
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
@@ -31,6 +35,13 @@ inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 // Four pixels as one 32-bit word (little-endian, as on the GPU), without type punning.
 inline unsigned fused_load_u32(const uint8_t* p) { unsigned v; memcpy(&v, p, 4); return v; }
 #define FUSED_LOAD_U32(p) fused_load_u32(p)
+struct uint4 { unsigned x, y, z, w; };
+inline void fused_store_u32(void* p, unsigned v) { memcpy(p, &v, 4); }
+inline uint4 fused_load_u128(const void* p) { uint4 v; memcpy(&v, p, 16); return v; }
+inline void fused_store_u128(void* p, uint4 v) { memcpy(p, &v, 16); }
+#define FUSED_STORE_U32(p, v) fused_store_u32((p), (v))
+#define FUSED_LOAD_U128(p) fused_load_u128(p)
+#define FUSED_STORE_U128(p, v) fused_store_u128((p), (v))
 // The block that sleeps after every grid barrier (none: UINT32_MAX); see fused_step.cu.
 inline unsigned g_slow_block = UINT32_MAX;
 #define FUSED_AFTER_BARRIER() \
@@ -61,10 +72,17 @@ inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
     gridDim = grid; blockDim = block;
     std::vector<std::unique_ptr<std::barrier<>>> bars;
     std::vector<std::vector<float>> shared(grid.x, std::vector<float>(1 << 14));
+    // uint4 elements: 16-byte aligned, as the GPU aligns dynamic shared memory; all bits set
+    // (NaN floats), where the GPU leaves whatever was there.
+    std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>(g_dynamic_bytes / 16 + 1, uint4{~0u, ~0u, ~0u, ~0u}));
     for (unsigned bx = 0; bx < grid.x; ++bx) bars.push_back(std::make_unique<std::barrier<>>(block.x));
     std::vector<std::thread> ts;
     for (unsigned bx = 0; bx < grid.x; ++bx) for (unsigned tx = 0; tx < block.x; ++tx)
-        ts.emplace_back([=, &f, &bars, &shared] { g_bar = bars[bx].get(); g_block_shared = shared[bx].data(); blockIdx = {bx, 0, 0}; threadIdx = {tx, 0, 0}; f(); });
+        ts.emplace_back([=, &f, &bars, &shared, &dynamic] {
+            g_bar = bars[bx].get(); g_block_shared = shared[bx].data();
+            g_block_dynamic = reinterpret_cast<uint8_t*>(dynamic[bx].data());
+            blockIdx = {bx, 0, 0}; threadIdx = {tx, 0, 0}; f();
+        });
     for (auto& t : ts) t.join();
 }
 // Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
