@@ -93,6 +93,12 @@ impl Outcome {
 /// `schedule.until_step`, evaluating each on the test set every `schedule.eval_every` steps.
 /// Checks for divergence at each evaluation: a non-finite loss or parameter stops the run
 /// with [`Error::Diverged`] before anything is written. `stop` is polled between steps.
+///
+/// A point's [`Event::Evaluated`] events reach `on_event` only once the next run of steps is
+/// queued (still before its [`Event::Stepped`], so the events come in the order of the
+/// steps): a backend that launches asynchronously computes while the caller digests them.
+/// Hence a stop requested from an `Evaluated` callback is seen after that run. However the
+/// loop ends (finished, stopped or failed), every record it took has been reported.
 pub fn train_lockstep(
     nets: &mut [&mut dyn Backend],
     config: &TrainConfig,
@@ -101,6 +107,41 @@ pub fn train_lockstep(
     schedule: &Schedule,
     stop: Option<&AtomicBool>,
     on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<Outcome> {
+    let mut reporter = Reporter { on_event, held: Vec::with_capacity(nets.len()) };
+    let outcome = run_lockstep(nets, config, train_examples, start_step, schedule, stop, &mut reporter);
+    // The loop returns with the last point's records held, whether it finished, stopped or
+    // failed: they are results all the same (a resumable history; the nets evaluated before
+    // one that diverged).
+    reporter.deliver_held();
+    outcome
+}
+
+/// The caller's `on_event`, and the evaluation records of the last point that it has not
+/// been given yet (index = network), held back so that the host's work on them overlaps
+/// the device's on the next run.
+struct Reporter<'a> {
+    on_event: &'a mut dyn FnMut(Event<'_>),
+    held: Vec<EvalRecord>,
+}
+
+impl Reporter<'_> {
+    fn deliver_held(&mut self) {
+        for (net, record) in self.held.drain(..).enumerate() {
+            (self.on_event)(Event::Evaluated { net, record: &record });
+        }
+    }
+}
+
+/// [`train_lockstep`]'s loop, which leaves the last point's records in `reporter.held`.
+fn run_lockstep(
+    nets: &mut [&mut dyn Backend],
+    config: &TrainConfig,
+    train_examples: usize,
+    start_step: u64,
+    schedule: &Schedule,
+    stop: Option<&AtomicBool>,
+    reporter: &mut Reporter<'_>,
 ) -> Result<Outcome> {
     if schedule.eval_every == 0 {
         return Err(ConfigError::Invalid("the evaluation interval must be at least 1 step".into()).into());
@@ -139,12 +180,14 @@ pub fn train_lockstep(
         for net in nets.iter_mut() {
             net.train_steps(batch, run as usize)?;
         }
+        // Only now, with the run queued, so that the caller's work on them overlaps it.
+        reporter.deliver_held();
         step += run;
-        on_event(Event::Stepped { step });
+        (reporter.on_event)(Event::Stepped { step });
         if step.is_multiple_of(schedule.eval_every) || step == schedule.until_step {
-            for (i, net) in nets.iter_mut().enumerate() {
+            for net in nets.iter_mut() {
                 let record = evaluate_point(&mut **net, step, schedule.eval_mode, schedule.probe)?;
-                on_event(Event::Evaluated { net: i, record: &record });
+                reporter.held.push(record);
             }
         }
     }
@@ -187,4 +230,170 @@ pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: 
         },
         probe: eval.probe,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Evaluation;
+    use crate::model::ModelParams;
+    use std::cell::RefCell;
+
+    /// What the loop did, in order: what it asked of the backends and what it reported.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Call {
+        Queued { net: usize, first: usize, count: usize },
+        Stepped(u64),
+        Evaluated { net: usize, step: u64 },
+    }
+
+    /// A backend that computes nothing and logs the runs of steps it is handed.
+    struct Recorder<'a> {
+        net: usize,
+        log: &'a RefCell<Vec<Call>>,
+        /// The run starting at this batch fails, as a lost device would.
+        fail_at_batch: Option<usize>,
+    }
+
+    fn unused() -> Error {
+        ConfigError::Invalid("the training loop does not call this".into()).into()
+    }
+
+    impl Backend for Recorder<'_> {
+        fn device_name(&self) -> String {
+            "recorder".into()
+        }
+        fn set_epoch_order(&mut self, _order: &[u32]) -> Result<()> {
+            Ok(())
+        }
+        fn train_step(&mut self, batch: usize) -> Result<()> {
+            self.train_steps(batch, 1)
+        }
+        fn train_steps(&mut self, first: usize, count: usize) -> Result<()> {
+            self.log.borrow_mut().push(Call::Queued { net: self.net, first, count });
+            match self.fail_at_batch {
+                Some(batch) if batch == first => Err(Error::io("recorder", std::io::Error::other("device lost"))),
+                _ => Ok(()),
+            }
+        }
+        fn synchronize(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn take_step_stats(&mut self) -> Result<StepStats> {
+            Ok(StepStats::default())
+        }
+        fn restore_step_stats(&mut self, _stats: StepStats) -> Result<()> {
+            Ok(())
+        }
+        fn evaluate(&mut self, _split: SplitKind, _mode: StatsMode, _probe: Option<Probe>) -> Result<Evaluation> {
+            Ok(Evaluation::default())
+        }
+        fn predict_each(&mut self, _split: SplitKind, _count: usize, _mode: StatsMode) -> Result<Vec<u8>> {
+            Err(unused())
+        }
+        fn params(&mut self) -> Result<ModelParams> {
+            Err(unused())
+        }
+        fn first_non_finite(&mut self) -> Result<Option<(String, f64)>> {
+            Ok(None)
+        }
+        fn set_params(&mut self, _params: &ModelParams) -> Result<()> {
+            Err(unused())
+        }
+        fn gradients(&mut self) -> Result<Vec<Vec<f64>>> {
+            Err(unused())
+        }
+        fn velocity(&mut self) -> Result<Vec<Vec<f64>>> {
+            Err(unused())
+        }
+        fn set_velocity(&mut self, _velocity: &[Vec<f64>]) -> Result<()> {
+            Err(unused())
+        }
+    }
+
+    /// Two recorders trained to step 10, evaluated every 4 steps (runs of 4, 4 and 2 steps
+    /// within one epoch); net 1 fails at `fail_at_batch`, a stop is requested at the
+    /// `Stepped` event of `stop_at`.
+    fn record(fail_at_batch: Option<usize>, stop_at: Option<u64>) -> (Result<Outcome>, Vec<Call>) {
+        let log = RefCell::new(Vec::new());
+        let stop = AtomicBool::new(false);
+        let config = TrainConfig::seed();
+        let mut a = Recorder { net: 0, log: &log, fail_at_batch: None };
+        let mut b = Recorder { net: 1, log: &log, fail_at_batch };
+        let mut nets: [&mut dyn Backend; 2] = [&mut a, &mut b];
+        let outcome = train_lockstep(&mut nets, &config, config.batch_size * 100, 0, &Schedule::new(10, 4), Some(&stop), &mut |event| {
+            let call = match event {
+                Event::Stepped { step } => {
+                    if stop_at == Some(step) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    Call::Stepped(step)
+                }
+                Event::Evaluated { net, record } => Call::Evaluated { net, step: record.point.step },
+            };
+            log.borrow_mut().push(call);
+        });
+        (outcome, log.into_inner())
+    }
+
+    fn queued(first: usize, count: usize) -> [Call; 2] {
+        [Call::Queued { net: 0, first, count }, Call::Queued { net: 1, first, count }]
+    }
+
+    fn evaluated(step: u64) -> [Call; 2] {
+        [Call::Evaluated { net: 0, step }, Call::Evaluated { net: 1, step }]
+    }
+
+    #[test]
+    fn events_come_in_the_order_of_the_steps() {
+        let (outcome, log) = record(None, None);
+        assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
+        let events: Vec<Call> = log.into_iter().filter(|c| !matches!(c, Call::Queued { .. })).collect();
+        let expected: Vec<Call> = [
+            vec![Call::Stepped(4)],
+            evaluated(4).to_vec(),
+            vec![Call::Stepped(8)],
+            evaluated(8).to_vec(),
+            vec![Call::Stepped(10)],
+            evaluated(10).to_vec(),
+        ]
+        .concat();
+        assert_eq!(events, expected);
+    }
+
+    #[test]
+    fn a_points_evaluations_are_reported_once_the_next_run_is_queued() {
+        let (outcome, log) = record(None, None);
+        assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
+        let expected: Vec<Call> = [
+            queued(0, 4).to_vec(),
+            vec![Call::Stepped(4)],
+            queued(4, 4).to_vec(),
+            evaluated(4).to_vec(),
+            vec![Call::Stepped(8)],
+            queued(8, 2).to_vec(),
+            evaluated(8).to_vec(),
+            vec![Call::Stepped(10)],
+            evaluated(10).to_vec(),
+        ]
+        .concat();
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn held_evaluations_are_reported_when_queuing_fails() {
+        let (outcome, log) = record(Some(4), None);
+        let err = outcome.unwrap_err();
+        assert!(err.to_string().contains("device lost"), "{err}");
+        let expected: Vec<Call> = [queued(0, 4).to_vec(), vec![Call::Stepped(4)], queued(4, 4).to_vec(), evaluated(4).to_vec()].concat();
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn held_evaluations_are_reported_at_a_stop() {
+        let (outcome, log) = record(None, Some(4));
+        assert_eq!(outcome.unwrap(), Outcome::Interrupted { step: 4, pending: vec![StepStats::default(); 2] });
+        let expected: Vec<Call> = [queued(0, 4).to_vec(), vec![Call::Stepped(4)], evaluated(4).to_vec()].concat();
+        assert_eq!(log, expected);
+    }
 }
