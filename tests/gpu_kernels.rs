@@ -323,7 +323,9 @@ fn act_bwd_bias_grad_matches_activation_backward_and_bias_gradient() {
 #[test]
 fn softmax_xent_matches_softmax_cross_entropy() {
     let Some(gpu) = gpu() else { return };
-    let shapes: &[(usize, usize)] = &[(1, 2), (1, 10), (2, 10), (60, 10), (100, 3), (127, 127), (1030, 10), (300, 256), (1000, 1)];
+    // One block up to 256 rows, then one per 256 rows up to 128 (40000 rows: two a thread).
+    let shapes: &[(usize, usize)] =
+        &[(1, 2), (1, 10), (2, 10), (60, 10), (100, 3), (127, 127), (1030, 10), (300, 256), (1000, 1), (10_000, 10), (40_000, 3)];
     for (i, &(rows, classes)) in shapes.iter().enumerate() {
         for reduction in [LossReduction::Sum, LossReduction::Mean] {
             let seed = 600 + 10 * i as u64;
@@ -373,22 +375,31 @@ fn softmax_xent_matches_softmax_cross_entropy() {
     }
 }
 
+/// Launched twice, with one block and with several (whose scratch's ticket must be reset by
+/// the first launch for the second to add up), only the accumulators change.
 #[test]
 fn softmax_xent_without_gradients_only_accumulates() {
     let Some(gpu) = gpu() else { return };
-    let (rows, classes) = (127, 10);
-    let z = uniform(rows * classes, -5.0, 5.0, 1);
-    let labels: Vec<u8> = random_below(rows, classes as u32, 2).into_iter().map(|l| l as u8).collect();
-    let mut loss: CudaSlice<f64> = upload(&gpu, &[0.0f64]);
-    let mut correct: CudaSlice<u64> = upload(&gpu, &[0u64]);
-    let (z_d, labels_d) = (upload(&gpu, &z), upload(&gpu, &labels));
-    for _ in 0..2 {
-        kernels::softmax_xent(&gpu, &z_d.as_view(), None, &labels_d.as_view(), rows, classes, 1.0, None, None, None, &mut loss.as_view_mut(), &mut correct.as_view_mut()).unwrap();
+    for rows in [127, 1030] {
+        let classes = 10;
+        let z = uniform(rows * classes, -5.0, 5.0, 1);
+        let labels: Vec<u8> = random_below(rows, classes as u32, 2).into_iter().map(|l| l as u8).collect();
+        let mut loss: CudaSlice<f64> = upload(&gpu, &[0.0f64]);
+        let mut correct: CudaSlice<u64> = upload(&gpu, &[0u64]);
+        let (z_d, labels_d) = (upload(&gpu, &z), upload(&gpu, &labels));
+        for _ in 0..2 {
+            kernels::softmax_xent(&gpu, &z_d.as_view(), None, &labels_d.as_view(), rows, classes, 1.0, None, None, None, &mut loss.as_view_mut(), &mut correct.as_view_mut()).unwrap();
+        }
+        let mut scratch = vec![0.0f64; rows * classes];
+        let (rloss, rcorrect) = ops::softmax_cross_entropy(&wide(&z), &labels, classes, LossReduction::Sum, &mut scratch);
+        assert_close(&format!("softmax_xent_f32 loss, {rows} rows, twice"), fetch(&gpu, &loss), [2.0 * rloss], Tolerance::new(3e-5 * 2.0 * rows as f64, 1e-6));
+        assert_eq!(fetch(&gpu, &correct)[0], 2 * rcorrect, "{rows} rows");
     }
-    let mut scratch = vec![0.0f64; rows * classes];
-    let (rloss, rcorrect) = ops::softmax_cross_entropy(&wide(&z), &labels, classes, LossReduction::Sum, &mut scratch);
-    assert_close("softmax_xent_f32 loss, twice", fetch(&gpu, &loss), [2.0 * rloss], Tolerance::new(3e-5 * 2.0 * rows as f64, 1e-6));
-    assert_eq!(fetch(&gpu, &correct)[0], 2 * rcorrect);
+}
+
+#[test]
+fn softmax_blocks_split_rows_by_256_up_to_128_blocks() {
+    assert_eq!([1, 60, 256, 257, 1024, 10_000, 32_768, 32_769, 60_000].map(kernels::softmax_blocks), [1, 1, 1, 2, 4, 40, 128, 128, 128]);
 }
 
 #[test]

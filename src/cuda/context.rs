@@ -49,6 +49,9 @@ pub struct Gpu {
     /// `BNTRAIN_SMALL_GEMM=1` (on an H100 and an H200 they beat cuBLAS only under eager
     /// launches, see [`super::gemm::SMALL_GEMM_MAX_MACS`]).
     small_gemm: AtomicBool,
+    /// The softmax's scratch (a lock only because launches take `&Gpu`: one stream orders
+    /// the launches that use it).
+    pub(crate) softmax_partials: Mutex<SoftmaxPartials>,
 }
 
 /// The environment switch that turns the small-GEMM kernels on (`1`).
@@ -60,6 +63,22 @@ pub(crate) struct Bf16Operands {
     pub b: CudaSlice<u16>,
     pub len: usize,
 }
+
+/// Scratch of the multi-block softmax (cuda/softmax_xent.cu): per-block partial sums and
+/// the ticket that elects the block adding them up (zero between launches). Sized once, in
+/// [`Gpu::open`], for the most blocks and classes the launcher allows, so its address never
+/// changes: a captured step keeps it.
+pub(crate) struct SoftmaxPartials {
+    pub loss: CudaSlice<f64>,
+    pub correct: CudaSlice<u64>,
+    pub dbias: CudaSlice<f32>,
+    pub ticket: CudaSlice<u32>,
+}
+
+/// Blocks of the multi-block softmax at most; must match SOFTMAX_MAX_BLOCKS.
+pub(crate) const SOFTMAX_MAX_BLOCKS: usize = 128;
+/// Classes the kernels handle at most (predictions are bytes).
+pub(crate) const MAX_CLASSES: usize = 256;
 
 /// Bytes of the cuBLAS workspace: the sizes cuBLAS's documentation recommends for
 /// `cublasSetWorkspace` (32 MiB for Hopper, compute capability 9, and newer; 4 MiB before).
@@ -182,7 +201,13 @@ impl Gpu {
             small_gemm_outer: function("small_gemm", "small_gemm_outer_f32")?,
         };
         let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1"));
-        Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name, bf16_operands: Mutex::new(None), small_gemm })
+        let softmax_partials = Mutex::new(SoftmaxPartials {
+            loss: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS)?,
+            correct: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS)?,
+            dbias: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS * MAX_CLASSES)?,
+            ticket: stream.alloc_zeros(1)?,
+        });
+        Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name, bf16_operands: Mutex::new(None), small_gemm, softmax_partials })
     }
 
     /// The device's name, e.g. `NVIDIA H200`.

@@ -23,8 +23,14 @@ const MAX_BLOCKS: usize = 4096;
 /// Column kernels: block (TILE_COLS, TILE_ROWS); must match common.cuh.
 const TILE_COLS: u32 = 8;
 const TILE_ROWS: u32 = 64;
-/// The one block of softmax_xent_f32; must match SOFTMAX_THREADS in softmax_xent.cu.
+/// Threads per block of softmax_xent_f32; must match SOFTMAX_THREADS in softmax_xent.cu.
 const SOFTMAX_THREADS: u32 = 256;
+
+/// Blocks of softmax_xent_f32 for `rows` rows: one per 256 rows, at most
+/// SOFTMAX_MAX_BLOCKS (the row split, and so the order of every sum, depends on `rows` only).
+pub fn softmax_blocks(rows: usize) -> u32 {
+    rows.div_ceil(SOFTMAX_THREADS as usize).clamp(1, super::context::SOFTMAX_MAX_BLOCKS) as u32
+}
 
 /// The kernels' activation code; must match ACT_* in common.cuh.
 fn activation_code(activation: Activation) -> i32 {
@@ -299,7 +305,7 @@ pub fn softmax_xent(
 ) -> Result<(), CudaError> {
     const K: &str = "softmax_xent_f32";
     let (rows_u, classes_u) = (size_u32(K, "rows", rows)?, size_u32(K, "classes", classes)?);
-    require(K, classes <= 256, || format!("{classes} classes do not fit the u8 predictions"))?;
+    require(K, classes <= super::context::MAX_CLASSES, || format!("{classes} classes do not fit the u8 predictions"))?;
     let n = elements(K, rows, classes)?;
     require_len(K, "z", z.len(), n)?;
     require_len(K, "labels", labels.len(), rows)?;
@@ -326,10 +332,17 @@ pub fn softmax_xent(
     opt_mut(&mut b, dbias);
     opt_mut(&mut b, predicted);
     b.arg(loss_sum).arg(correct);
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SOFTMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let mut partials = gpu.softmax_partials.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let partials = &mut *partials;
+    b.arg(&mut partials.loss).arg(&mut partials.correct).arg(&mut partials.dbias).arg(&mut partials.ticket);
+    let blocks = softmax_blocks(rows);
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (SOFTMAX_THREADS, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: types and order match the kernel; buffers hold rows·classes, classes or rows
-    // elements and the accumulators one each (checked); exactly one block of
-    // SOFTMAX_THREADS threads, which its unsynchronized accumulator update requires.
+    // elements and the accumulators one each (checked). The grid is softmax_blocks(rows) ≤
+    // SOFTMAX_MAX_BLOCKS blocks of SOFTMAX_THREADS threads, as the kernel's row split
+    // assumes; the scratch holds SOFTMAX_MAX_BLOCKS partial sums and SOFTMAX_MAX_BLOCKS ×
+    // MAX_CLASSES ≥ blocks × classes bias partials (Gpu::open), and its ticket is zero
+    // (allocated so, and every launch leaves it so; launches on the one stream never overlap).
     unsafe { b.launch(cfg) }.map(drop).map_err(launch_error(K))
 }
 
