@@ -41,6 +41,10 @@
 // four rows at a time and adds their per-lane partials in one pass after one barrier; a
 // weight gradient issues eight rows' loads before using any; layer 0 looks a pass's image
 // indices up once, in parallel, into shared memory, and reads four pixels per 32-bit load.
+// Sums that one thread adds in row order (the loss, bias gradients) have their rows loaded
+// by all threads first; with one pass of rows and a row a thread (the seed's batch), the
+// thread that summed a row's z (or da) keeps it in a register for the BN passes; and a grid
+// barrier is one atomic arrival and a spin on the same count.
 //
 // Staging (optional, chosen by the host per layer; off unless asked for until measured): a
 // block copies a layer's whole input (the batch's pixel rows for layer 0, the layer below's
@@ -62,10 +66,9 @@
 //   floats; `weight_row_stage` (−1: none) holds the widest hidden layer's weight row.
 //   acts: a of the hidden layers and the logits; xhat: z then x̂ (hidden BN layers); dz: dL/dz
 //   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
-//   estimators [E, 2] f64 as in running_stats.cu; barrier [2] u32, zero before the launch.
+//   estimators [E, 2] f64 as in running_stats.cu; barrier [1] u32, zero before the launch.
 //   Shared memory (static, ~9 KB): a pass of FUSED_PASS_ROWS rows' dot-product partials
-//   [rows, lanes+1], image indices and dz column, the softmax row's label, the barrier's
-//   expected generation.
+//   [rows, lanes+1], image indices and dz column, the softmax row's label.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256 on the GPU), at
 //   most 64 registers a thread (__launch_bounds__). fused_train_steps_staged_f32: the same,
@@ -98,14 +101,11 @@
 #ifndef FUSED_TRAP
 #define FUSED_TRAP() __trap()
 #endif
-// How the barrier reads its generation and resets its count: a volatile load (with the
-// fences around it, the legacy cooperative-groups pattern) and a plain store on the GPU;
-// the CPU emulation maps them to C++ atomics so ThreadSanitizer can follow them.
+// How the barrier reads its count: a volatile load (with the fences around it, the legacy
+// cooperative-groups pattern) on the GPU; the CPU emulation maps it to a C++ atomic load so
+// ThreadSanitizer can follow it.
 #ifndef FUSED_LOAD_ACQUIRE
 #define FUSED_LOAD_ACQUIRE(p) (*(volatile unsigned*)(p))
-#endif
-#ifndef FUSED_STORE_RELAXED
-#define FUSED_STORE_RELAXED(p, v) (*(p) = (v))
 #endif
 // A 32-bit load of four pixels (4-byte aligned); the emulation copies the bytes instead.
 #ifndef FUSED_LOAD_U32
@@ -132,29 +132,23 @@
 // instead of a hang (the trap leaves the CUDA context unusable: the process must restart).
 #define FUSED_MAX_SPINS (1u << 26)
 
-// All blocks wait until every block has arrived. bar[0] counts arrivals, bar[1] is the
-// generation: the last to arrive resets the count and advances it, the others spin until it
-// moves. Thread 0 of each block keeps the generation it expects in `generation` (shared
-// memory; read from bar[1] once at the start: it cannot move before this block arrives, and
-// moves by one per barrier), so an arrival costs no round trip to L2 to read it. Fences
-// order every block's earlier global writes before the others' later reads.
-__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned* generation) {
+// All blocks wait until every block has arrived. bar[0] counts arrivals over the whole launch
+// (zero at its start): the k-th barrier is passed once it reaches k·G, so the last block's
+// arrival itself releases the others, which spin on the count, and nothing is reset (the
+// count after a launch is G × its barriers). Fences order every block's earlier global
+// writes before the others' later reads.
+__device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        const unsigned seen = *generation;
         __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            FUSED_STORE_RELAXED(bar, 0u);
-            __threadfence();
-            atomicAdd(bar + 1, 1u);
-        } else {
-            unsigned spins = 0;
-            while (FUSED_LOAD_ACQUIRE(bar + 1) == seen) {
-                FUSED_SPIN_PAUSE();
-                if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
-            }
+        const unsigned arrival = atomicAdd(bar, 1u);
+        const unsigned passed = (arrival / gridDim.x + 1) * gridDim.x;
+        unsigned spins = 0;
+        // No wrap-around: a launch's count stays below FUSED_MAX_STEPS × a few barriers × G.
+        while (FUSED_LOAD_ACQUIRE(bar) < passed) {
+            FUSED_SPIN_PAUSE();
+            if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
         }
-        *generation = seen + 1;
         __threadfence();
     }
     __syncthreads();
@@ -301,7 +295,25 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 #define FUSED_PASS_ROWS 64
 #define FUSED_MAX_LANES 32
 #define FUSED_PART_FLOATS (FUSED_PASS_ROWS * (FUSED_MAX_LANES + 1))
-#define FUSED_SHARED_FLOATS (FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS + 2)
+#define FUSED_SHARED_FLOATS (FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS + 1)
+
+// Σ_r col[r·stride] for r < rows, added in row order (as one thread's loop would) by thread
+// 0, whose return value it is (the others get 0). The rows' loads are issued in parallel into
+// `stage` (FUSED_PASS_ROWS floats): one round trip a pass, where one thread's loop waits on
+// one every few rows, and the rest of the block waits for it at the next barrier. Every
+// thread calls it.
+__device__ __forceinline__ float ordered_column_total(float* stage, const float* col, size_t stride, unsigned rows) {
+    float s = 0.0f;
+    for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
+        const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
+        for (unsigned i = threadIdx.x; i < pass; i += blockDim.x) stage[i] = col[(size_t)(first + i) * stride];
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (unsigned i = 0; i < pass; ++i) s += stage[i];
+        __syncthreads();
+    }
+    return s;
+}
 
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] (+ add[r], if given) for r < rows.
 // Threads form groups of K lanes (K = a power of two ≥ min(n/V, 32)); a group takes rows
@@ -310,10 +322,11 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 // Each (row, lane) partial goes to `part` ([rows of the pass] × (K+1): the padding keeps the
 // per-row sums free of bank conflicts); after one barrier a thread per row adds its K
 // partials in a fixed order (four interleaved sums, then (s0+s1)+(s2+s3)).
+// `mine`, if given, also gets row threadIdx.x's result, from the thread that computed it.
 template <typename In>
 __device__ __forceinline__ void column_dot(
     float* part, const In& in, unsigned rows, unsigned n, const float* w, unsigned w_stride,
-    float* out, unsigned out_stride, const float* add)
+    float* out, unsigned out_stride, const float* add, float* mine = nullptr)
 {
     constexpr unsigned V = In::V;
     const unsigned nv = n / V;
@@ -362,6 +375,7 @@ __device__ __forceinline__ void column_dot(
             }
             if (add != nullptr) s += add[first + i];
             out[(size_t)(first + i) * out_stride] = s;
+            if (mine != nullptr && first + i == threadIdx.x) *mine = s;
         }
         __syncthreads();
     }
@@ -606,18 +620,17 @@ __device__ __forceinline__ void fused_train_steps(
     float* shared = EMULATED_BLOCK_SHARED(FUSED_SHARED_FLOATS);
     uint8_t* staged = EMULATED_BLOCK_DYNAMIC();
 #else
-    __shared__ float shared[FUSED_SHARED_FLOATS];
+    __shared__ __align__(16) float shared[FUSED_SHARED_FLOATS];  // 16: `part` also holds doubles
     extern __shared__ __align__(16) uint8_t fused_dynamic_shared[];
     uint8_t* staged = fused_dynamic_shared;
 #endif
-    // part: column_dot's partials, the block totals, the weight gradient's group sums;
-    // index, gs: a pass's image indices and dz column; label: the softmax row's label;
-    // generation: the grid barrier's, as thread 0 expects it.
+    // part: column_dot's partials, the block totals, the weight gradient's group sums, the
+    // step's row losses; index, gs: a pass's image indices and dz column; label: the
+    // softmax row's label.
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
     unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS);
-    unsigned* generation = shared_label + 1;
 
     const unsigned G = gridDim.x, me = blockIdx.x, t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
@@ -631,7 +644,6 @@ __device__ __forceinline__ void fused_train_steps(
     const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
     // Read before the first barrier; block 0 writes them back after the last.
     const unsigned cursor0 = cursor[0];
-    if (t == 0) *generation = FUSED_LOAD_ACQUIRE(barrier + 1);
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
 
     // Calls f with layer l's input: the batch's pixels (layer 0) or the layer below's a,
@@ -694,32 +706,58 @@ __device__ __forceinline__ void fused_train_steps(
                 else if (weight_row != nullptr)
                     for (unsigned k = t; k < in_w; k += T) weight_row[k] = w[k];
                 if (weight_row != nullptr) w = weight_row;
-                with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr); });
+                // Estimator t's factors and running statistics, loaded before the dot products
+                // hide their round trips (they depend on nothing this step computes). Only in
+                // the staged kernel: the unstaged one's 64 registers would spill to hold them.
+                constexpr bool prefetch_stats = STAGED;
+                float keep0 = 0.0f, corr0 = 0.0f, mean0 = 0.0f, var0 = 0.0f;
+                if (prefetch_stats && bn && t < n_estimators) {
+                    const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
+                    const double decay = estimators[2 * t];
+                    const double n = (double)(batches_before(t, bn_index) + step);
+                    keep0 = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
+                    corr0 = estimators[2 * t + 1] != 0.0 ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
+                    mean0 = running_mean[(size_t)t * bn_total + col];
+                    var0 = running_var[(size_t)t * bn_total + col];
+                }
+                float z_kept = 0.0f;
+                with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr, &z_kept); });
                 // The column's z are in zx (this block's writes, visible after the barrier
-                // inside column_dot).
+                // inside column_dot). When the batch is one pass of rows and a row a thread
+                // (the seed's 60), each thread's row is also in z_kept, from the thread that
+                // summed it: the passes below then wait on no load of z (the loops below run
+                // once, r = t).
+                const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
+                auto z_at = [&](size_t i) { return kept ? z_kept : zx[i]; };
                 if (bn) {
                     // γ and β are loaded before the totals, whose barriers hide the round trip.
                     const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
                     float s = 0.0f;
-                    for (unsigned r = t; r < batch; r += T) s += zx[(size_t)r * width + j];
+                    for (unsigned r = t; r < batch; r += T) s += z_at((size_t)r * width + j);
                     const float mu = block_total(part, s, reduce_width) * inv_rows;
                     float q = 0.0f;
                     for (unsigned r = t; r < batch; r += T) {
-                        const float d = zx[(size_t)r * width + j] - mu;
+                        const float d = z_at((size_t)r * width + j) - mu;
                         q += d * d;
                     }
                     const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
                     const float istd = 1.0f / sqrtf(sigma2 + epsilon);
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
-                        const float xh = (zx[i] - mu) * istd;
+                        const float xh = (z_at(i) - mu) * istd;
                         zx[i] = xh;
                         a[i] = activate(activation, g * xh + b);
                     }
-                    // One thread per estimator: each is a chain of round trips of its own.
+                    // One thread per estimator (a chain of round trips of its own, unless
+                    // prefetched above).
                     const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
                     if (t == 0) inv_std[col] = istd;
-                    for (unsigned e = t; e < n_estimators; e += T) {
+                    if (prefetch_stats && t < n_estimators) {
+                        const float take = 1.0f - keep0;
+                        running_mean[(size_t)t * bn_total + col] = keep0 * mean0 + take * mu;
+                        running_var[(size_t)t * bn_total + col] = keep0 * var0 + take * (sigma2 * corr0);
+                    }
+                    for (unsigned e = prefetch_stats ? t + T : t; e < n_estimators; e += T) {
                         const double decay = estimators[2 * e];
                         const bool unbiased = estimators[2 * e + 1] != 0.0;
                         const double n = (double)(batches_before(e, bn_index) + step);
@@ -735,12 +773,12 @@ __device__ __forceinline__ void fused_train_steps(
                     const float b = params[info[L_BIAS] + j];
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
-                        a[i] = activate(activation, zx[i] + b);
+                        a[i] = activate(activation, z_at(i) + b);
                     }
                 }
                 __syncthreads();
             }
-            grid_barrier(barrier, generation);
+            grid_barrier(barrier);
         }
 
         // Logits (bias included) and softmax cross-entropy, row by row: row r belongs to
@@ -785,27 +823,39 @@ __device__ __forceinline__ void fused_train_steps(
                 }
                 __syncthreads();  // shared_label is rewritten for the next row
             }
-            grid_barrier(barrier, generation);
+            grid_barrier(barrier);
         }
 
         // Backward: the step's loss sums; the output layer's gradients; the hidden layers from
         // the top down.
-        if (me == 0 && t == 0) {
+        // Block 0 adds the rows' losses in row order, their loads issued in parallel (as in
+        // ordered_column_total; `part` is free between phases).
+        if (me == 0) {
+            double* losses = reinterpret_cast<double*>(part);
+            unsigned* rights = reinterpret_cast<unsigned*>(losses + FUSED_PASS_ROWS);
             double s = 0.0;
             unsigned long long c = 0;
-            for (unsigned r = 0; r < batch; ++r) { s += row_loss[r]; c += row_correct[r]; }
-            loss_sum[0] += s;
-            correct[0] += c;
+            for (unsigned first = 0; first < batch; first += FUSED_PASS_ROWS) {
+                const unsigned pass = batch - first < FUSED_PASS_ROWS ? batch - first : FUSED_PASS_ROWS;
+                for (unsigned i = t; i < pass; i += T) { losses[i] = row_loss[first + i]; rights[i] = row_correct[first + i]; }
+                __syncthreads();
+                if (t == 0)
+                    for (unsigned i = 0; i < pass; ++i) { s += losses[i]; c += rights[i]; }
+                __syncthreads();
+            }
+            if (t == 0) {
+                loss_sum[0] += s;
+                correct[0] += c;
+            }
         }
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
             const float* dlogits = dz + out_info[L_ACT];
             if (out_first < classes) stage_input(hidden, base);
             for (unsigned k = out_first; k < classes; k += G) {
-                if (out_info[L_BIAS] >= 0 && t == 0) {
-                    float s = 0.0f;
-                    for (unsigned r = 0; r < batch; ++r) s += dlogits[(size_t)r * classes + k];
-                    grads[out_info[L_BIAS] + k] = s;
+                if (out_info[L_BIAS] >= 0) {
+                    const float s = ordered_column_total(gs, dlogits + k, classes, batch);
+                    if (t == 0) grads[out_info[L_BIAS] + k] = s;
                 }
                 with_input(hidden, base, [&](const auto& in) {
                     weight_row_gradient(part, gs, grads + out_info[L_W] + (size_t)k * in_w, dlogits + k, classes, in, batch, in_w);
@@ -824,15 +874,22 @@ __device__ __forceinline__ void fused_train_steps(
             for (unsigned j = me; j < width; j += G) {
                 // da[r] = Σ_m dz_up[r,m]·W_up[m,j] into d's column, then dy = act'(a)·da, with
                 // the BN sums taken in the same pass (one round trip for a, da and x̂).
-                column_dot(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr);
+                // As in the forward, a thread's row stays in registers (da, then dy and x̂) when
+                // the batch is one pass of rows and a row a thread.
+                float da_kept = 0.0f, dy_kept = 0.0f, xh_kept = 0.0f;
+                column_dot(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr, &da_kept);
+                const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
                 float sb = 0.0f, sg = 0.0f;
                 for (unsigned r = t; r < batch; r += T) {
                     const size_t i = (size_t)r * width + j;
-                    const float dy = activate_backward(activation, a[i], d[i]);
+                    const float dy = activate_backward(activation, a[i], kept ? da_kept : d[i]);
                     d[i] = dy;
                     if (bn) {
+                        const float x = xh[i];
                         sb += dy;
-                        sg += dy * xh[i];
+                        sg += dy * x;
+                        dy_kept = dy;
+                        xh_kept = x;
                     }
                 }
                 if (bn) {
@@ -844,19 +901,17 @@ __device__ __forceinline__ void fused_train_steps(
                     const float b = (float)batch;
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
-                        d[i] = g * istd / b * (b * d[i] - d_beta - xh[i] * d_gamma);
+                        const float dy = kept ? dy_kept : d[i], x = kept ? xh_kept : xh[i];
+                        d[i] = g * istd / b * (b * dy - d_beta - x * d_gamma);
                     }
                     if (t == 0) {
                         grads[info[L_GAMMA] + j] = d_gamma;
                         grads[info[L_BETA] + j] = d_beta;
                     }
                 } else {
-                    __syncthreads();  // thread 0 reads every thread's dy
-                    if (t == 0) {
-                        float s = 0.0f;
-                        for (unsigned r = 0; r < batch; ++r) s += d[(size_t)r * width + j];
-                        grads[info[L_BIAS] + j] = s;
-                    }
+                    __syncthreads();  // every thread's dy is written
+                    const float s = ordered_column_total(gs, d + j, width, batch);
+                    if (t == 0) grads[info[L_BIAS] + j] = s;
                 }
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
@@ -868,12 +923,12 @@ __device__ __forceinline__ void fused_train_steps(
             // The layer below reads all of this layer's dz. With one hidden layer the barrier
             // is still needed: the output layer's weight gradient above read all of layer
             // 0's a, which the next step's forward overwrites.
-            if (l > 0 || hidden == 1) grid_barrier(barrier, generation);
+            if (l > 0 || hidden == 1) grid_barrier(barrier);
         }
     }
 
     // The last step's deferred updates, then the counters every block read at the start.
-    grid_barrier(barrier, generation);
+    grid_barrier(barrier);
     if (steps > 0) {
         for (unsigned l = 0; l < n_layers; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;

@@ -734,7 +734,7 @@ impl FusedPlan {
             inv_std: zeros_f32(bn_total)?,
             row_loss: stream.alloc_zeros::<f64>(batch)?,
             row_correct: stream.alloc_zeros::<u32>(batch)?,
-            barrier: stream.alloc_zeros::<u32>(2)?,
+            barrier: stream.alloc_zeros::<u32>(1)?,
             layers,
             batch,
             flat_len,
@@ -811,8 +811,8 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     let (count_u, features_u, order_u) = (count as u32, features as u32, order.len() as u32);
     let (layers_u, batch_u, steps_u) = (plan.layers.len() as u32, plan.batch as u32, steps as u32);
     let activation = activation_code(hyper.activation);
-    // The kernel leaves the barrier's count at zero; zeroing it anyway keeps each launch
-    // independent of whatever ran before on this buffer.
+    // The grid barrier counts arrivals over the launch, from zero (a memset on the stream,
+    // ordered after the previous launch, which left G × its barriers there).
     gpu.stream().memset_zeros(&mut plan.barrier)?;
     // The staged kernel whenever the plan stages anything (it reads the offsets).
     let function = if plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
