@@ -6,8 +6,8 @@
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
-#      staging (BNTRAIN_FUSED_STAGE=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1),
-#      the wide one with tf32 and bf16 GEMMs;
+#      staging (BNTRAIN_FUSED_STAGE=1), as a BN+plain pair (--pair) and with the small-GEMM
+#      kernels (BNTRAIN_SMALL_GEMM=1), the wide one with tf32 and bf16 GEMMs;
 #   4. the full `reproduce` study, timed, with fused steps, staged fused steps, then graphs
 #      (REPRODUCE=0 skips them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
@@ -113,16 +113,19 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)]
-    local small="${4:-0}" stage="${5:-0}"
-    local log="$logs/bench-$1-$2-$3-small$small-stage$stage.log" name="bench $1 ($2, $3)"
-    [[ $small == 1 ]] && name="bench $1 ($2, $3, small-GEMM kernels)"
-    [[ $stage == 1 ]] && name="bench $1 ($2, $3, staged)"
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1)]
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}"
+    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair.log" name="bench $1 ($2, $3"
+    [[ $small == 1 ]] && name+=", small-GEMM kernels"
+    [[ $stage == 1 ]] && name+=", staged"
+    [[ $pair == 1 ]] && name+=", BN+plain pair"
+    name+=")"
+    local pair_flag=(); [[ $pair == 1 ]] && pair_flag=(--pair)
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device"
@@ -139,6 +142,12 @@ for config in seed wide; do
 done
 # The fused kernel with layer inputs and weight rows in shared memory (BNTRAIN_FUSED_STAGE=1).
 bench seed fused f32 0 1
+# The BN and the plain network in lockstep, as reproduce's comparison trains them: about
+# twice one network's time if their launches (one stream each) run one after the other,
+# about once if they overlap on the GPU.
+bench seed fused f32 0 0 1
+bench seed fused f32 0 1 1
+bench seed graph f32 0 0 1
 bench wide graph tf32
 bench wide graph bf16
 # The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).

@@ -74,6 +74,9 @@ pub enum BenchData<'a> {
 pub struct BenchReport {
     pub config: BenchConfig,
     pub batch_norm: bool,
+    /// Networks trained in lockstep: 1, or 2 for `--pair` (the BN and the plain network side
+    /// by side, as `reproduce`'s comparison trains them); µs per step covers both.
+    pub networks: usize,
     pub device: String,
     /// The build's CUDA kernels (PTX target, nvcc), as `bntrain info` prints them.
     pub kernels: String,
@@ -89,38 +92,48 @@ pub struct BenchReport {
     pub steps_per_run: u64,
 }
 
-/// Times training steps of `net`: `warmup` steps, then `runs` runs of enough steps to last
-/// about `seconds_per_run` each; the median run gives µs per step.
+/// Times training steps of `nets` in lockstep (each run of steps queued on every network
+/// before any is waited for, as [`train::train_lockstep`] does): `warmup` steps, then `runs`
+/// runs of enough steps to last about `seconds_per_run` each; the median run gives µs per
+/// step of all the networks together.
 pub fn time_steps(
-    net: &mut dyn Backend, train: &TrainConfig, train_examples: usize,
+    nets: &mut [&mut dyn Backend], train: &TrainConfig, train_examples: usize,
     warmup: u64, runs: usize, seconds_per_run: f64,
 ) -> Result<(Vec<f64>, u64)> {
     let per_epoch = train::batches_per_epoch(train_examples, train.batch_size);
     let order = train::epoch_order(train.order, train.seed, 0, train_examples);
-    net.set_epoch_order(&order)?;
+    for net in nets.iter_mut() {
+        net.set_epoch_order(&order)?;
+    }
     let mut step = 0u64;
     // As training does: runs of steps to the end of the epoch (the order is reused).
-    let mut run_steps = |net: &mut dyn Backend, n: u64| -> Result<f64> {
+    let mut run_steps = |nets: &mut [&mut dyn Backend], n: u64| -> Result<f64> {
         let t = Instant::now();
         let mut done = 0;
         while done < n {
             let batch = step % per_epoch;
             let run = (per_epoch - batch).min(n - done);
-            net.train_steps(batch as usize, run as usize)?;
+            for net in nets.iter_mut() {
+                net.train_steps(batch as usize, run as usize)?;
+            }
             step += run;
             done += run;
         }
-        net.synchronize()?;
+        for net in nets.iter_mut() {
+            net.synchronize()?;
+        }
         Ok(t.elapsed().as_secs_f64())
     };
-    let warm = run_steps(net, warmup.max(1))?;
+    let warm = run_steps(nets, warmup.max(1))?;
     let per_step = warm / warmup.max(1) as f64;
     let steps_per_run = ((seconds_per_run / per_step.max(1e-9)) as u64).clamp(3, 100_000);
     let mut us = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
-        us.push(run_steps(net, steps_per_run)? * 1e6 / steps_per_run as f64);
+        us.push(run_steps(nets, steps_per_run)? * 1e6 / steps_per_run as f64);
     }
-    net.take_step_stats()?;
+    for net in nets.iter_mut() {
+        net.take_step_stats()?;
+    }
     Ok((us, steps_per_run))
 }
 
@@ -135,11 +148,21 @@ pub fn median(values: &[f64]) -> f64 {
 /// Builds a backend for a model, its training configuration, data and initial parameters.
 pub type OpenBackend<'a> = dyn FnMut(ModelConfig, TrainConfig, Arc<Dataset>, &ModelParams) -> Result<Box<dyn Backend>> + 'a;
 
-/// Builds the benchmark network with `open` and times it.
+/// Which networks a benchmark trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchNets {
+    /// One network, with BN or without.
+    One { batch_norm: bool },
+    /// The BN and the plain network in lockstep, on the same batches.
+    Pair,
+}
+
+/// Builds the benchmark network(s) with `open` and times them.
 pub fn run(
-    config: BenchConfig, batch_norm: bool, data: BenchData<'_>, runs: usize, seconds_per_run: f64,
+    config: BenchConfig, nets: BenchNets, data: BenchData<'_>, runs: usize, seconds_per_run: f64,
     open: &mut OpenBackend<'_>,
 ) -> Result<BenchReport> {
+    let batch_norm = nets != BenchNets::One { batch_norm: false };
     let (model, train) = config.configs(batch_norm);
     let examples = train.batch_size * 12;
     let (data, name) = match data {
@@ -156,14 +179,25 @@ pub fn run(
     };
     let nonzero_pixels = data.train.images.iter().filter(|&&p| p != 0).count() as f64 / data.train.images.len().max(1) as f64;
     let data = Arc::new(data);
-    let params = ModelParams::init(&model, train.seed, 1);
-    let mut net = open(model, train.clone(), Arc::clone(&data), &params)?;
-    let (us, steps_per_run) = time_steps(net.as_mut(), &train, data.train.count, 20, runs, seconds_per_run)?;
+    let mut opened = Vec::new();
+    let mut models = vec![model];
+    if nets == BenchNets::Pair {
+        models.push(config.configs(false).0);
+    }
+    for model in models {
+        let params = ModelParams::init(&model, train.seed, 1);
+        opened.push(open(model, train.clone(), Arc::clone(&data), &params)?);
+    }
+    let (us, steps_per_run) = {
+        let mut lockstep: Vec<&mut dyn Backend> = opened.iter_mut().map(|net| &mut **net as &mut dyn Backend).collect();
+        time_steps(&mut lockstep, &train, data.train.count, 20, runs, seconds_per_run)?
+    };
     let med = median(&us);
     Ok(BenchReport {
         config,
         batch_norm,
-        device: net.device_name(),
+        networks: opened.len(),
+        device: opened[0].device_name(),
         kernels: crate::cuda::build_info(),
         data: name,
         nonzero_pixels,

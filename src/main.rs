@@ -223,8 +223,12 @@ struct BenchArgs {
     #[arg(long, default_value = "seed", value_parser = parse_bench_config)]
     config: BenchConfig,
     /// Benchmark the plain network instead of the BN one.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pair")]
     no_bn: bool,
+    /// Benchmark the BN and the plain network side by side, in lockstep on the same batches
+    /// (as `reproduce`'s comparison trains them): µs per step of both together.
+    #[arg(long)]
+    pair: bool,
     /// Timed runs (the median is reported).
     #[arg(long, default_value_t = 7)]
     runs: usize,
@@ -553,10 +557,16 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         Some(Arc::new(data::load_dir(&dir, args.data.dataset).with_context(|| format!("cannot load {} from {}", args.data.dataset, dir.display()))?))
     };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);
-    let r = bench::run(args.config, !args.no_bn, data, args.runs, args.seconds, &mut open)?;
+    let nets = if args.pair { bench::BenchNets::Pair } else { bench::BenchNets::One { batch_norm: !args.no_bn } };
+    let r = bench::run(args.config, nets, data, args.runs, args.seconds, &mut open)?;
+    let which = match nets {
+        bench::BenchNets::Pair => "BN and plain in lockstep",
+        bench::BenchNets::One { batch_norm: true } => "BN",
+        bench::BenchNets::One { batch_norm: false } => "plain",
+    };
     println!(
-        "{:?} ({}, batch {}, {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {} runs of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
-        r.config, if r.batch_norm { "BN" } else { "plain" }, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
+        "{:?} ({which}, batch {}, {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {} runs of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
+        r.config, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
         r.us_per_step, r.runs, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
     println!("{}", r.kernels);

@@ -268,6 +268,13 @@ fn bench_and_info_run_on_the_cpu() {
     let r = last_json(&bntrain(&[&quick[..], &["--noise"]].concat()));
     assert_eq!((r["data"].as_str(), r["device"].as_str()), (Some("noise"), Some("cpu f32")));
     assert!(r["nonzero_pixels"].as_f64().unwrap() > 0.99, "uniform bytes are 255/256 non-zero");
+    assert_eq!((r["networks"].as_u64(), r["batch_norm"].as_bool()), (Some(1), Some(true)));
+    // --pair: the BN and the plain network in lockstep, one time per step for both; not with --no-bn.
+    let out = bntrain(&[&quick[..], &["--noise", "--pair"]].concat());
+    let pair = last_json(&out);
+    assert_eq!(pair["networks"], 2);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BN and plain in lockstep"));
+    expect_failure(&bntrain(&[&quick[..], &["--noise", "--pair", "--no-bn"]].concat()), "--no-bn");
     // Without data and without --noise, bench downloads nothing and says where it looked.
     let out = bntrain(&quick);
     expect_failure(&out, "pass --noise for random pixels");
