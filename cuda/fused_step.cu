@@ -491,25 +491,30 @@ template <> struct Chunk<1> {
 };
 
 // Copies `rows` rows of `row_bytes` (a multiple of W) from src_row(r) to dst + r·pitch,
-// W bytes a load, four loads per thread issued before any store. A null source row is
-// skipped (its bytes are never read). Every thread calls it; the caller synchronizes.
+// W bytes a load, STAGE_LOADS loads per thread issued before any store: the seed's 47 KB of
+// pixels takes two round trips (256 threads × 8 × 16 bytes at a time), where 4 loads a
+// thread took three (12 would take one, but spill the staged kernel's 128 registers). A null
+// source row is skipped (its bytes are never read). Every thread calls it; the caller
+// synchronizes.
+#define STAGE_LOADS 8
 template <unsigned W, typename SrcRow>
 __device__ __forceinline__ void stage_rows(uint8_t* dst, unsigned pitch, unsigned rows, unsigned row_bytes, SrcRow src_row) {
     typedef typename Chunk<W>::T T;
     const unsigned per_row = row_bytes / W, n = rows * per_row, stride = blockDim.x;
-    for (unsigned i0 = threadIdx.x; i0 < n; i0 += 4 * stride) {
-        T v[4];
-        const uint8_t* src[4];
+    for (unsigned i0 = threadIdx.x; i0 < n; i0 += STAGE_LOADS * stride) {
+        T v[STAGE_LOADS];
+        bool loaded[STAGE_LOADS];
 #pragma unroll
-        for (unsigned u = 0; u < 4; ++u) {
+        for (unsigned u = 0; u < STAGE_LOADS; ++u) {
             const unsigned i = i0 + u * stride;
-            src[u] = i < n ? src_row(i / per_row) : nullptr;
-            if (src[u] != nullptr) v[u] = Chunk<W>::load(src[u] + (size_t)(i % per_row) * W);
+            const uint8_t* src = i < n ? src_row(i / per_row) : nullptr;
+            loaded[u] = src != nullptr;
+            if (loaded[u]) v[u] = Chunk<W>::load(src + (size_t)(i % per_row) * W);
         }
 #pragma unroll
-        for (unsigned u = 0; u < 4; ++u) {
+        for (unsigned u = 0; u < STAGE_LOADS; ++u) {
             const unsigned i = i0 + u * stride;
-            if (src[u] != nullptr) Chunk<W>::store(dst + (size_t)(i / per_row) * pitch + (size_t)(i % per_row) * W, v[u]);
+            if (loaded[u]) Chunk<W>::store(dst + (size_t)(i / per_row) * pitch + (size_t)(i % per_row) * W, v[u]);
         }
     }
 }
