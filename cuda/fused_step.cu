@@ -304,6 +304,8 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 // thread calls it.
 __device__ __forceinline__ float ordered_column_total(float* stage, const float* col, size_t stride, unsigned rows) {
     float s = 0.0f;
+    // `stage` may still be read by the caller's previous work (a weight gradient's last pass).
+    __syncthreads();
     for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
         const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
         for (unsigned i = threadIdx.x; i < pass; i += blockDim.x) stage[i] = col[(size_t)(first + i) * stride];
@@ -604,6 +606,13 @@ __device__ __forceinline__ void sgd_row(
     __syncthreads();
 }
 
+// A running statistic's update, keep·old + take·x, rounded as written: one fused multiply-add
+// over a rounded product, whichever kernel computes it (left to itself, the compiler fuses a
+// different product in each, and the staged and unstaged kernels would differ in the last bit).
+__device__ __forceinline__ float blend(float keep, float old, float take, float x) {
+    return __fmaf_rn(take, x, __fmul_rn(keep, old));
+}
+
 // The kernel's body; STAGED compiles the staging in (the two kernels below).
 template <bool STAGED>
 __device__ __forceinline__ void fused_train_steps(
@@ -759,8 +768,8 @@ __device__ __forceinline__ void fused_train_steps(
                     if (t == 0) inv_std[col] = istd;
                     if (prefetch_stats && t < n_estimators) {
                         const float take = 1.0f - keep0;
-                        running_mean[(size_t)t * bn_total + col] = keep0 * mean0 + take * mu;
-                        running_var[(size_t)t * bn_total + col] = keep0 * var0 + take * (sigma2 * corr0);
+                        running_mean[(size_t)t * bn_total + col] = blend(keep0, mean0, take, mu);
+                        running_var[(size_t)t * bn_total + col] = blend(keep0, var0, take, __fmul_rn(sigma2, corr0));
                     }
                     for (unsigned e = prefetch_stats ? t + T : t; e < n_estimators; e += T) {
                         const double decay = estimators[2 * e];
@@ -771,8 +780,8 @@ __device__ __forceinline__ void fused_train_steps(
                         const float corr = unbiased ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
                         float* rm = running_mean + (size_t)e * bn_total + col;
                         float* rv = running_var + (size_t)e * bn_total + col;
-                        *rm = keep * *rm + take * mu;
-                        *rv = keep * *rv + take * (sigma2 * corr);
+                        *rm = blend(keep, *rm, take, mu);
+                        *rv = blend(keep, *rv, take, __fmul_rn(sigma2, corr));
                     }
                 } else {
                     const float b = params[info[L_BIAS] + j];

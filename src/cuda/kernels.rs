@@ -701,21 +701,22 @@ impl FusedPlan {
         require(K, attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 1, || "the device does not support cooperative launches".into())?;
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
         let wanted = u32::try_from(layers[..hidden].iter().map(|l| l.outputs).max().unwrap_or(1) + layers[hidden].outputs).unwrap_or(u32::MAX);
-        let function = if stage { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
-        let grid_with = |dynamic: usize| -> Result<u32, CudaError> {
+        let grid_with = |function: &CudaFunction, dynamic: usize| -> Result<u32, CudaError> {
             let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, dynamic, None)?;
             Ok(wanted.min(sms.saturating_mul(per_sm)))
         };
-        let grid = grid_with(0)?;
+        // The unstaged kernel's grid; staging may not shrink it.
+        let grid = grid_with(&gpu.functions.fused_train_steps, 0)?;
         require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs)"))?;
         let staging = if stage {
             // Shared memory beyond 48 KB a block must be opted into, up to the device's limit
             // less the kernel's static shared memory.
+            let staged = &gpu.functions.fused_train_steps_staged;
             let optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
-            let fixed = function.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?.max(0) as usize;
+            let fixed = staged.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?.max(0) as usize;
             let limit = optin.saturating_sub(fixed);
-            function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(limit).unwrap_or(i32::MAX))?;
-            FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(bytes)? >= grid))?
+            staged.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(limit).unwrap_or(i32::MAX))?;
+            FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(staged, bytes)? >= grid))?
         } else {
             FusedStaging { inputs: vec![None; layers.len()], ..Default::default() }
         };

@@ -52,6 +52,8 @@ inline unsigned g_slow_block = UINT32_MAX;
 #define __shared__ static
 #define __restrict__ __restrict
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return i; }
 
 // Threaded launch (kernels with barriers): every thread of a block is a std::thread.
