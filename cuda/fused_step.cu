@@ -613,20 +613,28 @@ __device__ __forceinline__ float blend(float keep, float old, float take, float 
     return __fmaf_rn(take, x, __fmul_rn(keep, old));
 }
 
+// The kernels' parameters (see the header's Layout), and the same names as arguments.
+#define FUSED_PARAMS                                                                                       \
+    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features, \
+    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,                               \
+    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,                            \
+    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,              \
+    float* params, float* grads, float* velocity,                                                           \
+    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,    \
+    float* running_mean, float* running_var, unsigned long long* batches,                                   \
+    float* acts, float* xhat, float* dz, float* inv_std,                                                    \
+    double* row_loss, unsigned* row_correct,                                                                \
+    double* loss_sum, unsigned long long* correct,                                                          \
+    unsigned* barrier, unsigned steps
+#define FUSED_ARGS                                                                                          \
+    images, labels, count, features, order, order_len, cursor, layer_info, n_layers, weight_row_stage,      \
+    batch, epsilon, activation, grad_scale, lr, momentum, params, grads, velocity, estimators, n_estimators, \
+    bn_total, bn_layers, running_mean, running_var, batches, acts, xhat, dz, inv_std, row_loss,              \
+    row_correct, loss_sum, correct, barrier, steps
+
 // The kernel's body; STAGED compiles the staging in (the two kernels below).
 template <bool STAGED>
-__device__ __forceinline__ void fused_train_steps(
-    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
-    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
-    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,
-    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,
-    float* params, float* grads, float* velocity,
-    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,
-    float* running_mean, float* running_var, unsigned long long* batches,
-    float* acts, float* xhat, float* dz, float* inv_std,
-    double* row_loss, unsigned* row_correct,
-    double* loss_sum, unsigned long long* correct,
-    unsigned* barrier, unsigned steps)
+__device__ __forceinline__ void fused_train_steps(FUSED_PARAMS)
 {
 #ifdef EMULATED_BLOCK_SHARED
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
@@ -958,41 +966,15 @@ __device__ __forceinline__ void fused_train_steps(
 }
 
 // Every layer read from global memory (the host's stage offsets are ignored).
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(
-    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
-    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
-    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,
-    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,
-    float* params, float* grads, float* velocity,
-    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,
-    float* running_mean, float* running_var, unsigned long long* batches,
-    float* acts, float* xhat, float* dz, float* inv_std,
-    double* row_loss, unsigned* row_correct,
-    double* loss_sum, unsigned long long* correct,
-    unsigned* barrier, unsigned steps)
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(FUSED_PARAMS)
 {
-    fused_train_steps<false>(images, labels, count, features, order, order_len, cursor, layer_info, n_layers, weight_row_stage, batch, epsilon,
-        activation, grad_scale, lr, momentum, params, grads, velocity, estimators, n_estimators, bn_total, bn_layers,
-        running_mean, running_var, batches, acts, xhat, dz, inv_std, row_loss, row_correct, loss_sum, correct, barrier, steps);
+    fused_train_steps<false>(FUSED_ARGS);
 }
 
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
 // seed network) allow two blocks an SM at most, so registers are capped at 128, not 64:
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(
-    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features,
-    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,
-    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,
-    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,
-    float* params, float* grads, float* velocity,
-    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,
-    float* running_mean, float* running_var, unsigned long long* batches,
-    float* acts, float* xhat, float* dz, float* inv_std,
-    double* row_loss, unsigned* row_correct,
-    double* loss_sum, unsigned long long* correct,
-    unsigned* barrier, unsigned steps)
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
 {
-    fused_train_steps<true>(images, labels, count, features, order, order_len, cursor, layer_info, n_layers, weight_row_stage, batch, epsilon,
-        activation, grad_scale, lr, momentum, params, grads, velocity, estimators, n_estimators, bn_total, bn_layers,
-        running_mean, running_var, batches, acts, xhat, dz, inv_std, row_loss, row_correct, loss_sum, correct, barrier, steps);
+    fused_train_steps<true>(FUSED_ARGS);
 }

@@ -117,6 +117,14 @@ fn one_step_matches_the_cpu_reference() {
     }
 }
 
+/// The three comparisons with the CPU reference below, for a backend other than the unfused
+/// CUDA one (which has a test for each).
+fn check_all(make: Maker) {
+    check_one_step(make);
+    check_two_hundred_steps(make);
+    check_inference(make);
+}
+
 fn check_one_step(make: Maker) {
     let data = dataset();
     for (name, model, train) in configurations() {
@@ -557,9 +565,7 @@ fn cuda_fused_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Datas
 fn fused_steps_match_the_cpu_reference() {
     let _serial = serial();
     if gpu().is_some() {
-        check_one_step(cuda_fused_backend);
-        check_two_hundred_steps(cuda_fused_backend);
-        check_inference(cuda_fused_backend);
+        check_all(cuda_fused_backend);
     }
 }
 
@@ -580,10 +586,17 @@ fn cuda_staged_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Data
 fn staged_fused_steps_match_the_cpu_reference() {
     let _serial = serial();
     if gpu().is_some() {
-        check_one_step(cuda_staged_backend);
-        check_two_hundred_steps(cuda_staged_backend);
-        check_inference(cuda_staged_backend);
+        check_all(cuda_staged_backend);
     }
+}
+
+/// Two backends that trained the same steps hold bit for bit the same step statistics,
+/// parameters (running statistics included), gradients and momentum.
+fn assert_same_state(name: &str, a: &mut dyn Backend, b: &mut dyn Backend) {
+    assert_eq!(stats_bits(a.take_step_stats().unwrap()), stats_bits(b.take_step_stats().unwrap()), "{name}: step stats");
+    assert_eq!(params_bits(&a.params().unwrap()), params_bits(&b.params().unwrap()), "{name}: parameters");
+    assert_eq!(tensor_bits(&a.gradients().unwrap()), tensor_bits(&b.gradients().unwrap()), "{name}: gradients");
+    assert_eq!(tensor_bits(&a.velocity().unwrap()), tensor_bits(&b.velocity().unwrap()), "{name}: momentum");
 }
 
 /// Staging changes where the kernel reads its operands, not what it adds up or in which
@@ -611,10 +624,7 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
             net.set_epoch_order(&order).unwrap();
             net.train_steps(0, steps).unwrap();
         }
-        assert_eq!(stats_bits(staged.take_step_stats().unwrap()), stats_bits(unstaged.take_step_stats().unwrap()), "{name}: step stats");
-        assert_eq!(params_bits(&staged.params().unwrap()), params_bits(&unstaged.params().unwrap()), "{name}: parameters");
-        assert_eq!(tensor_bits(&staged.gradients().unwrap()), tensor_bits(&unstaged.gradients().unwrap()), "{name}: gradients");
-        assert_eq!(tensor_bits(&staged.velocity().unwrap()), tensor_bits(&unstaged.velocity().unwrap()), "{name}: momentum");
+        assert_same_state(name, &mut staged, &mut unstaged);
     }
 }
 
@@ -640,10 +650,7 @@ fn fused_runs_equal_fused_single_steps_bitwise() {
         for batch in 0..steps {
             single.train_step(batch).unwrap();
         }
-        assert_eq!(stats_bits(run.take_step_stats().unwrap()), stats_bits(single.take_step_stats().unwrap()), "{name}: step stats");
-        assert_eq!(params_bits(&run.params().unwrap()), params_bits(&single.params().unwrap()), "{name}: parameters");
-        assert_eq!(tensor_bits(&run.gradients().unwrap()), tensor_bits(&single.gradients().unwrap()), "{name}: gradients");
-        assert_eq!(tensor_bits(&run.velocity().unwrap()), tensor_bits(&single.velocity().unwrap()), "{name}: momentum");
+        assert_same_state(name, &mut run, &mut single);
     }
 }
 
@@ -753,9 +760,7 @@ fn the_comparisons_hold_for_cpu_f32() {
         },
         true,
     );
-    check_one_step(cpu_f32_backend);
-    check_two_hundred_steps(cpu_f32_backend);
-    check_inference(cpu_f32_backend);
+    check_all(cpu_f32_backend);
 }
 
 /// `--precision tf32|bf16`: one step of the seed network with the GEMMs on tensor cores
