@@ -37,14 +37,17 @@ extern "C" __global__ void act_bwd_bias_grad_f32(
     const unsigned c = blockIdx.x * TILE_COLS + threadIdx.x;
     const bool live = c < width;
 
+    // A row's a and da, loaded together.
+    struct Row { float a, da; };
     float s = 0.0f;
     if (live)
-        for (unsigned r = threadIdx.y; r < rows; r += TILE_ROWS) {
-            const size_t i = (size_t)r * width + c;
-            const float g = activate_backward(activation, a[i], da[i]);
-            dz[i] = g;
-            s += g;
-        }
+        for_column_rows(
+            rows, [&](unsigned r) { const size_t i = (size_t)r * width + c; return Row{a[i], da[i]}; },
+            [&](unsigned r, Row v) {
+                const float g = activate_backward(activation, v.a, v.da);
+                dz[(size_t)r * width + c] = g;
+                s += g;
+            });
     const float total = column_total(part, s);
     if (live && threadIdx.y == 0 && dbias != nullptr) dbias[c] = total;
 }

@@ -33,17 +33,17 @@ extern "C" __global__ void bn_act_fwd_train_f32(
     const bool live = c < width;
     const float inv_rows = 1.0f / (float)rows;
 
+    auto z_at = [&](unsigned r) { return z[(size_t)r * width + c]; };
     float s = 0.0f;
-    if (live)
-        for (unsigned r = threadIdx.y; r < rows; r += TILE_ROWS) s += z[(size_t)r * width + c];
+    if (live) for_column_rows(rows, z_at, [&](unsigned, float v) { s += v; });
     const float mu = column_total(part, s) * inv_rows;
 
     float q = 0.0f;
     if (live)
-        for (unsigned r = threadIdx.y; r < rows; r += TILE_ROWS) {
-            const float d = z[(size_t)r * width + c] - mu;
+        for_column_rows(rows, z_at, [&](unsigned, float v) {
+            const float d = v - mu;
             q += d * d;
-        }
+        });
     const float sigma2 = column_total(part, q) * inv_rows;
     if (!live) return;  // no barrier follows
 
@@ -54,14 +54,14 @@ extern "C" __global__ void bn_act_fwd_train_f32(
         inv_std[c] = istd;
     }
     const float g = gamma[c], b = beta[c];
-    for (unsigned r = threadIdx.y; r < rows; r += TILE_ROWS) {
+    for_column_rows(rows, z_at, [&](unsigned r, float v) {
         const size_t i = (size_t)r * width + c;
-        const float xh = (z[i] - mu) * istd;
+        const float xh = (v - mu) * istd;
         const float yv = g * xh + b;
         x_hat[i] = xh;
         if (y != nullptr) y[i] = yv;
         a[i] = activate(activation, yv);
-    }
+    });
 }
 
 extern "C" __global__ void bn_act_fwd_infer_f32(
@@ -90,14 +90,19 @@ extern "C" __global__ void act_bn_bwd_f32(
     const unsigned c = blockIdx.x * TILE_COLS + threadIdx.x;
     const bool live = c < width;
 
+    // A row's a, da and x̂, loaded together.
+    struct Row { float a, da, x_hat; };
+    auto row_at = [&](unsigned r) {
+        const size_t i = (size_t)r * width + c;
+        return Row{a[i], da[i], x_hat[i]};
+    };
     float sb = 0.0f, sg = 0.0f;
     if (live)
-        for (unsigned r = threadIdx.y; r < rows; r += TILE_ROWS) {
-            const size_t i = (size_t)r * width + c;
-            const float dy = activate_backward(activation, a[i], da[i]);
+        for_column_rows(rows, row_at, [&](unsigned, Row v) {
+            const float dy = activate_backward(activation, v.a, v.da);
             sb += dy;
-            sg += dy * x_hat[i];
-        }
+            sg += dy * v.x_hat;
+        });
     const float db = column_total(part, sb);
     const float dg = column_total(part, sg);
     if (!live) return;  // no barrier follows
@@ -108,9 +113,8 @@ extern "C" __global__ void act_bn_bwd_f32(
     }
     const float batch = (float)rows;
     const float k = gamma[c] * inv_std[c] / batch;
-    for (unsigned r = threadIdx.y; r < rows; r += TILE_ROWS) {
-        const size_t i = (size_t)r * width + c;
-        const float dy = activate_backward(activation, a[i], da[i]);
-        dz[i] = k * (batch * dy - db - x_hat[i] * dg);
-    }
+    for_column_rows(rows, row_at, [&](unsigned r, Row v) {
+        const float dy = activate_backward(activation, v.a, v.da);
+        dz[(size_t)r * width + c] = k * (batch * dy - db - v.x_hat * dg);
+    });
 }
