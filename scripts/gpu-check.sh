@@ -13,7 +13,7 @@
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
-#      and the fused kernel's stall reasons (skipped without ncu);
+#      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
 # then prints a summary table last.
 #
@@ -222,14 +222,17 @@ for k, (calls, t, shape) in sorted(per.items(), key=lambda kv: -kv[1][1]):
 PY
         row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null | grep . || echo FAIL)"
     done
-    if [[ $fused_ok == 1 ]] && limit 60 20 "profile seed (fused, ncu)"; then
-        echo "== ncu: BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
-        BNTRAIN_CUDA_STEP=fused timeout "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+    # The fused kernel's stall reasons, unstaged and staged (BNTRAIN_FUSED_STAGE).
+    for stage in 0 1; do
+        variant=fused; [[ $stage == 1 ]] && variant=staged
+        [[ $fused_ok == 1 ]] && limit 60 20 "profile seed ($variant, ncu)" || continue
+        echo "== ncu: BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
+        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused timeout "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section SourceCounters -k regex:fused --launch-skip 2 --launch-count 1 \
-            "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-fused.txt" 2>&1
-        grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-fused.txt"
-        row "profile seed (fused, ncu)" "$(grep -m1 -E '^ *Duration' "$logs/profile-fused.txt" | tr -s ' ' || echo FAIL)"
-    fi
+            "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-$variant.txt" 2>&1
+        grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-$variant.txt"
+        row "profile seed ($variant, ncu)" "$(grep -m1 -E '^ *Duration' "$logs/profile-$variant.txt" | tr -s ' ' || echo FAIL)"
+    done
 fi
 
 if [[ -n "$anchor" ]] && limit 300 30 "anchor $(basename "$anchor")"; then
