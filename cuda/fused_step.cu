@@ -83,6 +83,9 @@
 // the unrolled loads, and with the cap they still fit without spills (scripts/ptx-check.sh).
 #define FUSED_MIN_BLOCKS 4
 #define FUSED_STAGED_MIN_BLOCKS 2
+// The pair kernels keep the per-network pointers in registers: 128 of them, two blocks an SM
+// (the seed's pair grid, 220 blocks, needs two on some SMs of 132).
+#define FUSED_PAIR_MIN_BLOCKS 2
 #define LAYER_FIELDS 10
 #define L_IN 0
 #define L_OUT 1
@@ -613,28 +616,46 @@ __device__ __forceinline__ float blend(float keep, float old, float take, float 
     return __fmaf_rn(take, x, __fmul_rn(keep, old));
 }
 
-// The kernels' parameters (see the header's Layout), and the same names as arguments.
-#define FUSED_PARAMS                                                                                       \
-    const uint8_t* __restrict__ images, const uint8_t* __restrict__ labels, unsigned count, unsigned features, \
-    const unsigned* __restrict__ order, unsigned order_len, unsigned* cursor,                               \
-    const int* __restrict__ layer_info, unsigned n_layers, int weight_row_stage,                            \
-    unsigned batch, float epsilon, int activation, float grad_scale, float lr, float momentum,              \
-    float* params, float* grads, float* velocity,                                                           \
-    const double* __restrict__ estimators, unsigned n_estimators, unsigned bn_total, unsigned bn_layers,    \
-    float* running_mean, float* running_var, unsigned long long* batches,                                   \
-    float* acts, float* xhat, float* dz, float* inv_std,                                                    \
-    double* row_loss, unsigned* row_correct,                                                                \
-    double* loss_sum, unsigned long long* correct,                                                          \
-    unsigned* barrier, unsigned steps
-#define FUSED_ARGS                                                                                          \
-    images, labels, count, features, order, order_len, cursor, layer_info, n_layers, weight_row_stage,      \
-    batch, epsilon, activation, grad_scale, lr, momentum, params, grads, velocity, estimators, n_estimators, \
-    bn_total, bn_layers, running_mean, running_var, batches, acts, xhat, dz, inv_std, row_loss,              \
-    row_correct, loss_sum, correct, barrier, steps
+// The kernels' parameters (see the header's Layout), and the same names as arguments; P
+// prefixes every name (empty for the one-network kernels, a_ and b_ for the pair kernels).
+#define FUSED_PARAMS_P(P)                                                                                             \
+    const uint8_t* __restrict__ P##images, const uint8_t* __restrict__ P##labels, unsigned P##count,                   \
+    unsigned P##features, const unsigned* __restrict__ P##order, unsigned P##order_len, unsigned* P##cursor,           \
+    const int* __restrict__ P##layer_info, unsigned P##n_layers, int P##weight_row_stage, unsigned P##batch,           \
+    float P##epsilon, int P##activation, float P##grad_scale, float P##lr, float P##momentum,                          \
+    float* P##params, float* P##grads, float* P##velocity, const double* __restrict__ P##estimators,                  \
+    unsigned P##n_estimators, unsigned P##bn_total, unsigned P##bn_layers, float* P##running_mean,                    \
+    float* P##running_var, unsigned long long* P##batches, float* P##acts, float* P##xhat, float* P##dz,              \
+    float* P##inv_std, double* P##row_loss, unsigned* P##row_correct, double* P##loss_sum,                            \
+    unsigned long long* P##correct, unsigned* P##barrier, unsigned P##steps
+#define FUSED_ARGS_P(P)                                                                                               \
+    P##images, P##labels, P##count, P##features, P##order, P##order_len, P##cursor, P##layer_info, P##n_layers,       \
+    P##weight_row_stage, P##batch, P##epsilon, P##activation, P##grad_scale, P##lr, P##momentum, P##params,           \
+    P##grads, P##velocity, P##estimators, P##n_estimators, P##bn_total, P##bn_layers, P##running_mean,               \
+    P##running_var, P##batches, P##acts, P##xhat, P##dz, P##inv_std, P##row_loss, P##row_correct, P##loss_sum,         \
+    P##correct, P##barrier, P##steps
+// The arguments of network B where C holds, of A otherwise: one call of the body for either.
+// What the pair launcher gives both networks alike (the batches, the hyperparameters, the
+// layer count, the staging layout, the barrier) is taken from A, so it stays a kernel
+// parameter instead of taking a register.
+#define FUSED_ARGS_SELECT(C, A, B) \
+    A##images, A##labels, A##count, A##features, A##order, A##order_len, (C ? B##cursor : A##cursor), \
+    (C ? B##layer_info : A##layer_info), A##n_layers, A##weight_row_stage, A##batch, A##epsilon, A##activation, \
+    A##grad_scale, A##lr, A##momentum, (C ? B##params : A##params), (C ? B##grads : A##grads), \
+    (C ? B##velocity : A##velocity), (C ? B##estimators : A##estimators), \
+    (C ? B##n_estimators : A##n_estimators), (C ? B##bn_total : A##bn_total), (C ? B##bn_layers : A##bn_layers), \
+    (C ? B##running_mean : A##running_mean), (C ? B##running_var : A##running_var), \
+    (C ? B##batches : A##batches), (C ? B##acts : A##acts), (C ? B##xhat : A##xhat), (C ? B##dz : A##dz), \
+    (C ? B##inv_std : A##inv_std), (C ? B##row_loss : A##row_loss), (C ? B##row_correct : A##row_correct), \
+    (C ? B##loss_sum : A##loss_sum), (C ? B##correct : A##correct), A##barrier, A##steps
+#define FUSED_PARAMS FUSED_PARAMS_P()
+#define FUSED_ARGS FUSED_ARGS_P()
 
-// The kernel's body; STAGED compiles the staging in (the two kernels below).
+// The kernel's body; STAGED compiles the staging in (the kernels below). The network's blocks
+// are `G` blocks of the grid, this one its `me`-th (the whole grid, or half of it for a pair);
+// the grid barrier counts every block of the grid.
 template <bool STAGED>
-__device__ __forceinline__ void fused_train_steps(FUSED_PARAMS)
+__device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
 #ifdef EMULATED_BLOCK_SHARED
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
@@ -654,7 +675,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS)
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
     unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS);
 
-    const unsigned G = gridDim.x, me = blockIdx.x, t = threadIdx.x, T = blockDim.x;
+    const unsigned t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
     const int* out_info = layer_info + (size_t)hidden * LAYER_FIELDS;
     const unsigned classes = (unsigned)out_info[L_OUT];
@@ -968,7 +989,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS)
 // Every layer read from global memory (the host's stage offsets are ignored).
 extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(FUSED_PARAMS)
 {
-    fused_train_steps<false>(FUSED_ARGS);
+    fused_train_steps<false>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
@@ -976,5 +997,25 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
 extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
 {
-    fused_train_steps<true>(FUSED_ARGS);
+    fused_train_steps<true>(FUSED_ARGS, gridDim.x, blockIdx.x);
+}
+
+// Two networks of the same layer count trained in one launch on the same batches (the BN
+// and the plain network of the study's comparison): blocks [0, G) run network a, [G, 2G)
+// network b, and every grid barrier counts all 2G (both networks reach the same barriers:
+// their steps have the same phases), so the two networks' phases overlap, where two
+// launches might run one after the other. Each network reads its own buffers; `b_barrier`
+// and `b_steps` are ignored (a's serve both).
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
+{
+    const unsigned G = gridDim.x / 2;
+    const bool second = blockIdx.x >= G;
+    fused_train_steps<false>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_staged_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
+{
+    const unsigned G = gridDim.x / 2;
+    const bool second = blockIdx.x >= G;
+    fused_train_steps<true>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }

@@ -6,10 +6,11 @@
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
-#      staging (BNTRAIN_FUSED_STAGE=1), as a BN+plain pair (--pair) and with the small-GEMM
-#      kernels (BNTRAIN_SMALL_GEMM=1), the wide one with tf32 and bf16 GEMMs;
-#   4. the full `reproduce` study, timed, with fused steps, staged fused steps, then graphs
-#      (REPRODUCE=0 skips them);
+#      staging (BNTRAIN_FUSED_STAGE=1), as a BN+plain pair (--pair; in one launch with
+#      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
+#      one with tf32 and bf16 GEMMs;
+#   4. the full `reproduce` study, timed, with fused steps, staged fused steps, staged and
+#      paired, then graphs (REPRODUCE=0 skips them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
@@ -113,25 +114,29 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)]
+    # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
+    # (BNTRAIN_FUSED_PAIR=1).
     local small="${4:-0}" stage="${5:-0}" pair="${6:-0}"
     local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair.log" name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
     [[ $stage == 1 ]] && name+=", staged"
     [[ $pair == 1 ]] && name+=", BN+plain pair"
+    [[ $pair == 2 ]] && name+=", BN+plain in one launch"
     name+=")"
-    local pair_flag=(); [[ $pair == 1 ]] && pair_flag=(--pair)
+    local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device"
         # A variant that fell back still times something, but not what was asked.
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
-        [[ $stage == 1 ]] && want="(fused steps, staged in shared memory" 
+        [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
+        [[ $pair == 2 ]] && want+=", two networks a launch"
         if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
     else
         row "$name" "FAIL"; failed=1
@@ -148,6 +153,9 @@ bench seed fused f32 0 1
 bench seed fused f32 0 0 1
 bench seed fused f32 0 1 1
 bench seed graph f32 0 0 1
+# And in one launch (BNTRAIN_FUSED_PAIR=1, cuda/fused_step.cu's pair kernels).
+bench seed fused f32 0 0 2
+bench seed fused f32 0 1 2
 bench wide graph tf32
 bench wide graph bf16
 # The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).
@@ -155,17 +163,19 @@ bench seed graph f32 1
 bench seed eager f32 1
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused staged graph; do
-    step=$variant stage=0
+for variant in fused staged paired graph; do
+    # paired: staged fused steps, the two networks of the comparison in one launch.
+    step=$variant stage=0 pairing=0
     [[ $variant == staged ]] && step=fused stage=1
+    [[ $variant == paired ]] && step=fused stage=1 pairing=1
     name="reproduce (full, cuda, $variant)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then

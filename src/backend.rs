@@ -142,6 +142,20 @@ pub trait Backend {
         Ok(())
     }
 
+    /// `count` steps from batch `first` of this network and of `other` together, where the
+    /// backend can run both in one go (two fused CUDA networks in one launch): the same as
+    /// `train_steps` on each, and Ok(true). Ok(false), having done nothing, where it cannot
+    /// (the default). Both must hold the same epoch order.
+    fn train_steps_with(&mut self, _other: &mut dyn Backend, _first: usize, _count: usize) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// This backend as `Any`, so that a backend's [`Backend::train_steps_with`] can recognize
+    /// a partner of its own kind; None by default.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+
     /// Waits until all queued work has finished (a no-op on the CPU); benchmarks call it
     /// before reading the clock.
     fn synchronize(&mut self) -> Result<()>;

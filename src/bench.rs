@@ -113,9 +113,7 @@ pub fn time_steps(
         while done < n {
             let batch = step % per_epoch;
             let run = (per_epoch - batch).min(n - done);
-            for net in nets.iter_mut() {
-                net.train_steps(batch as usize, run as usize)?;
-            }
+            train::queue_steps(nets, batch as usize, run as usize)?;
             step += run;
             done += run;
         }

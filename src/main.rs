@@ -49,7 +49,8 @@ enum Command {
     /// of the seed's scale, else graph), fused (whole steps in one kernel), graph (the step
     /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
     /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
-    /// inputs and weight rows staged in shared memory (off until measured).
+    /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=1 runs --pair's two
+    /// networks in one fused launch (both off until measured).
     Bench(BenchArgs),
     /// Manage datasets.
     Data {

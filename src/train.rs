@@ -177,9 +177,7 @@ fn run_lockstep(
         let batch = (step % per_epoch) as usize;
         let next_eval = (step / schedule.eval_every + 1).saturating_mul(schedule.eval_every);
         let run = next_eval.min((epoch + 1) * per_epoch).min(schedule.until_step).min(step + MAX_RUN) - step;
-        for net in nets.iter_mut() {
-            net.train_steps(batch, run as usize)?;
-        }
+        queue_steps(nets, batch, run as usize)?;
         // Only now, with the run queued, so that the caller's work on them overlaps it.
         reporter.deliver_held();
         step += run;
@@ -192,6 +190,20 @@ fn run_lockstep(
         }
     }
     Ok(Outcome::Finished { step })
+}
+
+/// `count` steps from batch `first` on every network: for two, in one go where their
+/// backend can ([`Backend::train_steps_with`]), else one network after the other.
+pub fn queue_steps(nets: &mut [&mut dyn Backend], first: usize, count: usize) -> Result<()> {
+    if let [a, b] = nets {
+        if a.train_steps_with(&mut **b, first, count)? {
+            return Ok(());
+        }
+    }
+    for net in nets.iter_mut() {
+        net.train_steps(first, count)?;
+    }
+    Ok(())
 }
 
 /// The most steps [`train_lockstep`] hands a backend at once.

@@ -525,12 +525,15 @@ fn options_follow_the_step_switch() {
     }
     let err = CudaOptions::from_step_env(Some("0")).unwrap_err().to_string();
     assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("auto, graph, eager or fused"), "{err}");
-    assert!(!CudaOptions::default().fused_staging, "staging is off until measured");
-    for (value, expected) in [(None, false), (Some(""), false), (Some("0"), false), (Some(" 1 "), true)] {
-        assert_eq!(CudaOptions::staging_from_env(value).unwrap(), expected, "{value:?}");
+    let defaults = CudaOptions::default();
+    assert!(!defaults.fused_staging && !defaults.fused_pairing, "staging and pairing are off until measured");
+    for name in [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV] {
+        for (value, expected) in [(None, false), (Some(""), false), (Some("0"), false), (Some(" 1 "), true)] {
+            assert_eq!(CudaOptions::switch_from_env(name, value).unwrap(), expected, "{name}={value:?}");
+        }
+        let err = CudaOptions::switch_from_env(name, Some("yes")).unwrap_err().to_string();
+        assert!(err.contains(&format!("{name}=yes")) && err.contains("0 or 1"), "{err}");
     }
-    let err = CudaOptions::staging_from_env(Some("yes")).unwrap_err().to_string();
-    assert!(err.contains("BNTRAIN_FUSED_STAGE=yes") && err.contains("0 or 1"), "{err}");
 }
 
 /// Auto fuses the seed network in f32 and nothing wider, larger-batched, reduced-precision or
@@ -625,6 +628,45 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
             net.train_steps(0, steps).unwrap();
         }
         assert_same_state(name, &mut staged, &mut unstaged);
+    }
+}
+
+/// The BN and the plain network trained in one launch (BNTRAIN_FUSED_PAIR, through
+/// `train_steps_with`, unstaged and staged) end bit for bit where each ends trained alone.
+#[test]
+fn paired_fused_networks_equal_networks_trained_alone() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    let train = TrainConfig::seed();
+    let order = epoch_order(BatchOrder::Shuffled, 9, 0, data.train.count);
+    let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
+    for fused_staging in [false, true] {
+        let open = |batch_norm: bool, fused_pairing: bool| {
+            let model = ModelConfig::seed(batch_norm);
+            let params = scaled_init(&model, &train);
+            let options = CudaOptions { step_launch: StepLaunch::Fused, fused_staging, fused_pairing, ..Default::default() };
+            let mut net = CudaBackend::with_options(model, train.clone(), Arc::clone(&data), &params, options).unwrap();
+            net.set_epoch_order(&order).unwrap();
+            net
+        };
+        let (mut bn, mut plain) = (open(true, true), open(false, true));
+        assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap(), "staging {fused_staging}: the pair did not train together");
+        assert!(bn.device_name().ends_with("two networks a launch)") && plain.device_name().ends_with("two networks a launch)"), "{}", bn.device_name());
+        // Without the switch, or with different orders, the pair declines and leaves both alone.
+        let (mut bn_alone, mut plain_alone) = (open(true, false), open(false, false));
+        assert!(!bn_alone.train_steps_with(&mut plain_alone, 0, steps).unwrap());
+        assert!(!bn_alone.device_name().contains("two networks"), "{}", bn_alone.device_name());
+        bn_alone.train_steps(0, steps).unwrap();
+        plain_alone.train_steps(0, steps).unwrap();
+        let what = |net: &str| format!("staging {fused_staging}, {net}");
+        assert_same_state(&what("BN"), &mut bn, &mut bn_alone);
+        assert_same_state(&what("plain"), &mut plain, &mut plain_alone);
+        let mut other_order = open(false, true);
+        other_order.set_epoch_order(&epoch_order(BatchOrder::Shuffled, 10, 0, data.train.count)).unwrap();
+        assert!(!bn.train_steps_with(&mut other_order, 0, 1).unwrap(), "paired with a network on other batches");
     }
 }
 

@@ -176,6 +176,12 @@ fn read_columns(gpu: &Gpu, src: &CudaSlice<f32>, rows: usize, width: usize, colu
     read(gpu, &packed)
 }
 
+/// A 64-bit FNV-1a hash of `values`: equal orders hash equal, and different ones differ
+/// but by a 2⁻⁶⁴ accident.
+fn fingerprint(values: &[u32]) -> u64 {
+    values.iter().flat_map(|v| v.to_le_bytes()).fold(0xcbf2_9ce4_8422_2325, |h, byte| (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
+}
+
 fn graph_launch_error(e: cudarc::driver::DriverError) -> CudaError {
     CudaError::Launch { kernel: "cuGraphLaunch", message: format!("launch failed: {}", describe_driver_error(e)) }
 }
@@ -364,11 +370,14 @@ pub struct CudaOptions {
     /// Fused steps keep layer inputs and weight rows in shared memory (the staged kernel of
     /// cuda/fused_step.cu). Off by default until measured on a GPU; `BNTRAIN_FUSED_STAGE=1`.
     pub fused_staging: bool,
+    /// Two fused networks trained in lockstep (the study's comparison) run in one launch
+    /// ([`Backend::train_steps_with`]). Off by default until measured; `BNTRAIN_FUSED_PAIR=1`.
+    pub fused_pairing: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false }
+        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false, fused_pairing: false }
     }
 }
 
@@ -377,20 +386,24 @@ impl CudaOptions {
     pub const STEP_ENV: &'static str = "BNTRAIN_CUDA_STEP";
     /// The switch for [`CudaOptions::fused_staging`]: `1` on, `0` or unset off.
     pub const STAGE_ENV: &'static str = "BNTRAIN_FUSED_STAGE";
+    /// The switch for [`CudaOptions::fused_pairing`]: `1` on, `0` or unset off.
+    pub const PAIR_ENV: &'static str = "BNTRAIN_FUSED_PAIR";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
-    /// `graph`; `eager`; `fused`) and staging from `BNTRAIN_FUSED_STAGE`.
+    /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE` and pairing from
+    /// `BNTRAIN_FUSED_PAIR`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
-        Ok(CudaOptions { fused_staging: Self::staging_from_env(std::env::var(Self::STAGE_ENV).ok().as_deref())?, ..options })
+        let switch = |name: &str| Self::switch_from_env(name, std::env::var(name).ok().as_deref());
+        Ok(CudaOptions { fused_staging: switch(Self::STAGE_ENV)?, fused_pairing: switch(Self::PAIR_ENV)?, ..options })
     }
 
-    /// [`CudaOptions::fused_staging`] for a value of `BNTRAIN_FUSED_STAGE` (None: unset).
-    pub fn staging_from_env(value: Option<&str>) -> Result<bool, ConfigError> {
+    /// An on/off switch `name` for its value (None: unset, which is off).
+    pub fn switch_from_env(name: &str, value: Option<&str>) -> Result<bool, ConfigError> {
         match value.map(str::trim) {
             None | Some("") | Some("0") => Ok(false),
             Some("1") => Ok(true),
-            Some(other) => Err(ConfigError::Invalid(format!("{}={other}: expected 0 or 1", Self::STAGE_ENV))),
+            Some(other) => Err(ConfigError::Invalid(format!("{name}={other}: expected 0 or 1"))),
         }
     }
 
@@ -484,6 +497,14 @@ pub struct CudaBackend {
     fused_unavailable: bool,
     /// CudaOptions::fused_staging, for the fused plan.
     fused_staging: bool,
+    /// CudaOptions::fused_pairing.
+    fused_pairing: bool,
+    /// A hash of the epoch order last set: two networks train in one launch only on the same
+    /// batches.
+    order_fingerprint: u64,
+    /// Whether steps of this network have run in one launch with another's (the device name
+    /// says so).
+    paired: bool,
 }
 
 // The graph wrapper must not cost the backend its auto traits.
@@ -609,6 +630,9 @@ impl CudaBackend {
             fused: None,
             fused_unavailable: false,
             fused_staging: options.fused_staging,
+            fused_pairing: options.fused_pairing,
+            order_fingerprint: 0,
+            paired: false,
             gemm: options.gemm,
             gpu,
             model,
@@ -681,13 +705,9 @@ impl CudaBackend {
         self.pending_steps += count as u64;
     }
 
-    /// Launches `steps` fused steps from the batch the device cursor holds (≤ FUSED_MAX_STEPS).
-    fn launch_fused(&mut self, steps: usize) -> Result<(), CudaError> {
-        let Some(plan) = self.fused.as_mut() else {
-            return Err(CudaError::Launch { kernel: "fused_train_steps_f32", message: "no fused plan".into() });
-        };
-        let (count, features) = (self.data.train.count, self.data.train.features);
-        let hyper = FusedHyper {
+    /// The fused kernel's hyperparameters of this network.
+    fn fused_hyper(&self) -> FusedHyper {
+        FusedHyper {
             epsilon: self.model.epsilon as f32,
             activation: self.model.activation,
             grad_scale: match self.train.loss {
@@ -696,7 +716,18 @@ impl CudaBackend {
             },
             learning_rate: self.train.learning_rate as f32,
             momentum: self.train.momentum as f32,
+        }
+    }
+
+    /// Calls `launch` with the GPU, the fused plan and this network's buffers as a fused
+    /// launch reads them.
+    fn with_fused_buffers<R>(
+        &mut self, launch: impl FnOnce(&Gpu, &mut FusedPlan, FusedBuffers<'_, '_>) -> Result<R, CudaError>,
+    ) -> Result<R, CudaError> {
+        let Some(plan) = self.fused.as_mut() else {
+            return Err(CudaError::Launch { kernel: "fused_train_steps_f32", message: "no fused plan".into() });
         };
+        let (count, features) = (self.data.train.count, self.data.train.features);
         let (mut params, mut grads, mut cursor) = (self.params.as_view_mut(), self.grads.as_view_mut(), self.cursor.as_view_mut());
         let mut velocity = self.velocity.as_mut().map(|v| v.as_view_mut());
         let (mut mean, mut var, mut batches) = (self.running_mean.as_view_mut(), self.running_var.as_view_mut(), self.batches.as_view_mut());
@@ -714,7 +745,27 @@ impl CudaBackend {
             loss_sum: &mut loss,
             correct: &mut correct,
         };
-        kernels::fused_train_steps(&self.gpu, plan, buffers, hyper, steps)
+        launch(&self.gpu, plan, buffers)
+    }
+
+    /// Launches `steps` fused steps from the batch the device cursor holds (≤ FUSED_MAX_STEPS).
+    fn launch_fused(&mut self, steps: usize) -> Result<(), CudaError> {
+        let hyper = self.fused_hyper();
+        self.with_fused_buffers(|gpu, plan, buffers| kernels::fused_train_steps(gpu, plan, buffers, hyper, steps))
+    }
+
+    /// Whether this network and `other` can train in one launch (kernels::fused_train_pair):
+    /// both asked to, both fused with plans of the same shape, the same hyperparameters, and
+    /// the same batches (the same dataset and epoch order: the kernel reads this network's).
+    fn pairs_with(&self, other: &CudaBackend) -> bool {
+        let (Some(mine), Some(theirs)) = (&self.fused, &other.fused) else { return false };
+        self.fused_pairing
+            && other.fused_pairing
+            && mine.pairs_with(theirs)
+            && self.fused_hyper() == other.fused_hyper()
+            && Arc::ptr_eq(&self.data, &other.data)
+            && self.order_len == other.order_len
+            && self.order_fingerprint == other.order_fingerprint
     }
 
     fn split(&self, split: SplitKind) -> (&Split, &CudaSlice<u8>, &CudaSlice<u8>) {
@@ -1007,6 +1058,7 @@ impl Backend for CudaBackend {
             GraphState::Stale | GraphState::Ready(_) if self.fused_unavailable => "cuda graph: fused steps unavailable",
             GraphState::Stale | GraphState::Ready(_) => "cuda graph",
         };
+        let launch = if self.paired { format!("{launch}, two networks a launch") } else { launch.to_string() };
         match self.gemm {
             GemmPrecision::F32 => format!("{} ({launch})", self.gpu.name()),
             rounded => format!("{} ({launch}, {} GEMMs)", self.gpu.name(), rounded.label()),
@@ -1030,6 +1082,7 @@ impl Backend for CudaBackend {
             self.gpu.stream().memcpy_htod(order, &mut self.order.slice_mut(..order.len())).map_err(CudaError::from)?;
         }
         self.order_len = order.len();
+        self.order_fingerprint = fingerprint(order);
         self.cursor_batch = None;
         Ok(())
     }
@@ -1065,6 +1118,37 @@ impl Backend for CudaBackend {
         }
         self.finish_steps(first, count);
         Ok(())
+    }
+
+    fn train_steps_with(&mut self, other: &mut dyn Backend, first: usize, count: usize) -> Result<bool> {
+        let Some(other) = other.as_any_mut().and_then(|any| any.downcast_mut::<CudaBackend>()) else { return Ok(false) };
+        if !self.pairs_with(other) {
+            return Ok(false);
+        }
+        self.start_steps(first, count)?;
+        other.start_steps(first, count)?;
+        // One launch on this network's stream: it waits for the work queued on the other's
+        // (its cursor, statistics), and the other's next work waits for it.
+        let (mine, theirs) = (Arc::clone(self.gpu.stream()), Arc::clone(other.gpu.stream()));
+        mine.join(&theirs).map_err(CudaError::from)?;
+        let hyper = self.fused_hyper();
+        let mut left = count;
+        while left > 0 {
+            let steps = left.min(kernels::FUSED_MAX_STEPS);
+            self.with_fused_buffers(|gpu, plan, buffers| {
+                other.with_fused_buffers(|_, other_plan, other_buffers| kernels::fused_train_pair(gpu, (plan, buffers), (other_plan, other_buffers), hyper, steps))
+            })?;
+            left -= steps;
+        }
+        theirs.join(&mine).map_err(CudaError::from)?;
+        self.finish_steps(first, count);
+        other.finish_steps(first, count);
+        (self.paired, other.paired) = (true, true);
+        Ok(true)
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn synchronize(&mut self) -> Result<()> {

@@ -753,6 +753,12 @@ impl FusedPlan {
     pub fn staging(&self) -> &FusedStaging {
         &self.staging
     }
+
+    /// Whether `other` can share a launch with this plan ([`fused_train_pair`]): the same
+    /// layer count, batch, grid and staging.
+    pub fn pairs_with(&self, other: &FusedPlan) -> bool {
+        self.layers.len() == other.layers.len() && self.batch == other.batch && self.grid == other.grid && self.staging == other.staging
+    }
 }
 
 /// A BN network's running statistics as a fused launch updates them: the layout, running
@@ -777,7 +783,7 @@ pub struct FusedBuffers<'a, 'b> {
 }
 
 /// The training hyperparameters a fused launch applies.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FusedHyper {
     pub epsilon: f32,
     pub activation: Activation,
@@ -786,73 +792,153 @@ pub struct FusedHyper {
     pub momentum: f32,
 }
 
+/// One network's arguments of a fused launch, checked against its plan: the scalars held
+/// here and the buffers borrowed, pushed in the kernels' order by [`FusedArgs::push`].
+struct FusedArgs<'a, 'b> {
+    plan: &'a mut FusedPlan,
+    buffers: FusedBuffers<'a, 'b>,
+    hyper: FusedHyper,
+    activation: i32,
+    weight_row_stage: i32,
+    /// count, features, order length, layers, batch, steps.
+    sizes: [u32; 6],
+    /// Estimators, BN features, BN layers (0 without BN).
+    statistics: [u32; 3],
+}
+
+impl<'a, 'b> FusedArgs<'a, 'b> {
+    fn new(plan: &'a mut FusedPlan, buffers: FusedBuffers<'a, 'b>, hyper: FusedHyper, steps: usize) -> Result<Self, CudaError> {
+        const K: &str = "fused_train_steps_f32";
+        require(K, (1..=FUSED_MAX_STEPS).contains(&steps), || format!("{steps} steps: launch 1..={FUSED_MAX_STEPS} at a time"))?;
+        let FusedBuffers { images, labels, features, order, cursor, params, grads, velocity, statistics, loss_sum, correct } = &buffers;
+        let count = labels.len();
+        require(K, *features == plan.layers[0].inputs, || format!("{features} features, the first layer takes {}", plan.layers[0].inputs))?;
+        require_len(K, "images", images.len(), count.saturating_mul(*features))?;
+        size_u32(K, "examples", count)?;
+        size_u32(K, "order length", order.len())?;
+        require_len(K, "cursor", cursor.len(), 1)?;
+        require_len(K, "params", params.len(), plan.flat_len)?;
+        require_len(K, "grads", grads.len(), plan.flat_len)?;
+        if let Some(v) = velocity {
+            require_len(K, "velocity", v.len(), plan.flat_len)?;
+        }
+        require_len(K, "loss_sum", loss_sum.len(), 1)?;
+        require_len(K, "correct", correct.len(), 1)?;
+        let classes = plan.layers.last().map_or(0, |l| l.outputs);
+        require(K, classes <= 256, || format!("{classes} classes: labels are bytes"))?;
+        let has_bn = plan.layers.iter().any(|l| l.batch_norm.is_some());
+        require(K, has_bn == statistics.is_some(), || "running statistics are needed exactly when the layers have BN".into())?;
+        let stats = match statistics {
+            Some((layout, mean, var, batches)) => {
+                let (e, total) = (layout.estimators(), layout.total());
+                require_len(K, "running_mean", mean.len(), e * total)?;
+                require_len(K, "running_var", var.len(), e * total)?;
+                require_len(K, "batches", batches.len(), e * layout.layers())?;
+                require(K, layout.layers() == plan.layers.len() - 1, || "every hidden layer must have BN".into())?;
+                [e as u32, total as u32, layout.layers() as u32]
+            }
+            None => [0, 0, 0],
+        };
+        let sizes = [count as u32, *features as u32, order.len() as u32, plan.layers.len() as u32, plan.batch as u32, steps as u32];
+        let weight_row_stage = plan.staging.weight_row.map_or(-1, |o| i32::try_from(o).unwrap_or(i32::MAX));
+        Ok(FusedArgs { activation: activation_code(hyper.activation), weight_row_stage, sizes, statistics: stats, plan, buffers, hyper })
+    }
+
+    /// Pushes this network's arguments (the kernels' FUSED_PARAMS, in order).
+    fn push<'s>(&'s mut self, b: &mut LaunchArgs<'s>) {
+        let [count, features, order_len, layers, batch, steps] = &self.sizes;
+        let [estimators, total, bn_layers] = &self.statistics;
+        let FusedBuffers { images, labels, order, cursor, params, grads, velocity, statistics, loss_sum, correct, .. } = &mut self.buffers;
+        let plan = &mut *self.plan;
+        b.arg(*images).arg(*labels).arg(count).arg(features).arg(*order).arg(order_len).arg(&mut **cursor);
+        b.arg(&plan.info_dev).arg(layers).arg(&self.weight_row_stage).arg(batch).arg(&self.hyper.epsilon).arg(&self.activation);
+        b.arg(&self.hyper.grad_scale).arg(&self.hyper.learning_rate).arg(&self.hyper.momentum).arg(&mut **params).arg(&mut **grads);
+        match velocity {
+            Some(v) => b.arg(&mut **v),
+            None => b.arg(&NULL),
+        };
+        match statistics {
+            Some((layout, mean, var, batches)) => {
+                b.arg(&layout.table_dev).arg(estimators).arg(total).arg(bn_layers).arg(&mut **mean).arg(&mut **var).arg(&mut **batches);
+            }
+            None => {
+                b.arg(&NULL).arg(estimators).arg(total).arg(bn_layers).arg(&NULL).arg(&NULL).arg(&NULL);
+            }
+        }
+        b.arg(&mut plan.acts).arg(&mut plan.xhat).arg(&mut plan.dz).arg(&mut plan.inv_std).arg(&mut plan.row_loss).arg(&mut plan.row_correct);
+        b.arg(&mut **loss_sum).arg(&mut **correct).arg(&mut plan.barrier).arg(steps);
+    }
+}
+
+// SAFETY (shared by both launchers below): types and order match the kernels (FusedArgs::push).
+// The layer table was checked by FusedPlan::new: every tensor lies inside the flat_len
+// parameters (and params, grads, velocity hold flat_len, checked by FusedArgs::new), BN
+// features inside the statistics' total (running buffers hold estimators·total, checked),
+// activation offsets inside the workspaces sized batch·Σ outputs. Rows index `order` below
+// its length and examples below `count` (checked in the kernel, NaN otherwise); labels are
+// read below count. The grid is at most the device's co-resident block count, which a
+// cooperative launch requires (and the driver checks) for the spinning grid barrier. Staged
+// regions lie inside the dynamic shared memory given (FusedStaging::choose sums them),
+// which FusedPlan::new allowed with the function attribute and counted in that block count.
+
 /// `fused_train_steps_f32`: `steps` whole training steps (forward, loss, backward, SGD,
 /// running statistics) on the batches `cursor[0]`, `cursor[0]+1`, ... of the order, in one
 /// cooperative launch; advances the cursor by `steps`. The batches must lie inside the order
 /// (the host checks its batch numbers against it, as for the unfused step).
 pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<'_, '_>, hyper: FusedHyper, steps: usize) -> Result<(), CudaError> {
     const K: &str = "fused_train_steps_f32";
-    require(K, (1..=FUSED_MAX_STEPS).contains(&steps), || format!("{steps} steps: launch 1..={FUSED_MAX_STEPS} at a time"))?;
-    let FusedBuffers { images, labels, features, order, cursor, params, grads, velocity, statistics, loss_sum, correct } = buffers;
-    let count = labels.len();
-    require(K, features == plan.layers[0].inputs, || format!("{features} features, the first layer takes {}", plan.layers[0].inputs))?;
-    require_len(K, "images", images.len(), count.saturating_mul(features))?;
-    size_u32(K, "examples", count)?;
-    size_u32(K, "order length", order.len())?;
-    require_len(K, "cursor", cursor.len(), 1)?;
-    require_len(K, "params", params.len(), plan.flat_len)?;
-    require_len(K, "grads", grads.len(), plan.flat_len)?;
-    if let Some(v) = &velocity {
-        require_len(K, "velocity", v.len(), plan.flat_len)?;
-    }
-    let classes = plan.layers.last().map_or(0, |l| l.outputs);
-    require(K, classes <= 256, || format!("{classes} classes: labels are bytes"))?;
-    let has_bn = plan.layers.iter().any(|l| l.batch_norm.is_some());
-    require(K, has_bn == statistics.is_some(), || "running statistics are needed exactly when the layers have BN".into())?;
-    let (count_u, features_u, order_u) = (count as u32, features as u32, order.len() as u32);
-    let (layers_u, batch_u, steps_u) = (plan.layers.len() as u32, plan.batch as u32, steps as u32);
-    let activation = activation_code(hyper.activation);
+    let mut args = FusedArgs::new(plan, buffers, hyper, steps)?;
     // The grid barrier counts arrivals over the launch, from zero (a memset on the stream,
     // ordered after the previous launch, which left G × its barriers there).
-    gpu.stream().memset_zeros(&mut plan.barrier)?;
+    gpu.stream().memset_zeros(&mut args.plan.barrier)?;
     // The staged kernel whenever the plan stages anything (it reads the offsets).
-    let function = if plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
-    let weight_row_stage = plan.staging.weight_row.map_or(-1, |o| i32::try_from(o).unwrap_or(i32::MAX));
+    let staging = args.plan.staging.clone();
+    let function = if staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
+    let cfg = LaunchConfig {
+        grid_dim: (args.plan.grid, 1, 1),
+        block_dim: (FUSED_THREADS, 1, 1),
+        shared_mem_bytes: u32::try_from(staging.bytes).unwrap_or(u32::MAX),
+    };
     let mut b = builder(gpu, function);
-    b.arg(images).arg(labels).arg(&count_u).arg(&features_u).arg(order).arg(&order_u).arg(cursor);
-    b.arg(&plan.info_dev).arg(&layers_u).arg(&weight_row_stage).arg(&batch_u).arg(&hyper.epsilon).arg(&activation).arg(&hyper.grad_scale);
-    b.arg(&hyper.learning_rate).arg(&hyper.momentum).arg(params).arg(grads);
-    opt_mut(&mut b, velocity);
-    let (e_u, total_u, bn_layers_u);
-    match statistics {
-        Some((layout, mean, var, batches)) => {
-            let (e, total) = (layout.estimators(), layout.total());
-            require_len(K, "running_mean", mean.len(), e * total)?;
-            require_len(K, "running_var", var.len(), e * total)?;
-            require_len(K, "batches", batches.len(), e * layout.layers())?;
-            require(K, layout.layers() == plan.layers.len() - 1, || "every hidden layer must have BN".into())?;
-            (e_u, total_u, bn_layers_u) = (e as u32, total as u32, layout.layers() as u32);
-            b.arg(&layout.table_dev).arg(&e_u).arg(&total_u).arg(&bn_layers_u).arg(mean).arg(var).arg(batches);
-        }
-        None => {
-            (e_u, total_u, bn_layers_u) = (0, 0, 0);
-            b.arg(&NULL).arg(&e_u).arg(&total_u).arg(&bn_layers_u).arg(&NULL).arg(&NULL).arg(&NULL);
-        }
+    args.push(&mut b);
+    // SAFETY: see above.
+    unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(K))
+}
+
+/// `fused_train_pair_f32`: [`fused_train_steps`] for two networks in one cooperative launch
+/// of both their grids, on `gpu`'s stream: the BN and the plain network of the study's
+/// comparison, whose two launches might otherwise run one after the other. They must have
+/// the same layer count, batch, grid and staging, train with the same hyperparameters and
+/// on the same batches: the kernel reads the images, labels and order of the first (the
+/// caller's buffers must hold the same data; the second's are checked for size only).
+pub fn fused_train_pair(
+    gpu: &Gpu, first: (&mut FusedPlan, FusedBuffers<'_, '_>), second: (&mut FusedPlan, FusedBuffers<'_, '_>), hyper: FusedHyper, steps: usize,
+) -> Result<(), CudaError> {
+    const K: &str = "fused_train_pair_f32";
+    let mut a = FusedArgs::new(first.0, first.1, hyper, steps)?;
+    let mut b_args = FusedArgs::new(second.0, second.1, hyper, steps)?;
+    let (pa, pb) = (&*a.plan, &*b_args.plan);
+    require(K, pa.layers.len() == pb.layers.len() && pa.batch == pb.batch, || "the two networks differ in layer count or batch".into())?;
+    require(K, pa.grid == pb.grid && pa.staging == pb.staging, || "the two networks' plans differ in grid or staging".into())?;
+    require(K, a.sizes == b_args.sizes, || "the two networks train on data of different sizes".into())?;
+    let staging = pa.staging.clone();
+    let function = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };
+    let grid = pa.grid.saturating_mul(2);
+    let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, staging.bytes, None)?;
+    let sms = gpu.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
+    require(K, grid <= sms.saturating_mul(per_sm), || format!("{grid} blocks do not fit on the device at once ({sms} SMs, {per_sm} blocks each)"))?;
+    if staging.any() {
+        let limit = i32::try_from(staging.bytes).unwrap_or(i32::MAX);
+        function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit)?;
     }
-    b.arg(&mut plan.acts).arg(&mut plan.xhat).arg(&mut plan.dz).arg(&mut plan.inv_std).arg(&mut plan.row_loss).arg(&mut plan.row_correct);
-    b.arg(loss_sum).arg(correct).arg(&mut plan.barrier).arg(&steps_u);
-    let shared_mem_bytes = u32::try_from(plan.staging.bytes).unwrap_or(u32::MAX);
-    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes };
-    // SAFETY: types and order match the kernel. The layer table was checked by
-    // FusedPlan::new: every tensor lies inside the flat_len parameters (and params, grads,
-    // velocity hold flat_len, checked above), BN features inside the statistics' total
-    // (running buffers hold estimators·total, checked), activation offsets inside the
-    // workspaces sized batch·Σ outputs. Rows index `order` below its length and examples
-    // below `count` (checked in the kernel, NaN otherwise); labels are read below count.
-    // The grid is at most the device's co-resident block count, which a cooperative launch
-    // requires (and the driver checks) for the spinning grid barrier. Staged regions lie
-    // inside the dynamic shared memory given here (FusedStaging::choose sums them), which
-    // FusedPlan::new allowed with the function attribute and counted in that block count.
+    // The first network's barrier serves both (the kernel ignores the second's).
+    gpu.stream().memset_zeros(&mut a.plan.barrier)?;
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes: u32::try_from(staging.bytes).unwrap_or(u32::MAX) };
+    let mut b = builder(gpu, function);
+    a.push(&mut b);
+    b_args.push(&mut b);
+    // SAFETY: see above, for each network; the grid is both networks' (checked co-resident
+    // just above), and each half reads its own network's buffers.
     unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(K))
 }
 
