@@ -640,6 +640,8 @@ pub struct FusedPlan {
     flat_len: usize,
     grid: u32,
     staging: FusedStaging,
+    /// Whether twice the grid is co-resident for the pair kernel (fused_train_pair).
+    pair_fits: bool,
     info_dev: CudaSlice<i32>,
     acts: CudaSlice<f32>,
     xhat: CudaSlice<f32>,
@@ -720,6 +722,13 @@ impl FusedPlan {
         } else {
             FusedStaging { inputs: vec![None; layers.len()], ..Default::default() }
         };
+        // Whether two such networks fit on the device at once in one launch (fused_train_pair).
+        let pair = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };
+        if staging.any() {
+            pair.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(staging.bytes).unwrap_or(i32::MAX))?;
+        }
+        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, staging.bytes, None)?;
+        let pair_fits = grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
             if let Some(offset) = offset {
                 info[l * FUSED_LAYER_FIELDS + FUSED_LAYER_FIELDS - 1] = i32::try_from(*offset).unwrap_or(i32::MAX);
@@ -741,6 +750,7 @@ impl FusedPlan {
             flat_len,
             grid,
             staging,
+            pair_fits,
         })
     }
 
@@ -755,9 +765,13 @@ impl FusedPlan {
     }
 
     /// Whether `other` can share a launch with this plan ([`fused_train_pair`]): the same
-    /// layer count, batch, grid and staging.
+    /// layer count, batch, grid and staging, and both grids resident at once.
     pub fn pairs_with(&self, other: &FusedPlan) -> bool {
-        self.layers.len() == other.layers.len() && self.batch == other.batch && self.grid == other.grid && self.staging == other.staging
+        self.pair_fits
+            && self.layers.len() == other.layers.len()
+            && self.batch == other.batch
+            && self.grid == other.grid
+            && self.staging == other.staging
     }
 }
 
@@ -918,27 +932,20 @@ pub fn fused_train_pair(
     let mut a = FusedArgs::new(first.0, first.1, hyper, steps)?;
     let mut b_args = FusedArgs::new(second.0, second.1, hyper, steps)?;
     let (pa, pb) = (&*a.plan, &*b_args.plan);
-    require(K, pa.layers.len() == pb.layers.len() && pa.batch == pb.batch, || "the two networks differ in layer count or batch".into())?;
-    require(K, pa.grid == pb.grid && pa.staging == pb.staging, || "the two networks' plans differ in grid or staging".into())?;
+    require(K, pa.pairs_with(pb), || "the two networks' plans differ (layers, batch, grid, staging) or do not fit on the device at once".into())?;
     require(K, a.sizes == b_args.sizes, || "the two networks train on data of different sizes".into())?;
     let staging = pa.staging.clone();
     let function = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };
     let grid = pa.grid.saturating_mul(2);
-    let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, staging.bytes, None)?;
-    let sms = gpu.context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
-    require(K, grid <= sms.saturating_mul(per_sm), || format!("{grid} blocks do not fit on the device at once ({sms} SMs, {per_sm} blocks each)"))?;
-    if staging.any() {
-        let limit = i32::try_from(staging.bytes).unwrap_or(i32::MAX);
-        function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, limit)?;
-    }
     // The first network's barrier serves both (the kernel ignores the second's).
     gpu.stream().memset_zeros(&mut a.plan.barrier)?;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes: u32::try_from(staging.bytes).unwrap_or(u32::MAX) };
     let mut b = builder(gpu, function);
     a.push(&mut b);
     b_args.push(&mut b);
-    // SAFETY: see above, for each network; the grid is both networks' (checked co-resident
-    // just above), and each half reads its own network's buffers.
+    // SAFETY: see above, for each network; the grid is both networks' (co-resident, as
+    // FusedPlan::new checked for pairs_with, which also opted into the staged dynamic shared
+    // memory), and each half reads its own network's buffers.
     unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(K))
 }
 
