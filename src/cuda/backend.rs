@@ -1132,15 +1132,18 @@ impl Backend for CudaBackend {
         let (mine, theirs) = (Arc::clone(self.gpu.stream()), Arc::clone(other.gpu.stream()));
         mine.join(&theirs).map_err(CudaError::from)?;
         let hyper = self.fused_hyper();
+        let mut launched = Ok(());
         let mut left = count;
-        while left > 0 {
+        while left > 0 && launched.is_ok() {
             let steps = left.min(kernels::FUSED_MAX_STEPS);
-            self.with_fused_buffers(|gpu, plan, buffers| {
+            launched = self.with_fused_buffers(|gpu, plan, buffers| {
                 other.with_fused_buffers(|_, other_plan, other_buffers| kernels::fused_train_pair(gpu, (plan, buffers), (other_plan, other_buffers), hyper, steps))
-            })?;
+            });
             left -= steps;
         }
+        // Even after a failed launch: an earlier one may still use the other's buffers.
         theirs.join(&mine).map_err(CudaError::from)?;
+        launched?;
         self.finish_steps(first, count);
         other.finish_steps(first, count);
         (self.paired, other.paired) = (true, true);

@@ -722,13 +722,13 @@ impl FusedPlan {
         } else {
             FusedStaging { inputs: vec![None; layers.len()], ..Default::default() }
         };
-        // Whether two such networks fit on the device at once in one launch (fused_train_pair).
+        // Whether two such networks fit on the device at once in one launch (fused_train_pair);
+        // a failed query only rules the pair out.
         let pair = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };
-        if staging.any() {
-            pair.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(staging.bytes).unwrap_or(i32::MAX))?;
-        }
-        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, staging.bytes, None)?;
-        let pair_fits = grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
+        let pair_opted_in = !staging.any()
+            || pair.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(staging.bytes).unwrap_or(i32::MAX)).is_ok();
+        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, staging.bytes, None).unwrap_or(0);
+        let pair_fits = pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
             if let Some(offset) = offset {
                 info[l * FUSED_LAYER_FIELDS + FUSED_LAYER_FIELDS - 1] = i32::try_from(*offset).unwrap_or(i32::MAX);

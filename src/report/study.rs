@@ -164,7 +164,6 @@ pub fn run_comparison(
     let probe = probe_for(&model_bn);
     let mut bn = open(model_bn, train.clone(), &init_bn)?;
     let mut plain = open(model_plain, train.clone(), &init_plain)?;
-    let device = bn.device_name();
 
     // As the source (and PyTorch's anchor) measure their curves: BN normalizes the test set
     // with its own batch statistics, the whole test set taken as one batch.
@@ -188,6 +187,8 @@ pub fn run_comparison(
         })?;
     }
     bar.finish();
+    // After training: the name says how the steps ran (e.g. two networks a launch).
+    let device = bn.device_name();
     let [bn_curve, plain_curve] = curves;
     let result = Comparison {
         steps: opts.steps_compare,
