@@ -602,6 +602,19 @@ fn assert_same_state(name: &str, a: &mut dyn Backend, b: &mut dyn Backend) {
     assert_eq!(tensor_bits(&a.velocity().unwrap()), tensor_bits(&b.velocity().unwrap()), "{name}: momentum");
 }
 
+/// For the bitwise comparisons of fused launches below: calls `check` with each
+/// configuration, its scaled initial parameters, an epoch order shuffled with `seed` and
+/// the number of steps to run (13, or the epoch if shorter).
+fn with_configurations(seed: u64, mut check: impl FnMut(&str, &ModelConfig, &TrainConfig, &Arc<Dataset>, &ModelParams, &[u32], usize)) {
+    let data = dataset();
+    for (name, model, train) in configurations() {
+        let params = scaled_init(&model, &train);
+        let order = epoch_order(BatchOrder::Shuffled, seed, 0, data.train.count);
+        let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
+        check(name, &model, &train, &data, &params, &order, steps);
+    }
+}
+
 /// Staging changes where the kernel reads its operands, not what it adds up or in which
 /// order: 13 steps staged equal 13 steps unstaged bit for bit, in every configuration.
 #[test]
@@ -610,13 +623,9 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
     if gpu().is_none() {
         return;
     }
-    let data = dataset();
-    for (name, model, train) in configurations() {
-        let params = scaled_init(&model, &train);
-        let order = epoch_order(BatchOrder::Shuffled, 5, 0, data.train.count);
-        let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
-        let mut staged = cuda_staged(&model, &train, &data, &params);
-        let mut unstaged = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
+    with_configurations(5, |name, model, train, data, params, order, steps| {
+        let mut staged = cuda_staged(model, train, data, params);
+        let mut unstaged = cuda_with(StepLaunch::Fused, model, train, data, params);
         assert!(!unstaged.fused_staging().is_some_and(|s| s.any()), "{name}: staged without being asked");
         if name == "seed BN" {
             // On any GPU with ≥ 100 KB of shared memory a block, the seed network stages all.
@@ -624,11 +633,11 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
             assert!(staging.weight_row.is_some() && staging.inputs.iter().all(Option::is_some), "{name}: {staging:?}");
         }
         for net in [&mut staged, &mut unstaged] {
-            net.set_epoch_order(&order).unwrap();
+            net.set_epoch_order(order).unwrap();
             net.train_steps(0, steps).unwrap();
         }
         assert_same_state(name, &mut staged, &mut unstaged);
-    }
+    });
 }
 
 /// The BN and the plain network trained in one launch (BNTRAIN_FUSED_PAIR, through
@@ -678,22 +687,17 @@ fn fused_runs_equal_fused_single_steps_bitwise() {
     if gpu().is_none() {
         return;
     }
-    let data = dataset();
-    for (name, model, train) in configurations() {
-        let params = scaled_init(&model, &train);
-        let order = epoch_order(BatchOrder::Shuffled, 3, 0, data.train.count);
-        let per_epoch = batches_per_epoch(data.train.count, train.batch_size);
-        let steps = per_epoch.min(13) as usize;
-        let mut run = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
-        let mut single = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
-        run.set_epoch_order(&order).unwrap();
-        single.set_epoch_order(&order).unwrap();
+    with_configurations(3, |name, model, train, data, params, order, steps| {
+        let mut run = cuda_with(StepLaunch::Fused, model, train, data, params);
+        let mut single = cuda_with(StepLaunch::Fused, model, train, data, params);
+        run.set_epoch_order(order).unwrap();
+        single.set_epoch_order(order).unwrap();
         run.train_steps(0, steps).unwrap();
         for batch in 0..steps {
             single.train_step(batch).unwrap();
         }
         assert_same_state(name, &mut run, &mut single);
-    }
+    });
 }
 
 #[test]
