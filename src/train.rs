@@ -356,28 +356,9 @@ mod tests {
         [Call::Evaluated { net: 0, step }, Call::Evaluated { net: 1, step }]
     }
 
-    #[test]
-    fn events_come_in_the_order_of_the_steps() {
-        let (outcome, log) = record(None, None);
-        assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
-        let events: Vec<Call> = log.into_iter().filter(|c| !matches!(c, Call::Queued { .. })).collect();
-        let expected: Vec<Call> = [
-            vec![Call::Stepped(4)],
-            evaluated(4).to_vec(),
-            vec![Call::Stepped(8)],
-            evaluated(8).to_vec(),
-            vec![Call::Stepped(10)],
-            evaluated(10).to_vec(),
-        ]
-        .concat();
-        assert_eq!(events, expected);
-    }
-
-    #[test]
-    fn a_points_evaluations_are_reported_once_the_next_run_is_queued() {
-        let (outcome, log) = record(None, None);
-        assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
-        let expected: Vec<Call> = [
+    /// What an unbroken run of 10 steps, evaluated every 4, asks and reports, in order.
+    fn unbroken_log() -> Vec<Call> {
+        [
             queued(0, 4).to_vec(),
             vec![Call::Stepped(4)],
             queued(4, 4).to_vec(),
@@ -388,8 +369,32 @@ mod tests {
             vec![Call::Stepped(10)],
             evaluated(10).to_vec(),
         ]
-        .concat();
-        assert_eq!(log, expected);
+        .concat()
+    }
+
+    /// The events alone, without the runs queued.
+    fn events(log: Vec<Call>) -> Vec<Call> {
+        log.into_iter().filter(|c| !matches!(c, Call::Queued { .. })).collect()
+    }
+
+    #[test]
+    fn events_come_in_the_order_of_the_steps() {
+        let (outcome, log) = record(None, None);
+        assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
+        let expected = events(unbroken_log());
+        assert_eq!(
+            expected,
+            [vec![Call::Stepped(4)], evaluated(4).to_vec(), vec![Call::Stepped(8)], evaluated(8).to_vec(), vec![Call::Stepped(10)], evaluated(10).to_vec()]
+                .concat()
+        );
+        assert_eq!(events(log), expected);
+    }
+
+    #[test]
+    fn a_points_evaluations_are_reported_once_the_next_run_is_queued() {
+        let (outcome, log) = record(None, None);
+        assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
+        assert_eq!(log, unbroken_log());
     }
 
     #[test]
