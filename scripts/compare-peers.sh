@@ -19,8 +19,9 @@
 #                     (bntrain bench --noise). The data matter for bntrain's CPU path only: it
 #                     skips zero pixels (MNIST's are 81% zero).
 #   STEP_VARIANTS=graph,fused,staged   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant
-#                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1), as rows bntrain-graph,
-#                     bntrain-fused, bntrain-staged; ratios are against the fastest of them.
+#                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1; `tuned`: graph with
+#                     BNTRAIN_GEMM_TUNE=1), as rows bntrain-graph, bntrain-fused,
+#                     bntrain-staged, bntrain-tuned; ratios are against the fastest of them.
 #                     Unset: one row, `bntrain`, with whatever BNTRAIN_CUDA_STEP says
 #   BENCH_ARGS, PEER_ARGS   extra arguments for `bntrain bench` and for both peer scripts
 #   BENCH_TIMEOUT=120, PEER_TIMEOUT=240   seconds per bntrain bench / per peer script
@@ -99,6 +100,7 @@ for cfg in "${cfg_list[@]}"; do
             case "$variant" in
                 "") step_env=() ;;
                 staged) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_STAGE=1) ;;
+                tuned) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1) ;;
                 *) step_env=(env "BNTRAIN_CUDA_STEP=$variant") ;;
             esac
             echo "== ${step_env[*]:1}${step_env[*]:+ }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"

@@ -8,9 +8,9 @@
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
 #      staging (BNTRAIN_FUSED_STAGE=1), as a BN+plain pair (--pair; in one launch with
 #      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
-#      one with tf32 and bf16 GEMMs;
+#      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1);
 #   4. the full `reproduce` study, timed, with fused steps, staged fused steps, staged and
-#      paired, then graphs (REPRODUCE=0 skips them);
+#      paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
@@ -114,29 +114,45 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
-    # (BNTRAIN_FUSED_PAIR=1).
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}"
-    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair.log" name="bench $1 ($2, $3"
+    # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}"
+    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair-tune$tune.log" name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
     [[ $stage == 1 ]] && name+=", staged"
     [[ $pair == 1 ]] && name+=", BN+plain pair"
     [[ $pair == 2 ]] && name+=", BN+plain in one launch"
+    [[ $tune == 1 ]] && name+=", tuned GEMMs"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
-        row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device"
+        local tuned=""
+        # How many tuned shapes kept a cublasLt candidate over cuBLAS's own kernel.
+        [[ $tune == 1 ]] && tuned="; $(python3 - "$log" <<'PY'
+import json, sys
+report = None
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        report = json.loads(line)
+    except ValueError:
+        pass
+tuned = (report or {}).get("tuned_gemms") or []
+print(f"{sum(t['chosen'] > 0 for t in tuned)} of {len(tuned)} tuned shapes on cublasLt")
+PY
+)"
+        row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device$tuned"
         # A variant that fell back still times something, but not what was asked.
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
         [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
         [[ $pair == 2 ]] && want+=", two networks a launch"
+        [[ $tune == 1 && "$device" != *"GEMMs tuned)"* ]] && failed=1
         if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
     else
         row "$name" "FAIL"; failed=1
@@ -158,24 +174,32 @@ bench seed fused f32 0 0 2
 bench seed fused f32 0 1 2
 bench wide graph tf32
 bench wide graph bf16
+# Each large GEMM shape on the fastest of cuBLAS's kernel and cublasLt's candidates
+# (BNTRAIN_GEMM_TUNE=1); the log lists every candidate's time.
+bench wide graph f32 0 0 0 1
+bench wide graph tf32 0 0 0 1
+bench wide graph bf16 0 0 0 1
+bench wide eager f32 0 0 0 1
 # The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).
 bench seed graph f32 1
 bench seed eager f32 1
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused staged paired graph; do
-    # paired: staged fused steps, the two networks of the comparison in one launch.
-    step=$variant stage=0 pairing=0
+for variant in fused staged paired tuned graph; do
+    # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
+    # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1).
+    step=$variant stage=0 pairing=0 tune=0
     [[ $variant == staged ]] && step=fused stage=1
     [[ $variant == paired ]] && step=fused stage=1 pairing=1
+    [[ $variant == tuned ]] && step=fused tune=1
     name="reproduce (full, cuda, $variant)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -192,7 +216,7 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     echo "== compare-peers.sh"
     # bntrain's side with each way of launching a step that works (the table names them and
     # compares the peers with the fastest).
-    variants=graph; [[ $fused_ok == 1 ]] && variants=graph,fused,staged
+    variants=graph,tuned; [[ $fused_ok == 1 ]] && variants=graph,tuned,fused,staged
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi

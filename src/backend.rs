@@ -27,7 +27,7 @@ pub enum StatsMode {
 
 /// How a backend's GEMMs read their operands. Everything else (master weights, BN
 /// statistics, activations, accumulation) stays in f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum GemmPrecision {
     /// Full f32 operands.
     #[default]

@@ -90,6 +90,9 @@ pub struct BenchReport {
     pub steps_per_second: f64,
     pub runs: usize,
     pub steps_per_run: u64,
+    /// Each GEMM shape tuned in this process (`BNTRAIN_GEMM_TUNE=1`): the candidates' µs
+    /// and the one kept. Empty without tuning.
+    pub tuned_gemms: Vec<crate::cuda::gemm_tuning::TunedGemm>,
 }
 
 /// Times training steps of `nets` in lockstep (each run of steps queued on every network
@@ -206,5 +209,6 @@ pub fn run(
         steps_per_second: 1e6 / med,
         runs: us.len(),
         steps_per_run,
+        tuned_gemms: crate::cuda::gemm_tuning::tuned_gemms(),
     })
 }

@@ -50,7 +50,9 @@ enum Command {
     /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
     /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
     /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=1 runs --pair's two
-    /// networks in one fused launch (both off until measured).
+    /// networks in one fused launch; BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's
+    /// algorithms for each large GEMM shape and keeps the fastest, listed after the result
+    /// (all three off until measured).
     Bench(BenchArgs),
     /// Manage datasets.
     Data {
@@ -571,6 +573,11 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         r.us_per_step, r.runs, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
     println!("{}", r.kernels);
+    for tuned in &r.tuned_gemms {
+        let us: Vec<String> = tuned.us.iter().map(|t| if t.is_finite() { format!("{t:.1}") } else { "-".into() }).collect();
+        let chosen = if tuned.chosen == 0 { "cuBLAS's own".to_string() } else { format!("cublasLt candidate {}", tuned.chosen) };
+        println!("tuned GEMM {}: {chosen}; µs cuBLAS, then cublasLt's candidates: {}", tuned.shape, us.join(" "));
+    }
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     }

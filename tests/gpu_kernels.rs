@@ -500,48 +500,91 @@ fn reduced_precision_gemms_drop_the_low_operand_bits() {
     }
 }
 
-/// In f32 against the f64 product; with TF32 or bf16 operands against the f64 product of the
-/// operands rounded on the host ([`GemmPrecision::round`], to nearest even), allowing one ulp
-/// of the format per operand (2⁻¹⁰, 2⁻⁷ relative) in case the hardware rounds differently
-/// (truncates, or rounds ties away). `reduced_precision_gemms_drop_the_low_operand_bits`
-/// shows the formats are used at all.
+/// Every transpose, accumulation and precision of [`check_matmul`], on small shapes.
 #[test]
 fn matmul_matches_cpu_matmul_for_every_transpose() {
     let Some(gpu) = gpu() else { return };
     let shapes: &[(usize, usize, usize)] = &[(1, 1, 1), (2, 3, 1), (60, 100, 784), (100, 784, 60), (60, 784, 100), (127, 1, 33), (1000, 10, 100), (1, 1000, 2), (33, 9, 65)];
-    let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-7))];
     // Every shape is small enough for cuda/small_gemm.cu: once with it switched on (where the
     // routing allows: a·bᵀ with k ≥ 64, or k ≤ 128), once through cuBLAS.
-    for (i, &(m, n, k), small) in shapes.iter().enumerate().flat_map(|(i, s)| [(i, s, true), (i, s, false)]) {
+    for (i, &shape, small) in shapes.iter().enumerate().flat_map(|(i, s)| [(i, s, true), (i, s, false)]) {
         gpu.set_small_gemm(small);
-        let path = if small { "small-gemm kernels" } else { "cuBLAS" };
-        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
-            for (accumulate, &(precision, ulp)) in [false, true].into_iter().flat_map(|acc| precisions.iter().map(move |p| (acc, p))) {
-                let seed = 900 + 10 * i as u64;
-                let a = uniform(m * k, -1.0, 1.0, seed);
-                let b = uniform(k * n, -1.0, 1.0, seed + 1);
-                let c0 = uniform(m * n, -1.0, 1.0, seed + 2);
-                let mut c = if accumulate {
-                    let mut host = c0.clone();
-                    host.extend(std::iter::repeat_n(f32::NAN, TAIL));
-                    upload(&gpu, &host)
-                } else {
-                    poisoned(&gpu, m * n)
-                };
-                matmul(&gpu, precision, ta, tb, m, n, k, &upload(&gpu, &a).as_view(), &upload(&gpu, &b).as_view(), &mut c.as_view_mut(), accumulate).unwrap();
-                let mut rc = wide(&c0);
-                let rounded = |v: &[f32]| wide(&v.iter().map(|&x| precision.round(x)).collect::<Vec<f32>>());
-                ops::matmul(ta, tb, m, n, k, &rounded(&a), &rounded(&b), &mut rc, accumulate);
-                // Bound the f32 sum by the magnitude of its terms: Σ_k |a||b| ≤ k.
-                let mut abs_sum = vec![0.0f64; m * n];
-                let (a_abs, b_abs): (Vec<f64>, Vec<f64>) = (a.iter().map(|v| f64::from(v.abs())).collect(), b.iter().map(|v| f64::from(v.abs())).collect());
-                ops::matmul(ta, tb, m, n, k, &a_abs, &b_abs, &mut abs_sum, false);
-                let scale = abs_sum.iter().fold(1.0f64, |s, v| s.max(*v));
-                assert_close(
-                    &format!("matmul {} ({path}) {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}", precision.label()),
-                    read(&gpu, "c", &c, m * n), rc, Tolerance::new((1e-6 + 2.0 * ulp) * scale, 1e-5),
-                );
-            }
+        check_matmul(&gpu, if small { "small-gemm kernels" } else { "cuBLAS" }, shape, 900 + 10 * i as u64, 0);
+    }
+}
+
+/// With GEMM tuning on, products above its threshold run whichever of cuBLAS's kernel and
+/// cublasLt's candidates was fastest: checked as above, also with operands 4 bytes off
+/// alignment (cublasLt's kernels may assume 16 or more), and each tuned shape twice in a
+/// row gives the same bits.
+#[test]
+fn tuned_matmul_matches_cpu_matmul() {
+    let Some(gpu) = gpu() else { return };
+    gpu.set_small_gemm(false);
+    gpu.set_gemm_tuning(true);
+    let shapes: &[(usize, usize, usize)] = &[(256, 300, 784), (1030, 129, 100)];
+    for (i, &(m, n, k)) in shapes.iter().enumerate() {
+        assert!(m * n * k >= bntrain::cuda::gemm_tuning::TUNE_MIN_MACS, "{m}×{n}×{k} is below the tuning threshold");
+        for offset in [0, 1] {
+            check_matmul(&gpu, &format!("tuned, operands {offset} floats in"), (m, n, k), 2000 + 10 * i as u64, offset);
+        }
+        let (a, b) = (upload(&gpu, &uniform(m * k, -1.0, 1.0, 7)), upload(&gpu, &uniform(k * n, -1.0, 1.0, 8)));
+        let twice: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                let mut c = poisoned(&gpu, m * n);
+                matmul(&gpu, GemmPrecision::F32, false, true, m, n, k, &a.as_view(), &b.as_view(), &mut c.as_view_mut(), false).unwrap();
+                read(&gpu, "c", &c, m * n)
+            })
+            .collect();
+        assert!(twice[0].iter().zip(&twice[1]).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}×{n}×{k}: two tuned products differ");
+    }
+    let tuned = bntrain::cuda::gemm_tuning::tuned_gemms();
+    gpu.set_gemm_tuning(false);
+    // 2 shapes × 4 transposes × 2 accumulations × 3 precisions × 2 alignments.
+    assert_eq!(tuned.len(), 96, "{tuned:#?}");
+    for t in &tuned {
+        assert!(t.chosen < t.us.len().max(1) && (t.us.is_empty() || t.us[t.chosen].is_finite()), "{t:?}");
+    }
+}
+
+/// One shape in every transpose, accumulating or not, in each precision, against the f64
+/// product: in f32 against the exact product; with TF32 or bf16 operands against the
+/// product of the operands rounded on the host ([`GemmPrecision::round`], to nearest even),
+/// allowing one ulp of the format per operand (2⁻¹⁰, 2⁻⁷ relative) in case the hardware
+/// rounds differently (truncates, or rounds ties away);
+/// `reduced_precision_gemms_drop_the_low_operand_bits` shows the formats are used at all.
+/// The operands and the output start `offset` floats into their buffers.
+fn check_matmul(gpu: &Gpu, path: &str, (m, n, k): (usize, usize, usize), seed: u64, offset: usize) {
+    let precisions = [(GemmPrecision::F32, 0.0), (GemmPrecision::Tf32, 2.0f64.powi(-10)), (GemmPrecision::Bf16, 2.0f64.powi(-7))];
+    let with_offset = |v: Vec<f32>| [vec![f32::NAN; offset], v].concat();
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for (accumulate, &(precision, ulp)) in [false, true].into_iter().flat_map(|acc| precisions.iter().map(move |p| (acc, p))) {
+            let a = uniform(m * k, -1.0, 1.0, seed);
+            let b = uniform(k * n, -1.0, 1.0, seed + 1);
+            let c0 = uniform(m * n, -1.0, 1.0, seed + 2);
+            let mut c = if accumulate {
+                let mut host = with_offset(c0.clone());
+                host.extend(std::iter::repeat_n(f32::NAN, TAIL));
+                upload(gpu, &host)
+            } else {
+                poisoned(gpu, offset + m * n)
+            };
+            let (a_dev, b_dev) = (upload(gpu, &with_offset(a.clone())), upload(gpu, &with_offset(b.clone())));
+            matmul(gpu, precision, ta, tb, m, n, k, &a_dev.slice(offset..), &b_dev.slice(offset..), &mut c.slice_mut(offset..), accumulate).unwrap();
+            let mut rc = wide(&c0);
+            let rounded = |v: &[f32]| wide(&v.iter().map(|&x| precision.round(x)).collect::<Vec<f32>>());
+            ops::matmul(ta, tb, m, n, k, &rounded(&a), &rounded(&b), &mut rc, accumulate);
+            // Bound the f32 sum by the magnitude of its terms: Σ_k |a||b| ≤ k.
+            let mut abs_sum = vec![0.0f64; m * n];
+            let (a_abs, b_abs): (Vec<f64>, Vec<f64>) = (a.iter().map(|v| f64::from(v.abs())).collect(), b.iter().map(|v| f64::from(v.abs())).collect());
+            ops::matmul(ta, tb, m, n, k, &a_abs, &b_abs, &mut abs_sum, false);
+            let scale = abs_sum.iter().fold(1.0f64, |s, v| s.max(*v));
+            let mut got = read(gpu, "c", &c, offset + m * n);
+            got.drain(..offset);
+            assert_close(
+                &format!("matmul {} ({path}) {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}", precision.label()),
+                got, rc, Tolerance::new((1e-6 + 2.0 * ulp) * scale, 1e-5),
+            );
         }
     }
 }

@@ -526,8 +526,8 @@ fn options_follow_the_step_switch() {
     let err = CudaOptions::from_step_env(Some("0")).unwrap_err().to_string();
     assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("auto, graph, eager or fused"), "{err}");
     let defaults = CudaOptions::default();
-    assert!(!defaults.fused_staging && !defaults.fused_pairing, "staging and pairing are off until measured");
-    for name in [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV] {
+    assert!(!defaults.fused_staging && !defaults.fused_pairing && !defaults.gemm_tuning, "staging, pairing and tuning are off until measured");
+    for name in [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV] {
         for (value, expected) in [(None, false), (Some(""), false), (Some("0"), false), (Some(" 1 "), true)] {
             assert_eq!(CudaOptions::switch_from_env(name, value).unwrap(), expected, "{name}={value:?}");
         }
@@ -569,6 +569,30 @@ fn fused_steps_match_the_cpu_reference() {
     let _serial = serial();
     if gpu().is_some() {
         check_all(cuda_fused_backend);
+    }
+}
+
+fn cuda_tuned_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let options = CudaOptions { step_launch: StepLaunch::Graph, gemm_tuning: true, ..Default::default() };
+    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
+    assert!(net.device_name().ends_with("(cuda graph, GEMMs tuned)"), "{}", net.device_name());
+    Box::new(net)
+}
+
+/// Steps as graphs with tuned GEMMs (BNTRAIN_GEMM_TUNE) against the CPU reference, as the
+/// untuned ones are checked above: whichever algorithm won, with the same tolerances. The
+/// ReLU configuration's layer-0 products (127×127×784) are above the tuning threshold,
+/// forward and backward; they are tuned in its warm-up step and run in the captured graph.
+#[test]
+fn tuned_gemm_steps_match_the_cpu_reference() {
+    let _serial = serial();
+    if gpu().is_some() {
+        check_all(cuda_tuned_backend);
+        let tuned = cuda::gemm_tuning::tuned_gemms();
+        assert!(tuned.iter().any(|t| t.shape.starts_with("127×127×784 ")), "no 127×127×784 product was tuned: {tuned:?}");
+        for t in &tuned {
+            assert!(t.chosen < t.us.len().max(1) && (t.us.is_empty() || t.us[t.chosen].is_finite()), "{t:?}");
+        }
     }
 }
 

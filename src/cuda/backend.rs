@@ -373,11 +373,15 @@ pub struct CudaOptions {
     /// Two fused networks trained in lockstep (the study's comparison) run in one launch
     /// ([`Backend::train_steps_with`]). Off by default until measured; `BNTRAIN_FUSED_PAIR=1`.
     pub fused_pairing: bool,
+    /// GEMMs of at least [`super::gemm_tuning::TUNE_MIN_MACS`] multiply-adds run the
+    /// fastest of cuBLAS's kernel and cublasLt's candidates, timed on first use
+    /// ([`super::gemm_tuning`]). Off by default until measured; `BNTRAIN_GEMM_TUNE=1`.
+    pub gemm_tuning: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false, fused_pairing: false }
+        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false, fused_pairing: false, gemm_tuning: false }
     }
 }
 
@@ -388,14 +392,21 @@ impl CudaOptions {
     pub const STAGE_ENV: &'static str = "BNTRAIN_FUSED_STAGE";
     /// The switch for [`CudaOptions::fused_pairing`]: `1` on, `0` or unset off.
     pub const PAIR_ENV: &'static str = "BNTRAIN_FUSED_PAIR";
+    /// The switch for [`CudaOptions::gemm_tuning`]: `1` on, `0` or unset off.
+    pub const GEMM_TUNE_ENV: &'static str = "BNTRAIN_GEMM_TUNE";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
-    /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE` and pairing from
-    /// `BNTRAIN_FUSED_PAIR`.
+    /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
+    /// `BNTRAIN_FUSED_PAIR` and GEMM tuning from `BNTRAIN_GEMM_TUNE`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
         let switch = |name: &str| Self::switch_from_env(name, std::env::var(name).ok().as_deref());
-        Ok(CudaOptions { fused_staging: switch(Self::STAGE_ENV)?, fused_pairing: switch(Self::PAIR_ENV)?, ..options })
+        Ok(CudaOptions {
+            fused_staging: switch(Self::STAGE_ENV)?,
+            fused_pairing: switch(Self::PAIR_ENV)?,
+            gemm_tuning: switch(Self::GEMM_TUNE_ENV)?,
+            ..options
+        })
     }
 
     /// An on/off switch `name` for its value (None: unset, which is off).
@@ -573,6 +584,7 @@ impl CudaBackend {
             return Err(ConfigError::Invalid(format!("the CUDA backend handles at most 256 classes (got {})", model.classes)).into());
         }
         let gpu = Gpu::open()?;
+        gpu.set_gemm_tuning(options.gemm_tuning);
         // Refuse up front, with the size, rather than fail on the n-th allocation.
         let needed = device_bytes_needed(&model, &train, &data, options.gemm);
         let (free, _) = gpu.context().mem_get_info().map_err(CudaError::from)?;
@@ -1059,9 +1071,10 @@ impl Backend for CudaBackend {
             GraphState::Stale | GraphState::Ready(_) => "cuda graph",
         };
         let launch = if self.paired { format!("{launch}, two networks a launch") } else { launch.to_string() };
+        let tuned = if self.gpu.gemm_tuning() { ", GEMMs tuned" } else { "" };
         match self.gemm {
-            GemmPrecision::F32 => format!("{} ({launch})", self.gpu.name()),
-            rounded => format!("{} ({launch}, {} GEMMs)", self.gpu.name(), rounded.label()),
+            GemmPrecision::F32 => format!("{} ({launch}{tuned})", self.gpu.name()),
+            rounded => format!("{} ({launch}, {} GEMMs{tuned})", self.gpu.name(), rounded.label()),
         }
     }
 

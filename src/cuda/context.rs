@@ -6,6 +6,7 @@
 
 use super::{built, describe_driver_error, CudaError};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
+use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,9 +40,14 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     /// Bound to `stream` once: cublasSetStream would also reset the workspace below.
     pub(crate) blas: CudaBlas,
-    /// The handle's workspace. Declared after `blas` so that it is freed after the handle
-    /// is destroyed (fields drop in declaration order).
-    _blas_workspace: CudaSlice<u8>,
+    /// A cublasLt handle for tuned GEMMs (see [`super::gemm_tuning`]); `None` where
+    /// libcublasLt is missing or its handle could not be created (GEMMs then stay on cuBLAS).
+    lt: Option<LtHandle>,
+    /// The handles' workspace (cuBLAS's, and cublasLt's products': one stream orders them).
+    /// Declared after both handles so that it is freed after they are destroyed (fields
+    /// drop in declaration order).
+    blas_workspace: CudaSlice<u8>,
+    blas_workspace_ptr: u64,
     pub(crate) functions: Functions,
     name: String,
     /// bf16 GEMMs: the two operands rounded to bf16 (cuda/bf16.cu), see
@@ -51,6 +57,9 @@ pub struct Gpu {
     /// `BNTRAIN_SMALL_GEMM=1` (on an H100 and an H200 they beat cuBLAS only under eager
     /// launches, see [`super::gemm::SMALL_GEMM_MAX_MACS`]).
     small_gemm: AtomicBool,
+    /// Whether large GEMMs pick their algorithm by timing (a backend sets it from
+    /// [`super::CudaOptions::gemm_tuning`]).
+    gemm_tuning: AtomicBool,
     /// The softmax's scratch (a lock only because launches take `&Gpu`: one stream orders
     /// the launches that use it).
     pub(crate) softmax_partials: Mutex<SoftmaxPartials>,
@@ -58,6 +67,23 @@ pub struct Gpu {
 
 /// The environment switch that turns the small-GEMM kernels on (`1`).
 pub const SMALL_GEMM_ENV: &str = "BNTRAIN_SMALL_GEMM";
+
+/// A cublasLt handle, destroyed on drop.
+struct LtHandle(lt_sys::cublasLtHandle_t);
+
+// SAFETY: the handle is not tied to the thread that created it, and cuBLAS documents its
+// handles as usable from several host threads as long as their configuration does not
+// change, which this one's never does (each product brings its own descriptors).
+unsafe impl Send for LtHandle {}
+unsafe impl Sync for LtHandle {}
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_handle`, destroyed once, after its last product
+        // (a `Gpu` drops it before its workspace, and the stream's work holds no handle).
+        let _ = unsafe { lt_result::destroy_handle(self.0) };
+    }
+}
 
 /// Scratch for one bf16 GEMM's operands: `len` bf16 values (u16 bits) each.
 pub(crate) struct Bf16Operands {
@@ -205,13 +231,20 @@ impl Gpu {
             small_gemm_outer: function("small_gemm", "small_gemm_outer_f32")?,
         };
         let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1"));
+        let gemm_tuning = AtomicBool::new(false);
+        // SAFETY: only tries to dlopen the library.
+        let lt = if unsafe { lt_sys::is_culib_present() } { lt_result::create_handle().ok().map(LtHandle) } else { None };
+        let blas_workspace_ptr = blas_workspace.device_ptr(&stream).0;
         let softmax_partials = Mutex::new(SoftmaxPartials {
             loss: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS)?,
             correct: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS)?,
             dbias: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS * MAX_CLASSES)?,
             ticket: stream.alloc_zeros(1)?,
         });
-        Ok(Gpu { ctx, stream, blas, _blas_workspace: blas_workspace, functions, name, bf16_operands: Mutex::new(None), small_gemm, softmax_partials })
+        Ok(Gpu {
+            ctx, stream, blas, lt, blas_workspace, blas_workspace_ptr, functions, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
+            softmax_partials,
+        })
     }
 
     /// The device's name, e.g. `NVIDIA H200`.
@@ -238,6 +271,28 @@ impl Gpu {
     /// check both. A captured step keeps the kernels it was captured with.
     pub fn set_small_gemm(&self, on: bool) {
         self.small_gemm.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether GEMMs of at least [`super::gemm_tuning::TUNE_MIN_MACS`] multiply-adds pick
+    /// their algorithm by timing (see [`super::gemm_tuning`]).
+    pub fn gemm_tuning(&self) -> bool {
+        self.gemm_tuning.load(Ordering::Relaxed)
+    }
+
+    /// Turns GEMM tuning on or off; tests check both. A captured step keeps the
+    /// algorithms it was captured with.
+    pub fn set_gemm_tuning(&self, on: bool) {
+        self.gemm_tuning.store(on, Ordering::Relaxed);
+    }
+
+    /// The cublasLt handle, if libcublasLt could be loaded.
+    pub(crate) fn lt_handle(&self) -> Option<lt_sys::cublasLtHandle_t> {
+        self.lt.as_ref().map(|h| h.0)
+    }
+
+    /// The cuBLAS workspace: its address and size in bytes.
+    pub(crate) fn blas_workspace(&self) -> (u64, usize) {
+        (self.blas_workspace_ptr, self.blas_workspace.len())
     }
 
     /// Makes room for bf16 GEMM operands of up to `elements` values each. A backend calls

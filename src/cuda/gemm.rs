@@ -5,8 +5,7 @@ use super::context::Gpu;
 use super::kernels;
 use super::CudaError;
 use crate::backend::GemmPrecision;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-use cudarc::cublas::{result as blas_result, Gemm, GemmConfig};
+use super::gemm_tuning::{self, alignment, BlasOperands, BlasShape};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 /// With [`Gpu::set_small_gemm`] on (`BNTRAIN_SMALL_GEMM=1`), f32 products of at most this
@@ -53,6 +52,11 @@ const SMALL_GEMM_OUTER_MAX_K: usize = 128;
 /// multiplies the bf16 operands with f32 accumulation (`CUBLAS_COMPUTE_32F`). The compute
 /// type `_FAST_16BF` on f32 buffers would only *allow* cuBLAS to use bf16: on an H100 it
 /// picked TF32 kernels instead (docs/perf.md). c stays f32 in every case.
+///
+/// With GEMM tuning on ([`Gpu::set_gemm_tuning`], `BNTRAIN_GEMM_TUNE=1`), products of at
+/// least [`gemm_tuning::TUNE_MIN_MACS`] multiply-adds run whichever of cuBLAS's own kernel
+/// and cublasLt's candidates was fastest when the shape was first multiplied eagerly
+/// ([`gemm_tuning`]); each is as capturable and as reproducible as the sgemm.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu, precision: GemmPrecision, transpose_a: bool, transpose_b: bool, m: usize, n: usize, k: usize,
@@ -69,19 +73,6 @@ pub fn matmul(
             _ => return Err(fail(format!("{what} holds {len} elements, a {m}×{n}×{k} product needs more"))),
         }
     }
-    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-    let cfg = GemmConfig {
-        transa: op(transpose_b),
-        transb: op(transpose_a),
-        m: n_i,
-        n: m_i,
-        k: k_i,
-        alpha: 1.0f32,
-        lda: if transpose_b { k_i } else { n_i },
-        ldb: if transpose_a { m_i } else { k_i },
-        beta: if accumulate { 1.0 } else { 0.0 },
-        ldc: n_i,
-    };
     gpu.context().bind_to_thread()?;
     if precision == GemmPrecision::F32 && gpu.small_gemm() && m.saturating_mul(n).saturating_mul(k) <= SMALL_GEMM_MAX_MACS {
         if !transpose_a && transpose_b && k >= SMALL_GEMM_DOT_MIN_K {
@@ -91,44 +82,38 @@ pub fn matmul(
             return kernels::small_gemm_outer(gpu, transpose_a, transpose_b, m, n, k, a, b, c, accumulate);
         }
     }
-    let compute = match precision {
-        // SAFETY: a holds m·k, b k·n and c m·n floats (checked above), which is exactly what
-        // the column-major (n×m) = (n×k)·(k×m) product with these leading dimensions
-        // touches; all three live on the handle's stream.
-        GemmPrecision::F32 => return unsafe { gpu.blas.gemm(cfg, b, a, c) }.map_err(CudaError::from),
-        GemmPrecision::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-        GemmPrecision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
-    };
     let stream = gpu.stream();
-    let f32_type = cudaDataType_t::CUDA_R_32F;
     let (c_ptr, _record_c) = c.device_ptr_mut(stream);
     // The operands as cuBLAS reads them: the f32 buffers, or their bf16 copies.
     let mut scratch;
-    let (b_ptr, a_ptr, operand_type) = if precision == GemmPrecision::Bf16 {
+    let (b_ptr, a_ptr) = if precision == GemmPrecision::Bf16 {
         let (a_len, b_len) = (m * k, k * n);
         scratch = gpu.bf16_operands(a_len.max(b_len))?;
         let operands = scratch.as_mut().expect("bf16_operands allocates the scratch");
         kernels::round_to_bf16(gpu, &a.slice(..a_len), &mut operands.a.slice_mut(..a_len))?;
         kernels::round_to_bf16(gpu, &b.slice(..b_len), &mut operands.b.slice_mut(..b_len))?;
-        (operands.b.device_ptr(stream).0, operands.a.device_ptr(stream).0, cudaDataType_t::CUDA_R_16BF)
+        (operands.b.device_ptr(stream).0, operands.a.device_ptr(stream).0)
     } else {
-        (b.device_ptr(stream).0, a.device_ptr(stream).0, f32_type)
+        (b.device_ptr(stream).0, a.device_ptr(stream).0)
     };
-    // SAFETY: the same shapes and leading dimensions as the sgemm above, over operands that
-    // hold at least m·k (a) and k·n (b) elements of `operand_type` (the f32 buffers, bounds
-    // checked above, or their bf16 copies of exactly those lengths) and c with m·n f32, all on
-    // the handle's stream (the one stream orders the rounding before the product, and keeps
-    // the scratch from being overwritten before the product has read it). alpha and beta are
-    // host f32 values, as the handle's host pointer mode and a 32F compute type expect, read
-    // before the call returns (captured by value under graph capture).
-    unsafe {
-        blas_result::gemm_ex(
-            *gpu.blas.handle(), cfg.transa, cfg.transb, cfg.m, cfg.n, cfg.k,
-            (&cfg.alpha) as *const f32 as *const _, b_ptr as *const _, operand_type, cfg.lda,
-            a_ptr as *const _, operand_type, cfg.ldb,
-            (&cfg.beta) as *const f32 as *const _, c_ptr as *mut _, f32_type, cfg.ldc,
-            compute, cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(CudaError::from)
+    let shape = BlasShape {
+        precision,
+        transpose_a: transpose_b,
+        transpose_b: transpose_a,
+        m: n_i,
+        n: m_i,
+        k: k_i,
+        lda: if transpose_b { k_i } else { n_i },
+        ldb: if transpose_a { m_i } else { k_i },
+        ldc: n_i,
+        accumulate,
+        alignment: [alignment(b_ptr), alignment(a_ptr), alignment(c_ptr)],
+    };
+    // Operands that hold at least m·k (a) and k·n (b) elements of the shape's operand type
+    // (the f32 buffers, bounds checked above, or their bf16 copies of exactly those lengths)
+    // and c with m·n f32, all on the handle's stream, which orders the rounding before the
+    // product and keeps the scratch from being overwritten before the product has read it.
+    let operands = BlasOperands { a: b_ptr, b: a_ptr, c: c_ptr };
+    let algorithm = gemm_tuning::algorithm(gpu, &shape, operands)?;
+    gemm_tuning::run(gpu, &shape, algorithm, operands)
 }

@@ -12,6 +12,7 @@
 mod backend;
 pub mod context;
 pub mod gemm;
+pub mod gemm_tuning;
 pub mod kernels;
 
 pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
