@@ -130,6 +130,44 @@
 #ifndef FUSED_AFTER_BARRIER
 #define FUSED_AFTER_BARRIER()
 #endif
+// Phase timing (`bntrain bench --trace`): null unless the host points it at a buffer of
+// [gridDim.x, FUSED_TRACE_SLOTS, 4] u64. Thread 0 of each block then records, for each grid
+// barrier k < FUSED_TRACE_BARRIERS of the launch (the count's k: the same k in every block),
+// its SM clock and the global timer on arriving and on leaving (slot k: clock in, clock out,
+// timer in, timer out); slot FUSED_TRACE_BARRIERS holds the block's clock and timer at the
+// launch's start (fields 0 and 2), slot FUSED_TRACE_BARRIERS + 1 at its end. The clocks time
+// a block's own phases (not comparable across SMs); the timer orders the blocks. Off, it
+// costs a load and a branch a barrier.
+#define FUSED_TRACE_BARRIERS 64
+#define FUSED_TRACE_SLOTS (FUSED_TRACE_BARRIERS + 2)
+__device__ unsigned long long* fused_trace;
+#ifndef FUSED_CLOCK
+#define FUSED_CLOCK() ((unsigned long long)clock64())
+#endif
+#ifndef FUSED_GLOBALTIMER
+__device__ __forceinline__ unsigned long long fused_globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#define FUSED_GLOBALTIMER() fused_globaltimer()
+#endif
+// Records one slot of the calling block (see fused_trace); out of line, so that the kernels
+// spend no registers on it.
+__device__ __noinline__ void fused_trace_slot(unsigned slot, unsigned long long clock_in, unsigned long long timer_in, bool both) {
+    unsigned long long* p = fused_trace + ((size_t)blockIdx.x * FUSED_TRACE_SLOTS + slot) * 4;
+    p[0] = clock_in;
+    p[2] = timer_in;
+    if (both) {
+        p[1] = FUSED_CLOCK();
+        p[3] = FUSED_GLOBALTIMER();
+    }
+}
+// The launch's start or end in the calling block's trace (thread 0; nothing when off).
+__device__ __forceinline__ void fused_trace_mark(unsigned slot) {
+    if (threadIdx.x == 0 && fused_trace != nullptr) fused_trace_slot(slot, FUSED_CLOCK(), FUSED_GLOBALTIMER(), false);
+}
+
 // Waits at a grid barrier longer than this many pauses (seconds, where a step takes
 // microseconds) mean a block never arrived: the kernel traps, and the process gets an error
 // instead of a hang (the trap leaves the CUDA context unusable: the process must restart).
@@ -143,6 +181,8 @@
 __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
+        const bool traced = fused_trace != nullptr;
+        const unsigned long long clock_in = traced ? FUSED_CLOCK() : 0, timer_in = traced ? FUSED_GLOBALTIMER() : 0;
         __threadfence();
         const unsigned arrival = atomicAdd(bar, 1u);
         const unsigned passed = (arrival / gridDim.x + 1) * gridDim.x;
@@ -153,6 +193,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
         }
         __threadfence();
+        if (traced && arrival / gridDim.x < FUSED_TRACE_BARRIERS) fused_trace_slot(arrival / gridDim.x, clock_in, timer_in, true);
     }
     __syncthreads();
     FUSED_AFTER_BARRIER();
@@ -723,6 +764,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     };
     float* weight_row = STAGED && weight_row_stage >= 0 ? reinterpret_cast<float*>(staged + weight_row_stage) : nullptr;
 
+    fused_trace_mark(FUSED_TRACE_BARRIERS);
     for (unsigned step = 0; step < steps; ++step) {
         const unsigned long long base = (unsigned long long)(cursor0 + step) * batch;
 
@@ -984,6 +1026,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         for (unsigned e = 0; e < n_estimators; ++e)
             for (unsigned bn = 0; bn < bn_layers; ++bn) batches[(size_t)e * bn_layers + bn] += steps;
     }
+    fused_trace_mark(FUSED_TRACE_BARRIERS + 1);
 }
 
 // Every layer read from global memory (the host's stage offsets are ignored).

@@ -126,6 +126,8 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $tune == 1 ]] && name+=", tuned GEMMs"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
+    # One network's fused steps: also timed phase by phase (bench --trace, one more launch).
+    [[ $2 == fused && $pair == 0 ]] && pair_flag+=(--trace)
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
     echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
@@ -147,7 +149,21 @@ tuned = (report or {}).get("tuned_gemms") or []
 print(f"{sum(t['chosen'] > 0 for t in tuned)} of {len(tuned)} tuned shapes on cublasLt")
 PY
 )"
-        row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device$tuned"
+        local phases=""
+        # The traced phases' walls (+ barriers), µs: where a fused step's time goes.
+        [[ " ${pair_flag[*]} " == *" --trace "* ]] && phases="; phases $(python3 - "$log" <<'PY'
+import json, sys
+report = None
+for line in open(sys.argv[1], errors="replace"):
+    try:
+        report = json.loads(line)
+    except ValueError:
+        pass
+phases = (report or {}).get("phases") or []
+print(" + ".join(f"{p['wall_us']:.1f}+{p['barrier_us']:.1f}" for p in phases) + f" = {sum(p['wall_us'] + p['barrier_us'] for p in phases):.1f} µs" if phases else "not traced")
+PY
+)"
+        row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device$tuned$phases"
         # A variant that fell back still times something, but not what was asked.
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
         [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
@@ -193,6 +209,7 @@ for variant in fused staged paired tuned graph; do
     [[ $variant == paired ]] && step=fused stage=1 pairing=1
     [[ $variant == tuned ]] && step=fused tune=1
     name="reproduce (full, cuda, $variant)"
+    [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
     echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"

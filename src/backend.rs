@@ -118,6 +118,22 @@ impl Evaluation {
     }
 }
 
+/// One phase of a training step (the work between two grid barriers of the fused CUDA
+/// kernel), timed by [`Backend::phase_trace`]; microseconds, medians over the traced steps.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PhaseTiming {
+    pub phase: String,
+    /// From the first block leaving the previous barrier to the last arriving at this one.
+    pub wall_us: f64,
+    /// One block's work in the phase: the median block, and the slowest.
+    pub block_work_us: f64,
+    pub block_work_max_us: f64,
+    /// The block that was slowest in most steps.
+    pub slowest_block: usize,
+    /// From the last block arriving at the barrier to the last leaving it.
+    pub barrier_us: f64,
+}
+
 /// A device that trains and evaluates one network. Object safe, so a loop can drive a BN and
 /// a plain network side by side as `&mut dyn Backend`.
 pub trait Backend {
@@ -154,6 +170,14 @@ pub trait Backend {
     /// a partner of its own kind; None by default.
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
+    }
+
+    /// Trains up to `steps` steps from batch `first` with their phases timed, where the
+    /// backend runs whole steps in one kernel whose phases it can time (fused CUDA steps;
+    /// fewer steps where the record is full), and returns a row per phase of a step. Ok(None),
+    /// having trained nothing, elsewhere (the default).
+    fn phase_trace(&mut self, _first: usize, _steps: usize) -> Result<Option<Vec<PhaseTiming>>> {
+        Ok(None)
     }
 
     /// Waits until all queued work has finished (a no-op on the CPU); benchmarks call it

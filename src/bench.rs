@@ -61,6 +61,27 @@ pub fn synthetic_dataset(train_count: usize, test_count: usize, features: usize,
     Dataset { kind: DatasetKind::Mnist, train: split(train_count), test: split(test_count), source: "synthetic".into() }
 }
 
+/// Steps `bench --trace` times phase by phase (fewer where the kernel's record is full).
+pub const TRACE_STEPS: usize = 15;
+
+/// `bench --trace`'s table: a line per phase, then their sum.
+pub fn phase_table(phases: &[crate::backend::PhaseTiming]) -> String {
+    let width = phases.iter().map(|p| p.phase.chars().count()).max().unwrap_or(0).max(5);
+    let mut out = format!(
+        "{:<width$}  {:>8}  {:>12}  {:>12}  {:>13}  {:>10}\n",
+        "phase", "wall µs", "block work µs", "slowest µs", "slowest block", "barrier µs"
+    );
+    for p in phases {
+        out += &format!(
+            "{:<width$}  {:>8.2}  {:>12.2}  {:>12.2}  {:>13}  {:>10.2}\n",
+            p.phase, p.wall_us, p.block_work_us, p.block_work_max_us, p.slowest_block, p.barrier_us
+        );
+    }
+    let total: f64 = phases.iter().map(|p| p.wall_us + p.barrier_us).sum();
+    out += &format!("{:<width$}  {total:>8.2}  (walls and barriers: one step, medians)\n", "step");
+    out
+}
+
 /// What the benchmark trains on.
 pub enum BenchData<'a> {
     /// The first twelve batches of this dataset's training split.
@@ -93,6 +114,9 @@ pub struct BenchReport {
     /// Each GEMM shape tuned in this process (`BNTRAIN_GEMM_TUNE=1`): the candidates' µs
     /// and the one kept. Empty without tuning.
     pub tuned_gemms: Vec<crate::cuda::gemm_tuning::TunedGemm>,
+    /// With `trace`: a row per phase of the (first) network's step, from one more launch
+    /// after the timed runs ([`Backend::phase_trace`]); None where its steps are not fused.
+    pub phases: Option<Vec<crate::backend::PhaseTiming>>,
 }
 
 /// Times training steps of `nets` in lockstep (each run of steps queued on every network
@@ -158,9 +182,11 @@ pub enum BenchNets {
     Pair,
 }
 
-/// Builds the benchmark network(s) with `open` and times them.
+/// Builds the benchmark network(s) with `open` and times them; with `trace`, then times the
+/// phases of the first network's steps too (up to [`TRACE_STEPS`] more steps).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
-    config: BenchConfig, nets: BenchNets, data: BenchData<'_>, runs: usize, seconds_per_run: f64,
+    config: BenchConfig, nets: BenchNets, data: BenchData<'_>, runs: usize, seconds_per_run: f64, trace: bool,
     open: &mut OpenBackend<'_>,
 ) -> Result<BenchReport> {
     let batch_norm = nets != BenchNets::One { batch_norm: false };
@@ -194,6 +220,7 @@ pub fn run(
         time_steps(&mut lockstep, &train, data.train.count, 20, runs, seconds_per_run)?
     };
     let med = median(&us);
+    let phases = if trace { opened[0].phase_trace(0, TRACE_STEPS)? } else { None };
     Ok(BenchReport {
         config,
         batch_norm,
@@ -210,5 +237,21 @@ pub fn run(
         runs: us.len(),
         steps_per_run,
         tuned_gemms: crate::cuda::gemm_tuning::tuned_gemms(),
+        phases,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn phase_table_lists_each_phase_and_the_step() {
+        let row = |phase: &str, wall_us: f64| crate::backend::PhaseTiming {
+            phase: phase.into(), wall_us, block_work_us: 1.5, block_work_max_us: 2.25, slowest_block: 7, barrier_us: 0.5,
+        };
+        let table = super::phase_table(&[row("forward layer 0", 10.0), row("logits, softmax", 4.0)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[1].starts_with("forward layer 0") && lines[1].contains("10.00") && lines[1].contains("2.25") && lines[1].contains(" 7 "), "{table}");
+        assert!(lines[3].starts_with("step") && lines[3].contains("15.00"), "{table}");
+    }
 }

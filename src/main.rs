@@ -249,6 +249,11 @@ struct BenchArgs {
     /// non-zero), dense (GEMM) or sparse (only the non-zero pixels).
     #[arg(long, value_enum, default_value_t = CpuInputArg::Auto)]
     cpu_input: CpuInputArg,
+    /// Then time one launch of fused CUDA steps phase by phase (the work between the fused
+    /// kernel's grid barriers, from clocks the kernel records): a table of where a step's
+    /// time goes.
+    #[arg(long)]
+    trace: bool,
     #[command(flatten)]
     data: DataArgs,
     #[arg(long)]
@@ -561,7 +566,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);
     let nets = if args.pair { bench::BenchNets::Pair } else { bench::BenchNets::One { batch_norm: !args.no_bn } };
-    let r = bench::run(args.config, nets, data, args.runs, args.seconds, &mut open)?;
+    let r = bench::run(args.config, nets, data, args.runs, args.seconds, args.trace, &mut open)?;
     let which = match nets {
         bench::BenchNets::Pair => "BN and plain in lockstep",
         bench::BenchNets::One { batch_norm: true } => "BN",
@@ -577,6 +582,11 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         let us: Vec<String> = tuned.us.iter().map(|t| if t.is_finite() { format!("{t:.1}") } else { "-".into() }).collect();
         let chosen = if tuned.chosen == 0 { "cuBLAS's own".to_string() } else { format!("cublasLt candidate {}", tuned.chosen) };
         println!("tuned GEMM {}: {chosen}; µs cuBLAS, then cublasLt's candidates: {}", tuned.shape, us.join(" "));
+    }
+    match &r.phases {
+        Some(phases) => print!("{}", bench::phase_table(phases)),
+        None if args.trace => eprintln!("notice: --trace times fused CUDA steps only; these steps ran on {}", r.device),
+        None => {}
     }
     if args.json {
         println!("{}", serde_json::to_string(&r)?);

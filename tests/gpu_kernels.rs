@@ -580,6 +580,7 @@ fn check_matmul(gpu: &Gpu, path: &str, (m, n, k): (usize, usize, usize), seed: u
             ops::matmul(ta, tb, m, n, k, &a_abs, &b_abs, &mut abs_sum, false);
             let scale = abs_sum.iter().fold(1.0f64, |s, v| s.max(*v));
             let mut got = read(gpu, "c", &c, offset + m * n);
+            assert!(got[..offset].iter().all(|v| v.is_nan()), "matmul ({path}) {m}×{n}×{k}: wrote before c");
             got.drain(..offset);
             assert_close(
                 &format!("matmul {} ({path}) {m}×{n}×{k} ta={ta} tb={tb} accumulate={accumulate}", precision.label()),

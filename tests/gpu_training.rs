@@ -572,6 +572,43 @@ fn fused_steps_match_the_cpu_reference() {
     }
 }
 
+/// `bench --trace`'s phase timing: a row per phase of the seed step, every time positive
+/// and finite, the slowest block one of the grid's; the traced steps train exactly as untraced
+/// ones (bit for bit), and a backend whose steps are not fused declines, training nothing.
+#[test]
+fn fused_phase_trace_times_every_phase_and_changes_nothing() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    let (model, train) = (ModelConfig::seed(true), TrainConfig::seed());
+    let params = scaled_init(&model, &train);
+    let order = epoch_order(BatchOrder::Shuffled, 11, 0, data.train.count);
+    let mut traced = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
+    let mut untraced = cuda_with(StepLaunch::Fused, &model, &train, &data, &params);
+    for net in [&mut traced, &mut untraced] {
+        net.set_epoch_order(&order).unwrap();
+    }
+    let steps = 5;
+    let rows = traced.phase_trace(0, steps).unwrap().expect("fused steps are traced");
+    untraced.train_steps(0, steps).unwrap();
+    assert_same_state("traced", &mut traced, &mut untraced);
+    assert_eq!(rows.len(), cuda::phase_trace::phase_names(model.hidden.len()).len(), "{rows:#?}");
+    for row in &rows {
+        let times = [row.wall_us, row.block_work_us, row.block_work_max_us, row.barrier_us];
+        assert!(times.iter().all(|t| t.is_finite() && *t >= 0.0) && row.wall_us > 0.0 && row.block_work_max_us >= row.block_work_us, "{row:?}");
+        assert!(row.slowest_block < 1024, "{row:?}");
+    }
+    let mut graph = cuda_with(StepLaunch::Graph, &model, &train, &data, &params);
+    graph.set_epoch_order(&order).unwrap();
+    assert!(graph.phase_trace(0, steps).unwrap().is_none());
+    // The trace is off again: further fused steps still match.
+    traced.train_steps(steps, 2).unwrap();
+    untraced.train_steps(steps, 2).unwrap();
+    assert_same_state("after the trace", &mut traced, &mut untraced);
+}
+
 fn cuda_tuned_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
     let options = CudaOptions { step_launch: StepLaunch::Graph, gemm_tuning: true, ..Default::default() };
     let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();

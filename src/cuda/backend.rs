@@ -23,8 +23,8 @@
 use super::context::Gpu;
 use super::gemm::matmul;
 use super::kernels::{self, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
-use super::{describe_driver_error, CudaError};
-use crate::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
+use super::{describe_driver_error, phase_trace, CudaError};
+use crate::backend::{Backend, Evaluation, GemmPrecision, PhaseTiming, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
@@ -1165,6 +1165,28 @@ impl Backend for CudaBackend {
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
+    }
+
+    /// One launch of fused steps with `fused_trace` pointed at a record of its blocks'
+    /// barriers (cuda/fused_step.cu), then the record summarized ([`phase_trace::summarize`]).
+    fn phase_trace(&mut self, first: usize, steps: usize) -> Result<Option<Vec<PhaseTiming>>> {
+        let Some(plan) = &self.fused else { return Ok(None) };
+        let names = phase_trace::phase_names(self.model.hidden.len());
+        let steps = phase_trace::traceable_steps(names.len(), steps.min(kernels::FUSED_MAX_STEPS));
+        let blocks = plan.grid() as usize;
+        let record = zeros::<u64>(&self.gpu, blocks * phase_trace::TRACE_SLOTS * 4)?;
+        // (No event tracking on this stream: the guard `device_ptr` returns records nothing.)
+        let address = record.device_ptr(self.gpu.stream()).0;
+        self.gpu.set_fused_trace(address)?;
+        let trained = self.train_steps(first, steps);
+        // Off again whatever happened: the next launches must not write to the record.
+        let off = self.gpu.set_fused_trace(0);
+        trained?;
+        off?;
+        let raw = read(&self.gpu, &record)?;
+        let rows = phase_trace::summarize(&raw, blocks, steps, &names)
+            .map_err(|why| CudaError::Launch { kernel: "fused_train_steps_f32", message: format!("its phase record does not add up: {why}") })?;
+        Ok(Some(rows))
     }
 
     fn synchronize(&mut self) -> Result<()> {

@@ -7,7 +7,7 @@
 use super::{built, describe_driver_error, CudaError};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,8 @@ pub struct Gpu {
     blas_workspace: CudaSlice<u8>,
     blas_workspace_ptr: u64,
     pub(crate) functions: Functions,
+    /// The fused kernels' module, for its `fused_trace` pointer (see [`Gpu::set_fused_trace`]).
+    fused_module: Arc<CudaModule>,
     name: String,
     /// bf16 GEMMs: the two operands rounded to bf16 (cuda/bf16.cu), see
     /// [`Gpu::reserve_bf16_operands`]. Allocated on first use, grown when too small.
@@ -230,6 +232,10 @@ impl Gpu {
             small_gemm_dot: function("small_gemm", "small_gemm_dot_f32")?,
             small_gemm_outer: function("small_gemm", "small_gemm_outer_f32")?,
         };
+        let fused_module = loaded.iter().find(|(n, _)| *n == "fused_step").map(|(_, m)| Arc::clone(m)).ok_or_else(|| CudaError::Launch {
+            kernel: "fused_train_steps_f32",
+            message: "module `fused_step` is missing from the build".into(),
+        })?;
         let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1"));
         let gemm_tuning = AtomicBool::new(false);
         // SAFETY: only tries to dlopen the library.
@@ -242,7 +248,7 @@ impl Gpu {
             ticket: stream.alloc_zeros(1)?,
         });
         Ok(Gpu {
-            ctx, stream, blas, lt, blas_workspace, blas_workspace_ptr, functions, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
+            ctx, stream, blas, lt, blas_workspace, blas_workspace_ptr, functions, fused_module, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
             softmax_partials,
         })
     }
@@ -283,6 +289,17 @@ impl Gpu {
     /// algorithms it was captured with.
     pub fn set_gemm_tuning(&self, on: bool) {
         self.gemm_tuning.store(on, Ordering::Relaxed);
+    }
+
+    /// Points the fused kernels' `fused_trace` at `trace` (a device address; 0 turns phase
+    /// timing off), for the launches queued after this call on the stream.
+    pub(crate) fn set_fused_trace(&self, trace: u64) -> Result<(), CudaError> {
+        let mut global = self.fused_module.get_global("fused_trace", &self.stream)?;
+        if global.len() != 8 {
+            return Err(CudaError::Launch { kernel: "fused_train_steps_f32", message: format!("fused_trace holds {} bytes, not a pointer's 8", global.len()) });
+        }
+        self.stream.memcpy_htod(&trace.to_le_bytes(), &mut global)?;
+        Ok(())
     }
 
     /// The cublasLt handle, if libcublasLt could be loaded.

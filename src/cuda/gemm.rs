@@ -115,5 +115,5 @@ pub fn matmul(
     // product and keeps the scratch from being overwritten before the product has read it.
     let operands = BlasOperands { a: b_ptr, b: a_ptr, c: c_ptr };
     let algorithm = gemm_tuning::algorithm(gpu, &shape, operands)?;
-    gemm_tuning::run(gpu, &shape, algorithm, operands)
+    gemm_tuning::run(gpu, &shape, &algorithm, operands)
 }

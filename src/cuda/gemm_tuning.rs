@@ -14,7 +14,8 @@
 //! two backends of one run multiply alike, which the bitwise-determinism tests rely on).
 //! [`choose`] keeps cuBLAS's own kernel unless another is clearly faster, and among near
 //! ties the heuristics' earlier rank, so that a rerun tends to pick the same. The winner
-//! must give bitwise the same result twice; a different algorithm adds in a different
+//! must match cuBLAS's own result to rounding (cuBLASLt has had split-K kernels that drop
+//! part of a sum) and give bitwise the same result twice; a different algorithm adds in a different
 //! order, so tuned results differ from untuned ones in the last bits (the GPU tests check
 //! them against the CPU reference with the same tolerance). A shape first met while a
 //! graph is being captured runs cuBLAS's kernel and is tuned at its next eager use.
@@ -28,7 +29,7 @@ use cudarc::cublaslt::{result as lt_result, sys as lt};
 use cudarc::driver::sys::{CUevent_flags, CUstreamCaptureStatus};
 use std::collections::BTreeMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Products smaller than this many multiply-adds keep cuBLAS's own kernel untimed: the
 /// seed network's (at most 4.7M) run fused or as a graph, where a few microseconds of
@@ -95,12 +96,20 @@ pub fn alignment(ptr: u64) -> u32 {
 }
 
 /// How a product runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub enum Algorithm {
     /// cuBLAS's own choice: `cublasSgemm` for f32, `cublasGemmEx` otherwise.
     Cublas,
-    /// A cublasLt candidate and the workspace it needs (within the handle's).
-    Lt { algo: lt::cublasLtMatmulAlgo_t, workspace: usize },
+    /// A cublasLt candidate, with the descriptors it was chosen for (built once per shape).
+    Lt(Arc<LtPlan>),
+}
+
+/// A cublasLt algorithm for one shape: its descriptors, the algorithm and the workspace it
+/// needs (within the handle's).
+pub struct LtPlan {
+    problem: Arc<LtProblem>,
+    algo: lt::cublasLtMatmulAlgo_t,
+    workspace: usize,
 }
 
 /// What tuning found for one shape: for the report of `bntrain bench`.
@@ -125,9 +134,10 @@ fn tuned() -> std::sync::MutexGuard<'static, BTreeMap<BlasShape, Tuned>> {
     TUNED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Every shape tuned so far in this process, in shape order.
+/// Every shape tuned so far in this process, in shape order (not those that could not be:
+/// no memory for the scratch outputs).
 pub fn tuned_gemms() -> Vec<TunedGemm> {
-    tuned().values().map(|t| t.report.clone()).collect()
+    tuned().values().filter(|t| !t.report.us.is_empty()).map(|t| t.report.clone()).collect()
 }
 
 /// The candidate to keep, given each one's time (index 0: cuBLAS's own kernel; NaN or ∞:
@@ -144,28 +154,27 @@ pub fn choose(us: &[f64]) -> usize {
 /// The algorithm for `shape`: tuned before (or now, if tuning is on, the shape is large
 /// enough and the stream is not capturing), else cuBLAS's own.
 pub fn algorithm(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Algorithm, CudaError> {
-    if !gpu.gemm_tuning() || shape.macs() < TUNE_MIN_MACS {
+    // Without a cublasLt handle of its own, a GPU stays on cuBLAS even for shapes another
+    // one tuned (the table is the process's).
+    if !gpu.gemm_tuning() || shape.macs() < TUNE_MIN_MACS || gpu.lt_handle().is_none() {
         return Ok(Algorithm::Cublas);
     }
     if let Some(t) = tuned().get(shape) {
-        return Ok(t.algorithm);
+        return Ok(t.algorithm.clone());
     }
     if gpu.stream().capture_status()? != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
         return Ok(Algorithm::Cublas);
     }
     let tuned_now = tune(gpu, shape, operands)?;
     // Another thread may have tuned the shape meanwhile: the first result stays.
-    Ok(tuned().entry(*shape).or_insert(tuned_now).algorithm)
+    Ok(tuned().entry(*shape).or_insert(tuned_now).algorithm.clone())
 }
 
 /// Runs one product with `algorithm`.
-pub fn run(gpu: &Gpu, shape: &BlasShape, algorithm: Algorithm, operands: BlasOperands) -> Result<(), CudaError> {
+pub fn run(gpu: &Gpu, shape: &BlasShape, algorithm: &Algorithm, operands: BlasOperands) -> Result<(), CudaError> {
     match algorithm {
         Algorithm::Cublas => run_cublas(gpu, shape, operands),
-        Algorithm::Lt { algo, workspace } => {
-            let problem = LtProblem::new(shape)?;
-            run_lt(gpu, shape, &problem, &algo, workspace, operands)
-        }
+        Algorithm::Lt(plan) => run_lt(gpu, shape, plan, operands),
     }
 }
 
@@ -216,7 +225,7 @@ impl From<lt_result::CublasError> for CudaError {
 }
 
 /// cublasLt's descriptors of one product (destroyed on drop).
-struct LtProblem {
+pub struct LtProblem {
     desc: lt::cublasLtMatmulDesc_t,
     layouts: [lt::cublasLtMatrixLayout_t; 3],
 }
@@ -288,6 +297,11 @@ impl LtProblem {
     }
 }
 
+// SAFETY: the descriptors are host objects that nothing changes after `LtProblem::new`;
+// cublasLtMatmul only reads them, so products on any thread may share them.
+unsafe impl Send for LtProblem {}
+unsafe impl Sync for LtProblem {}
+
 impl Drop for LtProblem {
     fn drop(&mut self) {
         // SAFETY: each was created by `new` (or is null, never created) and is destroyed once.
@@ -311,7 +325,9 @@ impl Drop for Preference {
     }
 }
 
-fn run_lt(gpu: &Gpu, shape: &BlasShape, problem: &LtProblem, algo: &lt::cublasLtMatmulAlgo_t, workspace: usize, o: BlasOperands) -> Result<(), CudaError> {
+fn run_lt(gpu: &Gpu, shape: &BlasShape, plan: &LtPlan, o: BlasOperands) -> Result<(), CudaError> {
+    let LtPlan { problem, algo, workspace } = plan;
+    let (problem, workspace) = (&**problem, *workspace);
     let (alpha, beta) = scalars(shape);
     let (workspace_ptr, workspace_bytes) = gpu.blas_workspace();
     if workspace > workspace_bytes {
@@ -338,34 +354,37 @@ fn run_lt(gpu: &Gpu, shape: &BlasShape, problem: &LtProblem, algo: &lt::cublasLt
 }
 
 /// Times every candidate on scratch outputs and picks one (see the module's documentation).
+/// Anything cublasLt refuses leaves the shape on cuBLAS's own kernel.
 fn tune(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Tuned, CudaError> {
     let keep_cublas = |us: Vec<f64>| Tuned { algorithm: Algorithm::Cublas, report: TunedGemm { shape: shape.label(), us, chosen: 0 } };
     let Some(handle) = gpu.lt_handle() else { return Ok(keep_cublas(Vec::new())) };
-    let problem = LtProblem::new(shape)?;
-    let candidates = problem.candidates(gpu, shape, handle)?;
+    // Every candidate shares the shape's descriptors; the one kept stays in the table with them.
+    let plans: Vec<Arc<LtPlan>> = match LtProblem::new(shape).and_then(|problem| Ok((problem.candidates(gpu, shape, handle)?, problem))) {
+        Ok((candidates, problem)) => {
+            let problem = Arc::new(problem);
+            candidates.into_iter().map(|(algo, workspace)| Arc::new(LtPlan { problem: Arc::clone(&problem), algo, workspace })).collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    // Scratch outputs, so that timing leaves the real C alone: `first` for the candidates,
+    // `second` for cuBLAS's result, which the winner must match. Too little memory for them:
+    // no tuning (and no entry in the report).
     let elements = shape.ldc as usize * shape.n as usize;
-    // Scratch outputs, so that timing leaves the real C alone (and an accumulating product
-    // adds to the same zeros each time). Too little memory for them: no tuning.
     let stream = gpu.stream();
     let (Ok(mut first), Ok(mut second)) = (stream.alloc_zeros::<f32>(elements), stream.alloc_zeros::<f32>(elements)) else {
         return Ok(keep_cublas(Vec::new()));
     };
-    let scratch_ptr = |s: &mut cudarc::driver::CudaSlice<f32>| {
-        use cudarc::driver::DevicePtrMut;
-        s.device_ptr_mut(stream).0
-    };
-    let (first_ptr, second_ptr) = (scratch_ptr(&mut first), scratch_ptr(&mut second));
+    let first_ptr = { use cudarc::driver::DevicePtrMut; first.device_ptr_mut(stream).0 };
+    let second_ptr = { use cudarc::driver::DevicePtrMut; second.device_ptr_mut(stream).0 };
     let on = |c: u64| BlasOperands { c, ..operands };
     let mut algorithms = vec![Algorithm::Cublas];
-    algorithms.extend(candidates.iter().map(|&(algo, workspace)| Algorithm::Lt { algo, workspace }));
-    let product = |algorithm: &Algorithm, c: u64| match algorithm {
-        Algorithm::Cublas => run_cublas(gpu, shape, on(c)),
-        Algorithm::Lt { algo, workspace } => run_lt(gpu, shape, &problem, algo, *workspace, on(c)),
-    };
+    algorithms.extend(plans.into_iter().map(Algorithm::Lt));
+    let product = |algorithm: &Algorithm, c: u64| run(gpu, shape, algorithm, on(c));
     let ctx = gpu.context();
     let (start, end) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
     let mut us = Vec::with_capacity(algorithms.len());
     for algorithm in &algorithms {
+        // Accumulating products pile up in `first` here; only the time counts.
         let timed = || -> Result<f64, CudaError> {
             product(algorithm, first_ptr)?;
             let mut best = f64::INFINITY;
@@ -385,32 +404,51 @@ fn tune(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Tuned, C
         us.push(match (algorithm, timed()) {
             (_, Ok(t)) => t,
             (Algorithm::Cublas, Err(e)) => return Err(e),
-            (Algorithm::Lt { .. }, Err(_)) => f64::NAN,
+            (Algorithm::Lt(_), Err(_)) => f64::NAN,
         });
     }
     gpu.synchronize()?;
-    // The winner must repeat itself bit for bit: otherwise the next one.
+    // cuBLAS's result from zero, the reference the winner must match.
+    stream.memset_zeros(&mut second)?;
+    product(&Algorithm::Cublas, second_ptr)?;
+    let reference = stream.clone_dtoh(&second)?;
+    // The winner must match cuBLAS's result to rounding and repeat itself bit for bit:
+    // otherwise the next one.
     loop {
         let chosen = choose(&us);
-        if chosen == 0 || repeats_bitwise(gpu, |c| product(&algorithms[chosen], c), &mut first, first_ptr, &mut second, second_ptr)? {
-            return Ok(Tuned { algorithm: algorithms[chosen], report: TunedGemm { shape: shape.label(), us, chosen } });
+        if chosen == 0 || agrees(gpu, shape, |c| product(&algorithms[chosen], c), &mut first, first_ptr, &reference)? {
+            return Ok(Tuned { algorithm: algorithms[chosen].clone(), report: TunedGemm { shape: shape.label(), us, chosen } });
         }
         us[chosen] = f64::NAN;
     }
 }
 
-/// Whether two products from zeroed outputs give the same bits.
-fn repeats_bitwise(
-    gpu: &Gpu, product: impl Fn(u64) -> Result<(), CudaError>, first: &mut cudarc::driver::CudaSlice<f32>, first_ptr: u64,
-    second: &mut cudarc::driver::CudaSlice<f32>, second_ptr: u64,
+/// Whether a candidate's product from zero matches cuBLAS's (`reference`) within rounding of
+/// the shape's precision, and a second one gives the same bits. An algorithm that drops part
+/// of a sum, or writes where it should not, is off by O(1) of the largest output; two
+/// orders of summation differ by far less than the bound (the operands' rounding is the same:
+/// both read the same TF32 or bf16 values).
+fn agrees(
+    gpu: &Gpu, shape: &BlasShape, product: impl Fn(u64) -> Result<(), CudaError>, scratch: &mut cudarc::driver::CudaSlice<f32>, scratch_ptr: u64,
+    reference: &[f32],
 ) -> Result<bool, CudaError> {
     let stream = gpu.stream();
-    stream.memset_zeros(first)?;
-    stream.memset_zeros(second)?;
-    product(first_ptr)?;
-    product(second_ptr)?;
-    let (x, y) = (stream.clone_dtoh(first)?, stream.clone_dtoh(second)?);
-    Ok(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()))
+    let mut runs = Vec::with_capacity(2);
+    for _ in 0..2 {
+        stream.memset_zeros(scratch)?;
+        product(scratch_ptr)?;
+        runs.push(stream.clone_dtoh(scratch)?);
+    }
+    let same_bits = runs[0].iter().zip(&runs[1]).all(|(x, y)| x.to_bits() == y.to_bits());
+    let largest = reference.iter().fold(0.0f64, |m, &v| m.max(f64::from(v).abs()));
+    let relative = match shape.precision {
+        GemmPrecision::F32 => 1e-4,
+        GemmPrecision::Tf32 => 2e-3,
+        GemmPrecision::Bf16 => 1e-2,
+    };
+    let tolerance = crate::tolerance::Tolerance::new(relative * largest, relative);
+    let close = crate::tolerance::check_close("tuned GEMM", runs[0].iter().map(|&v| f64::from(v)), reference.iter().map(|&v| f64::from(v)), tolerance).is_ok();
+    Ok(same_bits && close)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod context;
 pub mod gemm;
 pub mod gemm_tuning;
 pub mod kernels;
+pub mod phase_trace;
 
 pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 pub use context::Gpu;

@@ -45,6 +45,13 @@ inline void fused_store_u128(void* p, uint4 v) { memcpy(p, &v, 16); }
 inline unsigned g_slow_block = UINT32_MAX;
 #define FUSED_AFTER_BARRIER() \
     do { if (blockIdx.x == g_slow_block) std::this_thread::sleep_for(std::chrono::milliseconds(2)); } while (0)
+// The fused kernel's phase clocks (fused_trace): one monotonic clock, in ns, for both.
+inline unsigned long long emu_now_ns() {
+    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+#define FUSED_CLOCK() emu_now_ns()
+#define FUSED_GLOBALTIMER() emu_now_ns()
+#define __noinline__
 #define __global__
 #define __launch_bounds__(...)
 #define __device__
