@@ -44,7 +44,7 @@ fn main() {
             for source in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
                 let name = source.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name");
                 let ptx = out_dir.join(format!("{name}.ptx"));
-                compile(&nvcc, &arch, source, &ptx);
+                compile(&nvcc, &source_arch(source, &arch), source, &ptx);
                 entries.push_str(&format!("    ({name:?}, include_str!({:?})),\n", ptx.display().to_string()));
             }
             format!("pub const KERNELS: Option<&[(&str, &str)]> = Some(&[\n{entries}]);\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = Some({version:?});\n")
@@ -75,6 +75,18 @@ fn find_nvcc() -> Option<(PathBuf, String)> {
         let version = text.lines().find(|l| l.contains("release")).unwrap_or("unknown version").trim().to_string();
         Some((nvcc, version))
     })
+}
+
+/// The -arch for one source: `arch`, unless its first line asks for a newer one
+/// (`// bntrain: ptx-arch compute_90`: thread-block clusters need it), which the host then
+/// loads only on devices of that compute capability.
+fn source_arch(source: &Path, arch: &str) -> String {
+    let number = |a: &str| a.strip_prefix("compute_").and_then(|n| n.parse::<u32>().ok());
+    let first = fs::read_to_string(source).unwrap_or_default().lines().next().unwrap_or("").to_string();
+    match first.trim().strip_prefix("// bntrain: ptx-arch ").map(str::trim) {
+        Some(wanted) if number(wanted).is_some_and(|w| number(arch).is_none_or(|a| w > a)) => wanted.to_string(),
+        _ => arch.to_string(),
+    }
 }
 
 /// nvcc -ptx; a failure stops the build with nvcc's own diagnostics.

@@ -20,7 +20,8 @@
 #                     skips zero pixels (MNIST's are 81% zero).
 #   STEP_VARIANTS=graph,fused,staged   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant
 #                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1; `tuned`: graph with
-#                     BNTRAIN_GEMM_TUNE=1, wide only), as rows bntrain-graph, bntrain-fused,
+#                     BNTRAIN_GEMM_TUNE=1, wide only; `cluster`: fused with
+#                     BNTRAIN_FUSED_CLUSTER=1, seed only), as rows bntrain-graph, bntrain-fused,
 #                     bntrain-staged, bntrain-tuned; ratios are against the fastest of them.
 #                     Unset: one row, `bntrain`, with whatever BNTRAIN_CUDA_STEP says
 #   BENCH_ARGS, PEER_ARGS   extra arguments for `bntrain bench` and for both peer scripts
@@ -97,6 +98,8 @@ for cfg in "${cfg_list[@]}"; do
             # The seed network has no GEMM large enough to tune: its `tuned` row would be
             # another graph run.
             [[ $variant == tuned && $cfg == seed ]] && continue
+            # Nor does the cluster kernel take the wide network (batch 1024 > 64).
+            [[ $variant == cluster && $cfg == wide ]] && continue
             flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
             name="bench-$cfg-$bn${variant:+-$variant}"
             impl="bntrain${variant:+-$variant}"
@@ -104,6 +107,7 @@ for cfg in "${cfg_list[@]}"; do
                 "") step_env=() ;;
                 staged) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_STAGE=1) ;;
                 tuned) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1) ;;
+                cluster) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_CLUSTER=1) ;;
                 *) step_env=(env "BNTRAIN_CUDA_STEP=$variant") ;;
             esac
             echo "== ${step_env[*]:1}${step_env[*]:+ }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Runs on a GPU host without Rust, from a bundle made by scripts/gpu-bundle.sh, in order of
 # importance (each step only starts while enough of BUDGET is left):
-#   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure);
+#   0. smoke tests of the fused grid kernel and of the cluster kernel (300 steps each; a
+#      failure skips every later run of that kernel);
+#   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure), the
+#      cluster kernel's tests in a process of their own;
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
-#      staging (BNTRAIN_FUSED_STAGE=1), as a BN+plain pair (--pair; in one launch with
+#      staging (BNTRAIN_FUSED_STAGE=1), on thread-block clusters (BNTRAIN_FUSED_CLUSTER), as a BN+plain pair (--pair; in one launch with
 #      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
 #      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1);
-#   4. the full `reproduce` study, timed, with fused steps, staged fused steps, staged and
-#      paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips them);
+#   4. the full `reproduce` study, timed, with fused steps, clusters (paired), staged fused
+#      steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
@@ -78,15 +81,30 @@ else
     row "fused smoke (300 steps)" "FAIL: every fused run below is skipped"; failed=1; fused_ok=0
 fi
 
-for test in gpu_kernels gpu_training; do
+# The cluster kernels (sm_90) the same way: a fault in them would leave the process's CUDA
+# context unusable, so their tests also run in a process of their own below.
+cluster_ok=1
+echo "== smoke: BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
+BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused timeout 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/cluster-smoke.log"
+if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/cluster-smoke.log" device)" == *"clusters of"* ]]; then
+    row "cluster smoke (300 steps)" "test accuracy $(json_field "$logs/cluster-smoke.log" test_accuracy), $(json_field "$logs/cluster-smoke.log" device)"
+else
+    row "cluster smoke (300 steps)" "FAIL: every cluster run below is skipped"; failed=1; cluster_ok=0
+fi
+
+for test in gpu_kernels gpu_training gpu_training:cluster; do
     part tests || continue
+    exe="${test%%:*}" filter=()
+    [[ $test == *:cluster ]] && filter=(cluster)
     echo "== $test"
-    if [[ ! -x "$bundle/$test" ]]; then row "$test" "MISSING"; failed=1; continue; fi
+    if [[ ! -x "$bundle/$exe" ]]; then row "$test" "MISSING"; failed=1; continue; fi
     limit 240 30 "$test" || { failed=1; continue; }
     skip=(); [[ $fused_ok == 1 ]] || skip=(--skip fused)
-    BNTRAIN_REQUIRE_GPU=1 timeout "$t" "$bundle/$test" --test-threads=4 "${skip[@]}" 2>&1 | tee "$logs/$test.log"
+    [[ $test == gpu_training ]] && skip+=(--skip cluster)
+    log="$logs/${test/:/-}.log"
+    BNTRAIN_REQUIRE_GPU=1 timeout "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
-    result="$(grep -E '^test result:' "$logs/$test.log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
+    result="$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
     if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi
 done
 
@@ -114,25 +132,29 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
-    # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}"
-    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair-tune$tune.log" name="bench $1 ($2, $3"
+    # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}"
+    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair-tune$tune-cluster$cluster.log" name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
     [[ $stage == 1 ]] && name+=", staged"
     [[ $pair == 1 ]] && name+=", BN+plain pair"
     [[ $pair == 2 ]] && name+=", BN+plain in one launch"
     [[ $tune == 1 ]] && name+=", tuned GEMMs"
+    [[ $cluster == 1 ]] && name+=", clusters"
+    [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
+    [[ $cluster != 0 && $cluster_ok == 0 ]] && return
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
-    # One network's fused steps: also timed phase by phase (bench --trace, one more launch).
-    [[ $2 == fused && $pair == 0 ]] && pair_flag+=(--trace)
+    # One network's fused steps: also timed phase by phase (bench --trace, one more launch;
+    # the grid kernels only).
+    [[ $2 == fused && $pair == 0 && $cluster == 0 ]] && pair_flag+=(--trace)
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -167,6 +189,8 @@ PY
         # A variant that fell back still times something, but not what was asked.
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
         [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
+        [[ $cluster != 0 ]] && want="(fused steps, clusters of"
+        [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
         [[ $pair == 2 ]] && want+=", two networks a launch"
         [[ $tune == 1 && "$device" != *"GEMMs tuned)"* ]] && failed=1
         if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
@@ -179,6 +203,12 @@ for config in seed wide; do
 done
 # The fused kernel with layer inputs and weight rows in shared memory (BNTRAIN_FUSED_STAGE=1).
 bench seed fused f32 0 1
+# A thread-block cluster per network (BNTRAIN_FUSED_CLUSTER: the largest that fits, then 8
+# blocks), alone, as a BN+plain pair, and the pair in one launch.
+bench seed fused f32 0 0 0 0 1
+bench seed fused f32 0 0 0 0 8
+bench seed fused f32 0 0 1 0 1
+bench seed fused f32 0 0 2 0 1
 # The BN and the plain network in lockstep, as reproduce's comparison trains them: about
 # twice one network's time if their launches (one stream each) run one after the other,
 # about once if they overlap on the GPU.
@@ -201,10 +231,13 @@ bench seed graph f32 1
 bench seed eager f32 1
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused staged paired tuned graph; do
+for variant in fused cluster staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1).
-    step=$variant stage=0 pairing=0 tune=0
+    step=$variant stage=0 pairing=0 tune=0 clusters=0
+    # cluster: a thread-block cluster per network, both in one launch.
+    [[ $variant == cluster ]] && step=fused clusters=1 pairing=1
+    [[ $variant == cluster && $cluster_ok == 0 ]] && continue
     [[ $variant == staged ]] && step=fused stage=1
     [[ $variant == paired ]] && step=fused stage=1 pairing=1
     [[ $variant == tuned ]] && step=fused tune=1
@@ -212,11 +245,11 @@ for variant in fused staged paired tuned graph; do
     [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -234,6 +267,7 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     # bntrain's side with each way of launching a step that works (the table names them and
     # compares the peers with the fastest).
     variants=graph,tuned; [[ $fused_ok == 1 ]] && variants=graph,tuned,fused,staged
+    [[ $cluster_ok == 1 ]] && variants+=,cluster
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi

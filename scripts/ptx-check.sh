@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compiles every cuda/*.cu to PTX the way build.rs does and assembles it with ptxas for
-# sm_80 (A100) and sm_90 (H100/H200), printing registers, shared memory and spills per
-# kernel. Fails on any compiler or assembler error; warns about spills.
+# sm_80 (A100) and sm_90 (H100/H200) (a source that asks for compute_90 on its first line:
+# sm_90 only), printing registers, shared memory and spills per kernel. Fails on any
+# compiler or assembler error; warns about spills.
 #
 #   scripts/ptx-check.sh            # nvcc from $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin or PATH
 #   BNTRAIN_PTX_ARCH=compute_80 scripts/ptx-check.sh
@@ -26,8 +27,16 @@ echo "nvcc: $("$nvcc" --version | grep release)   PTX for $arch"
 status=0
 for source in cuda/*.cu; do
     name="$(basename "$source" .cu)"
-    "$nvcc" -ptx "-arch=$arch" -lineinfo -Wno-deprecated-gpu-targets -Icuda -o "$out/$name.ptx" "$source"
-    for sm in sm_80 sm_90; do
+    # As build.rs: a first line `// bntrain: ptx-arch compute_NN` asks for a newer target,
+    # which only GPUs of that compute capability (and ptxas for them) take.
+    source_arch="$arch" sms=(sm_80 sm_90)
+    wanted="$(head -n 1 "$source" | sed -n 's|^// bntrain: ptx-arch compute_\([0-9]*\)$|\1|p')"
+    if [[ -n "$wanted" && "$wanted" -gt "${arch#compute_}" ]]; then
+        source_arch="compute_$wanted" sms=()
+        for sm in sm_80 sm_90; do [[ "${sm#sm_}" -ge "$wanted" ]] && sms+=("$sm"); done
+    fi
+    "$nvcc" -ptx "-arch=$source_arch" -lineinfo -Wno-deprecated-gpu-targets -Icuda -o "$out/$name.ptx" "$source"
+    for sm in "${sms[@]}"; do
         report="$("$ptxas" "-arch=$sm" -v "$out/$name.ptx" -o /dev/null 2>&1)" || { echo "$report"; echo "ptxas failed on $name for $sm" >&2; status=1; continue; }
         # "Compiling entry function 'k' for 'sm_90'" then "Used N registers, ..." per kernel.
         echo "$report" | awk -v sm="$sm" '
@@ -39,5 +48,5 @@ for source in cuda/*.cu; do
         fi
     done
 done
-[[ $status -eq 0 ]] && echo "ptx-check: every kernel assembles for sm_80 and sm_90"
+[[ $status -eq 0 ]] && echo "ptx-check: every kernel assembles for sm_80 and sm_90 (those built for compute_90: sm_90)"
 exit $status

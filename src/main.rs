@@ -50,9 +50,11 @@ enum Command {
     /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
     /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
     /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=1 runs --pair's two
-    /// networks in one fused launch; BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's
+    /// networks in one fused launch; BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs fused steps in
+    /// one thread-block cluster per network (compute capability 9.0 and newer);
+    /// BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's
     /// algorithms for each large GEMM shape and keeps the fastest, listed after the result
-    /// (all three off until measured).
+    /// (all four off until measured).
     Bench(BenchArgs),
     /// Manage datasets.
     Data {
@@ -585,7 +587,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     }
     match &r.phases {
         Some(phases) => print!("{}", bench::phase_table(phases)),
-        None if args.trace => eprintln!("notice: --trace times fused CUDA steps only; these steps ran on {}", r.device),
+        None if args.trace => eprintln!("notice: --trace times the phases of the fused CUDA grid kernel only; these steps ran on {}", r.device),
         None => {}
     }
     if args.json {

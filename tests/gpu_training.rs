@@ -18,7 +18,7 @@ mod gpu_support;
 
 use bntrain::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
 use bntrain::cpu::{CpuBackend, CpuOptions};
-use bntrain::cuda::{self, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
+use bntrain::cuda::{self, ClusterRequest, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 use bntrain::data::Dataset;
 use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind,
@@ -534,6 +534,15 @@ fn options_follow_the_step_switch() {
         let err = CudaOptions::switch_from_env(name, Some("yes")).unwrap_err().to_string();
         assert!(err.contains(&format!("{name}=yes")) && err.contains("0 or 1"), "{err}");
     }
+    assert_eq!(defaults.fused_cluster, ClusterRequest::Off, "clusters are off until measured");
+    for (value, expected) in [
+        (None, ClusterRequest::Off), (Some("0"), ClusterRequest::Off), (Some(" 1"), ClusterRequest::Auto),
+        (Some("8"), ClusterRequest::Blocks(8)), (Some("16"), ClusterRequest::Blocks(16)),
+    ] {
+        assert_eq!(CudaOptions::cluster_from_env(value).unwrap(), expected, "{value:?}");
+    }
+    let err = CudaOptions::cluster_from_env(Some("4")).unwrap_err().to_string();
+    assert!(err.contains("BNTRAIN_FUSED_CLUSTER=4") && err.contains("0, 1, 8 or 16"), "{err}");
 }
 
 /// Auto fuses the seed network in f32 and nothing wider, larger-batched, reduced-precision or
@@ -607,6 +616,51 @@ fn fused_phase_trace_times_every_phase_and_changes_nothing() {
     traced.train_steps(steps, 2).unwrap();
     untraced.train_steps(steps, 2).unwrap();
     assert_same_state("after the trace", &mut traced, &mut untraced);
+}
+
+/// A fused backend on the cluster kernels, of `blocks` blocks (0: as many as fit), which
+/// every configuration within their limits (batch ≤ 64, ≤ 32 classes, ≤ 4 hidden layers) must
+/// get on a GPU of compute capability 9.0 or newer.
+fn cuda_cluster(blocks: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let fused_cluster = if blocks == 0 { ClusterRequest::Auto } else { ClusterRequest::Blocks(blocks) };
+    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_cluster, ..Default::default() };
+    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
+    if train.batch_size <= 64 && model.classes <= 32 && model.hidden.len() <= 4 {
+        let want = if blocks == 0 { "clusters of".to_string() } else { format!("clusters of {blocks} blocks") };
+        assert!(net.device_name().contains(&want), "the cluster kernel is not in use: {}", net.device_name());
+    }
+    Box::new(net)
+}
+
+fn cuda_cluster_auto(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_cluster(0, model, train, data, params)
+}
+
+fn cuda_cluster_8(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_cluster(8, model, train, data, params)
+}
+
+/// Whether the GPU runs thread-block clusters (compute capability 9.0); says so if not.
+fn clusters_run(gpu: &cuda::Gpu) -> bool {
+    let runs = gpu.compute_capability() >= (9, 0);
+    if !runs {
+        println!("skipped: thread-block clusters need compute capability 9.0, this GPU has {:?}", gpu.compute_capability());
+    }
+    runs
+}
+
+/// The cluster kernels (cuda/fused_cluster.cu, BNTRAIN_FUSED_CLUSTER) against the CPU
+/// reference, as the grid kernel is checked above, with the largest cluster that fits and
+/// with clusters of 8 blocks.
+#[test]
+fn cluster_fused_steps_match_the_cpu_reference() {
+    let _serial = serial();
+    let Some(gpu) = gpu() else { return };
+    if clusters_run(&gpu) {
+        drop(gpu);
+        check_all(cuda_cluster_auto);
+        check_one_step(cuda_cluster_8);
+    }
 }
 
 fn cuda_tuned_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
@@ -706,24 +760,39 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
 #[test]
 fn paired_fused_networks_equal_networks_trained_alone() {
     let _serial = serial();
-    if gpu().is_none() {
-        return;
+    if gpu().is_some() {
+        check_pairs(&[(false, ClusterRequest::Off), (true, ClusterRequest::Off)]);
     }
+}
+
+/// As above, for the cluster kernels: a cluster a network in one launch.
+#[test]
+fn paired_cluster_networks_equal_networks_trained_alone() {
+    let _serial = serial();
+    if gpu().is_some_and(|gpu| clusters_run(&gpu)) {
+        check_pairs(&[(false, ClusterRequest::Auto)]);
+    }
+}
+
+/// The BN and the plain seed network, trained in one launch with each (staging, cluster)
+/// variant, against each trained alone.
+fn check_pairs(variants: &[(bool, ClusterRequest)]) {
     let data = dataset();
     let train = TrainConfig::seed();
     let order = epoch_order(BatchOrder::Shuffled, 9, 0, data.train.count);
     let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
-    for fused_staging in [false, true] {
+    for &(fused_staging, fused_cluster) in variants {
         let open = |batch_norm: bool, fused_pairing: bool| {
             let model = ModelConfig::seed(batch_norm);
             let params = scaled_init(&model, &train);
-            let options = CudaOptions { step_launch: StepLaunch::Fused, fused_staging, fused_pairing, ..Default::default() };
+            let options = CudaOptions { step_launch: StepLaunch::Fused, fused_staging, fused_pairing, fused_cluster, ..Default::default() };
             let mut net = CudaBackend::with_options(model, train.clone(), Arc::clone(&data), &params, options).unwrap();
             net.set_epoch_order(&order).unwrap();
             net
         };
         let (mut bn, mut plain) = (open(true, true), open(false, true));
-        assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap(), "staging {fused_staging}: the pair did not train together");
+        assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap(), "staging {fused_staging}, {fused_cluster:?}: the pair did not train together");
+        assert_eq!(bn.device_name().contains("clusters of"), fused_cluster != ClusterRequest::Off, "{}", bn.device_name());
         assert!(bn.device_name().ends_with("two networks a launch)") && plain.device_name().ends_with("two networks a launch)"), "{}", bn.device_name());
         // Without the switch, or with different orders, the pair declines and leaves both alone.
         let (mut bn_alone, mut plain_alone) = (open(true, false), open(false, false));
@@ -731,7 +800,7 @@ fn paired_fused_networks_equal_networks_trained_alone() {
         assert!(!bn_alone.device_name().contains("two networks"), "{}", bn_alone.device_name());
         bn_alone.train_steps(0, steps).unwrap();
         plain_alone.train_steps(0, steps).unwrap();
-        let what = |net: &str| format!("staging {fused_staging}, {net}");
+        let what = |net: &str| format!("staging {fused_staging}, {fused_cluster:?}, {net}");
         assert_same_state(&what("BN"), &mut bn, &mut bn_alone);
         assert_same_state(&what("plain"), &mut plain, &mut plain_alone);
         let mut other_order = open(false, true);

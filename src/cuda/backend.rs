@@ -22,7 +22,7 @@
 
 use super::context::Gpu;
 use super::gemm::matmul;
-use super::kernels::{self, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
+use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
 use super::{describe_driver_error, phase_trace, CudaError};
 use crate::backend::{Backend, Evaluation, GemmPrecision, PhaseTiming, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
@@ -377,11 +377,15 @@ pub struct CudaOptions {
     /// fastest of cuBLAS's kernel and cublasLt's candidates, timed on first use
     /// ([`super::gemm_tuning`]). Off by default until measured; `BNTRAIN_GEMM_TUNE=1`.
     pub gemm_tuning: bool,
+    /// Fused steps in one thread-block cluster per network (cuda/fused_cluster.cu, compute
+    /// capability 9.0 and newer) instead of the grid kernels. Off by default until measured;
+    /// `BNTRAIN_FUSED_CLUSTER=1` (16 blocks where they fit, else 8), `=8` or `=16`.
+    pub fused_cluster: ClusterRequest,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false, fused_pairing: false, gemm_tuning: false }
+        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false, fused_pairing: false, gemm_tuning: false, fused_cluster: ClusterRequest::Off }
     }
 }
 
@@ -394,6 +398,8 @@ impl CudaOptions {
     pub const PAIR_ENV: &'static str = "BNTRAIN_FUSED_PAIR";
     /// The switch for [`CudaOptions::gemm_tuning`]: `1` on, `0` or unset off.
     pub const GEMM_TUNE_ENV: &'static str = "BNTRAIN_GEMM_TUNE";
+    /// The switch for [`CudaOptions::fused_cluster`]: `0` or unset off, `1`, `8` or `16`.
+    pub const CLUSTER_ENV: &'static str = "BNTRAIN_FUSED_CLUSTER";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
@@ -405,8 +411,20 @@ impl CudaOptions {
             fused_staging: switch(Self::STAGE_ENV)?,
             fused_pairing: switch(Self::PAIR_ENV)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV)?,
+            fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?,
             ..options
         })
+    }
+
+    /// [`CudaOptions::fused_cluster`] for a value of `BNTRAIN_FUSED_CLUSTER` (None: unset).
+    pub fn cluster_from_env(value: Option<&str>) -> Result<ClusterRequest, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("") | Some("0") => Ok(ClusterRequest::Off),
+            Some("1") => Ok(ClusterRequest::Auto),
+            Some("8") => Ok(ClusterRequest::Blocks(8)),
+            Some("16") => Ok(ClusterRequest::Blocks(16)),
+            Some(other) => Err(ConfigError::Invalid(format!("{}={other}: expected 0, 1, 8 or 16", Self::CLUSTER_ENV))),
+        }
     }
 
     /// An on/off switch `name` for its value (None: unset, which is off).
@@ -508,6 +526,8 @@ pub struct CudaBackend {
     fused_unavailable: bool,
     /// CudaOptions::fused_staging, for the fused plan.
     fused_staging: bool,
+    /// Whether fused steps run on the thread-block-cluster kernels (see [`CudaOptions`]).
+    fused_cluster: ClusterRequest,
     /// CudaOptions::fused_pairing.
     fused_pairing: bool,
     /// A hash of the epoch order last set: two networks train in one launch only on the same
@@ -642,6 +662,7 @@ impl CudaBackend {
             fused: None,
             fused_unavailable: false,
             fused_staging: options.fused_staging,
+            fused_cluster: options.fused_cluster,
             fused_pairing: options.fused_pairing,
             order_fingerprint: 0,
             paired: false,
@@ -690,7 +711,7 @@ impl CudaBackend {
             })
             .collect();
         let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
-        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging)
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster)
     }
 
     /// Checks that batches `first..first+count` lie inside the epoch order and points the
@@ -1062,7 +1083,9 @@ impl Drop for CudaBackend {
 impl Backend for CudaBackend {
     /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph)`.
     fn device_name(&self) -> String {
+        let cluster = self.fused.as_ref().and_then(|plan| plan.cluster()).map(|c| format!("fused steps, clusters of {} blocks", c.blocks));
         let launch = match self.graph {
+            _ if cluster.is_some() => cluster.as_deref().unwrap_or_default(),
             _ if self.fused_staging().is_some_and(|s| s.any()) => "fused steps, staged in shared memory",
             _ if self.fused.is_some() => "fused steps",
             GraphState::Off { fell_back: false } => "eager launches",
@@ -1170,7 +1193,8 @@ impl Backend for CudaBackend {
     /// One launch of fused steps with `fused_trace` pointed at a record of its blocks'
     /// barriers (cuda/fused_step.cu), then the record summarized ([`phase_trace::summarize`]).
     fn phase_trace(&mut self, first: usize, steps: usize) -> Result<Option<Vec<PhaseTiming>>> {
-        let Some(plan) = &self.fused else { return Ok(None) };
+        // (The cluster kernels record nothing: they have no grid barriers.)
+        let Some(plan) = self.fused.as_ref().filter(|plan| plan.cluster().is_none()) else { return Ok(None) };
         let names = phase_trace::phase_names(self.model.hidden.len());
         let steps = phase_trace::traceable_steps(names.len(), steps.min(kernels::FUSED_MAX_STEPS));
         let blocks = plan.grid() as usize;

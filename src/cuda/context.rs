@@ -31,6 +31,17 @@ pub(crate) struct Functions {
     pub round_to_bf16: CudaFunction,
     pub small_gemm_dot: CudaFunction,
     pub small_gemm_outer: CudaFunction,
+    /// cuda/fused_cluster.cu, on GPUs of compute capability 9.0 and newer only.
+    pub fused_cluster: Option<ClusterFunctions>,
+}
+
+/// The thread-block-cluster kernels (cuda/fused_cluster.cu).
+pub(crate) struct ClusterFunctions {
+    pub layout_bytes: CudaFunction,
+    /// One network: clusters of 8 and of 16 blocks.
+    pub one: [CudaFunction; 2],
+    /// Two networks, a cluster each: of 8 and of 16 blocks.
+    pub pair: [CudaFunction; 2],
 }
 
 /// An open GPU: context, the one stream everything runs on (in order, so no events are
@@ -51,6 +62,8 @@ pub struct Gpu {
     pub(crate) functions: Functions,
     /// The fused kernels' module, for its `fused_trace` pointer (see [`Gpu::set_fused_trace`]).
     fused_module: Arc<CudaModule>,
+    /// Compute capability (major, minor).
+    capability: (i32, i32),
     name: String,
     /// bf16 GEMMs: the two operands rounded to bf16 (cuda/bf16.cu), see
     /// [`Gpu::reserve_bf16_operands`]. Allocated on first use, grown when too small.
@@ -167,8 +180,17 @@ impl Gpu {
 
         // Modules first: a driver older than the PTX fails here with a message that says so,
         // where cuBLAS creation would fail first with an opaque NOT_INITIALIZED.
+        let capability = (
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
         let mut loaded = Vec::with_capacity(modules.len());
         for &(module, ptx) in modules {
+            // A module built for a newer GPU than this one (fused_cluster: sm_90) is left out;
+            // what needs it is then unavailable.
+            if ptx_target(ptx).is_some_and(|target| target > (capability.0 * 10 + capability.1).max(0) as u32) {
+                continue;
+            }
             let handle = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| match e.0 {
                 sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => CudaError::PtxTooNew {
                     module: module.to_string(),
@@ -231,6 +253,15 @@ impl Gpu {
             round_to_bf16: function("bf16", "round_to_bf16")?,
             small_gemm_dot: function("small_gemm", "small_gemm_dot_f32")?,
             small_gemm_outer: function("small_gemm", "small_gemm_outer_f32")?,
+            fused_cluster: if loaded.iter().any(|(n, _)| *n == "fused_cluster") {
+                Some(ClusterFunctions {
+                    layout_bytes: function("fused_cluster", "fused_cluster_layout_bytes")?,
+                    one: [function("fused_cluster", "fused_cluster8_f32")?, function("fused_cluster", "fused_cluster16_f32")?],
+                    pair: [function("fused_cluster", "fused_cluster_pair8_f32")?, function("fused_cluster", "fused_cluster_pair16_f32")?],
+                })
+            } else {
+                None
+            },
         };
         let fused_module = loaded.iter().find(|(n, _)| *n == "fused_step").map(|(_, m)| Arc::clone(m)).ok_or_else(|| CudaError::Launch {
             kernel: "fused_train_steps_f32",
@@ -248,7 +279,7 @@ impl Gpu {
             ticket: stream.alloc_zeros(1)?,
         });
         Ok(Gpu {
-            ctx, stream, blas, lt, blas_workspace, blas_workspace_ptr, functions, fused_module, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
+            ctx, stream, blas, lt, blas_workspace, blas_workspace_ptr, functions, fused_module, capability, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
             softmax_partials,
         })
     }
@@ -256,6 +287,11 @@ impl Gpu {
     /// The device's name, e.g. `NVIDIA H200`.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The device's compute capability, e.g. (9, 0) for an H100.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.capability
     }
 
     /// The stream every launch, copy and allocation of this GPU goes through. Buffers used
@@ -336,6 +372,14 @@ impl Gpu {
     }
 }
 
+/// The compute capability of a PTX text's `.target` line (`sm_90` → 90).
+fn ptx_target(ptx: &str) -> Option<u32> {
+    ptx.lines().find_map(|l| l.trim().strip_prefix(".target")).and_then(|t| t.trim().strip_prefix("sm_")).and_then(|t| {
+        let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
 /// The `.version` line of a PTX text, e.g. `9.0`.
 fn ptx_isa(ptx: &str) -> String {
     ptx.lines()
@@ -350,5 +394,18 @@ fn driver_version() -> String {
     match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
         Ok(()) => format!("{}.{}", v / 1000, (v % 1000) / 10),
         Err(_) => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ptx_target;
+
+    #[test]
+    fn ptx_targets_are_read_from_the_target_line() {
+        assert_eq!(ptx_target("//\n.version 9.0\n.target sm_90\n.address_size 64\n"), Some(90));
+        assert_eq!(ptx_target(".version 8.0\n.target sm_75, debug\n"), Some(75));
+        assert_eq!(ptx_target(".target sm_90a\n"), Some(90));
+        assert_eq!(ptx_target(".version 9.0\n"), None);
     }
 }

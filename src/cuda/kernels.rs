@@ -578,6 +578,81 @@ pub struct FusedLayer {
     pub batch_norm: Option<(usize, usize, usize)>,
 }
 
+/// Threads per block of the cluster kernels; must match CLUSTER_THREADS in fused_cluster.cu.
+const CLUSTER_THREADS: u32 = 256;
+
+/// What a fused plan asks of the thread-block-cluster kernels (cuda/fused_cluster.cu).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterRequest {
+    /// The grid kernels (fused_step.cu).
+    #[default]
+    Off,
+    /// Clusters of 16 blocks where they fit, else of 8.
+    Auto,
+    /// Clusters of exactly this many blocks (8 or 16).
+    Blocks(u32),
+}
+
+/// A fused plan's cluster launch: blocks per network (the cluster), and the dynamic shared
+/// memory the kernel asked for this network (fused_cluster_layout_bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedCluster {
+    pub blocks: u32,
+    pub bytes: usize,
+}
+
+impl FusedCluster {
+    /// Index of the kernel of this cluster size in [`super::context::ClusterFunctions`].
+    fn kernel(&self) -> usize {
+        usize::from(self.blocks == 16)
+    }
+
+    /// The cluster launch for these layers, if the request, the device and the kernel's
+    /// limits allow one: each size tried, largest first, must fit its shared memory and one
+    /// cluster on the device (two networks need not run at once: their clusters never wait
+    /// for each other). Anything the driver refuses rules that size out.
+    fn choose(gpu: &Gpu, request: ClusterRequest, info: &[i32], layers: &[FusedLayer], batch: usize) -> Result<Option<FusedCluster>, CudaError> {
+        let sizes: &[u32] = match request {
+            ClusterRequest::Off => return Ok(None),
+            ClusterRequest::Auto => &[16, 8],
+            ClusterRequest::Blocks(16) => &[16],
+            ClusterRequest::Blocks(8) => &[8],
+            ClusterRequest::Blocks(n) => {
+                return Err(CudaError::Launch { kernel: "fused_cluster8_f32", message: format!("clusters of {n} blocks: 8 or 16") })
+            }
+        };
+        let Some(functions) = gpu.functions.fused_cluster.as_ref() else { return Ok(None) };
+        let stream = gpu.stream();
+        let table = stream.clone_htod(info)?;
+        let mut answer = stream.alloc_zeros::<u32>(1)?;
+        let features = layers[0].inputs as u32;
+        for &blocks in sizes {
+            let layer_count = layers.len() as u32;
+            let batch_u = batch as u32;
+            let mut b = builder(gpu, &functions.layout_bytes);
+            b.arg(&table).arg(&layer_count).arg(&batch_u).arg(&features).arg(&blocks).arg(&CLUSTER_THREADS).arg(&mut answer);
+            // SAFETY: the table holds layers·LAYER_FIELDS ints (built by FusedPlan::new), and
+            // the answer one u32; one block reads the table and writes the answer.
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }.map_err(launch_error("fused_cluster_layout_bytes"))?;
+            let bytes = stream.clone_dtoh(&answer)?[0] as usize;
+            if bytes == 0 {
+                continue;
+            }
+            let k = usize::from(blocks == 16);
+            let allowed = [&functions.one[k], &functions.pair[k]].into_iter().all(|function| {
+                let shared = function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(bytes).unwrap_or(i32::MAX)).is_ok();
+                let size = blocks <= 8 || function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1).is_ok();
+                shared && size
+            });
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: bytes as u32 };
+            if allowed && functions.one[k].occupancy_max_active_clusters(cfg, stream).unwrap_or(0) >= 1 {
+                return Ok(Some(FusedCluster { blocks, bytes }));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Which layers' inputs `fused_train_steps_staged_f32` keeps in shared memory (see
 /// cuda/fused_step.cu), as byte offsets into the launch's dynamic shared memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -642,6 +717,9 @@ pub struct FusedPlan {
     staging: FusedStaging,
     /// Whether twice the grid is co-resident for the pair kernel (fused_train_pair).
     pair_fits: bool,
+    /// The thread-block-cluster kernels' launch instead of the grid kernels', if asked for
+    /// and possible.
+    cluster: Option<FusedCluster>,
     info_dev: CudaSlice<i32>,
     acts: CudaSlice<f32>,
     xhat: CudaSlice<f32>,
@@ -658,7 +736,9 @@ impl FusedPlan {
     /// grid of blocks resident for a cooperative launch; allocates the workspaces. With
     /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
     /// memory that fits without shrinking the grid.
-    pub fn new(gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool) -> Result<Self, CudaError> {
+    pub fn new(
+        gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest,
+    ) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
         size_u32(K, "batch", batch)?;
@@ -710,7 +790,10 @@ impl FusedPlan {
         // The unstaged kernel's grid; staging may not shrink it.
         let grid = grid_with(&gpu.functions.fused_train_steps, 0)?;
         require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs)"))?;
-        let staging = if stage {
+        // A cluster launch, where asked for and possible, replaces the grid kernels (and their
+        // staging).
+        let cluster = FusedCluster::choose(gpu, cluster, &info, &layers, batch)?;
+        let staging = if stage && cluster.is_none() {
             // Shared memory beyond 48 KB a block must be opted into, up to the device's limit
             // less the kernel's static shared memory.
             let staged = &gpu.functions.fused_train_steps_staged;
@@ -751,7 +834,13 @@ impl FusedPlan {
             grid,
             staging,
             pair_fits,
+            cluster,
         })
+    }
+
+    /// The cluster launch, if the plan has one.
+    pub fn cluster(&self) -> Option<&FusedCluster> {
+        self.cluster.as_ref()
     }
 
     /// Blocks per launch.
@@ -767,7 +856,8 @@ impl FusedPlan {
     /// Whether `other` can share a launch with this plan ([`fused_train_pair`]): the same
     /// layer count, batch, grid and staging, and both grids resident at once.
     pub fn pairs_with(&self, other: &FusedPlan) -> bool {
-        self.pair_fits
+        (self.pair_fits || self.cluster.is_some())
+            && self.cluster.map(|c| c.blocks) == other.cluster.map(|c| c.blocks)
             && self.layers.len() == other.layers.len()
             && self.batch == other.batch
             && self.grid == other.grid
@@ -902,6 +992,17 @@ impl<'a, 'b> FusedArgs<'a, 'b> {
 pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<'_, '_>, hyper: FusedHyper, steps: usize) -> Result<(), CudaError> {
     const K: &str = "fused_train_steps_f32";
     let mut args = FusedArgs::new(plan, buffers, hyper, steps)?;
+    if let Some(cluster) = args.plan.cluster {
+        let functions = gpu.functions.fused_cluster.as_ref().ok_or_else(|| CudaError::Launch { kernel: "fused_cluster8_f32", message: "the cluster kernels are not loaded".into() })?;
+        let cfg = LaunchConfig { grid_dim: (cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: cluster.bytes as u32 };
+        let mut b = builder(gpu, &functions.one[cluster.kernel()]);
+        args.push(&mut b);
+        // SAFETY: see above, for the tensors; the grid is one cluster of the size compiled
+        // into the kernel (__cluster_dims__), which FusedCluster::choose allowed (non-portable
+        // size, shared memory) and found room for; the dynamic shared memory is what the
+        // kernel's own layout asked for this network (it traps on less).
+        return unsafe { b.launch(cfg) }.map(drop).map_err(launch_error("fused_cluster_f32"));
+    }
     // The grid barrier counts arrivals over the launch, from zero (a memset on the stream,
     // ordered after the previous launch, which left G × its barriers there).
     gpu.stream().memset_zeros(&mut args.plan.barrier)?;
@@ -934,6 +1035,20 @@ pub fn fused_train_pair(
     let (pa, pb) = (&*a.plan, &*b_args.plan);
     require(K, pa.pairs_with(pb), || "the two networks' plans differ (layers, batch, grid, staging) or do not fit on the device at once".into())?;
     require(K, a.sizes == b_args.sizes, || "the two networks train on data of different sizes".into())?;
+    if let Some(cluster) = pa.cluster {
+        let functions = gpu.functions.fused_cluster.as_ref().ok_or_else(|| CudaError::Launch { kernel: "fused_cluster_pair8_f32", message: "the cluster kernels are not loaded".into() })?;
+        // Both networks' layouts fit the larger of their byte counts.
+        let bytes = cluster.bytes.max(pb.cluster.map_or(0, |c| c.bytes));
+        let cfg = LaunchConfig { grid_dim: (2 * cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: bytes as u32 };
+        let function = &functions.pair[cluster.kernel()];
+        function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(bytes).unwrap_or(i32::MAX))?;
+        let mut b = builder(gpu, function);
+        a.push(&mut b);
+        b_args.push(&mut b);
+        // SAFETY: as for one network, a cluster each; each cluster reads its own network's
+        // buffers and the first's batches.
+        return unsafe { b.launch(cfg) }.map(drop).map_err(launch_error("fused_cluster_pair_f32"));
+    }
     let staging = pa.staging.clone();
     let function = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };
     let grid = pa.grid.saturating_mul(2);

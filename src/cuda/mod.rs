@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod phase_trace;
 
 pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
+pub use kernels::ClusterRequest;
 pub use context::Gpu;
 
 use cudarc::driver::{result::DriverError, sys::CUresult};

@@ -93,6 +93,67 @@ inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
         });
     for (auto& t : ts) t.join();
 }
+// Cluster launch (fused_cluster.cu): every thread of every block at once, as in a cooperative
+// launch, plus what a thread-block cluster gives: a barrier across the cluster's blocks,
+// each block's dynamic shared memory mapped into the others, and warp shuffles (a warp's 32
+// threads exchange through a table between two warp barriers; every lane must take part).
+struct EmuWarp {
+    std::barrier<> bar{32};
+    float val[32];
+};
+inline unsigned g_cluster_size = 1;
+thread_local std::barrier<>* g_cluster_bar = nullptr;
+thread_local EmuWarp* g_warp = nullptr;
+inline std::vector<uint8_t*> g_dynamic_table;
+inline float emu_shuffle(float v, unsigned src) {
+    const unsigned lane = threadIdx.x % 32;
+    g_warp->val[lane] = v;
+    g_warp->bar.arrive_and_wait();
+    const float got = g_warp->val[src % 32];
+    g_warp->bar.arrive_and_wait();
+    return got;
+}
+inline float emu_shuffle_down(float v, unsigned by) {
+    const unsigned lane = threadIdx.x % 32;
+    return emu_shuffle(v, lane + by < 32 ? lane + by : lane);
+}
+template <class T> T* emu_map_rank(T* p, unsigned rank) {
+    const size_t offset = reinterpret_cast<uint8_t*>(p) - g_block_dynamic;
+    const unsigned first = blockIdx.x - blockIdx.x % g_cluster_size;
+    return reinterpret_cast<T*>(g_dynamic_table[first + rank] + offset);
+}
+inline float emu_pixel_value(unsigned word, unsigned e) { return (float)((word >> (8 * e)) & 255u); }
+#define FUSED_CLUSTER_SYNC() g_cluster_bar->arrive_and_wait()
+#define FUSED_CLUSTER_RANK() (blockIdx.x % g_cluster_size)
+#define FUSED_CLUSTER_MAP(p, rank) emu_map_rank((p), (rank))
+#define FUSED_SHUFFLE(v, lane) emu_shuffle((v), (lane))
+#define FUSED_SHUFFLE_DOWN(v, by) emu_shuffle_down((v), (by))
+#define FUSED_SYNC_WARP() g_warp->bar.arrive_and_wait()
+#define FUSED_LOAD_L2(p) (*(p))
+#define FUSED_DYNAMIC_BYTES() ((unsigned)g_dynamic_bytes)
+#define pixel_value(word, e) emu_pixel_value((word), (e))
+inline void launch_clusters(dim3 grid, dim3 block, unsigned cluster, std::function<void()> f) {
+    gridDim = grid; blockDim = block; g_cluster_size = cluster;
+    std::vector<std::unique_ptr<std::barrier<>>> bars, cluster_bars;
+    std::vector<std::unique_ptr<EmuWarp>> warps;
+    std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>(g_dynamic_bytes / 16 + 1, uint4{~0u, ~0u, ~0u, ~0u}));
+    g_dynamic_table.clear();
+    for (auto& d : dynamic) g_dynamic_table.push_back(reinterpret_cast<uint8_t*>(d.data()));
+    for (unsigned bx = 0; bx < grid.x; ++bx) bars.push_back(std::make_unique<std::barrier<>>(block.x));
+    for (unsigned c = 0; c < grid.x / cluster; ++c) cluster_bars.push_back(std::make_unique<std::barrier<>>(cluster * block.x));
+    for (unsigned w = 0; w < grid.x * (block.x / 32); ++w) warps.push_back(std::make_unique<EmuWarp>());
+    std::vector<std::thread> ts;
+    for (unsigned bx = 0; bx < grid.x; ++bx) for (unsigned tx = 0; tx < block.x; ++tx)
+        ts.emplace_back([=, &f, &bars, &cluster_bars, &warps, &dynamic] {
+            g_bar = bars[bx].get(); g_cluster_bar = cluster_bars[bx / cluster].get();
+            g_warp = warps[bx * (block.x / 32) + tx / 32].get();
+            g_block_dynamic = reinterpret_cast<uint8_t*>(dynamic[bx].data());
+            blockIdx = {bx, 0, 0}; threadIdx = {tx, 0, 0}; f();
+        });
+    for (auto& t : ts) t.join();
+    g_dynamic_table.clear();
+    g_cluster_size = 1;
+}
 // Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
 inline void launch_seq(dim3 grid, dim3 block, std::function<void()> f) {
     gridDim = grid; blockDim = block;

@@ -12,6 +12,7 @@
 #include "running_stats.cu"
 #include "sgd.cu"
 #include "fused_step.cu"
+#include "fused_cluster.cu"
 #include "finite.cu"
 #include "bf16.cu"
 #include "small_gemm.cu"
@@ -40,6 +41,11 @@ static double actb(int a, double o, double g) { return a == 0 ? g * o * (1 - o) 
 #include "fused.inc"
 
 int main(int argc, char** argv) {
+    if (argc > 1 && std::string(argv[1]) == "cluster") {  // the cluster kernel only (quick)
+        fused_cluster_cases(fused_case_list(), argc > 2);
+        printf("%s (%d failures)\n", failures ? "FAILED" : "the cluster kernel matches", failures);
+        return failures != 0;
+    }
     if (argc > 1 && std::string(argv[1]) == "fused") {  // the ThreadSanitizer run: the cooperative kernel only
         fused_cases(false);
         printf("%s (%d failures)\n", failures ? "FAILED" : "the fused kernel matches", failures);
