@@ -59,6 +59,11 @@
 #ifndef FUSED_STORE_U32
 #define FUSED_STORE_U32(p, v) (*(unsigned*)(p) = (v))
 #endif
+#ifndef FUSED_LOAD_U128
+#define FUSED_LOAD_U128(p) (*(const uint4*)(p))
+#endif
+// Pixel loads in flight per thread when staging a batch (16 bytes each).
+#define STAGE_QUADS 12
 
 #ifndef FUSED_CLUSTER_SYNC
 #include <cooperative_groups.h>
@@ -156,24 +161,26 @@ __device__ __forceinline__ float warp_total(float v) {
 
 // One SGD step on this block's rows of a layer (rows j = rank + C·q, q < nq, of `info`),
 // weights, bias, γ and β, from the gradients; the new weights also to `copy` ([nq, K]) if
-// given. Every thread calls it.
+// given. SGD_LOADS elements a thread are loaded before any is stored: the seed's 7 rows of
+// 784 take two round trips to L2 instead of six. Every thread calls it.
+#define SGD_LOADS 12
 __device__ __forceinline__ void sgd_owned_rows(
     const int* info, unsigned rank, unsigned C, unsigned nq, float* params, const float* grads, float* velocity,
     float lr, float momentum, float* copy)
 {
     const unsigned K = (unsigned)info[L_IN], n = nq * K, T = blockDim.x;
-    for (unsigned i0 = threadIdx.x; i0 < n; i0 += 4 * T) {
-        float p[4], g[4], v[4];
-        size_t at[4];
+    for (unsigned i0 = threadIdx.x; i0 < n; i0 += SGD_LOADS * T) {
+        float p[SGD_LOADS], g[SGD_LOADS], v[SGD_LOADS];
+        size_t at[SGD_LOADS];
 #pragma unroll
-        for (unsigned u = 0; u < 4; ++u) {
+        for (unsigned u = 0; u < SGD_LOADS; ++u) {
             const unsigned i = i0 + u * T < n ? i0 + u * T : i0;
             at[u] = (size_t)info[L_W] + (size_t)(rank + C * (i / K)) * K + i % K;
             p[u] = params[at[u]]; g[u] = grads[at[u]];
             v[u] = velocity != nullptr ? velocity[at[u]] : 0.0f;
         }
 #pragma unroll
-        for (unsigned u = 0; u < 4; ++u) {
+        for (unsigned u = 0; u < SGD_LOADS; ++u) {
             const unsigned i = i0 + u * T;
             if (i >= n) continue;
             float updated;
@@ -327,6 +334,7 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
     const unsigned classes = L.widths[hidden + 1], top = L.widths[hidden];
     const float inv_rows = 1.0f / (float)B, nan = __int_as_float(0x7fc00000);
     const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
+    const bool pixel_quads = features % 16 == 0 && ((size_t)images & 15) == 0;
     const unsigned cursor0 = cursor[0];
     auto floats = [&](unsigned offset) { return reinterpret_cast<float*>(smem + offset); };
     float* z = floats(L.z);
@@ -351,7 +359,30 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
             }
             __syncthreads();
             uint8_t* pixels = smem + L.pixels;
-            if (pixel_words) {
+            if (pixel_quads) {
+                // 16 bytes a load, STAGE_QUADS loads a thread before any store: the seed's
+                // 47 KB in one round trip. (Rows land at an odd word pitch: stored by words.)
+                const unsigned quads = features / 16, n = B * quads;
+                for (unsigned i0 = t; i0 < n; i0 += STAGE_QUADS * T) {
+                    uint4 v[STAGE_QUADS];
+#pragma unroll
+                    for (unsigned u = 0; u < STAGE_QUADS; ++u) {
+                        const unsigned i = i0 + u * T;
+                        const unsigned tag = i < n ? valid[i / quads] : 0;
+                        v[u] = tag != 0 ? FUSED_LOAD_U128(images + (size_t)(tag - 1) * features + 16 * (i % quads)) : uint4{0u, 0u, 0u, 0u};
+                    }
+#pragma unroll
+                    for (unsigned u = 0; u < STAGE_QUADS; ++u) {
+                        const unsigned i = i0 + u * T;
+                        if (i >= n) continue;
+                        uint8_t* to = pixels + (size_t)(i / quads) * L.pixel_pitch + 16 * (i % quads);
+                        FUSED_STORE_U32(to, v[u].x);
+                        FUSED_STORE_U32(to + 4, v[u].y);
+                        FUSED_STORE_U32(to + 8, v[u].z);
+                        FUSED_STORE_U32(to + 12, v[u].w);
+                    }
+                }
+            } else if (pixel_words) {
                 const unsigned words = features / 4, n = B * words;
                 for (unsigned i0 = t; i0 < n; i0 += 4 * T) {
                     unsigned v[4];
@@ -441,6 +472,7 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
         {
             float* wout = floats(L.wout);
             float* bout = floats(L.bout);
+#pragma unroll 4
             for (unsigned i = t; i < classes * top; i += T) wout[i] = FUSED_LOAD_L2(params + out_info[L_W] + i);
             for (unsigned k = t; k < classes; k += T) bout[k] = out_info[L_BIAS] >= 0 ? FUSED_LOAD_L2(params + out_info[L_BIAS] + k) : 0.0f;
             __syncthreads();
@@ -521,6 +553,7 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
             for (unsigned q = warp; q < nq; q += W) {
                 const unsigned j = rank + C * q, r0 = lane, r1 = lane + 32;
                 // Column j of W_up (other blocks' rows, through L2).
+#pragma unroll 4
                 for (unsigned m = lane; m < up_w; m += 32) wcol[m] = FUSED_LOAD_L2(params + up[L_W] + (size_t)m * width + j);
                 FUSED_SYNC_WARP();
                 float da0 = 0.0f, da1 = 0.0f;
