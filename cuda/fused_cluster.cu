@@ -62,8 +62,16 @@
 #ifndef FUSED_LOAD_U128
 #define FUSED_LOAD_U128(p) (*(const uint4*)(p))
 #endif
+#ifndef FUSED_LOAD_F4
+#define FUSED_LOAD_F4(p) (*(const float4*)(p))
+#endif
 // Pixel loads in flight per thread when staging a batch (16 bytes each).
 #define STAGE_QUADS 12
+
+// Pixel byte e of a word as a float (pixel_value below): byte e under the exponent of 2^23
+// (the constant's top byte; its other bytes are zero), less 2^23.
+#define PIXEL_MAGIC 0x4B000000u
+#define PIXEL_SELECTOR(e) (0x7540u + (e))
 
 #ifndef FUSED_CLUSTER_SYNC
 #include <cooperative_groups.h>
@@ -83,13 +91,16 @@ __device__ __forceinline__ unsigned fused_dynamic_smem_size() {
 // Pixel byte e of a 32-bit word as a float, exactly: the byte under the exponent of 2^23,
 // less 2^23 (two full-rate instructions; an integer conversion runs at a sixteenth).
 __device__ __forceinline__ float pixel_value(unsigned word, unsigned e) {
-    return __int_as_float(__byte_perm(word, 0x4B000000u, 0x7540u + e)) - 8388608.0f;
+    return __int_as_float(__byte_perm(word, PIXEL_MAGIC, PIXEL_SELECTOR(e))) - 8388608.0f;
 }
 #endif
 
 // An odd number of floats ≥ n: rows of a [rows, pitch] table read a row per lane then fall
 // in different banks.
 __device__ __forceinline__ unsigned odd_pitch(unsigned n) { return n | 1u; }
+// Floats per row of the block's weight rows in shared memory: a multiple of four, so that
+// the forward reads four weights a load.
+__device__ __forceinline__ unsigned row_pitch(unsigned n) { return (n + 3) / 4 * 4; }
 // A block's share of n columns (j ≡ rank mod C).
 __device__ __forceinline__ unsigned owned(unsigned n, unsigned rank, unsigned C) { return n > rank ? (n - rank + C - 1) / C : 0; }
 
@@ -130,8 +141,8 @@ __device__ __forceinline__ ClusterLayout cluster_layout(const int* info, unsigne
     for (unsigned l = 0; l <= hidden; ++l) L.act_pitch[l] = odd_pitch(L.widths[l + 1]);
     for (unsigned l = 0; l < hidden; ++l) L.act[l] = take(batch * L.act_pitch[l] * 4);
     for (unsigned l = 1; l <= hidden; ++l) L.dz[l] = take(batch * L.act_pitch[l] * 4);
-    L.wrows = take(L.per_block * widest_input * 4);
-    L.wout = take(classes * L.widths[hidden] * 4);
+    L.wrows = take(L.per_block * row_pitch(widest_input) * 4);
+    L.wout = take(classes * odd_pitch(L.widths[hidden]) * 4);
     L.bout = take(classes * 4);
     for (unsigned l = 0; l < hidden; ++l) L.xhat[l] = take(batch * L.per_block * 4);
     L.istd = take(hidden * L.per_block * 4);
@@ -192,7 +203,7 @@ __device__ __forceinline__ void sgd_owned_rows(
                 updated = p[u] - lr * g[u];
             }
             params[at[u]] = updated;
-            if (copy != nullptr) copy[i] = updated;
+            if (copy != nullptr) copy[(i / K) * row_pitch(K) + i % K] = updated;
         }
     }
     for (unsigned f = threadIdx.x; f < 3 * nq; f += T) {
@@ -222,31 +233,51 @@ __device__ __forceinline__ void forward_dot(
     const unsigned half = warp % 2, split = warp / 2, r = 32 * half + lane;
     const unsigned span = ((K + S - 1) / S + 3) / 4 * 4;
     const unsigned k0 = split * span < K ? split * span : K, k1 = k0 + span < K ? k0 + span : K;
+    // Row q of the block's weights at q·row_pitch(K): four weights a (broadcast) load.
     const float* w = reinterpret_cast<const float*>(smem + L.wrows);
+    const unsigned wp = row_pitch(K);
     float* part = reinterpret_cast<float*>(smem + L.part);
     float acc[CLUSTER_MAX_PER_BLOCK];
 #pragma unroll
     for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q) acc[q] = 0.0f;
     if (r < B) {
+        // Inputs k..k+3 (x[e], in order) into every neuron's sum.
+        auto add4 = [&](const float* x, unsigned k) {
+#pragma unroll
+            for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q) {
+                if (q >= nq) continue;
+                const float4 w4 = FUSED_LOAD_F4(w + q * wp + k);
+                acc[q] = fmaf(x[0], w4.x, acc[q]);
+                acc[q] = fmaf(x[1], w4.y, acc[q]);
+                acc[q] = fmaf(x[2], w4.z, acc[q]);
+                acc[q] = fmaf(x[3], w4.w, acc[q]);
+            }
+        };
         auto add = [&](float x, unsigned k) {
 #pragma unroll
             for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q)
-                if (q < nq) acc[q] = fmaf(x, w[q * K + k], acc[q]);
+                if (q < nq) acc[q] = fmaf(x, w[q * wp + k], acc[q]);
         };
+        unsigned k = k0;
         if (PIXELS) {
             const uint8_t* row = reinterpret_cast<const uint8_t*>(in) + (size_t)r * pitch;
             const bool valid = reinterpret_cast<const unsigned*>(smem + L.valid)[r] != 0;
             const float nan = __int_as_float(0x7fc00000);
-            unsigned k = k0;
             for (; k + 4 <= k1; k += 4) {
                 const unsigned word = *reinterpret_cast<const unsigned*>(row + k);
+                float x[4];
 #pragma unroll
-                for (unsigned e = 0; e < 4; ++e) add(valid ? pixel_value(word, e) * (1.0f / 255.0f) : nan, k + e);
+                for (unsigned e = 0; e < 4; ++e) x[e] = valid ? pixel_value(word, e) * (1.0f / 255.0f) : nan;
+                add4(x, k);
             }
             for (; k < k1; ++k) add(valid ? (float)row[k] * (1.0f / 255.0f) : nan, k);
         } else {
             const float* row = reinterpret_cast<const float*>(in) + (size_t)r * pitch;
-            for (unsigned k = k0; k < k1; ++k) add(row[k], k);
+            for (; k + 4 <= k1; k += 4) {
+                const float x[4] = {row[k], row[k + 1], row[k + 2], row[k + 3]};
+                add4(x, k);
+            }
+            for (; k < k1; ++k) add(row[k], k);
         }
 #pragma unroll
         for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q)
@@ -419,7 +450,7 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
             if (step > 0) {
                 sgd_owned_rows(info, rank, C, nq, params, grads, velocity, lr, momentum, floats(L.wrows));
             } else {
-                for (unsigned i = t; i < nq * K; i += T) floats(L.wrows)[i] = params[info[L_W] + (size_t)(rank + C * (i / K)) * K + i % K];
+                for (unsigned i = t; i < nq * K; i += T) floats(L.wrows)[(i / K) * row_pitch(K) + i % K] = params[info[L_W] + (size_t)(rank + C * (i / K)) * K + i % K];
             }
             __syncthreads();
             if (l == 0) forward_dot<true>(L, smem, smem + L.pixels, L.pixel_pitch, K, nq, B, z);
@@ -470,10 +501,12 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
         // Logits and softmax cross-entropy, a warp per row of this block (r ≡ rank mod C), a
         // lane per class; dlogits into every block's copy, the row's loss into block 0's.
         {
+            // W_out's rows at an odd pitch: a lane per class reads them without bank conflicts.
             float* wout = floats(L.wout);
             float* bout = floats(L.bout);
+            const unsigned w_pitch = odd_pitch(top);
 #pragma unroll 4
-            for (unsigned i = t; i < classes * top; i += T) wout[i] = FUSED_LOAD_L2(params + out_info[L_W] + i);
+            for (unsigned i = t; i < classes * top; i += T) wout[(i / top) * w_pitch + i % top] = FUSED_LOAD_L2(params + out_info[L_W] + i);
             for (unsigned k = t; k < classes; k += T) bout[k] = out_info[L_BIAS] >= 0 ? FUSED_LOAD_L2(params + out_info[L_BIAS] + k) : 0.0f;
             __syncthreads();
             const float* a_top = floats(L.act[hidden - 1]);
@@ -486,7 +519,7 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
                 float v = -__int_as_float(0x7f800000);
                 if (lane < classes) {
                     float s = 0.0f;
-                    for (unsigned m = 0; m < top; ++m) s = fmaf(a_top[(size_t)r * a_pitch + m], wout[lane * top + m], s);
+                    for (unsigned m = 0; m < top; ++m) s = fmaf(a_top[(size_t)r * a_pitch + m], wout[lane * w_pitch + m], s);
                     v = s + bout[lane];
                 }
                 // Every lane walks the classes in order: the same maximum, first best and

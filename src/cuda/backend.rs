@@ -678,7 +678,16 @@ impl CudaBackend {
         backend.set_params(params)?;
         if step_launch == StepLaunch::Fused {
             match backend.fused_plan() {
-                Ok(plan) => backend.fused = Some(plan),
+                Ok(plan) => {
+                    if options.fused_cluster != ClusterRequest::Off && plan.cluster().is_none() {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "notice: thread-block clusters unavailable ({}: compute capability 9.0 and newer, batches of at most 64, at most 32 classes and 4 hidden layers, and room on the device); fused steps use the grid kernel",
+                            backend.gpu.name()
+                        );
+                    }
+                    backend.fused = Some(plan)
+                }
                 // Auto chose fusing; it falls back to graphs without a word.
                 Err(_) if options.step_launch == StepLaunch::Auto => backend.graph = GraphState::Stale,
                 Err(why) => {

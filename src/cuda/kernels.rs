@@ -995,7 +995,10 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     if let Some(cluster) = args.plan.cluster {
         let functions = gpu.functions.fused_cluster.as_ref().ok_or_else(|| CudaError::Launch { kernel: "fused_cluster8_f32", message: "the cluster kernels are not loaded".into() })?;
         let cfg = LaunchConfig { grid_dim: (cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: cluster.bytes as u32 };
-        let mut b = builder(gpu, &functions.one[cluster.kernel()]);
+        let function = &functions.one[cluster.kernel()];
+        // Again at each launch: another plan on this GPU may have set a smaller size.
+        function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(cluster.bytes).unwrap_or(i32::MAX))?;
+        let mut b = builder(gpu, function);
         args.push(&mut b);
         // SAFETY: see above, for the tensors; the grid is one cluster of the size compiled
         // into the kernel (__cluster_dims__), which FusedCluster::choose allowed (non-portable
@@ -1046,7 +1049,9 @@ pub fn fused_train_pair(
         a.push(&mut b);
         b_args.push(&mut b);
         // SAFETY: as for one network, a cluster each; each cluster reads its own network's
-        // buffers and the first's batches.
+        // parameters, gradients, statistics and counters, and the first's batches (images,
+        // labels, order, sizes) and hyperparameters, which `a.sizes == b_args.sizes` and
+        // pairs_with made the same.
         return unsafe { b.launch(cfg) }.map(drop).map_err(launch_error("fused_cluster_pair_f32"));
     }
     let staging = pa.staging.clone();

@@ -35,6 +35,9 @@ inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 inline unsigned fused_load_u32(const uint8_t* p) { unsigned v; memcpy(&v, p, 4); return v; }
 #define FUSED_LOAD_U32(p) fused_load_u32(p)
 struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline float4 fused_load_f4(const float* p) { float4 v; memcpy(&v, p, 16); return v; }
+#define FUSED_LOAD_F4(p) fused_load_f4(p)
 inline void fused_store_u32(void* p, unsigned v) { memcpy(p, &v, 4); }
 inline uint4 fused_load_u128(const void* p) { uint4 v; memcpy(&v, p, 16); return v; }
 inline void fused_store_u128(void* p, uint4 v) { memcpy(p, &v, 16); }
@@ -123,7 +126,7 @@ template <class T> T* emu_map_rank(T* p, unsigned rank) {
     return reinterpret_cast<T*>(g_dynamic_table[first + rank] + offset);
 }
 inline float emu_pixel_value(unsigned word, unsigned e) { return (float)((word >> (8 * e)) & 255u); }
-#define FUSED_CLUSTER_SYNC() g_cluster_bar->arrive_and_wait()
+#define FUSED_CLUSTER_SYNC() do { g_cluster_bar->arrive_and_wait(); FUSED_AFTER_BARRIER(); } while (0)
 #define FUSED_CLUSTER_RANK() (blockIdx.x % g_cluster_size)
 #define FUSED_CLUSTER_MAP(p, rank) emu_map_rank((p), (rank))
 #define FUSED_SHUFFLE(v, lane) emu_shuffle((v), (lane))
@@ -153,6 +156,14 @@ inline void launch_clusters(dim3 grid, dim3 block, unsigned cluster, std::functi
     for (auto& t : ts) t.join();
     g_dynamic_table.clear();
     g_cluster_size = 1;
+}
+// __byte_perm as CUDA documents it: result byte n is byte (s >> 4n) & 7 of the eight bytes
+// {y:x} (x bytes 0-3, y bytes 4-7), for selectors without the sign-replicating bit 3.
+inline unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long both = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (unsigned n = 0; n < 4; ++n) r |= (unsigned)((both >> (8 * ((s >> (4 * n)) & 7))) & 255) << (8 * n);
+    return r;
 }
 // Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
 inline void launch_seq(dim3 grid, dim3 block, std::function<void()> f) {
