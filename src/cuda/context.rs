@@ -373,7 +373,7 @@ impl Gpu {
 }
 
 /// The compute capability of a PTX text's `.target` line (`sm_90` → 90).
-fn ptx_target(ptx: &str) -> Option<u32> {
+pub(crate) fn ptx_target(ptx: &str) -> Option<u32> {
     ptx.lines().find_map(|l| l.trim().strip_prefix(".target")).and_then(|t| t.trim().strip_prefix("sm_")).and_then(|t| {
         let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
         digits.parse().ok()

@@ -93,7 +93,14 @@ pub fn kernels_built() -> bool {
 pub fn build_info() -> String {
     match (built::KERNELS, built::NVCC_VERSION) {
         (Some(modules), Some(nvcc)) => {
-            format!("CUDA kernels: {} PTX modules for {} ({nvcc})", modules.len(), built::PTX_ARCH)
+            // Modules that asked build.rs for a newer target (fused_cluster: sm_90).
+            let base = built::PTX_ARCH.strip_prefix("compute_").and_then(|n| n.parse::<u32>().ok());
+            let newer: Vec<String> = modules
+                .iter()
+                .filter_map(|(name, ptx)| context::ptx_target(ptx).filter(|&t| base.is_some_and(|b| t > b)).map(|t| format!("{name}: compute_{t}")))
+                .collect();
+            let newer = if newer.is_empty() { String::new() } else { format!("; {}", newer.join(", ")) };
+            format!("CUDA kernels: {} PTX modules for {}{newer} ({nvcc})", modules.len(), built::PTX_ARCH)
         }
         _ => "CUDA kernels: not built (nvcc was not found at build time)".to_string(),
     }
