@@ -50,21 +50,6 @@
 #define CLUSTER_MAX_HIDDEN 4
 #define FULL_MASK 0xffffffffu
 
-#ifndef FUSED_TRAP
-#define FUSED_TRAP() __trap()
-#endif
-#ifndef FUSED_LOAD_U32
-#define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
-#endif
-#ifndef FUSED_STORE_U32
-#define FUSED_STORE_U32(p, v) (*(unsigned*)(p) = (v))
-#endif
-#ifndef FUSED_LOAD_U128
-#define FUSED_LOAD_U128(p) (*(const uint4*)(p))
-#endif
-#ifndef FUSED_LOAD_F4
-#define FUSED_LOAD_F4(p) (*(const float4*)(p))
-#endif
 // Pixel loads in flight per thread when staging a batch (16 bytes each).
 #define STAGE_QUADS 12
 
@@ -209,14 +194,7 @@ __device__ __forceinline__ void sgd_owned_rows(
     for (unsigned f = threadIdx.x; f < 3 * nq; f += T) {
         const int field = f % 3 == 0 ? L_BIAS : f % 3 == 1 ? L_GAMMA : L_BETA;
         if (info[field] < 0) continue;
-        const size_t i = (size_t)info[field] + rank + C * (f / 3);
-        if (velocity != nullptr) {
-            const float vi = momentum * velocity[i] + grads[i];
-            velocity[i] = vi;
-            params[i] -= lr * vi;
-        } else {
-            params[i] -= lr * grads[i];
-        }
+        sgd_element(params, grads, velocity, (size_t)info[field] + rank + C * (f / 3), lr, momentum);
     }
 }
 
@@ -475,18 +453,9 @@ __device__ __forceinline__ void cluster_train_steps(FUSED_PARAMS, unsigned rank)
                     a0 = activate(activation, g * x0 + b);
                     a1 = activate(activation, g * x1 + b);
                     const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
-                    for (unsigned e = lane; e < n_estimators; e += 32) {
-                        const double decay = estimators[2 * e];
-                        const bool unbiased = estimators[2 * e + 1] != 0.0;
-                        const double n = (double)(batches[(size_t)e * bn_layers + bn_index] + step);
-                        const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
-                        const float take = 1.0f - keep;
-                        const float corr = unbiased ? (float)((double)B / ((double)B - 1.0)) : 1.0f;
-                        float* rm = running_mean + (size_t)e * bn_total + col;
-                        float* rv = running_var + (size_t)e * bn_total + col;
-                        *rm = blend(keep, *rm, take, mu);
-                        *rv = blend(keep, *rv, take, __fmul_rn(sigma2, corr));
-                    }
+                    for (unsigned e = lane; e < n_estimators; e += 32)
+                        update_running_stats(estimator_factors(estimators, e, batches[(size_t)e * bn_layers + bn_index] + step, B),
+                                             running_mean + (size_t)e * bn_total + col, running_var + (size_t)e * bn_total + col, mu, sigma2);
                 } else {
                     const float b = params[info[L_BIAS] + j];
                     a0 = activate(activation, z0 + b);

@@ -4,6 +4,28 @@
 #pragma once
 #include <stdint.h>
 
+// What the CPU emulation (tests/kernel_emulation/cuda_emu.h) replaces: a trap (there, an
+// abort with a message); the aligned 32- and 128-bit loads and stores of pixels and staged
+// rows, and 4-float loads of weights (there, byte copies, without type punning).
+#ifndef FUSED_TRAP
+#define FUSED_TRAP() __trap()
+#endif
+#ifndef FUSED_LOAD_U32
+#define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
+#endif
+#ifndef FUSED_STORE_U32
+#define FUSED_STORE_U32(p, v) (*(unsigned*)(p) = (v))
+#endif
+#ifndef FUSED_LOAD_U128
+#define FUSED_LOAD_U128(p) (*(const uint4*)(p))
+#endif
+#ifndef FUSED_STORE_U128
+#define FUSED_STORE_U128(p, v) (*(uint4*)(p) = (v))
+#endif
+#ifndef FUSED_LOAD_F4
+#define FUSED_LOAD_F4(p) (*(const float4*)(p))
+#endif
+
 #define LAYER_FIELDS 10
 #define L_IN 0
 #define L_OUT 1
@@ -21,6 +43,39 @@
 // different product in each, and the staged and unstaged kernels would differ in the last bit).
 __device__ __forceinline__ float blend(float keep, float old, float take, float x) {
     return __fmaf_rn(take, x, __fmul_rn(keep, old));
+}
+
+// Estimator e's factors after `seen` batches (running_stats.cu's arithmetic): the old
+// statistic's weight (the decay, or n/(n+1) for the cumulative average), the new batch's,
+// and the unbiased variance's correction B/(B−1) (or 1).
+struct EstimatorFactors {
+    float keep, take, corr;
+};
+__device__ __forceinline__ EstimatorFactors estimator_factors(const double* estimators, unsigned e, unsigned long long seen, unsigned batch) {
+    const double decay = estimators[2 * e];
+    const double n = (double)seen;
+    const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
+    const float corr = estimators[2 * e + 1] != 0.0 ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
+    return EstimatorFactors{keep, 1.0f - keep, corr};
+}
+
+// One BN feature's running mean and variance, updated in place by estimator factors `f`
+// with the batch's mean and (biased) variance.
+__device__ __forceinline__ void update_running_stats(const EstimatorFactors& f, float* mean, float* var, float mu, float sigma2) {
+    *mean = blend(f.keep, *mean, f.take, mu);
+    *var = blend(f.keep, *var, f.take, __fmul_rn(sigma2, f.corr));
+}
+
+// One SGD step on parameter i (sgd.cu's arithmetic): v ← μ·v + g, w ← w − lr·v, or
+// w ← w − lr·g without velocity.
+__device__ __forceinline__ void sgd_element(float* params, const float* grads, float* velocity, size_t i, float lr, float momentum) {
+    if (velocity != nullptr) {
+        const float vi = momentum * velocity[i] + grads[i];
+        velocity[i] = vi;
+        params[i] -= lr * vi;
+    } else {
+        params[i] -= lr * grads[i];
+    }
 }
 
 // The kernels' parameters (see the header's Layout), and the same names as arguments; P

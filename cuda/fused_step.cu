@@ -91,28 +91,11 @@
 #ifndef FUSED_SPIN_PAUSE
 #define FUSED_SPIN_PAUSE() __nanosleep(32)
 #endif
-#ifndef FUSED_TRAP
-#define FUSED_TRAP() __trap()
-#endif
 // How the barrier reads its count: a volatile load (with the fences around it, the legacy
 // cooperative-groups pattern) on the GPU; the CPU emulation maps it to a C++ atomic load so
 // ThreadSanitizer can follow it.
 #ifndef FUSED_LOAD_ACQUIRE
 #define FUSED_LOAD_ACQUIRE(p) (*(volatile unsigned*)(p))
-#endif
-// A 32-bit load of four pixels (4-byte aligned); the emulation copies the bytes instead.
-#ifndef FUSED_LOAD_U32
-#define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
-#endif
-// Staging's 32- and 128-bit copies (aligned to their size); the emulation copies bytes.
-#ifndef FUSED_STORE_U32
-#define FUSED_STORE_U32(p, v) (*(unsigned*)(p) = (v))
-#endif
-#ifndef FUSED_LOAD_U128
-#define FUSED_LOAD_U128(p) (*(const uint4*)(p))
-#endif
-#ifndef FUSED_STORE_U128
-#define FUSED_STORE_U128(p, v) (*(uint4*)(p) = (v))
 #endif
 // Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
 // emulation delays one block there, so the others run ahead into the next phase and any
@@ -628,14 +611,7 @@ __device__ __forceinline__ void sgd_row(
     for (unsigned f = threadIdx.x; f < 3; f += T) {
         const int field = f == 0 ? L_BIAS : f == 1 ? L_GAMMA : L_BETA;
         if (info[field] < 0) continue;
-        const size_t i = (size_t)info[field] + j;
-        if (velocity != nullptr) {
-            const float vi = momentum * velocity[i] + grads[i];
-            velocity[i] = vi;
-            params[i] -= lr * vi;
-        } else {
-            params[i] -= lr * grads[i];
-        }
+        sgd_element(params, grads, velocity, (size_t)info[field] + j, lr, momentum);
     }
     __syncthreads();
 }
@@ -747,10 +723,9 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 float keep0 = 0.0f, corr0 = 0.0f, mean0 = 0.0f, var0 = 0.0f;
                 if (prefetch_stats && bn && t < n_estimators) {
                     const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
-                    const double decay = estimators[2 * t];
-                    const double n = (double)(batches_before(t, bn_index) + step);
-                    keep0 = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
-                    corr0 = estimators[2 * t + 1] != 0.0 ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
+                    const EstimatorFactors f = estimator_factors(estimators, t, batches_before(t, bn_index) + step, batch);
+                    keep0 = f.keep;
+                    corr0 = f.corr;
                     mean0 = running_mean[(size_t)t * bn_total + col];
                     var0 = running_var[(size_t)t * bn_total + col];
                 }
@@ -791,18 +766,9 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                         running_mean[(size_t)t * bn_total + col] = blend(keep0, mean0, take, mu);
                         running_var[(size_t)t * bn_total + col] = blend(keep0, var0, take, __fmul_rn(sigma2, corr0));
                     }
-                    for (unsigned e = prefetch_stats ? t + T : t; e < n_estimators; e += T) {
-                        const double decay = estimators[2 * e];
-                        const bool unbiased = estimators[2 * e + 1] != 0.0;
-                        const double n = (double)(batches_before(e, bn_index) + step);
-                        const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
-                        const float take = 1.0f - keep;
-                        const float corr = unbiased ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
-                        float* rm = running_mean + (size_t)e * bn_total + col;
-                        float* rv = running_var + (size_t)e * bn_total + col;
-                        *rm = blend(keep, *rm, take, mu);
-                        *rv = blend(keep, *rv, take, __fmul_rn(sigma2, corr));
-                    }
+                    for (unsigned e = prefetch_stats ? t + T : t; e < n_estimators; e += T)
+                        update_running_stats(estimator_factors(estimators, e, batches_before(e, bn_index) + step, batch),
+                                             running_mean + (size_t)e * bn_total + col, running_var + (size_t)e * bn_total + col, mu, sigma2);
                 } else {
                     const float b = params[info[L_BIAS] + j];
                     for (unsigned r = t; r < batch; r += T) {

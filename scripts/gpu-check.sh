@@ -53,19 +53,23 @@ limit() { # WANTED MIN NAME
     if (( left < $2 )); then row "$3" "SKIPPED: ${left}s of BUDGET=${budget}s left"; return 1; fi
     t=$(( $1 < left ? $1 : left ))
 }
-# The last line of a log that parses as JSON, then one field of it.
-json_field() { python3 - "$1" "$2" <<'PY'
+# A Python expression over `r`, the last line of a log that parses as a JSON object ({} if
+# none).
+json_eval() { python3 - "$1" "$2" <<'PY'
 import json, sys
-value = None
+r = {}
 for line in open(sys.argv[1], errors="replace"):
     try:
         value = json.loads(line)
     except ValueError:
-        pass
-field = value.get(sys.argv[2]) if isinstance(value, dict) else None
-print("?" if field is None else (f"{field:.4f}" if isinstance(field, float) else field))
+        continue
+    if isinstance(value, dict):
+        r = value
+print(eval(sys.argv[2]))
 PY
 }
+# One field of that object, floats to four places ("?" if missing).
+json_field() { json_eval "$1" "(lambda v: '?' if v is None else (f'{v:.4f}' if isinstance(v, float) else v))(r.get('$2'))"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
 
@@ -159,32 +163,10 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         local device want; device="$(json_field "$log" device)"
         local tuned=""
         # How many tuned shapes kept a cublasLt candidate over cuBLAS's own kernel.
-        [[ $tune == 1 ]] && tuned="; $(python3 - "$log" <<'PY'
-import json, sys
-report = None
-for line in open(sys.argv[1], errors="replace"):
-    try:
-        report = json.loads(line)
-    except ValueError:
-        pass
-tuned = (report or {}).get("tuned_gemms") or []
-print(f"{sum(t['chosen'] > 0 for t in tuned)} of {len(tuned)} tuned shapes on cublasLt")
-PY
-)"
+        [[ $tune == 1 ]] && tuned="; $(json_eval "$log" "f\"{sum(t['chosen'] > 0 for t in r.get('tuned_gemms') or [])} of {len(r.get('tuned_gemms') or [])} tuned shapes on cublasLt\"")"
         local phases=""
         # The traced phases' walls (+ barriers), µs: where a fused step's time goes.
-        [[ " ${pair_flag[*]} " == *" --trace "* ]] && phases="; phases $(python3 - "$log" <<'PY'
-import json, sys
-report = None
-for line in open(sys.argv[1], errors="replace"):
-    try:
-        report = json.loads(line)
-    except ValueError:
-        pass
-phases = (report or {}).get("phases") or []
-print(" + ".join(f"{p['wall_us']:.1f}+{p['barrier_us']:.1f}" for p in phases) + f" = {sum(p['wall_us'] + p['barrier_us'] for p in phases):.1f} µs" if phases else "not traced")
-PY
-)"
+        [[ " ${pair_flag[*]} " == *" --trace "* ]] && phases="; phases $(json_eval "$log" "' + '.join(f\"{p['wall_us']:.1f}+{p['barrier_us']:.1f}\" for p in r.get('phases') or []) + f\" = {sum(p['wall_us'] + p['barrier_us'] for p in r.get('phases') or []):.1f} µs\" if r.get('phases') else 'not traced'")"
         row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device$tuned$phases"
         # A variant that fell back still times something, but not what was asked.
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
