@@ -86,6 +86,14 @@ __device__ __forceinline__ unsigned odd_pitch(unsigned n) { return n | 1u; }
 // Floats per row of the block's weight rows in shared memory: a multiple of four, so that
 // the forward reads four weights a load.
 __device__ __forceinline__ unsigned row_pitch(unsigned n) { return (n + 3) / 4 * 4; }
+// Row groups of a weight gradient over K inputs (see weight_gradient): as many as the
+// threads allow beside a thread per four inputs, within WGRAD_BYTES of partial sums.
+#define WGRAD_BYTES 16384
+__device__ __forceinline__ unsigned wgrad_groups(unsigned K, unsigned per_block, unsigned T) {
+    const unsigned by_threads = T / ((K + 3) / 4), by_memory = WGRAD_BYTES / (per_block * row_pitch(K) * 4);
+    const unsigned groups = by_threads < by_memory ? by_threads : by_memory;
+    return groups < 1 ? 1 : groups;
+}
 // A block's share of n columns (j ≡ rank mod C).
 __device__ __forceinline__ unsigned owned(unsigned n, unsigned rank, unsigned C) { return n > rank ? (n - rank + C - 1) / C : 0; }
 
@@ -96,7 +104,7 @@ struct ClusterLayout {
     unsigned act_pitch[CLUSTER_MAX_HIDDEN + 1];  // floats per row of the full copies (index hidden: dlogits)
     // Byte offsets into the dynamic shared memory.
     unsigned pixels, valid, act[CLUSTER_MAX_HIDDEN], dz[CLUSTER_MAX_HIDDEN + 1], wrows, wout, bout, xhat[CLUSTER_MAX_HIDDEN];
-    unsigned istd, z, dzq, part, wcol, loss, right, bytes;
+    unsigned istd, z, dzq, part, wpart, wcol, loss, right, bytes;
 };
 
 // The layout for a network (layer table `info`), or bytes = 0 where the kernel does not fit it.
@@ -134,6 +142,13 @@ __device__ __forceinline__ ClusterLayout cluster_layout(const int* info, unsigne
     L.z = take(CLUSTER_MAX_ROWS * L.per_block * 4);
     L.dzq = take(CLUSTER_MAX_ROWS * L.per_block * 4);
     L.part = take((T / 64) * CLUSTER_MAX_ROWS * L.per_block * 4);
+    unsigned wpart = 0;
+    for (unsigned l = 0; l < hidden; ++l) {
+        const unsigned groups = wgrad_groups(L.widths[l], L.per_block, T);
+        const unsigned bytes = groups > 1 ? groups * L.per_block * row_pitch(L.widths[l]) * 4 : 0;
+        if (bytes > wpart) wpart = bytes;
+    }
+    L.wpart = take(wpart);
     unsigned widest_above = 0;
     for (unsigned l = 1; l <= hidden; ++l) if (L.widths[l + 1] > widest_above) widest_above = L.widths[l + 1];
     L.wcol = take((T / 32) * widest_above * 4);
@@ -272,23 +287,27 @@ __device__ __forceinline__ void forward_dot(
 }
 
 // dW[j_q, k] = Σ_r dz[r·nq + q]·in(r, k) for q < nq (j_q = rank + C·q), k < K, into grads:
-// a thread per four inputs, all nq rows in registers, rows added in order. Every thread calls it.
+// a thread per four inputs and group of rows, all nq rows of dW in registers, rows added in
+// order. Where a thread per four inputs leaves threads idle (a hidden layer's 100 inputs take
+// 25 of 256), the rows are split in G groups (wgrad_groups), whose sums are then added in
+// group order. Every thread calls it.
 template <bool PIXELS>
 __device__ __forceinline__ void weight_gradient(
     const ClusterLayout& L, uint8_t* smem, const void* in, unsigned pitch, unsigned K, unsigned nq, unsigned B,
     const float* dz, float* dw, unsigned rank, unsigned C)
 {
-    const unsigned quads = (K + 3) / 4;
+    const unsigned quads = (K + 3) / 4, G = wgrad_groups(K, L.per_block, blockDim.x), kp = row_pitch(K);
     const unsigned* valid = reinterpret_cast<const unsigned*>(smem + L.valid);
+    float* wpart = reinterpret_cast<float*>(smem + L.wpart);
     const float nan = __int_as_float(0x7fc00000);
-    for (unsigned kq = threadIdx.x; kq < quads; kq += blockDim.x) {
+    for (unsigned item = threadIdx.x; item < quads * G; item += blockDim.x) {
+        const unsigned g = item / quads, kq = item % quads, k = 4 * kq;
         float acc[CLUSTER_MAX_PER_BLOCK][4];
 #pragma unroll
         for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q)
 #pragma unroll
             for (unsigned e = 0; e < 4; ++e) acc[q][e] = 0.0f;
-        const unsigned k = 4 * kq;
-        for (unsigned r = 0; r < B; ++r) {
+        for (unsigned r = g * B / G; r < (g + 1) * B / G; ++r) {
             float x[4];
             if (PIXELS) {
                 const uint8_t* row = reinterpret_cast<const uint8_t*>(in) + (size_t)r * pitch;
@@ -309,17 +328,29 @@ __device__ __forceinline__ void weight_gradient(
 #pragma unroll
             for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q) {
                 if (q >= nq) continue;
-                const float g = dz[r * nq + q];
+                const float d = dz[r * nq + q];
 #pragma unroll
-                for (unsigned e = 0; e < 4; ++e) acc[q][e] = fmaf(g, x[e], acc[q][e]);
+                for (unsigned e = 0; e < 4; ++e) acc[q][e] = fmaf(d, x[e], acc[q][e]);
             }
         }
 #pragma unroll
         for (unsigned q = 0; q < CLUSTER_MAX_PER_BLOCK; ++q) {
             if (q >= nq) continue;
 #pragma unroll
-            for (unsigned e = 0; e < 4; ++e)
-                if (k + e < K) dw[(size_t)(rank + C * q) * K + k + e] = acc[q][e];
+            for (unsigned e = 0; e < 4; ++e) {
+                if (k + e >= K) continue;
+                if (G == 1) dw[(size_t)(rank + C * q) * K + k + e] = acc[q][e];
+                else wpart[((size_t)g * nq + q) * kp + k + e] = acc[q][e];
+            }
+        }
+    }
+    if (G > 1) {
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < nq * K; i += blockDim.x) {
+            const unsigned q = i / K, k = i % K;
+            float s = wpart[(size_t)q * kp + k];
+            for (unsigned g = 1; g < G; ++g) s += wpart[((size_t)g * nq + q) * kp + k];
+            dw[(size_t)(rank + C * q) * K + k] = s;
         }
     }
 }
