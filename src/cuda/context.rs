@@ -51,9 +51,10 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     /// Bound to `stream` once: cublasSetStream would also reset the workspace below.
     pub(crate) blas: CudaBlas,
-    /// A cublasLt handle for tuned GEMMs (see [`super::gemm_tuning`]); `None` where
-    /// libcublasLt is missing or its handle could not be created (GEMMs then stay on cuBLAS).
-    lt: Option<LtHandle>,
+    /// A cublasLt handle for tuned GEMMs (see [`super::gemm_tuning`]), created on first use;
+    /// `None` where libcublasLt is missing or its handle could not be created (GEMMs then
+    /// stay on cuBLAS).
+    lt: std::sync::OnceLock<Option<LtHandle>>,
     /// The handles' workspace (cuBLAS's, and cublasLt's products': one stream orders them).
     /// Declared after both handles so that it is freed after they are destroyed (fields
     /// drop in declaration order).
@@ -269,8 +270,6 @@ impl Gpu {
         })?;
         let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1"));
         let gemm_tuning = AtomicBool::new(false);
-        // SAFETY: only tries to dlopen the library.
-        let lt = if unsafe { lt_sys::is_culib_present() } { lt_result::create_handle().ok().map(LtHandle) } else { None };
         let blas_workspace_ptr = blas_workspace.device_ptr(&stream).0;
         let softmax_partials = Mutex::new(SoftmaxPartials {
             loss: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS)?,
@@ -279,7 +278,7 @@ impl Gpu {
             ticket: stream.alloc_zeros(1)?,
         });
         Ok(Gpu {
-            ctx, stream, blas, lt, blas_workspace, blas_workspace_ptr, functions, fused_module, capability, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
+            ctx, stream, blas, lt: std::sync::OnceLock::new(), blas_workspace, blas_workspace_ptr, functions, fused_module, capability, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
             softmax_partials,
         })
     }
@@ -338,9 +337,16 @@ impl Gpu {
         Ok(())
     }
 
-    /// The cublasLt handle, if libcublasLt could be loaded.
+    /// The cublasLt handle (created at the first call), if libcublasLt could be loaded.
     pub(crate) fn lt_handle(&self) -> Option<lt_sys::cublasLtHandle_t> {
-        self.lt.as_ref().map(|h| h.0)
+        self.lt
+            .get_or_init(|| {
+                // SAFETY: only tries to dlopen the library (libcublas, loaded already, needs it).
+                let present = unsafe { lt_sys::is_culib_present() };
+                if present { lt_result::create_handle().ok().map(LtHandle) } else { None }
+            })
+            .as_ref()
+            .map(|h| h.0)
     }
 
     /// The cuBLAS workspace: its address and size in bytes.

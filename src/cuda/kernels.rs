@@ -638,7 +638,8 @@ impl FusedCluster {
             if bytes == 0 {
                 continue;
             }
-            let k = usize::from(blocks == 16);
+            let candidate = FusedCluster { blocks, bytes };
+            let k = candidate.kernel();
             let allowed = [&functions.one[k], &functions.pair[k]].into_iter().all(|function| {
                 let shared = function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(bytes).unwrap_or(i32::MAX)).is_ok();
                 let size = blocks <= 8 || function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1).is_ok();
@@ -646,7 +647,7 @@ impl FusedCluster {
             });
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: bytes as u32 };
             if allowed && functions.one[k].occupancy_max_active_clusters(cfg, stream).unwrap_or(0) >= 1 {
-                return Ok(Some(FusedCluster { blocks, bytes }));
+                return Ok(Some(candidate));
             }
         }
         Ok(None)
