@@ -19,7 +19,7 @@
 // by row, the inputs split in T/64 ranges summed in range order, every thread holding all of
 // the block's neurons so that a pixel is unpacked once), BN and activation a warp per
 // neuron (shuffle reductions in a fixed tree), and the weight gradient a thread per four
-// inputs (all neurons again). Every block keeps full copies of each hidden layer's a, of the
+// inputs (all neurons again; rows split in groups where that leaves threads idle). Every block keeps full copies of each hidden layer's a, of the
 // hidden layers' dz above the first, and of dlogits, in its shared memory: the owner of a
 // column writes it into every block of the cluster, and a cluster barrier publishes it.
 // Parameters stay in global memory as the host laid them out; a block reads other blocks'
@@ -31,11 +31,12 @@
 // Shared memory (dynamic, laid out by cluster_layout, sized by the host through
 // fused_cluster_layout_bytes): the batch's pixels [B, pitch] bytes and row validity; the
 // full a copies [B, odd pitch] per hidden layer; the full dz copies of hidden layers ≥ 1 and
-// dlogits; this block's weight rows of the current layer; all of W_out and its bias; this
-// block's x̂ per BN layer and 1/σ per neuron; z and dz of its neurons; the forward's partial
-// sums; a W_up column per warp; the rows' losses (block 0's copy is the one used).
+// dlogits; this block's weight rows of the current layer (at a pitch of a multiple of 4);
+// all of W_out (odd pitch) and its bias; this block's x̂ per BN layer and 1/σ per neuron; z
+// and dz of its neurons; the forward's partial sums; the weight gradient's group sums; a W_up
+// column per warp; the rows' losses (block 0's copy is the one used).
 // Launch: grid = C blocks per network (one cluster each, __cluster_dims__), T = 256 threads
-// (64 and 128 in the CPU emulation), the layout's bytes of dynamic shared memory.
+// (also 64 and 128 in the CPU emulation), the layout's bytes of dynamic shared memory.
 // Limits (fused_cluster_layout_bytes returns 0 beyond them): B ≤ 64, classes ≤ 32, at most
 // 16 neurons of a layer per block, at most CLUSTER_MAX_HIDDEN hidden layers.
 
