@@ -12,8 +12,10 @@
 #      staging (BNTRAIN_FUSED_STAGE=1), on thread-block clusters (BNTRAIN_FUSED_CLUSTER), as a BN+plain pair (--pair; in one launch with
 #      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
 #      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1);
-#   4. the full `reproduce` study, timed, with fused steps, clusters (paired), staged fused
-#      steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips them);
+#   4. the full `reproduce` study, timed, with fused steps, with evaluation points on a stream
+#      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
+#      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
+#      them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
@@ -213,13 +215,16 @@ bench seed graph f32 1
 bench seed eager f32 1
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused cluster staged paired tuned graph; do
+for variant in fused streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
-    # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0
+    # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
+    # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0
     # cluster: a thread-block cluster per network, both in one launch.
-    [[ $variant == cluster ]] && step=fused clusters=1 pairing=1
-    [[ $variant == cluster && $cluster_ok == 0 ]] && continue
+    [[ $variant == cluster* ]] && step=fused clusters=1 pairing=1
+    [[ $variant == cluster* && $cluster_ok == 0 ]] && continue
+    [[ $variant == *streams ]] && streams=1
+    [[ $variant == streams ]] && step=fused
     [[ $variant == staged ]] && step=fused stage=1
     [[ $variant == paired ]] && step=fused stage=1 pairing=1
     [[ $variant == tuned ]] && step=fused tune=1
@@ -227,11 +232,11 @@ for variant in fused cluster staged paired tuned graph; do
     [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then

@@ -118,6 +118,37 @@ impl Evaluation {
     }
 }
 
+/// What an evaluation point measures of one network, before the training loop judges it
+/// ([`crate::train::evaluate_point`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PointResults {
+    /// The training steps since the previous point ([`Backend::take_step_stats`]).
+    pub stats: StepStats,
+    /// The first non-finite parameter or running statistic ([`Backend::first_non_finite`]).
+    pub non_finite: Option<(String, f64)>,
+    /// The test split, evaluated as [`Backend::evaluate`] does.
+    pub eval: Evaluation,
+}
+
+/// An evaluation point measured at once, through [`Backend::take_step_stats`],
+/// [`Backend::first_non_finite`] and [`Backend::evaluate`] on the test split.
+pub fn measure_point<B: Backend + ?Sized>(net: &mut B, mode: StatsMode, probe: Option<Probe>) -> Result<PointResults> {
+    let stats = net.take_step_stats()?;
+    let non_finite = net.first_non_finite()?;
+    let eval = net.evaluate(SplitKind::Test, mode, probe)?;
+    Ok(PointResults { stats, non_finite, eval })
+}
+
+/// An evaluation point begun by [`Backend::begin_point`], to be handed to the same backend's
+/// [`Backend::finish_point`].
+#[derive(Debug)]
+pub enum PendingPoint {
+    /// Measured already (the default, synchronous [`Backend::begin_point`]).
+    Measured(Box<PointResults>),
+    /// Queued on the device; the backend holds what it needs to finish it.
+    Queued,
+}
+
 /// One phase of a training step (the work between two grid barriers of the fused CUDA
 /// kernel), timed by [`Backend::phase_trace`]; microseconds, medians over the traced steps.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -195,6 +226,25 @@ pub trait Backend {
     /// Loss and accuracy over a whole split, normalizing with population statistics or with
     /// the statistics of the whole split taken as one batch (running statistics untouched).
     fn evaluate(&mut self, split: SplitKind, mode: StatsMode, probe: Option<Probe>) -> Result<Evaluation>;
+
+    /// Begins an evaluation point at the current step: takes the training statistics since
+    /// the last point, looks for non-finite parameters and running statistics, and evaluates
+    /// the test split with `mode` and `probe`, each as its own method does, on the state as
+    /// it is now. A backend may queue this work and return at once, so that the next steps,
+    /// queued before [`Backend::finish_point`] collects the results, run meanwhile; steps
+    /// queued in between do not change what the point measures. The default does it all
+    /// here. At most one point is pending per backend.
+    fn begin_point(&mut self, mode: StatsMode, probe: Option<Probe>) -> Result<PendingPoint> {
+        Ok(PendingPoint::Measured(Box::new(measure_point(self, mode, probe)?)))
+    }
+
+    /// The results of the point `pending` began, waiting for them where they were queued.
+    fn finish_point(&mut self, pending: PendingPoint) -> Result<PointResults> {
+        match pending {
+            PendingPoint::Measured(results) => Ok(*results),
+            PendingPoint::Queued => Err(crate::model::ConfigError::Invalid(format!("{}: no evaluation point was queued on this backend", self.device_name())).into()),
+        }
+    }
 
     /// Predicts the first `count` examples of a split one at a time (batch of one), with
     /// population or per-example batch statistics. Returns the predicted classes.

@@ -7,7 +7,7 @@
 //! epoch e depends on nothing but (seed, e), a run resumed at step s visits exactly the
 //! batches the uninterrupted run would have.
 
-use crate::backend::{Backend, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{Backend, PendingPoint, PointResults, Probe, StatsMode, StepStats};
 use crate::model::checkpoint::HistoryPoint;
 use crate::model::{BatchOrder, ConfigError, TrainConfig};
 use crate::{Error, Result};
@@ -94,11 +94,15 @@ impl Outcome {
 /// Checks for divergence at each evaluation: a non-finite loss or parameter stops the run
 /// with [`Error::Diverged`] before anything is written. `stop` is polled between steps.
 ///
-/// A point's [`Event::Evaluated`] events reach `on_event` only once the next run of steps is
-/// queued (still before its [`Event::Stepped`], so the events come in the order of the
-/// steps): a backend that launches asynchronously computes while the caller digests them.
-/// Hence a stop requested from an `Evaluated` callback is seen after that run. However the
-/// loop ends (finished, stopped or failed), every record it took has been reported.
+/// An evaluation point is begun ([`Backend::begin_point`]) once its step is queued, and
+/// finished ([`Backend::finish_point`]) only once the next run of steps is queued too, so a
+/// backend that queues both keeps the device busy while the host waits for the point's
+/// results, checks them and hands them to `on_event` (still before the next run's
+/// [`Event::Stepped`], so the events come in the order of the steps). A network that
+/// diverged is hence found one run late, with that run queued; the error names the point's
+/// step all the same. A stop requested from an `Evaluated` callback is seen after that run.
+/// However the loop ends (finished, stopped or failed), every point it began has been
+/// finished and reported, as far as the backends could finish it.
 pub fn train_lockstep(
     nets: &mut [&mut dyn Backend],
     config: &TrainConfig,
@@ -108,32 +112,56 @@ pub fn train_lockstep(
     stop: Option<&AtomicBool>,
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Outcome> {
-    let mut reporter = Reporter { on_event, held: Vec::with_capacity(nets.len()) };
-    let outcome = run_lockstep(nets, config, train_examples, start_step, schedule, stop, &mut reporter);
-    // The loop returns with the last point's records held, whether it finished, stopped or
-    // failed: they are results all the same (a resumable history; the nets evaluated before
-    // one that diverged).
-    reporter.deliver_held();
-    outcome
-}
-
-/// The caller's `on_event`, and the evaluation records of the last point that it has not
-/// been given yet (index = network), held back so that the host's work on them overlaps
-/// the device's on the next run.
-struct Reporter<'a> {
-    on_event: &'a mut dyn FnMut(Event<'_>),
-    held: Vec<EvalRecord>,
-}
-
-impl Reporter<'_> {
-    fn deliver_held(&mut self) {
-        for (net, record) in self.held.drain(..).enumerate() {
-            (self.on_event)(Event::Evaluated { net, record: &record });
-        }
+    let mut points = Points { on_event, pending: None };
+    let outcome = run_lockstep(nets, config, train_examples, start_step, schedule, stop, &mut points);
+    // A point begun before the loop returned is a result all the same (a resumable history;
+    // the nets evaluated before one that diverged); the loop's own error comes first.
+    let flushed = points.finish(nets);
+    match outcome {
+        Ok(outcome) => flushed.map(|()| outcome),
+        Err(e) => Err(e),
     }
 }
 
-/// [`train_lockstep`]'s loop, which leaves the last point's records in `reporter.held`.
+/// [`train_lockstep`]'s caller's `on_event`, and the evaluation point begun last, if it is
+/// not finished yet: its step and each network's pending results.
+struct Points<'a> {
+    on_event: &'a mut dyn FnMut(Event<'_>),
+    pending: Option<(u64, Vec<PendingPoint>)>,
+}
+
+impl Points<'_> {
+    /// Begins a point at `step` on every network.
+    fn begin(&mut self, nets: &mut [&mut dyn Backend], step: u64, schedule: &Schedule) -> Result<()> {
+        debug_assert!(self.pending.is_none(), "a point is begun while another is pending");
+        let mut begun = Vec::with_capacity(nets.len());
+        for net in nets.iter_mut() {
+            match net.begin_point(schedule.eval_mode, schedule.probe) {
+                Ok(pending) => begun.push(pending),
+                Err(e) => {
+                    // Those begun are finished (and reported) on the way out.
+                    self.pending = Some((step, begun));
+                    return Err(e);
+                }
+            }
+        }
+        self.pending = Some((step, begun));
+        Ok(())
+    }
+
+    /// Finishes the pending point, if any, network by network, reporting each record as it
+    /// passes [`judge_point`]; stops at the first network that fails or diverged.
+    fn finish(&mut self, nets: &mut [&mut dyn Backend]) -> Result<()> {
+        let Some((step, pending)) = self.pending.take() else { return Ok(()) };
+        for (index, (net, pending)) in nets.iter_mut().zip(pending).enumerate() {
+            let record = judge_point(step, net.finish_point(pending)?)?;
+            (self.on_event)(Event::Evaluated { net: index, record: &record });
+        }
+        Ok(())
+    }
+}
+
+/// [`train_lockstep`]'s loop, which may return with a point pending in `points`.
 fn run_lockstep(
     nets: &mut [&mut dyn Backend],
     config: &TrainConfig,
@@ -141,7 +169,7 @@ fn run_lockstep(
     start_step: u64,
     schedule: &Schedule,
     stop: Option<&AtomicBool>,
-    reporter: &mut Reporter<'_>,
+    points: &mut Points<'_>,
 ) -> Result<Outcome> {
     if schedule.eval_every == 0 {
         return Err(ConfigError::Invalid("the evaluation interval must be at least 1 step".into()).into());
@@ -157,6 +185,8 @@ fn run_lockstep(
     let mut loaded_epoch = None;
     while step < schedule.until_step {
         if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            // The point at this step (if any) takes the statistics up to it first.
+            points.finish(nets)?;
             let mut pending = Vec::with_capacity(nets.len());
             for net in nets.iter_mut() {
                 pending.push(net.take_step_stats()?);
@@ -178,15 +208,12 @@ fn run_lockstep(
         let next_eval = (step / schedule.eval_every + 1).saturating_mul(schedule.eval_every);
         let run = next_eval.min((epoch + 1) * per_epoch).min(schedule.until_step).min(step + MAX_RUN) - step;
         queue_steps(nets, batch, run as usize)?;
-        // Only now, with the run queued, so that the caller's work on them overlaps it.
-        reporter.deliver_held();
+        // Only now, with the run queued behind it, is the last point waited for.
+        points.finish(nets)?;
         step += run;
-        (reporter.on_event)(Event::Stepped { step });
+        (points.on_event)(Event::Stepped { step });
         if step.is_multiple_of(schedule.eval_every) || step == schedule.until_step {
-            for net in nets.iter_mut() {
-                let record = evaluate_point(&mut **net, step, schedule.eval_mode, schedule.probe)?;
-                reporter.held.push(record);
-            }
+            points.begin(nets, step, schedule)?;
         }
     }
     Ok(Outcome::Finished { step })
@@ -214,10 +241,17 @@ pub const MAX_RUN: u64 = 256;
 /// (a learning rate far too large) reach a thousand.
 pub const EXPLODED_LOSS: f64 = 1000.0;
 
-/// Takes the training statistics since the last point, evaluates on the test set and checks
-/// that nothing has gone non-finite.
+/// Evaluates `net` at `step` at once: [`Backend::begin_point`], [`Backend::finish_point`]
+/// and [`judge_point`].
 pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: Option<Probe>) -> Result<EvalRecord> {
-    let stats = net.take_step_stats()?;
+    let pending = net.begin_point(mode, probe)?;
+    judge_point(step, net.finish_point(pending)?)
+}
+
+/// An evaluation point's record, or [`Error::Diverged`] where its training loss is not
+/// finite or has blown up, or a parameter or running statistic is not finite.
+pub fn judge_point(step: u64, results: PointResults) -> Result<EvalRecord> {
+    let PointResults { stats, non_finite, eval } = results;
     let diverged = |what: String| Error::Diverged { step, what };
     if !stats.loss_sum.is_finite() {
         return Err(diverged(format!("the training loss is {}", stats.loss_sum)));
@@ -228,10 +262,9 @@ pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: 
             stats.mean_loss()
         )));
     }
-    if let Some((name, value)) = net.first_non_finite()? {
+    if let Some((name, value)) = non_finite {
         return Err(diverged(format!("{name} contains a non-finite value ({value})")));
     }
-    let eval = net.evaluate(SplitKind::Test, mode, probe)?;
     Ok(EvalRecord {
         point: HistoryPoint {
             step,
@@ -247,7 +280,7 @@ pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Evaluation;
+    use crate::backend::{Evaluation, SplitKind};
     use crate::model::ModelParams;
     use std::cell::RefCell;
 
@@ -255,16 +288,30 @@ mod tests {
     #[derive(Clone, Debug, PartialEq)]
     enum Call {
         Queued { net: usize, first: usize, count: usize },
+        Begun { net: usize },
+        Finished { net: usize },
         Stepped(u64),
         Evaluated { net: usize, step: u64 },
     }
 
-    /// A backend that computes nothing and logs the runs of steps it is handed.
+    /// A backend that computes nothing and logs the runs of steps it is handed and the
+    /// points it queues and finishes.
     struct Recorder<'a> {
         net: usize,
         log: &'a RefCell<Vec<Call>>,
         /// The run starting at this batch fails, as a lost device would.
         fail_at_batch: Option<usize>,
+        /// Points begun from this one on find a NaN among the parameters.
+        diverge_at_point: Option<usize>,
+        points: usize,
+        /// Whether a point is queued and not finished.
+        queued: bool,
+    }
+
+    impl<'a> Recorder<'a> {
+        fn new(net: usize, log: &'a RefCell<Vec<Call>>) -> Self {
+            Recorder { net, log, fail_at_batch: None, diverge_at_point: None, points: 0, queued: false }
+        }
     }
 
     fn unused() -> Error {
@@ -298,7 +345,21 @@ mod tests {
             Ok(())
         }
         fn evaluate(&mut self, _split: SplitKind, _mode: StatsMode, _probe: Option<Probe>) -> Result<Evaluation> {
-            Ok(Evaluation::default())
+            Err(unused())
+        }
+        fn begin_point(&mut self, _mode: StatsMode, _probe: Option<Probe>) -> Result<PendingPoint> {
+            assert!(!self.queued, "net {}: a point begun while another is queued", self.net);
+            self.log.borrow_mut().push(Call::Begun { net: self.net });
+            self.points += 1;
+            self.queued = true;
+            Ok(PendingPoint::Queued)
+        }
+        fn finish_point(&mut self, pending: PendingPoint) -> Result<PointResults> {
+            assert!(matches!(pending, PendingPoint::Queued) && self.queued, "net {}: finishing a point never queued", self.net);
+            self.queued = false;
+            self.log.borrow_mut().push(Call::Finished { net: self.net });
+            let diverged = self.diverge_at_point.is_some_and(|p| self.points >= p);
+            Ok(PointResults { non_finite: diverged.then(|| ("w1".to_string(), f64::NAN)), ..PointResults::default() })
         }
         fn predict_each(&mut self, _split: SplitKind, _count: usize, _mode: StatsMode) -> Result<Vec<u8>> {
             Err(unused())
@@ -307,7 +368,7 @@ mod tests {
             Err(unused())
         }
         fn first_non_finite(&mut self) -> Result<Option<(String, f64)>> {
-            Ok(None)
+            Err(unused())
         }
         fn set_params(&mut self, _params: &ModelParams) -> Result<()> {
             Err(unused())
@@ -324,27 +385,30 @@ mod tests {
     }
 
     /// Two recorders trained to step 10, evaluated every 4 steps (runs of 4, 4 and 2 steps
-    /// within one epoch); net 1 fails at `fail_at_batch`, a stop is requested at the
+    /// within one epoch); `adjust` sets their failures, and a stop is requested at the
     /// `Stepped` event of `stop_at`.
-    fn record(fail_at_batch: Option<usize>, stop_at: Option<u64>) -> (Result<Outcome>, Vec<Call>) {
+    fn record(adjust: impl Fn(&mut Recorder<'_>), stop_at: Option<u64>) -> (Result<Outcome>, Vec<Call>) {
         let log = RefCell::new(Vec::new());
         let stop = AtomicBool::new(false);
         let config = TrainConfig::seed();
-        let mut a = Recorder { net: 0, log: &log, fail_at_batch: None };
-        let mut b = Recorder { net: 1, log: &log, fail_at_batch };
-        let mut nets: [&mut dyn Backend; 2] = [&mut a, &mut b];
-        let outcome = train_lockstep(&mut nets, &config, config.batch_size * 100, 0, &Schedule::new(10, 4), Some(&stop), &mut |event| {
-            let call = match event {
-                Event::Stepped { step } => {
-                    if stop_at == Some(step) {
-                        stop.store(true, Ordering::Relaxed);
+        let (mut a, mut b) = (Recorder::new(0, &log), Recorder::new(1, &log));
+        adjust(&mut a);
+        adjust(&mut b);
+        let outcome = {
+            let mut nets: [&mut dyn Backend; 2] = [&mut a, &mut b];
+            train_lockstep(&mut nets, &config, config.batch_size * 100, 0, &Schedule::new(10, 4), Some(&stop), &mut |event| {
+                let call = match event {
+                    Event::Stepped { step } => {
+                        if stop_at == Some(step) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        Call::Stepped(step)
                     }
-                    Call::Stepped(step)
-                }
-                Event::Evaluated { net, record } => Call::Evaluated { net, step: record.point.step },
-            };
-            log.borrow_mut().push(call);
-        });
+                    Event::Evaluated { net, record } => Call::Evaluated { net, step: record.point.step },
+                };
+                log.borrow_mut().push(call);
+            })
+        };
         (outcome, log.into_inner())
     }
 
@@ -352,8 +416,13 @@ mod tests {
         [Call::Queued { net: 0, first, count }, Call::Queued { net: 1, first, count }]
     }
 
-    fn evaluated(step: u64) -> [Call; 2] {
-        [Call::Evaluated { net: 0, step }, Call::Evaluated { net: 1, step }]
+    fn begun() -> [Call; 2] {
+        [Call::Begun { net: 0 }, Call::Begun { net: 1 }]
+    }
+
+    /// Each network's point finished, then reported.
+    fn finished(step: u64) -> [Call; 4] {
+        [Call::Finished { net: 0 }, Call::Evaluated { net: 0, step }, Call::Finished { net: 1 }, Call::Evaluated { net: 1, step }]
     }
 
     /// What an unbroken run of 10 steps, evaluated every 4, asks and reports, in order.
@@ -361,25 +430,32 @@ mod tests {
         [
             queued(0, 4).to_vec(),
             vec![Call::Stepped(4)],
+            begun().to_vec(),
             queued(4, 4).to_vec(),
-            evaluated(4).to_vec(),
+            finished(4).to_vec(),
             vec![Call::Stepped(8)],
+            begun().to_vec(),
             queued(8, 2).to_vec(),
-            evaluated(8).to_vec(),
+            finished(8).to_vec(),
             vec![Call::Stepped(10)],
-            evaluated(10).to_vec(),
+            begun().to_vec(),
+            finished(10).to_vec(),
         ]
         .concat()
     }
 
-    /// The events alone, without the runs queued.
+    /// The events alone.
     fn events(log: Vec<Call>) -> Vec<Call> {
-        log.into_iter().filter(|c| !matches!(c, Call::Queued { .. })).collect()
+        log.into_iter().filter(|c| matches!(c, Call::Stepped(_) | Call::Evaluated { .. })).collect()
+    }
+
+    fn evaluated(step: u64) -> [Call; 2] {
+        [Call::Evaluated { net: 0, step }, Call::Evaluated { net: 1, step }]
     }
 
     #[test]
     fn events_come_in_the_order_of_the_steps() {
-        let (outcome, log) = record(None, None);
+        let (outcome, log) = record(|_| {}, None);
         assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
         let expected = events(unbroken_log());
         assert_eq!(
@@ -391,26 +467,69 @@ mod tests {
     }
 
     #[test]
-    fn a_points_evaluations_are_reported_once_the_next_run_is_queued() {
-        let (outcome, log) = record(None, None);
+    fn a_point_is_finished_once_the_next_run_is_queued() {
+        let (outcome, log) = record(|_| {}, None);
         assert_eq!(outcome.unwrap(), Outcome::Finished { step: 10 });
         assert_eq!(log, unbroken_log());
     }
 
     #[test]
-    fn held_evaluations_are_reported_when_queuing_fails() {
-        let (outcome, log) = record(Some(4), None);
+    fn a_pending_point_is_finished_when_queuing_fails() {
+        let (outcome, log) = record(|r| r.fail_at_batch = (r.net == 1).then_some(4), None);
         let err = outcome.unwrap_err();
         assert!(err.to_string().contains("device lost"), "{err}");
-        let expected: Vec<Call> = [queued(0, 4).to_vec(), vec![Call::Stepped(4)], queued(4, 4).to_vec(), evaluated(4).to_vec()].concat();
+        let expected: Vec<Call> = [queued(0, 4).to_vec(), vec![Call::Stepped(4)], begun().to_vec(), queued(4, 4).to_vec(), finished(4).to_vec()].concat();
         assert_eq!(log, expected);
     }
 
     #[test]
-    fn held_evaluations_are_reported_at_a_stop() {
-        let (outcome, log) = record(None, Some(4));
+    fn a_pending_point_is_finished_at_a_stop() {
+        let (outcome, log) = record(|_| {}, Some(4));
         assert_eq!(outcome.unwrap(), Outcome::Interrupted { step: 4, pending: vec![StepStats::default(); 2] });
-        let expected: Vec<Call> = [queued(0, 4).to_vec(), vec![Call::Stepped(4)], evaluated(4).to_vec()].concat();
+        let expected: Vec<Call> = [queued(0, 4).to_vec(), vec![Call::Stepped(4)], begun().to_vec(), finished(4).to_vec()].concat();
         assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn divergence_is_found_one_run_late_and_names_the_points_step() {
+        // Net 1's second point (step 8) finds a NaN: net 0's record of that point is
+        // reported, net 1's is not, and nothing after it runs.
+        let (outcome, log) = record(|r| r.diverge_at_point = (r.net == 1).then_some(2), None);
+        match outcome {
+            Err(Error::Diverged { step, what }) => {
+                assert_eq!(step, 8);
+                assert!(what.contains("w1 contains a non-finite value"), "{what}");
+            }
+            other => panic!("expected a divergence at step 8, got {other:?}"),
+        }
+        let expected: Vec<Call> = [
+            queued(0, 4).to_vec(),
+            vec![Call::Stepped(4)],
+            begun().to_vec(),
+            queued(4, 4).to_vec(),
+            finished(4).to_vec(),
+            vec![Call::Stepped(8)],
+            begun().to_vec(),
+            queued(8, 2).to_vec(),
+            vec![Call::Finished { net: 0 }, Call::Evaluated { net: 0, step: 8 }, Call::Finished { net: 1 }],
+        ]
+        .concat();
+        assert_eq!(log, expected);
+    }
+
+    #[test]
+    fn judged_points_refuse_what_has_diverged() {
+        let good = PointResults { stats: StepStats { steps: 2, examples: 120, loss_sum: 60.0, correct: 90 }, ..PointResults::default() };
+        let record = judge_point(7, good.clone()).unwrap();
+        assert_eq!((record.point.step, record.point.train_loss, record.point.train_accuracy), (7, 0.5, 0.75));
+        let nan_loss = PointResults { stats: StepStats { loss_sum: f64::NAN, ..good.stats }, ..good.clone() };
+        let exploded = PointResults { stats: StepStats { loss_sum: 120.0 * 2.0 * EXPLODED_LOSS, ..good.stats }, ..good.clone() };
+        let inf_param = PointResults { non_finite: Some(("gamma2".into(), f64::INFINITY)), ..good };
+        for (results, says) in [(nan_loss, "training loss is NaN"), (exploded, "blown up"), (inf_param, "gamma2 contains a non-finite value (inf)")] {
+            match judge_point(7, results) {
+                Err(Error::Diverged { step: 7, what }) => assert!(what.contains(says), "{what}"),
+                other => panic!("expected a divergence ({says}), got {other:?}"),
+            }
+        }
     }
 }

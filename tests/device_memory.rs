@@ -2,7 +2,7 @@
 
 use bntrain::bench::synthetic_dataset;
 use bntrain::backend::GemmPrecision;
-use bntrain::cuda::{device_bytes_needed, CudaError};
+use bntrain::cuda::{device_bytes_needed, CudaError, CudaOptions};
 use bntrain::model::{ModelConfig, TrainConfig};
 
 #[test]
@@ -10,7 +10,8 @@ fn the_estimate_covers_data_parameters_and_activations() {
     let data = synthetic_dataset(6000, 1000, 784, 3);
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
-    let bytes = device_bytes_needed(&model, &train, &data, GemmPrecision::F32);
+    let with = |gemm, eval_stream| CudaOptions { gemm, eval_stream, ..CudaOptions::default() };
+    let bytes = device_bytes_needed(&model, &train, &data, &with(GemmPrecision::F32, false));
     let dataset = 7000 * 785;
     let parameters = model.parameter_count().unwrap() * 4 * 2;
     assert!(bytes > dataset + parameters + (32 << 20), "data, parameters and cuBLAS's 32 MiB workspace: {bytes}");
@@ -23,12 +24,17 @@ fn the_estimate_covers_data_parameters_and_activations() {
     // A wide network scales with its parameters: 784-65536-65536-10 needs > 2·65536² f32s.
     let mut wide = model.clone();
     wide.hidden = vec![65536, 65536];
-    assert!(device_bytes_needed(&wide, &train, &data, GemmPrecision::F32) > 2 * 65536 * 65536 * 4);
+    assert!(device_bytes_needed(&wide, &train, &data, &with(GemmPrecision::F32, false)) > 2 * 65536 * 65536 * 4);
 
     // bf16 GEMMs add two operand copies (u16) of the largest operand: here the 6000-row
     // evaluation chunk's 784 inputs; tf32 adds nothing.
-    assert_eq!(device_bytes_needed(&model, &train, &data, GemmPrecision::Tf32), bytes);
-    assert_eq!(device_bytes_needed(&model, &train, &data, GemmPrecision::Bf16), bytes + 2 * 2 * 6000 * 784);
+    assert_eq!(device_bytes_needed(&model, &train, &data, &with(GemmPrecision::Tf32, false)), bytes);
+    let bf16_operands = 2 * 2 * 6000 * 784;
+    assert_eq!(device_bytes_needed(&model, &train, &data, &with(GemmPrecision::Bf16, false)), bytes + bf16_operands);
+
+    // A stream for evaluation points brings its own cuBLAS workspace and bf16 operands.
+    assert_eq!(device_bytes_needed(&model, &train, &data, &with(GemmPrecision::F32, true)), bytes + (32 << 20));
+    assert_eq!(device_bytes_needed(&model, &train, &data, &with(GemmPrecision::Bf16, true)), bytes + (32 << 20) + 2 * bf16_operands);
 }
 
 #[test]

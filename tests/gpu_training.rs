@@ -16,7 +16,7 @@
 
 mod gpu_support;
 
-use bntrain::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
+use bntrain::backend::{measure_point, Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
 use bntrain::cpu::{CpuBackend, CpuOptions};
 use bntrain::cuda::{self, ClusterRequest, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 use bntrain::data::Dataset;
@@ -24,7 +24,7 @@ use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind,
 };
 use bntrain::tolerance::{assert_close, Tolerance};
-use bntrain::train::{batches_per_epoch, epoch_order};
+use bntrain::train::{batches_per_epoch, epoch_order, judge_point, train_lockstep, EvalRecord, Event, Schedule, MAX_RUN};
 use gpu_support::*;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -1027,5 +1027,107 @@ fn without_a_usable_gpu_the_backend_fails_cleanly() {
             let err = CudaBackend::new(model, train, dataset(), &params).err().expect("no GPU, so no backend");
             assert!(err.to_string().ends_with("use --device cpu"), "{err}");
         }
+    }
+}
+
+/// `train_lockstep`'s runs of steps and points on one network, each point measured at once
+/// ([`measure_point`]) instead of queued: the reference for queued points.
+fn points_measured_at_once(net: &mut dyn Backend, train: &TrainConfig, examples: usize, schedule: &Schedule) -> bntrain::Result<Vec<EvalRecord>> {
+    let per_epoch = batches_per_epoch(examples, train.batch_size);
+    let (every, until) = (schedule.eval_every, schedule.until_step);
+    let (mut step, mut records) = (0, Vec::new());
+    while step < until {
+        let epoch = step / per_epoch;
+        if step % per_epoch == 0 {
+            net.set_epoch_order(&epoch_order(train.order, train.seed, epoch, examples))?;
+        }
+        let next_eval = (step / every + 1) * every;
+        let run = next_eval.min((epoch + 1) * per_epoch).min(until).min(step + MAX_RUN) - step;
+        net.train_steps((step % per_epoch) as usize, run as usize)?;
+        step += run;
+        if step % every == 0 || step == until {
+            records.push(judge_point(step, measure_point(net, schedule.eval_mode, schedule.probe)?)?);
+        }
+    }
+    Ok(records)
+}
+
+/// The records `train_lockstep` reports for one network (points queued on the device).
+fn points_queued(net: &mut dyn Backend, train: &TrainConfig, examples: usize, schedule: &Schedule) -> bntrain::Result<Vec<EvalRecord>> {
+    let mut records = Vec::new();
+    train_lockstep(&mut [net], train, examples, 0, schedule, None, &mut |event| {
+        if let Event::Evaluated { record, .. } = event {
+            records.push(record.clone());
+        }
+    })?;
+    Ok(records)
+}
+
+#[test]
+fn queued_evaluation_points_equal_points_measured_at_once() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    let train = TrainConfig::seed();
+    let examples = data.train.count;
+    // 230 steps, evaluated every 50: runs cut at epoch ends (33 batches) and a last point
+    // off the grid; probes of either layer; the whole test set's batch statistics and the
+    // population's.
+    let cases = [
+        ("BN, batch statistics, probe", ModelConfig::seed(true), StatsMode::Batch, Some(Probe { layer: 1, neurons: 5 })),
+        ("BN, population statistics, probe", ModelConfig::seed(true), StatsMode::Population, Some(Probe { layer: 0, neurons: 3 })),
+        ("plain", ModelConfig::seed(false), StatsMode::Population, None),
+    ];
+    for (name, model, eval_mode, probe) in cases {
+        let schedule = Schedule { probe, eval_mode, ..Schedule::new(230, 50) };
+        let params = ModelParams::init(&model, train.seed, 1);
+        for step_launch in [StepLaunch::Fused, StepLaunch::Graph] {
+            for eval_stream in [false, true] {
+                let at = format!("{name}, {step_launch:?} steps, evaluation stream {eval_stream}");
+                let options = CudaOptions { step_launch, eval_stream, ..Default::default() };
+                let open = || CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+                let (mut queued, mut measured) = (open(), open());
+                let got = points_queued(&mut queued, &train, examples, &schedule).unwrap();
+                let expected = points_measured_at_once(&mut measured, &train, examples, &schedule).unwrap();
+                assert_eq!(got.len(), 5, "{at}");
+                // Bit for bit: the same kernels on the same state, on another stream or not.
+                assert_eq!(got, expected, "{at}");
+                assert!(got.iter().all(|r| r.probe.len() == probe.map_or(0, |p| 500 * p.neurons)), "{at}: probe sizes");
+                assert_eq!(queued.params().unwrap(), measured.params().unwrap(), "{at}: parameters after training");
+                // The backend is usable as before: a synchronous evaluation after the loop.
+                assert_eq!(
+                    queued.evaluate(SplitKind::Test, eval_mode, probe).unwrap(),
+                    measured.evaluate(SplitKind::Test, eval_mode, probe).unwrap(),
+                    "{at}: evaluation after training"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_queued_point_names_what_went_non_finite_at_its_step() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    let train = TrainConfig::seed();
+    let model = ModelConfig::seed(true);
+    // An infinite running variance leaves training (batch statistics) alone, so the point
+    // finds it in the state's copy, with the next run already queued.
+    let mut params = ModelParams::init(&model, train.seed, 1);
+    params.layers[1].batch_norm.as_mut().unwrap().running[0].var[7] = f64::INFINITY;
+    let schedule = Schedule::new(150, 50);
+    for eval_stream in [false, true] {
+        let options = CudaOptions { eval_stream, ..Default::default() };
+        let open = || CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+        let (mut queued, mut measured) = (open(), open());
+        let got = points_queued(&mut queued, &train, data.train.count, &schedule).unwrap_err().to_string();
+        let expected = points_measured_at_once(&mut measured, &train, data.train.count, &schedule).unwrap_err().to_string();
+        assert_eq!(got, expected, "evaluation stream {eval_stream}");
+        assert!(got.contains("training diverged at step 50") && got.contains("non-finite value (inf)"), "{got}");
     }
 }

@@ -8,7 +8,9 @@
 //! from a device-side counter advanced by the SGD kernel, so a step has no per-step host
 //! argument and is captured once into a CUDA graph, then replayed (see [`StepLaunch`]). The
 //! host reads back only in `take_step_stats`, `evaluate`, `predict_each`, `params`,
-//! `gradients` and `velocity`.
+//! `gradients` and `velocity`, and collects an evaluation point (`begin_point` queues it:
+//! a copy of the state, its evaluation, and copies of the results into pinned memory) only
+//! in `finish_point`, once the next steps are queued behind it.
 //!
 //! One training step (seed network: 16 launches, 8 of them cuBLAS GEMMs): gather; per layer GEMM + fused
 //! BN/bias + activation; softmax-CE (with the output bias and its gradient); per layer
@@ -24,12 +26,12 @@ use super::context::Gpu;
 use super::gemm::matmul;
 use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
 use super::{describe_driver_error, phase_trace, CudaError};
-use crate::backend::{Backend, Evaluation, GemmPrecision, PhaseTiming, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{measure_point, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
 use crate::Result;
-use cudarc::driver::{result as driver_result, sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{result as driver_result, sys, CudaEvent, CudaGraph, CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use std::io::Write as _;
 use std::ops::Range;
 use std::sync::Arc;
@@ -129,12 +131,12 @@ fn read<T: DeviceRepr, S: DevicePtr<T>>(gpu: &Gpu, src: &S) -> Result<Vec<T>, Cu
     Ok(host)
 }
 
-/// The first `columns` of the first `rows` rows of a row-major `[rows, width]` device
-/// matrix, as a `[rows, columns]` host matrix; waits for it like [`read`]. cuBLAS's geam
-/// packs the columns kept on the device, and one contiguous copy brings them over: a probe
-/// keeps 5 of 100 units, 200 kB of 4 MB for 10 000 rows. (A strided cuMemcpy2D would move
-/// 20-byte rows one by one, at a speed the driver does not document.)
-fn read_columns(gpu: &Gpu, src: &CudaSlice<f32>, rows: usize, width: usize, columns: usize) -> Result<Vec<f32>, CudaError> {
+/// Packs the first `columns` of the first `rows` rows of a row-major `[rows, width]` device
+/// matrix into `packed` as a `[rows, columns]` matrix, on `gpu`'s stream: cuBLAS's geam keeps
+/// the columns on the device, and one contiguous copy brings them over. A probe keeps 5 of
+/// 100 units, 200 kB of 4 MB for 10 000 rows. (A strided cuMemcpy2D would move 20-byte rows
+/// one by one, at a speed the driver does not document.)
+fn pack_columns(gpu: &Gpu, src: &CudaSlice<f32>, rows: usize, width: usize, columns: usize, packed: &mut CudaViewMut<f32>) -> Result<(), CudaError> {
     const GEAM: &str = "cublasSgeam";
     let fail = |message: String| CudaError::Launch { kernel: GEAM, message: format!("precondition failed: {message}") };
     if columns > width {
@@ -143,37 +145,37 @@ fn read_columns(gpu: &Gpu, src: &CudaSlice<f32>, rows: usize, width: usize, colu
     if rows.checked_mul(width).is_none_or(|floats| floats > src.len()) {
         return Err(fail(format!("{rows} rows of {width} floats overrun a buffer of {}", src.len())));
     }
+    if rows * columns > packed.len() {
+        return Err(fail(format!("{rows} rows of {columns} columns overrun a packed buffer of {}", packed.len())));
+    }
     if rows == 0 || columns == 0 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let int = |what: &str, v: usize| i32::try_from(v).map_err(|_| fail(format!("{what} = {v} exceeds 2^31")));
     let (rows_i, width_i, columns_i) = (int("rows", rows)?, int("width", width)?, int("columns", columns)?);
-    let mut packed = zeros::<f32>(gpu, rows * columns)?;
     gpu.context().bind_to_thread()?;
     let stream = gpu.stream();
-    {
-        let (src_ptr, _record_src) = src.device_ptr(stream);
-        let (packed_ptr, _record_packed) = packed.device_ptr_mut(stream);
-        let (one, zero) = (1.0f32, 0.0f32);
-        // Column-major, as cuBLAS sees them, `src` is [width, rows] with leading dimension width
-        // and `packed` [columns, rows] with leading dimension columns: C = 1·A + 0·B over the
-        // first `columns` of A's rows, B = C (geam's documented in-place form; with beta 0 it
-        // is not read).
-        // SAFETY: A spans (rows − 1)·width + columns ≤ rows·width floats of `src` (checked), C
-        // and B rows·columns floats of `packed` (allocated so); both live on the handle's stream,
-        // which orders the copy after the kernels that wrote `src`, and stay borrowed until the
-        // read below has synchronized it. alpha and beta are host f32 values (host pointer mode),
-        // read during the call.
-        unsafe {
-            cudarc::cublas::sys::cublasSgeam(
-                *gpu.blas.handle(), cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N, cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-                columns_i, rows_i, &one, src_ptr as *const f32, width_i, &zero, packed_ptr as *const f32, columns_i,
-                packed_ptr as *mut f32, columns_i,
-            )
-        }
-        .result()?;
+    let (src_ptr, _record_src) = src.device_ptr(stream);
+    let (packed_ptr, _record_packed) = packed.device_ptr_mut(stream);
+    let (one, zero) = (1.0f32, 0.0f32);
+    // Column-major, as cuBLAS sees them, `src` is [width, rows] with leading dimension width
+    // and `packed` [columns, rows] with leading dimension columns: C = 1·A + 0·B over the
+    // first `columns` of A's rows, B = C (geam's documented in-place form; with beta 0 it
+    // is not read).
+    // SAFETY: A spans (rows − 1)·width + columns ≤ rows·width floats of `src`, C and B
+    // rows·columns floats of `packed` (both checked); the handle runs on `gpu`'s stream,
+    // which orders the geam after the kernels that wrote `src` and before whatever reads
+    // `packed`; the caller keeps both alive until that stream has passed them. alpha and
+    // beta are host f32 values (host pointer mode), read during the call.
+    unsafe {
+        cudarc::cublas::sys::cublasSgeam(
+            *gpu.blas.handle(), cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N, cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+            columns_i, rows_i, &one, src_ptr as *const f32, width_i, &zero, packed_ptr as *const f32, columns_i,
+            packed_ptr as *mut f32, columns_i,
+        )
     }
-    read(gpu, &packed)
+    .result()?;
+    Ok(())
 }
 
 /// A 64-bit FNV-1a hash of `values`: equal orders hash equal, and different ones differ
@@ -381,11 +383,24 @@ pub struct CudaOptions {
     /// capability 9.0 and newer) instead of the grid kernels. Off by default until measured;
     /// `BNTRAIN_FUSED_CLUSTER=1` (16 blocks where they fit, else 8), `=8` or `=16`.
     pub fused_cluster: ClusterRequest,
+    /// Evaluation points ([`Backend::begin_point`]) run on a stream of their own, on a copy
+    /// of the state, beside the steps queued after them, rather than before those steps on
+    /// the training stream. Off by default until measured; `BNTRAIN_EVAL_STREAM=1`.
+    pub eval_stream: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        CudaOptions { step_launch: StepLaunch::Auto, gemm: GemmPrecision::F32, eval_chunk: EVAL_CHUNK, fused_staging: false, fused_pairing: false, gemm_tuning: false, fused_cluster: ClusterRequest::Off }
+        CudaOptions {
+            step_launch: StepLaunch::Auto,
+            gemm: GemmPrecision::F32,
+            eval_chunk: EVAL_CHUNK,
+            fused_staging: false,
+            fused_pairing: false,
+            gemm_tuning: false,
+            fused_cluster: ClusterRequest::Off,
+            eval_stream: false,
+        }
     }
 }
 
@@ -400,10 +415,13 @@ impl CudaOptions {
     pub const GEMM_TUNE_ENV: &'static str = "BNTRAIN_GEMM_TUNE";
     /// The switch for [`CudaOptions::fused_cluster`]: `0` or unset off, `1`, `8` or `16`.
     pub const CLUSTER_ENV: &'static str = "BNTRAIN_FUSED_CLUSTER";
+    /// The switch for [`CudaOptions::eval_stream`]: `1` on, `0` or unset off.
+    pub const EVAL_STREAM_ENV: &'static str = "BNTRAIN_EVAL_STREAM";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
-    /// `BNTRAIN_FUSED_PAIR` and GEMM tuning from `BNTRAIN_GEMM_TUNE`.
+    /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
+    /// `BNTRAIN_FUSED_CLUSTER` and the evaluation stream from `BNTRAIN_EVAL_STREAM`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
         let switch = |name: &str| Self::switch_from_env(name, std::env::var(name).ok().as_deref());
@@ -411,6 +429,7 @@ impl CudaOptions {
             fused_staging: switch(Self::STAGE_ENV)?,
             fused_pairing: switch(Self::PAIR_ENV)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV)?,
+            eval_stream: switch(Self::EVAL_STREAM_ENV)?,
             fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?,
             ..options
         })
@@ -448,6 +467,83 @@ impl CudaOptions {
             }
         };
         Ok(CudaOptions { step_launch, ..Self::default() })
+    }
+}
+
+/// Where evaluation points run ([`Backend::begin_point`]): a copy of the state they measure,
+/// taken on the training stream when a point begins, so that the steps queued after it may
+/// change the live one; the lane their work runs on; pinned host memory their results are
+/// copied into without a synchronization.
+struct PointState {
+    /// A stream of its own ([`CudaOptions::eval_stream`]), where the point's evaluation runs
+    /// beside the next steps; None: the training stream, after them in order.
+    lane: Option<Gpu>,
+    /// The flat parameters and every estimator's running statistics, as at the point.
+    params: CudaSlice<f32>,
+    running_mean: CudaSlice<f32>,
+    running_var: CudaSlice<f32>,
+    /// The training steps' loss and correct count up to the point (the live sums restart).
+    step_loss: CudaSlice<f64>,
+    step_correct: CudaSlice<u64>,
+    /// Pinned copies of the results (each waits for the copy into it when read).
+    host: PointHost,
+    /// Recorded on the training stream once the copies are taken: the lane waits for it.
+    taken: CudaEvent,
+    /// Recorded on the lane after the point's last copy to the host: the training stream
+    /// waits for it before it writes what a point reads ([`CudaBackend::after_point`]).
+    done: CudaEvent,
+    /// The point queued and not yet finished.
+    in_flight: Option<PointInFlight>,
+}
+
+/// Where a point's results arrive on the host.
+struct PointHost {
+    step_loss: PinnedHostSlice<f64>,
+    step_correct: PinnedHostSlice<u64>,
+    eval_loss: PinnedHostSlice<f64>,
+    eval_correct: PinnedHostSlice<u64>,
+    non_finite: PinnedHostSlice<u32>,
+    /// `[examples, neurons]` of the largest probe so far.
+    probe: Option<PinnedHostSlice<f32>>,
+}
+
+/// What the host remembers of a queued point.
+#[derive(Clone, Copy, Debug)]
+struct PointInFlight {
+    steps: u64,
+    examples: usize,
+    probe: Option<Probe>,
+}
+
+/// Pinned host memory for `len` values, in cacheable pages (cudarc's default is
+/// write-combined, which the host reads slowly).
+fn pinned<T: DeviceRepr>(gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<T>, CudaError> {
+    // SAFETY: the memory is unset until a copy writes it; every read of it goes through
+    // `as_slice`, which waits for the copy queued into it, and reads only what was copied.
+    Ok(unsafe { gpu.context().alloc_pinned_with_flags::<T>(len.max(1), 0) }?)
+}
+
+impl PointState {
+    fn new(gpu: &Gpu, lane: Option<Gpu>, flat_len: usize, stats_len: usize) -> Result<Self, CudaError> {
+        Ok(PointState {
+            params: zeros(gpu, flat_len)?,
+            running_mean: zeros(gpu, stats_len.max(1))?,
+            running_var: zeros(gpu, stats_len.max(1))?,
+            step_loss: zeros(gpu, 1)?,
+            step_correct: zeros(gpu, 1)?,
+            host: PointHost {
+                step_loss: pinned(gpu, 1)?,
+                step_correct: pinned(gpu, 1)?,
+                eval_loss: pinned(gpu, 1)?,
+                eval_correct: pinned(gpu, 1)?,
+                non_finite: pinned(gpu, 1)?,
+                probe: None,
+            },
+            taken: gpu.context().new_event(None)?,
+            done: gpu.context().new_event(None)?,
+            in_flight: None,
+            lane,
+        })
     }
 }
 
@@ -512,6 +608,11 @@ pub struct CudaBackend {
     eval_correct: CudaSlice<u64>,
     /// How many parameters and running statistics are not finite (first_non_finite).
     non_finite: CudaSlice<u32>,
+    /// Evaluation points queued by `begin_point`.
+    point: PointState,
+    /// The probed units' activation inputs of the last evaluation, `[examples, neurons]`
+    /// (packed by [`pack_columns`]), grown when a larger probe comes.
+    probe_columns: CudaSlice<f32>,
     pending_steps: u64,
     graph: GraphState,
     /// What the GEMMs read (f32 unless `--precision tf32|bf16`).
@@ -556,30 +657,36 @@ fn bf16_operand_elements(model: &ModelConfig, batch: usize, eval_rows: usize) ->
 
 /// An upper estimate of the device memory a [`CudaBackend`] allocates: the dataset (u8
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
-/// statistics, the activations of one training batch (twice: the fused kernel has its own)
-/// and one evaluation chunk, cuBLAS's workspace, and with bf16 GEMMs the operands' copies.
-pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, gemm: GemmPrecision) -> usize {
+/// statistics (twice: evaluation points take a copy of them and of the parameters), the
+/// activations of one training batch (twice: the fused kernel has its own) and one
+/// evaluation chunk, cuBLAS's workspace (twice with [`CudaOptions::eval_stream`]), and with
+/// bf16 GEMMs the operands' copies (twice with the evaluation stream, which has its own).
+pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, options: &CudaOptions) -> usize {
     let f32s = std::mem::size_of::<f32>();
     let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
     // An overflowing count saturates, so the check that follows refuses it.
-    let parameters = model.parameter_count().unwrap_or(usize::MAX).saturating_mul(f32s * if train.momentum > 0.0 { 3 } else { 2 });
+    let parameter_count = model.parameter_count().unwrap_or(usize::MAX);
+    let parameters = parameter_count.saturating_mul(f32s * if train.momentum > 0.0 { 3 } else { 2 });
     let hidden: usize = model.hidden.iter().sum();
     let statistics = train.estimators().len() * hidden * 2 * f32s + hidden * 3 * f32s;
+    let point_copy = parameter_count.saturating_mul(f32s).saturating_add(train.estimators().len() * hidden * 2 * f32s);
     // Per row: the input, and for every layer z, x̂, y and a, plus two gradient scratch rows.
     let widest = *model.widths().iter().max().unwrap_or(&1);
     let per_row = (model.inputs + 4 * model.widths()[1..].iter().sum::<usize>() + 2 * widest) * f32s;
-    let eval_rows = EVAL_CHUNK.min(data.test.count.max(data.train.count)).max(1);
+    let eval_rows = options.eval_chunk.min(data.test.count.max(data.train.count)).max(1);
     let rows = 2 * train.batch_size + eval_rows;
-    let bf16_operands = match gemm {
+    let lanes = if options.eval_stream { 2 } else { 1 };
+    let bf16_operands = match options.gemm {
         GemmPrecision::Bf16 => bf16_operand_elements(model, train.batch_size, eval_rows).saturating_mul(2 * std::mem::size_of::<u16>()),
         _ => 0,
     };
     dataset
         .saturating_add(parameters)
         .saturating_add(statistics)
+        .saturating_add(point_copy)
         .saturating_add(rows * per_row)
-        .saturating_add(super::context::BLAS_WORKSPACE_MAX)
-        .saturating_add(bf16_operands)
+        .saturating_add(lanes * super::context::BLAS_WORKSPACE_MAX)
+        .saturating_add(lanes * bf16_operands)
 }
 
 impl CudaBackend {
@@ -606,7 +713,7 @@ impl CudaBackend {
         let gpu = Gpu::open()?;
         gpu.set_gemm_tuning(options.gemm_tuning);
         // Refuse up front, with the size, rather than fail on the n-th allocation.
-        let needed = device_bytes_needed(&model, &train, &data, options.gemm);
+        let needed = device_bytes_needed(&model, &train, &data, &options);
         let (free, _) = gpu.context().mem_get_info().map_err(CudaError::from)?;
         if needed > free {
             return Err(CudaError::OutOfMemory { bytes_needed: needed }.into());
@@ -650,6 +757,8 @@ impl CudaBackend {
             eval_loss: zeros(&gpu, 1)?,
             eval_correct: zeros(&gpu, 1)?,
             non_finite: zeros(&gpu, 1)?,
+            probe_columns: zeros(&gpu, 1)?,
+            point: PointState::new(&gpu, if options.eval_stream { Some(gpu.open_lane()?) } else { None }, flat_len, estimators.len() * bn_total)?,
             pending_steps: 0,
             graph: match step_launch {
                 StepLaunch::Eager => GraphState::Off { fell_back: false },
@@ -1018,16 +1127,24 @@ impl CudaBackend {
     }
 
     /// Gathers `rows` examples of `split` from `first` into the evaluation buffers and runs
-    /// the forward pass and the loss kernel (accumulating into the evaluation accumulators).
+    /// the forward pass and the loss kernel (accumulating into the evaluation accumulators),
+    /// on the live state and the training stream, or with `at_point` on the point's copy of
+    /// the state and its lane ([`PointState`]).
+    #[allow(clippy::too_many_arguments)]
     fn infer_rows(
-        &mut self, split: SplitKind, first: usize, rows: usize, normalize: Normalize,
+        &mut self, at_point: bool, split: SplitKind, first: usize, rows: usize, normalize: Normalize,
         probe_layer: Option<usize>, predicted: Option<&mut CudaSlice<u8>>,
     ) -> Result<(), CudaError> {
         let (data, images, labels) = match split {
             SplitKind::Train => (&self.data.train, &self.train_images, &self.train_labels),
             SplitKind::Test => (&self.data.test, &self.test_images, &self.test_labels),
         };
-        let gpu = &self.gpu;
+        let (gpu, params, population) = if at_point {
+            let point = &self.point;
+            (point.lane.as_ref().unwrap_or(&self.gpu), &point.params, (&point.running_mean, &point.running_var))
+        } else {
+            (&self.gpu, &self.params, (&self.running_mean, &self.running_var))
+        };
         let acts = &mut self.eval;
         debug_assert!(rows <= acts.rows);
         let (features, count) = (data.features, data.count);
@@ -1035,19 +1152,12 @@ impl CudaBackend {
             gpu, &images.slice(..count * features), &labels.slice(..count), features, None, None, first, rows,
             &mut acts.x.slice_mut(..rows * features), &mut acts.labels.slice_mut(..rows),
         )?;
-        let net = Net {
-            gpu,
-            gemm: self.gemm,
-            model: &self.model,
-            layers: &self.layers,
-            params: &self.params,
-            population: (&self.running_mean, &self.running_var),
-        };
+        let net = Net { gpu, gemm: self.gemm, model: &self.model, layers: &self.layers, params, population };
         net.forward(acts, rows, normalize, probe_layer)?;
         let hidden = self.model.hidden.len();
         let out = &self.layers[hidden];
         let classes = out.outputs;
-        let bias = out.bias.clone().map(|b| self.params.slice(b));
+        let bias = out.bias.clone().map(|b| params.slice(b));
         let mut predicted = predicted.map(|p| p.slice_mut(first..first + rows));
         kernels::softmax_xent(
             gpu, &acts.z[hidden].slice(..rows * classes), bias.as_ref(), &acts.labels.slice(..rows),
@@ -1056,32 +1166,153 @@ impl CudaBackend {
         )
     }
 
-    /// Evaluates `count` examples of `split` in chunks of `chunk` rows (≤ the evaluation
-    /// buffers' rows), accumulating loss and accuracy on the device.
-    fn evaluate_in_chunks(&mut self, split: SplitKind, count: usize, chunk: usize, normalize: Normalize, probe: Option<Probe>) -> Result<Evaluation> {
-        let stream = self.gpu.stream().clone();
-        stream.memset_zeros(&mut self.eval_loss).map_err(CudaError::from)?;
-        stream.memset_zeros(&mut self.eval_correct).map_err(CudaError::from)?;
-        let mut eval = Evaluation { examples: count as u64, ..Default::default() };
+    /// Queues the evaluation of the first `count` examples of `split` in chunks of `chunk`
+    /// rows (≤ the evaluation buffers' rows): loss and accuracy into the evaluation
+    /// accumulators, the probe's columns into `probe_columns`. Live state or the point's, as
+    /// [`CudaBackend::infer_rows`].
+    fn queue_evaluation(&mut self, at_point: bool, split: SplitKind, count: usize, chunk: usize, normalize: Normalize, probe: Option<Probe>) -> Result<(), CudaError> {
+        self.reserve_probe_columns(probe.map_or(0, |p| count * p.neurons))?;
+        {
+            let stream = if at_point { self.point.lane.as_ref().unwrap_or(&self.gpu) } else { &self.gpu }.stream();
+            stream.memset_zeros(&mut self.eval_loss)?;
+            stream.memset_zeros(&mut self.eval_correct)?;
+        }
         let mut start = 0;
         while start < count {
             let rows = chunk.min(count - start);
-            self.infer_rows(split, start, rows, normalize, probe.map(|p| p.layer), None)?;
+            self.infer_rows(at_point, split, start, rows, normalize, probe.map(|p| p.layer), None)?;
             if let Some(p) = probe {
+                let gpu = if at_point { self.point.lane.as_ref().unwrap_or(&self.gpu) } else { &self.gpu };
                 let width = self.model.hidden[p.layer];
-                eval.probe.extend(read_columns(&self.gpu, &self.eval.y[p.layer], rows, width, p.neurons)?);
+                let mut dst = self.probe_columns.slice_mut(start * p.neurons..(start + rows) * p.neurons);
+                pack_columns(gpu, &self.eval.y[p.layer], rows, width, p.neurons, &mut dst)?;
             }
             start += rows;
         }
-        eval.loss_sum = read(&self.gpu, &self.eval_loss)?[0];
-        eval.correct = read(&self.gpu, &self.eval_correct)?[0];
-        Ok(eval)
+        Ok(())
+    }
+
+    /// Evaluates `count` examples of `split` on the live state and waits for the results.
+    fn evaluate_in_chunks(&mut self, split: SplitKind, count: usize, chunk: usize, normalize: Normalize, probe: Option<Probe>) -> Result<Evaluation> {
+        self.queue_evaluation(false, split, count, chunk, normalize, probe)?;
+        let probe_values = match probe {
+            Some(p) => read(&self.gpu, &self.probe_columns.slice(..count * p.neurons))?,
+            None => Vec::new(),
+        };
+        Ok(Evaluation {
+            examples: count as u64,
+            loss_sum: read(&self.gpu, &self.eval_loss)?[0],
+            correct: read(&self.gpu, &self.eval_correct)?[0],
+            probe: probe_values,
+        })
+    }
+
+    /// Grows `probe_columns` to at least `len` values, on the training stream. A point's lane
+    /// must be ordered after this (its `taken` event recorded later); the buffer's last
+    /// reader, a point's copy to the host, is behind the training stream: every caller has
+    /// called [`CudaBackend::after_point`].
+    fn reserve_probe_columns(&mut self, len: usize) -> Result<(), CudaError> {
+        if self.probe_columns.len() < len {
+            self.probe_columns = zeros(&self.gpu, len)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a probe against the model.
+    fn check_probe(&self, probe: Option<Probe>) -> Result<()> {
+        if let Some(p) = probe {
+            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
+                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Orders the training stream's next work after the last point's (a no-op where none was
+    /// queued): before it writes what a point reads (the state's copy, the evaluation
+    /// buffers and accumulators, the non-finite count).
+    fn after_point(&self) -> Result<(), CudaError> {
+        if self.point.lane.is_some() {
+            self.gpu.stream().wait(&self.point.done)?;
+        }
+        Ok(())
+    }
+
+    /// The point's results, once its copies have arrived.
+    fn collect_point(&mut self, flight: PointInFlight) -> Result<PointResults> {
+        let point = &self.point;
+        let host = &point.host;
+        let value = |e: cudarc::driver::DriverError| CudaError::from(e);
+        let probe = match (flight.probe, &host.probe) {
+            (Some(p), Some(values)) => values.as_slice().map_err(value)?[..flight.examples * p.neurons].to_vec(),
+            _ => Vec::new(),
+        };
+        let stats = StepStats {
+            steps: flight.steps,
+            examples: flight.steps * self.train.batch_size as u64,
+            loss_sum: host.step_loss.as_slice().map_err(value)?[0],
+            correct: host.step_correct.as_slice().map_err(value)?[0],
+        };
+        let eval = Evaluation {
+            examples: flight.examples as u64,
+            loss_sum: host.eval_loss.as_slice().map_err(value)?[0],
+            correct: host.eval_correct.as_slice().map_err(value)?[0],
+            probe,
+        };
+        let non_finite = host.non_finite.as_slice().map_err(value)?[0];
+        // Only a diverged run pays for reading the copied state back, to name the tensor.
+        let non_finite = if non_finite == 0 {
+            None
+        } else {
+            let lane = point.lane.as_ref().unwrap_or(&self.gpu);
+            let flat = read(lane, &point.params)?;
+            let (rm, rv, counts) = if self.stats_layout.is_some() {
+                (read(lane, &point.running_mean)?, read(lane, &point.running_var)?, read(&self.gpu, &self.batches)?)
+            } else {
+                (Vec::new(), Vec::new(), Vec::new())
+            };
+            self.model_params(&flat, &rm, &rv, &counts).first_non_finite()
+        };
+        Ok(PointResults { stats, non_finite, eval })
+    }
+
+    /// The parameters and running statistics from their flat device layouts, read back.
+    fn model_params(&self, flat: &[f32], rm: &[f32], rv: &[f32], counts: &[u64]) -> ModelParams {
+        let total = self.bn_total();
+        let bn_layers = self.stats_layout.as_ref().map_or(0, |s| s.layers());
+        let estimators = self.train.estimators().len();
+        let to_f64 = |r: &Range<usize>, v: &[f32]| v[r.clone()].iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, s)| LayerParams {
+                inputs: s.inputs,
+                outputs: s.outputs,
+                weight: to_f64(&s.weight, flat),
+                bias: s.bias.as_ref().map(|r| to_f64(r, flat)),
+                batch_norm: s.bn.as_ref().map(|bn| BatchNormParams {
+                    gamma: to_f64(&bn.gamma, flat),
+                    beta: to_f64(&bn.beta, flat),
+                    running: (0..estimators)
+                        .map(|e| {
+                            let r = e * total + bn.stats.start..e * total + bn.stats.end;
+                            RunningStats { mean: to_f64(&r, rm), var: to_f64(&r, rv), batches: counts[e * bn_layers + l] }
+                        })
+                        .collect(),
+                }),
+            })
+            .collect();
+        ModelParams { layers }
     }
 }
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Let queued work finish before the buffers and modules go away.
+        if let Some(lane) = &self.point.lane {
+            let _ = lane.synchronize();
+        }
         let _ = self.gpu.synchronize();
         // The graph's kernel nodes refer to the modules `gpu` owns, and `gpu`, the first
         // field, drops first: destroy the graph before the modules are unloaded.
@@ -1104,6 +1335,7 @@ impl Backend for CudaBackend {
         };
         let launch = if self.paired { format!("{launch}, two networks a launch") } else { launch.to_string() };
         let tuned = if self.gpu.gemm_tuning() { ", GEMMs tuned" } else { "" };
+        let tuned = if self.point.lane.is_some() { format!("{tuned}, evaluations on a stream of their own") } else { tuned.to_string() };
         match self.gemm {
             GemmPrecision::F32 => format!("{} ({launch}{tuned})", self.gpu.name()),
             rounded => format!("{} ({launch}, {} GEMMs{tuned})", self.gpu.name(), rounded.label()),
@@ -1223,6 +1455,9 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&mut self) -> Result<()> {
+        if let Some(lane) = &self.point.lane {
+            lane.synchronize()?;
+        }
         Ok(self.gpu.synchronize()?)
     }
 
@@ -1245,11 +1480,8 @@ impl Backend for CudaBackend {
     }
 
     fn evaluate(&mut self, split: SplitKind, mode: StatsMode, probe: Option<Probe>) -> Result<Evaluation> {
-        if let Some(p) = probe {
-            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
-                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
-            }
-        }
+        self.check_probe(probe)?;
+        self.after_point()?;
         let count = self.split(split).0.count;
         // Batch statistics must cover the whole split, so that mode takes it in one chunk
         // (in buffers of that size, allocated for this call only).
@@ -1270,6 +1502,91 @@ impl Backend for CudaBackend {
         result
     }
 
+    /// Queues the point: on the training stream, copies of the state and of the training
+    /// sums (which restart); on the point's lane, after them, the non-finite count, the test
+    /// split's evaluation on the copies and the results' copies to pinned memory. Where
+    /// batch statistics need buffers larger than the evaluation's, it measures at once.
+    fn begin_point(&mut self, mode: StatsMode, probe: Option<Probe>) -> Result<PendingPoint> {
+        self.check_probe(probe)?;
+        let count = self.data.test.count;
+        if mode == StatsMode::Batch && count > self.eval.rows {
+            return Ok(PendingPoint::Measured(Box::new(measure_point(self, mode, probe)?)));
+        }
+        // A point begun and never finished (its loop failed) is dropped.
+        self.point.in_flight = None;
+        self.after_point()?;
+        let probed = probe.map_or(0, |p| count * p.neurons);
+        self.reserve_probe_columns(probed)?;
+        let stream = self.gpu.stream().clone();
+        {
+            let point = &mut self.point;
+            stream.memcpy_dtod(&self.params, &mut point.params).map_err(CudaError::from)?;
+            if self.stats_layout.is_some() {
+                stream.memcpy_dtod(&self.running_mean, &mut point.running_mean).map_err(CudaError::from)?;
+                stream.memcpy_dtod(&self.running_var, &mut point.running_var).map_err(CudaError::from)?;
+            }
+            stream.memcpy_dtod(&self.step_loss, &mut point.step_loss).map_err(CudaError::from)?;
+            stream.memcpy_dtod(&self.step_correct, &mut point.step_correct).map_err(CudaError::from)?;
+            stream.memset_zeros(&mut self.step_loss).map_err(CudaError::from)?;
+            stream.memset_zeros(&mut self.step_correct).map_err(CudaError::from)?;
+            if point.host.probe.as_ref().map_or(0, |h| h.len()) < probed {
+                point.host.probe = Some(pinned(&self.gpu, probed)?);
+            }
+            // The lane's work waits for all of the above (`probe_columns` grown included).
+            point.taken.record(&stream).map_err(CudaError::from)?;
+        }
+        let steps = std::mem::take(&mut self.pending_steps);
+        let lane = self.point.lane.as_ref().unwrap_or(&self.gpu).stream().clone();
+        lane.wait(&self.point.taken).map_err(CudaError::from)?;
+        // From here on, everything runs on the lane.
+        {
+            let gpu = self.point.lane.as_ref().unwrap_or(&self.gpu);
+            let point = &self.point;
+            lane.memset_zeros(&mut self.non_finite).map_err(CudaError::from)?;
+            kernels::count_non_finite(gpu, &point.params.as_view(), &mut self.non_finite.as_view_mut())?;
+            if self.stats_layout.is_some() {
+                kernels::count_non_finite(gpu, &point.running_mean.as_view(), &mut self.non_finite.as_view_mut())?;
+                kernels::count_non_finite(gpu, &point.running_var.as_view(), &mut self.non_finite.as_view_mut())?;
+            }
+        }
+        let normalize = match mode {
+            StatsMode::Population => Normalize::WithPopulationStats,
+            StatsMode::Batch => Normalize::WithBatchStats,
+        };
+        let chunk = match mode {
+            StatsMode::Population => self.eval.rows,
+            StatsMode::Batch => count.max(1),
+        };
+        self.queue_evaluation(true, SplitKind::Test, count, chunk, normalize, probe)?;
+        let point = &mut self.point;
+        let host = &mut point.host;
+        let copied: Result<(), cudarc::driver::DriverError> = (|| {
+            lane.memcpy_dtoh(&point.step_loss, &mut host.step_loss)?;
+            lane.memcpy_dtoh(&point.step_correct, &mut host.step_correct)?;
+            lane.memcpy_dtoh(&self.eval_loss, &mut host.eval_loss)?;
+            lane.memcpy_dtoh(&self.eval_correct, &mut host.eval_correct)?;
+            lane.memcpy_dtoh(&self.non_finite, &mut host.non_finite)?;
+            if let (Some(p), Some(dst)) = (probe, host.probe.as_mut()) {
+                lane.memcpy_dtoh(&self.probe_columns.slice(..count * p.neurons), dst)?;
+            }
+            point.done.record(&lane)
+        })();
+        copied.map_err(CudaError::from)?;
+        point.in_flight = Some(PointInFlight { steps, examples: count, probe });
+        Ok(PendingPoint::Queued)
+    }
+
+    fn finish_point(&mut self, pending: PendingPoint) -> Result<PointResults> {
+        match pending {
+            PendingPoint::Measured(results) => Ok(*results),
+            PendingPoint::Queued => match self.point.in_flight.take() {
+                Some(flight) => self.collect_point(flight),
+                None => Err(ConfigError::Invalid(format!("{}: no evaluation point was queued on this backend", self.device_name())).into()),
+            },
+        }
+    }
+
+
     fn predict_each(&mut self, split: SplitKind, count: usize, mode: StatsMode) -> Result<Vec<u8>> {
         let available = self.split(split).0.count;
         if count > available {
@@ -1278,6 +1595,7 @@ impl Backend for CudaBackend {
         if count == 0 {
             return Ok(Vec::new());
         }
+        self.after_point()?;
         let normalize = match mode {
             StatsMode::Population => Normalize::WithPopulationStats,
             StatsMode::Batch => Normalize::WithBatchStats,
@@ -1286,13 +1604,14 @@ impl Backend for CudaBackend {
         // One example at a time: with batch statistics each is normalized by its own
         // mean and zero variance (x̂ = 0), exactly as the CPU does.
         for i in 0..count {
-            self.infer_rows(split, i, 1, normalize, None, Some(&mut predicted))?;
+            self.infer_rows(false, split, i, 1, normalize, None, Some(&mut predicted))?;
         }
         let host = read(&self.gpu, &predicted.slice(..count))?;
         Ok(host)
     }
 
     fn first_non_finite(&mut self) -> Result<Option<(String, f64)>> {
+        self.after_point()?;
         let stream = self.gpu.stream().clone();
         stream.memset_zeros(&mut self.non_finite).map_err(CudaError::from)?;
         kernels::count_non_finite(&self.gpu, &self.params.as_view(), &mut self.non_finite.as_view_mut())?;
@@ -1316,32 +1635,7 @@ impl Backend for CudaBackend {
         } else {
             (Vec::new(), Vec::new(), Vec::new())
         };
-        let total = self.bn_total();
-        let bn_layers = self.stats_layout.as_ref().map_or(0, |s| s.layers());
-        let estimators = self.train.estimators().len();
-        let to_f64 = |r: &Range<usize>, v: &[f32]| v[r.clone()].iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
-        let layers = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, s)| LayerParams {
-                inputs: s.inputs,
-                outputs: s.outputs,
-                weight: to_f64(&s.weight, &flat),
-                bias: s.bias.as_ref().map(|r| to_f64(r, &flat)),
-                batch_norm: s.bn.as_ref().map(|bn| BatchNormParams {
-                    gamma: to_f64(&bn.gamma, &flat),
-                    beta: to_f64(&bn.beta, &flat),
-                    running: (0..estimators)
-                        .map(|e| {
-                            let r = e * total + bn.stats.start..e * total + bn.stats.end;
-                            RunningStats { mean: to_f64(&r, &rm), var: to_f64(&r, &rv), batches: counts[e * bn_layers + l] }
-                        })
-                        .collect(),
-                }),
-            })
-            .collect();
-        Ok(ModelParams { layers })
+        Ok(self.model_params(&flat, &rm, &rv, &counts))
     }
 
     fn set_params(&mut self, params: &ModelParams) -> Result<()> {

@@ -12,7 +12,9 @@ use cudarc::nvrtc::Ptx;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The handles of every kernel in `cuda/*.cu`, loaded from their modules.
+/// The handles of every kernel in `cuda/*.cu`, loaded from their modules (a clone shares
+/// the modules).
+#[derive(Clone)]
 pub(crate) struct Functions {
     pub gather_rows: CudaFunction,
     pub bn_act_fwd_train: CudaFunction,
@@ -36,6 +38,7 @@ pub(crate) struct Functions {
 }
 
 /// The thread-block-cluster kernels (cuda/fused_cluster.cu).
+#[derive(Clone)]
 pub(crate) struct ClusterFunctions {
     pub layout_bytes: CudaFunction,
     /// One network: clusters of 8 and of 16 blocks.
@@ -46,6 +49,8 @@ pub(crate) struct ClusterFunctions {
 
 /// An open GPU: context, the one stream everything runs on (in order, so no events are
 /// needed), a cuBLAS handle bound to that stream with its workspace, and the kernels.
+/// [`Gpu::open_lane`] opens a second one on the same context and modules, with a stream,
+/// handle and scratch of its own; work crossing the two is ordered by events.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -202,33 +207,6 @@ impl Gpu {
             })?;
             loaded.push((module, handle));
         }
-        let blas = CudaBlas::new(stream.clone())?;
-        // SAFETY: `blas.handle()` is a live handle; both calls only set modes on it.
-        unsafe {
-            // Plain IEEE f32 (no TF32) and no atomics: sgemm results are then bitwise
-            // reproducible run to run on the same GPU (cuBLAS's reproducibility guarantee).
-            cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result()?;
-            cublas_sys::cublasSetAtomicsMode(*blas.handle(), cublas_sys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED).result()?;
-        }
-        // A workspace of our own: without one, cuBLAS may allocate (stream-ordered) inside a
-        // captured step, which would put memory nodes into the graph; with one, a GEMM only
-        // launches kernels. Set after `CudaBlas::new`'s cublasSetStream, which resets the
-        // workspace to the default pool, and never changed afterwards. The eager path uses
-        // the same workspace, so both paths run the same GEMM algorithms.
-        let major = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        let workspace_bytes = blas_workspace_bytes(major);
-        let blas_workspace = stream.alloc_zeros::<u8>(workspace_bytes)?;
-        {
-            let (ptr, _record) = blas_workspace.device_ptr(&stream);
-            if ptr % BLAS_WORKSPACE_ALIGN != 0 {
-                return Err(CudaError::Cublas(format!("the driver returned a workspace at {ptr:#x}, not aligned to {BLAS_WORKSPACE_ALIGN} bytes")));
-            }
-            // SAFETY: `ptr` is a live allocation of `workspace_bytes` bytes, 256-byte aligned
-            // (checked), on the handle's stream; `Gpu` keeps it alive until after the handle
-            // is destroyed, and nothing else uses it.
-            unsafe { cublas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as usize as *mut std::ffi::c_void, workspace_bytes) }.result()?;
-        }
-
         let function = |module: &str, name: &'static str| -> Result<CudaFunction, CudaError> {
             let (_, m) = loaded.iter().find(|(n, _)| *n == module).ok_or_else(|| CudaError::Launch {
                 kernel: name,
@@ -268,8 +246,41 @@ impl Gpu {
             kernel: "fused_train_steps_f32",
             message: "module `fused_step` is missing from the build".into(),
         })?;
-        let small_gemm = AtomicBool::new(std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1"));
-        let gemm_tuning = AtomicBool::new(false);
+        let small_gemm = std::env::var(SMALL_GEMM_ENV).is_ok_and(|v| v.trim() == "1");
+        Self::on_stream(ctx, stream, functions, fused_module, capability, name, small_gemm)
+    }
+
+    /// A `Gpu` on `stream`: its cuBLAS handle, workspace and scratch, with the kernels given.
+    fn on_stream(
+        ctx: Arc<CudaContext>, stream: Arc<CudaStream>, functions: Functions, fused_module: Arc<CudaModule>,
+        capability: (i32, i32), name: String, small_gemm: bool,
+    ) -> Result<Gpu, CudaError> {
+        let blas = CudaBlas::new(stream.clone())?;
+        // SAFETY: `blas.handle()` is a live handle; both calls only set modes on it.
+        unsafe {
+            // Plain IEEE f32 (no TF32) and no atomics: sgemm results are then bitwise
+            // reproducible run to run on the same GPU (cuBLAS's reproducibility guarantee).
+            cublas_sys::cublasSetMathMode(*blas.handle(), cublas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result()?;
+            cublas_sys::cublasSetAtomicsMode(*blas.handle(), cublas_sys::cublasAtomicsMode_t::CUBLAS_ATOMICS_NOT_ALLOWED).result()?;
+        }
+        // A workspace of our own: without one, cuBLAS may allocate (stream-ordered) inside a
+        // captured step, which would put memory nodes into the graph; with one, a GEMM only
+        // launches kernels. Set after `CudaBlas::new`'s cublasSetStream, which resets the
+        // workspace to the default pool, and never changed afterwards. The eager path uses
+        // the same workspace, so both paths run the same GEMM algorithms.
+        let workspace_bytes = blas_workspace_bytes(capability.0);
+        let blas_workspace = stream.alloc_zeros::<u8>(workspace_bytes)?;
+        {
+            let (ptr, _record) = blas_workspace.device_ptr(&stream);
+            if ptr % BLAS_WORKSPACE_ALIGN != 0 {
+                return Err(CudaError::Cublas(format!("the driver returned a workspace at {ptr:#x}, not aligned to {BLAS_WORKSPACE_ALIGN} bytes")));
+            }
+            // SAFETY: `ptr` is a live allocation of `workspace_bytes` bytes, 256-byte aligned
+            // (checked), on the handle's stream; `Gpu` keeps it alive until after the handle
+            // is destroyed, and nothing else uses it.
+            unsafe { cublas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as usize as *mut std::ffi::c_void, workspace_bytes) }.result()?;
+        }
+
         let blas_workspace_ptr = blas_workspace.device_ptr(&stream).0;
         let softmax_partials = Mutex::new(SoftmaxPartials {
             loss: stream.alloc_zeros(SOFTMAX_MAX_BLOCKS)?,
@@ -278,9 +289,23 @@ impl Gpu {
             ticket: stream.alloc_zeros(1)?,
         });
         Ok(Gpu {
-            ctx, stream, blas, lt: std::sync::OnceLock::new(), blas_workspace, blas_workspace_ptr, functions, fused_module, capability, name, bf16_operands: Mutex::new(None), small_gemm, gemm_tuning,
+            ctx, stream, blas, lt: std::sync::OnceLock::new(), blas_workspace, blas_workspace_ptr, functions, fused_module, capability, name,
+            bf16_operands: Mutex::new(None), small_gemm: AtomicBool::new(small_gemm), gemm_tuning: AtomicBool::new(false),
             softmax_partials,
         })
+    }
+
+    /// A second lane on this GPU: the same context and kernels, a stream of its own with its
+    /// own cuBLAS handle, workspace and scratch (the softmax's partial sums, bf16 operands),
+    /// so that work on it can run beside this one's. The switches (small GEMMs, tuning) start
+    /// as this one's. Nothing orders the two streams: callers join them with events.
+    pub fn open_lane(&self) -> Result<Gpu, CudaError> {
+        let lane = Self::on_stream(
+            Arc::clone(&self.ctx), self.ctx.new_stream()?, self.functions.clone(), Arc::clone(&self.fused_module),
+            self.capability, self.name.clone(), self.small_gemm(),
+        )?;
+        lane.set_gemm_tuning(self.gemm_tuning());
+        Ok(lane)
     }
 
     /// The device's name, e.g. `NVIDIA H200`.
