@@ -21,8 +21,10 @@
 #   STEP_VARIANTS=graph,fused,staged   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant
 #                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1; `tuned`: graph with
 #                     BNTRAIN_GEMM_TUNE=1, wide only; `cluster`: fused with
-#                     BNTRAIN_FUSED_CLUSTER=1, seed only), as rows bntrain-graph, bntrain-fused,
-#                     bntrain-staged, bntrain-tuned; ratios are against the fastest of them.
+#                     BNTRAIN_FUSED_CLUSTER=1, seed only; `streams`: graph with
+#                     BNTRAIN_BACKWARD_STREAMS=1, wide only; `tuned-streams`: both, wide only),
+#                     as rows bntrain-graph, bntrain-fused, bntrain-staged, bntrain-tuned, …;
+#                     ratios are against the fastest of them.
 #                     Unset: one row, `bntrain`, with whatever BNTRAIN_CUDA_STEP says
 #   BENCH_ARGS, PEER_ARGS   extra arguments for `bntrain bench` and for both peer scripts
 #   BENCH_TIMEOUT=120, PEER_TIMEOUT=240   seconds per bntrain bench / per peer script
@@ -96,8 +98,9 @@ for cfg in "${cfg_list[@]}"; do
     for bn in bn no-bn; do
         for variant in "${variants[@]}"; do
             # The seed network has no GEMM large enough to tune: its `tuned` row would be
-            # another graph run.
-            [[ $variant == tuned && $cfg == seed ]] && continue
+            # another graph run; its steps are fused, so a second stream for the backward's
+            # GEMMs is measured on the wide one.
+            [[ ( $variant == tuned || $variant == *streams ) && $cfg == seed ]] && continue
             # Nor does the cluster kernel take the wide network (batch 1024 > 64).
             [[ $variant == cluster && $cfg == wide ]] && continue
             flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
@@ -107,6 +110,8 @@ for cfg in "${cfg_list[@]}"; do
                 "") step_env=() ;;
                 staged) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_STAGE=1) ;;
                 tuned) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1) ;;
+                streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_BACKWARD_STREAMS=1) ;;
+                tuned-streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1 BNTRAIN_BACKWARD_STREAMS=1) ;;
                 cluster) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_CLUSTER=1) ;;
                 *) step_env=(env "BNTRAIN_CUDA_STEP=$variant") ;;
             esac

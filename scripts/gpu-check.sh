@@ -11,7 +11,8 @@
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
 #      staging (BNTRAIN_FUSED_STAGE=1), on thread-block clusters (BNTRAIN_FUSED_CLUSTER), as a BN+plain pair (--pair; in one launch with
 #      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
-#      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1);
+#      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1),
+#      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1);
 #   4. the full `reproduce` study, timed, with fused steps, with evaluation points on a stream
 #      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
 #      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
@@ -138,11 +139,12 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}"
-    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair-tune$tune-cluster$cluster.log" name="bench $1 ($2, $3"
+    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}"
+    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair-tune$tune-cluster$cluster-backward$backward.log" name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
     [[ $stage == 1 ]] && name+=", staged"
     [[ $pair == 1 ]] && name+=", BN+plain pair"
@@ -150,6 +152,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $tune == 1 ]] && name+=", tuned GEMMs"
     [[ $cluster == 1 ]] && name+=", clusters"
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
+    [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
     [[ $cluster != 0 && $cluster_ok == 0 ]] && return
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
@@ -158,9 +161,9 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $2 == fused && $pair == 0 && $cluster == 0 ]] && pair_flag+=(--trace)
     [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -176,7 +179,8 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
         [[ $pair == 2 ]] && want+=", two networks a launch"
-        [[ $tune == 1 && "$device" != *"GEMMs tuned)"* ]] && failed=1
+        [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && failed=1
+        [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && failed=1
         if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
     else
         row "$name" "FAIL"; failed=1
@@ -210,6 +214,12 @@ bench wide graph f32 0 0 0 1
 bench wide graph tf32 0 0 0 1
 bench wide graph bf16 0 0 0 1
 bench wide eager f32 0 0 0 1
+# Each layer's weight gradient on a second stream beside the rest of the backward
+# (BNTRAIN_BACKWARD_STREAMS=1): the wide network's 1024-square products fill half the SMs.
+bench wide graph f32 0 0 0 0 0 1
+bench wide graph f32 0 0 0 1 0 1
+bench wide graph tf32 0 0 0 0 0 1
+bench seed graph f32 0 0 0 0 0 1
 # The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).
 bench seed graph f32 1
 bench seed eager f32 1
@@ -253,7 +263,7 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     echo "== compare-peers.sh"
     # bntrain's side with each way of launching a step that works (the table names them and
     # compares the peers with the fastest).
-    variants=graph,tuned; [[ $fused_ok == 1 ]] && variants=graph,tuned,fused,staged
+    variants=graph,tuned,streams,tuned-streams; [[ $fused_ok == 1 ]] && variants+=,fused,staged
     [[ $cluster_ok == 1 ]] && variants+=,cluster
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"

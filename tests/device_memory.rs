@@ -11,6 +11,7 @@ fn the_estimate_covers_data_parameters_and_activations() {
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
     let with = |gemm, eval_stream| CudaOptions { gemm, eval_stream, ..CudaOptions::default() };
+    let backward = |gemm| CudaOptions { gemm, backward_streams: true, ..CudaOptions::default() };
     let bytes = device_bytes_needed(&model, &train, &data, &with(GemmPrecision::F32, false));
     let dataset = 7000 * 785;
     let parameters = model.parameter_count().unwrap() * 4 * 2;
@@ -35,6 +36,11 @@ fn the_estimate_covers_data_parameters_and_activations() {
     // A stream for evaluation points brings its own cuBLAS workspace and bf16 operands.
     assert_eq!(device_bytes_needed(&model, &train, &data, &with(GemmPrecision::F32, true)), bytes + (32 << 20));
     assert_eq!(device_bytes_needed(&model, &train, &data, &with(GemmPrecision::Bf16, true)), bytes + (32 << 20) + 2 * bf16_operands);
+    // The backward's second stream: a workspace, a second dz buffer ([60, 784] f32s), and
+    // bf16 operands of the training batch's size (60 rows of 784, under W1's 100 × 784).
+    let dz = 60 * 784 * 4;
+    assert_eq!(device_bytes_needed(&model, &train, &data, &backward(GemmPrecision::F32)), bytes + (32 << 20) + dz);
+    assert_eq!(device_bytes_needed(&model, &train, &data, &backward(GemmPrecision::Bf16)), bytes + bf16_operands + (32 << 20) + dz + 2 * 2 * 100 * 784);
 }
 
 #[test]

@@ -865,6 +865,37 @@ fn check_graph_vs_eager<B: Scripted>() {
     }
 }
 
+/// Weight gradients on a second stream (`CudaOptions::backward_streams`), captured into a
+/// graph (fork and join edges) and launched eagerly, against one stream's eager launches:
+/// bitwise the same run of `check_graph_vs_eager` (the same GEMMs on the same operands,
+/// only their order in time differs), and the graph is captured, not fallen back from.
+#[test]
+fn weight_gradients_on_a_second_stream_change_nothing() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    for (name, model, train) in configurations() {
+        let params = ModelParams::init(&model, 11, train.estimators().len());
+        let (steps, changes) = plan(data.train.count, train.batch_size, train.seed, 250, true);
+        let run = |step_launch, backward_streams| {
+            let options = CudaOptions { step_launch, backward_streams, ..Default::default() };
+            let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+            let mut trace = Trace::default();
+            run_plan(&mut net, &steps, 0..steps.len(), &mut trace);
+            let launched = (net.step_launch(), net.graph_captures());
+            let expected = if step_launch == StepLaunch::Graph { (StepLaunch::Graph, 1 + changes) } else { (StepLaunch::Eager, 0) };
+            assert_eq!(launched, expected, "{name}: {step_launch:?} steps, second stream {backward_streams}: {}", net.device_name());
+            assert_eq!(net.device_name().contains("weight gradients on a second stream"), backward_streams, "{}", net.device_name());
+            finish(&mut net, trace)
+        };
+        let reference = run(StepLaunch::Eager, false);
+        assert_eq!(run(StepLaunch::Eager, true), reference, "{name}: eager launches, weight gradients on a second stream");
+        assert_eq!(run(StepLaunch::Graph, true), reference, "{name}: graph replay, weight gradients on a second stream");
+    }
+}
+
 #[test]
 fn a_resumed_graph_run_matches_an_unbroken_eager_run_bitwise() {
     let _serial = serial();

@@ -387,6 +387,11 @@ pub struct CudaOptions {
     /// of the state, beside the steps queued after them, rather than before those steps on
     /// the training stream. Off by default until measured; `BNTRAIN_EVAL_STREAM=1`.
     pub eval_stream: bool,
+    /// Graph and eager steps compute each layer's weight gradient on a second stream,
+    /// beside the gradient of the layer's input and what follows it on the training stream
+    /// (cuBLAS's tiles for the wide network's 1024 × 1024 products fill half of an H100's
+    /// SMs). Off by default until measured; `BNTRAIN_BACKWARD_STREAMS=1`.
+    pub backward_streams: bool,
 }
 
 impl Default for CudaOptions {
@@ -400,6 +405,7 @@ impl Default for CudaOptions {
             gemm_tuning: false,
             fused_cluster: ClusterRequest::Off,
             eval_stream: false,
+            backward_streams: false,
         }
     }
 }
@@ -417,11 +423,14 @@ impl CudaOptions {
     pub const CLUSTER_ENV: &'static str = "BNTRAIN_FUSED_CLUSTER";
     /// The switch for [`CudaOptions::eval_stream`]: `1` on, `0` or unset off.
     pub const EVAL_STREAM_ENV: &'static str = "BNTRAIN_EVAL_STREAM";
+    /// The switch for [`CudaOptions::backward_streams`]: `1` on, `0` or unset off.
+    pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
     /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
-    /// `BNTRAIN_FUSED_CLUSTER` and the evaluation stream from `BNTRAIN_EVAL_STREAM`.
+    /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM` and the
+    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
         let switch = |name: &str| Self::switch_from_env(name, std::env::var(name).ok().as_deref());
@@ -430,6 +439,7 @@ impl CudaOptions {
             fused_pairing: switch(Self::PAIR_ENV)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV)?,
             eval_stream: switch(Self::EVAL_STREAM_ENV)?,
+            backward_streams: switch(Self::BACKWARD_STREAMS_ENV)?,
             fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?,
             ..options
         })
@@ -468,6 +478,22 @@ impl CudaOptions {
         };
         Ok(CudaOptions { step_launch, ..Self::default() })
     }
+}
+
+/// The weight gradients' stream ([`CudaOptions::backward_streams`]): layer l's dW = dzᵀ·x
+/// runs there while the training stream computes dx = dz·W and goes on down. Layer l's dz
+/// sits in `grad_z[(L − l) % 2]` (L: the output layer), so that writing the next layer's dz
+/// does not overwrite one the lane still reads; the training stream waits for the dW that
+/// read a buffer before it writes it again, and for the last dW before the SGD update.
+/// Under graph capture the events become the graph's fork and join edges.
+struct BackwardLane {
+    lane: Gpu,
+    /// Per layer: recorded on the training stream once its dz is written.
+    dz_ready: Vec<CudaEvent>,
+    /// Per layer: recorded on the lane once its dW is written.
+    dw_done: Vec<CudaEvent>,
+    /// Recorded on the lane at the end of the backward: the training stream joins it.
+    joined: CudaEvent,
 }
 
 /// Where evaluation points run ([`Backend::begin_point`]): a copy of the state they measure,
@@ -597,9 +623,11 @@ pub struct CudaBackend {
     batches: CudaSlice<u64>,
     step: Activations,
     eval: Activations,
-    /// Backward scratch, `[batch, widest layer]`: dL/da of the layer below, dL/dz of the current one.
+    /// Backward scratch, `[batch, widest layer]`: dL/da of the layer below, dL/dz of the current one
+    /// (the second dz buffer only with a [`BackwardLane`], one element otherwise).
     grad_a: CudaSlice<f32>,
-    grad_z: CudaSlice<f32>,
+    grad_z: [CudaSlice<f32>; 2],
+    backward: Option<BackwardLane>,
     /// Device accumulators: Σ loss and correct count of the steps since take_step_stats, and
     /// of the evaluation in progress.
     step_loss: CudaSlice<f64>,
@@ -659,8 +687,9 @@ fn bf16_operand_elements(model: &ModelConfig, batch: usize, eval_rows: usize) ->
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
 /// statistics (twice: evaluation points take a copy of them and of the parameters), the
 /// activations of one training batch (twice: the fused kernel has its own) and one
-/// evaluation chunk, cuBLAS's workspace (twice with [`CudaOptions::eval_stream`]), and with
-/// bf16 GEMMs the operands' copies (twice with the evaluation stream, which has its own).
+/// evaluation chunk, cuBLAS's workspace, and with bf16 GEMMs the operands' copies. Each
+/// second stream ([`CudaOptions::eval_stream`], [`CudaOptions::backward_streams`]) brings
+/// a workspace and bf16 operands of its own; the backward's also a second dz buffer.
 pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, options: &CudaOptions) -> usize {
     let f32s = std::mem::size_of::<f32>();
     let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
@@ -675,18 +704,26 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     let per_row = (model.inputs + 4 * model.widths()[1..].iter().sum::<usize>() + 2 * widest) * f32s;
     let eval_rows = options.eval_chunk.min(data.test.count.max(data.train.count)).max(1);
     let rows = 2 * train.batch_size + eval_rows;
-    let lanes = if options.eval_stream { 2 } else { 1 };
-    let bf16_operands = match options.gemm {
-        GemmPrecision::Bf16 => bf16_operand_elements(model, train.batch_size, eval_rows).saturating_mul(2 * std::mem::size_of::<u16>()),
+    let bf16_operands = |rows: usize| match options.gemm {
+        GemmPrecision::Bf16 => bf16_operand_elements(model, train.batch_size, rows).saturating_mul(2 * std::mem::size_of::<u16>()),
         _ => 0,
+    };
+    let workspace = super::context::BLAS_WORKSPACE_MAX;
+    let eval_lane = if options.eval_stream { workspace.saturating_add(bf16_operands(eval_rows)) } else { 0 };
+    let backward_lane = if options.backward_streams {
+        workspace.saturating_add(bf16_operands(0)).saturating_add(train.batch_size * widest * f32s)
+    } else {
+        0
     };
     dataset
         .saturating_add(parameters)
         .saturating_add(statistics)
         .saturating_add(point_copy)
         .saturating_add(rows * per_row)
-        .saturating_add(lanes * super::context::BLAS_WORKSPACE_MAX)
-        .saturating_add(lanes * bf16_operands)
+        .saturating_add(workspace)
+        .saturating_add(bf16_operands(eval_rows))
+        .saturating_add(eval_lane)
+        .saturating_add(backward_lane)
 }
 
 impl CudaBackend {
@@ -751,7 +788,19 @@ impl CudaBackend {
             step: Activations::new(&gpu, &model, batch, bn_total, false)?,
             eval: Activations::new(&gpu, &model, eval_rows, bn_total, true)?,
             grad_a: zeros(&gpu, batch * widest)?,
-            grad_z: zeros(&gpu, batch * widest)?,
+            grad_z: [zeros(&gpu, batch * widest)?, zeros(&gpu, if options.backward_streams { batch * widest } else { 1 })?],
+            backward: if options.backward_streams {
+                let lane = gpu.open_lane()?;
+                if options.gemm == GemmPrecision::Bf16 {
+                    // A captured step keeps the scratch's address: allocated before it (the
+                    // lane's GEMMs are the training batch's).
+                    lane.reserve_bf16_operands(bf16_operand_elements(&model, batch, 0))?;
+                }
+                let events = || (0..=model.hidden.len()).map(|_| gpu.context().new_event(None).map_err(CudaError::from)).collect::<Result<Vec<_>, _>>();
+                Some(BackwardLane { lane, dz_ready: events()?, dw_done: events()?, joined: gpu.context().new_event(None).map_err(CudaError::from)? })
+            } else {
+                None
+            },
             step_loss: zeros(&gpu, 1)?,
             step_correct: zeros(&gpu, 1)?,
             eval_loss: zeros(&gpu, 1)?,
@@ -942,9 +991,10 @@ impl CudaBackend {
     }
 
     /// Launches one training step's operations on the stream, reading the batch the device
-    /// counter points at and advancing it. Nothing here synchronizes, allocates, copies from
-    /// the host or touches an event (event tracking is off, see [`Gpu::open`]), so the same
-    /// sequence can be captured into a graph.
+    /// counter points at and advancing it. Nothing here synchronizes, allocates or copies
+    /// from the host, and cudarc adds no events (its tracking is off, see [`Gpu::open`]);
+    /// the only events are the [`BackwardLane`]'s fork and join, which a capture turns into
+    /// edges. So the same sequence can be captured into a graph.
     fn launch_step(&mut self) -> Result<(), CudaError> {
         let b = self.train.batch_size;
         let gpu = &self.gpu;
@@ -969,52 +1019,82 @@ impl CudaBackend {
             LossReduction::Sum => 1.0f32,
             LossReduction::Mean => 1.0f32 / b as f32,
         };
+        let side = self.backward.as_ref();
+        // Which of the two dz buffers holds layer l's (always the first without a lane).
+        let dz_buffer = |l: usize| if side.is_some() { (hidden - l) % 2 } else { 0 };
         {
             let bias = out.bias.clone().map(|r| self.params.slice(r));
             let mut dbias = out.bias.clone().map(|r| self.grads.slice_mut(r));
             kernels::softmax_xent(
                 gpu, &acts.z[hidden].slice(..b * classes), bias.as_ref(), &acts.labels.slice(..b), b, classes, grad_scale,
-                Some(&mut self.grad_z.slice_mut(..b * classes)), dbias.as_mut(), None,
+                Some(&mut self.grad_z[dz_buffer(hidden)].slice_mut(..b * classes)), dbias.as_mut(), None,
                 &mut self.step_loss.as_view_mut(), &mut self.step_correct.as_view_mut(),
             )?;
         }
 
-        // Backward, from the output layer down; grad_z holds dL/dz of layer l on entry.
-        for l in (0..=hidden).rev() {
-            let layer = &self.layers[l];
-            let (inputs, outputs) = (layer.inputs, layer.outputs);
-            let input = if l == 0 { acts.x.slice(..b * inputs) } else { acts.a[l - 1].slice(..b * inputs) };
-            // dW = dzᵀ·x  (dz: [B, out], x: [B, in], dW: [out, in])
-            matmul(gpu, gemm, true, false, outputs, inputs, b, &self.grad_z.slice(..b * outputs), &input, &mut self.grads.slice_mut(layer.weight.clone()), false)?;
-            if l == 0 {
-                break;
-            }
-            // dx = dz·W  (W: [out, in], dx: [B, in]) is dL/da of layer l−1.
-            matmul(gpu, gemm, false, false, b, inputs, outputs, &self.grad_z.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
-            // Through the activation and BN (or bias) of layer l−1 to its z.
-            let below = &self.layers[l - 1];
-            let n = b * below.outputs;
-            match &below.bn {
-                Some(bn) => {
-                    // γ lies before β in the layout: split the gradient buffer between them.
-                    let (mut lo, mut hi) = self.grads.split_at_mut(bn.beta.start);
-                    let mut d_gamma = lo.slice_mut(bn.gamma.clone());
-                    let mut d_beta = hi.slice_mut(..bn.beta.len());
-                    kernels::act_bn_bwd(
-                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), &acts.x_hat[l - 1].slice(..n),
-                        &self.params.slice(bn.gamma.clone()), &acts.inv_std.slice(bn.stats.clone()), model.activation,
-                        b, below.outputs, &mut self.grad_z.slice_mut(..n), &mut d_gamma, &mut d_beta,
-                    )?;
+        // Backward, from the output layer down; grad_z[dz_buffer(l)] holds dL/dz of layer l
+        // on entry.
+        let mut backward = || -> Result<(), CudaError> {
+            for l in (0..=hidden).rev() {
+                let layer = &self.layers[l];
+                let (inputs, outputs) = (layer.inputs, layer.outputs);
+                let input = if l == 0 { acts.x.slice(..b * inputs) } else { acts.a[l - 1].slice(..b * inputs) };
+                let dz = &self.grad_z[dz_buffer(l)];
+                // dW = dzᵀ·x  (dz: [B, out], x: [B, in], dW: [out, in]), on the lane if any.
+                let mut dw = self.grads.slice_mut(layer.weight.clone());
+                match side {
+                    Some(side) => {
+                        side.dz_ready[l].record(gpu.stream())?;
+                        side.lane.stream().wait(&side.dz_ready[l])?;
+                        matmul(&side.lane, gemm, true, false, outputs, inputs, b, &dz.slice(..b * outputs), &input, &mut dw, false)?;
+                        side.dw_done[l].record(side.lane.stream())?;
+                    }
+                    None => matmul(gpu, gemm, true, false, outputs, inputs, b, &dz.slice(..b * outputs), &input, &mut dw, false)?,
                 }
-                None => {
-                    let mut dbias = below.bias.clone().map(|r| self.grads.slice_mut(r));
-                    kernels::act_bwd_bias_grad(
-                        gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), model.activation, b, below.outputs,
-                        &mut self.grad_z.slice_mut(..n), dbias.as_mut(),
-                    )?;
+                if l == 0 {
+                    break;
+                }
+                // dx = dz·W  (W: [out, in], dx: [B, in]) is dL/da of layer l−1.
+                matmul(gpu, gemm, false, false, b, inputs, outputs, &dz.slice(..b * outputs), &self.params.slice(layer.weight.clone()), &mut self.grad_a.slice_mut(..b * inputs), false)?;
+                // Layer l−1's dz goes where layer l+1's was: its dW must be done reading it.
+                if let Some(side) = side.filter(|_| l < hidden) {
+                    gpu.stream().wait(&side.dw_done[l + 1])?;
+                }
+                // Through the activation and BN (or bias) of layer l−1 to its z.
+                let below = &self.layers[l - 1];
+                let n = b * below.outputs;
+                let mut dz_below = self.grad_z[dz_buffer(l - 1)].slice_mut(..n);
+                match &below.bn {
+                    Some(bn) => {
+                        // γ lies before β in the layout: split the gradient buffer between them.
+                        let (mut lo, mut hi) = self.grads.split_at_mut(bn.beta.start);
+                        let mut d_gamma = lo.slice_mut(bn.gamma.clone());
+                        let mut d_beta = hi.slice_mut(..bn.beta.len());
+                        kernels::act_bn_bwd(
+                            gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), &acts.x_hat[l - 1].slice(..n),
+                            &self.params.slice(bn.gamma.clone()), &acts.inv_std.slice(bn.stats.clone()), model.activation,
+                            b, below.outputs, &mut dz_below, &mut d_gamma, &mut d_beta,
+                        )?;
+                    }
+                    None => {
+                        let mut dbias = below.bias.clone().map(|r| self.grads.slice_mut(r));
+                        kernels::act_bwd_bias_grad(
+                            gpu, &self.grad_a.slice(..n), &acts.a[l - 1].slice(..n), model.activation, b, below.outputs,
+                            &mut dz_below, dbias.as_mut(),
+                        )?;
+                    }
                 }
             }
+            Ok(())
+        };
+        let done = backward();
+        // The lane joins the training stream again, on failure too (a capture in progress
+        // must end with every stream it forked joined), before the update reads dW.
+        if let Some(side) = side {
+            side.joined.record(side.lane.stream())?;
+            gpu.stream().wait(&side.joined)?;
         }
+        done?;
 
         // Every parameter at once, advancing the batch counter; then the running statistics.
         kernels::sgd_update(
@@ -1334,11 +1414,19 @@ impl Backend for CudaBackend {
             GraphState::Stale | GraphState::Ready(_) => "cuda graph",
         };
         let launch = if self.paired { format!("{launch}, two networks a launch") } else { launch.to_string() };
-        let tuned = if self.gpu.gemm_tuning() { ", GEMMs tuned" } else { "" };
-        let tuned = if self.point.lane.is_some() { format!("{tuned}, evaluations on a stream of their own") } else { tuned.to_string() };
+        let mut extras = String::new();
+        if self.gpu.gemm_tuning() {
+            extras += ", GEMMs tuned";
+        }
+        if self.backward.is_some() && self.fused.is_none() {
+            extras += ", weight gradients on a second stream";
+        }
+        if self.point.lane.is_some() {
+            extras += ", evaluations on a stream of their own";
+        }
         match self.gemm {
-            GemmPrecision::F32 => format!("{} ({launch}{tuned})", self.gpu.name()),
-            rounded => format!("{} ({launch}, {} GEMMs{tuned})", self.gpu.name(), rounded.label()),
+            GemmPrecision::F32 => format!("{} ({launch}{extras})", self.gpu.name()),
+            rounded => format!("{} ({launch}, {} GEMMs{extras})", self.gpu.name(), rounded.label()),
         }
     }
 
