@@ -774,6 +774,50 @@ fn paired_cluster_networks_equal_networks_trained_alone() {
     }
 }
 
+/// A cluster launch the driver refuses (simulated: `refuse_next_cluster_launch` fails the
+/// launch before it runs, as the driver's refusals do) moves the network to the grid kernel,
+/// alone and as a pair in one launch, and loses nothing: the steps equal those of twins on
+/// the grid kernel from the start, bit for bit.
+#[test]
+fn a_refused_cluster_launch_falls_back_to_the_grid_kernel() {
+    let _serial = serial();
+    if !gpu().is_some_and(|gpu| clusters_run(&gpu)) {
+        return;
+    }
+    let data = dataset();
+    let train = TrainConfig::seed();
+    let order = epoch_order(BatchOrder::Shuffled, 9, 0, data.train.count);
+    let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
+    let open = |batch_norm: bool, fused_cluster: ClusterRequest, fused_pairing: bool| {
+        let model = ModelConfig::seed(batch_norm);
+        let params = scaled_init(&model, &train);
+        let options = CudaOptions { step_launch: StepLaunch::Fused, fused_pairing, fused_cluster, ..Default::default() };
+        let mut net = CudaBackend::with_options(model, train.clone(), Arc::clone(&data), &params, options).unwrap();
+        net.set_epoch_order(&order).unwrap();
+        net
+    };
+    // One network.
+    let (mut refused, mut grid) = (open(true, ClusterRequest::Auto, false), open(true, ClusterRequest::Off, false));
+    assert!(refused.device_name().contains("clusters of"), "{}", refused.device_name());
+    refused.refuse_next_cluster_launch();
+    refused.train_steps(0, steps).unwrap();
+    grid.train_steps(0, steps).unwrap();
+    assert!(refused.device_name().ends_with("(fused steps)"), "{}", refused.device_name());
+    assert_same_state("one network", &mut refused, &mut grid);
+    // A pair in one launch: both leave the clusters, and train together on the grid kernel.
+    let (mut bn, mut plain) = (open(true, ClusterRequest::Auto, true), open(false, ClusterRequest::Auto, true));
+    bn.refuse_next_cluster_launch();
+    assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap());
+    for net in [&bn, &plain] {
+        assert!(net.device_name().ends_with("(fused steps, two networks a launch)"), "{}", net.device_name());
+    }
+    let (mut bn_grid, mut plain_grid) = (open(true, ClusterRequest::Off, false), open(false, ClusterRequest::Off, false));
+    bn_grid.train_steps(0, steps).unwrap();
+    plain_grid.train_steps(0, steps).unwrap();
+    assert_same_state("pair, BN", &mut bn, &mut bn_grid);
+    assert_same_state("pair, plain", &mut plain, &mut plain_grid);
+}
+
 /// The BN and the plain seed network, trained in one launch with each (staging, cluster)
 /// variant, against each trained alone.
 fn check_pairs(variants: &[(bool, ClusterRequest)]) {

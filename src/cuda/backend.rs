@@ -657,6 +657,8 @@ pub struct CudaBackend {
     fused_staging: bool,
     /// Whether fused steps run on the thread-block-cluster kernels (see [`CudaOptions`]).
     fused_cluster: ClusterRequest,
+    /// Set by [`CudaBackend::refuse_next_cluster_launch`].
+    refuse_cluster_launch: bool,
     /// CudaOptions::fused_pairing.
     fused_pairing: bool,
     /// A hash of the epoch order last set: two networks train in one launch only on the same
@@ -821,6 +823,7 @@ impl CudaBackend {
             fused_unavailable: false,
             fused_staging: options.fused_staging,
             fused_cluster: options.fused_cluster,
+            refuse_cluster_launch: false,
             fused_pairing: options.fused_pairing,
             order_fingerprint: 0,
             paired: false,
@@ -951,7 +954,70 @@ impl CudaBackend {
     /// Launches `steps` fused steps from the batch the device cursor holds (≤ FUSED_MAX_STEPS).
     fn launch_fused(&mut self, steps: usize) -> Result<(), CudaError> {
         let hyper = self.fused_hyper();
-        self.with_fused_buffers(|gpu, plan, buffers| kernels::fused_train_steps(gpu, plan, buffers, hyper, steps))
+        let launch = |net: &mut Self| net.with_fused_buffers(|gpu, plan, buffers| kernels::fused_train_steps(gpu, plan, buffers, hyper, steps));
+        match self.refused_cluster_launch().map_or_else(|| launch(self), Err) {
+            Err(refused @ CudaError::LaunchRefused { .. }) if self.on_clusters() => {
+                self.leave_clusters(&refused)?;
+                launch(self)
+            }
+            done => done,
+        }
+    }
+
+    /// One launch of `steps` fused steps of this network and `other` together (the caller
+    /// has ordered their streams). Where the driver refuses the cluster kernels (nothing
+    /// ran), both networks leave them for the grid kernels, which run the steps together
+    /// where their plans still pair, else each network on its own stream. Ok(whether the
+    /// steps ran together).
+    fn launch_fused_pair(&mut self, other: &mut CudaBackend, hyper: FusedHyper, steps: usize) -> Result<bool, CudaError> {
+        let launch = |a: &mut Self, b: &mut Self| {
+            a.with_fused_buffers(|gpu, plan, buffers| {
+                b.with_fused_buffers(|_, other_plan, other_buffers| kernels::fused_train_pair(gpu, (plan, buffers), (other_plan, other_buffers), hyper, steps))
+            })
+        };
+        match self.refused_cluster_launch().map_or_else(|| launch(self, other), Err) {
+            Err(refused @ CudaError::LaunchRefused { .. }) if self.on_clusters() || other.on_clusters() => {
+                for net in [&mut *self, &mut *other] {
+                    if net.on_clusters() {
+                        net.leave_clusters(&refused)?;
+                    }
+                }
+                if self.pairs_with(other) {
+                    launch(self, other).map(|()| true)
+                } else {
+                    self.launch_fused(steps)?;
+                    other.launch_fused(steps).map(|()| false)
+                }
+            }
+            done => done.map(|()| true),
+        }
+    }
+
+    /// Whether fused steps run on the thread-block-cluster kernels.
+    fn on_clusters(&self) -> bool {
+        self.fused.as_ref().is_some_and(|plan| plan.cluster().is_some())
+    }
+
+    /// Answers a cluster launch the driver refused (nothing ran): this network's fused steps
+    /// use the grid kernels from now on, after a notice.
+    fn leave_clusters(&mut self, refused: &CudaError) -> Result<(), CudaError> {
+        let _ = writeln!(std::io::stderr(), "notice: {refused}; fused steps use the grid kernel from now on");
+        self.fused_cluster = ClusterRequest::Off;
+        self.fused = Some(self.fused_plan()?);
+        Ok(())
+    }
+
+    /// The refusal [`CudaBackend::refuse_next_cluster_launch`] asked for, once, on clusters.
+    fn refused_cluster_launch(&mut self) -> Option<CudaError> {
+        (self.on_clusters() && std::mem::take(&mut self.refuse_cluster_launch))
+            .then(|| CudaError::LaunchRefused { kernel: "fused_cluster_f32", message: "refused as a test asked".into() })
+    }
+
+    /// Makes the next launch of the cluster kernels fail as the driver refuses a launch,
+    /// without launching: for tests of the fallback to the grid kernel.
+    #[doc(hidden)]
+    pub fn refuse_next_cluster_launch(&mut self) {
+        self.refuse_cluster_launch = true;
     }
 
     /// Whether this network and `other` can train in one launch (kernels::fused_train_pair):
@@ -1497,13 +1563,11 @@ impl Backend for CudaBackend {
         let (mine, theirs) = (Arc::clone(self.gpu.stream()), Arc::clone(other.gpu.stream()));
         mine.join(&theirs).map_err(CudaError::from)?;
         let hyper = self.fused_hyper();
-        let mut launched = Ok(());
+        let (mut launched, mut together) = (Ok(()), true);
         let mut left = count;
         while left > 0 && launched.is_ok() {
             let steps = left.min(kernels::FUSED_MAX_STEPS);
-            launched = self.with_fused_buffers(|gpu, plan, buffers| {
-                other.with_fused_buffers(|_, other_plan, other_buffers| kernels::fused_train_pair(gpu, (plan, buffers), (other_plan, other_buffers), hyper, steps))
-            });
+            launched = self.launch_fused_pair(other, hyper, steps).map(|paired| together &= paired);
             left -= steps;
         }
         // Even after a failed launch: an earlier one may still use the other's buffers.
@@ -1511,7 +1575,9 @@ impl Backend for CudaBackend {
         launched?;
         self.finish_steps(first, count);
         other.finish_steps(first, count);
-        (self.paired, other.paired) = (true, true);
+        if together {
+            (self.paired, other.paired) = (true, true);
+        }
         Ok(true)
     }
 

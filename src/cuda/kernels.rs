@@ -72,6 +72,21 @@ fn launch_error(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
     move |e| CudaError::Launch { kernel, message: format!("launch failed: {}", describe_driver_error(e)) }
 }
 
+/// [`launch_error`], except where the driver refused the launch's shape or resources, which
+/// it reports at the call, before anything runs, and which leaves the context usable:
+/// [`CudaError::LaunchRefused`]. (A fault of earlier work, reported at a launch, is not one
+/// of these codes.)
+fn refusable_launch_error(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
+    move |e| match e.0 {
+        sys::CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE
+        | sys::CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        | sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
+        | sys::CUresult::CUDA_ERROR_INVALID_VALUE
+        | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => CudaError::LaunchRefused { kernel, message: describe_driver_error(e) },
+        _ => launch_error(kernel)(e),
+    }
+}
+
 /// Grid-stride launch shape for `n` elements.
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS) as u32;
@@ -998,14 +1013,16 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
         let cfg = LaunchConfig { grid_dim: (cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: cluster.bytes as u32 };
         let function = &functions.one[cluster.kernel()];
         // Again at each launch: another plan on this GPU may have set a smaller size.
-        function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(cluster.bytes).unwrap_or(i32::MAX))?;
+        function
+            .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(cluster.bytes).unwrap_or(i32::MAX))
+            .map_err(refusable_launch_error("fused_cluster_f32"))?;
         let mut b = builder(gpu, function);
         args.push(&mut b);
         // SAFETY: see above, for the tensors; the grid is one cluster of the size compiled
         // into the kernel (__cluster_dims__), which FusedCluster::choose allowed (non-portable
         // size, shared memory) and found room for; the dynamic shared memory is what the
         // kernel's own layout asked for this network (it traps on less).
-        return unsafe { b.launch(cfg) }.map(drop).map_err(launch_error("fused_cluster_f32"));
+        return unsafe { b.launch(cfg) }.map(drop).map_err(refusable_launch_error("fused_cluster_f32"));
     }
     // The grid barrier counts arrivals over the launch, from zero (a memset on the stream,
     // ordered after the previous launch, which left G × its barriers there).
@@ -1045,7 +1062,9 @@ pub fn fused_train_pair(
         let bytes = cluster.bytes.max(pb.cluster.map_or(0, |c| c.bytes));
         let cfg = LaunchConfig { grid_dim: (2 * cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: bytes as u32 };
         let function = &functions.pair[cluster.kernel()];
-        function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(bytes).unwrap_or(i32::MAX))?;
+        function
+            .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(bytes).unwrap_or(i32::MAX))
+            .map_err(refusable_launch_error("fused_cluster_pair_f32"))?;
         let mut b = builder(gpu, function);
         a.push(&mut b);
         b_args.push(&mut b);
@@ -1053,7 +1072,7 @@ pub fn fused_train_pair(
         // parameters, gradients, statistics and counters, and the first's batches (images,
         // labels, order, sizes) and hyperparameters, which `a.sizes == b_args.sizes` and
         // pairs_with made the same.
-        return unsafe { b.launch(cfg) }.map(drop).map_err(launch_error("fused_cluster_pair_f32"));
+        return unsafe { b.launch(cfg) }.map(drop).map_err(refusable_launch_error("fused_cluster_pair_f32"));
     }
     let staging = pa.staging.clone();
     let function = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };

@@ -45,6 +45,11 @@ pub enum CudaError {
     OutOfMemory { bytes_needed: usize },
     #[error("CUDA kernel {kernel}: {message}; use --device cpu")]
     Launch { kernel: &'static str, message: String },
+    /// The driver refused a launch for its shape or resources (cluster size, shared memory,
+    /// registers) before running anything: nothing is lost, and the caller may launch
+    /// another kernel instead.
+    #[error("CUDA kernel {kernel}: the driver refused the launch: {message}; use --device cpu")]
+    LaunchRefused { kernel: &'static str, message: String },
     #[error("CUDA driver error: {0}; use --device cpu")]
     Driver(String),
     #[error("cuBLAS error: {0}; use --device cpu")]
