@@ -119,7 +119,7 @@ impl Evaluation {
 }
 
 /// What an evaluation point measures of one network, before the training loop judges it
-/// ([`crate::train::evaluate_point`]).
+/// ([`crate::train::judge_point`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PointResults {
     /// The training steps since the previous point ([`Backend::take_step_stats`]).

@@ -101,8 +101,8 @@ impl Outcome {
 /// [`Event::Stepped`], so the events come in the order of the steps). A network that
 /// diverged is hence found one run late, with that run queued; the error names the point's
 /// step all the same. A stop requested from an `Evaluated` callback is seen after that run.
-/// However the loop ends (finished, stopped or failed), every point it began has been
-/// finished and reported, as far as the backends could finish it.
+/// However the loop ends (finished, stopped or failed), the last point it began is finished
+/// and reported network by network, up to the first network whose point fails or diverged.
 pub fn train_lockstep(
     nets: &mut [&mut dyn Backend],
     config: &TrainConfig,

@@ -1127,12 +1127,12 @@ fn points_measured_at_once(net: &mut dyn Backend, train: &TrainConfig, examples:
     Ok(records)
 }
 
-/// The records `train_lockstep` reports for one network (points queued on the device).
-fn points_queued(net: &mut dyn Backend, train: &TrainConfig, examples: usize, schedule: &Schedule) -> bntrain::Result<Vec<EvalRecord>> {
-    let mut records = Vec::new();
-    train_lockstep(&mut [net], train, examples, 0, schedule, None, &mut |event| {
-        if let Event::Evaluated { record, .. } = event {
-            records.push(record.clone());
+/// The records `train_lockstep` reports for each of `nets` (points queued on the device).
+fn points_queued(nets: &mut [&mut dyn Backend], train: &TrainConfig, examples: usize, schedule: &Schedule) -> bntrain::Result<Vec<Vec<EvalRecord>>> {
+    let mut records = vec![Vec::new(); nets.len()];
+    train_lockstep(nets, train, examples, 0, schedule, None, &mut |event| {
+        if let Event::Evaluated { net, record } = event {
+            records[net].push(record.clone());
         }
     })?;
     Ok(records)
@@ -1149,35 +1149,95 @@ fn queued_evaluation_points_equal_points_measured_at_once() {
     let examples = data.train.count;
     // 230 steps, evaluated every 50: runs cut at epoch ends (33 batches) and a last point
     // off the grid; probes of either layer; the whole test set's batch statistics and the
-    // population's.
+    // population's. A BN and a plain network in lockstep, as the study's comparison trains
+    // them (in one launch where paired).
     let cases = [
-        ("BN, batch statistics, probe", ModelConfig::seed(true), StatsMode::Batch, Some(Probe { layer: 1, neurons: 5 })),
-        ("BN, population statistics, probe", ModelConfig::seed(true), StatsMode::Population, Some(Probe { layer: 0, neurons: 3 })),
-        ("plain", ModelConfig::seed(false), StatsMode::Population, None),
+        ("batch statistics, probe", StatsMode::Batch, Some(Probe { layer: 1, neurons: 5 })),
+        ("population statistics, probe", StatsMode::Population, Some(Probe { layer: 0, neurons: 3 })),
+        ("population statistics", StatsMode::Population, None),
     ];
-    for (name, model, eval_mode, probe) in cases {
+    let variants = [(StepLaunch::Fused, false), (StepLaunch::Fused, true), (StepLaunch::Graph, false)];
+    for (name, eval_mode, probe) in cases {
         let schedule = Schedule { probe, eval_mode, ..Schedule::new(230, 50) };
-        let params = ModelParams::init(&model, train.seed, 1);
-        for step_launch in [StepLaunch::Fused, StepLaunch::Graph] {
+        for (step_launch, fused_pairing) in variants {
             for eval_stream in [false, true] {
-                let at = format!("{name}, {step_launch:?} steps, evaluation stream {eval_stream}");
-                let options = CudaOptions { step_launch, eval_stream, ..Default::default() };
-                let open = || CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
-                let (mut queued, mut measured) = (open(), open());
-                let got = points_queued(&mut queued, &train, examples, &schedule).unwrap();
-                let expected = points_measured_at_once(&mut measured, &train, examples, &schedule).unwrap();
-                assert_eq!(got.len(), 5, "{at}");
-                // Bit for bit: the same kernels on the same state, on another stream or not.
-                assert_eq!(got, expected, "{at}");
-                assert!(got.iter().all(|r| r.probe.len() == probe.map_or(0, |p| 500 * p.neurons)), "{at}: probe sizes");
-                assert_eq!(queued.params().unwrap(), measured.params().unwrap(), "{at}: parameters after training");
-                // The backend is usable as before: a synchronous evaluation after the loop.
-                assert_eq!(
-                    queued.evaluate(SplitKind::Test, eval_mode, probe).unwrap(),
-                    measured.evaluate(SplitKind::Test, eval_mode, probe).unwrap(),
-                    "{at}: evaluation after training"
-                );
+                let at = format!("{name}, {step_launch:?} steps, paired {fused_pairing}, evaluation stream {eval_stream}");
+                let options = CudaOptions { step_launch, eval_stream, fused_pairing, ..Default::default() };
+                let open = |batch_norm: bool| {
+                    let model = ModelConfig::seed(batch_norm);
+                    let params = ModelParams::init(&model, train.seed, 1);
+                    CudaBackend::with_options(model, train.clone(), Arc::clone(&data), &params, options).unwrap()
+                };
+                let (mut bn, mut plain) = (open(true), open(false));
+                let got = points_queued(&mut [&mut bn, &mut plain], &train, examples, &schedule).unwrap();
+                for (index, net) in [&bn, &plain].into_iter().enumerate() {
+                    let name = net.device_name();
+                    assert_eq!(name.contains("evaluations on a stream of their own"), eval_stream, "{at}: {name}");
+                    assert_eq!(name.contains("two networks a launch"), fused_pairing, "{at}: {name}");
+                    assert_eq!(got[index].len(), 5, "{at}");
+                    assert!(got[index].iter().all(|r| r.probe.len() == probe.map_or(0, |p| 500 * p.neurons)), "{at}: probe sizes");
+                }
+                for (index, (batch_norm, mut queued)) in [(true, bn), (false, plain)].into_iter().enumerate() {
+                    let at = format!("{at}, BN {batch_norm}");
+                    let mut measured = open(batch_norm);
+                    let expected = points_measured_at_once(&mut measured, &train, examples, &schedule).unwrap();
+                    // Bit for bit: the same kernels on the same state, on another stream or not.
+                    assert_eq!(got[index], expected, "{at}");
+                    assert_eq!(queued.params().unwrap(), measured.params().unwrap(), "{at}: parameters after training");
+                    assert_eq!(
+                        queued.evaluate(SplitKind::Test, eval_mode, probe).unwrap(),
+                        measured.evaluate(SplitKind::Test, eval_mode, probe).unwrap(),
+                        "{at}: evaluation after training"
+                    );
+                }
             }
+        }
+    }
+}
+
+/// A point measures the state at its step, whatever happens to the live state between its
+/// begin and its finish: there, parameters replaced (with an infinite running variance),
+/// a synchronous evaluation, the non-finite check and one-by-one predictions of the new
+/// state, and steps trained.
+#[test]
+fn a_queued_point_measures_the_state_at_its_step() {
+    let _serial = serial();
+    if gpu().is_none() {
+        return;
+    }
+    let data = dataset();
+    let train = TrainConfig::seed();
+    let model = ModelConfig::seed(true);
+    let params = ModelParams::init(&model, train.seed, 1);
+    let mut changed = scaled_init(&model, &train);
+    changed.layers[0].batch_norm.as_mut().unwrap().running[0].var[3] = f64::INFINITY;
+    let order = epoch_order(BatchOrder::Shuffled, 5, 0, data.train.count);
+    let probe = Some(Probe { layer: 0, neurons: 4 });
+    for eval_stream in [false, true] {
+        for mode in [StatsMode::Population, StatsMode::Batch] {
+            let at = format!("evaluation stream {eval_stream}, {mode:?}");
+            let options = CudaOptions { eval_stream, ..Default::default() };
+            let open = |params: &ModelParams| {
+                let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), params, options).unwrap();
+                net.set_epoch_order(&order).unwrap();
+                net
+            };
+            let (mut queued, mut measured, mut other) = (open(&params), open(&params), open(&changed));
+            for net in [&mut queued, &mut measured] {
+                net.train_steps(0, 20).unwrap();
+            }
+            let pending = queued.begin_point(mode, probe).unwrap();
+            queued.set_params(&changed).unwrap();
+            let between = queued.evaluate(SplitKind::Test, mode, probe).unwrap();
+            assert_eq!(between, other.evaluate(SplitKind::Test, mode, probe).unwrap(), "{at}: evaluation of the new state");
+            let non_finite = queued.first_non_finite().unwrap();
+            assert!(non_finite.as_ref().is_some_and(|(name, v)| name.contains("var") && v.is_infinite()), "{at}: {non_finite:?}");
+            assert_eq!(queued.predict_each(SplitKind::Test, 7, mode).unwrap(), other.predict_each(SplitKind::Test, 7, mode).unwrap(), "{at}");
+            queued.train_steps(20, 3).unwrap();
+            let got = queued.finish_point(pending).unwrap();
+            let expected = measure_point(&mut measured, mode, probe).unwrap();
+            assert_eq!(got, expected, "{at}: the point measured the state at its step");
+            assert!(got.non_finite.is_none() && got.stats.steps == 20, "{at}: {:?}", got.stats);
         }
     }
 }
@@ -1200,7 +1260,7 @@ fn a_queued_point_names_what_went_non_finite_at_its_step() {
         let options = CudaOptions { eval_stream, ..Default::default() };
         let open = || CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
         let (mut queued, mut measured) = (open(), open());
-        let got = points_queued(&mut queued, &train, data.train.count, &schedule).unwrap_err().to_string();
+        let got = points_queued(&mut [&mut queued], &train, data.train.count, &schedule).unwrap_err().to_string();
         let expected = points_measured_at_once(&mut measured, &train, data.train.count, &schedule).unwrap_err().to_string();
         assert_eq!(got, expected, "evaluation stream {eval_stream}");
         assert!(got.contains("training diverged at step 50") && got.contains("non-finite value (inf)"), "{got}");

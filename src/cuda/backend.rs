@@ -515,8 +515,10 @@ struct PointState {
     host: PointHost,
     /// Recorded on the training stream once the copies are taken: the lane waits for it.
     taken: CudaEvent,
-    /// Recorded on the lane after the point's last copy to the host: the training stream
-    /// waits for it before it writes what a point reads ([`CudaBackend::after_point`]).
+    /// Recorded on the lane after the point's last copy to the host (also where queuing
+    /// the point failed): the host waits for it before it reads or frees the pinned
+    /// results, the training stream before it writes what a point reads
+    /// ([`CudaBackend::after_point`]).
     done: CudaEvent,
     /// The point queued and not yet finished.
     in_flight: Option<PointInFlight>,
@@ -544,8 +546,11 @@ struct PointInFlight {
 /// Pinned host memory for `len` values, in cacheable pages (cudarc's default is
 /// write-combined, which the host reads slowly).
 fn pinned<T: DeviceRepr>(gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<T>, CudaError> {
-    // SAFETY: the memory is unset until a copy writes it; every read of it goes through
-    // `as_slice`, which waits for the copy queued into it, and reads only what was copied.
+    // SAFETY: the memory is unset until a copy writes it. A point's results are read only
+    // in `collect_point`, after the host has waited for the point's `done` event, which is
+    // recorded behind every copy into them. (`as_slice`'s own wait does not cover these
+    // copies: cudarc records a pinned buffer's event only with event tracking on, and it is
+    // off, see `Gpu::open`.)
     Ok(unsafe { gpu.context().alloc_pinned_with_flags::<T>(len.max(1), 0) }?)
 }
 
@@ -772,6 +777,15 @@ impl CudaBackend {
         if options.gemm == GemmPrecision::Bf16 {
             gpu.reserve_bf16_operands(bf16_operand_elements(&model, batch, eval_rows))?;
         }
+        // The evaluation points' lane, with its bf16 scratch for the evaluation chunk made
+        // now rather than in the middle of a run.
+        let eval_lane = |gpu: &Gpu| -> Result<Gpu, CudaError> {
+            let lane = gpu.open_lane()?;
+            if options.gemm == GemmPrecision::Bf16 {
+                lane.reserve_bf16_operands(bf16_operand_elements(&model, batch, eval_rows))?;
+            }
+            Ok(lane)
+        };
         let mut backend = CudaBackend {
             train_images: upload(&gpu, &data.train.images)?,
             train_labels: upload(&gpu, &data.train.labels)?,
@@ -809,7 +823,7 @@ impl CudaBackend {
             eval_correct: zeros(&gpu, 1)?,
             non_finite: zeros(&gpu, 1)?,
             probe_columns: zeros(&gpu, 1)?,
-            point: PointState::new(&gpu, if options.eval_stream { Some(gpu.open_lane()?) } else { None }, flat_len, estimators.len() * bn_total)?,
+            point: PointState::new(&gpu, if options.eval_stream { Some(eval_lane(&gpu)?) } else { None }, flat_len, estimators.len() * bn_total)?,
             pending_steps: 0,
             graph: match step_launch {
                 StepLaunch::Eager => GraphState::Off { fell_back: false },
@@ -1364,6 +1378,40 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// A point's work on `lane` (after its `taken` event): the non-finite count and the
+    /// test split's evaluation on the point's copies, and every result copied to pinned
+    /// memory.
+    fn queue_point(&mut self, lane: &Arc<CudaStream>, mode: StatsMode, probe: Option<Probe>, count: usize) -> Result<(), CudaError> {
+        {
+            let gpu = self.point.lane.as_ref().unwrap_or(&self.gpu);
+            let point = &self.point;
+            lane.memset_zeros(&mut self.non_finite)?;
+            kernels::count_non_finite(gpu, &point.params.as_view(), &mut self.non_finite.as_view_mut())?;
+            if self.stats_layout.is_some() {
+                kernels::count_non_finite(gpu, &point.running_mean.as_view(), &mut self.non_finite.as_view_mut())?;
+                kernels::count_non_finite(gpu, &point.running_var.as_view(), &mut self.non_finite.as_view_mut())?;
+            }
+        }
+        let (chunk, normalize) = match mode {
+            StatsMode::Population => (self.eval.rows, Normalize::WithPopulationStats),
+            StatsMode::Batch => (count.max(1), Normalize::WithBatchStats),
+        };
+        self.queue_evaluation(true, SplitKind::Test, count, chunk, normalize, probe)?;
+        let point = &mut self.point;
+        let host = &mut point.host;
+        lane.memcpy_dtoh(&point.step_loss, &mut host.step_loss)?;
+        lane.memcpy_dtoh(&point.step_correct, &mut host.step_correct)?;
+        lane.memcpy_dtoh(&self.eval_loss, &mut host.eval_loss)?;
+        lane.memcpy_dtoh(&self.eval_correct, &mut host.eval_correct)?;
+        lane.memcpy_dtoh(&self.non_finite, &mut host.non_finite)?;
+        if let (Some(p), Some(dst)) = (probe, host.probe.as_mut()) {
+            // `dst` holds exactly count × neurons values (begin_point sized it so), which is
+            // what cuMemcpyDtoHAsync copies.
+            lane.memcpy_dtoh(&self.probe_columns.slice(..count * p.neurons), dst)?;
+        }
+        Ok(())
+    }
+
     /// Checks a probe against the model.
     fn check_probe(&self, probe: Option<Probe>) -> Result<()> {
         if let Some(p) = probe {
@@ -1386,6 +1434,8 @@ impl CudaBackend {
 
     /// The point's results, once its copies have arrived.
     fn collect_point(&mut self, flight: PointInFlight) -> Result<PointResults> {
+        // Every copy into the pinned results is queued before `done` (see `pinned`).
+        self.point.done.synchronize().map_err(CudaError::from)?;
         let point = &self.point;
         let host = &point.host;
         let value = |e: cudarc::driver::DriverError| CudaError::from(e);
@@ -1412,11 +1462,9 @@ impl CudaBackend {
         } else {
             let lane = point.lane.as_ref().unwrap_or(&self.gpu);
             let flat = read(lane, &point.params)?;
-            let (rm, rv, counts) = if self.stats_layout.is_some() {
-                (read(lane, &point.running_mean)?, read(lane, &point.running_var)?, read(&self.gpu, &self.batches)?)
-            } else {
-                (Vec::new(), Vec::new(), Vec::new())
-            };
+            // (The batch counts are integers: never non-finite, so not copied at the point.)
+            let (rm, rv) = if self.stats_layout.is_some() { (read(lane, &point.running_mean)?, read(lane, &point.running_var)?) } else { (Vec::new(), Vec::new()) };
+            let counts = vec![0; self.batches.len()];
             self.model_params(&flat, &rm, &rv, &counts).first_non_finite()
         };
         Ok(PointResults { stats, non_finite, eval })
@@ -1671,6 +1719,12 @@ impl Backend for CudaBackend {
         self.after_point()?;
         let probed = probe.map_or(0, |p| count * p.neurons);
         self.reserve_probe_columns(probed)?;
+        if probed > 0 && self.point.host.probe.as_ref().map_or(0, |h| h.len()) != probed {
+            // The copy into the old buffer (of a point never finished) must be over before it
+            // is freed; the new one is exactly the probe's size, which the copy fills.
+            self.point.done.synchronize().map_err(CudaError::from)?;
+            self.point.host.probe = Some(pinned(&self.gpu, probed)?);
+        }
         let stream = self.gpu.stream().clone();
         {
             let point = &mut self.point;
@@ -1683,50 +1737,17 @@ impl Backend for CudaBackend {
             stream.memcpy_dtod(&self.step_correct, &mut point.step_correct).map_err(CudaError::from)?;
             stream.memset_zeros(&mut self.step_loss).map_err(CudaError::from)?;
             stream.memset_zeros(&mut self.step_correct).map_err(CudaError::from)?;
-            if point.host.probe.as_ref().map_or(0, |h| h.len()) < probed {
-                point.host.probe = Some(pinned(&self.gpu, probed)?);
-            }
             // The lane's work waits for all of the above (`probe_columns` grown included).
             point.taken.record(&stream).map_err(CudaError::from)?;
         }
-        let steps = std::mem::take(&mut self.pending_steps);
         let lane = self.point.lane.as_ref().unwrap_or(&self.gpu).stream().clone();
         lane.wait(&self.point.taken).map_err(CudaError::from)?;
-        // From here on, everything runs on the lane.
-        {
-            let gpu = self.point.lane.as_ref().unwrap_or(&self.gpu);
-            let point = &self.point;
-            lane.memset_zeros(&mut self.non_finite).map_err(CudaError::from)?;
-            kernels::count_non_finite(gpu, &point.params.as_view(), &mut self.non_finite.as_view_mut())?;
-            if self.stats_layout.is_some() {
-                kernels::count_non_finite(gpu, &point.running_mean.as_view(), &mut self.non_finite.as_view_mut())?;
-                kernels::count_non_finite(gpu, &point.running_var.as_view(), &mut self.non_finite.as_view_mut())?;
-            }
-        }
-        let normalize = match mode {
-            StatsMode::Population => Normalize::WithPopulationStats,
-            StatsMode::Batch => Normalize::WithBatchStats,
-        };
-        let chunk = match mode {
-            StatsMode::Population => self.eval.rows,
-            StatsMode::Batch => count.max(1),
-        };
-        self.queue_evaluation(true, SplitKind::Test, count, chunk, normalize, probe)?;
-        let point = &mut self.point;
-        let host = &mut point.host;
-        let copied: Result<(), cudarc::driver::DriverError> = (|| {
-            lane.memcpy_dtoh(&point.step_loss, &mut host.step_loss)?;
-            lane.memcpy_dtoh(&point.step_correct, &mut host.step_correct)?;
-            lane.memcpy_dtoh(&self.eval_loss, &mut host.eval_loss)?;
-            lane.memcpy_dtoh(&self.eval_correct, &mut host.eval_correct)?;
-            lane.memcpy_dtoh(&self.non_finite, &mut host.non_finite)?;
-            if let (Some(p), Some(dst)) = (probe, host.probe.as_mut()) {
-                lane.memcpy_dtoh(&self.probe_columns.slice(..count * p.neurons), dst)?;
-            }
-            point.done.record(&lane)
-        })();
-        copied.map_err(CudaError::from)?;
-        point.in_flight = Some(PointInFlight { steps, examples: count, probe });
+        let queued = self.queue_point(&lane, mode, probe, count);
+        // On every path: what the training stream and the host wait for.
+        self.point.done.record(&lane).map_err(CudaError::from)?;
+        queued?;
+        let steps = std::mem::take(&mut self.pending_steps);
+        self.point.in_flight = Some(PointInFlight { steps, examples: count, probe });
         Ok(PendingPoint::Queued)
     }
 
