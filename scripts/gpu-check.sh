@@ -252,6 +252,10 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
     if [[ $status -eq 0 ]]; then
         comparison="$(python3 -c "import json, sys; print(f\"{json.load(open(sys.argv[1]))['timings']['comparison_s']:.2f}\")" "$out_runs/gpu-$variant/metrics.json" 2>/dev/null || echo '?')"
         row "$name" "${wall} s wall (40000-step comparison ${comparison} s); BN $(json_field "$log" bn_final_accuracy), plain $(json_field "$log" plain_final_accuracy), 1-by-1 $(json_field "$log" one_by_one_population)/$(json_field "$log" one_by_one_batch); report in $out_runs/gpu-$variant"
+        # A variant that fell back still runs, but not what was asked.
+        device="$(json_field "$log" device)"
+        [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && failed=1
+        [[ $clusters == 1 && "$device" != *"clusters of"* ]] && failed=1
     else
         row "$name" "FAIL (exit $status after ${wall} s)"; failed=1
     fi
