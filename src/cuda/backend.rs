@@ -494,6 +494,13 @@ struct BackwardLane {
     dw_done: Vec<CudaEvent>,
     /// Recorded on the lane at the end of the backward: the training stream joins it.
     joined: CudaEvent,
+    /// [`CudaBackend::delay_backward_lane`]'s µs (0: none).
+    delay_us: u32,
+}
+
+/// The host function [`CudaBackend::delay_backward_lane`] queues: sleeps `micros` µs.
+extern "C" fn sleep_on_stream(micros: *mut std::ffi::c_void) {
+    std::thread::sleep(std::time::Duration::from_micros(micros as usize as u64));
 }
 
 /// Where evaluation points run ([`Backend::begin_point`]): a copy of the state they measure,
@@ -804,19 +811,9 @@ impl CudaBackend {
             step: Activations::new(&gpu, &model, batch, bn_total, false)?,
             eval: Activations::new(&gpu, &model, eval_rows, bn_total, true)?,
             grad_a: zeros(&gpu, batch * widest)?,
-            grad_z: [zeros(&gpu, batch * widest)?, zeros(&gpu, if options.backward_streams { batch * widest } else { 1 })?],
-            backward: if options.backward_streams {
-                let lane = gpu.open_lane()?;
-                if options.gemm == GemmPrecision::Bf16 {
-                    // A captured step keeps the scratch's address: allocated before it (the
-                    // lane's GEMMs are the training batch's).
-                    lane.reserve_bf16_operands(bf16_operand_elements(&model, batch, 0))?;
-                }
-                let events = || (0..=model.hidden.len()).map(|_| gpu.context().new_event(None).map_err(CudaError::from)).collect::<Result<Vec<_>, _>>();
-                Some(BackwardLane { lane, dz_ready: events()?, dw_done: events()?, joined: gpu.context().new_event(None).map_err(CudaError::from)? })
-            } else {
-                None
-            },
+            grad_z: [zeros(&gpu, batch * widest)?, zeros(&gpu, 1)?],
+            // Made below where steps are not fused.
+            backward: None,
             step_loss: zeros(&gpu, 1)?,
             step_correct: zeros(&gpu, 1)?,
             eval_loss: zeros(&gpu, 1)?,
@@ -872,7 +869,39 @@ impl CudaBackend {
                 }
             }
         }
+        if options.backward_streams && backend.fused.is_none() {
+            backend.open_backward_lane()?;
+        }
         Ok(backend)
+    }
+
+    /// Makes the [`BackwardLane`] and the second dz buffer it needs.
+    fn open_backward_lane(&mut self) -> Result<(), CudaError> {
+        let gpu = &self.gpu;
+        let lane = gpu.open_lane()?;
+        let batch = self.train.batch_size;
+        if self.gemm == GemmPrecision::Bf16 {
+            // A captured step keeps the scratch's address: allocated before it (the lane's
+            // GEMMs are the training batch's).
+            lane.reserve_bf16_operands(bf16_operand_elements(&self.model, batch, 0))?;
+        }
+        let event = || gpu.context().new_event(None).map_err(CudaError::from);
+        let events = || (0..=self.model.hidden.len()).map(|_| event()).collect::<Result<Vec<_>, _>>();
+        let widest = *self.model.widths().iter().max().unwrap_or(&1);
+        self.grad_z[1] = zeros(gpu, batch * widest)?;
+        self.backward = Some(BackwardLane { lane, dz_ready: events()?, dw_done: events()?, joined: event()?, delay_us: 0 });
+        Ok(())
+    }
+
+    /// Test hook: before each weight gradient of an eager step, the backward's second stream
+    /// first sleeps `micros` µs on the host (a host function queued on it), so that a
+    /// missing wait on the training stream would let it overwrite a dz the lane has yet to
+    /// read. No effect without the lane or under graph capture.
+    #[doc(hidden)]
+    pub fn delay_backward_lane(&mut self, micros: u32) {
+        if let Some(side) = &mut self.backward {
+            side.delay_us = micros;
+        }
     }
 
     /// The fused kernel's layer table from this backend's layout (see cuda/fused_step.cu).
@@ -989,8 +1018,15 @@ impl CudaBackend {
                 b.with_fused_buffers(|_, other_plan, other_buffers| kernels::fused_train_pair(gpu, (plan, buffers), (other_plan, other_buffers), hyper, steps))
             })
         };
+        if !self.pairs_with(other) {
+            // An earlier chunk's fallback parted them.
+            return self.launch_fused_apart(other, steps).map(|()| false);
+        }
         match self.refused_cluster_launch().map_or_else(|| launch(self, other), Err) {
             Err(refused @ CudaError::LaunchRefused { .. }) if self.on_clusters() || other.on_clusters() => {
+                // Earlier chunks of this run, on this network's stream, may still use the
+                // other's buffers, which its new plan replaces on its own stream.
+                other.gpu.stream().join(self.gpu.stream())?;
                 for net in [&mut *self, &mut *other] {
                     if net.on_clusters() {
                         net.leave_clusters(&refused)?;
@@ -999,12 +1035,19 @@ impl CudaBackend {
                 if self.pairs_with(other) {
                     launch(self, other).map(|()| true)
                 } else {
-                    self.launch_fused(steps)?;
-                    other.launch_fused(steps).map(|()| false)
+                    self.launch_fused_apart(other, steps).map(|()| false)
                 }
             }
             done => done.map(|()| true),
         }
+    }
+
+    /// `steps` fused steps of this network and `other`, each launched on its own stream,
+    /// the other's after whatever this one's stream has queued (earlier chunks of a pair).
+    fn launch_fused_apart(&mut self, other: &mut CudaBackend, steps: usize) -> Result<(), CudaError> {
+        other.gpu.stream().join(self.gpu.stream())?;
+        self.launch_fused(steps)?;
+        other.launch_fused(steps)
     }
 
     /// Whether fused steps run on the thread-block-cluster kernels.
@@ -1015,9 +1058,16 @@ impl CudaBackend {
     /// Answers a cluster launch the driver refused (nothing ran): this network's fused steps
     /// use the grid kernels from now on, after a notice.
     fn leave_clusters(&mut self, refused: &CudaError) -> Result<(), CudaError> {
-        let _ = writeln!(std::io::stderr(), "notice: {refused}; fused steps use the grid kernel from now on");
-        self.fused_cluster = ClusterRequest::Off;
-        self.fused = Some(self.fused_plan()?);
+        let cluster = std::mem::replace(&mut self.fused_cluster, ClusterRequest::Off);
+        match self.fused_plan() {
+            Ok(plan) => self.fused = Some(plan),
+            Err(e) => {
+                self.fused_cluster = cluster;
+                return Err(e);
+            }
+        }
+        let why = refused.to_string();
+        let _ = writeln!(std::io::stderr(), "notice: {}; fused steps use the grid kernel from now on", why.trim_end_matches("; use --device cpu"));
         Ok(())
     }
 
@@ -1126,6 +1176,12 @@ impl CudaBackend {
                     Some(side) => {
                         side.dz_ready[l].record(gpu.stream())?;
                         side.lane.stream().wait(&side.dz_ready[l])?;
+                        if side.delay_us > 0 && side.lane.stream().capture_status()? == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                            // SAFETY: the callback takes its argument as a number (no memory
+                            // behind it) and only sleeps: it makes no CUDA call, as host
+                            // functions must not.
+                            unsafe { sys::cuLaunchHostFunc(side.lane.stream().cu_stream(), Some(sleep_on_stream), side.delay_us as usize as *mut std::ffi::c_void) }.result()?;
+                        }
                         matmul(&side.lane, gemm, true, false, outputs, inputs, b, &dz.slice(..b * outputs), &input, &mut dw, false)?;
                         side.dw_done[l].record(side.lane.stream())?;
                     }
@@ -1169,12 +1225,15 @@ impl CudaBackend {
         };
         let done = backward();
         // The lane joins the training stream again, on failure too (a capture in progress
-        // must end with every stream it forked joined), before the update reads dW.
+        // must end with every stream it forked joined), before the update reads dW; the
+        // backward's own error, if any, comes first.
         if let Some(side) = side {
-            side.joined.record(side.lane.stream())?;
-            gpu.stream().wait(&side.joined)?;
+            let recorded = side.joined.record(side.lane.stream());
+            let joined = gpu.stream().wait(&side.joined);
+            done.and(recorded.map_err(CudaError::from)).and(joined.map_err(CudaError::from))?;
+        } else {
+            done?;
         }
-        done?;
 
         // Every parameter at once, advancing the batch counter; then the running statistics.
         kernels::sgd_update(
@@ -1504,7 +1563,7 @@ impl CudaBackend {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Let queued work finish before the buffers and modules go away.
-        if let Some(lane) = &self.point.lane {
+        for lane in [self.point.lane.as_ref(), self.backward.as_ref().map(|b| &b.lane)].into_iter().flatten() {
             let _ = lane.synchronize();
         }
         let _ = self.gpu.synchronize();
@@ -1623,9 +1682,7 @@ impl Backend for CudaBackend {
         launched?;
         self.finish_steps(first, count);
         other.finish_steps(first, count);
-        if together {
-            (self.paired, other.paired) = (true, true);
-        }
+        (self.paired, other.paired) = (together, together);
         Ok(true)
     }
 

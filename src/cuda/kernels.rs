@@ -77,14 +77,19 @@ fn launch_error(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
 /// [`CudaError::LaunchRefused`]. (A fault of earlier work, reported at a launch, is not one
 /// of these codes.)
 fn refusable_launch_error(kernel: &'static str) -> impl FnOnce(DriverError) -> CudaError {
-    move |e| match e.0 {
+    move |e| if is_refusal(e.0) { CudaError::LaunchRefused { kernel, message: describe_driver_error(e) } } else { launch_error(kernel)(e) }
+}
+
+/// The codes with which the driver refuses a launch at the call, for its cluster size,
+/// shared memory or other resources.
+fn is_refusal(code: sys::CUresult) -> bool {
+    matches!(
+        code,
         sys::CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE
-        | sys::CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
-        | sys::CUresult::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE
-        | sys::CUresult::CUDA_ERROR_INVALID_VALUE
-        | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => CudaError::LaunchRefused { kernel, message: describe_driver_error(e) },
-        _ => launch_error(kernel)(e),
-    }
+            | sys::CUresult::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+            | sys::CUresult::CUDA_ERROR_INVALID_VALUE
+            | sys::CUresult::CUDA_ERROR_NOT_SUPPORTED
+    )
 }
 
 /// Grid-stride launch shape for `n` elements.
@@ -1012,6 +1017,9 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
         let functions = gpu.functions.fused_cluster.as_ref().ok_or_else(|| CudaError::Launch { kernel: "fused_cluster8_f32", message: "the cluster kernels are not loaded".into() })?;
         let cfg = LaunchConfig { grid_dim: (cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: cluster.bytes as u32 };
         let function = &functions.one[cluster.kernel()];
+        // An error cudarc kept from an earlier call is reported as what it is, not taken
+        // for this launch's refusal.
+        gpu.context().check_err().map_err(launch_error("fused_cluster_f32"))?;
         // Again at each launch: another plan on this GPU may have set a smaller size.
         function
             .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(cluster.bytes).unwrap_or(i32::MAX))
@@ -1062,6 +1070,7 @@ pub fn fused_train_pair(
         let bytes = cluster.bytes.max(pb.cluster.map_or(0, |c| c.bytes));
         let cfg = LaunchConfig { grid_dim: (2 * cluster.blocks, 1, 1), block_dim: (CLUSTER_THREADS, 1, 1), shared_mem_bytes: bytes as u32 };
         let function = &functions.pair[cluster.kernel()];
+        gpu.context().check_err().map_err(launch_error("fused_cluster_pair_f32"))?;
         function
             .set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(bytes).unwrap_or(i32::MAX))
             .map_err(refusable_launch_error("fused_cluster_pair_f32"))?;
@@ -1092,6 +1101,19 @@ pub fn fused_train_pair(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_launch_time_codes_and_faults_are_not() {
+        use sys::CUresult as R;
+        for code in [R::CUDA_ERROR_INVALID_CLUSTER_SIZE, R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, R::CUDA_ERROR_INVALID_VALUE, R::CUDA_ERROR_NOT_SUPPORTED] {
+            assert!(is_refusal(code), "{code:?}");
+        }
+        // Faults of earlier asynchronous work, reported at a later call, leave the context
+        // unusable: never a refusal to work around.
+        for code in [R::CUDA_ERROR_ILLEGAL_ADDRESS, R::CUDA_ERROR_LAUNCH_FAILED, R::CUDA_ERROR_HARDWARE_STACK_ERROR, R::CUDA_ERROR_ILLEGAL_INSTRUCTION, R::CUDA_ERROR_MISALIGNED_ADDRESS, R::CUDA_ERROR_LAUNCH_TIMEOUT, R::CUDA_ERROR_ASSERT, R::CUDA_ERROR_UNKNOWN, R::CUDA_ERROR_OUT_OF_MEMORY] {
+            assert!(!is_refusal(code), "{code:?}");
+        }
+    }
 
     fn seed_layers() -> Vec<FusedLayer> {
         let layer = |inputs, outputs| FusedLayer { inputs, outputs, weight: 0, bias: None, batch_norm: None };
