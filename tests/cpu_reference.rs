@@ -359,3 +359,84 @@ fn configuration_errors_are_caught_up_front() {
         assert!(!msg.contains('\n'), "one line: {msg}");
     }
 }
+
+/// The CPU backend's queued points (a worker thread evaluates a copy of the state while the
+/// next steps train) against points measured at once: a BN and a plain network in
+/// lockstep, both statistics modes, probes of either layer, the sparse and the dense first
+/// layer; records and parameters bit for bit.
+#[test]
+fn queued_evaluation_points_equal_points_measured_at_once() {
+    use bntrain::backend::Probe;
+    use bntrain::cpu::{CpuOptions, InputPath};
+    use bntrain::train::Schedule;
+    let data = Arc::new(synthetic_dataset(2000, 500, 784, 42));
+    let train = TrainConfig::seed();
+    let cases = [
+        (StatsMode::Batch, Some(Probe { layer: 1, neurons: 5 }), InputPath::Sparse),
+        (StatsMode::Population, Some(Probe { layer: 0, neurons: 3 }), InputPath::Dense),
+        (StatsMode::Population, None, InputPath::Sparse),
+    ];
+    for (eval_mode, probe, input) in cases {
+        let at = format!("{eval_mode:?}, {probe:?}, {input:?}");
+        let schedule = Schedule { probe, eval_mode, ..Schedule::new(130, 50) };
+        let open = |batch_norm: bool| {
+            let model = ModelConfig::seed(batch_norm);
+            let params = ModelParams::init(&model, train.seed, 1);
+            let options = CpuOptions { input, ..CpuOptions::default() };
+            CpuBackend::<f32>::with_options(model, train.clone(), Arc::clone(&data), &params, options).unwrap()
+        };
+        let (mut bn, mut plain) = (open(true), open(false));
+        let got = support::points_queued(&mut [&mut bn, &mut plain], &train, data.train.count, &schedule).unwrap();
+        for (index, (batch_norm, mut queued)) in [(true, bn), (false, plain)].into_iter().enumerate() {
+            let mut measured = open(batch_norm);
+            let expected = support::points_measured_at_once(&mut measured, &train, data.train.count, &schedule).unwrap();
+            assert_eq!(got[index].len(), 3, "{at}");
+            assert!(got[index].iter().all(|r| r.probe.len() == probe.map_or(0, |p| 500 * p.neurons)), "{at}: probe sizes");
+            assert_eq!(got[index], expected, "{at}, BN {batch_norm}");
+            assert_eq!(queued.params().unwrap(), measured.params().unwrap(), "{at}, BN {batch_norm}: parameters");
+        }
+    }
+}
+
+/// A point measures the state at its step, whatever happens to the live state between its
+/// begin and its finish (parameters replaced, evaluated and predicted with, steps trained),
+/// and names a non-finite value of the copy it took.
+#[test]
+fn a_queued_point_measures_the_state_at_its_step() {
+    use bntrain::backend::{measure_point, Probe};
+    let data = Arc::new(synthetic_dataset(2000, 500, 784, 42));
+    let train = TrainConfig::seed();
+    let model = ModelConfig::seed(true);
+    let params = ModelParams::init(&model, train.seed, 1);
+    let mut changed = params.clone();
+    changed.layers[0].weight[5] += 0.25;
+    let mut infinite = params.clone();
+    infinite.layers[1].batch_norm.as_mut().unwrap().running[0].var[2] = f64::INFINITY;
+    let order = bntrain::train::epoch_order(bntrain::model::BatchOrder::Shuffled, 5, 0, data.train.count);
+    let probe = Some(Probe { layer: 0, neurons: 4 });
+    let open = |params: &ModelParams| {
+        let mut net = CpuBackend::<f32>::new(model.clone(), train.clone(), Arc::clone(&data), params).unwrap();
+        net.set_epoch_order(&order).unwrap();
+        net
+    };
+    for mode in [StatsMode::Population, StatsMode::Batch] {
+        let (mut queued, mut measured, mut other) = (open(&params), open(&params), open(&changed));
+        for net in [&mut queued, &mut measured] {
+            net.train_steps(0, 20).unwrap();
+        }
+        let pending = queued.begin_point(mode, probe).unwrap();
+        queued.set_params(&changed).unwrap();
+        assert_eq!(queued.evaluate(SplitKind::Test, mode, probe).unwrap(), other.evaluate(SplitKind::Test, mode, probe).unwrap(), "{mode:?}");
+        assert_eq!(queued.predict_each(SplitKind::Test, 7, mode).unwrap(), other.predict_each(SplitKind::Test, 7, mode).unwrap(), "{mode:?}");
+        queued.train_steps(20, 3).unwrap();
+        let got = queued.finish_point(pending).unwrap();
+        assert_eq!(got, measure_point(&mut measured, mode, probe).unwrap(), "{mode:?}: the point measured the state at its step");
+        assert_eq!(got.stats.steps, 20);
+        // The copy's non-finite value is named, whatever the live state holds by then.
+        let mut diverged = open(&infinite);
+        let pending = diverged.begin_point(mode, None).unwrap();
+        diverged.set_params(&params).unwrap();
+        let named = diverged.finish_point(pending).unwrap().non_finite;
+        assert_eq!(named, Some(("layer2.running_var[0]".to_string(), f64::INFINITY)), "{mode:?}");
+    }
+}

@@ -7,7 +7,7 @@ pub mod float;
 pub mod ops;
 pub mod sparse;
 
-use crate::backend::{Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{Backend, Evaluation, GemmPrecision, PendingPoint, PointResults, Probe, SplitKind, StatsMode, StepStats};
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, ModelConfig, ModelParams, RunningStats, TrainConfig};
 use crate::Result;
@@ -38,6 +38,28 @@ struct Layer<F> {
     grad_bias: Option<Vec<F>>,
 }
 
+impl<F: Float> Layer<F> {
+    /// A copy of what inference and the non-finite check read (parameters and every running
+    /// statistic), without the gradients.
+    fn inference_copy(&self) -> Self {
+        Layer {
+            inputs: self.inputs,
+            outputs: self.outputs,
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            batch_norm: self.batch_norm.as_ref().map(|bn| BatchNorm {
+                gamma: bn.gamma.clone(),
+                beta: bn.beta.clone(),
+                running: bn.running.clone(),
+                grad_gamma: Vec::new(),
+                grad_beta: Vec::new(),
+            }),
+            grad_weight: Vec::new(),
+            grad_bias: None,
+        }
+    }
+}
+
 /// What one forward pass keeps for the backward pass, for `rows` examples.
 struct Activations<F> {
     rows: usize,
@@ -56,12 +78,14 @@ struct Activations<F> {
 }
 
 impl<F: Float> Activations<F> {
-    fn new(config: &ModelConfig, rows: usize) -> Self {
+    /// Buffers for `rows` examples; `x` only for a dense first layer (the sparse one reads
+    /// the indexed images).
+    fn new(config: &ModelConfig, rows: usize, dense_input: bool) -> Self {
         let widths = config.widths();
         let per_layer = |f: &dyn Fn(usize) -> usize| widths[1..].iter().map(|&w| vec![F::ZERO; f(w)]).collect();
         Activations {
             rows,
-            x: vec![F::ZERO; rows * config.inputs],
+            x: if dense_input { vec![F::ZERO; rows * config.inputs] } else { Vec::new() },
             z: per_layer(&|w| rows * w),
             x_hat: per_layer(&|w| rows * w),
             y: per_layer(&|w| rows * w),
@@ -107,20 +131,12 @@ fn gemm_operand<F: Float>(gemm: GemmPrecision, values: &[F]) -> Cow<'_, [F]> {
 /// one (docs/perf.md: MNIST, 19% non-zero, 1.7× faster sparse; Fashion-MNIST, 49%, even).
 pub const SPARSE_DENSITY_LIMIT: f64 = 0.4;
 
-/// The first layer's sparse input: both splits indexed once, and the backward scratch.
+/// The first layer's sparse input: both splits indexed once (shared with evaluation points'
+/// workers), and the backward scratch.
 struct SparseInput {
-    train: SparseImages,
-    test: SparseImages,
+    train: Arc<SparseImages>,
+    test: Arc<SparseImages>,
     scratch: ColumnScratch,
-}
-
-impl SparseInput {
-    fn split(&self, split: SplitKind) -> &SparseImages {
-        match split {
-            SplitKind::Train => &self.train,
-            SplitKind::Test => &self.test,
-        }
-    }
 }
 
 /// The first layer's input for one forward pass.
@@ -144,6 +160,151 @@ enum Normalize {
     WithPopulationStats,
 }
 
+/// What inference over a split reads: the layers' parameters, the model, how GEMMs round,
+/// the data and, where the first layer is sparse, both splits' indexed images.
+struct Inference<'a, F: Float> {
+    layers: &'a [Layer<F>],
+    model: &'a ModelConfig,
+    gemm: GemmPrecision,
+    data: &'a Dataset,
+    /// (train, test).
+    sparse: Option<(&'a SparseImages, &'a SparseImages)>,
+}
+
+impl<F: Float> Inference<'_, F> {
+    /// Runs inference over `split` in chunks, calling `visit(first_row, acts)`, in the
+    /// buffers `scratch` holds where they have the chunk's size (else new ones, left there):
+    /// a study's 1600 evaluations then allocate (and page in) their ~35 MB once.
+    fn for_each_chunk(
+        &self, split: SplitKind, count: usize, chunk: usize, normalize: Normalize, scratch: &mut Option<Activations<F>>,
+        mut visit: impl FnMut(usize, &Activations<F>),
+    ) {
+        let (data, sparse) = match split {
+            SplitKind::Train => (&self.data.train, self.sparse.map(|s| s.0)),
+            SplitKind::Test => (&self.data.test, self.sparse.map(|s| s.1)),
+        };
+        let mut start = 0;
+        while start < count {
+            let rows = chunk.min(count - start);
+            let acts = match scratch {
+                Some(acts) if acts.rows == rows => acts,
+                _ => scratch.insert(Activations::new(self.model, rows, sparse.is_none())),
+            };
+            let indices: Vec<u32> = (start as u32..(start + rows) as u32).collect();
+            let input = match sparse {
+                Some(images) => Input::Sparse { images, indices: &indices },
+                None => {
+                    ops::gather_batch(&data.images, data.features, &indices, &mut acts.x);
+                    Input::Dense
+                }
+            };
+            CpuBackend::forward(self.layers, self.model, self.gemm, input, acts, normalize);
+            visit(start, acts);
+            start += rows;
+        }
+    }
+
+    /// Loss and accuracy over a whole split (see [`Backend::evaluate`]), in `scratch`'s
+    /// buffers (see [`Inference::for_each_chunk`]); the probe is checked by the caller.
+    fn evaluate(&self, split: SplitKind, mode: StatsMode, probe: Option<Probe>, scratch: &mut Option<Activations<F>>) -> Evaluation {
+        let data = match split {
+            SplitKind::Train => &self.data.train,
+            SplitKind::Test => &self.data.test,
+        };
+        let (count, classes, hidden) = (data.count, self.model.classes, self.model.hidden.len());
+        let labels = &data.labels;
+        // Batch statistics must cover the whole split, so that mode takes it in one chunk.
+        let (chunk, normalize) = match mode {
+            StatsMode::Population => (EVAL_CHUNK, Normalize::WithPopulationStats),
+            StatsMode::Batch => (count, Normalize::WithBatchStats),
+        };
+        let mut eval = Evaluation { examples: count as u64, ..Default::default() };
+        let mut grad_logits = vec![F::ZERO; chunk.min(count) * classes];
+        self.for_each_chunk(split, count, chunk, normalize, scratch, |start, acts| {
+            let rows = acts.rows;
+            let (loss, correct) = ops::softmax_cross_entropy(
+                &acts.z[hidden], &labels[start..start + rows], classes, crate::model::LossReduction::Sum, &mut grad_logits[..rows * classes],
+            );
+            eval.loss_sum += loss;
+            eval.correct += correct;
+            if let Some(p) = probe {
+                let width = self.model.hidden[p.layer];
+                for row in acts.y[p.layer].chunks_exact(width) {
+                    eval.probe.extend(row[..p.neurons].iter().map(|v| v.to_f64() as f32));
+                }
+            }
+        });
+        eval
+    }
+}
+
+/// An evaluation point's own copy of what it reads, so that a worker thread can evaluate it
+/// while the backend trains on.
+struct PointSnapshot<F: Float> {
+    layers: Vec<Layer<F>>,
+    model: ModelConfig,
+    gemm: GemmPrecision,
+    data: Arc<Dataset>,
+    sparse: Option<(Arc<SparseImages>, Arc<SparseImages>)>,
+    /// The backend's evaluation buffers, lent for the point and handed back.
+    scratch: Option<Activations<F>>,
+}
+
+impl<F: Float> PointSnapshot<F> {
+    fn inference(&self) -> Inference<'_, F> {
+        Inference {
+            layers: &self.layers,
+            model: &self.model,
+            gemm: self.gemm,
+            data: &self.data,
+            sparse: self.sparse.as_ref().map(|(train, test)| (&**train, &**test)),
+        }
+    }
+
+    /// The point's non-finite check and test-split evaluation, and the buffers lent.
+    fn measure(mut self, mode: StatsMode, probe: Option<Probe>) -> PointMeasured<F> {
+        let non_finite = model_params(&self.layers, self.sparse.is_some()).first_non_finite();
+        let mut scratch = self.scratch.take();
+        let eval = self.inference().evaluate(SplitKind::Test, mode, probe, &mut scratch);
+        PointMeasured { non_finite, eval, scratch }
+    }
+}
+
+/// What a point's worker hands back.
+struct PointMeasured<F: Float> {
+    non_finite: Option<(String, f64)>,
+    eval: Evaluation,
+    scratch: Option<Activations<F>>,
+}
+
+/// A point being measured on a worker thread ([`Backend::begin_point`]).
+struct CpuPoint<F: Float> {
+    stats: StepStats,
+    worker: std::thread::JoinHandle<PointMeasured<F>>,
+}
+
+/// The parameters and running statistics of `layers` in the canonical layout (the first
+/// layer's weight is stored input-major where `input_major`).
+fn model_params<F: Float>(layers: &[Layer<F>], input_major: bool) -> ModelParams {
+    let to_f64 = |v: &[F]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+    let layers = layers
+        .iter()
+        .enumerate()
+        .map(|(l, layer)| LayerParams {
+            inputs: layer.inputs,
+            outputs: layer.outputs,
+            weight: if l == 0 && input_major { transpose(&to_f64(&layer.weight), layer.inputs, layer.outputs) } else { to_f64(&layer.weight) },
+            bias: layer.bias.as_deref().map(to_f64),
+            batch_norm: layer.batch_norm.as_ref().map(|bn| BatchNormParams {
+                gamma: to_f64(&bn.gamma),
+                beta: to_f64(&bn.beta),
+                running: bn.running.iter().map(|(m, v, n)| RunningStats { mean: to_f64(m), var: to_f64(v), batches: *n }).collect(),
+            }),
+        })
+        .collect();
+    ModelParams { layers }
+}
+
 /// The reference backend. `F` is the precision everything is computed and stored in.
 pub struct CpuBackend<F: Float> {
     model: ModelConfig,
@@ -165,6 +326,10 @@ pub struct CpuBackend<F: Float> {
     grad_z: Vec<F>,
     pending: StepStats,
     gemm: GemmPrecision,
+    /// The evaluation point begun and not yet finished.
+    point: Option<CpuPoint<F>>,
+    /// Evaluation buffers kept between evaluations (lent to a point's worker meanwhile).
+    eval_scratch: Option<Activations<F>>,
 }
 
 impl<F: Float> CpuBackend<F> {
@@ -206,11 +371,12 @@ impl<F: Float> CpuBackend<F> {
                 (InputPath::Auto, Some(train)) if train.density() <= SPARSE_DENSITY_LIMIT && sparse::fast_on_this_cpu() => Some(train),
                 _ => None,
             }
-            .map(|train| SparseInput { train, test: index(&data.test), scratch: ColumnScratch::default() })
+            .map(|train| SparseInput { train: Arc::new(train), test: Arc::new(index(&data.test)), scratch: ColumnScratch::default() })
         };
+        let dense_input = sparse.is_none();
         let mut backend = CpuBackend {
             sparse,
-            step_buffers: Activations::new(&model, batch),
+            step_buffers: Activations::new(&model, batch, dense_input),
             grad_a: vec![F::ZERO; batch * widest],
             grad_y: vec![F::ZERO; batch * widest],
             grad_z: vec![F::ZERO; batch * widest],
@@ -222,6 +388,8 @@ impl<F: Float> CpuBackend<F> {
             order: Vec::new(),
             pending: StepStats::default(),
             gemm: options.gemm,
+            point: None,
+            eval_scratch: None,
         };
         backend.set_params(params)?;
         if backend.train.momentum > 0.0 {
@@ -300,31 +468,24 @@ impl<F: Float> CpuBackend<F> {
         }
     }
 
-    /// Runs inference over `split` in chunks, calling `visit(first_row, logits, acts)`.
-    fn for_each_chunk(
-        &self, split: SplitKind, count: usize, chunk: usize, normalize: Normalize,
-        mut visit: impl FnMut(usize, &Activations<F>),
-    ) {
-        let data = self.split(split);
-        let mut acts = Activations::new(&self.model, chunk.min(count).max(1));
-        let mut start = 0;
-        while start < count {
-            let rows = chunk.min(count - start);
-            if rows != acts.rows {
-                acts = Activations::new(&self.model, rows);
-            }
-            let indices: Vec<u32> = (start as u32..(start + rows) as u32).collect();
-            let input = match &self.sparse {
-                Some(sparse) => Input::Sparse { images: sparse.split(split), indices: &indices },
-                None => {
-                    ops::gather_batch(&data.images, data.features, &indices, &mut acts.x);
-                    Input::Dense
-                }
-            };
-            Self::forward(&self.layers, &self.model, self.gemm, input, &mut acts, normalize);
-            visit(start, &acts);
-            start += rows;
+    /// What inference over a split reads, borrowed from this backend.
+    fn inference(&self) -> Inference<'_, F> {
+        Inference {
+            layers: &self.layers,
+            model: &self.model,
+            gemm: self.gemm,
+            data: &self.data,
+            sparse: self.sparse.as_ref().map(|s| (&*s.train, &*s.test)),
         }
+    }
+
+    fn check_probe(&self, probe: Option<Probe>) -> Result<()> {
+        if let Some(p) = probe {
+            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
+                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -453,36 +614,52 @@ impl<F: Float> Backend for CpuBackend<F> {
     }
 
     fn evaluate(&mut self, split: SplitKind, mode: StatsMode, probe: Option<Probe>) -> Result<Evaluation> {
-        if let Some(p) = probe {
-            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
-                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
-            }
-        }
-        let data = self.split(split);
-        let (count, classes, hidden) = (data.count, self.model.classes, self.model.hidden.len());
-        let labels = &data.labels;
-        // Batch statistics must cover the whole split, so that mode takes it in one chunk.
-        let (chunk, normalize) = match mode {
-            StatsMode::Population => (EVAL_CHUNK, Normalize::WithPopulationStats),
-            StatsMode::Batch => (count, Normalize::WithBatchStats),
-        };
-        let mut eval = Evaluation { examples: count as u64, ..Default::default() };
-        let mut scratch = vec![F::ZERO; chunk.min(count) * classes];
-        self.for_each_chunk(split, count, chunk, normalize, |start, acts| {
-            let rows = acts.rows;
-            let (loss, correct) = ops::softmax_cross_entropy(
-                &acts.z[hidden], &labels[start..start + rows], classes, crate::model::LossReduction::Sum, &mut scratch[..rows * classes],
-            );
-            eval.loss_sum += loss;
-            eval.correct += correct;
-            if let Some(p) = probe {
-                let width = self.model.hidden[p.layer];
-                for row in acts.y[p.layer].chunks_exact(width) {
-                    eval.probe.extend(row[..p.neurons].iter().map(|v| v.to_f64() as f32));
-                }
-            }
-        });
+        self.check_probe(probe)?;
+        let mut scratch = self.eval_scratch.take();
+        let eval = self.inference().evaluate(split, mode, probe, &mut scratch);
+        self.eval_scratch = scratch;
         Ok(eval)
+    }
+
+    /// Takes the training statistics, copies the parameters and running statistics, and
+    /// hands the copy's non-finite check and test evaluation to a worker thread: the next
+    /// steps train on this thread meanwhile (on a machine with a core to spare, the
+    /// evaluation costs no time). The worker runs the same code on the same values as
+    /// [`Backend::evaluate`]: the results are bitwise the same.
+    fn begin_point(&mut self, mode: StatsMode, probe: Option<Probe>) -> Result<PendingPoint> {
+        self.check_probe(probe)?;
+        let snapshot = PointSnapshot {
+            layers: self.layers.iter().map(Layer::inference_copy).collect(),
+            model: self.model.clone(),
+            gemm: self.gemm,
+            data: Arc::clone(&self.data),
+            sparse: self.sparse.as_ref().map(|s| (Arc::clone(&s.train), Arc::clone(&s.test))),
+            scratch: self.eval_scratch.take(),
+        };
+        let worker = std::thread::Builder::new()
+            .name("bntrain-eval".into())
+            .spawn(move || snapshot.measure(mode, probe))
+            .map_err(|e| crate::Error::io("starting an evaluation thread", e))?;
+        // A point begun and never finished (its loop failed) is dropped; its thread ends
+        // on its own.
+        self.point = Some(CpuPoint { stats: std::mem::take(&mut self.pending), worker });
+        Ok(PendingPoint::Queued)
+    }
+
+    fn finish_point(&mut self, pending: PendingPoint) -> Result<PointResults> {
+        let point = match pending {
+            PendingPoint::Measured(results) => return Ok(*results),
+            PendingPoint::Queued => self.point.take(),
+        };
+        let Some(CpuPoint { stats, worker }) = point else {
+            return Err(ConfigError::Invalid(format!("{}: no evaluation point was queued on this backend", self.device_name())).into());
+        };
+        let PointMeasured { non_finite, eval, scratch } = worker.join().map_err(|panic| {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            crate::Error::io("the evaluation thread", std::io::Error::other(format!("it panicked: {what}")))
+        })?;
+        self.eval_scratch = scratch;
+        Ok(PointResults { stats, non_finite, eval })
     }
 
     fn predict_each(&mut self, split: SplitKind, count: usize, mode: StatsMode) -> Result<Vec<u8>> {
@@ -496,35 +673,15 @@ impl<F: Float> Backend for CpuBackend<F> {
         };
         let hidden = self.model.hidden.len();
         let mut predictions = Vec::with_capacity(count);
-        self.for_each_chunk(split, count, 1, normalize, |_, acts| {
+        // One row's buffers of their own: the evaluation's stay as they are.
+        self.inference().for_each_chunk(split, count, 1, normalize, &mut None, |_, acts| {
             predictions.push(ops::argmax(&acts.z[hidden]) as u8);
         });
         Ok(predictions)
     }
 
     fn params(&mut self) -> Result<ModelParams> {
-        let to_f64 = |v: &[F]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
-        let layers = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(l, layer)| LayerParams {
-                inputs: layer.inputs,
-                outputs: layer.outputs,
-                weight: self.canonical_weight(l, to_f64(&layer.weight)),
-                bias: layer.bias.as_deref().map(to_f64),
-                batch_norm: layer.batch_norm.as_ref().map(|bn| BatchNormParams {
-                    gamma: to_f64(&bn.gamma),
-                    beta: to_f64(&bn.beta),
-                    running: bn
-                        .running
-                        .iter()
-                        .map(|(m, v, n)| RunningStats { mean: to_f64(m), var: to_f64(v), batches: *n })
-                        .collect(),
-                }),
-            })
-            .collect();
-        Ok(ModelParams { layers })
+        Ok(model_params(&self.layers, self.sparse.is_some()))
     }
 
     fn set_params(&mut self, params: &ModelParams) -> Result<()> {

@@ -46,3 +46,40 @@ pub fn lockstep_losses(
     .unwrap();
     losses
 }
+
+use bntrain::backend::{measure_point, Backend};
+use bntrain::model::TrainConfig;
+use bntrain::train::{batches_per_epoch, epoch_order, judge_point, train_lockstep, EvalRecord, Event, Schedule, MAX_RUN};
+
+/// `train_lockstep`'s runs of steps and points on one network, each point measured at once
+/// ([`measure_point`]) instead of queued: the reference for queued points.
+pub fn points_measured_at_once(net: &mut dyn Backend, train: &TrainConfig, examples: usize, schedule: &Schedule) -> bntrain::Result<Vec<EvalRecord>> {
+    let per_epoch = batches_per_epoch(examples, train.batch_size);
+    let (every, until) = (schedule.eval_every, schedule.until_step);
+    let (mut step, mut records) = (0, Vec::new());
+    while step < until {
+        let epoch = step / per_epoch;
+        if step % per_epoch == 0 {
+            net.set_epoch_order(&epoch_order(train.order, train.seed, epoch, examples))?;
+        }
+        let next_eval = (step / every + 1) * every;
+        let run = next_eval.min((epoch + 1) * per_epoch).min(until).min(step + MAX_RUN) - step;
+        net.train_steps((step % per_epoch) as usize, run as usize)?;
+        step += run;
+        if step % every == 0 || step == until {
+            records.push(judge_point(step, measure_point(net, schedule.eval_mode, schedule.probe)?)?);
+        }
+    }
+    Ok(records)
+}
+
+/// The records `train_lockstep` reports for each of `nets` (points queued by the backends).
+pub fn points_queued(nets: &mut [&mut dyn Backend], train: &TrainConfig, examples: usize, schedule: &Schedule) -> bntrain::Result<Vec<Vec<EvalRecord>>> {
+    let mut records = vec![Vec::new(); nets.len()];
+    train_lockstep(nets, train, examples, 0, schedule, None, &mut |event| {
+        if let Event::Evaluated { net, record } = event {
+            records[net].push(record.clone());
+        }
+    })?;
+    Ok(records)
+}
