@@ -99,6 +99,20 @@ pub struct Probe {
     pub neurons: usize,
 }
 
+impl Probe {
+    /// Whether `probe` (if any) asks for units `model` has: every backend's check.
+    pub fn check(probe: Option<Probe>, model: &crate::model::ModelConfig) -> Result<(), crate::model::ConfigError> {
+        match probe {
+            Some(p) if p.layer >= model.hidden.len() || p.neurons > model.hidden[p.layer] => Err(crate::model::ConfigError::Invalid(format!(
+                "probe of {} units in hidden layer {} does not fit the model",
+                p.neurons,
+                p.layer + 1
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Inference-mode results on a whole split.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Evaluation {
@@ -145,8 +159,15 @@ pub fn measure_point<B: Backend + ?Sized>(net: &mut B, mode: StatsMode, probe: O
 pub enum PendingPoint {
     /// Measured already (the default, synchronous [`Backend::begin_point`]).
     Measured(Box<PointResults>),
-    /// Queued on the device; the backend holds what it needs to finish it.
+    /// Queued (on the device, on a worker thread); the backend holds what it needs to
+    /// finish it.
     Queued,
+}
+
+/// The error of a [`Backend::finish_point`] handed [`PendingPoint::Queued`] where the
+/// backend `device` has no point queued (a caller's mistake, not the device's).
+pub fn no_point_queued(device: &str) -> crate::Error {
+    crate::model::ConfigError::Invalid(format!("{device}: no evaluation point was queued on this backend")).into()
 }
 
 /// One phase of a training step (the work between two grid barriers of the fused CUDA
@@ -242,7 +263,7 @@ pub trait Backend {
     fn finish_point(&mut self, pending: PendingPoint) -> Result<PointResults> {
         match pending {
             PendingPoint::Measured(results) => Ok(*results),
-            PendingPoint::Queued => Err(crate::model::ConfigError::Invalid(format!("{}: no evaluation point was queued on this backend", self.device_name())).into()),
+            PendingPoint::Queued => Err(no_point_queued(&self.device_name())),
         }
     }
 

@@ -7,7 +7,7 @@ pub mod float;
 pub mod ops;
 pub mod sparse;
 
-use crate::backend::{Backend, Evaluation, GemmPrecision, PendingPoint, PointResults, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{no_point_queued, Backend, Evaluation, GemmPrecision, PendingPoint, PointResults, Probe, SplitKind, StatsMode, StepStats};
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, ModelConfig, ModelParams, RunningStats, TrainConfig};
 use crate::Result;
@@ -480,12 +480,7 @@ impl<F: Float> CpuBackend<F> {
     }
 
     fn check_probe(&self, probe: Option<Probe>) -> Result<()> {
-        if let Some(p) = probe {
-            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
-                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
-            }
-        }
-        Ok(())
+        Ok(Probe::check(probe, &self.model)?)
     }
 }
 
@@ -652,7 +647,7 @@ impl<F: Float> Backend for CpuBackend<F> {
             PendingPoint::Queued => self.point.take(),
         };
         let Some(CpuPoint { stats, worker }) = point else {
-            return Err(ConfigError::Invalid(format!("{}: no evaluation point was queued on this backend", self.device_name())).into());
+            return Err(no_point_queued(&self.device_name()));
         };
         let PointMeasured { non_finite, eval, scratch } = worker.join().map_err(|panic| {
             let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();

@@ -26,7 +26,7 @@ use super::context::Gpu;
 use super::gemm::matmul;
 use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
 use super::{describe_driver_error, phase_trace, CudaError};
-use crate::backend::{measure_point, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{measure_point, no_point_queued, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
@@ -1473,12 +1473,7 @@ impl CudaBackend {
 
     /// Checks a probe against the model.
     fn check_probe(&self, probe: Option<Probe>) -> Result<()> {
-        if let Some(p) = probe {
-            if p.layer >= self.model.hidden.len() || p.neurons > self.model.hidden[p.layer] {
-                return Err(ConfigError::Invalid(format!("probe of {} units in hidden layer {} does not fit the model", p.neurons, p.layer + 1)).into());
-            }
-        }
-        Ok(())
+        Ok(Probe::check(probe, &self.model)?)
     }
 
     /// Orders the training stream's next work after the last point's (a no-op where none was
@@ -1813,7 +1808,7 @@ impl Backend for CudaBackend {
             PendingPoint::Measured(results) => Ok(*results),
             PendingPoint::Queued => match self.point.in_flight.take() {
                 Some(flight) => self.collect_point(flight),
-                None => Err(ConfigError::Invalid(format!("{}: no evaluation point was queued on this backend", self.device_name())).into()),
+                None => Err(no_point_queued(&self.device_name())),
             },
         }
     }
