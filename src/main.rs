@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use bntrain::backend::{SplitKind, StatsMode};
 use bntrain::bench::{self, BenchConfig};
-use bntrain::cpu::InputPath;
+use bntrain::cpu::{self, InputPath};
 use bntrain::data::{self, Dataset, DatasetKind};
 use bntrain::device::{self, DeviceChoice, Precision};
 use bntrain::model::checkpoint::Checkpoint;
@@ -345,6 +345,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// For a training run on the CPU of a network that [`cpu::single_threaded_gemms_suit`]: one
+/// GEMM thread, unless `MATMUL_NUM_THREADS` says otherwise. Called before the process's
+/// first GEMM (matrixmultiply reads the variable once), from the main thread, while no
+/// other thread reads the environment (the interrupt handler's only waits for a signal).
+fn prefer_single_threaded_gemms(device: DeviceChoice, model: &ModelConfig) {
+    if device == DeviceChoice::Cpu && std::env::var_os(cpu::GEMM_THREADS_ENV).is_none() && cpu::single_threaded_gemms_suit(model) {
+        std::env::set_var(cpu::GEMM_THREADS_ENV, "1");
+    }
+}
+
 /// Resolves `auto`, printing the fallback notice once.
 fn resolve_device(choice: DeviceChoice) -> DeviceChoice {
     let (device, notice) = device::resolve(choice);
@@ -414,6 +424,10 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         device: resolve_device(device_choice),
         precision: args.precision,
     };
+    // A checkpoint's network may be another than the arguments say: the default then.
+    if matches!(req.start, Start::Fresh) {
+        prefer_single_threaded_gemms(req.device, &req.model);
+    }
     let bar = progress_bar(args.steps, 0);
     let mut on_event = |event: Event<'_>| match event {
         Event::Stepped { step } => bar.set_position(step),
@@ -524,6 +538,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     opts.hidden = args.hidden.clone();
     opts.progress = true;
     let device = resolve_device(device_choice);
+    prefer_single_threaded_gemms(device, &report::study::model_config(&opts, &data, true));
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     let summary = report::reproduce(&opts, Arc::clone(&data), &mut open)
         .with_context(|| format!("reproduce into {}", out_dir.display()))?;

@@ -440,3 +440,14 @@ fn a_queued_point_measures_the_state_at_its_step() {
         assert_eq!(named, Some(("layer2.running_var[0]".to_string(), f64::INFINITY)), "{mode:?}");
     }
 }
+
+#[test]
+fn one_gemm_thread_suits_networks_of_the_seeds_scale_only() {
+    use bntrain::cpu::{single_threaded_gemms_suit, SINGLE_THREAD_GEMM_MAX_WIDTH};
+    let with_hidden = |hidden: Vec<usize>| ModelConfig { hidden, ..ModelConfig::seed(true) };
+    assert!(single_threaded_gemms_suit(&ModelConfig::seed(true)));
+    assert!(single_threaded_gemms_suit(&with_hidden(vec![SINGLE_THREAD_GEMM_MAX_WIDTH, 7])));
+    assert!(single_threaded_gemms_suit(&with_hidden(vec![])));
+    assert!(!single_threaded_gemms_suit(&with_hidden(vec![100, SINGLE_THREAD_GEMM_MAX_WIDTH + 1])));
+    assert!(!single_threaded_gemms_suit(&with_hidden(vec![1024, 1024])));
+}

@@ -127,6 +127,24 @@ fn gemm_operand<F: Float>(gemm: GemmPrecision, values: &[F]) -> Cow<'_, [F]> {
     }
 }
 
+/// The environment variable matrixmultiply reads once, at a process's first GEMM, for how
+/// many threads its GEMMs use (default: the physical cores, at most 4).
+pub const GEMM_THREADS_ENV: &str = "MATMUL_NUM_THREADS";
+
+/// [`single_threaded_gemms_suit`] networks whose hidden layers are at most this wide.
+pub const SINGLE_THREAD_GEMM_MAX_WIDTH: usize = 256;
+
+/// Whether a CPU training run of `model` is faster with one GEMM thread: where its hidden
+/// layers are at most [`SINGLE_THREAD_GEMM_MAX_WIDTH`] wide, the steps' GEMMs are too small
+/// to gain from a second thread, and the evaluation points' worker thread
+/// ([`Backend::begin_point`]) takes the second core, where matrixmultiply's own threads
+/// contend with it (docs/perf.md: `train --steps 10000` in 4.3–4.8 s with one GEMM thread,
+/// 6.3–7.5 s with matrixmultiply's default, on 2 cores). Wider networks keep the default
+/// (the wide step: 66 ms with two threads, 113 ms with one).
+pub fn single_threaded_gemms_suit(model: &ModelConfig) -> bool {
+    model.hidden.iter().all(|&w| w <= SINGLE_THREAD_GEMM_MAX_WIDTH)
+}
+
 /// Above this fraction of non-zero pixels the dense GEMM is as fast as visiting them one by
 /// one (docs/perf.md: MNIST, 19% non-zero, 1.7× faster sparse; Fashion-MNIST, 49%, even).
 pub const SPARSE_DENSITY_LIMIT: f64 = 0.4;
