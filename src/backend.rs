@@ -232,8 +232,9 @@ pub trait Backend {
         Ok(None)
     }
 
-    /// Waits until all queued work has finished (a no-op on the CPU); benchmarks call it
-    /// before reading the clock.
+    /// Waits until all queued work has finished (a no-op on the CPU, whose steps run when
+    /// called); benchmarks call it before reading the clock. An evaluation point is
+    /// collected by [`Backend::finish_point`], not by this.
     fn synchronize(&mut self) -> Result<()>;
 
     /// Loss and accuracy of the training steps since the previous call (resets them).

@@ -345,12 +345,20 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// For a training run on the CPU of a network that [`cpu::single_threaded_gemms_suit`]: one
-/// GEMM thread, unless `MATMUL_NUM_THREADS` says otherwise. Called before the process's
-/// first GEMM (matrixmultiply reads the variable once), from the main thread, while no
-/// other thread reads the environment (the interrupt handler's only waits for a signal).
-fn prefer_single_threaded_gemms(device: DeviceChoice, model: &ModelConfig) {
-    if device == DeviceChoice::Cpu && std::env::var_os(cpu::GEMM_THREADS_ENV).is_none() && cpu::single_threaded_gemms_suit(model) {
+/// For a training run on the CPU of a network whose hidden layers
+/// [`cpu::single_threaded_gemms_suit`]: one GEMM thread, unless `MATMUL_NUM_THREADS` says
+/// otherwise. The first thing a command does, while the process has no other thread that
+/// could read the environment, and before its first GEMM (matrixmultiply reads the variable
+/// once). `--device auto` counts as the CPU only where it certainly resolves so without a
+/// call into CUDA (no driver library, or no kernels built): where the driver is there, it is
+/// left to its default.
+fn prefer_single_threaded_gemms(choice: DeviceChoice, hidden: &[usize]) {
+    let on_cpu = match choice {
+        DeviceChoice::Cpu => true,
+        DeviceChoice::Auto => !bntrain::cuda::kernels_built() || !bntrain::cuda::driver_present(),
+        DeviceChoice::Cuda => false,
+    };
+    if on_cpu && std::env::var_os(cpu::GEMM_THREADS_ENV).is_none() && cpu::single_threaded_gemms_suit(hidden) {
         std::env::set_var(cpu::GEMM_THREADS_ENV, "1");
     }
 }
@@ -401,7 +409,11 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
 }
 
 fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
-    // First thing, so that an interrupt at any point after start-up is a clean stop.
+    // A resumed checkpoint's network may be another than the arguments say: the default then.
+    if args.resume.is_none() {
+        prefer_single_threaded_gemms(device_choice, &args.model.hidden);
+    }
+    // Then, so that an interrupt at any point after start-up is a clean stop.
     let stop = install_interrupt_handler();
     let data = load_data(&args.data)?;
     let model = args.model.config(data.train.features, data.train.classes);
@@ -424,10 +436,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         device: resolve_device(device_choice),
         precision: args.precision,
     };
-    // A checkpoint's network may be another than the arguments say: the default then.
-    if matches!(req.start, Start::Fresh) {
-        prefer_single_threaded_gemms(req.device, &req.model);
-    }
+
     let bar = progress_bar(args.steps, 0);
     let mut on_event = |event: Event<'_>| match event {
         Event::Stepped { step } => bar.set_position(step),
@@ -525,6 +534,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     if args.name.is_empty() || args.name.contains(['/', '\\']) || args.name == ".." {
         bail!("--name `{}` must be a plain directory name", args.name);
     }
+    prefer_single_threaded_gemms(device_choice, &args.hidden);
     let data = load_data(&args.data)?;
     let out_dir = args.out.join(&args.name);
     let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
@@ -538,7 +548,6 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     opts.hidden = args.hidden.clone();
     opts.progress = true;
     let device = resolve_device(device_choice);
-    prefer_single_threaded_gemms(device, &report::study::model_config(&opts, &data, true));
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     let summary = report::reproduce(&opts, Arc::clone(&data), &mut open)
         .with_context(|| format!("reproduce into {}", out_dir.display()))?;

@@ -369,10 +369,12 @@ fn queued_evaluation_points_equal_points_measured_at_once() {
     use bntrain::backend::Probe;
     use bntrain::cpu::{CpuOptions, InputPath};
     use bntrain::train::Schedule;
-    let data = Arc::new(synthetic_dataset(2000, 500, 784, 42));
+    // 2500 test examples: population statistics take them in chunks of 1000, 1000 and 500.
+    let data = Arc::new(synthetic_dataset(2000, 2500, 784, 42));
     let train = TrainConfig::seed();
     let cases = [
         (StatsMode::Batch, Some(Probe { layer: 1, neurons: 5 }), InputPath::Sparse),
+        (StatsMode::Batch, None, InputPath::Dense),
         (StatsMode::Population, Some(Probe { layer: 0, neurons: 3 }), InputPath::Dense),
         (StatsMode::Population, None, InputPath::Sparse),
     ];
@@ -391,7 +393,7 @@ fn queued_evaluation_points_equal_points_measured_at_once() {
             let mut measured = open(batch_norm);
             let expected = support::points_measured_at_once(&mut measured, &train, data.train.count, &schedule).unwrap();
             assert_eq!(got[index].len(), 3, "{at}");
-            assert!(got[index].iter().all(|r| r.probe.len() == probe.map_or(0, |p| 500 * p.neurons)), "{at}: probe sizes");
+            assert!(got[index].iter().all(|r| r.probe.len() == probe.map_or(0, |p| 2500 * p.neurons)), "{at}: probe sizes");
             assert_eq!(got[index], expected, "{at}, BN {batch_norm}");
             assert_eq!(queued.params().unwrap(), measured.params().unwrap(), "{at}, BN {batch_norm}: parameters");
         }
@@ -425,6 +427,7 @@ fn a_queued_point_measures_the_state_at_its_step() {
             net.train_steps(0, 20).unwrap();
         }
         let pending = queued.begin_point(mode, probe).unwrap();
+        assert!(matches!(pending, bntrain::backend::PendingPoint::Queued), "the worker thread measures it");
         queued.set_params(&changed).unwrap();
         assert_eq!(queued.evaluate(SplitKind::Test, mode, probe).unwrap(), other.evaluate(SplitKind::Test, mode, probe).unwrap(), "{mode:?}");
         assert_eq!(queued.predict_each(SplitKind::Test, 7, mode).unwrap(), other.predict_each(SplitKind::Test, 7, mode).unwrap(), "{mode:?}");
@@ -435,19 +438,31 @@ fn a_queued_point_measures_the_state_at_its_step() {
         // The copy's non-finite value is named, whatever the live state holds by then.
         let mut diverged = open(&infinite);
         let pending = diverged.begin_point(mode, None).unwrap();
+        assert!(matches!(pending, bntrain::backend::PendingPoint::Queued));
         diverged.set_params(&params).unwrap();
         let named = diverged.finish_point(pending).unwrap().non_finite;
         assert_eq!(named, Some(("layer2.running_var[0]".to_string(), f64::INFINITY)), "{mode:?}");
     }
+    // Two non-finite first-layer weights whose order differs between the sparse path's
+    // input-major storage and the canonical [out, in] layout: the point names the first in
+    // canonical order, as `params` does.
+    let mut weights = params.clone();
+    let inputs = model.inputs;
+    weights.layers[0].weight[inputs] = f64::NEG_INFINITY; // [1, 0]: input-major position 1
+    weights.layers[0].weight[3] = f64::NAN; // [0, 3]: input-major position 3 · 100
+    let mut net = CpuBackend::<f32>::with_options(model.clone(), train.clone(), Arc::clone(&data), &weights, bntrain::cpu::CpuOptions { input: bntrain::cpu::InputPath::Sparse, ..Default::default() }).unwrap();
+    let pending = net.begin_point(StatsMode::Population, None).unwrap();
+    let named = net.finish_point(pending).unwrap().non_finite;
+    assert_eq!(named.as_ref().map(|(name, v)| (name.as_str(), v.is_nan())), Some(("layer1.weight", true)), "{named:?}");
+    assert_eq!(named.map(|(n, _)| n), net.params().unwrap().first_non_finite().map(|(n, _)| n));
 }
 
 #[test]
 fn one_gemm_thread_suits_networks_of_the_seeds_scale_only() {
     use bntrain::cpu::{single_threaded_gemms_suit, SINGLE_THREAD_GEMM_MAX_WIDTH};
-    let with_hidden = |hidden: Vec<usize>| ModelConfig { hidden, ..ModelConfig::seed(true) };
-    assert!(single_threaded_gemms_suit(&ModelConfig::seed(true)));
-    assert!(single_threaded_gemms_suit(&with_hidden(vec![SINGLE_THREAD_GEMM_MAX_WIDTH, 7])));
-    assert!(single_threaded_gemms_suit(&with_hidden(vec![])));
-    assert!(!single_threaded_gemms_suit(&with_hidden(vec![100, SINGLE_THREAD_GEMM_MAX_WIDTH + 1])));
-    assert!(!single_threaded_gemms_suit(&with_hidden(vec![1024, 1024])));
+    assert!(single_threaded_gemms_suit(&ModelConfig::seed(true).hidden));
+    assert!(single_threaded_gemms_suit(&[SINGLE_THREAD_GEMM_MAX_WIDTH, 7]));
+    assert!(single_threaded_gemms_suit(&[]));
+    assert!(!single_threaded_gemms_suit(&[100, SINGLE_THREAD_GEMM_MAX_WIDTH + 1]));
+    assert!(!single_threaded_gemms_suit(&[1024, 1024]));
 }

@@ -134,15 +134,15 @@ pub const GEMM_THREADS_ENV: &str = "MATMUL_NUM_THREADS";
 /// [`single_threaded_gemms_suit`] networks whose hidden layers are at most this wide.
 pub const SINGLE_THREAD_GEMM_MAX_WIDTH: usize = 256;
 
-/// Whether a CPU training run of `model` is faster with one GEMM thread: where its hidden
-/// layers are at most [`SINGLE_THREAD_GEMM_MAX_WIDTH`] wide, the steps' GEMMs are too small
+/// Whether a CPU training run of a network with these hidden layers is faster with one GEMM
+/// thread: where they are at most [`SINGLE_THREAD_GEMM_MAX_WIDTH`] wide, the steps' GEMMs are too small
 /// to gain from a second thread, and the evaluation points' worker thread
 /// ([`Backend::begin_point`]) takes the second core, where matrixmultiply's own threads
 /// contend with it (docs/perf.md: `train --steps 10000` in 4.3–4.8 s with one GEMM thread,
 /// 6.3–7.5 s with matrixmultiply's default, on 2 cores). Wider networks keep the default
 /// (the wide step: 66 ms with two threads, 113 ms with one).
-pub fn single_threaded_gemms_suit(model: &ModelConfig) -> bool {
-    model.hidden.iter().all(|&w| w <= SINGLE_THREAD_GEMM_MAX_WIDTH)
+pub fn single_threaded_gemms_suit(hidden: &[usize]) -> bool {
+    hidden.iter().all(|&w| w <= SINGLE_THREAD_GEMM_MAX_WIDTH)
 }
 
 /// Above this fraction of non-zero pixels the dense GEMM is as fast as visiting them one by
@@ -204,10 +204,10 @@ impl<F: Float> Inference<'_, F> {
         let mut start = 0;
         while start < count {
             let rows = chunk.min(count - start);
-            let acts = match scratch {
-                Some(acts) if acts.rows == rows => acts,
-                _ => scratch.insert(Activations::new(self.model, rows, sparse.is_none())),
-            };
+            if scratch.as_ref().is_some_and(|acts| acts.rows != rows) {
+                *scratch = None; // freed before the new ones are made
+            }
+            let acts = scratch.get_or_insert_with(|| Activations::new(self.model, rows, sparse.is_none()));
             let indices: Vec<u32> = (start as u32..(start + rows) as u32).collect();
             let input = match sparse {
                 Some(images) => Input::Sparse { images, indices: &indices },
@@ -641,6 +641,13 @@ impl<F: Float> Backend for CpuBackend<F> {
     /// [`Backend::evaluate`]: the results are bitwise the same.
     fn begin_point(&mut self, mode: StatsMode, probe: Option<Probe>) -> Result<PendingPoint> {
         self.check_probe(probe)?;
+        // A point begun and never finished (its loop failed) is dropped, once its worker
+        // has handed the evaluation buffers back.
+        if let Some(abandoned) = self.point.take() {
+            if let Ok(measured) = abandoned.worker.join() {
+                self.eval_scratch = measured.scratch;
+            }
+        }
         let snapshot = PointSnapshot {
             layers: self.layers.iter().map(Layer::inference_copy).collect(),
             model: self.model.clone(),
@@ -653,8 +660,6 @@ impl<F: Float> Backend for CpuBackend<F> {
             .name("bntrain-eval".into())
             .spawn(move || snapshot.measure(mode, probe))
             .map_err(|e| crate::Error::io("starting an evaluation thread", e))?;
-        // A point begun and never finished (its loop failed) is dropped; its thread ends
-        // on its own.
         self.point = Some(CpuPoint { stats: std::mem::take(&mut self.pending), worker });
         Ok(PendingPoint::Queued)
     }

@@ -94,6 +94,13 @@ pub fn kernels_built() -> bool {
     built::KERNELS.is_some()
 }
 
+/// Whether the CUDA driver library can be loaded (a `dlopen`, no driver call): where not,
+/// `--device auto` runs on the CPU, and nothing of CUDA has started in this process.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library; nothing is called through it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
 /// One line on how the kernels were built, for `bntrain info`.
 pub fn build_info() -> String {
     match (built::KERNELS, built::NVCC_VERSION) {
