@@ -117,10 +117,7 @@ pub fn train_lockstep(
     // A point begun before the loop returned is a result all the same (a resumable history;
     // the nets evaluated before one that diverged); the loop's own error comes first.
     let flushed = points.finish(nets);
-    match outcome {
-        Ok(outcome) => flushed.map(|()| outcome),
-        Err(e) => Err(e),
-    }
+    outcome.and_then(|outcome| flushed.map(|()| outcome))
 }
 
 /// [`train_lockstep`]'s caller's `on_event`, and the evaluation point begun last, if it is

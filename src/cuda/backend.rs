@@ -178,6 +178,19 @@ fn pack_columns(gpu: &Gpu, src: &CudaSlice<f32>, rows: usize, width: usize, colu
     Ok(())
 }
 
+/// Queues, on `gpu`'s stream, the count of non-finite values among the flat parameters and
+/// (BN networks) the running statistics into `count`, zeroed first.
+fn queue_non_finite_count(
+    gpu: &Gpu, params: &CudaSlice<f32>, statistics: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>, count: &mut CudaSlice<u32>,
+) -> Result<(), CudaError> {
+    gpu.stream().memset_zeros(count)?;
+    let tensors = std::iter::once(params).chain(statistics.into_iter().flat_map(|(mean, var)| [mean, var]));
+    for tensor in tensors {
+        kernels::count_non_finite(gpu, &tensor.as_view(), &mut count.as_view_mut())?;
+    }
+    Ok(())
+}
+
 /// A 64-bit FNV-1a hash of `values`: equal orders hash equal, and different ones differ
 /// but by a 2⁻⁶⁴ accident.
 fn fingerprint(values: &[u32]) -> u64 {
@@ -562,6 +575,11 @@ fn pinned<T: DeviceRepr>(gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<T>, Cu
 }
 
 impl PointState {
+    /// The GPU lane the point's work runs on: its own, else the training one.
+    fn gpu<'a>(&'a self, training: &'a Gpu) -> &'a Gpu {
+        self.lane.as_ref().unwrap_or(training)
+    }
+
     fn new(gpu: &Gpu, lane: Option<Gpu>, flat_len: usize, stats_len: usize) -> Result<Self, CudaError> {
         Ok(PointState {
             params: zeros(gpu, flat_len)?,
@@ -1360,7 +1378,7 @@ impl CudaBackend {
         };
         let (gpu, params, population) = if at_point {
             let point = &self.point;
-            (point.lane.as_ref().unwrap_or(&self.gpu), &point.params, (&point.running_mean, &point.running_var))
+            (point.gpu(&self.gpu), &point.params, (&point.running_mean, &point.running_var))
         } else {
             (&self.gpu, &self.params, (&self.running_mean, &self.running_var))
         };
@@ -1392,7 +1410,7 @@ impl CudaBackend {
     fn queue_evaluation(&mut self, at_point: bool, split: SplitKind, count: usize, chunk: usize, normalize: Normalize, probe: Option<Probe>) -> Result<(), CudaError> {
         self.reserve_probe_columns(probe.map_or(0, |p| count * p.neurons))?;
         {
-            let stream = if at_point { self.point.lane.as_ref().unwrap_or(&self.gpu) } else { &self.gpu }.stream();
+            let stream = if at_point { self.point.gpu(&self.gpu) } else { &self.gpu }.stream();
             stream.memset_zeros(&mut self.eval_loss)?;
             stream.memset_zeros(&mut self.eval_correct)?;
         }
@@ -1401,7 +1419,7 @@ impl CudaBackend {
             let rows = chunk.min(count - start);
             self.infer_rows(at_point, split, start, rows, normalize, probe.map(|p| p.layer), None)?;
             if let Some(p) = probe {
-                let gpu = if at_point { self.point.lane.as_ref().unwrap_or(&self.gpu) } else { &self.gpu };
+                let gpu = if at_point { self.point.gpu(&self.gpu) } else { &self.gpu };
                 let width = self.model.hidden[p.layer];
                 let mut dst = self.probe_columns.slice_mut(start * p.neurons..(start + rows) * p.neurons);
                 pack_columns(gpu, &self.eval.y[p.layer], rows, width, p.neurons, &mut dst)?;
@@ -1441,16 +1459,9 @@ impl CudaBackend {
     /// test split's evaluation on the point's copies, and every result copied to pinned
     /// memory.
     fn queue_point(&mut self, lane: &Arc<CudaStream>, mode: StatsMode, probe: Option<Probe>, count: usize) -> Result<(), CudaError> {
-        {
-            let gpu = self.point.lane.as_ref().unwrap_or(&self.gpu);
-            let point = &self.point;
-            lane.memset_zeros(&mut self.non_finite)?;
-            kernels::count_non_finite(gpu, &point.params.as_view(), &mut self.non_finite.as_view_mut())?;
-            if self.stats_layout.is_some() {
-                kernels::count_non_finite(gpu, &point.running_mean.as_view(), &mut self.non_finite.as_view_mut())?;
-                kernels::count_non_finite(gpu, &point.running_var.as_view(), &mut self.non_finite.as_view_mut())?;
-            }
-        }
+        let point = &self.point;
+        let statistics = self.stats_layout.is_some().then_some((&point.running_mean, &point.running_var));
+        queue_non_finite_count(point.gpu(&self.gpu), &point.params, statistics, &mut self.non_finite)?;
         let (chunk, normalize) = match mode {
             StatsMode::Population => (self.eval.rows, Normalize::WithPopulationStats),
             StatsMode::Batch => (count.max(1), Normalize::WithBatchStats),
@@ -1514,17 +1525,24 @@ impl CudaBackend {
         let non_finite = if non_finite == 0 {
             None
         } else {
-            let lane = point.lane.as_ref().unwrap_or(&self.gpu);
-            let flat = read(lane, &point.params)?;
             // (The batch counts are integers: never non-finite, so not copied at the point.)
-            let (rm, rv) = if self.stats_layout.is_some() { (read(lane, &point.running_mean)?, read(lane, &point.running_var)?) } else { (Vec::new(), Vec::new()) };
             let counts = vec![0; self.batches.len()];
-            self.model_params(&flat, &rm, &rv, &counts).first_non_finite()
+            self.read_model_params(point.gpu(&self.gpu), &point.params, &point.running_mean, &point.running_var, &counts)?.first_non_finite()
         };
         Ok(PointResults { stats, non_finite, eval })
     }
 
-    /// The parameters and running statistics from their flat device layouts, read back.
+    /// The parameters and running statistics in `flat`, `mean` and `var` (this backend's
+    /// layouts), read back on `gpu`'s stream, with `counts` as the batch counts.
+    fn read_model_params(
+        &self, gpu: &Gpu, flat: &CudaSlice<f32>, mean: &CudaSlice<f32>, var: &CudaSlice<f32>, counts: &[u64],
+    ) -> Result<ModelParams, CudaError> {
+        let flat = read(gpu, flat)?;
+        let (rm, rv) = if self.stats_layout.is_some() { (read(gpu, mean)?, read(gpu, var)?) } else { (Vec::new(), Vec::new()) };
+        Ok(self.model_params(&flat, &rm, &rv, counts))
+    }
+
+    /// The parameters and running statistics from their flat host copies.
     fn model_params(&self, flat: &[f32], rm: &[f32], rv: &[f32], counts: &[u64]) -> ModelParams {
         let total = self.bn_total();
         let bn_layers = self.stats_layout.as_ref().map_or(0, |s| s.layers());
@@ -1792,7 +1810,7 @@ impl Backend for CudaBackend {
             // The lane's work waits for all of the above (`probe_columns` grown included).
             point.taken.record(&stream).map_err(CudaError::from)?;
         }
-        let lane = self.point.lane.as_ref().unwrap_or(&self.gpu).stream().clone();
+        let lane = self.point.gpu(&self.gpu).stream().clone();
         lane.wait(&self.point.taken).map_err(CudaError::from)?;
         let queued = self.queue_point(&lane, mode, probe, count);
         // On every path: what the training stream and the host wait for.
@@ -1839,30 +1857,16 @@ impl Backend for CudaBackend {
 
     fn first_non_finite(&mut self) -> Result<Option<(String, f64)>> {
         self.after_point()?;
-        let stream = self.gpu.stream().clone();
-        stream.memset_zeros(&mut self.non_finite).map_err(CudaError::from)?;
-        kernels::count_non_finite(&self.gpu, &self.params.as_view(), &mut self.non_finite.as_view_mut())?;
-        if self.stats_layout.is_some() {
-            kernels::count_non_finite(&self.gpu, &self.running_mean.as_view(), &mut self.non_finite.as_view_mut())?;
-            kernels::count_non_finite(&self.gpu, &self.running_var.as_view(), &mut self.non_finite.as_view_mut())?;
-        }
+        let statistics = self.stats_layout.is_some().then_some((&self.running_mean, &self.running_var));
+        queue_non_finite_count(&self.gpu, &self.params, statistics, &mut self.non_finite)?;
         let count: Vec<u32> = read(&self.gpu, &self.non_finite)?;
         // Only a diverged run pays for reading everything back, to name the tensor.
         Ok(if count[0] == 0 { None } else { self.params()?.first_non_finite() })
     }
 
     fn params(&mut self) -> Result<ModelParams> {
-        let flat: Vec<f32> = read(&self.gpu, &self.params)?;
-        let (rm, rv, counts): (Vec<f32>, Vec<f32>, Vec<u64>) = if self.stats_layout.is_some() {
-            (
-                read(&self.gpu, &self.running_mean)?,
-                read(&self.gpu, &self.running_var)?,
-                read(&self.gpu, &self.batches)?,
-            )
-        } else {
-            (Vec::new(), Vec::new(), Vec::new())
-        };
-        Ok(self.model_params(&flat, &rm, &rv, &counts))
+        let counts = if self.stats_layout.is_some() { read(&self.gpu, &self.batches)? } else { Vec::new() };
+        Ok(self.read_model_params(&self.gpu, &self.params, &self.running_mean, &self.running_var, &counts)?)
     }
 
     fn set_params(&mut self, params: &ModelParams) -> Result<()> {
