@@ -22,7 +22,9 @@
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
 #      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
-# then prints a summary table last.
+# then prints each option against the same run without it (the decisions on the defaults;
+# a variant that fell back is left out of them and counts as a failure), and a summary
+# table last.
 #
 #   bash gpu-check.sh [BUNDLE_DIR] [PATH/TO/torch_anchor.py]
 # BUNDLE_DIR defaults to the directory of this script when it holds `bntrain`, else
@@ -139,12 +141,17 @@ done
 
 # A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
 # from eating the call.
+# The log of one bench row (bench's arguments).
+bench_log() {
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}.log"
+}
 bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
     # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1.
     local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}"
-    local log="$logs/bench-$1-$2-$3-small$small-stage$stage-pair$pair-tune$tune-cluster$cluster-backward$backward.log" name="bench $1 ($2, $3"
+    local log; log="$(bench_log "$@")"
+    local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
     [[ $stage == 1 ]] && name+=", staged"
     [[ $pair == 1 ]] && name+=", BN+plain pair"
@@ -172,16 +179,20 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         local phases=""
         # The traced phases' walls (+ barriers), µs: where a fused step's time goes.
         [[ " ${pair_flag[*]} " == *" --trace "* ]] && phases="; phases $(json_eval "$log" "' + '.join(f\"{p['wall_us']:.1f}+{p['barrier_us']:.1f}\" for p in r.get('phases') or []) + f\" = {sum(p['wall_us'] + p['barrier_us'] for p in r.get('phases') or []):.1f} µs\" if r.get('phases') else 'not traced'")"
-        row "$name" "$(json_field "$log" us_per_step) µs/step (median), device: $device$tuned$phases"
-        # A variant that fell back still times something, but not what was asked.
+        # A variant that fell back still times something, but not what was asked: a failure,
+        # and its log is set aside so that the decisions below do not take it for the option.
+        local fell_back=0
         case "$2" in graph) want="(cuda graph" ;; eager) want="(eager launches" ;; fused) want="(fused steps" ;; esac
         [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
-        [[ $pair == 2 ]] && want+=", two networks a launch"
-        [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && failed=1
-        [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && failed=1
-        if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then failed=1; fi
+        [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
+        [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
+        [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
+        if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then fell_back=1; fi
+        local verdict="" us; us="$(json_field "$log" us_per_step)"
+        if [[ $fell_back == 1 ]]; then verdict="FELL BACK: "; failed=1; mv "$log" "$log.fell-back"; fi
+        row "$name" "$verdict$us µs/step (median), device: $device$tuned$phases"
     else
         row "$name" "FAIL"; failed=1
     fi
@@ -254,8 +265,13 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
         row "$name" "${wall} s wall (40000-step comparison ${comparison} s); BN $(json_field "$log" bn_final_accuracy), plain $(json_field "$log" plain_final_accuracy), 1-by-1 $(json_field "$log" one_by_one_population)/$(json_field "$log" one_by_one_batch); report in $out_runs/gpu-$variant"
         # A variant that fell back still runs, but not what was asked.
         device="$(json_field "$log" device)"
-        [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && failed=1
-        [[ $clusters == 1 && "$device" != *"clusters of"* ]] && failed=1
+        fell_back=0
+        [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
+        [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
+        if [[ $fell_back == 1 ]]; then
+            row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
+            mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.fell-back.json"
+        fi
     else
         row "$name" "FAIL (exit $status after ${wall} s)"; failed=1
     fi
@@ -327,6 +343,63 @@ if [[ -n "$anchor" ]] && limit 300 30 "anchor $(basename "$anchor")"; then
     row "anchor $(basename "$anchor")" "exit ${PIPESTATUS[0]}, see the JSON lines above"
 fi
 
+# Each option against the same run without it, from the rows above: where the ratio is under
+# 1 the option is faster, and a candidate for the default (docs/perf.md says which are).
+decisions=()
+decide() { # NAME BASELINE VARIANT: two bench logs, or two reproduce variants as reproduce:NAME
+    local base="$2" variant="$3" field=us_per_step unit="µs/step"
+    if [[ $base == reproduce:* ]]; then
+        base="$logs/runs/gpu-${base#reproduce:}/metrics.json" variant="$logs/runs/gpu-${variant#reproduce:}/metrics.json" unit="s (comparison)"
+    fi
+    decisions+=("$(printf '%-48s %s' "$1" "$(python3 - "$base" "$variant" "$unit" <<'PY'
+import json, sys
+def value(path):
+    # A bench log's last JSON object's us_per_step; a study's metrics.json's comparison time.
+    try:
+        if path.endswith("metrics.json"):
+            return float(json.load(open(path))["timings"]["comparison_s"])
+        found = None
+        for line in open(path, errors="replace"):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and "us_per_step" in r:
+                found = float(r["us_per_step"])
+        return found
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+base, variant = value(sys.argv[1]), value(sys.argv[2])
+if base is None or variant is None:
+    print("not measured in this call")
+else:
+    print(f"{base:.2f} → {variant:.2f} {sys.argv[3]} (×{variant / base:.3f}{', faster' if variant < base else ''})")
+PY
+)")")
+}
+decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
+decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
+decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
+decide "seed fused pair: one launch (grid)" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2)"
+decide "seed fused pair: one launch, staged" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 1 2)"
+decide "seed fused pair: clusters, one launch" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2 0 1)"
+decide "seed fused pair: clusters, two launches" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 1 0 1)"
+decide "seed graph: small-GEMM kernels" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 1)"
+decide "seed graph: dW on a 2nd stream" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 1)"
+for precision in f32 tf32 bf16; do
+    decide "wide graph $precision: tuned GEMMs" "$(bench_log wide graph $precision)" "$(bench_log wide graph $precision 0 0 0 1)"
+done
+decide "wide graph f32: dW on a 2nd stream" "$(bench_log wide graph f32)" "$(bench_log wide graph f32 0 0 0 0 0 1)"
+decide "wide graph f32: tuned, dW on a 2nd stream" "$(bench_log wide graph f32)" "$(bench_log wide graph f32 0 0 0 1 0 1)"
+decide "wide graph tf32: dW on a 2nd stream" "$(bench_log wide graph tf32)" "$(bench_log wide graph tf32 0 0 0 0 0 1)"
+for variant in streams cluster cluster-streams staged paired tuned graph; do
+    decide "reproduce: $variant against fused" reproduce:fused "reproduce:$variant"
+done
+decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams
+
+echo
+echo "== decisions (each option against the same run without it)"
+printf '%s\n' "${decisions[@]}"
 echo
 echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1); ${SECONDS}s)"
 printf '%s\n' "${summary[@]}"

@@ -110,6 +110,18 @@ fn reads_images_and_labels_raw_and_gz_identically() {
     );
 }
 
+/// Writes `bytes` to `dir/name`, reads it with `read`, and checks that the error matches
+/// `pattern`, is one line and names the file; evaluates to the error.
+macro_rules! refused {
+    ($dir:expr, $read:ident, $name:expr, $bytes:expr, $pattern:pat) => {{
+        let path = write($dir, $name, $bytes);
+        let error = $read(&path).unwrap_err();
+        assert!(matches!(error, $pattern), "{}: {error}", $name);
+        assert_names(&error, &path);
+        error
+    }};
+}
+
 #[test]
 fn malformed_files_give_one_line_errors_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -121,179 +133,36 @@ fn malformed_files_give_one_line_errors_naming_the_file() {
     assert!(matches!(error, DataError::MissingFile { .. }), "{error}");
     assert_names(&error, &missing);
 
-    let swapped = write(d, "swapped", &labels_bytes(&[1, 2]));
-    let error = read_idx_images(&swapped).unwrap_err();
-    assert!(
-        matches!(
-            error,
-            DataError::BadMagic {
-                found: 0x801,
-                expected: 0x803,
-                ..
-            }
-        ),
-        "{error}"
-    );
-    assert!(error.to_string().contains("swapped?"), "{error}");
-    assert_names(&error, &swapped);
-    let error = read_idx_labels(&write(
-        d,
-        "garbage-magic",
-        &idx_bytes(0xdead_beef, &[0], &[]),
-    ))
-    .unwrap_err();
-    assert!(
-        matches!(
-            error,
-            DataError::BadMagic {
-                expected: 0x801,
-                ..
-            }
-        ),
-        "{error}"
-    );
+    let swapped = refused!(d, read_idx_images, "swapped", &labels_bytes(&[1, 2]), DataError::BadMagic { found: 0x801, expected: 0x803, .. });
+    assert!(swapped.to_string().contains("swapped?"), "{swapped}");
+    refused!(d, read_idx_labels, "garbage-magic", &idx_bytes(0xdead_beef, &[0], &[]), DataError::BadMagic { expected: 0x801, .. });
 
-    let unnamed_gzip = write(d, "unnamed-gzip", &gzip(&good));
-    let error = read_idx_images(&unnamed_gzip).unwrap_err();
-    assert!(error.to_string().contains("gzip"), "{error}");
-    assert_names(&error, &unnamed_gzip);
+    let unnamed_gzip = refused!(d, read_idx_images, "unnamed-gzip", &gzip(&good), _);
+    assert!(unnamed_gzip.to_string().contains("gzip"), "{unnamed_gzip}");
 
-    let short_header = write(d, "short-header", &good[..10]);
-    let error = read_idx_images(&short_header).unwrap_err();
-    assert!(
-        matches!(
-            error,
-            DataError::Truncated {
-                expected: 16,
-                actual: 10,
-                ..
-            }
-        ),
-        "{error}"
-    );
-    assert_names(&error, &short_header);
-
-    let truncated = write(d, "truncated", &good[..good.len() - 1]);
-    let error = read_idx_images(&truncated).unwrap_err();
-    assert!(
-        matches!(
-            error,
-            DataError::Truncated {
-                expected: 28,
-                actual: 27,
-                ..
-            }
-        ),
-        "{error}"
-    );
-    assert_names(&error, &truncated);
-    let truncated_gz = write(d, "truncated.gz", &gzip(&good[..good.len() - 1]));
-    let error = read_idx_images(&truncated_gz).unwrap_err();
-    assert!(
-        matches!(
-            error,
-            DataError::Truncated {
-                expected: 28,
-                actual: 27,
-                ..
-            }
-        ),
-        "{error}"
-    );
-    assert_names(&error, &truncated_gz);
-
-    let too_long = write(d, "too-long", &[good.clone(), vec![0]].concat());
-    let error = read_idx_images(&too_long).unwrap_err();
-    assert!(
-        matches!(error, DataError::TooLong { expected: 28, .. }),
-        "{error}"
-    );
-    assert_names(&error, &too_long);
-    let too_long_gz = write(
-        d,
-        "too-long.gz",
-        &gzip(&[labels_bytes(&[1, 2]), vec![3]].concat()),
-    );
-    let error = read_idx_labels(&too_long_gz).unwrap_err();
-    assert!(
-        matches!(error, DataError::TooLong { expected: 10, .. }),
-        "{error}"
-    );
-    assert_names(&error, &too_long_gz);
+    refused!(d, read_idx_images, "short-header", &good[..10], DataError::Truncated { expected: 16, actual: 10, .. });
+    refused!(d, read_idx_images, "truncated", &good[..good.len() - 1], DataError::Truncated { expected: 28, actual: 27, .. });
+    refused!(d, read_idx_images, "truncated.gz", &gzip(&good[..good.len() - 1]), DataError::Truncated { expected: 28, actual: 27, .. });
+    refused!(d, read_idx_images, "too-long", &[good.clone(), vec![0]].concat(), DataError::TooLong { expected: 28, .. });
+    refused!(d, read_idx_labels, "too-long.gz", &gzip(&[labels_bytes(&[1, 2]), vec![3]].concat()), DataError::TooLong { expected: 10, .. });
 
     // Absurd headers are refused before any allocation sized from them.
-    let huge_images = write(
-        d,
-        "huge-images",
-        &idx_bytes(0x803, &[1, 65_535, 65_535], &[]),
-    );
-    let error = read_idx_images(&huge_images).unwrap_err();
-    assert!(matches!(error, DataError::BadHeader { .. }), "{error}");
-    assert_names(&error, &huge_images);
-    let empty_images = write(d, "empty-images", &idx_bytes(0x803, &[1, 0, 28], &[]));
-    assert!(matches!(
-        read_idx_images(&empty_images).unwrap_err(),
-        DataError::BadHeader { .. }
-    ));
-    let huge_count = write(
-        d,
-        "huge-count",
-        &idx_bytes(0x803, &[u32::MAX, 1024, 1024], &[0; 64]),
-    );
-    let error = read_idx_images(&huge_count).unwrap_err();
-    assert!(matches!(error, DataError::Truncated { .. }), "{error}");
-    assert_names(&error, &huge_count);
-    let huge_count_gz = write(
-        d,
-        "huge-count.gz",
-        &gzip(&idx_bytes(0x803, &[u32::MAX, 1024, 1024], &[0; 64])),
-    );
-    let error = read_idx_images(&huge_count_gz).unwrap_err();
-    assert!(matches!(error, DataError::BadHeader { .. }), "{error}");
-    assert_names(&error, &huge_count_gz);
-    let huge_labels_gz = write(
-        d,
-        "huge-labels.gz",
-        &gzip(&idx_bytes(0x801, &[u32::MAX], &[0; 64])),
-    );
-    assert!(matches!(
-        read_idx_labels(&huge_labels_gz).unwrap_err(),
-        DataError::BadHeader { .. }
-    ));
+    refused!(d, read_idx_images, "huge-images", &idx_bytes(0x803, &[1, 65_535, 65_535], &[]), DataError::BadHeader { .. });
+    refused!(d, read_idx_images, "empty-images", &idx_bytes(0x803, &[1, 0, 28], &[]), DataError::BadHeader { .. });
+    let huge_count = idx_bytes(0x803, &[u32::MAX, 1024, 1024], &[0; 64]);
+    refused!(d, read_idx_images, "huge-count", &huge_count, DataError::Truncated { .. });
+    refused!(d, read_idx_images, "huge-count.gz", &gzip(&huge_count), DataError::BadHeader { .. });
+    refused!(d, read_idx_labels, "huge-labels.gz", &gzip(&idx_bytes(0x801, &[u32::MAX], &[0; 64])), DataError::BadHeader { .. });
 
     // Gzip that is not gzip, corrupt gzip, gzip followed by junk.
-    let not_gzip = write(d, "not-gzip.gz", &good);
-    let error = read_idx_images(&not_gzip).unwrap_err();
-    assert!(matches!(error, DataError::Gzip { .. }), "{error}");
-    assert_names(&error, &not_gzip);
+    refused!(d, read_idx_images, "not-gzip.gz", &good, DataError::Gzip { .. });
     let mut corrupt = gzip(&images_bytes(50, 10, 10, 3));
     let middle = corrupt.len() / 2;
-    corrupt[middle..middle + 8]
-        .iter_mut()
-        .for_each(|byte| *byte ^= 0x5a);
-    let corrupt = write(d, "corrupt.gz", &corrupt);
-    let error = read_idx_images(&corrupt).unwrap_err();
-    assert!(
-        matches!(error, DataError::Gzip { .. } | DataError::Truncated { .. }),
-        "{error}"
-    );
-    assert_names(&error, &corrupt);
-    let junk_after = write(
-        d,
-        "junk-after.gz",
-        &[gzip(&good), b"junk".to_vec()].concat(),
-    );
-    let error = read_idx_images(&junk_after).unwrap_err();
-    assert!(matches!(error, DataError::Gzip { .. }), "{error}");
-    assert_names(&error, &junk_after);
+    corrupt[middle..middle + 8].iter_mut().for_each(|byte| *byte ^= 0x5a);
+    refused!(d, read_idx_images, "corrupt.gz", &corrupt, DataError::Gzip { .. } | DataError::Truncated { .. });
+    refused!(d, read_idx_images, "junk-after.gz", &[gzip(&good), b"junk".to_vec()].concat(), DataError::Gzip { .. });
     let half_gzip = gzip(&images_bytes(50, 10, 10, 3));
-    let half_gzip = write(d, "half.gz", &half_gzip[..half_gzip.len() / 2]);
-    let error = read_idx_images(&half_gzip).unwrap_err();
-    assert!(
-        matches!(error, DataError::Gzip { .. } | DataError::Truncated { .. }),
-        "{error}"
-    );
-    assert_names(&error, &half_gzip);
+    refused!(d, read_idx_images, "half.gz", &half_gzip[..half_gzip.len() / 2], DataError::Gzip { .. } | DataError::Truncated { .. });
 }
 
 #[test]

@@ -44,6 +44,20 @@ fn serial() -> MutexGuard<'static, ()> {
     GPU_TESTS.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The lock of the GPU tests, held, where there is a usable GPU; None (after `gpu` printed
+/// why) where there is none and the test returns.
+fn serial_gpu() -> Option<MutexGuard<'static, ()>> {
+    serial_gpu_where(|_| true)
+}
+
+/// [`serial_gpu`] where the GPU also `suits` the test (which prints why not). The GPU handle
+/// is dropped here, under the lock: its cuBLAS handle's destruction synchronizes the device.
+fn serial_gpu_where(suits: impl FnOnce(&cuda::Gpu) -> bool) -> Option<MutexGuard<'static, ()>> {
+    let serial = serial();
+    let gpu = gpu()?;
+    suits(&gpu).then_some(serial)
+}
+
 fn dataset() -> Arc<Dataset> {
     Arc::new(synthetic_dataset(2000, 500, 784, 42))
 }
@@ -113,10 +127,8 @@ fn gradient_tolerance(reference: &[f64]) -> Tolerance {
 
 #[test]
 fn one_step_matches_the_cpu_reference() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_one_step(cuda_backend);
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_one_step(cuda_backend);
 }
 
 /// The three comparisons with the CPU reference below, for a backend other than the unfused
@@ -211,10 +223,8 @@ fn lockstep(nets: &mut [&mut dyn Backend], train: &TrainConfig, examples: usize,
 
 #[test]
 fn two_hundred_steps_track_the_cpu_reference() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_two_hundred_steps(cuda_backend);
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_two_hundred_steps(cuda_backend);
 }
 
 fn check_two_hundred_steps(make: Maker) {
@@ -250,16 +260,14 @@ fn check_two_hundred_steps(make: Maker) {
 
 #[test]
 fn inference_matches_the_cpu_reference() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_inference(cuda_backend);
-        // Evaluation in chunks of 128 rows (500 test, 2000 training examples: several
-        // chunks and a short last one), where the default chunk takes a split at once.
-        check_inference(|model, train, data, params| {
-            let options = CudaOptions { eval_chunk: 128, ..Default::default() };
-            Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
-        });
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_inference(cuda_backend);
+    // Evaluation in chunks of 128 rows (500 test, 2000 training examples: several
+    // chunks and a short last one), where the default chunk takes a split at once.
+    check_inference(|model, train, data, params| {
+        let options = CudaOptions { eval_chunk: 128, ..Default::default() };
+        Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
+    });
 }
 
 fn check_inference(make: Maker) {
@@ -294,10 +302,7 @@ fn check_inference(make: Maker) {
 
 #[test]
 fn parameters_round_trip_and_runs_are_bitwise_deterministic() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     for (name, model, train) in configurations() {
         let params = ModelParams::init(&model, 3, train.estimators().len());
@@ -324,10 +329,7 @@ fn parameters_round_trip_and_runs_are_bitwise_deterministic() {
 
 #[test]
 fn bad_requests_are_errors() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let (_, model, train) = configurations().remove(0);
     let mut gpu = cuda_backend(&model, &train, &data, &ModelParams::init(&model, 0, 1));
@@ -349,10 +351,7 @@ fn bad_requests_are_errors() {
 /// infinite running variance is found and named.
 #[test]
 fn non_finite_parameters_are_found_on_the_device() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let (_, model, train) = configurations().remove(0);
     let mut params = ModelParams::init(&model, 0, 1);
@@ -577,10 +576,8 @@ fn cuda_fused_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Datas
 /// evaluations, and inference after training; the tolerances are those of the unfused path.
 #[test]
 fn fused_steps_match_the_cpu_reference() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_all(cuda_fused_backend);
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_all(cuda_fused_backend);
 }
 
 /// `bench --trace`'s phase timing: a row per phase of the seed step, every time positive
@@ -588,10 +585,7 @@ fn fused_steps_match_the_cpu_reference() {
 /// ones (bit for bit), and a backend whose steps are not fused declines, training nothing.
 #[test]
 fn fused_phase_trace_times_every_phase_and_changes_nothing() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let (model, train) = (ModelConfig::seed(true), TrainConfig::seed());
     let params = scaled_init(&model, &train);
@@ -656,10 +650,7 @@ fn clusters_run(gpu: &cuda::Gpu) -> bool {
 /// with clusters of 8 blocks.
 #[test]
 fn cluster_fused_steps_match_the_cpu_reference() {
-    let _serial = serial();
-    let Some(gpu) = gpu() else { return };
-    if clusters_run(&gpu) {
-        drop(gpu);
+    if let Some(_serial) = serial_gpu_where(clusters_run) {
         check_all(cuda_cluster_auto);
         check_one_step(cuda_cluster_8);
     }
@@ -678,14 +669,12 @@ fn cuda_tuned_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Datas
 /// forward and backward; they are tuned in its warm-up step and run in the captured graph.
 #[test]
 fn tuned_gemm_steps_match_the_cpu_reference() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_all(cuda_tuned_backend);
-        let tuned = cuda::gemm_tuning::tuned_gemms();
-        assert!(tuned.iter().any(|t| t.shape.starts_with("127×127×784 ")), "no 127×127×784 product was tuned: {tuned:?}");
-        for t in &tuned {
-            assert!(t.chosen < t.us.len().max(1) && (t.us.is_empty() || t.us[t.chosen].is_finite()), "{t:?}");
-        }
+    let Some(_serial) = serial_gpu() else { return };
+    check_all(cuda_tuned_backend);
+    let tuned = cuda::gemm_tuning::tuned_gemms();
+    assert!(tuned.iter().any(|t| t.shape.starts_with("127×127×784 ")), "no 127×127×784 product was tuned: {tuned:?}");
+    for t in &tuned {
+        assert!(t.chosen < t.us.len().max(1) && (t.us.is_empty() || t.us[t.chosen].is_finite()), "{t:?}");
     }
 }
 
@@ -704,10 +693,8 @@ fn cuda_staged_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Data
 /// reference, as the unstaged one is checked above.
 #[test]
 fn staged_fused_steps_match_the_cpu_reference() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_all(cuda_staged_backend);
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_all(cuda_staged_backend);
 }
 
 /// Two backends that trained the same steps hold bit for bit the same step statistics,
@@ -736,10 +723,7 @@ fn with_configurations(seed: u64, mut check: impl FnMut(&str, &ModelConfig, &Tra
 /// order: 13 steps staged equal 13 steps unstaged bit for bit, in every configuration.
 #[test]
 fn staged_fused_steps_equal_unstaged_bitwise() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     with_configurations(5, |name, model, train, data, params, order, steps| {
         let mut staged = cuda_staged(model, train, data, params);
         let mut unstaged = cuda_with(StepLaunch::Fused, model, train, data, params);
@@ -761,17 +745,14 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
 /// `train_steps_with`, unstaged and staged) end bit for bit where each ends trained alone.
 #[test]
 fn paired_fused_networks_equal_networks_trained_alone() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_pairs(&[(false, ClusterRequest::Off), (true, ClusterRequest::Off)]);
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_pairs(&[(false, ClusterRequest::Off), (true, ClusterRequest::Off)]);
 }
 
 /// As above, for the cluster kernels: a cluster a network in one launch.
 #[test]
 fn paired_cluster_networks_equal_networks_trained_alone() {
-    let _serial = serial();
-    if gpu().is_some_and(|gpu| clusters_run(&gpu)) {
+    if let Some(_serial) = serial_gpu_where(clusters_run) {
         check_pairs(&[(false, ClusterRequest::Auto)]);
     }
 }
@@ -782,10 +763,7 @@ fn paired_cluster_networks_equal_networks_trained_alone() {
 /// the grid kernel from the start, bit for bit.
 #[test]
 fn a_refused_cluster_launch_falls_back_to_the_grid_kernel() {
-    let _serial = serial();
-    if !gpu().is_some_and(|gpu| clusters_run(&gpu)) {
-        return;
-    }
+    let Some(_serial) = serial_gpu_where(clusters_run) else { return };
     let data = dataset();
     let train = TrainConfig::seed();
     let order = epoch_order(BatchOrder::Shuffled, 9, 0, data.train.count);
@@ -859,10 +837,7 @@ fn check_pairs(variants: &[(bool, ClusterRequest)]) {
 /// (the kernel defers each weight update to the next step's forward or the launch's end).
 #[test]
 fn fused_runs_equal_fused_single_steps_bitwise() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     with_configurations(3, |name, model, train, data, params, order, steps| {
         let mut run = cuda_with(StepLaunch::Fused, model, train, data, params);
         let mut single = cuda_with(StepLaunch::Fused, model, train, data, params);
@@ -878,10 +853,8 @@ fn fused_runs_equal_fused_single_steps_bitwise() {
 
 #[test]
 fn graph_replay_matches_eager_launches_bitwise() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_graph_vs_eager::<CudaBackend>();
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_graph_vs_eager::<CudaBackend>();
 }
 
 /// 250 steps across epochs (with a skipped batch, a shorter and a longer order), an
@@ -920,10 +893,7 @@ fn check_graph_vs_eager<B: Scripted>() {
 /// bf16 GEMMs on the seed network.
 #[test]
 fn weight_gradients_on_a_second_stream_change_nothing() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let seed = configurations().into_iter().next().unwrap();
     let reduced = [GemmPrecision::Tf32, GemmPrecision::Bf16].map(|gemm| (seed.0, seed.1.clone(), seed.2.clone(), gemm));
@@ -952,10 +922,8 @@ fn weight_gradients_on_a_second_stream_change_nothing() {
 
 #[test]
 fn a_resumed_graph_run_matches_an_unbroken_eager_run_bitwise() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_resume::<CudaBackend>();
-    }
+    let Some(_serial) = serial_gpu() else { return };
+    check_resume::<CudaBackend>();
 }
 
 /// A graph run interrupted after step 70 (between the statistics taken at 50 and 100) and
@@ -1037,33 +1005,31 @@ fn the_comparisons_hold_for_cpu_f32() {
 /// graph must equal five eager ones bit for bit, as in f32.
 #[test]
 fn reduced_precision_gemms_match_the_cpu_emulation() {
-    let _serial = serial();
-    if gpu().is_some() {
-        check_reduced_precision(
-            |model, train, data, params, gemm| {
-                let options = CudaOptions { step_launch: StepLaunch::Eager, gemm, ..Default::default() };
-                Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
-            },
-            false,
-        );
-        let data = dataset();
-        let (_, model, train) = configurations().remove(0);
-        let params = scaled_init(&model, &train);
-        let order = epoch_order(BatchOrder::Shuffled, 7, 0, data.train.count);
-        for gemm in [GemmPrecision::Tf32, GemmPrecision::Bf16] {
-            let run = |step_launch| {
-                let options = CudaOptions { step_launch, gemm, ..Default::default() };
-                let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
-                net.set_epoch_order(&order).unwrap();
-                for batch in 0..5 {
-                    net.train_step(batch).unwrap();
-                }
-                (params_bits(&net.params().unwrap()), net.device_name())
-            };
-            let ((eager, _), (graph, name)) = (run(StepLaunch::Eager), run(StepLaunch::Graph));
-            assert!(name.contains("cuda graph") && !name.contains("failed"), "{}: {name}", gemm.label());
-            assert!(graph == eager, "{}: graph replay differs from eager launches", gemm.label());
-        }
+    let Some(_serial) = serial_gpu() else { return };
+    check_reduced_precision(
+        |model, train, data, params, gemm| {
+            let options = CudaOptions { step_launch: StepLaunch::Eager, gemm, ..Default::default() };
+            Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
+        },
+        false,
+    );
+    let data = dataset();
+    let (_, model, train) = configurations().remove(0);
+    let params = scaled_init(&model, &train);
+    let order = epoch_order(BatchOrder::Shuffled, 7, 0, data.train.count);
+    for gemm in [GemmPrecision::Tf32, GemmPrecision::Bf16] {
+        let run = |step_launch| {
+            let options = CudaOptions { step_launch, gemm, ..Default::default() };
+            let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+            net.set_epoch_order(&order).unwrap();
+            for batch in 0..5 {
+                net.train_step(batch).unwrap();
+            }
+            (params_bits(&net.params().unwrap()), net.device_name())
+        };
+        let ((eager, _), (graph, name)) = (run(StepLaunch::Eager), run(StepLaunch::Graph));
+        assert!(name.contains("cuda graph") && !name.contains("failed"), "{}: {name}", gemm.label());
+        assert!(graph == eager, "{}: graph replay differs from eager launches", gemm.label());
     }
 }
 
@@ -1117,10 +1083,7 @@ fn without_a_usable_gpu_the_backend_fails_cleanly() {
 
 #[test]
 fn queued_evaluation_points_equal_points_measured_at_once() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let train = TrainConfig::seed();
     let examples = data.train.count;
@@ -1178,10 +1141,7 @@ fn queued_evaluation_points_equal_points_measured_at_once() {
 /// state, and steps trained.
 #[test]
 fn a_queued_point_measures_the_state_at_its_step() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let train = TrainConfig::seed();
     let model = ModelConfig::seed(true);
@@ -1221,10 +1181,7 @@ fn a_queued_point_measures_the_state_at_its_step() {
 
 #[test]
 fn a_queued_point_names_what_went_non_finite_at_its_step() {
-    let _serial = serial();
-    if gpu().is_none() {
-        return;
-    }
+    let Some(_serial) = serial_gpu() else { return };
     let data = dataset();
     let train = TrainConfig::seed();
     let model = ModelConfig::seed(true);
