@@ -111,7 +111,7 @@ for test in gpu_kernels gpu_training gpu_training:cluster; do
     skip=(); [[ $fused_ok == 1 ]] || skip=(--skip fused)
     [[ $test == gpu_training ]] && skip+=(--skip cluster)
     log="$logs/${test/:/-}.log"
-    BNTRAIN_REQUIRE_GPU=1 timeout "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
+    BNTRAIN_REQUIRE_GPU=1 BNTRAIN_REQUIRE_CLUSTERS=1 timeout "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     result="$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
     if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi

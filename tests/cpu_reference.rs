@@ -214,14 +214,15 @@ fn batch_norm_normalizes_each_feature_and_gamma_beta_set_scale_and_shift() {
     let (mut m, mut v, mut s) = (vec![0.0; width], vec![0.0; width], vec![0.0; width]);
     let (mut xh, mut y) = (vec![0.0; z.len()], vec![0.0; z.len()]);
     ops::batch_norm_forward_train(&z, &gamma, &beta, eps, &mut m, &mut v, &mut s, &mut xh, &mut y);
-    let (mut xm, mut xv) = (vec![0.0; width], vec![0.0; width]);
-    ops::batch_moments(&xh, width, &mut xm, &mut xv);
+    let (zm, zv) = column_moments(&z, width);
+    assert_close("batch mean", m.clone(), zm, Tolerance::new(1e-12, 1e-12));
+    assert_close("batch variance (biased)", v.clone(), zv, Tolerance::new(1e-12, 1e-12));
+    let (xm, xv) = column_moments(&xh, width);
     assert_close("mean of x̂", xm, vec![0.0; width], Tolerance::new(1e-12, 0.0));
     // Var(x̂) = σ²/(σ²+ε), just under 1.
     let expected: Vec<f64> = v.iter().map(|&s2| s2 / (s2 + eps)).collect();
     assert_close("variance of x̂", xv, expected.clone(), Tolerance::new(1e-12, 1e-12));
-    let (mut ym, mut yv) = (vec![0.0; width], vec![0.0; width]);
-    ops::batch_moments(&y, width, &mut ym, &mut yv);
+    let (ym, yv) = column_moments(&y, width);
     assert_close("mean of y = β", ym, beta.clone(), Tolerance::new(1e-12, 1e-12));
     let scaled: Vec<f64> = gamma.iter().zip(&expected).map(|(g, e)| g * g * e).collect();
     assert_close("variance of y = γ²·Var(x̂)", yv, scaled, Tolerance::new(1e-12, 1e-12));
@@ -291,8 +292,7 @@ fn running_statistics_in_training_are_the_batch_moments() {
     ops::gather_batch(&data.train.images, 6, &(0..8).collect::<Vec<u32>>(), &mut x);
     let mut z = vec![0.0; 8 * 3];
     ops::linear_forward(&x, &params.layers[0].weight, None, 6, 3, &mut z);
-    let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
-    ops::batch_moments(&z, 3, &mut m, &mut v);
+    let (m, v) = column_moments(&z, 3);
     let stats = &after.layers[0].batch_norm.as_ref().unwrap().running[0];
     assert_close("running mean", stats.mean.clone(), m.iter().map(|v| 0.001 * v).collect::<Vec<_>>(), Tolerance::new(1e-12, 1e-9));
     assert_close("running var", stats.var.clone(), v.iter().map(|v| 0.999 + 0.001 * v).collect::<Vec<_>>(), Tolerance::new(1e-12, 1e-9));
@@ -321,6 +321,7 @@ fn one_by_one_batch_statistics_predict_a_single_class() {
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
     let params = ModelParams::init(&model, 0, 1);
+    let net_data = Arc::clone(&data);
     let mut net = CpuBackend::<f64>::new(model, train, data, &params).unwrap();
     let batch = net.predict_each(SplitKind::Test, 30, StatsMode::Batch).unwrap();
     assert!(batch.iter().all(|&p| p == batch[0]), "x̂ = 0 for a single example: the output cannot depend on the input ({batch:?})");
@@ -329,6 +330,9 @@ fn one_by_one_batch_statistics_predict_a_single_class() {
     // predict_each agrees with a batched evaluation in population mode.
     let e = net.evaluate(SplitKind::Test, StatsMode::Population, None).unwrap();
     assert_eq!(e.examples, 30);
+    let labels = &net_data.test.labels[..30];
+    let correct = population.iter().zip(labels).filter(|(p, l)| p == l).count() as u64;
+    assert_eq!(correct, e.correct, "one by one {population:?}, labels {labels:?}");
 }
 
 #[test]
@@ -465,4 +469,13 @@ fn one_gemm_thread_suits_networks_of_the_seeds_scale_only() {
     assert!(single_threaded_gemms_suit(&[]));
     assert!(!single_threaded_gemms_suit(&[100, SINGLE_THREAD_GEMM_MAX_WIDTH + 1]));
     assert!(!single_threaded_gemms_suit(&[1024, 1024]));
+}
+
+/// Per-column mean and biased variance of a row-major [rows, width] matrix, two passes: the
+/// tests' own, apart from `ops::batch_moments`, which the code under test calls.
+fn column_moments(z: &[f64], width: usize) -> (Vec<f64>, Vec<f64>) {
+    let rows = (z.len() / width) as f64;
+    let mean: Vec<f64> = (0..width).map(|j| z.iter().skip(j).step_by(width).sum::<f64>() / rows).collect();
+    let var = (0..width).map(|j| z.iter().skip(j).step_by(width).map(|v| (v - mean[j]).powi(2)).sum::<f64>() / rows).collect();
+    (mean, var)
 }

@@ -2,6 +2,8 @@
 //! error, dataset loading, `locate`'s search order, `fetch` against a local HTTP server, and,
 //! when the real MNIST is on this machine, a cross-check against the `mnist` crate.
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -406,7 +408,7 @@ fn real_mnist() -> Option<PathBuf> {
     if complete {
         Some(dir)
     } else {
-        println!("skipped: real MNIST not found");
+        support::mnist_missing(&format!("real MNIST not found in {}", dir.display()));
         None
     }
 }
@@ -443,10 +445,7 @@ fn real_mnist_matches_the_mnist_crate_and_data_md() {
     // The `mnist` crate panics on anything unexpected and wants the raw names: only compare
     // when they are there.
     if !IDX_FILES.iter().all(|name| dir.join(name).is_file()) {
-        println!(
-            "skipped the mnist-crate comparison: {} holds .gz files only",
-            dir.display()
-        );
+        let _ = writeln!(std::io::stderr(), "skipped the mnist-crate comparison: {} holds .gz files only", dir.display());
         return;
     }
     let base = format!("{}/", dir.display());

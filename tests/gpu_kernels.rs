@@ -634,7 +634,6 @@ fn round_to_bf16_matches_the_host_rounding_bitwise() {
         for (i, &v) in x.iter().enumerate() {
             let want = half::bf16::from_f32(v).to_bits();
             assert_eq!(got[i], want, "n = {n}, element {i} ({:#010x})", v.to_bits());
-            assert_eq!(f32::from_bits(u32::from(want) << 16).to_bits(), GemmPrecision::Bf16.round(v).to_bits(), "element {i}");
         }
         assert_eq!(&got[n..], &[0xDEAD; 3], "n = {n}: wrote past the end");
     }

@@ -636,11 +636,16 @@ fn cuda_cluster_8(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>,
     cuda_cluster(8, model, train, data, params)
 }
 
-/// Whether the GPU runs thread-block clusters (compute capability 9.0); says so if not.
+/// Whether the GPU runs thread-block clusters (compute capability 9.0); says so on stderr if
+/// not, or fails with `BNTRAIN_REQUIRE_CLUSTERS=1` (gpu-check.sh, on an H100 or H200).
 fn clusters_run(gpu: &cuda::Gpu) -> bool {
     let runs = gpu.compute_capability() >= (9, 0);
     if !runs {
-        println!("skipped: thread-block clusters need compute capability 9.0, this GPU has {:?}", gpu.compute_capability());
+        let why = format!("thread-block clusters need compute capability 9.0, this GPU has {:?}", gpu.compute_capability());
+        if std::env::var("BNTRAIN_REQUIRE_CLUSTERS").as_deref() == Ok("1") {
+            panic!("BNTRAIN_REQUIRE_CLUSTERS=1 but {why}");
+        }
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("skipped: {why}\n").as_bytes());
     }
     runs
 }
@@ -918,6 +923,32 @@ fn weight_gradients_on_a_second_stream_change_nothing() {
         assert_eq!(run(StepLaunch::Eager, true), reference, "{name}: eager launches, weight gradients on a second stream");
         assert_eq!(run(StepLaunch::Graph, true), reference, "{name}: graph replay, weight gradients on a second stream");
     }
+}
+
+/// bf16 graph steps around an evaluation with batch statistics over more rows than the
+/// evaluation chunk, which grows the bf16 scratch a captured step writes (and frees the old
+/// one): the step is captured again before it replays, and the run is bitwise the eager one.
+#[test]
+fn a_step_graph_is_captured_again_when_the_bf16_scratch_grows() {
+    let Some(_serial) = serial_gpu() else { return };
+    let data = dataset();
+    let (name, model, train) = configurations().into_iter().next().unwrap();
+    let params = ModelParams::init(&model, 11, train.estimators().len());
+    let (steps, changes) = plan(data.train.count, train.batch_size, train.seed, 250, true);
+    let run = |step_launch| {
+        // run_plan's whole-split evaluation at step 100 covers 2000 rows, 20 chunks' worth.
+        let options = CudaOptions { step_launch, gemm: GemmPrecision::Bf16, eval_chunk: 100, ..Default::default() };
+        let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+        let mut trace = Trace::default();
+        run_plan(&mut net, &steps, 0..steps.len(), &mut trace);
+        (net.step_launch(), net.graph_captures(), finish(&mut net, trace))
+    };
+    let (launch, captures, graph) = run(StepLaunch::Graph);
+    // At step 2, at each change of the order's length, and once after the scratch grew.
+    assert_eq!((launch, captures), (StepLaunch::Graph, 2 + changes), "{name}: graph launches and captures");
+    let (launch, _, eager) = run(StepLaunch::Eager);
+    assert_eq!(launch, StepLaunch::Eager);
+    assert_eq!(graph, eager, "{name}: graph replay vs eager launches, bf16, the scratch grown at step 100");
 }
 
 #[test]

@@ -90,3 +90,97 @@ fn reduced_precision_runs_on_the_dense_path_and_says_so() {
     let err = open(CpuOptions { input: InputPath::Sparse, gemm: GemmPrecision::Tf32 }).err().expect("sparse + tf32 is refused");
     assert!(err.to_string().contains("dense path only"), "{err}");
 }
+
+/// One step of the emulation (in f64, so that no operand lands on another side of a rounding
+/// boundary by f32 arithmetic) against a reference written out here: every GEMM operand —
+/// forward x and W, backward dz, x and W — rounded on the host before an f64 product, the
+/// bias gradients from the unrounded dz. Where the emulation left any of them unrounded, its
+/// gradients would differ by rounding-sized amounts (~2⁻⁹ relative for bf16), far past
+/// the summation-order differences allowed here.
+#[test]
+fn the_emulation_rounds_every_gemm_operand_forward_and_backward() {
+    use bntrain::cpu::ops;
+    let data = Arc::new(synthetic_dataset(600, 100, 784, 11));
+    let train = TrainConfig::seed();
+    for (model, gemm) in [(ModelConfig::seed(true), GemmPrecision::Bf16), (ModelConfig::seed(false), GemmPrecision::Tf32)] {
+        let what = format!("{}, {}", if model.batch_norm { "BN" } else { "plain" }, gemm.label());
+        let params = ModelParams::init(&model, 2, 1);
+        let options = CpuOptions { gemm, ..Default::default() };
+        let mut net = CpuBackend::<f64>::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+        let order = bntrain::train::epoch_order(train.order, 0, 0, data.train.count);
+        net.set_epoch_order(&order).unwrap();
+        net.train_step(0).unwrap();
+        let emulated = net.gradients().unwrap();
+
+        let round = |v: &[f64]| v.iter().map(|&x| f64::from(gemm.round(x as f32))).collect::<Vec<f64>>();
+        let b = train.batch_size;
+        let indices = &order[..b];
+        let labels: Vec<u8> = indices.iter().map(|&i| data.train.labels[i as usize]).collect();
+        let mut inputs = vec![vec![0.0; b * 784]]; // each layer's input
+        ops::gather_batch(&data.train.images, 784, indices, &mut inputs[0]);
+        let (mut x_hats, mut inv_stds) = (Vec::new(), Vec::new());
+        let layers = &params.layers;
+        let mut logits = Vec::new();
+        for (l, layer) in layers.iter().enumerate() {
+            let mut z = vec![0.0; b * layer.outputs];
+            ops::linear_forward(&round(&inputs[l]), &round(&layer.weight), layer.bias.as_deref(), layer.inputs, layer.outputs, &mut z);
+            if l + 1 == layers.len() {
+                logits = z;
+                break;
+            }
+            let mut y = z.clone();
+            if let Some(bn) = &layer.batch_norm {
+                let width = layer.outputs;
+                let (mut mean, mut var, mut inv_std, mut x_hat) = (vec![0.0; width], vec![0.0; width], vec![0.0; width], vec![0.0; b * width]);
+                ops::batch_norm_forward_train(&z, &bn.gamma, &bn.beta, model.epsilon, &mut mean, &mut var, &mut inv_std, &mut x_hat, &mut y);
+                x_hats.push(x_hat);
+                inv_stds.push(inv_std);
+            }
+            let mut a = vec![0.0; y.len()];
+            ops::activation_forward(model.activation, &y, &mut a);
+            inputs.push(a);
+        }
+        let mut dz = vec![0.0; logits.len()];
+        ops::softmax_cross_entropy(&logits, &labels, model.classes, train.loss, &mut dz);
+        let mut expected = vec![Vec::new(); emulated.len()];
+        let mut tensor = emulated.len();
+        for (l, layer) in layers.iter().enumerate().rev() {
+            let mut dw = vec![0.0; layer.weight.len()];
+            let mut dx = vec![0.0; b * layer.inputs];
+            ops::linear_backward(&round(&dz), &round(&inputs[l]), &round(&layer.weight), layer.inputs, layer.outputs, &mut dw, None, (l > 0).then_some(&mut dx[..]));
+            // This layer's tensors in `gradients` order: weight, bias, then γ and β.
+            let mut own = vec![dw];
+            if layer.bias.is_some() {
+                let mut db = vec![0.0; layer.outputs];
+                ops::bias_gradient(&dz, &mut db);
+                own.push(db);
+            }
+            if l == 0 {
+                tensor -= own.len();
+                expected.splice(tensor..tensor + own.len(), own);
+                break;
+            }
+            // Through the activation and BN of the layer below.
+            let below = &layers[l - 1];
+            let mut dy = vec![0.0; dx.len()];
+            ops::activation_backward(model.activation, &inputs[l], &dx, &mut dy);
+            let mut below_dz = dy.clone();
+            let mut bn_grads = Vec::new();
+            if let Some(bn) = &below.batch_norm {
+                let (mut dgamma, mut dbeta) = (vec![0.0; below.outputs], vec![0.0; below.outputs]);
+                ops::batch_norm_backward(&dy, &x_hats[l - 1], &bn.gamma, &inv_stds[l - 1], &mut below_dz, &mut dgamma, &mut dbeta);
+                bn_grads = vec![dgamma, dbeta];
+            }
+            tensor -= own.len();
+            expected.splice(tensor..tensor + own.len(), own);
+            // The layer below's γ and β come last among its tensors.
+            tensor -= bn_grads.len();
+            expected.splice(tensor..tensor + bn_grads.len(), bn_grads);
+            dz = below_dz;
+        }
+        assert_eq!(tensor, 0, "{what}: every gradient tensor placed");
+        for (t, (got, want)) in emulated.iter().zip(&expected).enumerate() {
+            assert_close(&format!("{what}: gradient tensor {t}"), got.iter().copied(), want.iter().copied(), Tolerance::new(1e-12 * want.iter().fold(0.0f64, |m, v| m.max(v.abs())), 1e-9));
+        }
+    }
+}

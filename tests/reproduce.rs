@@ -6,10 +6,12 @@
 //! otherwise). Outputs stay in `target/tmp/reproduce-quick-*` for inspection.
 
 // Skip notices go to stderr directly, past the test harness's capture, so a run shows them.
+mod support;
+
 use std::io::Write as _;
 use bntrain::backend::Backend;
 use bntrain::cpu::CpuBackend;
-use bntrain::data::{load_dir, locate, Dataset, DatasetKind, Split};
+use bntrain::data::{load_dir, Dataset, DatasetKind, Split};
 use bntrain::model::checkpoint::Checkpoint;
 use bntrain::model::{ModelConfig, ModelParams, TrainConfig};
 use bntrain::report::{reproduce, ReproduceOptions, ReproduceSummary};
@@ -288,10 +290,7 @@ fn reproduce_quick_on_synthetic_data() {
 
 #[test]
 fn reproduce_quick_on_mnist() {
-    let Ok(dir) = locate(None, DatasetKind::Mnist, false) else {
-        let _ = writeln!(std::io::stderr(), "skipped: MNIST not found (set BNTRAIN_DATA or run `bntrain data fetch`)");
-        return;
-    };
+    let Some(dir) = support::real_mnist() else { return };
     let data = load_dir(&dir, DatasetKind::Mnist).expect("MNIST loads");
     let out = out_dir("reproduce-quick-mnist");
     let summary = run_quick(data, out.clone());
@@ -311,10 +310,7 @@ fn reproduce_quick_on_mnist() {
 #[test]
 #[ignore]
 fn reproduce_full_on_mnist() {
-    let Ok(dir) = locate(None, DatasetKind::Mnist, false) else {
-        let _ = writeln!(std::io::stderr(), "skipped: MNIST not found (set BNTRAIN_DATA or run `bntrain data fetch`)");
-        return;
-    };
+    let Some(dir) = support::real_mnist() else { return };
     let data = Arc::new(load_dir(&dir, DatasetKind::Mnist).expect("MNIST loads"));
     let out = out_dir("reproduce-full-mnist");
     let opts = ReproduceOptions { progress: true, ..ReproduceOptions::new(out.clone()) };

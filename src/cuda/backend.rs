@@ -603,9 +603,10 @@ impl PointState {
     }
 }
 
-/// The captured step. CUDA graphs are not internally synchronized: every use of this one
-/// goes through `&mut CudaBackend`, which serializes them.
-struct StepGraph(CudaGraph);
+/// The captured step, and the bf16 scratch generation it captured
+/// ([`CudaBackend::scratch_generation`]). CUDA graphs are not internally synchronized: every
+/// use of this one goes through `&mut CudaBackend`, which serializes them.
+struct StepGraph(CudaGraph, u64);
 
 // SAFETY: CUDA allows a graph to be used from any thread as long as calls on it are not
 // concurrent; moving it between threads (Send) is therefore fine, and no method reachable
@@ -890,6 +891,25 @@ impl CudaBackend {
         if options.backward_streams && backend.fused.is_none() {
             backend.open_backward_lane()?;
         }
+        // Options asked for that this network's way of stepping has no use for: said once a
+        // process, so that a run is not taken for what it did not do.
+        static FUSED_ONLY: std::sync::Once = std::sync::Once::new();
+        static NOT_FUSED: std::sync::Once = std::sync::Once::new();
+        let fused_asked = options.fused_staging || options.fused_pairing || options.fused_cluster != ClusterRequest::Off;
+        if fused_asked && backend.fused.is_none() {
+            FUSED_ONLY.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_PAIR and BNTRAIN_FUSED_CLUSTER apply to fused steps only; this network's run as {}",
+                    if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
+                );
+            });
+        }
+        if options.backward_streams && backend.fused.is_some() {
+            NOT_FUSED.call_once(|| {
+                let _ = writeln!(std::io::stderr(), "notice: BNTRAIN_BACKWARD_STREAMS applies to graph and eager steps only; fused steps run their whole backward in one kernel");
+            });
+        }
         Ok(backend)
     }
 
@@ -1051,6 +1071,9 @@ impl CudaBackend {
                     }
                 }
                 if self.pairs_with(other) {
+                    // The pair kernel runs on this network's stream and reads the other's
+                    // new plan, which its stream has yet to allocate and fill.
+                    self.gpu.stream().join(other.gpu.stream())?;
                     launch(self, other).map(|()| true)
                 } else {
                     self.launch_fused_apart(other, steps).map(|()| false)
@@ -1281,7 +1304,7 @@ impl CudaBackend {
             Ok(graph) => {
                 // An error here is returned, not retried eagerly: the step may not run twice.
                 graph.launch().map_err(graph_launch_error)?;
-                self.graph = GraphState::Ready(StepGraph(graph));
+                self.graph = GraphState::Ready(StepGraph(graph, self.scratch_generation()));
                 self.captures += 1;
                 Ok(())
             }
@@ -1348,6 +1371,14 @@ impl CudaBackend {
         if matches!(self.graph, GraphState::Ready(_)) {
             self.graph = GraphState::Stale;
         }
+    }
+
+    /// The bf16 scratch generations of the streams a step graph runs on: an evaluation with
+    /// batch statistics over more rows than reserved grows the training stream's scratch,
+    /// and frees the one a captured graph writes.
+    fn scratch_generation(&self) -> u64 {
+        let lane = self.backward.as_ref().map_or(0, |b| b.lane.bf16_operands_generation());
+        self.gpu.bf16_operands_generation().wrapping_add(lane)
     }
 
     /// Sets the device batch counter (an asynchronous memset: no host synchronization).
@@ -1640,6 +1671,9 @@ impl Backend for CudaBackend {
 
     fn train_step(&mut self, batch: usize) -> Result<()> {
         self.start_steps(batch, 1)?;
+        if matches!(&self.graph, GraphState::Ready(graph) if graph.1 != self.scratch_generation()) {
+            self.graph = GraphState::Stale;
+        }
         match &self.graph {
             _ if self.fused.is_some() => self.launch_fused(1)?,
             GraphState::Ready(graph) => graph.0.launch().map_err(graph_launch_error)?,

@@ -9,7 +9,7 @@ use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The handles of every kernel in `cuda/*.cu`, loaded from their modules (a clone shares
@@ -74,6 +74,9 @@ pub struct Gpu {
     /// bf16 GEMMs: the two operands rounded to bf16 (cuda/bf16.cu), see
     /// [`Gpu::reserve_bf16_operands`]. Allocated on first use, grown when too small.
     bf16_operands: Mutex<Option<Bf16Operands>>,
+    /// How many times the bf16 scratch was (re)allocated: a CUDA graph captured before the
+    /// last time holds freed addresses (see [`Gpu::bf16_operands_generation`]).
+    bf16_operands_generation: AtomicU64,
     /// Whether small f32 GEMMs go to cuda/small_gemm.cu instead of cuBLAS: off unless
     /// `BNTRAIN_SMALL_GEMM=1` (on an H100 and an H200 they beat cuBLAS only under eager
     /// launches, see [`super::gemm::SMALL_GEMM_MAX_MACS`]).
@@ -290,7 +293,7 @@ impl Gpu {
         });
         Ok(Gpu {
             ctx, stream, blas, lt: std::sync::OnceLock::new(), blas_workspace, blas_workspace_ptr, functions, fused_module, capability, name,
-            bf16_operands: Mutex::new(None), small_gemm: AtomicBool::new(small_gemm), gemm_tuning: AtomicBool::new(false),
+            bf16_operands: Mutex::new(None), bf16_operands_generation: AtomicU64::new(0), small_gemm: AtomicBool::new(small_gemm), gemm_tuning: AtomicBool::new(false),
             softmax_partials,
         })
     }
@@ -386,9 +389,16 @@ impl Gpu {
         let mut scratch = self.bf16_operands.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if scratch.as_ref().is_none_or(|s| s.len < elements) {
             *scratch = None; // free the old pair before the new one is allocated
+            self.bf16_operands_generation.fetch_add(1, Ordering::Relaxed);
             *scratch = Some(Bf16Operands { a: self.stream.alloc_zeros(elements)?, b: self.stream.alloc_zeros(elements)?, len: elements });
         }
         Ok(())
+    }
+
+    /// Changes whenever the bf16 scratch moves (a larger operand than reserved grew it): a
+    /// step graph captured under another value must be captured again before it replays.
+    pub(crate) fn bf16_operands_generation(&self) -> u64 {
+        self.bf16_operands_generation.load(Ordering::Relaxed)
     }
 
     /// The bf16 operand scratch, at least `elements` long each (grown if not).

@@ -382,16 +382,30 @@ fn tune(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Tuned, C
     let product = |algorithm: &Algorithm, c: u64| run(gpu, shape, algorithm, on(c));
     let ctx = gpu.context();
     let (start, end) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
+    // An error an earlier call left in the context is reported as itself, not taken for a
+    // candidate's failure below.
+    ctx.check_err()?;
     let mut us = Vec::with_capacity(algorithms.len());
     for algorithm in &algorithms {
-        // Accumulating products pile up in `first` here; only the time counts.
+        // One product: Ok(false) where a cublasLt candidate fails (the heuristics' list is
+        // advisory: it is left out); cuBLAS's own failing is an error.
+        let one = || match (algorithm, product(algorithm, first_ptr)) {
+            (Algorithm::Lt(_), Err(_)) => Ok(false),
+            (_, done) => done.map(|()| true),
+        };
+        // Accumulating products pile up in `first` here; only the time counts. The events'
+        // errors are the stream's, never the candidate's.
         let timed = || -> Result<f64, CudaError> {
-            product(algorithm, first_ptr)?;
+            if !one()? {
+                return Ok(f64::NAN);
+            }
             let mut best = f64::INFINITY;
             for _ in 0..TIMED_BATCHES {
                 start.record(stream)?;
                 for _ in 0..PRODUCTS_PER_BATCH {
-                    product(algorithm, first_ptr)?;
+                    if !one()? {
+                        return Ok(f64::NAN);
+                    }
                 }
                 end.record(stream)?;
                 end.synchronize()?;
@@ -399,13 +413,7 @@ fn tune(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Tuned, C
             }
             Ok(best)
         };
-        // A candidate that fails (the heuristics' list is advisory) is left out; the
-        // stream must still be healthy, which the next synchronize reports.
-        us.push(match (algorithm, timed()) {
-            (_, Ok(t)) => t,
-            (Algorithm::Cublas, Err(e)) => return Err(e),
-            (Algorithm::Lt(_), Err(_)) => f64::NAN,
-        });
+        us.push(timed()?);
     }
     gpu.synchronize()?;
     // cuBLAS's result from zero, the reference the winner must match.

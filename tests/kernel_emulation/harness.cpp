@@ -27,7 +27,9 @@ static int failures = 0;
 static void check(const std::string& what, const std::vector<float>& got, const std::vector<double>& want, double atol, double rtol, size_t tail_from = SIZE_MAX) {
     size_t bad = 0, worst = 0; double wex = -1;
     for (size_t i = 0; i < want.size(); ++i) {
-        double ex = std::isnan(got[i]) ? INFINITY : fabs(got[i] - want[i]) - (atol + rtol * fabs(want[i]));
+        // A NaN reference wants a NaN; a NaN where the reference is a number is a failure.
+        double ex = std::isnan(want[i]) ? (std::isnan(got[i]) ? -1.0 : INFINITY)
+                  : std::isnan(got[i]) ? INFINITY : fabs(got[i] - want[i]) - (atol + rtol * fabs(want[i]));
         if (ex > 0) { bad++; if (ex > wex) { wex = ex; worst = i; } }
     }
     for (size_t i = want.size(); i < got.size(); ++i) if (!std::isnan(got[i])) { printf("%s: wrote past end at %zu\n", what.c_str(), i); failures++; break; }

@@ -22,10 +22,19 @@ pub fn real_mnist() -> Option<PathBuf> {
     match bntrain::data::locate(None, DatasetKind::Mnist, false) {
         Ok(dir) => Some(dir),
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "skipped: real MNIST not found ({e})");
+            mnist_missing(&format!("real MNIST not found ({e})"));
             None
         }
     }
+}
+
+/// Says that a test skips for want of the real MNIST: on stderr, past the harness's
+/// capture; a failure instead with `BNTRAIN_REQUIRE_MNIST=1` (CI, which fetches it first).
+pub fn mnist_missing(why: &str) {
+    if std::env::var("BNTRAIN_REQUIRE_MNIST").as_deref() == Ok("1") {
+        panic!("BNTRAIN_REQUIRE_MNIST=1 but {why}");
+    }
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }
 
 /// Trains two networks side by side with `train_lockstep` for `steps` steps and returns, per
