@@ -527,9 +527,14 @@ fn options_follow_the_step_switch() {
     let err = CudaOptions::from_step_env(Some("0")).unwrap_err().to_string();
     assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("auto, graph, eager or fused"), "{err}");
     let defaults = CudaOptions::default();
-    assert!(!defaults.fused_staging && !defaults.fused_pairing && !defaults.gemm_tuning, "staging, pairing and tuning are off until measured");
-    for name in [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV] {
-        for (value, expected) in [(None, false), (Some(""), false), (Some("0"), false), (Some(" 1 "), true)] {
+    assert!(
+        !defaults.fused_staging && !defaults.fused_pairing && !defaults.gemm_tuning && !defaults.eval_stream && !defaults.backward_streams,
+        "staging, pairing, tuning and the second streams are off until measured"
+    );
+    let switches = [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV];
+    for name in switches {
+        // Unset or empty: the default stands (None).
+        for (value, expected) in [(None, None), (Some(""), None), (Some("0"), Some(false)), (Some(" 1 "), Some(true))] {
             assert_eq!(CudaOptions::switch_from_env(name, value).unwrap(), expected, "{name}={value:?}");
         }
         let err = CudaOptions::switch_from_env(name, Some("yes")).unwrap_err().to_string();
@@ -537,8 +542,8 @@ fn options_follow_the_step_switch() {
     }
     assert_eq!(defaults.fused_cluster, ClusterRequest::Off, "clusters are off until measured");
     for (value, expected) in [
-        (None, ClusterRequest::Off), (Some("0"), ClusterRequest::Off), (Some(" 1"), ClusterRequest::Auto),
-        (Some("8"), ClusterRequest::Blocks(8)), (Some("16"), ClusterRequest::Blocks(16)),
+        (None, None), (Some(""), None), (Some("0"), Some(ClusterRequest::Off)), (Some(" 1"), Some(ClusterRequest::Auto)),
+        (Some("8"), Some(ClusterRequest::Blocks(8))), (Some("16"), Some(ClusterRequest::Blocks(16))),
     ] {
         assert_eq!(CudaOptions::cluster_from_env(value).unwrap(), expected, "{value:?}");
     }

@@ -443,37 +443,42 @@ impl CudaOptions {
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
     /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
     /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM` and the
-    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`.
+    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`; each unset (or empty)
+    /// variable leaves [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
-        let switch = |name: &str| Self::switch_from_env(name, std::env::var(name).ok().as_deref());
+        let switch = |name: &str, default: bool| Ok::<_, ConfigError>(Self::switch_from_env(name, std::env::var(name).ok().as_deref())?.unwrap_or(default));
         Ok(CudaOptions {
-            fused_staging: switch(Self::STAGE_ENV)?,
-            fused_pairing: switch(Self::PAIR_ENV)?,
-            gemm_tuning: switch(Self::GEMM_TUNE_ENV)?,
-            eval_stream: switch(Self::EVAL_STREAM_ENV)?,
-            backward_streams: switch(Self::BACKWARD_STREAMS_ENV)?,
-            fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?,
+            fused_staging: switch(Self::STAGE_ENV, options.fused_staging)?,
+            fused_pairing: switch(Self::PAIR_ENV, options.fused_pairing)?,
+            gemm_tuning: switch(Self::GEMM_TUNE_ENV, options.gemm_tuning)?,
+            eval_stream: switch(Self::EVAL_STREAM_ENV, options.eval_stream)?,
+            backward_streams: switch(Self::BACKWARD_STREAMS_ENV, options.backward_streams)?,
+            fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?.unwrap_or(options.fused_cluster),
             ..options
         })
     }
 
-    /// [`CudaOptions::fused_cluster`] for a value of `BNTRAIN_FUSED_CLUSTER` (None: unset).
-    pub fn cluster_from_env(value: Option<&str>) -> Result<ClusterRequest, ConfigError> {
+    /// [`CudaOptions::fused_cluster`] for a value of `BNTRAIN_FUSED_CLUSTER`; None where it
+    /// is unset or empty (the default stands).
+    pub fn cluster_from_env(value: Option<&str>) -> Result<Option<ClusterRequest>, ConfigError> {
         match value.map(str::trim) {
-            None | Some("") | Some("0") => Ok(ClusterRequest::Off),
-            Some("1") => Ok(ClusterRequest::Auto),
-            Some("8") => Ok(ClusterRequest::Blocks(8)),
-            Some("16") => Ok(ClusterRequest::Blocks(16)),
+            None | Some("") => Ok(None),
+            Some("0") => Ok(Some(ClusterRequest::Off)),
+            Some("1") => Ok(Some(ClusterRequest::Auto)),
+            Some("8") => Ok(Some(ClusterRequest::Blocks(8))),
+            Some("16") => Ok(Some(ClusterRequest::Blocks(16))),
             Some(other) => Err(ConfigError::Invalid(format!("{}={other}: expected 0, 1, 8 or 16", Self::CLUSTER_ENV))),
         }
     }
 
-    /// An on/off switch `name` for its value (None: unset, which is off).
-    pub fn switch_from_env(name: &str, value: Option<&str>) -> Result<bool, ConfigError> {
+    /// An on/off switch `name` for its value; None where it is unset or empty (the default
+    /// stands), so that `0` turns off an option that becomes a default.
+    pub fn switch_from_env(name: &str, value: Option<&str>) -> Result<Option<bool>, ConfigError> {
         match value.map(str::trim) {
-            None | Some("") | Some("0") => Ok(false),
-            Some("1") => Ok(true),
+            None | Some("") => Ok(None),
+            Some("0") => Ok(Some(false)),
+            Some("1") => Ok(Some(true)),
             Some(other) => Err(ConfigError::Invalid(format!("{name}={other}: expected 0 or 1"))),
         }
     }
