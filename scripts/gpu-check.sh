@@ -195,6 +195,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         row "$name" "$verdict$us µs/step (median), device: $device$tuned$phases"
     else
         row "$name" "FAIL"; failed=1
+        [[ -f "$log" ]] && mv "$log" "$log.failed"
     fi
 }
 for config in seed wide; do
@@ -266,14 +267,19 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
         # A variant that fell back still runs, but not what was asked.
         device="$(json_field "$log" device)"
         fell_back=0
+        case "$step" in fused) [[ "$device" != *"(fused steps"* ]] && fell_back=1 ;; graph) [[ "$device" != *"(cuda graph"* ]] && fell_back=1 ;; esac
+        [[ $stage == 1 && "$device" != *"staged in shared memory"* ]] && fell_back=1
+        [[ $pairing == 1 && "$device" != *", two networks a launch"* ]] && fell_back=1
+        [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
             row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
-            mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.fell-back.json"
+            mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.fell-back"
         fi
     else
         row "$name" "FAIL (exit $status after ${wall} s)"; failed=1
+        [[ -f "$out_runs/gpu-$variant/metrics.json" ]] && mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.failed"
     fi
 done
 
@@ -347,14 +353,18 @@ fi
 # 1 the option is faster, and a candidate for the default (docs/perf.md says which are).
 decisions=()
 decide() { # NAME BASELINE VARIANT: two bench logs, or two reproduce variants as reproduce:NAME
-    local base="$2" variant="$3" field=us_per_step unit="µs/step"
+    local base="$2" variant="$3" unit="µs/step"
     if [[ $base == reproduce:* ]]; then
         base="$logs/runs/gpu-${base#reproduce:}/metrics.json" variant="$logs/runs/gpu-${variant#reproduce:}/metrics.json" unit="s (comparison)"
     fi
     decisions+=("$(printf '%-48s %s' "$1" "$(python3 - "$base" "$variant" "$unit" <<'PY'
-import json, sys
+import json, os, sys
 def value(path):
-    # A bench log's last JSON object's us_per_step; a study's metrics.json's comparison time.
+    # A bench log's last JSON object's us_per_step; a study's metrics.json's comparison time;
+    # what became of a run whose log was set aside.
+    for what in ("fell-back", "failed"):
+        if os.path.exists(f"{path}.{what}"):
+            return what.replace("-", " ")
     try:
         if path.endswith("metrics.json"):
             return float(json.load(open(path))["timings"]["comparison_s"])
@@ -370,7 +380,9 @@ def value(path):
     except (OSError, KeyError, TypeError, ValueError):
         return None
 base, variant = value(sys.argv[1]), value(sys.argv[2])
-if base is None or variant is None:
+if isinstance(base, str) or isinstance(variant, str):
+    print(f"no decision: the baseline {base if isinstance(base, str) else 'ran'}, the variant {variant if isinstance(variant, str) else 'ran'}")
+elif base is None or variant is None:
     print("not measured in this call")
 else:
     print(f"{base:.2f} → {variant:.2f} {sys.argv[3]} (×{variant / base:.3f}{', faster' if variant < base else ''})")
@@ -381,7 +393,7 @@ decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" 
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
 decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
 decide "seed fused pair: one launch (grid)" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2)"
-decide "seed fused pair: one launch, staged" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 1 2)"
+decide "seed fused pair, staged: one launch" "$(bench_log seed fused f32 0 1 1)" "$(bench_log seed fused f32 0 1 2)"
 decide "seed fused pair: clusters, one launch" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2 0 1)"
 decide "seed fused pair: clusters, two launches" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 1 0 1)"
 decide "seed graph: small-GEMM kernels" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 1)"
@@ -390,11 +402,14 @@ for precision in f32 tf32 bf16; do
     decide "wide graph $precision: tuned GEMMs" "$(bench_log wide graph $precision)" "$(bench_log wide graph $precision 0 0 0 1)"
 done
 decide "wide graph f32: dW on a 2nd stream" "$(bench_log wide graph f32)" "$(bench_log wide graph f32 0 0 0 0 0 1)"
-decide "wide graph f32: tuned, dW on a 2nd stream" "$(bench_log wide graph f32)" "$(bench_log wide graph f32 0 0 0 1 0 1)"
+decide "wide graph f32, tuned: dW on a 2nd stream" "$(bench_log wide graph f32 0 0 0 1)" "$(bench_log wide graph f32 0 0 0 1 0 1)"
 decide "wide graph tf32: dW on a 2nd stream" "$(bench_log wide graph tf32)" "$(bench_log wide graph tf32 0 0 0 0 0 1)"
-for variant in streams cluster cluster-streams staged paired tuned graph; do
+# staged: staging; paired: one launch, over staged; cluster: clusters and one launch
+# together; tuned: the evaluations' GEMMs tuned; streams: the evaluation stream.
+for variant in streams cluster staged tuned graph; do
     decide "reproduce: $variant against fused" reproduce:fused "reproduce:$variant"
 done
+decide "reproduce: paired against staged" reproduce:staged reproduce:paired
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams
 
 echo

@@ -905,7 +905,7 @@ impl CudaBackend {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_PAIR and BNTRAIN_FUSED_CLUSTER apply to fused steps only; this network's run as {}",
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_PAIR and BNTRAIN_FUSED_CLUSTER apply to fused steps only; this network's steps run as {}",
                     if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
                 );
             });

@@ -382,9 +382,6 @@ fn tune(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Tuned, C
     let product = |algorithm: &Algorithm, c: u64| run(gpu, shape, algorithm, on(c));
     let ctx = gpu.context();
     let (start, end) = (ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?);
-    // An error an earlier call left in the context is reported as itself, not taken for a
-    // candidate's failure below.
-    ctx.check_err()?;
     let mut us = Vec::with_capacity(algorithms.len());
     for algorithm in &algorithms {
         // One product: Ok(false) where a cublasLt candidate fails (the heuristics' list is
@@ -424,8 +421,19 @@ fn tune(gpu: &Gpu, shape: &BlasShape, operands: BlasOperands) -> Result<Tuned, C
     // otherwise the next one.
     loop {
         let chosen = choose(&us);
-        if chosen == 0 || agrees(gpu, shape, |c| product(&algorithms[chosen], c), &mut first, first_ptr, &reference)? {
-            return Ok(Tuned { algorithm: algorithms[chosen].clone(), report: TunedGemm { shape: shape.label(), us, chosen } });
+        let keep = |algorithm: &Algorithm, us| Ok(Tuned { algorithm: algorithm.clone(), report: TunedGemm { shape: shape.label(), us, chosen } });
+        if chosen == 0 {
+            return keep(&algorithms[0], us);
+        }
+        // A candidate whose own product fails here is dropped like one that disagrees; the
+        // stream's errors are returned.
+        let product_failed = std::cell::Cell::new(false);
+        let checked = |c| product(&algorithms[chosen], c).inspect_err(|_| product_failed.set(true));
+        match agrees(gpu, shape, checked, &mut first, first_ptr, &reference) {
+            Ok(true) => return keep(&algorithms[chosen], us),
+            Ok(false) => {}
+            Err(_) if product_failed.get() => {}
+            Err(e) => return Err(e),
         }
         us[chosen] = f64::NAN;
     }
