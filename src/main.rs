@@ -327,10 +327,27 @@ impl OptimArgs {
 fn main() {
     let cli = Cli::parse();
     if let Err(err) = run(cli) {
-        // One line: the context chain joined, as anyhow's `{:#}` prints it.
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", one_line(&err));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, joined as anyhow's `{:#}` joins them, without a
+/// cause that the message before it already ends with (typed errors name their source in
+/// their own message: "cannot read checkpoint x: No such file or directory").
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(cli: Cli) -> Result<()> {

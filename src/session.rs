@@ -144,6 +144,13 @@ pub fn run(
     if req.eval_every == 0 {
         return Err(ConfigError::Invalid("--eval-every must be at least 1".into()).into());
     }
+    if req.steps == 0 {
+        return Err(ConfigError::Invalid("--steps must be at least 1".into()).into());
+    }
+    if req.steps <= progress.step {
+        let why = format!("--steps {}: the checkpoint is already at step {}; ask for more steps to go on", req.steps, progress.step);
+        return Err(ConfigError::Invalid(why).into());
+    }
     let mut net = device::open(req.device, req.precision, model.clone(), train_cfg.clone(), Arc::clone(&data), &params)?;
     if !velocity.is_empty() {
         net.set_velocity(&velocity)?;

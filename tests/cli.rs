@@ -90,6 +90,9 @@ fn expect_failure(out: &Output, needle: &str) {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "one error line: {stderr}");
     assert!(errors[0].contains(needle), "`{}` should contain `{needle}`", errors[0]);
+    // A cause is said once, not again after a message that already ends with it.
+    let parts: Vec<&str> = errors[0].split(": ").collect();
+    assert!(parts.windows(2).all(|w| w[0] != w[1]), "a cause said twice: {}", errors[0]);
 }
 
 fn s(p: &Path) -> &str {
@@ -229,6 +232,8 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--decay", "1.5"]), "decay");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--hidden", "100,0"]), "width 0");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--resume", "/nonexistent.safetensors"]), "cannot read checkpoint");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--batch", "100000"]), "larger than the training set");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--checkpoint", "/nonexistent/dir/c.safetensors"]), "cannot write");
     expect_failure(&bntrain(&["--device", "cpu", "eval", "--data", data, "--checkpoint", "/nonexistent.safetensors"]), "cannot read checkpoint");
