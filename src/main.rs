@@ -235,10 +235,10 @@ struct BenchArgs {
     #[arg(long)]
     pair: bool,
     /// Timed runs (the median is reported).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 7, value_parser = parse_runs)]
     runs: usize,
     /// Approximate seconds per timed run.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = parse_seconds)]
     seconds: f64,
     /// f32, f64 (CPU), tf32 or bf16 (GEMM operands; emulated, so slower, on the CPU).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
@@ -286,6 +286,20 @@ fn parse_device(s: &str) -> Result<DeviceChoice, String> { s.parse() }
 fn parse_precision(s: &str) -> Result<Precision, String> { s.parse() }
 fn parse_bench_config(s: &str) -> Result<BenchConfig, String> { s.parse() }
 fn parse_dataset(s: &str) -> Result<DatasetKind, String> { s.parse().map_err(|e: data::DataError| e.to_string()) }
+fn parse_runs(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("at least one timed run".into()),
+        Ok(runs) => Ok(runs),
+        Err(e) => Err(e.to_string()),
+    }
+}
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        Ok(_) => Err("a positive number of seconds".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 impl ModelArgs {
     fn config(&self, inputs: usize, classes: usize) -> ModelConfig {

@@ -233,6 +233,10 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--hidden", "100,0"]), "width 0");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
+    expect_failure(&bntrain(&["--device", "cpu", "bench", "--runs", "0"]), "at least one timed run");
+    for seconds in ["0", "nan", "inf", "-1"] {
+        expect_failure(&bntrain(&["--device", "cpu", "bench", &format!("--seconds={seconds}")]), "positive number of seconds");
+    }
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--resume", "/nonexistent.safetensors"]), "cannot read checkpoint");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--batch", "100000"]), "larger than the training set");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--checkpoint", "/nonexistent/dir/c.safetensors"]), "cannot write");
