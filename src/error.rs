@@ -26,6 +26,10 @@ pub enum Error {
     Interrupted { step: u64 },
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
+    /// The checkpoint could not be written where asked, but the trained state was saved to
+    /// `rescue` instead.
+    #[error("{failed}; the trained state was saved to {} instead (continue with --resume {})", rescue.display(), rescue.display())]
+    Rescued { failed: Box<Error>, rescue: std::path::PathBuf },
 }
 
 impl Error {

@@ -17,6 +17,7 @@ use bntrain::train::{Event, Outcome};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -282,6 +283,19 @@ enum ModeArg { Population, Batch }
 /// Where an interrupted `train` without `--checkpoint` saves its state.
 const INTERRUPT_CHECKPOINT: &str = "bntrain-interrupted.safetensors";
 
+/// [`INTERRUPT_CHECKPOINT`] in the working directory, or in the temporary directory where
+/// the working directory takes no files; `bntrain-interrupted-1.safetensors`, `-2`, … where
+/// an earlier run's is in the way (it is another run's state).
+fn interrupt_checkpoint_path() -> PathBuf {
+    let writable = |dir: &Path| session::check_writable(&dir.join(INTERRUPT_CHECKPOINT)).is_ok();
+    let dir = [PathBuf::new(), std::env::temp_dir()].into_iter().find(|dir| writable(dir)).unwrap_or_default();
+    let stem = INTERRUPT_CHECKPOINT.trim_end_matches(".safetensors");
+    (0u32..)
+        .map(|n| dir.join(if n == 0 { INTERRUPT_CHECKPOINT.to_string() } else { format!("{stem}-{n}.safetensors") }))
+        .find(|path| !path.exists())
+        .unwrap_or_else(|| dir.join(INTERRUPT_CHECKPOINT))
+}
+
 fn parse_device(s: &str) -> Result<DeviceChoice, String> { s.parse() }
 fn parse_precision(s: &str) -> Result<Precision, String> { s.parse() }
 fn parse_bench_config(s: &str) -> Result<BenchConfig, String> { s.parse() }
@@ -334,6 +348,26 @@ impl OptimArgs {
                 variance: match self.variance { VarianceArg::Biased => VarianceKind::Biased, VarianceArg::Unbiased => VarianceKind::Unbiased },
             },
             extra_estimators: Vec::new(),
+        }
+    }
+}
+
+/// `println!` for the command's output: a closed stdout (`bntrain info | head -1`) ends the
+/// command quietly, as it ends other tools, and one that fails otherwise (a full disk) ends
+/// it with one line, instead of a panic.
+macro_rules! out {
+    ($($arg:tt)*) => { print_line(format_args!($($arg)*)) };
+}
+
+fn print_line(line: std::fmt::Arguments<'_>) {
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: cannot write the output: {e}");
+            std::process::exit(1);
         }
     }
 }
@@ -457,7 +491,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     let checkpoint = args.checkpoint.clone().or_else(|| args.resume.clone());
     let req = TrainRequest {
         // Nothing is lost on Ctrl-C, even without --checkpoint.
-        interrupt_checkpoint: Some(PathBuf::from(INTERRUPT_CHECKPOINT)),
+        interrupt_checkpoint: Some(interrupt_checkpoint_path()),
         model,
         train: args.optim.config(),
         steps: args.steps,
@@ -481,21 +515,22 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     bar.finish_and_clear();
     let report = result?;
     if let Outcome::Interrupted { step, .. } = report.outcome {
-        if let Some(p) = &report.checkpoint {
-            eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), p.display(), args.steps);
+        match &report.checkpoint {
+            Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), p.display(), args.steps),
+            None => eprintln!("interrupted at step {step}, before any step of this run: nothing to save"),
         }
         std::process::exit(130);
     }
     let last = report.last().context("no evaluation point was reached")?;
-    println!(
+    out!(
         "trained {} on {} for {} steps in {:.2} s: test accuracy {:.4} (population statistics), test loss {:.4}",
-        req.model, report.device, report.outcome.step() - report.start_step, report.seconds, last.test_accuracy, last.test_loss
+        report.model, report.device, report.outcome.step() - report.start_step, report.seconds, last.test_accuracy, last.test_loss
     );
     if let Some(p) = &report.checkpoint {
-        println!("checkpoint: {}", p.display());
+        out!("checkpoint: {}", p.display());
     }
     if args.json {
-        println!("{}", json!({
+        out!("{}", json!({
             "test_accuracy": last.test_accuracy,
             "test_loss": last.test_loss,
             "train_loss": last.train_loss,
@@ -527,9 +562,9 @@ fn eval(device_choice: DeviceChoice, args: EvalArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let e = net.evaluate(split, StatsMode::Population, None)?;
     let seconds = started.elapsed().as_secs_f64();
-    println!("{} ({} steps) on {:?}: accuracy {:.4}, loss {:.4} (population statistics, {} examples)", ckpt.model, ckpt.progress.step, split, e.accuracy(), e.mean_loss(), e.examples);
+    out!("{} ({} steps) on {:?}: accuracy {:.4}, loss {:.4} (population statistics, {} examples)", ckpt.model, ckpt.progress.step, split, e.accuracy(), e.mean_loss(), e.examples);
     if args.json {
-        println!("{}", json!({
+        out!("{}", json!({
             "test_accuracy": e.accuracy(), "accuracy": e.accuracy(), "loss": e.mean_loss(), "examples": e.examples,
             "split": format!("{split:?}").to_lowercase(), "steps": ckpt.progress.step, "device": net.device_name(), "seconds": seconds,
         }));
@@ -548,12 +583,12 @@ fn predict(device_choice: DeviceChoice, args: PredictArgs) -> Result<()> {
     let mut histogram = [0usize; 256];
     predictions.iter().for_each(|&p| histogram[p as usize] += 1);
     let spread: Vec<String> = histogram.iter().enumerate().filter(|(_, &n)| n > 0).map(|(c, n)| format!("{c}:{n}")).collect();
-    println!(
+    out!(
         "{} predicted one by one with {} statistics: {correct}/{} correct (accuracy {accuracy:.2}); predicted classes (class:count) {}",
         ckpt.model, if mode == StatsMode::Batch { "batch" } else { "population" }, predictions.len(), spread.join(" ")
     );
     if args.json {
-        println!("{}", json!({
+        out!("{}", json!({
             "accuracy": accuracy, "predictions": predictions, "labels": labels,
             "mode": if mode == StatsMode::Batch { "batch" } else { "population" }, "device": net.device_name(),
         }));
@@ -562,12 +597,26 @@ fn predict(device_choice: DeviceChoice, args: PredictArgs) -> Result<()> {
 }
 
 fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
-    if args.name.is_empty() || args.name.contains(['/', '\\']) || args.name == ".." {
+    if args.name.is_empty() || args.name.contains(['/', '\\']) || args.name == ".." || args.name == "." {
         bail!("--name `{}` must be a plain directory name", args.name);
     }
     prefer_single_threaded_gemms(device_choice, &args.hidden);
     let data = load_data(&args.data)?;
     let out_dir = args.out.join(&args.name);
+    // An interrupt ends the study at once (it cannot resume): what it wrote stays in the
+    // partial directory, and an earlier run's outputs are left whole.
+    let stopped = format!(
+        "\ninterrupted: the study stopped before its end; what it wrote is in {} (an earlier run's outputs in {} are untouched)",
+        report::partial_dir(&out_dir).display(),
+        out_dir.display()
+    );
+    let on_interrupt = move || {
+        let _ = writeln!(std::io::stderr(), "{stopped}");
+        std::process::exit(130);
+    };
+    if let Err(e) = ctrlc::set_handler(on_interrupt) {
+        let _ = writeln!(std::io::stderr(), "warning: cannot install the Ctrl-C handler ({e})");
+    }
     let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
     if let Some(steps) = args.steps {
         opts.steps_compare = steps;
@@ -582,14 +631,14 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     let summary = report::reproduce(&opts, Arc::clone(&data), &mut open)
         .with_context(|| format!("reproduce into {}", out_dir.display()))?;
-    println!("{}", summary.table());
-    println!("report: {}", out_dir.join("report.md").display());
+    out!("{}", summary.table());
+    out!("report: {}", out_dir.join("report.md").display());
     if args.json {
         // The headline numbers; every curve and table is in metrics.json.
         let t = &summary.test_time;
         let estimators: serde_json::Map<String, serde_json::Value> =
             summary.estimators.rows.iter().map(|r| (r.label.clone(), json!(r.mean))).collect();
-        println!("{}", json!({
+        out!("{}", json!({
             "device": summary.device,
             "seconds": summary.timings.total_s,
             "bn_final_accuracy": summary.comparison.bn.final_accuracy(),
@@ -629,16 +678,16 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         bench::BenchNets::One { batch_norm: true } => "BN",
         bench::BenchNets::One { batch_norm: false } => "plain",
     };
-    println!(
+    out!(
         "{:?} ({which}, batch {}, {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {} runs of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
         r.config, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
         r.us_per_step, r.runs, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
-    println!("{}", r.kernels);
+    out!("{}", r.kernels);
     for tuned in &r.tuned_gemms {
         let us: Vec<String> = tuned.us.iter().map(|t| if t.is_finite() { format!("{t:.1}") } else { "-".into() }).collect();
         let chosen = if tuned.chosen == 0 { "cuBLAS's own".to_string() } else { format!("cublasLt candidate {}", tuned.chosen) };
-        println!("tuned GEMM {}: {chosen}; µs cuBLAS, then cublasLt's candidates: {}", tuned.shape, us.join(" "));
+        out!("tuned GEMM {}: {chosen}; µs cuBLAS, then cublasLt's candidates: {}", tuned.shape, us.join(" "));
     }
     match &r.phases {
         Some(phases) => print!("{}", bench::phase_table(phases)),
@@ -646,7 +695,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         None => {}
     }
     if args.json {
-        println!("{}", serde_json::to_string(&r)?);
+        out!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }
@@ -656,30 +705,30 @@ fn data_cmd(command: DataCommand) -> Result<()> {
         DataCommand::Fetch { dataset, dir } => {
             let dest = dir.unwrap_or_else(|| data::cache_dir(dataset));
             let report = data::fetch(dataset, &dest, true)?;
-            println!(
+            out!(
                 "{} in {}: downloaded {:?}, already present {:?}; checksums verified",
                 dataset, report.dir.display(), report.downloaded, report.already_present
             );
         }
         DataCommand::Where { data: args } => {
             let dir = data::locate(args.data.as_deref(), args.dataset, false)?;
-            println!("{}", dir.display());
+            out!("{}", dir.display());
         }
     }
     Ok(())
 }
 
 fn info() -> Result<()> {
-    println!("bntrain {}", env!("CARGO_PKG_VERSION"));
-    println!("cpu: {} threads available", std::thread::available_parallelism().map_or(1, |n| n.get()));
-    println!("{}", bntrain::cuda::build_info());
+    out!("bntrain {}", env!("CARGO_PKG_VERSION"));
+    out!("cpu: {} threads available", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    out!("{}", bntrain::cuda::build_info());
     match bntrain::cuda::cuda_available() {
-        Ok(name) => println!("cuda: {name} (usable)"),
-        Err(why) => println!("cuda: not usable: {why}"),
+        Ok(name) => out!("cuda: {name} (usable)"),
+        Err(why) => out!("cuda: not usable: {why}"),
     }
     match data::locate(None, DatasetKind::Mnist, false) {
-        Ok(dir) => println!("mnist: {}", dir.display()),
-        Err(e) => println!("mnist: {e}"),
+        Ok(dir) => out!("mnist: {}", dir.display()),
+        Err(e) => out!("mnist: {e}"),
     }
     Ok(())
 }

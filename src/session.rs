@@ -50,6 +50,8 @@ pub struct TrainReport {
     pub seconds: f64,
     pub history: Vec<HistoryPoint>,
     pub checkpoint: Option<PathBuf>,
+    /// The network trained: a resumed checkpoint's, whatever the request said.
+    pub model: ModelConfig,
 }
 
 impl TrainReport {
@@ -58,8 +60,10 @@ impl TrainReport {
     }
 }
 
-/// Fails now, rather than after an hour of training, if `path` cannot be written.
+/// Fails now, rather than after an hour of training, if `path` cannot be written: its
+/// directory refuses files, or `path` is a directory, a device or a pipe.
 pub fn check_writable(path: &Path) -> Result<()> {
+    crate::atomic_file::refuse_non_regular(path).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let probe = dir.join(format!(".bntrain-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"")
@@ -183,11 +187,21 @@ pub fn run(
     };
     let final_progress = TrainProgress { step: outcome.step(), history: history.clone(), pending };
     let checkpoint = match outcome {
+        // Interrupted before its first step, a run has nothing new to keep.
+        Outcome::Interrupted { step, .. } if step == start_step => None,
         Outcome::Interrupted { .. } => req.checkpoint.clone().or_else(|| req.interrupt_checkpoint.clone()),
         Outcome::Finished { .. } => req.checkpoint.clone(),
     };
     if let Some(path) = &checkpoint {
-        save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, req.precision, path)?;
+        if let Err(failed) = save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress.clone(), req.precision, path) {
+            // The trained state is not lost with the file it was meant for (a full disk, a
+            // directory removed meanwhile): it goes to the temporary directory instead.
+            let rescue = std::env::temp_dir().join(format!("bntrain-rescued-{}.safetensors", std::process::id()));
+            return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, req.precision, &rescue) {
+                Ok(()) => Error::Rescued { failed: Box::new(failed), rescue },
+                Err(_) => failed,
+            });
+        }
     }
-    Ok(TrainReport { device: device_name, start_step, outcome, seconds, history, checkpoint })
+    Ok(TrainReport { device: device_name, model, start_step, outcome, seconds, history, checkpoint })
 }

@@ -234,6 +234,11 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
     expect_failure(&bntrain(&["--device", "cpu", "bench", "--runs", "0"]), "at least one timed run");
+    // Refused before training, not after: a directory or a device is not replaced by a file.
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", s(&e.dir)]), "it is a directory");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "/dev/null"]), "not a regular file");
+    expect_failure(&bntrain(&["--device", "cpu", "eval", "--data", data, "--checkpoint", "/dev/zero"]), "not a regular file");
+    expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--name", "."]), "plain directory name");
     for seconds in ["0", "nan", "inf", "-1"] {
         expect_failure(&bntrain(&["--device", "cpu", "bench", &format!("--seconds={seconds}")]), "positive number of seconds");
     }
@@ -291,4 +296,36 @@ fn bench_and_info_run_on_the_cpu() {
     let out = bntrain(&["info"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("bntrain"));
+}
+
+/// Ctrl-C during `reproduce`: exit 130, an earlier run's outputs whole (the study builds in
+/// `<name>.partial` and moves its outputs in only once all are written).
+#[test]
+fn an_interrupted_study_leaves_the_earlier_run_whole() {
+    let e = env();
+    let out = e.dir.join("runs");
+    let study = |extra: &[&'static str]| -> Vec<String> {
+        let common = ["--device", "cpu", "reproduce", "--quick", "--data", s(&e.data), "--out", s(&out)];
+        common.iter().chain(extra).map(|a| a.to_string()).collect()
+    };
+    last_json(&bntrain(&study(&["--json"]).iter().map(String::as_str).collect::<Vec<_>>()));
+    let report = std::fs::read(out.join("bn2015/report.md")).unwrap();
+    let metrics = std::fs::read(out.join("bn2015/metrics.json")).unwrap();
+    assert!(!out.join("bn2015.partial").exists(), "a finished study leaves no partial directory");
+    // Long enough to be interrupted in its comparison.
+    let child = Command::new(BIN)
+        .args(study(&["--seed", "7", "--steps", "100000000"]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("bn2015.partial") && !stderr.contains("panicked"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("bn2015/report.md")).unwrap(), report, "the earlier report");
+    assert_eq!(std::fs::read(out.join("bn2015/metrics.json")).unwrap(), metrics, "the earlier metrics");
+    assert!(out.join("bn2015.partial").is_dir());
 }

@@ -208,7 +208,10 @@ impl Checkpoint {
     /// Reads and verifies a checkpoint: format, version, checksum, every tensor's dtype and
     /// shape against the configuration stored beside it.
     pub fn load(path: &Path) -> Result<Self, CheckpointError> {
-        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Read { path: path.to_path_buf(), source })?;
+        // A device or pipe (/dev/zero) would be read until memory runs out.
+        let bytes = crate::atomic_file::refuse_non_regular(path)
+            .and_then(|()| std::fs::read(path))
+            .map_err(|source| CheckpointError::Read { path: path.to_path_buf(), source })?;
         Self::from_bytes(&bytes, path)
     }
 

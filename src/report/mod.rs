@@ -310,7 +310,18 @@ fn f2(v: f64) -> String {
     format!("{v:.4}")
 }
 
+/// Where [`reproduce`] builds its outputs before they move into `out_dir`: the sibling
+/// `<name>.partial`.
+pub fn partial_dir(out_dir: &Path) -> PathBuf {
+    let name = out_dir.file_name().map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned());
+    out_dir.with_file_name(format!("{name}.partial"))
+}
+
 /// Runs the whole study and writes every output into `opts.out_dir`.
+///
+/// The outputs are built in [`partial_dir`] and moved into `opts.out_dir` once all are
+/// written, so that a study that fails or is interrupted leaves an earlier run's outputs
+/// whole, and its own in a directory that says it is partial.
 ///
 /// `open` builds a backend (CPU or CUDA, the caller's choice) for a model, a training
 /// configuration and initial parameters; it is called for every network the study trains or
@@ -321,8 +332,36 @@ pub fn reproduce(
     open: &mut OpenBackend<'_>,
 ) -> crate::Result<ReproduceSummary> {
     opts.validate()?;
+    let partial = partial_dir(&opts.out_dir);
+    // What an earlier interrupted study left is partial by its name: it goes.
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| crate::Error::io(format!("cannot remove {}", partial.display()), e))?;
+    }
+    create_dir(&partial)?;
+    let building = ReproduceOptions { out_dir: partial.clone(), ..opts.clone() };
+    let summary = build_outputs(&building, data, open)?;
+    move_outputs(&partial, &opts.out_dir, &summary.files)?;
+    Ok(summary)
+}
+
+/// Moves `files` from `from` into `to` (created if need be; same-named files replaced, others
+/// left alone), then removes `from`.
+fn move_outputs(from: &Path, to: &Path, files: &[String]) -> crate::Result<()> {
+    create_dir(to)?;
+    for name in files {
+        let (source, target) = (from.join(name), to.join(name));
+        std::fs::rename(&source, &target).map_err(|e| crate::Error::io(format!("cannot move {} to {}", source.display(), target.display()), e))?;
+    }
+    std::fs::remove_dir(from).map_err(|e| crate::Error::io(format!("cannot remove {} (it should be empty)", from.display()), e))
+}
+
+/// [`reproduce`]'s study, with every output written into `opts.out_dir`.
+fn build_outputs(
+    opts: &ReproduceOptions,
+    data: Arc<Dataset>,
+    open: &mut OpenBackend<'_>,
+) -> crate::Result<ReproduceSummary> {
     let started = std::time::Instant::now();
-    create_dir(&opts.out_dir)?;
     figures::register_fonts()?;
 
     let comparison = study::run_comparison(opts, &data, open)?;
