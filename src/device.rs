@@ -117,3 +117,38 @@ pub fn open_with(
         }
     })
 }
+
+/// Fails, before anything is allocated, where training `model` with batches of `batch`
+/// would take more host memory than this machine has available (Linux's MemAvailable; no
+/// check elsewhere): a failed allocation aborts the process instead of returning an error.
+/// Counted, as a lower bound: the parameters in f64 (the copy every backend opens from), on
+/// the CPU also the weights, gradients, momentum and an evaluation's copy in the backend's
+/// float, and a batch's activations (z, BN's output and x̂, the activation, two gradients).
+pub fn check_host_memory(model: &ModelConfig, batch: usize, device: DeviceChoice, precision: Precision) -> Result<()> {
+    let Some(available) = available_host_bytes() else { return Ok(()) };
+    let float = if precision == Precision::F64 { 8 } else { 4 };
+    let (per_parameter, per_activation) = match device {
+        DeviceChoice::Cpu => (8 + 4 * float, 6 * float),
+        // The device holds the rest; the host converts the parameters once.
+        DeviceChoice::Cuda | DeviceChoice::Auto => (8 + 4, 0),
+    };
+    let parameters = model.parameter_count().unwrap_or(usize::MAX) as f64;
+    let activations = batch as f64 * model.widths().iter().sum::<usize>() as f64;
+    let needed = parameters * per_parameter as f64 + activations * per_activation as f64;
+    if needed > available as f64 {
+        let gb = |bytes: f64| bytes / 1e9;
+        return Err(ConfigError::Invalid(format!(
+            "{model} with batches of {batch} needs at least {:.1} GB of memory to train ({parameters:.3e} parameters); this machine has {:.1} GB available",
+            gb(needed), gb(available as f64)
+        )).into());
+    }
+    Ok(())
+}
+
+/// Linux's estimate of the memory available to a new process, in bytes.
+fn available_host_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}

@@ -158,7 +158,8 @@ struct TrainArgs {
     /// Start from the weights and statistics of this checkpoint.
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
-    /// Continue the run saved in this checkpoint (its configuration is used).
+    /// Continue the run saved in this checkpoint (its network and training settings are
+    /// used; those given here as well are not, with a notice).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Arithmetic: f32; f64 (CPU only); tf32 or bf16 GEMM operands with f32 accumulation,
@@ -189,7 +190,7 @@ struct PredictArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// How many test images, from the first.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = parse_first)]
     first: usize,
     /// Normalize with population statistics, or with each single example's own statistics.
     #[arg(long, value_enum, default_value_t = ModeArg::Population)]
@@ -300,13 +301,16 @@ fn parse_device(s: &str) -> Result<DeviceChoice, String> { s.parse() }
 fn parse_precision(s: &str) -> Result<Precision, String> { s.parse() }
 fn parse_bench_config(s: &str) -> Result<BenchConfig, String> { s.parse() }
 fn parse_dataset(s: &str) -> Result<DatasetKind, String> { s.parse().map_err(|e: data::DataError| e.to_string()) }
-fn parse_runs(s: &str) -> Result<usize, String> {
+/// A count of at least one; `what` says what zero would have asked for.
+fn at_least_one(s: &str, what: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
-        Ok(0) => Err("at least one timed run".into()),
-        Ok(runs) => Ok(runs),
+        Ok(0) => Err(format!("at least one {what}")),
+        Ok(count) => Ok(count),
         Err(e) => Err(e.to_string()),
     }
 }
+fn parse_runs(s: &str) -> Result<usize, String> { at_least_one(s, "timed run") }
+fn parse_first(s: &str) -> Result<usize, String> { at_least_one(s, "test image") }
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
@@ -372,8 +376,24 @@ fn print_line(line: std::fmt::Arguments<'_>) {
     }
 }
 
+/// `train`'s settings that a resumed checkpoint brings with it (argument ids).
+const RESUMED_SETTINGS: [&str; 13] =
+    ["hidden", "activation", "no_bn", "epsilon", "lr", "momentum", "batch", "loss", "order", "seed", "averaging", "decay", "variance"];
+
 fn main() {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // What `train --resume` will not use although it was given: said, not silently dropped.
+    if let Some(("train", train)) = matches.subcommand() {
+        let given: Vec<String> = RESUMED_SETTINGS
+            .iter()
+            .filter(|id| train.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if train.contains_id("resume") && train.get_one::<PathBuf>("resume").is_some() && !given.is_empty() {
+            let _ = writeln!(std::io::stderr(), "notice: --resume continues the checkpoint's network and training settings; not used: {}", given.join(", "));
+        }
+    }
     if let Err(err) = run(cli) {
         eprintln!("error: {}", one_line(&err));
         std::process::exit(1);
@@ -536,6 +556,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             "train_loss": last.train_loss,
             "steps": report.outcome.step(),
             "device": report.device,
+            "model": report.model.to_string(),
             "seconds": report.seconds,
             "checkpoint": report.checkpoint,
         }));
@@ -628,6 +649,8 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     opts.hidden = args.hidden.clone();
     opts.progress = true;
     let device = resolve_device(device_choice);
+    let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
+    device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     let summary = report::reproduce(&opts, Arc::clone(&data), &mut open)
         .with_context(|| format!("reproduce into {}", out_dir.display()))?;

@@ -103,9 +103,9 @@ fn starting_point(req: &TrainRequest) -> Result<StartingPoint> {
         }
         Start::Resume(path) => {
             let ckpt = Checkpoint::load(path)?;
-            if ckpt.progress.step > req.steps {
+            if ckpt.progress.step >= req.steps {
                 return Err(ConfigError::Invalid(format!(
-                    "{} is at step {}, past the requested --steps {}; ask for more steps to continue",
+                    "{} is at step {}, as far as the requested --steps {} or past it; ask for more steps to continue",
                     path.display(), ckpt.progress.step, req.steps
                 )).into());
             }
@@ -142,18 +142,23 @@ pub fn run(
     if let Some(path) = &req.checkpoint {
         check_writable(path)?;
     }
+    // Before the parameters are made (a resumed checkpoint's network: once it is read).
+    let resumed = matches!(req.start, Start::Resume(_));
+    if !resumed {
+        req.model.validate()?;
+        crate::device::check_host_memory(&req.model, req.train.batch_size, req.device, req.precision)?;
+    }
     let StartingPoint { model, train: train_cfg, params, velocity, progress } = starting_point(req)?;
     model.validate()?;
+    if resumed {
+        crate::device::check_host_memory(&model, train_cfg.batch_size, req.device, req.precision)?;
+    }
     train_cfg.validate(&model, data.train.count)?;
     if req.eval_every == 0 {
         return Err(ConfigError::Invalid("--eval-every must be at least 1".into()).into());
     }
     if req.steps == 0 {
         return Err(ConfigError::Invalid("--steps must be at least 1".into()).into());
-    }
-    if req.steps <= progress.step {
-        let why = format!("--steps {}: the checkpoint is already at step {}; ask for more steps to go on", req.steps, progress.step);
-        return Err(ConfigError::Invalid(why).into());
     }
     let mut net = device::open(req.device, req.precision, model.clone(), train_cfg.clone(), Arc::clone(&data), &params)?;
     if !velocity.is_empty() {

@@ -147,6 +147,11 @@ fn resume_continues_bitwise_identically() {
     assert_eq!(a.params, b.params, "parameters and running statistics");
     assert_eq!(a.velocity, b.velocity, "momentum buffers");
     assert_eq!(a.progress, b.progress, "step and metric history");
+    // The checkpoint's settings are used, and settings given beside it are said to be unused.
+    let out = bntrain(&[&common[..], &["--steps", "260", "--resume", s(&half), "--hidden", "30", "--no-bn", "--json"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not used: --hidden, --no-bn, --momentum"), "{stderr}");
+    assert!(last_json(&out)["model"].as_str().is_some_and(|m| m.starts_with("784-100-100-10") && m.contains("with BN")), "{stderr}");
 }
 
 /// Ctrl-C (SIGINT) or SIGTERM mid-run: a checkpoint at the next step boundary, exit 130,
@@ -234,6 +239,8 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
     expect_failure(&bntrain(&["--device", "cpu", "bench", "--runs", "0"]), "at least one timed run");
+
+    expect_failure(&bntrain(&["--device", "cpu", "predict", "--data", data, "--checkpoint", "x", "--first", "0"]), "at least one test image");
     // Refused before training, not after: a directory or a device is not replaced by a file.
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", s(&e.dir)]), "it is a directory");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "/dev/null"]), "not a regular file");
