@@ -313,8 +313,8 @@ fn parse_runs(s: &str) -> Result<usize, String> { at_least_one(s, "timed run") }
 fn parse_first(s: &str) -> Result<usize, String> { at_least_one(s, "test image") }
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
-        Ok(_) => Err("a positive number of seconds".into()),
+        Ok(seconds) if seconds > 0.0 && seconds <= 60.0 => Ok(seconds),
+        Ok(_) => Err("a positive number of seconds, at most 60 (a run's length; --runs sets how many)".into()),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -246,7 +246,7 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "/dev/null"]), "not a regular file");
     expect_failure(&bntrain(&["--device", "cpu", "eval", "--data", data, "--checkpoint", "/dev/zero"]), "not a regular file");
     expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--name", "."]), "plain directory name");
-    for seconds in ["0", "nan", "inf", "-1"] {
+    for seconds in ["0", "nan", "inf", "-1", "61"] {
         expect_failure(&bntrain(&["--device", "cpu", "bench", &format!("--seconds={seconds}")]), "positive number of seconds");
     }
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--resume", "/nonexistent.safetensors"]), "cannot read checkpoint");
