@@ -26,6 +26,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// An error where `path` exists and is not a regular file (or a link to one).
 pub fn refuse_non_regular(path: &Path) -> std::io::Result<()> {
+    // `dir/` names a directory even where none exists yet.
+    if path.as_os_str().to_string_lossy().ends_with(['/', std::path::MAIN_SEPARATOR]) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "it names a directory (a trailing /)"));
+    }
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "it is a directory")),
         Ok(meta) if !meta.is_file() => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")),

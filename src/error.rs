@@ -27,9 +27,9 @@ pub enum Error {
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
     /// The checkpoint could not be written where asked, but the trained state was saved to
-    /// `rescue` instead.
-    #[error("{failed}; the trained state was saved to {} instead (continue with --resume {})", rescue.display(), rescue.display())]
-    Rescued { failed: Box<Error>, rescue: std::path::PathBuf },
+    /// `rescue` instead; `next` says what to do with it.
+    #[error("{failed}; the trained state was saved to {} instead: {next}", rescue.display())]
+    Rescued { failed: Box<Error>, rescue: std::path::PathBuf, next: String },
 }
 
 impl Error {

@@ -481,10 +481,12 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
     let flag = Arc::clone(&stop);
     let handler = move || {
         if presses.fetch_add(1, Ordering::SeqCst) >= 1 {
-            eprintln!("\nsecond interrupt: exiting now");
+            let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting now");
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: stopping at the next step boundary (press again to exit at once)");
+        // Not eprintln!: on a closed stderr it would panic this thread, and no interrupt
+        // would stop the run.
+        let _ = writeln!(std::io::stderr(), "\ninterrupt: stopping at the next step boundary (press again to exit at once)");
         flag.store(true, Ordering::SeqCst);
     };
     if let Err(e) = ctrlc::set_handler(handler) {
@@ -622,7 +624,6 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
         bail!("--name `{}` must be a plain directory name", args.name);
     }
     prefer_single_threaded_gemms(device_choice, &args.hidden);
-    let data = load_data(&args.data)?;
     let out_dir = args.out.join(&args.name);
     // An interrupt ends the study at once (it cannot resume): what it wrote stays in the
     // partial directory, and an earlier run's outputs are left whole.
@@ -638,6 +639,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     if let Err(e) = ctrlc::set_handler(on_interrupt) {
         let _ = writeln!(std::io::stderr(), "warning: cannot install the Ctrl-C handler ({e})");
     }
+    let data = load_data(&args.data)?;
     let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
     if let Some(steps) = args.steps {
         opts.steps_compare = steps;
@@ -713,7 +715,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         out!("tuned GEMM {}: {chosen}; µs cuBLAS, then cublasLt's candidates: {}", tuned.shape, us.join(" "));
     }
     match &r.phases {
-        Some(phases) => print!("{}", bench::phase_table(phases)),
+        Some(phases) => out!("{}", bench::phase_table(phases).trim_end_matches('\n')),
         None if args.trace => eprintln!("notice: --trace times the phases of the fused CUDA grid kernel only; these steps ran on {}", r.device),
         None => {}
     }

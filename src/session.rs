@@ -202,8 +202,18 @@ pub fn run(
             // The trained state is not lost with the file it was meant for (a full disk, a
             // directory removed meanwhile): it goes to the temporary directory instead.
             let rescue = std::env::temp_dir().join(format!("bntrain-rescued-{}.safetensors", std::process::id()));
+            let step = final_progress.step;
             return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, req.precision, &rescue) {
-                Ok(()) => Error::Rescued { failed: Box::new(failed), rescue },
+                Ok(()) => {
+                    let next = match outcome {
+                        Outcome::Interrupted { .. } => format!("continue with `bntrain train --resume {} --steps {}`", rescue.display(), req.steps),
+                        Outcome::Finished { .. } => format!(
+                            "evaluate it with `bntrain eval --checkpoint {}`, or train on with `--resume {} --steps` beyond {step}",
+                            rescue.display(), rescue.display()
+                        ),
+                    };
+                    Error::Rescued { failed: Box::new(failed), rescue, next }
+                }
                 Err(_) => failed,
             });
         }

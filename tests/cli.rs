@@ -244,6 +244,11 @@ fn bad_input_gets_one_line_errors() {
     // Refused before training, not after: a directory or a device is not replaced by a file.
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", s(&e.dir)]), "it is a directory");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "/dev/null"]), "not a regular file");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "no-such-dir/"]), "names a directory");
+    let in_the_way = e.dir.join("a-file");
+    std::fs::write(&in_the_way, b"").unwrap();
+    expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--out", s(&e.dir), "--name", "a-file"]), "cannot create");
+    assert!(!e.dir.join("a-file.partial").exists(), "nothing made where the study could not go");
     expect_failure(&bntrain(&["--device", "cpu", "eval", "--data", data, "--checkpoint", "/dev/zero"]), "not a regular file");
     expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--name", "."]), "plain directory name");
     for seconds in ["0", "nan", "inf", "-1", "61"] {
@@ -326,7 +331,13 @@ fn an_interrupted_study_leaves_the_earlier_run_whole() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The partial directory is made after the interrupt handler is in place: then interrupt.
+    let started = std::time::Instant::now();
+    while !out.join("bn2015.partial").is_dir() {
+        assert!(started.elapsed().as_secs() < 60, "the study never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
     let done = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&done.stderr);

@@ -332,27 +332,57 @@ pub fn reproduce(
     open: &mut OpenBackend<'_>,
 ) -> crate::Result<ReproduceSummary> {
     opts.validate()?;
+    // Whether the outputs can move in is found out now, not after the study: a file where
+    // the directory should be, a directory that takes no files.
+    create_dir(&opts.out_dir)?;
     let partial = partial_dir(&opts.out_dir);
     // What an earlier interrupted study left is partial by its name: it goes.
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(|e| crate::Error::io(format!("cannot remove {}", partial.display()), e))?;
     }
     create_dir(&partial)?;
+    let probe = ".bntrain-move-probe";
+    let probed = std::fs::write(partial.join(probe), b"")
+        .and_then(|()| move_file(&partial.join(probe), &opts.out_dir.join(probe)))
+        .and_then(|()| std::fs::remove_file(opts.out_dir.join(probe)));
+    if let Err(e) = probed {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e));
+    }
     let building = ReproduceOptions { out_dir: partial.clone(), ..opts.clone() };
     let summary = build_outputs(&building, data, open)?;
     move_outputs(&partial, &opts.out_dir, &summary.files)?;
     Ok(summary)
 }
 
-/// Moves `files` from `from` into `to` (created if need be; same-named files replaced, others
-/// left alone), then removes `from`.
+/// Moves `files` from `from` into `to` (same-named files replaced, others left alone), then
+/// removes `from`. A target that is a directory is found before anything moves; a move that
+/// fails midway names what had moved.
 fn move_outputs(from: &Path, to: &Path, files: &[String]) -> crate::Result<()> {
-    create_dir(to)?;
-    for name in files {
+    if let Some(name) = files.iter().find(|name| to.join(name).is_dir()) {
+        let why = std::io::Error::other("a directory has that name");
+        return Err(crate::Error::io(format!("cannot move {name} into {} (the outputs stay in {})", to.display(), from.display()), why));
+    }
+    for (moved, name) in files.iter().enumerate() {
         let (source, target) = (from.join(name), to.join(name));
-        std::fs::rename(&source, &target).map_err(|e| crate::Error::io(format!("cannot move {} to {}", source.display(), target.display()), e))?;
+        move_file(&source, &target).map_err(|e| {
+            let context = format!("cannot move {} to {} after moving {} of {} outputs", source.display(), target.display(), moved, files.len());
+            crate::Error::io(context, e)
+        })?;
     }
     std::fs::remove_dir(from).map_err(|e| crate::Error::io(format!("cannot remove {} (it should be empty)", from.display()), e))
+}
+
+/// A rename, or a copy and a removal where `to` is on another file system (an output
+/// directory that is a link to one).
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+            crate::atomic_file::write_atomically(to, &std::fs::read(from)?)?;
+            std::fs::remove_file(from)
+        }
+        done => done,
+    }
 }
 
 /// [`reproduce`]'s study, with every output written into `opts.out_dir`.
