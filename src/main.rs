@@ -394,8 +394,15 @@ fn main() {
             let _ = writeln!(std::io::stderr(), "notice: --resume continues the checkpoint's network and training settings; not used: {}", given.join(", "));
         }
     }
+    // With --json, the last line of stdout is a JSON object whatever happens: on failure,
+    // {"error": …}.
+    let json = matches.subcommand().is_some_and(|(_, sub)| sub.try_get_one::<bool>("json").ok().flatten() == Some(&true));
     if let Err(err) = run(cli) {
-        eprintln!("error: {}", one_line(&err));
+        let message = one_line(&err);
+        eprintln!("error: {message}");
+        if json {
+            out!("{}", json!({ "error": message }));
+        }
         std::process::exit(1);
     }
 }
@@ -540,6 +547,9 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         match &report.checkpoint {
             Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), p.display(), args.steps),
             None => eprintln!("interrupted at step {step}, before any step of this run: nothing to save"),
+        }
+        if args.json {
+            out!("{}", json!({ "interrupted": true, "steps": step, "checkpoint": report.checkpoint }));
         }
         std::process::exit(130);
     }

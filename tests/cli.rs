@@ -160,7 +160,7 @@ fn interrupt_writes_a_checkpoint_that_resumes(signal: &str) {
     let e = env();
     let ckpt = e.dir.join("int.safetensors");
     let child = Command::new(BIN)
-        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--checkpoint", s(&ckpt)])
+        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--checkpoint", s(&ckpt), "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -174,6 +174,9 @@ fn interrupt_writes_a_checkpoint_that_resumes(signal: &str) {
     assert!(stderr.contains("interrupted at step"), "{stderr}");
     let saved = bntrain::model::checkpoint::Checkpoint::load(&ckpt).unwrap();
     assert!(saved.progress.step > 0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!((last["interrupted"].as_bool(), last["steps"].as_u64()), (Some(true), Some(saved.progress.step)), "{stdout}");
     let more = (saved.progress.step + 20).to_string();
     let resumed = last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", &more, "--resume", s(&ckpt), "--json"]));
     assert_eq!(resumed["steps"].as_u64().unwrap(), saved.progress.step + 20);
@@ -238,6 +241,12 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--hidden", "100,0"]), "width 0");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
+    // With --json the last line of stdout is a JSON object, a failure's too.
+    let out = bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0", "--json"]);
+    expect_failure(&out, "--steps");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert!(last["error"].as_str().is_some_and(|e| e.contains("--steps must be at least 1")), "{stdout}");
     expect_failure(&bntrain(&["--device", "cpu", "bench", "--runs", "0"]), "at least one timed run");
 
     expect_failure(&bntrain(&["--device", "cpu", "predict", "--data", data, "--checkpoint", "x", "--first", "0"]), "at least one test image");
