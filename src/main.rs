@@ -285,16 +285,12 @@ enum ModeArg { Population, Batch }
 const INTERRUPT_CHECKPOINT: &str = "bntrain-interrupted.safetensors";
 
 /// [`INTERRUPT_CHECKPOINT`] in the working directory, or in the temporary directory where
-/// the working directory takes no files; `bntrain-interrupted-1.safetensors`, `-2`, … where
-/// an earlier run's is in the way (it is another run's state).
+/// the working directory takes no files (the session saves under `-1`, `-2`, … where an
+/// earlier run's is in the way: [`session::unused_name`]).
 fn interrupt_checkpoint_path() -> PathBuf {
     let writable = |dir: &Path| session::check_writable(&dir.join(INTERRUPT_CHECKPOINT)).is_ok();
     let dir = [PathBuf::new(), std::env::temp_dir()].into_iter().find(|dir| writable(dir)).unwrap_or_default();
-    let stem = INTERRUPT_CHECKPOINT.trim_end_matches(".safetensors");
-    (0u32..)
-        .map(|n| dir.join(if n == 0 { INTERRUPT_CHECKPOINT.to_string() } else { format!("{stem}-{n}.safetensors") }))
-        .find(|path| !path.exists())
-        .unwrap_or_else(|| dir.join(INTERRUPT_CHECKPOINT))
+    dir.join(INTERRUPT_CHECKPOINT)
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice, String> { s.parse() }

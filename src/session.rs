@@ -35,7 +35,8 @@ pub struct TrainRequest {
     pub eval_every: u64,
     pub start: Start,
     pub checkpoint: Option<PathBuf>,
-    /// Where to save when interrupted and `checkpoint` is None.
+    /// Where to save when interrupted and `checkpoint` is None (where a file is there by then,
+    /// under the first free name after it: [`unused_name`]).
     pub interrupt_checkpoint: Option<PathBuf>,
     pub device: DeviceChoice,
     pub precision: Precision,
@@ -58,6 +59,17 @@ impl TrainReport {
     pub fn last(&self) -> Option<&HistoryPoint> {
         self.history.last()
     }
+}
+
+/// `path`, or where a file is there (another run's state), the first of `stem-1.ext`,
+/// `stem-2.ext`, … that is free.
+pub fn unused_name(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let extension = path.extension().map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    std::iter::once(path.to_path_buf())
+        .chain((1u32..).map(|n| path.with_file_name(format!("{stem}-{n}{extension}"))))
+        .find(|candidate| !candidate.exists())
+        .unwrap_or_else(|| path.to_path_buf())
 }
 
 /// Fails now, rather than after an hour of training, if `path` cannot be written: its
@@ -194,7 +206,8 @@ pub fn run(
     let checkpoint = match outcome {
         // Interrupted before its first step, a run has nothing new to keep.
         Outcome::Interrupted { step, .. } if step == start_step => None,
-        Outcome::Interrupted { .. } => req.checkpoint.clone().or_else(|| req.interrupt_checkpoint.clone()),
+        // Chosen now, not at start-up: another run may have saved there meanwhile.
+        Outcome::Interrupted { .. } => req.checkpoint.clone().or_else(|| req.interrupt_checkpoint.as_deref().map(unused_name)),
         Outcome::Finished { .. } => req.checkpoint.clone(),
     };
     if let Some(path) = &checkpoint {

@@ -187,24 +187,30 @@ fn sigint_writes_a_checkpoint_that_resumes() {
     interrupt_writes_a_checkpoint_that_resumes("-INT");
 }
 
+/// Without --checkpoint an interrupt saves to bntrain-interrupted.safetensors, and a second
+/// interrupted run beside it to bntrain-interrupted-1.safetensors: an earlier run's state is
+/// not overwritten.
 #[test]
 fn an_interrupt_without_checkpoint_flag_still_saves() {
     let e = env();
-    let child = Command::new(BIN)
-        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000"])
-        .current_dir(&e.dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1000));
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("bntrain-interrupted.safetensors"), "{stderr}");
-    let saved = bntrain::model::checkpoint::Checkpoint::load(&e.dir.join("bntrain-interrupted.safetensors")).unwrap();
-    assert!(saved.progress.step > 0);
+    for (run, name) in ["bntrain-interrupted.safetensors", "bntrain-interrupted-1.safetensors"].into_iter().enumerate() {
+        let child = Command::new(BIN)
+            .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--seed", &run.to_string()])
+            .current_dir(&e.dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{stderr}");
+        assert!(stderr.contains(&format!("checkpoint written to {name}")), "{stderr}");
+        let saved = bntrain::model::checkpoint::Checkpoint::load(&e.dir.join(name)).unwrap();
+        assert!(saved.progress.step > 0);
+        assert_eq!(saved.train.seed, run as u64, "{name} holds run {run}'s state");
+    }
 }
 
 #[test]
