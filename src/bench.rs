@@ -122,10 +122,12 @@ pub struct BenchReport {
 /// Times training steps of `nets` in lockstep (each run of steps queued on every network
 /// before any is waited for, as [`train::train_lockstep`] does): `warmup` steps, then `runs`
 /// runs of enough steps to last about `seconds_per_run` each; the median run gives µs per
-/// step of all the networks together.
+/// step of all the networks together. `on_run` hears of each finished run (outside the
+/// timed spans: a progress bar).
+#[allow(clippy::too_many_arguments)]
 pub fn time_steps(
     nets: &mut [&mut dyn Backend], train: &TrainConfig, train_examples: usize,
-    warmup: u64, runs: usize, seconds_per_run: f64,
+    warmup: u64, runs: usize, seconds_per_run: f64, on_run: &mut dyn FnMut(usize),
 ) -> Result<(Vec<f64>, u64)> {
     let per_epoch = train::batches_per_epoch(train_examples, train.batch_size);
     let order = train::epoch_order(train.order, train.seed, 0, train_examples);
@@ -153,8 +155,9 @@ pub fn time_steps(
     let per_step = warm / warmup.max(1) as f64;
     let steps_per_run = ((seconds_per_run / per_step.max(1e-9)) as u64).clamp(3, 100_000);
     let mut us = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
+    for run in 0..runs.max(1) {
         us.push(run_steps(nets, steps_per_run)? * 1e6 / steps_per_run as f64);
+        on_run(run + 1);
     }
     for net in nets.iter_mut() {
         net.take_step_stats()?;
@@ -183,11 +186,12 @@ pub enum BenchNets {
 }
 
 /// Builds the benchmark network(s) with `open` and times them; with `trace`, then times the
-/// phases of the first network's steps too (up to [`TRACE_STEPS`] more steps).
+/// phases of the first network's steps too (up to [`TRACE_STEPS`] more steps). `on_run`
+/// hears of each finished timed run.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     config: BenchConfig, nets: BenchNets, data: BenchData<'_>, runs: usize, seconds_per_run: f64, trace: bool,
-    open: &mut OpenBackend<'_>,
+    open: &mut OpenBackend<'_>, on_run: &mut dyn FnMut(usize),
 ) -> Result<BenchReport> {
     let batch_norm = nets != BenchNets::One { batch_norm: false };
     let (model, train) = config.configs(batch_norm);
@@ -217,7 +221,7 @@ pub fn run(
     }
     let (us, steps_per_run) = {
         let mut lockstep: Vec<&mut dyn Backend> = opened.iter_mut().map(|net| &mut **net as &mut dyn Backend).collect();
-        time_steps(&mut lockstep, &train, data.train.count, 20, runs, seconds_per_run)?
+        time_steps(&mut lockstep, &train, data.train.count, 20, runs, seconds_per_run, on_run)?
     };
     let med = median(&us);
     let phases = if trace { opened[0].phase_trace(0, TRACE_STEPS)? } else { None };

@@ -703,7 +703,12 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);
     let nets = if args.pair { bench::BenchNets::Pair } else { bench::BenchNets::One { batch_norm: !args.no_bn } };
-    let r = bench::run(args.config, nets, data, args.runs, args.seconds, args.trace, &mut open)?;
+    // The runs, on stderr (hidden where it is no terminal), updated between timed spans.
+    let bar = ProgressBar::new(args.runs as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} timed runs [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let timed = bench::run(args.config, nets, data, args.runs, args.seconds, args.trace, &mut open, &mut |done| bar.set_position(done as u64));
+    bar.finish_and_clear();
+    let r = timed?;
     let which = match nets {
         bench::BenchNets::Pair => "BN and plain in lockstep",
         bench::BenchNets::One { batch_norm: true } => "BN",
