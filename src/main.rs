@@ -476,8 +476,8 @@ fn progress_bar(len: u64, position: u64) -> ProgressBar {
     bar
 }
 
-/// Ctrl-C / SIGTERM: the first asks training to stop at the next step boundary (a
-/// checkpoint is written), the second exits at once.
+/// Ctrl-C / SIGTERM: the first asks training to stop at the next step boundary (`train`
+/// writes a checkpoint, `reproduce` keeps its partial outputs), the second exits at once.
 fn install_interrupt_handler() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let presses = Arc::new(AtomicUsize::new(0));
@@ -493,7 +493,7 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
         flag.store(true, Ordering::SeqCst);
     };
     if let Err(e) = ctrlc::set_handler(handler) {
-        eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will not save a checkpoint");
+        eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop the run at once, saving nothing");
     }
     stop
 }
@@ -631,20 +631,8 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     }
     prefer_single_threaded_gemms(device_choice, &args.hidden);
     let out_dir = args.out.join(&args.name);
-    // An interrupt ends the study at once (it cannot resume): what it wrote stays in the
-    // partial directory, and an earlier run's outputs are left whole.
-    let stopped = format!(
-        "\ninterrupted: the study stopped before its end; what it wrote is in {} (an earlier run's outputs in {} are untouched)",
-        report::partial_dir(&out_dir).display(),
-        out_dir.display()
-    );
-    let on_interrupt = move || {
-        let _ = writeln!(std::io::stderr(), "{stopped}");
-        std::process::exit(130);
-    };
-    if let Err(e) = ctrlc::set_handler(on_interrupt) {
-        let _ = writeln!(std::io::stderr(), "warning: cannot install the Ctrl-C handler ({e})");
-    }
+    // Installed first, so that an interrupt at any point after start-up is a clean stop.
+    let stop = install_interrupt_handler();
     let data = load_data(&args.data)?;
     let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
     if let Some(steps) = args.steps {
@@ -660,8 +648,23 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
     device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
-    let summary = report::reproduce(&opts, Arc::clone(&data), &mut open)
-        .with_context(|| format!("reproduce into {}", out_dir.display()))?;
+    let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
+        // A study cannot resume: what it wrote stays in the partial directory, and an
+        // earlier run's outputs are left whole.
+        Err(bntrain::Error::Interrupted { .. }) => {
+            let partial = report::partial_dir(&out_dir);
+            eprintln!(
+                "interrupted: the study stopped before its end; what it wrote is in {} (an earlier run's outputs in {} are untouched)",
+                partial.display(),
+                out_dir.display()
+            );
+            if args.json {
+                out!("{}", json!({ "interrupted": true, "partial": partial }));
+            }
+            std::process::exit(130);
+        }
+        done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
+    };
     out!("{}", summary.table());
     out!("report: {}", out_dir.join("report.md").display());
     if args.json {

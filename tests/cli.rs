@@ -341,7 +341,7 @@ fn an_interrupted_study_leaves_the_earlier_run_whole() {
     assert!(!out.join("bn2015.partial").exists(), "a finished study leaves no partial directory");
     // Long enough to be interrupted in its comparison.
     let child = Command::new(BIN)
-        .args(study(&["--seed", "7", "--steps", "100000000"]))
+        .args(study(&["--seed", "7", "--steps", "100000000", "--json"]))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -358,6 +358,10 @@ fn an_interrupted_study_leaves_the_earlier_run_whole() {
     let stderr = String::from_utf8_lossy(&done.stderr);
     assert_eq!(done.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("bn2015.partial") && !stderr.contains("panicked"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    let stopped: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert_eq!(stopped["interrupted"].as_bool(), Some(true), "{stopped}");
+    assert!(stopped["partial"].as_str().is_some_and(|p| p.ends_with("bn2015.partial")), "{stopped}");
     assert_eq!(std::fs::read(out.join("bn2015/report.md")).unwrap(), report, "the earlier report");
     assert_eq!(std::fs::read(out.join("bn2015/metrics.json")).unwrap(), metrics, "the earlier metrics");
     assert!(out.join("bn2015.partial").is_dir());

@@ -14,9 +14,10 @@ use bntrain::cpu::CpuBackend;
 use bntrain::data::{load_dir, Dataset, DatasetKind, Split};
 use bntrain::model::checkpoint::Checkpoint;
 use bntrain::model::{ModelConfig, ModelParams, TrainConfig};
-use bntrain::report::{reproduce, ReproduceOptions, ReproduceSummary};
+use bntrain::report::{partial_dir, reproduce, ReportError, ReproduceOptions, ReproduceSummary};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,9 +63,51 @@ fn run_quick(data: Dataset, dir: PathBuf) -> ReproduceSummary {
         Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))
     };
     let started = Instant::now();
-    let summary = reproduce(&opts, data, &mut open).expect("reproduce --quick");
+    let summary = reproduce(&opts, data, &mut open, None).expect("reproduce --quick");
     eprintln!("reproduce --quick on {}: {:.1} s\n{}", summary.dataset_source, started.elapsed().as_secs_f64(), summary.table());
     summary
+}
+
+/// A stop request ends the study at the next step boundary with `Error::Interrupted`; what
+/// it wrote stays in `<name>.partial` and nothing reaches the output directory. Meanwhile a
+/// second study into the same directory is refused rather than let delete those outputs.
+#[test]
+fn a_stopped_study_keeps_its_partial_outputs_and_a_concurrent_one_is_refused() {
+    let data = Arc::new(synthetic(600, 200));
+    let dir = out_dir("reproduce-stopped");
+    let _ = std::fs::remove_dir_all(partial_dir(&dir));
+    let opts = ReproduceOptions::quick(dir.clone());
+    let stop = AtomicBool::new(false);
+    let shared = Arc::clone(&data);
+    let (mut opened, mut concurrent) = (0, None);
+    let mut open = |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+        opened += 1;
+        // The comparison's two networks have trained; the test-time network is next.
+        if opened == 3 {
+            let mut refused = |_: ModelConfig, _: TrainConfig, _: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+                panic!("a study refused at the start opens no network")
+            };
+            concurrent = Some(reproduce(&opts, Arc::clone(&shared), &mut refused, None));
+            stop.store(true, Ordering::Relaxed);
+        }
+        Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))
+    };
+    let result = reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop));
+    assert!(matches!(result, Err(bntrain::Error::Interrupted { step: 0 })), "{:?}", result.map(|s| s.files));
+    match concurrent {
+        Some(Err(bntrain::Error::Report(ReportError::Busy(busy)))) => assert_eq!(busy, dir),
+        other => panic!("the concurrent study was not refused: {:?}", other.map(|r| r.map(|s| s.files))),
+    }
+    assert!(partial_dir(&dir).is_dir(), "the stopped study's partial directory is kept");
+    let reached: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(reached.is_empty(), "nothing reaches the output directory: {reached:?}");
+    // The lock went with the study: the next one runs.
+    let mut open = |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+        Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))
+    };
+    let quick = ReproduceOptions { steps_compare: 20, steps_bn: 20, eval_every: 10, seeds: 1, ..opts.clone() };
+    reproduce(&quick, Arc::clone(&data), &mut open, None).expect("a study after the stopped one");
+    assert!(dir.join("report.md").is_file() && !partial_dir(&dir).exists());
 }
 
 /// The cells of a markdown table row, trimmed (None for lines that are not table rows).
@@ -318,7 +361,7 @@ fn reproduce_full_on_mnist() {
     let mut open = move |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
         Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))
     };
-    let summary = reproduce(&opts, data, &mut open).expect("reproduce");
+    let summary = reproduce(&opts, data, &mut open, None).expect("reproduce");
     eprintln!("{}", summary.table());
     check_outputs_full(&summary, &out);
 }

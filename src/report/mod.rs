@@ -23,6 +23,7 @@ use crate::model::checkpoint::HistoryPoint;
 use crate::model::{ModelConfig, ModelParams, TrainConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -43,6 +44,8 @@ pub enum ReportError {
     Font(String),
     #[error("invalid reproduce options: {0}")]
     Options(String),
+    #[error("another `bntrain reproduce` is writing into {}: wait for it to end, or choose another --name", .0.display())]
+    Busy(PathBuf),
 }
 
 /// What `reproduce` runs and where it writes; recorded in `metrics.json` without the two
@@ -325,16 +328,22 @@ pub fn partial_dir(out_dir: &Path) -> PathBuf {
 ///
 /// `open` builds a backend (CPU or CUDA, the caller's choice) for a model, a training
 /// configuration and initial parameters; it is called for every network the study trains or
-/// restores.
+/// restores. A request on `stop` ends the study at the next step boundary, or between its
+/// parts, with [`crate::Error::Interrupted`]; what it wrote stays in [`partial_dir`].
+///
+/// Another study into the same directory, in this process or another, is refused while this
+/// one runs ([`ReportError::Busy`]): it would delete this one's partial outputs.
 pub fn reproduce(
     opts: &ReproduceOptions,
     data: Arc<Dataset>,
     open: &mut OpenBackend<'_>,
+    stop: Option<&AtomicBool>,
 ) -> crate::Result<ReproduceSummary> {
     opts.validate()?;
     // Whether the outputs can move in is found out now, not after the study: a file where
     // the directory should be, a directory that takes no files.
     create_dir(&opts.out_dir)?;
+    let _lock = lock_out_dir(&opts.out_dir)?;
     let partial = partial_dir(&opts.out_dir);
     // What an earlier interrupted study left is partial by its name: it goes.
     if partial.exists() {
@@ -350,7 +359,7 @@ pub fn reproduce(
         return Err(crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e));
     }
     let building = ReproduceOptions { out_dir: partial.clone(), ..opts.clone() };
-    let summary = build_outputs(&building, data, open)?;
+    let summary = build_outputs(&building, data, open, stop)?;
     move_outputs(&partial, &opts.out_dir, &summary.files)?;
     Ok(summary)
 }
@@ -390,13 +399,14 @@ fn build_outputs(
     opts: &ReproduceOptions,
     data: Arc<Dataset>,
     open: &mut OpenBackend<'_>,
+    stop: Option<&AtomicBool>,
 ) -> crate::Result<ReproduceSummary> {
     let started = std::time::Instant::now();
     figures::register_fonts()?;
 
-    let comparison = study::run_comparison(opts, &data, open)?;
-    let (test_time, first_seed) = study::run_test_time(opts, &data, open)?;
-    let estimators = study::run_estimators(opts, &data, open, first_seed)?;
+    let comparison = study::run_comparison(opts, &data, open, stop)?;
+    let (test_time, first_seed) = study::run_test_time(opts, &data, open, stop)?;
+    let estimators = study::run_estimators(opts, &data, open, first_seed, stop)?;
 
     let mut summary = ReproduceSummary {
         device: comparison.device.clone(),
@@ -444,6 +454,18 @@ pub fn rerender(out_dir: &Path) -> crate::Result<ReproduceSummary> {
     write::write_tables(&summary, out_dir)?;
     write::write_report(&summary, out_dir)?;
     Ok(summary)
+}
+
+/// Holds an exclusive lock on the output directory until the returned handle drops, or the
+/// process ends however it ends (no stale lock to clear by hand). Where the file system
+/// takes no lock on a directory, the study runs without one.
+fn lock_out_dir(dir: &Path) -> crate::Result<Option<std::fs::File>> {
+    let Ok(handle) = std::fs::File::open(dir) else { return Ok(None) };
+    match handle.try_lock() {
+        Ok(()) => Ok(Some(handle)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ReportError::Busy(dir.to_path_buf()).into()),
+        Err(std::fs::TryLockError::Error(_)) => Ok(None),
+    }
 }
 
 fn create_dir(dir: &Path) -> crate::Result<()> {

@@ -14,9 +14,10 @@ use crate::backend::{Backend, Probe, SplitKind, StatsMode};
 use crate::data::Dataset;
 use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress};
 use crate::model::{Averaging, ModelConfig, ModelParams, RunningStats, StatsEstimator, TrainConfig, VarianceKind};
-use crate::train::{train_lockstep, Event, Schedule};
-use crate::Result;
+use crate::train::{train_lockstep, Event, Outcome, Schedule};
+use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The file the test-time net is saved to, inside the output directory.
@@ -153,6 +154,7 @@ pub fn run_comparison(
     opts: &ReproduceOptions,
     data: &Dataset,
     open: &mut OpenBackend<'_>,
+    stop: Option<&AtomicBool>,
 ) -> Result<ComparisonRun> {
     let started = Instant::now();
     let model_bn = model_config(opts, data, true);
@@ -173,7 +175,7 @@ pub fn run_comparison(
     let mut latest: [Option<HistoryPoint>; 2] = [None, None];
     {
         let mut nets: [&mut dyn Backend; 2] = [bn.as_mut(), plain.as_mut()];
-        train_lockstep(&mut nets, &train, data.train.count, 0, &schedule, None, &mut |event| match event {
+        let outcome = train_lockstep(&mut nets, &train, data.train.count, 0, &schedule, stop, &mut |event| match event {
             Event::Stepped { step } => bar.set_position(step),
             Event::Evaluated { net, record } => {
                 let curve = &mut curves[net];
@@ -185,6 +187,7 @@ pub fn run_comparison(
                 }
             }
         })?;
+        completed(outcome)?;
     }
     bar.finish();
     // After training: the name says how the steps ran (e.g. two networks a launch).
@@ -221,6 +224,7 @@ fn train_bn(
     seed: u64,
     eval_every: u64,
     label: &str,
+    stop: Option<&AtomicBool>,
 ) -> Result<(ModelConfig, TrainConfig, Box<dyn Backend>, Curve)> {
     let estimators = running_estimators();
     let model = model_config(opts, data, true);
@@ -230,15 +234,33 @@ fn train_bn(
     let schedule = Schedule::new(opts.steps_bn, eval_every);
     let bar = step_bar(opts.progress, opts.steps_bn, label);
     let mut curve = Curve::default();
-    train_lockstep(&mut [net.as_mut()], &train, data.train.count, 0, &schedule, None, &mut |event| match event {
+    let outcome = train_lockstep(&mut [net.as_mut()], &train, data.train.count, 0, &schedule, stop, &mut |event| match event {
         Event::Stepped { step } => bar.set_position(step),
         Event::Evaluated { record, .. } => {
             bar.set_message(live("BN", &record.point));
             curve.history.push(record.point.clone());
         }
     })?;
+    completed(outcome)?;
     bar.finish();
     Ok((model, train, net, curve))
+}
+
+/// A study cannot resume: a stop request ends it with [`Error::Interrupted`].
+fn completed(outcome: Outcome) -> Result<()> {
+    match outcome {
+        Outcome::Finished { .. } => Ok(()),
+        Outcome::Interrupted { step, .. } => Err(Error::Interrupted { step }),
+    }
+}
+
+/// Between the parts that do not train (evaluations, predictions), a stop request is seen
+/// here; `step` is the step the part's network had reached.
+pub fn check_stop(stop: Option<&AtomicBool>, step: u64) -> Result<()> {
+    match stop {
+        Some(s) if s.load(Ordering::Relaxed) => Err(Error::Interrupted { step }),
+        _ => Ok(()),
+    }
 }
 
 fn one_by_one(predictions: Vec<u8>, labels: &[u8], classes: usize) -> OneByOne {
@@ -268,9 +290,10 @@ pub fn run_test_time(
     opts: &ReproduceOptions,
     data: &Dataset,
     open: &mut OpenBackend<'_>,
+    stop: Option<&AtomicBool>,
 ) -> Result<(TestTime, TrainedNet)> {
     let started = Instant::now();
-    let (model, train, mut net, curve) = train_bn(opts, data, open, opts.seed, opts.eval_every, "BN (test time)")?;
+    let (model, train, mut net, curve) = train_bn(opts, data, open, opts.seed, opts.eval_every, "BN (test time)", stop)?;
     let checkpoint = Checkpoint {
         model,
         train,
@@ -293,6 +316,8 @@ pub fn run_test_time(
     let classes = restored.model.classes;
     let first_population = one_by_one(net.predict_each(SplitKind::Test, first, StatsMode::Population)?, &test.labels, classes);
     let first_batch = one_by_one(net.predict_each(SplitKind::Test, first, StatsMode::Batch)?, &test.labels, classes);
+    // The longest part that does not train: 10000 one-example passes.
+    check_stop(stop, opts.steps_bn)?;
     let all_batch = one_by_one(net.predict_each(SplitKind::Test, test.count, StatsMode::Batch)?, &test.labels, classes).accuracy;
     let result = TestTime {
         steps: opts.steps_bn,
@@ -337,6 +362,7 @@ pub fn run_estimators(
     data: &Dataset,
     open: &mut OpenBackend<'_>,
     first: TrainedNet,
+    stop: Option<&AtomicBool>,
 ) -> Result<EstimatorStudy> {
     let started = Instant::now();
     let running = running_estimators();
@@ -358,11 +384,12 @@ pub fn run_estimators(
             Some(net) => net,
             None => {
                 let label = format!("BN seed {seed}");
-                let (model, _, mut backend, _) = train_bn(opts, data, open, seed, opts.steps_bn, &label)?;
+                let (model, _, mut backend, _) = train_bn(opts, data, open, seed, opts.steps_bn, &label, stop)?;
                 let params = backend.params()?;
                 TrainedNet { seed, model, params, backend }
             }
         };
+        check_stop(stop, opts.steps_bn)?;
         seeds.push(net.seed);
         let (exact_biased, exact_unbiased) = population::exact_moments_both(&net.model, &net.params, &data.train);
         for (i, estimator) in running.iter().enumerate() {
