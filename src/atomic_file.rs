@@ -11,9 +11,16 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     refuse_non_regular(path)?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    // A fresh name, made exclusively: containers sharing a volume all run as PID 1, and a
+    // writer that truncated another's temporary file would leave zeros in its content.
+    let (tmp, mut f) = loop {
+        let tmp = dir.join(format!(".{name}.tmp-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            opened => break (tmp, opened?),
+        }
+    };
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -34,5 +41,32 @@ pub fn refuse_non_regular(path: &Path) -> std::io::Result<()> {
         Ok(meta) if meta.is_dir() => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "it is a directory")),
         Ok(meta) if !meta.is_file() => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writers of one path that share a process id (threads here; containers sharing a
+    /// volume, where each is PID 1) each succeed, and the file ends whole: exactly one
+    /// writer's bytes, no temporary file left.
+    #[test]
+    fn concurrent_writers_of_one_path_never_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.bin");
+        for round in 0..10u8 {
+            let contents: Vec<Vec<u8>> = (0..6u8).map(|w| vec![round.wrapping_mul(31) ^ (w + 1); 1 << 18]).collect();
+            std::thread::scope(|s| {
+                for bytes in &contents {
+                    let path = &path;
+                    s.spawn(move || write_atomically(path, bytes).expect("every writer succeeds"));
+                }
+            });
+            let written = std::fs::read(&path).unwrap();
+            assert!(contents.contains(&written), "round {round}: the file is no writer's whole content");
+            let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, ["data.bin"], "round {round}: temporary files left");
+        }
     }
 }

@@ -146,7 +146,7 @@ pub fn check_host_memory(model: &ModelConfig, batch: usize, device: DeviceChoice
 }
 
 /// Linux's estimate of the memory available to a new process, in bytes.
-fn available_host_bytes() -> Option<u64> {
+pub(crate) fn available_host_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -1,9 +1,11 @@
 //! Reading IDX files (the format of MNIST and Fashion-MNIST), raw or gzip-compressed.
 //!
 //! An IDX file is a big-endian header (magic, then one u32 per dimension) followed by the
-//! data. We trust nothing in the header: every size is checked against the file before any
-//! buffer is sized from it, so a corrupt or hostile file yields a [`DataError`] naming the
-//! file, never a panic or a multi-gigabyte allocation.
+//! data. We trust nothing in the header: every size is checked against the file and against
+//! the memory available before any buffer is sized from it, so a corrupt or hostile file
+//! yields a [`DataError`] naming the file, never a panic or an allocation the host cannot
+//! hold. (A `.gz` can honestly decompress to 1032 times its size — all zeros — and a body
+//! that fits in memory is read as it arrives, never reserved from the header.)
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -154,6 +156,8 @@ struct IdxSource<'a> {
     compressed: bool,
     /// Length on disk: compressed for a `.gz`, exact for a raw file.
     file_len: u64,
+    /// The host memory a body may take (None where unknown: not Linux).
+    memory_available: Option<u64>,
 }
 
 impl<'a> IdxSource<'a> {
@@ -164,6 +168,7 @@ impl<'a> IdxSource<'a> {
             reader,
             compressed,
             file_len,
+            memory_available: crate::device::available_host_bytes(),
         })
     }
 
@@ -178,6 +183,7 @@ impl<'a> IdxSource<'a> {
             reader,
             compressed,
             file_len: bytes.len() as u64,
+            memory_available: crate::device::available_host_bytes(),
         }
     }
 
@@ -225,6 +231,12 @@ impl<'a> IdxSource<'a> {
                     "it announces {expected_total} bytes, more than a {}-byte gzip can hold",
                     self.file_len
                 ),
+            });
+        }
+        if let Some(available) = self.memory_available.filter(|&a| body_len > a) {
+            return Err(DataError::BadHeader {
+                path,
+                problem: format!("it announces {body_len} bytes of data, more than the {available} bytes of memory available"),
             });
         }
         let mut body = Vec::with_capacity(body_len.min(MAX_INITIAL_CAPACITY) as usize);
@@ -306,4 +318,36 @@ fn check_magic(path: &Path, found: u32, expected: u32) -> Result<(), DataError> 
         expected,
         hint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::{write::GzEncoder, Compression};
+    use std::io::Write as _;
+
+    /// A `.gz` of 100 images of 28×28 zeros: about 1000 times smaller than its content.
+    fn zeros_gz() -> Vec<u8> {
+        let mut idx = Vec::from(IMAGES_MAGIC.to_be_bytes());
+        [100u32, 28, 28].iter().for_each(|d| idx.extend(d.to_be_bytes()));
+        idx.resize(16 + 100 * 784, 0);
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+        encoder.write_all(&idx).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// A body that deflate can honestly hold but the host could not is refused from the
+    /// header, before anything is read or reserved; the same file within the budget loads.
+    #[test]
+    fn a_body_larger_than_the_memory_available_is_refused_before_reading() {
+        let gz = zeros_gz();
+        let path = Path::new("bomb-images.gz");
+        let within = |memory_available| IdxSource { memory_available, ..IdxSource::from_bytes(&gz, path, true) };
+        let loaded = images_from(within(Some(100 * 784))).expect("a body that fits the budget exactly");
+        assert_eq!((loaded.count, loaded.pixels.len()), (100, 100 * 784));
+        assert!(images_from(within(None)).is_ok(), "no budget known: no limit");
+        let refused = images_from(within(Some(100 * 784 - 1))).unwrap_err().to_string();
+        assert!(refused.contains("78400 bytes of data, more than the 78399 bytes of memory available"), "{refused}");
+        assert!(refused.contains("bomb-images.gz"), "{refused}");
+    }
 }
