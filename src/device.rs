@@ -34,7 +34,8 @@ impl FromStr for DeviceChoice {
 /// The arithmetic a backend uses. The CPU computes in f32 or f64; CUDA in f32. With tf32 and
 /// bf16 the GEMMs read their operands in that format (tensor cores on the GPU, an emulation
 /// on the CPU) and everything else stays f32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     F32,

@@ -7,7 +7,7 @@ use bntrain::bench::{self, BenchConfig};
 use bntrain::cpu::{self, InputPath};
 use bntrain::data::{self, Dataset, DatasetKind};
 use bntrain::device::{self, DeviceChoice, Precision};
-use bntrain::model::checkpoint::Checkpoint;
+use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainedOn};
 use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, StatsEstimator, TrainConfig, VarianceKind,
 };
@@ -89,9 +89,16 @@ struct DataArgs {
     /// cache (downloading MNIST there on first use).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Which dataset: mnist or fashion-mnist.
-    #[arg(long, default_value = "mnist", value_parser = parse_dataset)]
-    dataset: DatasetKind,
+    /// Which dataset: mnist or fashion-mnist [default: a checkpoint's own, else mnist].
+    #[arg(long, value_parser = parse_dataset)]
+    dataset: Option<DatasetKind>,
+}
+
+impl DataArgs {
+    /// The dataset asked for, else `recorded` (the one a checkpoint was trained on), else MNIST.
+    fn kind(&self, recorded: Option<DatasetKind>) -> DatasetKind {
+        self.dataset.or(recorded).unwrap_or(DatasetKind::Mnist)
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -373,8 +380,10 @@ fn print_line(line: std::fmt::Arguments<'_>) {
 }
 
 /// `train`'s settings that a resumed checkpoint brings with it (argument ids).
-const RESUMED_SETTINGS: [&str; 13] =
-    ["hidden", "activation", "no_bn", "epsilon", "lr", "momentum", "batch", "loss", "order", "seed", "averaging", "decay", "variance"];
+const RESUMED_SETTINGS: [&str; 15] = [
+    "hidden", "activation", "no_bn", "epsilon", "lr", "momentum", "batch", "loss", "order", "seed", "averaging", "decay", "variance",
+    "precision", "dataset",
+];
 
 fn main() {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
@@ -460,9 +469,9 @@ fn resolve_device(choice: DeviceChoice) -> DeviceChoice {
     device
 }
 
-fn load_data(args: &DataArgs) -> Result<Arc<Dataset>> {
-    let dir = data::locate(args.data.as_deref(), args.dataset, true).context("cannot find the dataset")?;
-    let dataset = data::load_dir(&dir, args.dataset).with_context(|| format!("cannot load {} from {}", args.dataset, dir.display()))?;
+fn load_data(args: &DataArgs, kind: DatasetKind) -> Result<Arc<Dataset>> {
+    let dir = data::locate(args.data.as_deref(), kind, true).context("cannot find the dataset")?;
+    let dataset = data::load_dir(&dir, kind).with_context(|| format!("cannot load {kind} from {}", dir.display()))?;
     Ok(Arc::new(dataset))
 }
 
@@ -505,7 +514,11 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     }
     // Then, so that an interrupt at any point after start-up is a clean stop.
     let stop = install_interrupt_handler();
-    let data = load_data(&args.data)?;
+    // A resumed run goes on with the data it trained on (an unreadable checkpoint is the
+    // session's to report).
+    let resumed_on = args.resume.as_deref().and_then(|p| Checkpoint::load(p).ok()).and_then(|c| c.trained_on);
+    let kind = resumed_on.map_or_else(|| args.data.kind(None), |t| t.dataset);
+    let data = load_data(&args.data, kind)?;
     let model = args.model.config(data.train.features, data.train.classes);
     let start = match (&args.init, &args.resume) {
         (Some(p), _) => Start::Init(p.clone()),
@@ -551,8 +564,9 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     }
     let last = report.last().context("no evaluation point was reached")?;
     out!(
-        "trained {} on {} for {} steps in {:.2} s: test accuracy {:.4} (population statistics), test loss {:.4}",
-        report.model, report.device, report.outcome.step() - report.start_step, report.seconds, last.test_accuracy, last.test_loss
+        "trained {} on {} for {} steps in {:.2} s: test accuracy {:.4}{}, test loss {:.4}",
+        report.model, report.device, report.outcome.step() - report.start_step, report.seconds, last.test_accuracy,
+        statistics_note(&report.model), last.test_loss
     );
     if let Some(p) = &report.checkpoint {
         out!("checkpoint: {}", p.display());
@@ -563,8 +577,10 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             "test_loss": last.test_loss,
             "train_loss": last.train_loss,
             "steps": report.outcome.step(),
+            "steps_this_run": report.outcome.step() - report.start_step,
             "device": report.device,
             "model": report.model.to_string(),
+            "dataset": data.kind.name(),
             "seconds": report.seconds,
             "checkpoint": report.checkpoint,
         }));
@@ -572,38 +588,59 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads a checkpoint and opens a backend holding it.
-fn open_checkpoint(device_choice: DeviceChoice, path: &Path, data: &Arc<Dataset>) -> Result<(Checkpoint, Box<dyn bntrain::backend::Backend>)> {
-    let ckpt = Checkpoint::load(path).context("cannot load the checkpoint")?;
+/// A checkpoint, the data it is to be used on (`--dataset`, else the checkpoint's own) and a
+/// backend holding it, in the arithmetic it was trained in (f64 only on the CPU).
+fn open_checkpoint(
+    device_choice: DeviceChoice, path: &Path, data_args: &DataArgs,
+) -> Result<(Checkpoint, Arc<Dataset>, Box<dyn bntrain::backend::Backend>)> {
+    let ckpt = Checkpoint::load(path)?;
+    let data = load_data(data_args, data_args.kind(ckpt.trained_on.map(|t| t.dataset)))?;
     if ckpt.model.inputs != data.train.features {
         bail!("{} expects {} input features but the dataset has {}", path.display(), ckpt.model.inputs, data.train.features);
     }
     let mut train = ckpt.train.clone();
     train.batch_size = train.batch_size.min(data.train.count);
-    let net = device::open(resolve_device(device_choice), Precision::F32, ckpt.model.clone(), train, Arc::clone(data), &ckpt.params)?;
-    Ok((ckpt, net))
+    let device = resolve_device(device_choice);
+    let precision = match (ckpt.trained_on, ckpt.precision) {
+        (Some(TrainedOn { precision: Precision::F64, .. }), _) | (None, StoredPrecision::F64) if device == DeviceChoice::Cpu => Precision::F64,
+        (Some(TrainedOn { precision: Precision::F64, .. }), _) | (None, _) => Precision::F32,
+        (Some(TrainedOn { precision, .. }), _) => precision,
+    };
+    let net = device::open(device, precision, ckpt.model.clone(), train, Arc::clone(&data), &ckpt.params)?;
+    Ok((ckpt, data, net))
+}
+
+/// How a BN network's test figures were computed; nothing for a network without BN.
+fn statistics_note(model: &ModelConfig) -> &'static str {
+    if model.batch_norm { " (population statistics)" } else { "" }
 }
 
 fn eval(device_choice: DeviceChoice, args: EvalArgs) -> Result<()> {
-    let data = load_data(&args.data)?;
-    let (ckpt, mut net) = open_checkpoint(device_choice, &args.checkpoint, &data)?;
-    let split = match args.split { SplitArg::Train => SplitKind::Train, SplitArg::Test => SplitKind::Test };
+    let (ckpt, data, mut net) = open_checkpoint(device_choice, &args.checkpoint, &args.data)?;
+    let (split, split_name) = match args.split { SplitArg::Train => (SplitKind::Train, "train"), SplitArg::Test => (SplitKind::Test, "test") };
     let started = std::time::Instant::now();
     let e = net.evaluate(split, StatsMode::Population, None)?;
     let seconds = started.elapsed().as_secs_f64();
-    out!("{} ({} steps) on {:?}: accuracy {:.4}, loss {:.4} (population statistics, {} examples)", ckpt.model, ckpt.progress.step, split, e.accuracy(), e.mean_loss(), e.examples);
+    out!(
+        "{} ({} steps) on the {} {split_name} set: accuracy {:.4}, loss {:.4}{} ({} examples)",
+        ckpt.model, ckpt.progress.step, data.kind, e.accuracy(), e.mean_loss(), statistics_note(&ckpt.model), e.examples
+    );
     if args.json {
-        out!("{}", json!({
-            "test_accuracy": e.accuracy(), "accuracy": e.accuracy(), "loss": e.mean_loss(), "examples": e.examples,
-            "split": format!("{split:?}").to_lowercase(), "steps": ckpt.progress.step, "device": net.device_name(), "seconds": seconds,
-        }));
+        let mut result = json!({
+            "accuracy": e.accuracy(), "loss": e.mean_loss(), "examples": e.examples, "split": split_name, "dataset": data.kind.name(),
+            "steps": ckpt.progress.step, "device": net.device_name(), "seconds": seconds,
+        });
+        // `train --json` names the same figure so; for the training split it would mislead.
+        if split == SplitKind::Test {
+            result["test_accuracy"] = json!(e.accuracy());
+        }
+        out!("{result}");
     }
     Ok(())
 }
 
 fn predict(device_choice: DeviceChoice, args: PredictArgs) -> Result<()> {
-    let data = load_data(&args.data)?;
-    let (ckpt, mut net) = open_checkpoint(device_choice, &args.checkpoint, &data)?;
+    let (ckpt, data, mut net) = open_checkpoint(device_choice, &args.checkpoint, &args.data)?;
     let mode = match args.mode { ModeArg::Population => StatsMode::Population, ModeArg::Batch => StatsMode::Batch };
     let predictions = net.predict_each(SplitKind::Test, args.first, mode)?;
     let labels = &data.test.labels[..predictions.len()];
@@ -612,14 +649,19 @@ fn predict(device_choice: DeviceChoice, args: PredictArgs) -> Result<()> {
     let mut histogram = [0usize; 256];
     predictions.iter().for_each(|&p| histogram[p as usize] += 1);
     let spread: Vec<String> = histogram.iter().enumerate().filter(|(_, &n)| n > 0).map(|(c, n)| format!("{c}:{n}")).collect();
+    let with = match (ckpt.model.batch_norm, mode) {
+        (false, _) => "(no BN: no statistics to choose)",
+        (true, StatsMode::Batch) => "with batch statistics",
+        (true, StatsMode::Population) => "with population statistics",
+    };
     out!(
-        "{} predicted one by one with {} statistics: {correct}/{} correct (accuracy {accuracy:.2}); predicted classes (class:count) {}",
-        ckpt.model, if mode == StatsMode::Batch { "batch" } else { "population" }, predictions.len(), spread.join(" ")
+        "{} predicted one by one {with}: {correct}/{} correct (accuracy {accuracy:.2}); predicted classes (class:count) {}",
+        ckpt.model, predictions.len(), spread.join(" ")
     );
     if args.json {
         out!("{}", json!({
             "accuracy": accuracy, "predictions": predictions, "labels": labels,
-            "mode": if mode == StatsMode::Batch { "batch" } else { "population" }, "device": net.device_name(),
+            "mode": if mode == StatsMode::Batch { "batch" } else { "population" }, "device": net.device_name(), "dataset": data.kind.name(),
         }));
     }
     Ok(())
@@ -633,7 +675,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let out_dir = args.out.join(&args.name);
     // Installed first, so that an interrupt at any point after start-up is a clean stop.
     let stop = install_interrupt_handler();
-    let data = load_data(&args.data)?;
+    let data = load_data(&args.data, args.data.kind(None))?;
     let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
     if let Some(steps) = args.steps {
         opts.steps_compare = steps;
@@ -700,9 +742,10 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     let dataset = if args.noise {
         None
     } else {
-        let dir = data::locate(args.data.data.as_deref(), args.data.dataset, false)
+        let kind = args.data.kind(None);
+        let dir = data::locate(args.data.data.as_deref(), kind, false)
             .context("cannot find the dataset to benchmark on (pass --noise for random pixels, or run `bntrain data fetch`)")?;
-        Some(Arc::new(data::load_dir(&dir, args.data.dataset).with_context(|| format!("cannot load {} from {}", args.data.dataset, dir.display()))?))
+        Some(Arc::new(data::load_dir(&dir, kind).with_context(|| format!("cannot load {kind} from {}", dir.display()))?))
     };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);
     let nets = if args.pair { bench::BenchNets::Pair } else { bench::BenchNets::One { batch_norm: !args.no_bn } };
@@ -750,7 +793,7 @@ fn data_cmd(command: DataCommand) -> Result<()> {
             );
         }
         DataCommand::Where { data: args } => {
-            let dir = data::locate(args.data.as_deref(), args.dataset, false)?;
+            let dir = data::locate(args.data.as_deref(), args.kind(None), false)?;
             out!("{}", dir.display());
         }
     }

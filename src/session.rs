@@ -3,9 +3,9 @@
 //! atomically at the end or at the interruption point — never after a divergence.
 
 use crate::backend::{Backend, StepStats};
-use crate::data::Dataset;
+use crate::data::{Dataset, DatasetKind};
 use crate::device::{self, DeviceChoice, Precision};
-use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress};
+use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress, TrainedOn};
 use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
 use crate::train::{self, Event, Outcome, Schedule};
 use crate::{Error, Result};
@@ -39,6 +39,7 @@ pub struct TrainRequest {
     /// under the first free name after it: [`unused_name`]).
     pub interrupt_checkpoint: Option<PathBuf>,
     pub device: DeviceChoice,
+    /// The arithmetic of a fresh run; a resumed run keeps its checkpoint's.
     pub precision: Precision,
 }
 
@@ -90,14 +91,15 @@ struct StartingPoint {
     params: ModelParams,
     velocity: Vec<Vec<f64>>,
     progress: TrainProgress,
+    precision: Precision,
 }
 
 /// Resolves the request against a checkpoint when resuming or initializing from one.
-fn starting_point(req: &TrainRequest) -> Result<StartingPoint> {
+fn starting_point(req: &TrainRequest, data_kind: DatasetKind) -> Result<StartingPoint> {
     match &req.start {
         Start::Fresh => {
             let params = ModelParams::init(&req.model, req.train.seed, req.train.estimators().len());
-            Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default() })
+            Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default(), precision: req.precision })
         }
         Start::Init(path) => {
             let ckpt = Checkpoint::load(path)?;
@@ -111,7 +113,7 @@ fn starting_point(req: &TrainRequest) -> Result<StartingPoint> {
                     bn.running.resize(wanted, crate::model::RunningStats::initial(layer.outputs));
                 }
             }
-            Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default() })
+            Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default(), precision: req.precision })
         }
         Start::Resume(path) => {
             let ckpt = Checkpoint::load(path)?;
@@ -121,7 +123,23 @@ fn starting_point(req: &TrainRequest) -> Result<StartingPoint> {
                     path.display(), ckpt.progress.step, req.steps
                 )).into());
             }
-            Ok(StartingPoint { model: ckpt.model, train: ckpt.train, params: ckpt.params, velocity: ckpt.velocity, progress: ckpt.progress })
+            // Checkpoints from before `trained_on` was recorded: the request's arithmetic, and
+            // whatever data the caller loaded.
+            let precision = match ckpt.trained_on {
+                Some(TrainedOn { dataset, .. }) if dataset != data_kind => {
+                    return Err(ConfigError::Mismatch(format!(
+                        "{} was trained on {dataset}, the data loaded is {data_kind}", path.display()
+                    )).into());
+                }
+                Some(TrainedOn { precision: Precision::F64, .. }) if req.device != DeviceChoice::Cpu => {
+                    return Err(ConfigError::Invalid(format!(
+                        "{} was trained in f64, which only the CPU computes: resume it with --device cpu", path.display()
+                    )).into());
+                }
+                Some(TrainedOn { precision, .. }) => precision,
+                None => req.precision,
+            };
+            Ok(StartingPoint { model: ckpt.model, train: ckpt.train, params: ckpt.params, velocity: ckpt.velocity, progress: ckpt.progress, precision })
         }
     }
 }
@@ -129,7 +147,7 @@ fn starting_point(req: &TrainRequest) -> Result<StartingPoint> {
 /// Writes the state of `net` as a checkpoint.
 pub fn save_checkpoint(
     net: &mut dyn Backend, model: &ModelConfig, train: &TrainConfig, progress: TrainProgress,
-    precision: Precision, path: &Path,
+    trained_on: TrainedOn, path: &Path,
 ) -> Result<()> {
     let ckpt = Checkpoint {
         model: model.clone(),
@@ -137,11 +155,12 @@ pub fn save_checkpoint(
         params: net.params()?,
         velocity: net.velocity()?,
         progress,
-        precision: match precision {
+        precision: match trained_on.precision {
             // Reduced-precision GEMMs keep f32 master weights.
             Precision::F32 | Precision::Tf32 | Precision::Bf16 => StoredPrecision::F32,
             Precision::F64 => StoredPrecision::F64,
         },
+        trained_on: Some(trained_on),
     };
     Ok(ckpt.save(path)?)
 }
@@ -160,11 +179,12 @@ pub fn run(
         req.model.validate()?;
         crate::device::check_host_memory(&req.model, req.train.batch_size, req.device, req.precision)?;
     }
-    let StartingPoint { model, train: train_cfg, params, velocity, progress } = starting_point(req)?;
+    let StartingPoint { model, train: train_cfg, params, velocity, progress, precision } = starting_point(req, data.kind)?;
     model.validate()?;
     if resumed {
-        crate::device::check_host_memory(&model, train_cfg.batch_size, req.device, req.precision)?;
+        crate::device::check_host_memory(&model, train_cfg.batch_size, req.device, precision)?;
     }
+    let trained_on = TrainedOn { precision, dataset: data.kind };
     train_cfg.validate(&model, data.train.count)?;
     if req.eval_every == 0 {
         return Err(ConfigError::Invalid("--eval-every must be at least 1".into()).into());
@@ -172,7 +192,7 @@ pub fn run(
     if req.steps == 0 {
         return Err(ConfigError::Invalid("--steps must be at least 1".into()).into());
     }
-    let mut net = device::open(req.device, req.precision, model.clone(), train_cfg.clone(), Arc::clone(&data), &params)?;
+    let mut net = device::open(req.device, precision, model.clone(), train_cfg.clone(), Arc::clone(&data), &params)?;
     if !velocity.is_empty() {
         net.set_velocity(&velocity)?;
     }
@@ -211,12 +231,12 @@ pub fn run(
         Outcome::Finished { .. } => req.checkpoint.clone(),
     };
     if let Some(path) = &checkpoint {
-        if let Err(failed) = save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress.clone(), req.precision, path) {
+        if let Err(failed) = save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress.clone(), trained_on, path) {
             // The trained state is not lost with the file it was meant for (a full disk, a
             // directory removed meanwhile): it goes to the temporary directory instead.
             let rescue = std::env::temp_dir().join(format!("bntrain-rescued-{}.safetensors", std::process::id()));
             let step = final_progress.step;
-            return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, req.precision, &rescue) {
+            return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue) {
                 Ok(()) => {
                     let next = match outcome {
                         Outcome::Interrupted { .. } => format!("continue with `bntrain train --resume {} --steps {}`", rescue.display(), req.steps),

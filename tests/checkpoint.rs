@@ -1,7 +1,9 @@
 //! Checkpoints: exact round trips, PyTorch-compatible names, atomic writes, and one clear
 //! error for every kind of bad file.
 
-use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainProgress};
+use bntrain::data::DatasetKind;
+use bntrain::device::Precision;
+use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainProgress, TrainedOn};
 use bntrain::model::{Averaging, CheckpointError, ModelConfig, ModelParams, StatsEstimator, TrainConfig, VarianceKind};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
@@ -25,14 +27,16 @@ fn sample(precision: StoredPrecision, momentum: f64) -> Checkpoint {
     let mut progress = TrainProgress { step: 1234, ..Default::default() };
     progress.pending.steps = 34;
     progress.pending.loss_sum = 12.5;
-    Checkpoint { model, train, params, velocity, progress, precision }
+    Checkpoint { model, train, params, velocity, progress, precision, trained_on: None }
 }
 
 #[test]
 fn round_trips_exactly_in_f32_and_f64() {
     let dir = tempfile::tempdir().unwrap();
-    for (precision, momentum) in [(StoredPrecision::F32, 0.0), (StoredPrecision::F64, 0.9)] {
-        let ckpt = sample(precision, momentum);
+    // With what it trained on recorded, and without (as files written before it was).
+    let recorded = [None, Some(TrainedOn { precision: Precision::Bf16, dataset: DatasetKind::FashionMnist })];
+    for ((precision, momentum), trained_on) in [(StoredPrecision::F32, 0.0), (StoredPrecision::F64, 0.9)].into_iter().zip(recorded) {
+        let ckpt = Checkpoint { trained_on, ..sample(precision, momentum) };
         let path = dir.path().join("c.safetensors");
         ckpt.save(&path).unwrap();
         let back = Checkpoint::load(&path).unwrap();
@@ -129,6 +133,19 @@ fn refuses_to_write_non_finite_values_and_keeps_the_old_file() {
     let err = bad.save(&path).unwrap_err().to_string();
     assert!(err.contains("layer2.weight"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+/// A negative running variance (only a hand-edited file holds one) would make every
+/// normalization NaN: it is refused on loading, naming the tensor.
+#[test]
+fn a_negative_running_variance_is_refused_on_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let mut ckpt = sample(StoredPrecision::F32, 0.0);
+    ckpt.params.layers[0].batch_norm.as_mut().unwrap().running[0].var[3] = -5.0;
+    ckpt.save(&path).unwrap();
+    let err = expect_err(&path).to_string();
+    assert!(err.contains("`1.running_var` holds the variance -5, below 0"), "{err}");
 }
 
 #[test]

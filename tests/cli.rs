@@ -3,7 +3,7 @@
 
 mod support;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -365,4 +365,30 @@ fn an_interrupted_study_leaves_the_earlier_run_whole() {
     assert_eq!(std::fs::read(out.join("bn2015/report.md")).unwrap(), report, "the earlier report");
     assert_eq!(std::fs::read(out.join("bn2015/metrics.json")).unwrap(), metrics, "the earlier metrics");
     assert!(out.join("bn2015.partial").is_dir());
+}
+
+/// A checkpoint remembers its dataset and arithmetic: `eval` reads the data it was trained
+/// on, and `--resume` goes on with both, naming a `--dataset` or `--precision` given beside
+/// it as not used.
+#[test]
+fn a_checkpoint_brings_its_dataset_and_precision() {
+    let e = env();
+    let ckpt = e.dir.join("fashion.safetensors");
+    let base = ["--device", "cpu", "train", "--data", s(&e.data), "--eval-every", "30"];
+    let first = [&base[..], &["--dataset", "fashion-mnist", "--precision", "bf16", "--steps", "60", "--checkpoint", s(&ckpt), "--json"]].concat();
+    let trained = last_json(&bntrain(&first));
+    assert_eq!(trained["dataset"], "fashion-mnist");
+    assert!(trained["device"].as_str().unwrap().contains("bf16"), "{trained}");
+
+    let eval = last_json(&bntrain(&["--device", "cpu", "eval", "--data", s(&e.data), "--checkpoint", s(&ckpt), "--split", "train", "--json"]));
+    assert_eq!((&eval["dataset"], &eval["split"]), (&json!("fashion-mnist"), &json!("train")), "{eval}");
+    assert!(eval["device"].as_str().unwrap().contains("bf16"), "evaluated as trained: {eval}");
+    assert!(eval.get("test_accuracy").is_none(), "the training split's accuracy is not called test accuracy: {eval}");
+
+    let out = bntrain(&[&base[..], &["--dataset", "mnist", "--precision", "f32", "--steps", "90", "--resume", s(&ckpt), "--json"]].concat());
+    let resumed = last_json(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not used: --precision, --dataset"), "{stderr}");
+    assert_eq!((&resumed["dataset"], &resumed["steps"], &resumed["steps_this_run"]), (&json!("fashion-mnist"), &json!(90), &json!(30)), "{resumed}");
+    assert!(resumed["device"].as_str().unwrap().contains("bf16"), "{resumed}");
 }

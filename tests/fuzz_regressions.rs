@@ -237,6 +237,7 @@ fn checkpoint_seeds() -> Vec<(String, Checkpoint)> {
                 velocity,
                 progress,
                 precision,
+                trained_on: None,
             },
         ));
     }

@@ -127,7 +127,8 @@ impl DataError {
 }
 
 /// Which dataset: both share the IDX layout, 28×28 images and ten classes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     Mnist,
     FashionMnist,

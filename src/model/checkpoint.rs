@@ -10,7 +10,8 @@
 //!   `load_state_dict`.
 //!
 //! Metadata: `format` = `bntrain-checkpoint`, `format_version`, `model` and `train` (the
-//! configuration as JSON), `progress` (step and metric history as JSON), `dtype`, and
+//! configuration as JSON), `progress` (step and metric history as JSON), `dtype`,
+//! `trained_on` (the arithmetic and the dataset, JSON; absent in older files), and
 //! `checksum`: SHA-256 over every tensor's name, dtype, shape and bytes in name order, so a
 //! flipped byte anywhere is caught. Files are written to a temporary file and renamed.
 
@@ -56,6 +57,15 @@ pub enum StoredPrecision {
     F64,
 }
 
+/// What a run trained with beyond its configuration, so that a resumed run goes on the same
+/// way and an evaluation reads the same data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainedOn {
+    /// The arithmetic of the steps (f32, f64, or f32 with tf32 / bf16 GEMM operands).
+    pub precision: crate::device::Precision,
+    pub dataset: crate::data::DatasetKind,
+}
+
 /// One evaluation point of a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryPoint {
@@ -87,6 +97,8 @@ pub struct Checkpoint {
     pub velocity: Vec<Vec<f64>>,
     pub progress: TrainProgress,
     pub precision: StoredPrecision,
+    /// None in checkpoints written before it was recorded.
+    pub trained_on: Option<TrainedOn>,
 }
 
 struct Slot {
@@ -189,6 +201,9 @@ impl Checkpoint {
         metadata.insert("train".to_string(), json(&self.train)?);
         metadata.insert("progress".to_string(), json(&self.progress)?);
         metadata.insert("dtype".to_string(), json(&self.precision)?);
+        if let Some(trained_on) = &self.trained_on {
+            metadata.insert("trained_on".to_string(), json(trained_on)?);
+        }
         metadata.insert(
             "checksum".to_string(),
             checksum(tensors.iter().map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice()))),
@@ -238,6 +253,10 @@ impl Checkpoint {
         let train: TrainConfig = serde_json::from_str(field("train")?).map_err(|e| parse_err("train", e))?;
         let progress: TrainProgress = serde_json::from_str(field("progress")?).map_err(|e| parse_err("progress", e))?;
         let precision: StoredPrecision = serde_json::from_str(field("dtype")?).map_err(|e| parse_err("dtype", e))?;
+        let trained_on: Option<TrainedOn> = match meta.get("trained_on") {
+            Some(text) => Some(serde_json::from_str(text).map_err(|e| parse_err("trained_on", e))?),
+            None => None,
+        };
         model.validate().map_err(|e| malformed(e.to_string()))?;
 
         let stored: Vec<(String, TensorView<'_>)> = file.tensors();
@@ -289,9 +308,15 @@ impl Checkpoint {
                 bn.beta = floats(&format!("{j}.bias"), layer.outputs)?;
                 for (e, stats) in bn.running.iter_mut().enumerate() {
                     let prefix = if e == 0 { format!("{j}.") } else { format!("bntrain.{j}.estimator{e}.") };
+                    let var_name = format!("{prefix}running_var");
+                    let var = floats(&var_name, layer.outputs)?;
+                    // A negative variance makes every normalization NaN: refused like a NaN.
+                    if let Some(v) = var.iter().find(|v| **v < 0.0) {
+                        return Err(malformed(format!("tensor `{var_name}` holds the variance {v}, below 0")));
+                    }
                     *stats = RunningStats {
                         mean: floats(&format!("{prefix}running_mean"), layer.outputs)?,
-                        var: floats(&format!("{prefix}running_var"), layer.outputs)?,
+                        var,
                         batches: counter(&format!("{prefix}num_batches_tracked"))?,
                     };
                 }
@@ -306,7 +331,7 @@ impl Checkpoint {
         if let Some((name, value)) = params.first_non_finite() {
             return Err(malformed(format!("{name} holds {value}")));
         }
-        Ok(Checkpoint { model, train, params, velocity, progress, precision })
+        Ok(Checkpoint { model, train, params, velocity, progress, precision, trained_on })
     }
 
     /// Checks that this checkpoint's network is the one requested.

@@ -12,7 +12,8 @@ use super::population;
 use super::{OpenBackend, Comparison, Curve, EstimatorRow, EstimatorStudy, OneByOne, ProbePoint, ProbeStats, ReproduceOptions, TestTime};
 use crate::backend::{Backend, Probe, SplitKind, StatsMode};
 use crate::data::Dataset;
-use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress};
+use crate::device::Precision;
+use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress, TrainedOn};
 use crate::model::{Averaging, ModelConfig, ModelParams, RunningStats, StatsEstimator, TrainConfig, VarianceKind};
 use crate::train::{train_lockstep, Event, Outcome, Schedule};
 use crate::{Error, Result};
@@ -301,6 +302,7 @@ pub fn run_test_time(
         velocity: net.velocity()?,
         progress: TrainProgress { step: opts.steps_bn, history: curve.history.clone(), ..TrainProgress::default() },
         precision: StoredPrecision::F32,
+        trained_on: Some(TrainedOn { precision: Precision::F32, dataset: data.kind }),
     };
     let path = opts.out_dir.join(CHECKPOINT);
     checkpoint.save(&path)?;
