@@ -112,16 +112,16 @@ struct ModelArgs {
     #[arg(long)]
     no_bn: bool,
     /// BN's ε, added to the variance.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     epsilon: f64,
 }
 
 #[derive(Args, Debug, Clone)]
 struct OptimArgs {
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     lr: f64,
     /// Classical momentum (0 = plain SGD, the seed's).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     momentum: f64,
     #[arg(long, default_value_t = 60)]
     batch: usize,
@@ -137,7 +137,7 @@ struct OptimArgs {
     #[arg(long, value_enum, default_value_t = AveragingArg::Ema)]
     averaging: AveragingArg,
     /// EMA decay (PyTorch momentum = 1 − decay).
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, allow_negative_numbers = true)]
     decay: f64,
     /// Variance fed to the running variance: biased (the seed's) or unbiased m/(m−1).
     #[arg(long, value_enum, default_value_t = VarianceArg::Biased)]
@@ -153,10 +153,10 @@ struct TrainArgs {
     #[command(flatten)]
     optim: OptimArgs,
     /// Total training steps.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = parse_steps)]
     steps: u64,
     /// Evaluate on the test set every this many steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = parse_eval_every)]
     eval_every: u64,
     /// Write a checkpoint here at the end and on Ctrl-C (without it, Ctrl-C saves to
     /// bntrain-interrupted.safetensors).
@@ -218,13 +218,13 @@ struct ReproduceArgs {
     /// A small, fast run (for tests and a first look).
     #[arg(long)]
     quick: bool,
-    /// Steps of the BN-vs-plain comparison (default 40000).
-    #[arg(long)]
+    /// Steps of the BN-vs-plain comparison [default: 40000; 1000 with --quick].
+    #[arg(long, value_parser = parse_steps)]
     steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Seeds for the population-statistics estimator study.
-    #[arg(long)]
+    /// Seeds for the population-statistics estimator study [default: 1; 2 with --quick].
+    #[arg(long, value_parser = parse_seeds)]
     seeds: Option<u32>,
     #[arg(long, value_delimiter = ',', default_value = "100,100")]
     hidden: Vec<usize>,
@@ -256,8 +256,9 @@ struct BenchArgs {
     /// step's cost depends on how many pixels are zero: MNIST's are 81%).
     #[arg(long)]
     noise: bool,
-    /// How the CPU backend's first layer reads pixels: auto (sparse when at most half are
-    /// non-zero), dense (GEMM) or sparse (only the non-zero pixels).
+    /// How the CPU backend's first layer reads pixels: auto (sparse when at most 40% are
+    /// non-zero, and the CPU has AVX2 and FMA), dense (GEMM) or sparse (only the non-zero
+    /// pixels).
     #[arg(long, value_enum, default_value_t = CpuInputArg::Auto)]
     cpu_input: CpuInputArg,
     /// Then time one launch of fused CUDA steps phase by phase (the work between the fused
@@ -279,7 +280,7 @@ enum ActivationArg { Sigmoid, Relu }
 enum LossArg { Sum, Mean }
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum OrderArg { Shuffled, Sequential }
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum AveragingArg { Ema, Cumulative }
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum VarianceArg { Biased, Unbiased }
@@ -314,6 +315,11 @@ fn at_least_one(s: &str, what: &str) -> Result<usize, String> {
 }
 fn parse_runs(s: &str) -> Result<usize, String> { at_least_one(s, "timed run") }
 fn parse_first(s: &str) -> Result<usize, String> { at_least_one(s, "test image") }
+fn parse_seeds(s: &str) -> Result<u32, String> {
+    at_least_one(s, "seed").and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
+}
+fn parse_steps(s: &str) -> Result<u64, String> { at_least_one(s, "step").map(|n| n as u64) }
+fn parse_eval_every(s: &str) -> Result<u64, String> { at_least_one(s, "step between evaluations").map(|n| n as u64) }
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(seconds) if seconds > 0.0 && seconds <= 60.0 => Ok(seconds),
@@ -386,8 +392,8 @@ const RESUMED_SETTINGS: [&str; 15] = [
 ];
 
 fn main() {
-    let matches = <Cli as clap::CommandFactory>::command().get_matches();
-    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let matches = <Cli as clap::CommandFactory>::command().try_get_matches().unwrap_or_else(|e| refuse_command_line(e));
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| refuse_command_line(e));
     // What `train --resume` will not use although it was given: said, not silently dropped.
     if let Some(("train", train)) = matches.subcommand() {
         let given: Vec<String> = RESUMED_SETTINGS
@@ -397,6 +403,11 @@ fn main() {
             .collect();
         if train.contains_id("resume") && train.get_one::<PathBuf>("resume").is_some() && !given.is_empty() {
             let _ = writeln!(std::io::stderr(), "notice: --resume continues the checkpoint's network and training settings; not used: {}", given.join(", "));
+        }
+        if train.value_source("decay") == Some(clap::parser::ValueSource::CommandLine)
+            && train.get_one::<AveragingArg>("averaging") == Some(&AveragingArg::Cumulative)
+        {
+            let _ = writeln!(std::io::stderr(), "notice: --decay sets the exponential moving average (--averaging ema); not used with --averaging cumulative");
         }
     }
     // With --json, the last line of stdout is a JSON object whatever happens: on failure,
@@ -410,6 +421,22 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// A command line clap cannot take: its message and exit status (2), and with `--json`
+/// the `{"error": …}` line every failure ends with. Help and version print as usual.
+fn refuse_command_line(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+        e.exit();
+    }
+    let _ = e.print();
+    if std::env::args_os().any(|arg| arg == "--json") {
+        let rendered = e.to_string();
+        let first = rendered.lines().next().unwrap_or_default();
+        out!("{}", json!({ "error": first.strip_prefix("error: ").unwrap_or(first) }));
+    }
+    std::process::exit(e.exit_code());
 }
 
 /// The error and its causes on one line, joined as anyhow's `{:#}` joins them, without a
@@ -554,7 +581,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     let report = result?;
     if let Outcome::Interrupted { step, .. } = report.outcome {
         match &report.checkpoint {
-            Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), p.display(), args.steps),
+            Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), session::shell_word(p), args.steps),
             None => eprintln!("interrupted at step {step}, before any step of this run: nothing to save"),
         }
         if args.json {
@@ -671,6 +698,10 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     if args.name.is_empty() || args.name.contains(['/', '\\']) || args.name == ".." || args.name == "." {
         bail!("--name `{}` must be a plain directory name", args.name);
     }
+    // Another study's `<name>.partial` is where this one would build: it would be deleted.
+    if args.name.ends_with(".partial") {
+        bail!("--name `{}` ends with .partial, the suffix of a study's directory under construction: choose another name", args.name);
+    }
     prefer_single_threaded_gemms(device_choice, &args.hidden);
     let out_dir = args.out.join(&args.name);
     // Installed first, so that an interrupt at any point after start-up is a clean stop.
@@ -695,11 +726,12 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
         // earlier run's outputs are left whole.
         Err(bntrain::Error::Interrupted { .. }) => {
             let partial = report::partial_dir(&out_dir);
-            eprintln!(
-                "interrupted: the study stopped before its end; what it wrote is in {} (an earlier run's outputs in {} are untouched)",
-                partial.display(),
-                out_dir.display()
-            );
+            let earlier = if out_dir.join("report.md").exists() {
+                format!(" (the earlier run's outputs in {} are untouched)", out_dir.display())
+            } else {
+                String::new()
+            };
+            eprintln!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display());
             if args.json {
                 out!("{}", json!({ "interrupted": true, "partial": partial }));
             }
@@ -743,8 +775,9 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         None
     } else {
         let kind = args.data.kind(None);
+        let fetch = if args.data.data.is_none() && kind == DatasetKind::Mnist { ", or run `bntrain data fetch`" } else { "" };
         let dir = data::locate(args.data.data.as_deref(), kind, false)
-            .context("cannot find the dataset to benchmark on (pass --noise for random pixels, or run `bntrain data fetch`)")?;
+            .with_context(|| format!("cannot find the dataset to benchmark on (pass --noise for random pixels{fetch})"))?;
         Some(Arc::new(data::load_dir(&dir, kind).with_context(|| format!("cannot load {kind} from {}", dir.display()))?))
     };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);
@@ -760,12 +793,16 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         bench::BenchNets::One { batch_norm: true } => "BN",
         bench::BenchNets::One { batch_norm: false } => "plain",
     };
+    let runs = if r.runs == 1 { "1 run".to_string() } else { format!("{} runs", r.runs) };
     out!(
-        "{:?} ({which}, batch {}, {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {} runs of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
+        "{:?} ({which}, batch {}, {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {runs} of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
         r.config, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
-        r.us_per_step, r.runs, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
+        r.us_per_step, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
-    out!("{}", r.kernels);
+    // The build's kernels say nothing about a CPU run (they stay in the JSON).
+    if !r.device.starts_with("cpu") {
+        out!("{}", r.kernels);
+    }
     for tuned in &r.tuned_gemms {
         let us: Vec<String> = tuned.us.iter().map(|t| if t.is_finite() { format!("{t:.1}") } else { "-".into() }).collect();
         let chosen = if tuned.chosen == 0 { "cuBLAS's own".to_string() } else { format!("cublasLt candidate {}", tuned.chosen) };
@@ -784,12 +821,17 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
 
 fn data_cmd(command: DataCommand) -> Result<()> {
     match command {
+        DataCommand::Fetch { dataset: DatasetKind::FashionMnist, dir: None } if data::locate(None, DatasetKind::FashionMnist, false).is_ok() => {
+            let dir = data::locate(None, DatasetKind::FashionMnist, false)?;
+            out!("fashion-mnist is read from {} (bntrain does not download it)", dir.display());
+        }
         DataCommand::Fetch { dataset, dir } => {
             let dest = dir.unwrap_or_else(|| data::cache_dir(dataset));
             let report = data::fetch(dataset, &dest, true)?;
+            let list = |names: &[String]| if names.is_empty() { "none".to_string() } else { names.join(", ") };
             out!(
-                "{} in {}: downloaded {:?}, already present {:?}; checksums verified",
-                dataset, report.dir.display(), report.downloaded, report.already_present
+                "{} in {}: downloaded {}; already present {}; checksums verified",
+                dataset, report.dir.display(), list(&report.downloaded), list(&report.already_present)
             );
         }
         DataCommand::Where { data: args } => {

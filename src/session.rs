@@ -62,6 +62,18 @@ impl TrainReport {
     }
 }
 
+/// `path` as one word of a shell command a user can paste: as it is where it needs no
+/// quoting, else in single quotes (a quote inside written `'\''`).
+pub fn shell_word(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
 /// `path`, or where a file is there (another run's state), the first of `stem-1.ext`,
 /// `stem-2.ext`, … that is free.
 pub fn unused_name(path: &Path) -> PathBuf {
@@ -239,10 +251,10 @@ pub fn run(
             return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue) {
                 Ok(()) => {
                     let next = match outcome {
-                        Outcome::Interrupted { .. } => format!("continue with `bntrain train --resume {} --steps {}`", rescue.display(), req.steps),
+                        Outcome::Interrupted { .. } => format!("continue with `bntrain train --resume {} --steps {}`", shell_word(&rescue), req.steps),
                         Outcome::Finished { .. } => format!(
                             "evaluate it with `bntrain eval --checkpoint {}`, or train on with `--resume {} --steps` beyond {step}",
-                            rescue.display(), rescue.display()
+                            shell_word(&rescue), shell_word(&rescue)
                         ),
                     };
                     Error::Rescued { failed: Box::new(failed), rescue, next }
@@ -252,4 +264,22 @@ pub fn run(
         }
     }
     Ok(TrainReport { device: device_name, model, start_step, outcome, seconds, history, checkpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shell_word_pastes_back_as_the_same_path() {
+        assert_eq!(shell_word(Path::new("runs/a-1.safetensors")), "runs/a-1.safetensors");
+        assert_eq!(shell_word(Path::new("my run.st")), "'my run.st'");
+        assert_eq!(shell_word(Path::new("it's.st")), r"'it'\''s.st'");
+        assert_eq!(shell_word(Path::new("")), "''");
+        // Through a real shell, where there is one.
+        let tricky = "a b'c$d\"e`f*.st";
+        if let Ok(out) = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {}", shell_word(Path::new(tricky)))).output() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), tricky);
+        }
+    }
 }

@@ -248,11 +248,25 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
     // With --json the last line of stdout is a JSON object, a failure's too.
-    let out = bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0", "--json"]);
-    expect_failure(&out, "--steps");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
-    assert!(last["error"].as_str().is_some_and(|e| e.contains("--steps must be at least 1")), "{stdout}");
+    // A command line bntrain cannot take exits with 2, any other failure with 1.
+    for (args, exit, needle) in [
+        (&["train", "--data", data, "--steps", "0", "--json"][..], 2, "at least one step"),
+        (&["train", "--data", data, "--steps", "abc", "--json"][..], 2, "invalid digit"),
+        (&["train", "--data", data, "--bogus", "--json"][..], 2, "--bogus"),
+        (&["train", "--data", data, "--lr", "-1", "--json"][..], 1, "learning rate must be positive"),
+    ] {
+        let out = bntrain(&[&["--device", "cpu"][..], args].concat());
+        expect_failure(&out, needle);
+        assert_eq!(out.status.code(), Some(exit), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+        assert!(last["error"].as_str().is_some_and(|e| e.contains(needle)), "{stdout}");
+    }
+    expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--name", "bn.partial"]), "ends with .partial");
+    // A --decay that cumulative averaging does not use is said to be unused.
+    let out = bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "5", "--averaging", "cumulative", "--decay", "5", "--json"]);
+    last_json(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not used with --averaging cumulative"));
     expect_failure(&bntrain(&["--device", "cpu", "bench", "--runs", "0"]), "at least one timed run");
 
     expect_failure(&bntrain(&["--device", "cpu", "predict", "--data", data, "--checkpoint", "x", "--first", "0"]), "at least one test image");

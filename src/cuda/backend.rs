@@ -1112,8 +1112,7 @@ impl CudaBackend {
                 return Err(e);
             }
         }
-        let why = refused.to_string();
-        let _ = writeln!(std::io::stderr(), "notice: {}; fused steps use the grid kernel from now on", why.trim_end_matches("; use --device cpu"));
+        let _ = writeln!(std::io::stderr(), "notice: {}; fused steps use the grid kernel from now on", refused.reason());
         Ok(())
     }
 

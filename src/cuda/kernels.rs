@@ -25,6 +25,7 @@ const TILE_COLS: u32 = 8;
 const TILE_ROWS: u32 = 64;
 /// Threads per block of softmax_xent_f32; must match SOFTMAX_THREADS in softmax_xent.cu.
 const SOFTMAX_THREADS: u32 = 256;
+const _: () = assert!(super::context::MAX_CLASSES <= SOFTMAX_THREADS as usize, "a softmax block must cover every class");
 
 /// Blocks of softmax_xent_f32 for `rows` rows: one per 256 rows, at most
 /// SOFTMAX_MAX_BLOCKS (the row split, and so the order of every sum, depends on `rows` only).
@@ -55,6 +56,15 @@ fn size_u32(kernel: &'static str, what: &str, value: usize) -> Result<u32, CudaE
     u32::try_from(value).ok().filter(|&v| v <= i32::MAX as u32).ok_or_else(|| CudaError::Launch {
         kernel,
         message: format!("precondition failed: {what} = {value} exceeds the kernel's 31-bit range"),
+    })
+}
+
+/// A grid's x dimension for `blocks` blocks (the driver takes at most 2³¹ − 1) covering
+/// `m`×`n` outputs.
+fn grid_blocks(kernel: &'static str, blocks: usize, m: usize, n: usize) -> Result<u32, CudaError> {
+    u32::try_from(blocks).ok().filter(|&b| b <= i32::MAX as u32).ok_or_else(|| CudaError::Launch {
+        kernel,
+        message: format!("precondition failed: {m}×{n} outputs need {blocks} blocks, more than a grid holds"),
     })
 }
 
@@ -326,6 +336,9 @@ pub fn softmax_xent(
     const K: &str = "softmax_xent_f32";
     let (rows_u, classes_u) = (size_u32(K, "rows", rows)?, size_u32(K, "classes", classes)?);
     require(K, classes <= super::context::MAX_CLASSES, || format!("{classes} classes do not fit the u8 predictions"))?;
+    // The bias gradient gives each class at least one thread of the block (below it, it
+    // would be silently zero); MAX_CLASSES ≤ SOFTMAX_THREADS makes this hold (asserted below).
+    require(K, classes <= SOFTMAX_THREADS as usize, || format!("{classes} classes exceed the block's {SOFTMAX_THREADS} threads"))?;
     let n = elements(K, rows, classes)?;
     require_len(K, "z", z.len(), n)?;
     require_len(K, "labels", labels.len(), rows)?;
@@ -442,6 +455,8 @@ pub fn running_stats_update(
 ) -> Result<(), CudaError> {
     const K: &str = "running_stats_update_f32";
     let batch_u = size_u32(K, "batch size", batch_size)?;
+    // The unbiased variance divides by B − 1 (TrainConfig::validate refuses BN with batch 1).
+    require(K, batch_size >= 2, || format!("batch statistics of {batch_size} example(s) have no variance"))?;
     let (total, e, layers) = (layout.total, layout.estimators, layout.layers());
     require_len(K, "batch_mean", batch_mean.len(), total)?;
     require_len(K, "batch_var", batch_var.len(), total)?;
@@ -531,8 +546,7 @@ pub fn small_gemm_dot(
 ) -> Result<(), CudaError> {
     const K: &str = "small_gemm_dot_f32";
     let (m_u, n_u, k_u, outputs) = small_gemm_shape(K, m, n, k, a, b, c)?;
-    let blocks = u32::try_from(outputs.div_ceil(SMALL_GEMM_OUTPUTS_PER_BLOCK))
-        .map_err(|_| CudaError::Launch { kernel: K, message: format!("precondition failed: {m}×{n} outputs need too many blocks") })?;
+    let blocks = grid_blocks(K, outputs.div_ceil(SMALL_GEMM_OUTPUTS_PER_BLOCK), m, n)?;
     let acc = i32::from(accumulate);
     let mut args = builder(gpu, &gpu.functions.small_gemm_dot);
     args.arg(a).arg(b).arg(c).arg(&m_u).arg(&n_u).arg(&k_u).arg(&acc);
@@ -552,8 +566,7 @@ pub fn small_gemm_outer(
 ) -> Result<(), CudaError> {
     const K: &str = "small_gemm_outer_f32";
     let (m_u, n_u, k_u, outputs) = small_gemm_shape(K, m, n, k, a, b, c)?;
-    let blocks = u32::try_from(outputs.div_ceil(SMALL_GEMM_THREADS as usize))
-        .map_err(|_| CudaError::Launch { kernel: K, message: format!("precondition failed: {m}×{n} outputs need too many blocks") })?;
+    let blocks = grid_blocks(K, outputs.div_ceil(SMALL_GEMM_THREADS as usize), m, n)?;
     let (ta, tb, acc) = (i32::from(transpose_a), i32::from(transpose_b), i32::from(accumulate));
     let mut args = builder(gpu, &gpu.functions.small_gemm_outer);
     args.arg(a).arg(b).arg(c).arg(&m_u).arg(&n_u).arg(&k_u).arg(&ta).arg(&tb).arg(&acc);

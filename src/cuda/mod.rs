@@ -56,6 +56,18 @@ pub enum CudaError {
     Cublas(String),
 }
 
+/// What every [`CudaError`] message ends with.
+const CPU_ADVICE: &str = "; use --device cpu";
+
+impl CudaError {
+    /// The message without its closing advice, for notices that already act on it (falling
+    /// back to the CPU, or to another kernel).
+    pub fn reason(&self) -> String {
+        let message = self.to_string();
+        message.strip_suffix(CPU_ADVICE).map_or_else(|| message.clone(), str::to_string)
+    }
+}
+
 fn describe_bytes(bytes: usize) -> String {
     if bytes == 0 {
         String::new()

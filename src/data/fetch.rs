@@ -152,6 +152,9 @@ pub fn fetch(kind: DatasetKind, dest: &Path, progress: bool) -> Result<FetchRepo
 /// mirrors and tests. A mirror that fails once is not tried again for the other files, so a
 /// dead mirror costs one timeout, not four.
 pub fn fetch_from(mirrors: &[&str], dest: &Path, progress: bool) -> Result<FetchReport, DataError> {
+    if dest.exists() && !dest.is_dir() {
+        return Err(DataError::io("cannot download into", dest, io::Error::new(io::ErrorKind::NotADirectory, "it is not a directory")));
+    }
     fs::create_dir_all(dest).map_err(|e| DataError::io("cannot create", dest, e))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_resolve(Some(Duration::from_secs(15)))
@@ -170,9 +173,17 @@ pub fn fetch_from(mirrors: &[&str], dest: &Path, progress: bool) -> Result<Fetch
     let mut mirror_failures: Vec<Option<String>> = vec![None; mirrors.len()];
     for file in &MNIST_FILES {
         let target = dest.join(file.name);
-        if target.is_file() && sha256_of_decoded(&target, file.len)? == file.sha256 {
-            report.already_present.push(file.name.to_string());
-            continue;
+        if target.exists() {
+            // A file that is not the original (or cannot be read) is downloaded again, and
+            // replaced only once the download is verified.
+            match sha256_of_decoded(&target, file.len) {
+                Ok(sum) if sum == file.sha256 => {
+                    report.already_present.push(file.name.to_string());
+                    continue;
+                }
+                Ok(_) => eprintln!("notice: {} is not the original (SHA-256 differs): downloading it again", target.display()),
+                Err(e) => eprintln!("notice: {e}: downloading it again"),
+            }
         }
         let mut contents = None;
         for (mirror, failure) in mirrors

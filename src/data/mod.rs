@@ -106,7 +106,7 @@ pub enum DataError {
     Offline { file: &'static str, tried: String },
     #[error("bntrain does not download Fashion-MNIST: run `apt-get install dataset-fashion-mnist` (it installs {FASHION_MNIST_SYSTEM_DIR}), or pass `--data DIR` holding the four IDX files (raw or .gz)")]
     NoFashionFetch,
-    #[error("{kind} not found (searched: {searched}); pass `--data DIR` holding the four IDX files (raw or .gz), or allow downloading it into {cache}")]
+    #[error("{kind} not found (searched: {searched}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `bntrain data fetch` to download it into {cache}")]
     NotFound {
         kind: DatasetKind,
         searched: String,
