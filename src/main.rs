@@ -27,7 +27,8 @@ use std::sync::Arc;
 #[derive(Parser, Debug)]
 #[command(name = "bntrain", version, about, propagate_version = true)]
 struct Cli {
-    /// Where to compute: cpu, cuda, or auto (CUDA when usable, else the CPU with a notice).
+    /// Where to compute: cpu, cuda (or gpu), or auto (CUDA when usable, else the CPU with a
+    /// notice).
     #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
     device: DeviceChoice,
     #[command(subcommand)]
@@ -234,6 +235,7 @@ struct ReproduceArgs {
 
 #[derive(Args, Debug)]
 struct BenchArgs {
+    /// seed (784-100-100-10, batch 60) or wide (784-1024-1024-10, batch 1024).
     #[arg(long, default_value = "seed", value_parser = parse_bench_config)]
     config: BenchConfig,
     /// Benchmark the plain network instead of the BN one.
