@@ -130,7 +130,30 @@ fn curve_at(json: &Value, net: &str, step: u64) -> String {
     f4(&point["test_accuracy"])
 }
 
-/// Every number report.md shows equals the one in metrics.json; returns how many were checked.
+/// Do the references measure this run's setup (784-100-100-10 on MNIST, 60000 / 10000)?
+fn anchors_apply(json: &Value) -> bool {
+    json["dataset"] == "mnist" && json["model"]["hidden"] == serde_json::json!([100, 100]) && json["train_examples"] == 60_000 && json["test_examples"] == 10_000
+}
+
+/// PyTorch's (BN, plain) anchor where it applies at `step` of a run of `run_steps` steps, as
+/// report.md should show it: measured at exactly that step, or its last evaluation (39950)
+/// for the end of a 40000-step run; "—" elsewhere.
+fn torch_at(json: &Value, step: u64, run_steps: u64) -> (String, String) {
+    let curve = json["references"]["pytorch_curve"].as_array().expect("pytorch_curve");
+    let anchor = curve.iter().find(|a| a[0].as_u64() == Some(step)).or_else(|| curve.last().filter(|_| step == run_steps && run_steps == 40_000));
+    match anchor.filter(|_| anchors_apply(json)) {
+        Some(a) => (f4(&a[1]), f4(&a[2])),
+        None => ("—".into(), "—".into()),
+    }
+}
+
+/// A reference that applies regardless of the step, as report.md should show it.
+fn reference(json: &Value, v: &Value) -> String {
+    if anchors_apply(json) { f4(v) } else { "—".into() }
+}
+
+/// Every number report.md shows equals the one in metrics.json, and every reference shown is
+/// the one measured at the row's step on the same setup; returns how many were checked.
 fn check_report_matches_json(report: &str, json: &Value) -> usize {
     let checked = std::cell::Cell::new(0usize);
     let eq = |what: &str, in_report: &str, in_json: String| {
@@ -153,22 +176,30 @@ fn check_report_matches_json(report: &str, json: &Value) -> usize {
             in_fig1a_table = true;
             continue;
         }
+        let run_steps = json["comparison"]["steps"].as_u64().expect("comparison steps");
         if in_fig1a_table {
             let step: u64 = label.parse().expect("a step");
             eq(&format!("BN at {step}"), &c[1], curve_at(json, "bn", step));
             eq(&format!("plain at {step}"), &c[2], curve_at(json, "plain", step));
+            let (torch_bn, torch_plain) = torch_at(json, step, run_steps);
+            eq(&format!("PyTorch BN at {step}"), &c[3], torch_bn);
+            eq(&format!("PyTorch plain at {step}"), &c[4], torch_plain);
             continue;
         }
         for (prefix, net) in [("BN test accuracy at step ", "bn"), ("plain test accuracy at step ", "plain")] {
             if let Some(step) = label.strip_prefix(prefix) {
                 let step: u64 = step.parse().expect("a step");
                 eq(label, &c[1], curve_at(json, net, step));
+                let (torch_bn, torch_plain) = torch_at(json, step, run_steps);
+                eq(&format!("PyTorch beside {label}"), &c[3], if net == "bn" { torch_bn } else { torch_plain });
             }
         }
         if label.starts_with("restored BN net after") {
+            let steps = t["steps"].as_u64().expect("test-time steps");
             eq(label, &c[1], f4(&t["accuracy_population"]));
-            eq("source final accuracy", &c[2], f4(&r["source_final_accuracy_10000"]));
-            eq("PyTorch BN at 10000", &c[3], f4(&r["pytorch_bn_10000"]));
+            let source = if steps == 10_000 { reference(json, &r["source_final_accuracy_10000"]) } else { "—".into() };
+            eq("source final accuracy", &c[2], source);
+            eq(&format!("PyTorch BN at {steps}"), &c[3], torch_at(json, steps, steps).0);
         }
         if label.starts_with("one-by-one, first") {
             let (ours, source, torch) = if label.ends_with("population statistics") {
@@ -177,8 +208,8 @@ fn check_report_matches_json(report: &str, json: &Value) -> usize {
                 (&t["first_batch"]["accuracy"], &r["source_one_by_one_batch"], &r["pytorch_one_by_one_batch"])
             };
             eq(label, &c[1], f4(ours));
-            eq(label, &c[2], f4(source));
-            eq(label, &c[3], f4(torch));
+            eq(label, &c[2], reference(json, source));
+            eq(label, &c[3], reference(json, torch));
         }
         if label.starts_with("batch statistics: share predicted as") {
             eq(label, &c[1], f4(&t["first_batch"]["majority_share"]));

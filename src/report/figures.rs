@@ -58,24 +58,51 @@ fn plot_error(path: &Path, e: impl Display) -> ReportError {
     ReportError::Plot { path: path.to_path_buf(), reason: e.to_string() }
 }
 
-/// Draws `$draw(&root, args…)` once on a PNG and once on an SVG named `$stem` in `$dir`;
-/// evaluates to the two file names.
+/// Draws `$draw(&root, args…)` once on a PNG and once on an SVG named `$stem` in `$dir`,
+/// each through [`atomically`]; evaluates to the two file names.
 macro_rules! render {
     ($dir:expr, $stem:expr, $size:expr, $draw:path $(, $arg:expr)*) => {{
         let png = $dir.join(format!("{}.png", $stem));
-        {
-            let root = BitMapBackend::new(&png, $size).into_drawing_area();
+        atomically(&png, |tmp| {
+            let root = BitMapBackend::new(tmp, $size).into_drawing_area();
             $draw(&root $(, $arg)*).map_err(|e| plot_error(&png, e))?;
-            root.present().map_err(|e| plot_error(&png, e))?;
-        }
+            root.present().map_err(|e| plot_error(&png, e))
+        })?;
         let svg = $dir.join(format!("{}.svg", $stem));
-        {
-            let root = SVGBackend::new(&svg, $size).into_drawing_area();
+        atomically(&svg, |tmp| {
+            let root = SVGBackend::new(tmp, $size).into_drawing_area();
             $draw(&root $(, $arg)*).map_err(|e| plot_error(&svg, e))?;
-            root.present().map_err(|e| plot_error(&svg, e))?;
-        }
+            root.present().map_err(|e| plot_error(&svg, e))
+        })?;
         vec![format!("{}.png", $stem), format!("{}.svg", $stem)]
     }};
+}
+
+/// Has `draw` write the figure to a fresh temporary sibling of `path`, then renames it into
+/// place, so that `path` is never seen half-drawn (a viewer open on a rerendered report, an
+/// error midway through a figure): it holds the old figure or the new one, whole. The
+/// temporary name keeps the extension, which tells plotters the image format.
+fn atomically(path: &Path, draw: impl FnOnce(&Path) -> Result<(), ReportError>) -> Result<(), ReportError> {
+    let fail = |e: std::io::Error| ReportError::Write { path: path.to_path_buf(), reason: e.to_string() };
+    crate::atomic_file::refuse_non_regular(path).map_err(fail)?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "figure".into());
+    let extension = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    // The name is reserved exclusively, as crate::atomic_file does: two writers of one
+    // directory (containers sharing a volume are all PID 1) never draw into one file.
+    let tmp = loop {
+        let tmp = dir.join(format!(".{name}.tmp-{}-{:08x}{extension}", std::process::id(), rand::random::<u32>()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(fail(e)),
+            Ok(_) => break tmp,
+        }
+    };
+    let result = draw(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(fail));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Draws every figure into `dir`; returns the file names written.
@@ -166,7 +193,15 @@ fn segments(points: &[(f64, f64)], style: ShapeStyle) -> Vec<PathElement<(f64, f
     points.windows(2).map(|w| PathElement::new(vec![w[0], w[1]], style)).collect()
 }
 
-/// Is this the seed study on MNIST, where PyTorch's anchors apply?
+/// A filled marker where a line has a single point, which [`segments`] cannot draw; nothing
+/// otherwise.
+fn lone_point(points: &[(f64, f64)], color: RGBColor) -> Option<Circle<(f64, f64), i32>> {
+    match points {
+        [only] => Some(Circle::new(*only, 5, color.filled())),
+        _ => None,
+    }
+}
+
 /// The legend every chart uses, at `position`.
 fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -180,10 +215,6 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
         .background_style(WHITE.mix(0.9))
         .border_style(RGBColor(180, 180, 180))
         .draw()
-}
-
-fn anchors_apply(s: &ReproduceSummary) -> bool {
-    s.dataset == "mnist" && s.model.hidden == [100, 100] && s.train_examples == 60_000 && s.test_examples == 10_000
 }
 
 /// The accuracy axis: 0.8–1 as in the source, lowered (in steps of 0.05) only when the
@@ -230,6 +261,8 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
         let style = color.stroke_width(2);
         let mut first = true;
         for piece in clip(&points, y_min, 1.0) {
+            // A lone point has no segment to draw: a marker shows it (a run of one evaluation).
+            chart.draw_series(lone_point(&piece, color))?;
             let series = chart.draw_series(segments(&piece, style))?;
             if std::mem::take(&mut first) {
                 let final_acc = curve.final_accuracy();
@@ -239,7 +272,7 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
             }
         }
     }
-    if anchors_apply(s) {
+    if s.anchors_apply() {
         let anchors: Vec<_> = s.references.pytorch_curve.iter().filter(|(step, _, _)| (*step as f64) <= x_max).collect();
         if !anchors.is_empty() {
             chart
@@ -339,9 +372,12 @@ fn fig1_inputs<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceS
                 for line in [p15, p85] {
                     chart.draw_series(std::iter::once(PathElement::new(line, color.mix(0.8).stroke_width(1))))?;
                 }
+                chart.draw_series(lone_point(&p50, color))?;
                 chart.draw_series(segments(&p50, color.stroke_width(2)))?;
             } else {
-                chart.draw_series(segments(&series(&|n| n.mean), color.stroke_width(2)))?;
+                let means = series(&|n| n.mean);
+                chart.draw_series(lone_point(&means, color))?;
+                chart.draw_series(segments(&means, color.stroke_width(2)))?;
             }
         }
     }
@@ -441,7 +477,78 @@ fn estimators<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
 
 #[cfg(test)]
 mod tests {
-    use super::clip;
+    use super::*;
+    use crate::report::tests::sample;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// A figure is drawn beside its final path and renamed into place: a draw that fails
+    /// leaves the old figure whole and no temporary file; one that succeeds replaces it.
+    #[test]
+    fn figures_appear_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fig.png");
+        std::fs::write(&path, b"the old figure").unwrap();
+        let failed = atomically(&path, |tmp| {
+            assert_eq!(tmp.parent(), Some(dir.path()), "drawn in the same directory");
+            assert_eq!(tmp.extension().and_then(|e| e.to_str()), Some("png"), "plotters reads the format from the extension");
+            assert_ne!(tmp, path);
+            std::fs::write(tmp, b"half a fig").unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"the old figure", "the final path untouched while drawing");
+            Err(plot_error(tmp, "midway"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"the old figure");
+        assert_eq!(names(dir.path()), ["fig.png"], "temporary files left");
+        atomically(&path, |tmp| std::fs::write(tmp, b"the new figure").map_err(|e| plot_error(tmp, e))).expect("drawn");
+        assert_eq!(std::fs::read(&path).unwrap(), b"the new figure");
+        assert_eq!(names(dir.path()), ["fig.png"], "temporary files left");
+        // Every figure of a study, through the same path.
+        let s = sample(200, 50, 100);
+        let files = draw_all(&s, dir.path()).expect("figures");
+        let mut expected = files.clone();
+        expected.push("fig.png".into());
+        expected.sort();
+        assert_eq!(names(dir.path()), expected);
+    }
+
+    /// A run with a single evaluation point (`--steps 50`) draws that point: a marker, since a
+    /// line of one point has no segment.
+    #[test]
+    fn a_single_evaluation_point_is_drawn() {
+        register_fonts().unwrap();
+        let s = sample(50, 50, 50);
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (1000, 620)).into_drawing_area();
+            fig1a(&root, &s).unwrap();
+            root.present().unwrap();
+        }
+        assert_eq!(svg.matches("<circle").count(), 2, "one marker per net:\n{svg}");
+        for percentiles in [false, true] {
+            let mut svg = String::new();
+            {
+                let root = SVGBackend::with_string(&mut svg, (1000, 1210)).into_drawing_area();
+                fig1_inputs(&root, &s, percentiles).unwrap();
+                root.present().unwrap();
+            }
+            assert_eq!(svg.matches("<circle").count(), 2 * 5, "one marker per panel");
+        }
+        // A curve of many points is a line, without markers.
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (1000, 620)).into_drawing_area();
+            let mut many = sample(300, 50, 50);
+            many.model.hidden = vec![50, 50];
+            fig1a(&root, &many).unwrap();
+            root.present().unwrap();
+        }
+        assert_eq!(svg.matches("<circle").count(), 0);
+    }
 
     #[test]
     fn clipping_cuts_at_the_edges() {

@@ -38,6 +38,8 @@ pub type OpenBackend<'a> = dyn FnMut(ModelConfig, TrainConfig, &ModelParams) -> 
 pub enum ReportError {
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    #[error("cannot read {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
     #[error("cannot draw {path}: {reason}")]
     Plot { path: PathBuf, reason: String },
     #[error("the embedded font does not load: {0}")]
@@ -115,12 +117,28 @@ impl ReproduceOptions {
     }
 }
 
+/// serde_json writes a non-finite f64 as `null`: read `null` back as NaN, so that a summary
+/// that measured one (a unit's variance error over no units, the probe of an empty test set)
+/// still rerenders, its report saying `n/a` there.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// [`nan_if_null`] for each number of a list.
+fn nan_if_null_each<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+}
+
 /// Distribution of one probed unit's activation input over the test set.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ProbeStats {
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p15: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p50: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub p85: f64,
 }
 
@@ -163,8 +181,11 @@ pub struct Comparison {
     pub plain: Curve,
     /// How far the probed inputs wander: per net, the mean over the probed units of the
     /// range (max − min) of their test-set mean over training.
+    #[serde(deserialize_with = "nan_if_null")]
     pub drift_bn: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub drift_plain: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub wall_s: f64,
 }
 
@@ -172,11 +193,13 @@ pub struct Comparison {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OneByOne {
     pub count: usize,
+    #[serde(deserialize_with = "nan_if_null")]
     pub accuracy: f64,
     /// How often each class was predicted.
     pub class_histogram: Vec<u32>,
     /// The most predicted class and its share of the predictions.
     pub majority_class: u8,
+    #[serde(deserialize_with = "nan_if_null")]
     pub majority_share: f64,
     pub predictions: Vec<u8>,
 }
@@ -188,20 +211,26 @@ pub struct TestTime {
     pub checkpoint: String,
     pub curve: Curve,
     /// Test accuracy (population statistics) before saving and after restoring.
+    #[serde(deserialize_with = "nan_if_null")]
     pub accuracy_before_save: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub accuracy_population: f64,
     /// Test accuracy with the whole test set's batch statistics (one batch of 10000).
+    #[serde(deserialize_with = "nan_if_null")]
     pub accuracy_test_batch: f64,
     /// The first 100 test images, one at a time.
     pub first_population: OneByOne,
     pub first_batch: OneByOne,
     /// The whole test set one at a time with batch statistics (with population statistics
     /// one-by-one equals [`TestTime::accuracy_population`]: examples do not interact).
+    #[serde(deserialize_with = "nan_if_null")]
     pub all_batch: f64,
     pub all_count: usize,
     /// The EMA's remaining weight on its initial values (mean 0, variance 1) after
     /// `steps` steps: decay^steps.
+    #[serde(deserialize_with = "nan_if_null")]
     pub ema_initial_weight: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub wall_s: f64,
 }
 
@@ -212,15 +241,23 @@ pub struct EstimatorRow {
     pub label: String,
     pub description: String,
     /// Test accuracy per seed, in the order of [`EstimatorStudy::seeds`].
+    #[serde(deserialize_with = "nan_if_null_each")]
     pub accuracy: Vec<f64>,
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean: f64,
     /// Population standard deviation over seeds (0 for one seed).
+    #[serde(deserialize_with = "nan_if_null")]
     pub std: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub min: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub max: f64,
     /// Mean over seeds of the mean over BN units of |μ̂ − μ_exact| and |σ̂²/σ²_exact − 1|,
-    /// against the exact moments of the same variance kind.
+    /// against the exact moments of the same variance kind (the second over the units whose
+    /// exact variance is not 0; NaN where there are none).
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean_error: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub var_rel_error: f64,
 }
 
@@ -230,6 +267,7 @@ pub struct EstimatorStudy {
     pub steps: u64,
     pub seeds: Vec<u64>,
     pub rows: Vec<EstimatorRow>,
+    #[serde(deserialize_with = "nan_if_null")]
     pub wall_s: f64,
 }
 
@@ -242,10 +280,15 @@ impl EstimatorStudy {
 /// Wall-clock seconds of each part and of the whole run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
+    #[serde(deserialize_with = "nan_if_null")]
     pub comparison_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub test_time_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub estimators_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub outputs_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub total_s: f64,
 }
 
@@ -270,47 +313,77 @@ pub struct ReproduceSummary {
 }
 
 impl ReproduceSummary {
-    /// The terminal summary: the headline numbers beside the source's and PyTorch's.
+    /// Are the references (the source's and PyTorch's) measurements of this setup: the seed
+    /// network, 784-100-100-10, on MNIST's 60000 / 10000 examples? Elsewhere they compare
+    /// nothing, and neither the figures nor the tables show them.
+    pub fn anchors_apply(&self) -> bool {
+        self.dataset == "mnist" && self.model.hidden == [100, 100] && self.train_examples == 60_000 && self.test_examples == 10_000
+    }
+
+    /// Why the references are left out of this run's tables, once; None where they apply.
+    pub fn anchors_left_out(&self) -> Option<String> {
+        (!self.anchors_apply()).then(|| {
+            format!(
+                "the references (the source's and PyTorch's) are for 784-100-100-10 on MNIST (60000 / 10000 examples); this run trained {} on {} ({} / {}), so they are left out (—)",
+                self.model.widths().iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"), self.dataset, self.train_examples, self.test_examples
+            )
+        })
+    }
+
+    /// The terminal summary: the headline numbers beside the source's and PyTorch's, each
+    /// reference shown only where it measured the same setup at the row's step.
     pub fn table(&self) -> String {
+        use write::fmt4 as f;
         let r = &self.references;
         let c = &self.comparison;
         let t = &self.test_time;
+        let anchors = self.anchors_apply();
         let mut out = String::new();
         let mut line = |s: String| {
             out.push_str(&s);
             out.push('\n');
         };
         line(format!("bntrain reproduce — {} on {} ({}), {:.1} s", self.model, self.dataset, self.device, self.timings.total_s));
-        line(format!("{:<48} {:>9} {:>9} {:>9}", "", "bntrain", "source", "PyTorch"));
+        // 13 wide: a BN / plain pair, 0.0000/0.0000.
+        line(format!("{:<48} {:>13} {:>13} {:>13}", "", "bntrain", "source", "PyTorch"));
         let na = "—".to_string();
-        let f = |v: f64| format!("{v:.4}");
+        let cell = |v: Option<f64>| v.map_or_else(|| na.clone(), f);
+        let pair = |v: Option<(f64, f64)>| v.map_or_else(|| na.clone(), |(bn, plain)| format!("{}/{}", f(bn), f(plain)));
+        let torch_at = |step: u64, run_steps: u64| r.pytorch_at(step, run_steps).filter(|_| anchors);
+        let reference = |v: f64| Some(v).filter(|_| anchors);
         let mut row = |label: String, ours: String, src: String, torch: String| {
-            line(format!("{label:<48} {ours:>9} {src:>9} {torch:>9}"));
+            line(format!("{label:<48} {ours:>13} {src:>13} {torch:>13}"));
         };
-        if let (Some((s, bn)), Some((_, plain))) = (c.bn.accuracy_at(10_000), c.plain.accuracy_at(10_000)) {
-            row(format!("BN / plain test accuracy at step {s}"), format!("{}/{}", f2(bn), f2(plain)), na.clone(), format!("{}/{}", f2(r.pytorch_bn_10000), f2(r.pytorch_plain_10000)));
+        let at_10000 = c.bn.accuracy_at(10_000).zip(c.plain.accuracy_at(10_000));
+        if let Some(((s, bn), (_, plain))) = at_10000 {
+            row(format!("BN / plain test accuracy at step {s}"), pair(Some((bn, plain))), na.clone(), pair(torch_at(s, c.steps)));
         }
-        let (bn_end, plain_end) = (c.bn.final_accuracy(), c.plain.final_accuracy());
-        if c.bn.accuracy_at(10_000).map(|x| x.0) != Some(c.steps) {
-            row(format!("BN / plain test accuracy at step {}", c.steps), format!("{}/{}", f2(bn_end), f2(plain_end)), na.clone(), format!("{}/{}", f2(r.pytorch_bn_40000), f2(r.pytorch_plain_40000)));
+        if at_10000.map(|x| x.0 .0) != Some(c.steps) {
+            let ends = (c.bn.final_accuracy(), c.plain.final_accuracy());
+            row(format!("BN / plain test accuracy at step {}", c.steps), pair(Some(ends)), na.clone(), pair(torch_at(c.steps, c.steps)));
         }
-        row(format!("restored BN net after {} steps (population)", t.steps), f(t.accuracy_population), f(r.source_final_accuracy_10000), f(r.pytorch_bn_10000));
-        row(format!("one-by-one, first {}, population stats", t.first_population.count), f(t.first_population.accuracy), f(r.source_one_by_one_population), f(r.pytorch_one_by_one_population));
-        row(format!("one-by-one, first {}, batch stats", t.first_batch.count), f(t.first_batch.accuracy), f(r.source_one_by_one_batch), f(r.pytorch_one_by_one_batch));
-        row(format!("  batch stats: share predicted as \"{}\"", t.first_batch.majority_class), f(t.first_batch.majority_share), f(1.0), f(1.0));
+        let source_final = r.source_final_at(t.steps).filter(|_| anchors);
+        let torch_final = torch_at(t.steps, t.steps).map(|(bn, _)| bn);
+        row(format!("restored BN net after {} steps (population)", t.steps), f(t.accuracy_population), cell(source_final), cell(torch_final));
+        row(format!("one-by-one, first {}, population stats", t.first_population.count), f(t.first_population.accuracy), cell(reference(r.source_one_by_one_population)), cell(reference(r.pytorch_one_by_one_population)));
+        row(format!("one-by-one, first {}, batch stats", t.first_batch.count), f(t.first_batch.accuracy), cell(reference(r.source_one_by_one_batch)), cell(reference(r.pytorch_one_by_one_batch)));
+        // Each column's own most predicted class: the references collapsed to another class
+        // than this run may have.
+        let collapsed = |class: u8, share: f64| format!("{class}: {}", f(share));
+        let theirs = if anchors { collapsed(r.source_collapsed_class, 1.0) } else { na.clone() };
+        row("  batch stats: most predicted class: share".to_string(), collapsed(t.first_batch.majority_class, t.first_batch.majority_share), theirs.clone(), theirs);
         row(format!("one-by-one, all {}, batch stats", t.all_count), f(t.all_batch), na.clone(), na.clone());
+        if let Some(why) = self.anchors_left_out() {
+            line(format!("({why})"));
+        }
         line(String::new());
         line(format!("population statistics, test accuracy over {} seed(s) after {} steps:", self.estimators.seeds.len(), self.estimators.steps));
         line(format!("  {:<22} {:>8} {:>8} {:>8} {:>8}", "estimator", "mean", "std", "min", "max"));
         for e in &self.estimators.rows {
-            line(format!("  {:<22} {:>8.4} {:>8.4} {:>8.4} {:>8.4}", e.label, e.mean, e.std, e.min, e.max));
+            line(format!("  {:<22} {:>8} {:>8} {:>8} {:>8}", e.label, f(e.mean), f(e.std), f(e.min), f(e.max)));
         }
         out
     }
-}
-
-fn f2(v: f64) -> String {
-    format!("{v:.4}")
 }
 
 /// Where [`reproduce`] builds its outputs before they move into `out_dir`: the sibling
@@ -449,7 +522,7 @@ pub fn rerender(out_dir: &Path) -> crate::Result<ReproduceSummary> {
     let path = out_dir.join(write::METRICS_JSON);
     let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?;
     let summary: ReproduceSummary = serde_json::from_str(&text)
-        .map_err(|e| ReportError::Write { path: path.clone(), reason: format!("does not parse as a reproduce summary: {e}") })?;
+        .map_err(|e| ReportError::Read { path: path.clone(), reason: format!("it does not parse as a reproduce summary: {e}") })?;
     figures::draw_all(&summary, out_dir)?;
     write::write_tables(&summary, out_dir)?;
     write::write_report(&summary, out_dir)?;
@@ -470,4 +543,157 @@ fn lock_out_dir(dir: &Path) -> crate::Result<Option<std::fs::File>> {
 
 fn create_dir(dir: &Path) -> crate::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(format!("cannot create {}", dir.display()), e))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A summary of a run of `steps` side-by-side steps (evaluated every `eval_every`) and
+    /// `steps_bn` BN steps, on the seed network and MNIST's sizes, where the references apply:
+    /// BN ahead of plain, its inputs steady; batch statistics collapse to "5".
+    pub(crate) fn sample(steps: u64, eval_every: u64, steps_bn: u64) -> ReproduceSummary {
+        let point = |step: u64, accuracy: f64| HistoryPoint { step, train_loss: 0.3, train_accuracy: accuracy, test_loss: 0.3, test_accuracy: accuracy };
+        let curve = |base: f64, drift: f64| {
+            let steps: Vec<u64> = (1..=steps / eval_every).map(|i| i * eval_every).collect();
+            Curve {
+                history: steps.iter().map(|&s| point(s, base + 0.05 * s as f64 / steps.len().max(1) as f64 / eval_every as f64)).collect(),
+                probes: steps
+                    .iter()
+                    .map(|&s| {
+                        let mean = base + drift * s as f64 / (steps.len().max(1) as u64 * eval_every) as f64;
+                        ProbePoint { step: s, neurons: vec![ProbeStats { mean, p15: mean - 1.0, p50: mean, p85: mean + 1.0 }; 5] }
+                    })
+                    .collect(),
+            }
+        };
+        let one = |accuracy: f64, class: u8, share: f64| {
+            let mut class_histogram = vec![0u32; 10];
+            class_histogram[class as usize] = (share * 100.0) as u32;
+            OneByOne { count: 100, accuracy, class_histogram, majority_class: class, majority_share: share, predictions: vec![class; 100] }
+        };
+        let row = |label: &str, accuracy: f64| EstimatorRow {
+            label: label.into(),
+            description: label.into(),
+            accuracy: vec![accuracy],
+            mean: accuracy,
+            std: 0.0,
+            min: accuracy,
+            max: accuracy,
+            mean_error: 1e-3,
+            var_rel_error: 1e-2,
+        };
+        let (bn, plain) = (curve(0.90, 0.1), curve(0.85, 3.0));
+        ReproduceSummary {
+            device: "test".into(),
+            dataset: "mnist".into(),
+            dataset_source: "nowhere".into(),
+            train_examples: 60_000,
+            test_examples: 10_000,
+            model: ModelConfig::seed(true),
+            train: TrainConfig::seed(),
+            options: ReproduceOptions { steps_compare: steps, steps_bn, eval_every, ..ReproduceOptions::new("unused") },
+            comparison: Comparison {
+                steps,
+                eval_every,
+                probe_layer: 1,
+                probe_neurons: 5,
+                eval_mode: "batch".into(),
+                drift_bn: study::drift(&bn),
+                drift_plain: study::drift(&plain),
+                bn: bn.clone(),
+                plain,
+                wall_s: 1.0,
+            },
+            test_time: TestTime {
+                steps: steps_bn,
+                checkpoint: "bn_net.safetensors".into(),
+                curve: bn,
+                accuracy_before_save: 0.95,
+                accuracy_population: 0.95,
+                accuracy_test_batch: 0.95,
+                first_population: one(0.97, 1, 0.2),
+                first_batch: one(0.09, 5, 1.0),
+                all_batch: 0.09,
+                all_count: 10_000,
+                ema_initial_weight: 0.999f64.powf(steps_bn as f64),
+                wall_s: 1.0,
+            },
+            estimators: EstimatorStudy { steps: steps_bn, seeds: vec![0], rows: vec![row("ema0.999-biased", 0.95), row("cumulative-biased", 0.96)], wall_s: 1.0 },
+            references: References::default(),
+            timings: Timings::default(),
+            files: vec![],
+        }
+    }
+
+    fn table_line<'a>(table: &'a str, starts: &str) -> &'a str {
+        table.lines().find(|l| l.starts_with(starts)).unwrap_or_else(|| panic!("no line `{starts}` in\n{table}"))
+    }
+
+    /// The cells after the label of a line of the terminal table.
+    fn cells(line: &str) -> Vec<&str> {
+        line[48..].split_whitespace().collect()
+    }
+
+    #[test]
+    fn the_table_pairs_each_row_with_the_anchor_at_its_step() {
+        // --quick: the comparison ends at 1000 steps, the restored net trained 500.
+        let quick = sample(1000, 50, 500).table();
+        assert_eq!(cells(table_line(&quick, "BN / plain test accuracy at step 1000")), ["0.9500/0.9000", "—", "0.8986/0.8798"]);
+        assert_eq!(cells(table_line(&quick, "restored BN net after 500 steps")), ["0.9500", "—", "0.8768"]);
+        // No anchor at 15000; the 10000 one at 10000; the source's restored net at 10000.
+        let longer = sample(15_000, 50, 10_000).table();
+        assert_eq!(cells(table_line(&longer, "BN / plain test accuracy at step 10000"))[2], "0.9535/0.9430");
+        assert_eq!(cells(table_line(&longer, "BN / plain test accuracy at step 15000"))[2], "—");
+        assert_eq!(cells(table_line(&longer, "restored BN net after 10000 steps")), ["0.9500", "0.9721", "0.9535"]);
+        // The end of a 40000-step run is PyTorch's last evaluation.
+        let full = sample(40_000, 50, 3000).table();
+        assert_eq!(cells(table_line(&full, "BN / plain test accuracy at step 40000"))[2], "0.9689/0.9548");
+        assert_eq!(cells(table_line(&full, "restored BN net after 3000 steps"))[1..], ["—", "—"]);
+    }
+
+    #[test]
+    fn the_table_shows_each_columns_own_collapsed_class() {
+        let table = sample(1000, 50, 500).table();
+        assert!(!table.contains("predicted as \"5\""), "a label that claims the references' class:\n{table}");
+        assert_eq!(cells(table_line(&table, "  batch stats: most predicted class")), ["5:", "1.0000", "8:", "1.0000", "8:", "1.0000"]);
+    }
+
+    #[test]
+    fn the_table_leaves_out_references_that_do_not_apply() {
+        let mut s = sample(10_000, 50, 10_000);
+        s.model.hidden = vec![50, 50];
+        let table = s.table();
+        for row in ["BN / plain test accuracy at step 10000", "restored BN net after", "one-by-one, first 100, population", "one-by-one, first 100, batch", "  batch stats"] {
+            let line = table_line(&table, row);
+            let c = cells(line);
+            assert_eq!(c[c.len() - 2..], ["—", "—"], "a reference where none applies: {line}");
+        }
+        assert_eq!(table.matches("are for 784-100-100-10 on MNIST").count(), 1, "why, once:\n{table}");
+    }
+
+    /// A summary that measured non-finite numbers is written with `null`s (serde_json's
+    /// choice) and still rerenders, its report saying `n/a` there.
+    #[test]
+    fn a_summary_with_non_finite_numbers_rerenders() {
+        let mut s = sample(200, 50, 100);
+        s.estimators.rows[0].var_rel_error = f64::NAN;
+        s.estimators.rows[1].accuracy[0] = f64::INFINITY;
+        s.comparison.drift_bn = f64::NAN;
+        s.comparison.bn.probes[0].neurons[0].p15 = f64::NAN;
+        s.test_time.accuracy_before_save = f64::NAN;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        write::write_json(&s, dir.path()).expect("metrics.json");
+        let text = std::fs::read_to_string(dir.path().join(write::METRICS_JSON)).expect("metrics.json");
+        assert!(text.contains("null"), "serde_json writes non-finite numbers as null");
+        let back = rerender(dir.path()).expect("a summary with nulls rerenders");
+        assert!(back.estimators.rows[0].var_rel_error.is_nan() && back.comparison.drift_bn.is_nan());
+        assert!(back.estimators.rows[1].accuracy[0].is_nan() && back.comparison.bn.probes[0].neurons[0].p15.is_nan());
+        let report = std::fs::read_to_string(dir.path().join(write::REPORT_MD)).expect("report.md");
+        assert!(report.contains("n/a") && !report.contains("NaN") && !report.contains("| inf"), "{report}");
+        // A null where no measurement can be missing is refused in one line that says where.
+        std::fs::write(dir.path().join(write::METRICS_JSON), text.replacen("\"steps\": 200", "\"steps\": null", 1)).expect("write");
+        let refused = rerender(dir.path()).expect_err("a null step").to_string();
+        assert!(refused.starts_with("cannot read ") && refused.contains("line") && !refused.contains('\n'), "{refused}");
+    }
 }

@@ -25,6 +25,9 @@ pub const SOURCE_ONE_BY_ONE_COUNT: usize = 100;
 /// 2026-11-26, fp32, TF32 off), the same seed setup in PyTorch with CUDA graphs.
 pub const PYTORCH: &str = "shared/anchors/torch.jsonl (torch_anchor.py, NVIDIA H200, 2026-11-26, fp32)";
 
+/// PyTorch anchor: the length of its comparison run.
+pub const PYTORCH_STEPS: u64 = 40_000;
+
 /// PyTorch anchor: test accuracy (BN, plain) at these steps of the 40000-step comparison
 /// (`acc_at_steps` of the `seed-experiment` line; its last point is step 39950).
 pub const PYTORCH_CURVE: [(u64, f64, f64); 7] = [
@@ -82,5 +85,43 @@ impl Default for References {
             pytorch_one_by_one_batch: PYTORCH_ONE_BY_ONE_BATCH,
             pytorch_curve: PYTORCH_CURVE.to_vec(),
         }
+    }
+}
+
+impl References {
+    /// PyTorch's (BN, plain) test accuracy at `step` of a run of `run_steps` steps: its anchor
+    /// at exactly that step, or, at the end of a run as long as PyTorch's, its last evaluation
+    /// (39950: it evaluated every 50 steps from step 0, so never at 40000). None elsewhere: an
+    /// anchor from another step would compare two different points of training.
+    pub fn pytorch_at(&self, step: u64, run_steps: u64) -> Option<(f64, f64)> {
+        if let Some(&(_, bn, plain)) = self.pytorch_curve.iter().find(|anchor| anchor.0 == step) {
+            return Some((bn, plain));
+        }
+        let at_the_end = step == run_steps && run_steps == PYTORCH_STEPS;
+        at_the_end.then(|| self.pytorch_curve.last().map(|&(_, bn, plain)| (bn, plain))).flatten()
+    }
+
+    /// The source's accuracy of its restored net, where ours trained as many steps.
+    pub fn source_final_at(&self, steps: u64) -> Option<f64> {
+        (steps == SOURCE_FINAL_STEPS).then_some(self.source_final_accuracy_10000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchors_are_found_at_their_own_step_only() {
+        let r = References::default();
+        assert_eq!(r.pytorch_at(1000, 1000), Some((0.8986, 0.8798)));
+        assert_eq!(r.pytorch_at(10_000, 40_000), Some((PYTORCH_BN_10000, PYTORCH_PLAIN_10000)));
+        assert_eq!(r.pytorch_at(39_950, 40_000), Some((PYTORCH_BN_40000, PYTORCH_PLAIN_40000)));
+        // The end of a 40000-step run is PyTorch's last evaluation; no other run's end is.
+        assert_eq!(r.pytorch_at(40_000, 40_000), Some((PYTORCH_BN_40000, PYTORCH_PLAIN_40000)));
+        assert_eq!(r.pytorch_at(15_000, 15_000), None);
+        assert_eq!(r.pytorch_at(3000, 10_000), None);
+        assert_eq!(r.source_final_at(10_000), Some(SOURCE_FINAL_ACCURACY_10000));
+        assert_eq!(r.source_final_at(500), None);
     }
 }

@@ -131,7 +131,7 @@ pub fn summarize_probe(probe: &[f32], neurons: usize) -> Vec<ProbeStats> {
 }
 
 /// Mean over units of the range of each unit's test-set mean over training.
-fn drift(curve: &Curve) -> f64 {
+pub(crate) fn drift(curve: &Curve) -> f64 {
     let neurons = curve.probes.first().map_or(0, |p| p.neurons.len());
     if neurons == 0 {
         return 0.0;
@@ -342,19 +342,25 @@ pub fn run_test_time(
     Ok((result, trained))
 }
 
-/// Mean over BN units of |μ̂ − μ| and of |σ̂²/σ² − 1| against `exact`.
+/// Mean over BN units of |μ̂ − μ| and of |σ̂²/σ² − 1| against `exact`. A unit whose exact
+/// variance is 0 (an input constant over the training set) has no relative error: it is left
+/// out of the second mean, which is NaN where no unit is left.
 fn errors(params: &ModelParams, slot: usize, exact: &[RunningStats]) -> (f64, f64) {
-    let (mut mean_err, mut var_err, mut n) = (0.0, 0.0, 0usize);
+    let (mut mean_err, mut var_err, mut n_mean, mut n_var) = (0.0, 0.0, 0usize, 0usize);
     let layers = params.layers.iter().filter_map(|l| l.batch_norm.as_ref());
     for (bn, truth) in layers.zip(exact) {
         let est = &bn.running[slot];
         for j in 0..truth.mean.len() {
             mean_err += (est.mean[j] - truth.mean[j]).abs();
-            var_err += (est.var[j] / truth.var[j] - 1.0).abs();
-            n += 1;
+            n_mean += 1;
+            if truth.var[j] != 0.0 {
+                var_err += (est.var[j] / truth.var[j] - 1.0).abs();
+                n_var += 1;
+            }
         }
     }
-    (mean_err / n.max(1) as f64, var_err / n.max(1) as f64)
+    let var_rel = if n_var == 0 { f64::NAN } else { var_err / n_var as f64 };
+    (mean_err / n_mean.max(1) as f64, var_rel)
 }
 
 /// Part 3: every population-statistics estimator on the same trained weights, over
@@ -477,6 +483,22 @@ mod tests {
         let s = summarize_probe(&[1.0, 10.0, 2.0, 20.0, 3.0, 30.0], 2);
         assert_eq!(s[0].mean, 2.0);
         assert_eq!(s[1].p50, 20.0);
+    }
+
+    /// A unit whose exact variance is 0 is left out of the relative variance error, rather
+    /// than making it infinite (or NaN where the estimate is 0 too).
+    #[test]
+    fn a_unit_of_zero_exact_variance_is_left_out_of_the_variance_error() {
+        let model = ModelConfig { inputs: 3, hidden: vec![2], classes: 2, ..ModelConfig::seed(true) };
+        let mut params = ModelParams::init(&model, 0, 1);
+        let bn = params.layers[0].batch_norm.as_mut().expect("a BN layer");
+        bn.running[0] = RunningStats { mean: vec![1.0, 2.0], var: vec![3.0, 0.5], batches: 1 };
+        let exact = [RunningStats { mean: vec![0.5, 2.0], var: vec![2.0, 0.0], batches: 10 }];
+        let (mean_err, var_err) = errors(&params, 0, &exact);
+        assert_eq!(mean_err, 0.25, "both units count in the mean error");
+        assert_eq!(var_err, 0.5, "only the first unit has a relative variance error");
+        let none_left = [RunningStats { mean: vec![0.5, 2.0], var: vec![0.0, 0.0], batches: 10 }];
+        assert!(errors(&params, 0, &none_left).1.is_nan(), "no unit left: not a number, not 0");
     }
 
     #[test]

@@ -22,14 +22,31 @@ fn save(dir: &Path, name: &str, contents: &str) -> Result<(), ReportError> {
     write_atomically(&path, contents.as_bytes()).map_err(|e| ReportError::Write { path, reason: e.to_string() })
 }
 
+/// What every formatter prints for a number that is not finite (NaN, ±∞): a measurement that
+/// could not be made, rather than Rust's `NaN`, `inf` or a mangled `NaNe0`.
+pub const NOT_A_NUMBER: &str = "n/a";
+
 /// Four decimals: the one format of every accuracy in the report.
 pub fn fmt4(v: f64) -> String {
+    if !v.is_finite() {
+        return NOT_A_NUMBER.into();
+    }
     format!("{v:.4}")
+}
+
+/// Four decimals with a sign: a difference.
+fn fmt_signed(v: f64) -> String {
+    if !v.is_finite() {
+        return NOT_A_NUMBER.into();
+    }
+    format!("{v:+.4}")
 }
 
 /// Four significant figures, in scientific notation below 0.001.
 fn fmt_small(v: f64) -> String {
-    if v == 0.0 {
+    if !v.is_finite() {
+        NOT_A_NUMBER.into()
+    } else if v == 0.0 {
         "0".into()
     } else if v.abs() >= 1e-3 {
         format!("{v:.4}")
@@ -84,12 +101,12 @@ pub fn write_json(s: &ReproduceSummary, dir: &Path) -> Result<(), ReportError> {
 }
 
 /// The steps at which the report tabulates the comparison: PyTorch's anchor steps that this
-/// run reached (the last anchor, 39950, reads as the run's end), else a handful spread over
-/// the run.
+/// run reached, where the anchors apply (the last anchor, 39950, reads as the run's end), else
+/// a handful spread over the run.
 fn table_steps(s: &ReproduceSummary) -> Vec<u64> {
     let c = &s.comparison;
     let reached: Vec<u64> = s.references.pytorch_curve.iter().map(|r| r.0).filter(|&step| step <= c.steps).collect();
-    if reached.len() >= 3 {
+    if s.anchors_apply() && reached.len() >= 3 {
         return reached;
     }
     let n = 5u64;
@@ -103,6 +120,13 @@ fn both_at(s: &ReproduceSummary, step: u64) -> Option<(u64, f64, f64)> {
     let (at, bn) = s.comparison.bn.accuracy_at(step)?;
     let (_, plain) = s.comparison.plain.accuracy_at(at)?;
     Some((at, bn, plain))
+}
+
+/// Mean over the probed units of |test-set mean input| at the last evaluation: how far from
+/// the sigmoid's center its inputs sit (NaN where nothing was probed).
+fn distance_from_zero(curve: &Curve) -> f64 {
+    let Some(last) = curve.probes.last().filter(|p| !p.neurons.is_empty()) else { return f64::NAN };
+    last.neurons.iter().map(|n| n.mean.abs()).sum::<f64>() / last.neurons.len() as f64
 }
 
 /// Writes `report.md`.
@@ -134,8 +158,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         w("> **Quick run** (`--quick`): far fewer steps than the source, so the numbers are not comparable to the references; it exists to test the pipeline.".into());
         w(String::new());
     }
-    if s.dataset != "mnist" || s.train_examples != 60_000 {
-        w(format!("> The references are for MNIST (60000 / 10000); this run used {} ({} / {}).", s.dataset, s.train_examples, s.test_examples));
+    if let Some(why) = s.anchors_left_out() {
+        w(format!("> {}{}.", why[..1].to_uppercase(), &why[1..]));
         w(String::new());
     }
     w("| setting | value |".into());
@@ -156,35 +180,53 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     w(String::new());
     w(format!("| quantity | bntrain | source ({}) | PyTorch anchor |", "R2RT 2016"));
     w("|---|---:|---:|---:|".into());
-    if let Some((at, bn, plain)) = both_at(s, 10_000) {
-        w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), fmt4(r.pytorch_bn_10000)));
-        w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), fmt4(r.pytorch_plain_10000)));
+    // A reference is shown only where it measured the same setup at the row's step.
+    let anchors = s.anchors_apply();
+    let cell = |v: Option<f64>| v.filter(|_| anchors).map_or_else(|| dash.clone(), fmt4);
+    let torch_at = |step: u64, run_steps: u64| r.pytorch_at(step, run_steps).filter(|_| anchors);
+    let at_10000 = both_at(s, 10_000);
+    let mut comparison_rows = vec![];
+    comparison_rows.extend(at_10000);
+    if c.steps > 10_000 || at_10000.map(|x| x.0) != Some(c.steps) {
+        comparison_rows.extend(both_at(s, c.steps).filter(|end| Some(end.0) != at_10000.map(|x| x.0)));
     }
-    if c.steps > 10_000 || both_at(s, 10_000).map(|x| x.0) != Some(c.steps) {
-        if let Some((at, bn, plain)) = both_at(s, c.steps) {
-            w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), fmt4(r.pytorch_bn_40000)));
-            w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), fmt4(r.pytorch_plain_40000)));
-        }
+    for (at, bn, plain) in comparison_rows {
+        let torch = torch_at(at, c.steps);
+        w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), cell(torch.map(|x| x.0))));
+        w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), cell(torch.map(|x| x.1))));
     }
-    w(format!("| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}¹ |", t.steps, fmt4(t.accuracy_population), fmt4(r.source_final_accuracy_10000), fmt4(r.pytorch_bn_10000)));
-    w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), fmt4(r.source_one_by_one_population), fmt4(r.pytorch_one_by_one_population)));
-    w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), fmt4(r.source_one_by_one_batch), fmt4(r.pytorch_one_by_one_batch)));
+    let torch_final = torch_at(t.steps, t.steps).map(|x| x.0);
     w(format!(
-        "| batch statistics: share predicted as \"{}\" | {} | {} (all \"{}\") | {} (all \"{}\") |",
-        t.first_batch.majority_class, fmt4(t.first_batch.majority_share), fmt4(1.0), r.source_collapsed_class, fmt4(1.0), r.source_collapsed_class
+        "| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}{} |",
+        t.steps, fmt4(t.accuracy_population), cell(r.source_final_at(t.steps)), cell(torch_final), if torch_final.is_some() { "¹" } else { "" }
+    ));
+    w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), cell(Some(r.source_one_by_one_population)), cell(Some(r.pytorch_one_by_one_population))));
+    w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), cell(Some(r.source_one_by_one_batch)), cell(Some(r.pytorch_one_by_one_batch))));
+    let collapsed = if anchors { format!("{} (all \"{}\")", fmt4(1.0), r.source_collapsed_class) } else { dash.clone() };
+    w(format!(
+        "| batch statistics: share predicted as \"{}\" | {} | {collapsed} | {collapsed} |",
+        t.first_batch.majority_class, fmt4(t.first_batch.majority_share)
     ));
     w(format!("| one-by-one, all {} test images, batch statistics | {} | {dash} | {dash} |", t.all_count, fmt4(t.all_batch)));
     w(format!("| restored BN net, whole test set as one batch (batch statistics) | {} | {dash} | {dash} |", fmt4(t.accuracy_test_batch)));
     w(String::new());
-    w(format!(
-        "Reference steps: the source's {} is after {} steps, PyTorch's after 10000 and 40000 (its last evaluation is at 39950). \
-         ¹ PyTorch's BN net at step 10000 of its comparison run (the same setup). PyTorch numbers: {}.",
-        fmt4(r.source_final_accuracy_10000), super::reference::SOURCE_FINAL_STEPS, r.pytorch
-    ));
-    w(String::new());
+    if anchors {
+        let mut notes = format!(
+            "References are shown at the steps they were measured at, — elsewhere: the source's restored net trained {} steps; \
+             PyTorch's accuracies are from its {}-step comparison run, at steps {} (its last evaluation, 39950, stands for the end of a {}-step run).",
+            super::reference::SOURCE_FINAL_STEPS, super::reference::PYTORCH_STEPS,
+            r.pytorch_curve.iter().map(|x| x.0.to_string()).collect::<Vec<_>>().join(", "), super::reference::PYTORCH_STEPS
+        );
+        if torch_final.is_some() {
+            let _ = write!(notes, " ¹ PyTorch's BN net at step {} of its comparison run (the same setup, batch statistics).", t.steps);
+        }
+        let _ = write!(notes, " PyTorch numbers: {}.", r.pytorch);
+        w(notes);
+        w(String::new());
+    }
 
     // Figure 1(a).
-    w("## Figure 1(a): BN trains faster and ends higher".into());
+    w("## Figure 1(a): test accuracy with and without BN".into());
     w(String::new());
     w(format!("![Figure 1(a)]({FIG1A}.png)"));
     w(String::new());
@@ -196,11 +238,25 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         "BN is above plain at {} of the first {} evaluation points (the first 5% of training), {} of the first {} (the first quarter) and {} of all {}.",
         above(&pairs[..early]), early, above(&pairs[..quarter]), quarter, above(&pairs), pairs.len()
     ));
+    if let Some((at, bn, plain)) = both_at(s, c.steps) {
+        let ends = match bn.partial_cmp(&plain) {
+            Some(std::cmp::Ordering::Greater) => "BN ends higher",
+            Some(std::cmp::Ordering::Less) => "BN ends lower",
+            Some(std::cmp::Ordering::Equal) => "the two end level",
+            None => "the two do not compare (a value is not a number)",
+        };
+        w(format!("At the last evaluation (step {at}) BN is at {} and plain at {}: {ends}.", fmt4(bn), fmt4(plain)));
+    }
     w(String::new());
     let floor = super::figures::accuracy_floor(&[&c.bn, &c.plain]);
     let below = c.bn.history.iter().chain(&c.plain.history).filter(|p| p.test_accuracy < floor).count();
+    let measured = match c.eval_mode.as_str() {
+        "batch" => "measured as the source and PyTorch's anchor measure it: BN normalizes the test set with the statistics of the whole test set taken as one batch".to_string(),
+        "population" => "measured with BN's population statistics (the running estimates), not as the source and PyTorch's anchor measure it (the whole test set's own batch statistics)".to_string(),
+        other => format!("with BN's test-time statistics `{other}`"),
+    };
     w(format!(
-        "Test accuracy every {} steps, measured as the source and PyTorch's anchor measure it: BN normalizes the test set with the statistics of the whole test set taken as one batch (`eval_mode: {}`). \
+        "Test accuracy every {} steps, {measured} (`eval_mode: {}`). \
          The accuracy axis runs from {floor:.2} to 1{}; {below} early point(s) lie below it.",
         c.eval_every, c.eval_mode, if floor == 0.8 { " as in the source" } else { " (lowered from the source's 0.8 to show this run)" }
     ));
@@ -209,22 +265,35 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     w("|---:|---:|---:|---:|---:|".into());
     for step in table_steps(s) {
         if let Some((at, bn, plain)) = both_at(s, step) {
-            let torch = r.pytorch_curve.iter().find(|x| x.0 == step);
-            let (tb, tp) = torch.map_or((dash.clone(), dash.clone()), |x| (fmt4(x.1), fmt4(x.2)));
-            w(format!("| {at} | {} | {} | {tb} | {tp} |", fmt4(bn), fmt4(plain)));
+            let torch = torch_at(at, c.steps);
+            w(format!("| {at} | {} | {} | {} | {} |", fmt4(bn), fmt4(plain), cell(torch.map(|x| x.0)), cell(torch.map(|x| x.1))));
         }
     }
     w(String::new());
 
     // Figure 1(b,c).
-    w("## Figure 1(b,c): the sigmoid's inputs stay put with BN".into());
+    w("## Figure 1(b,c): the sigmoid's inputs over training".into());
     w(String::new());
+    let (level_plain, level_bn) = (distance_from_zero(&c.plain), distance_from_zero(&c.bn));
+    let level = match level_plain.partial_cmp(&level_bn) {
+        Some(std::cmp::Ordering::Greater) => "the plain net's sit farther from 0 (unscaled N(0,1) weights push the sigmoid toward saturation)",
+        Some(std::cmp::Ordering::Less) => "BN's sit farther from 0",
+        Some(std::cmp::Ordering::Equal) => "both sit as far from 0",
+        None => "they do not compare (a value is not a number)",
+    };
+    let wander = match c.drift_bn.partial_cmp(&c.drift_plain) {
+        Some(std::cmp::Ordering::Less) => "With BN they wander less over training than without",
+        Some(std::cmp::Ordering::Greater) => "With BN they wander more over training than without",
+        Some(std::cmp::Ordering::Equal) => "With and without BN they wander as much over training",
+        None => "How far they wander does not compare (a value is not a number)",
+    };
     w(format!(
         "The inputs to the sigmoid of the first {} units of hidden layer {} over training, on the test set. \
          The post's view: their mean. The paper's view: their 15th, 50th and 85th percentiles. \
          The two panels of a row share their scale, each centered on its own values, so how far the inputs wander compares directly. \
-         The plain net's inputs sit far from 0 (unscaled N(0,1) weights saturate the sigmoids) and wander as the layers below learn; with BN they stay near 0.",
-        c.probe_neurons, c.probe_layer + 1
+         At the last evaluation the units' mean input is {} from 0 without BN and {} with BN, averaged over the units: {level}. \
+         {wander} (the table: the range of each unit's mean input over training, averaged over the units).",
+        c.probe_neurons, c.probe_layer + 1, fmt4(level_plain), fmt4(level_bn)
     ));
     w(String::new());
     w(format!("![Figure 1(b,c), means]({FIG1B}.png)"));
@@ -239,13 +308,22 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     // Test time.
     w("## Test time: population statistics, not batch statistics".into());
     w(String::new());
+    let (population, batch) = (&t.first_population, &t.first_batch);
+    let right = |one: &super::OneByOne| (one.accuracy * one.count as f64).round();
+    let compared = match population.accuracy.partial_cmp(&batch.accuracy) {
+        Some(std::cmp::Ordering::Greater) => "does better",
+        Some(std::cmp::Ordering::Equal) => "does no better",
+        Some(std::cmp::Ordering::Less) => "does worse",
+        None => "does not compare (a value is not a number)",
+    };
     w(format!(
         "The BN net trained for {} steps was saved to `{}`, restored into a fresh backend and asked to predict the first {} test images one at a time. \
          With batch statistics every normalized value of a batch of one is 0, so the net sees the same input whatever the image: \
-         {} of {} predictions are \"{}\". With population statistics it classifies as it should. \
+         {} of {} predictions are \"{}\", {} right. With population statistics it {compared}: {} of {} right. \
          (After {} steps the EMA of the population statistics still gives weight {} to its initial values, mean 0 and variance 1.)",
-        t.steps, t.checkpoint, t.first_batch.count,
-        (t.first_batch.majority_share * t.first_batch.count as f64).round(), t.first_batch.count, t.first_batch.majority_class,
+        t.steps, t.checkpoint, batch.count,
+        (batch.majority_share * batch.count as f64).round(), batch.count, batch.majority_class, right(batch),
+        right(population), population.count,
         t.steps, fmt_small(t.ema_initial_weight)
     ));
     w(String::new());
@@ -290,8 +368,16 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     if let (Some(ema), Some(cum)) = (e.row("ema0.999-biased"), e.row("cumulative-biased")) {
         let delta = cum.mean - ema.mean;
         let spread = (ema.max - ema.min).max(cum.max - cum.min);
-        let verdict = if e.seeds.len() == 1 {
-            if delta > 0.0 { "leans its way on one seed (`--seeds N` measures the spread)" } else { "goes against it on one seed (`--seeds N` measures the spread)" }
+        let verdict = if !delta.is_finite() {
+            "cannot judge it: a mean accuracy is not a number"
+        } else if e.seeds.len() == 1 {
+            if delta > 0.0 {
+                "leans its way on one seed (`--seeds N` measures the spread)"
+            } else if delta == 0.0 {
+                "finds no difference on one seed (`--seeds N` measures the spread)"
+            } else {
+                "goes against it on one seed (`--seeds N` measures the spread)"
+            }
         } else if delta > 0.0 && delta > spread {
             "bears it out: the simple average is better by more than the spread across seeds"
         } else if delta > 0.0 {
@@ -302,8 +388,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
             "does not bear it out: the EMA is at least as good here"
         };
         w(format!(
-            "The source claims a simple average of the batch statistics would be marginally better than the EMA. Cumulative average {} vs EMA 0.999 {} (difference {:+.4}, over {} seed(s)): this run {}.",
-            fmt4(cum.mean), fmt4(ema.mean), delta, e.seeds.len(), verdict
+            "The source claims a simple average of the batch statistics would be marginally better than the EMA. Cumulative average {} vs EMA 0.999 {} (difference {}, over {} seed(s)): this run {}.",
+            fmt4(cum.mean), fmt4(ema.mean), fmt_signed(delta), e.seeds.len(), verdict
         ));
         w(String::new());
         w("The cumulative average weighs the batch statistics of early training, when the weights below were different, as much as the latest ones; \
@@ -319,4 +405,90 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         w(format!("- `{f}`"));
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::tests::sample;
+
+    /// The cells of the report's table row whose label starts with `label`.
+    fn row(report: &str, label: &str) -> Vec<String> {
+        let line = report.lines().find(|l| l.starts_with(&format!("| {label}"))).unwrap_or_else(|| panic!("no row `{label}` in\n{report}"));
+        line.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect()
+    }
+
+    #[test]
+    fn non_finite_numbers_print_as_not_available() {
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert_eq!(fmt_small(v), "n/a");
+            assert_eq!(fmt4(v), "n/a");
+            assert_eq!(fmt_signed(v), "n/a");
+        }
+        assert_eq!(fmt_small(2.5e-5), "2.50e-5");
+        assert_eq!(fmt_signed(0.01), "+0.0100");
+    }
+
+    #[test]
+    fn the_headline_pairs_each_row_with_the_anchor_at_its_step() {
+        let quick = render_report(&sample(1000, 50, 500));
+        assert_eq!(row(&quick, "BN test accuracy at step 1000")[1..], ["0.9500", "—", "0.8986"]);
+        assert_eq!(row(&quick, "plain test accuracy at step 1000")[3], "0.8798");
+        assert_eq!(row(&quick, "restored BN net after 500 steps")[2..], ["—", "0.8768¹"]);
+        let longer = render_report(&sample(15_000, 50, 3000));
+        assert_eq!(row(&longer, "BN test accuracy at step 10000")[3], "0.9535");
+        assert_eq!(row(&longer, "BN test accuracy at step 15000")[3], "—");
+        assert_eq!(row(&longer, "plain test accuracy at step 15000")[3], "—");
+        assert_eq!(row(&longer, "restored BN net after 3000 steps")[2..], ["—", "—"]);
+        assert!(!longer.contains("¹"), "a footnote for no reference");
+        let source = render_report(&sample(15_000, 50, 10_000));
+        assert_eq!(row(&source, "restored BN net after 10000 steps")[2..], ["0.9721", "0.9535¹"]);
+    }
+
+    #[test]
+    fn references_are_left_out_where_they_do_not_apply() {
+        let mut s = sample(10_000, 50, 10_000);
+        s.model.hidden = vec![50, 50];
+        let report = render_report(&s);
+        for label in ["BN test accuracy at step 10000", "restored BN net after", "one-by-one, first 100 test images, population", "one-by-one, first 100 test images, batch", "batch statistics: share", "10000 |"] {
+            let cells = row(&report, label);
+            assert_eq!(cells[cells.len() - 2..], ["—", "—"], "a reference where none applies: {cells:?}");
+        }
+        assert_eq!(report.matches("are for 784-100-100-10 on MNIST").count(), 1, "why, once");
+        assert!(!report.contains(crate::report::reference::PYTORCH), "no PyTorch citation for numbers not shown");
+    }
+
+    /// Every claim of the text follows what was measured: here the opposite of the source's
+    /// story (plain ends higher, BN's inputs wander more and sit farther from 0, population
+    /// statistics no better than batch ones), measured with population statistics.
+    #[test]
+    fn the_text_claims_only_what_was_measured() {
+        let mut s = sample(1000, 50, 500);
+        let c = &mut s.comparison;
+        std::mem::swap(&mut c.bn, &mut c.plain);
+        std::mem::swap(&mut c.drift_bn, &mut c.drift_plain);
+        c.eval_mode = "population".into();
+        s.test_time.first_population.accuracy = 0.09;
+        let report = render_report(&s);
+        for claim in ["BN trains faster", "ends higher", "stay put", "they stay near 0", "classifies as it should", "taken as one batch", "the plain net's sit farther"] {
+            assert!(!report.contains(claim), "the report claims `{claim}` against the data:\n{report}");
+        }
+        for measured in ["BN ends lower", "With BN they wander more", "BN's sit farther from 0", "it does no better: 9 of 100 right", "population statistics (the running estimates)"] {
+            assert!(report.contains(measured), "the report does not say `{measured}`:\n{report}");
+        }
+        let story = render_report(&sample(1000, 50, 500));
+        for measured in ["BN ends higher", "With BN they wander less", "the plain net's sit farther from 0", "it does better: 97 of 100 right", "taken as one batch"] {
+            assert!(story.contains(measured), "the report does not say `{measured}`:\n{story}");
+        }
+    }
+
+    #[test]
+    fn a_tie_on_one_seed_is_no_difference() {
+        let mut s = sample(1000, 50, 500);
+        let ema = s.estimators.rows[0].clone();
+        s.estimators.rows[1] = crate::report::EstimatorRow { label: "cumulative-biased".into(), ..ema };
+        let report = render_report(&s);
+        assert!(report.contains("finds no difference on one seed") && !report.contains("goes against it"), "{report}");
+        assert!(report.contains("(difference +0.0000, over 1 seed(s))"), "{report}");
+    }
 }
