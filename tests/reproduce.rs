@@ -208,8 +208,11 @@ fn check_report_matches_json(report: &str, json: &Value) -> usize {
                 (&t["first_batch"]["accuracy"], &r["source_one_by_one_batch"], &r["pytorch_one_by_one_batch"])
             };
             eq(label, &c[1], f4(ours));
-            eq(label, &c[2], reference(json, source));
-            eq(label, &c[3], reference(json, torch));
+            // The references' nets trained 10000 (source) and 40000 (PyTorch) steps.
+            let trained_as_long = t["steps"].as_u64().expect("test-time steps") >= 10_000;
+            let shown = |v: &Value| if trained_as_long { reference(json, v) } else { "—".into() };
+            eq(label, &c[2], shown(source));
+            eq(label, &c[3], shown(torch));
         }
         if label.starts_with("batch statistics: share predicted as") {
             eq(label, &c[1], f4(&t["first_batch"]["majority_share"]));

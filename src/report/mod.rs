@@ -350,7 +350,7 @@ impl ReproduceSummary {
         let cell = |v: Option<f64>| v.map_or_else(|| na.clone(), f);
         let pair = |v: Option<(f64, f64)>| v.map_or_else(|| na.clone(), |(bn, plain)| format!("{}/{}", f(bn), f(plain)));
         let torch_at = |step: u64, run_steps: u64| r.pytorch_at(step, run_steps).filter(|_| anchors);
-        let reference = |v: f64| Some(v).filter(|_| anchors);
+        let reference = |v: f64| Some(v).filter(|_| anchors && r.one_by_one_applies(t.steps));
         let mut row = |label: String, ours: String, src: String, torch: String| {
             line(format!("{label:<48} {ours:>13} {src:>13} {torch:>13}"));
         };
@@ -370,7 +370,7 @@ impl ReproduceSummary {
         // Each column's own most predicted class: the references collapsed to another class
         // than this run may have.
         let collapsed = |class: u8, share: f64| format!("{class}: {}", f(share));
-        let theirs = if anchors { collapsed(r.source_collapsed_class, 1.0) } else { na.clone() };
+        let theirs = if anchors && r.one_by_one_applies(t.steps) { collapsed(r.source_collapsed_class, 1.0) } else { na.clone() };
         row("  batch stats: most predicted class: share".to_string(), collapsed(t.first_batch.majority_class, t.first_batch.majority_share), theirs.clone(), theirs);
         row(format!("one-by-one, all {}, batch stats", t.all_count), f(t.all_batch), na.clone(), na.clone());
         if let Some(why) = self.anchors_left_out() {
@@ -654,9 +654,24 @@ pub(crate) mod tests {
 
     #[test]
     fn the_table_shows_each_columns_own_collapsed_class() {
-        let table = sample(1000, 50, 500).table();
+        let table = sample(15_000, 50, 10_000).table();
         assert!(!table.contains("predicted as \"5\""), "a label that claims the references' class:\n{table}");
         assert_eq!(cells(table_line(&table, "  batch stats: most predicted class")), ["5:", "1.0000", "8:", "1.0000", "8:", "1.0000"]);
+        assert_eq!(cells(table_line(&table, "one-by-one, first 100, population stats"))[1..], ["0.9900", "0.9800"]);
+    }
+
+    /// The references' one-by-one figures come from nets trained 10000 (source) and 40000
+    /// (PyTorch) steps: beside a net trained for 500, they are left out.
+    #[test]
+    fn one_by_one_references_stand_beside_a_net_trained_as_long_only() {
+        let quick = sample(1000, 50, 500).table();
+        for label in ["one-by-one, first 100, population stats", "one-by-one, first 100, batch stats"] {
+            assert_eq!(cells(table_line(&quick, label))[1..], ["—", "—"], "{label}");
+        }
+        assert_eq!(cells(table_line(&quick, "  batch stats: most predicted class")), ["5:", "1.0000", "—", "—"]);
+        let report = write::render_report(&sample(1000, 50, 500));
+        let row = report.lines().find(|l| l.starts_with("| one-by-one, first 100 test images, population")).unwrap();
+        assert!(row.ends_with("| — | — |"), "{row}");
     }
 
     #[test]

@@ -200,9 +200,10 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         "| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}{} |",
         t.steps, fmt4(t.accuracy_population), cell(r.source_final_at(t.steps)), cell(torch_final), if torch_final.is_some() { "¹" } else { "" }
     ));
-    w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), cell(Some(r.source_one_by_one_population)), cell(Some(r.pytorch_one_by_one_population))));
-    w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), cell(Some(r.source_one_by_one_batch)), cell(Some(r.pytorch_one_by_one_batch))));
-    let collapsed = if anchors { format!("{} (all \"{}\")", fmt4(1.0), r.source_collapsed_class) } else { dash.clone() };
+    let one_by_one = |v: f64| cell(Some(v).filter(|_| r.one_by_one_applies(t.steps)));
+    w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), one_by_one(r.source_one_by_one_population), one_by_one(r.pytorch_one_by_one_population)));
+    w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), one_by_one(r.source_one_by_one_batch), one_by_one(r.pytorch_one_by_one_batch)));
+    let collapsed = if anchors && r.one_by_one_applies(t.steps) { format!("{} (all \"{}\")", fmt4(1.0), r.source_collapsed_class) } else { dash.clone() };
     w(format!(
         "| batch statistics: share predicted as \"{}\" | {} | {collapsed} | {collapsed} |",
         t.first_batch.majority_class, fmt4(t.first_batch.majority_share)
@@ -213,7 +214,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     if anchors {
         let mut notes = format!(
             "References are shown at the steps they were measured at, — elsewhere: the source's restored net trained {} steps; \
-             PyTorch's accuracies are from its {}-step comparison run, at steps {} (its last evaluation, 39950, stands for the end of a {}-step run).",
+             PyTorch's accuracies are from its {}-step comparison run, at steps {} (its last evaluation, 39950, stands for the end of a {}-step run); \
+             the one-by-one figures are those two nets', shown beside a net trained at least 10000 steps.",
             super::reference::SOURCE_FINAL_STEPS, super::reference::PYTORCH_STEPS,
             r.pytorch_curve.iter().map(|x| x.0.to_string()).collect::<Vec<_>>().join(", "), super::reference::PYTORCH_STEPS
         );
