@@ -7,7 +7,7 @@ use bntrain::bench::{self, BenchConfig};
 use bntrain::cpu::{self, InputPath};
 use bntrain::data::{self, Dataset, DatasetKind};
 use bntrain::device::{self, DeviceChoice, Precision};
-use bntrain::model::checkpoint::{Checkpoint, StoredPrecision, TrainedOn};
+use bntrain::model::checkpoint::Checkpoint;
 use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, StatsEstimator, TrainConfig, VarianceKind,
 };
@@ -177,6 +177,10 @@ struct TrainArgs {
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// `train`'s resumable settings given on the command line (argument ids): a resumed
+    /// run names those its checkpoint overrides.
+    #[arg(skip)]
+    given: Vec<&'static str>,
 }
 
 #[derive(Args, Debug)]
@@ -395,17 +399,9 @@ const RESUMED_SETTINGS: [&str; 15] = [
 
 fn main() {
     let matches = <Cli as clap::CommandFactory>::command().try_get_matches().unwrap_or_else(|e| refuse_command_line(e));
-    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| refuse_command_line(e));
-    // What `train --resume` will not use although it was given: said, not silently dropped.
-    if let Some(("train", train)) = matches.subcommand() {
-        let given: Vec<String> = RESUMED_SETTINGS
-            .iter()
-            .filter(|id| train.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
-            .map(|id| format!("--{}", id.replace('_', "-")))
-            .collect();
-        if train.contains_id("resume") && train.get_one::<PathBuf>("resume").is_some() && !given.is_empty() {
-            let _ = writeln!(std::io::stderr(), "notice: --resume continues the checkpoint's network and training settings; not used: {}", given.join(", "));
-        }
+    let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| refuse_command_line(e));
+    if let (Some(("train", train)), Command::Train(args)) = (matches.subcommand(), &mut cli.command) {
+        args.given = RESUMED_SETTINGS.into_iter().filter(|id| train.value_source(id) == Some(clap::parser::ValueSource::CommandLine)).collect();
         if train.value_source("decay") == Some(clap::parser::ValueSource::CommandLine)
             && train.get_one::<AveragingArg>("averaging") == Some(&AveragingArg::Cumulative)
         {
@@ -543,10 +539,23 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     }
     // Then, so that an interrupt at any point after start-up is a clean stop.
     let stop = install_interrupt_handler();
-    // A resumed run goes on with the data it trained on (an unreadable checkpoint is the
-    // session's to report).
-    let resumed_on = args.resume.as_deref().and_then(|p| Checkpoint::load(p).ok()).and_then(|c| c.trained_on);
-    let kind = resumed_on.map_or_else(|| args.data.kind(None), |t| t.dataset);
+    // A resumed run goes on with the data it trained on, in its arithmetic: what was given
+    // beside it is said to be unused, not silently dropped.
+    let resumed = args.resume.as_deref().map(Checkpoint::load).transpose()?;
+    if let Some(ckpt) = &resumed {
+        // Checkpoints from before the dataset and arithmetic were recorded take the command
+        // line's (an f64 file stays f64).
+        let overridden = |id: &&&str| match **id {
+            "dataset" => ckpt.trained_on.is_some(),
+            "precision" => ckpt.recorded_precision().is_some(),
+            _ => true,
+        };
+        let unused: Vec<String> = args.given.iter().filter(overridden).map(|id| format!("--{}", id.replace('_', "-"))).collect();
+        if !unused.is_empty() {
+            eprintln!("notice: --resume continues the checkpoint's network and training settings; not used: {}", unused.join(", "));
+        }
+    }
+    let kind = resumed.as_ref().and_then(|c| c.trained_on).map_or_else(|| args.data.kind(None), |t| t.dataset);
     let data = load_data(&args.data, kind)?;
     let model = args.model.config(data.train.features, data.train.classes);
     let start = match (&args.init, &args.resume) {
@@ -583,7 +592,13 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     let report = result?;
     if let Outcome::Interrupted { step, .. } = report.outcome {
         match &report.checkpoint {
-            Some(p) => eprintln!("interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}`", p.display(), session::shell_word(p), args.steps),
+            Some(p) => {
+                let data = args.data.data.as_deref().map_or_else(String::new, |dir| format!(" --data {}", session::shell_word(dir)));
+                eprintln!(
+                    "interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}{data}`",
+                    p.display(), session::shell_word(p), args.steps
+                );
+            }
             None => eprintln!("interrupted at step {step}, before any step of this run: nothing to save"),
         }
         if args.json {
@@ -623,17 +638,23 @@ fn open_checkpoint(
     device_choice: DeviceChoice, path: &Path, data_args: &DataArgs,
 ) -> Result<(Checkpoint, Arc<Dataset>, Box<dyn bntrain::backend::Backend>)> {
     let ckpt = Checkpoint::load(path)?;
-    let data = load_data(data_args, data_args.kind(ckpt.trained_on.map(|t| t.dataset)))?;
+    let recorded = ckpt.trained_on.map(|t| t.dataset).filter(|_| data_args.dataset.is_none());
+    let data = match recorded {
+        Some(kind) => load_data(data_args, kind).with_context(|| format!("{} was trained on {kind} (--dataset chooses other data)", path.display()))?,
+        None => load_data(data_args, data_args.kind(None))?,
+    };
     if ckpt.model.inputs != data.train.features {
         bail!("{} expects {} input features but the dataset has {}", path.display(), ckpt.model.inputs, data.train.features);
     }
     let mut train = ckpt.train.clone();
     train.batch_size = train.batch_size.min(data.train.count);
     let device = resolve_device(device_choice);
-    let precision = match (ckpt.trained_on, ckpt.precision) {
-        (Some(TrainedOn { precision: Precision::F64, .. }), _) | (None, StoredPrecision::F64) if device == DeviceChoice::Cpu => Precision::F64,
-        (Some(TrainedOn { precision: Precision::F64, .. }), _) | (None, _) => Precision::F32,
-        (Some(TrainedOn { precision, .. }), _) => precision,
+    let precision = match ckpt.recorded_precision() {
+        Some(Precision::F64) if device != DeviceChoice::Cpu => {
+            eprintln!("notice: {} was trained in f64, which only the CPU computes: evaluating it in f32 on CUDA (--device cpu: in f64)", path.display());
+            Precision::F32
+        }
+        recorded => recorded.unwrap_or(Precision::F32),
     };
     let net = device::open(device, precision, ckpt.model.clone(), train, Arc::clone(&data), &ckpt.params)?;
     Ok((ckpt, data, net))
@@ -733,14 +754,24 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
             } else {
                 String::new()
             };
-            eprintln!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display());
+            // An empty partial directory (stopped in the comparison, which writes at its end)
+            // says nothing: it goes.
+            let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
+            if wrote {
+                eprintln!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display());
+            } else {
+                eprintln!("interrupted: the study stopped before writing anything{earlier}");
+            }
             if args.json {
-                out!("{}", json!({ "interrupted": true, "partial": partial }));
+                out!("{}", json!({ "interrupted": true, "partial": wrote.then_some(partial) }));
             }
             std::process::exit(130);
         }
         done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
     };
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("notice: the interrupt came after the last training step: the study finished and its outputs are in place");
+    }
     out!("{}", summary.table());
     out!("report: {}", out_dir.join("report.md").display());
     if args.json {
@@ -777,9 +808,8 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         None
     } else {
         let kind = args.data.kind(None);
-        let fetch = if args.data.data.is_none() && kind == DatasetKind::Mnist { ", or run `bntrain data fetch`" } else { "" };
         let dir = data::locate(args.data.data.as_deref(), kind, false)
-            .with_context(|| format!("cannot find the dataset to benchmark on (pass --noise for random pixels{fetch})"))?;
+            .context("cannot find the dataset to benchmark on (or pass --noise for random pixels)")?;
         Some(Arc::new(data::load_dir(&dir, kind).with_context(|| format!("cannot load {kind} from {}", dir.display()))?))
     };
     let data = dataset.as_deref().map_or(bench::BenchData::Noise, bench::BenchData::Real);

@@ -135,21 +135,18 @@ fn starting_point(req: &TrainRequest, data_kind: DatasetKind) -> Result<Starting
                     path.display(), ckpt.progress.step, req.steps
                 )).into());
             }
-            // Checkpoints from before `trained_on` was recorded: the request's arithmetic, and
-            // whatever data the caller loaded.
-            let precision = match ckpt.trained_on {
-                Some(TrainedOn { dataset, .. }) if dataset != data_kind => {
-                    return Err(ConfigError::Mismatch(format!(
-                        "{} was trained on {dataset}, the data loaded is {data_kind}", path.display()
-                    )).into());
-                }
-                Some(TrainedOn { precision: Precision::F64, .. }) if req.device != DeviceChoice::Cpu => {
+            // Checkpoints from before `trained_on` was recorded: whatever data the caller loaded,
+            // and the request's arithmetic (an f64 file stays f64).
+            if let Some(TrainedOn { dataset, .. }) = ckpt.trained_on.filter(|t| t.dataset != data_kind) {
+                return Err(ConfigError::Mismatch(format!("{} was trained on {dataset}, the data loaded is {data_kind}", path.display())).into());
+            }
+            let precision = match ckpt.recorded_precision() {
+                Some(Precision::F64) if req.device != DeviceChoice::Cpu => {
                     return Err(ConfigError::Invalid(format!(
                         "{} was trained in f64, which only the CPU computes: resume it with --device cpu", path.display()
                     )).into());
                 }
-                Some(TrainedOn { precision, .. }) => precision,
-                None => req.precision,
+                recorded => recorded.unwrap_or(req.precision),
             };
             Ok(StartingPoint { model: ckpt.model, train: ckpt.train, params: ckpt.params, velocity: ckpt.velocity, progress: ckpt.progress, precision })
         }

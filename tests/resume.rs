@@ -99,6 +99,15 @@ fn a_resumed_run_keeps_its_arithmetic_and_its_data() {
     let f64_run = request(Start::Fresh, "f64", Precision::F64);
     session::run(&f64_run, data.clone(), None, &mut |_| {}).unwrap();
     let on_gpu = TrainRequest { steps: 200, device: DeviceChoice::Cuda, ..request(Start::Resume(dir.path().join("f64")), "f64", Precision::F32) };
-    let err = session::run(&on_gpu, data, None, &mut |_| {}).unwrap_err().to_string();
+    let err = session::run(&on_gpu, data.clone(), None, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("trained in f64, which only the CPU computes: resume it with --device cpu"), "{err}");
+
+    // A checkpoint from before `trained_on` was recorded: an f64 file stays f64, whatever the
+    // request's default; other data is not refused (nothing says it is other).
+    let old = Checkpoint { trained_on: None, ..Checkpoint::load(&dir.path().join("f64")).unwrap() };
+    old.save(&dir.path().join("old")).unwrap();
+    let resumed = TrainRequest { steps: 200, ..request(Start::Resume(dir.path().join("old")), "old", Precision::F32) };
+    session::run(&resumed, data, None, &mut |_| {}).unwrap();
+    let saved = Checkpoint::load(&dir.path().join("old")).unwrap();
+    assert_eq!((saved.precision, saved.trained_on.map(|t| t.precision)), (bntrain::model::checkpoint::StoredPrecision::F64, Some(Precision::F64)));
 }

@@ -337,7 +337,7 @@ pub fn softmax_xent(
     let (rows_u, classes_u) = (size_u32(K, "rows", rows)?, size_u32(K, "classes", classes)?);
     require(K, classes <= super::context::MAX_CLASSES, || format!("{classes} classes do not fit the u8 predictions"))?;
     // The bias gradient gives each class at least one thread of the block (below it, it
-    // would be silently zero); MAX_CLASSES ≤ SOFTMAX_THREADS makes this hold (asserted below).
+    // would be silently zero); MAX_CLASSES ≤ SOFTMAX_THREADS makes this hold (asserted at SOFTMAX_THREADS).
     require(K, classes <= SOFTMAX_THREADS as usize, || format!("{classes} classes exceed the block's {SOFTMAX_THREADS} threads"))?;
     let n = elements(K, rows, classes)?;
     require_len(K, "z", z.len(), n)?;

@@ -234,10 +234,7 @@ impl<'a> IdxSource<'a> {
             });
         }
         if let Some(available) = self.memory_available.filter(|&a| body_len > a) {
-            return Err(DataError::BadHeader {
-                path,
-                problem: format!("it announces {body_len} bytes of data, more than the {available} bytes of memory available"),
-            });
+            return Err(DataError::TooLarge { path, bytes: body_len, available });
         }
         let mut body = Vec::with_capacity(body_len.min(MAX_INITIAL_CAPACITY) as usize);
         let read = (&mut self.reader).take(body_len).read_to_end(&mut body);
@@ -347,7 +344,7 @@ mod tests {
         assert_eq!((loaded.count, loaded.pixels.len()), (100, 100 * 784));
         assert!(images_from(within(None)).is_ok(), "no budget known: no limit");
         let refused = images_from(within(Some(100 * 784 - 1))).unwrap_err().to_string();
-        assert!(refused.contains("78400 bytes of data, more than the 78399 bytes of memory available"), "{refused}");
+        assert!(refused.contains("its 78400 bytes of data do not fit the 78399 bytes of memory available"), "{refused}");
         assert!(refused.contains("bomb-images.gz"), "{refused}");
     }
 }

@@ -59,6 +59,9 @@ pub enum DataError {
     },
     #[error("{path}: corrupt IDX header: {problem}")]
     BadHeader { path: PathBuf, problem: String },
+    /// A header that may be honest, announcing more data than this machine can hold.
+    #[error("{path}: its {bytes} bytes of data do not fit the {available} bytes of memory available")]
+    TooLarge { path: PathBuf, bytes: u64, available: u64 },
     #[error("{path}: truncated: the header announces {expected} bytes (decompressed), the file holds {actual}")]
     Truncated {
         path: PathBuf,

@@ -334,6 +334,17 @@ impl Checkpoint {
         Ok(Checkpoint { model, train, params, velocity, progress, precision, trained_on })
     }
 
+    /// The arithmetic the run trained in, where the file says: recorded, or f64 where it
+    /// stores f64 (only an f64 run writes that). None for an f32 file from before bntrain
+    /// recorded it: it could have come from f32, tf32 or bf16 steps.
+    pub fn recorded_precision(&self) -> Option<crate::device::Precision> {
+        match (self.trained_on, self.precision) {
+            (Some(t), _) => Some(t.precision),
+            (None, StoredPrecision::F64) => Some(crate::device::Precision::F64),
+            (None, StoredPrecision::F32) => None,
+        }
+    }
+
     /// Checks that this checkpoint's network is the one requested.
     pub fn check_model(&self, requested: &ModelConfig) -> Result<(), ConfigError> {
         if &self.model != requested {

@@ -155,7 +155,7 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         .into());
     w(String::new());
     if s.options.quick {
-        w("> **Quick run** (`--quick`): far fewer steps than the source, so the numbers are not comparable to the references; it exists to test the pipeline.".into());
+        w("> **Quick run** (`--quick`): far fewer steps than the source; references appear only where they measured the same step, and the run exists to test the pipeline.".into());
         w(String::new());
     }
     if let Some(why) = s.anchors_left_out() {
@@ -195,7 +195,9 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), cell(torch.map(|x| x.0))));
         w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), cell(torch.map(|x| x.1))));
     }
-    let torch_final = torch_at(t.steps, t.steps).map(|x| x.0);
+    // PyTorch's comparison run measured batch statistics: beside population statistics only
+    // once those have settled, as for the one-by-one figures.
+    let torch_final = torch_at(t.steps, t.steps).map(|x| x.0).filter(|_| r.one_by_one_applies(t.steps));
     w(format!(
         "| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}{} |",
         t.steps, fmt4(t.accuracy_population), cell(r.source_final_at(t.steps)), cell(torch_final), if torch_final.is_some() { "¹" } else { "" }
@@ -220,7 +222,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
             r.pytorch_curve.iter().map(|x| x.0.to_string()).collect::<Vec<_>>().join(", "), super::reference::PYTORCH_STEPS
         );
         if torch_final.is_some() {
-            let _ = write!(notes, " ¹ PyTorch's BN net at step {} of its comparison run (the same setup, batch statistics).", t.steps);
+            let at = if t.steps == super::reference::PYTORCH_STEPS { "its last evaluation, step 39950,".to_string() } else { format!("step {}", t.steps) };
+            let _ = write!(notes, " ¹ PyTorch's BN net at {at} of its comparison run (the same setup, batch statistics).");
         }
         let _ = write!(notes, " PyTorch numbers: {}.", r.pytorch);
         w(notes);
@@ -396,7 +399,7 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         w(String::new());
         w("The cumulative average weighs the batch statistics of early training, when the weights below were different, as much as the latest ones; \
            an EMA forgets them, and its decay sets how fast (0.999 also forgets its initial mean 0 and variance 1 slowly, which shows after few steps). \
-           The exact moments, recomputed once the weights are fixed, need no forgetting: they are what inference should use."
+           The exact moments, recomputed once the weights are fixed, need no forgetting: the ideal the running estimates approximate."
             .into());
         w(String::new());
     }
@@ -436,7 +439,9 @@ mod tests {
         let quick = render_report(&sample(1000, 50, 500));
         assert_eq!(row(&quick, "BN test accuracy at step 1000")[1..], ["0.9500", "—", "0.8986"]);
         assert_eq!(row(&quick, "plain test accuracy at step 1000")[3], "0.8798");
-        assert_eq!(row(&quick, "restored BN net after 500 steps")[2..], ["—", "0.8768¹"]);
+        // After 500 steps the population statistics have not settled: no batch-statistics
+        // reference beside them.
+        assert_eq!(row(&quick, "restored BN net after 500 steps")[2..], ["—", "—"]);
         let longer = render_report(&sample(15_000, 50, 3000));
         assert_eq!(row(&longer, "BN test accuracy at step 10000")[3], "0.9535");
         assert_eq!(row(&longer, "BN test accuracy at step 15000")[3], "—");
