@@ -744,6 +744,15 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
     device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
+    // Interrupted while the data loaded: the study never began (an earlier one's partial
+    // outputs are not this one's).
+    if stop.load(Ordering::SeqCst) {
+        eprintln!("interrupted before the study began: nothing was written");
+        if args.json {
+            out!("{}", json!({ "interrupted": true, "partial": null }));
+        }
+        std::process::exit(130);
+    }
     let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
         // A study cannot resume: what it wrote stays in the partial directory, and an
         // earlier run's outputs are left whole.
