@@ -94,6 +94,8 @@ pub enum BenchData<'a> {
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub config: BenchConfig,
+    /// Whether the network has BN; with `--pair`, the first of the two (BN, beside the plain
+    /// one).
     pub batch_norm: bool,
     /// Networks trained in lockstep: 1, or 2 for `--pair` (the BN and the plain network side
     /// by side, as `reproduce`'s comparison trains them); µs per step covers both.
@@ -120,8 +122,8 @@ pub struct BenchReport {
 }
 
 /// Times training steps of `nets` in lockstep (each run of steps queued on every network
-/// before any is waited for, as [`train::train_lockstep`] does): `warmup` steps, then `runs`
-/// runs of enough steps to last about `seconds_per_run` each; the median run gives µs per
+/// before any is waited for, as [`train::train_lockstep`] does): `warmup` steps, a calibration
+/// on warm steps, then `runs` runs of enough steps to last about `seconds_per_run` each; the median run gives µs per
 /// step of all the networks together. `on_run` hears of each finished run (outside the
 /// timed spans: a progress bar).
 #[allow(clippy::too_many_arguments)]
@@ -151,8 +153,18 @@ pub fn time_steps(
         }
         Ok(t.elapsed().as_secs_f64())
     };
-    let warm = run_steps(nets, warmup.max(1))?;
-    let per_step = warm / warmup.max(1) as f64;
+    run_steps(nets, warmup.max(1))?;
+    // The run length from warm steps only (the warm-up pays for first launches, first-touch
+    // allocations and cold caches): a span doubled until it is a tenth of a run, so that
+    // one scheduler hiccup does not set it.
+    let mut calibration = warmup.max(1);
+    let per_step = loop {
+        let span = run_steps(nets, calibration)?;
+        if span >= seconds_per_run / 10.0 || calibration >= 100_000 {
+            break span / calibration as f64;
+        }
+        calibration *= 2;
+    };
     let steps_per_run = ((seconds_per_run / per_step.max(1e-9)) as u64).clamp(3, 100_000);
     let mut us = Vec::with_capacity(runs);
     for run in 0..runs.max(1) {

@@ -73,7 +73,7 @@ pub fn resolve(choice: DeviceChoice) -> (DeviceChoice, Option<String>) {
     match choice {
         DeviceChoice::Auto => match crate::cuda::cuda_available() {
             Ok(_) => (DeviceChoice::Cuda, None),
-            Err(why) => (DeviceChoice::Cpu, Some(format!("no usable GPU, computing on the CPU ({})", why.reason()))),
+            Err(why) => (DeviceChoice::Cpu, Some(format!("no usable GPU, computing on the CPU: {}", why.reason()))),
         },
         other => (other, None),
     }

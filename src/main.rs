@@ -90,7 +90,8 @@ struct DataArgs {
     /// cache (downloading MNIST there on first use).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Which dataset: mnist or fashion-mnist [default: a checkpoint's own, else mnist].
+    /// Which dataset: mnist or fashion-mnist [default: mnist; for eval, predict and
+    /// train --resume, the checkpoint's own].
     #[arg(long, value_parser = parse_dataset)]
     dataset: Option<DatasetKind>,
 }
@@ -107,28 +108,32 @@ struct ModelArgs {
     /// Hidden layer widths, comma-separated (BN2015 uses 100,100,100).
     #[arg(long, value_delimiter = ',', default_value = "100,100")]
     hidden: Vec<usize>,
+    /// The hidden layers' activation.
     #[arg(long, value_enum, default_value_t = ActivationArg::Sigmoid)]
     activation: ActivationArg,
     /// Train the plain network (a bias instead of batch normalization).
     #[arg(long)]
     no_bn: bool,
     /// BN's ε, added to the variance.
-    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1e-3)]
     epsilon: f64,
 }
 
 #[derive(Args, Debug, Clone)]
 struct OptimArgs {
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    /// Learning rate of SGD.
+    #[arg(long, default_value_t = 0.01)]
     lr: f64,
     /// Classical momentum (0 = plain SGD, the seed's).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0)]
     momentum: f64,
+    /// Examples per batch.
     #[arg(long, default_value_t = 60)]
     batch: usize,
     /// Cross-entropy summed over the batch (the seed's) or averaged.
     #[arg(long, value_enum, default_value_t = LossArg::Sum)]
     loss: LossArg,
+    /// Batch order: a fresh shuffle every epoch (from --seed), or the files' order.
     #[arg(long, value_enum, default_value_t = OrderArg::Shuffled)]
     order: OrderArg,
     /// Seeds the initial weights and the epoch shuffles.
@@ -138,7 +143,7 @@ struct OptimArgs {
     #[arg(long, value_enum, default_value_t = AveragingArg::Ema)]
     averaging: AveragingArg,
     /// EMA decay (PyTorch momentum = 1 − decay).
-    #[arg(long, default_value_t = 0.999, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.999)]
     decay: f64,
     /// Variance fed to the running variance: biased (the seed's) or unbiased m/(m−1).
     #[arg(long, value_enum, default_value_t = VarianceArg::Biased)]
@@ -187,10 +192,13 @@ struct TrainArgs {
 struct EvalArgs {
     #[command(flatten)]
     data: DataArgs,
+    /// The checkpoint to evaluate.
     #[arg(long)]
     checkpoint: PathBuf,
+    /// Which split to evaluate on.
     #[arg(long, value_enum, default_value_t = SplitArg::Test)]
     split: SplitArg,
+    /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
 }
@@ -199,6 +207,7 @@ struct EvalArgs {
 struct PredictArgs {
     #[command(flatten)]
     data: DataArgs,
+    /// The checkpoint to predict with.
     #[arg(long)]
     checkpoint: PathBuf,
     /// How many test images, from the first.
@@ -207,6 +216,7 @@ struct PredictArgs {
     /// Normalize with population statistics, or with each single example's own statistics.
     #[arg(long, value_enum, default_value_t = ModeArg::Population)]
     mode: ModeArg,
+    /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
 }
@@ -218,6 +228,7 @@ struct ReproduceArgs {
     /// Name of the run: results go to <out>/<name>/.
     #[arg(long, default_value = "bn2015")]
     name: String,
+    /// Parent directory of the run directories.
     #[arg(long, default_value = "runs")]
     out: PathBuf,
     /// A small, fast run (for tests and a first look).
@@ -226,13 +237,16 @@ struct ReproduceArgs {
     /// Steps of the BN-vs-plain comparison [default: 40000; 1000 with --quick].
     #[arg(long, value_parser = parse_steps)]
     steps: Option<u64>,
+    /// Seeds the initial weights and batch order of the study's networks.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Seeds for the population-statistics estimator study [default: 1; 2 with --quick].
     #[arg(long, value_parser = parse_seeds)]
     seeds: Option<u32>,
+    /// Hidden layer widths, comma-separated (the seed's 100,100; BN2015 uses 100,100,100).
     #[arg(long, value_delimiter = ',', default_value = "100,100")]
     hidden: Vec<usize>,
+    /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
 }
@@ -274,6 +288,7 @@ struct BenchArgs {
     trace: bool,
     #[command(flatten)]
     data: DataArgs,
+    /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
 }
@@ -398,7 +413,8 @@ const RESUMED_SETTINGS: [&str; 15] = [
 ];
 
 fn main() {
-    let matches = <Cli as clap::CommandFactory>::command().try_get_matches().unwrap_or_else(|e| refuse_command_line(e));
+    let command = negative_numbers_reach_their_checks(<Cli as clap::CommandFactory>::command());
+    let matches = command.try_get_matches().unwrap_or_else(|e| refuse_command_line(e));
     let mut cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| refuse_command_line(e));
     if let (Some(("train", train)), Command::Train(args)) = (matches.subcommand(), &mut cli.command) {
         args.given = RESUMED_SETTINGS.into_iter().filter(|id| train.value_source(id) == Some(clap::parser::ValueSource::CommandLine)).collect();
@@ -419,6 +435,15 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// Every option that takes a value takes a negative number as its value, so that
+/// `--seed -1` or `--lr -1` meets that option's own check instead of being read as an
+/// unknown flag `-1`.
+fn negative_numbers_reach_their_checks(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| if arg.get_action().takes_values() { arg.allow_negative_numbers(true) } else { arg })
+        .mut_subcommands(negative_numbers_reach_their_checks)
 }
 
 /// A command line clap cannot take: its message and exit status (2), and with `--json`
@@ -503,7 +528,9 @@ fn load_data(args: &DataArgs, kind: DatasetKind) -> Result<Arc<Dataset>> {
 fn progress_bar(len: u64, position: u64) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template("{bar:30.cyan/blue} {pos:>6}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]")
+        // The metrics last, cut to the terminal's width: a line that wraps is redrawn on a
+        // new row each time.
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos:>6}/{len} steps [{elapsed_precise} < {eta_precise}] {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_position(position);
@@ -672,8 +699,8 @@ fn eval(device_choice: DeviceChoice, args: EvalArgs) -> Result<()> {
     let e = net.evaluate(split, StatsMode::Population, None)?;
     let seconds = started.elapsed().as_secs_f64();
     out!(
-        "{} ({} steps) on the {} {split_name} set: accuracy {:.4}, loss {:.4}{} ({} examples)",
-        ckpt.model, ckpt.progress.step, data.kind, e.accuracy(), e.mean_loss(), statistics_note(&ckpt.model), e.examples
+        "{} ({} steps) on the {} {split_name} set ({} examples): accuracy {:.4}, loss {:.4}{}",
+        ckpt.model, ckpt.progress.step, data.kind, e.examples, e.accuracy(), e.mean_loss(), statistics_note(&ckpt.model)
     );
     if args.json {
         let mut result = json!({
@@ -744,6 +771,8 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
     device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
+    // A run directory this study makes and leaves empty (interrupted early) goes with it.
+    let out_dir_existed = out_dir.exists();
     // Interrupted while the data loaded: the study never began (an earlier one's partial
     // outputs are not this one's).
     if stop.load(Ordering::SeqCst) {
@@ -766,6 +795,9 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
             // An empty partial directory (stopped in the comparison, which writes at its end)
             // says nothing: it goes.
             let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
+            if !out_dir_existed {
+                let _ = std::fs::remove_dir(&out_dir);
+            }
             if wrote {
                 eprintln!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display());
             } else {
@@ -889,11 +921,13 @@ fn info() -> Result<()> {
     out!("{}", bntrain::cuda::build_info());
     match bntrain::cuda::cuda_available() {
         Ok(name) => out!("cuda: {name} (usable)"),
-        Err(why) => out!("cuda: not usable: {why}"),
+        Err(why) => out!("cuda: not usable: {}", why.reason()),
     }
-    match data::locate(None, DatasetKind::Mnist, false) {
-        Ok(dir) => out!("mnist: {}", dir.display()),
-        Err(e) => out!("mnist: {e}"),
+    for kind in [DatasetKind::Mnist, DatasetKind::FashionMnist] {
+        match data::locate(None, kind, false) {
+            Ok(dir) => out!("{kind}: {}", dir.display()),
+            Err(e) => out!("{kind}: {e}"),
+        }
     }
     Ok(())
 }

@@ -254,6 +254,9 @@ fn bad_input_gets_one_line_errors() {
         (&["train", "--data", data, "--steps", "abc", "--json"][..], 2, "invalid digit"),
         (&["train", "--data", data, "--bogus", "--json"][..], 2, "--bogus"),
         (&["train", "--data", data, "--lr", "-1", "--json"][..], 1, "learning rate must be positive"),
+        // A negative value meets its option's own check, not "unexpected argument '-1'".
+        (&["train", "--data", data, "--seed", "-1", "--json"][..], 2, "invalid value '-1' for '--seed"),
+        (&["bench", "--seconds", "-1", "--json"][..], 2, "a positive number of seconds"),
     ] {
         let out = bntrain(&[&["--device", "cpu"][..], args].concat());
         expect_failure(&out, needle);

@@ -311,6 +311,15 @@ fn checksums_and_fetch_errors_say_what_to_do() {
     ] {
         assert!(message.contains(needed), "missing `{needed}`: {message}");
     }
+    // A failed fetch leaves none of the directories it made; one that was there stays.
+    let nested = dir.path().join("made/by/fetch");
+    fetch_from(&["http://127.0.0.1:1/mnist/"], &nested, false).unwrap_err();
+    assert!(!dir.path().join("made").exists() && dir.path().is_dir());
+    // A file where the directory should be is named as such.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let error = fetch_from(&["http://127.0.0.1:1/mnist/"], &file, false).unwrap_err().to_string();
+    assert!(error.contains("it is not a directory"), "{error}");
 
     let error = fetch(DatasetKind::FashionMnist, dir.path(), false).unwrap_err();
     assert!(

@@ -258,8 +258,12 @@ fn check_csv(path: &Path, columns: usize) -> usize {
     for line in lines {
         let fields: Vec<&str> = line.split(',').collect();
         assert_eq!(fields.len(), columns, "{}: row {line}", path.display());
-        for f in &fields[1..] {
-            f.parse::<f64>().unwrap_or_else(|_| panic!("{}: `{f}` in `{line}` is not a number", path.display()));
+        for (name, f) in header.split(',').zip(&fields).skip(1) {
+            if name == "test_statistics" {
+                assert!(["batch", "population", "none"].contains(f), "{}: `{f}` in `{line}`", path.display());
+            } else {
+                f.parse::<f64>().unwrap_or_else(|_| panic!("{}: `{f}` in `{line}` is not a number", path.display()));
+            }
         }
         rows += 1;
     }
@@ -296,9 +300,13 @@ fn check_outputs(summary: &ReproduceSummary, dir: &Path) {
 
     // CSV: header, rows, numbers.
     let evals = summary.comparison.bn.history.len();
-    assert_eq!(check_csv(&dir.join("curves.csv"), 6), 2 * evals + summary.test_time.curve.history.len());
+    assert_eq!(check_csv(&dir.join("curves.csv"), 7), 2 * evals + summary.test_time.curve.history.len());
     assert_eq!(check_csv(&dir.join("probes.csv"), 8), 2 * evals * summary.comparison.probe_neurons);
-    assert_eq!(check_csv(&dir.join("predictions.csv"), 3), summary.test_time.first_batch.count);
+    assert_eq!(check_csv(&dir.join("predictions.csv"), 4), summary.test_time.first_batch.count);
+    // The labels beside the predictions give the accuracy back.
+    let t = &summary.test_time;
+    let right = t.first_labels.iter().zip(&t.first_population.predictions).filter(|(l, p)| l == p).count();
+    assert_eq!(right as f64 / t.first_population.count as f64, t.first_population.accuracy);
     assert_eq!(check_csv(&dir.join("estimators.csv"), 3), summary.estimators.rows.len() * summary.estimators.seeds.len());
 
     // JSON: parses, round-trips into the summary type, equals what reproduce returned.

@@ -364,7 +364,7 @@ impl<F: Float> CpuBackend<F> {
             (input, GemmPrecision::F32) => input,
             (InputPath::Sparse, gemm) => {
                 return Err(ConfigError::Invalid(format!(
-                    "the CPU's sparse first layer computes in f32; {} GEMMs are emulated on the dense path only", gemm.label()
+                    "the CPU's sparse first layer reads its operands at full precision; {} GEMMs are emulated on the dense path only", gemm.label()
                 ))
                 .into())
             }

@@ -155,7 +155,19 @@ pub fn fetch_from(mirrors: &[&str], dest: &Path, progress: bool) -> Result<Fetch
     if dest.exists() && !dest.is_dir() {
         return Err(DataError::io("cannot download into", dest, io::Error::new(io::ErrorKind::NotADirectory, "it is not a directory")));
     }
+    // The directories this fetch makes, deepest first: a failed fetch leaves none behind
+    // (those still empty; a file written meanwhile keeps its directory).
+    let made: Vec<PathBuf> = dest.ancestors().take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists()).map(Path::to_path_buf).collect();
     fs::create_dir_all(dest).map_err(|e| DataError::io("cannot create", dest, e))?;
+    let fetched = fetch_into(mirrors, dest, progress);
+    if fetched.is_err() {
+        made.iter().for_each(|dir| drop(fs::remove_dir(dir)));
+    }
+    fetched
+}
+
+/// [`fetch_from`] into the existing directory `dest`.
+fn fetch_into(mirrors: &[&str], dest: &Path, progress: bool) -> Result<FetchReport, DataError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_resolve(Some(Duration::from_secs(15)))
         .timeout_connect(Some(Duration::from_secs(15)))

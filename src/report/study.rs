@@ -88,7 +88,7 @@ fn step_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
-    let style = ProgressStyle::with_template("{prefix:>14.bold} [{bar:28.cyan/blue}] {pos:>6}/{len} steps {rate:>11} eta {eta:>4}  {msg}")
+    let style = ProgressStyle::with_template("{prefix:>14.bold} [{bar:28.cyan/blue}] {pos:>6}/{len} steps {rate:>11} eta {eta:>4}  {wide_msg}")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
             let _ = write!(w, "{:.0} steps/s", state.per_sec());
@@ -130,11 +130,12 @@ pub fn summarize_probe(probe: &[f32], neurons: usize) -> Vec<ProbeStats> {
         .collect()
 }
 
-/// Mean over units of the range of each unit's test-set mean over training.
+/// Mean over units of the range of each unit's test-set mean over training; NaN where it
+/// is not measured (fewer than two evaluation points, or no unit probed).
 pub(crate) fn drift(curve: &Curve) -> f64 {
     let neurons = curve.probes.first().map_or(0, |p| p.neurons.len());
-    if neurons == 0 {
-        return 0.0;
+    if neurons == 0 || curve.probes.len() < 2 {
+        return f64::NAN;
     }
     let range = |j: usize| {
         let values = curve.probes.iter().map(|p| p.neurons[j].mean);
@@ -328,6 +329,7 @@ pub fn run_test_time(
         curve,
         accuracy_population,
         accuracy_test_batch,
+        first_labels: test.labels[..first].to_vec(),
         first_population,
         first_batch,
         all_batch,

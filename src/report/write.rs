@@ -58,11 +58,17 @@ fn fmt_small(v: f64) -> String {
 
 /// Writes the CSV files; returns their names.
 pub fn write_tables(s: &ReproduceSummary, dir: &Path) -> Result<Vec<String>, ReportError> {
-    let mut curves = String::from("run,step,train_loss,train_accuracy,test_loss,test_accuracy\n");
-    let runs: [(&str, &Curve); 3] = [("compare-bn", &s.comparison.bn), ("compare-plain", &s.comparison.plain), ("test-time-bn", &s.test_time.curve)];
-    for (run, curve) in runs {
+    // The statistics BN normalized the test set with: the comparison measures as the source
+    // does (the test set's own), the test-time net with its running estimates.
+    let mut curves = String::from("run,step,train_loss,train_accuracy,test_loss,test_accuracy,test_statistics\n");
+    let runs: [(&str, &Curve, &str); 3] = [
+        ("compare-bn", &s.comparison.bn, s.comparison.eval_mode.as_str()),
+        ("compare-plain", &s.comparison.plain, "none"),
+        ("test-time-bn", &s.test_time.curve, "population"),
+    ];
+    for (run, curve, statistics) in runs {
         for p in &curve.history {
-            let _ = writeln!(curves, "{run},{},{},{},{},{}", p.step, p.train_loss, p.train_accuracy, p.test_loss, p.test_accuracy);
+            let _ = writeln!(curves, "{run},{},{},{},{},{},{statistics}", p.step, p.train_loss, p.train_accuracy, p.test_loss, p.test_accuracy);
         }
     }
     save(dir, CURVES_CSV, &curves)?;
@@ -78,9 +84,11 @@ pub fn write_tables(s: &ReproduceSummary, dir: &Path) -> Result<Vec<String>, Rep
     save(dir, PROBES_CSV, &probes)?;
 
     let t = &s.test_time;
-    let mut predictions = String::from("index,population,batch\n");
+    let mut predictions = String::from("index,label,population,batch\n");
     for (i, (p, b)) in t.first_population.predictions.iter().zip(&t.first_batch.predictions).enumerate() {
-        let _ = writeln!(predictions, "{i},{p},{b}");
+        // A summary from before the labels were kept has none: the column stays empty.
+        let label = t.first_labels.get(i).map_or_else(String::new, u8::to_string);
+        let _ = writeln!(predictions, "{i},{label},{p},{b}");
     }
     save(dir, PREDICTIONS_CSV, &predictions)?;
 
@@ -287,6 +295,7 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         None => "they do not compare (a value is not a number)",
     };
     let wander = match c.drift_bn.partial_cmp(&c.drift_plain) {
+        _ if c.bn.probes.len() < 2 || c.plain.probes.len() < 2 => "With a single evaluation point, how far they wander over training is not measured",
         Some(std::cmp::Ordering::Less) => "With BN they wander less over training than without",
         Some(std::cmp::Ordering::Greater) => "With BN they wander more over training than without",
         Some(std::cmp::Ordering::Equal) => "With and without BN they wander as much over training",
@@ -373,8 +382,17 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     if let (Some(ema), Some(cum)) = (e.row("ema0.999-biased"), e.row("cumulative-biased")) {
         let delta = cum.mean - ema.mean;
         let spread = (ema.max - ema.min).max(cum.max - cum.min);
+        // The claim is about an EMA that has forgotten its start (mean 0, variance 1): until
+        // then the EMA's deficit is its warm-up, not the averaging.
+        let start_weight = 0.999f64.powf(e.steps as f64);
+        let warming = format!(
+            "cannot judge it here: after {} steps the EMA 0.999 still gives weight {} to its initial mean 0 and variance 1, so the gap is its warm-up (train longer: after 5000 steps the weight is under 0.01)",
+            e.steps, fmt_small(start_weight)
+        );
         let verdict = if !delta.is_finite() {
             "cannot judge it: a mean accuracy is not a number"
+        } else if start_weight > 0.01 {
+            warming.as_str()
         } else if e.seeds.len() == 1 {
             if delta > 0.0 {
                 "leans its way on one seed (`--seeds N` measures the spread)"
@@ -491,11 +509,37 @@ mod tests {
 
     #[test]
     fn a_tie_on_one_seed_is_no_difference() {
-        let mut s = sample(1000, 50, 500);
+        let mut s = sample(40_000, 50, 10_000);
         let ema = s.estimators.rows[0].clone();
         s.estimators.rows[1] = crate::report::EstimatorRow { label: "cumulative-biased".into(), ..ema };
         let report = render_report(&s);
         assert!(report.contains("finds no difference on one seed") && !report.contains("goes against it"), "{report}");
         assert!(report.contains("(difference +0.0000, over 1 seed(s))"), "{report}");
+    }
+
+    /// After 500 steps the EMA 0.999 still holds 61% of its start: its gap to the cumulative
+    /// average is its warm-up, and the report does not judge the source's claim on it.
+    #[test]
+    fn an_ema_still_warming_up_does_not_judge_the_claim() {
+        let mut s = sample(1000, 50, 500);
+        s.estimators.rows[0].mean = 0.59;
+        s.estimators.rows[1] = crate::report::EstimatorRow { label: "cumulative-biased".into(), mean: 0.87, ..s.estimators.rows[0].clone() };
+        let report = render_report(&s);
+        assert!(report.contains("cannot judge it here: after 500 steps the EMA 0.999 still gives weight 0.6064"), "{report}");
+        assert!(!report.contains("bears it out") && !report.contains("leans its way"), "{report}");
+    }
+
+    /// One evaluation point measures no drift: the report says so instead of comparing zeros.
+    #[test]
+    fn a_single_evaluation_point_measures_no_drift() {
+        let mut s = sample(50, 50, 500);
+        for curve in [&mut s.comparison.bn, &mut s.comparison.plain] {
+            curve.probes.truncate(1);
+        }
+        s.comparison.drift_bn = crate::report::study::drift(&s.comparison.bn);
+        s.comparison.drift_plain = crate::report::study::drift(&s.comparison.plain);
+        let report = render_report(&s);
+        assert!(report.contains("With a single evaluation point, how far they wander over training is not measured"), "{report}");
+        assert!(report.contains("| mean range | n/a | n/a |"), "{report}");
     }
 }
