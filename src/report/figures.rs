@@ -238,6 +238,11 @@ fn along(points: &[(f64, f64)], per_segment: usize) -> Vec<(f64, f64)> {
     out
 }
 
+/// The dataset in a caption where it is not the source's MNIST: " on fashion-mnist".
+fn other_dataset(s: &ReproduceSummary) -> String {
+    if s.dataset == "mnist" { String::new() } else { format!(" on {}", s.dataset) }
+}
+
 /// The legend every chart uses, at `position`.
 fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
@@ -271,7 +276,7 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
     let c = &s.comparison;
     let x_max = c.steps as f64;
     let y_min = accuracy_floor(&[&c.bn, &c.plain]);
-    let caption = format!("Figure 1(a): test accuracy, {} with and without BN", s.model.widths().iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"));
+    let caption = format!("Figure 1(a): test accuracy, {} with and without BN{}", s.model.widths().iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"), other_dataset(s));
     let mut chart = ChartBuilder::on(root)
         .caption(caption, bold(24.0))
         .margin(20)
@@ -434,7 +439,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     let t = &s.test_time;
     let classes = t.first_batch.class_histogram.len().max(1);
     let max = t.first_batch.class_histogram.iter().chain(&t.first_population.class_histogram).copied().max().unwrap_or(1) as f64;
-    let caption = format!("One-by-one predictions of the first {} test images (BN net after {} steps, restored)", t.first_batch.count, t.steps);
+    let caption = format!("One-by-one predictions of the first {} test images{} (BN net after {} steps, restored)", t.first_batch.count, other_dataset(s), t.steps);
     // Headroom above the tallest bar for the legend, which goes to the side with fewer tall
     // bars (the collapsed class's is as tall as the chart).
     let y_max = (max * 1.3).max(1.0);
