@@ -333,7 +333,7 @@ impl ReproduceSummary {
         })
     }
 
-    /// The terminal summary: the headline numbers beside the source's and PyTorch's, each
+    /// The terminal summary (within 80 columns): the headline numbers beside the source's and PyTorch's, each
     /// reference shown only where it measured the same setup at the row's step.
     pub fn table(&self) -> String {
         use write::fmt4 as f;
@@ -347,34 +347,33 @@ impl ReproduceSummary {
             out.push('\n');
         };
         line(format!("bntrain reproduce — {} on {} ({}), {:.1} s", self.model, self.dataset, self.device, self.timings.total_s));
-        // 13 wide: a BN / plain pair, 0.0000/0.0000.
-        line(format!("{:<48} {:>13} {:>13} {:>13}", "", "bntrain", "source", "PyTorch"));
+        // Within 80 columns: a label, then three columns of 9 (`0.0000`, a class and share).
+        line(format!("{:<TABLE_LABEL$} {:>9} {:>9} {:>9}", "", "bntrain", "source", "PyTorch"));
         let na = "—".to_string();
         let cell = |v: Option<f64>| v.map_or_else(|| na.clone(), f);
-        let pair = |v: Option<(f64, f64)>| v.map_or_else(|| na.clone(), |(bn, plain)| format!("{}/{}", f(bn), f(plain)));
         let torch_at = |step: u64, run_steps: u64| r.pytorch_at(step, run_steps).filter(|_| anchors);
         let reference = |v: f64| Some(v).filter(|_| anchors && r.one_by_one_applies(t.steps));
         let mut row = |label: String, ours: String, src: String, torch: String| {
-            line(format!("{label:<48} {ours:>13} {src:>13} {torch:>13}"));
+            line(format!("{label:<TABLE_LABEL$} {ours:>9} {src:>9} {torch:>9}"));
         };
-        let at_10000 = c.bn.accuracy_at(10_000).zip(c.plain.accuracy_at(10_000));
-        if let Some(((s, bn), (_, plain))) = at_10000 {
-            row(format!("BN / plain test accuracy at step {s}"), pair(Some((bn, plain))), na.clone(), pair(torch_at(s, c.steps)));
-        }
-        if at_10000.map(|x| x.0 .0) != Some(c.steps) {
-            let ends = (c.bn.final_accuracy(), c.plain.final_accuracy());
-            row(format!("BN / plain test accuracy at step {}", c.steps), pair(Some(ends)), na.clone(), pair(torch_at(c.steps, c.steps)));
+        let at_10000 = c.bn.accuracy_at(10_000).zip(c.plain.accuracy_at(10_000)).map(|((s, bn), (_, plain))| (s, bn, plain));
+        let end = (c.steps, c.bn.final_accuracy(), c.plain.final_accuracy());
+        let rows = at_10000.into_iter().chain((at_10000.map(|x| x.0) != Some(c.steps)).then_some(end));
+        for (step, bn, plain) in rows {
+            let torch = torch_at(step, c.steps);
+            row(format!("BN test accuracy at step {step}"), f(bn), na.clone(), cell(torch.map(|x| x.0)));
+            row(format!("plain test accuracy at step {step}"), f(plain), na.clone(), cell(torch.map(|x| x.1)));
         }
         let source_final = r.source_final_at(t.steps).filter(|_| anchors);
         let torch_final = torch_at(t.steps, t.steps).map(|(bn, _)| bn).filter(|_| r.one_by_one_applies(t.steps));
-        row(format!("restored BN net after {} steps (population)", t.steps), f(t.accuracy_population), cell(source_final), cell(torch_final));
+        row(format!("restored BN net, {} steps, population", t.steps), f(t.accuracy_population), cell(source_final), cell(torch_final));
         row(format!("one-by-one, first {}, population stats", t.first_population.count), f(t.first_population.accuracy), cell(reference(r.source_one_by_one_population)), cell(reference(r.pytorch_one_by_one_population)));
         row(format!("one-by-one, first {}, batch stats", t.first_batch.count), f(t.first_batch.accuracy), cell(reference(r.source_one_by_one_batch)), cell(reference(r.pytorch_one_by_one_batch)));
         // Each column's own most predicted class: the references collapsed to another class
         // than this run may have.
         let collapsed = |class: u8, share: f64| format!("{class}: {}", f(share));
         let theirs = if anchors && r.one_by_one_applies(t.steps) { collapsed(r.source_collapsed_class, 1.0) } else { na.clone() };
-        row("  batch stats: most predicted class: share".to_string(), collapsed(t.first_batch.majority_class, t.first_batch.majority_share), theirs.clone(), theirs);
+        row("  batch stats: most predicted class".to_string(), collapsed(t.first_batch.majority_class, t.first_batch.majority_share), theirs.clone(), theirs);
         row(format!("one-by-one, all {}, batch stats", t.all_count), f(t.all_batch), na.clone(), na.clone());
         if let Some(why) = self.anchors_left_out() {
             line(format!("note: {why}"));
@@ -388,6 +387,9 @@ impl ReproduceSummary {
         out
     }
 }
+
+/// The width of [`ReproduceSummary::table`]'s labels.
+const TABLE_LABEL: usize = 44;
 
 /// Where [`reproduce`] builds its outputs before they move into `out_dir`: the sibling
 /// `<name>.partial`.
@@ -639,24 +641,28 @@ pub(crate) mod tests {
 
     /// The cells after the label of a line of the terminal table.
     fn cells(line: &str) -> Vec<&str> {
-        line[48..].split_whitespace().collect()
+        line[TABLE_LABEL..].split_whitespace().collect()
     }
 
     #[test]
     fn the_table_pairs_each_row_with_the_anchor_at_its_step() {
         // --quick: the comparison ends at 1000 steps, the restored net trained 500.
         let quick = sample(1000, 50, 500).table();
-        assert_eq!(cells(table_line(&quick, "BN / plain test accuracy at step 1000")), ["0.9500/0.9000", "—", "0.8986/0.8798"]);
-        assert_eq!(cells(table_line(&quick, "restored BN net after 500 steps")), ["0.9500", "—", "—"]);
+        assert_eq!(cells(table_line(&quick, "BN test accuracy at step 1000")), ["0.9500", "—", "0.8986"]);
+        assert_eq!(cells(table_line(&quick, "plain test accuracy at step 1000")), ["0.9000", "—", "0.8798"]);
+        assert_eq!(cells(table_line(&quick, "restored BN net, 500 steps")), ["0.9500", "—", "—"]);
         // No anchor at 15000; the 10000 one at 10000; the source's restored net at 10000.
         let longer = sample(15_000, 50, 10_000).table();
-        assert_eq!(cells(table_line(&longer, "BN / plain test accuracy at step 10000"))[2], "0.9535/0.9430");
-        assert_eq!(cells(table_line(&longer, "BN / plain test accuracy at step 15000"))[2], "—");
-        assert_eq!(cells(table_line(&longer, "restored BN net after 10000 steps")), ["0.9500", "0.9721", "0.9535"]);
+        assert_eq!(cells(table_line(&longer, "BN test accuracy at step 10000"))[2], "0.9535");
+        assert_eq!(cells(table_line(&longer, "plain test accuracy at step 10000"))[2], "0.9430");
+        assert_eq!(cells(table_line(&longer, "BN test accuracy at step 15000"))[2], "—");
+        assert_eq!(cells(table_line(&longer, "restored BN net, 10000 steps")), ["0.9500", "0.9721", "0.9535"]);
         // The end of a 40000-step run is PyTorch's last evaluation.
         let full = sample(40_000, 50, 3000).table();
-        assert_eq!(cells(table_line(&full, "BN / plain test accuracy at step 40000"))[2], "0.9689/0.9548");
-        assert_eq!(cells(table_line(&full, "restored BN net after 3000 steps"))[1..], ["—", "—"]);
+        assert_eq!(cells(table_line(&full, "BN test accuracy at step 40000"))[2], "0.9689");
+        assert_eq!(cells(table_line(&full, "plain test accuracy at step 40000"))[2], "0.9548");
+        assert_eq!(cells(table_line(&full, "restored BN net, 3000 steps"))[1..], ["—", "—"]);
+        assert!(full.lines().all(|l| l.chars().count() <= 80), "wider than 80 columns:\n{full}");
     }
 
     #[test]
@@ -686,7 +692,7 @@ pub(crate) mod tests {
         let mut s = sample(10_000, 50, 10_000);
         s.model.hidden = vec![50, 50];
         let table = s.table();
-        for row in ["BN / plain test accuracy at step 10000", "restored BN net after", "one-by-one, first 100, population", "one-by-one, first 100, batch", "  batch stats"] {
+        for row in ["BN test accuracy at step 10000", "plain test accuracy at step 10000", "restored BN net,", "one-by-one, first 100, population", "one-by-one, first 100, batch", "  batch stats"] {
             let line = table_line(&table, row);
             let c = cells(line);
             assert_eq!(c[c.len() - 2..], ["—", "—"], "a reference where none applies: {line}");

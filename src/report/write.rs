@@ -247,9 +247,11 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     let pairs: Vec<(f64, f64)> = c.bn.history.iter().zip(&c.plain.history).map(|(b, p)| (b.test_accuracy, p.test_accuracy)).collect();
     let first = |fraction: usize| (pairs.len() / fraction).max(1).min(pairs.len());
     let (early, quarter) = (first(20), first(4));
+    // Each group named by the step it reaches: with few points, "the first 5%" would not be.
+    let to_step = |n: usize| c.bn.history.get(n.saturating_sub(1)).map_or(0, |p| p.step);
     w(format!(
-        "BN is above plain at {} of the first {} evaluation points (the first 5% of training), {} of the first {} (the first quarter) and {} of all {}.",
-        above(&pairs[..early]), early, above(&pairs[..quarter]), quarter, above(&pairs), pairs.len()
+        "BN is above plain at {} of the first {} evaluation points (to step {}), {} of the first {} (to step {}) and {} of all {}.",
+        above(&pairs[..early]), early, to_step(early), above(&pairs[..quarter]), quarter, to_step(quarter), above(&pairs), pairs.len()
     ));
     if let Some((at, bn, plain)) = both_at(s, c.steps) {
         let ends = match bn.partial_cmp(&plain) {
@@ -273,6 +275,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
          The accuracy axis runs from {floor:.2} to 1{}; {below} early point(s) lie below it.",
         c.eval_every, c.eval_mode, if floor == 0.8 { " as in the source" } else { " (lowered from the source's 0.8 to show this run)" }
     ));
+    w(String::new());
+    w("Some of those points, every one in `curves.csv`:".into());
     w(String::new());
     w("| step | BN | plain | PyTorch BN | PyTorch plain |".into());
     w("|---:|---:|---:|---:|---:|".into());
@@ -368,7 +372,7 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     w(String::new());
     w(format!("![Estimators]({ESTIMATORS}.png)"));
     w(String::new());
-    w("| estimator | mean | std | min | max | per seed | mean abs error of μ | mean rel. error of σ² | what |".into());
+    w("| estimator | mean | std (over seeds, ÷N) | min | max | per seed | mean abs error of μ | mean rel. error of σ² | what |".into());
     w("|---|---:|---:|---:|---:|---|---:|---:|---|".into());
     for row in &e.rows {
         w(format!(
