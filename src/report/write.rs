@@ -366,7 +366,7 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         "On the same trained weights (BN, {} steps; seeds {}), each estimator's statistics are swapped in for inference and the test set is evaluated. \
          The running estimators were maintained side by side during training; the exact moments were recomputed afterwards in one f64 pass over the {} training images, \
          layer by layer, each layer's input normalized by the statistics already recomputed below it. \
-         Errors are against the exact moments of the same variance kind, averaged over BN units and seeds.",
+         Errors are against the exact moments of the same variance kind, averaged over BN units and seeds (a unit whose exact variance is 0 has no relative error and is left out of that column).",
         e.steps, e.seeds.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "), s.train_examples
     ));
     w(String::new());
