@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# bntrain in a CUDA image (docs/docker.md has the how-to).
+# bntrain in a CUDA image (README.md, section "Docker", has the how-to).
 #
 #   docker build -t bntrain .
 #   docker run --rm -it --gpus all -v bntrain-data:/data -v "$PWD":/work \
