@@ -14,7 +14,9 @@ tests=(gpu_kernels gpu_training)
 
 echo "== cargo build --release"
 cargo build --release --bin bntrain
-if ! grep -q gather_rows_f32 target/release/bntrain; then
+# The kernels' PTX itself (`.entry`), not a kernel's name, which the Rust code holds anyway:
+# a build without nvcc has no PTX. The sm_90 module (the cluster kernels) as well.
+if ! grep -qa '\.entry gather_rows_f32' target/release/bntrain || ! grep -qa '\.entry fused_cluster8_f32' target/release/bntrain; then
     echo "gpu-bundle: target/release/bntrain has no CUDA kernels: nvcc was not found at build time (put it on PATH and rebuild)" >&2
     exit 1
 fi
@@ -37,6 +39,7 @@ for line in sys.stdin:
         print(m["executable"])
 ' "$name" | tail -n 1)"
     [[ -n "$exe" ]] || { echo "gpu-bundle: no executable found for test $name" >&2; exit 1; }
+    grep -qa '\.entry gather_rows_f32' "$exe" || { echo "gpu-bundle: $exe has no CUDA kernels (built without nvcc)" >&2; exit 1; }
     cp "$exe" "$bundle/$name"
 done
 if command -v strip >/dev/null; then

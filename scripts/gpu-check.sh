@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Runs on a GPU host without Rust, from a bundle made by scripts/gpu-bundle.sh, in order of
-# importance (each step only starts while enough of BUDGET is left):
-#   0. smoke tests of the fused grid kernel and of the cluster kernel (300 steps each; a
-#      failure skips every later run of that kernel);
-#   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure), the
-#      cluster kernel's tests in a process of their own;
+# importance (each step only starts while enough of BUDGET is left; every command runs
+# under `timeout -k 10`, so that even a hung kernel cannot hold the call):
+#   0. `bntrain info` (the driver compiles the kernels' PTX here, timed), then smoke tests
+#      of the fused grid kernel and of the cluster kernel (300 steps each; a failure skips
+#      every later run of that kernel);
+#   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure): the
+#      kernels, the unfused training tests, and the fused and the cluster kernels' tests
+#      each in a process of their own;
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
@@ -28,18 +31,20 @@
 #
 #   bash gpu-check.sh [BUNDLE_DIR] [PATH/TO/torch_anchor.py]
 # BUNDLE_DIR defaults to the directory of this script when it holds `bntrain`, else
-# ./gpu-bundle. STEPS (default 10000) shortens the training runs. BUDGET (default 540)
-# is the seconds the whole script may take: a device call is limited to 600 s, and the
-# summary must print before the limit cuts the output. PARTS (default "tests train bench
+# ./gpu-bundle. STEPS (default 10000) shortens the training runs. BUDGET (default 420)
+# is the seconds the whole script may take: give the device call ~60 s more (it is limited
+# to 600 s, and the session's device time to ~900 s with the machine's start, so that a
+# rerun still fits); the summary must print before the limit cuts the output. PARTS (default "tests train bench
 # reproduce peers profile") picks the steps after the fused smoke test, for a rerun of a few. When OUT
-# is set (a device call), every log and the reproduce reports come back in one archive,
-# $OUT/gpu-check.tar.gz.
+# is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
+# decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
+# checkpoints and SVGs) in $OUT/gpu-check.tar.gz, renewed after each part.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [[ $# -ge 1 ]]; then bundle="$1"; elif [[ -x "$here/bntrain" ]]; then bundle="$here"; else bundle="./gpu-bundle"; fi
 anchor="${2:-}"
 steps="${STEPS:-10000}"
-budget="${BUDGET:-540}"
+budget="${BUDGET:-420}"
 bin="$bundle/bntrain"
 [[ -x "$bin" ]] || { echo "gpu-check: $bin not found (build the bundle with scripts/gpu-bundle.sh)" >&2; exit 2; }
 # Every command (tests that train on real MNIST, train, bench, reproduce, the peers) reads
@@ -50,11 +55,24 @@ parts=" ${PARTS:-tests train bench reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
-row() { summary+=("$(printf '%-40s %s' "$1" "$2")"); }
-# t ← min(WANTED, what is left of BUDGET less 20 s for the summary); false (and a row saying
-# what was skipped) when under MIN seconds are left.
+# Each row also goes to $OUT/summary.txt as it is made: a call cut short still returns them.
+row() {
+    summary+=("$(printf '%-40s %s' "$1" "$2")")
+    [[ -n "${OUT:-}" ]] && printf '%-40s %s\n' "$1" "$2" >> "$OUT/summary.txt"
+    return 0
+}
+# The logs and reports so far into $OUT/gpu-check.tar.gz (after each part: a call cut short
+# still returns what ran), without checkpoints and SVGs, which would take it past the
+# 16 MiB a returned file may have.
+save_logs() {
+    [[ -n "${OUT:-}" ]] || return 0
+    tar czf "$OUT/gpu-check.tar.gz.tmp" --exclude='*.safetensors' --exclude='*.svg' -C "$logs" . && mv "$OUT/gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
+}
+# t ← min(WANTED, what is left of BUDGET less 30 s: 20 for the summary, 10 for `timeout -k`
+# to kill a command that ignores its SIGTERM, such as train or reproduce blocked on a hung
+# kernel); false (and a row saying what was skipped) when under MIN seconds are left.
 limit() { # WANTED MIN NAME
-    local left=$((budget - SECONDS - 20))
+    local left=$((budget - SECONDS - 30))
     if (( left < $2 )); then row "$3" "SKIPPED: ${left}s of BUDGET=${budget}s left"; return 1; fi
     t=$(( $1 < left ? $1 : left ))
 }
@@ -78,12 +96,22 @@ json_field() { json_eval "$1" "(lambda v: '?' if v is None else (f'{v:.4f}' if i
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
 
+# First `bntrain info`: it opens the GPU and loads every kernel module, so the driver's
+# compilation of the PTX (megabytes for the fused kernels, on a fresh machine) happens here,
+# timed, and not inside the smoke tests' short limits. The cache keeps it for the commands
+# after this one.
+export CUDA_CACHE_MAXSIZE=1073741824
+echo "== bntrain info (CUDA_CACHE_DISABLE=${CUDA_CACHE_DISABLE:-unset}; the kernels' PTX compiled by the driver here)"
+info_start=$SECONDS
+timeout -k 10 240 "$bin" info 2>&1 | tee "$logs/info.log"
+row "bntrain info (PTX compiled)" "$((SECONDS - info_start)) s: $(grep -m1 '^cuda:' "$logs/info.log" || echo 'no cuda line')"
+
 # The fused kernel first, briefly. If it fails
 # (or hangs: its grid barrier traps after seconds), everything fused below is skipped, so a
 # broken kernel costs seconds, not the call.
 fused_ok=1
 echo "== smoke: BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
-BNTRAIN_CUDA_STEP=fused timeout 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/fused-smoke.log"
+BNTRAIN_CUDA_STEP=fused timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/fused-smoke.log"
 if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/fused-smoke.log" device)" == *"(fused steps)"* ]]; then
     row "fused smoke (300 steps)" "test accuracy $(json_field "$logs/fused-smoke.log" test_accuracy), $(json_field "$logs/fused-smoke.log" device)"
 else
@@ -94,31 +122,38 @@ fi
 # context unusable, so their tests also run in a process of their own below.
 cluster_ok=1
 echo "== smoke: BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
-BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused timeout 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/cluster-smoke.log"
+BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/cluster-smoke.log"
 if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/cluster-smoke.log" device)" == *"clusters of"* ]]; then
     row "cluster smoke (300 steps)" "test accuracy $(json_field "$logs/cluster-smoke.log" test_accuracy), $(json_field "$logs/cluster-smoke.log" device)"
 else
     row "cluster smoke (300 steps)" "FAIL: every cluster run below is skipped"; failed=1; cluster_ok=0
 fi
 
-for test in gpu_kernels gpu_training gpu_training:cluster; do
+# The test executables: the kernels; the unfused training tests; the fused kernels' tests and
+# the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
+# process's CUDA context unusable), each skipped where its smoke test failed.
+for test in gpu_kernels gpu_training gpu_training:fused gpu_training:cluster; do
     part tests || continue
-    exe="${test%%:*}" filter=()
-    [[ $test == *:cluster ]] && filter=(cluster)
+    exe="${test%%:*}" filter=() skip=()
+    case "$test" in
+        gpu_training) skip=(--skip fused --skip cluster) ;;
+        *:fused) filter=(fused); skip=(--skip cluster) ;;
+        *:cluster) filter=(cluster) ;;
+    esac
+    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:cluster && $cluster_ok == 0) ]]; then
+        row "$test" "SKIPPED: its smoke test failed"; continue
+    fi
     echo "== $test"
     if [[ ! -x "$bundle/$exe" ]]; then row "$test" "MISSING"; failed=1; continue; fi
     limit 240 30 "$test" || { failed=1; continue; }
-    skip=(); [[ $fused_ok == 1 ]] || skip=(--skip fused)
-    [[ $test == gpu_training ]] && skip+=(--skip cluster)
     log="$logs/${test/:/-}.log"
-    BNTRAIN_REQUIRE_GPU=1 BNTRAIN_REQUIRE_CLUSTERS=1 timeout "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
+    BNTRAIN_REQUIRE_GPU=1 BNTRAIN_REQUIRE_CLUSTERS=1 timeout -k 10 "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     result="$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
     if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi
 done
 
-echo "== bntrain info"
-timeout 60 "$bin" info 2>&1 | tee "$logs/info.log"
+save_logs
 
 for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     part train || continue
@@ -128,7 +163,7 @@ for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     log="$logs/train-$step-$precision.log"
     echo "== BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
     limit 120 15 "$name" || { failed=1; continue; }
-    BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
+    BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         acc="$(json_field "$log" test_accuracy)"
         secs="$(json_field "$log" seconds)"
@@ -139,8 +174,8 @@ for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     fi
 done
 
-# A bench takes seconds (20 warm-up steps, then 7 runs of ~0.3 s); the cap only keeps a hang
-# from eating the call.
+# A bench takes seconds (20 warm-up steps, a calibration of a few hundredths of a second,
+# then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
 # The log of one bench row (bench's arguments).
 bench_log() {
     echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}.log"
@@ -160,17 +195,18 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $cluster == 1 ]] && name+=", clusters"
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
-    [[ $cluster != 0 && $cluster_ok == 0 ]] && return
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
     # One network's fused steps: also timed phase by phase (bench --trace, one more launch;
     # the grid kernels only).
     [[ $2 == fused && $pair == 0 && $cluster == 0 ]] && pair_flag+=(--trace)
-    [[ $2 == fused && $fused_ok == 0 ]] && return
     part bench || return
+    # Said, not silent: a row the table would otherwise miss.
+    if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
+    if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
     echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 timeout "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -198,6 +234,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ -f "$log" ]] && mv "$log" "$log.failed"
     fi
 }
+save_logs
 for config in seed wide; do
     for step in fused graph eager; do bench "$config" "$step" f32; done
 done
@@ -236,6 +273,8 @@ bench seed graph f32 0 0 0 0 0 1
 bench seed graph f32 1
 bench seed eager f32 1
 
+save_logs
+
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
 for variant in fused streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
@@ -258,7 +297,7 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=$step timeout "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -283,6 +322,8 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
     fi
 done
 
+save_logs
+
 # Our own PyTorch and JAX versions of the same step, same GPU, same call, same MNIST batches
 # (issue 5). compare-peers.sh gets what is left of the budget.
 if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh" ]] && limit 600 60 "peers"; then
@@ -291,7 +332,7 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     # compares the peers with the fastest).
     variants=graph,tuned,streams,tuned-streams; [[ $fused_ok == 1 ]] && variants+=,fused,staged
     [[ $cluster_ok == 1 ]] && variants+=,cluster
-    STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
+    STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout -k 10 "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi
 
@@ -301,7 +342,7 @@ if part profile && command -v ncu >/dev/null; then
     for config in seed wide; do
         limit 60 20 "profile $config (eager, ncu)" || break
         echo "== ncu: BNTRAIN_CUDA_STEP=eager bntrain bench --config $config (kernel durations)"
-        BNTRAIN_CUDA_STEP=eager timeout "$t" ncu --metrics gpu__time_duration.sum --csv --print-units base --launch-skip 60 --launch-count 80 \
+        BNTRAIN_CUDA_STEP=eager timeout -k 10 "$t" ncu --metrics gpu__time_duration.sum --csv --print-units base --launch-skip 60 --launch-count 80 \
             "$bin" --device cuda bench --config "$config" --runs 1 --seconds 0.01 > "$logs/profile-$config.csv" 2> "$logs/profile-$config.err"
         python3 - "$logs/profile-$config.csv" <<'PY' 2>&1 | tee "$logs/profile-$config.txt"
 import csv, sys
@@ -335,7 +376,7 @@ PY
         variant=fused; [[ $stage == 1 ]] && variant=staged
         [[ $fused_ok == 1 ]] && limit 60 20 "profile seed ($variant, ncu)" || continue
         echo "== ncu: BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
-        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused timeout "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section SourceCounters -k regex:fused --launch-skip 2 --launch-count 1 \
             "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-$variant.txt" 2>&1
         grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-$variant.txt"
@@ -345,7 +386,7 @@ fi
 
 if [[ -n "$anchor" ]] && limit 300 30 "anchor $(basename "$anchor")"; then
     echo "== python3 $anchor (peer anchor, same GPU)"
-    QUICK="${QUICK:-1}" timeout "$t" python3 "$anchor" "$bundle/data" 2>&1 | tee "$logs/anchor.log"
+    QUICK="${QUICK:-1}" timeout -k 10 "$t" python3 "$anchor" "$bundle/data" 2>&1 | tee "$logs/anchor.log"
     row "anchor $(basename "$anchor")" "exit ${PIPESTATUS[0]}, see the JSON lines above"
 fi
 
@@ -420,6 +461,7 @@ echo "== summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/nul
 printf '%s\n' "${summary[@]}"
 echo "logs: $logs"
 if [[ -n "${OUT:-}" ]]; then
-    tar czf "$OUT/gpu-check.tar.gz" -C "$logs" . && echo "logs and reports: \$OUT/gpu-check.tar.gz"
+    printf '%s\n' "${decisions[@]}" > "$OUT/decisions.txt"
+    save_logs && echo "logs and reports (without checkpoints and SVGs): \$OUT/gpu-check.tar.gz; rows: \$OUT/summary.txt"
 fi
 exit $failed

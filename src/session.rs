@@ -205,8 +205,6 @@ pub fn run(
     if !velocity.is_empty() {
         net.set_velocity(&velocity)?;
     }
-    let device_name = net.device_name();
-
     let start_step = progress.step;
     let mut history = progress.history.clone();
     let schedule = Schedule {
@@ -226,6 +224,8 @@ pub fn run(
     };
     net.synchronize()?;
     let seconds = started.elapsed().as_secs_f64();
+    // After training: the name says how the steps ran, a fall-back on the way included.
+    let device_name = net.device_name();
 
     let pending = match &outcome {
         Outcome::Interrupted { pending, .. } => pending.first().copied().unwrap_or_default(),

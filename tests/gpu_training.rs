@@ -97,8 +97,11 @@ fn configurations() -> Vec<(&'static str, ModelConfig, TrainConfig)> {
 /// any machine) the CPU one in f32, whose distance from f64 is of the same kind.
 type Maker = fn(&ModelConfig, &TrainConfig, &Arc<Dataset>, &ModelParams) -> Box<dyn Backend>;
 
+/// The unfused CUDA backend (CUDA graphs of the per-kernel step), named so: the default
+/// (`Auto`) would fuse these small networks, and the fused kernels have tests (and, in
+/// gpu-check.sh, a process) of their own.
 fn cuda_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    Box::new(CudaBackend::new(model.clone(), train.clone(), Arc::clone(data), params).unwrap())
+    Box::new(cuda_with(StepLaunch::Graph, model, train, data, params))
 }
 
 fn cpu_f32_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
@@ -265,7 +268,7 @@ fn inference_matches_the_cpu_reference() {
     // Evaluation in chunks of 128 rows (500 test, 2000 training examples: several
     // chunks and a short last one), where the default chunk takes a split at once.
     check_inference(|model, train, data, params| {
-        let options = CudaOptions { eval_chunk: 128, ..Default::default() };
+        let options = CudaOptions { step_launch: StepLaunch::Graph, eval_chunk: 128, ..Default::default() };
         Box::new(CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap())
     });
 }
@@ -306,8 +309,8 @@ fn parameters_round_trip_and_runs_are_bitwise_deterministic() {
     let data = dataset();
     for (name, model, train) in configurations() {
         let params = ModelParams::init(&model, 3, train.estimators().len());
-        let mut a = CudaBackend::new(model.clone(), train.clone(), Arc::clone(&data), &params).unwrap();
-        let mut b = CudaBackend::new(model.clone(), train.clone(), Arc::clone(&data), &params).unwrap();
+        let mut a = cuda_with(StepLaunch::Graph, &model, &train, &data, &params);
+        let mut b = cuda_with(StepLaunch::Graph, &model, &train, &data, &params);
         // f32 values survive the f64 round trip exactly; a fresh backend starts from them.
         let exported = a.params().unwrap();
         b.set_params(&exported).unwrap();
@@ -661,8 +664,12 @@ fn clusters_run(gpu: &cuda::Gpu) -> bool {
 #[test]
 fn cluster_fused_steps_match_the_cpu_reference() {
     if let Some(_serial) = serial_gpu_where(clusters_run) {
+        // A launch the driver refuses falls back to the grid kernel with a notice only: the
+        // comparisons would then pass on the grid kernel.
+        let refused = cuda::cluster_refusals();
         check_all(cuda_cluster_auto);
         check_one_step(cuda_cluster_8);
+        assert_eq!(cuda::cluster_refusals(), refused, "a cluster launch was refused: the grid kernel ran instead");
     }
 }
 

@@ -721,6 +721,16 @@ fn bf16_operand_elements(model: &ModelConfig, batch: usize, eval_rows: usize) ->
     activations.max(weights)
 }
 
+/// Cluster launches the driver refused in this process, each answered by
+/// `leave_clusters` (the network went on with the grid kernel).
+static CLUSTER_REFUSALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times in this process a network's cluster launch was refused and it went on with
+/// the grid kernel: a test of the cluster kernels checks that its steps really ran on them.
+pub fn cluster_refusals() -> usize {
+    CLUSTER_REFUSALS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// An upper estimate of the device memory a [`CudaBackend`] allocates: the dataset (u8
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
 /// statistics (twice: evaluation points take a copy of them and of the parameters), the
@@ -1104,6 +1114,7 @@ impl CudaBackend {
     /// Answers a cluster launch the driver refused (nothing ran): this network's fused steps
     /// use the grid kernels from now on, after a notice.
     fn leave_clusters(&mut self, refused: &CudaError) -> Result<(), CudaError> {
+        CLUSTER_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cluster = std::mem::replace(&mut self.fused_cluster, ClusterRequest::Off);
         match self.fused_plan() {
             Ok(plan) => self.fused = Some(plan),

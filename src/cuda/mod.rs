@@ -16,7 +16,7 @@ pub mod gemm_tuning;
 pub mod kernels;
 pub mod phase_trace;
 
-pub use backend::{device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
+pub use backend::{cluster_refusals, device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 pub use kernels::ClusterRequest;
 pub use context::Gpu;
 
