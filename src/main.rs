@@ -773,18 +773,22 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     // A run directory this study makes and leaves empty (interrupted early) goes with it.
     let out_dir_existed = out_dir.exists();
+    // An interrupted study ends here (it cannot resume): the message, the JSON line, 130.
+    let stopped = |message: String, partial: Option<PathBuf>| -> ! {
+        eprintln!("{message}");
+        if args.json {
+            out!("{}", json!({ "interrupted": true, "partial": partial }));
+        }
+        std::process::exit(130);
+    };
     // Interrupted while the data loaded: the study never began (an earlier one's partial
     // outputs are not this one's).
     if stop.load(Ordering::SeqCst) {
-        eprintln!("interrupted before the study began: nothing was written");
-        if args.json {
-            out!("{}", json!({ "interrupted": true, "partial": null }));
-        }
-        std::process::exit(130);
+        stopped("interrupted before the study began: nothing was written".into(), None);
     }
     let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
-        // A study cannot resume: what it wrote stays in the partial directory, and an
-        // earlier run's outputs are left whole.
+        // What it wrote stays in the partial directory, and an earlier run's outputs are left
+        // whole.
         Err(bntrain::Error::Interrupted { .. }) => {
             let partial = report::partial_dir(&out_dir);
             let earlier = if out_dir.join("report.md").exists() {
@@ -799,14 +803,10 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
                 let _ = std::fs::remove_dir(&out_dir);
             }
             if wrote {
-                eprintln!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display());
+                stopped(format!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display()), Some(partial))
             } else {
-                eprintln!("interrupted: the study stopped before writing anything{earlier}");
+                stopped(format!("interrupted: the study stopped before writing anything{earlier}"), None)
             }
-            if args.json {
-                out!("{}", json!({ "interrupted": true, "partial": wrote.then_some(partial) }));
-            }
-            std::process::exit(130);
         }
         done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
     };
