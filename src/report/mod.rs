@@ -352,7 +352,7 @@ impl ReproduceSummary {
         let na = "—".to_string();
         let cell = |v: Option<f64>| v.map_or_else(|| na.clone(), f);
         let torch_at = |step: u64, run_steps: u64| r.pytorch_at(step, run_steps).filter(|_| anchors);
-        let reference = |v: f64| Some(v).filter(|_| anchors && r.one_by_one_applies(t.steps));
+        let reference = |v: f64| Some(v).filter(|_| anchors && r.trained_long_enough_for_references(t.steps));
         let mut row = |label: String, ours: String, src: String, torch: String| {
             line(format!("{label:<TABLE_LABEL$} {ours:>9} {src:>9} {torch:>9}"));
         };
@@ -365,14 +365,14 @@ impl ReproduceSummary {
             row(format!("plain test accuracy at step {step}"), f(plain), na.clone(), cell(torch.map(|x| x.1)));
         }
         let source_final = r.source_final_at(t.steps).filter(|_| anchors);
-        let torch_final = torch_at(t.steps, t.steps).map(|(bn, _)| bn).filter(|_| r.one_by_one_applies(t.steps));
+        let torch_final = torch_at(t.steps, t.steps).map(|(bn, _)| bn).filter(|_| r.trained_long_enough_for_references(t.steps));
         row(format!("restored BN net, {} steps, population", t.steps), f(t.accuracy_population), cell(source_final), cell(torch_final));
         row(format!("one-by-one, first {}, population stats", t.first_population.count), f(t.first_population.accuracy), cell(reference(r.source_one_by_one_population)), cell(reference(r.pytorch_one_by_one_population)));
         row(format!("one-by-one, first {}, batch stats", t.first_batch.count), f(t.first_batch.accuracy), cell(reference(r.source_one_by_one_batch)), cell(reference(r.pytorch_one_by_one_batch)));
         // Each column's own most predicted class: the references collapsed to another class
         // than this run may have.
         let collapsed = |class: u8, share: f64| format!("{class}: {}", f(share));
-        let theirs = if anchors && r.one_by_one_applies(t.steps) { collapsed(r.source_collapsed_class, 1.0) } else { na.clone() };
+        let theirs = if anchors && r.trained_long_enough_for_references(t.steps) { collapsed(r.source_collapsed_class, 1.0) } else { na.clone() };
         row("  batch stats: most predicted class".to_string(), collapsed(t.first_batch.majority_class, t.first_batch.majority_share), theirs.clone(), theirs);
         row(format!("one-by-one, all {}, batch stats", t.all_count), f(t.all_batch), na.clone(), na.clone());
         if let Some(why) = self.anchors_left_out() {

@@ -101,11 +101,12 @@ impl References {
         at_the_end.then(|| self.pytorch_curve.last().map(|&(_, bn, plain)| (bn, plain))).flatten()
     }
 
-    /// Whether the one-by-one references (the source's net after 10000 steps, PyTorch's after
-    /// 40000) compare with a net trained `steps` steps: one trained at least as long as the
-    /// source's. A shorter run's population statistics have not settled (its EMA still holds
-    /// its initial values), so its one-by-one accuracy is not theirs to compare with.
-    pub fn one_by_one_applies(&self, steps: u64) -> bool {
+    /// Whether the references measured on trained nets (the one-by-one figures of the
+    /// source's net after 10000 steps and PyTorch's after 40000; PyTorch's BN accuracy beside
+    /// the restored net) compare with a net trained `steps` steps: one trained at least as
+    /// long as the source's. A shorter run's population statistics have not settled (its EMA
+    /// still holds its initial values), so its figures are not theirs to compare with.
+    pub fn trained_long_enough_for_references(&self, steps: u64) -> bool {
         steps >= SOURCE_FINAL_STEPS
     }
 
@@ -131,6 +132,6 @@ mod tests {
         assert_eq!(r.pytorch_at(3000, 10_000), None);
         assert_eq!(r.source_final_at(10_000), Some(SOURCE_FINAL_ACCURACY_10000));
         assert_eq!(r.source_final_at(500), None);
-        assert!(r.one_by_one_applies(10_000) && r.one_by_one_applies(40_000) && !r.one_by_one_applies(500));
+        assert!(r.trained_long_enough_for_references(10_000) && r.trained_long_enough_for_references(40_000) && !r.trained_long_enough_for_references(500));
     }
 }

@@ -205,15 +205,15 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     }
     // PyTorch's comparison run measured batch statistics: beside population statistics only
     // once those have settled, as for the one-by-one figures.
-    let torch_final = torch_at(t.steps, t.steps).map(|x| x.0).filter(|_| r.one_by_one_applies(t.steps));
+    let torch_final = torch_at(t.steps, t.steps).map(|x| x.0).filter(|_| r.trained_long_enough_for_references(t.steps));
     w(format!(
         "| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}{} |",
         t.steps, fmt4(t.accuracy_population), cell(r.source_final_at(t.steps)), cell(torch_final), if torch_final.is_some() { "¹" } else { "" }
     ));
-    let one_by_one = |v: f64| cell(Some(v).filter(|_| r.one_by_one_applies(t.steps)));
+    let one_by_one = |v: f64| cell(Some(v).filter(|_| r.trained_long_enough_for_references(t.steps)));
     w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), one_by_one(r.source_one_by_one_population), one_by_one(r.pytorch_one_by_one_population)));
     w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), one_by_one(r.source_one_by_one_batch), one_by_one(r.pytorch_one_by_one_batch)));
-    let collapsed = if anchors && r.one_by_one_applies(t.steps) { format!("{} (all \"{}\")", fmt4(1.0), r.source_collapsed_class) } else { dash.clone() };
+    let collapsed = if anchors && r.trained_long_enough_for_references(t.steps) { format!("{} (all \"{}\")", fmt4(1.0), r.source_collapsed_class) } else { dash.clone() };
     w(format!(
         "| batch statistics: share predicted as \"{}\" | {} | {collapsed} | {collapsed} |",
         t.first_batch.majority_class, fmt4(t.first_batch.majority_share)
