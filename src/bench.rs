@@ -236,7 +236,9 @@ pub fn run(
         time_steps(&mut lockstep, &train, data.train.count, 20, runs, seconds_per_run, on_run)?
     };
     let med = median(&us);
-    let phases = if trace { opened[0].phase_trace(0, TRACE_STEPS)? } else { None };
+    // The traced steps start at batch 0 and must stay inside the benchmark's short epoch.
+    let trace_steps = TRACE_STEPS.min(train::batches_per_epoch(data.train.count, train.batch_size) as usize);
+    let phases = if trace { opened[0].phase_trace(0, trace_steps)? } else { None };
     Ok(BenchReport {
         config,
         batch_norm,
