@@ -70,7 +70,8 @@
 //   Shared memory (static, ~9 KB): a pass of FUSED_PASS_ROWS rows' dot-product partials
 //   [rows, lanes+1], image indices and dz column, the softmax row's label.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
-//   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256 on the GPU), at
+//   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
+//   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
 //   most 64 registers a thread (__launch_bounds__). fused_train_steps_staged_f32: the same,
 //   with the staged regions' bytes of dynamic shared memory (opted into beyond 48 KB) and
 //   at most 128 registers.
@@ -79,10 +80,16 @@
 #include "common.cuh"
 #include "fused_params.cuh"
 
-#define FUSED_MAX_THREADS 256
-// Caps registers at 64 per thread (65536 / (4·256)); uncapped, the compiler takes ~85 for
-// the unrolled loads, and with the cap they still fit without spills (scripts/ptx-check.sh).
-#define FUSED_MIN_BLOCKS 4
+// The unstaged single-network kernel takes blocks of up to 1024 threads (the host picks 256,
+// 512 or 1024): more warps an SM keep more loads in flight, where 256 threads leave a seed
+// block's SM with 8 warps waiting on L2 (docs/perf.md). One block of 1024 an SM caps
+// registers at 64 a thread (65536 / 1024), as four blocks of 256 did: uncapped, the
+// compiler takes ~85 for the unrolled loads, and with the cap they still fit without
+// spills (scripts/ptx-check.sh).
+#define FUSED_MAX_THREADS 1024
+#define FUSED_MIN_BLOCKS 1
+// The staged and pair kernels: blocks of at most 256 threads (their launch bounds below).
+#define FUSED_STAGED_THREADS 256
 #define FUSED_STAGED_MIN_BLOCKS 2
 // The pair kernels keep the per-network pointers in registers: 128 of them, two blocks an SM
 // (the seed's pair grid, 220 blocks, needs two on some SMs of 132).
@@ -310,9 +317,18 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 // Rows are taken FUSED_PASS_ROWS at a time (the batch, for the seed shape): the shared
 // tables (image indices, a dz column) and the partial sums of column_dot hold one pass.
 #define FUSED_PASS_ROWS 64
-#define FUSED_MAX_LANES 32
-#define FUSED_PART_FLOATS (FUSED_PASS_ROWS * (FUSED_MAX_LANES + 1))
-#define FUSED_SHARED_FLOATS (FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS + 1)
+#define FUSED_MAX_LANES 64
+// The static shared memory of a kernel whose blocks have at most MAX_T threads: `part` holds
+// column_dot's partials ([rows of a pass] × (lanes + 1), lanes ≤ MAX_T/8) or the weight
+// gradient's group sums (one V-vector a thread, V ≤ 4); then a pass's image indices and dz
+// column, and a label. Sized per kernel, so that the 256-thread kernels keep their ~9 KB
+// (two staged blocks an SM need the rest for staging).
+__host__ __device__ constexpr unsigned fused_part_floats(unsigned max_t) {
+    const unsigned lanes = max_t / 8 < FUSED_MAX_LANES ? max_t / 8 : FUSED_MAX_LANES;
+    const unsigned rows = FUSED_PASS_ROWS * (lanes + 1), groups = max_t * 4;
+    return rows > groups ? rows : groups;
+}
+__host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t) { return fused_part_floats(max_t) + 2 * FUSED_PASS_ROWS + 1; }
 
 // Σ_r col[r·stride] for r < rows, added in row order (as one thread's loop would) by thread
 // 0, whose return value it is (the others get 0). The rows' loads are issued in parallel into
@@ -335,7 +351,9 @@ __device__ __forceinline__ float ordered_column_total(float* stage, const float*
 }
 
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] (+ add[r], if given) for r < rows.
-// Threads form groups of K lanes (K = a power of two ≥ min(n/V, 32)); a group takes rows
+// Threads form groups of K lanes (K = the smallest power of two ≥ n/V, at most 64 and at
+// most blockDim/8: at least 8 groups, so 256 threads keep K ≤ 32 and 1024 threads cover a
+// 64-row pass in one sweep of 16 groups × 4 rows); a group takes rows
 // g, g+groups, … four at a time, its lanes reading V·K consecutive inputs of each row
 // (coalesced) and one w each for all four: 4 independent loads per w instead of a chain.
 // Each (row, lane) partial goes to `part` ([rows of the pass] × (K+1): the padding keeps the
@@ -350,7 +368,7 @@ __device__ __forceinline__ void column_dot(
     constexpr unsigned V = In::V;
     const unsigned nv = n / V;
     unsigned lanes = 1;
-    while (lanes < nv && lanes < FUSED_MAX_LANES && lanes < blockDim.x) lanes <<= 1;
+    while (lanes < nv && lanes < FUSED_MAX_LANES && lanes * 8 < blockDim.x) lanes <<= 1;
     const unsigned groups = blockDim.x / lanes, pitch = lanes + 1;
     const unsigned lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
     for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
@@ -620,12 +638,15 @@ __device__ __forceinline__ void sgd_row(
 // The kernel's body; STAGED compiles the staging in (the kernels below). The network's blocks
 // are `G` blocks of the grid, this one its `me`-th (the whole grid, or half of it for a pair);
 // the grid barrier counts every block of the grid.
-template <bool STAGED>
+template <bool STAGED, unsigned MAX_T>
 __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
+    constexpr unsigned FUSED_PART_FLOATS = fused_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
 #ifdef EMULATED_BLOCK_SHARED
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
-    // its own buffer, where `__shared__` would be one static array for all of them.
+    // its own buffer, where `__shared__` would be one static array for all of them. Nor does
+    // it enforce the launch bounds, which on the GPU keep blockDim ≤ MAX_T.
+    if (blockDim.x > MAX_T) EMULATED_TRAP("a block larger than the kernel's launch bounds");
     float* shared = EMULATED_BLOCK_SHARED(FUSED_SHARED_FLOATS);
     uint8_t* staged = EMULATED_BLOCK_DYNAMIC();
 #else
@@ -947,15 +968,15 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
 // Every layer read from global memory (the host's stage offsets are ignored).
 extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(FUSED_PARAMS)
 {
-    fused_train_steps<false>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<false, FUSED_MAX_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
 // seed network) allow two blocks an SM at most, so registers are capped at 128, not 64:
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
+extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
 {
-    fused_train_steps<true>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // Two networks of the same layer count trained in one launch on the same batches (the BN
@@ -964,16 +985,16 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_STAGED_MIN
 // their steps have the same phases), so the two networks' phases overlap, where two
 // launches might run one after the other. Each network reads its own buffers; `b_barrier`
 // and `b_steps` are ignored (a's serve both).
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
+extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
 {
     const unsigned G = gridDim.x / 2;
     const bool second = blockIdx.x >= G;
-    fused_train_steps<false>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+    fused_train_steps<false, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }
 
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_staged_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
+extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_staged_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
 {
     const unsigned G = gridDim.x / 2;
     const bool second = blockIdx.x >= G;
-    fused_train_steps<true>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+    fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }

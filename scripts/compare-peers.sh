@@ -109,7 +109,10 @@ for cfg in "${cfg_list[@]}"; do
             case "$variant" in
                 "") step_env=() ;;
                 staged) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_STAGE=1) ;;
-                tuned) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1) ;;
+                # graph and tuned: the weight gradients on the training stream (a second
+                # stream is the f32 default; `streams` rows time it).
+                graph) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_BACKWARD_STREAMS=0) ;;
+                tuned) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1 BNTRAIN_BACKWARD_STREAMS=0) ;;
                 streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_BACKWARD_STREAMS=1) ;;
                 tuned-streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1 BNTRAIN_BACKWARD_STREAMS=1) ;;
                 cluster) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_CLUSTER=1) ;;

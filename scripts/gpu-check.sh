@@ -16,6 +16,9 @@
 #      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
 #      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1),
 #      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1);
+#      part "blocks" (first): the seed's fused step in blocks of 256, 512 and 1024 threads
+#      (BNTRAIN_FUSED_THREADS), and the study fused, in blocks of 1024, and with the
+#      evaluation stream too;
 #   4. the full `reproduce` study, timed, with fused steps, with evaluation points on a stream
 #      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
 #      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
@@ -34,8 +37,8 @@
 # ./gpu-bundle. STEPS (default 10000) shortens the training runs. BUDGET (default 420)
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
-# rerun still fits); the summary must print before the limit cuts the output. PARTS (default "tests train bench
-# reproduce peers profile") picks the steps after the fused smoke test, for a rerun of a few. When OUT
+# rerun still fits); the summary must print before the limit cuts the output. PARTS (default "tests train blocks
+# bench reproduce peers profile") picks the steps after the fused smoke test, for a rerun of a few. When OUT
 # is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
 # checkpoints and SVGs) in $OUT/gpu-check.tar.gz, renewed after each part.
@@ -51,7 +54,7 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
-parts=" ${PARTS:-tests train bench reproduce peers profile} "
+parts=" ${PARTS:-tests train blocks bench reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
@@ -178,13 +181,15 @@ done
 # then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
 # The log of one bench row (bench's arguments).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}.log"
 }
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)]
+bench_part=bench
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
-    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}"
+    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. The part
+    # that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -195,18 +200,19 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $cluster == 1 ]] && name+=", clusters"
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
+    [[ $threads != 256 ]] && name+=", $threads threads a block"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
     # One network's fused steps: also timed phase by phase (bench --trace, one more launch;
     # the grid kernels only).
     [[ $2 == fused && $pair == 0 && $cluster == 0 ]] && pair_flag+=(--trace)
-    part bench || return
+    part "$bench_part" || return
     # Said, not silent: a row the table would otherwise miss.
     if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -222,6 +228,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
+        [[ $2 == fused && $threads != 256 ]] && want="(fused steps, $threads threads a block"
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
@@ -235,8 +242,18 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     fi
 }
 save_logs
+# Part "blocks": the unstaged fused kernel in blocks of 256, 512 and 1024 threads
+# (BNTRAIN_FUSED_THREADS; more warps an SM wait on L2 for a neuron's rows), then the study
+# with the larger blocks; a short call can run just these (PARTS="tests blocks").
+bench_part=blocks
+for threads in 256 512 1024; do bench seed fused f32 0 0 0 0 0 0 "$threads"; done
+bench_part=bench
 for config in seed wide; do
-    for step in fused graph eager; do bench "$config" "$step" f32; done
+    for step in fused graph eager; do
+        # (The seed's fused row was timed by part "blocks" when it ran.)
+        [[ $config == seed && $step == fused ]] && part blocks && continue
+        bench "$config" "$step" f32
+    done
 done
 # The fused kernel with layer inputs and weight rows in shared memory (BNTRAIN_FUSED_STAGE=1).
 bench seed fused f32 0 1
@@ -276,11 +293,15 @@ bench seed eager f32 1
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0
+    # blocks1024: fused steps in blocks of 1024 threads (BNTRAIN_FUSED_THREADS=1024; part
+    # "blocks", as is the fused baseline).
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce
+    [[ $variant == blocks* ]] && step=fused threads=1024
+    [[ $variant == fused || $variant == blocks* ]] && part blocks && gate=blocks
     # cluster: a thread-block cluster per network, both in one launch.
     [[ $variant == cluster* ]] && step=fused clusters=1 pairing=1
     [[ $variant == cluster* && $cluster_ok == 0 ]] && continue
@@ -292,12 +313,12 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
     name="reproduce (full, cuda, $variant)"
     [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
-    [[ "${REPRODUCE:-1}" == 1 ]] && part reproduce && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    [[ "${REPRODUCE:-1}" == 1 ]] && part "$gate" && limit 240 60 "$name" || continue
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -312,6 +333,7 @@ for variant in fused streams cluster cluster-streams staged paired tuned graph; 
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
+        [[ $threads != 256 && "$device" != *"$threads threads a block"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
             row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
             mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.fell-back"
@@ -433,6 +455,8 @@ PY
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
 decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
+decide "seed fused: 512 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512)"
+decide "seed fused: 1024 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 1024)"
 decide "seed fused pair: one launch (grid)" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2)"
 decide "seed fused pair, staged: one launch" "$(bench_log seed fused f32 0 1 1)" "$(bench_log seed fused f32 0 1 2)"
 decide "seed fused pair: clusters, one launch" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2 0 1)"
@@ -451,6 +475,8 @@ for variant in streams cluster staged tuned graph; do
     decide "reproduce: $variant against fused" reproduce:fused "reproduce:$variant"
 done
 decide "reproduce: paired against staged" reproduce:staged reproduce:paired
+decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
+decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams
 
 echo

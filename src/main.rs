@@ -51,12 +51,15 @@ enum Command {
     /// of the seed's scale, else graph), fused (whole steps in one kernel), graph (the step
     /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
     /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
-    /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=1 runs --pair's two
-    /// networks in one fused launch; BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs fused steps in
-    /// one thread-block cluster per network (compute capability 9.0 and newer);
-    /// BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's
-    /// algorithms for each large GEMM shape and keeps the fastest, listed after the result
-    /// (all four off until measured).
+    /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=0 runs --pair's two
+    /// networks in two fused launches instead of one; BNTRAIN_FUSED_THREADS=512 or 1024 sets
+    /// the fused kernel's block size (256 by default); BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs
+    /// fused steps in one thread-block cluster per network (compute capability 9.0 and
+    /// newer); BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's algorithms for each large
+    /// GEMM shape and keeps the fastest, listed after the result; BNTRAIN_BACKWARD_STREAMS=1
+    /// or 0 puts graph and eager steps' weight gradients on a second stream or not (by
+    /// default with f32 GEMMs only). The defaults are the faster choices measured on an H100
+    /// (docs/perf.md).
     Bench(BenchArgs),
     /// Manage datasets.
     Data {

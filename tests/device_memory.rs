@@ -10,8 +10,8 @@ fn the_estimate_covers_data_parameters_and_activations() {
     let data = synthetic_dataset(6000, 1000, 784, 3);
     let model = ModelConfig::seed(true);
     let train = TrainConfig::seed();
-    let with = |gemm, eval_stream| CudaOptions { gemm, eval_stream, ..CudaOptions::default() };
-    let backward = |gemm| CudaOptions { gemm, backward_streams: true, ..CudaOptions::default() };
+    let with = |gemm, eval_stream| CudaOptions { gemm, eval_stream, backward_streams: Some(false), ..CudaOptions::default() };
+    let backward = |gemm| CudaOptions { gemm, backward_streams: Some(true), ..CudaOptions::default() };
     let bytes = device_bytes_needed(&model, &train, &data, &with(GemmPrecision::F32, false));
     let dataset = 7000 * 785;
     let parameters = model.parameter_count().unwrap() * 4 * 2;
@@ -41,6 +41,10 @@ fn the_estimate_covers_data_parameters_and_activations() {
     let dz = 60 * 784 * 4;
     assert_eq!(device_bytes_needed(&model, &train, &data, &backward(GemmPrecision::F32)), bytes + (32 << 20) + dz);
     assert_eq!(device_bytes_needed(&model, &train, &data, &backward(GemmPrecision::Bf16)), bytes + bf16_operands + (32 << 20) + dz + 2 * 2 * 100 * 784);
+    // By default that stream comes with f32 GEMMs only.
+    let default_for = |gemm| device_bytes_needed(&model, &train, &data, &CudaOptions { gemm, ..CudaOptions::default() });
+    assert_eq!(default_for(GemmPrecision::F32), device_bytes_needed(&model, &train, &data, &backward(GemmPrecision::F32)));
+    assert_eq!(default_for(GemmPrecision::Tf32), device_bytes_needed(&model, &train, &data, &with(GemmPrecision::Tf32, false)));
 }
 
 #[test]

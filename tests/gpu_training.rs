@@ -529,11 +529,19 @@ fn options_follow_the_step_switch() {
     }
     let err = CudaOptions::from_step_env(Some("0")).unwrap_err().to_string();
     assert!(err.contains("BNTRAIN_CUDA_STEP=0") && err.contains("auto, graph, eager or fused"), "{err}");
+    // The defaults are the choices measured faster on an H100 (docs/perf.md).
     let defaults = CudaOptions::default();
     assert!(
-        !defaults.fused_staging && !defaults.fused_pairing && !defaults.gemm_tuning && !defaults.eval_stream && !defaults.backward_streams,
-        "staging, pairing, tuning and the second streams are off until measured"
+        !defaults.fused_staging && defaults.fused_pairing && !defaults.gemm_tuning && !defaults.eval_stream && defaults.backward_streams.is_none(),
+        "pairing on; staging, tuning and the evaluation stream off; the backward's stream by precision"
     );
+    for (gemm, expected) in [(GemmPrecision::F32, true), (GemmPrecision::Tf32, false), (GemmPrecision::Bf16, false)] {
+        let options = CudaOptions { gemm, ..CudaOptions::default() };
+        assert_eq!(options.second_backward_stream(), expected, "{gemm:?}");
+        for asked in [false, true] {
+            assert_eq!(CudaOptions { backward_streams: Some(asked), ..options }.second_backward_stream(), asked, "{gemm:?}, asked {asked}");
+        }
+    }
     let switches = [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV];
     for name in switches {
         // Unset or empty: the default stands (None).
@@ -552,6 +560,14 @@ fn options_follow_the_step_switch() {
     }
     let err = CudaOptions::cluster_from_env(Some("4")).unwrap_err().to_string();
     assert!(err.contains("BNTRAIN_FUSED_CLUSTER=4") && err.contains("0, 1, 8 or 16"), "{err}");
+    assert_eq!(defaults.fused_threads, 256, "256 threads a fused block until measured");
+    for (value, expected) in [(None, None), (Some(""), None), (Some("256"), Some(256)), (Some(" 512"), Some(512)), (Some("1024 "), Some(1024))] {
+        assert_eq!(CudaOptions::threads_from_env(value).unwrap(), expected, "{value:?}");
+    }
+    for bad in ["128", "2048", "-1", "many"] {
+        let err = CudaOptions::threads_from_env(Some(bad)).unwrap_err().to_string();
+        assert!(err.contains(&format!("BNTRAIN_FUSED_THREADS={bad}")) && err.contains("256, 512 or 1024"), "{err}");
+    }
 }
 
 /// Auto fuses the seed network in f32 and nothing wider, larger-batched, reduced-precision or
@@ -586,6 +602,51 @@ fn cuda_fused_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Datas
 fn fused_steps_match_the_cpu_reference() {
     let Some(_serial) = serial_gpu() else { return };
     check_all(cuda_fused_backend);
+}
+
+fn cuda_fused_threads(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_threads: threads, ..Default::default() };
+    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
+    let expected = format!("(fused steps, {threads} threads a block)");
+    assert!(net.device_name().ends_with(&expected), "not the fused kernel in blocks of {threads}: {}", net.device_name());
+    Box::new(net)
+}
+
+fn cuda_fused_512(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_fused_threads(512, model, train, data, params)
+}
+
+fn cuda_fused_1024(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_fused_threads(1024, model, train, data, params)
+}
+
+/// The fused kernel in blocks of 512 and 1024 threads (`BNTRAIN_FUSED_THREADS`): other lane
+/// counts, groups and sums through shared memory than 256 threads take, against the CPU
+/// reference with the same tolerances.
+#[test]
+fn fused_steps_in_larger_blocks_match_the_cpu_reference() {
+    let Some(_serial) = serial_gpu() else { return };
+    check_all(cuda_fused_512);
+    check_all(cuda_fused_1024);
+}
+
+/// `bntrain bench --trace` as the CLI runs it, fused: its traced steps stay inside the
+/// benchmark's epoch of twelve batches (15 traced steps past it failed the whole bench on
+/// an H100), and it reports a row per phase of the seed step.
+#[test]
+fn bench_traces_the_fused_step_inside_its_epoch() {
+    let Some(_serial) = serial_gpu() else { return };
+    let data = dataset();
+    let mut open = |model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+        let options = CudaOptions { step_launch: StepLaunch::Fused, ..Default::default() };
+        Ok(Box::new(CudaBackend::with_options(model, train, data, params, options)?))
+    };
+    let nets = bntrain::bench::BenchNets::One { batch_norm: true };
+    let report = bntrain::bench::run(bntrain::bench::BenchConfig::Seed, nets, bntrain::bench::BenchData::Real(&data), 2, 0.01, true, &mut open, &mut |_| {})
+        .expect("bench --trace on fused steps");
+    let phases = report.phases.expect("fused steps are traced");
+    assert_eq!(phases.len(), bntrain::cuda::phase_trace::phase_names(2).len(), "{phases:?}");
+    assert!(report.device.ends_with("(fused steps)"), "{}", report.device);
 }
 
 /// `bench --trace`'s phase timing: a row per phase of the seed step, every time positive
@@ -920,7 +981,7 @@ fn weight_gradients_on_a_second_stream_change_nothing() {
         let params = ModelParams::init(&model, 11, train.estimators().len());
         let (steps, changes) = plan(data.train.count, train.batch_size, train.seed, 250, true);
         let run = |step_launch, backward_streams| {
-            let options = CudaOptions { step_launch, backward_streams, gemm, ..Default::default() };
+            let options = CudaOptions { step_launch, backward_streams: Some(backward_streams), gemm, ..Default::default() };
             let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
             net.delay_backward_lane(500);
             let mut trace = Trace::default();

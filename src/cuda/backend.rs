@@ -383,28 +383,40 @@ pub struct CudaOptions {
     /// Rows per chunk when evaluating a whole split ([`EVAL_CHUNK`] by default).
     pub eval_chunk: usize,
     /// Fused steps keep layer inputs and weight rows in shared memory (the staged kernel of
-    /// cuda/fused_step.cu). Off by default until measured on a GPU; `BNTRAIN_FUSED_STAGE=1`.
+    /// cuda/fused_step.cu). Off by default: slower on an H100 (docs/perf.md); `BNTRAIN_FUSED_STAGE=1`.
     pub fused_staging: bool,
     /// Two fused networks trained in lockstep (the study's comparison) run in one launch
-    /// ([`Backend::train_steps_with`]). Off by default until measured; `BNTRAIN_FUSED_PAIR=1`.
+    /// ([`Backend::train_steps_with`]). On by default: the seed's BN+plain pair took 42.2
+    /// and 42.5 µs a step in one launch against 46.7 and 46.9 µs in two (H100, two calls of
+    /// scripts/gpu-check.sh, docs/perf.md); `BNTRAIN_FUSED_PAIR=0` turns it off.
     pub fused_pairing: bool,
     /// GEMMs of at least [`super::gemm_tuning::TUNE_MIN_MACS`] multiply-adds run the
     /// fastest of cuBLAS's kernel and cublasLt's candidates, timed on first use
-    /// ([`super::gemm_tuning`]). Off by default until measured; `BNTRAIN_GEMM_TUNE=1`.
+    /// ([`super::gemm_tuning`]). Off by default: 1 % on the wide f32 step, and the study
+    /// slower by its tuning (H100, docs/perf.md); `BNTRAIN_GEMM_TUNE=1`.
     pub gemm_tuning: bool,
     /// Fused steps in one thread-block cluster per network (cuda/fused_cluster.cu, compute
-    /// capability 9.0 and newer) instead of the grid kernels. Off by default until measured;
+    /// capability 9.0 and newer) instead of the grid kernels. Off by default: slower on an H100;
     /// `BNTRAIN_FUSED_CLUSTER=1` (16 blocks where they fit, else 8), `=8` or `=16`.
     pub fused_cluster: ClusterRequest,
     /// Evaluation points ([`Backend::begin_point`]) run on a stream of their own, on a copy
     /// of the state, beside the steps queued after them, rather than before those steps on
-    /// the training stream. Off by default until measured; `BNTRAIN_EVAL_STREAM=1`.
+    /// the training stream. Off by default: within the noise on an H100; `BNTRAIN_EVAL_STREAM=1`.
     pub eval_stream: bool,
     /// Graph and eager steps compute each layer's weight gradient on a second stream,
     /// beside the gradient of the layer's input and what follows it on the training stream
     /// (cuBLAS's tiles for the wide network's 1024 × 1024 products fill half of an H100's
-    /// SMs). Off by default until measured; `BNTRAIN_BACKWARD_STREAMS=1`.
-    pub backward_streams: bool,
+    /// SMs). None, the default: on with f32 GEMMs, off with tf32 and bf16 (H100, two calls:
+    /// the wide f32 step 5.6 % faster, the seed's graph step 5 %, the wide tf32 step 5 %
+    /// slower; docs/perf.md); [`CudaOptions::second_backward_stream`] resolves it.
+    /// `BNTRAIN_BACKWARD_STREAMS=1` or `0` sets it either way.
+    pub backward_streams: Option<bool>,
+    /// Threads per block of the unstaged fused kernel: 256 (the default), 512 or 1024 (more
+    /// warps an SM to wait on L2 for a block's neuron). On an H100 512 made the seed step
+    /// 6.5 % faster alone, and 1024 the study's comparison 30 % slower (its two networks'
+    /// blocks no longer share SMs); the staged, pair and cluster kernels keep 256.
+    /// `BNTRAIN_FUSED_THREADS`.
+    pub fused_threads: u32,
 }
 
 impl Default for CudaOptions {
@@ -414,11 +426,12 @@ impl Default for CudaOptions {
             gemm: GemmPrecision::F32,
             eval_chunk: EVAL_CHUNK,
             fused_staging: false,
-            fused_pairing: false,
+            fused_pairing: true,
             gemm_tuning: false,
             fused_cluster: ClusterRequest::Off,
             eval_stream: false,
-            backward_streams: false,
+            backward_streams: None,
+            fused_threads: 256,
         }
     }
 }
@@ -438,6 +451,8 @@ impl CudaOptions {
     pub const EVAL_STREAM_ENV: &'static str = "BNTRAIN_EVAL_STREAM";
     /// The switch for [`CudaOptions::backward_streams`]: `1` on, `0` or unset off.
     pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
+    /// The switch for [`CudaOptions::fused_threads`]: `256`, `512` or `1024`.
+    pub const FUSED_THREADS_ENV: &'static str = "BNTRAIN_FUSED_THREADS";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
@@ -453,10 +468,30 @@ impl CudaOptions {
             fused_pairing: switch(Self::PAIR_ENV, options.fused_pairing)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV, options.gemm_tuning)?,
             eval_stream: switch(Self::EVAL_STREAM_ENV, options.eval_stream)?,
-            backward_streams: switch(Self::BACKWARD_STREAMS_ENV, options.backward_streams)?,
+            backward_streams: Self::switch_from_env(Self::BACKWARD_STREAMS_ENV, std::env::var(Self::BACKWARD_STREAMS_ENV).ok().as_deref())?
+                .or(options.backward_streams),
             fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?.unwrap_or(options.fused_cluster),
+            fused_threads: Self::threads_from_env(std::env::var(Self::FUSED_THREADS_ENV).ok().as_deref())?.unwrap_or(options.fused_threads),
             ..options
         })
+    }
+
+    /// Whether graph and eager steps put the weight gradients on a second stream: as asked,
+    /// else with f32 GEMMs only (see [`CudaOptions::backward_streams`]).
+    pub fn second_backward_stream(&self) -> bool {
+        self.backward_streams.unwrap_or(self.gemm == GemmPrecision::F32)
+    }
+
+    /// [`CudaOptions::fused_threads`] for a value of `BNTRAIN_FUSED_THREADS`; None where it
+    /// is unset or empty (the default stands).
+    pub fn threads_from_env(value: Option<&str>) -> Result<Option<u32>, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if kernels::FUSED_BLOCK_THREADS.contains(&n) => Ok(Some(n)),
+                _ => Err(ConfigError::Invalid(format!("{}={v}: expected 256, 512 or 1024", Self::FUSED_THREADS_ENV))),
+            },
+        }
     }
 
     /// [`CudaOptions::fused_cluster`] for a value of `BNTRAIN_FUSED_CLUSTER`; None where it
@@ -693,6 +728,8 @@ pub struct CudaBackend {
     fused_staging: bool,
     /// Whether fused steps run on the thread-block-cluster kernels (see [`CudaOptions`]).
     fused_cluster: ClusterRequest,
+    /// CudaOptions::fused_threads, for the fused plan.
+    fused_threads: u32,
     /// Set by [`CudaBackend::refuse_next_cluster_launch`].
     refuse_cluster_launch: bool,
     /// CudaOptions::fused_pairing.
@@ -758,7 +795,7 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     };
     let workspace = super::context::BLAS_WORKSPACE_MAX;
     let eval_lane = if options.eval_stream { workspace.saturating_add(bf16_operands(eval_rows)) } else { 0 };
-    let backward_lane = if options.backward_streams {
+    let backward_lane = if options.second_backward_stream() {
         workspace.saturating_add(bf16_operands(0)).saturating_add(train.batch_size * widest * f32s)
     } else {
         0
@@ -868,6 +905,7 @@ impl CudaBackend {
             fused_unavailable: false,
             fused_staging: options.fused_staging,
             fused_cluster: options.fused_cluster,
+            fused_threads: options.fused_threads,
             refuse_cluster_launch: false,
             fused_pairing: options.fused_pairing,
             order_fingerprint: 0,
@@ -903,24 +941,28 @@ impl CudaBackend {
                 }
             }
         }
-        if options.backward_streams && backend.fused.is_none() {
+        if options.second_backward_stream() && backend.fused.is_none() {
             backend.open_backward_lane()?;
         }
         // Options asked for that this network's way of stepping has no use for: said once a
         // process, so that a run is not taken for what it did not do.
         static FUSED_ONLY: std::sync::Once = std::sync::Once::new();
         static NOT_FUSED: std::sync::Once = std::sync::Once::new();
-        let fused_asked = options.fused_staging || options.fused_pairing || options.fused_cluster != ClusterRequest::Off;
+        // (Pairing is on by default, so it is no sign of a request; nor is a default.)
+        let defaults = CudaOptions::default();
+        let fused_asked = options.fused_staging != defaults.fused_staging
+            || options.fused_cluster != defaults.fused_cluster
+            || options.fused_threads != defaults.fused_threads;
         if fused_asked && backend.fused.is_none() {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_PAIR and BNTRAIN_FUSED_CLUSTER apply to fused steps only; this network's steps run as {}",
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER and BNTRAIN_FUSED_THREADS apply to fused steps only; this network's steps run as {}",
                     if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
                 );
             });
         }
-        if options.backward_streams && backend.fused.is_some() {
+        if options.backward_streams == Some(true) && backend.fused.is_some() {
             NOT_FUSED.call_once(|| {
                 let _ = writeln!(std::io::stderr(), "notice: BNTRAIN_BACKWARD_STREAMS applies to graph and eager steps only; fused steps run their whole backward in one kernel");
             });
@@ -977,7 +1019,7 @@ impl CudaBackend {
             })
             .collect();
         let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
-        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster)
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads)
     }
 
     /// Checks that batches `first..first+count` lie inside the epoch order and points the
@@ -1639,6 +1681,8 @@ impl Backend for CudaBackend {
         let launch = match self.graph {
             _ if cluster.is_some() => cluster.as_deref().unwrap_or_default(),
             _ if self.fused_staging().is_some_and(|s| s.any()) => "fused steps, staged in shared memory",
+            _ if self.fused.as_ref().is_some_and(|plan| plan.threads() == 1024) => "fused steps, 1024 threads a block",
+            _ if self.fused.as_ref().is_some_and(|plan| plan.threads() == 512) => "fused steps, 512 threads a block",
             _ if self.fused.is_some() => "fused steps",
             GraphState::Off { fell_back: false } => "eager launches",
             GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",

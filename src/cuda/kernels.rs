@@ -592,8 +592,12 @@ pub fn round_to_bf16(gpu: &Gpu, x: &CudaView<f32>, out: &mut CudaViewMut<u16>) -
     unsafe { b.launch(elementwise(n)) }.map(drop).map_err(launch_error(K))
 }
 
-/// Threads per block of `fused_train_steps_f32`; must not exceed FUSED_MAX_THREADS.
-const FUSED_THREADS: u32 = 256;
+/// Threads per block `fused_train_steps_f32` may be launched with (FusedPlan::new's
+/// `threads`): powers of two up to FUSED_MAX_THREADS in fused_step.cu (its launch bounds).
+pub const FUSED_BLOCK_THREADS: [u32; 3] = [256, 512, 1024];
+/// Threads per block of the staged and the pair kernels; must match FUSED_STAGED_THREADS in
+/// fused_step.cu (their launch bounds).
+const FUSED_STAGED_THREADS: u32 = 256;
 /// Ints per layer of its layer table; must match LAYER_FIELDS in fused_step.cu.
 const FUSED_LAYER_FIELDS: usize = 10;
 /// Most steps per launch: bounds one kernel's run time (a few ms for the seed network).
@@ -748,6 +752,9 @@ pub struct FusedPlan {
     batch: usize,
     flat_len: usize,
     grid: u32,
+    /// Threads per block of the unstaged single-network kernel (the staged and pair kernels
+    /// take FUSED_STAGED_THREADS).
+    threads: u32,
     staging: FusedStaging,
     /// Whether twice the grid is co-resident for the pair kernel (fused_train_pair).
     pair_fits: bool,
@@ -769,12 +776,15 @@ impl FusedPlan {
     /// layer's inputs are the outputs of the one below), and that the device can keep a
     /// grid of blocks resident for a cooperative launch; allocates the workspaces. With
     /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
-    /// memory that fits without shrinking the grid.
+    /// memory that fits without shrinking the grid. `threads` (one of [`FUSED_BLOCK_THREADS`])
+    /// is the unstaged kernel's block size; the grid is the one that kernel keeps resident.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest,
+        gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest, threads: u32,
     ) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
+        require(K, FUSED_BLOCK_THREADS.contains(&threads), || format!("blocks of {threads} threads: {FUSED_BLOCK_THREADS:?}"))?;
         size_u32(K, "batch", batch)?;
         let hidden = layers.len() - 1;
         let mut info = Vec::with_capacity(layers.len() * FUSED_LAYER_FIELDS);
@@ -817,13 +827,13 @@ impl FusedPlan {
         require(K, attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 1, || "the device does not support cooperative launches".into())?;
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(0) as u32;
         let wanted = u32::try_from(layers[..hidden].iter().map(|l| l.outputs).max().unwrap_or(1) + layers[hidden].outputs).unwrap_or(u32::MAX);
-        let grid_with = |function: &CudaFunction, dynamic: usize| -> Result<u32, CudaError> {
-            let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, dynamic, None)?;
+        let grid_with = |function: &CudaFunction, threads: u32, dynamic: usize| -> Result<u32, CudaError> {
+            let per_sm = function.occupancy_max_active_blocks_per_multiprocessor(threads, dynamic, None)?;
             Ok(wanted.min(sms.saturating_mul(per_sm)))
         };
         // The unstaged kernel's grid; staging may not shrink it.
-        let grid = grid_with(&gpu.functions.fused_train_steps, 0)?;
-        require(K, grid >= 1, || format!("no block of {FUSED_THREADS} threads fits on the device ({sms} SMs)"))?;
+        let grid = grid_with(&gpu.functions.fused_train_steps, threads, 0)?;
+        require(K, grid >= 1, || format!("no block of {threads} threads fits on the device ({sms} SMs)"))?;
         // A cluster launch, where asked for and possible, replaces the grid kernels (and their
         // staging).
         let cluster = FusedCluster::choose(gpu, cluster, &info, &layers, batch)?;
@@ -835,7 +845,7 @@ impl FusedPlan {
             let fixed = staged.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?.max(0) as usize;
             let limit = optin.saturating_sub(fixed);
             staged.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(limit).unwrap_or(i32::MAX))?;
-            FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(staged, bytes)? >= grid))?
+            FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(staged, FUSED_STAGED_THREADS, bytes)? >= grid))?
         } else {
             FusedStaging { inputs: vec![None; layers.len()], ..Default::default() }
         };
@@ -844,7 +854,7 @@ impl FusedPlan {
         let pair = if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair };
         let pair_opted_in = !staging.any()
             || pair.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(staging.bytes).unwrap_or(i32::MAX)).is_ok();
-        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_THREADS, staging.bytes, None).unwrap_or(0);
+        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_STAGED_THREADS, staging.bytes, None).unwrap_or(0);
         let pair_fits = pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
             if let Some(offset) = offset {
@@ -866,6 +876,7 @@ impl FusedPlan {
             batch,
             flat_len,
             grid,
+            threads,
             staging,
             pair_fits,
             cluster,
@@ -880,6 +891,12 @@ impl FusedPlan {
     /// Blocks per launch.
     pub fn grid(&self) -> u32 {
         self.grid
+    }
+
+    /// Threads per block of the launches of this plan's network alone (the staged kernel
+    /// takes 256 whatever the plan asked for).
+    pub fn threads(&self) -> u32 {
+        if self.staging.any() { FUSED_STAGED_THREADS } else { self.threads }
     }
 
     /// What the launches keep in shared memory (nothing unless the plan was made to stage).
@@ -1053,7 +1070,7 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     let function = if staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
     let cfg = LaunchConfig {
         grid_dim: (args.plan.grid, 1, 1),
-        block_dim: (FUSED_THREADS, 1, 1),
+        block_dim: (args.plan.threads(), 1, 1),
         shared_mem_bytes: u32::try_from(staging.bytes).unwrap_or(u32::MAX),
     };
     let mut b = builder(gpu, function);
@@ -1101,7 +1118,7 @@ pub fn fused_train_pair(
     let grid = pa.grid.saturating_mul(2);
     // The first network's barrier serves both (the kernel ignores the second's).
     gpu.stream().memset_zeros(&mut a.plan.barrier)?;
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes: u32::try_from(staging.bytes).unwrap_or(u32::MAX) };
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_STAGED_THREADS, 1, 1), shared_mem_bytes: u32::try_from(staging.bytes).unwrap_or(u32::MAX) };
     let mut b = builder(gpu, function);
     a.push(&mut b);
     b_args.push(&mut b);

@@ -24,7 +24,9 @@ inline void __syncthreads() {
 thread_local float* g_block_shared = nullptr;
 thread_local uint8_t* g_block_dynamic = nullptr;
 inline size_t g_dynamic_bytes = 0;
-#define EMULATED_BLOCK_SHARED(n) (g_block_shared)
+// (The emulated block's static shared memory: 2^14 floats, see launch_cooperative.)
+#define EMULATED_TRAP(why) (fprintf(stderr, "%s\n", why), abort())
+#define EMULATED_BLOCK_SHARED(n) ((n) <= (1u << 14) ? g_block_shared : (EMULATED_TRAP("static shared memory past the emulated block's"), nullptr))
 #define EMULATED_BLOCK_DYNAMIC() (g_block_dynamic)
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
@@ -58,6 +60,7 @@ inline unsigned long long emu_now_ns() {
 #define __global__
 #define __launch_bounds__(...)
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __shared__ static
 #define __restrict__ __restrict
