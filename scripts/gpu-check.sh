@@ -19,7 +19,9 @@
 #      part "blocks" (first): the seed's fused step in blocks of 256, 512 and 1024 threads
 #      (BNTRAIN_FUSED_THREADS), and the study fused, in blocks of 1024, and with the
 #      evaluation stream too;
-#   4. the full `reproduce` study, timed, with fused steps, with evaluation points on a stream
+#   4. the full `reproduce` study, timed, with fused steps (two launches a step), with the
+#      defaults (fused, paired), in blocks of 1024 threads and with the evaluation stream
+#      too (part "blocks"), with evaluation points on a stream
 #      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
 #      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
 #      them);
@@ -293,15 +295,18 @@ bench seed eager f32 1
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
     # blocks1024: fused steps in blocks of 1024 threads (BNTRAIN_FUSED_THREADS=1024; part
-    # "blocks", as is the fused baseline).
+    # "blocks", as is the fused baseline when that part runs); default: the defaults (fused
+    # steps, the two networks in one launch); graph: with the defaults' second stream for
+    # the weight gradients (f32).
     step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce
-    [[ $variant == blocks* ]] && step=fused threads=1024
-    [[ $variant == fused || $variant == blocks* ]] && part blocks && gate=blocks
+    [[ $variant == blocks* ]] && step=fused threads=1024 gate=blocks
+    [[ $variant == fused ]] && part blocks && gate=blocks
+    [[ $variant == default ]] && step=fused pairing=1
     # cluster: a thread-block cluster per network, both in one launch.
     [[ $variant == cluster* ]] && step=fused clusters=1 pairing=1
     [[ $variant == cluster* && $cluster_ok == 0 ]] && continue
@@ -475,6 +480,7 @@ for variant in streams cluster staged tuned graph; do
     decide "reproduce: $variant against fused" reproduce:fused "reproduce:$variant"
 done
 decide "reproduce: paired against staged" reproduce:staged reproduce:paired
+decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduce:default
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

@@ -737,7 +737,8 @@ fn cluster_fused_steps_match_the_cpu_reference() {
 fn cuda_tuned_backend(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
     let options = CudaOptions { step_launch: StepLaunch::Graph, gemm_tuning: true, ..Default::default() };
     let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
-    assert!(net.device_name().ends_with("(cuda graph, GEMMs tuned)"), "{}", net.device_name());
+    // (With f32 GEMMs the weight gradients' second stream, a default, may follow.)
+    assert!(net.device_name().contains("(cuda graph, GEMMs tuned"), "{}", net.device_name());
     Box::new(net)
 }
 

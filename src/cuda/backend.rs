@@ -407,14 +407,15 @@ pub struct CudaOptions {
     /// beside the gradient of the layer's input and what follows it on the training stream
     /// (cuBLAS's tiles for the wide network's 1024 × 1024 products fill half of an H100's
     /// SMs). None, the default: on with f32 GEMMs, off with tf32 and bf16 (H100, two calls:
-    /// the wide f32 step 5.6 % faster, the seed's graph step 5 %, the wide tf32 step 5 %
-    /// slower; docs/perf.md); [`CudaOptions::second_backward_stream`] resolves it.
+    /// the wide f32 step 5.4 and 5.6 % faster, the seed's graph step 5 %, the wide tf32
+    /// step 5 % slower; docs/perf.md); [`CudaOptions::second_backward_stream`] resolves it.
     /// `BNTRAIN_BACKWARD_STREAMS=1` or `0` sets it either way.
     pub backward_streams: Option<bool>,
     /// Threads per block of the unstaged fused kernel: 256 (the default), 512 or 1024 (more
     /// warps an SM to wait on L2 for a block's neuron). On an H100 512 made the seed step
-    /// 6.5 % faster alone, and 1024 the study's comparison 30 % slower (its two networks'
-    /// blocks no longer share SMs); the staged, pair and cluster kernels keep 256.
+    /// 6.5 % faster alone, and 1024 the study's comparison in two launches 30 % slower (its
+    /// two networks' blocks no longer share SMs); the staged, pair and cluster kernels keep
+    /// 256 (so a paired study ignores it).
     /// `BNTRAIN_FUSED_THREADS`.
     pub fused_threads: u32,
 }
@@ -441,7 +442,7 @@ impl CudaOptions {
     pub const STEP_ENV: &'static str = "BNTRAIN_CUDA_STEP";
     /// The switch for [`CudaOptions::fused_staging`]: `1` on, `0` or unset off.
     pub const STAGE_ENV: &'static str = "BNTRAIN_FUSED_STAGE";
-    /// The switch for [`CudaOptions::fused_pairing`]: `1` on, `0` or unset off.
+    /// The switch for [`CudaOptions::fused_pairing`]: `0` off, `1` or unset on.
     pub const PAIR_ENV: &'static str = "BNTRAIN_FUSED_PAIR";
     /// The switch for [`CudaOptions::gemm_tuning`]: `1` on, `0` or unset off.
     pub const GEMM_TUNE_ENV: &'static str = "BNTRAIN_GEMM_TUNE";
@@ -449,7 +450,7 @@ impl CudaOptions {
     pub const CLUSTER_ENV: &'static str = "BNTRAIN_FUSED_CLUSTER";
     /// The switch for [`CudaOptions::eval_stream`]: `1` on, `0` or unset off.
     pub const EVAL_STREAM_ENV: &'static str = "BNTRAIN_EVAL_STREAM";
-    /// The switch for [`CudaOptions::backward_streams`]: `1` on, `0` or unset off.
+    /// The switch for [`CudaOptions::backward_streams`]: `1` on, `0` off, unset: with f32 GEMMs only.
     pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
     /// The switch for [`CudaOptions::fused_threads`]: `256`, `512` or `1024`.
     pub const FUSED_THREADS_ENV: &'static str = "BNTRAIN_FUSED_THREADS";
@@ -1675,14 +1676,16 @@ impl Drop for CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph)`.
+    /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph,
+    /// weight gradients on a second stream)`.
     fn device_name(&self) -> String {
         let cluster = self.fused.as_ref().and_then(|plan| plan.cluster()).map(|c| format!("fused steps, clusters of {} blocks", c.blocks));
         let launch = match self.graph {
             _ if cluster.is_some() => cluster.as_deref().unwrap_or_default(),
             _ if self.fused_staging().is_some_and(|s| s.any()) => "fused steps, staged in shared memory",
-            _ if self.fused.as_ref().is_some_and(|plan| plan.threads() == 1024) => "fused steps, 1024 threads a block",
-            _ if self.fused.as_ref().is_some_and(|plan| plan.threads() == 512) => "fused steps, 512 threads a block",
+            // (A paired launch runs the pair kernel, whose blocks have 256 threads.)
+            _ if !self.paired && self.fused.as_ref().is_some_and(|plan| plan.threads() == 1024) => "fused steps, 1024 threads a block",
+            _ if !self.paired && self.fused.as_ref().is_some_and(|plan| plan.threads() == 512) => "fused steps, 512 threads a block",
             _ if self.fused.is_some() => "fused steps",
             GraphState::Off { fell_back: false } => "eager launches",
             GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",
