@@ -67,7 +67,8 @@
 //   acts: a of the hidden layers and the logits; xhat: z then x̂ (hidden BN layers); dz: dL/dz
 //   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
 //   estimators [E, 2] f64 as in running_stats.cu; barrier [1] u32, zero before the launch.
-//   Shared memory (static, ~9 KB): a pass of FUSED_PASS_ROWS rows' dot-product partials
+//   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024;
+//   fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
 //   [rows, lanes+1], image indices and dz column, the softmax row's label.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
@@ -81,10 +82,11 @@
 #include "fused_params.cuh"
 
 // The unstaged single-network kernel takes blocks of up to 1024 threads (the host picks 256,
-// 512 or 1024): more warps an SM keep more loads in flight, where 256 threads leave a seed
-// block's SM with 8 warps waiting on L2 (docs/perf.md). One block of 1024 an SM caps
-// registers at 64 a thread (65536 / 1024), as four blocks of 256 did: uncapped, the
-// compiler takes ~85 for the unrolled loads, and with the cap they still fit without
+// the default, 512 or 1024): more warps an SM keep more loads in flight, where 256 threads
+// leave a seed block's SM with 8 warps waiting on L2. Measured on an H100 (docs/perf.md):
+// the seed step 6.5 % faster in blocks of 512, 2 % in blocks of 1024. One block of 1024 an
+// SM caps registers at 64 a thread (65536 / 1024), as four blocks of 256 did: uncapped,
+// the compiler takes ~85 for the unrolled loads, and with the cap they still fit without
 // spills (scripts/ptx-check.sh).
 #define FUSED_MAX_THREADS 1024
 #define FUSED_MIN_BLOCKS 1
