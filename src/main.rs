@@ -12,7 +12,7 @@ use bntrain::model::{
     Activation, Averaging, BatchOrder, LossReduction, ModelConfig, StatsEstimator, TrainConfig, VarianceKind,
 };
 use bntrain::report::{self, ReproduceOptions};
-use bntrain::session::{self, Start, TrainRequest};
+use bntrain::session::{self, Resumed, Start, TrainRequest};
 use bntrain::train::{Event, Outcome};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -571,8 +571,8 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     let stop = install_interrupt_handler();
     // A resumed run goes on with the data it trained on, in its arithmetic: what was given
     // beside it is said to be unused, not silently dropped.
-    let resumed = args.resume.as_deref().map(Checkpoint::load).transpose()?;
-    if let Some(ckpt) = &resumed {
+    let resumed = args.resume.as_deref().map(Resumed::load).transpose()?;
+    if let Some(Resumed { checkpoint: ckpt, .. }) = &resumed {
         // Checkpoints from before the dataset and arithmetic were recorded take the command
         // line's (an f64 file stays f64).
         let overridden = |id: &&&str| match **id {
@@ -585,12 +585,13 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             eprintln!("notice: --resume continues the checkpoint's network and training settings; not used: {}", unused.join(", "));
         }
     }
-    let kind = resumed.as_ref().and_then(|c| c.trained_on).map_or_else(|| args.data.kind(None), |t| t.dataset);
+    let kind = resumed.as_ref().and_then(|r| r.checkpoint.trained_on).map_or_else(|| args.data.kind(None), |t| t.dataset);
     let data = load_data(&args.data, kind)?;
     let model = args.model.config(data.train.features, data.train.classes);
-    let start = match (&args.init, &args.resume) {
+    // (The checkpoint read above, not read again.)
+    let start = match (&args.init, resumed) {
         (Some(p), _) => Start::Init(p.clone()),
-        (_, Some(p)) => Start::Resume(p.clone()),
+        (_, Some(resumed)) => Start::Resume(resumed),
         _ => Start::Fresh,
     };
     // A resumed run saves back into the file it resumed from unless told otherwise.

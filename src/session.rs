@@ -22,7 +22,25 @@ pub enum Start {
     /// Weights and statistics of a checkpoint, training afresh from step 0 with this config.
     Init(PathBuf),
     /// Everything of a checkpoint, continuing its run (its configuration wins).
-    Resume(PathBuf),
+    Resume(Resumed),
+}
+
+/// A checkpoint to continue, read once: the caller may look at it first (its dataset and
+/// arithmetic decide what to load), and the session starts from the same copy.
+#[derive(Clone, Debug)]
+pub struct Resumed {
+    /// Where it was read from (named in messages).
+    pub path: PathBuf,
+    pub checkpoint: Box<Checkpoint>,
+}
+
+impl Resumed {
+    /// Reads the checkpoint at `path`.
+    pub fn load(path: impl Into<PathBuf>) -> Result<Self> {
+        let path = path.into();
+        let checkpoint = Box::new(Checkpoint::load(&path)?);
+        Ok(Resumed { path, checkpoint })
+    }
 }
 
 /// What to train and where.
@@ -127,8 +145,8 @@ fn starting_point(req: &TrainRequest, data_kind: DatasetKind) -> Result<Starting
             }
             Ok(StartingPoint { model: req.model.clone(), train: req.train.clone(), params, velocity: Vec::new(), progress: TrainProgress::default(), precision: req.precision })
         }
-        Start::Resume(path) => {
-            let ckpt = Checkpoint::load(path)?;
+        Start::Resume(Resumed { path, checkpoint }) => {
+            let ckpt = Checkpoint::clone(checkpoint);
             if ckpt.progress.step >= req.steps {
                 return Err(ConfigError::Invalid(format!(
                     "{} is at step {}, as far as the requested --steps {} or past it; ask for more steps to continue",

@@ -7,7 +7,7 @@ use bntrain::device::{DeviceChoice, Precision};
 use bntrain::data::DatasetKind;
 use bntrain::model::checkpoint::{Checkpoint, TrainedOn};
 use bntrain::model::{ModelConfig, TrainConfig};
-use bntrain::session::{self, Start, TrainRequest};
+use bntrain::session::{self, Resumed, Start, TrainRequest};
 use bntrain::train::{Event, Outcome};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,7 +44,11 @@ fn interrupted_and_resumed_equals_unbroken() {
     let saved = Checkpoint::load(&dir.path().join("broken")).unwrap();
     assert_eq!(saved.progress.pending.steps, 30, "steps 81..=110 are carried to the next point");
 
-    let resumed = session::run(&request(Start::Resume(dir.path().join("broken")), "broken"), data, None, &mut |_| {}).unwrap();
+    // The session starts from the checkpoint as read here, not from the file again: moved
+    // away, it is not missed (the run saves back under its old name).
+    let from = Resumed::load(dir.path().join("broken")).unwrap();
+    std::fs::rename(dir.path().join("broken"), dir.path().join("broken.read")).unwrap();
+    let resumed = session::run(&request(Start::Resume(from), "broken"), data, None, &mut |_| {}).unwrap();
     assert_eq!(resumed.outcome, Outcome::Finished { step: 250 });
     let a = Checkpoint::load(&dir.path().join("full")).unwrap();
     let b = Checkpoint::load(&dir.path().join("broken")).unwrap();
@@ -82,7 +86,7 @@ fn a_resumed_run_keeps_its_arithmetic_and_its_data() {
     .unwrap();
     let saved = Checkpoint::load(&dir.path().join("broken")).unwrap();
     assert_eq!(saved.trained_on, Some(TrainedOn { precision: Precision::Bf16, dataset: data.kind }));
-    let resume = |precision| request(Start::Resume(dir.path().join("broken")), "broken", precision);
+    let resume = |precision| request(Start::Resume(Resumed::load(dir.path().join("broken")).unwrap()), "broken", precision);
     session::run(&resume(Precision::F32), data.clone(), None, &mut |_| {}).unwrap();
     let a = Checkpoint::load(&dir.path().join("full")).unwrap();
     let b = Checkpoint::load(&dir.path().join("broken")).unwrap();
@@ -98,7 +102,7 @@ fn a_resumed_run_keeps_its_arithmetic_and_its_data() {
 
     let f64_run = request(Start::Fresh, "f64", Precision::F64);
     session::run(&f64_run, data.clone(), None, &mut |_| {}).unwrap();
-    let on_gpu = TrainRequest { steps: 200, device: DeviceChoice::Cuda, ..request(Start::Resume(dir.path().join("f64")), "f64", Precision::F32) };
+    let on_gpu = TrainRequest { steps: 200, device: DeviceChoice::Cuda, ..request(Start::Resume(Resumed::load(dir.path().join("f64")).unwrap()), "f64", Precision::F32) };
     let err = session::run(&on_gpu, data.clone(), None, &mut |_| {}).unwrap_err().to_string();
     assert!(err.contains("trained in f64, which only the CPU computes: resume it with --device cpu"), "{err}");
 
@@ -106,7 +110,7 @@ fn a_resumed_run_keeps_its_arithmetic_and_its_data() {
     // request's default; other data is not refused (nothing says it is other).
     let old = Checkpoint { trained_on: None, ..Checkpoint::load(&dir.path().join("f64")).unwrap() };
     old.save(&dir.path().join("old")).unwrap();
-    let resumed = TrainRequest { steps: 200, ..request(Start::Resume(dir.path().join("old")), "old", Precision::F32) };
+    let resumed = TrainRequest { steps: 200, ..request(Start::Resume(Resumed::load(dir.path().join("old")).unwrap()), "old", Precision::F32) };
     session::run(&resumed, data, None, &mut |_| {}).unwrap();
     let saved = Checkpoint::load(&dir.path().join("old")).unwrap();
     assert_eq!((saved.precision, saved.trained_on.map(|t| t.precision)), (bntrain::model::checkpoint::StoredPrecision::F64, Some(Precision::F64)));
