@@ -3,13 +3,14 @@
 # importance (each step only starts while enough of BUDGET is left; every command runs
 # under `timeout -k 10`, so that even a hung kernel cannot hold the call):
 #   0. `bntrain info` (the driver compiles the kernels' PTX here, timed), then smoke tests
-#      of the fused grid kernel and of the cluster kernel (300 steps each; a failure skips
-#      every later run of that kernel);
+#      of the fused grid kernel, its sparse-pixel kernel and the cluster kernel (300 steps
+#      each; a failure skips every later run of that kernel);
 #   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure): the
 #      kernels, the unfused training tests, and the fused and the cluster kernels' tests
 #      each in a process of their own;
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
-#      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
+#      graph, the fused kernel, the fused kernel on sparse pixels), then with tf32 and bf16
+#      GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
 #      staging (BNTRAIN_FUSED_STAGE=1), on thread-block clusters (BNTRAIN_FUSED_CLUSTER), as a BN+plain pair (--pair; in one launch with
@@ -18,9 +19,11 @@
 #      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1);
 #      part "blocks" (first): the seed's fused step in blocks of 256, 512 and 1024 threads
 #      (BNTRAIN_FUSED_THREADS), and the study fused, in blocks of 1024, and with the
-#      evaluation stream too;
+#      evaluation stream too; part "sparse" (next): the seed's fused step on sparse pixels
+#      (BNTRAIN_FUSED_SPARSE=1) in blocks of 256 and 512 and as the pair in one launch, each
+#      with its dense baseline, and the study with the defaults, dense and sparse;
 #   4. the full `reproduce` study, timed, with fused steps (two launches a step), with the
-#      defaults (fused, paired), in blocks of 1024 threads and with the evaluation stream
+#      defaults (fused, paired), on sparse pixels (part "sparse"), in blocks of 1024 threads and with the evaluation stream
 #      too (part "blocks"), with evaluation points on a stream
 #      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
 #      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
@@ -28,7 +31,8 @@
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
-#      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
+#      and the fused kernel's stall reasons, unstaged, on sparse pixels and staged (skipped
+#      without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
 # then prints each option against the same run without it (the decisions on the defaults;
 # a variant that fell back is left out of them and counts as a failure), and a summary
@@ -39,8 +43,9 @@
 # ./gpu-bundle. STEPS (default 10000) shortens the training runs. BUDGET (default 420)
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
-# rerun still fits); the summary must print before the limit cuts the output. PARTS (default "tests train blocks
-# bench reproduce peers profile") picks the steps after the fused smoke test, for a rerun of a few. When OUT
+# rerun still fits); the summary must print before the limit cuts the output. PARTS (default
+# "tests train blocks sparse bench reproduce peers profile") picks the steps after the smoke
+# tests, for a rerun of a few. When OUT
 # is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
 # checkpoints and SVGs) in $OUT/gpu-check.tar.gz, renewed after each part.
@@ -56,7 +61,7 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
-parts=" ${PARTS:-tests train blocks bench reproduce peers profile} "
+parts=" ${PARTS:-tests train blocks sparse bench reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
@@ -123,6 +128,18 @@ else
     row "fused smoke (300 steps)" "FAIL: every fused run below is skipped"; failed=1; fused_ok=0
 fi
 
+# The sparse-pixel kernel (BNTRAIN_FUSED_SPARSE=1) the same way.
+sparse_ok=$fused_ok
+if [[ $fused_ok == 1 ]]; then
+    echo "== smoke: BNTRAIN_FUSED_SPARSE=1 BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
+    BNTRAIN_FUSED_SPARSE=1 BNTRAIN_CUDA_STEP=fused timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/sparse-smoke.log"
+    if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/sparse-smoke.log" device)" == *"(fused steps, sparse pixels)"* ]]; then
+        row "sparse smoke (300 steps)" "test accuracy $(json_field "$logs/sparse-smoke.log" test_accuracy), $(json_field "$logs/sparse-smoke.log" device)"
+    else
+        row "sparse smoke (300 steps)" "FAIL: every sparse run below is skipped"; failed=1; sparse_ok=0
+    fi
+fi
+
 # The cluster kernels (sm_90) the same way: a fault in them would leave the process's CUDA
 # context unusable, so their tests also run in a process of their own below.
 cluster_ok=1
@@ -134,18 +151,19 @@ else
     row "cluster smoke (300 steps)" "FAIL: every cluster run below is skipped"; failed=1; cluster_ok=0
 fi
 
-# The test executables: the kernels; the unfused training tests; the fused kernels' tests and
-# the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
+# The test executables: the kernels; the unfused training tests; the fused kernels' tests, the
+# sparse-pixel tests and the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
 # process's CUDA context unusable), each skipped where its smoke test failed.
-for test in gpu_kernels gpu_training gpu_training:fused gpu_training:cluster; do
+for test in gpu_kernels gpu_training gpu_training:fused gpu_training:sparse gpu_training:cluster; do
     part tests || continue
     exe="${test%%:*}" filter=() skip=()
     case "$test" in
         gpu_training) skip=(--skip fused --skip cluster) ;;
-        *:fused) filter=(fused); skip=(--skip cluster) ;;
+        *:fused) filter=(fused); skip=(--skip cluster --skip sparse) ;;
+        *:sparse) filter=(sparse) ;;
         *:cluster) filter=(cluster) ;;
     esac
-    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:cluster && $cluster_ok == 0) ]]; then
+    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:sparse && $sparse_ok == 0) || ($test == *:cluster && $cluster_ok == 0) ]]; then
         row "$test" "SKIPPED: its smoke test failed"; continue
     fi
     echo "== $test"
@@ -160,20 +178,27 @@ done
 
 save_logs
 
-for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
+for run in graph:f32 fused:f32 fused-sparse:f32 graph:tf32 graph:bf16; do
     part train || continue
-    step="${run%%:*}" precision="${run##*:}"
+    step="${run%%:*}" precision="${run##*:}" sparse=0
+    [[ $step == fused-sparse ]] && step=fused sparse=1
     [[ $step == fused && $fused_ok == 0 ]] && continue
+    [[ $sparse == 1 && $sparse_ok == 0 ]] && continue
     name="train $steps steps (BN, $step, $precision)"
-    log="$logs/train-$step-$precision.log"
-    echo "== BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
+    [[ $sparse == 1 ]] && name="train $steps steps (BN, fused, sparse pixels, $precision)"
+    log="$logs/train-${run%%:*}-$precision.log"
+    echo "== BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
     limit 120 15 "$name" || { failed=1; continue; }
-    BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         acc="$(json_field "$log" test_accuracy)"
         secs="$(json_field "$log" seconds)"
         us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$steps" 2>/dev/null || echo '?')"
-        row "$name" "test accuracy $acc, $secs s ($us µs/step incl. evaluation), $(json_field "$log" device)"
+        device="$(json_field "$log" device)" verdict=""
+        # A run that fell back to another way of stepping trained, but not as asked.
+        want="(cuda graph"; [[ $step == fused ]] && want="(fused steps"; [[ $sparse == 1 ]] && want="(fused steps, sparse pixels"
+        [[ "$device" != *"$want"* ]] && { verdict="FELL BACK: "; failed=1; }
+        row "$name" "${verdict}test accuracy $acc, $secs s ($us µs/step incl. evaluation), $device"
     else
         row "$name" "FAIL"; failed=1
     fi
@@ -183,15 +208,15 @@ done
 # then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
 # The log of one bench row (bench's arguments).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-sparse${11:-0}.log"
 }
 bench_part=bench
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [SPARSE(0|1)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
-    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. The part
-    # that runs it: $bench_part.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}"
+    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. SPARSE: 1
+    # sets BNTRAIN_FUSED_SPARSE=1. The part that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" sparse="${11:-0}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -202,6 +227,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $cluster == 1 ]] && name+=", clusters"
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
+    [[ $sparse == 1 ]] && name+=", sparse pixels"
     [[ $threads != 256 ]] && name+=", $threads threads a block"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
@@ -212,9 +238,10 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     # Said, not silent: a row the table would otherwise miss.
     if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    if [[ $sparse == 1 && $sparse_ok == 0 ]]; then row "$name" "SKIPPED: the sparse smoke test failed"; return; fi
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -231,6 +258,9 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
         [[ $2 == fused && $threads != 256 ]] && want="(fused steps, $threads threads a block"
+        # (A pair in one launch runs blocks of 256: no block size in its name.)
+        [[ $sparse == 1 ]] && want="(fused steps, sparse pixels"
+        [[ $sparse == 1 && $threads != 256 ]] && want+=", $threads threads a block"
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
@@ -249,6 +279,15 @@ save_logs
 # with the larger blocks; a short call can run just these (PARTS="tests blocks").
 bench_part=blocks
 for threads in 256 512 1024; do bench seed fused f32 0 0 0 0 0 0 "$threads"; done
+# Part "sparse": the first layer on its non-zero pixels (BNTRAIN_FUSED_SPARSE=1), in blocks
+# of 256 and 512 threads, and the BN+plain pair in one launch (the study's default), each
+# with its dense baseline (timed here unless the parts that time them run).
+bench_part=sparse
+part blocks || { bench seed fused f32; bench seed fused f32 0 0 0 0 0 0 512; }
+part bench || bench seed fused f32 0 0 2
+bench seed fused f32 0 0 0 0 0 0 256 1
+bench seed fused f32 0 0 0 0 0 0 512 1
+bench seed fused f32 0 0 2 0 0 0 256 1
 bench_part=bench
 for config in seed wide; do
     for step in fused graph eager; do
@@ -295,18 +334,22 @@ bench seed eager f32 1
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default sparse blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
     # blocks1024: fused steps in blocks of 1024 threads (BNTRAIN_FUSED_THREADS=1024; part
     # "blocks", as is the fused baseline when that part runs); default: the defaults (fused
     # steps, the two networks in one launch); graph: with the defaults' second stream for
-    # the weight gradients (f32).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce
+    # the weight gradients (f32); sparse: the defaults on sparse pixels (part "sparse", as is
+    # the default variant when part "reproduce" does not run).
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 sparse=0 gate=reproduce
     [[ $variant == blocks* ]] && step=fused threads=1024 gate=blocks
     [[ $variant == fused ]] && part blocks && gate=blocks
     [[ $variant == default ]] && step=fused pairing=1
+    [[ $variant == default ]] && ! part reproduce && gate=sparse
+    [[ $variant == sparse ]] && step=fused pairing=1 sparse=1 gate=sparse
+    [[ $variant == sparse && $sparse_ok == 0 ]] && continue
     # cluster: a thread-block cluster per network, both in one launch.
     [[ $variant == cluster* ]] && step=fused clusters=1 pairing=1
     [[ $variant == cluster* && $cluster_ok == 0 ]] && continue
@@ -319,11 +362,11 @@ for variant in fused default blocks1024 blocks1024-streams streams cluster clust
     [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part "$gate" && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -339,6 +382,7 @@ for variant in fused default blocks1024 blocks1024-streams streams cluster clust
         [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
         [[ $threads != 256 && "$device" != *"$threads threads a block"* ]] && fell_back=1
+        [[ $sparse == 1 && "$device" != *"sparse pixels"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
             row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
             mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.fell-back"
@@ -398,12 +442,15 @@ for k, (calls, t, shape) in sorted(per.items(), key=lambda kv: -kv[1][1]):
 PY
         row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null | grep . || echo FAIL)"
     done
-    # The fused kernel's stall reasons, unstaged and staged (BNTRAIN_FUSED_STAGE).
-    for stage in 0 1; do
-        variant=fused; [[ $stage == 1 ]] && variant=staged
+    # The fused kernel's stall reasons, unstaged, on sparse pixels and staged.
+    for variant in fused sparse staged; do
+        stage=0 sparse=0
+        [[ $variant == staged ]] && stage=1
+        [[ $variant == sparse ]] && sparse=1
+        [[ $sparse == 1 && $sparse_ok == 0 ]] && continue
         [[ $fused_ok == 1 ]] && limit 60 20 "profile seed ($variant, ncu)" || continue
-        echo "== ncu: BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
-        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+        echo "== ncu: BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
+        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section SourceCounters -k regex:fused --launch-skip 2 --launch-count 1 \
             "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-$variant.txt" 2>&1
         grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-$variant.txt"
@@ -460,6 +507,9 @@ PY
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
 decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
+decide "seed fused: sparse pixels" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)"
+decide "seed fused, 512 threads: sparse pixels" "$(bench_log seed fused f32 0 0 0 0 0 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 1)"
+decide "seed fused pair, one launch: sparse pixels" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 2 0 0 0 256 1)"
 decide "seed fused: 512 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512)"
 decide "seed fused: 1024 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 1024)"
 decide "seed fused pair: one launch (grid)" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2)"
@@ -481,6 +531,7 @@ for variant in streams cluster staged tuned graph; do
 done
 decide "reproduce: paired against staged" reproduce:staged reproduce:paired
 decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduce:default
+decide "reproduce: sparse pixels against the defaults" reproduce:default reproduce:sparse
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

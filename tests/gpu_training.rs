@@ -542,7 +542,11 @@ fn options_follow_the_step_switch() {
             assert_eq!(CudaOptions { backward_streams: Some(asked), ..options }.second_backward_stream(), asked, "{gemm:?}, asked {asked}");
         }
     }
-    let switches = [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV];
+    assert!(!defaults.fused_sparse, "dense pixels until sparse ones are measured faster");
+    let switches = [
+        CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV,
+        CudaOptions::FUSED_SPARSE_ENV,
+    ];
     for name in switches {
         // Unset or empty: the default stands (None).
         for (value, expected) in [(None, None), (Some(""), None), (Some("0"), Some(false)), (Some(" 1 "), Some(true))] {
@@ -628,6 +632,31 @@ fn fused_steps_in_larger_blocks_match_the_cpu_reference() {
     let Some(_serial) = serial_gpu() else { return };
     check_all(cuda_fused_512);
     check_all(cuda_fused_1024);
+}
+
+fn cuda_fused_sparse(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_threads: threads, fused_sparse: true, ..Default::default() };
+    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
+    let expected = if threads == 256 { "(fused steps, sparse pixels)".to_string() } else { format!("(fused steps, sparse pixels, {threads} threads a block)") };
+    assert!(net.device_name().ends_with(&expected), "not the sparse fused kernel in blocks of {threads}: {}", net.device_name());
+    Box::new(net)
+}
+
+fn cuda_fused_sparse_256(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_fused_sparse(256, model, train, data, params)
+}
+
+fn cuda_fused_sparse_1024(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_fused_sparse(1024, model, train, data, params)
+}
+
+/// The fused kernel's first layer on sparse pixels (`BNTRAIN_FUSED_SPARSE`), in blocks of
+/// 256 and 1024 threads, against the CPU reference with the tolerances of the dense path.
+#[test]
+fn sparse_fused_steps_match_the_cpu_reference() {
+    let Some(_serial) = serial_gpu() else { return };
+    check_all(cuda_fused_sparse_256);
+    check_all(cuda_fused_sparse_1024);
 }
 
 /// `bntrain bench --trace` as the CLI runs it, fused: its traced steps stay inside the
@@ -820,19 +849,32 @@ fn staged_fused_steps_equal_unstaged_bitwise() {
     });
 }
 
+/// The options of fused steps with everything else at its default.
+fn fused_options() -> CudaOptions {
+    CudaOptions { step_launch: StepLaunch::Fused, ..Default::default() }
+}
+
 /// The BN and the plain network trained in one launch (BNTRAIN_FUSED_PAIR, through
 /// `train_steps_with`, unstaged and staged) end bit for bit where each ends trained alone.
 #[test]
 fn paired_fused_networks_equal_networks_trained_alone() {
     let Some(_serial) = serial_gpu() else { return };
-    check_pairs(&[(false, ClusterRequest::Off), (true, ClusterRequest::Off)]);
+    check_pairs(&[fused_options(), CudaOptions { fused_staging: true, ..fused_options() }]);
+}
+
+/// As above, on sparse pixels (a test of its own: scripts/gpu-check.sh runs the sparse
+/// kernels' tests in a process of their own, by the name).
+#[test]
+fn paired_sparse_fused_networks_equal_networks_trained_alone() {
+    let Some(_serial) = serial_gpu() else { return };
+    check_pairs(&[CudaOptions { fused_sparse: true, ..fused_options() }]);
 }
 
 /// As above, for the cluster kernels: a cluster a network in one launch.
 #[test]
 fn paired_cluster_networks_equal_networks_trained_alone() {
     if let Some(_serial) = serial_gpu_where(clusters_run) {
-        check_pairs(&[(false, ClusterRequest::Auto)]);
+        check_pairs(&[CudaOptions { fused_cluster: ClusterRequest::Auto, ..fused_options() }]);
     }
 }
 
@@ -877,25 +919,28 @@ fn a_refused_cluster_launch_falls_back_to_the_grid_kernel() {
     assert_same_state("pair, plain", &mut plain, &mut plain_grid);
 }
 
-/// The BN and the plain seed network, trained in one launch with each (staging, cluster)
-/// variant, against each trained alone.
-fn check_pairs(variants: &[(bool, ClusterRequest)]) {
+/// The BN and the plain seed network, trained in one launch with each variant's options
+/// (pairing aside), against each trained alone.
+fn check_pairs(variants: &[CudaOptions]) {
     let data = dataset();
     let train = TrainConfig::seed();
     let order = epoch_order(BatchOrder::Shuffled, 9, 0, data.train.count);
     let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
-    for &(fused_staging, fused_cluster) in variants {
+    for &variant in variants {
+        let (fused_staging, fused_cluster, fused_sparse) = (variant.fused_staging, variant.fused_cluster, variant.fused_sparse);
         let open = |batch_norm: bool, fused_pairing: bool| {
             let model = ModelConfig::seed(batch_norm);
             let params = scaled_init(&model, &train);
-            let options = CudaOptions { step_launch: StepLaunch::Fused, fused_staging, fused_pairing, fused_cluster, ..Default::default() };
+            let options = CudaOptions { fused_pairing, ..variant };
             let mut net = CudaBackend::with_options(model, train.clone(), Arc::clone(&data), &params, options).unwrap();
             net.set_epoch_order(&order).unwrap();
             net
         };
         let (mut bn, mut plain) = (open(true, true), open(false, true));
-        assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap(), "staging {fused_staging}, {fused_cluster:?}: the pair did not train together");
+        let what = |net: &str| format!("staging {fused_staging}, {fused_cluster:?}, sparse {fused_sparse}, {net}");
+        assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap(), "{}: the pair did not train together", what("BN"));
         assert_eq!(bn.device_name().contains("clusters of"), fused_cluster != ClusterRequest::Off, "{}", bn.device_name());
+        assert_eq!(bn.device_name().contains("sparse pixels"), fused_sparse, "{}", bn.device_name());
         assert!(bn.device_name().ends_with("two networks a launch)") && plain.device_name().ends_with("two networks a launch)"), "{}", bn.device_name());
         // Without the switch, or with different orders, the pair declines and leaves both alone.
         let (mut bn_alone, mut plain_alone) = (open(true, false), open(false, false));
@@ -903,7 +948,6 @@ fn check_pairs(variants: &[(bool, ClusterRequest)]) {
         assert!(!bn_alone.device_name().contains("two networks"), "{}", bn_alone.device_name());
         bn_alone.train_steps(0, steps).unwrap();
         plain_alone.train_steps(0, steps).unwrap();
-        let what = |net: &str| format!("staging {fused_staging}, {fused_cluster:?}, {net}");
         assert_same_state(&what("BN"), &mut bn, &mut bn_alone);
         assert_same_state(&what("plain"), &mut plain, &mut plain_alone);
         let mut other_order = open(false, true);
