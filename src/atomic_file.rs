@@ -1,5 +1,6 @@
 //! Files that are never seen half-written: every file bntrain writes (checkpoints, the
-//! downloaded dataset, reports) goes through a temporary sibling, flushed, then renamed.
+//! downloaded dataset, reports) goes through a temporary sibling, flushed, then renamed,
+//! and a prompt exit on a second Ctrl-C waits for the write to end ([`crate::interrupt`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -9,6 +10,8 @@ use std::path::Path;
 /// (`--checkpoint /dev/null`, run as root, would replace the device).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     refuse_non_regular(path)?;
+    // A second Ctrl-C waits for the write (a checkpoint saved on the first one) to end.
+    let _whole = crate::interrupt::Critical::enter();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
     // A fresh name, made exclusively: containers sharing a volume all run as PID 1, and a

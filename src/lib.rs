@@ -8,7 +8,8 @@
 //! - [`backend`]: the trait the training loop is generic over;
 //! - [`train`]: the training loop, evaluation and metrics;
 //! - [`report`]: figures, CSV/JSON and the reproduction report;
-//! - [`tolerance`]: the one numeric comparison helper.
+//! - [`tolerance`]: the one numeric comparison helper;
+//! - [`interrupt`]: the work a prompt exit on a second Ctrl-C waits for.
 
 pub mod atomic_file;
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod cuda;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod interrupt;
 pub mod model;
 pub mod bench;
 pub mod report;

@@ -447,8 +447,10 @@ pub fn reproduce(
 
 /// Moves `files` from `from` into `to` (same-named files replaced, others left alone), then
 /// removes `from`. A target that is a directory is found before anything moves; a move that
-/// fails midway names what had moved.
+/// fails midway names what had moved; a second Ctrl-C waits for the move to end.
 fn move_outputs(from: &Path, to: &Path, files: &[String]) -> crate::Result<()> {
+    // All of them or, on an error, a message naming what moved: never an exit midway.
+    let _whole = crate::interrupt::Critical::enter();
     if let Some(name) = files.iter().find(|name| to.join(name).is_dir()) {
         let why = std::io::Error::other("a directory has that name");
         return Err(crate::Error::io(format!("cannot move {name} into {} (the outputs stay in {})", to.display(), from.display()), why));
