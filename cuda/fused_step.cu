@@ -539,6 +539,11 @@ __device__ __forceinline__ void weight_row_gradient(
     else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n);
 }
 
+// A row's entries go to the 32 lanes of one warp, each lane loading four at a time.
+#define SPARSE_LANES 32
+#define SPARSE_UNROLL 4
+#define SPARSE_PITCH (SPARSE_LANES + 1)
+
 // Layer 0 on sparse pixels (BNTRAIN_FUSED_SPARSE; see the header): each image as its
 // non-zero pixels, entry (k << 8) | byte for pixel k, images one after another, image i's
 // entries at offsets[i] .. offsets[i+1], k increasing (src/cuda/kernels.rs builds them).
@@ -562,6 +567,21 @@ struct SparsePixels {
             end[i] = image < count ? offsets[image + 1] : 0u;
         }
     }
+    // Calls f(u, entry) for each entry of the pass's row i that lane `lane` takes: entries
+    // lane, lane+32, lane+64, … of the row, SPARSE_UNROLL of them loaded before any is used
+    // (u: the entry's place among them).
+    template <typename F>
+    __device__ __forceinline__ void for_each_entry(unsigned i, unsigned lane, F f) const {
+        const unsigned stop = end[i];
+        for (unsigned q = begin[i] + lane; q < stop; q += SPARSE_UNROLL * SPARSE_LANES) {
+            unsigned entry[SPARSE_UNROLL];
+#pragma unroll
+            for (unsigned u = 0; u < SPARSE_UNROLL; ++u) entry[u] = q + u * SPARSE_LANES < stop ? entries[q + u * SPARSE_LANES] : 0u;
+#pragma unroll
+            for (unsigned u = 0; u < SPARSE_UNROLL; ++u)
+                if (q + u * SPARSE_LANES < stop) f(u, entry[u]);
+        }
+    }
     // x = byte/255, as PixelBytes rounds it; the byte made a float exactly by placing it
     // under the exponent of 2^23 and taking 2^23 away (two full-rate instructions, where an
     // integer conversion runs at a fraction of that rate).
@@ -570,18 +590,13 @@ struct SparsePixels {
     }
 };
 
-// Warp w of the block sums rows w, w + T/32, … of a pass; lane l of a row's warp takes
-// entries l, l+32, l+64, … in four interleaved sums (four loads in flight), added as
-// (s0+s1)+(s2+s3); the 32 lanes' partials then go through `part` ([rows of the pass] × 33)
-// and a thread per row adds them in lane order, as column_dot does. Every sum has a fixed
-// order.
-#define SPARSE_LANES 32
-#define SPARSE_UNROLL 4
-#define SPARSE_PITCH (SPARSE_LANES + 1)
-
 // out[r·out_stride] = Σ_k x[r,k]·w[k] over row r's non-zero pixels, for r < rows (NaN for an
 // invalid row, whose dense inputs are NaN); `mine`, if given, gets row threadIdx.x's result.
-// `w` is the weight row in shared memory (gathered at random k). Every thread calls it.
+// `w` is the weight row in shared memory (gathered at random k). Warp w of the block sums
+// rows w, w + T/32, … of a pass; lane l of a row's warp takes entries l, l+32, l+64, … in
+// four interleaved sums, added as (s0+s1)+(s2+s3); the 32 lanes' partials then go through
+// `part` ([rows of the pass] × 33) and a thread per row adds them as column_dot does. Every
+// sum has a fixed order. Every thread calls it.
 __device__ __forceinline__ void sparse_column_dot(float* part, const SparsePixels& in, unsigned rows, const float* w, float* out, unsigned out_stride, float* mine) {
     const unsigned lane = threadIdx.x % SPARSE_LANES, warp = threadIdx.x / SPARSE_LANES, warps = blockDim.x / SPARSE_LANES;
     for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
@@ -589,16 +604,8 @@ __device__ __forceinline__ void sparse_column_dot(float* part, const SparsePixel
         in.stage(first, pass);
         __syncthreads();
         for (unsigned i = warp; i < pass; i += warps) {
-            const unsigned end = in.end[i];
             float acc[SPARSE_UNROLL] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (unsigned q = in.begin[i] + lane; q < end; q += SPARSE_UNROLL * SPARSE_LANES) {
-                unsigned entry[SPARSE_UNROLL];
-#pragma unroll
-                for (unsigned u = 0; u < SPARSE_UNROLL; ++u) entry[u] = q + u * SPARSE_LANES < end ? in.entries[q + u * SPARSE_LANES] : 0u;
-#pragma unroll
-                for (unsigned u = 0; u < SPARSE_UNROLL; ++u)
-                    if (q + u * SPARSE_LANES < end) acc[u] += SparsePixels::value(entry[u]) * w[entry[u] >> 8];
-            }
+            in.for_each_entry(i, lane, [&](unsigned u, unsigned entry) { acc[u] += SparsePixels::value(entry) * w[entry >> 8]; });
             const float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
             part[i * SPARSE_PITCH + lane] = in.index[i] < in.count ? s : __int_as_float(0x7fc00000);
         }
@@ -645,17 +652,9 @@ __device__ __forceinline__ void sparse_weight_row_gradient(
         if (warp >= C) continue;
         for (unsigned i = warp; i < pass; i += C) {
             const float g = gs[i];
-            const unsigned end = in.end[i];
             if (in.index[i] >= in.count)
                 for (unsigned k = lane; k < n; k += SPARSE_LANES) copy[k] += g * __int_as_float(0x7fc00000);
-            for (unsigned q = in.begin[i] + lane; q < end; q += SPARSE_UNROLL * SPARSE_LANES) {
-                unsigned entry[SPARSE_UNROLL];
-#pragma unroll
-                for (unsigned u = 0; u < SPARSE_UNROLL; ++u) entry[u] = q + u * SPARSE_LANES < end ? in.entries[q + u * SPARSE_LANES] : 0u;
-#pragma unroll
-                for (unsigned u = 0; u < SPARSE_UNROLL; ++u)
-                    if (q + u * SPARSE_LANES < end) copy[entry[u] >> 8] += g * SparsePixels::value(entry[u]);
-            }
+            in.for_each_entry(i, lane, [&](unsigned, unsigned entry) { copy[entry >> 8] += g * SparsePixels::value(entry); });
             // The next row's lanes may add to the elements this row's lanes just wrote.
             FUSED_SYNC_WARP();
         }

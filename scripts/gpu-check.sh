@@ -116,40 +116,26 @@ info_start=$SECONDS
 timeout -k 10 240 "$bin" info 2>&1 | tee "$logs/info.log"
 row "bntrain info (PTX compiled)" "$((SECONDS - info_start)) s: $(grep -m1 '^cuda:' "$logs/info.log" || echo 'no cuda line')"
 
-# The fused kernel first, briefly. If it fails
-# (or hangs: its grid barrier traps after seconds), everything fused below is skipped, so a
-# broken kernel costs seconds, not the call.
-fused_ok=1
-echo "== smoke: BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
-BNTRAIN_CUDA_STEP=fused timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/fused-smoke.log"
-if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/fused-smoke.log" device)" == *"(fused steps)"* ]]; then
-    row "fused smoke (300 steps)" "test accuracy $(json_field "$logs/fused-smoke.log" test_accuracy), $(json_field "$logs/fused-smoke.log" device)"
-else
-    row "fused smoke (300 steps)" "FAIL: every fused run below is skipped"; failed=1; fused_ok=0
-fi
-
-# The sparse-pixel kernel (BNTRAIN_FUSED_SPARSE=1) the same way.
-sparse_ok=$fused_ok
-if [[ $fused_ok == 1 ]]; then
-    echo "== smoke: BNTRAIN_FUSED_SPARSE=1 BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
-    BNTRAIN_FUSED_SPARSE=1 BNTRAIN_CUDA_STEP=fused timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/sparse-smoke.log"
-    if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/sparse-smoke.log" device)" == *"(fused steps, sparse pixels)"* ]]; then
-        row "sparse smoke (300 steps)" "test accuracy $(json_field "$logs/sparse-smoke.log" test_accuracy), $(json_field "$logs/sparse-smoke.log" device)"
+# A smoke test: `train` for 300 steps with the environment given (VAR=VALUE …), whose device
+# name must contain WANT; its row says so, and it fails (so that every later run of that
+# kernel is skipped) if not. A broken kernel costs seconds, not the call.
+smoke() { # NAME WANT VAR=VALUE...
+    local name="$1" want="$2" log="$logs/$1-smoke.log"; shift 2
+    echo "== smoke: $* bntrain train --device cuda --steps 300"
+    env "$@" timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$log"
+    if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$log" device)" == *"$want"* ]]; then
+        row "$name smoke (300 steps)" "test accuracy $(json_field "$log" test_accuracy), $(json_field "$log" device)"
     else
-        row "sparse smoke (300 steps)" "FAIL: every sparse run below is skipped"; failed=1; sparse_ok=0
+        row "$name smoke (300 steps)" "FAIL: every $name run below is skipped"; failed=1; return 1
     fi
-fi
-
-# The cluster kernels (sm_90) the same way: a fault in them would leave the process's CUDA
-# context unusable, so their tests also run in a process of their own below.
-cluster_ok=1
-echo "== smoke: BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 300"
-BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused timeout -k 10 45 "$bin" train --device cuda --steps 300 --eval-every 100 --json 2>&1 | tee "$logs/cluster-smoke.log"
-if [[ ${PIPESTATUS[0]} -eq 0 && "$(json_field "$logs/cluster-smoke.log" device)" == *"clusters of"* ]]; then
-    row "cluster smoke (300 steps)" "test accuracy $(json_field "$logs/cluster-smoke.log" test_accuracy), $(json_field "$logs/cluster-smoke.log" device)"
-else
-    row "cluster smoke (300 steps)" "FAIL: every cluster run below is skipped"; failed=1; cluster_ok=0
-fi
+}
+# The fused kernel first (it fails or hangs: its grid barrier traps after seconds), then its
+# sparse-pixel kernel; the cluster kernels (sm_90) too: a fault in them would leave the
+# process's CUDA context unusable, so their tests also run in a process of their own below.
+fused_ok=1 sparse_ok=0 cluster_ok=1
+smoke fused "(fused steps)" BNTRAIN_CUDA_STEP=fused || fused_ok=0
+[[ $fused_ok == 1 ]] && smoke sparse "(fused steps, sparse pixels)" BNTRAIN_FUSED_SPARSE=1 BNTRAIN_CUDA_STEP=fused && sparse_ok=1
+smoke cluster "clusters of" BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused || cluster_ok=0
 
 # The test executables: the kernels; the unfused training tests; the fused kernels' tests, the
 # sparse-pixel tests and the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
@@ -291,8 +277,8 @@ bench seed fused f32 0 0 2 0 0 0 256 1
 bench_part=bench
 for config in seed wide; do
     for step in fused graph eager; do
-        # (The seed's fused row was timed by part "blocks" when it ran.)
-        [[ $config == seed && $step == fused ]] && part blocks && continue
+        # (The seed's fused row was timed by part "blocks" or "sparse" when one ran.)
+        [[ $config == seed && $step == fused ]] && { part blocks || part sparse; } && continue
         bench "$config" "$step" f32
     done
 done

@@ -608,12 +608,17 @@ fn fused_steps_match_the_cpu_reference() {
     check_all(cuda_fused_backend);
 }
 
+/// A backend with `options` whose device name ends with `expected` (the variant asked for
+/// is the one in use).
+fn cuda_fused_as(options: CudaOptions, expected: &str, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
+    assert!(net.device_name().ends_with(expected), "not {expected}: {}", net.device_name());
+    Box::new(net)
+}
+
 fn cuda_fused_threads(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
     let options = CudaOptions { step_launch: StepLaunch::Fused, fused_threads: threads, ..Default::default() };
-    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
-    let expected = format!("(fused steps, {threads} threads a block)");
-    assert!(net.device_name().ends_with(&expected), "not the fused kernel in blocks of {threads}: {}", net.device_name());
-    Box::new(net)
+    cuda_fused_as(options, &format!("(fused steps, {threads} threads a block)"), model, train, data, params)
 }
 
 fn cuda_fused_512(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
@@ -636,10 +641,8 @@ fn fused_steps_in_larger_blocks_match_the_cpu_reference() {
 
 fn cuda_fused_sparse(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
     let options = CudaOptions { step_launch: StepLaunch::Fused, fused_threads: threads, fused_sparse: true, ..Default::default() };
-    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
     let expected = if threads == 256 { "(fused steps, sparse pixels)".to_string() } else { format!("(fused steps, sparse pixels, {threads} threads a block)") };
-    assert!(net.device_name().ends_with(&expected), "not the sparse fused kernel in blocks of {threads}: {}", net.device_name());
-    Box::new(net)
+    cuda_fused_as(options, &expected, model, train, data, params)
 }
 
 fn cuda_fused_sparse_256(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
