@@ -51,6 +51,15 @@ pub fn refuse_non_regular(path: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A write holds one section a second Ctrl-C waits for ([`crate::interrupt`]).
+    #[test]
+    fn a_write_holds_a_critical_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = crate::interrupt::sections_entered_on_this_thread();
+        write_atomically(&dir.path().join("data.bin"), b"bytes").unwrap();
+        assert_eq!(crate::interrupt::sections_entered_on_this_thread(), before + 1);
+    }
+
     /// Writers of one path that share a process id (threads here; containers sharing a
     /// volume, where each is PID 1) each succeed, and the file ends whole: exactly one
     /// writer's bytes, no temporary file left.

@@ -5,9 +5,11 @@
 //! first interrupt would be lost, a temporary file left behind) or inside the move of a
 //! study's outputs into place (half of them moved). Such work holds a [`Critical`] section,
 //! and [`exit_when_safe`] waits for every section held to end, and lets no new one begin,
-//! before it exits.
+//! before it exits (the CLI's third Ctrl-C exits even then: a write hung on a network file
+//! system must not take every other way out).
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -22,10 +24,12 @@ impl Sections {
         Sections { held: AtomicUsize::new(0), closing: AtomicBool::new(false) }
     }
 
-    /// Holds a section; once an exit is under way, blocks the caller until the process ends,
-    /// unless the section is `nested` in one the caller holds (the exit waits for that one,
-    /// so it must be let finish: the move of a study's outputs writes files).
-    fn enter(&self, nested: bool) {
+    /// Holds a section for a thread that holds `depth` already; once an exit is under way,
+    /// blocks the caller until the process ends, unless the section is nested in one the
+    /// caller holds (the exit waits for that one, so it must be let finish: the move of a
+    /// study's outputs writes files).
+    fn enter(&self, depth: &Cell<usize>) {
+        let nested = depth.get() > 0;
         self.held.fetch_add(1, Ordering::SeqCst);
         // Either the exit sees this section held and waits for it, or this sees the exit
         // under way and gives the section up (both flags are sequentially consistent).
@@ -35,9 +39,11 @@ impl Sections {
                 std::thread::park();
             }
         }
+        depth.set(depth.get() + 1);
     }
 
-    fn leave(&self) {
+    fn leave(&self, depth: &Cell<usize>) {
+        depth.set(depth.get().saturating_sub(1));
         self.held.fetch_sub(1, Ordering::SeqCst);
     }
 
@@ -59,28 +65,36 @@ static SECTIONS: Sections = Sections::new();
 thread_local! {
     /// Sections the calling thread holds.
     static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Sections the calling thread has entered in all (what tests of the callers count).
+    static ENTERED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// A section [`exit_when_safe`] waits for: from [`Critical::enter`] until the guard drops.
+/// A section [`exit_when_safe`] waits for: from [`Critical::enter`] until the guard drops,
+/// on the same thread (the guard cannot be sent: the nesting is counted per thread).
 #[must_use = "the section ends when the guard drops"]
-pub struct Critical(());
+pub struct Critical(PhantomData<*const ()>);
 
 impl Critical {
-    /// Holds a section. Called while an exit is under way, it never returns: the process
-    /// ends first.
+    /// Holds a section. Called while an exit is under way, it never returns (the process
+    /// ends first), unless the calling thread holds a section already.
     pub fn enter() -> Self {
-        let depth = DEPTH.get();
-        SECTIONS.enter(depth > 0);
-        DEPTH.set(depth + 1);
-        Critical(())
+        DEPTH.with(|depth| SECTIONS.enter(depth));
+        ENTERED.set(ENTERED.get() + 1);
+        Critical(PhantomData)
     }
 }
 
 impl Drop for Critical {
     fn drop(&mut self) {
-        DEPTH.set(DEPTH.get().saturating_sub(1));
-        SECTIONS.leave();
+        DEPTH.with(|depth| SECTIONS.leave(depth));
     }
+}
+
+/// How many sections the calling thread has entered since it began: a test of a caller
+/// checks that its work held one.
+#[doc(hidden)]
+pub fn sections_entered_on_this_thread() -> u64 {
+    ENTERED.get()
 }
 
 /// Whether some work holds a section now.
@@ -109,11 +123,13 @@ mod tests {
     }
 
     /// Closing waits for the section held to end, and for one nested in it that begins
-    /// meanwhile; a section asked for after that never begins.
+    /// meanwhile; a section asked for after that, not nested, never begins.
     #[test]
     fn closing_waits_for_held_sections_and_admits_no_new_one() {
         let sections = Arc::new(Sections::new());
-        sections.enter(false);
+        let depth = Cell::new(0);
+        sections.enter(&depth);
+        assert_eq!(depth.get(), 1);
         let closed = Arc::new(AtomicBool::new(false));
         let closer = {
             let (sections, closed) = (Arc::clone(&sections), Arc::clone(&closed));
@@ -123,30 +139,38 @@ mod tests {
             })
         };
         assert!(becomes(|| sections.closing.load(Ordering::SeqCst)));
-        // The holder's own nested section (a file written in the move) still begins.
-        sections.enter(true);
-        sections.leave();
+        // The holder's own nested section (a file written in the move) still begins: its
+        // depth says it is nested.
+        sections.enter(&depth);
+        assert_eq!(depth.get(), 2);
+        sections.leave(&depth);
         std::thread::sleep(Duration::from_millis(50));
         assert!(!closed.load(Ordering::SeqCst), "closed while a section was held");
-        sections.leave();
+        sections.leave(&depth);
+        assert_eq!(depth.get(), 0);
         closer.join().unwrap();
         assert!(closed.load(Ordering::SeqCst));
-        // A section asked for now: its thread stays blocked (left parked when the test ends).
-        let entered = Arc::new(AtomicBool::new(false));
+        // A section asked for now by a thread that holds none: it stays blocked (left parked
+        // when the test ends).
+        let (started, entered) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         {
-            let (sections, entered) = (Arc::clone(&sections), Arc::clone(&entered));
+            let (sections, started, entered) = (Arc::clone(&sections), Arc::clone(&started), Arc::clone(&entered));
             std::thread::spawn(move || {
-                sections.enter(false);
+                started.store(true, Ordering::SeqCst);
+                sections.enter(&Cell::new(0));
                 entered.store(true, Ordering::SeqCst);
             });
         }
+        assert!(becomes(|| started.load(Ordering::SeqCst)), "the thread never ran");
         assert!(!becomes(|| entered.load(Ordering::SeqCst)), "a section began after the close");
         assert!(!sections.is_held(), "the refused section is not counted as held");
     }
 
-    /// The process-wide guard counts while it lives, and a guard taken inside it is nested.
+    /// The process-wide guard counts while it lives, a guard taken inside it is nested, and
+    /// the thread's count of sections entered grows by each.
     #[test]
     fn a_guard_holds_its_section_until_dropped() {
+        let entered = sections_entered_on_this_thread();
         let guard = Critical::enter();
         assert!(critical_work_running());
         assert_eq!(DEPTH.get(), 1);
@@ -155,5 +179,6 @@ mod tests {
         drop(inner);
         drop(guard);
         assert_eq!(DEPTH.get(), 0);
+        assert_eq!(sections_entered_on_this_thread(), entered + 2);
     }
 }

@@ -543,19 +543,31 @@ fn progress_bar(len: u64, position: u64) -> ProgressBar {
 
 /// Ctrl-C / SIGTERM: the first asks training to stop at the next step boundary (`train`
 /// writes a checkpoint, `reproduce` keeps its partial outputs), the second exits at once,
-/// but never in the middle of a file's write or of the move of a study's outputs.
+/// but never in the middle of a file's write or of the move of a study's outputs, and a
+/// third exits even then.
 fn install_interrupt_handler() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let presses = Arc::new(AtomicUsize::new(0));
     let flag = Arc::clone(&stop);
     let handler = move || {
-        if presses.fetch_add(1, Ordering::SeqCst) >= 1 {
+        let press = presses.fetch_add(1, Ordering::SeqCst);
+        if press >= 2 {
+            let _ = writeln!(std::io::stderr(), "\nthird interrupt: exiting now, whatever is being written");
+            std::process::exit(130);
+        }
+        if press == 1 {
             if bntrain::interrupt::critical_work_running() {
-                let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting once the file being written (or the outputs being moved into place) is done");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "\nsecond interrupt: exiting once the file being written (or the outputs being moved into place) is done (press again to exit at once)"
+                );
             } else {
                 let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting now");
             }
-            bntrain::interrupt::exit_when_safe(130);
+            // On a thread of its own, so that this handler is free for a third press (a
+            // write hung on a network file system must not take every way out).
+            std::thread::spawn(|| bntrain::interrupt::exit_when_safe(130));
+            return;
         }
         // Not eprintln!: on a closed stderr it would panic this thread, and no interrupt
         // would stop the run.

@@ -109,6 +109,8 @@ pub fn check_writable(path: &Path) -> Result<()> {
     crate::atomic_file::refuse_non_regular(path).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let probe = dir.join(format!(".bntrain-write-test-{}", std::process::id()));
+    // Never left behind by a second Ctrl-C between the write and the removal.
+    let _whole = crate::interrupt::Critical::enter();
     std::fs::write(&probe, b"")
         .and_then(|_| std::fs::remove_file(&probe))
         .map_err(|e| Error::io(format!("cannot write to {} (for {})", dir.display(), path.display()), e))

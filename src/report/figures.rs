@@ -85,6 +85,8 @@ macro_rules! render {
 fn atomically(path: &Path, draw: impl FnOnce(&Path) -> Result<(), ReportError>) -> Result<(), ReportError> {
     let fail = |e: std::io::Error| ReportError::Write { path: path.to_path_buf(), reason: e.to_string() };
     crate::atomic_file::refuse_non_regular(path).map_err(fail)?;
+    // A second Ctrl-C waits for the figure (and its temporary file's removal or rename).
+    let _whole = crate::interrupt::Critical::enter();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "figure".into());
     let extension = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();

@@ -432,6 +432,8 @@ pub fn reproduce(
     }
     create_dir(&partial)?;
     let probe = ".bntrain-move-probe";
+    // Never left behind by a second Ctrl-C between the write and the removal.
+    let probing = crate::interrupt::Critical::enter();
     let probed = std::fs::write(partial.join(probe), b"")
         .and_then(|()| move_file(&partial.join(probe), &opts.out_dir.join(probe)))
         .and_then(|()| std::fs::remove_file(opts.out_dir.join(probe)));
@@ -439,6 +441,7 @@ pub fn reproduce(
         let _ = std::fs::remove_dir_all(&partial);
         return Err(crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e));
     }
+    drop(probing);
     let building = ReproduceOptions { out_dir: partial.clone(), ..opts.clone() };
     let summary = build_outputs(&building, data, open, stop)?;
     move_outputs(&partial, &opts.out_dir, &summary.files)?;
@@ -558,6 +561,22 @@ fn create_dir(dir: &Path) -> crate::Result<()> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The move of a study's outputs holds one section a second Ctrl-C waits for.
+    #[test]
+    fn moving_the_outputs_holds_a_critical_section() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let files: Vec<String> = ["a.csv", "b.json"].iter().map(|n| n.to_string()).collect();
+        let partial = from.path().join("partial");
+        std::fs::create_dir(&partial).unwrap();
+        for name in &files {
+            std::fs::write(partial.join(name), name).unwrap();
+        }
+        let before = crate::interrupt::sections_entered_on_this_thread();
+        move_outputs(&partial, to.path(), &files).unwrap();
+        assert_eq!(crate::interrupt::sections_entered_on_this_thread(), before + 1);
+        assert!(!partial.exists() && files.iter().all(|n| to.path().join(n).is_file()));
+    }
 
     /// A summary of a run of `steps` side-by-side steps (evaluated every `eval_every`) and
     /// `steps_bn` BN steps, on the seed network and MNIST's sizes, where the references apply:
