@@ -23,8 +23,8 @@
 #      (BNTRAIN_FUSED_SPARSE=1) in blocks of 256 and 512 and as the pair in one launch, each
 #      with its dense baseline, and the study with the defaults, dense and sparse;
 #   4. the full `reproduce` study, timed, with fused steps (two launches a step), with the
-#      defaults (fused, paired), on sparse pixels (part "sparse"), in blocks of 1024 threads and with the evaluation stream
-#      too (part "blocks"), with evaluation points on a stream
+#      defaults (fused, paired), on sparse pixels (part "sparse"), in blocks of 1024 threads
+#      and with the evaluation stream too (part "blocks"), with evaluation points on a stream
 #      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
 #      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
 #      them);
@@ -138,8 +138,9 @@ smoke fused "(fused steps)" BNTRAIN_CUDA_STEP=fused || fused_ok=0
 smoke cluster "clusters of" BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused || cluster_ok=0
 
 # The test executables: the kernels; the unfused training tests; the fused kernels' tests, the
-# sparse-pixel tests and the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
-# process's CUDA context unusable), each skipped where its smoke test failed.
+# sparse-pixel tests and the cluster kernels' tests each in a process of their own (a trap in
+# a kernel leaves its process's CUDA context unusable), each skipped where its smoke test
+# failed.
 for test in gpu_kernels gpu_training gpu_training:fused gpu_training:sparse gpu_training:cluster; do
     part tests || continue
     exe="${test%%:*}" filter=() skip=()
@@ -389,6 +390,7 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     # compares the peers with the fastest).
     variants=graph,tuned,streams,tuned-streams; [[ $fused_ok == 1 ]] && variants+=,fused,staged
     [[ $cluster_ok == 1 ]] && variants+=,cluster
+    [[ $sparse_ok == 1 ]] && variants+=,sparse
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout -k 10 "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi
