@@ -1729,21 +1729,24 @@ impl Backend for CudaBackend {
     /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph,
     /// weight gradients on a second stream)`.
     fn device_name(&self) -> String {
-        let cluster = self.fused.as_ref().and_then(|plan| plan.cluster()).map(|c| format!("fused steps, clusters of {} blocks", c.blocks));
+        // Fused steps: on clusters, staged, or on the grid kernel with its input and block size.
+        let fused = self.fused.as_ref().map(|plan| match plan.cluster() {
+            Some(c) => format!("fused steps, clusters of {} blocks", c.blocks),
+            None if plan.staging().any() => "fused steps, staged in shared memory".to_string(),
+            None => {
+                let mut name = String::from("fused steps");
+                if plan.sparse().is_some() {
+                    name += ", sparse pixels";
+                }
+                // (A paired launch runs the pair kernel, whose blocks have 256 threads.)
+                if !self.paired && plan.threads() != 256 {
+                    name += &format!(", {} threads a block", plan.threads());
+                }
+                name
+            }
+        });
         let launch = match self.graph {
-            _ if cluster.is_some() => cluster.as_deref().unwrap_or_default(),
-            _ if self.fused_staging().is_some_and(|s| s.any()) => "fused steps, staged in shared memory",
-            _ if !self.paired && self.fused.as_ref().is_some_and(|plan| plan.sparse().is_some() && plan.threads() == 512) => {
-                "fused steps, sparse pixels, 512 threads a block"
-            }
-            _ if !self.paired && self.fused.as_ref().is_some_and(|plan| plan.sparse().is_some() && plan.threads() == 1024) => {
-                "fused steps, sparse pixels, 1024 threads a block"
-            }
-            _ if self.fused.as_ref().is_some_and(|plan| plan.sparse().is_some()) => "fused steps, sparse pixels",
-            // (A paired launch runs the pair kernel, whose blocks have 256 threads.)
-            _ if !self.paired && self.fused.as_ref().is_some_and(|plan| plan.threads() == 1024) => "fused steps, 1024 threads a block",
-            _ if !self.paired && self.fused.as_ref().is_some_and(|plan| plan.threads() == 512) => "fused steps, 512 threads a block",
-            _ if self.fused.is_some() => "fused steps",
+            _ if fused.is_some() => fused.as_deref().unwrap_or_default(),
             GraphState::Off { fell_back: false } => "eager launches",
             GraphState::Off { fell_back: true } => "eager launches: cuda graph capture failed",
             GraphState::Stale | GraphState::Ready(_) if self.fused_unavailable => "cuda graph: fused steps unavailable",
