@@ -693,25 +693,46 @@ template <> struct Chunk<1> {
 // thread took three (12 would take one, but spill the staged kernel's 128 registers). A null
 // source row is skipped (its bytes are never read). Every thread calls it; the caller
 // synchronizes.
+// Chunk i = t + k·blockDim of the rows is (row, chunk) = (i / per_row, i % per_row); a thread
+// walks its (row, chunk) pairs by adding blockDim's quotient and remainder, two divisions a
+// call. Dividing for every chunk, as this did first, took a few dozen integer instructions a
+// chunk (a division by a value known only at run time): on an H100 the seed's two staging
+// copies then held 16 % of the staged kernel's warp samples, as much as staging saved in the
+// dot products (docs/perf.md).
 #define STAGE_LOADS 8
+struct ChunkWalk {
+    unsigned row, chunk;
+    unsigned per_row, step_rows, step_chunks;
+    __device__ __forceinline__ void advance() {
+        row += step_rows;
+        chunk += step_chunks;
+        if (chunk >= per_row) {
+            chunk -= per_row;
+            ++row;
+        }
+    }
+};
 template <unsigned W, typename SrcRow>
 __device__ __forceinline__ void stage_rows(uint8_t* dst, unsigned pitch, unsigned rows, unsigned row_bytes, SrcRow src_row) {
     typedef typename Chunk<W>::T T;
-    const unsigned per_row = row_bytes / W, n = rows * per_row, stride = blockDim.x;
-    for (unsigned i0 = threadIdx.x; i0 < n; i0 += STAGE_LOADS * stride) {
+    const unsigned per_row = row_bytes / W, stride = blockDim.x;
+    if (per_row == 0) return;
+    ChunkWalk at{threadIdx.x / per_row, threadIdx.x % per_row, per_row, stride / per_row, stride % per_row};
+    while (at.row < rows) {
         T v[STAGE_LOADS];
         bool loaded[STAGE_LOADS];
+        ChunkWalk load = at;
 #pragma unroll
         for (unsigned u = 0; u < STAGE_LOADS; ++u) {
-            const unsigned i = i0 + u * stride;
-            const uint8_t* src = i < n ? src_row(i / per_row) : nullptr;
+            const uint8_t* src = load.row < rows ? src_row(load.row) : nullptr;
             loaded[u] = src != nullptr;
-            if (loaded[u]) v[u] = Chunk<W>::load(src + (size_t)(i % per_row) * W);
+            if (loaded[u]) v[u] = Chunk<W>::load(src + (size_t)load.chunk * W);
+            load.advance();
         }
 #pragma unroll
         for (unsigned u = 0; u < STAGE_LOADS; ++u) {
-            const unsigned i = i0 + u * stride;
-            if (loaded[u]) Chunk<W>::store(dst + (size_t)(i / per_row) * pitch + (size_t)(i % per_row) * W, v[u]);
+            if (loaded[u]) Chunk<W>::store(dst + (size_t)at.row * pitch + (size_t)at.chunk * W, v[u]);
+            at.advance();
         }
     }
 }

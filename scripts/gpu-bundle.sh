@@ -45,7 +45,7 @@ done
 if command -v strip >/dev/null; then
     strip "$bundle/bntrain" "${tests[@]/#/$bundle/}" 2>/dev/null || true
 fi
-cp scripts/gpu-check.sh scripts/compare-peers.sh "$bundle/"
+cp scripts/gpu-check.sh scripts/compare-peers.sh scripts/ncu-source.py "$bundle/"
 cp -r scripts/peers "$bundle/peers"
 
 data="${BNTRAIN_DATA:-${BNTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bntrain}/mnist}"

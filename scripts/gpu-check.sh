@@ -44,8 +44,9 @@
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
-# "tests train blocks sparse bench reproduce peers profile") picks the steps after the smoke
-# tests, for a rerun of a few. When OUT
+# "tests train blocks sparse bench reproduce peers profile"; also "source": the fused
+# kernel's warp stalls by instruction) picks the steps after the smoke tests, for a rerun of
+# a few. When OUT
 # is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
 # checkpoints and SVGs) in $OUT/gpu-check.tar.gz, renewed after each part.
@@ -443,6 +444,42 @@ PY
             "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-$variant.txt" 2>&1
         grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-$variant.txt"
         row "profile seed ($variant, ncu)" "$(grep -m1 -E '^ *Duration' "$logs/profile-$variant.txt" | tr -s ' ' || echo FAIL)"
+    done
+fi
+
+# Part "source" (not in the default PARTS): where the seed's fused kernel waits, by SASS
+# instruction. For each of SOURCE_VARIANTS (default "fused"; also "staged": BNTRAIN_FUSED_STAGE=1,
+# "fused512": blocks of 512 threads), one launch of 50 steps of `train` (the steps between
+# two evaluations) under Nsight Compute's source counters; the report's source page as CSV
+# (by SASS instruction: the CUDA-line view carries no counters) and its raw metrics,
+# summarized by ncu-source.py (stall reasons; the code between block barriers that holds
+# most samples). The reports go to $OUT too, for the GUI (the PTX carries -lineinfo).
+if part source && command -v ncu >/dev/null && [[ $fused_ok == 1 ]]; then
+    for variant in ${SOURCE_VARIANTS:-fused}; do
+        kernel=fused_train_steps_f32 env=(BNTRAIN_CUDA_STEP=fused)
+        case "$variant" in
+            fused) ;;
+            staged) kernel=fused_train_steps_staged_f32 env+=(BNTRAIN_FUSED_STAGE=1) ;;
+            fused512) env+=(BNTRAIN_FUSED_THREADS=512) ;;
+            *) row "source profile ($variant, ncu)" "FAIL: unknown variant (fused, staged or fused512)"; failed=1; continue ;;
+        esac
+        limit 150 40 "source profile ($variant, ncu)" || break
+        rep="$logs/source-$variant"
+        echo "== ncu --section SourceCounters --section WarpStateStats: ${env[*]} bntrain train --steps 150 (the second launch, 50 steps)"
+        env "${env[@]}" timeout -k 10 "$t" ncu --section SourceCounters --section WarpStateStats --section SchedulerStats --import-source yes \
+            -k regex:"^$kernel\$" --launch-skip 1 --launch-count 1 -f -o "$rep" \
+            "$bin" --device cuda train --steps 150 --eval-every 50 > "$rep.log" 2>&1
+        status=$?
+        ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep-sass.csv" 2> "$rep-sass.err"
+        ncu -i "$rep.ncu-rep" --page raw --csv > "$rep-raw.csv" 2> "$rep-raw.err"
+        python3 "$here/ncu-source.py" "$rep-sass.csv" 25 2>&1 | tee "$rep-summary.txt"
+        [[ -n "${OUT:-}" && -f "$rep.ncu-rep" ]] && cp "$rep.ncu-rep" "$OUT/"
+        if [[ $status -eq 0 && -s "$rep-summary.txt" ]] && ! grep -q '^ncu-source:' "$rep-summary.txt"; then
+            row "source profile ($variant, ncu)" "$(sed -n 2p "$rep-summary.txt" | tr -s ' ')"
+        else
+            row "source profile ($variant, ncu)" "FAIL (ncu exit $status; see source-$variant*.err, .log and -summary.txt)"; failed=1
+        fi
+        save_logs
     done
 fi
 
