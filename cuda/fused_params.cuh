@@ -81,30 +81,28 @@ __device__ __forceinline__ void sgd_element(float* params, const float* grads, f
 // The kernels' parameters (see the header's Layout), and the same names as arguments; P
 // prefixes every name (empty for the one-network kernels, a_ and b_ for the pair kernels).
 #define FUSED_PARAMS_P(P)                                                                                             \
-    const uint8_t* __restrict__ P##images, const unsigned* __restrict__ P##pixel_offsets,                              \
-    const unsigned* __restrict__ P##pixel_entries, const uint8_t* __restrict__ P##labels, unsigned P##count,           \
+    const uint8_t* __restrict__ P##images, const uint8_t* __restrict__ P##labels, unsigned P##count,                   \
     unsigned P##features, const unsigned* __restrict__ P##order, unsigned P##order_len, unsigned* P##cursor,           \
-    const int* __restrict__ P##layer_info, unsigned P##n_layers, int P##weight_row_stage, int P##copies_stage,         \
-    unsigned P##batch, float P##epsilon, int P##activation, float P##grad_scale, float P##lr, float P##momentum,       \
+    const int* __restrict__ P##layer_info, unsigned P##n_layers, int P##weight_row_stage, unsigned P##batch,           \
+    float P##epsilon, int P##activation, float P##grad_scale, float P##lr, float P##momentum,                          \
     float* P##params, float* P##grads, float* P##velocity, const double* __restrict__ P##estimators,                  \
     unsigned P##n_estimators, unsigned P##bn_total, unsigned P##bn_layers, float* P##running_mean,                    \
     float* P##running_var, unsigned long long* P##batches, float* P##acts, float* P##xhat, float* P##dz,              \
     float* P##inv_std, double* P##row_loss, unsigned* P##row_correct, double* P##loss_sum,                            \
     unsigned long long* P##correct, unsigned* P##barrier, unsigned P##steps
 #define FUSED_ARGS_P(P)                                                                                               \
-    P##images, P##pixel_offsets, P##pixel_entries, P##labels, P##count, P##features, P##order, P##order_len,         \
-    P##cursor, P##layer_info, P##n_layers, P##weight_row_stage, P##copies_stage, P##batch, P##epsilon,              \
-    P##activation, P##grad_scale, P##lr, P##momentum, P##params, P##grads, P##velocity, P##estimators,             \
-    P##n_estimators, P##bn_total, P##bn_layers, P##running_mean, P##running_var, P##batches, P##acts, P##xhat,     \
-    P##dz, P##inv_std, P##row_loss, P##row_correct, P##loss_sum, P##correct, P##barrier, P##steps
+    P##images, P##labels, P##count, P##features, P##order, P##order_len, P##cursor, P##layer_info, P##n_layers,       \
+    P##weight_row_stage, P##batch, P##epsilon, P##activation, P##grad_scale, P##lr, P##momentum, P##params,           \
+    P##grads, P##velocity, P##estimators, P##n_estimators, P##bn_total, P##bn_layers, P##running_mean,               \
+    P##running_var, P##batches, P##acts, P##xhat, P##dz, P##inv_std, P##row_loss, P##row_correct, P##loss_sum,         \
+    P##correct, P##barrier, P##steps
 // The arguments of network B where C holds, of A otherwise: one call of the body for either.
 // What the pair launcher gives both networks alike (the batches, the hyperparameters, the
 // layer count, the staging layout, the barrier) is taken from A, so it stays a kernel
 // parameter instead of taking a register.
 #define FUSED_ARGS_SELECT(C, A, B) \
-    A##images, A##pixel_offsets, A##pixel_entries, A##labels, A##count, A##features, A##order, A##order_len, \
-    (C ? B##cursor : A##cursor), (C ? B##layer_info : A##layer_info), A##n_layers, A##weight_row_stage, \
-    A##copies_stage, A##batch, A##epsilon, A##activation, \
+    A##images, A##labels, A##count, A##features, A##order, A##order_len, (C ? B##cursor : A##cursor), \
+    (C ? B##layer_info : A##layer_info), A##n_layers, A##weight_row_stage, A##batch, A##epsilon, A##activation, \
     A##grad_scale, A##lr, A##momentum, (C ? B##params : A##params), (C ? B##grads : A##grads), \
     (C ? B##velocity : A##velocity), (C ? B##estimators : A##estimators), \
     (C ? B##n_estimators : A##n_estimators), (C ? B##bn_total : A##bn_total), (C ? B##bn_layers : A##bn_layers), \

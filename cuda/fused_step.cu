@@ -54,17 +54,6 @@
 // goes to shared memory as its deferred update writes it. Same sums in the same order:
 // staged and unstaged results are bitwise equal.
 //
-// Sparse pixels (optional, the `_sparse` kernels; off unless asked for until measured):
-// layer 0 visits only the non-zero pixels (MNIST: 19 %), as the CPU's sparse first layer
-// does. The dense loops unpack and multiply all 784 pixels of all 60 rows twice a step in
-// every block (an integer conversion each, at a fraction of the FMA rate): the seed's
-// first-layer phase is bound by those instructions, not by its loads (staging the pixels
-// in shared memory made it no faster). Forward: a warp a row, its lanes gathering the
-// weight row (in shared memory) at the row's pixels. Weight gradient: a warp's rows add
-// into that warp's own copy of the gradient row in shared memory (no two lanes of a row
-// share a pixel), the copies then added in order. Deterministic; the sums run in another
-// order than the dense path's (not bitwise equal to it).
-//
 // Layout: params, grads, velocity: the backend's flat buffers; `layer_info` [n_layers,
 //   LAYER_FIELDS] ints: inputs, outputs, weight offset, bias offset (−1: none), γ and β
 //   offsets (−1: no BN), activation offset (this layer's [B, outputs] block in acts, xhat and
@@ -74,28 +63,19 @@
 //   Dynamic shared memory (16-byte aligned regions, host-computed): layer 0's staged input is
 //   [B] u32 image indices (rows outside the order or the dataset: NaN inputs), padded to 16
 //   bytes, then [B, features rounded up to 16] pixel bytes; a layer l > 0's is [B, inputs]
-//   floats; `weight_row_stage` (−1: none) holds the widest hidden layer's weight row (the
-//   staged kernel, or sparse pixels), `copies_stage` (−1: none; sparse pixels) the weight
-//   gradient's copies, sparse_copies(blockDim) × features floats.
-//   Sparse pixels: `pixel_offsets` [count + 1] u32, `pixel_entries` [offsets[count]] u32
-//   ((k << 8) | byte, k < features, increasing within an image); the other kernels ignore
-//   them (null), and copies_stage.
+//   floats; `weight_row_stage` (−1: none) holds the widest hidden layer's weight row.
 //   acts: a of the hidden layers and the logits; xhat: z then x̂ (hidden BN layers); dz: dL/dz
 //   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
 //   estimators [E, 2] f64 as in running_stats.cu; barrier [1] u32, zero before the launch.
 //   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024;
 //   fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
-//   [rows, lanes+1], image indices, dz column (and, in the sparse kernels, entry ranges),
-//   the softmax row's label.
+//   [rows, lanes+1], image indices and dz column, the softmax row's label.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
 //   most 64 registers a thread (__launch_bounds__). fused_train_steps_staged_f32: the same,
 //   with the staged regions' bytes of dynamic shared memory (opted into beyond 48 KB) and
-//   at most 128 registers. fused_train_steps_sparse_f32 and fused_train_pair_sparse_f32: as
-//   the unstaged kernels, with the weight row's and the gradient copies' bytes of dynamic
-//   shared memory (~28 KB for the seed network); blocks of at least 256 threads (eight warps,
-//   a copy each: fewer would change the sums' order, not their correctness).
+//   at most 128 registers.
 
 #include <stdint.h>
 #include "common.cuh"
@@ -117,9 +97,6 @@
 // (the seed's pair grid, 220 blocks, needs two on some SMs of 132).
 #define FUSED_PAIR_MIN_BLOCKS 2
 
-#ifndef FUSED_SYNC_WARP
-#define FUSED_SYNC_WARP() __syncwarp()
-#endif
 #ifndef FUSED_SPIN_PAUSE
 #define FUSED_SPIN_PAUSE() __nanosleep(32)
 #endif
@@ -353,11 +330,10 @@ __host__ __device__ constexpr unsigned fused_part_floats(unsigned max_t) {
     const unsigned rows = FUSED_PASS_ROWS * (lanes + 1), groups = max_t * 4;
     return rows > groups ? rows : groups;
 }
-// The tables after `part`: a pass's image indices and dz column, and for sparse pixels its
-// entry ranges (two more); then the label.
-__host__ __device__ constexpr unsigned fused_pass_tables(bool sparse) { return sparse ? 4 : 2; }
-__host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t, bool sparse) {
-    return fused_part_floats(max_t) + fused_pass_tables(sparse) * FUSED_PASS_ROWS + 1;
+// The tables after `part`: a pass's image indices and dz column; then the label.
+__host__ __device__ constexpr unsigned fused_pass_tables() { return 2; }
+__host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t) {
+    return fused_part_floats(max_t) + fused_pass_tables() * FUSED_PASS_ROWS + 1;
 }
 
 // Σ_r col[r·stride] for r < rows, added in row order (as one thread's loop would) by thread
@@ -539,136 +515,6 @@ __device__ __forceinline__ void weight_row_gradient(
     else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n);
 }
 
-// A row's entries go to the 32 lanes of one warp, each lane loading four at a time.
-#define SPARSE_LANES 32
-#define SPARSE_UNROLL 4
-#define SPARSE_PITCH (SPARSE_LANES + 1)
-
-// Layer 0 on sparse pixels (BNTRAIN_FUSED_SPARSE; see the header): each image as its
-// non-zero pixels, entry (k << 8) | byte for pixel k, images one after another, image i's
-// entries at offsets[i] .. offsets[i+1], k increasing (src/cuda/kernels.rs builds them).
-// `stage` looks a pass's rows up in parallel, once: image index (≥ count: an invalid row)
-// and entry range, into shared tables, so that a row's entries cost one round trip.
-struct SparsePixels {
-    const unsigned* order;
-    const unsigned* offsets;
-    const unsigned* entries;
-    unsigned order_len, count;
-    unsigned long long base;     // b·B: the batch's first position in the order
-    unsigned* index;             // shared [FUSED_PASS_ROWS] each: image, first and end entry
-    unsigned* begin;
-    unsigned* end;
-    __device__ __forceinline__ void stage(unsigned first, unsigned rows) const {
-        for (unsigned i = threadIdx.x; i < rows; i += blockDim.x) {
-            const unsigned long long pos = base + first + i;
-            const unsigned image = pos < order_len ? order[pos] : count;
-            index[i] = image;
-            begin[i] = image < count ? offsets[image] : 0u;
-            end[i] = image < count ? offsets[image + 1] : 0u;
-        }
-    }
-    // Calls f(u, entry) for each entry of the pass's row i that lane `lane` takes: entries
-    // lane, lane+32, lane+64, … of the row, SPARSE_UNROLL of them loaded before any is used
-    // (u: the entry's place among them).
-    template <typename F>
-    __device__ __forceinline__ void for_each_entry(unsigned i, unsigned lane, F f) const {
-        const unsigned stop = end[i];
-        for (unsigned q = begin[i] + lane; q < stop; q += SPARSE_UNROLL * SPARSE_LANES) {
-            unsigned entry[SPARSE_UNROLL];
-#pragma unroll
-            for (unsigned u = 0; u < SPARSE_UNROLL; ++u) entry[u] = q + u * SPARSE_LANES < stop ? entries[q + u * SPARSE_LANES] : 0u;
-#pragma unroll
-            for (unsigned u = 0; u < SPARSE_UNROLL; ++u)
-                if (q + u * SPARSE_LANES < stop) f(u, entry[u]);
-        }
-    }
-    // x = byte/255, as PixelBytes rounds it; the byte made a float exactly by placing it
-    // under the exponent of 2^23 and taking 2^23 away (two full-rate instructions, where an
-    // integer conversion runs at a fraction of that rate).
-    static __device__ __forceinline__ float value(unsigned entry) {
-        return (__int_as_float((int)(0x4B000000u | (entry & 255u))) - 8388608.0f) * (1.0f / 255.0f);
-    }
-};
-
-// out[r·out_stride] = Σ_k x[r,k]·w[k] over row r's non-zero pixels, for r < rows (NaN for an
-// invalid row, whose dense inputs are NaN); `mine`, if given, gets row threadIdx.x's result.
-// `w` is the weight row in shared memory (gathered at random k). Warp w of the block sums
-// rows w, w + T/32, … of a pass; lane l of a row's warp takes entries l, l+32, l+64, … in
-// four interleaved sums, added as (s0+s1)+(s2+s3); the 32 lanes' partials then go through
-// `part` ([rows of the pass] × 33) and a thread per row adds them as column_dot does. Every
-// sum has a fixed order. Every thread calls it.
-__device__ __forceinline__ void sparse_column_dot(float* part, const SparsePixels& in, unsigned rows, const float* w, float* out, unsigned out_stride, float* mine) {
-    const unsigned lane = threadIdx.x % SPARSE_LANES, warp = threadIdx.x / SPARSE_LANES, warps = blockDim.x / SPARSE_LANES;
-    for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
-        const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
-        in.stage(first, pass);
-        __syncthreads();
-        for (unsigned i = warp; i < pass; i += warps) {
-            float acc[SPARSE_UNROLL] = {0.0f, 0.0f, 0.0f, 0.0f};
-            in.for_each_entry(i, lane, [&](unsigned u, unsigned entry) { acc[u] += SparsePixels::value(entry) * w[entry >> 8]; });
-            const float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-            part[i * SPARSE_PITCH + lane] = in.index[i] < in.count ? s : __int_as_float(0x7fc00000);
-        }
-        __syncthreads();
-        for (unsigned i = threadIdx.x; i < pass; i += blockDim.x) {
-            const float* p = part + i * SPARSE_PITCH;
-            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-            for (unsigned q = 0; q < SPARSE_LANES; q += 4) { s0 += p[q]; s1 += p[q + 1]; s2 += p[q + 2]; s3 += p[q + 3]; }
-            const float s = (s0 + s1) + (s2 + s3);
-            out[(size_t)(first + i) * out_stride] = s;
-            if (mine != nullptr && first + i == threadIdx.x) *mine = s;
-        }
-        __syncthreads();
-    }
-}
-
-// Copies of the weight gradient row the sparse path adds into: one per warp, so that the
-// warps' rows never add to the same element at once; at most this many (8 × 784 floats for
-// the seed: 25 KB of dynamic shared memory).
-#define FUSED_SPARSE_COPIES 8
-__host__ __device__ constexpr unsigned sparse_copies(unsigned threads) {
-    return threads / SPARSE_LANES < FUSED_SPARSE_COPIES ? threads / SPARSE_LANES : FUSED_SPARSE_COPIES;
-}
-
-// dw[k] = Σ_r dz[r·dz_stride]·x[r,k] for k < n, visiting only the non-zero pixels: warp c
-// (of C = sparse_copies(T)) adds rows c, c+C, … in order into its copy `copies + c·n` (a
-// row's entries have distinct k, so a row's lanes never collide, and the warp synchronizes
-// between rows), then thread k adds the C copies in order: a fixed order. An invalid row
-// adds dz·NaN to every element, as the dense path's NaN inputs do; a pixel that is zero adds
-// nothing (the dense path adds dz·0, which differs only where dz is not finite). `copies`
-// holds C·n floats. Every thread calls it.
-__device__ __forceinline__ void sparse_weight_row_gradient(
-    float* copies, float* gs, float* dw, const float* dz, unsigned dz_stride, const SparsePixels& in, unsigned rows, unsigned n)
-{
-    const unsigned T = blockDim.x, C = sparse_copies(T), lane = threadIdx.x % SPARSE_LANES, warp = threadIdx.x / SPARSE_LANES;
-    for (unsigned i = threadIdx.x; i < C * n; i += T) copies[i] = 0.0f;
-    float* copy = copies + (size_t)warp * n;
-    for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
-        const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
-        __syncthreads();  // the copies are zeroed; the previous pass's readers of the tables are done
-        in.stage(first, pass);
-        for (unsigned i = threadIdx.x; i < pass; i += T) gs[i] = dz[(size_t)(first + i) * dz_stride];
-        __syncthreads();
-        if (warp >= C) continue;
-        for (unsigned i = warp; i < pass; i += C) {
-            const float g = gs[i];
-            if (in.index[i] >= in.count)
-                for (unsigned k = lane; k < n; k += SPARSE_LANES) copy[k] += g * __int_as_float(0x7fc00000);
-            in.for_each_entry(i, lane, [&](unsigned, unsigned entry) { copy[entry >> 8] += g * SparsePixels::value(entry); });
-            // The next row's lanes may add to the elements this row's lanes just wrote.
-            FUSED_SYNC_WARP();
-        }
-    }
-    __syncthreads();
-    for (unsigned k = threadIdx.x; k < n; k += T) {
-        float s = copies[k];
-        for (unsigned c = 1; c < C; ++c) s += copies[(size_t)c * n + k];
-        dw[k] = s;
-    }
-    // The copies are zeroed again by the next call.
-    __syncthreads();
-}
-
 // Staging's copy units: 16, 4 or 1 bytes.
 template <unsigned W> struct Chunk;
 template <> struct Chunk<16> {
@@ -816,15 +662,13 @@ __device__ __forceinline__ void sgd_row(
 }
 
 
-// The kernel's body; STAGED compiles the staging in, SPARSE the first layer on sparse pixels
-// (the kernels below). The network's blocks are `G` blocks of the grid, this one its `me`-th
-// (the whole grid, or half of it for a pair); the grid barrier counts every block of the grid.
-template <bool STAGED, bool SPARSE, unsigned MAX_T>
+// The kernel's body; STAGED compiles the staging in (the kernels below). The network's blocks
+// are `G` blocks of the grid, this one its `me`-th (the whole grid, or half of it for a pair);
+// the grid barrier counts every block of the grid.
+template <bool STAGED, unsigned MAX_T>
 __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
-    constexpr unsigned FUSED_PART_FLOATS = fused_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T, SPARSE);
-    // sparse_column_dot's partials: a pass of rows × 33 lanes.
-    static_assert(!SPARSE || FUSED_PART_FLOATS >= FUSED_PASS_ROWS * SPARSE_PITCH, "the sparse forward's partials do not fit `part`");
+    constexpr unsigned FUSED_PART_FLOATS = fused_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
 #ifdef EMULATED_BLOCK_SHARED
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
     // its own buffer, where `__shared__` would be one static array for all of them. Nor does
@@ -838,15 +682,12 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     uint8_t* staged = fused_dynamic_shared;
 #endif
     // part: column_dot's partials, the block totals, the weight gradient's group sums, the
-    // step's row losses; index, gs: a pass's image indices and dz column; entry_begin,
-    // entry_end: a pass's sparse entry ranges; label: the softmax row's label.
+    // step's row losses; index, gs: a pass's image indices and dz column; label: the softmax
+    // row's label.
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
-    // (entry_begin and entry_end exist in the sparse kernels only.)
-    unsigned* entry_begin = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS);
-    unsigned* entry_end = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + 3 * FUSED_PASS_ROWS);
-    unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + fused_pass_tables(SPARSE) * FUSED_PASS_ROWS);
+    unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + fused_pass_tables() * FUSED_PASS_ROWS);
 
     const unsigned t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
@@ -858,14 +699,6 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     const unsigned reduce_width = row_threads(batch);
     // Four pixels per load where the images allow it (the seed: 784 features, an allocation).
     const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
-    // Layer 0 on the non-zero pixels, with the weight row and the gradient's copies in the
-    // dynamic shared memory (the host gives all four to the sparse kernels). A kernel of its
-    // own, so that the dense kernels' registers stay as they were (64 a thread, no spills).
-    constexpr bool sparse = SPARSE;
-    float* gradient_copies = sparse ? reinterpret_cast<float*>(staged + copies_stage) : nullptr;
-    auto sparse_pixels = [&](unsigned long long base) {
-        return SparsePixels{order, pixel_offsets, pixel_entries, order_len, count, base, index, entry_begin, entry_end};
-    };
     // Read before the first barrier; block 0 writes them back after the last.
     const unsigned cursor0 = cursor[0];
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
@@ -893,7 +726,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     // Copies layer l's input into its staged region, if it has one (every thread calls it).
     auto stage_input = [&](unsigned l, unsigned long long base) {
         const int stage = STAGED ? layer_info[(size_t)l * LAYER_FIELDS + L_STAGE] : -1;
-        if (stage < 0 || (l == 0 && sparse)) return;
+        if (stage < 0) return;
         if (l == 0) {
             stage_pixel_rows(staged + stage, images, order, order_len, count, features, base, batch);
         } else {
@@ -902,7 +735,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         }
         __syncthreads();
     };
-    float* weight_row = (STAGED || sparse) && weight_row_stage >= 0 ? reinterpret_cast<float*>(staged + weight_row_stage) : nullptr;
+    float* weight_row = STAGED && weight_row_stage >= 0 ? reinterpret_cast<float*>(staged + weight_row_stage) : nullptr;
 
     fused_trace_mark(FUSED_TRACE_BARRIERS);
     for (unsigned step = 0; step < steps; ++step) {
@@ -945,8 +778,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     var0 = running_var[(size_t)t * bn_total + col];
                 }
                 float z_kept = 0.0f;
-                if (l == 0 && sparse) sparse_column_dot(part, sparse_pixels(base), batch, w, zx + j, width, &z_kept);
-                else with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr, &z_kept); });
+                with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr, &z_kept); });
                 // The column's z are in zx (this block's writes, visible after the barrier
                 // inside column_dot). When the batch is one pass of rows and a row a thread
                 // (the seed's 60), each thread's row is also in z_kept, from the thread that
@@ -1131,12 +963,9 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 }
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
-                if (l == 0 && sparse)
-                    sparse_weight_row_gradient(gradient_copies, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, sparse_pixels(base), batch, in_w);
-                else
-                    with_input(l, base, [&](const auto& in) {
-                        weight_row_gradient(part, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w);
-                    });
+                with_input(l, base, [&](const auto& in) {
+                    weight_row_gradient(part, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w);
+                });
                 __syncthreads();
             }
             // The layer below reads all of this layer's dz. With one hidden layer the barrier
@@ -1166,13 +995,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
 // Every layer read from global memory (the host's stage offsets are ignored).
 extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_f32(FUSED_PARAMS)
 {
-    fused_train_steps<false, false, FUSED_MAX_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
-}
-
-// The first layer on sparse pixels (see the header), blocks of 256 to 1024 threads.
-extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS) fused_train_steps_sparse_f32(FUSED_PARAMS)
-{
-    fused_train_steps<false, true, FUSED_MAX_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<false, FUSED_MAX_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
@@ -1180,7 +1003,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
 extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
 {
-    fused_train_steps<true, false, FUSED_STAGED_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // Two networks of the same layer count trained in one launch on the same batches (the BN
@@ -1193,19 +1016,12 @@ extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MI
 {
     const unsigned G = gridDim.x / 2;
     const bool second = blockIdx.x >= G;
-    fused_train_steps<false, false, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
-}
-
-extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_sparse_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
-{
-    const unsigned G = gridDim.x / 2;
-    const bool second = blockIdx.x >= G;
-    fused_train_steps<false, true, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+    fused_train_steps<false, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }
 
 extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_staged_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
 {
     const unsigned G = gridDim.x / 2;
     const bool second = blockIdx.x >= G;
-    fused_train_steps<true, false, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+    fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }

@@ -16,13 +16,12 @@
 #   CFGS=seed,wide    configurations to measure
 #   DATA=DIR          everyone trains on the first twelve batches of MNIST's training set in DIR
 #                     (bntrain bench --data DIR, the peers --mnist DIR); unset: random bytes
-#                     (bntrain bench --noise). The data matter for bntrain's CPU path and its
-#                     `sparse` variant only: they skip zero pixels (MNIST's are 81% zero).
+#                     (bntrain bench --noise). The data matter for bntrain's CPU path only: it
+#                     skips zero pixels (MNIST's are 81% zero).
 #   STEP_VARIANTS=graph,fused,staged   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant
 #                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1; `tuned`: graph with
 #                     BNTRAIN_GEMM_TUNE=1, wide only; `cluster`: fused with
-#                     BNTRAIN_FUSED_CLUSTER=1, seed only; `sparse`: fused with
-#                     BNTRAIN_FUSED_SPARSE=1, seed only; `streams`: graph with
+#                     BNTRAIN_FUSED_CLUSTER=1, seed only; `streams`: graph with
 #                     BNTRAIN_BACKWARD_STREAMS=1, wide only; `tuned-streams`: both, wide only),
 #                     as rows bntrain-graph, bntrain-fused, bntrain-staged, bntrain-tuned, …;
 #                     ratios are against the fastest of them.
@@ -102,9 +101,8 @@ for cfg in "${cfg_list[@]}"; do
             # another graph run; its steps are fused, so a second stream for the backward's
             # GEMMs is measured on the wide one.
             [[ ( $variant == tuned || $variant == *streams ) && $cfg == seed ]] && continue
-            # Nor does the cluster kernel take the wide network (batch 1024 > 64), and the
-            # wide network's steps are not fused (a fused wide step took nine times a graph's).
-            [[ ( $variant == cluster || $variant == sparse ) && $cfg == wide ]] && continue
+            # Nor does the cluster kernel take the wide network (batch 1024 > 64).
+            [[ $variant == cluster && $cfg == wide ]] && continue
             flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
             name="bench-$cfg-$bn${variant:+-$variant}"
             impl="bntrain${variant:+-$variant}"
@@ -118,7 +116,6 @@ for cfg in "${cfg_list[@]}"; do
                 streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_BACKWARD_STREAMS=1) ;;
                 tuned-streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1 BNTRAIN_BACKWARD_STREAMS=1) ;;
                 cluster) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_CLUSTER=1) ;;
-                sparse) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_SPARSE=1) ;;
                 *) step_env=(env "BNTRAIN_CUDA_STEP=$variant") ;;
             esac
             echo "== ${step_env[*]:1}${step_env[*]:+ }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"

@@ -3,14 +3,13 @@
 # importance (each step only starts while enough of BUDGET is left; every command runs
 # under `timeout -k 10`, so that even a hung kernel cannot hold the call):
 #   0. `bntrain info` (the driver compiles the kernels' PTX here, timed), then smoke tests
-#      of the fused grid kernel, its sparse-pixel kernel and the cluster kernel (300 steps
-#      each; a failure skips every later run of that kernel);
+#      of the fused grid kernel and of the cluster kernel (300 steps each; a failure skips
+#      every later run of that kernel);
 #   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure): the
 #      kernels, the unfused training tests, and the fused and the cluster kernels' tests
 #      each in a process of their own;
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
-#      graph, the fused kernel, the fused kernel on sparse pixels), then with tf32 and bf16
-#      GEMMs (accuracy against f32's);
+#      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
 #      launching a step (BNTRAIN_CUDA_STEP=fused, graph, eager), the seed one also fused with
 #      staging (BNTRAIN_FUSED_STAGE=1), on thread-block clusters (BNTRAIN_FUSED_CLUSTER), as a BN+plain pair (--pair; in one launch with
@@ -19,20 +18,17 @@
 #      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1);
 #      part "blocks" (first): the seed's fused step in blocks of 256, 512 and 1024 threads
 #      (BNTRAIN_FUSED_THREADS), and the study fused, in blocks of 1024, and with the
-#      evaluation stream too; part "sparse" (next): the seed's fused step on sparse pixels
-#      (BNTRAIN_FUSED_SPARSE=1) in blocks of 256 and 512 and as the pair in one launch, each
-#      with its dense baseline, and the study with the defaults, dense and sparse;
+#      evaluation stream too;
 #   4. the full `reproduce` study, timed, with fused steps (two launches a step), with the
-#      defaults (fused, paired), on sparse pixels (part "sparse"), in blocks of 1024 threads
-#      and with the evaluation stream too (part "blocks"), with evaluation points on a stream
-#      of their own (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged
-#      fused steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
+#      defaults (fused, paired), in blocks of 1024 threads and with the evaluation stream
+#      too (part "blocks"), with evaluation points on a stream of their own
+#      (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged fused
+#      steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
 #      them);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
 #      call, same MNIST batches (RUN_PEERS=0 skips it);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
-#      and the fused kernel's stall reasons, unstaged, on sparse pixels and staged (skipped
-#      without ncu);
+#      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
 # then prints each option against the same run without it (the decisions on the defaults;
 # a variant that fell back is left out of them and counts as a failure), and a summary
@@ -44,10 +40,9 @@
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
-# "tests train blocks sparse bench reproduce peers profile"; also "source": the fused
-# kernel's warp stalls by instruction) picks the steps after the smoke tests, for a rerun of
-# a few. When OUT
-# is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
+# "tests train blocks bench reproduce peers profile"; also "source": the fused kernel's warp
+# stalls by instruction) picks the steps after the smoke tests, for a rerun of a few. When
+# OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
 # checkpoints and SVGs) in $OUT/gpu-check.tar.gz, renewed after each part.
 set -uo pipefail
@@ -62,7 +57,7 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
-parts=" ${PARTS:-tests train blocks sparse bench reproduce peers profile} "
+parts=" ${PARTS:-tests train blocks bench reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
@@ -130,28 +125,25 @@ smoke() { # NAME WANT VAR=VALUE...
         row "$name smoke (300 steps)" "FAIL: every $name run below is skipped"; failed=1; return 1
     fi
 }
-# The fused kernel first (it fails or hangs: its grid barrier traps after seconds), then its
-# sparse-pixel kernel; the cluster kernels (sm_90) too: a fault in them would leave the
-# process's CUDA context unusable, so their tests also run in a process of their own below.
-fused_ok=1 sparse_ok=0 cluster_ok=1
+# The fused kernel first (it fails or hangs: its grid barrier traps after seconds); the
+# cluster kernels (sm_90) too: a fault in them would leave the process's CUDA context
+# unusable, so their tests also run in a process of their own below.
+fused_ok=1 cluster_ok=1
 smoke fused "(fused steps)" BNTRAIN_CUDA_STEP=fused || fused_ok=0
-[[ $fused_ok == 1 ]] && smoke sparse "(fused steps, sparse pixels)" BNTRAIN_FUSED_SPARSE=1 BNTRAIN_CUDA_STEP=fused && sparse_ok=1
 smoke cluster "clusters of" BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused || cluster_ok=0
 
-# The test executables: the kernels; the unfused training tests; the fused kernels' tests, the
-# sparse-pixel tests and the cluster kernels' tests each in a process of their own (a trap in
-# a kernel leaves its process's CUDA context unusable), each skipped where its smoke test
-# failed.
-for test in gpu_kernels gpu_training gpu_training:fused gpu_training:sparse gpu_training:cluster; do
+# The test executables: the kernels; the unfused training tests; the fused kernels' tests and
+# the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
+# process's CUDA context unusable), each skipped where its smoke test failed.
+for test in gpu_kernels gpu_training gpu_training:fused gpu_training:cluster; do
     part tests || continue
     exe="${test%%:*}" filter=() skip=()
     case "$test" in
         gpu_training) skip=(--skip fused --skip cluster) ;;
-        *:fused) filter=(fused); skip=(--skip cluster --skip sparse) ;;
-        *:sparse) filter=(sparse) ;;
+        *:fused) filter=(fused); skip=(--skip cluster) ;;
         *:cluster) filter=(cluster) ;;
     esac
-    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:sparse && $sparse_ok == 0) || ($test == *:cluster && $cluster_ok == 0) ]]; then
+    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:cluster && $cluster_ok == 0) ]]; then
         row "$test" "SKIPPED: its smoke test failed"; continue
     fi
     echo "== $test"
@@ -166,25 +158,22 @@ done
 
 save_logs
 
-for run in graph:f32 fused:f32 fused-sparse:f32 graph:tf32 graph:bf16; do
+for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     part train || continue
-    step="${run%%:*}" precision="${run##*:}" sparse=0
-    [[ $step == fused-sparse ]] && step=fused sparse=1
+    step="${run%%:*}" precision="${run##*:}"
     [[ $step == fused && $fused_ok == 0 ]] && continue
-    [[ $sparse == 1 && $sparse_ok == 0 ]] && continue
     name="train $steps steps (BN, $step, $precision)"
-    [[ $sparse == 1 ]] && name="train $steps steps (BN, fused, sparse pixels, $precision)"
-    log="$logs/train-${run%%:*}-$precision.log"
-    echo "== BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
+    log="$logs/train-$step-$precision.log"
+    echo "== BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
     limit 120 15 "$name" || { failed=1; continue; }
-    BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
+    BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         acc="$(json_field "$log" test_accuracy)"
         secs="$(json_field "$log" seconds)"
         us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$steps" 2>/dev/null || echo '?')"
         device="$(json_field "$log" device)" verdict=""
         # A run that fell back to another way of stepping trained, but not as asked.
-        want="(cuda graph"; [[ $step == fused ]] && want="(fused steps"; [[ $sparse == 1 ]] && want="(fused steps, sparse pixels"
+        want="(cuda graph"; [[ $step == fused ]] && want="(fused steps"
         [[ "$device" != *"$want"* ]] && { verdict="FELL BACK: "; failed=1; }
         row "$name" "${verdict}test accuracy $acc, $secs s ($us µs/step incl. evaluation), $device"
     else
@@ -196,15 +185,15 @@ done
 # then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
 # The log of one bench row (bench's arguments).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-sparse${11:-0}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}.log"
 }
 bench_part=bench
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [SPARSE(0|1)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
-    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. SPARSE: 1
-    # sets BNTRAIN_FUSED_SPARSE=1. The part that runs it: $bench_part.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" sparse="${11:-0}"
+    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. The part
+    # that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -215,7 +204,6 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $cluster == 1 ]] && name+=", clusters"
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
-    [[ $sparse == 1 ]] && name+=", sparse pixels"
     [[ $threads != 256 ]] && name+=", $threads threads a block"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
@@ -226,10 +214,9 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     # Said, not silent: a row the table would otherwise miss.
     if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
-    if [[ $sparse == 1 && $sparse_ok == 0 ]]; then row "$name" "SKIPPED: the sparse smoke test failed"; return; fi
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -246,9 +233,6 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
         [[ $2 == fused && $threads != 256 ]] && want="(fused steps, $threads threads a block"
-        # (A pair in one launch runs blocks of 256: no block size in its name.)
-        [[ $sparse == 1 ]] && want="(fused steps, sparse pixels"
-        [[ $sparse == 1 && $threads != 256 ]] && want+=", $threads threads a block"
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
@@ -267,20 +251,11 @@ save_logs
 # with the larger blocks; a short call can run just these (PARTS="tests blocks").
 bench_part=blocks
 for threads in 256 512 1024; do bench seed fused f32 0 0 0 0 0 0 "$threads"; done
-# Part "sparse": the first layer on its non-zero pixels (BNTRAIN_FUSED_SPARSE=1), in blocks
-# of 256 and 512 threads, and the BN+plain pair in one launch (the study's default), each
-# with its dense baseline (timed here unless the parts that time them run).
-bench_part=sparse
-part blocks || { bench seed fused f32; bench seed fused f32 0 0 0 0 0 0 512; }
-part bench || bench seed fused f32 0 0 2
-bench seed fused f32 0 0 0 0 0 0 256 1
-bench seed fused f32 0 0 0 0 0 0 512 1
-bench seed fused f32 0 0 2 0 0 0 256 1
 bench_part=bench
 for config in seed wide; do
     for step in fused graph eager; do
-        # (The seed's fused row was timed by part "blocks" or "sparse" when one ran.)
-        [[ $config == seed && $step == fused ]] && { part blocks || part sparse; } && continue
+        # (The seed's fused row was timed by part "blocks" when it ran.)
+        [[ $config == seed && $step == fused ]] && part blocks && continue
         bench "$config" "$step" f32
     done
 done
@@ -322,22 +297,18 @@ bench seed eager f32 1
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default sparse blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
     # blocks1024: fused steps in blocks of 1024 threads (BNTRAIN_FUSED_THREADS=1024; part
     # "blocks", as is the fused baseline when that part runs); default: the defaults (fused
     # steps, the two networks in one launch); graph: with the defaults' second stream for
-    # the weight gradients (f32); sparse: the defaults on sparse pixels (part "sparse", as is
-    # the default variant when part "reproduce" does not run).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 sparse=0 gate=reproduce
+    # the weight gradients (f32).
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce
     [[ $variant == blocks* ]] && step=fused threads=1024 gate=blocks
     [[ $variant == fused ]] && part blocks && gate=blocks
     [[ $variant == default ]] && step=fused pairing=1
-    [[ $variant == default ]] && ! part reproduce && gate=sparse
-    [[ $variant == sparse ]] && step=fused pairing=1 sparse=1 gate=sparse
-    [[ $variant == sparse && $sparse_ok == 0 ]] && continue
     # cluster: a thread-block cluster per network, both in one launch.
     [[ $variant == cluster* ]] && step=fused clusters=1 pairing=1
     [[ $variant == cluster* && $cluster_ok == 0 ]] && continue
@@ -350,11 +321,11 @@ for variant in fused default sparse blocks1024 blocks1024-streams streams cluste
     [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part "$gate" && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -370,7 +341,6 @@ for variant in fused default sparse blocks1024 blocks1024-streams streams cluste
         [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
         [[ $threads != 256 && "$device" != *"$threads threads a block"* ]] && fell_back=1
-        [[ $sparse == 1 && "$device" != *"sparse pixels"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
             row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
             mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.fell-back"
@@ -391,7 +361,6 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     # compares the peers with the fastest).
     variants=graph,tuned,streams,tuned-streams; [[ $fused_ok == 1 ]] && variants+=,fused,staged
     [[ $cluster_ok == 1 ]] && variants+=,cluster
-    [[ $sparse_ok == 1 ]] && variants+=,sparse
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout -k 10 "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi
@@ -431,15 +400,12 @@ for k, (calls, t, shape) in sorted(per.items(), key=lambda kv: -kv[1][1]):
 PY
         row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null | grep . || echo FAIL)"
     done
-    # The fused kernel's stall reasons, unstaged, on sparse pixels and staged.
-    for variant in fused sparse staged; do
-        stage=0 sparse=0
-        [[ $variant == staged ]] && stage=1
-        [[ $variant == sparse ]] && sparse=1
-        [[ $sparse == 1 && $sparse_ok == 0 ]] && continue
+    # The fused kernel's stall reasons, unstaged and staged (BNTRAIN_FUSED_STAGE).
+    for variant in fused staged; do
+        stage=0; [[ $variant == staged ]] && stage=1
         [[ $fused_ok == 1 ]] && limit 60 20 "profile seed ($variant, ncu)" || continue
-        echo "== ncu: BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
-        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_SPARSE=$sparse BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+        echo "== ncu: BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused bntrain bench --config seed (stall reasons)"
+        BNTRAIN_FUSED_STAGE=$stage BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" ncu --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
             --section WarpStateStats --section SourceCounters -k regex:fused --launch-skip 2 --launch-count 1 \
             "$bin" --device cuda bench --config seed --runs 1 --seconds 0.01 > "$logs/profile-$variant.txt" 2>&1
         grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-$variant.txt"
@@ -532,9 +498,6 @@ PY
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
 decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
-decide "seed fused: sparse pixels" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)"
-decide "seed fused, 512 threads: sparse pixels" "$(bench_log seed fused f32 0 0 0 0 0 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 1)"
-decide "seed fused pair, one launch: sparse pixels" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 2 0 0 0 256 1)"
 decide "seed fused: 512 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512)"
 decide "seed fused: 1024 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 1024)"
 decide "seed fused pair: one launch (grid)" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2)"
@@ -556,7 +519,6 @@ for variant in streams cluster staged tuned graph; do
 done
 decide "reproduce: paired against staged" reproduce:staged reproduce:paired
 decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduce:default
-decide "reproduce: sparse pixels against the defaults" reproduce:default reproduce:sparse
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

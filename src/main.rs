@@ -53,8 +53,7 @@ enum Command {
     /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
     /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=0 runs --pair's two
     /// networks in two fused launches instead of one; BNTRAIN_FUSED_THREADS=512 or 1024 sets
-    /// the fused kernel's block size (256 by default); BNTRAIN_FUSED_SPARSE=1 runs the fused
-    /// kernel's first layer on the non-zero pixels only; BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs
+    /// the fused kernel's block size (256 by default); BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs
     /// fused steps in one thread-block cluster per network (compute capability 9.0 and
     /// newer); BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's algorithms for each large
     /// GEMM shape and keeps the fastest, listed after the result; BNTRAIN_BACKWARD_STREAMS=1

@@ -542,11 +542,7 @@ fn options_follow_the_step_switch() {
             assert_eq!(CudaOptions { backward_streams: Some(asked), ..options }.second_backward_stream(), asked, "{gemm:?}, asked {asked}");
         }
     }
-    assert!(!defaults.fused_sparse, "dense pixels until sparse ones are measured faster");
-    let switches = [
-        CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV,
-        CudaOptions::FUSED_SPARSE_ENV,
-    ];
+    let switches = [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV];
     for name in switches {
         // Unset or empty: the default stands (None).
         for (value, expected) in [(None, None), (Some(""), None), (Some("0"), Some(false)), (Some(" 1 "), Some(true))] {
@@ -637,29 +633,6 @@ fn fused_steps_in_larger_blocks_match_the_cpu_reference() {
     let Some(_serial) = serial_gpu() else { return };
     check_all(cuda_fused_512);
     check_all(cuda_fused_1024);
-}
-
-fn cuda_fused_sparse(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_threads: threads, fused_sparse: true, ..Default::default() };
-    let expected = if threads == 256 { "(fused steps, sparse pixels)".to_string() } else { format!("(fused steps, sparse pixels, {threads} threads a block)") };
-    cuda_fused_as(options, &expected, model, train, data, params)
-}
-
-fn cuda_fused_sparse_256(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    cuda_fused_sparse(256, model, train, data, params)
-}
-
-fn cuda_fused_sparse_1024(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    cuda_fused_sparse(1024, model, train, data, params)
-}
-
-/// The fused kernel's first layer on sparse pixels (`BNTRAIN_FUSED_SPARSE`), in blocks of
-/// 256 and 1024 threads, against the CPU reference with the tolerances of the dense path.
-#[test]
-fn sparse_fused_steps_match_the_cpu_reference() {
-    let Some(_serial) = serial_gpu() else { return };
-    check_all(cuda_fused_sparse_256);
-    check_all(cuda_fused_sparse_1024);
 }
 
 /// `bntrain bench --trace` as the CLI runs it, fused: its traced steps stay inside the
@@ -865,14 +838,6 @@ fn paired_fused_networks_equal_networks_trained_alone() {
     check_pairs(&[fused_options(), CudaOptions { fused_staging: true, ..fused_options() }]);
 }
 
-/// As above, on sparse pixels (a test of its own: scripts/gpu-check.sh runs the sparse
-/// kernels' tests in a process of their own, by the name).
-#[test]
-fn paired_sparse_fused_networks_equal_networks_trained_alone() {
-    let Some(_serial) = serial_gpu() else { return };
-    check_pairs(&[CudaOptions { fused_sparse: true, ..fused_options() }]);
-}
-
 /// As above, for the cluster kernels: a cluster a network in one launch.
 #[test]
 fn paired_cluster_networks_equal_networks_trained_alone() {
@@ -930,7 +895,7 @@ fn check_pairs(variants: &[CudaOptions]) {
     let order = epoch_order(BatchOrder::Shuffled, 9, 0, data.train.count);
     let steps = batches_per_epoch(data.train.count, train.batch_size).min(13) as usize;
     for &variant in variants {
-        let (fused_staging, fused_cluster, fused_sparse) = (variant.fused_staging, variant.fused_cluster, variant.fused_sparse);
+        let (fused_staging, fused_cluster) = (variant.fused_staging, variant.fused_cluster);
         let open = |batch_norm: bool, fused_pairing: bool| {
             let model = ModelConfig::seed(batch_norm);
             let params = scaled_init(&model, &train);
@@ -940,10 +905,9 @@ fn check_pairs(variants: &[CudaOptions]) {
             net
         };
         let (mut bn, mut plain) = (open(true, true), open(false, true));
-        let what = |net: &str| format!("staging {fused_staging}, {fused_cluster:?}, sparse {fused_sparse}, {net}");
+        let what = |net: &str| format!("staging {fused_staging}, {fused_cluster:?}, {net}");
         assert!(bn.train_steps_with(&mut plain, 0, steps).unwrap(), "{}: the pair did not train together", what("BN"));
         assert_eq!(bn.device_name().contains("clusters of"), fused_cluster != ClusterRequest::Off, "{}", bn.device_name());
-        assert_eq!(bn.device_name().contains("sparse pixels"), fused_sparse, "{}", bn.device_name());
         assert!(bn.device_name().ends_with("two networks a launch)") && plain.device_name().ends_with("two networks a launch)"), "{}", bn.device_name());
         // Without the switch, or with different orders, the pair declines and leaves both alone.
         let (mut bn_alone, mut plain_alone) = (open(true, false), open(false, false));

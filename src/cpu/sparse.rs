@@ -56,24 +56,6 @@ impl SparseImages {
         if total == 0 { 1.0 } else { self.pixels.len() as f64 / total as f64 }
     }
 
-    /// The layout of the fused CUDA kernel's sparse pixels (cuda/fused_step.cu): the images'
-    /// entry offsets (`count + 1`, the last the entry count) and the entries, each
-    /// `(k << 8) | byte`, k increasing within an image. None where an offset would pass
-    /// `u32::MAX` or a pixel index 2^24.
-    pub fn packed(&self) -> Option<(Vec<u32>, Vec<u32>)> {
-        if self.features > 1 << 24 {
-            return None;
-        }
-        let offsets = self.offsets.iter().map(|&o| u32::try_from(o).ok()).collect::<Option<Vec<_>>>()?;
-        let entries = self.pixels.iter().zip(&self.values).map(|(&k, &p)| (k << 8) | u32::from(p)).collect();
-        Some((offsets, entries))
-    }
-
-    /// Images indexed.
-    pub fn count(&self) -> usize {
-        self.offsets.len() - 1
-    }
-
     fn image(&self, index: usize) -> (&[u32], &[u8]) {
         let range = self.offsets[index]..self.offsets[index + 1];
         (&self.pixels[range.clone()], &self.values[range])
@@ -266,27 +248,6 @@ mod tests {
     use super::*;
     use rand::{RngExt, SeedableRng};
     use rand_chacha::ChaCha8Rng;
-
-    /// The packed layout gives back every image: its non-zero pixels, in order, and nothing
-    /// else (an all-zero image has no entries).
-    #[test]
-    fn packed_entries_rebuild_the_images() {
-        let features = 5;
-        let images = [0u8, 7, 0, 0, 255, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5];
-        let index = SparseImages::new(&images, features);
-        let (offsets, entries) = index.packed().unwrap();
-        assert_eq!((index.count(), offsets), (3, vec![0, 2, 2, 7]));
-        let mut rebuilt = vec![0u8; images.len()];
-        for image in 0..3 {
-            let (first, end) = ([0, 2, 2, 7][image], [0, 2, 2, 7][image + 1]);
-            let ks: Vec<u32> = entries[first..end].iter().map(|e| e >> 8).collect();
-            assert!(ks.windows(2).all(|w| w[0] < w[1]), "image {image}: pixels in increasing order");
-            for e in &entries[first..end] {
-                rebuilt[image * features + (e >> 8) as usize] = (e & 255) as u8;
-            }
-        }
-        assert_eq!(rebuilt, images);
-    }
 
     /// The AVX2+FMA bodies (where this CPU has them) and the baseline ones give the same bits:
     /// fused multiply-adds round once either way and the terms come in the same order.

@@ -24,7 +24,7 @@
 
 use super::context::Gpu;
 use super::gemm::matmul;
-use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout, SparsePixels};
+use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
 use super::{describe_driver_error, phase_trace, CudaError};
 use crate::backend::{measure_point, no_point_queued, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
@@ -418,11 +418,6 @@ pub struct CudaOptions {
     /// 256 (so a paired study ignores it).
     /// `BNTRAIN_FUSED_THREADS`.
     pub fused_threads: u32,
-    /// Fused steps read the first layer's input as its non-zero pixels (cuda/fused_step.cu;
-    /// MNIST's are 19 %): the dense loops convert and multiply every pixel of the batch
-    /// twice a step in every block, and the seed step's first-layer phase is bound by those
-    /// instructions. Off by default until measured on a GPU; `BNTRAIN_FUSED_SPARSE=1`.
-    pub fused_sparse: bool,
 }
 
 impl Default for CudaOptions {
@@ -438,7 +433,6 @@ impl Default for CudaOptions {
             eval_stream: false,
             backward_streams: None,
             fused_threads: 256,
-            fused_sparse: false,
         }
     }
 }
@@ -460,22 +454,19 @@ impl CudaOptions {
     pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
     /// The switch for [`CudaOptions::fused_threads`]: `256`, `512` or `1024`.
     pub const FUSED_THREADS_ENV: &'static str = "BNTRAIN_FUSED_THREADS";
-    /// The switch for [`CudaOptions::fused_sparse`]: `1` on, `0` or unset off.
-    pub const FUSED_SPARSE_ENV: &'static str = "BNTRAIN_FUSED_SPARSE";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
     /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
     /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM`, the
-    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`, the block size from
-    /// `BNTRAIN_FUSED_THREADS` and sparse pixels from `BNTRAIN_FUSED_SPARSE`; each unset (or empty)
-    /// variable leaves [`CudaOptions::default`]'s choice.
+    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS` and the block size from
+    /// `BNTRAIN_FUSED_THREADS`; each unset (or empty) variable leaves
+    /// [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
         let switch = |name: &str, default: bool| Ok::<_, ConfigError>(Self::switch_from_env(name, std::env::var(name).ok().as_deref())?.unwrap_or(default));
         Ok(CudaOptions {
             fused_staging: switch(Self::STAGE_ENV, options.fused_staging)?,
-            fused_sparse: switch(Self::FUSED_SPARSE_ENV, options.fused_sparse)?,
             fused_pairing: switch(Self::PAIR_ENV, options.fused_pairing)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV, options.gemm_tuning)?,
             eval_stream: switch(Self::EVAL_STREAM_ENV, options.eval_stream)?,
@@ -741,10 +732,6 @@ pub struct CudaBackend {
     fused_cluster: ClusterRequest,
     /// CudaOptions::fused_threads, for the fused plan.
     fused_threads: u32,
-    /// CudaOptions::fused_sparse, for the fused plan; the training images' non-zero pixels
-    /// once a plan reads them.
-    fused_sparse: bool,
-    sparse_pixels: Option<SparsePixels>,
     /// Set by [`CudaBackend::refuse_next_cluster_launch`].
     refuse_cluster_launch: bool,
     /// CudaOptions::fused_pairing.
@@ -789,8 +776,7 @@ pub fn cluster_refusals() -> usize {
 /// activations of one training batch (twice: the fused kernel has its own) and one
 /// evaluation chunk, cuBLAS's workspace, and with bf16 GEMMs the operands' copies. Each
 /// second stream ([`CudaOptions::eval_stream`], [`CudaOptions::backward_streams`]) brings
-/// a workspace and bf16 operands of its own; the backward's also a second dz buffer. Sparse
-/// pixels ([`CudaOptions::fused_sparse`]) add their index of the training images.
+/// a workspace and bf16 operands of its own; the backward's also a second dz buffer.
 pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, options: &CudaOptions) -> usize {
     let f32s = std::mem::size_of::<f32>();
     let dataset = (data.train.count + data.test.count) * (data.train.features + 1) + data.train.count * 4;
@@ -811,8 +797,6 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     };
     let workspace = super::context::BLAS_WORKSPACE_MAX;
     let eval_lane = if options.eval_stream { workspace.saturating_add(bf16_operands(eval_rows)) } else { 0 };
-    // The fused kernel's sparse pixels, if asked for (the plan may still read dense ones).
-    let sparse_pixels = if options.fused_sparse { SparsePixels::bytes_needed(&data.train.images, data.train.features) } else { 0 };
     let backward_lane = if options.second_backward_stream() {
         workspace.saturating_add(bf16_operands(0)).saturating_add(train.batch_size * widest * f32s)
     } else {
@@ -827,7 +811,6 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
         .saturating_add(bf16_operands(eval_rows))
         .saturating_add(eval_lane)
         .saturating_add(backward_lane)
-        .saturating_add(sparse_pixels)
 }
 
 impl CudaBackend {
@@ -925,8 +908,6 @@ impl CudaBackend {
             fused_staging: options.fused_staging,
             fused_cluster: options.fused_cluster,
             fused_threads: options.fused_threads,
-            fused_sparse: options.fused_sparse,
-            sparse_pixels: None,
             refuse_cluster_launch: false,
             fused_pairing: options.fused_pairing,
             order_fingerprint: 0,
@@ -942,26 +923,16 @@ impl CudaBackend {
         };
         backend.set_params(params)?;
         if step_launch == StepLaunch::Fused {
-            // A plan that cannot be made, or whose sparse pixels cannot be uploaded, alike.
-            let planned = backend.fused_plan().and_then(|plan| {
-                let on_clusters = plan.cluster().is_some();
-                backend.install_fused_plan(plan).map(|()| on_clusters)
-            });
-            match planned {
-                Ok(on_clusters) => {
-                    if options.fused_cluster != ClusterRequest::Off && !on_clusters {
+            match backend.fused_plan() {
+                Ok(plan) => {
+                    if options.fused_cluster != ClusterRequest::Off && plan.cluster().is_none() {
                         let _ = writeln!(
                             std::io::stderr(),
                             "notice: thread-block clusters unavailable ({}: compute capability 9.0 and newer, batches of at most 64, at most 32 classes and 4 hidden layers, and room on the device); fused steps use the grid kernel",
                             backend.gpu.name()
                         );
                     }
-                    if options.fused_sparse && on_clusters {
-                        let _ = writeln!(
-                            std::io::stderr(),
-                            "notice: BNTRAIN_FUSED_SPARSE applies to the grid kernels; the cluster kernels read dense pixels (sparse ones again if a cluster launch is refused)"
-                        );
-                    }
+                    backend.fused = Some(plan);
                 }
                 // Auto chose fusing; it falls back to graphs without a word.
                 Err(_) if options.step_launch == StepLaunch::Auto => backend.graph = GraphState::Stale,
@@ -983,21 +954,14 @@ impl CudaBackend {
         let defaults = CudaOptions::default();
         let fused_asked = options.fused_staging != defaults.fused_staging
             || options.fused_cluster != defaults.fused_cluster
-            || options.fused_threads != defaults.fused_threads
-            || options.fused_sparse != defaults.fused_sparse;
+            || options.fused_threads != defaults.fused_threads;
         if fused_asked && backend.fused.is_none() {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER, BNTRAIN_FUSED_THREADS and BNTRAIN_FUSED_SPARSE apply to fused steps only; this network's steps run as {}",
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER and BNTRAIN_FUSED_THREADS apply to fused steps only; this network's steps run as {}",
                     if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
                 );
-            });
-        }
-        static STAGED_SPARSE: std::sync::Once = std::sync::Once::new();
-        if options.fused_staging && backend.fused.as_ref().is_some_and(|plan| plan.sparse().is_some()) {
-            STAGED_SPARSE.call_once(|| {
-                let _ = writeln!(std::io::stderr(), "notice: BNTRAIN_FUSED_STAGE is ignored with BNTRAIN_FUSED_SPARSE=1: the sparse kernels read no staged inputs");
             });
         }
         if options.backward_streams == Some(true) && backend.fused.is_some() {
@@ -1037,16 +1001,6 @@ impl CudaBackend {
         }
     }
 
-    /// Steps from now on run on `plan`, with the training images' non-zero pixels on the
-    /// device if it reads them (indexed once, when a plan first does).
-    fn install_fused_plan(&mut self, plan: FusedPlan) -> Result<(), CudaError> {
-        if plan.sparse().is_some() && self.sparse_pixels.is_none() {
-            self.sparse_pixels = Some(SparsePixels::upload(&self.gpu, &self.data.train.images, self.data.train.features)?);
-        }
-        self.fused = Some(plan);
-        Ok(())
-    }
-
     /// The fused kernel's layer table from this backend's layout (see cuda/fused_step.cu).
     fn fused_plan(&self) -> Result<FusedPlan, CudaError> {
         if self.gemm != GemmPrecision::F32 {
@@ -1067,9 +1021,7 @@ impl CudaBackend {
             })
             .collect();
         let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
-        FusedPlan::new(
-            &self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads, self.fused_sparse,
-        )
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads)
     }
 
     /// Checks that batches `first..first+count` lie inside the epoch order and points the
@@ -1125,7 +1077,6 @@ impl CudaBackend {
         let (mut loss, mut correct) = (self.step_loss.as_view_mut(), self.step_correct.as_view_mut());
         let buffers = FusedBuffers {
             images: &self.train_images.slice(..count * features),
-            sparse_pixels: self.sparse_pixels.as_ref(),
             labels: &self.train_labels.slice(..count),
             features,
             order: &self.order.slice(..self.order_len),
@@ -1209,8 +1160,8 @@ impl CudaBackend {
     fn leave_clusters(&mut self, refused: &CudaError) -> Result<(), CudaError> {
         CLUSTER_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cluster = std::mem::replace(&mut self.fused_cluster, ClusterRequest::Off);
-        match self.fused_plan().and_then(|plan| self.install_fused_plan(plan)) {
-            Ok(()) => {}
+        match self.fused_plan() {
+            Ok(plan) => self.fused = Some(plan),
             Err(e) => {
                 self.fused_cluster = cluster;
                 return Err(e);
@@ -1729,15 +1680,12 @@ impl Backend for CudaBackend {
     /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph,
     /// weight gradients on a second stream)`.
     fn device_name(&self) -> String {
-        // Fused steps: on clusters, staged, or on the grid kernel with its input and block size.
+        // Fused steps: on clusters, staged, or on the grid kernel with its block size.
         let fused = self.fused.as_ref().map(|plan| match plan.cluster() {
             Some(c) => format!("fused steps, clusters of {} blocks", c.blocks),
             None if plan.staging().any() => "fused steps, staged in shared memory".to_string(),
             None => {
                 let mut name = String::from("fused steps");
-                if plan.sparse().is_some() {
-                    name += ", sparse pixels";
-                }
                 // (A paired launch runs the pair kernel, whose blocks have 256 threads.)
                 if !self.paired && plan.threads() != 256 {
                     name += &format!(", {} threads a block", plan.threads());

@@ -29,9 +29,6 @@ pub(crate) struct Functions {
     pub fused_train_steps_staged: CudaFunction,
     pub fused_train_pair: CudaFunction,
     pub fused_train_pair_staged: CudaFunction,
-    /// The first layer on sparse pixels (cuda/fused_step.cu), alone and paired.
-    pub fused_train_steps_sparse: CudaFunction,
-    pub fused_train_pair_sparse: CudaFunction,
     pub count_non_finite: CudaFunction,
     pub round_to_bf16: CudaFunction,
     pub small_gemm_dot: CudaFunction,
@@ -234,8 +231,6 @@ impl Gpu {
             fused_train_steps_staged: function("fused_step", "fused_train_steps_staged_f32")?,
             fused_train_pair: function("fused_step", "fused_train_pair_f32")?,
             fused_train_pair_staged: function("fused_step", "fused_train_pair_staged_f32")?,
-            fused_train_steps_sparse: function("fused_step", "fused_train_steps_sparse_f32")?,
-            fused_train_pair_sparse: function("fused_step", "fused_train_pair_sparse_f32")?,
             count_non_finite: function("finite", "count_non_finite_f32")?,
             round_to_bf16: function("bf16", "round_to_bf16")?,
             small_gemm_dot: function("small_gemm", "small_gemm_dot_f32")?,

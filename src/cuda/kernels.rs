@@ -11,7 +11,6 @@
 
 use super::context::Gpu;
 use super::{describe_driver_error, CudaError};
-use crate::cpu::sparse::SparseImages;
 use crate::model::{Activation, Averaging, StatsEstimator, VarianceKind};
 use cudarc::driver::{sys, CudaFunction, CudaSlice, CudaView, CudaViewMut, DriverError, LaunchArgs, LaunchConfig, PushKernelArg};
 
@@ -603,66 +602,6 @@ const FUSED_STAGED_THREADS: u32 = 256;
 const FUSED_LAYER_FIELDS: usize = 10;
 /// Most steps per launch: bounds one kernel's run time (a few ms for the seed network).
 pub const FUSED_MAX_STEPS: usize = 1024;
-/// Copies of the weight-gradient row the sparse first layer adds into: one per warp, at most
-/// this many; must match FUSED_SPARSE_COPIES in fused_step.cu.
-const FUSED_SPARSE_COPIES: usize = 8;
-
-/// A split's images as their non-zero pixels on the device, the fused kernel's sparse first
-/// layer's input (cuda/fused_step.cu): image i's entries at `offsets[i]..offsets[i+1]`, each
-/// `(k << 8) | byte` with pixel k < features, increasing within an image. Only
-/// [`SparsePixels::upload`] makes one, from [`SparseImages::packed`], so the kernel may
-/// trust the offsets and pixel indices.
-pub struct SparsePixels {
-    offsets: CudaSlice<u32>,
-    entries: CudaSlice<u32>,
-    count: usize,
-    features: usize,
-}
-
-impl SparsePixels {
-    /// Indexes `images` (`[count, features]` bytes) and uploads the index.
-    pub fn upload(gpu: &Gpu, images: &[u8], features: usize) -> Result<Self, CudaError> {
-        const K: &str = "fused_train_steps_f32";
-        require(K, features >= 1, || "sparse pixels of images without features".into())?;
-        let index = SparseImages::new(images, features);
-        let (offsets, entries) = index
-            .packed()
-            .ok_or_else(|| CudaError::Launch { kernel: K, message: format!("{features} features or {} images too many for 32-bit sparse entries", index.count()) })?;
-        let stream = gpu.stream();
-        // An empty index still gets a buffer: the kernel's pointer must not be null.
-        let entries = if entries.is_empty() { stream.alloc_zeros::<u32>(1)? } else { stream.clone_htod(&entries)? };
-        Ok(SparsePixels { offsets: stream.clone_htod(&offsets)?, entries, count: index.count(), features })
-    }
-
-    /// Device bytes [`SparsePixels::upload`] allocates for `images`: one offset per image
-    /// and one more, and an entry per non-zero pixel.
-    pub fn bytes_needed(images: &[u8], features: usize) -> usize {
-        let nonzero = images.iter().filter(|&&p| p != 0).count();
-        (images.len().checked_div(features).unwrap_or(0) + 1 + nonzero.max(1)) * std::mem::size_of::<u32>()
-    }
-}
-
-/// Where the sparse first layer keeps its weight row and its gradient's copies in the
-/// dynamic shared memory (byte offsets), and the bytes it needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FusedSparse {
-    pub weight_row: usize,
-    pub copies: usize,
-    pub bytes: usize,
-}
-
-impl FusedSparse {
-    /// The layout for these layers: the widest hidden layer's weight row, then
-    /// [`FUSED_SPARSE_COPIES`] rows of the first layer's inputs (blocks of 256 threads or
-    /// more have eight warps or more, one copy each), each region on 16 bytes.
-    fn new(layers: &[FusedLayer]) -> Self {
-        let align = |n: usize| n.div_ceil(16) * 16;
-        let hidden = layers.len() - 1;
-        let widest = layers[..hidden].iter().map(|l| l.inputs).max().unwrap_or(0);
-        let copies = align(widest * 4);
-        FusedSparse { weight_row: 0, copies, bytes: copies + align(FUSED_SPARSE_COPIES * layers[0].inputs * 4) }
-    }
-}
 
 /// One layer as `fused_train_steps_f32` reads it: offsets into the flat parameter buffer
 /// (and, identically, the gradient and velocity buffers), and into the BN statistics.
@@ -817,8 +756,6 @@ pub struct FusedPlan {
     /// take FUSED_STAGED_THREADS).
     threads: u32,
     staging: FusedStaging,
-    /// The first layer on sparse pixels (the unstaged kernels, with this shared memory).
-    sparse: Option<FusedSparse>,
     /// Whether twice the grid is co-resident for the pair kernel (fused_train_pair).
     pair_fits: bool,
     /// The thread-block-cluster kernels' launch instead of the grid kernels', if asked for
@@ -841,12 +778,9 @@ impl FusedPlan {
     /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
     /// memory that fits without shrinking the grid. `threads` (one of [`FUSED_BLOCK_THREADS`])
     /// is the unstaged kernel's block size; the grid is the one that kernel keeps resident.
-    /// With `sparse`, the unstaged kernels read the first layer's input as [`SparsePixels`]
-    /// (no staging then); a cluster launch, where one is chosen, reads dense pixels.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest, threads: u32,
-        sparse: bool,
     ) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
@@ -898,7 +832,7 @@ impl FusedPlan {
             Ok(wanted.min(sms.saturating_mul(per_sm)))
         };
         // A cluster launch, where asked for and possible, replaces the grid kernels (and their
-        // staging and sparse input).
+        // staging).
         let cluster = FusedCluster::choose(gpu, cluster, &info, &layers, batch)?;
         // Shared memory beyond 48 KB a block must be opted into, up to the device's limit
         // less the kernel's static shared memory: the function's dynamic limit, opted into.
@@ -909,21 +843,10 @@ impl FusedPlan {
             function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(limit).unwrap_or(i32::MAX))?;
             Ok(limit)
         };
-        let sparse = match sparse && cluster.is_none() {
-            true => {
-                let layout = FusedSparse::new(&layers);
-                let limit = dynamic_limit(&gpu.functions.fused_train_steps_sparse)?;
-                require(K, layout.bytes <= limit, || format!("sparse pixels need {} bytes of shared memory a block; the kernel may have {limit}", layout.bytes))?;
-                Some(layout)
-            }
-            false => None,
-        };
-        let sparse_bytes = sparse.map_or(0, |s| s.bytes);
-        // The unstaged (or sparse) kernel's grid; staging may not shrink it.
-        let unstaged = if sparse.is_some() { &gpu.functions.fused_train_steps_sparse } else { &gpu.functions.fused_train_steps };
-        let grid = grid_with(unstaged, threads, sparse_bytes)?;
+        // The unstaged kernel's grid; staging may not shrink it.
+        let grid = grid_with(&gpu.functions.fused_train_steps, threads, 0)?;
         require(K, grid >= 1, || format!("no block of {threads} threads fits on the device ({sms} SMs)"))?;
-        let staging = if stage && cluster.is_none() && sparse.is_none() {
+        let staging = if stage && cluster.is_none() {
             let staged = &gpu.functions.fused_train_steps_staged;
             let limit = dynamic_limit(staged)?;
             FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(staged, FUSED_STAGED_THREADS, bytes)? >= grid))?
@@ -932,8 +855,8 @@ impl FusedPlan {
         };
         // Whether two such networks fit on the device at once in one launch (fused_train_pair);
         // a failed query only rules the pair out.
-        let pair = plan_pair_function(gpu, &staging, sparse.as_ref());
-        let dynamic = staging.bytes.max(sparse_bytes);
+        let pair = plan_pair_function(gpu, &staging);
+        let dynamic = staging.bytes;
         let pair_opted_in = dynamic == 0 || dynamic_limit(pair).is_ok_and(|limit| dynamic <= limit);
         let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_STAGED_THREADS, dynamic, None).unwrap_or(0);
         let pair_fits = pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
@@ -959,20 +882,14 @@ impl FusedPlan {
             grid,
             threads,
             staging,
-            sparse,
             pair_fits,
             cluster,
         })
     }
 
-    /// The first layer's sparse layout, if the plan reads sparse pixels.
-    pub fn sparse(&self) -> Option<&FusedSparse> {
-        self.sparse.as_ref()
-    }
-
     /// Dynamic shared memory a block of the grid kernels takes.
     fn dynamic_bytes(&self) -> usize {
-        self.staging.bytes.max(self.sparse.map_or(0, |s| s.bytes))
+        self.staging.bytes
     }
 
     /// The cluster launch, if the plan has one.
@@ -997,7 +914,7 @@ impl FusedPlan {
     }
 
     /// Whether `other` can share a launch with this plan ([`fused_train_pair`]): the same
-    /// layer count, batch, grid, staging and input, and both grids resident at once.
+    /// layer count, batch, grid and staging, and both grids resident at once.
     pub fn pairs_with(&self, other: &FusedPlan) -> bool {
         (self.pair_fits || self.cluster.is_some())
             && self.cluster.map(|c| c.blocks) == other.cluster.map(|c| c.blocks)
@@ -1005,17 +922,12 @@ impl FusedPlan {
             && self.batch == other.batch
             && self.grid == other.grid
             && self.staging == other.staging
-            && self.sparse == other.sparse
     }
 }
 
-/// The pair kernel for a plan's staging and input.
-fn plan_pair_function<'g>(gpu: &'g Gpu, staging: &FusedStaging, sparse: Option<&FusedSparse>) -> &'g CudaFunction {
-    match (staging.any(), sparse.is_some()) {
-        (true, _) => &gpu.functions.fused_train_pair_staged,
-        (false, true) => &gpu.functions.fused_train_pair_sparse,
-        (false, false) => &gpu.functions.fused_train_pair,
-    }
+/// The pair kernel for a plan's staging.
+fn plan_pair_function<'g>(gpu: &'g Gpu, staging: &FusedStaging) -> &'g CudaFunction {
+    if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair }
 }
 
 /// A BN network's running statistics as a fused launch updates them: the layout, running
@@ -1026,8 +938,6 @@ pub type FusedStatistics<'a, 'b> =
 /// The backend's buffers a fused launch reads and writes.
 pub struct FusedBuffers<'a, 'b> {
     pub images: &'a CudaView<'b, u8>,
-    /// The same images' non-zero pixels: needed when the plan reads sparse pixels.
-    pub sparse_pixels: Option<&'a SparsePixels>,
     pub labels: &'a CudaView<'b, u8>,
     pub features: usize,
     pub order: &'a CudaView<'b, u32>,
@@ -1059,8 +969,6 @@ struct FusedArgs<'a, 'b> {
     hyper: FusedHyper,
     activation: i32,
     weight_row_stage: i32,
-    /// Byte offset of the sparse gradient copies (−1: dense pixels).
-    copies_stage: i32,
     /// count, features, order length, layers, batch, steps.
     sizes: [u32; 6],
     /// Estimators, BN features, BN layers (0 without BN).
@@ -1071,16 +979,10 @@ impl<'a, 'b> FusedArgs<'a, 'b> {
     fn new(plan: &'a mut FusedPlan, buffers: FusedBuffers<'a, 'b>, hyper: FusedHyper, steps: usize) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, (1..=FUSED_MAX_STEPS).contains(&steps), || format!("{steps} steps: launch 1..={FUSED_MAX_STEPS} at a time"))?;
-        let FusedBuffers { images, sparse_pixels, labels, features, order, cursor, params, grads, velocity, statistics, loss_sum, correct } = &buffers;
+        let FusedBuffers { images, labels, features, order, cursor, params, grads, velocity, statistics, loss_sum, correct } = &buffers;
         let count = labels.len();
         require(K, *features == plan.layers[0].inputs, || format!("{features} features, the first layer takes {}", plan.layers[0].inputs))?;
         require_len(K, "images", images.len(), count.saturating_mul(*features))?;
-        if plan.sparse.is_some() {
-            let pixels = sparse_pixels.ok_or_else(|| CudaError::Launch { kernel: K, message: "the plan reads sparse pixels; none were given".into() })?;
-            require(K, pixels.count == count && pixels.features == *features, || {
-                format!("sparse pixels of {} images of {} features for {count} of {features}", pixels.count, pixels.features)
-            })?;
-        }
         size_u32(K, "examples", count)?;
         size_u32(K, "order length", order.len())?;
         require_len(K, "cursor", cursor.len(), 1)?;
@@ -1107,28 +1009,18 @@ impl<'a, 'b> FusedArgs<'a, 'b> {
             None => [0, 0, 0],
         };
         let sizes = [count as u32, *features as u32, order.len() as u32, plan.layers.len() as u32, plan.batch as u32, steps as u32];
-        let offset = |o: usize| i32::try_from(o).unwrap_or(i32::MAX);
-        let (weight_row_stage, copies_stage) = match plan.sparse {
-            Some(layout) => (offset(layout.weight_row), offset(layout.copies)),
-            None => (plan.staging.weight_row.map_or(-1, offset), -1),
-        };
-        Ok(FusedArgs { activation: activation_code(hyper.activation), weight_row_stage, copies_stage, sizes, statistics: stats, plan, buffers, hyper })
+        let weight_row_stage = plan.staging.weight_row.map_or(-1, |o| i32::try_from(o).unwrap_or(i32::MAX));
+        Ok(FusedArgs { activation: activation_code(hyper.activation), weight_row_stage, sizes, statistics: stats, plan, buffers, hyper })
     }
 
     /// Pushes this network's arguments (the kernels' FUSED_PARAMS, in order).
     fn push<'s>(&'s mut self, b: &mut LaunchArgs<'s>) {
         let [count, features, order_len, layers, batch, steps] = &self.sizes;
         let [estimators, total, bn_layers] = &self.statistics;
-        let FusedBuffers { images, sparse_pixels, labels, order, cursor, params, grads, velocity, statistics, loss_sum, correct, .. } = &mut self.buffers;
+        let FusedBuffers { images, labels, order, cursor, params, grads, velocity, statistics, loss_sum, correct, .. } = &mut self.buffers;
         let plan = &mut *self.plan;
-        b.arg(*images);
-        // Null pointers for dense pixels (the kernel then ignores copies_stage).
-        match sparse_pixels.filter(|_| plan.sparse.is_some()) {
-            Some(pixels) => b.arg(&pixels.offsets).arg(&pixels.entries),
-            None => b.arg(&NULL).arg(&NULL),
-        };
-        b.arg(*labels).arg(count).arg(features).arg(*order).arg(order_len).arg(&mut **cursor);
-        b.arg(&plan.info_dev).arg(layers).arg(&self.weight_row_stage).arg(&self.copies_stage).arg(batch).arg(&self.hyper.epsilon).arg(&self.activation);
+        b.arg(*images).arg(*labels).arg(count).arg(features).arg(*order).arg(order_len).arg(&mut **cursor);
+        b.arg(&plan.info_dev).arg(layers).arg(&self.weight_row_stage).arg(batch).arg(&self.hyper.epsilon).arg(&self.activation);
         b.arg(&self.hyper.grad_scale).arg(&self.hyper.learning_rate).arg(&self.hyper.momentum).arg(&mut **params).arg(&mut **grads);
         match velocity {
             Some(v) => b.arg(&mut **v),
@@ -1156,13 +1048,7 @@ impl<'a, 'b> FusedArgs<'a, 'b> {
 // read below count. The grid is at most the device's co-resident block count, which a
 // cooperative launch requires (and the driver checks) for the spinning grid barrier. Staged
 // regions lie inside the dynamic shared memory given (FusedStaging::choose sums them),
-// which FusedPlan::new allowed with the function attribute and counted in that block count;
-// so do the sparse layout's weight row (the widest hidden input) and its eight gradient
-// copies of the first layer's inputs (FusedSparse::new), which are at least
-// sparse_copies(blockDim) for blocks of 256 threads or more (FUSED_BLOCK_THREADS and
-// FUSED_STAGED_THREADS). Sparse pixels come from SparsePixels::upload, checked against
-// count and features by FusedArgs::new: image i < count reads entries offsets[i] ..
-// offsets[i+1] ≤ the entries' length, and every entry's pixel index is below features.
+// which FusedPlan::new allowed with the function attribute and counted in that block count.
 
 /// `fused_train_steps_f32`: `steps` whole training steps (forward, loss, backward, SGD,
 /// running statistics) on the batches `cursor[0]`, `cursor[0]+1`, ... of the order, in one
@@ -1194,11 +1080,7 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     // ordered after the previous launch, which left G × its barriers there).
     gpu.stream().memset_zeros(&mut args.plan.barrier)?;
     // The staged kernel whenever the plan stages anything (it reads the offsets).
-    let function = match (args.plan.staging.any(), args.plan.sparse.is_some()) {
-        (true, _) => &gpu.functions.fused_train_steps_staged,
-        (false, true) => &gpu.functions.fused_train_steps_sparse,
-        (false, false) => &gpu.functions.fused_train_steps,
-    };
+    let function = if args.plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
     let cfg = LaunchConfig {
         grid_dim: (args.plan.grid, 1, 1),
         block_dim: (args.plan.threads(), 1, 1),
@@ -1244,7 +1126,7 @@ pub fn fused_train_pair(
         // pairs_with made the same.
         return unsafe { b.launch(cfg) }.map(drop).map_err(refusable_launch_error("fused_cluster_pair_f32"));
     }
-    let function = plan_pair_function(gpu, &pa.staging, pa.sparse.as_ref());
+    let function = plan_pair_function(gpu, &pa.staging);
     let grid = pa.grid.saturating_mul(2);
     let dynamic = u32::try_from(pa.dynamic_bytes()).unwrap_or(u32::MAX);
     // The first network's barrier serves both (the kernel ignores the second's).
@@ -1296,20 +1178,6 @@ mod tests {
         let layer = |inputs, outputs| FusedLayer { inputs, outputs, weight: 0, bias: None, batch_norm: None };
         let odd = FusedStaging::choose(&[layer(3, 1), layer(1, 2)], 5, |_| Ok(true)).unwrap();
         assert_eq!((odd.weight_row, odd.inputs.clone(), odd.bytes), (Some(0), vec![Some(16), Some(16 + 112)], 16 + 112 + 32));
-    }
-
-    /// The sparse layout the emulation (tests/kernel_emulation/fused.inc) and the kernel's
-    /// header describe: the widest hidden layer's weight row, then eight copies of the first
-    /// layer's inputs, each region on 16 bytes.
-    #[test]
-    fn sparse_layout_follows_the_kernels() {
-        assert_eq!(FusedSparse::new(&seed_layers()), FusedSparse { weight_row: 0, copies: 784 * 4, bytes: 784 * 4 + 8 * 784 * 4 });
-        // A 3-pixel input under a hidden layer of 50 inputs: the weight row is the wider
-        // hidden layer's (200 bytes, on 16: 208); the copies, 8 × 12 bytes, 96. The output
-        // layer's rows never go there.
-        let layer = |inputs, outputs| FusedLayer { inputs, outputs, weight: 0, bias: None, batch_norm: None };
-        assert_eq!(FusedSparse::new(&[layer(3, 50), layer(50, 7), layer(7, 2)]), FusedSparse { weight_row: 0, copies: 208, bytes: 208 + 96 });
-        assert_eq!(FusedSparse::new(&[layer(3, 50), layer(50, 2)]), FusedSparse { weight_row: 0, copies: 16, bytes: 16 + 96 });
     }
 
     /// A region that does not fit is skipped, and later, smaller ones still go in.

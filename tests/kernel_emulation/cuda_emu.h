@@ -1,6 +1,5 @@
 // Minimal CPU emulation of the CUDA features the bntrain kernels use.
 #pragma once
-#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -81,15 +80,6 @@ inline void launch(dim3 grid, dim3 block, std::function<void()> f) {
         for (auto& t : ts) t.join();
     }
 }
-// A warp's barrier (FUSED_SYNC_WARP, and the shuffles below): its lanes, 32 or a smaller
-// block's threads.
-struct EmuWarp {
-    std::barrier<> bar;
-    float val[32];
-    explicit EmuWarp(std::ptrdiff_t lanes = 32) : bar(lanes) {}
-};
-thread_local EmuWarp* g_warp = nullptr;
-#define FUSED_SYNC_WARP() g_warp->bar.arrive_and_wait()
 // Cooperative launch (kernels with grid barriers): every thread of every block runs at once,
 // as a cooperative launch guarantees all blocks are resident. 1-D grids and blocks.
 inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
@@ -100,15 +90,10 @@ inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
     // (NaN floats), where the GPU leaves whatever was there.
     std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>(g_dynamic_bytes / 16 + 1, uint4{~0u, ~0u, ~0u, ~0u}));
     for (unsigned bx = 0; bx < grid.x; ++bx) bars.push_back(std::make_unique<std::barrier<>>(block.x));
-    // The kernels take blocks of whole warps, or of fewer threads than one.
-    const unsigned warps_per_block = (block.x + 31) / 32;
-    std::vector<std::unique_ptr<EmuWarp>> warps;
-    for (unsigned w = 0; w < grid.x * warps_per_block; ++w) warps.push_back(std::make_unique<EmuWarp>(std::min(block.x, 32u)));
     std::vector<std::thread> ts;
     for (unsigned bx = 0; bx < grid.x; ++bx) for (unsigned tx = 0; tx < block.x; ++tx)
-        ts.emplace_back([=, &f, &bars, &shared, &dynamic, &warps] {
+        ts.emplace_back([=, &f, &bars, &shared, &dynamic] {
             g_bar = bars[bx].get(); g_block_shared = shared[bx].data();
-            g_warp = warps[bx * warps_per_block + tx / 32].get();
             g_block_dynamic = reinterpret_cast<uint8_t*>(dynamic[bx].data());
             blockIdx = {bx, 0, 0}; threadIdx = {tx, 0, 0}; f();
         });
@@ -118,8 +103,13 @@ inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
 // launch, plus what a thread-block cluster gives: a barrier across the cluster's blocks,
 // each block's dynamic shared memory mapped into the others, and warp shuffles (a warp's 32
 // threads exchange through a table between two warp barriers; every lane must take part).
+struct EmuWarp {
+    std::barrier<> bar{32};
+    float val[32];
+};
 inline unsigned g_cluster_size = 1;
 thread_local std::barrier<>* g_cluster_bar = nullptr;
+thread_local EmuWarp* g_warp = nullptr;
 inline std::vector<uint8_t*> g_dynamic_table;
 inline float emu_shuffle(float v, unsigned src) {
     const unsigned lane = threadIdx.x % 32;
@@ -144,6 +134,7 @@ inline float emu_pixel_value(unsigned word, unsigned e) { return (float)((word >
 #define FUSED_CLUSTER_MAP(p, rank) emu_map_rank((p), (rank))
 #define FUSED_SHUFFLE(v, lane) emu_shuffle((v), (lane))
 #define FUSED_SHUFFLE_DOWN(v, by) emu_shuffle_down((v), (by))
+#define FUSED_SYNC_WARP() g_warp->bar.arrive_and_wait()
 #define FUSED_LOAD_L2(p) (*(p))
 #define FUSED_DYNAMIC_BYTES() ((unsigned)g_dynamic_bytes)
 #define pixel_value(word, e) emu_pixel_value((word), (e))
