@@ -543,8 +543,8 @@ template <> struct Chunk<1> {
 // walks its (row, chunk) pairs by adding blockDim's quotient and remainder, two divisions a
 // call. Dividing for every chunk, as this did first, took a few dozen integer instructions a
 // chunk (a division by a value known only at run time): on an H100 the seed's two staging
-// copies then held 16 % of the staged kernel's warp samples, as much as staging saved in the
-// dot products (docs/perf.md).
+// copies then held 16 % of the staged kernel's warp samples, more than staging saved in the
+// dot products (13 points; docs/perf.md).
 #define STAGE_LOADS 8
 struct ChunkWalk {
     unsigned row, chunk;

@@ -72,7 +72,7 @@ row() {
 # 16 MiB a returned file may have.
 save_logs() {
     [[ -n "${OUT:-}" ]] || return 0
-    tar czf "$OUT/gpu-check.tar.gz.tmp" --exclude='*.safetensors' --exclude='*.svg' -C "$logs" . && mv "$OUT/gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
+    tar czf "$OUT/gpu-check.tar.gz.tmp" --exclude='*.safetensors' --exclude='*.svg' --exclude='*.ncu-rep' -C "$logs" . && mv "$OUT/gpu-check.tar.gz.tmp" "$OUT/gpu-check.tar.gz"
 }
 # t ← min(WANTED, what is left of BUDGET less 30 s: 20 for the summary, 10 for `timeout -k`
 # to kill a command that ignores its SIGTERM, such as train or reproduce blocked on a hung
@@ -419,8 +419,13 @@ fi
 # two evaluations) under Nsight Compute's source counters; the report's source page as CSV
 # (by SASS instruction: the CUDA-line view carries no counters) and its raw metrics,
 # summarized by ncu-source.py (stall reasons; the code between block barriers that holds
-# most samples). The reports go to $OUT too, for the GUI (the PTX carries -lineinfo).
-if part source && command -v ncu >/dev/null && [[ $fused_ok == 1 ]]; then
+# most samples). The reports go to $OUT, for the GUI (the PTX carries -lineinfo), and stay
+# out of the tarball.
+if part source && ! command -v ncu >/dev/null; then
+    row "source profile" "SKIPPED: no ncu on this host"
+elif part source && [[ $fused_ok == 0 ]]; then
+    row "source profile" "SKIPPED: the fused smoke test failed"
+elif part source; then
     for variant in ${SOURCE_VARIANTS:-fused}; do
         kernel=fused_train_steps_f32 env=(BNTRAIN_CUDA_STEP=fused)
         case "$variant" in
@@ -436,8 +441,8 @@ if part source && command -v ncu >/dev/null && [[ $fused_ok == 1 ]]; then
             -k regex:"^$kernel\$" --launch-skip 1 --launch-count 1 -f -o "$rep" \
             "$bin" --device cuda train --steps 150 --eval-every 50 > "$rep.log" 2>&1
         status=$?
-        ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep-sass.csv" 2> "$rep-sass.err"
-        ncu -i "$rep.ncu-rep" --page raw --csv > "$rep-raw.csv" 2> "$rep-raw.err"
+        timeout -k 10 60 ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep-sass.csv" 2> "$rep-sass.err"
+        timeout -k 10 60 ncu -i "$rep.ncu-rep" --page raw --csv > "$rep-raw.csv" 2> "$rep-raw.err"
         python3 "$here/ncu-source.py" "$rep-sass.csv" 25 2>&1 | tee "$rep-summary.txt"
         [[ -n "${OUT:-}" && -f "$rep.ncu-rep" ]] && cp "$rep.ncu-rep" "$OUT/"
         if [[ $status -eq 0 && -s "$rep-summary.txt" ]] && ! grep -q '^ncu-source:' "$rep-summary.txt"; then
