@@ -15,7 +15,8 @@
 #      staging (BNTRAIN_FUSED_STAGE=1), on thread-block clusters (BNTRAIN_FUSED_CLUSTER), as a BN+plain pair (--pair; in one launch with
 #      BNTRAIN_FUSED_PAIR=1) and with the small-GEMM kernels (BNTRAIN_SMALL_GEMM=1), the wide
 #      one with tf32 and bf16 GEMMs, and each precision with tuned GEMMs (BNTRAIN_GEMM_TUNE=1),
-#      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1);
+#      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1), and
+#      the seed's fused, staged, paired and graph steps on every batch (--all-batches);
 #      part "blocks" (first): the seed's fused step in blocks of 256, 512 and 1024 threads
 #      (BNTRAIN_FUSED_THREADS), and the study fused, in blocks of 1024, and with the
 #      evaluation stream too;
@@ -185,15 +186,16 @@ done
 # then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
 # The log of one bench row (bench's arguments).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}.log"
 }
 bench_part=bench
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
-    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. The part
-    # that runs it: $bench_part.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}"
+    # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. ALL: 1
+    # passes --all-batches (every batch of MNIST's training set, as training streams them,
+    # where twelve batches stay in L2). The part that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" all="${11:-0}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -205,8 +207,10 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
     [[ $threads != 256 ]] && name+=", $threads threads a block"
+    [[ $all == 1 ]] && name+=", all batches"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
+    [[ $all == 1 ]] && pair_flag+=(--all-batches)
     # One network's fused steps: also timed phase by phase (bench --trace, one more launch;
     # the grid kernels only).
     [[ $2 == fused && $pair == 0 && $cluster == 0 ]] && pair_flag+=(--trace)
@@ -236,6 +240,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
+        [[ $all == 1 && "$(json_eval "$log" "r.get('batches', 0) > 12")" != True ]] && fell_back=1
         if [[ "$device" != *"$want"* || "$device" == *"unavailable"* || "$device" == *"failed"* ]]; then fell_back=1; fi
         local verdict="" us; us="$(json_field "$log" us_per_step)"
         if [[ $fell_back == 1 ]]; then verdict="FELL BACK: "; failed=1; mv "$log" "$log.fell-back"; fi
@@ -293,6 +298,13 @@ bench seed graph f32 0 0 0 0 0 1
 # The seed step's GEMMs on cuda/small_gemm.cu instead of cuBLAS (BNTRAIN_SMALL_GEMM=1).
 bench seed graph f32 1
 bench seed eager f32 1
+# Every batch of the training set (--all-batches), as training and the study stream them:
+# twelve batches (0.56 MB) stay in L2 between steps, the 47 MB set may not. The fused step
+# alone, staged, and the study's pair in one launch; the graph step.
+bench seed fused f32 0 0 0 0 0 0 256 1
+bench seed fused f32 0 1 0 0 0 0 256 1
+bench seed fused f32 0 0 2 0 0 0 256 1
+bench seed graph f32 0 0 0 0 0 0 256 1
 
 save_logs
 
@@ -510,6 +522,11 @@ decide "seed fused pair, staged: one launch" "$(bench_log seed fused f32 0 1 1)"
 decide "seed fused pair: clusters, one launch" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2 0 1)"
 decide "seed fused pair: clusters, two launches" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 1 0 1)"
 decide "seed graph: small-GEMM kernels" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 1)"
+decide "seed fused: all batches" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)"
+decide "seed fused, staged: all batches" "$(bench_log seed fused f32 0 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 256 1)"
+decide "seed fused pair, one launch: all batches" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 2 0 0 0 256 1)"
+decide "seed graph: all batches" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 0 256 1)"
+decide "seed fused, all batches: staged" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 256 1)"
 decide "seed graph: dW on a 2nd stream" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 1)"
 for precision in f32 tf32 bf16; do
     decide "wide graph $precision: tuned GEMMs" "$(bench_log wide graph $precision)" "$(bench_log wide graph $precision 0 0 0 1)"

@@ -323,6 +323,18 @@ fn bench_and_info_run_on_the_cpu() {
     assert_eq!(r["batch_size"], 60);
     assert_eq!(r["data"], "mnist");
     assert_eq!(r["device"], "cpu f32, sparse input");
+    assert_eq!(r["batches"], 10, "the 600 images' whole batches, fewer than twelve");
+    // --all-batches: every batch of a training split larger than twelve of them, where the
+    // default cycles through twelve; not with --noise.
+    let big = e.dir.join("big");
+    std::fs::create_dir(&big).unwrap();
+    write_dataset(&big, 1500, 100, true);
+    let r = last_json(&bntrain(&[&quick[..], &["--data", s(&big)]].concat()));
+    assert_eq!(r["batches"], 12);
+    let out = bntrain(&[&quick[..], &["--data", s(&big), "--all-batches"]].concat());
+    assert_eq!(last_json(&out)["batches"], 25);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("25 batches of mnist"), "{}", String::from_utf8_lossy(&out.stdout));
+    expect_failure(&bntrain(&[&quick[..], &["--noise", "--all-batches"]].concat()), "--all-batches");
     let r = last_json(&bntrain(&[&quick[..], &["--noise"]].concat()));
     assert_eq!((r["data"].as_str(), r["device"].as_str()), (Some("noise"), Some("cpu f32")));
     assert!(r["nonzero_pixels"].as_f64().unwrap() > 0.99, "uniform bytes are 255/256 non-zero");
