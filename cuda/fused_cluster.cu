@@ -26,7 +26,8 @@
 // rows (the logits' W_out, the backward's W_up columns) through L2 only (ld.global.cg).
 //
 // Barriers per step: after each hidden layer's forward, after the softmax, after each
-// backward layer but the lowest (with one hidden layer, after it too): as fused_step.cu.
+// backward layer but the lowest (with one hidden layer, after it too): fused_step.cu's, and
+// one after the softmax, which fused_step.cu spares by computing it whole in every block.
 //
 // Shared memory (dynamic, laid out by cluster_layout, sized by the host through
 // fused_cluster_layout_bytes): the batch's pixels [B, pitch] bytes and row validity; the

@@ -22,19 +22,22 @@
 // weight row W[j,:]) belongs to block j mod G; the output layer's row k (its gradients and
 // update) to block G−1−(k mod G), counted from the other end: with a grid wider than the
 // hidden layers (the host adds the classes) those rows get blocks of their own instead of
-// lengthening the first blocks' phases. The logits and the softmax go by rows: row r belongs
-// to block r mod G, which computes the row's `classes` dot products, then its softmax (a
-// class per thread). A grid barrier separates a layer's forward from the next layer's (which
-// reads all of a; the logits read all of the top layer's a), the softmax from the backward,
-// each layer's backward from the one below (which reads all of dz), and, with one hidden
-// layer, the step from the next (whose forward rewrites the a that the output layer's
-// gradient read): four barriers a step for the seed network. Other blocks read a hidden
-// W[j,:] only in the backward of the layer below (column reads), so its update is deferred
-// to the next step's forward of its layer; the output layer's rows are also read by every
-// block for the logits, so their update comes at the start of the next step, before the
-// forward's barriers (or, for the last step, at the end of the launch). Every read of a row
-// follows its previous update, and precedes its next one, across a barrier: the result is
-// the same as updating at the end of the step.
+// lengthening the first blocks' phases. The logits and the softmax are computed whole, for
+// every row, by every block (batch_logits: B·classes dot products of the top layer's width,
+// a few per thread), into its shared memory, where the top hidden layer's backward and the
+// output layer's gradients read dlogits: the same values in every block, and no grid barrier
+// between the softmax and the backward (a row per block needed one, and a pass of
+// column_dot per row). A grid barrier separates a layer's forward from the next layer's
+// (which reads all of a; the logits read all of the top layer's a), each layer's backward
+// from the one below (which reads all of dz), and, with one hidden layer, the step from the
+// next (whose forward rewrites the a that the logits and the output layer's gradient read):
+// three barriers a step for the seed network. Other blocks read a hidden W[j,:] only in the
+// backward of the layer below (column reads), so its update is deferred to the next step's
+// forward of its layer; the output layer's rows are also read by every block for the logits,
+// so their update comes at the start of the next step, before the forward's barriers (or,
+// for the last step, at the end of the launch). Every read of a row follows its previous
+// update, and precedes its next one, across a barrier: the result is the same as updating at
+// the end of the step.
 //
 // Latency, not bandwidth, bounds a step (a few warps per SM, each waiting on L2 round
 // trips), so the inner loops keep several independent loads in flight: a dot product takes
@@ -60,22 +63,26 @@
 //   dz), column offset (into inv_std and, for BN layers, the running statistics' [total]),
 //   BN layer index (into batches' [E, bn_layers]), staged input's byte offset in the dynamic
 //   shared memory (−1: read from global memory). The last layer is the output layer.
-//   Dynamic shared memory (16-byte aligned regions, host-computed): layer 0's staged input is
-//   [B] u32 image indices (rows outside the order or the dataset: NaN inputs), padded to 16
-//   bytes, then [B, features rounded up to 16] pixel bytes; a layer l > 0's is [B, inputs]
-//   floats; `weight_row_stage` (−1: none) holds the widest hidden layer's weight row.
-//   acts: a of the hidden layers and the logits; xhat: z then x̂ (hidden BN layers); dz: dL/dz
-//   (dlogits for the output layer); inv_std [total]; row_loss [B] f64, row_correct [B] u32;
-//   estimators [E, 2] f64 as in running_stats.cu; barrier [1] u32, zero before the launch.
+//   Dynamic shared memory (16-byte aligned regions, host-computed), every kernel: first the
+//   batch's logits, overwritten in place by dlogits, [B, classes] floats (rounded up to 16
+//   bytes: B·classes·4 bytes a block, which limit the fused kernels' batch); then, staged
+//   (at the offsets the table gives): layer 0's input is [B] u32 image indices (rows outside
+//   the order or the dataset: NaN inputs), padded to 16 bytes, then [B, features rounded up
+//   to 16] pixel bytes; a layer l > 0's is [B, inputs] floats; `weight_row_stage` (−1: none)
+//   holds the widest hidden layer's weight row.
+//   acts: a of the hidden layers; xhat: z then x̂ (hidden BN layers); dz: dL/dz of the hidden
+//   layers (the acts and dz blocks of the output layer go unused); inv_std [total]; row_loss
+//   [B] f64, row_correct [B] u32 (the loss block's); estimators [E, 2] f64 as in
+//   running_stats.cu; barrier [1] u32, zero before the launch.
 //   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024;
 //   fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
-//   [rows, lanes+1], image indices and dz column, the softmax row's label.
+//   [rows, lanes+1], image indices and dz column.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
-//   most 64 registers a thread (__launch_bounds__). fused_train_steps_staged_f32: the same,
-//   with the staged regions' bytes of dynamic shared memory (opted into beyond 48 KB) and
-//   at most 128 registers.
+//   most 64 registers a thread (__launch_bounds__); dynamic shared memory: the softmax's
+//   region, and the staged regions after it (opted into beyond 48 KB).
+//   fused_train_steps_staged_f32: the same, with at most 128 registers.
 
 #include <stdint.h>
 #include "common.cuh"
@@ -322,18 +329,16 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 #define FUSED_MAX_LANES 64
 // The static shared memory of a kernel whose blocks have at most MAX_T threads: `part` holds
 // column_dot's partials ([rows of a pass] × (lanes + 1), lanes ≤ MAX_T/8) or the weight
-// gradient's group sums (one V-vector a thread, V ≤ 4); then a pass's image indices and dz
-// column, and a label. Sized per kernel, so that the 256-thread kernels keep their ~9 KB
-// (two staged blocks an SM need the rest for staging).
+// gradient's group sums (one V-vector a thread, V ≤ 4); then a pass's image indices and its
+// dz column. Sized per kernel, so that the 256-thread kernels keep their ~9 KB (two staged
+// blocks an SM need the rest for staging).
 __host__ __device__ constexpr unsigned fused_part_floats(unsigned max_t) {
     const unsigned lanes = max_t / 8 < FUSED_MAX_LANES ? max_t / 8 : FUSED_MAX_LANES;
     const unsigned rows = FUSED_PASS_ROWS * (lanes + 1), groups = max_t * 4;
     return rows > groups ? rows : groups;
 }
-// The tables after `part`: a pass's image indices and dz column; then the label.
-__host__ __device__ constexpr unsigned fused_pass_tables() { return 2; }
 __host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t) {
-    return fused_part_floats(max_t) + fused_pass_tables() * FUSED_PASS_ROWS + 1;
+    return fused_part_floats(max_t) + 2 * FUSED_PASS_ROWS;
 }
 
 // Σ_r col[r·stride] for r < rows, added in row order (as one thread's loop would) by thread
@@ -421,6 +426,45 @@ __device__ __forceinline__ void column_dot(
             if (mine != nullptr && first + i == threadIdx.x) *mine = s;
         }
         __syncthreads();
+    }
+}
+
+// out[r·classes + k] = Σ_i a[r·n + i]·w[k·n + i] (+ bias[k], if given) for every row r <
+// rows and class k: the whole batch's logits in one block, a (row, class) pair a thread
+// (pairs p = t, t+T, …; r = p / classes). Four partial sums, input i in sum i mod 4, added
+// as (s0+s1)+(s2+s3), then the bias: the same order whether the rows are read four floats a
+// load (both operands 16-byte aligned, n a multiple of 4) or one. Four independent chains
+// a thread, and no barrier: the row-per-block split it replaced took a pass of column_dot
+// (three block barriers) per row.
+__device__ __forceinline__ void batch_logits(
+    const float* a, const float* w, const float* bias, unsigned rows, unsigned n, unsigned classes, float* out)
+{
+    const bool quads = n % 4 == 0 && ((size_t)a % 16) == 0 && ((size_t)w % 16) == 0;
+    const unsigned pairs = rows * classes;
+    for (unsigned p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const unsigned r = p / classes, k = p - r * classes;
+        const float* x = a + (size_t)r * n;
+        const float* y = w + (size_t)k * n;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        unsigned i = 0;
+        if (quads) {
+#pragma unroll 2
+            for (; i < n; i += 4) {
+                const float4 xv = FUSED_LOAD_F4(x + i), yv = FUSED_LOAD_F4(y + i);
+                s0 += xv.x * yv.x; s1 += xv.y * yv.y; s2 += xv.z * yv.z; s3 += xv.w * yv.w;
+            }
+        } else {
+#pragma unroll 2
+            for (; i + 4 <= n; i += 4) {
+                s0 += x[i] * y[i]; s1 += x[i + 1] * y[i + 1]; s2 += x[i + 2] * y[i + 2]; s3 += x[i + 3] * y[i + 3];
+            }
+            if (i < n) s0 += x[i] * y[i];
+            if (i + 1 < n) s1 += x[i + 1] * y[i + 1];
+            if (i + 2 < n) s2 += x[i + 2] * y[i + 2];
+        }
+        float s = (s0 + s1) + (s2 + s3);
+        if (bias != nullptr) s += bias[k];
+        out[p] = s;
     }
 }
 
@@ -681,13 +725,14 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     extern __shared__ __align__(16) uint8_t fused_dynamic_shared[];
     uint8_t* staged = fused_dynamic_shared;
 #endif
+    // The batch's logits, overwritten in place by dlogits ([B, classes]): the dynamic shared
+    // memory's first bytes, in every kernel (the staged regions follow, at the host's offsets).
+    float* soft = reinterpret_cast<float*>(staged);
     // part: column_dot's partials, the block totals, the weight gradient's group sums, the
-    // step's row losses; index, gs: a pass's image indices and dz column; label: the softmax
-    // row's label.
+    // step's row losses; index, gs: a pass's image indices and dz column.
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
-    unsigned* shared_label = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS + fused_pass_tables() * FUSED_PASS_ROWS);
 
     const unsigned t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
@@ -695,6 +740,9 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     const unsigned classes = (unsigned)out_info[L_OUT];
     // The output layer's first row of this block (see the header).
     const unsigned out_first = G - 1 - me;
+    // The block that writes and adds the step's row losses: the output layer's row 0's, one
+    // of the last blocks, which own no hidden neuron when the grid is wide enough.
+    const bool loss_block = me == G - 1;
     const float inv_rows = 1.0f / (float)batch;
     const unsigned reduce_width = row_threads(batch);
     // Four pixels per load where the images allow it (the seed: 784 features, an allocation).
@@ -703,6 +751,12 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     const unsigned cursor0 = cursor[0];
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
 
+    // Layer l > 0's input rows ([B, inputs] floats): the layer below's a, from shared memory
+    // where this layer is staged.
+    auto float_input = [&](unsigned l) -> const float* {
+        const int stage = STAGED ? layer_info[(size_t)l * LAYER_FIELDS + L_STAGE] : -1;
+        return stage >= 0 ? reinterpret_cast<const float*>(staged + stage) : acts + layer_info[(size_t)(l - 1) * LAYER_FIELDS + L_ACT];
+    };
     // Calls f with layer l's input: the batch's pixels (layer 0) or the layer below's a,
     // from shared memory where this layer is staged (the caller staged it this step).
     auto with_input = [&](unsigned l, unsigned long long base, auto f) {
@@ -718,9 +772,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             if (pixel_words) f(Pixels<4>{images, order, order_len, count, features, base, index});
             else f(Pixels<1>{images, order, order_len, count, features, base, index});
         } else {
-            const int* below = layer_info + (size_t)(l - 1) * LAYER_FIELDS;
-            const float* a = stage >= 0 ? reinterpret_cast<const float*>(staged + stage) : acts + below[L_ACT];
-            f(Floats{a, (size_t)below[L_OUT]});
+            f(Floats{float_input(l), (size_t)layer_info[(size_t)l * LAYER_FIELDS + L_IN]});
         }
     };
     // Copies layer l's input into its staged region, if it has one (every thread calls it).
@@ -829,56 +881,55 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             grid_barrier(barrier);
         }
 
-        // Logits (bias included) and softmax cross-entropy, row by row: row r belongs to
-        // block r mod G, which computes its `classes` dot products (the weight rows are the
-        // "rows" of column_dot, the row's activations its vector) and then the softmax
-        // (softmax_xent.cu's arithmetic), a class per thread. One phase, one grid barrier.
+        // Logits (bias included) and softmax cross-entropy of the whole batch, in every block:
+        // the backward below (the top hidden layer's dA, the output layer's gradients) then
+        // reads dlogits from this block's shared memory, with no grid barrier between: with
+        // a row per block, as before, every block needed the others' rows after one. All
+        // blocks compute the same values (same loads, same order); the loss block also
+        // writes the rows' losses.
         {
-            const int* top = layer_info + (size_t)(hidden - 1) * LAYER_FIELDS;
             const unsigned in_w = (unsigned)out_info[L_IN];
-            const float* a_top = acts + top[L_ACT];
-            float* logits = acts + out_info[L_ACT];
-            float* dlogits = dz + out_info[L_ACT];
             const float* bias = out_info[L_BIAS] >= 0 ? params + out_info[L_BIAS] : nullptr;
-            const Floats weight_rows{params + out_info[L_W], (size_t)in_w};
             const float nan = __int_as_float(0x7fc00000);
-            for (unsigned r = me; r < batch; r += G) {
-                // The label's two dependent loads: the first before the dot products, the
-                // second after, so they overlap them.
-                const unsigned long long pos = base + r;
-                const bool in_order = pos < order_len;
-                const unsigned image = (t == 0 && in_order) ? order[pos] : 0;
-                column_dot(part, weight_rows, classes, in_w, a_top + (size_t)r * in_w, 1, logits + (size_t)r * classes, 1, bias);
-                if (t == 0) *shared_label = (in_order && image < count) ? labels[image] : 255u;
-                __syncthreads();
-                // Every thread finds the same maximum and denominator (same loads, same order).
-                const float* row = logits + (size_t)r * classes;
-                const unsigned label = *shared_label;
+            // Row t's label takes two dependent loads: the first before the dot products,
+            // the second after, so that they overlap them.
+            const unsigned long long pos = base + t;
+            const unsigned image = t < batch && pos < order_len ? order[pos] : count;
+            stage_input(hidden, base);
+            batch_logits(float_input(hidden), params + out_info[L_W], bias, batch, in_w, classes, soft);
+            __syncthreads();
+            // softmax_xent.cu's arithmetic, a row a thread; dlogits overwrite the row's logits.
+            for (unsigned r = t; r < batch; r += T) {
+                const unsigned long long pos_r = base + r;
+                const unsigned image_r = r == t ? image : pos_r < order_len ? order[pos_r] : count;
+                const unsigned label = image_r < count ? labels[image_r] : 255u;
                 const bool valid = label < classes;
+                float* row = soft + (size_t)r * classes;
                 unsigned best = 0;
                 float m = row[0];
                 for (unsigned k = 1; k < classes; ++k)
                     if (row[k] > m) { m = row[k]; best = k; }
                 float denom = 0.0f;
                 for (unsigned k = 0; k < classes; ++k) denom += expf(row[k] - m);
-                for (unsigned k = t; k < classes; k += T) {
+                const double loss = valid ? (double)(logf(denom) + m - row[label]) : (double)nan;
+                for (unsigned k = 0; k < classes; ++k) {
                     const float p = expf(row[k] - m) / denom;
-                    dlogits[(size_t)r * classes + k] = valid ? (p - (k == label ? 1.0f : 0.0f)) * grad_scale : nan;
+                    row[k] = valid ? (p - (k == label ? 1.0f : 0.0f)) * grad_scale : nan;
                 }
-                if (t == 0) {
-                    row_loss[r] = valid ? (double)(logf(denom) + m - row[label]) : (double)nan;
+                if (loss_block) {
+                    row_loss[r] = loss;
                     row_correct[r] = (valid && best == label) ? 1u : 0u;
                 }
-                __syncthreads();  // shared_label is rewritten for the next row
             }
-            grid_barrier(barrier);
+            __syncthreads();
         }
 
         // Backward: the step's loss sums; the output layer's gradients; the hidden layers from
         // the top down.
-        // Block 0 adds the rows' losses in row order, their loads issued in parallel (as in
-        // ordered_column_total; `part` is free between phases).
-        if (me == 0) {
+        // The loss block adds the rows' losses in row order, their loads issued in parallel
+        // (as in ordered_column_total; `part` is free here); its own writes above, visible to
+        // its threads after the barrier.
+        if (loss_block) {
             double* losses = reinterpret_cast<double*>(part);
             unsigned* rights = reinterpret_cast<unsigned*>(losses + FUSED_PASS_ROWS);
             double s = 0.0;
@@ -898,8 +949,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         }
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
-            const float* dlogits = dz + out_info[L_ACT];
-            if (out_first < classes) stage_input(hidden, base);
+            const float* dlogits = soft;
             for (unsigned k = out_first; k < classes; k += G) {
                 if (out_info[L_BIAS] >= 0) {
                     const float s = ordered_column_total(gs, dlogits + k, classes, batch);
@@ -914,7 +964,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
             const int* up = layer_info + (size_t)(l + 1) * LAYER_FIELDS;
             const unsigned in_w = (unsigned)info[L_IN], width = (unsigned)info[L_OUT], up_w = (unsigned)up[L_OUT];
-            const Floats up_dz{dz + up[L_ACT], (size_t)up_w};
+            // The output layer's dz (dlogits) lies in this block's shared memory (above).
+            const Floats up_dz{l + 1 == hidden ? soft : dz + up[L_ACT], (size_t)up_w};
             const float* a = acts + info[L_ACT];
             const float* xh = xhat + info[L_ACT];
             float* d = dz + info[L_ACT];

@@ -3,7 +3,12 @@
 # no Rust toolchain: the stripped release binary, the GPU test executables and MNIST.
 #
 #   scripts/gpu-bundle.sh [BUNDLE_DIR]        # default ./gpu-bundle (git-ignored)
+#   BASELINE=<commit> scripts/gpu-bundle.sh   # also that commit's release binary, xz-packed
 #
+# With BASELINE, the bundle also holds `bntrain-base.xz` (~3 MB), the release binary of that
+# commit (built in a worktree under target/baseline), and `baseline.txt` naming it: gpu-check
+# then times the seed's fused steps and the study with both builds in the same call (part
+# "baseline"), where timings from two calls differ by a few per cent.
 # Needs nvcc at build time (see README / build.rs); the data comes from $BNTRAIN_DATA or the
 # cache (~/.cache/bntrain/mnist; run `bntrain data fetch` first). The bundle must stay under
 # 64 MiB. Then, on the GPU host: `bash gpu-bundle/gpu-check.sh`.
@@ -46,6 +51,23 @@ if command -v strip >/dev/null; then
     strip "$bundle/bntrain" "${tests[@]/#/$bundle/}" 2>/dev/null || true
 fi
 cp scripts/gpu-check.sh scripts/compare-peers.sh scripts/ncu-source.py "$bundle/"
+
+if [[ -n "${BASELINE:-}" ]]; then
+    rev="$(git rev-parse --verify "${BASELINE}^{commit}")"
+    echo "== the baseline: $(git log -1 --format='%h %s' "$rev" | cut -c1-100)"
+    source_dir="target/baseline/src"
+    git worktree remove --force "$source_dir" 2>/dev/null || rm -rf "$source_dir"
+    git worktree prune
+    git worktree add --detach "$source_dir" "$rev" >/dev/null
+    (cd "$source_dir" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release --bin bntrain)
+    base="target/baseline/target/release/bntrain"
+    grep -qa '\.entry gather_rows_f32' "$base" || { echo "gpu-bundle: the baseline build has no CUDA kernels (built without nvcc)" >&2; exit 1; }
+    cp "$base" "$bundle/bntrain-base"
+    command -v strip >/dev/null && strip "$bundle/bntrain-base" 2>/dev/null || true
+    xz -T0 -6 -f "$bundle/bntrain-base"
+    git log -1 --format='%H %s' "$rev" > "$bundle/baseline.txt"
+    git worktree remove --force "$source_dir"
+fi
 cp -r scripts/peers "$bundle/peers"
 
 data="${BNTRAIN_DATA:-${BNTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bntrain}/mnist}"

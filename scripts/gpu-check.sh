@@ -31,6 +31,9 @@
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
 #      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
+#   part "baseline" (after "bench", when the bundle has bntrain-base.xz: BASELINE=<commit>
+#   scripts/gpu-bundle.sh): that commit's build beside this one in the same call, the seed's
+#   fused step alone (traced) and paired in one launch, and the study's defaults;
 # then prints each option against the same run without it (the decisions on the defaults;
 # a variant that fell back is left out of them and counts as a failure), and a summary
 # table last.
@@ -41,7 +44,7 @@
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
-# "tests train blocks bench reproduce peers profile"; also "source": the fused kernel's warp
+# "tests train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
 # stalls by instruction) picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
@@ -58,7 +61,7 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
-parts=" ${PARTS:-tests train blocks bench reproduce peers profile} "
+parts=" ${PARTS:-tests train blocks bench baseline reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
@@ -185,8 +188,10 @@ done
 # A bench takes seconds (20 warm-up steps, a calibration of a few hundredths of a second,
 # then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
 # The log of one bench row (bench's arguments).
+# With bench_build set (as `bench_build=base bench …`; part "baseline"), the row and its
+# log are the baseline build's (base) or this build's beside it (here).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}${bench_build:+-$bench_build}.log"
 }
 bench_part=bench
 bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)]
@@ -208,6 +213,9 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
     [[ $threads != 256 ]] && name+=", $threads threads a block"
     [[ $all == 1 ]] && name+=", all batches"
+    local exe="$bin"
+    [[ ${bench_build:-} == base ]] && name+=", baseline build" exe="$base_bin"
+    [[ ${bench_build:-} == here ]] && name+=", beside the baseline"
     name+=")"
     local pair_flag=() one_launch=0; [[ $pair != 0 ]] && pair_flag=(--pair); [[ $pair == 2 ]] && one_launch=1
     [[ $all == 1 ]] && pair_flag+=(--all-batches)
@@ -220,7 +228,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
     echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$bin" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -308,8 +316,58 @@ bench seed graph f32 0 0 0 0 0 0 256 1
 
 save_logs
 
+# Part "baseline": another commit's build (bntrain-base.xz, packed by gpu-bundle.sh with
+# BASELINE=<commit>, a commit with `bench --trace`) beside this one, in the same call: the
+# seed's fused step alone and the BN+plain pair in one launch (the study's default), each
+# build's run right after the other's; fused training at auto's ceiling (batch 256, hidden
+# layers 256 wide); and the study below (with part "reproduce"). Its PTX is compiled by the
+# driver at its first command (`info`, timed), as this build's was. It is unpacked outside
+# the logs, which every part archives.
+base_bin=""
+if part baseline && [[ -f "$bundle/bntrain-base.xz" ]] && limit 120 45 "baseline build (PTX compiled)"; then
+    base_bin="$(mktemp -d)/bntrain-base"
+    python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$bundle/bntrain-base.xz" "$base_bin" && chmod +x "$base_bin"
+    echo "== the baseline build: $(cat "$bundle/baseline.txt" 2>/dev/null | cut -c1-100); bntrain-base info"
+    info_start=$SECONDS
+    if timeout -k 10 "$t" "$base_bin" info > "$logs/info-base.log" 2>&1; then
+        row "baseline build (PTX compiled)" "$((SECONDS - info_start)) s: $(cut -c1-60 "$bundle/baseline.txt" 2>/dev/null)"
+    else
+        row "baseline build (PTX compiled)" "FAIL: no baseline rows"; failed=1; base_bin=""
+    fi
+fi
+# `train` at auto's ceiling for fused steps, where every block's logits of the whole batch
+# cost the most (B·classes·width multiply-adds: 655k a block at batch 256 and width 256,
+# against 60k for the seed): its seconds (3000 steps, one evaluation).
+ceiling_log() { echo "$logs/train-ceiling-$1.log"; }
+ceiling() { # BUILD(base|here)
+    local exe="$bin" log; log="$(ceiling_log "$1")"
+    [[ $1 == base ]] && exe="$base_bin"
+    local name="train 3000 steps, batch 256, 256-wide (fused, $1)"
+    limit 60 15 "$name" || { failed=1; return; }
+    echo "== ($1) BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 3000 --eval-every 3000 --batch 256 --hidden 256,256"
+    BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" "$exe" train --device cuda --steps 3000 --eval-every 3000 --batch 256 --hidden 256,256 --json 2>&1 | tee "$log"
+    local status=${PIPESTATUS[0]} device; device="$(json_field "$log" device)"
+    if [[ $status -eq 0 && "$device" == *"(fused steps"* ]]; then
+        row "$name" "$(json_field "$log" seconds) s, test accuracy $(json_field "$log" test_accuracy), device: $device"
+    else
+        row "$name" "FAIL or FELL BACK (device: $device)"; failed=1
+        [[ -f "$log" ]] && mv "$log" "$log.failed"
+    fi
+}
+if [[ -n "$base_bin" ]]; then
+    bench_part=baseline
+    # This build's rows again, right after the baseline's (the bench part's own are minutes
+    # older, on a GPU whose clocks move).
+    for build in base here; do bench_build=$build bench seed fused f32; done
+    for build in base here; do bench_build=$build bench seed fused f32 0 0 2; done
+    [[ $fused_ok == 1 ]] && for build in base here; do ceiling "$build"; done
+    bench_part=bench
+fi
+
+save_logs
+
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
@@ -317,7 +375,10 @@ for variant in fused default blocks1024 blocks1024-streams streams cluster clust
     # "blocks", as is the fused baseline when that part runs); default: the defaults (fused
     # steps, the two networks in one launch); graph: with the defaults' second stream for
     # the weight gradients (f32).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce
+    # baseline: the defaults of the baseline build (part "baseline"), beside `default`.
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce exe="$bin"
+    [[ $variant == baseline ]] && step=fused pairing=1 gate=baseline exe="$base_bin"
+    [[ $variant == baseline ]] && { [[ -n "$base_bin" ]] && part reproduce || continue; }
     [[ $variant == blocks* ]] && step=fused threads=1024 gate=blocks
     [[ $variant == fused ]] && part blocks && gate=blocks
     [[ $variant == default ]] && step=fused pairing=1
@@ -331,13 +392,14 @@ for variant in fused default blocks1024 blocks1024-streams streams cluster clust
     [[ $variant == tuned ]] && step=fused tune=1
     name="reproduce (full, cuda, $variant)"
     [[ $variant == tuned ]] && name="reproduce (full, cuda, fused, evaluation GEMMs tuned, tuning included)"
+    [[ $variant == baseline ]] && name="reproduce (full, cuda, the defaults, baseline build)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part "$gate" && limit 240 60 "$name" || continue
     echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$exe" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -475,30 +537,31 @@ fi
 # Each option against the same run without it, from the rows above: where the ratio is under
 # 1 the option is faster, and a candidate for the default (docs/perf.md says which are).
 decisions=()
-decide() { # NAME BASELINE VARIANT: two bench logs, or two reproduce variants as reproduce:NAME
+decide() { # NAME BASELINE VARIANT: two bench logs, two train logs (their seconds), or two reproduce variants as reproduce:NAME
     local base="$2" variant="$3" unit="µs/step"
+    [[ $base == */train-* ]] && unit="s (train)"
     if [[ $base == reproduce:* ]]; then
         base="$logs/runs/gpu-${base#reproduce:}/metrics.json" variant="$logs/runs/gpu-${variant#reproduce:}/metrics.json" unit="s (comparison)"
     fi
     decisions+=("$(printf '%-48s %s' "$1" "$(python3 - "$base" "$variant" "$unit" <<'PY'
 import json, os, sys
 def value(path):
-    # A bench log's last JSON object's us_per_step; a study's metrics.json's comparison time;
-    # what became of a run whose log was set aside.
+    # A bench log's last JSON object's us_per_step (a train log's: its seconds); a study's
+    # metrics.json's comparison time; what became of a run whose log was set aside.
     for what in ("fell-back", "failed"):
         if os.path.exists(f"{path}.{what}"):
             return what.replace("-", " ")
     try:
         if path.endswith("metrics.json"):
             return float(json.load(open(path))["timings"]["comparison_s"])
-        found = None
+        found, key = None, "seconds" if "/train-" in path else "us_per_step"
         for line in open(path, errors="replace"):
             try:
                 r = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(r, dict) and "us_per_step" in r:
-                found = float(r["us_per_step"])
+            if isinstance(r, dict) and key in r:
+                found = float(r[key])
         return found
     except (OSError, KeyError, TypeError, ValueError):
         return None
@@ -527,6 +590,9 @@ decide "seed fused, staged: all batches" "$(bench_log seed fused f32 0 1)" "$(be
 decide "seed fused pair, one launch: all batches" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 2 0 0 0 256 1)"
 decide "seed graph: all batches" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 0 256 1)"
 decide "seed fused, all batches: staged" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 256 1)"
+decide "seed fused: this build against the baseline" "$(bench_build=base bench_log seed fused f32)" "$(bench_build=here bench_log seed fused f32)"
+decide "seed fused pair, one launch: against baseline" "$(bench_build=base bench_log seed fused f32 0 0 2)" "$(bench_build=here bench_log seed fused f32 0 0 2)"
+decide "train batch 256, 256-wide: against baseline" "$(ceiling_log base)" "$(ceiling_log here)"
 decide "seed graph: dW on a 2nd stream" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 1)"
 for precision in f32 tf32 bf16; do
     decide "wide graph $precision: tuned GEMMs" "$(bench_log wide graph $precision)" "$(bench_log wide graph $precision 0 0 0 1)"
@@ -541,6 +607,7 @@ for variant in streams cluster staged tuned graph; do
 done
 decide "reproduce: paired against staged" reproduce:staged reproduce:paired
 decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduce:default
+decide "reproduce: the defaults against the baseline's" reproduce:baseline reproduce:default
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

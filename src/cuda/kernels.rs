@@ -691,41 +691,53 @@ impl FusedCluster {
     }
 }
 
-/// Which layers' inputs `fused_train_steps_staged_f32` keeps in shared memory (see
-/// cuda/fused_step.cu), as byte offsets into the launch's dynamic shared memory.
+/// The grid kernels' dynamic shared memory (see cuda/fused_step.cu): the softmax's region at
+/// offset 0 (every kernel), then which layers' inputs `fused_train_steps_staged_f32` keeps in
+/// shared memory, as byte offsets into it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FusedStaging {
     /// Per layer, its staged input's offset (None: read from global memory).
     pub inputs: Vec<Option<usize>>,
     /// The weight row a block computes with (None: read from global memory).
     pub weight_row: Option<usize>,
-    /// Dynamic shared memory a block needs.
+    /// Dynamic shared memory a block needs: the softmax's region and the staged ones.
     pub bytes: usize,
 }
 
 impl FusedStaging {
-    /// Staged regions start on 16-byte boundaries (the kernel copies 16 bytes a load).
+    /// Regions start on 16-byte boundaries (the kernel copies 16 bytes a load).
     const ALIGN: usize = 16;
+
+    fn align(n: usize) -> usize {
+        n.div_ceil(Self::ALIGN) * Self::ALIGN
+    }
+
+    /// Nothing staged: the softmax's region alone, the batch's logits (then dlogits),
+    /// `batch × classes` floats, which every block computes whole.
+    fn unstaged(layers: &[FusedLayer], batch: usize) -> Self {
+        let classes = layers.last().map_or(0, |l| l.outputs);
+        FusedStaging { inputs: vec![None; layers.len()], weight_row: None, bytes: Self::align(batch * classes * 4) }
+    }
 
     /// The regions that could be staged, in the order they are offered: the weight row
     /// (widest hidden layer's inputs), layer 0's image indices and pixel rows (rows padded to
     /// 16 bytes), then each further layer's input, `batch × inputs` floats.
     fn candidates(layers: &[FusedLayer], batch: usize) -> Vec<(Option<usize>, usize)> {
-        let align = |n: usize| n.div_ceil(Self::ALIGN) * Self::ALIGN;
         let hidden = layers.len() - 1;
         let widest = layers[..hidden].iter().map(|l| l.inputs).max().unwrap_or(0);
-        let mut regions = vec![(None, align(widest * 4))];
+        let mut regions = vec![(None, Self::align(widest * 4))];
         for (l, layer) in layers.iter().enumerate() {
-            let bytes = if l == 0 { align(batch * 4) + batch * align(layer.inputs) } else { batch * layer.inputs * 4 };
-            regions.push((Some(l), align(bytes)));
+            let bytes = if l == 0 { Self::align(batch * 4) + batch * Self::align(layer.inputs) } else { batch * layer.inputs * 4 };
+            regions.push((Some(l), Self::align(bytes)));
         }
         regions
     }
 
-    /// Offers each candidate region in turn and keeps it if `fits(total bytes)` says the
-    /// staging still fits (shared memory per block, and the grid it allows).
+    /// Offers each candidate region in turn, after the softmax's, and keeps it if
+    /// `fits(total bytes)` says the layout still fits (shared memory per block, and the grid
+    /// it allows).
     fn choose(layers: &[FusedLayer], batch: usize, mut fits: impl FnMut(usize) -> Result<bool, CudaError>) -> Result<Self, CudaError> {
-        let mut staging = FusedStaging { inputs: vec![None; layers.len()], ..Default::default() };
+        let mut staging = Self::unstaged(layers, batch);
         for (layer, bytes) in Self::candidates(layers, batch) {
             if !fits(staging.bytes + bytes)? {
                 continue;
@@ -741,7 +753,7 @@ impl FusedStaging {
 
     /// Whether anything is staged.
     pub fn any(&self) -> bool {
-        self.bytes > 0
+        self.weight_row.is_some() || self.inputs.iter().any(Option::is_some)
     }
 }
 
@@ -837,27 +849,41 @@ impl FusedPlan {
         // Shared memory beyond 48 KB a block must be opted into, up to the device's limit
         // less the kernel's static shared memory: the function's dynamic limit, opted into.
         let optin = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
+        let static_bytes = |function: &CudaFunction| -> Result<usize, CudaError> {
+            Ok(function.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?.max(0) as usize)
+        };
         let dynamic_limit = |function: &CudaFunction| -> Result<usize, CudaError> {
-            let fixed = function.get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?.max(0) as usize;
-            let limit = optin.saturating_sub(fixed);
+            let limit = optin.saturating_sub(static_bytes(function)?);
             function.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, i32::try_from(limit).unwrap_or(i32::MAX))?;
             Ok(limit)
         };
-        // The unstaged kernel's grid; staging may not shrink it.
-        let grid = grid_with(&gpu.functions.fused_train_steps, threads, 0)?;
+        // Whether a block of `function` may take `dynamic` bytes: without opting in up to 48 KB
+        // with its static shared memory (the unstaged kernels' softmax region, a few KB, keeps
+        // the driver's defaults), else opted into.
+        const DEFAULT_SHARED: usize = 48 * 1024;
+        let allows = |function: &CudaFunction, dynamic: usize| -> Result<bool, CudaError> {
+            Ok(static_bytes(function)? + dynamic <= DEFAULT_SHARED || dynamic <= dynamic_limit(function)?)
+        };
+        // The unstaged kernel's grid, with the softmax's region; staging may not shrink it.
+        let unstaged = FusedStaging::unstaged(&layers, batch);
+        let plain = &gpu.functions.fused_train_steps;
+        require(K, allows(plain, unstaged.bytes)?, || {
+            format!("the batch's logits ({batch} × {} floats, {} bytes) do not fit a block's shared memory", layers[hidden].outputs, unstaged.bytes)
+        })?;
+        let grid = grid_with(plain, threads, unstaged.bytes)?;
         require(K, grid >= 1, || format!("no block of {threads} threads fits on the device ({sms} SMs)"))?;
         let staging = if stage && cluster.is_none() {
             let staged = &gpu.functions.fused_train_steps_staged;
             let limit = dynamic_limit(staged)?;
             FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(staged, FUSED_STAGED_THREADS, bytes)? >= grid))?
         } else {
-            FusedStaging { inputs: vec![None; layers.len()], ..Default::default() }
+            unstaged
         };
         // Whether two such networks fit on the device at once in one launch (fused_train_pair);
         // a failed query only rules the pair out.
         let pair = plan_pair_function(gpu, &staging);
         let dynamic = staging.bytes;
-        let pair_opted_in = dynamic == 0 || dynamic_limit(pair).is_ok_and(|limit| dynamic <= limit);
+        let pair_opted_in = allows(pair, dynamic).unwrap_or(false);
         let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_STAGED_THREADS, dynamic, None).unwrap_or(0);
         let pair_fits = pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
@@ -887,11 +913,6 @@ impl FusedPlan {
         })
     }
 
-    /// Dynamic shared memory a block of the grid kernels takes.
-    fn dynamic_bytes(&self) -> usize {
-        self.staging.bytes
-    }
-
     /// The cluster launch, if the plan has one.
     pub fn cluster(&self) -> Option<&FusedCluster> {
         self.cluster.as_ref()
@@ -908,7 +929,8 @@ impl FusedPlan {
         if self.staging.any() { FUSED_STAGED_THREADS } else { self.threads }
     }
 
-    /// What the launches keep in shared memory (nothing unless the plan was made to stage).
+    /// The launches' dynamic shared memory: the softmax's region, and what they stage
+    /// (nothing unless the plan was made to stage).
     pub fn staging(&self) -> &FusedStaging {
         &self.staging
     }
@@ -1046,9 +1068,10 @@ impl<'a, 'b> FusedArgs<'a, 'b> {
 // activation offsets inside the workspaces sized batch·Σ outputs. Rows index `order` below
 // its length and examples below `count` (checked in the kernel, NaN otherwise); labels are
 // read below count. The grid is at most the device's co-resident block count, which a
-// cooperative launch requires (and the driver checks) for the spinning grid barrier. Staged
-// regions lie inside the dynamic shared memory given (FusedStaging::choose sums them),
-// which FusedPlan::new allowed with the function attribute and counted in that block count.
+// cooperative launch requires (and the driver checks) for the spinning grid barrier. The
+// softmax's region ([batch, classes] floats, which the kernel writes) and the staged regions
+// lie inside the dynamic shared memory given (FusedStaging sums them), which FusedPlan::new
+// allowed with the function attribute and counted in that block count.
 
 /// `fused_train_steps_f32`: `steps` whole training steps (forward, loss, backward, SGD,
 /// running statistics) on the batches `cursor[0]`, `cursor[0]+1`, ... of the order, in one
@@ -1084,7 +1107,7 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     let cfg = LaunchConfig {
         grid_dim: (args.plan.grid, 1, 1),
         block_dim: (args.plan.threads(), 1, 1),
-        shared_mem_bytes: u32::try_from(args.plan.dynamic_bytes()).unwrap_or(u32::MAX),
+        shared_mem_bytes: u32::try_from(args.plan.staging.bytes).unwrap_or(u32::MAX),
     };
     let mut b = builder(gpu, function);
     args.push(&mut b);
@@ -1128,7 +1151,7 @@ pub fn fused_train_pair(
     }
     let function = plan_pair_function(gpu, &pa.staging);
     let grid = pa.grid.saturating_mul(2);
-    let dynamic = u32::try_from(pa.dynamic_bytes()).unwrap_or(u32::MAX);
+    let dynamic = u32::try_from(pa.staging.bytes).unwrap_or(u32::MAX);
     // The first network's barrier serves both (the kernel ignores the second's).
     gpu.stream().memset_zeros(&mut a.plan.barrier)?;
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_STAGED_THREADS, 1, 1), shared_mem_bytes: dynamic };
@@ -1164,31 +1187,38 @@ mod tests {
     }
 
     /// The layout the emulation (tests/kernel_emulation/fused.inc) and the kernel's header
-    /// describe: 16-byte aligned regions, the weight row first, then each layer's input.
+    /// describe: 16-byte aligned regions, the softmax's first (the batch's logits), then the
+    /// weight row, then each layer's input.
     #[test]
     fn staging_regions_follow_the_kernels_layout() {
+        let softmax = 60 * 10 * 4; // 2400 bytes, a multiple of 16
+        assert_eq!(FusedStaging::unstaged(&seed_layers(), 60), FusedStaging { inputs: vec![None; 3], weight_row: None, bytes: softmax });
         let staging = FusedStaging::choose(&seed_layers(), 60, |_| Ok(true)).unwrap();
         let weight_row = 784 * 4;
         let pixels = 240 + 60 * 784; // 60 image indices (240 bytes, a multiple of 16), rows of 784
-        assert_eq!(staging.weight_row, Some(0));
-        assert_eq!(staging.inputs, vec![Some(weight_row), Some(weight_row + pixels), Some(weight_row + pixels + 24_000)]);
-        assert_eq!(staging.bytes, weight_row + pixels + 2 * 24_000);
-        // Odd sizes round up: a 5-row batch of 3 features takes 32 bytes of indices (20
-        // rounded up) and five 16-byte rows; 5 floats of a 1-wide layer take 32 bytes.
+        assert_eq!(staging.weight_row, Some(softmax));
+        let first = softmax + weight_row;
+        assert_eq!(staging.inputs, vec![Some(first), Some(first + pixels), Some(first + pixels + 24_000)]);
+        assert_eq!(staging.bytes, first + pixels + 2 * 24_000);
+        // Odd sizes round up: 5 rows of 2 classes take 48 bytes (40 rounded up); a 5-row batch
+        // of 3 features takes 32 bytes of indices (20 rounded up) and five 16-byte rows; 5
+        // floats of a 1-wide layer take 32 bytes.
         let layer = |inputs, outputs| FusedLayer { inputs, outputs, weight: 0, bias: None, batch_norm: None };
         let odd = FusedStaging::choose(&[layer(3, 1), layer(1, 2)], 5, |_| Ok(true)).unwrap();
-        assert_eq!((odd.weight_row, odd.inputs.clone(), odd.bytes), (Some(0), vec![Some(16), Some(16 + 112)], 16 + 112 + 32));
+        assert_eq!((odd.weight_row, odd.inputs.clone(), odd.bytes), (Some(48), vec![Some(48 + 16), Some(48 + 16 + 112)], 48 + 16 + 112 + 32));
     }
 
-    /// A region that does not fit is skipped, and later, smaller ones still go in.
+    /// A region that does not fit is skipped, and later, smaller ones still go in; the
+    /// softmax's region is always there, and is not staging.
     #[test]
     fn staging_skips_what_does_not_fit() {
-        let limit = 784 * 4 + 30_000; // the weight row and one 24 000-byte layer, not the pixels
+        let softmax = 2400;
+        let limit = softmax + 784 * 4 + 30_000; // the weight row and one 24 000-byte layer, not the pixels
         let staging = FusedStaging::choose(&seed_layers(), 60, |bytes| Ok(bytes <= limit)).unwrap();
-        assert_eq!((staging.weight_row, staging.inputs.clone()), (Some(0), vec![None, Some(784 * 4), None]));
+        assert_eq!((staging.weight_row, staging.inputs.clone()), (Some(softmax), vec![None, Some(softmax + 784 * 4), None]));
         assert!(staging.any());
         let none = FusedStaging::choose(&seed_layers(), 60, |_| Ok(false)).unwrap();
-        assert!(!none.any() && none.inputs == vec![None; 3] && none.weight_row.is_none());
+        assert!(!none.any() && none.inputs == vec![None; 3] && none.weight_row.is_none() && none.bytes == softmax);
         let failing = FusedStaging::choose(&seed_layers(), 60, |_| Err(CudaError::NoDevice));
         assert!(failing.is_err());
     }

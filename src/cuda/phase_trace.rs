@@ -14,9 +14,10 @@ const FIELDS: usize = 4;
 
 /// The phases of a step, named by what runs before each of its grid barriers, for a
 /// network with `hidden` hidden layers (layers counted from 0 at the input), as
-/// cuda/fused_step.cu orders them: the hidden layers' forwards, the logits and softmax,
-/// then the backward layer by layer down to layer 1 (layer 0's backward has no barrier of
-/// its own and runs before the next step's first one; with one hidden layer, it has).
+/// cuda/fused_step.cu orders them: the hidden layers' forwards, then the backward layer by
+/// layer down to layer 1, the top one with the logits and softmax that every block computes
+/// before it (layer 0's backward has no barrier of its own and runs before the next step's
+/// first one; with one hidden layer, it has).
 pub fn phase_names(hidden: usize) -> Vec<String> {
     let mut names = Vec::new();
     if hidden == 0 {
@@ -28,8 +29,7 @@ pub fn phase_names(hidden: usize) -> Vec<String> {
         names.push("backward layer 0 (step before), updates, forward layer 0".to_string());
         names.extend((1..hidden).map(|l| format!("update, forward layer {l}")));
     }
-    names.push("logits, softmax".to_string());
-    names.push(format!("loss, output layer's gradients, backward layer {}", hidden - 1));
+    names.push(format!("logits, softmax, loss, output layer's gradients, backward layer {}", hidden - 1));
     names.extend((1..hidden.saturating_sub(1)).rev().map(|l| format!("backward layer {l}")));
     names
 }
@@ -130,23 +130,22 @@ mod tests {
 
     #[test]
     fn phases_follow_the_kernels_barriers() {
-        // As cuda/fused_step.cu's barrier count (and the emulation's): hidden + 1 + (hidden > 1 ? hidden − 1 : 1).
+        // As cuda/fused_step.cu's barrier count (and the emulation's): hidden + (hidden > 1 ? hidden − 1 : 1).
         for hidden in 1..6 {
-            assert_eq!(phase_names(hidden).len(), hidden + 1 + if hidden > 1 { hidden - 1 } else { 1 }, "{hidden} hidden");
+            assert_eq!(phase_names(hidden).len(), hidden + if hidden > 1 { hidden - 1 } else { 1 }, "{hidden} hidden");
         }
         assert_eq!(
             phase_names(2),
             [
                 "backward layer 0 (step before), updates, forward layer 0",
                 "update, forward layer 1",
-                "logits, softmax",
-                "loss, output layer's gradients, backward layer 1",
+                "logits, softmax, loss, output layer's gradients, backward layer 1",
             ]
         );
-        assert_eq!(phase_names(3)[5], "backward layer 1");
+        assert_eq!(phase_names(3)[4], "backward layer 1");
         assert!(phase_names(0).is_empty());
-        assert_eq!(traceable_steps(4, 100), 15);
-        assert_eq!(traceable_steps(4, 3), 3);
+        assert_eq!(traceable_steps(phase_names(2).len(), 100), 21);
+        assert_eq!(traceable_steps(3, 3), 3);
     }
 
     /// A synthetic launch: block b's clock runs at 2 cycles per ns from an offset of its own;
@@ -182,17 +181,17 @@ mod tests {
     #[test]
     fn phases_are_timed_from_the_records() {
         let names = phase_names(2);
-        // Phase p takes (p + 1) µs in every block but block 3, which takes 5 µs longer in phase 2.
-        let raw = synthetic(5, 4, names.len(), |p, b| 1_000 * (p as u64 + 1) + if p == 2 && b == 3 { 5_000 } else { 0 });
+        // Phase p takes (p + 1) µs in every block but block 3, which takes 5 µs longer in phase 1.
+        let raw = synthetic(5, 4, names.len(), |p, b| 1_000 * (p as u64 + 1) + if p == 1 && b == 3 { 5_000 } else { 0 });
         let rows = summarize(&raw, 5, 4, &names).unwrap();
-        assert_eq!(rows.len(), 4);
+        assert_eq!(rows.len(), 3);
         for (p, row) in rows.iter().enumerate() {
-            let slow = if p == 2 { 5.0 } else { 0.0 };
+            let slow = if p == 1 { 5.0 } else { 0.0 };
             assert!((row.wall_us - (p as f64 + 1.0 + slow)).abs() < 1e-9, "{row:?}");
             assert!((row.block_work_us - (p as f64 + 1.0)).abs() < 1e-9, "{row:?}");
             assert!((row.block_work_max_us - (p as f64 + 1.0 + slow)).abs() < 1e-9, "{row:?}");
             assert!((row.barrier_us - 0.1).abs() < 1e-9, "{row:?}");
-            if p == 2 {
+            if p == 1 {
                 assert_eq!(row.slowest_block, 3);
             }
         }
@@ -203,9 +202,9 @@ mod tests {
         let names = phase_names(2);
         let raw = synthetic(3, 2, names.len(), |_, _| 1_000);
         assert!(summarize(&raw, 3, 2, &names).is_ok());
-        assert!(summarize(&raw, 3, 3, &names).unwrap_err().contains("barrier 9"), "a third step was not recorded");
+        assert!(summarize(&raw, 3, 3, &names).unwrap_err().contains("barrier 7"), "a third step was not recorded");
         assert!(summarize(&raw[1..], 3, 2, &names).is_err());
-        assert!(summarize(&raw, 3, 20, &names).unwrap_err().contains("the record holds"));
+        assert!(summarize(&raw, 3, 30, &names).unwrap_err().contains("the record holds"));
         let mut broken = raw.clone();
         broken[(TRACE_SLOTS + 4) * FIELDS + 2] = 0; // block 1, barrier 4: timer in before leaving barrier 3
         assert!(summarize(&broken, 3, 2, &names).unwrap_err().contains("block 1's record of barrier 4"));
