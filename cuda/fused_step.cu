@@ -47,7 +47,7 @@
 // Sums that one thread adds in row order (the loss, bias gradients) have their rows loaded
 // by all threads first; with one pass of rows and a row a thread (the seed's batch), the
 // thread that summed a row's z (or da) keeps it in a register for the BN passes; and a grid
-// barrier is one atomic arrival and a spin on the same count.
+// barrier is one atomic arrival (release) and a spin (acquire loads) on the same count.
 //
 // Staging (optional, chosen by the host per layer; off unless asked for until measured): a
 // block copies a layer's whole input (the batch's pixel rows for layer 0, the layer below's
@@ -107,11 +107,31 @@
 #ifndef FUSED_SPIN_PAUSE
 #define FUSED_SPIN_PAUSE() __nanosleep(32)
 #endif
-// How the barrier reads its count: a volatile load (with the fences around it, the legacy
-// cooperative-groups pattern) on the GPU; the CPU emulation maps it to a C++ atomic load so
-// ThreadSanitizer can follow it.
+// How a block arrives at the grid barrier and waits on its count: thread 0 adds its arrival
+// with release semantics (`atom.add.release`: the block's earlier writes, ordered before it
+// by `__syncthreads`, are visible to whoever sees the arrival) and polls with acquire loads
+// (what it then reads, and the block after the next `__syncthreads`, follows the others'
+// writes): the release/acquire pattern of CUTLASS's grid barriers. The add's result says
+// which barrier this is. An add without a result (`red`) would not wait for its round trip,
+// but then every block would have to hold its barrier count (the 64-register kernels spill
+// for it); reading it off the first poll is unsafe (a block stalled between its arrival and
+// that poll could see the next barrier's arrivals, and wait for itself). The CPU emulation
+// maps both to C++ atomics of the same orders, so that ThreadSanitizer can follow them.
+#ifndef FUSED_ARRIVE_RELEASE
+__device__ __forceinline__ unsigned fused_arrive_release(unsigned* p) {
+    unsigned old;
+    asm volatile("atom.add.release.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+    return old;
+}
+#define FUSED_ARRIVE_RELEASE(p) fused_arrive_release(p)
+#endif
 #ifndef FUSED_LOAD_ACQUIRE
-#define FUSED_LOAD_ACQUIRE(p) (*(volatile unsigned*)(p))
+__device__ __forceinline__ unsigned fused_load_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+#define FUSED_LOAD_ACQUIRE(p) fused_load_acquire(p)
 #endif
 // Called by every thread of a block as it leaves a grid barrier: nothing on the GPU; the
 // emulation delays one block there, so the others run ahead into the next phase and any
@@ -165,15 +185,16 @@ __device__ __forceinline__ void fused_trace_mark(unsigned slot) {
 // All blocks wait until every block has arrived. bar[0] counts arrivals over the whole launch
 // (zero at its start): the k-th barrier is passed once it reaches k·G, so the last block's
 // arrival itself releases the others, which spin on the count, and nothing is reset (the
-// count after a launch is G × its barriers). Fences order every block's earlier global
-// writes before the others' later reads.
+// count after a launch is G × its barriers). The arrival's release and the polls' acquire
+// order every block's earlier global writes before the others' later reads, where the
+// legacy cooperative-groups pattern (as this was first) put a full fence (`__threadfence`)
+// on either side of the arrival.
 __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
         const bool traced = fused_trace != nullptr;
         const unsigned long long clock_in = traced ? FUSED_CLOCK() : 0, timer_in = traced ? FUSED_GLOBALTIMER() : 0;
-        __threadfence();
-        const unsigned arrival = atomicAdd(bar, 1u);
+        const unsigned arrival = FUSED_ARRIVE_RELEASE(bar);
         const unsigned passed = (arrival / gridDim.x + 1) * gridDim.x;
         unsigned spins = 0;
         // No wrap-around: a launch's count stays below FUSED_MAX_STEPS × a few barriers × G.
@@ -181,7 +202,6 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             FUSED_SPIN_PAUSE();
             if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
         }
-        __threadfence();
         if (traced && arrival / gridDim.x < FUSED_TRACE_BARRIERS) fused_trace_slot(arrival / gridDim.x, clock_in, timer_in, true);
     }
     __syncthreads();

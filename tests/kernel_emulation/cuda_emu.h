@@ -33,6 +33,7 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 #define FUSED_TRAP() (fprintf(stderr, "grid barrier timed out\n"), abort())
 #define FUSED_LOAD_ACQUIRE(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define FUSED_ARRIVE_RELEASE(p) __atomic_fetch_add((p), 1u, __ATOMIC_RELEASE)
 // Four pixels as one 32-bit word (little-endian, as on the GPU), without type punning.
 inline unsigned fused_load_u32(const uint8_t* p) { unsigned v; memcpy(&v, p, 4); return v; }
 #define FUSED_LOAD_U32(p) fused_load_u32(p)
