@@ -111,7 +111,8 @@
 // with release semantics (`atom.add.release`: the block's earlier writes, ordered before it
 // by `__syncthreads`, are visible to whoever sees the arrival) and polls with acquire loads
 // (what it then reads, and the block after the next `__syncthreads`, follows the others'
-// writes): the release/acquire pattern of CUTLASS's grid barriers. The add's result says
+// writes): what cooperative groups' grid sync does on sm_70 and newer (its older pattern,
+// two full fences around a relaxed add, is what this did first). The add's result says
 // which barrier this is. An add without a result (`red`) would not wait for its round trip,
 // but then every block would have to hold its barrier count (the 64-register kernels spill
 // for it); reading it off the first poll is unsafe (a block stalled between its arrival and
@@ -120,7 +121,7 @@
 #ifndef FUSED_ARRIVE_RELEASE
 __device__ __forceinline__ unsigned fused_arrive_release(unsigned* p) {
     unsigned old;
-    asm volatile("atom.add.release.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+    asm volatile("atom.add.release.gpu.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
     return old;
 }
 #define FUSED_ARRIVE_RELEASE(p) fused_arrive_release(p)
@@ -128,7 +129,7 @@ __device__ __forceinline__ unsigned fused_arrive_release(unsigned* p) {
 #ifndef FUSED_LOAD_ACQUIRE
 __device__ __forceinline__ unsigned fused_load_acquire(const unsigned* p) {
     unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
 #define FUSED_LOAD_ACQUIRE(p) fused_load_acquire(p)
@@ -187,8 +188,8 @@ __device__ __forceinline__ void fused_trace_mark(unsigned slot) {
 // arrival itself releases the others, which spin on the count, and nothing is reset (the
 // count after a launch is G × its barriers). The arrival's release and the polls' acquire
 // order every block's earlier global writes before the others' later reads, where the
-// legacy cooperative-groups pattern (as this was first) put a full fence (`__threadfence`)
-// on either side of the arrival.
+// older cooperative-groups pattern (as this was first) put a full fence (`__threadfence`)
+// on either side of a relaxed arrival.
 __device__ __forceinline__ void grid_barrier(unsigned* bar) {
     __syncthreads();
     if (threadIdx.x == 0) {
