@@ -162,27 +162,32 @@ done
 
 save_logs
 
+# One `train --device cuda --json` run as a row: BNTRAIN_CUDA_STEP=STEP, STEPS steps and the
+# further arguments; its test accuracy, seconds and µs a step (evaluations included). A run
+# that failed, or fell back to another way of stepping (it trained, but not as asked), is a
+# failure, and its log is set aside so that the decisions below leave it out.
+train_row() { # NAME LOG EXE STEP(graph|fused) STEPS [ARGS...]
+    local name="$1" log="$2" exe="$3" step="$4" n="$5"; shift 5
+    echo "== BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $n $*"
+    limit 120 15 "$name" || { failed=1; return; }
+    BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$exe" train --device cuda --steps "$n" "$@" --json 2>&1 | tee "$log"
+    if [[ ${PIPESTATUS[0]} -ne 0 ]]; then
+        row "$name" "FAIL"; failed=1; mv "$log" "$log.failed"; return
+    fi
+    local acc secs us device verdict="" want="(cuda graph"
+    acc="$(json_field "$log" test_accuracy)"
+    secs="$(json_field "$log" seconds)"
+    us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$n" 2>/dev/null || echo '?')"
+    device="$(json_field "$log" device)"
+    [[ $step == fused ]] && want="(fused steps"
+    if [[ "$device" != *"$want"* ]]; then verdict="FELL BACK: "; failed=1; mv "$log" "$log.fell-back"; fi
+    row "$name" "${verdict}test accuracy $acc, $secs s ($us µs/step incl. evaluation), $device"
+}
 for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     part train || continue
     step="${run%%:*}" precision="${run##*:}"
     [[ $step == fused && $fused_ok == 0 ]] && continue
-    name="train $steps steps (BN, $step, $precision)"
-    log="$logs/train-$step-$precision.log"
-    echo "== BNTRAIN_CUDA_STEP=$step bntrain train --device cuda --steps $steps --precision $precision"
-    limit 120 15 "$name" || { failed=1; continue; }
-    BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$bin" train --device cuda --steps "$steps" --precision "$precision" --json 2>&1 | tee "$log"
-    if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
-        acc="$(json_field "$log" test_accuracy)"
-        secs="$(json_field "$log" seconds)"
-        us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$steps" 2>/dev/null || echo '?')"
-        device="$(json_field "$log" device)" verdict=""
-        # A run that fell back to another way of stepping trained, but not as asked.
-        want="(cuda graph"; [[ $step == fused ]] && want="(fused steps"
-        [[ "$device" != *"$want"* ]] && { verdict="FELL BACK: "; failed=1; }
-        row "$name" "${verdict}test accuracy $acc, $secs s ($us µs/step incl. evaluation), $device"
-    else
-        row "$name" "FAIL"; failed=1
-    fi
+    train_row "train $steps steps (BN, $step, $precision)" "$logs/train-$step-$precision.log" "$bin" "$step" "$steps" --precision "$precision"
 done
 
 # A bench takes seconds (20 warm-up steps, a calibration of a few hundredths of a second,
@@ -340,19 +345,8 @@ fi
 # against 60k for the seed): its seconds (3000 steps, one evaluation).
 ceiling_log() { echo "$logs/train-ceiling-$1.log"; }
 ceiling() { # BUILD(base|here)
-    local exe="$bin" log; log="$(ceiling_log "$1")"
-    [[ $1 == base ]] && exe="$base_bin"
-    local name="train 3000 steps, batch 256, 256-wide (fused, $1)"
-    limit 60 15 "$name" || { failed=1; return; }
-    echo "== ($1) BNTRAIN_CUDA_STEP=fused bntrain train --device cuda --steps 3000 --eval-every 3000 --batch 256 --hidden 256,256"
-    BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" "$exe" train --device cuda --steps 3000 --eval-every 3000 --batch 256 --hidden 256,256 --json 2>&1 | tee "$log"
-    local status=${PIPESTATUS[0]} device; device="$(json_field "$log" device)"
-    if [[ $status -eq 0 && "$device" == *"(fused steps"* ]]; then
-        row "$name" "$(json_field "$log" seconds) s, test accuracy $(json_field "$log" test_accuracy), device: $device"
-    else
-        row "$name" "FAIL or FELL BACK (device: $device)"; failed=1
-        [[ -f "$log" ]] && mv "$log" "$log.failed"
-    fi
+    local exe="$bin"; [[ $1 == base ]] && exe="$base_bin"
+    train_row "train 3000 steps, batch 256, 256-wide (fused, $1)" "$(ceiling_log "$1")" "$exe" fused 3000 --eval-every 3000 --batch 256 --hidden 256,256
 }
 if [[ -n "$base_bin" ]]; then
     bench_part=baseline
