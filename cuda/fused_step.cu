@@ -190,7 +190,9 @@ __device__ __forceinline__ void fused_trace_mark(unsigned slot) {
 // order every block's earlier global writes before the others' later reads, where the
 // older cooperative-groups pattern (as this was first) put a full fence (`__threadfence`)
 // on either side of a relaxed arrival.
-__device__ __forceinline__ void grid_barrier(unsigned* bar) {
+// `trace_stride`: the trace slot of barrier k is k·stride (fused_replicated.cuh puts a mark of
+// its own between its barriers' slots).
+__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned trace_stride = 1) {
     __syncthreads();
     if (threadIdx.x == 0) {
         const bool traced = fused_trace != nullptr;
@@ -203,7 +205,7 @@ __device__ __forceinline__ void grid_barrier(unsigned* bar) {
             FUSED_SPIN_PAUSE();
             if (++spins == FUSED_MAX_SPINS) FUSED_TRAP();
         }
-        if (traced && arrival / gridDim.x < FUSED_TRACE_BARRIERS) fused_trace_slot(arrival / gridDim.x, clock_in, timer_in, true);
+        if (traced && arrival / gridDim.x * trace_stride < FUSED_TRACE_BARRIERS) fused_trace_slot(arrival / gridDim.x * trace_stride, clock_in, timer_in, true);
     }
     __syncthreads();
     FUSED_AFTER_BARRIER();
@@ -682,6 +684,58 @@ __device__ __forceinline__ void stage_floats(uint8_t* region, const float* a, un
     else stage_rows<4>(region, 0, 1, n * 4, whole);
 }
 
+// BN's forward of column j of a [batch, width] layer from its z (`z_at(i)`, i = r·width + j):
+// the batch's mean and (biased) variance, by block totals in a fixed order; x̂ into zx and
+// a = act(γ·x̂ + β) into a. Every thread calls it (the totals synchronize).
+struct ColumnMoments {
+    float mu, sigma2, istd;
+};
+template <typename ZAt>
+__device__ __forceinline__ ColumnMoments bn_column_forward(
+    float* part, ZAt z_at, float* zx, float* a, unsigned width, unsigned j, unsigned batch, float g, float b, float epsilon,
+    int activation, float inv_rows, unsigned reduce_width)
+{
+    const unsigned t = threadIdx.x, T = blockDim.x;
+    float s = 0.0f;
+    for (unsigned r = t; r < batch; r += T) s += z_at((size_t)r * width + j);
+    const float mu = block_total(part, s, reduce_width) * inv_rows;
+    float q = 0.0f;
+    for (unsigned r = t; r < batch; r += T) {
+        const float d = z_at((size_t)r * width + j) - mu;
+        q += d * d;
+    }
+    const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
+    const float istd = 1.0f / sqrtf(sigma2 + epsilon);
+    for (unsigned r = t; r < batch; r += T) {
+        const size_t i = (size_t)r * width + j;
+        const float xh = (z_at(i) - mu) * istd;
+        zx[i] = xh;
+        a[i] = activate(activation, g * xh + b);
+    }
+    return ColumnMoments{mu, sigma2, istd};
+}
+
+// softmax_xent.cu's arithmetic on one row of logits, in place: dlogits = (softmax − 1_label)
+// · scale; returns the row's loss, and in `right` whether its largest logit is the label's.
+// A label that is no class (an invalid row) gives NaN dlogits and loss.
+__device__ __forceinline__ double softmax_row(float* row, unsigned classes, unsigned label, float grad_scale, bool* right) {
+    const float nan = __int_as_float(0x7fc00000);
+    const bool valid = label < classes;
+    unsigned best = 0;
+    float m = row[0];
+    for (unsigned k = 1; k < classes; ++k)
+        if (row[k] > m) { m = row[k]; best = k; }
+    float denom = 0.0f;
+    for (unsigned k = 0; k < classes; ++k) denom += expf(row[k] - m);
+    const double loss = valid ? (double)(logf(denom) + m - row[label]) : (double)nan;
+    for (unsigned k = 0; k < classes; ++k) {
+        const float p = expf(row[k] - m) / denom;
+        row[k] = valid ? (p - (k == label ? 1.0f : 0.0f)) * grad_scale : nan;
+    }
+    *right = valid && best == label;
+    return loss;
+}
+
 // One SGD step on a layer's row j (weights, bias, γ, β), from the gradients in `grads`.
 // Four elements per thread are loaded before any is stored (the buffers are distinct, but
 // the compiler cannot know it and would otherwise wait a round trip per element); the bias,
@@ -862,22 +916,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 if (bn) {
                     // γ and β are loaded before the totals, whose barriers hide the round trip.
                     const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
-                    float s = 0.0f;
-                    for (unsigned r = t; r < batch; r += T) s += z_at((size_t)r * width + j);
-                    const float mu = block_total(part, s, reduce_width) * inv_rows;
-                    float q = 0.0f;
-                    for (unsigned r = t; r < batch; r += T) {
-                        const float d = z_at((size_t)r * width + j) - mu;
-                        q += d * d;
-                    }
-                    const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
-                    const float istd = 1.0f / sqrtf(sigma2 + epsilon);
-                    for (unsigned r = t; r < batch; r += T) {
-                        const size_t i = (size_t)r * width + j;
-                        const float xh = (z_at(i) - mu) * istd;
-                        zx[i] = xh;
-                        a[i] = activate(activation, g * xh + b);
-                    }
+                    const ColumnMoments moments = bn_column_forward(part, z_at, zx, a, width, j, batch, g, b, epsilon, activation, inv_rows, reduce_width);
+                    const float mu = moments.mu, sigma2 = moments.sigma2, istd = moments.istd;
                     // One thread per estimator (a chain of round trips of its own, unless
                     // prefetched above).
                     const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
@@ -911,7 +951,6 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
             const float* bias = out_info[L_BIAS] >= 0 ? params + out_info[L_BIAS] : nullptr;
-            const float nan = __int_as_float(0x7fc00000);
             // Row t's label takes two dependent loads: the first before the dot products,
             // the second after, so that they overlap them.
             const unsigned long long pos = base + t;
@@ -924,22 +963,11 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 const unsigned long long pos_r = base + r;
                 const unsigned image_r = r == t ? image : pos_r < order_len ? order[pos_r] : count;
                 const unsigned label = image_r < count ? labels[image_r] : 255u;
-                const bool valid = label < classes;
-                float* row = soft + (size_t)r * classes;
-                unsigned best = 0;
-                float m = row[0];
-                for (unsigned k = 1; k < classes; ++k)
-                    if (row[k] > m) { m = row[k]; best = k; }
-                float denom = 0.0f;
-                for (unsigned k = 0; k < classes; ++k) denom += expf(row[k] - m);
-                const double loss = valid ? (double)(logf(denom) + m - row[label]) : (double)nan;
-                for (unsigned k = 0; k < classes; ++k) {
-                    const float p = expf(row[k] - m) / denom;
-                    row[k] = valid ? (p - (k == label ? 1.0f : 0.0f)) * grad_scale : nan;
-                }
+                bool right;
+                const double loss = softmax_row(soft + (size_t)r * classes, classes, label, grad_scale, &right);
                 if (loss_block) {
                     row_loss[r] = loss;
-                    row_correct[r] = (valid && best == label) ? 1u : 0u;
+                    row_correct[r] = right ? 1u : 0u;
                 }
             }
             __syncthreads();
@@ -1097,3 +1125,6 @@ extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MI
     const bool second = blockIdx.x >= G;
     fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }
+
+// The one-barrier variant, which replicates the layers above the first in every block.
+#include "fused_replicated.cuh"

@@ -31,6 +31,10 @@
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
 #      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
+#   part "replicated" (after the tests): the one-barrier kernel (BNTRAIN_FUSED_REPLICATED,
+#   cuda/fused_replicated.cuh) beside the grid kernel in the same call: the seed's step in
+#   blocks of 512 and 256 (traced), on every batch, the BN+plain pair (two launches) beside
+#   the grid pair in one launch, a training run, and the study beside the defaults';
 #   part "baseline" (after "bench", when the bundle has bntrain-base.xz: BASELINE=<commit>
 #   scripts/gpu-bundle.sh): that commit's build beside this one in the same call, the seed's
 #   fused step alone (traced) and paired in one launch, and the study's defaults;
@@ -44,7 +48,7 @@
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
-# "tests train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
+# "tests replicated train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
 # stalls by instruction) picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
@@ -61,7 +65,7 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
-parts=" ${PARTS:-tests train blocks bench baseline reproduce peers profile} "
+parts=" ${PARTS:-tests replicated train blocks bench baseline reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
@@ -132,35 +136,38 @@ smoke() { # NAME WANT VAR=VALUE...
 # The fused kernel first (it fails or hangs: its grid barrier traps after seconds); the
 # cluster kernels (sm_90) too: a fault in them would leave the process's CUDA context
 # unusable, so their tests also run in a process of their own below.
-fused_ok=1 cluster_ok=1
+fused_ok=1 cluster_ok=1 replicated_ok=1
 smoke fused "(fused steps)" BNTRAIN_CUDA_STEP=fused || fused_ok=0
 smoke cluster "clusters of" BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused || cluster_ok=0
+smoke replicated "one barrier a step" BNTRAIN_FUSED_REPLICATED=1 BNTRAIN_CUDA_STEP=fused || replicated_ok=0
 
-# The test executables: the kernels; the unfused training tests; the fused kernels' tests and
-# the cluster kernels' tests each in a process of their own (a trap in a kernel leaves its
-# process's CUDA context unusable), each skipped where its smoke test failed.
-for test in gpu_kernels gpu_training gpu_training:fused gpu_training:cluster; do
+# The test executables: the kernels; the unfused training tests; the fused kernels' tests, the
+# cluster kernels' and the one-barrier kernel's each in a process of their own (a trap in a
+# kernel leaves its process's CUDA context unusable), each skipped where its smoke test failed.
+for test in gpu_kernels gpu_training gpu_training:fused gpu_training:cluster gpu_training:replicated; do
     part tests || continue
     exe="${test%%:*}" filter=() skip=()
     case "$test" in
-        gpu_training) skip=(--skip fused --skip cluster) ;;
-        *:fused) filter=(fused); skip=(--skip cluster) ;;
+        gpu_training) skip=(--skip fused --skip cluster --skip replicated) ;;
+        *:fused) filter=(fused); skip=(--skip cluster --skip replicated) ;;
         *:cluster) filter=(cluster) ;;
+        *:replicated) filter=(replicated) ;;
     esac
-    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:cluster && $cluster_ok == 0) ]]; then
+    if [[ ($test == *:fused && $fused_ok == 0) || ($test == *:cluster && $cluster_ok == 0) || ($test == *:replicated && $replicated_ok == 0) ]]; then
         row "$test" "SKIPPED: its smoke test failed"; continue
     fi
     echo "== $test"
     if [[ ! -x "$bundle/$exe" ]]; then row "$test" "MISSING"; failed=1; continue; fi
     limit 240 30 "$test" || { failed=1; continue; }
     log="$logs/${test/:/-}.log"
-    BNTRAIN_REQUIRE_GPU=1 BNTRAIN_REQUIRE_CLUSTERS=1 timeout -k 10 "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
+    BNTRAIN_REQUIRE_GPU=1 BNTRAIN_REQUIRE_CLUSTERS=1 BNTRAIN_REQUIRE_REPLICATED=1 timeout -k 10 "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     result="$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
     if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi
 done
 
 save_logs
+
 
 # One `train --device cuda --json` run as a row: BNTRAIN_CUDA_STEP=STEP, STEPS steps and the
 # further arguments; its test accuracy, seconds and µs a step (evaluations included). A run
@@ -180,9 +187,16 @@ train_row() { # NAME LOG EXE STEP(graph|fused) STEPS [ARGS...]
     us="$(python3 -c "import sys; print(f'{float(sys.argv[1]) / float(sys.argv[2]) * 1e6:.1f}')" "$secs" "$n" 2>/dev/null || echo '?')"
     device="$(json_field "$log" device)"
     [[ $step == fused ]] && want="(fused steps"
+    [[ ${BNTRAIN_FUSED_REPLICATED:-0} != 0 ]] && want="(fused steps, one barrier a step"
     if [[ "$device" != *"$want"* ]]; then verdict="FELL BACK: "; failed=1; mv "$log" "$log.fell-back"; fi
     row "$name" "${verdict}test accuracy $acc, $secs s ($us µs/step incl. evaluation), $device"
 }
+# The one-barrier kernel's accuracy (part "replicated"): the same run as the fused f32 row below.
+if part replicated && [[ $fused_ok == 1 && $replicated_ok == 1 ]]; then
+    BNTRAIN_FUSED_REPLICATED=512 train_row "train $steps steps (BN, fused, f32, one barrier a step)" "$logs/train-replicated-f32.log" "$bin" fused "$steps" --precision f32
+    # Its baseline, the grid kernel's run, where part "train" will not make it.
+    part train || train_row "train $steps steps (BN, fused, f32)" "$logs/train-fused-f32.log" "$bin" fused "$steps" --precision f32
+fi
 for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     part train || continue
     step="${run%%:*}" precision="${run##*:}"
@@ -196,16 +210,17 @@ done
 # With bench_build set (as `bench_build=base bench …`; part "baseline"), the row and its
 # log are the baseline build's (base) or this build's beside it (here).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}${bench_build:+-$bench_build}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}-replicated${12:-0}${bench_build:+-$bench_build}.log"
 }
 bench_part=bench
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)] [REPLICATED(0|256|512)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
     # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. ALL: 1
     # passes --all-batches (every batch of MNIST's training set, as training streams them,
-    # where twelve batches stay in L2). The part that runs it: $bench_part.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" all="${11:-0}"
+    # where twelve batches stay in L2). REPLICATED: BNTRAIN_FUSED_REPLICATED (the one-barrier
+    # kernel in blocks of that many threads). The part that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" all="${11:-0}" replicated="${12:-0}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -218,6 +233,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
     [[ $threads != 256 ]] && name+=", $threads threads a block"
     [[ $all == 1 ]] && name+=", all batches"
+    [[ $replicated != 0 ]] && name+=", one barrier a step, $replicated threads"
     local exe="$bin"
     [[ ${bench_build:-} == base ]] && name+=", baseline build" exe="$base_bin"
     [[ ${bench_build:-} == here ]] && name+=", beside the baseline"
@@ -231,9 +247,10 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     # Said, not silent: a row the table would otherwise miss.
     if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    if [[ $replicated != 0 && $replicated_ok == 0 ]]; then row "$name" "SKIPPED: the replicated smoke test failed"; return; fi
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -250,6 +267,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
         [[ $2 == fused && $threads != 256 ]] && want="(fused steps, $threads threads a block"
+        [[ $replicated != 0 ]] && want="(fused steps, one barrier a step, $replicated threads a block"
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
@@ -264,6 +282,21 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     fi
 }
 save_logs
+
+# Part "replicated": the one-barrier kernel (cuda/fused_replicated.cuh) beside the grid kernel
+# (a short call, PARTS="tests replicated", runs just these after the tests): the seed
+# step in blocks of 512 and 256 (the grid kernel's rows as this part's baseline, the default
+# 256 and 512), every batch, and the BN+plain pair (the one-barrier kernel has no pair kernel:
+# two launches, as the study then runs) beside the grid pair in one launch (the default).
+bench_part=replicated
+bench seed fused f32
+bench seed fused f32 0 0 0 0 0 0 512
+bench seed fused f32 0 0 0 0 0 0 256 0 512
+bench seed fused f32 0 0 0 0 0 0 256 0 256
+bench seed fused f32 0 0 0 0 0 0 256 1 512
+bench seed fused f32 0 0 1 0 0 0 256 0 512
+bench seed fused f32 0 0 2
+bench_part=bench
 # Part "blocks": the unstaged fused kernel in blocks of 256, 512 and 1024 threads
 # (BNTRAIN_FUSED_THREADS; more warps an SM wait on L2 for a neuron's rows), then the study
 # with the larger blocks; a short call can run just these (PARTS="tests blocks").
@@ -361,7 +394,7 @@ fi
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default replicated baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
@@ -370,7 +403,12 @@ for variant in fused default baseline blocks1024 blocks1024-streams streams clus
     # steps, the two networks in one launch); graph: with the defaults' second stream for
     # the weight gradients (f32).
     # baseline: the defaults of the baseline build (part "baseline"), beside `default`.
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 gate=reproduce exe="$bin"
+    # replicated: fused steps on the one-barrier kernel (two launches a step; part
+    # "replicated", which also runs `default` beside it when part "reproduce" does not).
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 replicated=0 gate=reproduce exe="$bin"
+    [[ $variant == replicated ]] && step=fused replicated=512 gate=replicated
+    [[ $variant == replicated && $replicated_ok == 0 ]] && continue
+    [[ $variant == default ]] && ! part reproduce && gate=replicated
     [[ $variant == baseline ]] && step=fused pairing=1 gate=baseline exe="$base_bin"
     [[ $variant == baseline ]] && { [[ -n "$base_bin" ]] && part reproduce || continue; }
     [[ $variant == blocks* ]] && step=fused threads=1024 gate=blocks
@@ -389,11 +427,11 @@ for variant in fused default baseline blocks1024 blocks1024-streams streams clus
     [[ $variant == baseline ]] && name="reproduce (full, cuda, the defaults, baseline build)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part "$gate" && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$exe" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$exe" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -409,6 +447,7 @@ for variant in fused default baseline blocks1024 blocks1024-streams streams clus
         [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
         [[ $threads != 256 && "$device" != *"$threads threads a block"* ]] && fell_back=1
+        [[ $replicated != 0 && "$device" != *"one barrier a step"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
             row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
             mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.fell-back"
@@ -569,6 +608,12 @@ else:
 PY
 )")")
 }
+decide "seed fused: one barrier a step (512)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)"
+decide "seed fused: one barrier a step (256)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 256)"
+decide "seed fused, 512 threads: one barrier a step" "$(bench_log seed fused f32 0 0 0 0 0 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)"
+decide "seed one barrier (512): all batches" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1 512)"
+decide "seed pair: one barrier, 2 launches, vs grid 1" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)"
+decide "train $steps steps: one barrier a step" "$logs/train-fused-f32.log" "$logs/train-replicated-f32.log"
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
 decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
@@ -602,6 +647,7 @@ done
 decide "reproduce: paired against staged" reproduce:staged reproduce:paired
 decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduce:default
 decide "reproduce: the defaults against the baseline's" reproduce:baseline reproduce:default
+decide "reproduce: one barrier against the defaults" reproduce:default reproduce:replicated
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

@@ -568,6 +568,17 @@ fn options_follow_the_step_switch() {
         let err = CudaOptions::threads_from_env(Some(bad)).unwrap_err().to_string();
         assert!(err.contains(&format!("BNTRAIN_FUSED_THREADS={bad}")) && err.contains("256, 512 or 1024"), "{err}");
     }
+    assert_eq!(defaults.fused_replicated, None, "the one-barrier kernel is off until measured");
+    for (value, expected) in [
+        (None, None), (Some(""), None), (Some("0"), Some(None)), (Some(" 1"), Some(Some(512))), (Some("256"), Some(Some(256))),
+        (Some("512 "), Some(Some(512))),
+    ] {
+        assert_eq!(CudaOptions::replicated_from_env(value).unwrap(), expected, "{value:?}");
+    }
+    for bad in ["128", "1024", "yes"] {
+        let err = CudaOptions::replicated_from_env(Some(bad)).unwrap_err().to_string();
+        assert!(err.contains(&format!("BNTRAIN_FUSED_REPLICATED={bad}")) && err.contains("0, 1, 256 or 512"), "{err}");
+    }
 }
 
 /// Auto fuses the seed network in f32 and nothing wider, larger-batched, reduced-precision or
@@ -633,6 +644,77 @@ fn fused_steps_in_larger_blocks_match_the_cpu_reference() {
     let Some(_serial) = serial_gpu() else { return };
     check_all(cuda_fused_512);
     check_all(cuda_fused_1024);
+}
+
+fn cuda_replicated(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_replicated: Some(threads), ..Default::default() };
+    cuda_fused_as(options, &format!("(fused steps, one barrier a step, {threads} threads a block)"), model, train, data, params)
+}
+
+fn cuda_replicated_512(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_replicated(512, model, train, data, params)
+}
+
+fn cuda_replicated_256(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_replicated(256, model, train, data, params)
+}
+
+/// Whether the one-barrier kernel takes the seed network on this GPU (its layout, ~204 KB of
+/// shared memory a block with the static part, fits Hopper's 227 KB, not an A100's 163 KB;
+/// the seed's is the largest of `configurations`); says so on stderr if not, or fails with
+/// `BNTRAIN_REQUIRE_REPLICATED=1` (gpu-check.sh, on an H100 or H200).
+fn replicated_runs() -> bool {
+    let (model, train) = (ModelConfig::seed(true), TrainConfig::seed());
+    let params = scaled_init(&model, &train);
+    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_replicated: Some(512), ..Default::default() };
+    let name = CudaBackend::with_options(model, train, dataset(), &params, options).unwrap().device_name();
+    let runs = name.contains("one barrier a step");
+    if !runs {
+        let why = format!("the one-barrier kernel does not fit this GPU's shared memory: {name}");
+        if std::env::var("BNTRAIN_REQUIRE_REPLICATED").as_deref() == Ok("1") {
+            panic!("BNTRAIN_REQUIRE_REPLICATED=1 but {why}");
+        }
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("skipped: {why}\n").as_bytes());
+    }
+    runs
+}
+
+/// The one-barrier kernel (cuda/fused_replicated.cuh, `BNTRAIN_FUSED_REPLICATED`): every
+/// configuration here fits its layout where the seed's does (the backend's name says the
+/// kernel is in use), and each is checked against the CPU reference as the grid kernel is,
+/// in blocks of 512 and 256.
+#[test]
+fn replicated_fused_steps_match_the_cpu_reference() {
+    let Some(_serial) = serial_gpu() else { return };
+    if !replicated_runs() {
+        return;
+    }
+    check_all(cuda_replicated_512);
+    check_all(cuda_replicated_256);
+}
+
+/// The one-barrier kernel's phase trace: two phases a step (its barrier, and its mark after
+/// the replicated layers), and tracing changes nothing.
+#[test]
+fn replicated_phase_trace_has_two_phases_and_changes_nothing() {
+    let Some(_serial) = serial_gpu() else { return };
+    if !replicated_runs() {
+        return;
+    }
+    let data = dataset();
+    let (model, train) = (ModelConfig::seed(true), TrainConfig::seed());
+    let params = scaled_init(&model, &train);
+    let order = epoch_order(BatchOrder::Shuffled, 11, 0, data.train.count);
+    let mut traced = cuda_replicated_512(&model, &train, &data, &params);
+    let mut untraced = cuda_replicated_512(&model, &train, &data, &params);
+    for net in [&mut traced, &mut untraced] {
+        net.set_epoch_order(&order).unwrap();
+    }
+    let rows = traced.phase_trace(0, 5).unwrap().expect("fused steps are traced");
+    untraced.train_steps(0, 5).unwrap();
+    assert_same_state("traced", &mut *traced, &mut *untraced);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert!(rows.iter().all(|r| r.wall_us > 0.0 && r.wall_us.is_finite()), "{rows:?}");
 }
 
 /// `bntrain bench --trace` as the CLI runs it, fused: its traced steps stay inside the

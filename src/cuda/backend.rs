@@ -418,6 +418,12 @@ pub struct CudaOptions {
     /// 256 (so a paired study ignores it).
     /// `BNTRAIN_FUSED_THREADS`.
     pub fused_threads: u32,
+    /// Fused steps on the one-barrier kernel (cuda/fused_replicated.cuh: the layers above the
+    /// first computed whole in every block, one grid barrier a step) in blocks of this many
+    /// threads, where the network fits its layout; the study's two networks then take a launch
+    /// each. Off (None) by default until a GPU has measured it; `BNTRAIN_FUSED_REPLICATED=1`
+    /// (512 threads), `=256` or `=512`.
+    pub fused_replicated: Option<u32>,
 }
 
 impl Default for CudaOptions {
@@ -433,6 +439,7 @@ impl Default for CudaOptions {
             eval_stream: false,
             backward_streams: None,
             fused_threads: 256,
+            fused_replicated: None,
         }
     }
 }
@@ -454,13 +461,16 @@ impl CudaOptions {
     pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
     /// The switch for [`CudaOptions::fused_threads`]: `256`, `512` or `1024`.
     pub const FUSED_THREADS_ENV: &'static str = "BNTRAIN_FUSED_THREADS";
+    /// The switch for [`CudaOptions::fused_replicated`]: `0` or unset off, `1` (512 threads),
+    /// `256` or `512`.
+    pub const REPLICATED_ENV: &'static str = "BNTRAIN_FUSED_REPLICATED";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
     /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
     /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM`, the
-    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS` and the block size from
-    /// `BNTRAIN_FUSED_THREADS`; each unset (or empty) variable leaves
+    /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`, the block size from
+    /// `BNTRAIN_FUSED_THREADS` and the one-barrier kernel from `BNTRAIN_FUSED_REPLICATED`; each unset (or empty) variable leaves
     /// [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
@@ -474,6 +484,7 @@ impl CudaOptions {
                 .or(options.backward_streams),
             fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?.unwrap_or(options.fused_cluster),
             fused_threads: Self::threads_from_env(std::env::var(Self::FUSED_THREADS_ENV).ok().as_deref())?.unwrap_or(options.fused_threads),
+            fused_replicated: Self::replicated_from_env(std::env::var(Self::REPLICATED_ENV).ok().as_deref())?.unwrap_or(options.fused_replicated),
             ..options
         })
     }
@@ -492,6 +503,20 @@ impl CudaOptions {
             Some(v) => match v.parse::<u32>() {
                 Ok(n) if kernels::FUSED_BLOCK_THREADS.contains(&n) => Ok(Some(n)),
                 _ => Err(ConfigError::Invalid(format!("{}={v}: expected 256, 512 or 1024", Self::FUSED_THREADS_ENV))),
+            },
+        }
+    }
+
+    /// [`CudaOptions::fused_replicated`] for a value of `BNTRAIN_FUSED_REPLICATED`; None where
+    /// it is unset or empty (the default stands).
+    pub fn replicated_from_env(value: Option<&str>) -> Result<Option<Option<u32>>, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some("0") => Ok(Some(None)),
+            Some("1") => Ok(Some(Some(kernels::REPLICATED_BLOCK_THREADS[1]))),
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if kernels::REPLICATED_BLOCK_THREADS.contains(&n) => Ok(Some(Some(n))),
+                _ => Err(ConfigError::Invalid(format!("{}={v}: expected 0, 1, 256 or 512", Self::REPLICATED_ENV))),
             },
         }
     }
@@ -732,6 +757,8 @@ pub struct CudaBackend {
     fused_cluster: ClusterRequest,
     /// CudaOptions::fused_threads, for the fused plan.
     fused_threads: u32,
+    /// CudaOptions::fused_replicated, for the fused plan.
+    fused_replicated: Option<u32>,
     /// Set by [`CudaBackend::refuse_next_cluster_launch`].
     refuse_cluster_launch: bool,
     /// CudaOptions::fused_pairing.
@@ -908,6 +935,7 @@ impl CudaBackend {
             fused_staging: options.fused_staging,
             fused_cluster: options.fused_cluster,
             fused_threads: options.fused_threads,
+            fused_replicated: options.fused_replicated,
             refuse_cluster_launch: false,
             fused_pairing: options.fused_pairing,
             order_fingerprint: 0,
@@ -929,6 +957,13 @@ impl CudaBackend {
                         let _ = writeln!(
                             std::io::stderr(),
                             "notice: thread-block clusters unavailable ({}: compute capability 9.0 and newer, batches of at most 64, at most 32 classes and 4 hidden layers, and room on the device); fused steps use the grid kernel",
+                            backend.gpu.name()
+                        );
+                    }
+                    if options.fused_replicated.is_some() && plan.replicated().is_none() && plan.cluster().is_none() {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "notice: the one-barrier kernel does not take this network ({}: at most 4 layers above the first, whose parameters and batch's activations must fit a block's shared memory); fused steps use the grid kernel",
                             backend.gpu.name()
                         );
                     }
@@ -954,12 +989,13 @@ impl CudaBackend {
         let defaults = CudaOptions::default();
         let fused_asked = options.fused_staging != defaults.fused_staging
             || options.fused_cluster != defaults.fused_cluster
-            || options.fused_threads != defaults.fused_threads;
+            || options.fused_threads != defaults.fused_threads
+            || options.fused_replicated != defaults.fused_replicated;
         if fused_asked && backend.fused.is_none() {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER and BNTRAIN_FUSED_THREADS apply to fused steps only; this network's steps run as {}",
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER, BNTRAIN_FUSED_THREADS and BNTRAIN_FUSED_REPLICATED apply to fused steps only; this network's steps run as {}",
                     if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
                 );
             });
@@ -1021,7 +1057,7 @@ impl CudaBackend {
             })
             .collect();
         let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
-        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads)
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads, self.fused_replicated)
     }
 
     /// Checks that batches `first..first+count` lie inside the epoch order and points the
@@ -1680,9 +1716,11 @@ impl Backend for CudaBackend {
     /// The GPU's name and how steps are launched, e.g. `NVIDIA H100 80GB HBM3 (cuda graph,
     /// weight gradients on a second stream)`.
     fn device_name(&self) -> String {
-        // Fused steps: on clusters, staged, or on the grid kernel with its block size.
+        // Fused steps: on clusters, one barrier a step, staged, or on the grid kernel with its
+        // block size.
         let fused = self.fused.as_ref().map(|plan| match plan.cluster() {
             Some(c) => format!("fused steps, clusters of {} blocks", c.blocks),
+            None if plan.replicated().is_some() => format!("fused steps, one barrier a step, {} threads a block", plan.threads()),
             None if plan.staging().any() => "fused steps, staged in shared memory".to_string(),
             None => {
                 let mut name = String::from("fused steps");
@@ -1812,7 +1850,7 @@ impl Backend for CudaBackend {
     fn phase_trace(&mut self, first: usize, steps: usize) -> Result<Option<Vec<PhaseTiming>>> {
         // (The cluster kernels record nothing: they have no grid barriers.)
         let Some(plan) = self.fused.as_ref().filter(|plan| plan.cluster().is_none()) else { return Ok(None) };
-        let names = phase_trace::phase_names(self.model.hidden.len());
+        let names = if plan.replicated().is_some() { phase_trace::replicated_phase_names() } else { phase_trace::phase_names(self.model.hidden.len()) };
         let steps = phase_trace::traceable_steps(names.len(), steps.min(kernels::FUSED_MAX_STEPS));
         let blocks = plan.grid() as usize;
         let record = zeros::<u64>(&self.gpu, blocks * phase_trace::TRACE_SLOTS * 4)?;

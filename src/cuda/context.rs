@@ -29,6 +29,9 @@ pub(crate) struct Functions {
     pub fused_train_steps_staged: CudaFunction,
     pub fused_train_pair: CudaFunction,
     pub fused_train_pair_staged: CudaFunction,
+    /// The one-barrier kernel (cuda/fused_replicated.cuh) and its shared-memory layout query.
+    pub fused_train_steps_replicated: CudaFunction,
+    pub fused_replicated_layout_bytes: CudaFunction,
     pub count_non_finite: CudaFunction,
     pub round_to_bf16: CudaFunction,
     pub small_gemm_dot: CudaFunction,
@@ -231,6 +234,8 @@ impl Gpu {
             fused_train_steps_staged: function("fused_step", "fused_train_steps_staged_f32")?,
             fused_train_pair: function("fused_step", "fused_train_pair_f32")?,
             fused_train_pair_staged: function("fused_step", "fused_train_pair_staged_f32")?,
+            fused_train_steps_replicated: function("fused_step", "fused_train_steps_replicated_f32")?,
+            fused_replicated_layout_bytes: function("fused_step", "fused_replicated_layout_bytes")?,
             count_non_finite: function("finite", "count_non_finite_f32")?,
             round_to_bf16: function("bf16", "round_to_bf16")?,
             small_gemm_dot: function("small_gemm", "small_gemm_dot_f32")?,

@@ -691,6 +691,64 @@ impl FusedCluster {
     }
 }
 
+/// Block sizes of the one-barrier kernel (cuda/fused_replicated.cuh; REPLICATED_THREADS is
+/// the largest).
+pub const REPLICATED_BLOCK_THREADS: [u32; 2] = [256, 512];
+
+/// A fused plan's launch of the one-barrier kernel (cuda/fused_replicated.cuh), which
+/// computes the layers above the first whole in every block: its block size, and the dynamic
+/// shared memory its own layout asked for at the plan's grid (fused_replicated_layout_bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedReplicated {
+    pub threads: u32,
+    pub bytes: usize,
+}
+
+impl FusedReplicated {
+    /// The layout's bytes for these layers at `grid` blocks (0: beyond the kernel's limits),
+    /// from the kernel's own layout function.
+    fn layout_bytes(gpu: &Gpu, table: &CudaSlice<i32>, layers: usize, batch: usize, grid: u32) -> Result<usize, CudaError> {
+        let stream = gpu.stream();
+        let mut answer = stream.alloc_zeros::<u32>(1)?;
+        let (layers, batch) = (layers as u32, batch as u32);
+        let mut b = builder(gpu, &gpu.functions.fused_replicated_layout_bytes);
+        b.arg(table).arg(&layers).arg(&batch).arg(&grid).arg(&mut answer);
+        // SAFETY: the table holds layers·LAYER_FIELDS ints (built by FusedPlan::new), and the
+        // answer one u32; one thread reads the table and writes the answer.
+        unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }) }
+            .map_err(launch_error("fused_replicated_layout_bytes"))?;
+        Ok(stream.clone_dtoh(&answer)?[0] as usize)
+    }
+
+    /// The launch for these layers in blocks of `threads`, and its grid: one block per
+    /// neuron of layer 0 where that many stay resident, else as many as do (each then owns
+    /// more columns, and the layout's scratch grows with them). None where the layout is
+    /// beyond the kernel's limits or `dynamic_limit` (the device's shared memory per block).
+    fn choose(
+        gpu: &Gpu, threads: u32, info: &[i32], layers: &[FusedLayer], batch: usize, sms: u32, dynamic_limit: usize,
+    ) -> Result<Option<(FusedReplicated, u32)>, CudaError> {
+        let table = gpu.stream().clone_htod(info)?;
+        let function = &gpu.functions.fused_train_steps_replicated;
+        let mut grid = u32::try_from(layers[0].outputs).unwrap_or(u32::MAX);
+        // The grid shrinks at most a few times: the bytes grow with it only through the scratch.
+        for _ in 0..4 {
+            let bytes = Self::layout_bytes(gpu, &table, layers.len(), batch, grid)?;
+            if bytes == 0 || bytes > dynamic_limit {
+                return Ok(None);
+            }
+            let resident = sms.saturating_mul(function.occupancy_max_active_blocks_per_multiprocessor(threads, bytes, None)?);
+            if resident == 0 {
+                return Ok(None);
+            }
+            if grid <= resident {
+                return Ok(Some((FusedReplicated { threads, bytes }, grid)));
+            }
+            grid = resident;
+        }
+        Ok(None)
+    }
+}
+
 /// The grid kernels' dynamic shared memory (see cuda/fused_step.cu): the softmax's region at
 /// offset 0 (every kernel), then which layers' inputs `fused_train_steps_staged_f32` keeps in
 /// shared memory, as byte offsets into it.
@@ -773,6 +831,8 @@ pub struct FusedPlan {
     /// The thread-block-cluster kernels' launch instead of the grid kernels', if asked for
     /// and possible.
     cluster: Option<FusedCluster>,
+    /// The one-barrier kernel's launch instead of the grid kernels', if asked for and possible.
+    replicated: Option<FusedReplicated>,
     info_dev: CudaSlice<i32>,
     acts: CudaSlice<f32>,
     xhat: CudaSlice<f32>,
@@ -790,13 +850,19 @@ impl FusedPlan {
     /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
     /// memory that fits without shrinking the grid. `threads` (one of [`FUSED_BLOCK_THREADS`])
     /// is the unstaged kernel's block size; the grid is the one that kernel keeps resident.
+    /// `replicated` (a block size of [`REPLICATED_BLOCK_THREADS`]) asks for the one-barrier
+    /// kernel instead, where the layers fit its layout (clusters, if also asked for, win).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest, threads: u32,
+        replicated: Option<u32>,
     ) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
         require(K, FUSED_BLOCK_THREADS.contains(&threads), || format!("blocks of {threads} threads: {FUSED_BLOCK_THREADS:?}"))?;
+        if let Some(n) = replicated {
+            require(K, REPLICATED_BLOCK_THREADS.contains(&n), || format!("replicated blocks of {n} threads: {REPLICATED_BLOCK_THREADS:?}"))?;
+        }
         size_u32(K, "batch", batch)?;
         let hidden = layers.len() - 1;
         let mut info = Vec::with_capacity(layers.len() * FUSED_LAYER_FIELDS);
@@ -872,7 +938,20 @@ impl FusedPlan {
         })?;
         let grid = grid_with(plain, threads, unstaged.bytes)?;
         require(K, grid >= 1, || format!("no block of {threads} threads fits on the device ({sms} SMs)"))?;
-        let staging = if stage && cluster.is_none() {
+        // The one-barrier kernel, where asked for and possible, replaces the grid kernels (and
+        // their staging) with a grid of its own.
+        let replicated = match replicated {
+            Some(n) if cluster.is_none() => {
+                let limit = dynamic_limit(&gpu.functions.fused_train_steps_replicated)?;
+                FusedReplicated::choose(gpu, n, &info, &layers, batch, sms, limit)?
+            }
+            _ => None,
+        };
+        let (replicated, grid) = match replicated {
+            Some((r, g)) => (Some(r), g),
+            None => (None, grid),
+        };
+        let staging = if stage && cluster.is_none() && replicated.is_none() {
             let staged = &gpu.functions.fused_train_steps_staged;
             let limit = dynamic_limit(staged)?;
             FusedStaging::choose(&layers, batch, |bytes| Ok(bytes <= limit && grid_with(staged, FUSED_STAGED_THREADS, bytes)? >= grid))?
@@ -885,7 +964,7 @@ impl FusedPlan {
         let dynamic = staging.bytes;
         let pair_opted_in = allows(pair, dynamic).unwrap_or(false);
         let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_STAGED_THREADS, dynamic, None).unwrap_or(0);
-        let pair_fits = pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
+        let pair_fits = replicated.is_none() && pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
             if let Some(offset) = offset {
                 info[l * FUSED_LAYER_FIELDS + FUSED_LAYER_FIELDS - 1] = i32::try_from(*offset).unwrap_or(i32::MAX);
@@ -910,12 +989,18 @@ impl FusedPlan {
             staging,
             pair_fits,
             cluster,
+            replicated,
         })
     }
 
     /// The cluster launch, if the plan has one.
     pub fn cluster(&self) -> Option<&FusedCluster> {
         self.cluster.as_ref()
+    }
+
+    /// The one-barrier kernel's launch, if the plan has one.
+    pub fn replicated(&self) -> Option<&FusedReplicated> {
+        self.replicated.as_ref()
     }
 
     /// Blocks per launch.
@@ -926,7 +1011,11 @@ impl FusedPlan {
     /// Threads per block of the launches of this plan's network alone (the staged kernel
     /// takes 256 whatever the plan asked for).
     pub fn threads(&self) -> u32 {
-        if self.staging.any() { FUSED_STAGED_THREADS } else { self.threads }
+        match self.replicated {
+            Some(r) => r.threads,
+            None if self.staging.any() => FUSED_STAGED_THREADS,
+            None => self.threads,
+        }
     }
 
     /// The launches' dynamic shared memory: the softmax's region, and what they stage
@@ -939,6 +1028,8 @@ impl FusedPlan {
     /// layer count, batch, grid and staging, and both grids resident at once.
     pub fn pairs_with(&self, other: &FusedPlan) -> bool {
         (self.pair_fits || self.cluster.is_some())
+            && self.replicated.is_none()
+            && other.replicated.is_none()
             && self.cluster.map(|c| c.blocks) == other.cluster.map(|c| c.blocks)
             && self.layers.len() == other.layers.len()
             && self.batch == other.batch
@@ -1102,6 +1193,23 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     // The grid barrier counts arrivals over the launch, from zero (a memset on the stream,
     // ordered after the previous launch, which left G × its barriers there).
     gpu.stream().memset_zeros(&mut args.plan.barrier)?;
+    if let Some(replicated) = args.plan.replicated {
+        let function = &gpu.functions.fused_train_steps_replicated;
+        let cfg = LaunchConfig {
+            grid_dim: (args.plan.grid, 1, 1),
+            block_dim: (replicated.threads, 1, 1),
+            shared_mem_bytes: u32::try_from(replicated.bytes).unwrap_or(u32::MAX),
+        };
+        let mut b = builder(gpu, function);
+        args.push(&mut b);
+        // SAFETY: see above, for the tensors (the replicated layers' acts, xhat and dz blocks
+        // go unused; layer 0's a of odd steps goes to dz's layer-0 block, batch × width); the
+        // grid is at most the co-resident block count at the layout's bytes, which
+        // FusedPlan::new opted into (the function's dynamic limit) and which the kernel's own
+        // layout function computed for this grid (the kernel recomputes it from the same
+        // table and gridDim, and traps where it would be 0).
+        return unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error("fused_train_steps_replicated_f32"));
+    }
     // The staged kernel whenever the plan stages anything (it reads the offsets).
     let function = if args.plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
     let cfg = LaunchConfig {

@@ -34,6 +34,14 @@ pub fn phase_names(hidden: usize) -> Vec<String> {
     names
 }
 
+/// The phases of a step of the one-barrier kernel (cuda/fused_replicated.cuh): its grid
+/// barrier follows layer 0's forward; the replicated layers then end at a mark of the
+/// kernel's own (recorded as a barrier with no wait, between the barriers' slots), and layer
+/// 0's backward runs on into the next step's forward.
+pub fn replicated_phase_names() -> Vec<String> {
+    vec!["backward layer 0 (step before), forward layer 0".to_string(), "replicated layers (to a mark, no barrier)".to_string()]
+}
+
 /// The barriers a traced launch of `steps` steps may have, given the phases of a step (one
 /// barrier per phase, and one at the end), and the most steps that fit the record.
 pub fn traceable_steps(phases: usize, steps: usize) -> usize {
@@ -146,6 +154,9 @@ mod tests {
         assert!(phase_names(0).is_empty());
         assert_eq!(traceable_steps(phase_names(2).len(), 100), 21);
         assert_eq!(traceable_steps(3, 3), 3);
+        // The one-barrier kernel: a barrier and a mark a step.
+        assert_eq!(replicated_phase_names().len(), 2);
+        assert_eq!(traceable_steps(replicated_phase_names().len(), 100), 31);
     }
 
     /// A synthetic launch: block b's clock runs at 2 cycles per ns from an offset of its own;
