@@ -139,7 +139,10 @@ smoke() { # NAME WANT VAR=VALUE...
 fused_ok=1 cluster_ok=1 replicated_ok=1
 smoke fused "(fused steps)" BNTRAIN_CUDA_STEP=fused || fused_ok=0
 smoke cluster "clusters of" BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused || cluster_ok=0
-smoke replicated "one barrier a step" BNTRAIN_FUSED_REPLICATED=1 BNTRAIN_CUDA_STEP=fused || replicated_ok=0
+# (The one-barrier kernel's only where its tests or its part run.)
+if part tests || part replicated; then
+    smoke replicated "one barrier a step" BNTRAIN_FUSED_REPLICATED=1 BNTRAIN_CUDA_STEP=fused || replicated_ok=0
+fi
 
 # The test executables: the kernels; the unfused training tests; the fused kernels' tests, the
 # cluster kernels' and the one-barrier kernel's each in a process of their own (a trap in a
@@ -192,7 +195,9 @@ train_row() { # NAME LOG EXE STEP(graph|fused) STEPS [ARGS...]
     row "$name" "${verdict}test accuracy $acc, $secs s ($us µs/step incl. evaluation), $device"
 }
 # The one-barrier kernel's accuracy (part "replicated"): the same run as the fused f32 row below.
-if part replicated && [[ $fused_ok == 1 && $replicated_ok == 1 ]]; then
+if part replicated && [[ $fused_ok == 0 || $replicated_ok == 0 ]]; then
+    row "train $steps steps (BN, fused, f32, one barrier a step)" "SKIPPED: a smoke test failed"
+elif part replicated; then
     BNTRAIN_FUSED_REPLICATED=512 train_row "train $steps steps (BN, fused, f32, one barrier a step)" "$logs/train-replicated-f32.log" "$bin" fused "$steps" --precision f32
     # Its baseline, the grid kernel's run, where part "train" will not make it.
     part train || train_row "train $steps steps (BN, fused, f32)" "$logs/train-fused-f32.log" "$bin" fused "$steps" --precision f32
@@ -288,25 +293,33 @@ save_logs
 # step in blocks of 512 and 256 (the grid kernel's rows as this part's baseline, the default
 # 256 and 512), every batch, and the BN+plain pair (the one-barrier kernel has no pair kernel:
 # two launches, as the study then runs) beside the grid pair in one launch (the default).
+# The grid kernel's rows are made here only (parts "blocks" and "bench" skip them when this
+# part runs), and only when the one-barrier kernel's smoke test passed.
 bench_part=replicated
-bench seed fused f32
-bench seed fused f32 0 0 0 0 0 0 512
+if [[ $replicated_ok == 1 ]]; then
+    bench seed fused f32
+    bench seed fused f32 0 0 0 0 0 0 512
+    bench seed fused f32 0 0 2
+fi
 bench seed fused f32 0 0 0 0 0 0 256 0 512
 bench seed fused f32 0 0 0 0 0 0 256 0 256
 bench seed fused f32 0 0 0 0 0 0 256 1 512
 bench seed fused f32 0 0 1 0 0 0 256 0 512
-bench seed fused f32 0 0 2
 bench_part=bench
 # Part "blocks": the unstaged fused kernel in blocks of 256, 512 and 1024 threads
 # (BNTRAIN_FUSED_THREADS; more warps an SM wait on L2 for a neuron's rows), then the study
 # with the larger blocks; a short call can run just these (PARTS="tests blocks").
 bench_part=blocks
-for threads in 256 512 1024; do bench seed fused f32 0 0 0 0 0 0 "$threads"; done
+for threads in 256 512 1024; do
+    # (256 and 512 were timed by part "replicated" when it ran, beside the one-barrier kernel.)
+    [[ $threads != 1024 ]] && part replicated && [[ $replicated_ok == 1 ]] && continue
+    bench seed fused f32 0 0 0 0 0 0 "$threads"
+done
 bench_part=bench
 for config in seed wide; do
     for step in fused graph eager; do
         # (The seed's fused row was timed by part "blocks" when it ran.)
-        [[ $config == seed && $step == fused ]] && part blocks && continue
+        [[ $config == seed && $step == fused ]] && { part blocks || { part replicated && [[ $replicated_ok == 1 ]]; }; } && continue
         bench "$config" "$step" f32
     done
 done
@@ -324,8 +337,9 @@ bench seed fused f32 0 0 2 0 1
 bench seed fused f32 0 0 1
 bench seed fused f32 0 1 1
 bench seed graph f32 0 0 1
-# And in one launch (BNTRAIN_FUSED_PAIR=1, cuda/fused_step.cu's pair kernels).
-bench seed fused f32 0 0 2
+# And in one launch (BNTRAIN_FUSED_PAIR=1, cuda/fused_step.cu's pair kernels; timed by part
+# "replicated" when it ran).
+part replicated && [[ $replicated_ok == 1 ]] || bench seed fused f32 0 0 2
 bench seed fused f32 0 1 2
 bench wide graph tf32
 bench wide graph bf16
@@ -408,7 +422,7 @@ for variant in fused default replicated baseline blocks1024 blocks1024-streams s
     step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 replicated=0 gate=reproduce exe="$bin"
     [[ $variant == replicated ]] && step=fused replicated=512 gate=replicated
     [[ $variant == replicated && $replicated_ok == 0 ]] && continue
-    [[ $variant == default ]] && ! part reproduce && gate=replicated
+    [[ $variant == default ]] && ! part reproduce && [[ $replicated_ok == 1 ]] && gate=replicated
     [[ $variant == baseline ]] && step=fused pairing=1 gate=baseline exe="$base_bin"
     [[ $variant == baseline ]] && { [[ -n "$base_bin" ]] && part reproduce || continue; }
     [[ $variant == blocks* ]] && step=fused threads=1024 gate=blocks

@@ -956,16 +956,18 @@ impl CudaBackend {
                     if options.fused_cluster != ClusterRequest::Off && plan.cluster().is_none() {
                         let _ = writeln!(
                             std::io::stderr(),
-                            "notice: thread-block clusters unavailable ({}: compute capability 9.0 and newer, batches of at most 64, at most 32 classes and 4 hidden layers, and room on the device); fused steps use the grid kernel",
-                            backend.gpu.name()
+                            "notice: thread-block clusters unavailable ({}: compute capability 9.0 and newer, batches of at most 64, at most 32 classes and 4 hidden layers, and room on the device); fused steps use {}",
+                            backend.gpu.name(),
+                            plan.kernel_name()
                         );
                     }
-                    if options.fused_replicated.is_some() && plan.replicated().is_none() && plan.cluster().is_none() {
-                        let _ = writeln!(
-                            std::io::stderr(),
-                            "notice: the one-barrier kernel does not take this network ({}: at most 4 layers above the first, whose parameters and batch's activations must fit a block's shared memory); fused steps use the grid kernel",
-                            backend.gpu.name()
-                        );
+                    if options.fused_replicated.is_some() && plan.replicated().is_none() {
+                        let why = if plan.cluster().is_some() {
+                            "thread-block clusters, also asked for, take precedence".to_string()
+                        } else {
+                            format!("it does not take this network ({}: at most 4 layers above the first, whose parameters and batch's activations must fit a block's shared memory)", backend.gpu.name())
+                        };
+                        let _ = writeln!(std::io::stderr(), "notice: the one-barrier kernel is not used: {why}; fused steps use {}", plan.kernel_name());
                     }
                     backend.fused = Some(plan);
                 }
@@ -1192,7 +1194,8 @@ impl CudaBackend {
     }
 
     /// Answers a cluster launch the driver refused (nothing ran): this network's fused steps
-    /// use the grid kernels from now on, after a notice.
+    /// use the grid kernels (or the one-barrier kernel, if also asked for) from now on, after a
+    /// notice.
     fn leave_clusters(&mut self, refused: &CudaError) -> Result<(), CudaError> {
         CLUSTER_REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cluster = std::mem::replace(&mut self.fused_cluster, ClusterRequest::Off);
@@ -1203,7 +1206,8 @@ impl CudaBackend {
                 return Err(e);
             }
         }
-        let _ = writeln!(std::io::stderr(), "notice: {}; fused steps use the grid kernel from now on", refused.reason());
+        let kernel = self.fused.as_ref().map_or("the grid kernel", |plan| plan.kernel_name());
+        let _ = writeln!(std::io::stderr(), "notice: {}; fused steps use {kernel} from now on", refused.reason());
         Ok(())
     }
 

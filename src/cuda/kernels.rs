@@ -943,7 +943,8 @@ impl FusedPlan {
         let replicated = match replicated {
             Some(n) if cluster.is_none() => {
                 let limit = dynamic_limit(&gpu.functions.fused_train_steps_replicated)?;
-                FusedReplicated::choose(gpu, n, &info, &layers, batch, sms, limit)?
+                // An optional kernel: whatever fails in choosing it leaves the grid kernels.
+                FusedReplicated::choose(gpu, n, &info, &layers, batch, sms, limit).unwrap_or(None)
             }
             _ => None,
         };
@@ -1001,6 +1002,17 @@ impl FusedPlan {
     /// The one-barrier kernel's launch, if the plan has one.
     pub fn replicated(&self) -> Option<&FusedReplicated> {
         self.replicated.as_ref()
+    }
+
+    /// Which kernels the plan's launches run, for notices.
+    pub fn kernel_name(&self) -> &'static str {
+        if self.cluster.is_some() {
+            "the thread-block-cluster kernel"
+        } else if self.replicated.is_some() {
+            "the one-barrier kernel"
+        } else {
+            "the grid kernel"
+        }
     }
 
     /// Blocks per launch.
