@@ -264,8 +264,9 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     };
     // A BN feature's running statistics, by the block that owns its column: estimators
     // e0, e0+de, … by the calling thread. Their old values and factors take two round trips
-    // through L2; `RunningPrefetch` loads the first REPLICATED_PREFETCH of them before the
-    // work that hides those trips (a dot product), and `running_update` uses them.
+    // through L2: `prefetch_running` loads the first REPLICATED_PREFETCH of them before the
+    // work that hides those trips (layer 0's dot products, a replicated layer's product), and
+    // `running_update_prefetched` uses them.
     auto running_update = [&](unsigned col, unsigned bn_index, unsigned step, float mu, float sigma2, unsigned e0, unsigned de) {
         for (unsigned e = e0; e < n_estimators; e += de)
             update_running_stats(estimator_factors(estimators, e, batches_before(e, bn_index) + step, batch),
