@@ -23,8 +23,11 @@
 //   layer 0 again (its own columns): dA0[:,j] = dZ_1·W_1[:,j];  BN backward;
 //     dW0[j,:] = Σ_r dZ0[r,j]·x[r,:], applied at once to params (only this block reads it).
 // Every block computes the replicated layers with the same instructions on the same values,
-// so their copies stay bitwise equal; block 0 writes them back at the end of the launch (and
-// their gradients, the last step's, as the other kernels leave them).
+// so their copies stay bitwise equal; the writer block (the last, G − 1: with a grid one
+// wider than layer 0, as the host launches it where the device has room, a block with no
+// layer-0 column, idle through that work) adds the step's losses, and writes the copies back
+// at the end of the launch (and their gradients, the last step's, as the other kernels leave
+// them).
 //
 // Barriers: one a step, after layer 0's forward (the replicated forward reads all of a0).
 // Layer 0's backward needs only this block's work (dA0 of its own columns), and the next
@@ -53,7 +56,7 @@
 //   logits, then dlogits [B, classes]; a scratch for dA ([B, pitch] of the widest replicated
 //   hidden layer, or [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and
 //   correct flags [B] u32. The seed network: 191 KB.
-// Launch: cooperative, grid G ≤ layer 0's width (and co-resident), blocks of 256 or 512
+// Launch: cooperative, grid G ≤ layer 0's width + 1 (and co-resident), blocks of 256 or 512
 //   threads (REPLICATED_THREADS: one block an SM, so 128 registers), the layout's bytes.
 // Limits (the layout's bytes are 0 beyond them): at most REPLICATED_MAX_LAYERS layers above
 // the first, G ≥ 1.
@@ -223,6 +226,8 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
 
     const unsigned t = threadIdx.x, T = blockDim.x, G = gridDim.x, me = blockIdx.x;
     const unsigned hidden = n_layers - 1;
+    // The block that adds the losses and writes the replicated layers back (see the header).
+    const bool writer = me == G - 1;
     const ReplicatedLayout lay = replicated_layout(layer_info, n_layers, batch, G);
     // The host sized the dynamic shared memory by this layout (a network beyond it never
     // launches); a mismatch traps rather than writing past the block's shared memory.
@@ -417,7 +422,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         __syncthreads();
 
         // Softmax cross-entropy (softmax_xent.cu's arithmetic), a row a thread; dlogits
-        // overwrite the logits. Every block computes them; block 0 adds the rows' losses.
+        // overwrite the logits. Every block computes them; the writer adds the rows' losses.
         {
             for (unsigned r = t; r < batch; r += T) {
                 unsigned label = label_t;
@@ -431,7 +436,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 rights[r] = right ? 1u : 0u;
             }
             __syncthreads();
-            if (me == 0 && t == 0) {
+            if (writer && t == 0) {
                 double s = 0.0;
                 unsigned long long c = 0;
                 for (unsigned r = 0; r < batch; ++r) { s += losses[r]; c += rights[r]; }
@@ -470,13 +475,13 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 for (unsigned k = t; k < out; k += T) {
                     float s = 0.0f;
                     for (unsigned r = 0; r < batch; ++r) s += soft[r * classes + k];
-                    if (last && me == 0) grads[f[L_BIAS] + k] = s;
+                    if (last && writer) grads[f[L_BIAS] + k] = s;
                     sgd_shared(vec, vvec, k, s);
                 }
             }
             __syncthreads();  // the dA products read W before it changes
             shared_product(out, in, batch, dzl, 1, dzp, input, 1, ip, [&](unsigned m, unsigned k, float g) {
-                if (last && me == 0) grads[f[L_W] + (size_t)m * in + k] = g;
+                if (last && writer) grads[f[L_W] + (size_t)m * in + k] = g;
                 sgd_shared(w, vw, m * wp + k, g);
             });
             __syncthreads();  // the weight gradient read the layer below's a
@@ -525,14 +530,14 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 }
                 for (unsigned j = t; j < width; j += T) {
                     if (bn) {
-                        if (last && me == 0) {
+                        if (last && writer) {
                             grads[fb[L_GAMMA] + j] = d_gamma[j];
                             grads[fb[L_BETA] + j] = d_beta[j];
                         }
                         sgd_shared(vec, vvec, j, d_gamma[j]);
                         sgd_shared(vec, vvec, width + j, d_beta[j]);
                     } else {
-                        if (last && me == 0) grads[fb[L_BIAS] + j] = d_beta[j];
+                        if (last && writer) grads[fb[L_BIAS] + j] = d_beta[j];
                         sgd_shared(vec, vvec, j, d_beta[j]);
                     }
                 }
@@ -592,7 +597,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
 
     // Every block's last reads of the counters (and of a0) lie before this barrier.
     grid_barrier(barrier, 2);
-    if (me == 0) {
+    if (writer) {
         for (unsigned l = 1; l < n_layers; ++l) {
             const int* f = layer_info + (size_t)l * LAYER_FIELDS;
             const unsigned in = in_of(l), out = out_of(l), pitch = replicated_pitch(in), r = l - 1;

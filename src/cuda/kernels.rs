@@ -721,15 +721,17 @@ impl FusedReplicated {
     }
 
     /// The launch for these layers in blocks of `threads`, and its grid: one block per
-    /// neuron of layer 0 where that many stay resident, else as many as do (each then owns
-    /// more columns, and the layout's scratch grows with them). None where the layout is
-    /// beyond the kernel's limits or `dynamic_limit` (the device's shared memory per block).
+    /// neuron of layer 0 and one more (the kernel's writer block, which then owns none: it
+    /// adds the losses and writes the replicated layers back without delaying the others'
+    /// layer-0 work) where that many stay resident, else as many as do (each then owns more
+    /// columns, and the layout's scratch grows with them). None where the layout is beyond
+    /// the kernel's limits or `dynamic_limit` (the device's shared memory per block).
     fn choose(
         gpu: &Gpu, threads: u32, info: &[i32], layers: &[FusedLayer], batch: usize, sms: u32, dynamic_limit: usize,
     ) -> Result<Option<(FusedReplicated, u32)>, CudaError> {
         let table = gpu.stream().clone_htod(info)?;
         let function = &gpu.functions.fused_train_steps_replicated;
-        let mut grid = u32::try_from(layers[0].outputs).unwrap_or(u32::MAX);
+        let mut grid = u32::try_from(layers[0].outputs).unwrap_or(u32::MAX).saturating_add(1);
         // The grid shrinks at most a few times: the bytes grow with it only through the scratch.
         for _ in 0..4 {
             let bytes = Self::layout_bytes(gpu, &table, layers.len(), batch, grid)?;
