@@ -493,7 +493,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
             }
             if (l > 1) {
                 // The layer below (replicated, hidden): dY = act'(a)·dA, then BN's backward
-                // (or the bias), a thread per column; dZ replaces a.
+                // (or the bias's gradient); dZ replaces a.
                 const unsigned lb = l - 1, rb = lb - 1, width = out_of(lb), p = replicated_pitch(width);
                 const int* fb = layer_info + (size_t)lb * LAYER_FIELDS;
                 float* a = sm + lay.act[rb];
