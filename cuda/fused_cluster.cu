@@ -55,11 +55,6 @@
 // Pixel loads in flight per thread when staging a batch (16 bytes each).
 #define STAGE_QUADS 12
 
-// Pixel byte e of a word as a float (pixel_value below): byte e under the exponent of 2^23
-// (the constant's top byte; its other bytes are zero), less 2^23.
-#define PIXEL_MAGIC 0x4B000000u
-#define PIXEL_SELECTOR(e) (0x7540u + (e))
-
 #ifndef FUSED_CLUSTER_SYNC
 #include <cooperative_groups.h>
 #define FUSED_CLUSTER_SYNC() cooperative_groups::this_cluster().sync()

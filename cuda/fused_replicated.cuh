@@ -21,7 +21,8 @@
 //               once (v ← μv + g, W ← W − lr·v, element by element);
 //               dY = act'(A)·dA;  BN: dβ = Σ_r dY, dγ = Σ_r dY·x̂, dZ = γ·istd/B·(B·dY − dβ − x̂·dγ)
 //   layer 0 again (its own columns): dA0[:,j] = dZ_1·W_1[:,j];  BN backward;
-//     dW0[j,:] = Σ_r dZ0[r,j]·x[r,:], applied at once to params (only this block reads it).
+//     dW0[j,:] = Σ_r dZ0[r,j]·x[r,:], each element applied as it is summed, to the block's own
+//     copy of row j (only this block reads it; written back at the end of the launch).
 // Every block computes the replicated layers with the same instructions on the same values,
 // so their copies stay bitwise equal; the writer block (the last, G − 1: with a grid one
 // wider than layer 0, as the host launches it where the device has room, a block with no
@@ -45,17 +46,24 @@
 // lanes of a tile row read the same A elements (a broadcast). Each output is one chain summed
 // in order of the reduced index.
 //
+// Layer 0 (pixel_column_dot, pixel_row_gradient): the step's pixels come straight from global
+// memory into registers, 16 bytes a load where the rows allow, all of a thread's rows in
+// flight at once, and are widened to floats by pixel_scaled; the block's weight rows, γ, β
+// and their velocity stay in its shared memory for the whole launch.
+//
 // Layout: the parameters and buffers of FUSED_PARAMS, as fused_step.cu has them, except:
-// acts' layer-0 block holds a0 of even steps, dz's of odd ones; xhat's layer-0 block z then
-// x̂ of layer 0; the replicated layers' blocks of acts, xhat and dz, row_loss and row_correct
-// go unused; `weight_row_stage` and the stage offsets are ignored.
+// acts' layer-0 block holds a0 of even steps, dz's of odd ones; xhat and the replicated
+// layers' blocks of acts and dz, row_loss and row_correct go unused (layer 0's x̂ stays in
+// shared memory); `weight_row_stage` and the stage offsets are ignored. Only the last step's
+// gradients reach `grads`.
 //   Dynamic shared memory (replicated_layout, in floats, each region 16-byte aligned; sized
 //   by the host through fused_replicated_layout_bytes): per replicated layer W [out, odd pitch
 //   ≥ in] and its velocity, the bias (or γ then β) [2·out] and its velocity; per replicated
 //   hidden layer x̂ and a [B, odd pitch ≥ out] and its column statistics [3·out]; a0 [B, odd pitch ≥ width0]; the
 //   logits, then dlogits [B, classes]; a scratch for dA ([B, pitch] of the widest replicated
 //   hidden layer, or [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and
-//   correct flags [B] u32. The seed network: 191 KB.
+//   correct flags [B] u32; the block's layer-0 columns and the steps' image indices (see
+//   ReplicatedLayout). The seed network: 198 KB, and 16 KB of static `part`.
 // Launch: cooperative, grid G ≤ layer 0's width + 1 (and co-resident), blocks of 256 or 512
 //   threads (REPLICATED_THREADS: one block an SM, so 128 registers), the layout's bytes.
 // Limits (the layout's bytes are 0 beyond them): at most REPLICATED_MAX_LAYERS layers above
@@ -77,6 +85,9 @@ __device__ __forceinline__ unsigned fused_dynamic_smem_size() {
 // Row pitch (floats) of a shared [rows, n] array: odd, so that 32 consecutive rows read at
 // the same column fall in 32 distinct banks.
 __host__ __device__ __forceinline__ unsigned replicated_pitch(unsigned n) { return n | 1u; }
+// Row pitch (floats) of layer 0's weight rows: a multiple of 4, so that a chunk's weights
+// come four a load.
+__host__ __device__ __forceinline__ unsigned replicated_row_pitch(unsigned n) { return (n + 3) / 4 * 4; }
 
 struct ReplicatedLayout {
     // Per replicated layer r = l − 1 (float offsets): weights, their velocity, bias or γ|β,
@@ -85,7 +96,13 @@ struct ReplicatedLayout {
     unsigned w[REPLICATED_MAX_LAYERS], vw[REPLICATED_MAX_LAYERS], vec[REPLICATED_MAX_LAYERS], vvec[REPLICATED_MAX_LAYERS];
     unsigned xhat[REPLICATED_MAX_LAYERS], act[REPLICATED_MAX_LAYERS], stat[REPLICATED_MAX_LAYERS];
     unsigned a0, soft, scratch, losses, rights;
-    unsigned owned;  // layer-0 columns a block owns at most: ⌈width0 / G⌉
+    // Layer 0's columns that the block owns (at most `owned`: ⌈width0 / G⌉), kept here for the
+    // whole launch: weight rows [owned, w0_pitch] and their velocity, γ|β (or the bias) [owned, 2]
+    // and its velocity, z then x̂ [owned, B], 1/σ [owned]; and the image indices of the step's
+    // rows [2, B] (by step parity: the next step's are loaded during this one).
+    unsigned w0, vw0, vec0, vvec0, x0, istd0, image;
+    unsigned w0_pitch;
+    unsigned owned;
     unsigned bytes;  // 0: beyond the kernel's limits
 };
 
@@ -123,6 +140,14 @@ __host__ __device__ __noinline__ inline ReplicatedLayout replicated_layout(const
     s.scratch = take(scratch);
     s.losses = take(2 * B);  // f64, at a multiple of 4 floats
     s.rights = take(B);
+    s.w0_pitch = replicated_row_pitch((unsigned)info[L_IN]);
+    s.w0 = take((unsigned long long)s.owned * s.w0_pitch);
+    s.vw0 = take((unsigned long long)s.owned * s.w0_pitch);
+    s.vec0 = take(2ull * s.owned);
+    s.vvec0 = take(2ull * s.owned);
+    s.x0 = take(B * s.owned);
+    s.istd0 = take(s.owned);
+    s.image = take(2 * B);
     s.bytes = at * 4 <= 0xffffffffull ? (unsigned)(at * 4) : 0u;
     return s;
 }
@@ -200,6 +225,191 @@ __device__ __forceinline__ void for_elements(unsigned rows, unsigned width, F f)
     }
 }
 
+// Layer 0's pixels straight into registers. The batch's [rows, features] bytes are a grid of
+// (row, chunk) cells, a chunk V = 16, 4 or 1 bytes (the largest the rows' alignment allows):
+// lanes = min(chunks a row, T) threads take a row's chunks c = lane, lane + lanes, …, and
+// groups = T / lanes row groups take rows group, group + groups, … A pass gives each thread
+// up to pixel_rows<V>() rows, their loads all issued before any is used: one round
+// trip a pass. The seed in blocks of 512: 49 lanes × 10 groups, the batch in one pass of six
+// 16-byte loads a thread (in blocks of 256: 5 groups, two passes). The grid kernels'
+// column_dot instead walks a row's 784 bytes four at a time, a round trip every two of its
+// 14 loads, and converts each byte with an I2F (a sixteenth of the FMA rate; pixel_scaled
+// here).
+// Rows a thread a pass: the seed's 6 in blocks of 512 for 16-byte chunks (6 loads, 24
+// registers), 8 for the narrower ones.
+template <unsigned V> __device__ __forceinline__ constexpr unsigned pixel_rows() { return V == 16 ? 6 : 8; }
+
+// A chunk as 32-bit words (CHUNK_PIXELS(V) pixels each), word q (q constant once unrolled);
+// word_pixels gives a word's pixels as floats scaled by 1/255 (pixel_scaled).
+#define CHUNK_WORDS(V) ((V) >= 4 ? (V) / 4 : 1)
+#define CHUNK_PIXELS(V) ((V) >= 4 ? 4 : (V))
+__device__ __forceinline__ unsigned chunk_word(const uint4& c, unsigned q) { return q == 0 ? c.x : q == 1 ? c.y : q == 2 ? c.z : c.w; }
+__device__ __forceinline__ unsigned chunk_word(unsigned c, unsigned) { return c; }
+__device__ __forceinline__ unsigned chunk_word(uint8_t c, unsigned) { return c; }
+template <unsigned P>
+__device__ __forceinline__ void word_pixels(unsigned word, float* x) {
+#pragma unroll
+    for (unsigned e = 0; e < P; ++e) x[e] = pixel_scaled(word, e);
+}
+
+// The P floats of a shared row at p (16-byte aligned when P = 4): one load.
+template <unsigned P>
+__device__ __forceinline__ void shared_floats(const float* p, float* x) {
+    if constexpr (P == 4) {
+        const float4 q = FUSED_LOAD_F4(p);
+        x[0] = q.x; x[1] = q.y; x[2] = q.z; x[3] = q.w;
+    } else {
+#pragma unroll
+        for (unsigned e = 0; e < P; ++e) x[e] = p[e];
+    }
+}
+
+template <unsigned V>
+struct PixelChunks {
+    typedef typename Chunk<V>::T Raw;
+    const uint8_t* images;
+    const unsigned* image;  // shared [rows]: the step's image indices (≥ count: a row past the dataset)
+    unsigned count, features, chunks, lanes, groups, lane, group;
+    __device__ __forceinline__ PixelChunks(const uint8_t* images_, const unsigned* image_, unsigned count_, unsigned features_)
+        : images(images_), image(image_), count(count_), features(features_) {
+        chunks = features / V;
+        lanes = chunks < blockDim.x ? chunks : blockDim.x;
+        groups = blockDim.x / lanes;
+        lane = threadIdx.x % lanes;
+        group = threadIdx.x / lanes;
+    }
+    __device__ __forceinline__ bool valid(unsigned r) const { return image[r] < count; }
+    // Chunk c of row r (zeros for a row past the dataset, which is not read).
+    __device__ __forceinline__ Raw load(unsigned r, unsigned c) const {
+        const unsigned i = image[r];
+        return i < count ? Chunk<V>::load(images + (size_t)i * features + (size_t)c * V) : Raw{};
+    }
+};
+
+// z[r] = Σ_k x[r,k]·w[k] for r < rows (x the pixels scaled by 1/255, w a shared row): each
+// thread sums its chunks (c in order, a chunk's bytes in order) for each of its rows into
+// `part` ([pass rows, lanes], part_floats at most), then a thread per row adds its lanes'
+// sums in a fixed order (four interleaved sums, then (s0+s1)+(s2+s3)). A row past the
+// dataset gives NaN, as gather.cu does. Every thread calls it (it synchronizes).
+template <unsigned V>
+__device__ __forceinline__ void pixel_column_dot(float* part, unsigned part_floats, const PixelChunks<V>& px, unsigned rows, const float* w, float* z)
+{
+    typedef typename PixelChunks<V>::Raw Raw;
+    constexpr unsigned RPR = pixel_rows<V>();
+    unsigned per_pass = px.groups * RPR;
+    if (per_pass * px.lanes > part_floats) per_pass = part_floats / px.lanes;
+    for (unsigned first = 0; first < rows; first += per_pass) {
+        const unsigned pass = rows - first < per_pass ? rows - first : per_pass;
+        if (px.group < px.groups) {
+            float acc[RPR];
+#pragma unroll
+            for (unsigned u = 0; u < RPR; ++u) acc[u] = 0.0f;
+            for (unsigned c = px.lane; c < px.chunks; c += px.lanes) {
+                Raw raw[RPR];
+#pragma unroll
+                for (unsigned u = 0; u < RPR; ++u) {
+                    const unsigned i = px.group + u * px.groups;
+                    raw[u] = i < pass ? px.load(first + i, c) : Raw{};
+                }
+                // A word of weights at a time for every row (each row's sum still runs in
+                // order of its bytes): 4 of them live, not V.
+                constexpr unsigned P = CHUNK_PIXELS(V);
+#pragma unroll
+                for (unsigned q = 0; q < CHUNK_WORDS(V); ++q) {
+                    float wq[P];
+                    shared_floats<P>(w + (size_t)c * V + q * P, wq);
+#pragma unroll
+                    for (unsigned u = 0; u < RPR; ++u) {
+                        if (px.group + u * px.groups >= pass) continue;
+                        float x[P];
+                        word_pixels<P>(chunk_word(raw[u], q), x);
+#pragma unroll
+                        for (unsigned e = 0; e < P; ++e) acc[u] += x[e] * wq[e];
+                    }
+                }
+            }
+#pragma unroll
+            for (unsigned u = 0; u < RPR; ++u) {
+                const unsigned i = px.group + u * px.groups;
+                if (i < pass) part[i * px.lanes + px.lane] = px.valid(first + i) ? acc[u] : __int_as_float(0x7fc00000);
+            }
+        }
+        __syncthreads();
+        for (unsigned i = threadIdx.x; i < pass; i += blockDim.x) {
+            const float* p = part + i * px.lanes;
+            float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+            unsigned q = 0;
+            for (; q + 4 <= px.lanes; q += 4) { s0 += p[q]; s1 += p[q + 1]; s2 += p[q + 2]; s3 += p[q + 3]; }
+            if (q < px.lanes) s0 += p[q];
+            if (q + 1 < px.lanes) s1 += p[q + 1];
+            if (q + 2 < px.lanes) s2 += p[q + 2];
+            z[first + i] = (s0 + s1) + (s2 + s3);
+        }
+        __syncthreads();
+    }
+}
+
+// epi(k, Σ_r dz[r]·x[r,k]) for every k < features, once each: thread (group, lane) sums its
+// rows (group, group + groups, …, in order) for the V bytes of its chunk, then the groups'
+// sums are added in group order, S = min(V, 8) of each chunk's outputs at a time through
+// `part` ([S, groups·lanes]: a warp's stores and loads fall in consecutive banks; T·8 floats
+// at most). A row past the dataset makes every sum NaN. Every thread calls it.
+template <unsigned V, typename Epi>
+__device__ __forceinline__ void pixel_row_gradient(float* part, const PixelChunks<V>& px, unsigned rows, const float* dz, Epi epi)
+{
+    typedef typename PixelChunks<V>::Raw Raw;
+    constexpr unsigned RPR = pixel_rows<V>(), S = V < 8 ? V : 8;
+    const unsigned per_pass = px.groups * RPR, cells = px.groups * px.lanes;
+    const float nan = __int_as_float(0x7fc00000);
+    for (unsigned c0 = 0; c0 < px.chunks; c0 += px.lanes) {
+        const unsigned c = c0 + px.lane, span = px.chunks - c0 < px.lanes ? px.chunks - c0 : px.lanes;
+        const bool mine = px.group < px.groups && c < px.chunks;
+        float acc[V];
+#pragma unroll
+        for (unsigned e = 0; e < V; ++e) acc[e] = 0.0f;
+        if (mine) {
+            for (unsigned first = 0; first < rows; first += per_pass) {
+                const unsigned pass = rows - first < per_pass ? rows - first : per_pass;
+                Raw raw[RPR];
+#pragma unroll
+                for (unsigned u = 0; u < RPR; ++u) {
+                    const unsigned i = px.group + u * px.groups;
+                    raw[u] = i < pass ? px.load(first + i, c) : Raw{};
+                }
+#pragma unroll
+                for (unsigned u = 0; u < RPR; ++u) {
+                    const unsigned r = first + px.group + u * px.groups;
+                    if (r >= first + pass) continue;
+                    // A row past the dataset: its zeros times NaN, every sum NaN.
+                    const float g = px.valid(r) ? dz[r] : nan;
+                    constexpr unsigned P = CHUNK_PIXELS(V);
+#pragma unroll
+                    for (unsigned q = 0; q < CHUNK_WORDS(V); ++q) {
+                        float x[P];
+                        word_pixels<P>(chunk_word(raw[u], q), x);
+#pragma unroll
+                        for (unsigned e = 0; e < P; ++e) acc[q * P + e] += g * x[e];
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (unsigned s0 = 0; s0 < V; s0 += S) {
+            if (mine)
+#pragma unroll
+                for (unsigned i = 0; i < S; ++i) part[i * cells + px.group * px.lanes + px.lane] = acc[s0 + i];
+            __syncthreads();
+            for_elements(S, span, [&](unsigned i, unsigned l) {
+                const float* p = part + i * cells + l;
+                float sum = p[0];
+                for (unsigned g = 1; g < px.groups; ++g) sum += p[g * px.lanes];
+                epi((c0 + l) * V + s0 + i, sum);
+            });
+            __syncthreads();
+        }
+    }
+}
+
 // A column's running statistics and estimator factors, loaded ahead (see running_update).
 #define REPLICATED_PREFETCH 4
 struct RunningPrefetch {
@@ -210,19 +420,19 @@ struct RunningPrefetch {
 template <unsigned MAX_T>
 __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
 {
-    constexpr unsigned PART_FLOATS = fused_part_floats(MAX_T), SHARED_FLOATS = fused_shared_floats(MAX_T);
+    // `part`: the block totals, and layer 0's partial sums (pixel_column_dot: [pass rows,
+    // lanes]; pixel_row_gradient: T·8 floats).
+    constexpr unsigned PART_FLOATS = fused_part_floats(MAX_T);
+    static_assert(PART_FLOATS >= MAX_T * 8, "pixel_row_gradient's sums");
 #ifdef EMULATED_BLOCK_SHARED
     if (blockDim.x > MAX_T) EMULATED_TRAP("a block larger than the kernel's launch bounds");
-    float* shared = EMULATED_BLOCK_SHARED(SHARED_FLOATS);
+    float* part = EMULATED_BLOCK_SHARED(PART_FLOATS);
     float* sm = reinterpret_cast<float*>(EMULATED_BLOCK_DYNAMIC());
 #else
-    __shared__ __align__(16) float shared[SHARED_FLOATS];
+    __shared__ __align__(16) float part[PART_FLOATS];
     extern __shared__ __align__(16) uint8_t fused_dynamic_shared[];
     float* sm = reinterpret_cast<float*>(fused_dynamic_shared);
 #endif
-    float* part = shared;
-    unsigned* index = reinterpret_cast<unsigned*>(shared + PART_FLOATS);
-    float* gs = shared + PART_FLOATS + FUSED_PASS_ROWS;
 
     const unsigned t = threadIdx.x, T = blockDim.x, G = gridDim.x, me = blockIdx.x;
     const unsigned hidden = n_layers - 1;
@@ -244,13 +454,28 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     unsigned* rights = reinterpret_cast<unsigned*>(sm + lay.rights);
     const float inv_rows = 1.0f / (float)batch, b = (float)batch;
     const unsigned reduce_width = row_threads(batch);
-    const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
     const unsigned cursor0 = cursor[0];
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
-    auto with_pixels = [&](unsigned long long base, auto f) {
-        if (pixel_words) f(Pixels<4>{images, order, order_len, count, features, base, index});
-        else f(Pixels<1>{images, order, order_len, count, features, base, index});
+    // Layer 0's columns of this block (see ReplicatedLayout) and the steps' image indices.
+    float* w0s = sm + lay.w0;
+    float* vw0s = sm + lay.vw0;
+    float* vec0s = sm + lay.vec0;
+    float* vvec0s = sm + lay.vvec0;
+    float* x0s = sm + lay.x0;
+    float* istd0s = sm + lay.istd0;
+    unsigned* image_of = reinterpret_cast<unsigned*>(sm + lay.image);
+    auto image_at = [&](unsigned long long pos) { return pos < order_len ? order[pos] : count; };
+    // The pixels in chunks of 16, 4 or 1 bytes: the largest that every row's start allows.
+    const unsigned chunk_bytes = features % 16 == 0 && ((size_t)images & 15) == 0 ? 16u
+                               : features % 4 == 0 && ((size_t)images & 3) == 0   ? 4u
+                                                                                  : 1u;
+    auto with_chunks = [&](const unsigned* image, auto f) {
+        if (chunk_bytes == 16) f(PixelChunks<16>(images, image, count, features));
+        else if (chunk_bytes == 4) f(PixelChunks<4>(images, image, count, features));
+        else f(PixelChunks<1>(images, image, count, features));
     };
+    // A layer-0 column's bias (or γ, then β) fields.
+    auto vec0_field = [&](unsigned i) { return i == 0 ? (bn0 ? info0[L_GAMMA] : info0[L_BIAS]) : (bn0 ? info0[L_BETA] : -1); };
     // Replicated layer l's shapes and shared arrays.
     auto in_of = [&](unsigned l) { return (unsigned)layer_info[(size_t)l * LAYER_FIELDS + L_IN]; };
     auto out_of = [&](unsigned l) { return (unsigned)layer_info[(size_t)l * LAYER_FIELDS + L_OUT]; };
@@ -316,6 +541,20 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
             sm[lay.vvec[r] + i] = field >= 0 && velocity != nullptr ? velocity[field + m] : 0.0f;
         }
     }
+    // This block's layer-0 columns (only it reads or updates them), and step 0's image indices.
+    for (unsigned c = 0, j = me; j < width0; ++c, j += G) {
+        const size_t row = (size_t)info0[L_W] + (size_t)j * in0;
+        for (unsigned k = t; k < in0; k += T) {
+            w0s[c * lay.w0_pitch + k] = params[row + k];
+            vw0s[c * lay.w0_pitch + k] = velocity != nullptr ? velocity[row + k] : 0.0f;
+        }
+        if (t < 2) {
+            const int field = vec0_field(t);
+            vec0s[2 * c + t] = field >= 0 ? params[field + j] : 0.0f;
+            vvec0s[2 * c + t] = field >= 0 && velocity != nullptr ? velocity[field + j] : 0.0f;
+        }
+    }
+    for (unsigned r = t; r < batch; r += T) image_of[r] = image_at((unsigned long long)cursor0 * batch + r);
     __syncthreads();
 
     fused_trace_mark(FUSED_TRACE_BARRIERS);
@@ -323,45 +562,62 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         const unsigned long long base = (unsigned long long)(cursor0 + step) * batch;
         const bool last = step + 1 == steps;
         float* a0g = (step & 1 ? dz : acts) + info0[L_ACT];
+        const unsigned* image_now = image_of + (step & 1) * batch;
 
-        // Layer 0's forward, this block's columns (fused_step.cu's forward of one column).
-        {
-            float* zx = xhat + info0[L_ACT];
-            for (unsigned j = me; j < width0; j += G) {
-                RunningPrefetch ahead{0};
-                if (bn0 && t == 0) prefetch_running(ahead, (unsigned)info0[L_COL] + j, (unsigned)info0[L_BN], step);
-                float z_kept = 0.0f;
-                with_pixels(base, [&](const auto& px) {
-                    column_dot(part, px, batch, in0, params + info0[L_W] + (size_t)j * in0, 1, zx + j, width0, nullptr, &z_kept);
-                });
-                const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
-                auto z_at = [&](size_t i) { return kept ? z_kept : zx[i]; };
-                if (bn0) {
-                    const float g = params[info0[L_GAMMA] + j], be = params[info0[L_BETA] + j];
-                    const ColumnMoments m = bn_column_forward(part, z_at, zx, a0g, width0, j, batch, g, be, epsilon, activation, inv_rows, reduce_width);
-                    if (t == 0) {
-                        inv_std[info0[L_COL] + j] = m.istd;
-                        running_update_prefetched(ahead, (unsigned)info0[L_COL] + j, (unsigned)info0[L_BN], step, m.mu, m.sigma2);
-                    }
-                } else {
-                    const float bias = params[info0[L_BIAS] + j];
-                    for (unsigned r = t; r < batch; r += T) {
-                        const size_t i = (size_t)r * width0 + j;
-                        a0g[i] = activate(activation, z_at(i) + bias);
-                    }
-                }
-                __syncthreads();
+        // Layer 0's forward, this block's columns, from its copies of their weights: z, then
+        // x̂ in place (x0s), and a into the step's a0.
+        for (unsigned c = 0, j = me; j < width0; ++c, j += G) {
+            // Estimator t's running statistics of the column, by thread t, loaded under the dot
+            // products (4 registers a thread, where RunningPrefetch's 17 in one thread made
+            // this part spill).
+            const unsigned col0 = (unsigned)info0[L_COL] + j, bn_index0 = (unsigned)info0[L_BN];
+            float keep_t = 0.0f, corr_t = 0.0f, mean_t = 0.0f, var_t = 0.0f;
+            if (bn0 && t < n_estimators) {
+                const EstimatorFactors f = estimator_factors(estimators, t, batches_before(t, bn_index0) + step, batch);
+                keep_t = f.keep;
+                corr_t = f.corr;
+                mean_t = running_mean[(size_t)t * bn_total + col0];
+                var_t = running_var[(size_t)t * bn_total + col0];
             }
+            float* z = x0s + c * batch;
+            with_chunks(image_now, [&](const auto& px) { pixel_column_dot(part, PART_FLOATS, px, batch, w0s + c * lay.w0_pitch, z); });
+            if (bn0) {
+                const ColumnMoments m = bn_column_forward(
+                    part, [&](unsigned r) { return z[r]; },
+                    [&](unsigned r, float xh, float a) {
+                        z[r] = xh;
+                        a0g[(size_t)r * width0 + j] = a;
+                    },
+                    batch, vec0s[2 * c], vec0s[2 * c + 1], epsilon, activation, inv_rows, reduce_width);
+                if (t == 0) {
+                    istd0s[c] = m.istd;
+                    inv_std[col0] = m.istd;
+                }
+                if (t < n_estimators) {
+                    running_mean[(size_t)t * bn_total + col0] = blend(keep_t, mean_t, 1.0f - keep_t, m.mu);
+                    running_var[(size_t)t * bn_total + col0] = blend(keep_t, var_t, 1.0f - keep_t, __fmul_rn(m.sigma2, corr_t));
+                }
+                running_update(col0, bn_index0, step, m.mu, m.sigma2, t + T, T);
+            } else {
+                const float bias = vec0s[2 * c];
+                for (unsigned r = t; r < batch; r += T) a0g[(size_t)r * width0 + j] = activate(activation, z[r] + bias);
+            }
+            __syncthreads();
         }
         grid_barrier(barrier, 2);
 
-        // Row t's label: two dependent loads, issued before the copy of a0 and the forward.
-        const unsigned long long pos = base + t;
-        const unsigned image = t < batch && pos < order_len ? order[pos] : count;
-        const unsigned label_t = image < count ? labels[image] : 255u;
+        // Row t's label, and the next step's image index of row t (stored into the other half
+        // of image_of, which the previous step's layer 0 read last, after the copy of a0):
+        // loads issued before that copy, whose own round trip hides theirs.
+        const unsigned image_t = t < batch ? image_now[t] : count;
+        const unsigned label_t = image_t < count ? labels[image_t] : 255u;
+        const bool more = step + 1 < steps;
+        const unsigned next_image_t = more && t < batch ? image_at(base + batch + t) : count;
         // All of a0 into shared memory: every block's columns, this step's parity.
         stage_rows<4>(reinterpret_cast<uint8_t*>(a0s), pitch0 * 4, batch, width0 * 4,
                       [&](unsigned r) { return reinterpret_cast<const uint8_t*>(a0g + (size_t)r * width0); });
+        if (more)
+            for (unsigned r = t; r < batch; r += T) image_of[((step + 1) & 1) * batch + r] = r == t ? next_image_t : image_at(base + batch + r);
         __syncthreads();
 
         // Forward of the replicated layers.
@@ -426,11 +682,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         {
             for (unsigned r = t; r < batch; r += T) {
                 unsigned label = label_t;
-                if (r != t) {
-                    const unsigned long long pos_r = base + r;
-                    const unsigned image_r = pos_r < order_len ? order[pos_r] : count;
-                    label = image_r < count ? labels[image_r] : 255u;
-                }
+                if (r != t) label = image_now[r] < count ? labels[image_now[r]] : 255u;
                 bool right;
                 losses[r] = softmax_row(soft + (size_t)r * classes, classes, label, grad_scale, &right);
                 rights[r] = right ? 1u : 0u;
@@ -547,51 +799,70 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
 
         // Layer 0's backward, this block's columns: dY from dA0 (scratch) and a0, BN's
         // backward (fused_step.cu's, block-wide sums), dZ0 in the scratch, then the weight row's
-        // gradient from the step's pixels and its update.
+        // gradient from the step's pixels, each element applied as it is summed, and γ and β
+        // (or the bias).
         for (unsigned c = 0, j = me; j < width0; ++c, j += G) {
             float* d = scratch + c * batch;
-            float sb = 0.0f, sg = 0.0f, dy_kept = 0.0f, xh_kept = 0.0f;
-            const float* xh0 = xhat + info0[L_ACT];
+            const float* xh0 = x0s + c * batch;
+            float sb = 0.0f, sg = 0.0f;
             for (unsigned r = t; r < batch; r += T) {
                 const float dy = activate_backward(activation, a0s[r * pitch0 + j], d[r]);
                 d[r] = dy;
                 if (bn0) {
-                    const float x = xh0[(size_t)r * width0 + j];
                     sb += dy;
-                    sg += dy * x;
-                    dy_kept = dy;
-                    xh_kept = x;
+                    sg += dy * xh0[r];
                 }
             }
-            const bool kept = batch <= T;
+            // The vector's gradients (dβ, dγ; or the bias's in d_beta), by every thread (BN) or
+            // thread 0 (the bias).
+            float d_beta = 0.0f, d_gamma = 0.0f;
             if (bn0) {
-                const float g = params[info0[L_GAMMA] + j], istd = inv_std[info0[L_COL] + j];
+                const float g = vec0s[2 * c], istd = istd0s[c];
                 const float sums[2] = {sb, sg};
                 float totals[2];
                 block_totals<2>(part, sums, totals, reduce_width);
-                const float d_beta = totals[0], d_gamma = totals[1];
-                for (unsigned r = t; r < batch; r += T) {
-                    const float dy = kept ? dy_kept : d[r], x = kept ? xh_kept : xh0[(size_t)r * width0 + j];
-                    d[r] = g * istd / b * (b * dy - d_beta - x * d_gamma);
-                }
-                if (t == 0) {
-                    grads[info0[L_GAMMA] + j] = d_gamma;
-                    grads[info0[L_BETA] + j] = d_beta;
-                }
+                d_beta = totals[0];
+                d_gamma = totals[1];
+                for (unsigned r = t; r < batch; r += T) d[r] = g * istd / b * (b * d[r] - d_beta - xh0[r] * d_gamma);
             } else {
                 __syncthreads();
-                if (t == 0) {
-                    float s = 0.0f;
-                    for (unsigned r = 0; r < batch; ++r) s += d[r];
-                    grads[info0[L_BIAS] + j] = s;
-                }
+                if (t == 0)
+                    for (unsigned r = 0; r < batch; ++r) d_beta += d[r];
             }
             __syncthreads();
-            with_pixels(base, [&](const auto& px) {
-                weight_row_gradient(part, gs, grads + info0[L_W] + (size_t)j * in0, d, 1, px, batch, in0);
+            const size_t row = (size_t)info0[L_W] + (size_t)j * in0;
+            float* w = w0s + c * lay.w0_pitch;
+            float* vw = vw0s + c * lay.w0_pitch;
+            with_chunks(image_now, [&](const auto& px) {
+                pixel_row_gradient(part, px, batch, d, [&](unsigned k, float g) {
+                    if (last) grads[row + k] = g;
+                    sgd_shared(w, vw, k, g);
+                });
             });
-            __syncthreads();
-            sgd_row(info0, j, params, grads, velocity, lr, momentum);
+            if (t == 0) {
+                const float first = bn0 ? d_gamma : d_beta;
+                if (last) {
+                    grads[vec0_field(0) + j] = first;
+                    if (bn0) grads[vec0_field(1) + j] = d_beta;
+                }
+                sgd_shared(vec0s, vvec0s, 2 * c, first);
+                if (bn0) sgd_shared(vec0s, vvec0s, 2 * c + 1, d_beta);
+            }
+        }
+    }
+
+    // This block's layer-0 columns back (no other block reads them), after thread 0's last
+    // update of γ and β.
+    __syncthreads();
+    for (unsigned c = 0, j = me; j < width0; ++c, j += G) {
+        const size_t row = (size_t)info0[L_W] + (size_t)j * in0;
+        for (unsigned k = t; k < in0; k += T) {
+            params[row + k] = w0s[c * lay.w0_pitch + k];
+            if (velocity != nullptr) velocity[row + k] = vw0s[c * lay.w0_pitch + k];
+        }
+        if (t < 2 && vec0_field(t) >= 0) {
+            params[vec0_field(t) + j] = vec0s[2 * c + t];
+            if (velocity != nullptr) velocity[vec0_field(t) + j] = vvec0s[2 * c + t];
         }
     }
 

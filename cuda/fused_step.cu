@@ -264,7 +264,8 @@ __device__ __forceinline__ unsigned row_threads(unsigned rows) {
 // `at` loads inputs V·kv … V·kv+V−1 of a row.
 //
 // Layer 0: the batch's images, as bytes scaled by 1/255. `load` brings the raw bytes,
-// `unpack` scales them (NaN for an invalid row): loads of several rows can be issued as
+// `unpack` scales them (NaN for an invalid row; an I2F a byte: pixel_scaled's byte permute
+// and FMA made the 64-register kernel spill 40 bytes): loads of several rows can be issued as
 // packed words before any is widened to floats. With V = 4 (features a multiple of 4, rows
 // 4-byte aligned) one 32-bit load brings four pixels. An index outside the order or the
 // dataset gives NaN inputs, as gather.cu does.
@@ -684,33 +685,32 @@ __device__ __forceinline__ void stage_floats(uint8_t* region, const float* a, un
     else stage_rows<4>(region, 0, 1, n * 4, whole);
 }
 
-// BN's forward of column j of a [batch, width] layer from its z (`z_at(i)`, i = r·width + j):
-// the batch's mean and (biased) variance, by block totals in a fixed order; x̂ into zx and
-// a = act(γ·x̂ + β) into a. Every thread calls it (the totals synchronize).
+// BN's forward of one column from its z (`z_at(r)` for rows r < batch): the batch's mean and
+// (biased) variance, by block totals in a fixed order; then `store(r, x̂, a)` with a =
+// act(γ·x̂ + β), by the thread that read z_at(r) last (so x̂ may overwrite z). Every thread
+// calls it (the totals synchronize).
 struct ColumnMoments {
     float mu, sigma2, istd;
 };
-template <typename ZAt>
+template <typename ZAt, typename Store>
 __device__ __forceinline__ ColumnMoments bn_column_forward(
-    float* part, ZAt z_at, float* zx, float* a, unsigned width, unsigned j, unsigned batch, float g, float b, float epsilon,
-    int activation, float inv_rows, unsigned reduce_width)
+    float* part, ZAt z_at, Store store, unsigned batch, float g, float b, float epsilon, int activation, float inv_rows,
+    unsigned reduce_width)
 {
     const unsigned t = threadIdx.x, T = blockDim.x;
     float s = 0.0f;
-    for (unsigned r = t; r < batch; r += T) s += z_at((size_t)r * width + j);
+    for (unsigned r = t; r < batch; r += T) s += z_at(r);
     const float mu = block_total(part, s, reduce_width) * inv_rows;
     float q = 0.0f;
     for (unsigned r = t; r < batch; r += T) {
-        const float d = z_at((size_t)r * width + j) - mu;
+        const float d = z_at(r) - mu;
         q += d * d;
     }
     const float sigma2 = block_total(part, q, reduce_width) * inv_rows;
     const float istd = 1.0f / sqrtf(sigma2 + epsilon);
     for (unsigned r = t; r < batch; r += T) {
-        const size_t i = (size_t)r * width + j;
-        const float xh = (z_at(i) - mu) * istd;
-        zx[i] = xh;
-        a[i] = activate(activation, g * xh + b);
+        const float xh = (z_at(r) - mu) * istd;
+        store(r, xh, activate(activation, g * xh + b));
     }
     return ColumnMoments{mu, sigma2, istd};
 }
@@ -916,7 +916,14 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 if (bn) {
                     // γ and β are loaded before the totals, whose barriers hide the round trip.
                     const float g = params[info[L_GAMMA] + j], b = params[info[L_BETA] + j];
-                    const ColumnMoments moments = bn_column_forward(part, z_at, zx, a, width, j, batch, g, b, epsilon, activation, inv_rows, reduce_width);
+                    const ColumnMoments moments = bn_column_forward(
+                        part, [&](unsigned r) { return z_at((size_t)r * width + j); },
+                        [&](unsigned r, float xh, float act) {
+                            const size_t i = (size_t)r * width + j;
+                            zx[i] = xh;
+                            a[i] = act;
+                        },
+                        batch, g, b, epsilon, activation, inv_rows, reduce_width);
                     const float mu = moments.mu, sigma2 = moments.sigma2, istd = moments.istd;
                     // One thread per estimator (a chain of round trips of its own, unless
                     // prefetched above).

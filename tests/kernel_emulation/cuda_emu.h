@@ -129,6 +129,15 @@ template <class T> T* emu_map_rank(T* p, unsigned rank) {
     const unsigned first = blockIdx.x - blockIdx.x % g_cluster_size;
     return reinterpret_cast<T*>(g_dynamic_table[first + rank] + offset);
 }
+// __byte_perm as CUDA documents it: result byte n is byte (s >> 4n) & 7 of the eight bytes
+// {y:x} (x bytes 0-3, y bytes 4-7), for selectors without the sign-replicating bit 3.
+inline unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long both = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (unsigned n = 0; n < 4; ++n) r |= (unsigned)((both >> (8 * ((s >> (4 * n)) & 7))) & 255) << (8 * n);
+    return r;
+}
+#define PIXEL_BYTE_PERM(x, y, s) emu_byte_perm((x), (y), (s))
 inline float emu_pixel_value(unsigned word, unsigned e) { return (float)((word >> (8 * e)) & 255u); }
 #define FUSED_CLUSTER_SYNC() do { g_cluster_bar->arrive_and_wait(); FUSED_AFTER_BARRIER(); } while (0)
 #define FUSED_CLUSTER_RANK() (blockIdx.x % g_cluster_size)
@@ -160,14 +169,6 @@ inline void launch_clusters(dim3 grid, dim3 block, unsigned cluster, std::functi
     for (auto& t : ts) t.join();
     g_dynamic_table.clear();
     g_cluster_size = 1;
-}
-// __byte_perm as CUDA documents it: result byte n is byte (s >> 4n) & 7 of the eight bytes
-// {y:x} (x bytes 0-3, y bytes 4-7), for selectors without the sign-replicating bit 3.
-inline unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
-    const unsigned long long both = ((unsigned long long)y << 32) | x;
-    unsigned r = 0;
-    for (unsigned n = 0; n < 4; ++n) r |= (unsigned)((both >> (8 * ((s >> (4 * n)) & 7))) & 255) << (8 * n);
-    return r;
 }
 // Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
 inline void launch_seq(dim3 grid, dim3 block, std::function<void()> f) {

@@ -48,6 +48,11 @@ int main(int argc, char** argv) {
         printf("%s (%d failures)\n", failures ? "FAILED" : "the cluster kernel matches", failures);
         return failures != 0;
     }
+    if (argc > 1 && std::string(argv[1]) == "replicated") {  // the one-barrier kernel only (quick)
+        fused_replicated_cases(fused_case_list(), argc > 2);
+        printf("%s (%d failures)\n", failures ? "FAILED" : "the replicated kernel matches", failures);
+        return failures != 0;
+    }
     if (argc > 1 && std::string(argv[1]) == "fused") {  // the ThreadSanitizer run: the cooperative kernel only
         fused_cases(false);
         printf("%s (%d failures)\n", failures ? "FAILED" : "the fused kernel matches", failures);
