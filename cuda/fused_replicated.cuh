@@ -1,7 +1,7 @@
 // Whole training steps with ONE grid barrier a step: the layers above the first are
 // replicated, every block computing all of them, from its own copy of their parameters in
 // shared memory. Included at the end of fused_step.cu, whose pieces it uses (the grid barrier,
-// column_dot, weight_row_gradient, sgd_row, the block totals) and whose parameters it takes
+// the block totals, bn_column_forward, softmax_row, stage_rows) and whose parameters it takes
 // (FUSED_PARAMS), in the same module (so `bench --trace` reaches it through fused_trace).
 //
 // Why: the grid kernels above wait at 3 grid barriers a seed step (~1.5 µs each, and the
@@ -18,7 +18,10 @@
 //     forward   Z = A_{l−1}·W_lᵀ (a product of B×in by in×out);  BN per column;  A_l = act(·)
 //     output    V = A_{h−1}·W_outᵀ + b;  softmax cross-entropy, dV = (softmax − 1_t)·scale
 //     backward  dA_{l−1} = dZ_l·W_l (before W_l changes);  dW_l = dZ_lᵀ·A_{l−1}, applied at
-//               once (v ← μv + g, W ← W − lr·v, element by element);
+//               once (v ← μv + g, W ← W − lr·v, element by element); but layer 1's (the
+//               largest: 100×100 for the seed, 60 deep) only for the rows m ≡ block mod G,
+//               each block's rows going to a buffer in global memory that every block copies
+//               whole after the next step's barrier (see Layer 1's weights);
 //               dY = act'(A)·dA;  BN: dβ = Σ_r dY, dγ = Σ_r dY·x̂, dZ = γ·istd/B·(B·dY − dβ − x̂·dγ)
 //   layer 0 again (its own columns): dA0[:,j] = dZ_1·W_1[:,j];  BN backward;
 //     dW0[j,:] = Σ_r dZ0[r,j]·x[r,:], each element applied as it is summed, to the block's own
@@ -46,24 +49,32 @@
 // lanes of a tile row read the same A elements (a broadcast). Each output is one chain summed
 // in order of the reduced index.
 //
+// Layer 1's weights: its weight gradient is split by rows like layer 0's columns (a block sums
+// 100 of the 10 000 outputs, not all), since the copy every block then makes (40 KB, with a0
+// after the barrier) costs less than the product. Between steps the weights alternate by step
+// parity between params' own and xhat (which the host sizes for them): a block writes its rows
+// of step s into parity s + 1, which no block reads before the next barrier and every block
+// last read (as parity s − 1) before this one. The velocity of a block's rows stays in its
+// shared memory; the writer copies odd parity's weights to params at the end.
+//
 // Layer 0 (pixel_column_dot, pixel_row_gradient): the step's pixels come straight from global
 // memory into registers, 16 bytes a load where the rows allow, all of a thread's rows in
 // flight at once, and are widened to floats by pixel_scaled; the block's weight rows, γ, β
 // and their velocity stay in its shared memory for the whole launch.
 //
 // Layout: the parameters and buffers of FUSED_PARAMS, as fused_step.cu has them, except:
-// acts' layer-0 block holds a0 of even steps, dz's of odd ones; xhat and the replicated
-// layers' blocks of acts and dz, row_loss and row_correct go unused (layer 0's x̂ stays in
-// shared memory); `weight_row_stage` and the stage offsets are ignored. Only the last step's
-// gradients reach `grads`.
+// acts' layer-0 block holds a0 of even steps, dz's of odd ones; xhat layer 1's weights of odd
+// steps; the replicated layers' blocks of acts and dz, row_loss and row_correct go unused
+// (layer 0's x̂ stays in shared memory); `weight_row_stage` and the stage offsets are ignored.
+// Only the last step's gradients reach `grads`.
 //   Dynamic shared memory (replicated_layout, in floats, each region 16-byte aligned; sized
 //   by the host through fused_replicated_layout_bytes): per replicated layer W [out, odd pitch
-//   ≥ in] and its velocity, the bias (or γ then β) [2·out] and its velocity; per replicated
+//   ≥ in] and its velocity (layer 1: of the block's rows only), the bias (or γ then β) [2·out] and its velocity; per replicated
 //   hidden layer x̂ and a [B, odd pitch ≥ out] and its column statistics [3·out]; a0 [B, odd pitch ≥ width0]; the
 //   logits, then dlogits [B, classes]; a scratch for dA ([B, pitch] of the widest replicated
 //   hidden layer, or [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and
 //   correct flags [B] u32; the block's layer-0 columns and the steps' image indices (see
-//   ReplicatedLayout). The seed network: 198 KB, and 16 KB of static `part`.
+//   ReplicatedLayout). The seed network: 159 KB, and 16 KB of static `part`.
 // Launch: cooperative, grid G ≤ layer 0's width + 1 (and co-resident), blocks of 256 or 512
 //   threads (REPLICATED_THREADS: one block an SM, so 128 registers), the layout's bytes.
 // Limits (the layout's bytes are 0 beyond them): at most REPLICATED_MAX_LAYERS layers above
@@ -103,6 +114,7 @@ struct ReplicatedLayout {
     unsigned w0, vw0, vec0, vvec0, x0, istd0, image;
     unsigned w0_pitch;
     unsigned owned;
+    unsigned owned1;  // layer 1's weight rows a block owns at most: ⌈out1 / G⌉ (their velocity: vw[0])
     unsigned bytes;  // 0: beyond the kernel's limits
 };
 
@@ -120,12 +132,13 @@ __host__ __device__ __noinline__ inline ReplicatedLayout replicated_layout(const
     const unsigned long long B = batch;
     const unsigned hidden = n_layers - 1, width0 = (unsigned)info[L_OUT];
     s.owned = (width0 + grid - 1) / grid;
+    s.owned1 = ((unsigned)info[LAYER_FIELDS + L_OUT] + grid - 1) / grid;
     unsigned long long scratch = B * s.owned;
     for (unsigned l = 1; l < n_layers; ++l) {
         const int* f = info + (size_t)l * LAYER_FIELDS;
         const unsigned in = (unsigned)f[L_IN], out = (unsigned)f[L_OUT], r = l - 1;
         s.w[r] = take((unsigned long long)out * replicated_pitch(in));
-        s.vw[r] = take((unsigned long long)out * replicated_pitch(in));
+        s.vw[r] = take((unsigned long long)(l == 1 ? s.owned1 : out) * replicated_pitch(in));
         s.vec[r] = take(2ull * out);
         s.vvec[r] = take(2ull * out);
         if (l < hidden) {
@@ -410,6 +423,44 @@ __device__ __forceinline__ void pixel_row_gradient(float* part, const PixelChunk
     }
 }
 
+// [rows, width] floats from global memory (rows contiguous) into shared rows of `pitch`.
+struct FloatRows {
+    const float* src;
+    float* dst;
+    unsigned rows, width, pitch;
+};
+// Copies `a`, then `b`, as one run of loads: 16 bytes a load where both allow it (widths a
+// multiple of 4, sources 16-byte aligned), else 4; REPLICATED_STAGE_QUADS of a thread's loads
+// issued before any is stored (the seed's a0 and layer-1 weights: 4000 loads of 16 bytes, two
+// rounds in blocks of 512; 8 a round, one round, made the kernel spill 200 bytes).
+#define REPLICATED_STAGE_QUADS 4
+__device__ __forceinline__ void stage_float_rows(FloatRows a, FloatRows b) {
+    const bool quads = a.width % 4 == 0 && b.width % 4 == 0 && ((size_t)a.src & 15) == 0 && ((size_t)b.src & 15) == 0;
+    const unsigned V = quads ? 4 : 1, na = a.rows * a.width / V, n = na + b.rows * b.width / V, T = blockDim.x;
+    for (unsigned q0 = threadIdx.x; q0 < n; q0 += REPLICATED_STAGE_QUADS * T) {
+        float4 v[REPLICATED_STAGE_QUADS];
+#pragma unroll
+        for (unsigned u = 0; u < REPLICATED_STAGE_QUADS; ++u) {
+            const unsigned q = q0 + u * T;
+            if (q >= n) break;
+            const float* p = q < na ? a.src + q * V : b.src + (q - na) * V;
+            v[u] = quads ? FUSED_LOAD_F4(p) : float4{p[0], 0.0f, 0.0f, 0.0f};
+        }
+#pragma unroll
+        for (unsigned u = 0; u < REPLICATED_STAGE_QUADS; ++u) {
+            const unsigned q = q0 + u * T;
+            if (q >= n) break;
+            // (Field by field: selecting between the two structs put them on the stack.)
+            const bool in_a = q < na;
+            const unsigned width = in_a ? a.width : b.width, pitch = in_a ? a.pitch : b.pitch;
+            const unsigned i = (in_a ? q : q - na) * V, r = i / width, k = i - r * width;
+            float* d = (in_a ? a.dst : b.dst) + r * pitch + k;
+            d[0] = v[u].x;
+            if (quads) { d[1] = v[u].y; d[2] = v[u].z; d[3] = v[u].w; }
+        }
+    }
+}
+
 // A column's running statistics and estimator factors, loaded ahead (see running_update).
 #define REPLICATED_PREFETCH 4
 struct RunningPrefetch {
@@ -476,27 +527,31 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     };
     // A layer-0 column's bias (or γ, then β) fields.
     auto vec0_field = [&](unsigned i) { return i == 0 ? (bn0 ? info0[L_GAMMA] : info0[L_BIAS]) : (bn0 ? info0[L_BETA] : -1); };
+    // Layer 1's weights between steps, by step parity: params' own, then xhat (which this
+    // kernel leaves otherwise unused; the host sizes it for them).
+    auto w1_buffer = [&](unsigned parity) { return parity ? xhat : params + layer_info[LAYER_FIELDS + L_W]; };
     // Replicated layer l's shapes and shared arrays.
     auto in_of = [&](unsigned l) { return (unsigned)layer_info[(size_t)l * LAYER_FIELDS + L_IN]; };
     auto out_of = [&](unsigned l) { return (unsigned)layer_info[(size_t)l * LAYER_FIELDS + L_OUT]; };
     // A replicated layer's input: a0 (layer 1) or the layer below's a, and its pitch.
     auto input_of = [&](unsigned l) { return l == 1 ? a0s : sm + lay.act[l - 2]; };
     auto input_pitch = [&](unsigned l) { return replicated_pitch(in_of(l)); };
-    // One SGD step of a shared copy's element (sgd_element's arithmetic).
-    auto sgd_shared = [&](float* w, float* vw, unsigned i, float g) {
+    // One SGD step (sgd_element's arithmetic) of weight w with velocity *v: the new weight.
+    auto sgd_step = [&](float w, float* v, float g) {
         if (velocity != nullptr) {
-            const float v = momentum * vw[i] + g;
-            vw[i] = v;
-            w[i] -= lr * v;
-        } else {
-            w[i] -= lr * g;
+            const float vi = momentum * *v + g;
+            *v = vi;
+            return w - lr * vi;
         }
+        return w - lr * g;
     };
+    // The same on a shared copy's element.
+    auto sgd_shared = [&](float* w, float* vw, unsigned i, float g) { w[i] = sgd_step(w[i], vw + i, g); };
     // A BN feature's running statistics, by the block that owns its column: estimators
     // e0, e0+de, … by the calling thread. Their old values and factors take two round trips
     // through L2: `prefetch_running` loads the first REPLICATED_PREFETCH of them before the
-    // work that hides those trips (layer 0's dot products, a replicated layer's product), and
-    // `running_update_prefetched` uses them.
+    // work that hides those trips (a replicated layer's product), and
+    // `running_update_prefetched` uses them. (Layer 0 loads them a thread per estimator.)
     auto running_update = [&](unsigned col, unsigned bn_index, unsigned step, float mu, float sigma2, unsigned e0, unsigned de) {
         for (unsigned e = e0; e < n_estimators; e += de)
             update_running_stats(estimator_factors(estimators, e, batches_before(e, bn_index) + step, batch),
@@ -525,14 +580,19 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         running_update(col, bn_index, step, mu, sigma2, p.count, 1);
     };
 
-    // The replicated layers' parameters (and velocity) into this block's copies.
+    // The replicated layers' parameters (and velocity) into this block's copies; of layer 1's
+    // weights, only the velocity of the rows this block owns (each step copies the weights).
     for (unsigned l = 1; l < n_layers; ++l) {
         const int* f = layer_info + (size_t)l * LAYER_FIELDS;
         const unsigned in = in_of(l), out = out_of(l), pitch = replicated_pitch(in), r = l - 1;
         for (unsigned i = t; i < in * out; i += T) {
             const unsigned m = i / in, k = i - m * in;
-            sm[lay.w[r] + m * pitch + k] = params[f[L_W] + i];
-            sm[lay.vw[r] + m * pitch + k] = velocity != nullptr ? velocity[f[L_W] + i] : 0.0f;
+            if (l > 1) {
+                sm[lay.w[r] + m * pitch + k] = params[f[L_W] + i];
+                sm[lay.vw[r] + m * pitch + k] = velocity != nullptr ? velocity[f[L_W] + i] : 0.0f;
+            } else if (m % G == me) {
+                sm[lay.vw[r] + (m / G) * pitch + k] = velocity != nullptr ? velocity[f[L_W] + i] : 0.0f;
+            }
         }
         for (unsigned i = t; i < 2 * out; i += T) {
             const int field = i < out ? (f[L_BIAS] >= 0 ? f[L_BIAS] : f[L_GAMMA]) : f[L_BETA];
@@ -613,9 +673,9 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         const unsigned label_t = image_t < count ? labels[image_t] : 255u;
         const bool more = step + 1 < steps;
         const unsigned next_image_t = more && t < batch ? image_at(base + batch + t) : count;
-        // All of a0 into shared memory: every block's columns, this step's parity.
-        stage_rows<4>(reinterpret_cast<uint8_t*>(a0s), pitch0 * 4, batch, width0 * 4,
-                      [&](unsigned r) { return reinterpret_cast<const uint8_t*>(a0g + (size_t)r * width0); });
+        // All of a0 (every block's columns, this step's parity) and layer 1's weights (every
+        // block's rows, as the previous step left them) into shared memory.
+        stage_float_rows(FloatRows{a0g, a0s, batch, width0, pitch0}, FloatRows{w1_buffer(step & 1), sm + lay.w[0], out_of(1), in_of(1), replicated_pitch(in_of(1))});
         if (more)
             for (unsigned r = t; r < batch; r += T) image_of[((step + 1) & 1) * batch + r] = r == t ? next_image_t : image_at(base + batch + r);
         __syncthreads();
@@ -732,10 +792,27 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 }
             }
             __syncthreads();  // the dA products read W before it changes
-            shared_product(out, in, batch, dzl, 1, dzp, input, 1, ip, [&](unsigned m, unsigned k, float g) {
-                if (last && writer) grads[f[L_W] + (size_t)m * in + k] = g;
-                sgd_shared(w, vw, m * wp + k, g);
-            });
+            if (l > 1) {
+                shared_product(out, in, batch, dzl, 1, dzp, input, 1, ip, [&](unsigned m, unsigned k, float g) {
+                    if (last && writer) grads[f[L_W] + (size_t)m * in + k] = g;
+                    sgd_shared(w, vw, m * wp + k, g);
+                });
+            } else {
+                // Layer 1's weights: only the rows this block owns (m ≡ me mod G), each output
+                // summed in order of the rows as tile_products would; the updated row goes to
+                // the other parity's buffer, which no block reads before the next barrier (and
+                // which every block last read before this one).
+                float* next = w1_buffer((step + 1) & 1);
+                for (unsigned q = t; q < lay.owned1 * in; q += T) {
+                    const unsigned c1 = q / in, k = q - c1 * in, m = me + c1 * G;
+                    if (m >= out) continue;
+                    float g = 0.0f;
+#pragma unroll 4
+                    for (unsigned r = 0; r < batch; ++r) g += dzl[r * dzp + m] * input[r * ip + k];
+                    if (last) grads[f[L_W] + (size_t)m * in + k] = g;
+                    next[(size_t)m * in + k] = sgd_step(w[m * wp + k], vw + c1 * wp + k, g);
+                }
+            }
             __syncthreads();  // the weight gradient read the layer below's a
             // Phase timing (bench --trace): the replicated layers, dA0 of this block's columns
             // included, end here; a mark in slot 2·step + 1, between the barriers' even slots.
@@ -852,8 +929,15 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     }
 
     // This block's layer-0 columns back (no other block reads them), after thread 0's last
-    // update of γ and β.
+    // update of γ and β; and the velocity of its layer-1 rows.
     __syncthreads();
+    if (velocity != nullptr) {
+        const unsigned in1 = in_of(1), out1 = out_of(1);
+        for (unsigned q = t; q < lay.owned1 * in1; q += T) {
+            const unsigned c1 = q / in1, k = q - c1 * in1, m = me + c1 * G;
+            if (m < out1) velocity[layer_info[LAYER_FIELDS + L_W] + (size_t)m * in1 + k] = sm[lay.vw[0] + c1 * replicated_pitch(in1) + k];
+        }
+    }
     for (unsigned c = 0, j = me; j < width0; ++c, j += G) {
         const size_t row = (size_t)info0[L_W] + (size_t)j * in0;
         for (unsigned k = t; k < in0; k += T) {
@@ -866,7 +950,8 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         }
     }
 
-    // Every block's last reads of the counters (and of a0) lie before this barrier.
+    // Every block's last reads of the counters (and of a0), and its last writes of layer 1's
+    // weights, lie before this barrier.
     grid_barrier(barrier, 2);
     if (writer) {
         for (unsigned l = 1; l < n_layers; ++l) {
@@ -874,6 +959,11 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
             const unsigned in = in_of(l), out = out_of(l), pitch = replicated_pitch(in), r = l - 1;
             for (unsigned i = t; i < in * out; i += T) {
                 const unsigned m = i / in, k = i - m * in;
+                if (l == 1) {
+                    // The last step's rows went to parity steps & 1: odd, xhat's.
+                    if (steps & 1) params[f[L_W] + i] = xhat[i];
+                    continue;
+                }
                 params[f[L_W] + i] = sm[lay.w[r] + m * pitch + k];
                 if (velocity != nullptr) velocity[f[L_W] + i] = sm[lay.vw[r] + m * pitch + k];
             }

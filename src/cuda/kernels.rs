@@ -978,7 +978,9 @@ impl FusedPlan {
         Ok(FusedPlan {
             info_dev: stream.clone_htod(&info)?,
             acts: zeros_f32(act)?,
-            xhat: zeros_f32(act)?,
+            // The one-barrier kernel keeps layer 1's weights there between steps (by parity,
+            // with params' own), and nothing else.
+            xhat: zeros_f32(if replicated.is_some() { act.max(layers[1].inputs * layers[1].outputs) } else { act })?,
             dz: zeros_f32(act)?,
             inv_std: zeros_f32(bn_total)?,
             row_loss: stream.alloc_zeros::<f64>(batch)?,
@@ -1216,8 +1218,9 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
         };
         let mut b = builder(gpu, function);
         args.push(&mut b);
-        // SAFETY: see above, for the tensors (the replicated layers' acts, xhat and dz blocks
-        // go unused; layer 0's a of odd steps goes to dz's layer-0 block, batch × width); the
+        // SAFETY: see above, for the tensors (the replicated layers' acts and dz blocks go
+        // unused; layer 0's a of odd steps goes to dz's layer-0 block, batch × width; xhat holds
+        // layer 1's weights, inputs × outputs floats, which FusedPlan::new allocated); the
         // grid is at most the co-resident block count at the layout's bytes, which
         // FusedPlan::new opted into (the function's dynamic limit) and which the kernel's own
         // layout function computed for this grid (the kernel recomputes it from the same
