@@ -6,7 +6,8 @@
 
 // What the CPU emulation (tests/kernel_emulation/cuda_emu.h) replaces: a trap (there, an
 // abort with a message); the aligned 32- and 128-bit loads and stores of pixels and staged
-// rows, and 4-float loads of weights (there, byte copies, without type punning).
+// rows, and 4-float loads and stores (there, byte copies, without type punning, that abort
+// where the GPU would fault: on an address not aligned to the access).
 #ifndef FUSED_TRAP
 #define FUSED_TRAP() __trap()
 #endif
@@ -24,6 +25,9 @@
 #endif
 #ifndef FUSED_LOAD_F4
 #define FUSED_LOAD_F4(p) (*(const float4*)(p))
+#endif
+#ifndef FUSED_STORE_F4
+#define FUSED_STORE_F4(p, v) (*(float4*)(p) = (v))
 #endif
 
 #define LAYER_FIELDS 10

@@ -1,7 +1,7 @@
 // Whole training steps with ONE grid barrier a step: the layers above the first are
 // replicated, every block computing all of them, from its own copy of their parameters in
 // shared memory. Included at the end of fused_step.cu, whose pieces it uses (the grid barrier,
-// the block totals, bn_column_forward, softmax_row, stage_rows) and whose parameters it takes
+// the block totals, bn_column_forward, softmax_row, Chunk, ChunkWalk) and whose parameters it takes
 // (FUSED_PARAMS), in the same module (so `bench --trace` reaches it through fused_trace).
 //
 // Why: the grid kernels above wait at 3 grid barriers a seed step (~1.5 µs each, and the
@@ -31,7 +31,8 @@
 // wider than layer 0, as the host launches it where the device has room, a block with no
 // layer-0 column, idle through that work) adds the step's losses, and writes the copies back
 // at the end of the launch (and their gradients, the last step's, as the other kernels leave
-// them).
+// them), but for layer 1's weights: their owners write those rows' gradients and velocity,
+// and the writer only copies the weights from xhat when the last step's parity is odd.
 //
 // Barriers: one a step, after layer 0's forward (the replicated forward reads all of a0).
 // Layer 0's backward needs only this block's work (dA0 of its own columns), and the next
@@ -69,12 +70,13 @@
 // Only the last step's gradients reach `grads`.
 //   Dynamic shared memory (replicated_layout, in floats, each region 16-byte aligned; sized
 //   by the host through fused_replicated_layout_bytes): per replicated layer W [out, odd pitch
-//   ≥ in] and its velocity (layer 1: of the block's rows only), the bias (or γ then β) [2·out] and its velocity; per replicated
-//   hidden layer x̂ and a [B, odd pitch ≥ out] and its column statistics [3·out]; a0 [B, odd pitch ≥ width0]; the
-//   logits, then dlogits [B, classes]; a scratch for dA ([B, pitch] of the widest replicated
-//   hidden layer, or [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and
-//   correct flags [B] u32; the block's layer-0 columns and the steps' image indices (see
-//   ReplicatedLayout). The seed network: 159 KB, and 16 KB of static `part`.
+//   ≥ in] and its velocity (layer 1's: of the block's rows only), the bias (or γ then β)
+//   [2·out] and its velocity; per replicated hidden layer x̂ and a [B, odd pitch ≥ out] and
+//   its column statistics [3·out]; a0 [B, odd pitch ≥ width0]; the logits, then dlogits
+//   [B, classes]; a scratch for dA ([B, pitch] of the widest replicated hidden layer, or
+//   [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and correct flags [B]
+//   u32; the block's layer-0 columns and the steps' image indices (see
+//   ReplicatedLayout). The seed network: 154.5 KiB, and 16.3 KiB of static `part`.
 // Launch: cooperative, grid G ≤ layer 0's width + 1 (and co-resident), blocks of 256 or 512
 //   threads (REPLICATED_THREADS: one block an SM, so 128 registers), the layout's bytes.
 // Limits (the layout's bytes are 0 beyond them): at most REPLICATED_MAX_LAYERS layers above
@@ -96,6 +98,15 @@ __device__ __forceinline__ unsigned fused_dynamic_smem_size() {
 // Row pitch (floats) of a shared [rows, n] array: odd, so that 32 consecutive rows read at
 // the same column fall in 32 distinct banks.
 __host__ __device__ __forceinline__ unsigned replicated_pitch(unsigned n) { return n | 1u; }
+// Row pitch (floats) of the replicated weights and of a0, the operands that the forward
+// products read four floats a load (tile_products' quads): a multiple of 4 and ≡ 4 mod 32, so
+// that a quarter warp's 16-byte loads of eight consecutive rows at one column fall in 32
+// distinct banks (an odd pitch does that for loads of one float; a0 and the weights are read
+// by rows only in those products, and the copies store them four floats at a time).
+__host__ __device__ __forceinline__ unsigned replicated_quad_pitch(unsigned n) {
+    const unsigned p = (n + 3) / 4 * 4;
+    return p + (36 - p % 32) % 32;
+}
 // Row pitch (floats) of layer 0's weight rows: a multiple of 4, so that a chunk's weights
 // come four a load.
 __host__ __device__ __forceinline__ unsigned replicated_row_pitch(unsigned n) { return (n + 3) / 4 * 4; }
@@ -137,8 +148,8 @@ __host__ __device__ __noinline__ inline ReplicatedLayout replicated_layout(const
     for (unsigned l = 1; l < n_layers; ++l) {
         const int* f = info + (size_t)l * LAYER_FIELDS;
         const unsigned in = (unsigned)f[L_IN], out = (unsigned)f[L_OUT], r = l - 1;
-        s.w[r] = take((unsigned long long)out * replicated_pitch(in));
-        s.vw[r] = take((unsigned long long)(l == 1 ? s.owned1 : out) * replicated_pitch(in));
+        s.w[r] = take((unsigned long long)out * replicated_quad_pitch(in));
+        s.vw[r] = take((unsigned long long)(l == 1 ? s.owned1 : out) * replicated_quad_pitch(in));
         s.vec[r] = take(2ull * out);
         s.vvec[r] = take(2ull * out);
         if (l < hidden) {
@@ -148,7 +159,7 @@ __host__ __device__ __noinline__ inline ReplicatedLayout replicated_layout(const
             if (B * replicated_pitch(out) > scratch) scratch = B * replicated_pitch(out);
         }
     }
-    s.a0 = take(B * replicated_pitch(width0));
+    s.a0 = take(B * replicated_quad_pitch(width0));
     s.soft = take(B * (unsigned)info[(size_t)hidden * LAYER_FIELDS + L_OUT]);
     s.scratch = take(scratch);
     s.losses = take(2 * B);  // f64, at a multiple of 4 floats
@@ -178,6 +189,11 @@ __device__ __forceinline__ void tile_products(
     unsigned M, unsigned N, unsigned K, const float* A, unsigned ai, unsigned ap, const float* B, unsigned bj, unsigned bp, Epi epi)
 {
     const unsigned tm = (M + R - 1) / R, tn = (N + R - 1) / R;
+    // Both operands contiguous along p and 16-byte aligned: four p a load (LDS.128), each
+    // output still summed in order of p. For A that is a quarter of the loads, each a
+    // broadcast; for B the same bytes in a quarter of the instructions. Shared-memory
+    // wavefronts per warp per p: R/4 + R, not R + R (the forward products, the largest).
+    const bool quads = ap == 1 && bp == 1 && K % 4 == 0 && ai % 4 == 0 && bj % 4 == 0 && ((size_t)A & 15) == 0 && ((size_t)B & 15) == 0;
     for (unsigned q = threadIdx.x; q < tm * tn; q += blockDim.x) {
         const unsigned ti = q / tn, tj = q - ti * tn;
         unsigned ao[R], bo[R];
@@ -196,16 +212,35 @@ __device__ __forceinline__ void tile_products(
         for (unsigned u = 0; u < R; ++u)
 #pragma unroll
             for (unsigned v = 0; v < R; ++v) acc[u][v] = 0.0f;
-        for (unsigned p = 0; p < K; ++p) {
-            float x[R], y[R];
+        if (quads) {
+            for (unsigned p = 0; p < K; p += 4) {
+                float4 x[R];
 #pragma unroll
-            for (unsigned u = 0; u < R; ++u) x[u] = A[ao[u] + p * ap];
+                for (unsigned u = 0; u < R; ++u) x[u] = FUSED_LOAD_F4(A + ao[u] + p);
 #pragma unroll
-            for (unsigned v = 0; v < R; ++v) y[v] = B[bo[v] + p * bp];
+                for (unsigned v = 0; v < R; ++v) {
+                    const float4 y = FUSED_LOAD_F4(B + bo[v] + p);
 #pragma unroll
-            for (unsigned u = 0; u < R; ++u)
+                    for (unsigned u = 0; u < R; ++u) {
+                        acc[u][v] += x[u].x * y.x;
+                        acc[u][v] += x[u].y * y.y;
+                        acc[u][v] += x[u].z * y.z;
+                        acc[u][v] += x[u].w * y.w;
+                    }
+                }
+            }
+        } else {
+            for (unsigned p = 0; p < K; ++p) {
+                float x[R], y[R];
 #pragma unroll
-                for (unsigned v = 0; v < R; ++v) acc[u][v] += x[u] * y[v];
+                for (unsigned u = 0; u < R; ++u) x[u] = A[ao[u] + p * ap];
+#pragma unroll
+                for (unsigned v = 0; v < R; ++v) y[v] = B[bo[v] + p * bp];
+#pragma unroll
+                for (unsigned u = 0; u < R; ++u)
+#pragma unroll
+                    for (unsigned v = 0; v < R; ++v) acc[u][v] += x[u] * y[v];
+            }
         }
 #pragma unroll
         for (unsigned u = 0; u < R; ++u)
@@ -248,6 +283,7 @@ __device__ __forceinline__ void for_elements(unsigned rows, unsigned width, F f)
 // column_dot instead walks a row's 784 bytes four at a time, a round trip every two of its
 // 14 loads, and converts each byte with an I2F (a sixteenth of the FMA rate; pixel_scaled
 // here).
+//
 // Rows a thread a pass: the seed's 6 in blocks of 512 for 16-byte chunks (6 loads, 24
 // registers), 8 for the narrower ones.
 template <unsigned V> __device__ __forceinline__ constexpr unsigned pixel_rows() { return V == 16 ? 6 : 8; }
@@ -432,10 +468,14 @@ struct FloatRows {
 // Copies `a`, then `b`, as one run of loads: 16 bytes a load where both allow it (widths a
 // multiple of 4, sources 16-byte aligned), else 4; REPLICATED_STAGE_QUADS of a thread's loads
 // issued before any is stored (the seed's a0 and layer-1 weights: 4000 loads of 16 bytes, two
-// rounds in blocks of 512; 8 a round, one round, made the kernel spill 200 bytes).
+// rounds in blocks of 512: eight a round, one round for the seed, made the kernel spill 202
+// bytes where four spill 42).
 #define REPLICATED_STAGE_QUADS 4
 __device__ __forceinline__ void stage_float_rows(FloatRows a, FloatRows b) {
     const bool quads = a.width % 4 == 0 && b.width % 4 == 0 && ((size_t)a.src & 15) == 0 && ((size_t)b.src & 15) == 0;
+    // (Four floats a store too where the destinations' rows are 16-byte aligned: four
+    // scalar stores of a lane's floats would fall four lanes to a bank.)
+    const bool quad_stores = quads && a.pitch % 4 == 0 && b.pitch % 4 == 0 && ((size_t)a.dst & 15) == 0 && ((size_t)b.dst & 15) == 0;
     const unsigned V = quads ? 4 : 1, na = a.rows * a.width / V, n = na + b.rows * b.width / V, T = blockDim.x;
     for (unsigned q0 = threadIdx.x; q0 < n; q0 += REPLICATED_STAGE_QUADS * T) {
         float4 v[REPLICATED_STAGE_QUADS];
@@ -455,8 +495,12 @@ __device__ __forceinline__ void stage_float_rows(FloatRows a, FloatRows b) {
             const unsigned width = in_a ? a.width : b.width, pitch = in_a ? a.pitch : b.pitch;
             const unsigned i = (in_a ? q : q - na) * V, r = i / width, k = i - r * width;
             float* d = (in_a ? a.dst : b.dst) + r * pitch + k;
-            d[0] = v[u].x;
-            if (quads) { d[1] = v[u].y; d[2] = v[u].z; d[3] = v[u].w; }
+            if (quad_stores) {
+                FUSED_STORE_F4(d, v[u]);
+            } else {
+                d[0] = v[u].x;
+                if (quads) { d[1] = v[u].y; d[2] = v[u].z; d[3] = v[u].w; }
+            }
         }
     }
 }
@@ -494,7 +538,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     // launches); a mismatch traps rather than writing past the block's shared memory.
     if (lay.bytes == 0 || FUSED_DYNAMIC_BYTES() < lay.bytes) FUSED_TRAP();
     const int* info0 = layer_info;
-    const unsigned in0 = (unsigned)info0[L_IN], width0 = (unsigned)info0[L_OUT], pitch0 = replicated_pitch(width0);
+    const unsigned in0 = (unsigned)info0[L_IN], width0 = (unsigned)info0[L_OUT], pitch0 = replicated_quad_pitch(width0);
     const bool bn0 = info0[L_GAMMA] >= 0;
     const int* out_info = layer_info + (size_t)hidden * LAYER_FIELDS;
     const unsigned classes = (unsigned)out_info[L_OUT];
@@ -535,7 +579,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     auto out_of = [&](unsigned l) { return (unsigned)layer_info[(size_t)l * LAYER_FIELDS + L_OUT]; };
     // A replicated layer's input: a0 (layer 1) or the layer below's a, and its pitch.
     auto input_of = [&](unsigned l) { return l == 1 ? a0s : sm + lay.act[l - 2]; };
-    auto input_pitch = [&](unsigned l) { return replicated_pitch(in_of(l)); };
+    auto input_pitch = [&](unsigned l) { return l == 1 ? pitch0 : replicated_pitch(in_of(l)); };
     // One SGD step (sgd_element's arithmetic) of weight w with velocity *v: the new weight.
     auto sgd_step = [&](float w, float* v, float g) {
         if (velocity != nullptr) {
@@ -584,7 +628,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     // weights, only the velocity of the rows this block owns (each step copies the weights).
     for (unsigned l = 1; l < n_layers; ++l) {
         const int* f = layer_info + (size_t)l * LAYER_FIELDS;
-        const unsigned in = in_of(l), out = out_of(l), pitch = replicated_pitch(in), r = l - 1;
+        const unsigned in = in_of(l), out = out_of(l), pitch = replicated_quad_pitch(in), r = l - 1;
         for (unsigned i = t; i < in * out; i += T) {
             const unsigned m = i / in, k = i - m * in;
             if (l > 1) {
@@ -675,7 +719,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         const unsigned next_image_t = more && t < batch ? image_at(base + batch + t) : count;
         // All of a0 (every block's columns, this step's parity) and layer 1's weights (every
         // block's rows, as the previous step left them) into shared memory.
-        stage_float_rows(FloatRows{a0g, a0s, batch, width0, pitch0}, FloatRows{w1_buffer(step & 1), sm + lay.w[0], out_of(1), in_of(1), replicated_pitch(in_of(1))});
+        stage_float_rows(FloatRows{a0g, a0s, batch, width0, pitch0}, FloatRows{w1_buffer(step & 1), sm + lay.w[0], out_of(1), in_of(1), replicated_quad_pitch(in_of(1))});
         if (more)
             for (unsigned r = t; r < batch; r += T) image_of[((step + 1) & 1) * batch + r] = r == t ? next_image_t : image_at(base + batch + r);
         __syncthreads();
@@ -688,7 +732,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
             const float* vec = sm + lay.vec[r_];
             if (l == hidden) {
                 const bool has_bias = f[L_BIAS] >= 0;
-                shared_product(batch, out, in, input_of(l), input_pitch(l), 1, w, replicated_pitch(in), 1,
+                shared_product(batch, out, in, input_of(l), input_pitch(l), 1, w, replicated_quad_pitch(in), 1,
                                [&](unsigned r, unsigned k, float v) { soft[r * out + k] = has_bias ? v + vec[k] : v; });
                 break;
             }
@@ -700,7 +744,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
             // block owns it, that thread loads its running statistics now, under the product.
             RunningPrefetch ahead{0};
             if (bn && t < out && t % G == me) prefetch_running(ahead, (unsigned)f[L_COL] + t, (unsigned)f[L_BN], step);
-            shared_product(batch, out, in, input_of(l), input_pitch(l), 1, w, replicated_pitch(in), 1, [&](unsigned r, unsigned m, float v) {
+            shared_product(batch, out, in, input_of(l), input_pitch(l), 1, w, replicated_quad_pitch(in), 1, [&](unsigned r, unsigned m, float v) {
                 if (bn) xh[r * pitch + m] = v;
                 else a[r * pitch + m] = activate(activation, v + vec[m]);
             });
@@ -762,7 +806,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         // gradient applied in place, then the layer below's dZ (in place of its a).
         for (unsigned l = hidden; l >= 1; --l) {
             const int* f = layer_info + (size_t)l * LAYER_FIELDS;
-            const unsigned in = in_of(l), out = out_of(l), r_ = l - 1, wp = replicated_pitch(in);
+            const unsigned in = in_of(l), out = out_of(l), r_ = l - 1, wp = replicated_quad_pitch(in);
             float* w = sm + lay.w[r_];
             float* vw = sm + lay.vw[r_];
             const float* dzl = l == hidden ? soft : sm + lay.act[r_];
@@ -935,7 +979,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         const unsigned in1 = in_of(1), out1 = out_of(1);
         for (unsigned q = t; q < lay.owned1 * in1; q += T) {
             const unsigned c1 = q / in1, k = q - c1 * in1, m = me + c1 * G;
-            if (m < out1) velocity[layer_info[LAYER_FIELDS + L_W] + (size_t)m * in1 + k] = sm[lay.vw[0] + c1 * replicated_pitch(in1) + k];
+            if (m < out1) velocity[layer_info[LAYER_FIELDS + L_W] + (size_t)m * in1 + k] = sm[lay.vw[0] + c1 * replicated_quad_pitch(in1) + k];
         }
     }
     for (unsigned c = 0, j = me; j < width0; ++c, j += G) {
@@ -956,7 +1000,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     if (writer) {
         for (unsigned l = 1; l < n_layers; ++l) {
             const int* f = layer_info + (size_t)l * LAYER_FIELDS;
-            const unsigned in = in_of(l), out = out_of(l), pitch = replicated_pitch(in), r = l - 1;
+            const unsigned in = in_of(l), out = out_of(l), pitch = replicated_quad_pitch(in), r = l - 1;
             for (unsigned i = t; i < in * out; i += T) {
                 const unsigned m = i / in, k = i - m * in;
                 if (l == 1) {

@@ -732,7 +732,8 @@ impl FusedReplicated {
         let table = gpu.stream().clone_htod(info)?;
         let function = &gpu.functions.fused_train_steps_replicated;
         let mut grid = u32::try_from(layers[0].outputs).unwrap_or(u32::MAX).saturating_add(1);
-        // The grid shrinks at most a few times: the bytes grow with it only through the scratch.
+        // The grid shrinks at most a few times: the bytes grow with it only through the rows a
+        // block owns (layer 0's columns, with the scratch; layer 1's rows' velocity).
         for _ in 0..4 {
             let bytes = Self::layout_bytes(gpu, &table, layers.len(), batch, grid)?;
             if bytes == 0 || bytes > dynamic_limit {

@@ -34,16 +34,24 @@ inline void __nanosleep(unsigned) { std::this_thread::yield(); }
 #define FUSED_TRAP() (fprintf(stderr, "grid barrier timed out\n"), abort())
 #define FUSED_LOAD_ACQUIRE(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define FUSED_ARRIVE_RELEASE(p) __atomic_fetch_add((p), 1u, __ATOMIC_RELEASE)
-// Four pixels as one 32-bit word (little-endian, as on the GPU), without type punning.
-inline unsigned fused_load_u32(const uint8_t* p) { unsigned v; memcpy(&v, p, 4); return v; }
+// Vector loads and stores without type punning, aborting on an address the GPU would fault
+// on (not a multiple of the access's size). Four pixels as one 32-bit word: little-endian, as
+// on the GPU.
+inline const void* emu_aligned(const void* p, size_t bytes) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) { fprintf(stderr, "a %zu-byte access at a misaligned address\n", bytes); abort(); }
+    return p;
+}
+inline unsigned fused_load_u32(const uint8_t* p) { unsigned v; memcpy(&v, emu_aligned(p, 4), 4); return v; }
 #define FUSED_LOAD_U32(p) fused_load_u32(p)
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
-inline float4 fused_load_f4(const float* p) { float4 v; memcpy(&v, p, 16); return v; }
+inline float4 fused_load_f4(const float* p) { float4 v; memcpy(&v, emu_aligned(p, 16), 16); return v; }
 #define FUSED_LOAD_F4(p) fused_load_f4(p)
-inline void fused_store_u32(void* p, unsigned v) { memcpy(p, &v, 4); }
-inline uint4 fused_load_u128(const void* p) { uint4 v; memcpy(&v, p, 16); return v; }
-inline void fused_store_u128(void* p, uint4 v) { memcpy(p, &v, 16); }
+inline void fused_store_f4(float* p, float4 v) { memcpy(const_cast<void*>(emu_aligned(p, 16)), &v, 16); }
+#define FUSED_STORE_F4(p, v) fused_store_f4((p), (v))
+inline void fused_store_u32(void* p, unsigned v) { memcpy(const_cast<void*>(emu_aligned(p, 4)), &v, 4); }
+inline uint4 fused_load_u128(const void* p) { uint4 v; memcpy(&v, emu_aligned(p, 16), 16); return v; }
+inline void fused_store_u128(void* p, uint4 v) { memcpy(const_cast<void*>(emu_aligned(p, 16)), &v, 16); }
 #define FUSED_STORE_U32(p, v) fused_store_u32((p), (v))
 #define FUSED_LOAD_U128(p) fused_load_u128(p)
 #define FUSED_STORE_U128(p, v) fused_store_u128((p), (v))
