@@ -1,8 +1,8 @@
 // Whole training steps with ONE grid barrier a step: the layers above the first are
 // replicated, every block computing all of them, from its own copy of their parameters in
 // shared memory. Included at the end of fused_step.cu, whose pieces it uses (the grid barrier,
-// the block totals, bn_column_forward, softmax_row, Chunk, ChunkWalk) and whose parameters it takes
-// (FUSED_PARAMS), in the same module (so `bench --trace` reaches it through fused_trace).
+// the block totals, bn_column_forward, softmax_row, Chunk, ChunkWalk) and whose parameters it
+// takes (FUSED_PARAMS), in the same module (so `bench --trace` reaches it through fused_trace).
 //
 // Why: the grid kernels above wait at 3 grid barriers a seed step (~1.5 µs each, and the
 // waits of the blocks that arrive first), and between them each block works on one neuron
@@ -69,14 +69,15 @@
 // (layer 0's x̂ stays in shared memory); `weight_row_stage` and the stage offsets are ignored.
 // Only the last step's gradients reach `grads`.
 //   Dynamic shared memory (replicated_layout, in floats, each region 16-byte aligned; sized
-//   by the host through fused_replicated_layout_bytes): per replicated layer W [out, odd pitch
-//   ≥ in] and its velocity (layer 1's: of the block's rows only), the bias (or γ then β)
-//   [2·out] and its velocity; per replicated hidden layer x̂ and a [B, odd pitch ≥ out] and
-//   its column statistics [3·out]; a0 [B, odd pitch ≥ width0]; the logits, then dlogits
-//   [B, classes]; a scratch for dA ([B, pitch] of the widest replicated hidden layer, or
-//   [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and correct flags [B]
-//   u32; the block's layer-0 columns and the steps' image indices (see
-//   ReplicatedLayout). The seed network: 154.5 KiB, and 16.3 KiB of static `part`.
+//   by the host through fused_replicated_layout_bytes): per replicated layer W [out,
+//   quad pitch ≥ in] and its velocity (layer 1's: of the block's rows only), the bias (or γ
+//   then β) [2·out] and its velocity; per replicated hidden layer x̂ and a [B, odd pitch ≥
+//   out] and its column statistics [3·out]; a0 [B, quad pitch ≥ width0]; the logits, then
+//   dlogits [B, classes]; a scratch for dA ([B, pitch] of the widest replicated hidden layer,
+//   or [owned columns, B] of layer 0's dA0); the rows' losses [B] f64 and correct flags [B]
+//   u32; the block's layer-0 columns and the steps' image indices (see ReplicatedLayout).
+//   Quad pitch: replicated_quad_pitch. The seed network: 154.5 KiB, and 16.3 KiB of static
+//   `part`.
 // Launch: cooperative, grid G ≤ layer 0's width + 1 (and co-resident), blocks of 256 or 512
 //   threads (REPLICATED_THREADS: one block an SM, so 128 registers), the layout's bytes.
 // Limits (the layout's bytes are 0 beyond them): at most REPLICATED_MAX_LAYERS layers above
