@@ -281,9 +281,9 @@ __device__ __forceinline__ void for_elements(unsigned rows, unsigned width, F f)
 // up to pixel_rows<V>() rows, their loads all issued before any is used: one round
 // trip a pass. The seed in blocks of 512: 49 lanes × 10 groups, the batch in one pass of six
 // 16-byte loads a thread (in blocks of 256: 5 groups, two passes). The grid kernels'
-// column_dot instead walks a row's 784 bytes four at a time, a round trip every two of its
-// 14 loads, and converts each byte with an I2F (a sixteenth of the FMA rate; pixel_scaled
-// here).
+// column_dot instead reads four bytes a load, 32 lanes to a row in blocks of 256, its 14
+// loop rounds a thread (four rows' words each) waiting a round trip every two, and converts
+// each byte with an I2F (16 a cycle an SM; pixel_scaled here).
 //
 // Rows a thread a pass: the seed's 6 in blocks of 512 for 16-byte chunks (6 loads, 24
 // registers), 8 for the narrower ones.
