@@ -24,7 +24,8 @@ __device__ __forceinline__ float activate_backward(int activation, float a, floa
 }
 
 // Pixel byte e of a 32-bit word as a float: byte e under the exponent of 2^23 (the
-// constant's top byte; its other bytes are zero) is 2^23 + byte exactly. `pixel_scaled`
+// constant's top byte; its other bytes are zero) is 2^23 + byte exactly (pixel_bits), and
+// `pixel_value` the byte itself, less 2^23 (exact). `pixel_scaled`
 // gives byte·(1/255) from it with one FMA, bit for bit (float)byte·(1/255): 2^23·(1/255) is
 // exact, so the FMA rounds (2^23 + byte)·(1/255) − 2^23·(1/255) = byte·(1/255) once, as the
 // product does. A byte permute and an FMA, both at full rate, where an integer conversion
@@ -36,8 +37,12 @@ __device__ __forceinline__ float activate_backward(int activation, float a, floa
 #define PIXEL_BYTE_PERM(x, y, s) __byte_perm((x), (y), (s))
 #endif
 #define PIXEL_SCALE (1.0f / 255.0f)
+__device__ __forceinline__ float pixel_bits(unsigned word, unsigned e) {
+    return __int_as_float((int)PIXEL_BYTE_PERM(word, PIXEL_MAGIC, PIXEL_SELECTOR(e)));
+}
+__device__ __forceinline__ float pixel_value(unsigned word, unsigned e) { return pixel_bits(word, e) - 8388608.0f; }
 __device__ __forceinline__ float pixel_scaled(unsigned word, unsigned e) {
-    return fmaf(__int_as_float((int)PIXEL_BYTE_PERM(word, PIXEL_MAGIC, PIXEL_SELECTOR(e))), PIXEL_SCALE, -8388608.0f * PIXEL_SCALE);
+    return fmaf(pixel_bits(word, e), PIXEL_SCALE, -8388608.0f * PIXEL_SCALE);
 }
 
 // Column tiles: a block of (TILE_COLS, TILE_ROWS) threads owns TILE_COLS consecutive

@@ -70,11 +70,6 @@ __device__ __forceinline__ unsigned fused_dynamic_smem_size() {
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
     return bytes;
 }
-// Pixel byte e of a 32-bit word as a float, exactly: the byte under the exponent of 2^23,
-// less 2^23 (two full-rate instructions; an integer conversion runs slower: see pixel_scaled).
-__device__ __forceinline__ float pixel_value(unsigned word, unsigned e) {
-    return __int_as_float(__byte_perm(word, PIXEL_MAGIC, PIXEL_SELECTOR(e))) - 8388608.0f;
-}
 #endif
 
 // An odd number of floats ≥ n: rows of a [rows, pitch] table read a row per lane then fall

@@ -146,7 +146,6 @@ inline unsigned emu_byte_perm(unsigned x, unsigned y, unsigned s) {
     return r;
 }
 #define PIXEL_BYTE_PERM(x, y, s) emu_byte_perm((x), (y), (s))
-inline float emu_pixel_value(unsigned word, unsigned e) { return (float)((word >> (8 * e)) & 255u); }
 #define FUSED_CLUSTER_SYNC() do { g_cluster_bar->arrive_and_wait(); FUSED_AFTER_BARRIER(); } while (0)
 #define FUSED_CLUSTER_RANK() (blockIdx.x % g_cluster_size)
 #define FUSED_CLUSTER_MAP(p, rank) emu_map_rank((p), (rank))
@@ -155,7 +154,6 @@ inline float emu_pixel_value(unsigned word, unsigned e) { return (float)((word >
 #define FUSED_SYNC_WARP() g_warp->bar.arrive_and_wait()
 #define FUSED_LOAD_L2(p) (*(p))
 #define FUSED_DYNAMIC_BYTES() ((unsigned)g_dynamic_bytes)
-#define pixel_value(word, e) emu_pixel_value((word), (e))
 inline void launch_clusters(dim3 grid, dim3 block, unsigned cluster, std::function<void()> f) {
     gridDim = grid; blockDim = block; g_cluster_size = cluster;
     std::vector<std::unique_ptr<std::barrier<>>> bars, cluster_bars;
