@@ -66,8 +66,9 @@ pub struct EvalRecord {
 
 /// What the loop reports as it goes.
 pub enum Event<'a> {
-    /// Network `net` was evaluated.
-    Evaluated { net: usize, record: &'a EvalRecord },
+    /// Network `net` was evaluated. The record is the caller's to take from (the study moves
+    /// the probe's 10000 × 5 values to a worker instead of copying them).
+    Evaluated { net: usize, record: &'a mut EvalRecord },
     /// `step` steps are done (sent after every run of steps, at most [`MAX_RUN`] long).
     Stepped { step: u64 },
 }
@@ -151,8 +152,8 @@ impl Points<'_> {
     fn finish(&mut self, nets: &mut [&mut dyn Backend]) -> Result<()> {
         let Some((step, pending)) = self.pending.take() else { return Ok(()) };
         for (index, (net, pending)) in nets.iter_mut().zip(pending).enumerate() {
-            let record = judge_point(step, net.finish_point(pending)?)?;
-            (self.on_event)(Event::Evaluated { net: index, record: &record });
+            let mut record = judge_point(step, net.finish_point(pending)?)?;
+            (self.on_event)(Event::Evaluated { net: index, record: &mut record });
         }
         Ok(())
     }

@@ -19,6 +19,8 @@ use crate::train::{train_lockstep, Event, Outcome, Schedule};
 use crate::{Error, Result};
 use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Instant;
 
 /// The file the test-time net is saved to, inside the output directory.
@@ -130,6 +132,48 @@ pub fn summarize_probe(probe: &[f32], neurons: usize) -> Vec<ProbeStats> {
         .collect()
 }
 
+/// The comparison's probe summaries, one worker thread per network: at each of the 1600
+/// evaluation points the percentiles take some 0.6 ms a network (docs/perf.md), which on
+/// the training thread would delay queuing the next steps by more than a fused run of 50
+/// seed steps may take on a GPU. Each worker keeps its network's points in the order sent.
+struct ProbeSummaries<'scope> {
+    senders: Vec<SyncSender<(u64, Vec<f32>)>>,
+    workers: Vec<ScopedJoinHandle<'scope, Vec<ProbePoint>>>,
+}
+
+/// Points a worker may fall behind by before `submit` waits for it (each holds a probe of
+/// 10000 × 5 values: 200 kB).
+const SUMMARY_BACKLOG: usize = 32;
+
+impl<'scope> ProbeSummaries<'scope> {
+    /// Starts the workers for two networks' probes of `neurons` units.
+    fn start<'env>(scope: &'scope Scope<'scope, 'env>, neurons: usize) -> Self {
+        let (senders, workers) = (0..2)
+            .map(|_| {
+                let (sender, received) = sync_channel::<(u64, Vec<f32>)>(SUMMARY_BACKLOG);
+                let worker = scope.spawn(move || {
+                    received.into_iter().map(|(step, probe)| ProbePoint { step, neurons: summarize_probe(&probe, neurons) }).collect()
+                });
+                (sender, worker)
+            })
+            .unzip();
+        Self { senders, workers }
+    }
+
+    /// Hands network `net`'s probe at `step` to its worker.
+    fn submit(&self, net: usize, step: u64, probe: Vec<f32>) {
+        // A worker ends only when its sender is dropped (in `finish`), or by a panic, which
+        // `finish` passes on: the send cannot fail otherwise.
+        let _ = self.senders[net].send((step, probe));
+    }
+
+    /// Each network's summaries, in the order submitted, once the workers are done.
+    fn finish(self) -> Vec<Vec<ProbePoint>> {
+        drop(self.senders);
+        self.workers.into_iter().map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    }
+}
+
 /// Mean over units of the range of each unit's test-set mean over training; NaN where it
 /// is not measured (fewer than two evaluation points, or no unit probed).
 pub(crate) fn drift(curve: &Curve) -> f64 {
@@ -175,21 +219,26 @@ pub fn run_comparison(
     let bar = step_bar(opts.progress, opts.steps_compare, "BN vs plain");
     let mut curves = [Curve::default(), Curve::default()];
     let mut latest: [Option<HistoryPoint>; 2] = [None, None];
-    {
+    let probes = std::thread::scope(|scope| {
+        let summaries = ProbeSummaries::start(scope, probe.neurons);
         let mut nets: [&mut dyn Backend; 2] = [bn.as_mut(), plain.as_mut()];
         let outcome = train_lockstep(&mut nets, &train, data.train.count, 0, &schedule, stop, &mut |event| match event {
             Event::Stepped { step } => bar.set_position(step),
             Event::Evaluated { net, record } => {
-                let curve = &mut curves[net];
-                curve.history.push(record.point.clone());
-                curve.probes.push(ProbePoint { step: record.point.step, neurons: summarize_probe(&record.probe, probe.neurons) });
+                summaries.submit(net, record.point.step, std::mem::take(&mut record.probe));
+                curves[net].history.push(record.point.clone());
                 latest[net] = Some(record.point.clone());
                 if let [Some(b), Some(p)] = &latest {
                     bar.set_message(format!("{} | {}", live("BN", b), live("plain", p)));
                 }
             }
-        })?;
-        completed(outcome)?;
+        });
+        // The workers finish what they were sent either way; an error of the run comes first.
+        let probes = summaries.finish();
+        completed(outcome?).map(|()| probes)
+    })?;
+    for (curve, probes) in curves.iter_mut().zip(probes) {
+        curve.probes = probes;
     }
     bar.finish();
     // After training: the name says how the steps ran (e.g. two networks a launch).
@@ -485,6 +534,36 @@ mod tests {
         let s = summarize_probe(&[1.0, 10.0, 2.0, 20.0, 3.0, 30.0], 2);
         assert_eq!(s[0].mean, 2.0);
         assert_eq!(s[1].p50, 20.0);
+    }
+
+    /// The workers hand back each network's summaries in the order its probes were sent,
+    /// equal to summarizing them on the spot, and more points than their backlog holds pass.
+    #[test]
+    fn probe_summaries_on_workers_equal_summaries_made_in_place() {
+        let neurons = 3;
+        let probe = |net: usize, step: u64| -> Vec<f32> {
+            (0..30).map(|i| ((i * 7 + step as usize * 13 + net * 5) % 11) as f32 - 4.5).collect()
+        };
+        let points = (SUMMARY_BACKLOG as u64 + 5) * 2;
+        let summaries = std::thread::scope(|scope| {
+            let summaries = ProbeSummaries::start(scope, neurons);
+            for step in 1..=points {
+                // Interleaved as train_lockstep reports them, with the plain net skipping some.
+                summaries.submit(0, step, probe(0, step));
+                if step % 3 != 0 {
+                    summaries.submit(1, step, probe(1, step));
+                }
+            }
+            summaries.finish()
+        });
+        assert_eq!(summaries.len(), 2);
+        for (net, got) in summaries.iter().enumerate() {
+            let want: Vec<ProbePoint> = (1..=points)
+                .filter(|step| net == 0 || step % 3 != 0)
+                .map(|step| ProbePoint { step, neurons: summarize_probe(&probe(net, step), neurons) })
+                .collect();
+            assert_eq!(got, &want, "network {net}");
+        }
     }
 
     /// A unit whose exact variance is 0 is left out of the relative variance error, rather
