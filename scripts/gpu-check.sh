@@ -34,7 +34,10 @@
 #   part "replicated" (after the tests): the one-barrier kernel (BNTRAIN_FUSED_REPLICATED,
 #   cuda/fused_replicated.cuh) beside the grid kernel in the same call: the seed's step in
 #   blocks of 512 and 256 (traced), on every batch, the BN+plain pair (two launches) beside
-#   the grid pair in one launch, a training run, and the study beside the defaults';
+#   the grid pair in one launch, a training run, and the study beside the defaults'; then on
+#   half the SMs a network (BNTRAIN_FUSED_REPLICATED_GRID=66, so that the study's two
+#   launches may run side by side), alone, paired and in the study; and the study with the
+#   evaluation points on a stream of their own, either way;
 #   part "baseline" (after "bench", when the bundle has bntrain-base.xz: BASELINE=<commit>
 #   scripts/gpu-bundle.sh): that commit's build beside this one in the same call, the seed's
 #   fused step alone (traced) and paired in one launch, and the study's defaults;
@@ -215,17 +218,18 @@ done
 # With bench_build set (as `bench_build=base bench …`; part "baseline"), the row and its
 # log are the baseline build's (base) or this build's beside it (here).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}-replicated${12:-0}${bench_build:+-$bench_build}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}-replicated${12:-0}${13:+-grid${13}}${bench_build:+-$bench_build}.log"
 }
 bench_part=bench
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)] [REPLICATED(0|256|512)]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)] [REPLICATED(0|256|512)] [GRID]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
     # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. ALL: 1
     # passes --all-batches (every batch of MNIST's training set, as training streams them,
     # where twelve batches stay in L2). REPLICATED: BNTRAIN_FUSED_REPLICATED (the one-barrier
-    # kernel in blocks of that many threads). The part that runs it: $bench_part.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" all="${11:-0}" replicated="${12:-0}"
+    # kernel in blocks of that many threads). GRID: BNTRAIN_FUSED_REPLICATED_GRID (at most that
+    # many blocks for it; unset: no cap). The part that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" all="${11:-0}" replicated="${12:-0}" grid="${13:-}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -239,6 +243,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $threads != 256 ]] && name+=", $threads threads a block"
     [[ $all == 1 ]] && name+=", all batches"
     [[ $replicated != 0 ]] && name+=", one barrier a step, $replicated threads"
+    [[ -n $grid ]] && name+=", at most $grid blocks"
     local exe="$bin"
     [[ ${bench_build:-} == base ]] && name+=", baseline build" exe="$base_bin"
     [[ ${bench_build:-} == here ]] && name+=", beside the baseline"
@@ -253,9 +258,9 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
     if [[ $replicated != 0 && $replicated_ok == 0 ]]; then row "$name" "SKIPPED: the replicated smoke test failed"; return; fi
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -273,6 +278,7 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
         [[ $2 == fused && $threads != 256 ]] && want="(fused steps, $threads threads a block"
         [[ $replicated != 0 ]] && want="(fused steps, one barrier a step, $replicated threads a block"
+        [[ $replicated != 0 && -n $grid ]] && want+=", $grid blocks"
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $backward == 1 && "$device" != *"weight gradients on a second stream"* ]] && fell_back=1
@@ -305,6 +311,10 @@ bench seed fused f32 0 0 0 0 0 0 256 0 512
 bench seed fused f32 0 0 0 0 0 0 256 0 256
 bench seed fused f32 0 0 0 0 0 0 256 1 512
 bench seed fused f32 0 0 1 0 0 0 256 0 512
+# On half the SMs (an H100's or H200's 132): layer 0's pixels read twice a block, but the
+# pair's two launches may run side by side.
+bench seed fused f32 0 0 0 0 0 0 256 0 512 66
+bench seed fused f32 0 0 1 0 0 0 256 0 512 66
 bench_part=bench
 # Part "blocks": the unstaged fused kernel in blocks of 256, 512 and 1024 threads
 # (BNTRAIN_FUSED_THREADS; more warps an SM wait on L2 for a neuron's rows), then the study
@@ -408,7 +418,7 @@ fi
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default replicated baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default replicated replicated-streams replicated-half replicated-half-streams baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
@@ -418,10 +428,14 @@ for variant in fused default replicated baseline blocks1024 blocks1024-streams s
     # the weight gradients (f32).
     # baseline: the defaults of the baseline build (part "baseline"), beside `default`.
     # replicated: fused steps on the one-barrier kernel (two launches a step; part
-    # "replicated", which also runs `default` beside it when part "reproduce" does not).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 replicated=0 gate=reproduce exe="$bin"
-    [[ $variant == replicated ]] && step=fused replicated=512 gate=replicated
-    [[ $variant == replicated && $replicated_ok == 0 ]] && continue
+    # "replicated", which also runs `default` beside it when part "reproduce" does not);
+    # replicated-half: at most 66 blocks a network (half the SMs), so that the two launches
+    # may run side by side; -streams: the evaluation points on a stream of their own (on the
+    # SMs the launch leaves free).
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 replicated=0 grid="" gate=reproduce exe="$bin"
+    [[ $variant == replicated* ]] && step=fused replicated=512 gate=replicated
+    [[ $variant == replicated-half* ]] && grid=66
+    [[ $variant == replicated* && $replicated_ok == 0 ]] && continue
     [[ $variant == default ]] && ! part reproduce && [[ $replicated_ok == 1 ]] && gate=replicated
     [[ $variant == baseline ]] && step=fused pairing=1 gate=baseline exe="$base_bin"
     [[ $variant == baseline ]] && { [[ -n "$base_bin" ]] && part reproduce || continue; }
@@ -441,11 +455,11 @@ for variant in fused default replicated baseline blocks1024 blocks1024-streams s
     [[ $variant == baseline ]] && name="reproduce (full, cuda, the defaults, baseline build)"
     [[ $step == fused && $fused_ok == 0 ]] && continue
     [[ "${REPRODUCE:-1}" == 1 ]] && part "$gate" && limit 240 60 "$name" || continue
-    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
+    echo "== BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_CUDA_STEP=$step bntrain reproduce --device cuda (the full study)"
     out_runs="$logs/runs"
     log="$logs/reproduce-$variant.log"
     start=$(date +%s.%N)
-    BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$exe" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$pairing BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$clusters BNTRAIN_EVAL_STREAM=$streams BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$step timeout -k 10 "$t" "$exe" --device cuda reproduce --out "$out_runs" --name "gpu-$variant" --json 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     wall="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")"
     if [[ $status -eq 0 ]]; then
@@ -462,6 +476,7 @@ for variant in fused default replicated baseline blocks1024 blocks1024-streams s
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
         [[ $threads != 256 && "$device" != *"$threads threads a block"* ]] && fell_back=1
         [[ $replicated != 0 && "$device" != *"one barrier a step"* ]] && fell_back=1
+        [[ -n $grid && "$device" != *", $grid blocks"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
             row "$name" "FELL BACK (device: $device): not counted in the decisions"; failed=1
             mv "$out_runs/gpu-$variant/metrics.json" "$out_runs/gpu-$variant/metrics.json.fell-back"
@@ -627,6 +642,8 @@ decide "seed fused: one barrier a step (256)" "$(bench_log seed fused f32)" "$(b
 decide "seed fused, 512 threads: one barrier a step" "$(bench_log seed fused f32 0 0 0 0 0 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)"
 decide "seed one barrier (512): all batches" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1 512)"
 decide "seed pair: one barrier, 2 launches, vs grid 1" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)"
+decide "seed one barrier (512): at most 66 blocks" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512 66)"
+decide "seed pair, one barrier: at most 66 blocks" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512 66)"
 decide "train $steps steps: one barrier a step" "$logs/train-fused-f32.log" "$logs/train-replicated-f32.log"
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
@@ -662,6 +679,9 @@ decide "reproduce: paired against staged" reproduce:staged reproduce:paired
 decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduce:default
 decide "reproduce: the defaults against the baseline's" reproduce:baseline reproduce:default
 decide "reproduce: one barrier against the defaults" reproduce:default reproduce:replicated
+decide "reproduce: one barrier, streams" reproduce:replicated reproduce:replicated-streams
+decide "reproduce: one barrier, at most 66 blocks" reproduce:replicated reproduce:replicated-half
+decide "reproduce: one barrier, 66 blocks, streams" reproduce:replicated-half reproduce:replicated-half-streams
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

@@ -579,6 +579,14 @@ fn options_follow_the_step_switch() {
         let err = CudaOptions::replicated_from_env(Some(bad)).unwrap_err().to_string();
         assert!(err.contains(&format!("BNTRAIN_FUSED_REPLICATED={bad}")) && err.contains("0, 1, 256 or 512"), "{err}");
     }
+    assert_eq!(defaults.fused_replicated_grid, None, "no cap on the one-barrier kernel's grid until measured");
+    for (value, expected) in [(None, None), (Some(""), None), (Some("0"), Some(None)), (Some(" 66"), Some(Some(66))), (Some("1 "), Some(Some(1)))] {
+        assert_eq!(CudaOptions::replicated_grid_from_env(value).unwrap(), expected, "{value:?}");
+    }
+    for bad in ["-1", "half", "4294967296"] {
+        let err = CudaOptions::replicated_grid_from_env(Some(bad)).unwrap_err().to_string();
+        assert!(err.contains(&format!("BNTRAIN_FUSED_REPLICATED_GRID={bad}")) && err.contains("a count of blocks"), "{err}");
+    }
 }
 
 /// Auto fuses the seed network in f32 and nothing wider, larger-batched, reduced-precision or
@@ -646,17 +654,33 @@ fn fused_steps_in_larger_blocks_match_the_cpu_reference() {
     check_all(cuda_fused_1024);
 }
 
-fn cuda_replicated(threads: u32, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_replicated: Some(threads), ..Default::default() };
-    cuda_fused_as(options, &format!("(fused steps, one barrier a step, {threads} threads a block)"), model, train, data, params)
+/// The one-barrier kernel in blocks of `threads`, on at most `max_grid` blocks; the name must
+/// say so, with a grid within the cap.
+fn cuda_replicated(
+    threads: u32, max_grid: Option<u32>, model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams,
+) -> Box<dyn Backend> {
+    let options = CudaOptions { step_launch: StepLaunch::Fused, fused_replicated: Some(threads), fused_replicated_grid: max_grid, ..Default::default() };
+    let net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(data), params, options).unwrap();
+    let name = net.device_name();
+    let prefix = format!("(fused steps, one barrier a step, {threads} threads a block, ");
+    let blocks = name.rsplit_once(&prefix).and_then(|(_, rest)| rest.strip_suffix(" blocks)")).and_then(|n| n.parse::<u32>().ok());
+    let blocks = blocks.unwrap_or_else(|| panic!("not {prefix}N blocks): {name}"));
+    assert!(max_grid.is_none_or(|cap| blocks <= cap), "{blocks} blocks, over the cap {max_grid:?}: {name}");
+    Box::new(net)
 }
 
 fn cuda_replicated_512(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    cuda_replicated(512, model, train, data, params)
+    cuda_replicated(512, None, model, train, data, params)
 }
 
 fn cuda_replicated_256(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
-    cuda_replicated(256, model, train, data, params)
+    cuda_replicated(256, None, model, train, data, params)
+}
+
+/// Three blocks at most (`BNTRAIN_FUSED_REPLICATED_GRID=3`): each owns a third of layer 0's
+/// columns and of layer 1's weight rows, as the study's networks on half the SMs own two.
+fn cuda_replicated_3_blocks(model: &ModelConfig, train: &TrainConfig, data: &Arc<Dataset>, params: &ModelParams) -> Box<dyn Backend> {
+    cuda_replicated(512, Some(3), model, train, data, params)
 }
 
 /// Whether the one-barrier kernel takes the seed network on this GPU (its layout, ~204 KB of
@@ -682,7 +706,7 @@ fn replicated_runs() -> bool {
 /// The one-barrier kernel (cuda/fused_replicated.cuh, `BNTRAIN_FUSED_REPLICATED`): every
 /// configuration here fits its layout where the seed's does (the backend's name says the
 /// kernel is in use), and each is checked against the CPU reference as the grid kernel is,
-/// in blocks of 512 and 256.
+/// in blocks of 512 and 256, and on three blocks.
 #[test]
 fn replicated_fused_steps_match_the_cpu_reference() {
     let Some(_serial) = serial_gpu() else { return };
@@ -691,6 +715,7 @@ fn replicated_fused_steps_match_the_cpu_reference() {
     }
     check_all(cuda_replicated_512);
     check_all(cuda_replicated_256);
+    check_all(cuda_replicated_3_blocks);
 }
 
 /// The one-barrier kernel's phase trace: two phases a step (its barrier, and its mark after

@@ -24,7 +24,7 @@
 
 use super::context::Gpu;
 use super::gemm::matmul;
-use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, RunningStatsLayout};
+use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, ReplicatedRequest, RunningStatsLayout};
 use super::{describe_driver_error, phase_trace, CudaError};
 use crate::backend::{measure_point, no_point_queued, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats};
 use crate::cpu::check_params_match;
@@ -424,6 +424,13 @@ pub struct CudaOptions {
     /// each. Off (None) by default until a GPU has measured it; `BNTRAIN_FUSED_REPLICATED=1`
     /// (512 threads), `=256` or `=512`.
     pub fused_replicated: Option<u32>,
+    /// At most this many blocks for the one-barrier kernel (None: one per neuron of the first
+    /// layer and a writer, as many as the device keeps resident), each then owning more of the
+    /// first layer's neurons. At one block an SM, the study's two networks (101 blocks each
+    /// for the seed) cannot run at once on an H100's 132 SMs; at 66 each they can, if the
+    /// driver runs their launches side by side, as it did the grid kernel's (docs/perf.md).
+    /// Unset until measured; `BNTRAIN_FUSED_REPLICATED_GRID=N`.
+    pub fused_replicated_grid: Option<u32>,
 }
 
 impl Default for CudaOptions {
@@ -440,6 +447,7 @@ impl Default for CudaOptions {
             backward_streams: None,
             fused_threads: 256,
             fused_replicated: None,
+            fused_replicated_grid: None,
         }
     }
 }
@@ -464,14 +472,17 @@ impl CudaOptions {
     /// The switch for [`CudaOptions::fused_replicated`]: `0` or unset off, `1` (512 threads),
     /// `256` or `512`.
     pub const REPLICATED_ENV: &'static str = "BNTRAIN_FUSED_REPLICATED";
+    /// The switch for [`CudaOptions::fused_replicated_grid`]: a count of blocks, `0` or unset
+    /// for no cap.
+    pub const REPLICATED_GRID_ENV: &'static str = "BNTRAIN_FUSED_REPLICATED_GRID";
 
     /// The defaults, with the step's launch from `BNTRAIN_CUDA_STEP` (`auto`, the default;
     /// `graph`; `eager`; `fused`), staging from `BNTRAIN_FUSED_STAGE`, pairing from
     /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
     /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM`, the
     /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`, the block size from
-    /// `BNTRAIN_FUSED_THREADS` and the one-barrier kernel from `BNTRAIN_FUSED_REPLICATED`;
-    /// each unset (or empty) variable leaves [`CudaOptions::default`]'s choice.
+    /// `BNTRAIN_FUSED_THREADS` and the one-barrier kernel from `BNTRAIN_FUSED_REPLICATED`
+    /// (its grid's cap from `BNTRAIN_FUSED_REPLICATED_GRID`); each unset (or empty) variable leaves [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
         let switch = |name: &str, default: bool| Ok::<_, ConfigError>(Self::switch_from_env(name, std::env::var(name).ok().as_deref())?.unwrap_or(default));
@@ -485,6 +496,8 @@ impl CudaOptions {
             fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?.unwrap_or(options.fused_cluster),
             fused_threads: Self::threads_from_env(std::env::var(Self::FUSED_THREADS_ENV).ok().as_deref())?.unwrap_or(options.fused_threads),
             fused_replicated: Self::replicated_from_env(std::env::var(Self::REPLICATED_ENV).ok().as_deref())?.unwrap_or(options.fused_replicated),
+            fused_replicated_grid: Self::replicated_grid_from_env(std::env::var(Self::REPLICATED_GRID_ENV).ok().as_deref())?
+                .unwrap_or(options.fused_replicated_grid),
             ..options
         })
     }
@@ -517,6 +530,19 @@ impl CudaOptions {
             Some(v) => match v.parse::<u32>() {
                 Ok(n) if kernels::REPLICATED_BLOCK_THREADS.contains(&n) => Ok(Some(Some(n))),
                 _ => Err(ConfigError::Invalid(format!("{}={v}: expected 0, 1, 256 or 512", Self::REPLICATED_ENV))),
+            },
+        }
+    }
+
+    /// [`CudaOptions::fused_replicated_grid`] for a value of `BNTRAIN_FUSED_REPLICATED_GRID`;
+    /// None where it is unset or empty (the default stands).
+    pub fn replicated_grid_from_env(value: Option<&str>) -> Result<Option<Option<u32>>, ConfigError> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(v) => match v.parse::<u32>() {
+                Ok(0) => Ok(Some(None)),
+                Ok(n) => Ok(Some(Some(n))),
+                Err(_) => Err(ConfigError::Invalid(format!("{}={v}: expected a count of blocks (0 for no cap)", Self::REPLICATED_GRID_ENV))),
             },
         }
     }
@@ -757,8 +783,8 @@ pub struct CudaBackend {
     fused_cluster: ClusterRequest,
     /// CudaOptions::fused_threads, for the fused plan.
     fused_threads: u32,
-    /// CudaOptions::fused_replicated, for the fused plan.
-    fused_replicated: Option<u32>,
+    /// CudaOptions::fused_replicated and fused_replicated_grid, for the fused plan.
+    fused_replicated: Option<ReplicatedRequest>,
     /// Set by [`CudaBackend::refuse_next_cluster_launch`].
     refuse_cluster_launch: bool,
     /// CudaOptions::fused_pairing.
@@ -935,7 +961,7 @@ impl CudaBackend {
             fused_staging: options.fused_staging,
             fused_cluster: options.fused_cluster,
             fused_threads: options.fused_threads,
-            fused_replicated: options.fused_replicated,
+            fused_replicated: options.fused_replicated.map(|threads| ReplicatedRequest { threads, max_grid: options.fused_replicated_grid }),
             refuse_cluster_launch: false,
             fused_pairing: options.fused_pairing,
             order_fingerprint: 0,
@@ -992,7 +1018,8 @@ impl CudaBackend {
         let fused_asked = options.fused_staging != defaults.fused_staging
             || options.fused_cluster != defaults.fused_cluster
             || options.fused_threads != defaults.fused_threads
-            || options.fused_replicated != defaults.fused_replicated;
+            || options.fused_replicated != defaults.fused_replicated
+            || options.fused_replicated_grid != defaults.fused_replicated_grid;
         if fused_asked && backend.fused.is_none() {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
@@ -1724,7 +1751,7 @@ impl Backend for CudaBackend {
         // block size.
         let fused = self.fused.as_ref().map(|plan| match plan.cluster() {
             Some(c) => format!("fused steps, clusters of {} blocks", c.blocks),
-            None if plan.replicated().is_some() => format!("fused steps, one barrier a step, {} threads a block", plan.threads()),
+            None if plan.replicated().is_some() => format!("fused steps, one barrier a step, {} threads a block, {} blocks", plan.threads(), plan.grid()),
             None if plan.staging().any() => "fused steps, staged in shared memory".to_string(),
             None => {
                 let mut name = String::from("fused steps");

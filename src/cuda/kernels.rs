@@ -695,6 +695,14 @@ impl FusedCluster {
 /// the largest).
 pub const REPLICATED_BLOCK_THREADS: [u32; 2] = [256, 512];
 
+/// What a fused plan asks of the one-barrier kernel: its block size (one of
+/// [`REPLICATED_BLOCK_THREADS`]), and at most how many blocks (None: no cap of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicatedRequest {
+    pub threads: u32,
+    pub max_grid: Option<u32>,
+}
+
 /// A fused plan's launch of the one-barrier kernel (cuda/fused_replicated.cuh), which
 /// computes the layers above the first whole in every block: its block size, and the dynamic
 /// shared memory its own layout asked for at the plan's grid (fused_replicated_layout_bytes).
@@ -723,15 +731,18 @@ impl FusedReplicated {
     /// The launch for these layers in blocks of `threads`, and its grid: one block per
     /// neuron of layer 0 and one more (the kernel's writer block, which then owns none: it
     /// adds the losses and writes the replicated layers back without delaying the others'
-    /// layer-0 work) where that many stay resident, else as many as do (each then owns more
-    /// columns, and the layout's scratch grows with them). None where the layout is beyond
-    /// the kernel's limits or `dynamic_limit` (the device's shared memory per block).
+    /// layer-0 work) where that many stay resident and the request allows, else as many as do
+    /// and it does (each then owns more columns, and the layout's scratch grows with them).
+    /// None where the layout is beyond the kernel's limits or `dynamic_limit` (the device's
+    /// shared memory per block).
     fn choose(
-        gpu: &Gpu, threads: u32, info: &[i32], layers: &[FusedLayer], batch: usize, sms: u32, dynamic_limit: usize,
+        gpu: &Gpu, request: ReplicatedRequest, info: &[i32], layers: &[FusedLayer], batch: usize, sms: u32, dynamic_limit: usize,
     ) -> Result<Option<(FusedReplicated, u32)>, CudaError> {
+        let threads = request.threads;
         let table = gpu.stream().clone_htod(info)?;
         let function = &gpu.functions.fused_train_steps_replicated;
-        let mut grid = u32::try_from(layers[0].outputs).unwrap_or(u32::MAX).saturating_add(1);
+        let wanted = u32::try_from(layers[0].outputs).unwrap_or(u32::MAX).saturating_add(1);
+        let mut grid = request.max_grid.map_or(wanted, |cap| wanted.min(cap.max(1)));
         // The grid shrinks at most a few times: the bytes grow with it only through the rows a
         // block owns (layer 0's columns, with the scratch; layer 1's rows' velocity).
         for _ in 0..4 {
@@ -853,17 +864,17 @@ impl FusedPlan {
     /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
     /// memory that fits without shrinking the grid. `threads` (one of [`FUSED_BLOCK_THREADS`])
     /// is the unstaged kernel's block size; the grid is the one that kernel keeps resident.
-    /// `replicated` (a block size of [`REPLICATED_BLOCK_THREADS`]) asks for the one-barrier
-    /// kernel instead, where the layers fit its layout (clusters, if also asked for, win).
+    /// `replicated` asks for the one-barrier kernel instead, where the layers fit its layout
+    /// (clusters, if also asked for, win).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest, threads: u32,
-        replicated: Option<u32>,
+        replicated: Option<ReplicatedRequest>,
     ) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
         require(K, FUSED_BLOCK_THREADS.contains(&threads), || format!("blocks of {threads} threads: {FUSED_BLOCK_THREADS:?}"))?;
-        if let Some(n) = replicated {
+        if let Some(ReplicatedRequest { threads: n, .. }) = replicated {
             require(K, REPLICATED_BLOCK_THREADS.contains(&n), || format!("replicated blocks of {n} threads: {REPLICATED_BLOCK_THREADS:?}"))?;
         }
         size_u32(K, "batch", batch)?;
@@ -944,10 +955,10 @@ impl FusedPlan {
         // The one-barrier kernel, where asked for and possible, replaces the grid kernels (and
         // their staging) with a grid of its own.
         let replicated = match replicated {
-            Some(n) if cluster.is_none() => {
+            Some(request) if cluster.is_none() => {
                 let limit = dynamic_limit(&gpu.functions.fused_train_steps_replicated)?;
                 // An optional kernel: whatever fails in choosing it leaves the grid kernels.
-                FusedReplicated::choose(gpu, n, &info, &layers, batch, sms, limit).unwrap_or(None)
+                FusedReplicated::choose(gpu, request, &info, &layers, batch, sms, limit).unwrap_or(None)
             }
             _ => None,
         };
