@@ -38,6 +38,8 @@
 #   half the SMs a network (BNTRAIN_FUSED_REPLICATED_GRID=66, so that the study's two
 #   launches may run side by side), alone, paired and in the study; and the study with the
 #   evaluation points on a stream of their own, either way;
+#   part "points" (after "replicated"): the study's evaluation points alone, each begun and
+#   finished at once (bench --pair --points), with and without a stream of their own;
 #   part "baseline" (after "bench", when the bundle has bntrain-base.xz: BASELINE=<commit>
 #   scripts/gpu-bundle.sh): that commit's build beside this one in the same call, the seed's
 #   fused step alone (traced) and paired in one launch, and the study's defaults;
@@ -51,7 +53,7 @@
 # is the seconds the whole script may take: give the device call ~60 s more (it is limited
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
-# "tests replicated train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
+# "tests replicated points train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
 # stalls by instruction) picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
@@ -68,7 +70,7 @@ bin="$bundle/bntrain"
 # the bundle's copy of MNIST.
 export BNTRAIN_DATA="$bundle/data"
 logs="$(mktemp -d)"
-parts=" ${PARTS:-tests replicated train blocks bench baseline reproduce peers profile} "
+parts=" ${PARTS:-tests replicated points train blocks bench baseline reproduce peers profile} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 summary=()
 failed=0
@@ -316,6 +318,24 @@ bench seed fused f32 0 0 1 0 0 0 256 0 512
 bench seed fused f32 0 0 0 0 0 0 256 0 512 66
 bench seed fused f32 0 0 1 0 0 0 256 0 512 66
 bench_part=bench
+# Part "points": the study's evaluation points alone (`bench --pair --points`: the whole test
+# split with batch statistics and the probe, each point begun and finished at once), with the
+# defaults and with points on a stream of their own: what the comparison's 800 points cost
+# beside its steps.
+for streams in 0 1; do
+    part points || break
+    name="evaluation points (BN+plain, test split$([[ $streams == 1 ]] && echo ", own stream"))"
+    limit 60 10 "$name" || { failed=1; break; }
+    log="$logs/points-streams$streams.log"
+    echo "== BNTRAIN_EVAL_STREAM=$streams bntrain bench --device cuda --pair --points"
+    BNTRAIN_EVAL_STREAM=$streams timeout -k 10 "$t" "$bin" --device cuda bench --config seed --pair --points --runs 1 --seconds 0.05 --json 2>&1 | tee "$log"
+    if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
+        row "$name" "$(json_eval "$log" "' / '.join(f'{u:.1f}' for u in r.get('us_per_point') or []) + f\" µs a point (BN / plain) on {r.get('test_examples')} images; steps {r.get('us_per_step', 0):.2f} µs; {r.get('device')}\"")"
+    else
+        row "$name" "FAIL"; failed=1
+    fi
+done
+save_logs
 # Part "blocks": the unstaged fused kernel in blocks of 256, 512 and 1024 threads
 # (BNTRAIN_FUSED_THREADS; more warps an SM wait on L2 for a neuron's rows), then the study
 # with the larger blocks; a short call can run just these (PARTS="tests blocks").

@@ -1,9 +1,9 @@
 //! `bntrain bench`: microseconds per training step, the median of several timed runs after a
 //! warm-up, on the first twelve batches of a real training set (the CPU backend's cost
 //! depends on how many pixels are zero), on all of its batches (as training streams them),
-//! or on uniform noise.
+//! or on uniform noise; and with `--points`, the study's evaluation points.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StatsMode};
 use crate::data::{Dataset, DatasetKind, Split, CLASSES};
 use crate::model::{ModelConfig, ModelParams, TrainConfig};
 use crate::train;
@@ -127,6 +127,34 @@ pub struct BenchReport {
     /// With `trace`: a row per phase of the (first) network's step, from one more launch
     /// after the timed runs ([`Backend::phase_trace`]); None where its steps are not fused.
     pub phases: Option<Vec<crate::backend::PhaseTiming>>,
+    /// With `points`: per network, µs per evaluation point as the study's comparison makes
+    /// them ([`time_points`]), on `test_examples` test images.
+    pub us_per_point: Option<Vec<f64>>,
+    /// The test images an evaluation point covers: the whole test split with `points`, else
+    /// the 1000 the networks are built with.
+    pub test_examples: usize,
+}
+
+/// Evaluation points timed per network by [`time_points`], after [`WARM_POINTS`] untimed.
+pub const TIMED_POINTS: usize = 21;
+pub const WARM_POINTS: usize = 2;
+
+/// The median µs of [`TIMED_POINTS`] evaluation points of `net`, each as the study's
+/// comparison makes them (the test split with batch statistics, the probe of five units of
+/// the second hidden layer) but begun and finished at once: latency, with nothing queued
+/// behind it, where the study overlaps a point with the next run of steps.
+pub fn time_points(net: &mut dyn Backend, model: &ModelConfig) -> Result<f64> {
+    let probe = Some(crate::report::study::probe_for(model));
+    let point = |net: &mut dyn Backend| -> Result<f64> {
+        let t = Instant::now();
+        train::evaluate_point(net, 0, StatsMode::Batch, probe)?;
+        Ok(t.elapsed().as_secs_f64() * 1e6)
+    };
+    for _ in 0..WARM_POINTS {
+        point(net)?;
+    }
+    let us = (0..TIMED_POINTS).map(|_| point(net)).collect::<Result<Vec<f64>>>()?;
+    Ok(median(&us))
 }
 
 /// Times training steps of `nets` in lockstep (each run of steps queued on every network
@@ -206,11 +234,13 @@ pub enum BenchNets {
 }
 
 /// Builds the benchmark network(s) with `open` and times them; with `trace`, then times the
-/// phases of the first network's steps too (up to [`TRACE_STEPS`] more steps). `on_run`
-/// hears of each finished timed run.
+/// phases of the first network's steps too (up to [`TRACE_STEPS`] more steps); with
+/// `points`, then each network's evaluation points on the whole test split
+/// ([`time_points`]; the noise has 10 000 test images). `on_run` hears of each finished
+/// timed run.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    config: BenchConfig, nets: BenchNets, data: BenchData<'_>, runs: usize, seconds_per_run: f64, trace: bool,
+    config: BenchConfig, nets: BenchNets, data: BenchData<'_>, runs: usize, seconds_per_run: f64, trace: bool, points: bool,
     open: &mut OpenBackend<'_>, on_run: &mut dyn FnMut(usize),
 ) -> Result<BenchReport> {
     let batch_norm = nets != BenchNets::One { batch_norm: false };
@@ -219,17 +249,19 @@ pub fn run(
         BenchData::All(dataset) => dataset.train.count,
         BenchData::Real(_) | BenchData::Noise => train.batch_size * 12,
     };
+    // The steps read no test image; the points read them all.
+    let test_examples = if points { usize::MAX } else { 1000 };
     let (data, name) = match data {
         BenchData::Real(dataset) | BenchData::All(dataset) => {
             let subset = Dataset {
                 kind: dataset.kind,
                 train: dataset.train.subset(examples),
-                test: dataset.test.subset(1000),
+                test: dataset.test.subset(test_examples),
                 source: dataset.source.clone(),
             };
             (subset, dataset.kind.name().to_string())
         }
-        BenchData::Noise => (synthetic_dataset(examples, 1000, 784, 1), "noise".to_string()),
+        BenchData::Noise => (synthetic_dataset(examples, test_examples.min(10_000), 784, 1), "noise".to_string()),
     };
     let nonzero_pixels = data.train.images.iter().filter(|&&p| p != 0).count() as f64 / data.train.images.len().max(1) as f64;
     let data = Arc::new(data);
@@ -238,9 +270,9 @@ pub fn run(
     if nets == BenchNets::Pair {
         models.push(config.configs(false).0);
     }
-    for model in models {
-        let params = ModelParams::init(&model, train.seed, 1);
-        opened.push(open(model, train.clone(), Arc::clone(&data), &params)?);
+    for model in &models {
+        let params = ModelParams::init(model, train.seed, 1);
+        opened.push(open(model.clone(), train.clone(), Arc::clone(&data), &params)?);
     }
     let (us, steps_per_run) = {
         let mut lockstep: Vec<&mut dyn Backend> = opened.iter_mut().map(|net| &mut **net as &mut dyn Backend).collect();
@@ -250,6 +282,11 @@ pub fn run(
     // The traced steps start at batch 0 and must stay inside the benchmark's short epoch.
     let trace_steps = TRACE_STEPS.min(train::batches_per_epoch(data.train.count, train.batch_size) as usize);
     let phases = if trace { opened[0].phase_trace(0, trace_steps)? } else { None };
+    let us_per_point = if points {
+        Some(opened.iter_mut().zip(&models).map(|(net, model)| time_points(net.as_mut(), model)).collect::<Result<Vec<f64>>>()?)
+    } else {
+        None
+    };
     Ok(BenchReport {
         config,
         batch_norm,
@@ -268,6 +305,8 @@ pub fn run(
         steps_per_run,
         tuned_gemms: crate::cuda::gemm_tuning::tuned_gemms(),
         phases,
+        us_per_point,
+        test_examples: data.test.count,
     })
 }
 

@@ -296,6 +296,11 @@ struct BenchArgs {
     /// time goes.
     #[arg(long)]
     trace: bool,
+    /// Then time each network's evaluation points as `reproduce`'s comparison makes them
+    /// (the whole test split with batch statistics, five units probed), one at a time: µs a
+    /// point, the median of 21.
+    #[arg(long)]
+    points: bool,
     #[command(flatten)]
     data: DataArgs,
     /// Print one JSON object as the last line of stdout.
@@ -890,7 +895,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     // The runs, on stderr (hidden where it is no terminal), updated between timed spans.
     let bar = ProgressBar::new(args.runs as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} timed runs [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
-    let timed = bench::run(args.config, nets, data, args.runs, args.seconds, args.trace, &mut open, &mut |done| bar.set_position(done as u64));
+    let timed = bench::run(args.config, nets, data, args.runs, args.seconds, args.trace, args.points, &mut open, &mut |done| bar.set_position(done as u64));
     bar.finish_and_clear();
     let r = timed?;
     let which = match nets {
@@ -912,6 +917,14 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         let us: Vec<String> = tuned.us.iter().map(|t| if t.is_finite() { format!("{t:.1}") } else { "-".into() }).collect();
         let chosen = if tuned.chosen == 0 { "cuBLAS's own".to_string() } else { format!("cublasLt candidate {}", tuned.chosen) };
         out!("tuned GEMM {}: {chosen}; µs cuBLAS, then cublasLt's candidates: {}", tuned.shape, us.join(" "));
+    }
+    if let Some(points) = &r.us_per_point {
+        let names: &[&str] = if points.len() == 2 { &["BN", "plain"] } else { &[which] };
+        let each: Vec<String> = names.iter().zip(points).map(|(name, us)| format!("{name} {us:.1} µs")).collect();
+        out!(
+            "evaluation points ({} test images, batch statistics, {} units probed; median of {}, each begun and finished at once): {}",
+            r.test_examples, bntrain::report::study::PROBE_NEURONS, bench::TIMED_POINTS, each.join(", ")
+        );
     }
     match &r.phases {
         Some(phases) => out!("{}", bench::phase_table(phases).trim_end_matches('\n')),

@@ -754,7 +754,7 @@ fn bench_traces_the_fused_step_inside_its_epoch() {
         Ok(Box::new(CudaBackend::with_options(model, train, data, params, options)?))
     };
     let nets = bntrain::bench::BenchNets::One { batch_norm: true };
-    let report = bntrain::bench::run(bntrain::bench::BenchConfig::Seed, nets, bntrain::bench::BenchData::Real(&data), 2, 0.01, true, &mut open, &mut |_| {})
+    let report = bntrain::bench::run(bntrain::bench::BenchConfig::Seed, nets, bntrain::bench::BenchData::Real(&data), 2, 0.01, true, false, &mut open, &mut |_| {})
         .expect("bench --trace on fused steps");
     let phases = report.phases.expect("fused steps are traced");
     assert_eq!(phases.len(), bntrain::cuda::phase_trace::phase_names(2).len(), "{phases:?}");
