@@ -85,6 +85,20 @@
 
 #define REPLICATED_THREADS 512
 #define REPLICATED_MAX_LAYERS 4
+// Trace slots a step (bench --trace; src/cuda/phase_trace.rs's replicated_phase_names): its
+// grid barrier (slot 5·step), then marks of thread 0 (a mark is no barrier: each block passes
+// it at its own pace) after the copy of a0 and layer 1's weights (+1), after the replicated
+// forward and the softmax (+2), after the replicated backward down to dA0 (+3), and after
+// layer 0's backward (+4, thread 0's last update: the other threads may still be at theirs).
+#define REPLICATED_TRACE_STRIDE 5
+
+// Thread 0 records passing trace slot `slot` (nothing when the trace is off or full).
+__device__ __forceinline__ void replicated_trace_mark(unsigned slot) {
+    if (threadIdx.x == 0 && fused_trace != nullptr && slot < FUSED_TRACE_BARRIERS) {
+        const unsigned long long clock = FUSED_CLOCK(), timer = FUSED_GLOBALTIMER();
+        fused_trace_slot(slot, clock, timer, true);
+    }
+}
 
 // The dynamic shared memory the launch gave (the CPU emulation defines its own).
 #ifndef FUSED_DYNAMIC_BYTES
@@ -709,7 +723,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
             }
             __syncthreads();
         }
-        grid_barrier(barrier, 2);
+        grid_barrier(barrier, REPLICATED_TRACE_STRIDE);
 
         // Row t's label, and the next step's image index of row t (stored into the other half
         // of image_of, which the previous step's layer 0 read last, after the copy of a0):
@@ -724,6 +738,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
         if (more)
             for (unsigned r = t; r < batch; r += T) image_of[((step + 1) & 1) * batch + r] = r == t ? next_image_t : image_at(base + batch + r);
         __syncthreads();
+        replicated_trace_mark(REPLICATED_TRACE_STRIDE * step + 1);
 
         // Forward of the replicated layers.
         for (unsigned l = 1; l < n_layers; ++l) {
@@ -801,6 +816,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 correct[0] += c;
             }
         }
+        replicated_trace_mark(REPLICATED_TRACE_STRIDE * step + 2);
 
         // Backward of the replicated layers, from the output layer down: dA of the layer below
         // into the scratch (layer 0: this block's columns only), then this layer's weight
@@ -859,12 +875,9 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 }
             }
             __syncthreads();  // the weight gradient read the layer below's a
-            // Phase timing (bench --trace): the replicated layers, dA0 of this block's columns
-            // included, end here; a mark in slot 2·step + 1, between the barriers' even slots.
-            if (l == 1 && t == 0 && fused_trace != nullptr && 2 * step + 1 < FUSED_TRACE_BARRIERS) {
-                const unsigned long long clock = FUSED_CLOCK(), timer = FUSED_GLOBALTIMER();
-                fused_trace_slot(2 * step + 1, clock, timer, true);
-            }
+            // Phase timing (bench --trace): the replicated backward, dA0 of this block's columns
+            // included, ends here.
+            if (l == 1) replicated_trace_mark(REPLICATED_TRACE_STRIDE * step + 3);
             if (l > 1) {
                 // The layer below (replicated, hidden): dY = act'(a)·dA, then BN's backward
                 // (or the bias's gradient); dZ replaces a.
@@ -971,6 +984,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
                 if (bn0) sgd_shared(vec0s, vvec0s, 2 * c + 1, d_beta);
             }
         }
+        replicated_trace_mark(REPLICATED_TRACE_STRIDE * step + 4);
     }
 
     // This block's layer-0 columns back (no other block reads them), after thread 0's last
@@ -997,7 +1011,7 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
 
     // Every block's last reads of the counters (and of a0), and its last writes of layer 1's
     // weights, lie before this barrier.
-    grid_barrier(barrier, 2);
+    grid_barrier(barrier, REPLICATED_TRACE_STRIDE);
     if (writer) {
         for (unsigned l = 1; l < n_layers; ++l) {
             const int* f = layer_info + (size_t)l * LAYER_FIELDS;

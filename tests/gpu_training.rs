@@ -718,10 +718,10 @@ fn replicated_fused_steps_match_the_cpu_reference() {
     check_all(cuda_replicated_3_blocks);
 }
 
-/// The one-barrier kernel's phase trace: two phases a step (its barrier, and its mark after
-/// the replicated layers), and tracing changes nothing.
+/// The one-barrier kernel's phase trace: five phases a step (its barrier, and its four marks),
+/// and tracing changes nothing.
 #[test]
-fn replicated_phase_trace_has_two_phases_and_changes_nothing() {
+fn replicated_phase_trace_has_five_phases_and_changes_nothing() {
     let Some(_serial) = serial_gpu() else { return };
     if !replicated_runs() {
         return;
@@ -738,7 +738,7 @@ fn replicated_phase_trace_has_two_phases_and_changes_nothing() {
     let rows = traced.phase_trace(0, 5).unwrap().expect("fused steps are traced");
     untraced.train_steps(0, 5).unwrap();
     assert_same_state("traced", &mut *traced, &mut *untraced);
-    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_eq!(rows.len(), 5, "{rows:#?}");
     assert!(rows.iter().all(|r| r.wall_us > 0.0 && r.wall_us.is_finite()), "{rows:?}");
 }
 

@@ -34,12 +34,20 @@ pub fn phase_names(hidden: usize) -> Vec<String> {
     names
 }
 
-/// The phases of a step of the one-barrier kernel (cuda/fused_replicated.cuh): its grid
-/// barrier follows layer 0's forward; the replicated layers then end at a mark of the
-/// kernel's own (recorded as a barrier with no wait, between the barriers' slots), and layer
-/// 0's backward runs on into the next step's forward.
+/// The phases of a step of the one-barrier kernel (cuda/fused_replicated.cuh,
+/// REPLICATED_TRACE_STRIDE): its grid barrier follows layer 0's forward; the other phases
+/// end at marks of the kernel's own (recorded as barriers with no wait, between the barriers'
+/// slots), the last after layer 0's backward, which runs on into the next step's forward.
 pub fn replicated_phase_names() -> Vec<String> {
-    vec!["backward layer 0 (step before), forward layer 0".to_string(), "replicated layers (to a mark, no barrier)".to_string()]
+    [
+        "forward layer 0",
+        "copy of a0 and layer 1's weights (to a mark, no barrier)",
+        "replicated forward, softmax (to a mark)",
+        "replicated backward, layer 0's dA (to a mark)",
+        "backward layer 0 (to a mark)",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// The barriers a traced launch of `steps` steps may have, given the phases of a step (one
@@ -154,9 +162,9 @@ mod tests {
         assert!(phase_names(0).is_empty());
         assert_eq!(traceable_steps(phase_names(2).len(), 100), 21);
         assert_eq!(traceable_steps(3, 3), 3);
-        // The one-barrier kernel: a barrier and a mark a step.
-        assert_eq!(replicated_phase_names().len(), 2);
-        assert_eq!(traceable_steps(replicated_phase_names().len(), 100), 31);
+        // The one-barrier kernel: a barrier and four marks a step.
+        assert_eq!(replicated_phase_names().len(), 5);
+        assert_eq!(traceable_steps(replicated_phase_names().len(), 100), 12);
     }
 
     /// A synthetic launch: block b's clock runs at 2 cycles per ns from an offset of its own;
