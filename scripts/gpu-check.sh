@@ -35,9 +35,9 @@
 #   cuda/fused_replicated.cuh) beside the grid kernel in the same call: the seed's step in
 #   blocks of 512 and 256 (traced), on every batch, the BN+plain pair (two launches) beside
 #   the grid pair in one launch, a training run, and the study beside the defaults'; then on
-#   half the SMs a network (BNTRAIN_FUSED_REPLICATED_GRID=66, so that the study's two
-#   launches may run side by side), alone, paired and in the study; and the study with the
-#   evaluation points on a stream of their own, either way;
+#   50 blocks a network (BNTRAIN_FUSED_REPLICATED_GRID=50: two layer-0 neurons a block, so
+#   that the study's two launches may run side by side on 100 SMs), alone, paired and in the
+#   study; and the study with the evaluation points on a stream of their own, either way;
 #   part "points" (after "replicated"): the study's evaluation points alone, each begun and
 #   finished at once (bench --pair --points), with and without a stream of their own;
 #   part "baseline" (after "bench", when the bundle has bntrain-base.xz: BASELINE=<commit>
@@ -313,10 +313,12 @@ bench seed fused f32 0 0 0 0 0 0 256 0 512
 bench seed fused f32 0 0 0 0 0 0 256 0 256
 bench seed fused f32 0 0 0 0 0 0 256 1 512
 bench seed fused f32 0 0 1 0 0 0 256 0 512
-# On half the SMs (an H100's or H200's 132): layer 0's pixels read twice a block, but the
-# pair's two launches may run side by side.
-bench seed fused f32 0 0 0 0 0 0 256 0 512 66
-bench seed fused f32 0 0 1 0 0 0 256 0 512 66
+# On 50 blocks, two layer-0 neurons each (their pixels read twice a block): the pair's two
+# launches may run side by side on 100 of an H100's or H200's 132 SMs, leaving 32 for the
+# evaluations on a stream of their own (66 blocks would take them all, no faster: 34 of them
+# would own two neurons).
+bench seed fused f32 0 0 0 0 0 0 256 0 512 50
+bench seed fused f32 0 0 1 0 0 0 256 0 512 50
 bench_part=bench
 # Part "points": the study's evaluation points alone (`bench --pair --points`: the whole test
 # split with batch statistics and the probe, each point begun and finished at once), with the
@@ -438,7 +440,7 @@ fi
 save_logs
 
 # The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default replicated replicated-streams replicated-half replicated-half-streams baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+for variant in fused default replicated replicated-streams replicated-50 replicated-50-streams baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
@@ -449,12 +451,12 @@ for variant in fused default replicated replicated-streams replicated-half repli
     # baseline: the defaults of the baseline build (part "baseline"), beside `default`.
     # replicated: fused steps on the one-barrier kernel (two launches a step; part
     # "replicated", which also runs `default` beside it when part "reproduce" does not);
-    # replicated-half: at most 66 blocks a network (half the SMs), so that the two launches
-    # may run side by side; -streams: the evaluation points on a stream of their own (on the
-    # SMs the launch leaves free).
+    # replicated-50: at most 50 blocks a network, so that the two launches may run side by
+    # side; -streams: the evaluation points on a stream of their own (on the SMs the launches
+    # leave free).
     step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 replicated=0 grid="" gate=reproduce exe="$bin"
     [[ $variant == replicated* ]] && step=fused replicated=512 gate=replicated
-    [[ $variant == replicated-half* ]] && grid=66
+    [[ $variant == replicated-50* ]] && grid=50
     [[ $variant == replicated* && $replicated_ok == 0 ]] && continue
     [[ $variant == default ]] && ! part reproduce && [[ $replicated_ok == 1 ]] && gate=replicated
     [[ $variant == baseline ]] && step=fused pairing=1 gate=baseline exe="$base_bin"
@@ -662,8 +664,8 @@ decide "seed fused: one barrier a step (256)" "$(bench_log seed fused f32)" "$(b
 decide "seed fused, 512 threads: one barrier a step" "$(bench_log seed fused f32 0 0 0 0 0 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)"
 decide "seed one barrier (512): all batches" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1 512)"
 decide "seed pair: one barrier, 2 launches, vs grid 1" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)"
-decide "seed one barrier (512): at most 66 blocks" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512 66)"
-decide "seed pair, one barrier: at most 66 blocks" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512 66)"
+decide "seed one barrier (512): at most 50 blocks" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512 50)"
+decide "seed pair, one barrier: at most 50 blocks" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512 50)"
 decide "train $steps steps: one barrier a step" "$logs/train-fused-f32.log" "$logs/train-replicated-f32.log"
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
@@ -700,8 +702,8 @@ decide "reproduce: the defaults (paired) against fused" reproduce:fused reproduc
 decide "reproduce: the defaults against the baseline's" reproduce:baseline reproduce:default
 decide "reproduce: one barrier against the defaults" reproduce:default reproduce:replicated
 decide "reproduce: one barrier, streams" reproduce:replicated reproduce:replicated-streams
-decide "reproduce: one barrier, at most 66 blocks" reproduce:replicated reproduce:replicated-half
-decide "reproduce: one barrier, 66 blocks, streams" reproduce:replicated-half reproduce:replicated-half-streams
+decide "reproduce: one barrier, at most 50 blocks" reproduce:replicated reproduce:replicated-50
+decide "reproduce: one barrier, 50 blocks, streams" reproduce:replicated-50 reproduce:replicated-50-streams
 decide "reproduce: 1024 threads a block against fused" reproduce:fused reproduce:blocks1024
 decide "reproduce: streams, 1024 threads against 1024" reproduce:blocks1024 reproduce:blocks1024-streams
 decide "reproduce: cluster-streams against cluster" reproduce:cluster reproduce:cluster-streams

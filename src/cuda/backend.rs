@@ -427,8 +427,9 @@ pub struct CudaOptions {
     /// At most this many blocks for the one-barrier kernel (None: one per neuron of the first
     /// layer and a writer, as many as the device keeps resident), each then owning more of the
     /// first layer's neurons. At one block an SM, the study's two networks (101 blocks each
-    /// for the seed) cannot run at once on an H100's 132 SMs; at 66 each they can, if the
-    /// driver runs their launches side by side, as it did the grid kernel's (docs/perf.md).
+    /// for the seed) cannot run at once on an H100's 132 SMs; at 50 each (two neurons a block)
+    /// they can, if the driver runs their launches side by side, as it did the grid kernel's
+    /// (docs/perf.md).
     /// Unset until measured; `BNTRAIN_FUSED_REPLICATED_GRID=N`.
     pub fused_replicated_grid: Option<u32>,
 }
