@@ -328,7 +328,7 @@ fn bench_and_info_run_on_the_cpu() {
     // default cycles through twelve; not with --noise.
     let big = e.dir.join("big");
     std::fs::create_dir(&big).unwrap();
-    write_dataset(&big, 1500, 100, true);
+    write_dataset(&big, 1500, 1100, true);
     let r = last_json(&bntrain(&[&quick[..], &["--data", s(&big)]].concat()));
     assert_eq!(r["batches"], 12);
     let out = bntrain(&[&quick[..], &["--data", s(&big), "--all-batches"]].concat());
@@ -345,13 +345,16 @@ fn bench_and_info_run_on_the_cpu() {
     assert_eq!(pair["networks"], 2);
     assert!(String::from_utf8_lossy(&out.stdout).contains("BN and plain in lockstep"));
     assert!(pair["us_per_point"].is_null() && pair["test_examples"] == 1000, "{pair}");
-    // --points: each network's evaluation points on the whole test split.
+    // --points: each network's evaluation points on the whole test split (the steps alone
+    // keep 1000 test images).
+    let r = last_json(&bntrain(&[&quick[..], &["--data", s(&big), "--pair"]].concat()));
+    assert!(r["us_per_point"].is_null() && r["test_examples"] == 1000, "{r}");
     let out = bntrain(&[&quick[..], &["--data", s(&big), "--pair", "--points"]].concat());
     let points = last_json(&out);
-    assert_eq!(points["test_examples"], 100, "the whole test split");
+    assert_eq!(points["test_examples"], 1100, "the whole test split");
     let us: Vec<f64> = points["us_per_point"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert!(us.len() == 2 && us.iter().all(|&t| t > 0.0 && t.is_finite()), "{points}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("evaluation points (100 test images"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("evaluation points (1100 test images"), "{}", String::from_utf8_lossy(&out.stdout));
     let r = last_json(&bntrain(&[&quick[..], &["--noise", "--points"]].concat()));
     assert_eq!((r["test_examples"].as_u64(), r["us_per_point"].as_array().map(Vec::len)), (Some(10_000), Some(1)));
     expect_failure(&bntrain(&[&quick[..], &["--noise", "--pair", "--no-bn"]].concat()), "--no-bn");

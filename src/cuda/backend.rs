@@ -992,9 +992,21 @@ impl CudaBackend {
                         let why = if plan.cluster().is_some() {
                             "thread-block clusters, also asked for, take precedence".to_string()
                         } else {
-                            format!("it does not take this network ({}: at most 4 layers above the first, whose parameters and batch's activations must fit a block's shared memory)", backend.gpu.name())
+                            // A cap leaves each block more of layer 0's weight rows to keep.
+                            let cap = options.fused_replicated_grid.map_or(String::new(), |n| format!(", on at most {n} blocks ({})", CudaOptions::REPLICATED_GRID_ENV));
+                            format!("it does not take this network ({}: at most 4 layers above the first, whose parameters and batch's activations, and the block's share of layer 0's weight rows, must fit a block's shared memory{cap})", backend.gpu.name())
                         };
                         let _ = writeln!(std::io::stderr(), "notice: the one-barrier kernel is not used: {why}; fused steps use {}", plan.kernel_name());
+                    }
+                    if options.fused_replicated_grid.is_some() && options.fused_replicated.is_none() {
+                        static GRID_ALONE: std::sync::Once = std::sync::Once::new();
+                        GRID_ALONE.call_once(|| {
+                            let _ = writeln!(
+                                std::io::stderr(),
+                                "notice: {} caps the one-barrier kernel's grid, which {} turns on; fused steps use {}",
+                                CudaOptions::REPLICATED_GRID_ENV, CudaOptions::REPLICATED_ENV, plan.kernel_name()
+                            );
+                        });
                     }
                     backend.fused = Some(plan);
                 }
@@ -1025,7 +1037,7 @@ impl CudaBackend {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER, BNTRAIN_FUSED_THREADS and BNTRAIN_FUSED_REPLICATED apply to fused steps only; this network's steps run as {}",
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER, BNTRAIN_FUSED_THREADS, BNTRAIN_FUSED_REPLICATED and BNTRAIN_FUSED_REPLICATED_GRID apply to fused steps only; this network's steps run as {}",
                     if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
                 );
             });
