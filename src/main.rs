@@ -57,8 +57,9 @@ enum Command {
     /// fused steps in one thread-block cluster per network (compute capability 9.0 and
     /// newer); BNTRAIN_FUSED_REPLICATED=1 (or 256, 512: the block size) runs fused steps with
     /// one grid barrier a step, the layers above the first computed whole in every block
-    /// (BNTRAIN_FUSED_REPLICATED_GRID=N: on at most N blocks); BNTRAIN_GEMM_TUNE=1 times cuBLAS's and cublasLt's algorithms for each large
-    /// GEMM shape and keeps the fastest, listed after the result; BNTRAIN_BACKWARD_STREAMS=1
+    /// (BNTRAIN_FUSED_REPLICATED_GRID=N: on at most N blocks); BNTRAIN_GEMM_TUNE=1 times
+    /// cuBLAS's and cublasLt's algorithms for each large GEMM shape and keeps the fastest,
+    /// listed after the result; BNTRAIN_BACKWARD_STREAMS=1
     /// or 0 puts graph and eager steps' weight gradients on a second stream or not (by
     /// default with f32 GEMMs only). The defaults are the faster choices measured on an H100
     /// (docs/perf.md).

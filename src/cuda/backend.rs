@@ -483,7 +483,8 @@ impl CudaOptions {
     /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM`, the
     /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`, the block size from
     /// `BNTRAIN_FUSED_THREADS` and the one-barrier kernel from `BNTRAIN_FUSED_REPLICATED`
-    /// (its grid's cap from `BNTRAIN_FUSED_REPLICATED_GRID`); each unset (or empty) variable leaves [`CudaOptions::default`]'s choice.
+    /// (its grid's cap from `BNTRAIN_FUSED_REPLICATED_GRID`); each unset (or empty) variable
+    /// leaves [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
         let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
         let switch = |name: &str, default: bool| Ok::<_, ConfigError>(Self::switch_from_env(name, std::env::var(name).ok().as_deref())?.unwrap_or(default));
