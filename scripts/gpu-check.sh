@@ -323,14 +323,15 @@ bench_part=bench
 # Part "points": the study's evaluation points alone (`bench --pair --points`: the whole test
 # split with batch statistics and the probe, each point begun and finished at once), with the
 # defaults and with points on a stream of their own: what the comparison's 800 points cost
-# beside its steps.
+# beside its steps. The steps run as CUDA graphs, whatever became of the fused kernels' smoke
+# tests: a point runs the same kernels either way.
 for streams in 0 1; do
     part points || break
     name="evaluation points (BN+plain, test split$([[ $streams == 1 ]] && echo ", own stream"))"
     limit 60 10 "$name" || { failed=1; break; }
     log="$logs/points-streams$streams.log"
-    echo "== BNTRAIN_EVAL_STREAM=$streams bntrain bench --device cuda --pair --points"
-    BNTRAIN_EVAL_STREAM=$streams timeout -k 10 "$t" "$bin" --device cuda bench --config seed --pair --points --runs 1 --seconds 0.05 --json 2>&1 | tee "$log"
+    echo "== BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=graph bntrain bench --device cuda --pair --points"
+    BNTRAIN_EVAL_STREAM=$streams BNTRAIN_CUDA_STEP=graph timeout -k 10 "$t" "$bin" --device cuda bench --config seed --pair --points --runs 1 --seconds 0.05 --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         row "$name" "$(json_eval "$log" "' / '.join(f'{u:.1f}' for u in r.get('us_per_point') or []) + f\" µs a point (BN / plain) on {r.get('test_examples')} images; steps {r.get('us_per_step', 0):.2f} µs; {r.get('device')}\"")"
     else
