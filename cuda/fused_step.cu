@@ -162,9 +162,14 @@ __device__ __forceinline__ unsigned long long fused_globaltimer() {
 }
 #define FUSED_GLOBALTIMER() fused_globaltimer()
 #endif
+// A hook of the CPU emulation, which counts each block's records of each slot (nothing here).
+#ifndef FUSED_TRACE_RECORDED
+#define FUSED_TRACE_RECORDED(slot)
+#endif
 // Records one slot of the calling block (see fused_trace); out of line, so that the kernels
 // spend no registers on it.
 __device__ __noinline__ void fused_trace_slot(unsigned slot, unsigned long long clock_in, unsigned long long timer_in, bool both) {
+    FUSED_TRACE_RECORDED(slot);
     unsigned long long* p = fused_trace + ((size_t)blockIdx.x * FUSED_TRACE_SLOTS + slot) * 4;
     p[0] = clock_in;
     p[2] = timer_in;

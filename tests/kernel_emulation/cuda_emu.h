@@ -65,6 +65,12 @@ inline unsigned long long emu_now_ns() {
 }
 #define FUSED_CLOCK() emu_now_ns()
 #define FUSED_GLOBALTIMER() emu_now_ns()
+// How many times each block recorded each trace slot (fused_trace_slot): [block][slot], sized
+// by the test before a traced launch (a slot recorded twice would skew its phase's time and
+// pass every check of the values).
+inline std::vector<std::vector<unsigned>> g_trace_records;
+#define FUSED_TRACE_RECORDED(slot) \
+    do { if (blockIdx.x < g_trace_records.size() && (slot) < g_trace_records[blockIdx.x].size()) g_trace_records[blockIdx.x][(slot)]++; } while (0)
 #define __noinline__
 #define __global__
 #define __launch_bounds__(...)
