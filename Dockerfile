@@ -13,7 +13,10 @@
 #   UBUNTU_VERSION    Ubuntu of both stages (default 24.04).
 #   RUST_VERSION      pinned Rust toolchain (default 1.95.0).
 #   BNTRAIN_PTX_ARCH  PTX target of the kernels (default compute_75: runs on
-#                     compute capability 7.5 and newer, JIT-compiled by the driver).
+#                     compute capability 7.5 and newer).
+#   BNTRAIN_SASS_ARCHS  GPUs the binary carries machine code for (default
+#                     sm_80,sm_90: A100 and its 8.x kin, H100/H200); on any
+#                     other GPU the driver compiles the PTX at start-up.
 #
 # The binary is built by scripts/build-release.sh, the same script CI runs.
 
@@ -64,9 +67,11 @@ COPY . .
 # The cache mounts keep downloaded crates and compiled dependencies between
 # builds; the binary leaves the target/ cache through /out.
 ARG BNTRAIN_PTX_ARCH=compute_75
+ARG BNTRAIN_SASS_ARCHS=sm_80,sm_90
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     BNTRAIN_REQUIRE_NVCC=1 BNTRAIN_PTX_ARCH="${BNTRAIN_PTX_ARCH}" \
+    BNTRAIN_SASS_ARCHS="${BNTRAIN_SASS_ARCHS}" \
     scripts/build-release.sh /out
 
 # ---------------------------------------------------------------------------

@@ -1,16 +1,23 @@
-//! Compiles every `cuda/*.cu` to PTX with nvcc and writes `$OUT_DIR/kernels.rs`:
+//! Compiles every `cuda/*.cu` with nvcc into a fat binary and writes `$OUT_DIR/kernels.rs`:
 //!
 //! ```ignore
-//! pub const KERNELS: Option<&[(&str, &str)]>;  // (module name, PTX text), None without nvcc
-//! pub const PTX_ARCH: &str;                     // the -arch the PTX was written for
+//! pub const KERNELS: Option<&[(&str, &[u8])]>;  // (module name, fat binary), None without nvcc
+//! pub const PTX_ARCH: &str;                     // the -arch the PTX was written for (tests)
 //! pub const NVCC_VERSION: Option<&str>;         // e.g. "Cuda compilation tools, release 13.0, V13.0.88"
 //! ```
+//!
+//! A module's fat binary holds its PTX and, for each GPU architecture in
+//! `BNTRAIN_SASS_ARCHS` (default `sm_80,sm_90`: A100, H100/H200), the machine code ptxas
+//! makes from that same PTX. The driver loads the machine code where it fits the GPU
+//! (sm_80's also runs on 8.6 and 8.9) and compiles the PTX on any other GPU, which took 29 s
+//! on an H100 at start-up (docs/perf.md). `BNTRAIN_SASS_ARCHS=none` embeds the PTX alone
+//! (quicker builds). Everything is compressed (`-Xfatbin -compress-all`).
 //!
 //! nvcc is looked for in `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `$PATH`, then
 //! `/usr/local/cuda/bin`. Without it the crate still builds (CPU only) and says so.
 //! `BNTRAIN_PTX_ARCH` picks the virtual architecture (default `compute_75`, the oldest
-//! nvcc 13 accepts; the driver JIT-compiles the PTX for the GPU it finds). Math stays IEEE
-//! (no `--use_fast_math`): the kernels are checked against a CPU reference.
+//! nvcc 13 accepts). Math stays IEEE (no `--use_fast_math`): the kernels are checked
+//! against a CPU reference.
 
 use std::env;
 use std::fs;
@@ -19,11 +26,12 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=cuda");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "BNTRAIN_PTX_ARCH"] {
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "BNTRAIN_PTX_ARCH", "BNTRAIN_SASS_ARCHS"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let arch = env::var("BNTRAIN_PTX_ARCH").unwrap_or_else(|_| "compute_75".to_string());
+    let sass = sass_archs(&env::var("BNTRAIN_SASS_ARCHS").unwrap_or_else(|_| "sm_80,sm_90".to_string()));
 
     let mut sources: Vec<PathBuf> = fs::read_dir("cuda")
         .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
@@ -37,17 +45,29 @@ fn main() {
     let generated = match find_nvcc() {
         None => {
             println!("cargo:warning=nvcc not found: CUDA kernels left out; --device cuda will be unavailable. Install nvcc (see README) and rebuild");
-            format!("pub const KERNELS: Option<&[(&str, &str)]> = None;\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = None;\n")
+            format!("pub const KERNELS: Option<&[(&str, &[u8])]> = None;\n#[allow(dead_code)] // checked against the images by fatbin.rs's tests\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = None;\n")
         }
         Some((nvcc, version)) => {
+            let cu: Vec<&PathBuf> = sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
+            // One thread a module: fused_step's machine code alone takes most of a minute.
+            let images: Vec<Result<PathBuf, String>> = std::thread::scope(|scope| {
+                let jobs: Vec<_> = cu
+                    .iter()
+                    .map(|source| {
+                        let image = out_dir.join(format!("{}.fatbin", stem(source)));
+                        let (nvcc, arch, sass) = (&nvcc, &arch, &sass);
+                        scope.spawn(move || compile(nvcc, &source_arch(source, arch), sass, source, &image).map(|()| image))
+                    })
+                    .collect();
+                jobs.into_iter().map(|job| job.join().unwrap_or_else(|_| Err("an nvcc thread panicked".into()))).collect()
+            });
+            // A failure stops the build with nvcc's own diagnostics.
+            let images: Vec<PathBuf> = images.into_iter().collect::<Result<_, _>>().unwrap_or_else(|why| panic!("{why}"));
             let mut entries = String::new();
-            for source in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
-                let name = source.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name");
-                let ptx = out_dir.join(format!("{name}.ptx"));
-                compile(&nvcc, &source_arch(source, &arch), source, &ptx);
-                entries.push_str(&format!("    ({name:?}, include_str!({:?})),\n", ptx.display().to_string()));
+            for (source, image) in cu.iter().zip(&images) {
+                entries.push_str(&format!("    ({:?}, include_bytes!({:?})),\n", stem(source), image.display().to_string()));
             }
-            format!("pub const KERNELS: Option<&[(&str, &str)]> = Some(&[\n{entries}]);\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = Some({version:?});\n")
+            format!("pub const KERNELS: Option<&[(&str, &[u8])]> = Some(&[\n{entries}]);\n#[allow(dead_code)] // checked against the images by fatbin.rs's tests\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = Some({version:?});\n")
         }
     };
     fs::write(out_dir.join("kernels.rs"), generated).expect("write kernels.rs");
@@ -89,20 +109,49 @@ fn source_arch(source: &Path, arch: &str) -> String {
     }
 }
 
-/// nvcc -ptx; a failure stops the build with nvcc's own diagnostics.
-fn compile(nvcc: &Path, arch: &str, source: &Path, ptx: &Path) {
+fn stem(source: &Path) -> &str {
+    source.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name")
+}
+
+/// The GPU architectures of `BNTRAIN_SASS_ARCHS` as numbers (`sm_80,sm_90` → 80, 90);
+/// `none` or nothing: none. A malformed list stops the build.
+fn sass_archs(list: &str) -> Vec<u32> {
+    let list = list.trim();
+    if list.is_empty() || list == "none" {
+        return Vec::new();
+    }
+    list.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.strip_prefix("sm_").unwrap_or(t).parse::<u32>().unwrap_or_else(|_| {
+                panic!("BNTRAIN_SASS_ARCHS: `{t}` is not a GPU architecture (expected e.g. `sm_80,sm_90`, or `none`)")
+            })
+        })
+        .collect()
+}
+
+/// nvcc -fatbin: the PTX for `arch` and machine code for each of `sass` that is at least
+/// `arch` (a module that asks for compute_90 gets no sm_80 code), assembled by ptxas from
+/// that same PTX, as the driver would at run time. On failure, nvcc's own diagnostics.
+fn compile(nvcc: &Path, arch: &str, sass: &[u32], source: &Path, image: &Path) -> Result<(), String> {
+    let virtual_number = arch.strip_prefix("compute_").and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+    let mut codes = vec![arch.to_string()];
+    codes.extend(sass.iter().filter(|&&sm| sm >= virtual_number).map(|sm| format!("sm_{sm}")));
     let output = Command::new(nvcc)
-        .args(["-ptx", &format!("-arch={arch}"), "-lineinfo", "-Wno-deprecated-gpu-targets", "-Icuda", "-o"])
-        .arg(ptx)
+        .args(["-fatbin", "-lineinfo", "-Wno-deprecated-gpu-targets", "-Icuda", "-Xfatbin", "-compress-all", "-t", "0"])
+        .arg(format!("-gencode=arch={arch},code=[{}]", codes.join(",")))
+        .arg("-o")
+        .arg(image)
         .arg(source)
         .output()
-        .unwrap_or_else(|e| panic!("could not run {}: {e}", nvcc.display()));
+        .map_err(|e| format!("could not run {}: {e}", nvcc.display()))?;
     if !output.status.success() {
-        panic!(
+        return Err(format!(
             "nvcc failed on {}:\n{}{}",
             source.display(),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
-        );
+        ));
     }
+    Ok(())
 }

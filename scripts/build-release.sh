@@ -18,6 +18,8 @@
 #                         and a warning says so.
 #   BNTRAIN_PTX_ARCH      PTX target passed through to build.rs (its default:
 #                         compute_75, i.e. compute capability 7.5 and newer).
+#   BNTRAIN_SASS_ARCHS    GPUs to carry machine code for, passed through to
+#                         build.rs (its default: sm_80,sm_90; none: PTX only).
 #   CARGO_TARGET_DIR      honoured; the binary is taken from there.
 set -euo pipefail
 
@@ -74,7 +76,7 @@ if [[ -n "$nvcc_path" ]]; then
         warn "nvcc ${nvcc_release:-?} is not the pinned $nvcc_pin: its PTX may be refused by" \
             "drivers older than it (CUDA_ERROR_UNSUPPORTED_PTX_VERSION)"
     fi
-    info "PTX target: ${BNTRAIN_PTX_ARCH:-build.rs default (compute_75)}"
+    info "PTX target: ${BNTRAIN_PTX_ARCH:-build.rs default (compute_75)}; machine code for: ${BNTRAIN_SASS_ARCHS:-build.rs default (sm_80,sm_90)}"
 elif [[ "${BNTRAIN_REQUIRE_NVCC:-0}" == 1 ]]; then
     die "nvcc not found and BNTRAIN_REQUIRE_NVCC=1 (set NVCC, CUDA_HOME or PATH)"
 else

@@ -17,12 +17,36 @@ cd "$(dirname "$0")/.."
 bundle="${1:-gpu-bundle}"
 tests=(gpu_kernels gpu_training)
 
+# Whether binary $1 holds every kernel module with machine code for the GPU host (sm_90): the
+# fat binaries' headers (magic 0xBA55ED50; their entry headers stay uncompressed; layout in
+# src/cuda/fatbin.rs), not a kernel's name, which the Rust code holds anyway. A baseline built
+# before the fat binaries holds the PTX text instead (`.entry`), compiled by the driver.
+modules="$(ls cuda/*.cu | wc -l)"
+has_kernels() {
+    grep -qa '\.entry gather_rows_f32' "$1" && return 0
+    python3 - "$1" "$modules" <<'EOF'
+import struct, sys
+data, wanted = open(sys.argv[1], "rb").read(), int(sys.argv[2])
+magic, sm90 = b"\x50\xed\x55\xba\x01\x00\x10\x00", 0
+at = data.find(magic)
+while at >= 0 and at + 16 <= len(data):
+    off = at + 16
+    end = min(off + struct.unpack_from("<Q", data, at + 8)[0], len(data))
+    while off + 0x20 <= end:
+        kind, _, header, payload = struct.unpack_from("<HHIQ", data, off)
+        sm90 += kind == 2 and struct.unpack_from("<I", data, off + 0x1c)[0] == 90
+        if header < 0x20:
+            break
+        off += header + payload
+    at = data.find(magic, at + 1)
+sys.exit(0 if sm90 >= wanted else 1)
+EOF
+}
+
 echo "== cargo build --release"
 cargo build --release --bin bntrain
-# The kernels' PTX itself (`.entry`), not a kernel's name, which the Rust code holds anyway:
-# a build without nvcc has no PTX. The sm_90 module (the cluster kernels) as well.
-if ! grep -qa '\.entry gather_rows_f32' target/release/bntrain || ! grep -qa '\.entry fused_cluster8_f32' target/release/bntrain; then
-    echo "gpu-bundle: target/release/bntrain has no CUDA kernels: nvcc was not found at build time (put it on PATH and rebuild)" >&2
+if ! has_kernels target/release/bntrain; then
+    echo "gpu-bundle: target/release/bntrain lacks CUDA kernels with sm_90 machine code: nvcc was not found at build time (put it on PATH and rebuild), or BNTRAIN_SASS_ARCHS left sm_90 out" >&2
     exit 1
 fi
 echo "== cargo test --release --no-run"
@@ -44,7 +68,7 @@ for line in sys.stdin:
         print(m["executable"])
 ' "$name" | tail -n 1)"
     [[ -n "$exe" ]] || { echo "gpu-bundle: no executable found for test $name" >&2; exit 1; }
-    grep -qa '\.entry gather_rows_f32' "$exe" || { echo "gpu-bundle: $exe has no CUDA kernels (built without nvcc)" >&2; exit 1; }
+    has_kernels "$exe" || { echo "gpu-bundle: $exe lacks CUDA kernels with sm_90 machine code (built without nvcc?)" >&2; exit 1; }
     cp "$exe" "$bundle/$name"
 done
 if command -v strip >/dev/null; then
@@ -61,7 +85,7 @@ if [[ -n "${BASELINE:-}" ]]; then
     git worktree add --detach "$source_dir" "$rev" >/dev/null
     (cd "$source_dir" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release --bin bntrain)
     base="target/baseline/target/release/bntrain"
-    grep -qa '\.entry gather_rows_f32' "$base" || { echo "gpu-bundle: the baseline build has no CUDA kernels (built without nvcc)" >&2; exit 1; }
+    has_kernels "$base" || { echo "gpu-bundle: the baseline build has no CUDA kernels (built without nvcc)" >&2; exit 1; }
     cp "$base" "$bundle/bntrain-base"
     command -v strip >/dev/null && strip "$bundle/bntrain-base" 2>/dev/null || true
     xz -T0 -6 -f "$bundle/bntrain-base"

@@ -2,7 +2,8 @@
 # Runs on a GPU host without Rust, from a bundle made by scripts/gpu-bundle.sh, in order of
 # importance (each step only starts while enough of BUDGET is left; every command runs
 # under `timeout -k 10`, so that even a hung kernel cannot hold the call):
-#   0. `bntrain info` (the driver compiles the kernels' PTX here, timed), then smoke tests
+#   0. `bntrain info` (the kernel modules load here, timed: the binary's sm_90 machine code,
+#      or the driver compiles their PTX where it has none), then smoke tests
 #      of the fused grid kernel and of the cluster kernel (300 steps each; a failure skips
 #      every later run of that kernel);
 #   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure): the
@@ -54,7 +55,8 @@
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
 # "tests replicated points train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
-# stalls by instruction) picks the steps after the smoke tests, for a rerun of a few. When
+# stalls by instruction; "jit": the binary's machine code against the driver's compilation)
+# picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
 # checkpoints and SVGs) in $OUT/gpu-check.tar.gz, renewed after each part.
@@ -115,15 +117,16 @@ json_field() { json_eval "$1" "(lambda v: '?' if v is None else (f'{v:.4f}' if i
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(nvidia-smi unavailable)"
 
-# First `bntrain info`: it opens the GPU and loads every kernel module, so the driver's
-# compilation of the PTX (megabytes for the fused kernels, on a fresh machine) happens here,
-# timed, and not inside the smoke tests' short limits. The cache keeps it for the commands
-# after this one.
+# First `bntrain info`: it opens the GPU and loads every kernel module, timed. The binary
+# carries sm_90 machine code (build.rs), so this should take seconds; a GPU it has no code
+# for (a notice says so) has the driver compile the PTX here (29 s on an H100 before), not
+# inside the smoke tests' short limits, and the cache keeps that for the commands after.
 export CUDA_CACHE_MAXSIZE=1073741824
-echo "== bntrain info (CUDA_CACHE_DISABLE=${CUDA_CACHE_DISABLE:-unset}; the kernels' PTX compiled by the driver here)"
+echo "== bntrain info (CUDA_CACHE_DISABLE=${CUDA_CACHE_DISABLE:-unset}; the kernel modules load here)"
 info_start=$SECONDS
 timeout -k 10 240 "$bin" info 2>&1 | tee "$logs/info.log"
-row "bntrain info (PTX compiled)" "$((SECONDS - info_start)) s: $(grep -m1 '^cuda:' "$logs/info.log" || echo 'no cuda line')"
+how="machine code"; grep -q "notice: this build has no machine code" "$logs/info.log" && how="PTX compiled by the driver"
+row "bntrain info (kernels loaded)" "$((SECONDS - info_start)) s, $how: $(grep -m1 '^cuda:' "$logs/info.log" || echo 'no cuda line')"
 
 # A smoke test: `train` for 300 steps with the environment given (VAR=VALUE …), whose device
 # name must contain WANT; its row says so, and it fails (so that every later run of that
@@ -400,6 +403,27 @@ bench seed fused f32 0 0 2 0 0 0 256 1
 bench seed graph f32 0 0 0 0 0 0 256 1
 
 save_logs
+
+# Part "jit" (not in the default PARTS): the kernels as the binary carries them (nvcc's ptxas
+# made the sm_90 machine code from the PTX) against the driver's own compilation of the same
+# PTX (CUDA_FORCE_PTX_JIT=1, how every build before the fat binaries ran): the first
+# command's seconds, and the seed's fused step. The same ptxas version should give the same
+# code and times.
+if part jit && [[ $fused_ok == 1 ]]; then
+    for code in "machine code" "driver JIT"; do
+        force=(); [[ $code == "driver JIT" ]] && force=(CUDA_FORCE_PTX_JIT=1)
+        limit 120 60 "jit: info and seed bench ($code)" || break
+        echo "== ${force[*]} bntrain info; bntrain bench --config seed"
+        info_start=$SECONDS
+        env "${force[@]}" timeout -k 10 "$t" "$bin" info > "$logs/info-${force[*]:-sass}.log" 2>&1
+        info_s=$((SECONDS - info_start))
+        log="$logs/bench-seed-${force[*]:-sass}.log"
+        limit 60 10 "jit: seed bench ($code)" || break
+        env "${force[@]}" timeout -k 10 "$t" "$bin" --device cuda bench --config seed --json 2>&1 | tee "$log"
+        row "seed fused step, kernels by $code" "$(json_field "$log" us_per_step) µs/step (median); info took $info_s s"
+    done
+    save_logs
+fi
 
 # Part "baseline": another commit's build (bntrain-base.xz, packed by gpu-bundle.sh with
 # BASELINE=<commit>, a commit with `bench --trace`) beside this one, in the same call: the

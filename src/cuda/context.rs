@@ -2,13 +2,14 @@
 //! loading), so a machine without them runs the CPU backend; this module checks for them
 //! before the first driver call (which would panic otherwise), opens device 0, creates one
 //! stream and one cuBLAS handle on it (with a workspace of its own, so that cuBLAS calls can
-//! be captured into a CUDA graph), and loads every PTX module `build.rs` compiled.
+//! be captured into a CUDA graph), and loads every kernel module `build.rs` compiled (fat binaries: PTX and machine code).
 
-use super::{built, describe_driver_error, CudaError};
+use super::{built, describe_driver_error, fatbin, CudaError};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
 use cudarc::cublaslt::{result as lt_result, sys as lt_sys};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -175,7 +176,7 @@ impl Gpu {
         }
     }
 
-    fn open_device(modules: &[(&str, &str)]) -> Result<Gpu, CudaError> {
+    fn open_device(modules: &[(&str, &[u8])]) -> Result<Gpu, CudaError> {
         if CudaContext::device_count()? < 1 {
             return Err(CudaError::NoDevice);
         }
@@ -196,17 +197,24 @@ impl Gpu {
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
             ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
         );
+        let (major, minor) = (capability.0.max(0) as u32, capability.1.max(0) as u32);
+        // A module built for a newer GPU than this one (fused_cluster: compute_90, sm_90) is
+        // left out; what needs it is then unavailable. (An image fatbin.rs cannot read is
+        // loaded all the same: the driver decides.)
+        let modules: Vec<(&str, &[u8], Vec<fatbin::Entry>)> = modules
+            .iter()
+            .map(|&(module, image)| (module, image, fatbin::entries(image).unwrap_or_default()))
+            .filter(|(_, _, contents)| fatbin::runs_natively(contents, major, minor) || fatbin::ptx_target(contents).is_none_or(|target| target <= major * 10 + minor))
+            .collect();
+        if modules.iter().any(|(_, _, contents)| !contents.is_empty() && !fatbin::runs_natively(contents, major, minor)) {
+            jit_notice(major, minor);
+        }
         let mut loaded = Vec::with_capacity(modules.len());
-        for &(module, ptx) in modules {
-            // A module built for a newer GPU than this one (fused_cluster: sm_90) is left out;
-            // what needs it is then unavailable.
-            if ptx_target(ptx).is_some_and(|target| target > (capability.0 * 10 + capability.1).max(0) as u32) {
-                continue;
-            }
-            let handle = ctx.load_module(Ptx::from_src(ptx)).map_err(|e| match e.0 {
+        for (module, image, contents) in modules {
+            let handle = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(|e| match e.0 {
                 sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => CudaError::PtxTooNew {
                     module: module.to_string(),
-                    ptx_isa: ptx_isa(ptx),
+                    ptx_isa: fatbin::ptx_isa(&contents).unwrap_or_else(|| "unknown".into()),
                     driver: driver_version(),
                 },
                 _ => CudaError::Driver(format!("loading kernel module `{module}`: {}", describe_driver_error(e))),
@@ -418,19 +426,17 @@ impl Gpu {
     }
 }
 
-/// The compute capability of a PTX text's `.target` line (`sm_90` → 90).
-pub(crate) fn ptx_target(ptx: &str) -> Option<u32> {
-    ptx.lines().find_map(|l| l.trim().strip_prefix(".target")).and_then(|t| t.trim().strip_prefix("sm_")).and_then(|t| {
-        let digits: String = t.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    })
-}
-
-/// The `.version` line of a PTX text, e.g. `9.0`.
-fn ptx_isa(ptx: &str) -> String {
-    ptx.lines()
-        .find_map(|l| l.trim().strip_prefix(".version").map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into())
+/// Says, once a process, that the driver compiles the kernels' PTX before the first run on
+/// this GPU: this build carries no machine code for it (build.rs, `BNTRAIN_SASS_ARCHS`).
+fn jit_notice(major: u32, minor: u32) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        // writeln, not eprintln: a closed stderr must not turn the notice into a panic.
+        let _ = writeln!(
+            std::io::stderr(),
+            "notice: this build has no machine code for sm_{major}{minor}: the CUDA driver compiles the kernels' PTX first (29 s on an H100), and caches the result for later runs"
+        );
+    }
 }
 
 /// The driver's CUDA version, e.g. `12.4`.
@@ -440,18 +446,5 @@ fn driver_version() -> String {
     match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
         Ok(()) => format!("{}.{}", v / 1000, (v % 1000) / 10),
         Err(_) => "unknown".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ptx_target;
-
-    #[test]
-    fn ptx_targets_are_read_from_the_target_line() {
-        assert_eq!(ptx_target("//\n.version 9.0\n.target sm_90\n.address_size 64\n"), Some(90));
-        assert_eq!(ptx_target(".version 8.0\n.target sm_75, debug\n"), Some(75));
-        assert_eq!(ptx_target(".target sm_90a\n"), Some(90));
-        assert_eq!(ptx_target(".version 9.0\n"), None);
     }
 }

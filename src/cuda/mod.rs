@@ -2,8 +2,9 @@
 //! statistics, momentum, activations, loss accumulators); the host only launches and, at
 //! evaluation points, reads back.
 //!
-//! - [`context`]: opening device 0 safely (no panic without a driver), loading the PTX
+//! - [`context`]: opening device 0 safely (no panic without a driver), loading the kernel
 //!   modules that `build.rs` compiled from `cuda/*.cu`;
+//! - [`fatbin`]: what those modules' fat binaries hold (PTX, machine code for which GPUs);
 //! - [`kernels`]: one checked launcher per CUDA kernel (public so tests can drive them);
 //! - [`gemm`]: the one row-major GEMM helper over cuBLAS;
 //! - `backend`: [`CudaBackend`], the [`crate::backend::Backend`] implementation, whose
@@ -11,6 +12,7 @@
 
 mod backend;
 pub mod context;
+pub mod fatbin;
 pub mod gemm;
 pub mod gemm_tuning;
 pub mod kernels;
@@ -23,7 +25,7 @@ pub use context::Gpu;
 use cudarc::driver::{result::DriverError, sys::CUresult};
 use thiserror::Error;
 
-/// What `build.rs` produced: `KERNELS` (module name, PTX) or `None` without nvcc,
+/// What `build.rs` produced: `KERNELS` (module name, fat binary) or `None` without nvcc,
 /// `PTX_ARCH` and `NVCC_VERSION`.
 mod built {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -113,18 +115,34 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// One line on how the kernels were built, for `bntrain info`.
+/// One line on how the kernels were built, for `bntrain info`: the PTX target, the GPUs
+/// with machine code, and the modules that differ (fused_cluster: compute_90, sm_90).
 pub fn build_info() -> String {
     match (built::KERNELS, built::NVCC_VERSION) {
         (Some(modules), Some(nvcc)) => {
-            // Modules that asked build.rs for a newer target (fused_cluster: sm_90).
-            let base = built::PTX_ARCH.strip_prefix("compute_").and_then(|n| n.parse::<u32>().ok());
-            let newer: Vec<String> = modules
-                .iter()
-                .filter_map(|(name, ptx)| context::ptx_target(ptx).filter(|&t| base.is_some_and(|b| t > b)).map(|t| format!("{name}: compute_{t}")))
-                .collect();
-            let newer = if newer.is_empty() { String::new() } else { format!("; {}", newer.join(", ")) };
-            format!("CUDA kernels: {} PTX modules for {}{newer} ({nvcc})", modules.len(), built::PTX_ARCH)
+            let contents: Vec<(&str, Vec<fatbin::Entry>)> = modules.iter().map(|&(name, image)| (name, fatbin::entries(image).unwrap_or_default())).collect();
+            let describe = |entries: &[fatbin::Entry]| -> String {
+                let sass = fatbin::sass_archs(entries);
+                let ptx = fatbin::ptx_target(entries).map_or_else(|| "unreadable".to_string(), |t| format!("compute_{t}"));
+                if sass.is_empty() {
+                    format!("PTX {ptx}, no machine code")
+                } else {
+                    format!("PTX {ptx}, machine code for {}", sass.iter().map(|a| format!("sm_{a}")).collect::<Vec<_>>().join(", "))
+                }
+            };
+            // The most common description is the build's; the others are listed by module.
+            let mut kinds: Vec<(String, usize)> = Vec::new();
+            for (_, entries) in &contents {
+                let d = describe(entries);
+                match kinds.iter_mut().find(|(k, _)| *k == d) {
+                    Some((_, n)) => *n += 1,
+                    None => kinds.push((d, 1)),
+                }
+            }
+            let common = kinds.iter().max_by_key(|(_, n)| *n).map(|(k, _)| k.clone()).unwrap_or_default();
+            let others: Vec<String> = contents.iter().map(|(name, e)| (name, describe(e))).filter(|(_, d)| *d != common).map(|(name, d)| format!("{name}: {d}")).collect();
+            let others = if others.is_empty() { String::new() } else { format!("; {}", others.join("; ")) };
+            format!("CUDA kernels: {} modules, {common}{others} ({nvcc})", modules.len())
         }
         _ => "CUDA kernels: not built (nvcc was not found at build time)".to_string(),
     }
