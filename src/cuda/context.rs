@@ -177,6 +177,17 @@ impl Gpu {
     }
 
     fn open_device(modules: &[(&str, &[u8])]) -> Result<Gpu, CudaError> {
+        // Before anything else: the machine code loads on an older driver of another major
+        // version only to have cuBLAS fail later with an opaque NOT_INITIALIZED.
+        if let Some(needed) = built::NVCC_VERSION.and_then(cuda_major) {
+            let mut version: std::ffi::c_int = 0;
+            // SAFETY: the driver library is loaded (checked in `Gpu::open`) and `version` is a
+            // valid out pointer.
+            unsafe { sys::cuDriverGetVersion(&mut version) }.result()?;
+            if version / 1000 < needed {
+                return Err(CudaError::DriverTooOld { driver: driver_version(), needed: format!("{needed}.0") });
+            }
+        }
         if CudaContext::device_count()? < 1 {
             return Err(CudaError::NoDevice);
         }
@@ -439,6 +450,13 @@ fn jit_notice(major: u32, minor: u32) {
     }
 }
 
+/// The CUDA major version of nvcc's `release` line (`Cuda compilation tools, release 13.0,
+/// V13.0.88` → 13): the drivers of that major version and newer load what it built (minor
+/// version compatibility), as they run the cuBLAS of that major version.
+fn cuda_major(nvcc: &str) -> Option<i32> {
+    nvcc.split("release ").nth(1)?.split('.').next()?.trim().parse().ok()
+}
+
 /// The driver's CUDA version, e.g. `12.4`.
 fn driver_version() -> String {
     let mut v: std::ffi::c_int = 0;
@@ -446,5 +464,17 @@ fn driver_version() -> String {
     match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
         Ok(()) => format!("{}.{}", v / 1000, (v % 1000) / 10),
         Err(_) => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda_major;
+
+    #[test]
+    fn the_cuda_major_version_is_read_from_nvccs_release_line() {
+        assert_eq!(cuda_major("Cuda compilation tools, release 13.0, V13.0.88"), Some(13));
+        assert_eq!(cuda_major("Cuda compilation tools, release 12.8, V12.8.93"), Some(12));
+        assert_eq!(cuda_major("unknown version"), None);
     }
 }

@@ -43,6 +43,8 @@ pub enum CudaError {
     KernelsNotBuilt,
     #[error("the CUDA driver (version {driver}) is older than the PTX ISA {ptx_isa} of kernel module `{module}`: rebuild with an older nvcc or update the driver; use --device cpu")]
     PtxTooNew { module: String, ptx_isa: String, driver: String },
+    #[error("the CUDA driver (version {driver}) is older than CUDA {needed}, which this build's kernels and cuBLAS need: update the driver; use --device cpu")]
+    DriverTooOld { driver: String, needed: String },
     #[error("out of GPU memory{}: free the GPU or use a smaller model or batch; use --device cpu", describe_bytes(*.bytes_needed))]
     OutOfMemory { bytes_needed: usize },
     #[error("CUDA kernel {kernel}: {message}; use --device cpu")]
