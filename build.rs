@@ -3,6 +3,7 @@
 //! ```ignore
 //! pub const KERNELS: Option<&[(&str, &[u8])]>;  // (module name, fat binary), None without nvcc
 //! pub const PTX_ARCH: &str;                     // the -arch the PTX was written for (tests)
+//! pub const SASS_ARCHS: &[u32];                 // BNTRAIN_SASS_ARCHS, ascending (tests)
 //! pub const NVCC_VERSION: Option<&str>;         // e.g. "Cuda compilation tools, release 13.0, V13.0.88"
 //! ```
 //!
@@ -45,29 +46,47 @@ fn main() {
     let generated = match find_nvcc() {
         None => {
             println!("cargo:warning=nvcc not found: CUDA kernels left out; --device cuda will be unavailable. Install nvcc (see README) and rebuild");
-            format!("pub const KERNELS: Option<&[(&str, &[u8])]> = None;\n#[allow(dead_code)] // checked against the images by fatbin.rs's tests\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = None;\n")
+            format!("pub const KERNELS: Option<&[(&str, &[u8])]> = None;\n{}pub const NVCC_VERSION: Option<&str> = None;\n", for_tests(&arch, &sass))
         }
         Some((nvcc, version)) => {
             let cu: Vec<&PathBuf> = sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
-            // One thread a module: fused_step's machine code alone takes most of a minute.
-            let images: Vec<Result<PathBuf, String>> = std::thread::scope(|scope| {
-                let jobs: Vec<_> = cu
-                    .iter()
-                    .map(|source| {
-                        let image = out_dir.join(format!("{}.fatbin", stem(source)));
-                        let (nvcc, arch, sass) = (&nvcc, &arch, &sass);
-                        scope.spawn(move || compile(nvcc, &source_arch(source, arch), sass, source, &image).map(|()| image))
+            let base = arch_number(&arch);
+            let dropped: Vec<String> = sass.iter().filter(|&&sm| base.is_some_and(|b| sm < b)).map(|sm| format!("sm_{sm}")).collect();
+            if !dropped.is_empty() {
+                println!("cargo:warning=BNTRAIN_SASS_ARCHS: no machine code for {} (older than the PTX target {arch})", dropped.join(", "));
+            }
+            // Cargo's job count of nvcc processes at once (fused_step's machine code alone
+            // takes most of a minute), each taking sources off a shared list.
+            let workers = env::var("NUM_JOBS").ok().and_then(|n| n.parse::<usize>().ok()).unwrap_or(1).clamp(1, cu.len().max(1));
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let results: Vec<(usize, Result<PathBuf, String>)> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..workers)
+                    .map(|_| {
+                        let (nvcc, arch, sass, cu, out_dir, next) = (&nvcc, &arch, &sass, &cu, &out_dir, &next);
+                        scope.spawn(move || {
+                            let mut done = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let Some(source) = cu.get(i) else { break done };
+                                let image = out_dir.join(format!("{}.fatbin", stem(source)));
+                                done.push((i, compile(nvcc, &source_arch(source, arch), sass, source, &image).map(|()| image)));
+                            }
+                        })
                     })
                     .collect();
-                jobs.into_iter().map(|job| job.join().unwrap_or_else(|_| Err("an nvcc thread panicked".into()))).collect()
+                workers.into_iter().flat_map(|w| w.join().unwrap_or_else(|_| vec![(0, Err("an nvcc thread panicked".into()))])).collect()
             });
+            let mut images: Vec<Result<PathBuf, String>> = vec![Err("an nvcc thread stopped early".into()); cu.len()];
+            for (i, result) in results {
+                images[i] = result;
+            }
             // A failure stops the build with nvcc's own diagnostics.
             let images: Vec<PathBuf> = images.into_iter().collect::<Result<_, _>>().unwrap_or_else(|why| panic!("{why}"));
             let mut entries = String::new();
             for (source, image) in cu.iter().zip(&images) {
                 entries.push_str(&format!("    ({:?}, include_bytes!({:?})),\n", stem(source), image.display().to_string()));
             }
-            format!("pub const KERNELS: Option<&[(&str, &[u8])]> = Some(&[\n{entries}]);\n#[allow(dead_code)] // checked against the images by fatbin.rs's tests\npub const PTX_ARCH: &str = {arch:?};\npub const NVCC_VERSION: Option<&str> = Some({version:?});\n")
+            format!("pub const KERNELS: Option<&[(&str, &[u8])]> = Some(&[\n{entries}]);\n{}pub const NVCC_VERSION: Option<&str> = Some({version:?});\n", for_tests(&arch, &sass))
         }
     };
     fs::write(out_dir.join("kernels.rs"), generated).expect("write kernels.rs");
@@ -101,20 +120,29 @@ fn find_nvcc() -> Option<(PathBuf, String)> {
 /// (`// bntrain: ptx-arch compute_90`: thread-block clusters need it), which the host then
 /// loads only on devices of that compute capability.
 fn source_arch(source: &Path, arch: &str) -> String {
-    let number = |a: &str| a.strip_prefix("compute_").and_then(|n| n.parse::<u32>().ok());
     let first = fs::read_to_string(source).unwrap_or_default().lines().next().unwrap_or("").to_string();
     match first.trim().strip_prefix("// bntrain: ptx-arch ").map(str::trim) {
-        Some(wanted) if number(wanted).is_some_and(|w| number(arch).is_none_or(|a| w > a)) => wanted.to_string(),
+        Some(wanted) if arch_number(wanted).is_some_and(|w| arch_number(arch).is_none_or(|a| w > a)) => wanted.to_string(),
         _ => arch.to_string(),
     }
+}
+
+/// `PTX_ARCH` and `SASS_ARCHS`, which fatbin.rs's tests check the images against.
+fn for_tests(arch: &str, sass: &[u32]) -> String {
+    format!("#[allow(dead_code)]\npub const PTX_ARCH: &str = {arch:?};\n#[allow(dead_code)]\npub const SASS_ARCHS: &[u32] = &{sass:?};\n")
+}
+
+/// 75 for `compute_75`.
+fn arch_number(arch: &str) -> Option<u32> {
+    arch.strip_prefix("compute_").and_then(|n| n.parse().ok())
 }
 
 fn stem(source: &Path) -> &str {
     source.file_stem().and_then(|s| s.to_str()).expect("UTF-8 file name")
 }
 
-/// The GPU architectures of `BNTRAIN_SASS_ARCHS` as numbers (`sm_80,sm_90` → 80, 90);
-/// `none` or nothing: none. A malformed list stops the build.
+/// The GPU architectures of `BNTRAIN_SASS_ARCHS` as numbers, ascending and once each
+/// (`sm_90,sm_80` → 80, 90); `none` or nothing: none. A malformed list stops the build.
 fn sass_archs(list: &str) -> Vec<u32> {
     let list = list.trim();
     if list.is_empty() || list == "none" {
@@ -127,6 +155,8 @@ fn sass_archs(list: &str) -> Vec<u32> {
                 panic!("BNTRAIN_SASS_ARCHS: `{t}` is not a GPU architecture (expected e.g. `sm_80,sm_90`, or `none`)")
             })
         })
+        .collect::<std::collections::BTreeSet<u32>>()
+        .into_iter()
         .collect()
 }
 
@@ -134,7 +164,7 @@ fn sass_archs(list: &str) -> Vec<u32> {
 /// `arch` (a module that asks for compute_90 gets no sm_80 code), assembled by ptxas from
 /// that same PTX, as the driver would at run time. On failure, nvcc's own diagnostics.
 fn compile(nvcc: &Path, arch: &str, sass: &[u32], source: &Path, image: &Path) -> Result<(), String> {
-    let virtual_number = arch.strip_prefix("compute_").and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+    let virtual_number = arch_number(arch).unwrap_or(0);
     let mut codes = vec![arch.to_string()];
     codes.extend(sass.iter().filter(|&&sm| sm >= virtual_number).map(|sm| format!("sm_{sm}")));
     let output = Command::new(nvcc)

@@ -76,7 +76,8 @@ if [[ -n "$nvcc_path" ]]; then
         warn "nvcc ${nvcc_release:-?} is not the pinned $nvcc_pin: its PTX may be refused by" \
             "drivers older than it (CUDA_ERROR_UNSUPPORTED_PTX_VERSION)"
     fi
-    info "PTX target: ${BNTRAIN_PTX_ARCH:-build.rs default (compute_75)}; machine code for: ${BNTRAIN_SASS_ARCHS:-build.rs default (sm_80,sm_90)}"
+    sass="${BNTRAIN_SASS_ARCHS-build.rs default (sm_80,sm_90)}"
+    info "PTX target: ${BNTRAIN_PTX_ARCH:-build.rs default (compute_75)}; machine code for: ${sass:-none (PTX only)}"
 elif [[ "${BNTRAIN_REQUIRE_NVCC:-0}" == 1 ]]; then
     die "nvcc not found and BNTRAIN_REQUIRE_NVCC=1 (set NVCC, CUDA_HOME or PATH)"
 else

@@ -17,29 +17,30 @@ cd "$(dirname "$0")/.."
 bundle="${1:-gpu-bundle}"
 tests=(gpu_kernels gpu_training)
 
-# Whether binary $1 holds every kernel module with machine code for the GPU host (sm_90): the
-# fat binaries' headers (magic 0xBA55ED50; their entry headers stay uncompressed; layout in
-# src/cuda/fatbin.rs), not a kernel's name, which the Rust code holds anyway. A baseline built
-# before the fat binaries holds the PTX text instead (`.entry`), compiled by the driver.
-modules="$(ls cuda/*.cu | wc -l)"
+# Whether binary $1 holds the kernel modules with machine code for the GPU host (sm_90) in
+# every one: the fat binaries' headers (magic 0xBA55ED50; their entry headers stay
+# uncompressed; layout in src/cuda/fatbin.rs), not a kernel's name, which the Rust code holds
+# anyway. A baseline built before the fat binaries holds the PTX text instead (`.entry`, the
+# cluster module's too), which the driver compiles.
 has_kernels() {
-    grep -qa '\.entry gather_rows_f32' "$1" && return 0
-    python3 - "$1" "$modules" <<'EOF'
+    grep -qa '\.entry gather_rows_f32' "$1" && grep -qa '\.entry fused_cluster8_f32' "$1" && return 0
+    python3 - "$1" <<'EOF'
 import struct, sys
-data, wanted = open(sys.argv[1], "rb").read(), int(sys.argv[2])
-magic, sm90 = b"\x50\xed\x55\xba\x01\x00\x10\x00", 0
+data = open(sys.argv[1], "rb").read()
+magic, modules = b"\x50\xed\x55\xba\x01\x00\x10\x00", []
 at = data.find(magic)
 while at >= 0 and at + 16 <= len(data):
-    off = at + 16
+    off, sm90 = at + 16, False
     end = min(off + struct.unpack_from("<Q", data, at + 8)[0], len(data))
     while off + 0x20 <= end:
         kind, _, header, payload = struct.unpack_from("<HHIQ", data, off)
-        sm90 += kind == 2 and struct.unpack_from("<I", data, off + 0x1c)[0] == 90
+        sm90 |= kind == 2 and struct.unpack_from("<I", data, off + 0x1c)[0] == 90
         if header < 0x20:
             break
         off += header + payload
+    modules.append(sm90)
     at = data.find(magic, at + 1)
-sys.exit(0 if sm90 >= wanted else 1)
+sys.exit(0 if modules and all(modules) else 1)
 EOF
 }
 
@@ -85,7 +86,7 @@ if [[ -n "${BASELINE:-}" ]]; then
     git worktree add --detach "$source_dir" "$rev" >/dev/null
     (cd "$source_dir" && CARGO_TARGET_DIR="$PWD/../target" cargo build --release --bin bntrain)
     base="target/baseline/target/release/bntrain"
-    has_kernels "$base" || { echo "gpu-bundle: the baseline build has no CUDA kernels (built without nvcc)" >&2; exit 1; }
+    has_kernels "$base" || { echo "gpu-bundle: the baseline build lacks CUDA kernels with sm_90 machine code (built without nvcc?)" >&2; exit 1; }
     cp "$base" "$bundle/bntrain-base"
     command -v strip >/dev/null && strip "$bundle/bntrain-base" 2>/dev/null || true
     xz -T0 -6 -f "$bundle/bntrain-base"

@@ -408,14 +408,19 @@ save_logs
 # made the sm_90 machine code from the PTX) against the driver's own compilation of the same
 # PTX (CUDA_FORCE_PTX_JIT=1, how every build before the fat binaries ran): the first
 # command's seconds, and the seed's fused step. The same ptxas version should give the same
-# code and times.
-if part jit && [[ $fused_ok == 1 ]]; then
+# code and times. (With CUDA_CACHE_DISABLE=1 the forced bench compiles again, inside its
+# limit.)
+if part jit && [[ $fused_ok == 0 ]]; then
+    row "jit: machine code against driver JIT" "SKIPPED: the fused smoke test failed"
+elif part jit; then
     for code in "machine code" "driver JIT"; do
         force=(); [[ $code == "driver JIT" ]] && force=(CUDA_FORCE_PTX_JIT=1)
         limit 120 60 "jit: info and seed bench ($code)" || break
         echo "== ${force[*]} bntrain info; bntrain bench --config seed"
         info_start=$SECONDS
-        env "${force[@]}" timeout -k 10 "$t" "$bin" info > "$logs/info-${force[*]:-sass}.log" 2>&1
+        if ! env "${force[@]}" timeout -k 10 "$t" "$bin" info > "$logs/info-${force[*]:-sass}.log" 2>&1; then
+            row "seed fused step, kernels by $code" "FAIL: bntrain info did not finish in ${t} s"; failed=1; continue
+        fi
         info_s=$((SECONDS - info_start))
         log="$logs/bench-seed-${force[*]:-sass}.log"
         limit 60 10 "jit: seed bench ($code)" || break
@@ -429,8 +434,8 @@ fi
 # BASELINE=<commit>, a commit with `bench --trace`) beside this one, in the same call: the
 # seed's fused step alone and the BN+plain pair in one launch (the study's default), each
 # build's run right after the other's; fused training at auto's ceiling (batch 256, hidden
-# layers 256 wide); and the study below (with part "reproduce"). Its PTX is compiled by the
-# driver at its first command (`info`, timed), as this build's was. It is unpacked outside
+# layers 256 wide); and the study below (with part "reproduce"). Its modules load at its
+# first command (`info`, timed): compiled there by the driver if it carries PTX alone. It is unpacked outside
 # the logs, which every part archives.
 base_bin=""
 if part baseline && [[ -f "$bundle/bntrain-base.xz" ]] && limit 120 45 "baseline build (PTX compiled)"; then

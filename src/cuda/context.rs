@@ -222,14 +222,22 @@ impl Gpu {
         }
         let mut loaded = Vec::with_capacity(modules.len());
         for (module, image, contents) in modules {
-            let handle = ctx.load_module(Ptx::from_binary(image.to_vec())).map_err(|e| match e.0 {
-                sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => CudaError::PtxTooNew {
-                    module: module.to_string(),
-                    ptx_isa: fatbin::ptx_isa(&contents).unwrap_or_else(|| "unknown".into()),
-                    driver: driver_version(),
-                },
-                _ => CudaError::Driver(format!("loading kernel module `{module}`: {}", describe_driver_error(e))),
-            })?;
+            let handle = match ctx.load_module(Ptx::from_binary(image.to_vec())) {
+                Ok(handle) => handle,
+                // The cluster kernels are optional: a GPU their image has no code for (should
+                // the filter above have misread it) goes on without them.
+                Err(e) if module == "fused_cluster" && e.0 == sys::CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU => continue,
+                Err(e) => {
+                    return Err(match e.0 {
+                        sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => CudaError::PtxTooNew {
+                            module: module.to_string(),
+                            ptx_isa: fatbin::ptx_isa(&contents).unwrap_or_else(|| "unknown".into()),
+                            driver: driver_version(),
+                        },
+                        _ => CudaError::Driver(format!("loading kernel module `{module}`: {}", describe_driver_error(e))),
+                    })
+                }
+            };
             loaded.push((module, handle));
         }
         let function = |module: &str, name: &'static str| -> Result<CudaFunction, CudaError> {
@@ -445,7 +453,7 @@ fn jit_notice(major: u32, minor: u32) {
         // writeln, not eprintln: a closed stderr must not turn the notice into a panic.
         let _ = writeln!(
             std::io::stderr(),
-            "notice: this build has no machine code for sm_{major}{minor}: the CUDA driver compiles the kernels' PTX first (29 s on an H100), and caches the result for later runs"
+            "notice: this build has no machine code for sm_{major}{minor}: the CUDA driver compiles the kernels' PTX first (29 s on an H100 before builds carried its code), and normally caches the result for later runs"
         );
     }
 }
