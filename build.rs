@@ -10,9 +10,9 @@
 //! A module's fat binary holds its PTX and, for each GPU architecture in
 //! `BNTRAIN_SASS_ARCHS` (default `sm_80,sm_90`: A100, H100/H200), the machine code ptxas
 //! makes from that same PTX. The driver loads the machine code where it fits the GPU
-//! (sm_80's also runs on 8.6 and 8.9) and compiles the PTX on any other GPU, which took 29 s
-//! on an H100 at start-up (docs/perf.md). `BNTRAIN_SASS_ARCHS=none` embeds the PTX alone
-//! (quicker builds). Everything is compressed (`-Xfatbin -compress-all`).
+//! (sm_80's also runs on 8.6 and 8.9) and compiles the PTX on any other GPU at start-up,
+//! which took 29 s on an H100 when builds carried PTX alone (docs/perf.md).
+//! `BNTRAIN_SASS_ARCHS=none` embeds the PTX alone (quicker builds). Everything is compressed (`-Xfatbin -compress-all`).
 //!
 //! nvcc is looked for in `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `$PATH`, then
 //! `/usr/local/cuda/bin`. Without it the crate still builds (CPU only) and says so.

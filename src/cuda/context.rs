@@ -2,7 +2,8 @@
 //! loading), so a machine without them runs the CPU backend; this module checks for them
 //! before the first driver call (which would panic otherwise), opens device 0, creates one
 //! stream and one cuBLAS handle on it (with a workspace of its own, so that cuBLAS calls can
-//! be captured into a CUDA graph), and loads every kernel module `build.rs` compiled (fat binaries: PTX and machine code).
+//! be captured into a CUDA graph), and loads every kernel module `build.rs` compiled (fat
+//! binaries: PTX, and machine code for the GPUs build.rs was asked for).
 
 use super::{built, describe_driver_error, fatbin, CudaError};
 use cudarc::cublas::{sys as cublas_sys, CudaBlas};
