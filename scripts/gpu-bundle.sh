@@ -5,8 +5,9 @@
 #   scripts/gpu-bundle.sh [BUNDLE_DIR]        # default ./gpu-bundle (git-ignored)
 #   BASELINE=<commit> scripts/gpu-bundle.sh   # also that commit's release binary, xz-packed
 #
-# With BASELINE, the bundle also holds `bntrain-base.xz` (~3 MB), the release binary of that
-# commit (built in a worktree under target/baseline), and `baseline.txt` naming it: gpu-check
+# With BASELINE, the bundle also holds `bntrain-base.xz` (~3 MB with PTX alone, ~5.5 MB with
+# machine code), the release binary of that commit (built in a worktree under
+# target/baseline), and `baseline.txt` naming it: gpu-check
 # then times the seed's fused steps and the study with both builds in the same call (part
 # "baseline"), where timings from two calls differ by a few per cent.
 # Needs nvcc at build time (see README / build.rs); the data comes from $BNTRAIN_DATA or the

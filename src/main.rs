@@ -93,7 +93,7 @@ enum DataCommand {
 #[derive(Args, Debug, Clone)]
 struct DataArgs {
     /// Directory holding the four IDX files (raw or .gz). Default: $BNTRAIN_DATA, then the
-    /// cache (downloading MNIST there on first use).
+    /// cache (train, eval, predict and reproduce download MNIST there on first use).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Which dataset: mnist or fashion-mnist [default: mnist; for eval, predict and
