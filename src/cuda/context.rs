@@ -181,12 +181,9 @@ impl Gpu {
         // Before anything else: the machine code loads on an older driver of another major
         // version only to have cuBLAS fail later with an opaque NOT_INITIALIZED.
         if let Some(needed) = built::NVCC_VERSION.and_then(cuda_major) {
-            let mut version: std::ffi::c_int = 0;
-            // SAFETY: the driver library is loaded (checked in `Gpu::open`) and `version` is a
-            // valid out pointer.
-            unsafe { sys::cuDriverGetVersion(&mut version) }.result()?;
+            let version = driver_version_code()?;
             if version / 1000 < needed {
-                return Err(CudaError::DriverTooOld { driver: driver_version(), needed: format!("{needed}.0") });
+                return Err(CudaError::DriverTooOld { driver: describe_version(version), needed: format!("{needed}.0") });
             }
         }
         if CudaContext::device_count()? < 1 {
@@ -468,22 +465,31 @@ fn cuda_major(nvcc: &str) -> Option<i32> {
 
 /// The driver's CUDA version, e.g. `12.4`.
 fn driver_version() -> String {
+    driver_version_code().map_or_else(|_| "unknown".into(), describe_version)
+}
+
+/// The driver's CUDA version as it reports it (13000 for 13.0).
+fn driver_version_code() -> Result<i32, cudarc::driver::DriverError> {
     let mut v: std::ffi::c_int = 0;
     // SAFETY: the driver library is loaded (checked in `Gpu::open`) and `v` is a valid out pointer.
-    match unsafe { sys::cuDriverGetVersion(&mut v) }.result() {
-        Ok(()) => format!("{}.{}", v / 1000, (v % 1000) / 10),
-        Err(_) => "unknown".into(),
-    }
+    unsafe { sys::cuDriverGetVersion(&mut v) }.result()?;
+    Ok(v)
+}
+
+/// 13000 → `13.0`, 12040 → `12.4`.
+fn describe_version(code: i32) -> String {
+    format!("{}.{}", code / 1000, (code % 1000) / 10)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::cuda_major;
+    use super::{cuda_major, describe_version};
 
     #[test]
-    fn the_cuda_major_version_is_read_from_nvccs_release_line() {
+    fn cuda_versions_are_read_from_nvccs_release_line_and_the_drivers_code() {
         assert_eq!(cuda_major("Cuda compilation tools, release 13.0, V13.0.88"), Some(13));
         assert_eq!(cuda_major("Cuda compilation tools, release 12.8, V12.8.93"), Some(12));
         assert_eq!(cuda_major("unknown version"), None);
+        assert_eq!((describe_version(13000), describe_version(12040)), ("13.0".to_string(), "12.4".to_string()));
     }
 }
