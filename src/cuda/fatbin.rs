@@ -82,9 +82,9 @@ pub fn ptx_target(entries: &[Entry]) -> Option<u32> {
     entries.iter().filter(|e| e.code == Code::Ptx).map(|e| e.arch).min()
 }
 
-/// The ISA of the module's PTX, e.g. `9.0`.
+/// The ISA of the module's PTX, e.g. `9.0` (of the oldest, as [`ptx_target`]).
 pub fn ptx_isa(entries: &[Entry]) -> Option<String> {
-    entries.iter().find(|e| e.code == Code::Ptx).map(|e| format!("{}.{}", e.version.0, e.version.1))
+    entries.iter().filter(|e| e.code == Code::Ptx).min_by_key(|e| e.arch).map(|e| format!("{}.{}", e.version.0, e.version.1))
 }
 
 /// The architectures the module carries machine code for, ascending.
