@@ -8,7 +8,8 @@
 #      every later run of that kernel);
 #   1. the GPU test executables with BNTRAIN_REQUIRE_GPU=1 (a missing GPU is a failure): the
 #      kernels, the unfused training tests, and the fused and the cluster kernels' tests
-#      each in a process of their own;
+#      each in a process of their own; then Compute Sanitizer (memcheck, racecheck,
+#      synccheck) on each fused kernel whose smoke test or tests failed, to say where;
 #   2. `bntrain info`; `bntrain train --device cuda` for 10000 steps on MNIST, in f32 (CUDA
 #      graph, then the fused kernel), then with tf32 and bf16 GEMMs (accuracy against f32's);
 #   3. `bntrain bench --device cuda` on the seed and wide configurations with each way of
@@ -55,7 +56,9 @@
 # to 600 s, and the session's device time to ~900 s with the machine's start, so that a
 # rerun still fits); the summary must print before the limit cuts the output. PARTS (default
 # "tests replicated points train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
-# stalls by instruction; "jit": the binary's machine code against the driver's compilation)
+# stalls by instruction; "jit": the binary's machine code against the driver's compilation;
+# "sanitize": Compute Sanitizer on the three fused kernels, which otherwise runs only on those
+# whose smoke test or tests failed)
 # picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
@@ -144,7 +147,7 @@ smoke() { # NAME WANT VAR=VALUE...
 # The fused kernel first (it fails or hangs: its grid barrier traps after seconds); the
 # cluster kernels (sm_90) too: a fault in them would leave the process's CUDA context
 # unusable, so their tests also run in a process of their own below.
-fused_ok=1 cluster_ok=1 replicated_ok=1
+fused_ok=1 cluster_ok=1 replicated_ok=1 failed_tests=""
 smoke fused "(fused steps)" BNTRAIN_CUDA_STEP=fused || fused_ok=0
 smoke cluster "clusters of" BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused || cluster_ok=0
 # (The one-barrier kernel's only where its tests or its part run.)
@@ -174,7 +177,47 @@ for test in gpu_kernels gpu_training gpu_training:fused gpu_training:cluster gpu
     BNTRAIN_REQUIRE_GPU=1 BNTRAIN_REQUIRE_CLUSTERS=1 BNTRAIN_REQUIRE_REPLICATED=1 timeout -k 10 "$t" "$bundle/$exe" "${filter[@]}" --test-threads=4 "${skip[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     result="$(grep -E '^test result:' "$log" | tail -n 1 | sed 's/^test result: //; s/; finished.*//')"
-    if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; fi
+    if [[ $status -eq 0 ]]; then row "$test" "PASS ${result}"; else row "$test" "FAIL (exit $status) ${result}"; failed=1; failed_tests+=" $test "; fi
+done
+
+# Compute Sanitizer on each fused kernel whose smoke test or tests failed (on all three with
+# part "sanitize"), so that the call that finds a fault also says where it is: memcheck
+# (out-of-bounds or misaligned accesses to global, local or shared memory; hardware
+# exceptions), racecheck (hazards between a block's threads on shared memory), synccheck
+# (barriers misused), each on a short `train` in a process of its own, instrumenting only
+# the kernels whose names hold "fused" (the others run at full speed). The fat binaries carry
+# line information (-lineinfo), so a report names the .cu line. A clean run costs some
+# seconds a tool; a failure's first report and the tool's summary make the row.
+sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+sanitize() { # NAME VAR=VALUE...
+    local name="$1" tool log status totals first at; shift
+    if [[ -z "$sanitizer" ]]; then row "sanitize $name" "SKIPPED: compute-sanitizer not found"; return; fi
+    for tool in memcheck racecheck synccheck; do
+        limit 90 20 "sanitize $name ($tool)" || return
+        log="$logs/sanitize-$name-$tool.log"
+        echo "== $* compute-sanitizer --tool $tool --kernel-name kns=fused bntrain train --device cuda --steps 60"
+        env "$@" timeout -k 10 "$t" "$sanitizer" --tool "$tool" --kernel-name kns=fused --error-exitcode 86 --print-limit 20 \
+            "$bin" train --device cuda --steps 60 --eval-every 60 --json > "$log" 2>&1
+        status=$?
+        tail -n 40 "$log"
+        totals="$(grep -m1 -E '^========= (ERROR|RACECHECK) SUMMARY' "$log" | sed 's/^========= //')"
+        first="$(grep -E '^========= [A-Z]' "$log" | grep -v -E 'SUMMARY|COMPUTE-SANITIZER' | head -n 1 | sed 's/^========= //')"
+        at="$(grep -m1 -E '^=========  +at ' "$log" | sed 's/^=========  *//')"
+        if [[ $status -eq 0 ]]; then
+            row "sanitize $name ($tool)" "clean: ${totals:-no summary}; $(json_field "$log" device)"
+        else
+            row "sanitize $name ($tool)" "exit $status: ${totals:-no summary}; ${first:-no report}${at:+ $at}; $(json_field "$log" device)"; failed=1
+        fi
+    done
+}
+for family in fused cluster replicated; do
+    case $family in
+        fused) ok=$fused_ok vars=(BNTRAIN_CUDA_STEP=fused) ;;
+        cluster) ok=$cluster_ok vars=(BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused) ;;
+        replicated) ok=$replicated_ok vars=(BNTRAIN_FUSED_REPLICATED=1 BNTRAIN_CUDA_STEP=fused) ;;
+    esac
+    [[ $family == replicated ]] && ! part tests && ! part replicated && ! part sanitize && continue
+    if part sanitize || [[ $ok == 0 || $failed_tests == *":$family "* ]]; then sanitize "$family" "${vars[@]}"; fi
 done
 
 save_logs
