@@ -64,12 +64,6 @@
 #define FUSED_SHUFFLE_DOWN(v, by) __shfl_down_sync(FULL_MASK, (v), (by))
 #define FUSED_SYNC_WARP() __syncwarp()
 #define FUSED_LOAD_L2(p) __ldcg(p)
-#define FUSED_DYNAMIC_BYTES() fused_dynamic_smem_size()
-__device__ __forceinline__ unsigned fused_dynamic_smem_size() {
-    unsigned bytes;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-}
 #endif
 
 // An odd number of floats ≥ n: rows of a [rows, pitch] table read a row per lane then fall

@@ -11,6 +11,15 @@
 #ifndef FUSED_TRAP
 #define FUSED_TRAP() __trap()
 #endif
+// The dynamic shared memory the launch gave, in bytes (the emulation: what its launch gave).
+#ifndef FUSED_DYNAMIC_BYTES
+#define FUSED_DYNAMIC_BYTES() fused_dynamic_smem_size()
+__device__ __forceinline__ unsigned fused_dynamic_smem_size() {
+    unsigned bytes;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+    return bytes;
+}
+#endif
 #ifndef FUSED_LOAD_U32
 #define FUSED_LOAD_U32(p) (*(const unsigned*)(p))
 #endif

@@ -100,16 +100,6 @@ __device__ __forceinline__ void replicated_trace_mark(unsigned slot) {
     }
 }
 
-// The dynamic shared memory the launch gave (the CPU emulation defines its own).
-#ifndef FUSED_DYNAMIC_BYTES
-#define FUSED_DYNAMIC_BYTES() fused_dynamic_smem_size()
-__device__ __forceinline__ unsigned fused_dynamic_smem_size() {
-    unsigned bytes;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-    return bytes;
-}
-#endif
-
 // Row pitch (floats) of a shared [rows, n] array: odd, so that 32 consecutive rows read at
 // the same column fall in 32 distinct banks.
 __host__ __device__ __forceinline__ unsigned replicated_pitch(unsigned n) { return n | 1u; }
