@@ -402,6 +402,12 @@ impl OptimArgs {
     }
 }
 
+/// `eprintln!` that cannot panic: a full or closed stderr (`2>/dev/full`) must not turn a
+/// notice, or the error line itself, into a panic that loses the `--json` error object.
+macro_rules! note {
+    ($($arg:tt)*) => {{ let _ = writeln!(std::io::stderr(), $($arg)*); }};
+}
+
 /// `println!` for the command's output: a closed stdout (`bntrain info | head -1`) ends the
 /// command quietly, as it ends other tools, and one that fails otherwise (a full disk) ends
 /// it with one line, instead of a panic.
@@ -416,7 +422,7 @@ fn print_line(line: std::fmt::Arguments<'_>) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: cannot write the output: {e}");
+            note!("error: cannot write the output: {e}");
             std::process::exit(1);
         }
     }
@@ -437,7 +443,7 @@ fn main() {
         if train.value_source("decay") == Some(clap::parser::ValueSource::CommandLine)
             && train.get_one::<AveragingArg>("averaging") == Some(&AveragingArg::Cumulative)
         {
-            let _ = writeln!(std::io::stderr(), "notice: --decay sets the exponential moving average (--averaging ema); not used with --averaging cumulative");
+            note!("notice: --decay sets the exponential moving average (--averaging ema); not used with --averaging cumulative");
         }
     }
     // With --json, the last line of stdout is a JSON object whatever happens: on failure,
@@ -445,7 +451,7 @@ fn main() {
     let json = matches.subcommand().is_some_and(|(_, sub)| sub.try_get_one::<bool>("json").ok().flatten() == Some(&true));
     if let Err(err) = run(cli) {
         let message = one_line(&err);
-        eprintln!("error: {message}");
+        note!("error: {message}");
         if json {
             out!("{}", json!({ "error": message }));
         }
@@ -530,7 +536,7 @@ fn prefer_single_threaded_gemms(choice: DeviceChoice, hidden: &[usize]) {
 fn resolve_device(choice: DeviceChoice) -> DeviceChoice {
     let (device, notice) = device::resolve(choice);
     if let Some(notice) = notice {
-        eprintln!("notice: {notice}");
+        note!("notice: {notice}");
     }
     device
 }
@@ -564,7 +570,7 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
     let handler = move || {
         let press = presses.fetch_add(1, Ordering::SeqCst);
         if press >= 2 {
-            let _ = writeln!(std::io::stderr(), "\nthird interrupt: exiting now, whatever is being written");
+            note!("\nthird interrupt: exiting now, whatever is being written");
             std::process::exit(130);
         }
         if press == 1 {
@@ -574,20 +580,20 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
                     "\nsecond interrupt: exiting once the file being written (or the outputs being moved into place) is done (press again to exit at once)"
                 );
             } else {
-                let _ = writeln!(std::io::stderr(), "\nsecond interrupt: exiting now");
+                note!("\nsecond interrupt: exiting now");
             }
             // On a thread of its own, so that this handler is free for a third press (a
             // write hung on a network file system must not take every way out).
             std::thread::spawn(|| bntrain::interrupt::exit_when_safe(130));
             return;
         }
-        // Not eprintln!: on a closed stderr it would panic this thread, and no interrupt
-        // would stop the run.
-        let _ = writeln!(std::io::stderr(), "\ninterrupt: stopping at the next step boundary (press again to exit at once)");
+        // note!, not eprintln!: on a closed stderr a panic here would leave no interrupt to
+        // stop the run.
+        note!("\ninterrupt: stopping at the next step boundary (press again to exit at once)");
         flag.store(true, Ordering::SeqCst);
     };
     if let Err(e) = ctrlc::set_handler(handler) {
-        eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop the run at once, saving nothing");
+        note!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop the run at once, saving nothing");
     }
     stop
 }
@@ -612,7 +618,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         };
         let unused: Vec<String> = args.given.iter().filter(overridden).map(|id| format!("--{}", id.replace('_', "-"))).collect();
         if !unused.is_empty() {
-            eprintln!("notice: --resume continues the checkpoint's network and training settings; not used: {}", unused.join(", "));
+            note!("notice: --resume continues the checkpoint's network and training settings; not used: {}", unused.join(", "));
         }
     }
     let kind = resumed.as_ref().and_then(|r| r.checkpoint.trained_on).map_or_else(|| args.data.kind(None), |t| t.dataset);
@@ -655,12 +661,12 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         match &report.checkpoint {
             Some(p) => {
                 let data = args.data.data.as_deref().map_or_else(String::new, |dir| format!(" --data {}", session::shell_word(dir)));
-                eprintln!(
+                note!(
                     "interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}{data}`",
                     p.display(), session::shell_word(p), args.steps
                 );
             }
-            None => eprintln!("interrupted at step {step}, before any step of this run: nothing to save"),
+            None => note!("interrupted at step {step}, before any step of this run: nothing to save"),
         }
         if args.json {
             out!("{}", json!({ "interrupted": true, "steps": step, "checkpoint": report.checkpoint }));
@@ -712,7 +718,7 @@ fn open_checkpoint(
     let device = resolve_device(device_choice);
     let precision = match ckpt.recorded_precision() {
         Some(Precision::F64) if device != DeviceChoice::Cpu => {
-            eprintln!("notice: {} was trained in f64, which only the CPU computes: evaluating it in f32 on CUDA (--device cpu: in f64)", path.display());
+            note!("notice: {} was trained in f64, which only the CPU computes: evaluating it in f32 on CUDA (--device cpu: in f64)", path.display());
             Precision::F32
         }
         recorded => recorded.unwrap_or(Precision::F32),
@@ -809,7 +815,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let out_dir_existed = out_dir.exists();
     // An interrupted study ends here (it cannot resume): the message, the JSON line, 130.
     let stopped = |message: String, partial: Option<PathBuf>| -> ! {
-        eprintln!("{message}");
+        note!("{message}");
         if args.json {
             out!("{}", json!({ "interrupted": true, "partial": partial }));
         }
@@ -845,7 +851,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
         done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
     };
     if stop.load(Ordering::SeqCst) {
-        eprintln!("notice: the interrupt came after the last training step: the study finished and its outputs are in place");
+        note!("notice: the interrupt came after the last training step: the study finished and its outputs are in place");
     }
     out!("{}", summary.table());
     out!("report: {}", out_dir.join("report.md").display());
@@ -929,7 +935,7 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     }
     match &r.phases {
         Some(phases) => out!("{}", bench::phase_table(phases).trim_end_matches('\n')),
-        None if args.trace => eprintln!("notice: --trace times the phases of the fused CUDA grid kernel only; these steps ran on {}", r.device),
+        None if args.trace => note!("notice: --trace times the phases of the fused CUDA grid kernel only; these steps ran on {}", r.device),
         None => {}
     }
     if args.json {

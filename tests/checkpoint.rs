@@ -80,6 +80,21 @@ fn expect_err(path: &std::path::Path) -> CheckpointError {
     err
 }
 
+/// A file of format version 1 (checksum over the tensors alone), written by bntrain at
+/// 7981a29 (`train --hidden 4,3 --steps 5` on MNIST), still loads.
+#[test]
+fn reads_format_version_1() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-v1.safetensors");
+    let ckpt = Checkpoint::load(&path).unwrap();
+    assert_eq!(ckpt.model.hidden, vec![4, 3]);
+    assert_eq!(ckpt.progress.step, 5);
+    // Its checksum covers every tensor: a flipped weight is refused as in version 2.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x40;
+    assert!(matches!(Checkpoint::from_bytes(&bytes, &path), Err(CheckpointError::Corrupted { .. })));
+}
+
 #[test]
 fn bad_files_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -114,6 +129,25 @@ fn bad_files_get_clear_errors() {
     let foreign = dir.path().join("foreign.safetensors");
     std::fs::write(&foreign, safetensors::serialize([("weight", view.clone())], None).unwrap()).unwrap();
     assert!(matches!(expect_err(&foreign), CheckpointError::Foreign { .. }));
+
+    // A flipped byte in the metadata, not in a tensor: ε from 0.001 to 0.901 still parses,
+    // and would evaluate another network, so the checksum covers the metadata too.
+    // (The model's JSON is a string inside the header's JSON: its quotes are escaped.)
+    let pattern = br#"\"epsilon\":0.001"#;
+    let text = bytes.windows(pattern.len()).position(|w| w == pattern).expect("ε in the metadata");
+    let mut changed = bytes.clone();
+    changed[text + 14] = b'9';
+    let metadata_flip = dir.path().join("metadata-flip.safetensors");
+    std::fs::write(&metadata_flip, &changed).unwrap();
+    assert!(matches!(expect_err(&metadata_flip), CheckpointError::Corrupted { .. }));
+    // Nor does calling the file version 1 (whose checksum covers the tensors alone) pass.
+    let pattern = br#""format_version":"2""#;
+    let text = bytes.windows(pattern.len()).position(|w| w == pattern).expect("the version in the metadata");
+    let mut older = bytes.clone();
+    older[text + 18] = b'1';
+    let relabelled = dir.path().join("relabelled.safetensors");
+    std::fs::write(&relabelled, &older).unwrap();
+    assert!(matches!(expect_err(&relabelled), CheckpointError::Corrupted { .. }));
 
     let future = dir.path().join("future.safetensors");
     let meta = HashMap::from([("format".to_string(), "bntrain-checkpoint".to_string()), ("format_version".to_string(), "99".to_string())]);

@@ -300,6 +300,27 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", s(&bad_data)]), "t10k-labels-idx1-ubyte");
 }
 
+/// A full stderr (`2>/dev/full`) costs the notices and the error line, not the exit status
+/// or the `--json` object: writes to stderr must not panic.
+#[test]
+fn a_full_stderr_is_no_panic() {
+    let e = env();
+    let run = |args: &[&str]| {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+        Command::new(BIN).args(args).env("BNTRAIN_CACHE", "/nonexistent-bntrain-cache").env_remove("BNTRAIN_DATA").stderr(full).output().unwrap()
+    };
+    let out = run(&["--device", "cpu", "train", "--data", s(&e.data), "--lr", "-1", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert!(last["error"].as_str().is_some_and(|e| e.contains("learning rate")), "{stdout}");
+    // A run that succeeds with a notice on the way: `auto` says where it computes when it
+    // finds no GPU (and in a build without kernels).
+    let out = run(&["train", "--data", s(&e.data), "--steps", "5", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    last_json(&out);
+}
+
 #[test]
 fn cuda_without_a_gpu_says_what_to_do() {
     if bntrain::cuda::cuda_available().is_ok() {

@@ -7,7 +7,7 @@
 //! leaves a half file that looks complete.
 
 use std::fs;
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -193,8 +193,13 @@ fn fetch_into(mirrors: &[&str], dest: &Path, progress: bool) -> Result<FetchRepo
                     report.already_present.push(file.name.to_string());
                     continue;
                 }
-                Ok(_) => eprintln!("notice: {} is not the original (SHA-256 differs): downloading it again", target.display()),
-                Err(e) => eprintln!("notice: {e}: downloading it again"),
+                // Not eprintln!: a closed stderr must not panic the download.
+                Ok(_) => {
+                    let _ = writeln!(io::stderr(), "notice: {} is not the original (SHA-256 differs): downloading it again", target.display());
+                }
+                Err(e) => {
+                    let _ = writeln!(io::stderr(), "notice: {e}: downloading it again");
+                }
             }
         }
         let mut contents = None;

@@ -12,8 +12,10 @@
 //! Metadata: `format` = `bntrain-checkpoint`, `format_version`, `model` and `train` (the
 //! configuration as JSON), `progress` (step and metric history as JSON), `dtype`,
 //! `trained_on` (the arithmetic and the dataset, JSON; absent in older files), and
-//! `checksum`: SHA-256 over every tensor's name, dtype, shape and bytes in name order, so a
-//! flipped byte anywhere is caught. Files are written to a temporary file and renamed.
+//! `checksum`: SHA-256 over every tensor's name, dtype, shape and bytes in name order, then
+//! (from format version 2) every other metadata entry's key and value in key order, so a
+//! flipped byte anywhere is caught. Version 1 files, whose checksum covers the tensors alone,
+//! still load. Files are written to a temporary file and renamed.
 
 use super::config::{ConfigError, ModelConfig, TrainConfig};
 use super::params::{ModelParams, RunningStats};
@@ -26,7 +28,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub const FORMAT: &str = "bntrain-checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version, whose checksum covers the tensors but not the metadata.
+const TENSORS_ONLY_CHECKSUM_VERSION: u32 = 1;
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -38,7 +42,7 @@ pub enum CheckpointError {
     NotSafetensors { path: PathBuf, reason: String },
     #[error("{path} is a safetensors file but not a bntrain checkpoint ({reason})")]
     Foreign { path: PathBuf, reason: String },
-    #[error("{path} has checkpoint format version {found}; this bntrain reads version {FORMAT_VERSION}")]
+    #[error("{path} has checkpoint format version {found}; this bntrain reads versions {TENSORS_ONLY_CHECKSUM_VERSION} to {FORMAT_VERSION}")]
     Version { path: PathBuf, found: String },
     #[error("{path} is corrupted: its checksum does not match its contents")]
     Corrupted { path: PathBuf },
@@ -136,7 +140,10 @@ fn encode(values: &[f64], precision: StoredPrecision) -> Vec<u8> {
     }
 }
 
-fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>) -> String {
+/// The `checksum` entry: over the tensors, then over `metadata` (every entry but `checksum`
+/// itself, each key and value after its length, so that no two entries read alike); `None`
+/// for version 1's tensors alone.
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a [u8])>, metadata: Option<&HashMap<String, String>>) -> String {
     let mut sorted: Vec<_> = tensors.collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut hasher = Sha256::new();
@@ -144,6 +151,16 @@ fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a 
         hasher.update(name.as_bytes());
         hasher.update(format!("{dtype:?}{shape:?}").as_bytes());
         hasher.update(data);
+    }
+    if let Some(metadata) = metadata {
+        let mut entries: Vec<_> = metadata.iter().filter(|(key, _)| key.as_str() != "checksum").collect();
+        entries.sort();
+        for (key, value) in entries {
+            for text in [key, value] {
+                hasher.update((text.len() as u64).to_le_bytes());
+                hasher.update(text.as_bytes());
+            }
+        }
     }
     hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -204,10 +221,8 @@ impl Checkpoint {
         if let Some(trained_on) = &self.trained_on {
             metadata.insert("trained_on".to_string(), json(trained_on)?);
         }
-        metadata.insert(
-            "checksum".to_string(),
-            checksum(tensors.iter().map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice()))),
-        );
+        let sum = checksum(tensors.iter().map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice())), Some(&metadata));
+        metadata.insert("checksum".to_string(), sum);
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .map(|(name, (dtype, shape, bytes))| {
@@ -244,10 +259,20 @@ impl Checkpoint {
             return Err(foreign("no `format: bntrain-checkpoint` entry in its metadata"));
         }
         let version = meta.get("format_version").cloned().unwrap_or_default();
-        if version != FORMAT_VERSION.to_string() {
+        let covers_metadata = if version == FORMAT_VERSION.to_string() {
+            true
+        } else if version == TENSORS_ONLY_CHECKSUM_VERSION.to_string() {
+            false
+        } else {
             return Err(CheckpointError::Version { path: path.to_path_buf(), found: version });
-        }
+        };
         let field = |key: &str| meta.get(key).ok_or_else(|| malformed(format!("metadata has no `{key}`")));
+        // First, so that a flipped byte is called corruption, not whatever it broke.
+        let stored: Vec<(String, TensorView<'_>)> = file.tensors();
+        let actual = checksum(stored.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())), covers_metadata.then_some(meta));
+        if field("checksum")? != &actual {
+            return Err(CheckpointError::Corrupted { path: path.to_path_buf() });
+        }
         let parse_err = |key: &str, e: serde_json::Error| malformed(format!("metadata `{key}` does not parse: {e}"));
         let model: ModelConfig = serde_json::from_str(field("model")?).map_err(|e| parse_err("model", e))?;
         let train: TrainConfig = serde_json::from_str(field("train")?).map_err(|e| parse_err("train", e))?;
@@ -258,12 +283,6 @@ impl Checkpoint {
             None => None,
         };
         model.validate().map_err(|e| malformed(e.to_string()))?;
-
-        let stored: Vec<(String, TensorView<'_>)> = file.tensors();
-        let actual = checksum(stored.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())));
-        if field("checksum")? != &actual {
-            return Err(CheckpointError::Corrupted { path: path.to_path_buf() });
-        }
 
         let want_dtype = match precision {
             StoredPrecision::F32 => Dtype::F32,
