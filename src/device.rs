@@ -7,6 +7,7 @@ use crate::cuda::{CudaBackend, CudaOptions};
 use crate::data::Dataset;
 use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
 use crate::Result;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -120,8 +121,9 @@ pub fn open_with(
 }
 
 /// Fails, before anything is allocated, where training `model` with batches of `batch`
-/// would take more host memory than this machine has available (Linux's MemAvailable; no
-/// check elsewhere): a failed allocation aborts the process instead of returning an error.
+/// would take more host memory than this process may still have ([`available_host_bytes`];
+/// no check off Linux): a failed allocation aborts the process, and a cgroup over its limit
+/// is killed, instead of returning an error.
 /// Counted, as a lower bound: the parameters in f64 (the copy every backend opens from), on
 /// the CPU also the weights, gradients, momentum and an evaluation's copy in the backend's
 /// float, and a batch's activations (z, BN's output and x̂, the activation, two gradients).
@@ -139,17 +141,130 @@ pub fn check_host_memory(model: &ModelConfig, batch: usize, device: DeviceChoice
     if needed > available as f64 {
         let gb = |bytes: f64| bytes / 1e9;
         return Err(ConfigError::Invalid(format!(
-            "{model} with batches of {batch} needs at least {:.1} GB of memory to train ({parameters:.3e} parameters); this machine has {:.1} GB available",
+            "{model} with batches of {batch} needs at least {:.1} GB of memory to train ({parameters:.3e} parameters); this process has {:.1} GB available",
             gb(needed), gb(available as f64)
         )).into());
     }
     Ok(())
 }
 
-/// Linux's estimate of the memory available to a new process, in bytes.
+/// The memory this process may still take, in bytes: the least of Linux's estimate for the
+/// machine (MemAvailable), what its memory cgroups still allow (a container's `--memory`),
+/// and what its address-space limit (`ulimit -v`) leaves; `None` where none can be read.
 pub(crate) fn available_host_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let machine = read("/proc/meminfo").and_then(|m| meminfo_available(&m));
+    let cgroups = read("/proc/self/cgroup").and_then(|c| cgroup_headroom(&c, Path::new("/sys/fs/cgroup")));
+    let address_space = match (read("/proc/self/limits"), read("/proc/self/status")) {
+        (Some(limits), Some(status)) => address_space_headroom(&limits, &status),
+        _ => None,
+    };
+    [machine, cgroups, address_space].into_iter().flatten().min()
+}
+
+/// MemAvailable of `/proc/meminfo`, in bytes.
+fn meminfo_available(meminfo: &str) -> Option<u64> {
+    kilobytes_field(meminfo, "MemAvailable:")
+}
+
+/// A `Name:   N kB` line's N, in bytes.
+fn kilobytes_field(text: &str, name: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok()?.checked_mul(1024)
+}
+
+/// What the memory cgroups of `/proc/self/cgroup` (text `proc_cgroup`, hierarchies mounted
+/// under `root`) still allow: over the process's group and each group above it, in cgroup
+/// v2 (`0::/path`) and in v1's memory hierarchy, the least limit less usage. Usage leaves
+/// out the inactive file cache, which the kernel reclaims before it kills (as `docker stats`
+/// counts it). A group with no limit, or whose files are not there, does not count; in a
+/// container the mount's root is the container's own group.
+fn cgroup_headroom(proc_cgroup: &str, root: &Path) -> Option<u64> {
+    let read = |path: &Path| std::fs::read_to_string(path).ok();
+    let number = |path: &Path| read(path).and_then(|t| t.trim().parse::<u64>().ok());
+    let stat_field = |path: &Path, name: &str| {
+        read(path).and_then(|t| t.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<u64>().ok())))
+    };
+    let mut least: Option<u64> = None;
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        let (mount, limit, usage, inactive) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current", "inactive_file ")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file ")
+        } else {
+            continue;
+        };
+        let mut group = mount.join(path.trim_start_matches('/'));
+        loop {
+            if let (Some(limit), Some(usage)) = (number(&group.join(limit)), number(&group.join(usage))) {
+                let cache = stat_field(&group.join("memory.stat"), inactive).unwrap_or(0);
+                let headroom = limit.saturating_sub(usage.saturating_sub(cache));
+                least = Some(least.map_or(headroom, |l| l.min(headroom)));
+            }
+            if group == mount || !group.pop() {
+                break;
+            }
+        }
+    }
+    least
+}
+
+/// What the address-space limit (`Max address space` of `/proc/self/limits`, the soft one)
+/// leaves beyond the process's present size (`VmSize` of `/proc/self/status`).
+fn address_space_headroom(limits: &str, status: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max address space"))?;
+    let soft: u64 = line.trim_start_matches("Max address space").split_whitespace().next()?.parse().ok()?;
+    Some(soft.saturating_sub(kilobytes_field(status, "VmSize:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_machine_and_the_address_space_limit() {
+        assert_eq!(meminfo_available("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048 * 1024));
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max address space         3072000000           unlimited            bytes\n";
+        assert_eq!(address_space_headroom(limits, "VmSize:\t  1000 kB\n"), Some(3_072_000_000 - 1_024_000));
+        let unlimited = limits.replace("3072000000", "unlimited");
+        assert_eq!(address_space_headroom(&unlimited, "VmSize:\t  1000 kB\n"), None);
+    }
+
+    /// cgroup v2 and v1 trees as a container or a systemd slice lays them out: the tightest
+    /// group binds, the inactive file cache counts as free, and "max" or a missing group
+    /// does not count.
+    #[test]
+    fn reads_the_tightest_memory_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        let put = |path: &str, text: &str| {
+            let file = root.path().join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, text).unwrap();
+        };
+        // v2: the root's limit binds (a container's), the process's own group has none.
+        put("memory.max", "1000000\n");
+        put("memory.current", "400000\n");
+        put("memory.stat", "anon 1\ninactive_file 100000\nactive_file 5\n");
+        put("app/job/memory.max", "max\n");
+        put("app/job/memory.current", "300000\n");
+        assert_eq!(cgroup_headroom("0::/app/job\n", root.path()), Some(1000000 - (400000 - 100000)));
+        // A tighter group below it binds instead.
+        put("app/memory.max", "500000\n");
+        put("app/memory.current", "450000\n");
+        assert_eq!(cgroup_headroom("0::/app/job\n", root.path()), Some(50000));
+        // A process outside any mounted group: nothing to read.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(cgroup_headroom("0::/elsewhere\n", empty.path()), None);
+        // v1: the memory hierarchy's own files, its limit "unlimited" as a huge number.
+        put("memory/box/memory.limit_in_bytes", "2000000\n");
+        put("memory/box/memory.usage_in_bytes", "1500000\n");
+        put("memory/box/memory.stat", "inactive_file 7\ntotal_inactive_file 500000\n");
+        put("memory/memory.limit_in_bytes", "9223372036854771712\n");
+        put("memory/memory.usage_in_bytes", "9000000\n");
+        let v1 = "4:memory:/box\n3:cpuset:/\n";
+        assert_eq!(cgroup_headroom(v1, root.path()), Some(2000000 - (1500000 - 500000)));
+    }
 }

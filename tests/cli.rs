@@ -321,6 +321,23 @@ fn a_full_stderr_is_no_panic() {
     last_json(&out);
 }
 
+/// A network larger than an address-space limit (`ulimit -v`, as a batch system sets it)
+/// allows is refused in one line before training, not aborted by a failed allocation.
+#[test]
+fn an_address_space_limit_is_a_one_line_refusal() {
+    let e = env();
+    // 1 GB of address space; the network needs about 2.1 GB (88M parameters), which the
+    // machine's own memory would allow.
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -v 1000000 && exec \"$0\" \"$@\"", BIN])
+        .args(["--device", "cpu", "train", "--data", s(&e.data), "--hidden", "9000,9000", "--steps", "1"])
+        .env("BNTRAIN_CACHE", "/nonexistent-bntrain-cache")
+        .env_remove("BNTRAIN_DATA")
+        .output()
+        .unwrap();
+    expect_failure(&out, "needs at least 2.1 GB of memory");
+}
+
 #[test]
 fn cuda_without_a_gpu_says_what_to_do() {
     if bntrain::cuda::cuda_available().is_ok() {
