@@ -3,13 +3,17 @@
 //! and a prompt exit on a second Ctrl-C waits for the write to end ([`crate::interrupt`]).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` through a temporary sibling and a rename. Where `path` is a
 /// directory, a device or a pipe, it is refused: a rename would put a file in its place
-/// (`--checkpoint /dev/null`, run as root, would replace the device).
+/// (`--checkpoint /dev/null`, run as root, would replace the device). Where it is a symbolic
+/// link, the file it leads to is written (beside which the temporary file goes), and the
+/// link stays.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     refuse_non_regular(path)?;
+    let target = link_target(path)?;
+    let path = target.as_deref().unwrap_or(path);
     // A second Ctrl-C waits for the write (a checkpoint saved on the first one) to end.
     let _whole = crate::interrupt::Critical::enter();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -32,6 +36,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Where `path` is a symbolic link, the path it leads to, through every link on the way (a
+/// link to a file not there yet leads to where it would be); `None` where it is no link.
+fn link_target(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    let mut at = path.to_path_buf();
+    // Linux gives up after 40 links: a loop is an error, not a hang.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let next = std::fs::read_link(&at)?;
+                // A relative link is relative to the directory that holds it.
+                at = at.parent().map_or(next.clone(), |dir| dir.join(&next));
+            }
+            _ => return Ok((at != path).then_some(at)),
+        }
+    }
+    Err(std::io::Error::other("too many levels of symbolic links"))
 }
 
 /// An error where `path` exists and is not a regular file (or a link to one).
@@ -58,6 +80,34 @@ mod tests {
         let before = crate::interrupt::sections_entered_on_this_thread();
         write_atomically(&dir.path().join("data.bin"), b"bytes").unwrap();
         assert_eq!(crate::interrupt::sections_entered_on_this_thread(), before + 1);
+    }
+
+    /// A link is written through, and stays a link: `--resume link` saves back into the file
+    /// the link leads to (relative or absolute, through a chain, or to a file not there yet).
+    #[cfg(unix)]
+    #[test]
+    fn a_link_is_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        std::fs::write(store.join("real.bin"), b"old").unwrap();
+        let link = dir.path().join("link.bin");
+        std::os::unix::fs::symlink("store/real.bin", &link).unwrap();
+        let chain = dir.path().join("chain.bin");
+        std::os::unix::fs::symlink(&link, &chain).unwrap();
+        write_atomically(&chain, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(&chain).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(store.join("real.bin")).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["real.bin"], "no temporary file left");
+        let dangling = dir.path().join("dangling.bin");
+        std::os::unix::fs::symlink("store/later.bin", &dangling).unwrap();
+        write_atomically(&dangling, b"first").unwrap();
+        assert_eq!(std::fs::read(store.join("later.bin")).unwrap(), b"first");
+        let looped = dir.path().join("loop.bin");
+        std::os::unix::fs::symlink("loop.bin", &looped).unwrap();
+        assert!(write_atomically(&looped, b"x").is_err());
     }
 
     /// Writers of one path that share a process id (threads here; containers sharing a

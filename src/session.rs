@@ -81,8 +81,26 @@ impl TrainReport {
 }
 
 /// `path` as one word of a shell command a user can paste: as it is where it needs no
-/// quoting, else in single quotes (a quote inside written `'\''`).
+/// quoting, else in single quotes (a quote inside written `'\''`); a path that is not UTF-8
+/// in bash's `$'…'`, its other bytes as `\xHH`.
 pub fn shell_word(path: &Path) -> String {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = path.as_os_str().as_bytes();
+        if std::str::from_utf8(bytes).is_err() {
+            let mut word = String::from("$'");
+            for &b in bytes {
+                match b {
+                    b'\'' | b'\\' => word.extend(['\\', b as char]),
+                    b' '..=b'~' => word.push(b as char),
+                    _ => word.push_str(&format!("\\x{b:02x}")),
+                }
+            }
+            word.push('\'');
+            return word;
+        }
+    }
     let text = path.to_string_lossy();
     let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
     if !text.is_empty() && text.chars().all(plain) {
@@ -259,11 +277,19 @@ pub fn run(
         Outcome::Interrupted { .. } => req.checkpoint.clone().or_else(|| req.interrupt_checkpoint.as_deref().map(unused_name)),
         Outcome::Finished { .. } => req.checkpoint.clone(),
     };
+    // A run interrupted between evaluation points has not had its last steps checked: one
+    // that diverged there says so, and saves nothing (an earlier good file stays whole).
+    if let (Some(_), Outcome::Interrupted { step, .. }) = (&checkpoint, &outcome) {
+        if let Some((name, value)) = net.first_non_finite()? {
+            return Err(Error::Diverged { step: *step, what: format!("{name} holds {value} at the interrupt, so nothing was saved") });
+        }
+    }
     if let Some(path) = &checkpoint {
         if let Err(failed) = save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress.clone(), trained_on, path) {
             // The trained state is not lost with the file it was meant for (a full disk, a
             // directory removed meanwhile): it goes to the temporary directory instead.
-            let rescue = std::env::temp_dir().join(format!("bntrain-rescued-{}.safetensors", std::process::id()));
+            // Not over an earlier rescue: in a container every run may have the same pid.
+            let rescue = unused_name(&std::env::temp_dir().join(format!("bntrain-rescued-{}.safetensors", std::process::id())));
             let step = final_progress.step;
             return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue) {
                 Ok(()) => {
@@ -297,6 +323,18 @@ mod tests {
         let tricky = "a b'c$d\"e`f*.st";
         if let Ok(out) = std::process::Command::new("sh").arg("-c").arg(format!("printf %s {}", shell_word(Path::new(tricky)))).output() {
             assert_eq!(String::from_utf8_lossy(&out.stdout), tricky);
+        }
+        // Bytes that are not UTF-8, in bash's $'…' (printf's own escapes kept out of the way).
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStrExt;
+            let raw = b"ck\xff it's \\ %s\x01.st";
+            let word = shell_word(Path::new(std::ffi::OsStr::from_bytes(raw)));
+            assert_eq!(word, r"$'ck\xff it\'s \\ %s\x01.st'");
+            if let Ok(out) = std::process::Command::new("bash").arg("-c").arg(format!("printf %s \"$(printf '%s' {word})\" | od -An -tx1")).output() {
+                let hex: String = raw.iter().map(|b| format!(" {b:02x}")).collect();
+                assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), hex.split_whitespace().collect::<Vec<_>>());
+            }
         }
     }
 }

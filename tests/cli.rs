@@ -213,6 +213,29 @@ fn an_interrupt_without_checkpoint_flag_still_saves() {
     }
 }
 
+/// An interrupt that comes after the network diverged, between evaluation points, says so
+/// and saves nothing: the earlier good checkpoint stays whole.
+#[test]
+fn an_interrupt_after_divergence_says_so_and_saves_nothing() {
+    let e = env();
+    let ckpt = e.dir.join("good.safetensors");
+    last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "20", "--checkpoint", s(&ckpt), "--json"]));
+    let before = std::fs::read(&ckpt).unwrap();
+    let child = Command::new(BIN)
+        .args(["--device", "cpu", "train", "--data", s(&e.data), "--init", s(&ckpt), "--checkpoint", s(&ckpt), "--lr", "1e30"])
+        .args(["--steps", "100000000", "--eval-every", "100000000", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    expect_failure(&out, "diverged at step");
+    expect_failure(&out, "at the interrupt, so nothing was saved");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the last good checkpoint is untouched");
+}
+
 #[test]
 fn sigterm_writes_a_checkpoint_that_resumes() {
     interrupt_writes_a_checkpoint_that_resumes("-TERM");
@@ -281,6 +304,19 @@ fn bad_input_gets_one_line_errors() {
     std::fs::write(&in_the_way, b"").unwrap();
     expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--out", s(&e.dir), "--name", "a-file"]), "cannot create");
     assert!(!e.dir.join("a-file.partial").exists(), "nothing made where the study could not go");
+    // A network bntrain cannot build, or an output name a directory holds, is refused before
+    // the study makes its directories or removes an earlier interrupted study's outputs.
+    let earlier = e.dir.join("study.partial");
+    std::fs::create_dir(&earlier).unwrap();
+    std::fs::write(earlier.join("curves.csv"), b"kept").unwrap();
+    expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--hidden", "0", "--out", s(&e.dir), "--name", "study"]), "width 0");
+    assert!(!e.dir.join("study").exists(), "no run directory for a study that cannot run");
+    assert_eq!(std::fs::read(earlier.join("curves.csv")).unwrap(), b"kept");
+    std::fs::create_dir_all(e.dir.join("study/report.md")).unwrap();
+    let started = std::time::Instant::now();
+    expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--out", s(&e.dir), "--name", "study"]), "cannot write report.md");
+    assert!(started.elapsed().as_secs_f64() < 5.0, "refused at the start, not after the study");
+    assert_eq!(std::fs::read(earlier.join("curves.csv")).unwrap(), b"kept");
     expect_failure(&bntrain(&["--device", "cpu", "eval", "--data", data, "--checkpoint", "/dev/zero"]), "not a regular file");
     expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--name", "."]), "plain directory name");
     for seconds in ["0", "nan", "inf", "-1", "61"] {

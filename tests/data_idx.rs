@@ -378,14 +378,15 @@ fn locate_prefers_explicit_then_env_then_cache() {
         "{error}"
     );
     assert!(error.to_string().contains("--data DIR"), "{error}");
+    // Not found, Fashion-MNIST says where it looked and how to install it (no download).
     match locate(None, DatasetKind::FashionMnist, true) {
         Ok(dir) => assert_eq!(dir, Path::new(FASHION_MNIST_SYSTEM_DIR)),
-        Err(error) => assert!(
-            error
-                .to_string()
-                .contains("apt-get install dataset-fashion-mnist"),
-            "{error}"
-        ),
+        Err(error) => {
+            assert!(matches!(error, DataError::FashionNotFound { .. }), "{error}");
+            let text = error.to_string();
+            assert!(text.contains("apt-get install dataset-fashion-mnist"), "{error}");
+            assert!(text.contains(&*empty.path().join("fashion-mnist").to_string_lossy()), "{error}");
+        }
     }
 
     std::env::remove_var("BNTRAIN_CACHE");

@@ -282,6 +282,11 @@ fn check_outputs(summary: &ReproduceSummary, dir: &Path) {
     for name in expected {
         assert!(summary.files.iter().any(|f| f == name), "{name} missing from the summary's file list");
     }
+    // The names a study checks before it starts are the ones it writes.
+    let (mut listed, mut written) = (bntrain::report::output_names(), summary.files.clone());
+    listed.sort();
+    written.sort();
+    assert_eq!(listed, written);
     for name in &summary.files {
         let path = dir.join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

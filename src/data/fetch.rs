@@ -135,7 +135,7 @@ pub fn locate(
             searched: searched.join(", "),
             cache,
         }),
-        DatasetKind::FashionMnist => Err(DataError::NoFashionFetch),
+        DatasetKind::FashionMnist => Err(DataError::FashionNotFound { searched: searched.join(", ") }),
     }
 }
 

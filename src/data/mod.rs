@@ -109,6 +109,8 @@ pub enum DataError {
     Offline { file: &'static str, tried: String },
     #[error("bntrain does not download Fashion-MNIST: run `apt-get install dataset-fashion-mnist` (it installs {FASHION_MNIST_SYSTEM_DIR}), or give the commands that train `--data DIR` holding its four IDX files (raw or .gz)")]
     NoFashionFetch,
+    #[error("fashion-mnist not found (searched: {searched}); install it with `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}; bntrain does not download it), or pass `--data DIR` holding its four IDX files (raw or .gz)")]
+    FashionNotFound { searched: String },
     #[error("{kind} not found (searched: {searched}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `bntrain data fetch` to download it into {cache}")]
     NotFound {
         kind: DatasetKind,

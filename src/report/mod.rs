@@ -418,6 +418,15 @@ pub fn reproduce(
     stop: Option<&AtomicBool>,
 ) -> crate::Result<ReproduceSummary> {
     opts.validate()?;
+    // The networks and the outputs' places are checked before anything on disk is made or
+    // removed (an earlier interrupted study's partial outputs among them).
+    for batch_norm in [true, false] {
+        study::model_config(opts, &data, batch_norm).validate()?;
+    }
+    if let Some(name) = output_names().into_iter().find(|name| opts.out_dir.join(name).is_dir()) {
+        let why = std::io::Error::other("a directory has that name");
+        return Err(crate::Error::io(format!("cannot write {name} into {}", opts.out_dir.display()), why));
+    }
     // Whether the outputs can move in is found out now, not after the study: a file where
     // the directory should be, a directory that takes no files.
     create_dir(&opts.out_dir)?;
@@ -446,6 +455,18 @@ pub fn reproduce(
     let summary = build_outputs(&building, data, open, stop)?;
     move_outputs(&partial, &opts.out_dir, &summary.files)?;
     Ok(summary)
+}
+
+/// The names of the files a study writes into its directory (its summary's `files`).
+pub fn output_names() -> Vec<String> {
+    let mut names = vec![study::CHECKPOINT.to_string()];
+    for figure in [figures::FIG1A, figures::FIG1B, figures::FIG1C, figures::TEST_TIME, figures::ESTIMATORS] {
+        names.extend([format!("{figure}.png"), format!("{figure}.svg")]);
+    }
+    for table in [write::CURVES_CSV, write::PROBES_CSV, write::PREDICTIONS_CSV, write::ESTIMATORS_CSV, write::METRICS_JSON, write::REPORT_MD] {
+        names.push(table.to_string());
+    }
+    names
 }
 
 /// Moves `files` from `from` into `to` (same-named files replaced, others left alone), then
