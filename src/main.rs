@@ -473,7 +473,14 @@ fn negative_numbers_reach_their_checks(command: clap::Command) -> clap::Command 
 fn refuse_command_line(e: clap::Error) -> ! {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
-        e.exit();
+        // As out! ends a command: a closed stdout quietly, a full one with one line.
+        match e.print() {
+            Err(why) if why.kind() != std::io::ErrorKind::BrokenPipe => {
+                note!("error: cannot write the output: {why}");
+                std::process::exit(1);
+            }
+            _ => std::process::exit(e.exit_code()),
+        }
     }
     let _ = e.print();
     if std::env::args_os().any(|arg| arg == "--json") {

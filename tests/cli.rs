@@ -357,6 +357,17 @@ fn a_full_stderr_is_no_panic() {
     last_json(&out);
 }
 
+/// A full stdout (`>/dev/full`) is an error, help and version included: exit 1 and one line.
+#[test]
+fn a_full_stdout_is_an_error() {
+    for args in [&["--help"][..], &["--version"], &["train", "--help"], &["--device", "cpu", "info"]] {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+        let out = Command::new(BIN).args(args).stdout(full).output().unwrap();
+        expect_failure(&out, "cannot write the output");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+    }
+}
+
 /// A network larger than an address-space limit (`ulimit -v`, as a batch system sets it)
 /// allows is refused in one line before training, not aborted by a failed allocation.
 #[test]
