@@ -187,13 +187,19 @@ done
 # (barriers misused), each on a short `train` in a process of its own, instrumenting only
 # the kernels whose names hold "fused" (the others run at full speed). The fat binaries carry
 # line information (-lineinfo), so a report names the .cu line. A clean run costs some
-# seconds a tool; a failure's first report and the tool's summary make the row.
+# seconds a tool; a failure's first report and the tool's summary make the row, and end that
+# kernel's runs (the first report is what the next call needs). A run whose device name lacks
+# the kernel's (it fell back to another way of stepping) checked nothing and says so. The
+# whole step takes at most SANITIZE_SECONDS (default 150), 60 s a run, so that the parts
+# after it keep their share of BUDGET.
 sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
-sanitize() { # NAME VAR=VALUE...
-    local name="$1" tool log status totals first at; shift
+sanitize_until=$((SECONDS + ${SANITIZE_SECONDS:-150}))
+sanitize() { # NAME WANT VAR=VALUE...
+    local name="$1" want="$2" tool log status totals first at device; shift 2
     if [[ -z "$sanitizer" ]]; then row "sanitize $name" "SKIPPED: compute-sanitizer not found"; return; fi
     for tool in memcheck racecheck synccheck; do
-        limit 90 20 "sanitize $name ($tool)" || return
+        if (( sanitize_until - SECONDS < 20 )); then row "sanitize $name ($tool)" "SKIPPED: SANITIZE_SECONDS spent"; return; fi
+        limit $(( sanitize_until - SECONDS < 60 ? sanitize_until - SECONDS : 60 )) 20 "sanitize $name ($tool)" || return
         log="$logs/sanitize-$name-$tool.log"
         echo "== $* compute-sanitizer --tool $tool --kernel-name kns=fused bntrain train --device cuda --steps 60"
         env "$@" timeout -k 10 "$t" "$sanitizer" --tool "$tool" --kernel-name kns=fused --error-exitcode 86 --print-limit 20 \
@@ -203,21 +209,24 @@ sanitize() { # NAME VAR=VALUE...
         totals="$(grep -m1 -E '^========= (ERROR|RACECHECK) SUMMARY' "$log" | sed 's/^========= //')"
         first="$(grep -E '^========= [A-Z]' "$log" | grep -v -E 'SUMMARY|COMPUTE-SANITIZER' | head -n 1 | sed 's/^========= //')"
         at="$(grep -m1 -E '^=========  +at ' "$log" | sed 's/^=========  *//')"
-        if [[ $status -eq 0 ]]; then
-            row "sanitize $name ($tool)" "clean: ${totals:-no summary}; $(json_field "$log" device)"
+        device="$(json_field "$log" device)"
+        if [[ $status -eq 0 && "$device" != *"$want"* ]]; then
+            row "sanitize $name ($tool)" "FELL BACK (nothing checked): $device"; failed=1; return
+        elif [[ $status -eq 0 ]]; then
+            row "sanitize $name ($tool)" "clean: ${totals:-no summary}; $device"
         else
-            row "sanitize $name ($tool)" "exit $status: ${totals:-no summary}; ${first:-no report}${at:+ $at}; $(json_field "$log" device)"; failed=1
+            row "sanitize $name ($tool)" "exit $status: ${totals:-no summary}; ${first:-no report}${at:+ $at}; $device"; failed=1; return
         fi
     done
 }
 for family in fused cluster replicated; do
     case $family in
-        fused) ok=$fused_ok vars=(BNTRAIN_CUDA_STEP=fused) ;;
-        cluster) ok=$cluster_ok vars=(BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused) ;;
-        replicated) ok=$replicated_ok vars=(BNTRAIN_FUSED_REPLICATED=1 BNTRAIN_CUDA_STEP=fused) ;;
+        fused) ok=$fused_ok want="(fused steps" vars=(BNTRAIN_CUDA_STEP=fused) ;;
+        cluster) ok=$cluster_ok want="clusters of" vars=(BNTRAIN_FUSED_CLUSTER=1 BNTRAIN_CUDA_STEP=fused) ;;
+        replicated) ok=$replicated_ok want="one barrier a step" vars=(BNTRAIN_FUSED_REPLICATED=1 BNTRAIN_CUDA_STEP=fused) ;;
     esac
     [[ $family == replicated ]] && ! part tests && ! part replicated && ! part sanitize && continue
-    if part sanitize || [[ $ok == 0 || $failed_tests == *":$family "* ]]; then sanitize "$family" "${vars[@]}"; fi
+    if part sanitize || [[ $ok == 0 || $failed_tests == *":$family "* ]]; then sanitize "$family" "$want" "${vars[@]}"; fi
 done
 
 save_logs

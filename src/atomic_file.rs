@@ -5,15 +5,22 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Writes `bytes` to `path` through a temporary sibling and a rename. Where `path` is a
-/// directory, a device or a pipe, it is refused: a rename would put a file in its place
-/// (`--checkpoint /dev/null`, run as root, would replace the device). Where it is a symbolic
-/// link, the file it leads to is written (beside which the temporary file goes), and the
-/// link stays.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// [`write_atomically`] into the file `path` leads to where it is a symbolic link (the
+/// temporary file goes beside that file), so that the link stays. For paths the user names
+/// (`--resume link`); not for names bntrain picks in a shared directory, where a link
+/// another user planted would steer the write.
+pub fn write_through_links(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     refuse_non_regular(path)?;
     let target = link_target(path)?;
-    let path = target.as_deref().unwrap_or(path);
+    write_atomically(target.as_deref().unwrap_or(path), bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename. Where `path` is a
+/// directory, a device or a pipe, it is refused: a rename would put a file in its place
+/// (`--checkpoint /dev/null`, run as root, would replace the device). A symbolic link at
+/// `path` is replaced, not followed ([`write_through_links`] follows it).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    refuse_non_regular(path)?;
     // A second Ctrl-C waits for the write (a checkpoint saved on the first one) to end.
     let _whole = crate::interrupt::Critical::enter();
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -40,7 +47,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Where `path` is a symbolic link, the path it leads to, through every link on the way (a
 /// link to a file not there yet leads to where it would be); `None` where it is no link.
-fn link_target(path: &Path) -> std::io::Result<Option<PathBuf>> {
+pub fn link_target(path: &Path) -> std::io::Result<Option<PathBuf>> {
     let mut at = path.to_path_buf();
     // Linux gives up after 40 links: a loop is an error, not a hang.
     for _ in 0..40 {
@@ -84,6 +91,7 @@ mod tests {
 
     /// A link is written through, and stays a link: `--resume link` saves back into the file
     /// the link leads to (relative or absolute, through a chain, or to a file not there yet).
+    /// A plain atomic write replaces a link instead.
     #[cfg(unix)]
     #[test]
     fn a_link_is_written_through() {
@@ -95,7 +103,7 @@ mod tests {
         std::os::unix::fs::symlink("store/real.bin", &link).unwrap();
         let chain = dir.path().join("chain.bin");
         std::os::unix::fs::symlink(&link, &chain).unwrap();
-        write_atomically(&chain, b"new").unwrap();
+        write_through_links(&chain, b"new").unwrap();
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert!(std::fs::symlink_metadata(&chain).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read(store.join("real.bin")).unwrap(), b"new");
@@ -103,11 +111,16 @@ mod tests {
         assert_eq!(names, ["real.bin"], "no temporary file left");
         let dangling = dir.path().join("dangling.bin");
         std::os::unix::fs::symlink("store/later.bin", &dangling).unwrap();
-        write_atomically(&dangling, b"first").unwrap();
+        write_through_links(&dangling, b"first").unwrap();
         assert_eq!(std::fs::read(store.join("later.bin")).unwrap(), b"first");
         let looped = dir.path().join("loop.bin");
         std::os::unix::fs::symlink("loop.bin", &looped).unwrap();
-        assert!(write_atomically(&looped, b"x").is_err());
+        assert!(write_through_links(&looped, b"x").is_err());
+        let planted = dir.path().join("planted.bin");
+        std::os::unix::fs::symlink("store/real.bin", &planted).unwrap();
+        write_atomically(&planted, b"plain").unwrap();
+        assert!(std::fs::symlink_metadata(&planted).unwrap().file_type().is_file(), "the link is replaced");
+        assert_eq!(std::fs::read(store.join("real.bin")).unwrap(), b"new", "not written through");
     }
 
     /// Writers of one path that share a process id (threads here; containers sharing a

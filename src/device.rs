@@ -176,31 +176,37 @@ fn kilobytes_field(text: &str, name: &str) -> Option<u64> {
 /// What the memory cgroups of `/proc/self/cgroup` (text `proc_cgroup`, hierarchies mounted
 /// under `root`) still allow: over the process's group and each group above it, in cgroup
 /// v2 (`0::/path`) and in v1's memory hierarchy, the least limit less usage. Usage leaves
-/// out the inactive file cache, which the kernel reclaims before it kills (as `docker stats`
-/// counts it). A group with no limit, or whose files are not there, does not count; in a
-/// container the mount's root is the container's own group.
+/// out the file cache, which the kernel reclaims before it kills, but not the shared memory
+/// counted in it, which it cannot drop. A group with no limit, or whose files are not there,
+/// does not count; in a container the mount's root is the container's own group. (This
+/// guards against a certain failure, so it errs towards letting a run start.)
 fn cgroup_headroom(proc_cgroup: &str, root: &Path) -> Option<u64> {
     let read = |path: &Path| std::fs::read_to_string(path).ok();
     let number = |path: &Path| read(path).and_then(|t| t.trim().parse::<u64>().ok());
-    let stat_field = |path: &Path, name: &str| {
-        read(path).and_then(|t| t.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<u64>().ok())))
+    let stat_field = |stat: &str, name: &str| {
+        stat.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse::<u64>().ok()))
     };
     let mut least: Option<u64> = None;
     for line in proc_cgroup.lines() {
         let mut fields = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else { continue };
-        let (mount, limit, usage, inactive) = if controllers.is_empty() {
-            (root.to_path_buf(), "memory.max", "memory.current", "inactive_file ")
+        let (mount, limit, usage, cache, shared) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current", "file", "shmem")
         } else if controllers.split(',').any(|c| c == "memory") {
-            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file ")
+            (root.join("memory"), "memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem")
         } else {
             continue;
         };
+        // A group outside the namespace's view (`/../x`) is not under the mount.
+        if path.split('/').any(|part| part == "..") {
+            continue;
+        }
         let mut group = mount.join(path.trim_start_matches('/'));
         loop {
             if let (Some(limit), Some(usage)) = (number(&group.join(limit)), number(&group.join(usage))) {
-                let cache = stat_field(&group.join("memory.stat"), inactive).unwrap_or(0);
-                let headroom = limit.saturating_sub(usage.saturating_sub(cache));
+                let stat = read(&group.join("memory.stat")).unwrap_or_default();
+                let reclaimable = stat_field(&stat, cache).unwrap_or(0).saturating_sub(stat_field(&stat, shared).unwrap_or(0));
+                let headroom = limit.saturating_sub(usage.saturating_sub(reclaimable));
                 least = Some(least.map_or(headroom, |l| l.min(headroom)));
             }
             if group == mount || !group.pop() {
@@ -234,8 +240,8 @@ mod tests {
     }
 
     /// cgroup v2 and v1 trees as a container or a systemd slice lays them out: the tightest
-    /// group binds, the inactive file cache counts as free, and "max" or a missing group
-    /// does not count.
+    /// group binds, the file cache less shared memory counts as free, and "max", a missing
+    /// group or one outside the namespace's view does not count.
     #[test]
     fn reads_the_tightest_memory_cgroup() {
         let root = tempfile::tempdir().unwrap();
@@ -247,7 +253,7 @@ mod tests {
         // v2: the root's limit binds (a container's), the process's own group has none.
         put("memory.max", "1000000\n");
         put("memory.current", "400000\n");
-        put("memory.stat", "anon 1\ninactive_file 100000\nactive_file 5\n");
+        put("memory.stat", "anon 1\nfile 150000\nshmem 50000\nfile_mapped 7\n");
         put("app/job/memory.max", "max\n");
         put("app/job/memory.current", "300000\n");
         assert_eq!(cgroup_headroom("0::/app/job\n", root.path()), Some(1000000 - (400000 - 100000)));
@@ -258,10 +264,11 @@ mod tests {
         // A process outside any mounted group: nothing to read.
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(cgroup_headroom("0::/elsewhere\n", empty.path()), None);
+        assert_eq!(cgroup_headroom("0::/../outside\n", root.path()), None);
         // v1: the memory hierarchy's own files, its limit "unlimited" as a huge number.
         put("memory/box/memory.limit_in_bytes", "2000000\n");
         put("memory/box/memory.usage_in_bytes", "1500000\n");
-        put("memory/box/memory.stat", "inactive_file 7\ntotal_inactive_file 500000\n");
+        put("memory/box/memory.stat", "cache 7\ntotal_cache 600000\ntotal_shmem 100000\n");
         put("memory/memory.limit_in_bytes", "9223372036854771712\n");
         put("memory/memory.usage_in_bytes", "9000000\n");
         let v1 = "4:memory:/box\n3:cpuset:/\n";

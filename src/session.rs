@@ -117,15 +117,20 @@ pub fn unused_name(path: &Path) -> PathBuf {
     let extension = path.extension().map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
     std::iter::once(path.to_path_buf())
         .chain((1u32..).map(|n| path.with_file_name(format!("{stem}-{n}{extension}"))))
-        .find(|candidate| !candidate.exists())
+        // A link counts as there, dangling or not (another user's, in /tmp).
+        .find(|candidate| std::fs::symlink_metadata(candidate).is_err())
         .unwrap_or_else(|| path.to_path_buf())
 }
 
 /// Fails now, rather than after an hour of training, if `path` cannot be written: its
-/// directory refuses files, or `path` is a directory, a device or a pipe.
+/// directory (that of the file it leads to, where it is a link) refuses files, or `path` is
+/// a directory, a device or a pipe.
 pub fn check_writable(path: &Path) -> Result<()> {
-    crate::atomic_file::refuse_non_regular(path).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let cannot = |e| Error::io(format!("cannot write {}", path.display()), e);
+    crate::atomic_file::refuse_non_regular(path).map_err(cannot)?;
+    let target = crate::atomic_file::link_target(path).map_err(cannot)?;
+    let written = target.as_deref().unwrap_or(path);
+    let dir = written.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let probe = dir.join(format!(".bntrain-write-test-{}", std::process::id()));
     // Never left behind by a second Ctrl-C between the write and the removal.
     let _whole = crate::interrupt::Critical::enter();
@@ -194,7 +199,7 @@ fn starting_point(req: &TrainRequest, data_kind: DatasetKind) -> Result<Starting
 /// Writes the state of `net` as a checkpoint.
 pub fn save_checkpoint(
     net: &mut dyn Backend, model: &ModelConfig, train: &TrainConfig, progress: TrainProgress,
-    trained_on: TrainedOn, path: &Path,
+    trained_on: TrainedOn, path: &Path, follow_links: bool,
 ) -> Result<()> {
     let ckpt = Checkpoint {
         model: model.clone(),
@@ -209,7 +214,7 @@ pub fn save_checkpoint(
         },
         trained_on: Some(trained_on),
     };
-    Ok(ckpt.save(path)?)
+    Ok(if follow_links { ckpt.save_through_links(path) } else { ckpt.save(path) }?)
 }
 
 /// Runs a training session. `on_event` sees every step and evaluation (for progress bars).
@@ -278,20 +283,25 @@ pub fn run(
         Outcome::Finished { .. } => req.checkpoint.clone(),
     };
     // A run interrupted between evaluation points has not had its last steps checked: one
-    // that diverged there says so, and saves nothing (an earlier good file stays whole).
+    // that diverged there says so, as at a point, and saves nothing (an earlier good file
+    // stays whole).
     if let (Some(_), Outcome::Interrupted { step, .. }) = (&checkpoint, &outcome) {
-        if let Some((name, value)) = net.first_non_finite()? {
-            return Err(Error::Diverged { step: *step, what: format!("{name} holds {value} at the interrupt, so nothing was saved") });
+        if let Some(what) = train::divergence(&pending, net.first_non_finite()?) {
+            return Err(Error::Diverged { step: *step, what: format!("{what} at the interrupt, so nothing was saved") });
         }
     }
+    // The user's path is written through a link (`--resume link` updates the file it leads
+    // to); the names bntrain picks, in the working or the temporary directory, are not: a
+    // link planted there must not steer the write.
+    let follow_links = req.checkpoint.is_some();
     if let Some(path) = &checkpoint {
-        if let Err(failed) = save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress.clone(), trained_on, path) {
+        if let Err(failed) = save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress.clone(), trained_on, path, follow_links) {
             // The trained state is not lost with the file it was meant for (a full disk, a
             // directory removed meanwhile): it goes to the temporary directory instead.
             // Not over an earlier rescue: in a container every run may have the same pid.
             let rescue = unused_name(&std::env::temp_dir().join(format!("bntrain-rescued-{}.safetensors", std::process::id())));
             let step = final_progress.step;
-            return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue) {
+            return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue, false) {
                 Ok(()) => {
                     let next = match outcome {
                         Outcome::Interrupted { .. } => format!("continue with `bntrain train --resume {} --steps {}`", shell_word(&rescue), req.steps),
@@ -312,6 +322,24 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name bntrain picks skips a link, dangling or not (in /tmp, another user's); the
+    /// user's own checkpoint path is checked where a link leads, not where the link lies.
+    #[cfg(unix)]
+    #[test]
+    fn links_are_taken_names_and_checked_where_they_lead() {
+        let dir = tempfile::tempdir().unwrap();
+        let wanted = dir.path().join("state.safetensors");
+        std::os::unix::fs::symlink(dir.path().join("nowhere/x"), &wanted).unwrap();
+        assert_eq!(unused_name(&wanted), dir.path().join("state-1.safetensors"));
+        let blocker = dir.path().join("a-file");
+        std::fs::write(&blocker, b"").unwrap();
+        let link = dir.path().join("link.safetensors");
+        std::os::unix::fs::symlink(blocker.join("ckpt.safetensors"), &link).unwrap();
+        let err = check_writable(&link).unwrap_err().to_string();
+        assert!(err.contains("cannot write to") && err.contains("a-file"), "{err}");
+        assert!(check_writable(&dir.path().join("plain.safetensors")).is_ok());
+    }
 
     #[test]
     fn a_shell_word_pastes_back_as_the_same_path() {

@@ -250,18 +250,8 @@ pub fn evaluate_point(net: &mut dyn Backend, step: u64, mode: StatsMode, probe: 
 /// finite or has blown up, or a parameter or running statistic is not finite.
 pub fn judge_point(step: u64, results: PointResults) -> Result<EvalRecord> {
     let PointResults { stats, non_finite, eval } = results;
-    let diverged = |what: String| Error::Diverged { step, what };
-    if !stats.loss_sum.is_finite() {
-        return Err(diverged(format!("the training loss is {}", stats.loss_sum)));
-    }
-    if stats.mean_loss() > EXPLODED_LOSS {
-        return Err(diverged(format!(
-            "the mean training loss per example is {:.3e}, over {EXPLODED_LOSS} (chance level is ln(classes), 2.3 for ten): the weights have blown up",
-            stats.mean_loss()
-        )));
-    }
-    if let Some((name, value)) = non_finite {
-        return Err(diverged(format!("{name} contains a non-finite value ({value})")));
+    if let Some(what) = divergence(&stats, non_finite) {
+        return Err(Error::Diverged { step, what });
     }
     Ok(EvalRecord {
         point: HistoryPoint {
@@ -273,6 +263,22 @@ pub fn judge_point(step: u64, results: PointResults) -> Result<EvalRecord> {
         },
         probe: eval.probe,
     })
+}
+
+/// Why a network counts as diverged, from its training sums since the last point and the
+/// first non-finite parameter or running statistic, if any: the training loss is not finite
+/// or has blown up, or such a value exists. `None` for a sound network.
+pub fn divergence(stats: &StepStats, non_finite: Option<(String, f64)>) -> Option<String> {
+    if !stats.loss_sum.is_finite() {
+        return Some(format!("the training loss is {}", stats.loss_sum));
+    }
+    if stats.mean_loss() > EXPLODED_LOSS {
+        return Some(format!(
+            "the mean training loss per example is {:.3e}, over {EXPLODED_LOSS} (chance level is ln(classes), 2.3 for ten): the weights have blown up",
+            stats.mean_loss()
+        ));
+    }
+    non_finite.map(|(name, value)| format!("{name} contains a non-finite value ({value})"))
 }
 
 #[cfg(test)]

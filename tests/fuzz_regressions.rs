@@ -97,6 +97,26 @@ fn replay(bytes: &[u8], origin: &Path) -> Vec<String> {
     panics
 }
 
+/// The `checkpoint_config` target gets past the checksum: the template with its own
+/// configuration loads, and one with a changed configuration fails later, in its checks,
+/// not as corrupted (else the target would fuzz nothing beyond the checksum).
+#[test]
+fn the_config_target_reaches_past_the_checksum() {
+    let path = Path::new("template.safetensors");
+    let (_, header) = safetensors::SafeTensors::read_metadata(fuzz_input::TEMPLATE).unwrap();
+    let own = header.metadata().clone().unwrap();
+    let input = fuzz_input::CONFIG_KEYS.map(|key| own[key].as_str()).join("\0");
+    let sealed = fuzz_input::template_with_config(input.as_bytes());
+    Checkpoint::from_bytes(&sealed, path).expect("the template loads");
+    // Sealed in the current format, whatever the template's (a template written anew by
+    // write_seed_corpus would otherwise stop every input at the checksum).
+    let (_, header) = safetensors::SafeTensors::read_metadata(&sealed).unwrap();
+    let version = header.metadata().as_ref().unwrap()["format_version"].clone();
+    assert_eq!(version, bntrain::model::checkpoint::FORMAT_VERSION.to_string());
+    let err = Checkpoint::from_bytes(&fuzz_input::template_with_config(b"{\"inputs\":0}"), path).unwrap_err();
+    assert!(!matches!(err, bntrain::model::CheckpointError::Corrupted { .. }), "{err}");
+}
+
 #[test]
 fn corpus_and_crash_cases_never_panic() {
     let root = fuzz_dir();

@@ -34,10 +34,11 @@ pub const TEMPLATE: &[u8] =
 pub const CONFIG_KEYS: [&str; 4] = ["model", "train", "progress", "dtype"];
 
 /// The template checkpoint with its metadata entries replaced: the input is split at NUL
-/// bytes into the JSON texts of [`CONFIG_KEYS`] (missing parts keep the template's). The
-/// tensors, and so the checksum, stay valid, so everything the loader does after the
-/// checksum, the configuration-driven part that the raw-bytes target rarely reaches, is
-/// exercised on arbitrary configurations.
+/// bytes into the JSON texts of [`CONFIG_KEYS`] (missing parts keep the template's), and the
+/// metadata sealed again (the current format version, its checksum over tensors and
+/// metadata), so everything the loader does after the checksum, the configuration-driven
+/// part that the raw-bytes target rarely reaches, is exercised on arbitrary configurations,
+/// whatever version the template was written in.
 pub fn template_with_config(data: &[u8]) -> Vec<u8> {
     use safetensors::tensor::SafeTensors;
     let file =
@@ -48,6 +49,8 @@ pub fn template_with_config(data: &[u8]) -> Vec<u8> {
     for (key, text) in CONFIG_KEYS.iter().zip(data.split(|&b| b == 0)) {
         metadata.insert(key.to_string(), String::from_utf8_lossy(text).into_owned());
     }
-    safetensors::serialize(file.tensors(), Some(metadata))
+    let tensors = file.tensors();
+    bntrain::model::checkpoint::seal_metadata(&tensors, &mut metadata);
+    safetensors::serialize(tensors, Some(metadata))
         .expect("the template's tensors serialize")
 }

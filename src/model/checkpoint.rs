@@ -19,7 +19,7 @@
 
 use super::config::{ConfigError, ModelConfig, TrainConfig};
 use super::params::{ModelParams, RunningStats};
-use crate::atomic_file::write_atomically;
+use crate::atomic_file::{write_atomically, write_through_links};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -165,6 +165,16 @@ fn checksum<'a>(tensors: impl Iterator<Item = (&'a str, Dtype, &'a [usize], &'a 
     hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Completes a checkpoint's `metadata` for its `tensors`: this format version and the
+/// checksum [`Checkpoint::from_bytes`] expects over both. [`Checkpoint::save`] ends with it;
+/// so do the fuzz targets, which put arbitrary configurations into a template. The checksum
+/// guards against corruption, not forgery.
+pub fn seal_metadata(tensors: &[(String, TensorView<'_>)], metadata: &mut HashMap<String, String>) {
+    metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    let sum = checksum(tensors.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())), Some(metadata));
+    metadata.insert("checksum".to_string(), sum);
+}
+
 impl Checkpoint {
     /// The named tensors as (name, dtype, shape, little-endian bytes).
     fn tensors(&self) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
@@ -204,8 +214,22 @@ impl Checkpoint {
     }
 
     /// Writes the checkpoint atomically: a temporary file in the same directory, flushed and
-    /// renamed over `path`, so a crash leaves either the old file or the new one.
+    /// renamed over `path`, so a crash leaves either the old file or the new one. A symbolic
+    /// link at `path` is replaced ([`save_through_links`](Self::save_through_links) for a
+    /// path the user named).
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let bytes = self.encode()?;
+        write_atomically(path, &bytes).map_err(|source| CheckpointError::Write { path: path.to_path_buf(), source })
+    }
+
+    /// [`save`](Self::save) into the file `path` leads to, where it is a symbolic link.
+    pub fn save_through_links(&self, path: &Path) -> Result<(), CheckpointError> {
+        let bytes = self.encode()?;
+        write_through_links(path, &bytes).map_err(|source| CheckpointError::Write { path: path.to_path_buf(), source })
+    }
+
+    /// The file's bytes: the tensors and the metadata, its checksum last.
+    fn encode(&self) -> Result<Vec<u8>, CheckpointError> {
         if let Some((name, value)) = self.params.first_non_finite() {
             return Err(CheckpointError::Encode(format!("refusing to write {name}: it holds {value}")));
         }
@@ -213,7 +237,6 @@ impl Checkpoint {
         let json = |v: &dyn erased::Json| v.to_json().map_err(|e| CheckpointError::Encode(e.to_string()));
         let mut metadata = HashMap::new();
         metadata.insert("format".to_string(), FORMAT.to_string());
-        metadata.insert("format_version".to_string(), FORMAT_VERSION.to_string());
         metadata.insert("model".to_string(), json(&self.model)?);
         metadata.insert("train".to_string(), json(&self.train)?);
         metadata.insert("progress".to_string(), json(&self.progress)?);
@@ -221,8 +244,6 @@ impl Checkpoint {
         if let Some(trained_on) = &self.trained_on {
             metadata.insert("trained_on".to_string(), json(trained_on)?);
         }
-        let sum = checksum(tensors.iter().map(|(n, (d, s, b))| (n.as_str(), *d, s.as_slice(), b.as_slice())), Some(&metadata));
-        metadata.insert("checksum".to_string(), sum);
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .map(|(name, (dtype, shape, bytes))| {
@@ -231,8 +252,8 @@ impl Checkpoint {
                     .map_err(|e| CheckpointError::Encode(e.to_string()))
             })
             .collect::<Result<_, _>>()?;
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Encode(e.to_string()))?;
-        write_atomically(path, &bytes).map_err(|source| CheckpointError::Write { path: path.to_path_buf(), source })
+        seal_metadata(&views, &mut metadata);
+        safetensors::serialize(views, Some(metadata)).map_err(|e| CheckpointError::Encode(e.to_string()))
     }
 
     /// Reads and verifies a checkpoint: format, version, checksum, every tensor's dtype and
