@@ -130,23 +130,22 @@ fn bad_files_get_clear_errors() {
     std::fs::write(&foreign, safetensors::serialize([("weight", view.clone())], None).unwrap()).unwrap();
     assert!(matches!(expect_err(&foreign), CheckpointError::Foreign { .. }));
 
+    // One byte of the header changed: where `pattern` starts, plus `at`, becomes `to`.
+    let edited = |name: &str, pattern: &[u8], at: usize, to: u8| {
+        let start = bytes.windows(pattern.len()).position(|w| w == pattern).expect("the pattern in the metadata");
+        let mut changed = bytes.clone();
+        changed[start + at] = to;
+        let path = dir.path().join(name);
+        std::fs::write(&path, &changed).unwrap();
+        path
+    };
     // A flipped byte in the metadata, not in a tensor: ε from 0.001 to 0.901 still parses,
     // and would evaluate another network, so the checksum covers the metadata too.
     // (The model's JSON is a string inside the header's JSON: its quotes are escaped.)
-    let pattern = br#"\"epsilon\":0.001"#;
-    let text = bytes.windows(pattern.len()).position(|w| w == pattern).expect("ε in the metadata");
-    let mut changed = bytes.clone();
-    changed[text + 14] = b'9';
-    let metadata_flip = dir.path().join("metadata-flip.safetensors");
-    std::fs::write(&metadata_flip, &changed).unwrap();
+    let metadata_flip = edited("metadata-flip.safetensors", br#"\"epsilon\":0.001"#, 14, b'9');
     assert!(matches!(expect_err(&metadata_flip), CheckpointError::Corrupted { .. }));
     // Nor does calling the file version 1 (whose checksum covers the tensors alone) pass.
-    let pattern = br#""format_version":"2""#;
-    let text = bytes.windows(pattern.len()).position(|w| w == pattern).expect("the version in the metadata");
-    let mut older = bytes.clone();
-    older[text + 18] = b'1';
-    let relabelled = dir.path().join("relabelled.safetensors");
-    std::fs::write(&relabelled, &older).unwrap();
+    let relabelled = edited("relabelled.safetensors", br#""format_version":"2""#, 18, b'1');
     assert!(matches!(expect_err(&relabelled), CheckpointError::Corrupted { .. }));
 
     let future = dir.path().join("future.safetensors");

@@ -154,21 +154,27 @@ fn resume_continues_bitwise_identically() {
     assert!(last_json(&out)["model"].as_str().is_some_and(|m| m.starts_with("784-100-100-10") && m.contains("with BN")), "{stderr}");
 }
 
+/// bntrain with `args`, run in `dir`, sent `signal` (`-INT`, `-TERM`) after `ms`.
+fn interrupted(args: &[&str], dir: &Path, signal: &str, ms: u64) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+    child.wait_with_output().unwrap()
+}
+
 /// Ctrl-C (SIGINT) or SIGTERM mid-run: a checkpoint at the next step boundary, exit 130,
 /// and the checkpoint resumes.
 fn interrupt_writes_a_checkpoint_that_resumes(signal: &str) {
     let e = env();
     let ckpt = e.dir.join("int.safetensors");
-    let child = Command::new(BIN)
-        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--checkpoint", s(&ckpt), "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let args = ["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--checkpoint", s(&ckpt), "--json"];
+    let out = interrupted(&args, &e.dir, signal, 1500);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted at step"), "{stderr}");
@@ -194,16 +200,9 @@ fn sigint_writes_a_checkpoint_that_resumes() {
 fn an_interrupt_without_checkpoint_flag_still_saves() {
     let e = env();
     for (run, name) in ["bntrain-interrupted.safetensors", "bntrain-interrupted-1.safetensors"].into_iter().enumerate() {
-        let child = Command::new(BIN)
-            .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--seed", &run.to_string()])
-            .current_dir(&e.dir)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(1000));
-        assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-        let out = child.wait_with_output().unwrap();
+        let seed = run.to_string();
+        let args = ["--device", "cpu", "train", "--data", s(&e.data), "--steps", "100000000", "--eval-every", "1000", "--seed", &seed];
+        let out = interrupted(&args, &e.dir, "-INT", 1000);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(130), "{stderr}");
         assert!(stderr.contains(&format!("checkpoint written to {name}")), "{stderr}");
@@ -221,16 +220,8 @@ fn an_interrupt_after_divergence_says_so_and_saves_nothing() {
     let ckpt = e.dir.join("good.safetensors");
     last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--steps", "20", "--checkpoint", s(&ckpt), "--json"]));
     let before = std::fs::read(&ckpt).unwrap();
-    let child = Command::new(BIN)
-        .args(["--device", "cpu", "train", "--data", s(&e.data), "--init", s(&ckpt), "--checkpoint", s(&ckpt), "--lr", "1e30"])
-        .args(["--steps", "100000000", "--eval-every", "100000000", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1000));
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
+    let args = ["--device", "cpu", "train", "--data", s(&e.data), "--init", s(&ckpt), "--checkpoint", s(&ckpt), "--lr", "1e30"];
+    let out = interrupted(&[&args[..], &["--steps", "100000000", "--eval-every", "100000000", "--json"]].concat(), &e.dir, "-INT", 1000);
     expect_failure(&out, "diverged at step");
     expect_failure(&out, "at the interrupt, so nothing was saved");
     assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the last good checkpoint is untouched");
