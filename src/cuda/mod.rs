@@ -16,9 +16,11 @@ pub mod fatbin;
 pub mod gemm;
 pub mod gemm_tuning;
 pub mod kernels;
+mod options;
 pub mod phase_trace;
 
-pub use backend::{cluster_refusals, device_bytes_needed, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
+pub use backend::{cluster_refusals, device_bytes_needed, CudaBackend};
+pub use options::{CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 pub use kernels::ClusterRequest;
 pub use context::Gpu;
 
