@@ -295,7 +295,7 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
         .x_label_formatter(&fmt)
         .y_label_formatter(&|v| format!("{v:.2}"))
         .x_desc(format!("training step (batch {}, SGD lr {})", s.train.batch_size, s.train.learning_rate))
-        .y_desc("test accuracy")
+        .y_desc(format!("test accuracy{}", bn_statistics(c, ", BN with ")))
         .label_style(text(15.0))
         .axis_desc_style(text(17.0))
         .draw()?;
@@ -338,6 +338,16 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
     draw_legend(&mut chart, quietest_corner(&drawn, 0.0..x_max, y_min..1.0, 0.4, 0.32, &corners))
 }
 
+/// How the BN net's test evaluations normalized, after `lead`, where it is not plain from
+/// the figure: the test set's own batch statistics, as the source measures.
+fn bn_statistics(c: &super::Comparison, lead: &str) -> String {
+    match c.eval_mode.as_str() {
+        "batch" => format!("{lead}the test set's batch statistics"),
+        "population" => format!("{lead}population statistics"),
+        _ => String::new(),
+    }
+}
+
 /// Figure 1(b,c): one row per probed unit, without BN on the left and with BN on the right.
 /// The two panels of a row share their y scale (the same span of input values per pixel),
 /// each centered on its own values, so how far the inputs wander compares directly even
@@ -361,7 +371,9 @@ fn fig1_inputs<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceS
     let (head, body) = root.split_vertically(100);
     head.draw(&Text::new(title, (w as i32 / 2, 24), centered(bold(22.0))))?;
     head.draw(&Text::new(subtitle.to_string(), (w as i32 / 2, 52), centered(text(14.0))))?;
+    let with_bn = format!("With BN{}", bn_statistics(c, ", "));
     for (i, (name, color)) in [("Without BN", PLAIN), ("With BN", BN)].into_iter().enumerate() {
+        let name = if i == 1 { with_bn.as_str() } else { name };
         let x = (w as i32 / 2) * i as i32 + w as i32 / 4 + 35;
         head.draw(&Text::new(name.to_string(), (x, 84), centered(bold(19.0).color(&color))))?;
     }

@@ -364,9 +364,12 @@ impl ReproduceSummary {
             row(format!("BN test accuracy at step {step}"), f(bn), na.clone(), cell(torch.map(|x| x.0)));
             row(format!("plain test accuracy at step {step}"), f(plain), na.clone(), cell(torch.map(|x| x.1)));
         }
+        // The source's "final accuracy" measured the test set with its own batch statistics
+        // (see reference::SOURCE_FINAL_ACCURACY_10000), as PyTorch's comparison run did.
         let source_final = r.source_final_at(t.steps).filter(|_| anchors);
-        let torch_final = torch_at(t.steps, t.steps).map(|(bn, _)| bn).filter(|_| r.trained_long_enough_for_references(t.steps));
-        row(format!("restored BN net, {} steps, population", t.steps), f(t.accuracy_population), cell(source_final), cell(torch_final));
+        let torch_final = torch_at(t.steps, c.steps).map(|(bn, _)| bn);
+        row(format!("BN net, {} steps, test set as a batch", t.steps), f(t.accuracy_test_batch), cell(source_final), cell(torch_final));
+        row(format!("restored BN net, {} steps, population", t.steps), f(t.accuracy_population), na.clone(), na.clone());
         row(format!("one-by-one, first {}, population stats", t.first_population.count), f(t.first_population.accuracy), cell(reference(r.source_one_by_one_population)), cell(reference(r.pytorch_one_by_one_population)));
         row(format!("one-by-one, first {}, batch stats", t.first_batch.count), f(t.first_batch.accuracy), cell(reference(r.source_one_by_one_batch)), cell(reference(r.pytorch_one_by_one_batch)));
         // Each column's own most predicted class: the references collapsed to another class
@@ -382,7 +385,8 @@ impl ReproduceSummary {
         line(format!("population statistics, test accuracy over {} seed(s) after {} steps:", self.estimators.seeds.len(), self.estimators.steps));
         line(format!("  {:<22} {:>8} {:>8} {:>8} {:>8}", "estimator", "mean", "std", "min", "max"));
         for e in &self.estimators.rows {
-            line(format!("  {:<22} {:>8} {:>8} {:>8} {:>8}", e.label, f(e.mean), f(e.std), f(e.min), f(e.max)));
+            let std = if self.estimators.seeds.len() < 2 { na.clone() } else { f(e.std) };
+            line(format!("  {:<22} {:>8} {:>8} {:>8} {:>8}", e.label, f(e.mean), std, f(e.min), f(e.max)));
         }
         out
     }
@@ -693,12 +697,15 @@ pub(crate) mod tests {
         assert_eq!(cells(table_line(&quick, "BN test accuracy at step 1000")), ["0.9500", "—", "0.8986"]);
         assert_eq!(cells(table_line(&quick, "plain test accuracy at step 1000")), ["0.9000", "—", "0.8798"]);
         assert_eq!(cells(table_line(&quick, "restored BN net, 500 steps")), ["0.9500", "—", "—"]);
+        // The anchor at 500 steps measured batch statistics, as this row does.
+        assert_eq!(cells(table_line(&quick, "BN net, 500 steps, test set as a batch"))[1..], ["—", "0.8768"]);
         // No anchor at 15000; the 10000 one at 10000; the source's restored net at 10000.
         let longer = sample(15_000, 50, 10_000).table();
         assert_eq!(cells(table_line(&longer, "BN test accuracy at step 10000"))[2], "0.9535");
         assert_eq!(cells(table_line(&longer, "plain test accuracy at step 10000"))[2], "0.9430");
         assert_eq!(cells(table_line(&longer, "BN test accuracy at step 15000"))[2], "—");
-        assert_eq!(cells(table_line(&longer, "restored BN net, 10000 steps")), ["0.9500", "0.9721", "0.9535"]);
+        assert_eq!(cells(table_line(&longer, "BN net, 10000 steps, test set as a batch"))[1..], ["0.9721", "0.9535"]);
+        assert_eq!(cells(table_line(&longer, "restored BN net, 10000 steps"))[1..], ["—", "—"]);
         // The end of a 40000-step run is PyTorch's last evaluation.
         let full = sample(40_000, 50, 3000).table();
         assert_eq!(cells(table_line(&full, "BN test accuracy at step 40000"))[2], "0.9689");

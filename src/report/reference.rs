@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Ioffe & Szegedy 2015, §4.1 and Figure 1 (<https://arxiv.org/abs/1502.03167>).
 pub const SOURCE: &str = "R2RT 2016, \"Implementing Batch Normalization in TensorFlow\"";
 
-/// Source: test accuracy of the BN net restored after 10000 steps, population statistics.
+/// Source: its "final accuracy", the last test evaluation of its 10000-step training loop
+/// (after its step 9950), run with is_training=True: the test set normalized by its own batch
+/// statistics, not the population statistics it restores afterwards (its published code).
 pub const SOURCE_FINAL_ACCURACY_10000: f64 = 0.9721;
 /// Source: the steps after which [`SOURCE_FINAL_ACCURACY_10000`] was measured.
 pub const SOURCE_FINAL_STEPS: u64 = 10_000;
@@ -103,14 +105,15 @@ impl References {
 
     /// Whether the references measured on trained nets (the one-by-one figures of the
     /// source's net after 10000 steps and PyTorch's after 40000; PyTorch's BN accuracy beside
-    /// the restored net) compare with a net trained `steps` steps: one trained at least as
+    /// the 10000-step net) compare with a net trained `steps` steps: one trained at least as
     /// long as the source's. A shorter run's population statistics have not settled (its EMA
     /// still holds its initial values), so its figures are not theirs to compare with.
     pub fn trained_long_enough_for_references(&self, steps: u64) -> bool {
         steps >= SOURCE_FINAL_STEPS
     }
 
-    /// The source's accuracy of its restored net, where ours trained as many steps.
+    /// The source's "final accuracy" (see [`SOURCE_FINAL_ACCURACY_10000`]), where ours trained
+    /// as many steps.
     pub fn source_final_at(&self, steps: u64) -> Option<f64> {
         (steps == SOURCE_FINAL_STEPS).then_some(self.source_final_accuracy_10000)
     }

@@ -137,6 +137,16 @@ fn distance_from_zero(curve: &Curve) -> f64 {
     last.neurons.iter().map(|n| n.mean.abs()).sum::<f64>() / last.neurons.len() as f64
 }
 
+/// The probed units' spread (85th less 15th percentile of their inputs), averaged over the
+/// units, at the first and at the last evaluation point.
+fn spread_first_last(curve: &Curve) -> (f64, f64) {
+    let spread = |point: Option<&super::ProbePoint>| {
+        let Some(point) = point.filter(|p| !p.neurons.is_empty()) else { return f64::NAN };
+        point.neurons.iter().map(|n| n.p85 - n.p15).sum::<f64>() / point.neurons.len() as f64
+    };
+    (spread(curve.probes.first()), spread(curve.probes.last()))
+}
+
 /// Writes `report.md`.
 pub fn write_report(s: &ReproduceSummary, dir: &Path) -> Result<(), ReportError> {
     save(dir, REPORT_MD, &render_report(s))
@@ -198,40 +208,65 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     if c.steps > 10_000 || at_10000.map(|x| x.0) != Some(c.steps) {
         comparison_rows.extend(both_at(s, c.steps).filter(|end| Some(end.0) != at_10000.map(|x| x.0)));
     }
+    // PyTorch's last evaluation, step 39950, stands for the end of its 40000-step run: said
+    // in the cell.
+    let torch_cell = |at: u64, v: Option<f64>| {
+        let shown = cell(v);
+        if v.is_some() && anchors && at == super::reference::PYTORCH_STEPS { format!("{shown} (step 39950)") } else { shown }
+    };
     for (at, bn, plain) in comparison_rows {
         let torch = torch_at(at, c.steps);
-        w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), cell(torch.map(|x| x.0))));
-        w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), cell(torch.map(|x| x.1))));
+        w(format!("| BN test accuracy at step {at} | {} | {dash} | {} |", fmt4(bn), torch_cell(at, torch.map(|x| x.0))));
+        w(format!("| plain test accuracy at step {at} | {} | {dash} | {} |", fmt4(plain), torch_cell(at, torch.map(|x| x.1))));
     }
-    // PyTorch's comparison run measured batch statistics: beside population statistics only
-    // once those have settled, as for the one-by-one figures.
-    let torch_final = torch_at(t.steps, t.steps).map(|x| x.0).filter(|_| r.trained_long_enough_for_references(t.steps));
+    // The source's "final accuracy" is the last evaluation of its 10000-step training loop,
+    // which normalizes the test set with its own batch statistics (is_training=True): beside
+    // bntrain's BN net after as many steps, measured the same way, and PyTorch's comparison
+    // run at that step (batch statistics too).
+    let torch_final = torch_at(t.steps, c.steps).map(|x| x.0);
+    let source_final = r.source_final_at(t.steps);
     w(format!(
-        "| restored BN net after {} steps, test accuracy (population statistics) | {} | {} | {}{} |",
-        t.steps, fmt4(t.accuracy_population), cell(r.source_final_at(t.steps)), cell(torch_final), if torch_final.is_some() { "¹" } else { "" }
+        "| BN net after {} steps, whole test set as one batch (batch statistics){} | {} | {} | {} |",
+        t.steps, if source_final.is_some() && anchors { ": the source's \"final accuracy\"¹" } else { "" },
+        fmt4(t.accuracy_test_batch), cell(source_final), cell(torch_final)
     ));
+    w(format!("| restored BN net after {} steps, test accuracy (population statistics) | {} | {dash} | {dash} |", t.steps, fmt4(t.accuracy_population)));
     let one_by_one = |v: f64| cell(Some(v).filter(|_| r.trained_long_enough_for_references(t.steps)));
     w(format!("| one-by-one, first {} test images, population statistics | {} | {} | {} |", t.first_population.count, fmt4(t.first_population.accuracy), one_by_one(r.source_one_by_one_population), one_by_one(r.pytorch_one_by_one_population)));
     w(format!("| one-by-one, first {} test images, batch statistics | {} | {} | {} |", t.first_batch.count, fmt4(t.first_batch.accuracy), one_by_one(r.source_one_by_one_batch), one_by_one(r.pytorch_one_by_one_batch)));
-    let collapsed = if anchors && r.trained_long_enough_for_references(t.steps) { format!("{} (all \"{}\")", fmt4(1.0), r.source_collapsed_class) } else { dash.clone() };
+    // The source prints all 100 predictions; PyTorch's anchor kept its first 20.
+    let long_enough = anchors && r.trained_long_enough_for_references(t.steps);
+    let (source_collapsed, torch_collapsed) = if long_enough {
+        let class = r.source_collapsed_class;
+        (format!("{} (all \"{class}\")", fmt4(1.0)), format!("all \"{class}\" (the 20 it recorded)"))
+    } else {
+        (dash.clone(), dash.clone())
+    };
     w(format!(
-        "| batch statistics: share predicted as \"{}\" | {} | {collapsed} | {collapsed} |",
+        "| batch statistics: share predicted as \"{}\" | {} | {source_collapsed} | {torch_collapsed} |",
         t.first_batch.majority_class, fmt4(t.first_batch.majority_share)
     ));
     w(format!("| one-by-one, all {} test images, batch statistics | {} | {dash} | {dash} |", t.all_count, fmt4(t.all_batch)));
-    w(format!("| restored BN net, whole test set as one batch (batch statistics) | {} | {dash} | {dash} |", fmt4(t.accuracy_test_batch)));
     w(String::new());
     if anchors {
         let mut notes = format!(
-            "References are shown at the steps they were measured at, — elsewhere: the source's restored net trained {} steps; \
+            "References are shown at the steps they were measured at, — elsewhere. \
              PyTorch's accuracies are from its {}-step comparison run, at steps {} (its last evaluation, 39950, stands for the end of a {}-step run); \
-             the one-by-one figures are those two nets', shown beside a net trained at least 10000 steps.",
-            super::reference::SOURCE_FINAL_STEPS, super::reference::PYTORCH_STEPS,
-            r.pytorch_curve.iter().map(|x| x.0.to_string()).collect::<Vec<_>>().join(", "), super::reference::PYTORCH_STEPS
+             its one-by-one figures are from that run's net after {} steps, the source's from its net after {} steps.",
+            super::reference::PYTORCH_STEPS,
+            r.pytorch_curve.iter().map(|x| x.0.to_string()).collect::<Vec<_>>().join(", "), super::reference::PYTORCH_STEPS,
+            super::reference::PYTORCH_STEPS, super::reference::SOURCE_FINAL_STEPS
         );
-        if torch_final.is_some() {
-            let at = if t.steps == super::reference::PYTORCH_STEPS { "its last evaluation, step 39950,".to_string() } else { format!("step {}", t.steps) };
-            let _ = write!(notes, " ¹ PyTorch's BN net at {at} of its comparison run (the same setup, batch statistics).");
+        if source_final.is_some() {
+            let _ = write!(
+                notes,
+                " ¹ The source prints as its \"final accuracy\" the last test evaluation of its {}-step training loop (after its step 9950), \
+                 which runs the graph with is_training=True: the test set normalized by its own batch statistics, as in this row, not by the \
+                 population statistics it restores later. It trained on TensorFlow's 55000-image training split of MNIST (5000 held out for \
+                 validation) in TensorFlow's shuffled order; bntrain trains on all {} training images in its own seeded order. \
+                 Neither bntrain nor PyTorch's anchor reaches its accuracy at that step.",
+                super::reference::SOURCE_FINAL_STEPS, s.train_examples
+            );
         }
         let _ = write!(notes, " PyTorch numbers: {}.", r.pytorch);
         w(notes);
@@ -264,7 +299,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     }
     w(String::new());
     let floor = super::figures::accuracy_floor(&[&c.bn, &c.plain]);
-    let below = c.bn.history.iter().chain(&c.plain.history).filter(|p| p.test_accuracy < floor).count();
+    let below = |history: &[crate::model::checkpoint::HistoryPoint]| history.iter().filter(|p| p.test_accuracy < floor).count();
+    let (below_bn, below_plain) = (below(&c.bn.history), below(&c.plain.history));
     let measured = match c.eval_mode.as_str() {
         "batch" => "measured as the source and PyTorch's anchor measure it: BN normalizes the test set with the statistics of the whole test set taken as one batch".to_string(),
         "population" => "measured with BN's population statistics (the running estimates), not as the source and PyTorch's anchor measure it (the whole test set's own batch statistics)".to_string(),
@@ -272,7 +308,7 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     };
     w(format!(
         "Test accuracy every {} steps, {measured} (`eval_mode: {}`). \
-         The accuracy axis runs from {floor:.2} to 1{}; {below} early point(s) lie below it.",
+         The accuracy axis runs from {floor:.2} to 1{}; early points below it: {below_bn} of BN's, {below_plain} of plain's.",
         c.eval_every, c.eval_mode, if floor == 0.8 { " as in the source" } else { " (lowered from the source's 0.8 to show this run)" }
     ));
     w(String::new());
@@ -305,13 +341,26 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         Some(std::cmp::Ordering::Equal) => "With and without BN they wander as much over training",
         None => "How far they wander does not compare (a value is not a number)",
     };
+    let ((spread_plain_first, spread_plain_last), (spread_bn_first, spread_bn_last)) = (spread_first_last(&c.plain), spread_first_last(&c.bn));
+    let growth = |first: f64, last: f64| if first > 0.0 { format!(" (×{:.1})", last / first) } else { String::new() };
+    // With the test set's own batch statistics, BN's output has, per unit, the mean β and the
+    // standard deviation γ (up to ε) exactly: the means plotted are β's path.
+    let by_construction = if c.eval_mode == "batch" {
+        " With BN, measured with the test set's own batch statistics, a unit's mean input over the test set is its learned shift β and its spread follows its learned scale γ: the BN panels trace the two parameters."
+    } else {
+        ""
+    };
     w(format!(
         "The inputs to the sigmoid of the first {} units of hidden layer {} over training, on the test set. \
          The post's view: their mean. The paper's view: their 15th, 50th and 85th percentiles. \
          The two panels of a row share their scale, each centered on its own values, so how far the inputs wander compares directly. \
          At the last evaluation the units' mean input is {} from 0 without BN and {} with BN, averaged over the units: {level}. \
-         {wander} (the table: the range of each unit's mean input over training, averaged over the units).",
-        c.probe_neurons, c.probe_layer + 1, fmt4(level_plain), fmt4(level_bn)
+         {wander} (the table: the range of each unit's mean input over training, averaged over the units). \
+         Their spread, the 85th less the 15th percentile averaged over the units, goes from {} to {}{} without BN and from {} to {}{} with BN \
+         between the first and the last evaluation.{by_construction}",
+        c.probe_neurons, c.probe_layer + 1, fmt4(level_plain), fmt4(level_bn),
+        fmt4(spread_plain_first), fmt4(spread_plain_last), growth(spread_plain_first, spread_plain_last),
+        fmt4(spread_bn_first), fmt4(spread_bn_last), growth(spread_bn_first, spread_bn_last)
     ));
     w(String::new());
     w(format!("![Figure 1(b,c), means]({FIG1B}.png)"));
@@ -321,6 +370,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     w("| drift: range of a unit's test-set mean input over training, averaged over the units | without BN | with BN |".into());
     w("|---|---:|---:|".into());
     w(format!("| mean range | {} | {} |", fmt4(c.drift_plain), fmt4(c.drift_bn)));
+    w(format!("| spread (85th − 15th percentile) at the first evaluation | {} | {} |", fmt4(spread_plain_first), fmt4(spread_bn_first)));
+    w(format!("| spread at the last evaluation | {} | {} |", fmt4(spread_plain_last), fmt4(spread_bn_last)));
     w(String::new());
 
     // Test time.
@@ -377,7 +428,8 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     for row in &e.rows {
         w(format!(
             "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
-            row.label, fmt4(row.mean), fmt4(row.std), fmt4(row.min), fmt4(row.max),
+            // A spread over one seed is no measurement.
+            row.label, fmt4(row.mean), if e.seeds.len() < 2 { dash.clone() } else { fmt4(row.std) }, fmt4(row.min), fmt4(row.max),
             row.accuracy.iter().map(|a| fmt4(*a)).collect::<Vec<_>>().join(", "),
             fmt_small(row.mean_error), fmt_small(row.var_rel_error), row.description
         ));
@@ -461,17 +513,26 @@ mod tests {
         let quick = render_report(&sample(1000, 50, 500));
         assert_eq!(row(&quick, "BN test accuracy at step 1000")[1..], ["0.9500", "—", "0.8986"]);
         assert_eq!(row(&quick, "plain test accuracy at step 1000")[3], "0.8798");
-        // After 500 steps the population statistics have not settled: no batch-statistics
-        // reference beside them.
+        // The restored net's population statistics have no reference beside them; its
+        // batch-statistics accuracy has PyTorch's at the same step.
         assert_eq!(row(&quick, "restored BN net after 500 steps")[2..], ["—", "—"]);
+        assert_eq!(row(&quick, "BN net after 500 steps, whole test set")[2..], ["—", "0.8768"]);
         let longer = render_report(&sample(15_000, 50, 3000));
         assert_eq!(row(&longer, "BN test accuracy at step 10000")[3], "0.9535");
         assert_eq!(row(&longer, "BN test accuracy at step 15000")[3], "—");
         assert_eq!(row(&longer, "plain test accuracy at step 15000")[3], "—");
         assert_eq!(row(&longer, "restored BN net after 3000 steps")[2..], ["—", "—"]);
+        assert_eq!(row(&longer, "BN net after 3000 steps, whole test set")[2..], ["—", "—"]);
         assert!(!longer.contains("¹"), "a footnote for no reference");
+        // The source's "final accuracy" beside the same measurement, with its footnote.
         let source = render_report(&sample(15_000, 50, 10_000));
-        assert_eq!(row(&source, "restored BN net after 10000 steps")[2..], ["0.9721", "0.9535¹"]);
+        assert_eq!(row(&source, "BN net after 10000 steps, whole test set")[2..], ["0.9721", "0.9535"]);
+        assert!(row(&source, "BN net after 10000 steps, whole test set")[0].ends_with("the source's \"final accuracy\"¹"));
+        assert!(source.contains("¹ The source prints as its \"final accuracy\""));
+        assert_eq!(row(&source, "restored BN net after 10000 steps")[2..], ["—", "—"]);
+        // PyTorch's 39950 beside a 40000-step run's end, said in the cell.
+        let full = render_report(&sample(40_000, 50, 10_000));
+        assert_eq!(row(&full, "BN test accuracy at step 40000")[3], "0.9689 (step 39950)");
     }
 
     #[test]
@@ -479,7 +540,7 @@ mod tests {
         let mut s = sample(10_000, 50, 10_000);
         s.model.hidden = vec![50, 50];
         let report = render_report(&s);
-        for label in ["BN test accuracy at step 10000", "restored BN net after", "one-by-one, first 100 test images, population", "one-by-one, first 100 test images, batch", "batch statistics: share", "10000 |"] {
+        for label in ["BN test accuracy at step 10000", "BN net after 10000 steps, whole test set", "one-by-one, first 100 test images, population", "one-by-one, first 100 test images, batch", "batch statistics: share", "10000 |"] {
             let cells = row(&report, label);
             assert_eq!(cells[cells.len() - 2..], ["—", "—"], "a reference where none applies: {cells:?}");
         }
