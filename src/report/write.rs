@@ -284,8 +284,15 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     let (early, quarter) = (first(20), first(4));
     // Each group named by the step it reaches: with few points, "the first 5%" would not be.
     let to_step = |n: usize| c.bn.history.get(n.saturating_sub(1)).map_or(0, |p| p.step);
+    // Where BN pulls ahead for good: the first point after which it is above at every one.
+    let ahead_from = pairs.iter().rposition(|(b, p)| b <= p).map_or(0, |last_behind| last_behind + 1);
+    let for_good = match c.bn.history.get(ahead_from) {
+        Some(point) if ahead_from > 0 => format!(" From step {} on, BN is above plain at every evaluation.", point.step),
+        Some(_) => " BN is above plain at every evaluation.".to_string(),
+        None => String::new(),
+    };
     w(format!(
-        "BN is above plain at {} of the first {} evaluation points (to step {}), {} of the first {} (to step {}) and {} of all {}.",
+        "BN is above plain at {} of the first {} evaluation points (to step {}), {} of the first {} (to step {}) and {} of all {}.{for_good}",
         above(&pairs[..early]), early, to_step(early), above(&pairs[..quarter]), quarter, to_step(quarter), above(&pairs), pairs.len()
     ));
     if let Some((at, bn, plain)) = both_at(s, c.steps) {
@@ -495,6 +502,23 @@ mod tests {
     fn row(report: &str, label: &str) -> Vec<String> {
         let line = report.lines().find(|l| l.starts_with(&format!("| {label}"))).unwrap_or_else(|| panic!("no row `{label}` in\n{report}"));
         line.trim().trim_matches('|').split('|').map(|c| c.trim().to_string()).collect()
+    }
+
+    /// Where BN pulls ahead for good is the point after its last evaluation at or below plain.
+    #[test]
+    fn the_text_says_from_where_bn_stays_ahead() {
+        let mut s = sample(1000, 50, 500);
+        assert!(render_report(&s).contains("BN is above plain at every evaluation."));
+        // Plain ties BN at step 300 and leads at step 150: BN is ahead for good from 350.
+        for (i, at) in [(2, 0.5), (5, 1.0)] {
+            s.comparison.plain.history[i].test_accuracy = s.comparison.bn.history[i].test_accuracy.max(at);
+        }
+        s.comparison.plain.history[5].test_accuracy = s.comparison.bn.history[5].test_accuracy;
+        assert!(render_report(&s).contains("From step 350 on, BN is above plain at every evaluation."));
+        // Behind at the last point: no such step.
+        let last = s.comparison.plain.history.len() - 1;
+        s.comparison.plain.history[last].test_accuracy = 1.0;
+        assert!(!render_report(&s).contains("above plain at every evaluation"));
     }
 
     #[test]
