@@ -103,7 +103,7 @@ inline void launch_cooperative(dim3 grid, dim3 block, std::function<void()> f) {
     std::vector<std::vector<float>> shared(grid.x, std::vector<float>(1 << 14));
     // uint4 elements: 16-byte aligned, as the GPU aligns dynamic shared memory; all bits set
     // (NaN floats), where the GPU leaves whatever was there.
-    std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>(g_dynamic_bytes / 16 + 1, uint4{~0u, ~0u, ~0u, ~0u}));
+    std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>((g_dynamic_bytes + 15) / 16, uint4{~0u, ~0u, ~0u, ~0u}));
     for (unsigned bx = 0; bx < grid.x; ++bx) bars.push_back(std::make_unique<std::barrier<>>(block.x));
     std::vector<std::thread> ts;
     for (unsigned bx = 0; bx < grid.x; ++bx) for (unsigned tx = 0; tx < block.x; ++tx)
@@ -164,7 +164,7 @@ inline void launch_clusters(dim3 grid, dim3 block, unsigned cluster, std::functi
     gridDim = grid; blockDim = block; g_cluster_size = cluster;
     std::vector<std::unique_ptr<std::barrier<>>> bars, cluster_bars;
     std::vector<std::unique_ptr<EmuWarp>> warps;
-    std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>(g_dynamic_bytes / 16 + 1, uint4{~0u, ~0u, ~0u, ~0u}));
+    std::vector<std::vector<uint4>> dynamic(grid.x, std::vector<uint4>((g_dynamic_bytes + 15) / 16, uint4{~0u, ~0u, ~0u, ~0u}));
     g_dynamic_table.clear();
     for (auto& d : dynamic) g_dynamic_table.push_back(reinterpret_cast<uint8_t*>(d.data()));
     for (unsigned bx = 0; bx < grid.x; ++bx) bars.push_back(std::make_unique<std::barrier<>>(block.x));
