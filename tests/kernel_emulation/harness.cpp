@@ -75,8 +75,11 @@ int main(int argc, char** argv) {
         check("gather " + std::to_string(rows) + "x" + std::to_string(features), x, want, 0, 1e-6);
         // eval form
         auto x2 = poison(rows * features);
+        std::fill(bl.begin(), bl.end(), (uint8_t)0xEE);
         launch_seq({rows,1,1}, {256,1,1}, [&]{ gather_rows_f32(img.data(), lab.data(), count, features, nullptr, 0, nullptr, count - rows, rows, x2.data(), bl.data()); });
-        for (unsigned r = 0; r < rows; ++r) for (unsigned f = 0; f < features; ++f) want[r * features + f] = img[(count - rows + r) * features + f] / 255.0;
+        bool eval_ok = bl[rows] == 0xEE;
+        for (unsigned r = 0; r < rows; ++r) { for (unsigned f = 0; f < features; ++f) want[r * features + f] = img[(count - rows + r) * features + f] / 255.0; eval_ok &= bl[r] == lab[count - rows + r]; }
+        if (!eval_ok) { failures++; printf("FAIL gather eval labels\n"); }
         check("gather eval", x2, want, 0, 1e-6);
     }
     for (auto [rows, width] : shapes) for (int a : {0, 1}) {
@@ -150,7 +153,8 @@ int main(int argc, char** argv) {
         std::string tag = std::to_string(rows) + "x" + std::to_string(classes);
         if (!pok) { failures++; printf("FAIL softmax pred %s\n", tag.c_str()); }
         if (correct - 3 != 2 * rc) { failures++; printf("FAIL softmax correct %s %llu %llu\n", tag.c_str(), correct - 3, 2 * rc); }
-        if (fabs(loss - 0.5 - 2 * rl) > 6e-5 * rows + 1e-6 * fabs(rl)) { failures++; printf("FAIL softmax loss %s %g %g\n", tag.c_str(), loss - 0.5, 2 * rl); }
+        // Written so that a NaN loss (a partial sum never written: the scratch starts as NaN) fails.
+        if (!(fabs(loss - 0.5 - 2 * rl) <= 6e-5 * rows + 1e-6 * fabs(rl))) { failures++; printf("FAIL softmax loss %s %g %g\n", tag.c_str(), loss - 0.5, 2 * rl); }
         check("softmax dl " + tag, dl, rdl, 3e-5 * scale, 1e-4); check("softmax db " + tag, db, rdb, 3e-5 * scale * rows, 1e-4);
     }
     // running stats
