@@ -608,6 +608,10 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
 fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     // A resumed checkpoint's network may be another than the arguments say: the default then.
     if args.resume.is_none() {
+        // What the data does not decide is checked before it is loaded, or downloaded.
+        let model = args.model.config(0, 0);
+        model.validate_layers()?;
+        args.optim.config().validate_settings(&model)?;
         prefer_single_threaded_gemms(device_choice, &args.model.hidden);
     }
     // Then, so that an interrupt at any point after start-up is a clean stop.
@@ -801,9 +805,6 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     }
     prefer_single_threaded_gemms(device_choice, &args.hidden);
     let out_dir = args.out.join(&args.name);
-    // Installed first, so that an interrupt at any point after start-up is a clean stop.
-    let stop = install_interrupt_handler();
-    let data = load_data(&args.data, args.data.kind(None))?;
     let mut opts = if args.quick { ReproduceOptions::quick(&out_dir) } else { ReproduceOptions::new(&out_dir) };
     if let Some(steps) = args.steps {
         opts.steps_compare = steps;
@@ -814,6 +815,11 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     opts.seed = args.seed;
     opts.hidden = args.hidden.clone();
     opts.progress = true;
+    // Before the data: MNIST may have to be downloaded first.
+    opts.validate()?;
+    // Installed first, so that an interrupt at any point after start-up is a clean stop.
+    let stop = install_interrupt_handler();
+    let data = load_data(&args.data, args.data.kind(None))?;
     let device = resolve_device(device_choice);
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
     device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, device, Precision::F32)?;

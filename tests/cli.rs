@@ -259,6 +259,12 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--lr", "0"]), "learning rate");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--decay", "1.5"]), "decay");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--hidden", "100,0"]), "width 0");
+    // What the data does not decide is refused before the data is looked for (MNIST may have
+    // to be downloaded first).
+    for (flag, value, needle) in [("--hidden", "100,0", "width 0"), ("--lr", "0", "learning rate"), ("--batch", "1", "batch size 1")] {
+        expect_failure(&bntrain(&["--device", "cpu", "train", "--data", "/nonexistent/dir", flag, value]), needle);
+    }
+    expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", "/nonexistent/dir", "--hidden", "0", "--out", s(&e.dir)]), "width 0");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--eval-every", "0"]), "eval");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "0"]), "--steps");
     // With --json the last line of stdout is a JSON object, a failure's too.

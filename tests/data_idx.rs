@@ -162,7 +162,16 @@ fn malformed_files_give_one_line_errors_naming_the_file() {
     let middle = corrupt.len() / 2;
     corrupt[middle..middle + 8].iter_mut().for_each(|byte| *byte ^= 0x5a);
     refused!(d, read_idx_images, "corrupt.gz", &corrupt, DataError::Gzip { .. } | DataError::Truncated { .. });
-    refused!(d, read_idx_images, "junk-after.gz", &[gzip(&good), b"junk".to_vec()].concat(), DataError::Gzip { .. });
+    let junk_after = refused!(d, read_idx_images, "junk-after.gz", &[gzip(&good), b"junk".to_vec()].concat(), DataError::Gzip { .. });
+    assert!(junk_after.to_string().contains("bytes that are not gzip follow its compressed data"), "{junk_after}");
+    // Concatenated members (what `cat a.gz b.gz` makes) are one file, as `gzip -d` reads them;
+    // junk after the last, or a member cut inside its header, is still refused.
+    let (head, tail) = good.split_at(7);
+    let two_members = [gzip(head), gzip(tail)].concat();
+    std::fs::write(d.join("two-members.gz"), &two_members).unwrap();
+    assert_eq!(read_idx_images(&d.join("two-members.gz")).unwrap().pixels, good[16..]);
+    refused!(d, read_idx_images, "two-then-junk.gz", &[two_members.clone(), vec![0]].concat(), DataError::Gzip { .. });
+    refused!(d, read_idx_images, "two-then-cut.gz", &[two_members.clone(), vec![0x1f]].concat(), DataError::Gzip { .. });
     let half_gzip = gzip(&images_bytes(50, 10, 10, 3));
     refused!(d, read_idx_images, "half.gz", &half_gzip[..half_gzip.len() / 2], DataError::Gzip { .. } | DataError::Truncated { .. });
 }

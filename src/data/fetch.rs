@@ -11,10 +11,9 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flate2::read::MultiGzDecoder;
 use sha2::{Digest, Sha256};
 
-use super::idx::{open_decoded, read_error};
+use super::idx::{open_decoded, read_error, GzMembers};
 use crate::atomic_file::write_atomically;
 use super::{find_idx_file, require_idx_file, DataError, DatasetKind, IDX_FILES};
 
@@ -270,7 +269,7 @@ fn download_verified(
     read.map_err(|e| e.to_string())?;
     let contents = if downloaded.starts_with(&[0x1f, 0x8b]) {
         let mut contents = Vec::with_capacity(file.len as usize);
-        let decoder = MultiGzDecoder::new(downloaded.as_slice());
+        let decoder = GzMembers::new(downloaded.as_slice());
         decoder
             .take(file.len + 1)
             .read_to_end(&mut contents)

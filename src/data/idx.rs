@@ -8,10 +8,10 @@
 //! that fits in memory is read as it arrives, never reserved from the header.)
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
-use flate2::read::MultiGzDecoder;
+use flate2::bufread::GzDecoder;
 
 use super::DataError;
 
@@ -28,6 +28,56 @@ const MAX_DEFLATE_RATIO: u64 = 1032;
 /// reserve the announced size up front; raw files are size-checked first and read at once.
 const MAX_INITIAL_CAPACITY: u64 = 64 << 20;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// The decompressed bytes of a gzip file's members, one after another (concatenated gzips,
+/// as `gzip -d` reads them). What follows the last member and is not one — bytes `gzip -d`
+/// drops with a warning — is an error that says so, not a bare "invalid gzip header".
+pub(crate) struct GzMembers<R: BufRead> {
+    member: Option<GzDecoder<R>>,
+}
+
+impl<R: BufRead> GzMembers<R> {
+    pub(crate) fn new(compressed: R) -> Self {
+        GzMembers { member: Some(GzDecoder::new(compressed)) }
+    }
+}
+
+impl<R: BufRead> Read for GzMembers<R> {
+    fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let read = match self.member.as_mut() {
+                Some(member) => member.read(into)?,
+                None => return Ok(0),
+            };
+            if read > 0 || into.is_empty() {
+                return Ok(read);
+            }
+            // The member ended (its CRC and length checked): another, the end, or junk.
+            let Some(ended) = self.member.take() else { return Ok(0) };
+            let mut rest = ended.into_inner();
+            let next = rest.fill_buf()?;
+            if next.is_empty() {
+                return Ok(0);
+            }
+            if !GZIP_MAGIC.starts_with(&next[..next.len().min(GZIP_MAGIC.len())]) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, TrailingBytes));
+            }
+            self.member = Some(GzDecoder::new(rest));
+        }
+    }
+}
+
+/// Bytes after a gzip file's last member that begin no other.
+#[derive(Debug)]
+struct TrailingBytes;
+
+impl std::fmt::Display for TrailingBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bytes that are not gzip follow its compressed data; `gzip -d` drops such trailing bytes with a warning, bntrain refuses the file")
+    }
+}
+
+impl std::error::Error for TrailingBytes {}
 
 /// Images as stored: `count` images of `rows`×`cols` u8 pixels, row-major, image after image.
 /// Pixels stay u8 here; scaling to [0, 1] is the model's business.
@@ -129,8 +179,7 @@ pub(crate) fn open_decoded(path: &Path) -> Result<(Box<dyn Read>, bool, u64), Da
         .len();
     let compressed = path.extension().is_some_and(|ext| ext == "gz");
     let reader: Box<dyn Read> = if compressed {
-        // Multi-member so that concatenated gzips work and junk after the stream is caught.
-        Box::new(MultiGzDecoder::new(BufReader::new(file)))
+        Box::new(GzMembers::new(BufReader::new(file)))
     } else {
         Box::new(BufReader::new(file))
     };
@@ -174,7 +223,7 @@ impl<'a> IdxSource<'a> {
 
     fn from_bytes(bytes: &'a [u8], path: &'a Path, compressed: bool) -> Self {
         let reader: Box<dyn Read + 'a> = if compressed {
-            Box::new(MultiGzDecoder::new(bytes))
+            Box::new(GzMembers::new(bytes))
         } else {
             Box::new(bytes)
         };

@@ -136,10 +136,19 @@ impl ModelConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.inputs == 0 || self.classes < 2 {
-            return bad(format!("need at least one input and two classes (got {} inputs, {} classes)", self.inputs, self.classes));
+            return Err(ConfigError::Invalid(format!(
+                "need at least one input and two classes (got {} inputs, {} classes)",
+                self.inputs, self.classes
+            )));
         }
+        self.validate_layers()
+    }
+
+    /// What [`validate`](Self::validate) checks that the data does not decide (the hidden
+    /// layers, ε): checkable before the data is loaded, or downloaded.
+    pub fn validate_layers(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         if let Some(i) = self.hidden.iter().position(|&h| h == 0) {
             return bad(format!("hidden layer {} has width 0; every layer needs at least one unit", i + 1));
         }
@@ -206,6 +215,19 @@ impl TrainConfig {
 
     /// Checks the optimizer settings against the model and the training-set size.
     pub fn validate(&self, model: &ModelConfig, train_examples: usize) -> Result<(), ConfigError> {
+        self.validate_settings(model)?;
+        if self.batch_size > train_examples {
+            return Err(ConfigError::Invalid(format!(
+                "batch size {} is larger than the training set ({} examples)",
+                self.batch_size, train_examples
+            )));
+        }
+        Ok(())
+    }
+
+    /// What [`validate`](Self::validate) checks that the data does not decide: all but the
+    /// batch's fit in the training set.
+    pub fn validate_settings(&self, model: &ModelConfig) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad(format!("learning rate must be positive and finite (got {})", self.learning_rate));
@@ -215,12 +237,6 @@ impl TrainConfig {
         }
         if self.batch_size == 0 {
             return bad("batch size must be at least 1".into());
-        }
-        if self.batch_size > train_examples {
-            return bad(format!(
-                "batch size {} is larger than the training set ({} examples)",
-                self.batch_size, train_examples
-            ));
         }
         if model.batch_norm && self.batch_size == 1 {
             return bad("batch size 1 with batch normalization: the batch variance is 0 and every normalized value is 0; use a batch of 2 or more, or --no-bn".into());

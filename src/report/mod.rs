@@ -99,7 +99,15 @@ impl ReproduceOptions {
         ReproduceOptions { steps_compare: 1000, steps_bn: 500, seeds: 2, quick: true, ..Self::new(out_dir) }
     }
 
-    fn validate(&self) -> Result<(), ReportError> {
+    /// Everything about the study that its data does not decide, the hidden layers among it:
+    /// checkable before the data is loaded, or downloaded.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.validate_schedule()?;
+        ModelConfig { hidden: self.hidden.clone(), ..ModelConfig::seed(true) }.validate_layers()?;
+        Ok(())
+    }
+
+    fn validate_schedule(&self) -> Result<(), ReportError> {
         let bad = |m: &str| Err(ReportError::Options(m.to_string()));
         if self.steps_compare == 0 || self.steps_bn == 0 {
             return bad("both runs need at least one step");
