@@ -147,6 +147,12 @@ fn bad_files_get_clear_errors() {
     // Nor does calling the file version 1 (whose checksum covers the tensors alone) pass.
     let relabelled = edited("relabelled.safetensors", br#""format_version":"2""#, 18, b'1');
     assert!(matches!(expect_err(&relabelled), CheckpointError::Corrupted { .. }));
+    // A flip that makes the version one this bntrain does not know is corruption too: the
+    // file checks out as version 2 but for that entry. (A real future file, below, does not.)
+    let version_flip = edited("version-flip.safetensors", br#""format_version":"2""#, 18, b'6');
+    assert!(matches!(expect_err(&version_flip), CheckpointError::Corrupted { .. }));
+    let no_version = edited("no-version.safetensors", br#""format_version":"2""#, 7, b'X');
+    assert!(expect_err(&no_version).to_string().contains("metadata has no `format_version`"));
 
     let future = dir.path().join("future.safetensors");
     let meta = HashMap::from([("format".to_string(), "bntrain-checkpoint".to_string()), ("format_version".to_string(), "99".to_string())]);

@@ -279,19 +279,28 @@ impl Checkpoint {
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(foreign("no `format: bntrain-checkpoint` entry in its metadata"));
         }
-        let version = meta.get("format_version").cloned().unwrap_or_default();
-        let covers_metadata = if version == FORMAT_VERSION.to_string() {
+        let field = |key: &str| meta.get(key).ok_or_else(|| malformed(format!("metadata has no `{key}`")));
+        let stored: Vec<(String, TensorView<'_>)> = file.tensors();
+        let sum_of = |metadata: Option<&HashMap<String, String>>| {
+            checksum(stored.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())), metadata)
+        };
+        let version = field("format_version")?;
+        let covers_metadata = if *version == FORMAT_VERSION.to_string() {
             true
-        } else if version == TENSORS_ONLY_CHECKSUM_VERSION.to_string() {
+        } else if *version == TENSORS_ONLY_CHECKSUM_VERSION.to_string() {
             false
         } else {
-            return Err(CheckpointError::Version { path: path.to_path_buf(), found: version });
+            // A file of this version whose version entry alone was damaged is corrupted, not
+            // from another bntrain: with the entry put back, its checksum matches.
+            let mut restored = meta.clone();
+            restored.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+            if meta.get("checksum") == Some(&sum_of(Some(&restored))) {
+                return Err(CheckpointError::Corrupted { path: path.to_path_buf() });
+            }
+            return Err(CheckpointError::Version { path: path.to_path_buf(), found: version.clone() });
         };
-        let field = |key: &str| meta.get(key).ok_or_else(|| malformed(format!("metadata has no `{key}`")));
         // First, so that a flipped byte is called corruption, not whatever it broke.
-        let stored: Vec<(String, TensorView<'_>)> = file.tensors();
-        let actual = checksum(stored.iter().map(|(n, v)| (n.as_str(), v.dtype(), v.shape(), v.data())), covers_metadata.then_some(meta));
-        if field("checksum")? != &actual {
+        if *field("checksum")? != sum_of(covers_metadata.then_some(meta)) {
             return Err(CheckpointError::Corrupted { path: path.to_path_buf() });
         }
         let parse_err = |key: &str, e: serde_json::Error| malformed(format!("metadata `{key}` does not parse: {e}"));
