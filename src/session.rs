@@ -136,6 +136,11 @@ pub fn check_writable(path: &Path) -> Result<()> {
     let _whole = crate::interrupt::Critical::enter();
     std::fs::write(&probe, b"")
         .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| match e.kind() {
+            // /proc answers "no such file" for a directory that is there but makes no files.
+            std::io::ErrorKind::NotFound if dir.is_dir() => std::io::Error::other("the directory exists but takes no new files"),
+            _ => e,
+        })
         .map_err(|e| Error::io(format!("cannot write to {} (for {})", dir.display(), path.display()), e))
 }
 
