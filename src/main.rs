@@ -632,6 +632,12 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             note!("notice: --resume continues the checkpoint's network and training settings; not used: {}", unused.join(", "));
         }
     }
+    // A resumed run saves back into the file it resumed from unless told otherwise; where it
+    // cannot, that is said before the data is loaded (or downloaded).
+    let checkpoint = args.checkpoint.clone().or_else(|| args.resume.clone());
+    if let Some(path) = &checkpoint {
+        session::check_writable(path)?;
+    }
     let kind = resumed.as_ref().and_then(|r| r.checkpoint.trained_on).map_or_else(|| args.data.kind(None), |t| t.dataset);
     let data = load_data(&args.data, kind)?;
     let model = args.model.config(data.train.features, data.train.classes);
@@ -641,8 +647,6 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         (_, Some(resumed)) => Start::Resume(resumed),
         _ => Start::Fresh,
     };
-    // A resumed run saves back into the file it resumed from unless told otherwise.
-    let checkpoint = args.checkpoint.clone().or_else(|| args.resume.clone());
     let req = TrainRequest {
         // Nothing is lost on Ctrl-C, even without --checkpoint.
         interrupt_checkpoint: Some(interrupt_checkpoint_path()),

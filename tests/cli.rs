@@ -298,6 +298,7 @@ fn bad_input_gets_one_line_errors() {
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "/dev/null"]), "not a regular file");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "no-such-dir/"]), "names a directory");
     expect_failure(&bntrain(&["--device", "cpu", "train", "--data", data, "--steps", "10", "--checkpoint", "/proc/x.safetensors"]), "exists but takes no new files");
+    expect_failure(&bntrain(&["--device", "cpu", "train", "--data", "/nonexistent/dir", "--checkpoint", "/proc/x.safetensors"]), "exists but takes no new files");
     let in_the_way = e.dir.join("a-file");
     std::fs::write(&in_the_way, b"").unwrap();
     expect_failure(&bntrain(&["--device", "cpu", "reproduce", "--data", data, "--quick", "--out", s(&e.dir), "--name", "a-file"]), "cannot create");
