@@ -482,11 +482,19 @@ fn refuse_command_line(e: clap::Error) -> ! {
             _ => std::process::exit(e.exit_code()),
         }
     }
-    let _ = e.print();
+    // The message is the paragraph before the usage and tips: one line, or a list (the
+    // missing arguments) joined onto it, so that the error is one line like every other.
+    let rendered = e.to_string();
+    let lines: Vec<&str> = rendered.lines().collect();
+    let paragraph = lines.iter().position(|line| line.trim().is_empty()).unwrap_or(lines.len());
+    let message = lines[..paragraph].iter().map(|line| line.trim()).collect::<Vec<_>>().join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    note!("error: {message}");
+    for line in &lines[paragraph..] {
+        note!("{line}");
+    }
     if std::env::args_os().any(|arg| arg == "--json") {
-        let rendered = e.to_string();
-        let first = rendered.lines().next().unwrap_or_default();
-        out!("{}", json!({ "error": first.strip_prefix("error: ").unwrap_or(first) }));
+        out!("{}", json!({ "error": message }));
     }
     std::process::exit(e.exit_code());
 }

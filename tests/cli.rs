@@ -277,6 +277,8 @@ fn bad_input_gets_one_line_errors() {
         // A negative value meets its option's own check, not "unexpected argument '-1'".
         (&["train", "--data", data, "--seed", "-1", "--json"][..], 2, "invalid value '-1' for '--seed"),
         (&["bench", "--seconds", "-1", "--json"][..], 2, "a positive number of seconds"),
+        // The missing argument is named, not only that one is missing.
+        (&["eval", "--json"][..], 2, "not provided: --checkpoint <CHECKPOINT>"),
     ] {
         let out = bntrain(&[&["--device", "cpu"][..], args].concat());
         expect_failure(&out, needle);
