@@ -20,6 +20,17 @@ pub enum DeviceChoice {
     Auto,
 }
 
+impl DeviceChoice {
+    /// The name `--device` takes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::Auto => "auto",
+        }
+    }
+}
+
 impl FromStr for DeviceChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

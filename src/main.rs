@@ -683,10 +683,9 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     if let Outcome::Interrupted { step, .. } = report.outcome {
         match &report.checkpoint {
             Some(p) => {
-                let data = args.data.data.as_deref().map_or_else(String::new, |dir| format!(" --data {}", session::shell_word(dir)));
                 note!(
-                    "interrupted at step {step}; checkpoint written to {}; continue with `bntrain train --resume {} --steps {}{data}`",
-                    p.display(), session::shell_word(p), args.steps
+                    "interrupted at step {step}; checkpoint written to {}; continue with `{}`",
+                    p.display(), session::resume_command(req.device, p, args.steps, args.data.data.as_deref())
                 );
             }
             None => note!("interrupted at step {step}, before any step of this run: nothing to save"),

@@ -80,6 +80,14 @@ impl TrainReport {
     }
 }
 
+/// The command line that continues a run saved in `checkpoint` to `steps`, on the device it
+/// ran on (a CPU run resumed on a GPU host's default would go on in other arithmetic), with
+/// `--data` where the data came from a directory given on the command line.
+pub fn resume_command(device: DeviceChoice, checkpoint: &Path, steps: u64, data: Option<&Path>) -> String {
+    let data = data.map_or_else(String::new, |dir| format!(" --data {}", shell_word(dir)));
+    format!("bntrain --device {} train --resume {} --steps {steps}{data}", device.name(), shell_word(checkpoint))
+}
+
 /// `path` as one word of a shell command a user can paste: as it is where it needs no
 /// quoting, else in single quotes (a quote inside written `'\''`); a path that is not UTF-8
 /// in bash's `$'…'`, its other bytes as `\xHH`.
@@ -309,7 +317,7 @@ pub fn run(
             return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue, false) {
                 Ok(()) => {
                     let next = match outcome {
-                        Outcome::Interrupted { .. } => format!("continue with `bntrain train --resume {} --steps {}`", shell_word(&rescue), req.steps),
+                        Outcome::Interrupted { .. } => format!("continue with `{}`", resume_command(req.device, &rescue, req.steps, None)),
                         Outcome::Finished { .. } => format!(
                             "evaluate it with `bntrain eval --checkpoint {}`, or train on with `--resume {} --steps` beyond {step}",
                             shell_word(&rescue), shell_word(&rescue)

@@ -178,6 +178,7 @@ fn interrupt_writes_a_checkpoint_that_resumes(signal: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted at step"), "{stderr}");
+    assert!(stderr.contains(&format!("continue with `bntrain --device cpu train --resume {} --steps 100000000 --data ", s(&ckpt))), "{stderr}");
     let saved = bntrain::model::checkpoint::Checkpoint::load(&ckpt).unwrap();
     assert!(saved.progress.step > 0);
     let stdout = String::from_utf8_lossy(&out.stdout);
