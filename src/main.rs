@@ -727,10 +727,12 @@ fn open_checkpoint(
     device_choice: DeviceChoice, path: &Path, data_args: &DataArgs,
 ) -> Result<(Checkpoint, Arc<Dataset>, Box<dyn bntrain::backend::Backend>)> {
     let ckpt = Checkpoint::load(path)?;
-    let recorded = ckpt.trained_on.map(|t| t.dataset).filter(|_| data_args.dataset.is_none());
-    let data = match recorded {
+    // Where the checkpoint's record picks other data than the default, a failure says why
+    // that data was looked for.
+    let default = data_args.kind(None);
+    let data = match ckpt.trained_on.map(|t| t.dataset).filter(|&kind| data_args.dataset.is_none() && kind != default) {
         Some(kind) => load_data(data_args, kind).with_context(|| format!("{} was trained on {kind} (--dataset chooses other data)", path.display()))?,
-        None => load_data(data_args, data_args.kind(None))?,
+        None => load_data(data_args, default)?,
     };
     if ckpt.model.inputs != data.train.features {
         bail!("{} expects {} input features but the dataset has {}", path.display(), ckpt.model.inputs, data.train.features);

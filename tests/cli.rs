@@ -522,6 +522,17 @@ fn a_checkpoint_brings_its_dataset_and_precision() {
     assert_eq!((&resumed["dataset"], &resumed["steps"], &resumed["steps_this_run"]), (&json!("fashion-mnist"), &json!(90), &json!(30)), "{resumed}");
     assert!(resumed["device"].as_str().unwrap().contains("bf16"), "{resumed}");
 
+    // Data that cannot be read is said to be the record's choice where that is not MNIST,
+    // and only there.
+    let missing = ["--device", "cpu", "eval", "--data", "/nonexistent/dir", "--checkpoint"];
+    expect_failure(&bntrain(&[&missing[..], &[s(&ckpt)]].concat()), "was trained on fashion-mnist (--dataset chooses other data): cannot find");
+    let mut on_mnist = bntrain::model::checkpoint::Checkpoint::load(&ckpt).unwrap();
+    on_mnist.trained_on = on_mnist.trained_on.map(|t| bntrain::model::checkpoint::TrainedOn { dataset: bntrain::data::DatasetKind::Mnist, ..t });
+    let mnist_ckpt = e.dir.join("mnist.safetensors");
+    on_mnist.save(&mnist_ckpt).unwrap();
+    let out = bntrain(&[&missing[..], &[s(&mnist_ckpt)]].concat());
+    expect_failure(&out, "error: cannot find the dataset");
+
     // A checkpoint from before bntrain recorded them takes the command line's dataset and
     // arithmetic, and the notice does not call them unused.
     let mut old = bntrain::model::checkpoint::Checkpoint::load(&ckpt).unwrap();
