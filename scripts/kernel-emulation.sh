@@ -13,6 +13,9 @@ g++ -std=c++20 -O1 -pthread -w -I cuda -x c++ tests/kernel_emulation/harness.cpp
 # the schedule happened not to corrupt it.
 g++ -std=c++20 -O1 -g -pthread -w -fsanitize=thread -I cuda -x c++ tests/kernel_emulation/harness.cpp -o "$out/harness-tsan"
 TSAN_OPTIONS="halt_on_error=1 exitcode=66" "$out/harness-tsan" fused
+# The one-barrier kernel at the seed's shape too (784 pixels in 16-byte chunks, blocks of 256
+# and 512 threads), the launch it will first run on a GPU: minutes, not seconds.
+TSAN_OPTIONS="halt_on_error=1 exitcode=66" "$out/harness-tsan" replicated seed
 # And under AddressSanitizer: each block's dynamic shared memory is exactly the bytes the
 # layout asked for, and every buffer a std::vector of its own size, so a read or write past
 # either (which the GPU would not report, or report as a fault far from its cause) stops the run

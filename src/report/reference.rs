@@ -23,9 +23,10 @@ pub const SOURCE_COLLAPSED_CLASS: u8 = 8;
 /// Source: how many test images were predicted one by one.
 pub const SOURCE_ONE_BY_ONE_COUNT: usize = 100;
 
-/// PyTorch anchor: `../shared/anchors/torch.jsonl` (torch_anchor.py, NVIDIA H200,
-/// 2026-11-26, fp32, TF32 off), the same seed setup in PyTorch with CUDA graphs.
-pub const PYTORCH: &str = "shared/anchors/torch.jsonl (torch_anchor.py, NVIDIA H200, 2026-11-26, fp32)";
+/// PyTorch anchor: `docs/anchors/torch.jsonl` (torch_anchor.py, NVIDIA H200, 2026-11-26,
+/// fp32, TF32 off), the same seed setup in PyTorch with CUDA graphs. A test holds every
+/// `PYTORCH_*` figure here to that file.
+pub const PYTORCH: &str = "docs/anchors/torch.jsonl (torch_anchor.py, NVIDIA H200, 2026-11-26, fp32)";
 
 /// PyTorch anchor: the length of its comparison run.
 pub const PYTORCH_STEPS: u64 = 40_000;
@@ -136,5 +137,35 @@ mod tests {
         assert_eq!(r.source_final_at(10_000), Some(SOURCE_FINAL_ACCURACY_10000));
         assert_eq!(r.source_final_at(500), None);
         assert!(r.trained_long_enough_for_references(10_000) && r.trained_long_enough_for_references(40_000) && !r.trained_long_enough_for_references(500));
+    }
+
+    /// The citations are the measurements, to the four decimals the report prints.
+    #[test]
+    fn pytorch_figures_are_those_of_the_anchor_file() {
+        let lines: Vec<serde_json::Value> = include_str!("../../docs/anchors/torch.jsonl")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+            .collect();
+        let line = |kind: &str, mode: Option<&str>| {
+            lines.iter().find(|l| l["kind"] == kind && mode.is_none_or(|m| l["mode"] == m)).unwrap_or_else(|| panic!("a {kind} line"))
+        };
+        let four = |v: &serde_json::Value| (v.as_f64().expect("a number") * 1e4).round() / 1e4;
+        let experiment = line("seed-experiment", None);
+        assert_eq!(experiment["steps"].as_u64(), Some(PYTORCH_STEPS));
+        let measured: Vec<(u64, f64, f64)> = experiment["acc_at_steps"]
+            .as_object()
+            .expect("acc_at_steps")
+            .iter()
+            .map(|(step, plain_bn)| (step.parse().expect("a step"), four(&plain_bn[1]), four(&plain_bn[0])))
+            .collect();
+        let mut measured = measured;
+        measured.sort_by_key(|point| point.0);
+        assert_eq!(measured, PYTORCH_CURVE.to_vec());
+        assert_eq!((four(&experiment["final_acc_bn"]), four(&experiment["final_acc_plain"])), (PYTORCH_BN_40000, PYTORCH_PLAIN_40000));
+        let at_10000 = &experiment["acc_at_steps"]["10000"];
+        assert_eq!((four(&at_10000[1]), four(&at_10000[0])), (PYTORCH_BN_10000, PYTORCH_PLAIN_10000));
+        assert_eq!(four(&line("seed-single", Some("eval"))["acc"]), PYTORCH_ONE_BY_ONE_POPULATION);
+        assert_eq!(four(&line("seed-single", Some("batch-stats"))["acc"]), PYTORCH_ONE_BY_ONE_BATCH);
+        assert!(experiment["device"].as_str().is_some_and(|d| PYTORCH.contains(d)), "{PYTORCH}");
     }
 }
