@@ -77,6 +77,8 @@ enum Command {
 enum DataCommand {
     /// Download MNIST into the cache and verify its SHA-256 checksums.
     Fetch {
+        /// Which dataset: mnist, or fashion-mnist (not downloaded: said where it is read from,
+        /// or how to install it).
         #[arg(long, default_value = "mnist", value_parser = parse_dataset)]
         dataset: DatasetKind,
         /// Directory to download into (default: the cache).
@@ -111,7 +113,7 @@ impl DataArgs {
 
 #[derive(Args, Debug, Clone)]
 struct ModelArgs {
-    /// Hidden layer widths, comma-separated (BN2015 uses 100,100,100).
+    /// Hidden layer widths, comma-separated (the seed's 100,100; BN2015 uses 100,100,100).
     #[arg(long, value_delimiter = ',', default_value = "100,100")]
     hidden: Vec<usize>,
     /// The hidden layers' activation.
