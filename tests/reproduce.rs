@@ -275,7 +275,7 @@ fn check_outputs(summary: &ReproduceSummary, dir: &Path) {
     // Every file the summary lists, and the ones the issue asks for, exist.
     let expected = [
         "metrics.json", "report.md", "curves.csv", "probes.csv", "estimators.csv", "predictions.csv", "bn_net.safetensors",
-        "fig1a_accuracy.png", "fig1a_accuracy.svg", "fig1b_input_means.png", "fig1b_input_means.svg",
+        "fig1a_accuracy.png", "fig1a_accuracy.svg", "fig1a_lead.png", "fig1a_lead.svg", "fig1b_input_means.png", "fig1b_input_means.svg",
         "fig1c_input_percentiles.png", "fig1c_input_percentiles.svg", "test_time_predictions.png",
         "test_time_predictions.svg", "estimators.png", "estimators.svg",
     ];
@@ -323,7 +323,7 @@ fn check_outputs(summary: &ReproduceSummary, dir: &Path) {
 
     // report.md: embeds every figure and agrees with the JSON.
     let report = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
-    for fig in ["fig1a_accuracy.png", "fig1b_input_means.png", "fig1c_input_percentiles.png", "test_time_predictions.png", "estimators.png"] {
+    for fig in ["fig1a_accuracy.png", "fig1a_lead.png", "fig1b_input_means.png", "fig1c_input_percentiles.png", "test_time_predictions.png", "estimators.png"] {
         assert!(report.contains(&format!("]({fig})")), "report.md does not embed {fig}");
     }
     let checked = check_report_matches_json(&report, &json);

@@ -2,6 +2,8 @@
 //!
 //! - `fig1a_accuracy`: test accuracy of the BN and plain nets over training (Figure 1(a),
 //!   y from 0.8 to 1 as the source draws it), with PyTorch's anchor points;
+//! - `fig1a_lead`: BN's lead over plain at each evaluation, on a logarithmic step axis, where
+//!   the early steps (a sliver of Figure 1(a), where the curves cross) can be read;
 //! - `fig1b_input_means`: the post's view of Figure 1(b,c): the test-set mean of the
 //!   sigmoid's input for five units of the second layer, without and with BN;
 //! - `fig1c_input_percentiles`: the paper's view: their 15th, 50th and 85th percentiles;
@@ -15,6 +17,7 @@
 
 use super::{Curve, ReportError, ReproduceSummary};
 use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use std::fmt::Display;
 use std::path::Path;
@@ -32,6 +35,7 @@ const GRID: RGBColor = RGBColor(225, 225, 225);
 const INK: RGBColor = RGBColor(40, 40, 40);
 
 pub const FIG1A: &str = "fig1a_accuracy";
+pub const FIG1A_LEAD: &str = "fig1a_lead";
 pub const FIG1B: &str = "fig1b_input_means";
 pub const FIG1C: &str = "fig1c_input_percentiles";
 pub const TEST_TIME: &str = "test_time_predictions";
@@ -44,11 +48,9 @@ pub fn register_fonts() -> Result<(), ReportError> {
     static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     REGISTERED
         .get_or_init(|| {
-            for style in [FontStyle::Normal, FontStyle::Bold] {
-                plotters::style::register_font(FONT, style, DEJAVU_SANS)
-                    .map_err(|_| "DejaVuSans.ttf is not a valid TrueType font".to_string())?;
-            }
-            Ok(())
+            plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU_SANS)
+                .map_err(|_| "DejaVuSans.ttf is not a valid TrueType font".to_string())
+
         })
         .clone()
         .map_err(ReportError::Font)
@@ -112,6 +114,7 @@ pub fn draw_all(summary: &ReproduceSummary, dir: &Path) -> Result<Vec<String>, R
     register_fonts()?;
     let mut files = Vec::new();
     files.extend(render!(dir, FIG1A, (1000, 620), fig1a, summary));
+    files.extend(render!(dir, FIG1A_LEAD, (1000, 520), fig1a_lead, summary));
     let rows = summary.comparison.probe_neurons as u32;
     let grid = (1000, 110 + 220 * rows.max(1));
     files.extend(render!(dir, FIG1B, grid, fig1_inputs, summary, false));
@@ -131,8 +134,9 @@ fn text(size: f64) -> TextStyle<'static> {
     (FONT, size).into_font().color(&INK)
 }
 
-fn bold(size: f64) -> TextStyle<'static> {
-    (FONT, size, FontStyle::Bold).into_font().color(&INK)
+/// Titles: larger, in the one (regular) face embedded, so that the PNG and the SVG agree.
+fn title(size: f64) -> TextStyle<'static> {
+    text(size)
 }
 
 /// Step labels: 10k, 20k, … when the axis is long.
@@ -140,7 +144,13 @@ fn step_label(max: f64) -> impl Fn(&f64) -> String {
     move |v: &f64| {
         if max >= 5000.0 {
             let k = v / 1000.0;
-            if (k - k.round()).abs() < 1e-9 { format!("{}k", k.round()) } else { format!("{k:.1}k") }
+            if k.abs() < 1e-9 {
+                "0".to_string()
+            } else if (k - k.round()).abs() < 1e-9 {
+                format!("{}k", k.round())
+            } else {
+                format!("{k:.1}k")
+            }
         } else {
             format!("{}", v.round())
         }
@@ -280,7 +290,7 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
     let y_min = accuracy_floor(&[&c.bn, &c.plain]);
     let caption = format!("Figure 1(a): test accuracy, {} with and without BN{}", s.model.widths().iter().map(|w| w.to_string()).collect::<Vec<_>>().join("-"), other_dataset(s));
     let mut chart = ChartBuilder::on(root)
-        .caption(caption, bold(24.0))
+        .caption(caption, title(24.0))
         .margin(20)
         .x_label_area_size(55)
         .y_label_area_size(75)
@@ -338,6 +348,79 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
     draw_legend(&mut chart, quietest_corner(&drawn, 0.0..x_max, y_min..1.0, 0.4, 0.32, &corners))
 }
 
+/// BN's lead over plain, in percentage points of test accuracy, at each evaluation, on a
+/// logarithmic step axis: the early steps, a sliver of Figure 1(a) where the two curves lie
+/// within a pixel of each other, get as much room as the late ones, and which net is ahead
+/// reads off the zero line.
+fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary) -> DrawResult<DB> {
+    root.fill(&WHITE)?;
+    let c = &s.comparison;
+    let points = |lead: &mut dyn Iterator<Item = (u64, f64)>| -> Vec<(f64, f64)> {
+        lead.filter(|&(step, d)| step > 0 && d.is_finite()).map(|(step, d)| (step as f64, 100.0 * d)).collect()
+    };
+    let lead = points(&mut c.lead().into_iter());
+    let anchors = if s.anchors_apply() {
+        points(&mut s.references.pytorch_curve.iter().filter(|anchor| anchor.0 <= c.steps).map(|&(step, bn, plain)| (step, bn - plain)))
+    } else {
+        Vec::new()
+    };
+    let x_lo = lead.iter().chain(&anchors).map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let x_lo = if x_lo.is_finite() { x_lo } else { 1.0 };
+    let x_hi = (c.steps as f64).max(x_lo * 2.0);
+    let (lo, hi) = lead.iter().chain(&anchors).fold((0.0f64, 0.0f64), |(lo, hi), &(_, d)| (lo.min(d), hi.max(d)));
+    let pad = ((hi - lo) * 0.08).max(0.5);
+    let (y_lo, y_hi) = (lo - pad, hi + pad);
+    let caption = format!("BN's lead over plain in test accuracy, at each evaluation{}", other_dataset(s));
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, title(22.0))
+        .margin(20)
+        .x_label_area_size(55)
+        .y_label_area_size(75)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), y_lo..y_hi)?;
+    chart
+        .configure_mesh()
+        .max_light_lines(0)
+        .bold_line_style(GRID)
+        .x_label_formatter(&|v| if *v >= 1000.0 { format!("{}k", v / 1000.0) } else { format!("{v}") })
+        .y_label_formatter(&|v| format!("{v:+.1}"))
+        .x_desc(format!("training step (logarithmic){}", bn_statistics(c, "; BN evaluated with ")))
+        .y_desc("BN − plain (percentage points)")
+        .label_style(text(15.0))
+        .axis_desc_style(text(17.0))
+        .draw()?;
+    // Which side is whose, in the two nets' colors.
+    chart.draw_series([
+        Rectangle::new([(x_lo, 0.0), (x_hi, y_hi)], BN.mix(0.07).filled()),
+        Rectangle::new([(x_lo, y_lo), (x_hi, 0.0)], PLAIN.mix(0.07).filled()),
+    ])?;
+    chart.draw_series(std::iter::once(PathElement::new(vec![(x_lo, 0.0), (x_hi, 0.0)], INK.mix(0.6).stroke_width(1))))?;
+    let corner_text = |y: f64, words: &str, color: &'static RGBColor| Text::new(words.to_string(), (x_lo * 1.08, y), text(15.0).color(color));
+    chart.draw_series([corner_text(y_hi - pad * 0.3, "BN ahead", &BN), corner_text(y_lo + pad * 0.9, "plain ahead", &PLAIN)])?;
+    if let Some(from) = c.bn_ahead_from().filter(|&step| step as f64 > x_lo) {
+        let x = from as f64;
+        chart
+            .draw_series(std::iter::once(DashedPathElement::new(vec![(x, y_lo), (x, y_hi)], 6, 5, BN.stroke_width(2))))?
+            .label(format!("BN ahead at every evaluation from step {from}"))
+            .legend(|(x, y)| DashedPathElement::new(vec![(x, y), (x + 24, y)], 6, 4, BN.stroke_width(2)));
+    }
+    chart.draw_series(lone_point(&lead, INK))?;
+    chart
+        .draw_series(segments(&lead, INK.stroke_width(2)))?
+        .label("bntrain")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], INK.stroke_width(3)));
+    if !anchors.is_empty() {
+        chart
+            .draw_series(anchors.iter().map(|&point| Circle::new(point, 6, INK.stroke_width(2))))?
+            .label("PyTorch anchor")
+            .legend(|(x, y)| Circle::new((x + 12, y), 6, INK.stroke_width(2)));
+    }
+    // The legend where the line leaves the most room (on the log axis, by position).
+    let log = |x: f64| (x / x_lo).ln() / (x_hi / x_lo).ln();
+    let drawn: Vec<(f64, f64)> = along(&lead, 20).into_iter().map(|(x, y)| (log(x), y)).collect();
+    let corners = [SeriesLabelPosition::UpperRight, SeriesLabelPosition::LowerRight, SeriesLabelPosition::UpperLeft, SeriesLabelPosition::LowerLeft];
+    draw_legend(&mut chart, quietest_corner(&drawn, 0.0..1.0, y_lo..y_hi, 0.4, 0.3, &corners))
+}
+
 /// How the BN net's test evaluations normalized, after `lead`, where it is not plain from
 /// the figure: the test set's own batch statistics, as the source measures.
 fn bn_statistics(c: &super::Comparison, lead: &str) -> String {
@@ -356,26 +439,29 @@ fn bn_statistics(c: &super::Comparison, lead: &str) -> String {
 fn fig1_inputs<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary, percentiles: bool) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let c = &s.comparison;
-    let (title, subtitle) = if percentiles {
+    // With BN a unit's input is β + γ·x̂: its band's width is γ's doing, not drift.
+    let (heading, subtitle) = if percentiles {
         (
-            format!("Figure 1(b,c): inputs to the sigmoid, layer {}: 15th, 50th, 85th percentiles", c.probe_layer + 1),
-            "over the test set at each evaluation (the paper's view); line: median, band: 15th to 85th percentile; same y scale within a row",
+            format!("Figure 1(b,c), percentile view: inputs to the sigmoid, layer {}", c.probe_layer + 1),
+            "15th, 50th (line) and 85th percentile over the test set at each evaluation (the paper's view); with BN the band's width follows the learned scale γ",
         )
     } else {
         (
-            format!("Figure 1(b,c): inputs to the sigmoid, layer {}: mean over the test set", c.probe_layer + 1),
-            "at each evaluation (the post's view); same y scale within a row, each panel centered on its own values",
+            format!("Figure 1(b,c), mean view: inputs to the sigmoid, layer {}", c.probe_layer + 1),
+            "mean over the test set at each evaluation (the post's view)",
         )
     };
     let (w, _) = root.dim_in_pixel();
     let (head, body) = root.split_vertically(100);
-    head.draw(&Text::new(title, (w as i32 / 2, 24), centered(bold(22.0))))?;
-    head.draw(&Text::new(subtitle.to_string(), (w as i32 / 2, 52), centered(text(14.0))))?;
+    head.draw(&Text::new(heading, (w as i32 / 2, 22), centered(title(22.0))))?;
+    head.draw(&Text::new(subtitle.to_string(), (w as i32 / 2, 46), centered(text(14.0))))?;
+    let scale_note = "same y scale within a row, each panel centered on its own values; dashed: 0 (where in range), the sigmoid's steepest point";
+    head.draw(&Text::new(scale_note.to_string(), (w as i32 / 2, 64), centered(text(14.0))))?;
     let with_bn = format!("With BN{}", bn_statistics(c, ", "));
     for (i, (name, color)) in [("Without BN", PLAIN), ("With BN", BN)].into_iter().enumerate() {
         let name = if i == 1 { with_bn.as_str() } else { name };
         let x = (w as i32 / 2) * i as i32 + w as i32 / 4 + 35;
-        head.draw(&Text::new(name.to_string(), (x, 84), centered(bold(19.0).color(&color))))?;
+        head.draw(&Text::new(name.to_string(), (x, 84), centered(title(19.0).color(&color))))?;
     }
     let rows = c.probe_neurons.max(1);
     let panels = body.split_evenly((rows, 2));
@@ -412,18 +498,22 @@ fn fig1_inputs<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceS
             mesh.max_light_lines(0)
                 .bold_line_style(GRID)
                 .x_labels(6)
-                .y_labels(5)
+                .y_labels(7)
                 .x_label_formatter(&fmt)
                 .y_label_formatter(&y_fmt)
                 .label_style(text(13.0))
                 .axis_desc_style(text(15.0));
             if col == 0 {
-                mesh.y_desc(format!("unit {}", unit + 1));
+                mesh.y_desc(format!("unit {}: input", unit + 1));
             }
             if last_row {
                 mesh.x_desc("training step");
             }
             mesh.draw()?;
+            // How far from the sigmoid's steep middle the inputs sit, at a glance.
+            if (y_lo..=y_hi).contains(&0.0) {
+                chart.draw_series(std::iter::once(DashedPathElement::new(vec![(0.0, 0.0), (x_max, 0.0)], 6, 5, INK.mix(0.55).stroke_width(1))))?;
+            }
             let series = |f: &dyn Fn(&super::ProbeStats) -> f64| -> Vec<(f64, f64)> {
                 curve.probes.iter().map(|p| (p.step as f64, f(&p.neurons[unit]))).collect()
             };
@@ -453,12 +543,13 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     let t = &s.test_time;
     let classes = t.first_batch.class_histogram.len().max(1);
     let max = t.first_batch.class_histogram.iter().chain(&t.first_population.class_histogram).copied().max().unwrap_or(1) as f64;
-    let caption = format!("One-by-one predictions of the first {} test images{} (BN net after {} steps, restored)", t.first_batch.count, other_dataset(s), t.steps);
+    let count = t.first_batch.count;
+    let caption = format!("One-by-one predictions of the first {count} test images{} (BN net after {} steps, restored)", other_dataset(s), t.steps);
     // Headroom above the tallest bar for the legend, which goes to the side with fewer tall
     // bars (the collapsed class's is as tall as the chart).
     let y_max = (max * 1.3).max(1.0);
     let mut chart = ChartBuilder::on(root)
-        .caption(caption, bold(21.0))
+        .caption(caption, title(21.0))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(65)
@@ -470,9 +561,10 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         .bold_line_style(GRID)
         .x_labels(classes)
         .x_label_formatter(&|v| if (v - v.round()).abs() < 1e-6 && *v >= -0.01 { format!("{}", v.round()) } else { String::new() })
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        // The headroom above is the legend's: no count there is possible.
+        .y_label_formatter(&|v| if *v <= count as f64 + 1e-9 { format!("{v:.0}") } else { String::new() })
         .x_desc("predicted class")
-        .y_desc("predictions")
+        .y_desc(format!("images (of {count})"))
         .label_style(text(15.0))
         .axis_desc_style(text(17.0))
         .draw()?;
@@ -517,7 +609,7 @@ fn estimators<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
         if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() { labels[n - 1 - i as usize].clone() } else { String::new() }
     };
     let mut chart = ChartBuilder::on(root)
-        .caption(caption, bold(21.0))
+        .caption(caption, title(21.0))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(190)
@@ -531,7 +623,7 @@ fn estimators<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
         .y_labels(n + 1)
         .x_label_formatter(&|v| format!("{v:.4}"))
         .y_label_formatter(&label_of)
-        .x_desc("test accuracy (small dots: seeds; ring: mean over seeds; bar: min to max)")
+        .x_desc(if e.seeds.len() == 1 { "test accuracy (ring: the one seed's)" } else { "test accuracy (small dots: seeds; ring: mean over seeds; bar: min to max)" })
         .label_style(text(15.0))
         .axis_desc_style(text(17.0))
         .draw()?;
@@ -599,6 +691,13 @@ mod tests {
             root.present().unwrap();
         }
         assert_eq!(svg.matches("<circle").count(), 2, "one marker per net:\n{svg}");
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (1000, 520)).into_drawing_area();
+            fig1a_lead(&root, &s).unwrap();
+            root.present().unwrap();
+        }
+        assert_eq!(svg.matches("<circle").count(), 1, "one marker for the one lead:\n{svg}");
         for percentiles in [false, true] {
             let mut svg = String::new();
             {

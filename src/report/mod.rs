@@ -197,6 +197,21 @@ pub struct Comparison {
     pub wall_s: f64,
 }
 
+impl Comparison {
+    /// BN's lead over plain in test accuracy at each evaluation both made: (step, BN − plain).
+    pub fn lead(&self) -> Vec<(u64, f64)> {
+        self.bn.history.iter().zip(&self.plain.history).map(|(b, p)| (b.step, b.test_accuracy - p.test_accuracy)).collect()
+    }
+
+    /// The step from which BN is above plain at every evaluation to the end: the first
+    /// evaluation's where it always is; None where it is not above at the last.
+    pub fn bn_ahead_from(&self) -> Option<u64> {
+        let lead = self.lead();
+        let from = lead.iter().rposition(|&(_, d)| d.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)).map_or(0, |last_not_ahead| last_not_ahead + 1);
+        lead.get(from).map(|&(step, _)| step)
+    }
+}
+
 /// One-by-one predictions (batch of one) of the first `count` examples.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OneByOne {
@@ -472,7 +487,7 @@ pub fn reproduce(
 /// The names of the files a study writes into its directory (its summary's `files`).
 pub fn output_names() -> Vec<String> {
     let mut names = vec![study::CHECKPOINT.to_string()];
-    for figure in [figures::FIG1A, figures::FIG1B, figures::FIG1C, figures::TEST_TIME, figures::ESTIMATORS] {
+    for figure in [figures::FIG1A, figures::FIG1A_LEAD, figures::FIG1B, figures::FIG1C, figures::TEST_TIME, figures::ESTIMATORS] {
         names.extend([format!("{figure}.png"), format!("{figure}.svg")]);
     }
     for table in [write::CURVES_CSV, write::PROBES_CSV, write::PREDICTIONS_CSV, write::ESTIMATORS_CSV, write::METRICS_JSON, write::REPORT_MD] {

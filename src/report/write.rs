@@ -4,7 +4,7 @@
 //! Every number in `report.md` is printed from the summary with four decimals, so it equals
 //! the one in `metrics.json` rounded the same way.
 
-use super::figures::{ESTIMATORS, FIG1A, FIG1B, FIG1C, TEST_TIME};
+use super::figures::{ESTIMATORS, FIG1A, FIG1A_LEAD, FIG1B, FIG1C, TEST_TIME};
 use super::{Curve, ReportError, ReproduceSummary};
 use crate::atomic_file::write_atomically;
 use std::fmt::Write as _;
@@ -278,16 +278,16 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     w(String::new());
     w(format!("![Figure 1(a)]({FIG1A}.png)"));
     w(String::new());
+    w(format!("![BN's lead over plain]({FIG1A_LEAD}.png)"));
+    w(String::new());
     let above = |points: &[(f64, f64)]| points.iter().filter(|(b, p)| b > p).count();
     let pairs: Vec<(f64, f64)> = c.bn.history.iter().zip(&c.plain.history).map(|(b, p)| (b.test_accuracy, p.test_accuracy)).collect();
     let first = |fraction: usize| (pairs.len() / fraction).max(1).min(pairs.len());
     let (early, quarter) = (first(20), first(4));
     // Each group named by the step it reaches: with few points, "the first 5%" would not be.
     let to_step = |n: usize| c.bn.history.get(n.saturating_sub(1)).map_or(0, |p| p.step);
-    // Where BN pulls ahead for good: the first point after which it is above at every one.
-    let ahead_from = pairs.iter().rposition(|(b, p)| b <= p).map_or(0, |last_behind| last_behind + 1);
-    let for_good = match c.bn.history.get(ahead_from) {
-        Some(point) if ahead_from > 0 => format!(" From step {} on, BN is above plain at every evaluation.", point.step),
+    let for_good = match c.bn_ahead_from() {
+        Some(step) if Some(step) != c.bn.history.first().map(|p| p.step) => format!(" From step {step} on, BN is above plain at every evaluation."),
         Some(_) => " BN is above plain at every evaluation.".to_string(),
         None => String::new(),
     };
@@ -343,9 +343,9 @@ pub fn render_report(s: &ReproduceSummary) -> String {
     };
     let wander = match c.drift_bn.partial_cmp(&c.drift_plain) {
         _ if c.bn.probes.len() < 2 || c.plain.probes.len() < 2 => "With a single evaluation point, how far they wander over training is not measured",
-        Some(std::cmp::Ordering::Less) => "With BN they wander less over training than without",
-        Some(std::cmp::Ordering::Greater) => "With BN they wander more over training than without",
-        Some(std::cmp::Ordering::Equal) => "With and without BN they wander as much over training",
+        Some(std::cmp::Ordering::Less) => "With BN their means wander less over training than without",
+        Some(std::cmp::Ordering::Greater) => "With BN their means wander more over training than without",
+        Some(std::cmp::Ordering::Equal) => "With and without BN their means wander as much over training",
         None => "How far they wander does not compare (a value is not a number)",
     };
     let ((spread_plain_first, spread_plain_last), (spread_bn_first, spread_bn_last)) = (spread_first_last(&c.plain), spread_first_last(&c.bn));
@@ -515,6 +515,10 @@ mod tests {
         }
         s.comparison.plain.history[5].test_accuracy = s.comparison.bn.history[5].test_accuracy;
         assert!(render_report(&s).contains("From step 350 on, BN is above plain at every evaluation."));
+        // A point that is not a number is not one where BN is ahead.
+        s.comparison.bn.history[7].test_accuracy = f64::NAN;
+        assert!(render_report(&s).contains("From step 450 on, BN is above plain at every evaluation."));
+        assert_eq!(s.comparison.bn_ahead_from(), Some(450));
         // Behind at the last point: no such step.
         let last = s.comparison.plain.history.len() - 1;
         s.comparison.plain.history[last].test_accuracy = 1.0;
@@ -587,11 +591,11 @@ mod tests {
         for claim in ["BN trains faster", "ends higher", "stay put", "they stay near 0", "classifies as it should", "taken as one batch", "the plain net's sit farther"] {
             assert!(!report.contains(claim), "the report claims `{claim}` against the data:\n{report}");
         }
-        for measured in ["BN ends lower", "With BN they wander more", "BN's sit farther from 0", "it does no better: 9 of 100 right", "population statistics (the running estimates)"] {
+        for measured in ["BN ends lower", "With BN their means wander more", "BN's sit farther from 0", "it does no better: 9 of 100 right", "population statistics (the running estimates)"] {
             assert!(report.contains(measured), "the report does not say `{measured}`:\n{report}");
         }
         let story = render_report(&sample(1000, 50, 500));
-        for measured in ["BN ends higher", "With BN they wander less", "the plain net's sit farther from 0", "it does better: 97 of 100 right", "taken as one batch"] {
+        for measured in ["BN ends higher", "With BN their means wander less", "the plain net's sit farther from 0", "it does better: 97 of 100 right", "taken as one batch"] {
             assert!(story.contains(measured), "the report does not say `{measured}`:\n{story}");
         }
     }
