@@ -85,7 +85,8 @@ enum DataCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Show where the data would be read from.
+    /// Show where the data is read from (an error naming the places searched where it is
+    /// nowhere yet).
     Where {
         #[command(flatten)]
         data: DataArgs,

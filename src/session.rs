@@ -317,7 +317,7 @@ pub fn run(
             return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue, false) {
                 Ok(()) => {
                     let next = match outcome {
-                        Outcome::Interrupted { .. } => format!("continue with `{}`", resume_command(req.device, &rescue, req.steps, None)),
+                        Outcome::Interrupted { .. } => format!("continue with `{}`", resume_command(req.device, &rescue, req.steps, Some(data.source.as_path()).filter(|dir| !dir.as_os_str().is_empty()))),
                         Outcome::Finished { .. } => format!(
                             "evaluate it with `bntrain eval --checkpoint {}`, or train on with `--resume {} --steps` beyond {step}",
                             shell_word(&rescue), shell_word(&rescue)

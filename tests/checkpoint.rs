@@ -93,6 +93,12 @@ fn reads_format_version_1() {
     let last = bytes.len() - 3;
     bytes[last] ^= 0x40;
     assert!(matches!(Checkpoint::from_bytes(&bytes, &path), Err(CheckpointError::Corrupted { .. })));
+    // So is a flipped version entry: the tensors still check out, so the file is version 1's.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let entry = br#""format_version":"1""#;
+    let at = bytes.windows(entry.len()).position(|w| w == entry).expect("the version entry");
+    bytes[at + entry.len() - 2] = b'7';
+    assert!(matches!(Checkpoint::from_bytes(&bytes, &path), Err(CheckpointError::Corrupted { .. })));
 }
 
 #[test]

@@ -45,24 +45,33 @@ impl<R: BufRead> GzMembers<R> {
 impl<R: BufRead> Read for GzMembers<R> {
     fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
         loop {
-            let read = match self.member.as_mut() {
-                Some(member) => member.read(into)?,
-                None => return Ok(0),
+            let Some(member) = self.member.as_mut() else { return Ok(0) };
+            let read = match member.read(into) {
+                Ok(read) => read,
+                // A failed member ends the stream: a read after the error is not allowed to go
+                // on with the next member as if this one had ended well.
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                    self.member = None;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             };
             if read > 0 || into.is_empty() {
                 return Ok(read);
             }
-            // The member ended (its CRC and length checked): another, the end, or junk.
-            let Some(ended) = self.member.take() else { return Ok(0) };
-            let mut rest = ended.into_inner();
-            let next = rest.fill_buf()?;
+            // The member ended (its CRC and length checked): another, the end, or junk. The
+            // input is looked at in place, so that an interrupted look can be retried.
+            let next = member.get_mut().fill_buf()?;
             if next.is_empty() {
+                self.member = None;
                 return Ok(0);
             }
             if !GZIP_MAGIC.starts_with(&next[..next.len().min(GZIP_MAGIC.len())]) {
+                self.member = None;
                 return Err(io::Error::new(io::ErrorKind::InvalidData, TrailingBytes));
             }
-            self.member = Some(GzDecoder::new(rest));
+            let Some(ended) = self.member.take() else { return Ok(0) };
+            self.member = Some(GzDecoder::new(ended.into_inner()));
         }
     }
 }
@@ -380,6 +389,63 @@ mod tests {
         let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
         encoder.write_all(&idx).unwrap();
         encoder.finish().unwrap()
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// A member that fails its CRC ends the stream: reading on does not go on with the next
+    /// member as if it had ended well.
+    #[test]
+    fn no_member_is_read_after_a_failed_one() {
+        let mut first = gzip(&[1; 300]);
+        let crc = first.len() - 8;
+        first[crc] ^= 0xff;
+        let two = [first, gzip(&[2; 300])].concat();
+        let mut reader = GzMembers::new(two.as_slice());
+        let mut out = Vec::new();
+        assert!(reader.read_to_end(&mut out).is_err(), "the CRC is wrong");
+        let mut after = Vec::new();
+        assert_eq!(reader.read_to_end(&mut after).unwrap(), 0);
+        assert!(!after.contains(&2), "the second member was read after the error");
+    }
+
+    /// Input that is interrupted while the next member is looked for (EINTR) is retried, not
+    /// taken for the end of the file.
+    #[test]
+    fn an_interrupted_look_for_the_next_member_is_retried() {
+        struct InterruptOnce<'a> { inner: &'a [u8], interrupt_at: usize, done: &'a std::cell::Cell<bool> }
+        impl Read for InterruptOnce<'_> {
+            fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+                let n = std::cmp::min(into.len(), self.inner.len());
+                into[..n].copy_from_slice(&self.inner[..n]);
+                self.inner = &self.inner[n..];
+                Ok(n)
+            }
+        }
+        impl BufRead for InterruptOnce<'_> {
+            fn fill_buf(&mut self) -> io::Result<&[u8]> {
+                if !self.done.get() && self.inner.len() == self.interrupt_at {
+                    self.done.set(true);
+                    return Err(io::Error::from(io::ErrorKind::Interrupted));
+                }
+                Ok(self.inner)
+            }
+            fn consume(&mut self, amount: usize) {
+                self.inner = &self.inner[amount..];
+            }
+        }
+        let second = gzip(&[2; 300]);
+        let two = [gzip(&[1; 300]), second.clone()].concat();
+        let interrupted = std::cell::Cell::new(false);
+        let mut reader = GzMembers::new(InterruptOnce { inner: &two, interrupt_at: second.len(), done: &interrupted });
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).unwrap();
+        assert!(interrupted.get(), "the look for the second member was interrupted");
+        assert_eq!(out, [vec![1; 300], vec![2; 300]].concat());
     }
 
     /// A body that deflate can honestly hold but the host could not is refused from the

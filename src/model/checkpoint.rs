@@ -290,11 +290,13 @@ impl Checkpoint {
         } else if *version == TENSORS_ONLY_CHECKSUM_VERSION.to_string() {
             false
         } else {
-            // A file of this version whose version entry alone was damaged is corrupted, not
-            // from another bntrain: with the entry put back, its checksum matches.
+            // A file of a version this bntrain reads whose version entry alone was damaged is
+            // corrupted, not from another bntrain: with the entry put back (version 2), or
+            // over the tensors alone (version 1), its checksum matches.
             let mut restored = meta.clone();
             restored.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-            if meta.get("checksum") == Some(&sum_of(Some(&restored))) {
+            let stored = meta.get("checksum");
+            if stored == Some(&sum_of(Some(&restored))) || stored == Some(&sum_of(None)) {
                 return Err(CheckpointError::Corrupted { path: path.to_path_buf() });
             }
             return Err(CheckpointError::Version { path: path.to_path_buf(), found: version.clone() });
