@@ -304,7 +304,7 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
         .y_labels(((1.0 - y_min) / 0.05).round() as usize + 1)
         .x_label_formatter(&fmt)
         .y_label_formatter(&|v| format!("{v:.2}"))
-        .x_desc(format!("training step (batch {}, SGD lr {})", s.train.batch_size, s.train.learning_rate))
+        .x_desc(format!("training step (batch {}, SGD lr {}){}", s.train.batch_size, s.train.learning_rate, below_the_axis(c, y_min)))
         .y_desc(format!("test accuracy{}", bn_statistics(c, ", BN with ")))
         .label_style(text(15.0))
         .axis_desc_style(text(17.0))
@@ -346,6 +346,16 @@ fn fig1a<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary
         .collect();
     let corners = [SeriesLabelPosition::LowerRight, SeriesLabelPosition::UpperLeft, SeriesLabelPosition::LowerLeft, SeriesLabelPosition::UpperRight];
     draw_legend(&mut chart, quietest_corner(&drawn, 0.0..x_max, y_min..1.0, 0.4, 0.32, &corners))
+}
+
+/// The points Figure 1(a)'s accuracy axis leaves out, said under it: "; below 0.80: 2 of
+/// BN's points, 5 of plain's"; nothing where there are none.
+fn below_the_axis(c: &super::Comparison, floor: f64) -> String {
+    let below = |curve: &Curve| curve.history.iter().filter(|p| p.test_accuracy < floor).count();
+    match (below(&c.bn), below(&c.plain)) {
+        (0, 0) => String::new(),
+        (bn, plain) => format!("; below {floor:.2}: {bn} of BN's points, {plain} of plain's"),
+    }
 }
 
 /// BN's lead over plain, in percentage points of test accuracy, at each evaluation, on a
