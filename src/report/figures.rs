@@ -552,7 +552,14 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     root.fill(&WHITE)?;
     let t = &s.test_time;
     let classes = t.first_batch.class_histogram.len().max(1);
-    let max = t.first_batch.class_histogram.iter().chain(&t.first_population.class_histogram).copied().max().unwrap_or(1) as f64;
+    // The true labels' counts, outlined around each class's bars where the summary has them.
+    let mut labelled = vec![0u32; classes];
+    for &label in &t.first_labels {
+        if let Some(n) = labelled.get_mut(label as usize) {
+            *n += 1;
+        }
+    }
+    let max = t.first_batch.class_histogram.iter().chain(&t.first_population.class_histogram).chain(&labelled).copied().max().unwrap_or(1) as f64;
     let count = t.first_batch.count;
     let caption = format!("One-by-one predictions of the first {count} test images{} (BN net after {} steps, restored)", other_dataset(s), t.steps);
     // Headroom above the tallest bar for the legend, which goes to the side with fewer tall
@@ -573,7 +580,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         .x_label_formatter(&|v| if (v - v.round()).abs() < 1e-6 && *v >= -0.01 { format!("{}", v.round()) } else { String::new() })
         // The headroom above is the legend's: no count there is possible.
         .y_label_formatter(&|v| if *v <= count as f64 + 1e-9 { format!("{v:.0}") } else { String::new() })
-        .x_desc("predicted class")
+        .x_desc(if t.first_labels.is_empty() { "predicted class" } else { "class (bars: predicted; outlines: true)" })
         .y_desc(format!("images (of {count})"))
         .label_style(text(15.0))
         .axis_desc_style(text(17.0))
@@ -582,6 +589,15 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         (&t.first_population, PLAIN, -0.38, "population statistics", t.first_population.accuracy),
         (&t.first_batch, BN, 0.02, "batch statistics (a batch of one)", t.first_batch.accuracy),
     ];
+    if !t.first_labels.is_empty() {
+        let outline = INK.mix(0.6).stroke_width(2);
+        chart
+            .draw_series(labelled.iter().enumerate().filter(|(_, &n)| n > 0).map(|(k, &n)| {
+                Rectangle::new([(k as f64 - 0.42, 0.0), (k as f64 + 0.42, n as f64)], outline)
+            }))?
+            .label("true labels")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], outline));
+    }
     for (one, color, offset, name, acc) in bars {
         chart
             .draw_series(one.class_histogram.iter().enumerate().map(|(k, &n)| {
