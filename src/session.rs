@@ -82,7 +82,7 @@ impl TrainReport {
 
 /// The command line that continues a run saved in `checkpoint` to `steps`, on the device it
 /// ran on (a CPU run resumed on a GPU host's default would go on in other arithmetic), with
-/// `--data` where the data came from a directory given on the command line.
+/// `--data` where `data` names the directory its data came from.
 pub fn resume_command(device: DeviceChoice, checkpoint: &Path, steps: u64, data: Option<&Path>) -> String {
     let data = data.map_or_else(String::new, |dir| format!(" --data {}", shell_word(dir)));
     format!("bntrain --device {} train --resume {} --steps {steps}{data}", device.name(), shell_word(checkpoint))
