@@ -50,7 +50,6 @@ pub fn register_fonts() -> Result<(), ReportError> {
         .get_or_init(|| {
             plotters::style::register_font(FONT, FontStyle::Normal, DEJAVU_SANS)
                 .map_err(|_| "DejaVuSans.ttf is not a valid TrueType font".to_string())
-
         })
         .clone()
         .map_err(ReportError::Font)
