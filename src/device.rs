@@ -131,14 +131,25 @@ pub fn open_with(
     })
 }
 
+/// Rows of activations a run holds at once beside a training batch's: `evaluated` in the
+/// backend's float (an evaluation chunk, or a whole split where it is evaluated with its own
+/// batch statistics; on CUDA on the device), and `exact` in f64 on the host (the exact
+/// population statistics' pass over the training set, which `reproduce` makes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldRows {
+    pub evaluated: usize,
+    pub exact: usize,
+}
+
 /// Fails, before anything is allocated, where training `model` with batches of `batch`
-/// would take more host memory than this process may still have ([`available_host_bytes`];
-/// no check off Linux): a failed allocation aborts the process, and a cgroup over its limit
-/// is killed, instead of returning an error.
+/// (and the rows `held` beside them) would take more host memory than this process may still
+/// have ([`available_host_bytes`]; no check off Linux): a failed allocation aborts the
+/// process, and a cgroup over its limit is killed, instead of returning an error.
 /// Counted, as a lower bound: the parameters in f64 (the copy every backend opens from), on
 /// the CPU also the weights, gradients, momentum and an evaluation's copy in the backend's
-/// float, and a batch's activations (z, BN's output and x̂, the activation, two gradients).
-pub fn check_host_memory(model: &ModelConfig, batch: usize, device: DeviceChoice, precision: Precision) -> Result<()> {
+/// float, the activations of a batch and of the evaluated rows (z, BN's output and x̂, the
+/// activation, two gradients), and the exact pass's z, output and activation in f64.
+pub fn check_host_memory(model: &ModelConfig, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> Result<()> {
     let Some(available) = available_host_bytes() else { return Ok(()) };
     let float = if precision == Precision::F64 { 8 } else { 4 };
     let (per_parameter, per_activation) = match device {
@@ -147,12 +158,14 @@ pub fn check_host_memory(model: &ModelConfig, batch: usize, device: DeviceChoice
         DeviceChoice::Cuda | DeviceChoice::Auto => (8 + 4, 0),
     };
     let parameters = model.parameter_count().unwrap_or(usize::MAX) as f64;
-    let activations = batch as f64 * model.widths().iter().sum::<usize>() as f64;
-    let needed = parameters * per_parameter as f64 + activations * per_activation as f64;
+    let units = model.widths().iter().sum::<usize>() as f64;
+    let activations = (batch as f64 + held.evaluated as f64) * units;
+    let exact_pass = held.exact as f64 * units * (3 * 8) as f64;
+    let needed = parameters * per_parameter as f64 + activations * per_activation as f64 + exact_pass;
     if needed > available as f64 {
         let gb = |bytes: f64| bytes / 1e9;
         return Err(ConfigError::Invalid(format!(
-            "{model} with batches of {batch} needs at least {:.1} GB of memory to train ({parameters:.3e} parameters); this process has {:.1} GB available",
+            "{model} with batches of {batch} needs at least {:.1} GB of memory to train and evaluate ({parameters:.3e} parameters); this process has {:.1} GB available",
             gb(needed), gb(available as f64)
         )).into());
     }

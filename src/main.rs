@@ -353,12 +353,20 @@ fn at_least_one(s: &str, what: &str) -> Result<usize, String> {
         Err(e) => Err(e.to_string()),
     }
 }
-fn parse_runs(s: &str) -> Result<usize, String> { at_least_one(s, "timed run") }
+fn parse_runs(s: &str) -> Result<usize, String> {
+    at_least_one(s, "timed run").and_then(|n| if n <= 1000 { Ok(n) } else { Err("at most 1000 timed runs".into()) })
+}
 fn parse_first(s: &str) -> Result<usize, String> { at_least_one(s, "test image") }
 fn parse_seeds(s: &str) -> Result<u32, String> {
     at_least_one(s, "seed").and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
 }
-fn parse_steps(s: &str) -> Result<u64, String> { at_least_one(s, "step").map(|n| n as u64) }
+fn parse_steps(s: &str) -> Result<u64, String> {
+    let steps = at_least_one(s, "step")? as u64;
+    if steps > bntrain::model::config::MAX_STEPS {
+        return Err(format!("at most {} steps", bntrain::model::config::MAX_STEPS));
+    }
+    Ok(steps)
+}
 fn parse_eval_every(s: &str) -> Result<u64, String> { at_least_one(s, "step between evaluations").map(|n| n as u64) }
 fn parse_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -521,6 +529,7 @@ fn one_line(err: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    check_gemm_threads_env()?;
     match cli.command {
         Command::Train(args) => train(cli.device, args),
         Command::Eval(args) => eval(cli.device, args),
@@ -529,6 +538,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench_cmd(cli.device, args),
         Command::Data { command } => data_cmd(command),
         Command::Info => info(),
+    }
+}
+
+/// matrixmultiply reads `MATMUL_NUM_THREADS` at the first GEMM and, where it is no number,
+/// prints a warning itself (a panic on a full stderr) and takes one thread: refused here in
+/// one line instead.
+fn check_gemm_threads_env() -> Result<()> {
+    match std::env::var_os(cpu::GEMM_THREADS_ENV) {
+        Some(value) if !value.is_empty() && value.to_str().and_then(|v| v.parse::<usize>().ok()).is_none() => bail!(
+            "{}={} is not a number of threads (matrixmultiply's GEMM threads): give a whole number, or unset it",
+            cpu::GEMM_THREADS_ENV, value.to_string_lossy()
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -838,7 +860,10 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let data = load_data(&args.data, args.data.kind(None))?;
     let device = resolve_device(device_choice);
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
-    device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, device, Precision::F32)?;
+    // The comparison's two networks each evaluate the whole test split with its own batch
+    // statistics; the estimator study makes the exact pass over the training split.
+    let held = device::HeldRows { evaluated: study_batch + 2 * data.test.count, exact: data.train.count };
+    device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, held, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     // A run directory this study makes and leaves empty (interrupted early) goes with it.
     let out_dir_existed = out_dir.exists();

@@ -230,6 +230,11 @@ pub fn save_checkpoint(
     Ok(if follow_links { ckpt.save_through_links(path) } else { ckpt.save(path) }?)
 }
 
+/// What a session's evaluation points hold beside a batch: a chunk of the test split.
+fn evaluated(data: &Dataset) -> device::HeldRows {
+    device::HeldRows { evaluated: crate::cpu::EVAL_CHUNK.min(data.test.count), exact: 0 }
+}
+
 /// Runs a training session. `on_event` sees every step and evaluation (for progress bars).
 pub fn run(
     req: &TrainRequest, data: Arc<Dataset>, stop: Option<&AtomicBool>,
@@ -242,12 +247,12 @@ pub fn run(
     let resumed = matches!(req.start, Start::Resume(_));
     if !resumed {
         req.model.validate()?;
-        crate::device::check_host_memory(&req.model, req.train.batch_size, req.device, req.precision)?;
+        crate::device::check_host_memory(&req.model, req.train.batch_size, evaluated(&data), req.device, req.precision)?;
     }
     let StartingPoint { model, train: train_cfg, params, velocity, progress, precision } = starting_point(req, data.kind)?;
     model.validate()?;
     if resumed {
-        crate::device::check_host_memory(&model, train_cfg.batch_size, req.device, precision)?;
+        crate::device::check_host_memory(&model, train_cfg.batch_size, evaluated(&data), req.device, precision)?;
     }
     let trained_on = TrainedOn { precision, dataset: data.kind };
     train_cfg.validate(&model, data.train.count)?;
@@ -256,6 +261,9 @@ pub fn run(
     }
     if req.steps == 0 {
         return Err(ConfigError::Invalid("--steps must be at least 1".into()).into());
+    }
+    if req.steps > crate::model::config::MAX_STEPS {
+        return Err(ConfigError::Invalid(format!("--steps must be at most {}", crate::model::config::MAX_STEPS)).into());
     }
     let mut net = device::open(req.device, precision, model.clone(), train_cfg.clone(), Arc::clone(&data), &params)?;
     if !velocity.is_empty() {

@@ -101,6 +101,22 @@ fn reads_format_version_1() {
     assert!(matches!(Checkpoint::from_bytes(&bytes, &path), Err(CheckpointError::Corrupted { .. })));
 }
 
+/// A step count no run could reach (a forged or damaged file) is refused on loading: resumed,
+/// it would wrap the step arithmetic.
+#[test]
+fn a_step_beyond_any_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("far.safetensors");
+    let mut far = sample(StoredPrecision::F32, 0.0);
+    far.progress.step = bntrain::model::config::MAX_STEPS + 1;
+    far.save(&path).unwrap();
+    let refused = Checkpoint::load(&path).unwrap_err().to_string();
+    assert!(refused.contains("is beyond the 281474976710656 a run may reach"), "{refused}");
+    far.progress.step = bntrain::model::config::MAX_STEPS;
+    far.save(&path).unwrap();
+    assert_eq!(Checkpoint::load(&path).unwrap().progress.step, bntrain::model::config::MAX_STEPS);
+}
+
 #[test]
 fn bad_files_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

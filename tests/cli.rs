@@ -280,6 +280,9 @@ fn bad_input_gets_one_line_errors() {
         (&["bench", "--seconds", "-1", "--json"][..], 2, "a positive number of seconds"),
         // The missing argument is named, not only that one is missing.
         (&["eval", "--json"][..], 2, "not provided: --checkpoint <CHECKPOINT>"),
+        // Counts no run could reach: refused, not wrapped (steps) or allocated (runs).
+        (&["train", "--data", data, "--steps", "281474976710657", "--json"][..], 2, "at most 281474976710656 steps"),
+        (&["bench", "--runs", "18446744073709551615", "--json"][..], 2, "at most 1000 timed runs"),
     ] {
         let out = bntrain(&[&["--device", "cpu"][..], args].concat());
         expect_failure(&out, needle);
@@ -357,6 +360,15 @@ fn a_full_stderr_is_no_panic() {
     let out = run(&["train", "--data", s(&e.data), "--steps", "5", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     last_json(&out);
+    // matrixmultiply warns about a MATMUL_NUM_THREADS that is no number with an eprintln!
+    // of its own, a panic on a full stderr: bntrain refuses the value before a GEMM runs.
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").expect("/dev/full");
+    let args = ["--device", "cpu", "train", "--data", s(&e.data), "--steps", "2", "--hidden", "300,300", "--json"];
+    let out = Command::new(BIN).args(args).env("MATMUL_NUM_THREADS", "x").stderr(full).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+    assert!(last["error"].as_str().is_some_and(|e| e.contains("MATMUL_NUM_THREADS=x is not a number of threads")), "{stdout}");
 }
 
 /// A full stdout (`>/dev/full`) is an error, help and version included: exit 1 and one line.
@@ -375,8 +387,8 @@ fn a_full_stdout_is_an_error() {
 #[test]
 fn an_address_space_limit_is_a_one_line_refusal() {
     let e = env();
-    // 1 GB of address space; the network needs about 2.1 GB (88M parameters), which the
-    // machine's own memory would allow.
+    // 1 GB of address space; the network needs about 2.2 GB (88M parameters, a batch and
+    // the 200 test images' activations), which the machine's own memory would allow.
     let out = Command::new("sh")
         .args(["-c", "ulimit -v 1000000 && exec \"$0\" \"$@\"", BIN])
         .args(["--device", "cpu", "train", "--data", s(&e.data), "--hidden", "9000,9000", "--steps", "1"])
@@ -384,7 +396,7 @@ fn an_address_space_limit_is_a_one_line_refusal() {
         .env_remove("BNTRAIN_DATA")
         .output()
         .unwrap();
-    expect_failure(&out, "needs at least 2.1 GB of memory");
+    expect_failure(&out, "needs at least 2.2 GB of memory to train and evaluate");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Rows per chunk when evaluating a whole split: bounds the workspace, keeps GEMMs large.
-const EVAL_CHUNK: usize = 1000;
+pub const EVAL_CHUNK: usize = 1000;
 
 struct BatchNorm<F> {
     gamma: Vec<F>,

@@ -309,6 +309,9 @@ impl Checkpoint {
         let model: ModelConfig = serde_json::from_str(field("model")?).map_err(|e| parse_err("model", e))?;
         let train: TrainConfig = serde_json::from_str(field("train")?).map_err(|e| parse_err("train", e))?;
         let progress: TrainProgress = serde_json::from_str(field("progress")?).map_err(|e| parse_err("progress", e))?;
+        if progress.step > super::config::MAX_STEPS {
+            return Err(malformed(format!("its step {} is beyond the {} a run may reach", progress.step, super::config::MAX_STEPS)));
+        }
         let precision: StoredPrecision = serde_json::from_str(field("dtype")?).map_err(|e| parse_err("dtype", e))?;
         let trained_on: Option<TrainedOn> = match meta.get("trained_on") {
             Some(text) => Some(serde_json::from_str(text).map_err(|e| parse_err("trained_on", e))?),

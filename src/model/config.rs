@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use thiserror::Error;
 
+/// The most steps a run may reach: far beyond any run (2^48 steps of 15 µs are 134 years),
+/// and small enough that step arithmetic (epochs, evaluation points, a resumed count) stays
+/// exact in u64 and in the f64 of JSON.
+pub const MAX_STEPS: u64 = 1 << 48;
+
 /// A configuration that cannot be trained, or a request that disagrees with a checkpoint.
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {

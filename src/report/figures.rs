@@ -156,6 +156,12 @@ fn step_label(max: f64) -> impl Fn(&f64) -> String {
     }
 }
 
+/// `lo..hi` where it is a range plotters can draw (finite, of finite positive width), else
+/// -1..1: a hand-edited metrics.json's ±1e308 would make its tick search loop forever.
+fn drawable(lo: f64, hi: f64) -> (f64, f64) {
+    if lo.is_finite() && hi.is_finite() && lo < hi && (hi - lo).is_finite() { (lo, hi) } else { (-1.0, 1.0) }
+}
+
 /// Splits a polyline into the pieces inside y ∈ [lo, hi], cutting segments at the edges, so
 /// that points off the chart do not spill over the axes.
 fn clip(points: &[(f64, f64)], lo: f64, hi: f64) -> Vec<Vec<(f64, f64)>> {
@@ -365,7 +371,7 @@ fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
     root.fill(&WHITE)?;
     let c = &s.comparison;
     let points = |lead: &mut dyn Iterator<Item = (u64, f64)>| -> Vec<(f64, f64)> {
-        lead.filter(|&(step, d)| step > 0 && d.is_finite()).map(|(step, d)| (step as f64, 100.0 * d)).collect()
+        lead.map(|(step, d)| (step as f64, 100.0 * d)).filter(|&(step, d)| step > 0.0 && d.is_finite()).collect()
     };
     let lead = points(&mut c.lead().into_iter());
     let anchors = if s.anchors_apply() {
@@ -378,7 +384,7 @@ fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
     let x_hi = (c.steps as f64).max(x_lo * 2.0);
     let (lo, hi) = lead.iter().chain(&anchors).fold((0.0f64, 0.0f64), |(lo, hi), &(_, d)| (lo.min(d), hi.max(d)));
     let pad = ((hi - lo) * 0.08).max(0.5);
-    let (y_lo, y_hi) = (lo - pad, hi + pad);
+    let (y_lo, y_hi) = drawable(lo - pad, hi + pad);
     let caption = format!("BN's lead over plain in test accuracy, at each evaluation{}", other_dataset(s));
     let mut chart = ChartBuilder::on(root)
         .caption(caption, title(22.0))
@@ -404,7 +410,8 @@ fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
     ])?;
     chart.draw_series(std::iter::once(PathElement::new(vec![(x_lo, 0.0), (x_hi, 0.0)], INK.mix(0.6).stroke_width(1))))?;
     let corner_text = |y: f64, words: &str, color: &'static RGBColor| Text::new(words.to_string(), (x_lo * 1.08, y), text(15.0).color(color));
-    chart.draw_series([corner_text(y_hi - pad * 0.3, "BN ahead", &BN), corner_text(y_lo + pad * 0.9, "plain ahead", &PLAIN)])?;
+    let height = y_hi - y_lo;
+    chart.draw_series([corner_text(y_hi - 0.02 * height, "BN ahead", &BN), corner_text(y_lo + 0.07 * height, "plain ahead", &PLAIN)])?;
     if let Some(from) = c.bn_ahead_from().filter(|&step| step as f64 > x_lo) {
         let x = from as f64;
         chart
@@ -489,8 +496,9 @@ fn fig1_inputs<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceS
         let span = (plain_extent.1 - plain_extent.0).max(bn_extent.1 - bn_extent.0);
         let span = if span.is_finite() { (span * 1.15).max(0.1) } else { 2.0 };
         for (col, (curve, color, (lo, hi))) in [(&c.plain, PLAIN, plain_extent), (&c.bn, BN, bn_extent)].into_iter().enumerate() {
-            let mid = if lo.is_finite() { (lo + hi) / 2.0 } else { 0.0 };
-            let (y_lo, y_hi) = (mid - span / 2.0, mid + span / 2.0);
+            // Halved first: (lo + hi) / 2 overflows at ±1e308.
+            let mid = if lo.is_finite() { lo / 2.0 + hi / 2.0 } else { 0.0 };
+            let (y_lo, y_hi) = drawable(mid - span / 2.0, mid + span / 2.0);
             let decimals = if span >= 10.0 { 0 } else if span >= 1.0 { 1 } else { 2 };
             let y_fmt = move |v: &f64| format!("{v:.decimals$}");
             let area = &panels[unit * 2 + col];
@@ -608,7 +616,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     }
     let tops: Vec<(f64, f64)> = [&t.first_population, &t.first_batch]
         .iter()
-        .flat_map(|one| one.class_histogram.iter().enumerate().flat_map(|(k, &n)| (0..=n).map(move |v| (k as f64, v as f64))))
+        .flat_map(|one| one.class_histogram.iter().enumerate().flat_map(|(k, &n)| (0..=100).map(move |i| (k as f64, n as f64 * i as f64 / 100.0))))
         .collect();
     let corners = [SeriesLabelPosition::UpperLeft, SeriesLabelPosition::UpperRight];
     draw_legend(&mut chart, quietest_corner(&tops, -0.5..classes as f64 - 0.5, 0.0..y_max, 0.45, 0.25, &corners))

@@ -112,6 +112,9 @@ impl ReproduceOptions {
         if self.steps_compare == 0 || self.steps_bn == 0 {
             return bad("both runs need at least one step");
         }
+        if self.steps_compare.max(self.steps_bn) > crate::model::config::MAX_STEPS {
+            return bad("a run may take at most 2^48 steps");
+        }
         if self.eval_every == 0 {
             return bad("the evaluation interval must be at least 1 step");
         }
@@ -584,10 +587,42 @@ pub fn rerender(out_dir: &Path) -> crate::Result<ReproduceSummary> {
     let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?;
     let summary: ReproduceSummary = serde_json::from_str(&text)
         .map_err(|e| ReportError::Read { path: path.clone(), reason: format!("it does not parse as a reproduce summary: {e}") })?;
+    check_drawable(&summary).map_err(|reason| ReportError::Read { path: path.clone(), reason })?;
     figures::draw_all(&summary, out_dir)?;
     write::write_tables(&summary, out_dir)?;
     write::write_report(&summary, out_dir)?;
     Ok(summary)
+}
+
+/// Refuses what a study never writes and the figures and tables would turn into a panic, an
+/// endless tick search or an image the host cannot hold: a summary read back from a
+/// hand-edited or damaged metrics.json.
+fn check_drawable(s: &ReproduceSummary) -> Result<(), String> {
+    const MOST_UNITS_PROBED: usize = 100;
+    const MOST_ESTIMATORS: usize = 1000;
+    const MOST_CLASSES: usize = 256;
+    let c = &s.comparison;
+    if c.eval_every == 0 {
+        return Err("its evaluation interval is 0 steps".into());
+    }
+    let max = crate::model::config::MAX_STEPS;
+    if let Some(steps) = [c.steps, s.test_time.steps, s.estimators.steps].into_iter().find(|&steps| steps > max) {
+        return Err(format!("a run of {steps} steps, beyond the {max} a run may take"));
+    }
+    if c.probe_neurons > MOST_UNITS_PROBED {
+        return Err(format!("{} probed units, more than the {MOST_UNITS_PROBED} a figure draws", c.probe_neurons));
+    }
+    if let Some(point) = c.bn.probes.iter().chain(&c.plain.probes).find(|p| p.neurons.len() < c.probe_neurons) {
+        return Err(format!("its probe at step {} holds {} units, not the {} probed", point.step, point.neurons.len(), c.probe_neurons));
+    }
+    if s.estimators.rows.len() > MOST_ESTIMATORS {
+        return Err(format!("{} estimators, more than the {MOST_ESTIMATORS} a figure draws", s.estimators.rows.len()));
+    }
+    let t = &s.test_time;
+    if [&t.first_population, &t.first_batch].iter().any(|one| one.class_histogram.len() > MOST_CLASSES) {
+        return Err(format!("a histogram of more than {MOST_CLASSES} classes"));
+    }
+    Ok(())
 }
 
 /// Holds an exclusive lock on the output directory until the returned handle drops, or the
@@ -795,5 +830,35 @@ pub(crate) mod tests {
         std::fs::write(dir.path().join(write::METRICS_JSON), text.replacen("\"steps\": 200", "\"steps\": null", 1)).expect("write");
         let refused = rerender(dir.path()).expect_err("a null step").to_string();
         assert!(refused.starts_with("cannot read ") && refused.contains("line") && !refused.contains('\n'), "{refused}");
+    }
+
+    /// What a study never writes, and the figures would turn into a panic (a division by the
+    /// evaluation interval, a probe without its units), an image the host cannot hold or a
+    /// step count past u64, is refused on reading in one line; extreme but finite values draw
+    /// (plotters' tick search never ends on an infinite range).
+    #[test]
+    fn a_summary_the_figures_cannot_draw_is_refused_and_extremes_draw() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let refused = |edit: &dyn Fn(&mut ReproduceSummary)| {
+            let mut s = sample(200, 50, 100);
+            edit(&mut s);
+            write::write_json(&s, dir.path()).expect("metrics.json");
+            rerender(dir.path()).expect_err("refused").to_string()
+        };
+        assert!(refused(&|s| s.comparison.eval_every = 0).contains("evaluation interval is 0"));
+        assert!(refused(&|s| s.comparison.bn.probes[1].neurons.truncate(2)).contains("holds 2 units, not the 5 probed"));
+        assert!(refused(&|s| s.comparison.probe_neurons = 1_000_000).contains("probed units"));
+        assert!(refused(&|s| s.comparison.steps = u64::MAX).contains("beyond the"));
+        assert!(refused(&|s| s.test_time.first_batch.class_histogram = vec![0; 100_000]).contains("classes"));
+
+        let mut s = sample(200, 50, 100);
+        s.comparison.bn.history[1].test_accuracy = 1e307;
+        for point in &mut s.comparison.plain.probes {
+            point.neurons[0] = ProbeStats { mean: 1e308, p15: 1e308, p50: 1e308, p85: 1e308 };
+        }
+        s.comparison.bn.probes[0].neurons[1] = ProbeStats { mean: -1e308, p15: -1e308, p50: 1e308, p85: 1e308 };
+        s.test_time.first_batch.class_histogram[3] = 4_000_000_000;
+        write::write_json(&s, dir.path()).expect("metrics.json");
+        rerender(dir.path()).expect("extreme but finite values draw");
     }
 }

@@ -438,7 +438,8 @@ pub fn run_estimators(
     let mut errs = vec![(0.0, 0.0); rows.len()];
     let mut first = Some(first);
     for k in 0..opts.seeds as u64 {
-        let seed = opts.seed + k;
+        // Seeds name runs: past u64's end they go on from 0.
+        let seed = opts.seed.wrapping_add(k);
         let mut net = match first.take() {
             Some(net) => net,
             None => {

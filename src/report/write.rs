@@ -51,8 +51,8 @@ fn fmt_small(v: f64) -> String {
     } else if v.abs() >= 1e-3 {
         format!("{v:.4}")
     } else {
-        let e = v.abs().log10().floor() as i32;
-        format!("{:.2}e{e}", v / 10f64.powi(e))
+        // (Not v / 10^e: 10^-324 is 0 in f64, which would print a subnormal as `inf`.)
+        format!("{v:.2e}")
     }
 }
 
