@@ -135,6 +135,18 @@ impl Default for CudaOptions {
     }
 }
 
+/// An environment variable's value; None where it is unset, an error where it is not text
+/// (rather than reading it as unset and silently taking the default).
+fn env_text(name: &str) -> Result<Option<String>, ConfigError> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(value)) => {
+            Err(ConfigError::Invalid(format!("{name}={} is not valid UTF-8", value.to_string_lossy())))
+        }
+    }
+}
+
 impl CudaOptions {
     /// The environment switch read by [`CudaOptions::from_env`].
     pub const STEP_ENV: &'static str = "BNTRAIN_CUDA_STEP";
@@ -168,19 +180,19 @@ impl CudaOptions {
     /// (its grid's cap from `BNTRAIN_FUSED_REPLICATED_GRID`); each unset (or empty) variable
     /// leaves [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let options = Self::from_step_env(std::env::var(Self::STEP_ENV).ok().as_deref())?;
-        let switch = |name: &str, default: bool| Ok::<_, ConfigError>(Self::switch_from_env(name, std::env::var(name).ok().as_deref())?.unwrap_or(default));
+        let options = Self::from_step_env(env_text(Self::STEP_ENV)?.as_deref())?;
+        let switch = |name: &str, default: bool| Ok::<_, ConfigError>(Self::switch_from_env(name, env_text(name)?.as_deref())?.unwrap_or(default));
         Ok(CudaOptions {
             fused_staging: switch(Self::STAGE_ENV, options.fused_staging)?,
             fused_pairing: switch(Self::PAIR_ENV, options.fused_pairing)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV, options.gemm_tuning)?,
             eval_stream: switch(Self::EVAL_STREAM_ENV, options.eval_stream)?,
-            backward_streams: Self::switch_from_env(Self::BACKWARD_STREAMS_ENV, std::env::var(Self::BACKWARD_STREAMS_ENV).ok().as_deref())?
+            backward_streams: Self::switch_from_env(Self::BACKWARD_STREAMS_ENV, env_text(Self::BACKWARD_STREAMS_ENV)?.as_deref())?
                 .or(options.backward_streams),
-            fused_cluster: Self::cluster_from_env(std::env::var(Self::CLUSTER_ENV).ok().as_deref())?.unwrap_or(options.fused_cluster),
-            fused_threads: Self::threads_from_env(std::env::var(Self::FUSED_THREADS_ENV).ok().as_deref())?.unwrap_or(options.fused_threads),
-            fused_replicated: Self::replicated_from_env(std::env::var(Self::REPLICATED_ENV).ok().as_deref())?.unwrap_or(options.fused_replicated),
-            fused_replicated_grid: Self::replicated_grid_from_env(std::env::var(Self::REPLICATED_GRID_ENV).ok().as_deref())?
+            fused_cluster: Self::cluster_from_env(env_text(Self::CLUSTER_ENV)?.as_deref())?.unwrap_or(options.fused_cluster),
+            fused_threads: Self::threads_from_env(env_text(Self::FUSED_THREADS_ENV)?.as_deref())?.unwrap_or(options.fused_threads),
+            fused_replicated: Self::replicated_from_env(env_text(Self::REPLICATED_ENV)?.as_deref())?.unwrap_or(options.fused_replicated),
+            fused_replicated_grid: Self::replicated_grid_from_env(env_text(Self::REPLICATED_GRID_ENV)?.as_deref())?
                 .unwrap_or(options.fused_replicated_grid),
             ..options
         })
@@ -267,5 +279,25 @@ impl CudaOptions {
             }
         };
         Ok(CudaOptions { step_launch, ..Self::default() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value that is not text is refused, not read as unset (which would take the default).
+    #[test]
+    fn an_environment_value_that_is_not_text_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let name = "BNTRAIN_TEST_ENV_TEXT_NOT_UTF8";
+        assert_eq!(env_text(name).unwrap(), None);
+        // No other test reads this name.
+        std::env::set_var(name, std::ffi::OsStr::from_bytes(b"1\xff"));
+        let err = env_text(name).unwrap_err().to_string();
+        assert!(err.contains("BNTRAIN_TEST_ENV_TEXT_NOT_UTF8=1\u{fffd} is not valid UTF-8"), "{err}");
+        std::env::set_var(name, "1");
+        assert_eq!(env_text(name).unwrap().as_deref(), Some("1"));
+        std::env::remove_var(name);
     }
 }
