@@ -131,10 +131,11 @@ pub fn open_with(
     })
 }
 
-/// Rows of activations a run holds at once beside a training batch's: `evaluated` in the
-/// backend's float (an evaluation chunk, or a whole split where it is evaluated with its own
-/// batch statistics; on CUDA on the device), and `exact` in f64 on the host (the exact
-/// population statistics' pass over the training set, which `reproduce` makes).
+/// Rows of activations a run holds beside a training batch's: `evaluated` at the same time,
+/// in the backend's float (an evaluation chunk, or a whole split where it is evaluated with
+/// its own batch statistics; on CUDA on the device), and `exact` in a later phase, in f64 on
+/// the host (the exact population statistics' pass over the training set, which `reproduce`
+/// makes after its training).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HeldRows {
     pub evaluated: usize,
@@ -145,23 +146,10 @@ pub struct HeldRows {
 /// (and the rows `held` beside them) would take more host memory than this process may still
 /// have ([`available_host_bytes`]; no check off Linux): a failed allocation aborts the
 /// process, and a cgroup over its limit is killed, instead of returning an error.
-/// Counted, as a lower bound: the parameters in f64 (the copy every backend opens from), on
-/// the CPU also the weights, gradients, momentum and an evaluation's copy in the backend's
-/// float, the activations of a batch and of the evaluated rows (z, BN's output and x̂, the
-/// activation, two gradients), and the exact pass's z, output and activation in f64.
 pub fn check_host_memory(model: &ModelConfig, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> Result<()> {
     let Some(available) = available_host_bytes() else { return Ok(()) };
-    let float = if precision == Precision::F64 { 8 } else { 4 };
-    let (per_parameter, per_activation) = match device {
-        DeviceChoice::Cpu => (8 + 4 * float, 6 * float),
-        // The device holds the rest; the host converts the parameters once.
-        DeviceChoice::Cuda | DeviceChoice::Auto => (8 + 4, 0),
-    };
+    let needed = host_bytes_needed(model, batch, held, device, precision);
     let parameters = model.parameter_count().unwrap_or(usize::MAX) as f64;
-    let units = model.widths().iter().sum::<usize>() as f64;
-    let activations = (batch as f64 + held.evaluated as f64) * units;
-    let exact_pass = held.exact as f64 * units * (3 * 8) as f64;
-    let needed = parameters * per_parameter as f64 + activations * per_activation as f64 + exact_pass;
     if needed > available as f64 {
         let gb = |bytes: f64| bytes / 1e9;
         return Err(ConfigError::Invalid(format!(
@@ -170,6 +158,28 @@ pub fn check_host_memory(model: &ModelConfig, batch: usize, held: HeldRows, devi
         )).into());
     }
     Ok(())
+}
+
+/// [`check_host_memory`]'s estimate, a lower bound: the parameters in f64 (the copy every
+/// backend opens from), on the CPU also the weights, gradients, momentum and an evaluation's
+/// copy in the backend's float; then the larger of two phases: training, with the activations
+/// of a batch and of the evaluated rows (the input once; for every other unit z, BN's output
+/// and x̂, the activation, two gradients), and the exact pass, which holds its hidden layers
+/// only (the first layer's z twice, then a layer's output, activation and the next z).
+pub fn host_bytes_needed(model: &ModelConfig, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> f64 {
+    let float = if precision == Precision::F64 { 8.0 } else { 4.0 };
+    let (per_parameter, per_input, per_unit) = match device {
+        DeviceChoice::Cpu => (8.0 + 4.0 * float, float, 6.0 * float),
+        // The device holds the rest; the host converts the parameters once.
+        DeviceChoice::Cuda | DeviceChoice::Auto => (8.0 + 4.0, 0.0, 0.0),
+    };
+    let parameters = model.parameter_count().unwrap_or(usize::MAX) as f64;
+    let units = model.widths()[1..].iter().sum::<usize>() as f64;
+    let training = (batch as f64 + held.evaluated as f64) * (model.inputs as f64 * per_input + units * per_unit);
+    let first = model.hidden.first().copied().unwrap_or(0) as f64;
+    let widest = model.hidden.iter().copied().max().unwrap_or(0) as f64;
+    let exact_pass = held.exact as f64 * 8.0 * (2.0 * first + 3.0 * widest);
+    parameters * per_parameter + training.max(exact_pass)
 }
 
 /// The memory this process may still take, in bytes: the least of Linux's estimate for the
@@ -252,6 +262,22 @@ fn address_space_headroom(limits: &str, status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The seed study's estimate stays under what it was measured to take (`/usr/bin/time -v
+    /// bntrain --device cpu reproduce --quick`: 347 MB resident at most), so that a small
+    /// machine is not refused what it can run; the training phase and the exact pass are
+    /// phases, not a sum.
+    #[test]
+    fn the_seed_study_is_estimated_below_what_it_takes() {
+        let model = ModelConfig::seed(true);
+        let held = HeldRows { evaluated: 60 + 2 * 10_000, exact: 60_000 };
+        let needed = host_bytes_needed(&model, 60, held, DeviceChoice::Cpu, Precision::F32);
+        assert!((200e6..347e6).contains(&needed), "{needed}");
+        // The exact pass: the first layer's z twice and three widest layers, in f64.
+        let exact_only = host_bytes_needed(&model, 0, HeldRows { evaluated: 0, exact: 60_000 }, DeviceChoice::Cuda, Precision::F32);
+        let parameters = model.parameter_count().unwrap() as f64;
+        assert_eq!(exact_only, parameters * 12.0 + 60_000.0 * 8.0 * (2.0 * 100.0 + 3.0 * 100.0));
+    }
 
     #[test]
     fn reads_the_machine_and_the_address_space_limit() {

@@ -545,10 +545,12 @@ fn run(cli: Cli) -> Result<()> {
 /// prints a warning itself (a panic on a full stderr) and takes one thread: refused here in
 /// one line instead.
 fn check_gemm_threads_env() -> Result<()> {
-    match std::env::var_os(cpu::GEMM_THREADS_ENV) {
-        Some(value) if !value.is_empty() && value.to_str().and_then(|v| v.parse::<usize>().ok()).is_none() => bail!(
-            "{}={} is not a number of threads (matrixmultiply's GEMM threads): give a whole number, or unset it",
-            cpu::GEMM_THREADS_ENV, value.to_string_lossy()
+    // What matrixmultiply warns about: text that does not parse (a value that is not text
+    // it reads as unset, silently).
+    match std::env::var(cpu::GEMM_THREADS_ENV) {
+        Ok(value) if !value.is_empty() && value.parse::<usize>().is_err() => bail!(
+            "{}={value} is not a number of threads (matrixmultiply's GEMM threads): give a whole number, or unset it",
+            cpu::GEMM_THREADS_ENV
         ),
         _ => Ok(()),
     }
@@ -860,8 +862,9 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let data = load_data(&args.data, args.data.kind(None))?;
     let device = resolve_device(device_choice);
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
-    // The comparison's two networks each evaluate the whole test split with its own batch
-    // statistics; the estimator study makes the exact pass over the training split.
+    // Beside the BN network's batch: the plain one's, and the comparison's two networks each
+    // evaluating the whole test split with its own batch statistics; later, the estimator
+    // study's exact pass over the training split.
     let held = device::HeldRows { evaluated: study_batch + 2 * data.test.count, exact: data.train.count };
     device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, held, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);

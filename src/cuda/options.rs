@@ -138,13 +138,14 @@ impl Default for CudaOptions {
 /// An environment variable's value; None where it is unset, an error where it is not text
 /// (rather than reading it as unset and silently taking the default).
 fn env_text(name: &str) -> Result<Option<String>, ConfigError> {
-    match std::env::var(name) {
-        Ok(value) => Ok(Some(value)),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(std::env::VarError::NotUnicode(value)) => {
-            Err(ConfigError::Invalid(format!("{name}={} is not valid UTF-8", value.to_string_lossy())))
-        }
-    }
+    text_of(name, std::env::var_os(name))
+}
+
+/// [`env_text`] for the value `value` of `name`.
+fn text_of(name: &str, value: Option<std::ffi::OsString>) -> Result<Option<String>, ConfigError> {
+    value
+        .map(|value| value.into_string().map_err(|value| ConfigError::Invalid(format!("{name}={} is not valid UTF-8", value.to_string_lossy()))))
+        .transpose()
 }
 
 impl CudaOptions {
@@ -290,14 +291,10 @@ mod tests {
     #[test]
     fn an_environment_value_that_is_not_text_is_refused() {
         use std::os::unix::ffi::OsStrExt;
-        let name = "BNTRAIN_TEST_ENV_TEXT_NOT_UTF8";
-        assert_eq!(env_text(name).unwrap(), None);
-        // No other test reads this name.
-        std::env::set_var(name, std::ffi::OsStr::from_bytes(b"1\xff"));
-        let err = env_text(name).unwrap_err().to_string();
-        assert!(err.contains("BNTRAIN_TEST_ENV_TEXT_NOT_UTF8=1\u{fffd} is not valid UTF-8"), "{err}");
-        std::env::set_var(name, "1");
-        assert_eq!(env_text(name).unwrap().as_deref(), Some("1"));
-        std::env::remove_var(name);
+        let name = "BNTRAIN_FUSED_THREADS";
+        assert_eq!(text_of(name, None).unwrap(), None);
+        let err = text_of(name, Some(std::ffi::OsStr::from_bytes(b"1\xff").to_os_string())).unwrap_err().to_string();
+        assert!(err.contains("BNTRAIN_FUSED_THREADS=1\u{fffd} is not valid UTF-8"), "{err}");
+        assert_eq!(text_of(name, Some("512".into())).unwrap().as_deref(), Some("512"));
     }
 }

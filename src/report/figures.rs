@@ -596,15 +596,6 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         (&t.first_population, PLAIN, -0.38, "population statistics", t.first_population.accuracy),
         (&t.first_batch, BN, 0.02, "batch statistics (a batch of one)", t.first_batch.accuracy),
     ];
-    if !t.first_labels.is_empty() {
-        let outline = INK.mix(0.6).stroke_width(2);
-        chart
-            .draw_series(labelled.iter().enumerate().filter(|(_, &n)| n > 0).map(|(k, &n)| {
-                Rectangle::new([(k as f64 - 0.42, 0.0), (k as f64 + 0.42, n as f64)], outline)
-            }))?
-            .label("true labels")
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], outline));
-    }
     for (one, color, offset, name, acc) in bars {
         chart
             .draw_series(one.class_histogram.iter().enumerate().map(|(k, &n)| {
@@ -614,9 +605,19 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
             .label(format!("{name}: accuracy {acc:.2}"))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
     }
-    let tops: Vec<(f64, f64)> = [&t.first_population, &t.first_batch]
+    // Over the bars, so that a taller bar does not hide an outline's top.
+    if !t.first_labels.is_empty() {
+        let outline = INK.mix(0.6).stroke_width(2);
+        chart
+            .draw_series(labelled.iter().enumerate().filter(|(_, &n)| n > 0).map(|(k, &n)| {
+                Rectangle::new([(k as f64 - 0.42, 0.0), (k as f64 + 0.42, n as f64)], outline)
+            }))?
+            .label("true labels")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], outline));
+    }
+    let tops: Vec<(f64, f64)> = [&t.first_population.class_histogram, &t.first_batch.class_histogram, &labelled]
         .iter()
-        .flat_map(|one| one.class_histogram.iter().enumerate().flat_map(|(k, &n)| (0..=100).map(move |i| (k as f64, n as f64 * i as f64 / 100.0))))
+        .flat_map(|histogram| histogram.iter().enumerate().flat_map(|(k, &n)| (0..=100).map(move |i| (k as f64, n as f64 * i as f64 / 100.0))))
         .collect();
     let corners = [SeriesLabelPosition::UpperLeft, SeriesLabelPosition::UpperRight];
     draw_legend(&mut chart, quietest_corner(&tops, -0.5..classes as f64 - 0.5, 0.0..y_max, 0.45, 0.25, &corners))
