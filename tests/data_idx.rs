@@ -170,8 +170,18 @@ fn malformed_files_give_one_line_errors_naming_the_file() {
     let two_members = [gzip(head), gzip(tail)].concat();
     std::fs::write(d.join("two-members.gz"), &two_members).unwrap();
     assert_eq!(read_idx_images(&d.join("two-members.gz")).unwrap().pixels, good[16..]);
-    refused!(d, read_idx_images, "two-then-junk.gz", &[two_members.clone(), vec![0]].concat(), DataError::Gzip { .. });
-    refused!(d, read_idx_images, "two-then-cut.gz", &[two_members.clone(), vec![0x1f]].concat(), DataError::Gzip { .. });
+    // Junk is named as junk whether or not it begins like a gzip header: a lone 0x1f, the
+    // magic then garbage, a header cut short.
+    let member_header = &gzip(b"x")[..10];
+    for (name, junk) in [
+        ("two-then-junk.gz", vec![0]),
+        ("two-then-cut.gz", vec![0x1f]),
+        ("two-then-magic.gz", vec![0x1f, 0x8b, 0, 0]),
+        ("two-then-header.gz", member_header.to_vec()),
+    ] {
+        let refusal = refused!(d, read_idx_images, name, &[two_members.clone(), junk].concat(), DataError::Gzip { .. });
+        assert!(refusal.to_string().contains("bytes that are not gzip follow its compressed data"), "{name}: {refusal}");
+    }
     let half_gzip = gzip(&images_bytes(50, 10, 10, 3));
     refused!(d, read_idx_images, "half.gz", &half_gzip[..half_gzip.len() / 2], DataError::Gzip { .. } | DataError::Truncated { .. });
 }

@@ -137,6 +137,37 @@ pub(crate) const SOFTMAX_MAX_BLOCKS: usize = 128;
 /// Classes the kernels handle at most (predictions are bytes).
 pub(crate) const MAX_CLASSES: usize = 256;
 
+thread_local! {
+    /// Set while [`panic_as_message`] runs on this thread: its panics are reported as errors.
+    static PANIC_BECOMES_ERROR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into its message. The panic hook stays quiet for it: the default
+/// hook would print "thread 'main' panicked at …" and a backtrace note above the one-line error
+/// the caller makes of it. Panics elsewhere, or on this thread outside `f`, are reported by
+/// whatever hook was installed before.
+fn panic_as_message<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !PANIC_BECOMES_ERROR.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = PANIC_BECOMES_ERROR.with(|flag| flag.replace(true));
+    let outcome = std::panic::catch_unwind(f);
+    PANIC_BECOMES_ERROR.with(|flag| flag.set(was));
+    outcome.map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
 /// Bytes of the cuBLAS workspace: the sizes cuBLAS's documentation recommends for
 /// `cublasSetWorkspace` (32 MiB for Hopper, compute capability 9, and newer; 4 MiB before).
 /// A workspace too small makes cuBLAS fail or pick slower algorithms.
@@ -164,16 +195,9 @@ impl Gpu {
         }
         // cudarc resolves each symbol on first use and panics if the driver lacks it (a
         // driver far older than CUDA 13): turn that into an error instead of a crash.
-        match std::panic::catch_unwind(|| Self::open_device(modules)) {
+        match panic_as_message(|| Self::open_device(modules)) {
             Ok(result) => result,
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(CudaError::Driver(format!("the CUDA libraries could not be used: {}", what.replace('\n', " "))))
-            }
+            Err(what) => Err(CudaError::Driver(format!("the CUDA libraries could not be used: {}", what.replace('\n', " ")))),
         }
     }
 
@@ -483,7 +507,36 @@ fn describe_version(code: i32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{cuda_major, describe_version};
+    use super::{cuda_major, describe_version, panic_as_message};
+
+    /// The panic is the error's message, and the hook that was there before stays silent
+    /// for it (checked in a child process: the hook is global to the process, and the test
+    /// harness's parallel tests would see a hook swapped here).
+    #[test]
+    fn a_panic_becomes_its_message_without_a_panic_report() {
+        if std::env::var_os("BNTRAIN_PANIC_HOOK_CHILD").is_some() {
+            assert_eq!(panic_as_message(|| -> u8 { panic!("no symbol cuFoo") }), Err("no symbol cuFoo".to_string()));
+            let formatted = panic_as_message(|| -> u8 { panic!("{} of {}", 1, 2) });
+            assert_eq!(formatted, Err("1 of 2".to_string()));
+            assert_eq!(panic_as_message(|| 7), Ok(7));
+            eprintln!("CHILD-DONE");
+            // After it, panics are reported again, on this thread and on others.
+            let _ = std::thread::spawn(|| panic!("reported from another thread")).join();
+            let _ = std::panic::catch_unwind(|| panic!("reported on this thread"));
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "cuda::context::tests::a_panic_becomes_its_message_without_a_panic_report", "--nocapture", "--test-threads=1"])
+            .env("BNTRAIN_PANIC_HOOK_CHILD", "1")
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        assert!(child.status.success(), "{stderr}");
+        let (during, after) = stderr.split_once("CHILD-DONE").unwrap_or_else(|| panic!("the child did not finish: {stderr}"));
+        assert!(!during.contains("panicked"), "a caught panic was reported: {during}");
+        assert!(after.contains("reported from another thread") && after.contains("reported on this thread"), "{after}");
+    }
 
     #[test]
     fn cuda_versions_are_read_from_nvccs_release_line_and_the_drivers_code() {

@@ -34,11 +34,15 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 /// drops with a warning — is an error that says so, not a bare "invalid gzip header".
 pub(crate) struct GzMembers<R: BufRead> {
     member: Option<GzDecoder<R>>,
+    /// The current member follows another and has given no byte yet: if it fails now, what
+    /// follows the last good member is junk that happens to begin with gzip's magic, and says so
+    /// the same way whichever byte the input's buffer happened to end on.
+    unproven_follower: bool,
 }
 
 impl<R: BufRead> GzMembers<R> {
     pub(crate) fn new(compressed: R) -> Self {
-        GzMembers { member: Some(GzDecoder::new(compressed)) }
+        GzMembers { member: Some(GzDecoder::new(compressed)), unproven_follower: false }
     }
 }
 
@@ -52,10 +56,20 @@ impl<R: BufRead> Read for GzMembers<R> {
                 // on with the next member as if this one had ended well.
                 Err(e) if e.kind() != io::ErrorKind::Interrupted => {
                     self.member = None;
+                    let not_a_member = matches!(
+                        e.kind(),
+                        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+                    );
+                    if self.unproven_follower && not_a_member {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, TrailingBytes));
+                    }
                     return Err(e);
                 }
                 Err(e) => return Err(e),
             };
+            if read > 0 {
+                self.unproven_follower = false;
+            }
             if read > 0 || into.is_empty() {
                 return Ok(read);
             }
@@ -72,6 +86,7 @@ impl<R: BufRead> Read for GzMembers<R> {
             }
             let Some(ended) = self.member.take() else { return Ok(0) };
             self.member = Some(GzDecoder::new(ended.into_inner()));
+            self.unproven_follower = true;
         }
     }
 }
@@ -82,7 +97,7 @@ struct TrailingBytes;
 
 impl std::fmt::Display for TrailingBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("bytes that are not gzip follow its compressed data; `gzip -d` drops such trailing bytes with a warning, bntrain refuses the file")
+        f.write_str("bytes that are not gzip follow its compressed data (no whole gzip member); `gzip -d` drops such trailing bytes with a warning, bntrain refuses the file")
     }
 }
 
@@ -395,6 +410,21 @@ mod tests {
         let mut encoder = GzEncoder::new(Vec::new(), Compression::default());
         encoder.write_all(bytes).unwrap();
         encoder.finish().unwrap()
+    }
+
+    /// Junk after the last member is named as junk whatever the input's buffer holds when the
+    /// next member is looked for: a buffer of one byte shows a lone 0x1f that could begin one.
+    #[test]
+    fn junk_that_begins_like_a_member_is_named_whatever_the_buffer_size() {
+        for junk in [&[0x1f, 0x00][..], &[0x1f, 0x8b, 0x08, 0x00], &[0x1f]] {
+            let file = [gzip(&[1; 300]), junk.to_vec()].concat();
+            for capacity in [1, 2, 3, 8 << 10] {
+                let mut reader = GzMembers::new(io::BufReader::with_capacity(capacity, file.as_slice()));
+                let error = reader.read_to_end(&mut Vec::new()).unwrap_err();
+                let named = error.get_ref().is_some_and(|inner| inner.is::<TrailingBytes>());
+                assert!(named, "junk {junk:?}, buffer of {capacity}: {error}");
+            }
+        }
     }
 
     /// A member that fails its CRC ends the stream: reading on does not go on with the next

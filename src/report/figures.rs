@@ -370,12 +370,9 @@ fn below_the_axis(c: &super::Comparison, floor: f64) -> String {
 fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSummary) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let c = &s.comparison;
-    let points = |lead: &mut dyn Iterator<Item = (u64, f64)>| -> Vec<(f64, f64)> {
-        lead.map(|(step, d)| (step as f64, 100.0 * d)).filter(|&(step, d)| step > 0.0 && d.is_finite()).collect()
-    };
-    let lead = points(&mut c.lead().into_iter());
+    let lead = percentage_points(c.lead());
     let anchors = if s.anchors_apply() {
-        points(&mut s.references.pytorch_curve.iter().filter(|anchor| anchor.0 <= c.steps).map(|&(step, bn, plain)| (step, bn - plain)))
+        percentage_points(s.references.pytorch_curve.iter().filter(|anchor| anchor.0 <= c.steps).map(|&(step, bn, plain)| (step, bn - plain)))
     } else {
         Vec::new()
     };
@@ -435,6 +432,12 @@ fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
     let drawn: Vec<(f64, f64)> = along(&lead, 20).into_iter().map(|(x, y)| (log(x), y)).collect();
     let corners = [SeriesLabelPosition::UpperRight, SeriesLabelPosition::LowerRight, SeriesLabelPosition::UpperLeft, SeriesLabelPosition::LowerLeft];
     draw_legend(&mut chart, quietest_corner(&drawn, 0.0..1.0, y_lo..y_hi, 0.4, 0.3, &corners))
+}
+
+/// (step, lead) pairs as [`fig1a_lead`] draws them: the lead in percentage points, and only
+/// the points a logarithmic step axis can show (not step 0) with a finite lead.
+fn percentage_points(lead: impl IntoIterator<Item = (u64, f64)>) -> Vec<(f64, f64)> {
+    lead.into_iter().map(|(step, d)| (step as f64, 100.0 * d)).filter(|&(step, d)| step > 0.0 && d.is_finite()).collect()
 }
 
 /// How the BN net's test evaluations normalized, after `lead`, where it is not plain from
@@ -710,6 +713,14 @@ mod tests {
         expected.push("fig.png".into());
         expected.sort();
         assert_eq!(names(dir.path()), expected);
+    }
+
+    /// The lead is drawn in percentage points; step 0 (no place on a log axis) and a lead
+    /// that is not a number (an evaluation that diverged) are left out, the rest kept in order.
+    #[test]
+    fn the_lead_is_drawn_in_percentage_points_where_a_log_axis_can_show_it() {
+        let drawn = percentage_points([(0, 0.5), (50, 0.012), (100, f64::NAN), (150, -0.25), (200, f64::INFINITY)]);
+        assert_eq!(drawn, [(50.0, 1.2), (150.0, -25.0)]);
     }
 
     /// A run with a single evaluation point (`--steps 50`) draws that point: a marker, since a
