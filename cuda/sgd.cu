@@ -1,8 +1,9 @@
 // SGD with classical momentum over every trainable scalar at once (cpu::ops::sgd_update):
 //   with velocity:  v ← μ·v + g;  w ← w − lr·v
 //   without:        w ← w − lr·g
-// and, when `cursor` is given, cursor[0] += 1: the step's last kernel advances the device
-// batch counter that gather_rows_f32 reads (see gather.cu).
+// and, when `cursor` is given, cursor[0] += 1: the step's SGD launch advances the device
+// batch counter that gather_rows_f32 reads (see gather.cu; with BN the running statistics'
+// update follows it, and does not read the counter).
 //
 // Layout: w, g, v: [n] — the backend keeps all trainable tensors in one flat buffer (and
 //   their gradients and velocities in buffers of the same layout), so one launch updates all.

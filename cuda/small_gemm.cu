@@ -3,7 +3,9 @@
 // and cuBLAS's kernels, tiled for large products, spend several microseconds on each
 // (docs/perf.md). These two kernels give every output element its own thread or warp, so
 // that all of a product's loads are in flight at once. src/cuda/gemm.rs routes f32
-// products of at most SMALL_GEMM_MAX_MACS multiply-adds here.
+// products of at most SMALL_GEMM_MAX_MACS multiply-adds here: to the dot form for a·bᵀ
+// with k ≥ SMALL_GEMM_DOT_MIN_K, else to the outer form with k ≤ SMALL_GEMM_OUTER_MAX_K
+// (the rest go to cuBLAS; the seed step's eight all come here).
 //
 // Math (src/cuda/gemm.rs's row-major convention, cpu::ops::matmul):
 //   c[i,j] = Σ_{q<k} A'[i,q]·B'[q,j]  (+ c[i,j] when accumulate),  i < m, j < n

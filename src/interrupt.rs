@@ -1,6 +1,6 @@
 //! Work that a prompt exit must not cut short.
 //!
-//! The CLI's first Ctrl-C asks a run to stop at the next step boundary, and a second exits
+//! The CLI's first Ctrl-C asks a run to stop once the steps under way are done, and a second exits
 //! at once. "At once" must not fall inside a file's write (a checkpoint saved after the
 //! first interrupt would be lost, a temporary file left behind) or inside the move of a
 //! study's outputs into place (half of them moved). Such work holds a [`Critical`] section,

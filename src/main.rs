@@ -171,7 +171,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 10_000, value_parser = parse_steps)]
     steps: u64,
     /// Evaluate on the test set every this many steps.
-    #[arg(long, default_value_t = 50, value_parser = parse_eval_every)]
+    #[arg(long, default_value_t = session::DEFAULT_EVAL_EVERY, value_parser = parse_eval_every)]
     eval_every: u64,
     /// Write a checkpoint here at the end and on Ctrl-C (without it, Ctrl-C saves to
     /// bntrain-interrupted.safetensors).
@@ -601,15 +601,32 @@ fn progress_bar(len: u64, position: u64) -> ProgressBar {
     bar
 }
 
-/// Ctrl-C / SIGTERM: the first asks training to stop at the next step boundary (`train`
+/// Ctrl-C / SIGTERM: the first asks training to stop once the steps under way are done (`train`
 /// writes a checkpoint, `reproduce` keeps its partial outputs), the second exits at once,
 /// but never in the middle of a file's write or of the move of a study's outputs, and a
-/// third exits even then.
+/// third exits even then. Deliveries closer together than [`ONE_INTERRUPT`] are one press.
+/// `timeout`, and a `kill` of a process group, deliver the same signal twice microseconds
+/// apart (to the process, then to its group): that is one interrupt, not the second press
+/// that exits at once. A person pressing twice is slower than this.
+const ONE_INTERRUPT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A path as a JSON string. serde refuses a path that is not UTF-8 (and `json!` panics on the
+/// refusal); its lossy form (U+FFFD for the bytes that are not text) still names the file.
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
 fn install_interrupt_handler() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let presses = Arc::new(AtomicUsize::new(0));
     let flag = Arc::clone(&stop);
+    let mut last_press: Option<std::time::Instant> = None;
     let handler = move || {
+        let now = std::time::Instant::now();
+        if last_press.is_some_and(|last| now.duration_since(last) < ONE_INTERRUPT) {
+            return;
+        }
+        last_press = Some(now);
         let press = presses.fetch_add(1, Ordering::SeqCst);
         if press >= 2 {
             note!("\nthird interrupt: exiting now, whatever is being written");
@@ -631,7 +648,7 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
         }
         // note!, not eprintln!: on a closed stderr a panic here would leave no interrupt to
         // stop the run.
-        note!("\ninterrupt: stopping at the next step boundary (press again to exit at once)");
+        note!("\ninterrupt: stopping once the steps under way are done (press again to exit at once)");
         flag.store(true, Ordering::SeqCst);
     };
     if let Err(e) = ctrlc::set_handler(handler) {
@@ -712,13 +729,13 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             Some(p) => {
                 note!(
                     "interrupted at step {step}; checkpoint written to {}; continue with `{}`",
-                    p.display(), session::resume_command(req.device, p, args.steps, args.data.data.as_deref())
+                    p.display(), session::resume_command(req.device, p, args.steps, args.eval_every, args.data.data.as_deref())
                 );
             }
             None => note!("interrupted at step {step}, before any step of this run: nothing to save"),
         }
         if args.json {
-            out!("{}", json!({ "interrupted": true, "steps": step, "checkpoint": report.checkpoint }));
+            out!("{}", json!({ "interrupted": true, "steps": step, "checkpoint": report.checkpoint.as_deref().map(path_text) }));
         }
         std::process::exit(130);
     }
@@ -742,7 +759,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             "model": report.model.to_string(),
             "dataset": data.kind.name(),
             "seconds": report.seconds,
-            "checkpoint": report.checkpoint,
+            "checkpoint": report.checkpoint.as_deref().map(path_text),
         }));
     }
     Ok(())
@@ -874,7 +891,7 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let stopped = |message: String, partial: Option<PathBuf>| -> ! {
         note!("{message}");
         if args.json {
-            out!("{}", json!({ "interrupted": true, "partial": partial }));
+            out!("{}", json!({ "interrupted": true, "partial": partial.as_deref().map(path_text) }));
         }
         std::process::exit(130);
     };
@@ -883,29 +900,39 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         stopped("interrupted before the study began: nothing was written".into(), None);
     }
+    // A study that ended early: an empty partial directory (stopped in the comparison, which
+    // writes at its end) says nothing and goes, and so does a run directory it made and left
+    // empty. The partial directory where it holds something.
+    let partial = report::partial_dir(&out_dir);
+    let tidy_after_early_end = || -> Option<PathBuf> {
+        let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
+        if !out_dir_existed {
+            let _ = std::fs::remove_dir(&out_dir);
+        }
+        wrote.then(|| partial.clone())
+    };
     let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
         // What it wrote stays in the partial directory, and an earlier run's outputs are left
         // whole.
         Err(bntrain::Error::Interrupted { .. }) => {
-            let partial = report::partial_dir(&out_dir);
             let earlier = if out_dir.join("report.md").exists() {
                 format!(" (the earlier run's outputs in {} are untouched)", out_dir.display())
             } else {
                 String::new()
             };
-            // An empty partial directory (stopped in the comparison, which writes at its end)
-            // says nothing: it goes.
-            let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
-            if !out_dir_existed {
-                let _ = std::fs::remove_dir(&out_dir);
-            }
-            if wrote {
-                stopped(format!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display()), Some(partial))
-            } else {
-                stopped(format!("interrupted: the study stopped before writing anything{earlier}"), None)
+            match tidy_after_early_end() {
+                Some(partial) => stopped(
+                    format!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display()),
+                    Some(partial),
+                ),
+                None => stopped(format!("interrupted: the study stopped before writing anything{earlier}"), None),
             }
         }
-        done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
+        Err(failed) => {
+            let kept = tidy_after_early_end().map_or(String::new(), |partial| format!(" (what it wrote is in {})", partial.display()));
+            return Err(anyhow::Error::new(failed).context(format!("reproduce into {}{kept}", out_dir.display())));
+        }
+        Ok(summary) => summary,
     };
     if stop.load(Ordering::SeqCst) {
         note!("notice: the interrupt came after the last training step: the study finished and its outputs are in place");
@@ -926,8 +953,8 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
             "one_by_one_population": t.first_population.accuracy,
             "one_by_one_batch": t.first_batch.accuracy,
             "estimators": estimators,
-            "report": out_dir.join("report.md"),
-            "metrics": out_dir.join("metrics.json"),
+            "report": path_text(&out_dir.join("report.md")),
+            "metrics": path_text(&out_dir.join("metrics.json")),
         }));
     }
     Ok(())

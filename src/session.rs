@@ -80,12 +80,18 @@ impl TrainReport {
     }
 }
 
+/// `train`'s evaluation interval when `--eval-every` is not given.
+pub const DEFAULT_EVAL_EVERY: u64 = 50;
+
 /// The command line that continues a run saved in `checkpoint` to `steps`, on the device it
 /// ran on (a CPU run resumed on a GPU host's default would go on in other arithmetic), with
-/// `--data` where `data` names the directory its data came from.
-pub fn resume_command(device: DeviceChoice, checkpoint: &Path, steps: u64, data: Option<&Path>) -> String {
+/// `--data` where `data` names the directory its data came from, and the run's evaluation
+/// interval where it is not the default (the checkpoint does not hold it, and the resumed
+/// history should have the points an unbroken run has).
+pub fn resume_command(device: DeviceChoice, checkpoint: &Path, steps: u64, eval_every: u64, data: Option<&Path>) -> String {
     let data = data.map_or_else(String::new, |dir| format!(" --data {}", shell_word(dir)));
-    format!("bntrain --device {} train --resume {} --steps {steps}{data}", device.name(), shell_word(checkpoint))
+    let every = if eval_every == DEFAULT_EVAL_EVERY { String::new() } else { format!(" --eval-every {eval_every}") };
+    format!("bntrain --device {} train --resume {} --steps {steps}{data}{every}", device.name(), shell_word(checkpoint))
 }
 
 /// `path` as one word of a shell command a user can paste: as it is where it needs no
@@ -325,7 +331,7 @@ pub fn run(
             return Err(match save_checkpoint(net.as_mut(), &model, &train_cfg, final_progress, trained_on, &rescue, false) {
                 Ok(()) => {
                     let next = match outcome {
-                        Outcome::Interrupted { .. } => format!("continue with `{}`", resume_command(req.device, &rescue, req.steps, Some(data.source.as_path()).filter(|dir| !dir.as_os_str().is_empty()))),
+                        Outcome::Interrupted { .. } => format!("continue with `{}`", resume_command(req.device, &rescue, req.steps, req.eval_every, Some(data.source.as_path()).filter(|dir| !dir.as_os_str().is_empty()))),
                         Outcome::Finished { .. } => format!(
                             "evaluate it with `bntrain eval --checkpoint {}`, or train on with `--resume {} --steps` beyond {step}",
                             shell_word(&rescue), shell_word(&rescue)

@@ -69,7 +69,8 @@ pub enum Event<'a> {
     /// Network `net` was evaluated. The record is the caller's to take from (the study moves
     /// the probe's 10000 × 5 values to a worker instead of copying them).
     Evaluated { net: usize, record: &'a mut EvalRecord },
-    /// `step` steps are done (sent after every run of steps, at most [`MAX_RUN`] long).
+    /// `step` steps are done (sent after every run of steps, at most [`MAX_RUN`] long, and
+    /// shorter where steps are slow: `run_limit`).
     Stepped { step: u64 },
 }
 
@@ -181,6 +182,8 @@ fn run_lockstep(
     }
     let mut step = start_step;
     let mut loaded_epoch = None;
+    // The fastest run so far, in seconds a step: it sets how long later runs may be.
+    let mut fastest_step: Option<f64> = None;
     while step < schedule.until_step {
         if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             // The point at this step (if any) takes the statistics up to it first.
@@ -200,14 +203,17 @@ fn run_lockstep(
             loaded_epoch = Some(epoch);
         }
         // A run of steps up to the next evaluation point, the epoch's end or the end of
-        // training, whichever comes first (and at most MAX_RUN, so a stop request is seen
-        // soon): a backend may launch it at once.
+        // training, whichever comes first, and no longer than a stop request may wait
+        // (run_limit): a backend may launch it at once.
         let batch = (step % per_epoch) as usize;
         let next_eval = (step / schedule.eval_every + 1).saturating_mul(schedule.eval_every);
-        let run = next_eval.min((epoch + 1) * per_epoch).min(schedule.until_step).min(step + MAX_RUN) - step;
+        let run = next_eval.min((epoch + 1) * per_epoch).min(schedule.until_step).min(step + run_limit(fastest_step)) - step;
+        let started = std::time::Instant::now();
         queue_steps(nets, batch, run as usize)?;
         // Only now, with the run queued behind it, is the last point waited for.
         points.finish(nets)?;
+        let per_step = started.elapsed().as_secs_f64() / run as f64;
+        fastest_step = Some(fastest_step.map_or(per_step, |fastest| fastest.min(per_step)));
         step += run;
         (points.on_event)(Event::Stepped { step });
         if step.is_multiple_of(schedule.eval_every) || step == schedule.until_step {
@@ -233,6 +239,27 @@ pub fn queue_steps(nets: &mut [&mut dyn Backend], first: usize, count: usize) ->
 
 /// The most steps [`train_lockstep`] hands a backend at once.
 pub const MAX_RUN: u64 = 256;
+
+/// How long a run of steps may take: a stop request (Ctrl-C, SIGTERM) is seen between runs,
+/// and `docker stop` kills 10 s after its SIGTERM, time the checkpoint's write needs too.
+const RUN_SECONDS: f64 = 0.5;
+
+/// The first run's most steps, before any is timed.
+const FIRST_RUN: u64 = 8;
+
+/// The most steps the next run may have: [`MAX_RUN`], or fewer where the fastest step timed
+/// so far says that many would take longer than [`RUN_SECONDS`] (a wide network on the CPU
+/// takes tens of milliseconds a step). The fastest, so that one slow run (a scheduler's
+/// pause, an evaluation waited for) does not shorten the rest. Queued GPU steps return at
+/// once and keep MAX_RUN. Runs split anywhere give the same results: only the speed and
+/// how soon a stop is seen depend on it.
+fn run_limit(fastest_step: Option<f64>) -> u64 {
+    match fastest_step {
+        None => FIRST_RUN,
+        Some(seconds) if seconds > 0.0 => (RUN_SECONDS / seconds).clamp(1.0, MAX_RUN as f64) as u64,
+        Some(_) => MAX_RUN,
+    }
+}
 
 /// A mean cross-entropy per example above this is no longer training: guessing scores
 /// ln(classes), a confidently wrong network a few tens; only weights grown without bound
@@ -287,6 +314,18 @@ mod tests {
     use crate::backend::{Evaluation, SplitKind};
     use crate::model::ModelParams;
     use std::cell::RefCell;
+
+    /// Runs are as long as MAX_RUN where steps are fast, and short enough to see a stop
+    /// within about RUN_SECONDS where they are slow; the first, untimed, is short.
+    #[test]
+    fn runs_are_shortened_where_steps_are_slow() {
+        assert_eq!(run_limit(None), FIRST_RUN);
+        assert_eq!(run_limit(Some(40e-6)), MAX_RUN, "a GPU's seed step");
+        assert_eq!(run_limit(Some(0.0)), MAX_RUN, "queued steps that returned at once");
+        assert_eq!(run_limit(Some(0.045)), 11, "a wide step on the CPU");
+        assert_eq!(run_limit(Some(30.0)), 1, "never fewer than one step");
+        assert_eq!(run_limit(Some(f64::INFINITY)), 1);
+    }
 
     /// What the loop did, in order: what it asked of the backends and what it reported.
     #[derive(Clone, Debug, PartialEq)]

@@ -117,6 +117,28 @@ fn a_step_beyond_any_run_is_refused() {
     assert_eq!(Checkpoint::load(&path).unwrap().progress.step, bntrain::model::config::MAX_STEPS);
 }
 
+/// Training settings no run could have (a forged file) are refused on loading, naming the
+/// file: eval and predict would otherwise fail opening a backend with a message about a
+/// setting their command line does not have.
+#[test]
+fn training_settings_no_run_could_have_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("forged.safetensors");
+    for (forge, needle) in [
+        (Box::new(|c: &mut Checkpoint| c.train.learning_rate = 0.0) as Box<dyn Fn(&mut Checkpoint)>, "learning rate must be positive"),
+        (Box::new(|c: &mut Checkpoint| c.train.momentum = 1.5), "momentum must be in [0, 1)"),
+        (Box::new(|c: &mut Checkpoint| c.train.batch_size = 0), "batch size must be at least 1"),
+    ] {
+        let mut forged = sample(StoredPrecision::F32, 0.0);
+        forge(&mut forged);
+        forged.save(&path).unwrap();
+        let refused = Checkpoint::load(&path).unwrap_err();
+        assert!(matches!(refused, CheckpointError::Malformed { .. }), "{refused}");
+        let message = refused.to_string();
+        assert!(message.contains("forged.safetensors") && message.contains(needle), "{message}");
+    }
+}
+
 #[test]
 fn bad_files_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -154,7 +154,9 @@ fn resume_continues_bitwise_identically() {
     assert!(last_json(&out)["model"].as_str().is_some_and(|m| m.starts_with("784-100-100-10") && m.contains("with BN")), "{stderr}");
 }
 
-/// bntrain with `args`, run in `dir`, sent `signal` (`-INT`, `-TERM`) after `ms`.
+/// bntrain with `args`, run in `dir`, sent `signal` (`-INT`, `-TERM`) after `ms`: twice in a
+/// row for `-TERM`, as `timeout` sends it (to the process, then to its group), which is one
+/// interrupt.
 fn interrupted(args: &[&str], dir: &Path, signal: &str, ms: u64) -> Output {
     let child = Command::new(BIN)
         .args(args)
@@ -164,7 +166,9 @@ fn interrupted(args: &[&str], dir: &Path, signal: &str, ms: u64) -> Output {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(ms));
-    assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+    let pid = child.id().to_string();
+    let deliveries: &[&str] = if signal == "-TERM" { &[&pid, &pid] } else { &[&pid] };
+    assert!(Command::new("kill").arg(signal).args(deliveries).status().unwrap().success());
     child.wait_with_output().unwrap()
 }
 
@@ -178,7 +182,9 @@ fn interrupt_writes_a_checkpoint_that_resumes(signal: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("interrupted at step"), "{stderr}");
+    assert!(!stderr.contains("second interrupt"), "two deliveries at once are one interrupt: {stderr}");
     assert!(stderr.contains(&format!("continue with `bntrain --device cpu train --resume {} --steps 100000000 --data ", s(&ckpt))), "{stderr}");
+    assert!(stderr.contains(" --eval-every 1000`"), "the run's evaluation interval goes on: {stderr}");
     let saved = bntrain::model::checkpoint::Checkpoint::load(&ckpt).unwrap();
     assert!(saved.progress.step > 0);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -555,4 +561,29 @@ fn a_checkpoint_brings_its_dataset_and_precision() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not used: --lr\n"), "{stderr}");
     assert_eq!((&resumed["dataset"], &resumed["device"]), (&json!("mnist"), &json!("cpu f32")), "{resumed}");
+}
+
+/// A checkpoint path that is not UTF-8 (Linux allows any bytes but / and NUL) is written, and
+/// `--json` still ends with a JSON line that names it (lossily), not a panic.
+#[test]
+fn a_path_that_is_not_text_is_named_in_the_json_line() {
+    use std::os::unix::ffi::OsStrExt;
+    let e = env();
+    let ckpt = e.dir.join(std::ffi::OsStr::from_bytes(b"net\xff.safetensors"));
+    let out = Command::new(BIN)
+        .args(["--device", "cpu", "train", "--data", s(&e.data), "--steps", "20", "--eval-every", "10", "--json", "--checkpoint"])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let last = last_json(&out);
+    assert!(ckpt.is_file(), "the checkpoint was written");
+    assert_eq!(last["checkpoint"], json!(ckpt.to_string_lossy()), "{last}");
+    let study = e.dir.join(std::ffi::OsStr::from_bytes(b"runs\xfe"));
+    let out = Command::new(BIN)
+        .args(["--device", "cpu", "reproduce", "--quick", "--steps", "50", "--data", s(&e.data), "--name", "x", "--json", "--out"])
+        .arg(&study)
+        .output()
+        .unwrap();
+    let last = last_json(&out);
+    assert_eq!(last["report"], json!(study.join("x").join("report.md").to_string_lossy()), "{last}");
 }

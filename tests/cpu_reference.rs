@@ -356,6 +356,12 @@ fn configuration_errors_are_caught_up_front() {
         ("decay must be strictly between 0 and 1", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 })),
         ("width 0", Box::new(|_, m| m.hidden = vec![3, 0])),
         ("momentum must be in", Box::new(|t, _| t.momentum = 1.5)),
+        // Finite as f64, not as the f32 the kernels use: infinite, 0 or 1 there.
+        ("epsilon must be positive and finite, also as a 32-bit float", Box::new(|_, m| m.epsilon = 1e39)),
+        ("epsilon must be positive and finite, also as a 32-bit float", Box::new(|_, m| m.epsilon = 1e-300)),
+        ("learning rate must be positive and finite, also as a 32-bit float", Box::new(|t, _| t.learning_rate = 1e-300)),
+        ("momentum must be in [0, 1), also as a 32-bit float", Box::new(|t, _| t.momentum = 1.0 - 1e-12)),
+        ("decay must be strictly between 0 and 1, also as a 32-bit float", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 - 1e-12 })),
     ];
     for (needle, edit) in cases {
         let msg = try_train(&*edit).unwrap_or_else(|| panic!("expected an error containing `{needle}`"));

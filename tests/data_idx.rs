@@ -142,7 +142,9 @@ fn malformed_files_give_one_line_errors_naming_the_file() {
     let unnamed_gzip = refused!(d, read_idx_images, "unnamed-gzip", &gzip(&good), _);
     assert!(unnamed_gzip.to_string().contains("gzip"), "{unnamed_gzip}");
 
-    refused!(d, read_idx_images, "short-header", &good[..10], DataError::Truncated { expected: 16, actual: 10, .. });
+    refused!(d, read_idx_images, "short-header", &good[..10], DataError::ShortHeader { expected: 16, actual: 10, .. });
+    let empty = refused!(d, read_idx_labels, "empty", &[], DataError::ShortHeader { expected: 8, actual: 0, .. });
+    assert!(empty.to_string().contains("begins with a header of 8 bytes, the file holds 0"), "{empty}");
     refused!(d, read_idx_images, "truncated", &good[..good.len() - 1], DataError::Truncated { expected: 28, actual: 27, .. });
     refused!(d, read_idx_images, "truncated.gz", &gzip(&good[..good.len() - 1]), DataError::Truncated { expected: 28, actual: 27, .. });
     refused!(d, read_idx_images, "too-long", &[good.clone(), vec![0]].concat(), DataError::TooLong { expected: 28, .. });
@@ -290,6 +292,11 @@ fn load_dir_reads_a_synthetic_dataset_and_checks_consistency() {
     assert!(matches!(error, DataError::MissingFile { .. }), "{error}");
     assert_names(&error, Path::new("t10k-images-idx3-ubyte"));
     assert!(error.to_string().contains("raw or .gz"), "{error}");
+    // A directory of the file's name is in the way, not missing.
+    std::fs::create_dir(incomplete.path().join("t10k-images-idx3-ubyte")).unwrap();
+    let error = load_dir(incomplete.path(), DatasetKind::Mnist).unwrap_err();
+    assert!(matches!(error, DataError::NotAFile { .. }), "{error}");
+    assert_names(&error, Path::new("t10k-images-idx3-ubyte"));
 }
 
 #[test]

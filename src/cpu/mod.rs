@@ -146,7 +146,7 @@ pub fn single_threaded_gemms_suit(hidden: &[usize]) -> bool {
 }
 
 /// Above this fraction of non-zero pixels the dense GEMM is as fast as visiting them one by
-/// one (docs/perf.md: MNIST, 19% non-zero, 1.7× faster sparse; Fashion-MNIST, 49%, even).
+/// one (docs/perf.md: MNIST, 19% non-zero, 1.6–1.7× faster sparse; Fashion-MNIST, 49%, even).
 pub const SPARSE_DENSITY_LIMIT: f64 = 0.4;
 
 /// The first layer's sparse input: both splits indexed once (shared with evaluation points'

@@ -269,7 +269,7 @@ impl<'a> IdxSource<'a> {
             check_magic(self.path, be_u32(&header, 0), magic)?;
         }
         if got < N {
-            return Err(DataError::Truncated {
+            return Err(DataError::ShortHeader {
                 path: self.path.to_path_buf(),
                 expected: N as u64,
                 actual: got as u64,

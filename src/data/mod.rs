@@ -49,6 +49,8 @@ pub enum DataError {
     },
     #[error("{path} not found; {hint}")]
     MissingFile { path: PathBuf, hint: String },
+    #[error("{path} is there but is not a regular file (a directory?); {hint}")]
+    NotAFile { path: PathBuf, hint: String },
     #[error("{path}: not an IDX {what} file: magic number 0x{found:08x}, expected 0x{expected:08x}{hint}")]
     BadMagic {
         path: PathBuf,
@@ -62,6 +64,8 @@ pub enum DataError {
     /// A header that may be honest, announcing more data than this machine can hold.
     #[error("{path}: its {bytes} bytes of data do not fit the {available} bytes of memory available")]
     TooLarge { path: PathBuf, bytes: u64, available: u64 },
+    #[error("{path}: truncated: an IDX file begins with a header of {expected} bytes, the file holds {actual} (decompressed)")]
+    ShortHeader { path: PathBuf, expected: u64, actual: u64 },
     #[error("{path}: truncated: the header announces {expected} bytes (decompressed), the file holds {actual}")]
     Truncated {
         path: PathBuf,
@@ -227,9 +231,14 @@ pub(crate) fn find_idx_file(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// The path of `name` in `dir`, or an error saying what the directory should hold.
 pub(crate) fn require_idx_file(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
-    find_idx_file(dir, name).ok_or_else(|| DataError::MissingFile {
-        path: dir.join(name),
-        hint: WHAT_A_DATA_DIR_HOLDS.into(),
+    find_idx_file(dir, name).ok_or_else(|| {
+        let hint = WHAT_A_DATA_DIR_HOLDS.into();
+        // Not "not found" where something of that name is in the way.
+        let raw = dir.join(name);
+        match [raw.clone(), dir.join(format!("{name}.gz"))].into_iter().find(|path| path.exists()) {
+            Some(path) => DataError::NotAFile { path, hint },
+            None => DataError::MissingFile { path: raw, hint },
+        }
     })
 }
 

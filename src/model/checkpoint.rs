@@ -318,6 +318,9 @@ impl Checkpoint {
             None => None,
         };
         model.validate().map_err(|e| malformed(e.to_string()))?;
+        // Its training settings too: eval and predict open a backend with them, whose refusal
+        // would name neither the file nor a setting the command line has.
+        train.validate_settings(&model).map_err(|e| malformed(format!("training settings: {e}")))?;
 
         let want_dtype = match precision {
             StoredPrecision::F32 => Dtype::F32,

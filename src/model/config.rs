@@ -160,11 +160,18 @@ impl ModelConfig {
         if self.hidden.iter().any(|&h| h > 1 << 16) {
             return bad("a hidden layer is wider than 65536 units".into());
         }
-        if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
-            return bad(format!("epsilon must be positive and finite (got {})", self.epsilon));
+        if !positive_and_finite_in_f32(self.epsilon) {
+            return bad(format!("epsilon must be positive and finite, also as a 32-bit float, the kernels' type (got {})", self.epsilon));
         }
         Ok(())
     }
+}
+
+/// The f32 kernels and CPU paths take these settings as f32: 1e39 is infinite there and
+/// 1e-300 is 0, whatever they are as f64.
+fn positive_and_finite_in_f32(value: f64) -> bool {
+    let single = value as f32;
+    value > 0.0 && single > 0.0 && single.is_finite()
 }
 
 impl fmt::Display for ModelConfig {
@@ -234,11 +241,11 @@ impl TrainConfig {
     /// batch's fit in the training set.
     pub fn validate_settings(&self, model: &ModelConfig) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return bad(format!("learning rate must be positive and finite (got {})", self.learning_rate));
+        if !positive_and_finite_in_f32(self.learning_rate) {
+            return bad(format!("learning rate must be positive and finite, also as a 32-bit float, the kernels' type (got {})", self.learning_rate));
         }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return bad(format!("momentum must be in [0, 1) (got {})", self.momentum));
+        if !((0.0..1.0).contains(&self.momentum) && (self.momentum as f32) < 1.0) {
+            return bad(format!("momentum must be in [0, 1), also as a 32-bit float, the kernels' type (got {})", self.momentum));
         }
         if self.batch_size == 0 {
             return bad("batch size must be at least 1".into());
@@ -248,8 +255,8 @@ impl TrainConfig {
         }
         for e in self.estimators() {
             if let Averaging::Ema { decay } = e.averaging {
-                if !(decay > 0.0 && decay < 1.0) {
-                    return bad(format!("decay must be strictly between 0 and 1 (got {decay})"));
+                if !(decay > 0.0 && decay < 1.0 && (decay as f32) < 1.0 && (decay as f32) > 0.0) {
+                    return bad(format!("decay must be strictly between 0 and 1, also as a 32-bit float, the kernels' type (got {decay})"));
                 }
             }
         }

@@ -117,8 +117,11 @@ fn table_steps(s: &ReproduceSummary) -> Vec<u64> {
     if s.anchors_apply() && reached.len() >= 3 {
         return reached;
     }
+    // Evaluation steps near each fifth, and the last step, evaluated whether or not the
+    // interval divides it (a run shorter than one interval has that point only).
     let n = 5u64;
-    let mut steps: Vec<u64> = (1..=n).map(|i| c.steps * i / n).map(|st| st / c.eval_every * c.eval_every).filter(|&st| st > 0).collect();
+    let mut steps: Vec<u64> =
+        (1..=n).map(|i| if i == n { c.steps } else { c.steps * i / n / c.eval_every * c.eval_every }).filter(|&st| st > 0).collect();
     steps.dedup();
     steps
 }
@@ -523,6 +526,36 @@ mod tests {
         let last = s.comparison.plain.history.len() - 1;
         s.comparison.plain.history[last].test_accuracy = 1.0;
         assert!(!render_report(&s).contains("above plain at every evaluation"));
+    }
+
+    /// The table of points has a row even for a run shorter than one evaluation interval
+    /// (its only point is its last step), and ends at the last step where the interval does
+    /// not divide it.
+    #[test]
+    fn the_table_of_points_ends_at_the_last_step() {
+        let mut s = sample(200, 50, 100);
+        s.references.pytorch_curve.clear();
+        let rows = |s: &ReproduceSummary| -> Vec<String> {
+            let report = render_report(s);
+            let table = report.split("Some of those points").nth(1).expect("the table").to_string();
+            let table = table.lines().skip_while(|l| !l.starts_with('|')).take_while(|l| l.starts_with('|'));
+            table.skip(2).map(|l| l.split('|').nth(1).unwrap().trim().to_string()).collect()
+        };
+        assert_eq!(rows(&s), ["50", "100", "150", "200"]);
+        for curve in [&mut s.comparison.bn, &mut s.comparison.plain] {
+            curve.history.truncate(4);
+            let mut last = curve.history[3].clone();
+            last.step = 230;
+            curve.history.push(last);
+        }
+        s.comparison.steps = 230;
+        assert_eq!(rows(&s), ["50", "100", "150", "230"]);
+        for curve in [&mut s.comparison.bn, &mut s.comparison.plain] {
+            curve.history.truncate(1);
+            curve.history[0].step = 30;
+        }
+        s.comparison.steps = 30;
+        assert_eq!(rows(&s), ["30"]);
     }
 
     #[test]
