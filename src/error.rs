@@ -26,6 +26,9 @@ pub enum Error {
     Interrupted { step: u64 },
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: std::io::Error },
+    /// A study failed after writing some of its outputs: they are in `kept`.
+    #[error("{failed} (what the study wrote is in {})", kept.display())]
+    Kept { failed: Box<Error>, kept: std::path::PathBuf },
     /// The checkpoint could not be written where asked, but the trained state was saved to
     /// `rescue` instead; `next` says what to do with it.
     #[error("{failed}; the trained state was saved to {} instead: {next}", rescue.display())]

@@ -663,7 +663,11 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         // What the data does not decide is checked before it is loaded, or downloaded.
         let model = args.model.config(0, 0);
         model.validate_layers()?;
-        args.optim.config().validate_settings(&model)?;
+        let settings = args.optim.config();
+        settings.validate_settings(&model)?;
+        if args.precision != Precision::F64 {
+            settings.validate_narrowed(&model, "f32", |value| value as f32 as f64)?;
+        }
         prefer_single_threaded_gemms(device_choice, &args.model.hidden);
     }
     // Then, so that an interrupt at any point after start-up is a clean stop.
@@ -900,39 +904,30 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         stopped("interrupted before the study began: nothing was written".into(), None);
     }
-    // A study that ended early: an empty partial directory (stopped in the comparison, which
-    // writes at its end) says nothing and goes, and so does a run directory it made and left
-    // empty. The partial directory where it holds something.
-    let partial = report::partial_dir(&out_dir);
-    let tidy_after_early_end = || -> Option<PathBuf> {
-        let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
-        if !out_dir_existed {
-            let _ = std::fs::remove_dir(&out_dir);
-        }
-        wrote.then(|| partial.clone())
-    };
     let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
         // What it wrote stays in the partial directory, and an earlier run's outputs are left
         // whole.
         Err(bntrain::Error::Interrupted { .. }) => {
+            let partial = report::partial_dir(&out_dir);
             let earlier = if out_dir.join("report.md").exists() {
                 format!(" (the earlier run's outputs in {} are untouched)", out_dir.display())
             } else {
                 String::new()
             };
-            match tidy_after_early_end() {
-                Some(partial) => stopped(
-                    format!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display()),
-                    Some(partial),
-                ),
-                None => stopped(format!("interrupted: the study stopped before writing anything{earlier}"), None),
+            // An empty partial directory (stopped in the comparison, which writes at its end)
+            // says nothing: it goes.
+            let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
+            if !out_dir_existed {
+                let _ = std::fs::remove_dir(&out_dir);
+            }
+            if wrote {
+                stopped(format!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display()), Some(partial))
+            } else {
+                stopped(format!("interrupted: the study stopped before writing anything{earlier}"), None)
             }
         }
-        Err(failed) => {
-            let kept = tidy_after_early_end().map_or(String::new(), |partial| format!(" (what it wrote is in {})", partial.display()));
-            return Err(anyhow::Error::new(failed).context(format!("reproduce into {}{kept}", out_dir.display())));
-        }
-        Ok(summary) => summary,
+        // A study that failed has tidied its own directories (report::reproduce).
+        done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
     };
     if stop.load(Ordering::SeqCst) {
         note!("notice: the interrupt came after the last training step: the study finished and its outputs are in place");

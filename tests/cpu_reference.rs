@@ -356,17 +356,31 @@ fn configuration_errors_are_caught_up_front() {
         ("decay must be strictly between 0 and 1", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 })),
         ("width 0", Box::new(|_, m| m.hidden = vec![3, 0])),
         ("momentum must be in", Box::new(|t, _| t.momentum = 1.5)),
-        // Finite as f64, not as the f32 the kernels use: infinite, 0 or 1 there.
-        ("epsilon must be positive and finite, also as a 32-bit float", Box::new(|_, m| m.epsilon = 1e39)),
-        ("epsilon must be positive and finite, also as a 32-bit float", Box::new(|_, m| m.epsilon = 1e-300)),
-        ("learning rate must be positive and finite, also as a 32-bit float", Box::new(|t, _| t.learning_rate = 1e-300)),
-        ("momentum must be in [0, 1), also as a 32-bit float", Box::new(|t, _| t.momentum = 1.0 - 1e-12)),
-        ("decay must be strictly between 0 and 1, also as a 32-bit float", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 - 1e-12 })),
     ];
     for (needle, edit) in cases {
         let msg = try_train(&*edit).unwrap_or_else(|| panic!("expected an error containing `{needle}`"));
         assert!(msg.contains(needle), "`{msg}` should contain `{needle}`");
         assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+    // Values an f64 backend takes, which are infinite, 0 or 1 as the f32 another computes in.
+    let narrow_cases: Vec<(&str, Box<Mutation>)> = vec![
+        ("epsilon 1e39 is inf as the f32", Box::new(|_, m| m.epsilon = 1e39)),
+        ("epsilon 1e-300 is 0 as the f32", Box::new(|_, m| m.epsilon = 1e-300)),
+        ("learning rate 1e-300 is 0 as the f32", Box::new(|t, _| t.learning_rate = 1e-300)),
+        ("momentum 0.999999999999 is 1 as the f32", Box::new(|t, _| t.momentum = 1.0 - 1e-12)),
+        ("decay 0.999999999999 is 1 as the f32", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 - 1e-12 })),
+    ];
+    let try_train_f32 = |edit: &dyn Fn(&mut TrainConfig, &mut ModelConfig)| {
+        let (mut t, mut m) = (TrainConfig::seed(), model.clone());
+        t.batch_size = 5;
+        edit(&mut t, &mut m);
+        let p = ModelParams::init(&m, 0, 1);
+        CpuBackend::<f32>::new(m, t, data.clone(), &p).err().map(|e| e.to_string())
+    };
+    for (needle, edit) in narrow_cases {
+        assert_eq!(try_train(&*edit), None, "f64 takes it: {needle}");
+        let msg = try_train_f32(&*edit).unwrap_or_else(|| panic!("expected an error containing `{needle}`"));
+        assert!(msg.contains(needle), "`{msg}` should contain `{needle}`");
     }
 }
 

@@ -165,24 +165,24 @@ fn malformed_files_give_one_line_errors_naming_the_file() {
     corrupt[middle..middle + 8].iter_mut().for_each(|byte| *byte ^= 0x5a);
     refused!(d, read_idx_images, "corrupt.gz", &corrupt, DataError::Gzip { .. } | DataError::Truncated { .. });
     let junk_after = refused!(d, read_idx_images, "junk-after.gz", &[gzip(&good), b"junk".to_vec()].concat(), DataError::Gzip { .. });
-    assert!(junk_after.to_string().contains("bytes that are not gzip follow its compressed data"), "{junk_after}");
+    assert!(junk_after.to_string().contains("bytes that begin no gzip member follow its compressed data"), "{junk_after}");
     // Concatenated members (what `cat a.gz b.gz` makes) are one file, as `gzip -d` reads them;
     // junk after the last, or a member cut inside its header, is still refused.
     let (head, tail) = good.split_at(7);
     let two_members = [gzip(head), gzip(tail)].concat();
     std::fs::write(d.join("two-members.gz"), &two_members).unwrap();
     assert_eq!(read_idx_images(&d.join("two-members.gz")).unwrap().pixels, good[16..]);
-    // Junk is named as junk whether or not it begins like a gzip header: a lone 0x1f, the
-    // magic then garbage, a header cut short.
+    // Junk is named as junk (a lone 0x1f among it), and what begins with gzip's magic then
+    // breaks off as a cut member.
     let member_header = &gzip(b"x")[..10];
-    for (name, junk) in [
-        ("two-then-junk.gz", vec![0]),
-        ("two-then-cut.gz", vec![0x1f]),
-        ("two-then-magic.gz", vec![0x1f, 0x8b, 0, 0]),
-        ("two-then-header.gz", member_header.to_vec()),
+    for (name, after, says) in [
+        ("two-then-junk.gz", vec![0], "bytes that begin no gzip member follow"),
+        ("two-then-lone.gz", vec![0x1f], "bytes that begin no gzip member follow"),
+        ("two-then-magic.gz", vec![0x1f, 0x8b, 0, 0], "a gzip member after the first is cut short or corrupt"),
+        ("two-then-header.gz", member_header.to_vec(), "a gzip member after the first is cut short or corrupt"),
     ] {
-        let refusal = refused!(d, read_idx_images, name, &[two_members.clone(), junk].concat(), DataError::Gzip { .. });
-        assert!(refusal.to_string().contains("bytes that are not gzip follow its compressed data"), "{name}: {refusal}");
+        let refusal = refused!(d, read_idx_images, name, &[two_members.clone(), after].concat(), DataError::Gzip { .. });
+        assert!(refusal.to_string().contains(says), "{name}: {refusal}");
     }
     let half_gzip = gzip(&images_bytes(50, 10, 10, 3));
     refused!(d, read_idx_images, "half.gz", &half_gzip[..half_gzip.len() / 2], DataError::Gzip { .. } | DataError::Truncated { .. });

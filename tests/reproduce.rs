@@ -110,6 +110,47 @@ fn a_stopped_study_keeps_its_partial_outputs_and_a_concurrent_one_is_refused() {
     assert!(dir.join("report.md").is_file() && !partial_dir(&dir).exists());
 }
 
+/// A study that fails removes the directories it made where it left them empty, and says
+/// where what it wrote is kept; a concurrent study refused meanwhile touches nothing of it.
+#[test]
+fn a_failed_study_tidies_only_its_own_directories() {
+    let data = Arc::new(synthetic(600, 200));
+    for fail_at in [1, 4] {
+        let dir = out_dir(&format!("reproduce-failed-{fail_at}"));
+        let _ = std::fs::remove_dir_all(partial_dir(&dir));
+        let opts = ReproduceOptions::quick(dir.clone());
+        let shared = Arc::clone(&data);
+        let (mut opened, mut concurrent) = (0, None);
+        let mut open = |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+            opened += 1;
+            if opened == 1 {
+                let mut refused = |_: ModelConfig, _: TrainConfig, _: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+                    panic!("a study refused at the start opens no network")
+                };
+                concurrent = Some(reproduce(&opts, Arc::clone(&shared), &mut refused, None));
+                assert!(partial_dir(&dir).is_dir(), "the refused study left the running one's partial directory");
+            }
+            if opened == fail_at {
+                return Err(bntrain::Error::io("opening a network", std::io::Error::other("a test's failure")));
+            }
+            Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))
+        };
+        let failed = reproduce(&opts, Arc::clone(&data), &mut open, None).map(|s| s.files).unwrap_err();
+        assert!(matches!(concurrent, Some(Err(bntrain::Error::Report(ReportError::Busy(_))))), "fail at {fail_at}");
+        let partial = partial_dir(&dir);
+        let kept = partial.is_dir() && std::fs::read_dir(&partial).unwrap().next().is_some();
+        let message = failed.to_string();
+        assert!(message.contains("a test's failure"), "{message}");
+        if kept {
+            assert!(matches!(failed, bntrain::Error::Kept { .. }) && message.contains(&partial.display().to_string()), "{message}");
+        } else {
+            assert!(!matches!(failed, bntrain::Error::Kept { .. }), "{message}");
+            assert!(!partial.exists() && !dir.exists(), "fail at {fail_at}: empty directories left");
+        }
+        assert_eq!(kept, fail_at == 4, "the test-time network's checkpoint is written before the restore opens a network");
+    }
+}
+
 /// The cells of a markdown table row, trimmed (None for lines that are not table rows).
 fn cells(line: &str) -> Option<Vec<String>> {
     let line = line.trim();

@@ -372,6 +372,7 @@ impl<F: Float> CpuBackend<F> {
         };
         model.validate()?;
         train.validate(&model, data.train.count)?;
+        train.validate_narrowed(&model, F::NAME, |value| F::from_f64(value).to_f64())?;
         if data.train.features != model.inputs || data.train.classes != model.classes {
             return Err(ConfigError::Invalid(format!(
                 "the dataset has {} features and {} classes but the model expects {} and {}",

@@ -140,18 +140,22 @@ pub(crate) const MAX_CLASSES: usize = 256;
 thread_local! {
     /// Set while [`panic_as_message`] runs on this thread: its panics are reported as errors.
     static PANIC_BECOMES_ERROR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where the last such panic happened: the report the quiet hook does not print keeps it.
+    static CAUGHT_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `f`, turning a panic into its message. The panic hook stays quiet for it: the default
-/// hook would print "thread 'main' panicked at …" and a backtrace note above the one-line error
-/// the caller makes of it. Panics elsewhere, or on this thread outside `f`, are reported by
-/// whatever hook was installed before.
+/// Runs `f`, turning a panic into its message and where it happened. The panic hook stays
+/// quiet for it: the default hook would print "thread 'main' panicked at …" and a backtrace
+/// note above the one-line error the caller makes of it. Panics elsewhere, or on this thread
+/// outside `f`, are reported by whatever hook was installed before.
 fn panic_as_message<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T, String> {
     static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
     QUIET_HOOK.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !PANIC_BECOMES_ERROR.with(std::cell::Cell::get) {
+            if PANIC_BECOMES_ERROR.with(std::cell::Cell::get) {
+                CAUGHT_AT.with(|at| *at.borrow_mut() = info.location().map(|l| format!("{}:{}", l.file(), l.line())));
+            } else {
                 previous(info);
             }
         }));
@@ -160,11 +164,15 @@ fn panic_as_message<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result
     let outcome = std::panic::catch_unwind(f);
     PANIC_BECOMES_ERROR.with(|flag| flag.set(was));
     outcome.map_err(|panic| {
-        panic
+        let what = panic
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into())
+            .unwrap_or_else(|| "unknown panic".into());
+        match CAUGHT_AT.with(|at| at.borrow_mut().take()) {
+            Some(at) => format!("{what} (at {at})"),
+            None => what,
+        }
     })
 }
 
@@ -515,9 +523,10 @@ mod tests {
     #[test]
     fn a_panic_becomes_its_message_without_a_panic_report() {
         if std::env::var_os("BNTRAIN_PANIC_HOOK_CHILD").is_some() {
-            assert_eq!(panic_as_message(|| -> u8 { panic!("no symbol cuFoo") }), Err("no symbol cuFoo".to_string()));
-            let formatted = panic_as_message(|| -> u8 { panic!("{} of {}", 1, 2) });
-            assert_eq!(formatted, Err("1 of 2".to_string()));
+            let line = line!() + 1;
+            assert_eq!(panic_as_message(|| -> u8 { panic!("no symbol cuFoo") }), Err(format!("no symbol cuFoo (at {}:{line})", file!())));
+            let formatted = panic_as_message(|| -> u8 { panic!("{} of {}", 1, 2) }).unwrap_err();
+            assert!(formatted.starts_with("1 of 2 (at ") && formatted.contains("context.rs"), "{formatted}");
             assert_eq!(panic_as_message(|| 7), Ok(7));
             eprintln!("CHILD-DONE");
             // After it, panics are reported again, on this thread and on others.

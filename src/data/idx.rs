@@ -30,19 +30,67 @@ const MAX_INITIAL_CAPACITY: u64 = 64 << 20;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// The decompressed bytes of a gzip file's members, one after another (concatenated gzips,
-/// as `gzip -d` reads them). What follows the last member and is not one — bytes `gzip -d`
-/// drops with a warning — is an error that says so, not a bare "invalid gzip header".
+/// as `gzip -d` reads them). What follows the last member and is not one is an error that
+/// says so ([`TrailingBytes`]), and a later member that begins but breaks off is one that
+/// says that ([`CutMember`]), not a bare "invalid gzip header", whichever byte the input's
+/// buffer happens to end on.
 pub(crate) struct GzMembers<R: BufRead> {
-    member: Option<GzDecoder<R>>,
-    /// The current member follows another and has given no byte yet: if it fails now, what
-    /// follows the last good member is junk that happens to begin with gzip's magic, and says so
-    /// the same way whichever byte the input's buffer happened to end on.
-    unproven_follower: bool,
+    member: Option<GzDecoder<MemberStart<R>>>,
+    /// The current member follows another.
+    follower: bool,
 }
 
 impl<R: BufRead> GzMembers<R> {
     pub(crate) fn new(compressed: R) -> Self {
-        GzMembers { member: Some(GzDecoder::new(compressed)), unproven_follower: false }
+        GzMembers { member: Some(GzDecoder::new(MemberStart { inner: compressed, head: [0; 2], seen: 0 })), follower: false }
+    }
+}
+
+/// The compressed input, keeping the first two bytes the current member consumed: whether a
+/// member that failed began with gzip's magic, when the look ahead saw one byte only.
+struct MemberStart<R> {
+    inner: R,
+    head: [u8; 2],
+    seen: usize,
+}
+
+impl<R> MemberStart<R> {
+    fn note(&mut self, consumed: &[u8]) {
+        let take = (self.head.len() - self.seen).min(consumed.len());
+        self.head[self.seen..self.seen + take].copy_from_slice(&consumed[..take]);
+        self.seen += take;
+    }
+
+    fn began_like_a_member(&self) -> bool {
+        self.seen == GZIP_MAGIC.len() && self.head == GZIP_MAGIC
+    }
+}
+
+impl<R: BufRead> Read for MemberStart<R> {
+    fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(into)?;
+        self.note(&into[..read]);
+        Ok(read)
+    }
+}
+
+impl<R: BufRead> BufRead for MemberStart<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        if self.seen < self.head.len() && amount > 0 {
+            // The bytes being consumed are buffered already: this reads nothing.
+            let mut head = [0; 2];
+            let mut buffered = 0;
+            if let Ok(buffer) = self.inner.fill_buf() {
+                buffered = buffer.len().min(amount).min(head.len());
+                head[..buffered].copy_from_slice(&buffer[..buffered]);
+            }
+            self.note(&head[..buffered]);
+        }
+        self.inner.consume(amount)
     }
 }
 
@@ -55,21 +103,23 @@ impl<R: BufRead> Read for GzMembers<R> {
                 // A failed member ends the stream: a read after the error is not allowed to go
                 // on with the next member as if this one had ended well.
                 Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                    let began_like_a_member = member.get_ref().began_like_a_member();
                     self.member = None;
                     let not_a_member = matches!(
                         e.kind(),
                         io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
                     );
-                    if self.unproven_follower && not_a_member {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, TrailingBytes));
+                    if self.follower && not_a_member {
+                        return Err(if began_like_a_member {
+                            io::Error::new(io::ErrorKind::InvalidData, CutMember)
+                        } else {
+                            io::Error::new(io::ErrorKind::InvalidData, TrailingBytes)
+                        });
                     }
                     return Err(e);
                 }
                 Err(e) => return Err(e),
             };
-            if read > 0 {
-                self.unproven_follower = false;
-            }
             if read > 0 || into.is_empty() {
                 return Ok(read);
             }
@@ -85,8 +135,10 @@ impl<R: BufRead> Read for GzMembers<R> {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, TrailingBytes));
             }
             let Some(ended) = self.member.take() else { return Ok(0) };
-            self.member = Some(GzDecoder::new(ended.into_inner()));
-            self.unproven_follower = true;
+            let mut input = ended.into_inner();
+            input.seen = 0;
+            self.member = Some(GzDecoder::new(input));
+            self.follower = true;
         }
     }
 }
@@ -97,11 +149,23 @@ struct TrailingBytes;
 
 impl std::fmt::Display for TrailingBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("bytes that are not gzip follow its compressed data (no whole gzip member); `gzip -d` drops such trailing bytes with a warning, bntrain refuses the file")
+        f.write_str("bytes that begin no gzip member follow its compressed data; bntrain refuses such a file (`gzip -d` warns of trailing garbage, or fails on it)")
     }
 }
 
 impl std::error::Error for TrailingBytes {}
+
+/// A member after the first that begins with gzip's magic and breaks off or is corrupt.
+#[derive(Debug)]
+struct CutMember;
+
+impl std::fmt::Display for CutMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a gzip member after the first is cut short or corrupt (`gzip -d` fails on it too)")
+    }
+}
+
+impl std::error::Error for CutMember {}
 
 /// Images as stored: `count` images of `rows`×`cols` u8 pixels, row-major, image after image.
 /// Pixels stay u8 here; scaling to [0, 1] is the model's business.
@@ -412,18 +476,35 @@ mod tests {
         encoder.finish().unwrap()
     }
 
-    /// Junk after the last member is named as junk whatever the input's buffer holds when the
-    /// next member is looked for: a buffer of one byte shows a lone 0x1f that could begin one.
+    /// What follows the last member is named the same whatever the input's buffer holds when
+    /// the next member is looked for (a buffer of one byte shows a lone 0x1f that could begin
+    /// one): junk where it does not begin with gzip's magic, a cut member where it does.
     #[test]
-    fn junk_that_begins_like_a_member_is_named_whatever_the_buffer_size() {
-        for junk in [&[0x1f, 0x00][..], &[0x1f, 0x8b, 0x08, 0x00], &[0x1f]] {
-            let file = [gzip(&[1; 300]), junk.to_vec()].concat();
+    fn what_follows_a_member_is_named_whatever_the_buffer_size() {
+        let member = gzip(&[2; 300]);
+        let cases: [(&[u8], bool); 6] = [
+            (&[0x1f, 0x00], false),
+            (&[0x1f], false),
+            (&[0x00, 0x1f, 0x8b], false),
+            (&[0x1f, 0x8b, 0x08, 0x00], true),
+            (&member[..10], true),
+            (&member[..member.len() - 4], true),
+        ];
+        for (after, cut) in cases {
+            let file = [gzip(&[1; 300]), after.to_vec()].concat();
             for capacity in [1, 2, 3, 8 << 10] {
                 let mut reader = GzMembers::new(io::BufReader::with_capacity(capacity, file.as_slice()));
                 let error = reader.read_to_end(&mut Vec::new()).unwrap_err();
-                let named = error.get_ref().is_some_and(|inner| inner.is::<TrailingBytes>());
-                assert!(named, "junk {junk:?}, buffer of {capacity}: {error}");
+                let named = error.get_ref().is_some_and(|inner| if cut { inner.is::<CutMember>() } else { inner.is::<TrailingBytes>() });
+                assert!(named, "{} bytes after the member ({:02x?}…), buffer of {capacity}: {error}", after.len(), &after[..after.len().min(4)]);
             }
+        }
+        // Whole members after the first, an empty one among them, read as one stream.
+        let file = [gzip(&[1; 300]), gzip(&[]), member.clone()].concat();
+        for capacity in [1, 2, 3, 8 << 10] {
+            let mut out = Vec::new();
+            GzMembers::new(io::BufReader::with_capacity(capacity, file.as_slice())).read_to_end(&mut out).unwrap();
+            assert_eq!(out, [vec![1; 300], vec![2; 300]].concat(), "buffer of {capacity}");
         }
     }
 

@@ -160,18 +160,11 @@ impl ModelConfig {
         if self.hidden.iter().any(|&h| h > 1 << 16) {
             return bad("a hidden layer is wider than 65536 units".into());
         }
-        if !positive_and_finite_in_f32(self.epsilon) {
-            return bad(format!("epsilon must be positive and finite, also as a 32-bit float, the kernels' type (got {})", self.epsilon));
+        if !(self.epsilon > 0.0 && self.epsilon.is_finite()) {
+            return bad(format!("epsilon must be positive and finite (got {})", self.epsilon));
         }
         Ok(())
     }
-}
-
-/// The f32 kernels and CPU paths take these settings as f32: 1e39 is infinite there and
-/// 1e-300 is 0, whatever they are as f64.
-fn positive_and_finite_in_f32(value: f64) -> bool {
-    let single = value as f32;
-    value > 0.0 && single > 0.0 && single.is_finite()
 }
 
 impl fmt::Display for ModelConfig {
@@ -237,15 +230,43 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The settings (and `model`'s epsilon) as a backend that computes in a narrower type
+    /// than f64 takes them: `narrow` rounds an f64 to that type (`type_name`) and back. In
+    /// f32, 1e39 is infinite, 1e-300 is 0 and 1 − 1e-12 is 1, whatever they are as f64.
+    pub fn validate_narrowed(&self, model: &ModelConfig, type_name: &str, narrow: impl Fn(f64) -> f64) -> Result<(), ConfigError> {
+        let show = |v: f64| if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) { format!("{v:e}") } else { format!("{v}") };
+        let bad = |what: &str, value: f64| {
+            Err(ConfigError::Invalid(format!("{what} {} is {} as the {type_name} this computes in", show(value), show(narrow(value)))))
+        };
+        let positive_and_finite = |value: f64| narrow(value) > 0.0 && narrow(value).is_finite();
+        if !positive_and_finite(model.epsilon) {
+            return bad("epsilon", model.epsilon);
+        }
+        if !positive_and_finite(self.learning_rate) {
+            return bad("learning rate", self.learning_rate);
+        }
+        if narrow(self.momentum) >= 1.0 {
+            return bad("momentum", self.momentum);
+        }
+        for e in self.estimators() {
+            if let Averaging::Ema { decay } = e.averaging {
+                if !(narrow(decay) > 0.0 && narrow(decay) < 1.0) {
+                    return bad("decay", decay);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// What [`validate`](Self::validate) checks that the data does not decide: all but the
     /// batch's fit in the training set.
     pub fn validate_settings(&self, model: &ModelConfig) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if !positive_and_finite_in_f32(self.learning_rate) {
-            return bad(format!("learning rate must be positive and finite, also as a 32-bit float, the kernels' type (got {})", self.learning_rate));
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad(format!("learning rate must be positive and finite (got {})", self.learning_rate));
         }
-        if !((0.0..1.0).contains(&self.momentum) && (self.momentum as f32) < 1.0) {
-            return bad(format!("momentum must be in [0, 1), also as a 32-bit float, the kernels' type (got {})", self.momentum));
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(format!("momentum must be in [0, 1) (got {})", self.momentum));
         }
         if self.batch_size == 0 {
             return bad("batch size must be at least 1".into());
@@ -255,8 +276,8 @@ impl TrainConfig {
         }
         for e in self.estimators() {
             if let Averaging::Ema { decay } = e.averaging {
-                if !(decay > 0.0 && decay < 1.0 && (decay as f32) < 1.0 && (decay as f32) > 0.0) {
-                    return bad(format!("decay must be strictly between 0 and 1, also as a 32-bit float, the kernels' type (got {decay})"));
+                if !(decay > 0.0 && decay < 1.0) {
+                    return bad(format!("decay must be strictly between 0 and 1 (got {decay})"));
                 }
             }
         }

@@ -459,6 +459,7 @@ pub fn reproduce(
     }
     // Whether the outputs can move in is found out now, not after the study: a file where
     // the directory should be, a directory that takes no files.
+    let out_dir_existed = opts.out_dir.exists();
     create_dir(&opts.out_dir)?;
     let _lock = lock_out_dir(&opts.out_dir)?;
     // A stop that came before the study began (while the data loaded) leaves an earlier
@@ -482,9 +483,29 @@ pub fn reproduce(
     }
     drop(probing);
     let building = ReproduceOptions { out_dir: partial.clone(), ..opts.clone() };
-    let summary = build_outputs(&building, data, open, stop)?;
-    move_outputs(&partial, &opts.out_dir, &summary.files)?;
-    Ok(summary)
+    let built = build_outputs(&building, data, open, stop).and_then(|summary| move_outputs(&partial, &opts.out_dir, &summary.files).map(|()| summary));
+    match built {
+        // The caller says what an interrupted study leaves.
+        Err(failed) if !matches!(failed, crate::Error::Interrupted { .. }) => {
+            Err(tidy_after_failure(failed, &partial, &opts.out_dir, out_dir_existed))
+        }
+        done => done,
+    }
+}
+
+/// After a study failed, with the lock still held (so that only this study's directories
+/// are touched): its partial directory goes where it is empty, and so does a run directory
+/// it made and left empty; where the partial directory holds something, the error says so.
+fn tidy_after_failure(failed: crate::Error, partial: &Path, out_dir: &Path, out_dir_existed: bool) -> crate::Error {
+    let wrote = std::fs::remove_dir(partial).is_err() && partial.is_dir();
+    if !out_dir_existed {
+        let _ = std::fs::remove_dir(out_dir);
+    }
+    if wrote {
+        crate::Error::Kept { failed: Box::new(failed), kept: partial.to_path_buf() }
+    } else {
+        failed
+    }
 }
 
 /// The names of the files a study writes into its directory (its summary's `files`).
