@@ -270,6 +270,11 @@ pub fn run(
     if nets == BenchNets::Pair {
         models.push(config.configs(false).0);
     }
+    // The configuration's layers, on the data's image size and classes (MNIST's 784 and 10,
+    // or another IDX dataset's given with --data).
+    for model in &mut models {
+        (model.inputs, model.classes) = (data.train.features, data.train.classes);
+    }
     for model in &models {
         let params = ModelParams::init(model, train.seed, 1);
         opened.push(open(model.clone(), train.clone(), Arc::clone(&data), &params)?);
@@ -312,6 +317,22 @@ pub fn run(
 
 #[cfg(test)]
 mod tests {
+    /// The configuration's layers on the data's image size: a dataset of 20×20 images (400
+    /// features) is timed, not refused for the seed's 784 inputs.
+    #[test]
+    fn a_dataset_of_another_image_size_is_timed() {
+        use super::*;
+        let data = synthetic_dataset(720, 50, 400, 3);
+        let mut opened_inputs = Vec::new();
+        let mut open = |model: crate::model::ModelConfig, train: crate::model::TrainConfig, data: Arc<Dataset>, params: &ModelParams| -> Result<Box<dyn Backend>> {
+            opened_inputs.push(model.inputs);
+            Ok(Box::new(crate::cpu::CpuBackend::<f32>::new(model, train, data, params)?))
+        };
+        let report = run(BenchConfig::Seed, BenchNets::Pair, BenchData::Real(&data), 1, 0.01, false, false, &mut open, &mut |_| {}).unwrap();
+        assert!(report.us_per_step > 0.0);
+        assert_eq!(opened_inputs, [400, 400]);
+    }
+
     #[test]
     fn phase_table_lists_each_phase_and_the_step() {
         let row = |phase: &str, wall_us: f64| crate::backend::PhaseTiming {

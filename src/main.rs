@@ -17,7 +17,7 @@ use bntrain::train::{Event, Outcome};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -358,7 +358,7 @@ fn parse_runs(s: &str) -> Result<usize, String> {
 }
 fn parse_first(s: &str) -> Result<usize, String> { at_least_one(s, "test image") }
 fn parse_seeds(s: &str) -> Result<u32, String> {
-    at_least_one(s, "seed").and_then(|n| u32::try_from(n).map_err(|e| e.to_string()))
+    at_least_one(s, "seed").and_then(|n| u32::try_from(n).map_err(|_| format!("at most {} seeds", u32::MAX)))
 }
 fn parse_steps(s: &str) -> Result<u64, String> {
     let steps = at_least_one(s, "step")? as u64;
@@ -529,7 +529,10 @@ fn one_line(err: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    check_gemm_threads_env()?;
+    // Only where a command may multiply matrices on the CPU: `data` and `info` never do.
+    if !matches!(cli.command, Command::Data { .. } | Command::Info) {
+        check_gemm_threads_env()?;
+    }
     match cli.command {
         Command::Train(args) => train(cli.device, args),
         Command::Eval(args) => eval(cli.device, args),
@@ -621,6 +624,8 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
     let presses = Arc::new(AtomicUsize::new(0));
     let flag = Arc::clone(&stop);
     let mut last_press: Option<std::time::Instant> = None;
+    // A message leaves the progress bar's line first; without a terminal there is none.
+    let leave_bar = if std::io::stderr().is_terminal() { "\n" } else { "" };
     let handler = move || {
         let now = std::time::Instant::now();
         if last_press.is_some_and(|last| now.duration_since(last) < ONE_INTERRUPT) {
@@ -629,17 +634,17 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
         last_press = Some(now);
         let press = presses.fetch_add(1, Ordering::SeqCst);
         if press >= 2 {
-            note!("\nthird interrupt: exiting now, whatever is being written");
+            note!("{leave_bar}third interrupt: exiting now, whatever is being written");
             std::process::exit(130);
         }
         if press == 1 {
             if bntrain::interrupt::critical_work_running() {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "\nsecond interrupt: exiting once the file being written (or the outputs being moved into place) is done (press again to exit at once)"
+                    "{leave_bar}second interrupt: exiting once the file being written (or the outputs being moved into place) is done (press again to exit at once)"
                 );
             } else {
-                note!("\nsecond interrupt: exiting now");
+                note!("{leave_bar}second interrupt: exiting now");
             }
             // On a thread of its own, so that this handler is free for a third press (a
             // write hung on a network file system must not take every way out).
@@ -648,7 +653,7 @@ fn install_interrupt_handler() -> Arc<AtomicBool> {
         }
         // note!, not eprintln!: on a closed stderr a panic here would leave no interrupt to
         // stop the run.
-        note!("\ninterrupt: stopping once the steps under way are done (press again to exit at once)");
+        note!("{leave_bar}interrupt: stopping once the steps under way are done (press again to exit at once)");
         flag.store(true, Ordering::SeqCst);
     };
     if let Err(e) = ctrlc::set_handler(handler) {
@@ -795,7 +800,8 @@ fn open_checkpoint(
         }
         recorded => recorded.unwrap_or(Precision::F32),
     };
-    let net = device::open(device, precision, ckpt.model.clone(), train, Arc::clone(&data), &ckpt.params)?;
+    let net = device::open(device, precision, ckpt.model.clone(), train, Arc::clone(&data), &ckpt.params)
+        .with_context(|| path.display().to_string())?;
     Ok((ckpt, data, net))
 }
 
@@ -889,8 +895,6 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let held = device::HeldRows { evaluated: study_batch + 2 * data.test.count, exact: data.train.count };
     device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, held, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
-    // A run directory this study makes and leaves empty (interrupted early) goes with it.
-    let out_dir_existed = out_dir.exists();
     // An interrupted study ends here (it cannot resume): the message, the JSON line, 130.
     let stopped = |message: String, partial: Option<PathBuf>| -> ! {
         note!("{message}");
@@ -904,29 +908,21 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         stopped("interrupted before the study began: nothing was written".into(), None);
     }
-    let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
-        // What it wrote stays in the partial directory, and an earlier run's outputs are left
-        // whole.
-        Err(bntrain::Error::Interrupted { .. }) => {
-            let partial = report::partial_dir(&out_dir);
-            let earlier = if out_dir.join("report.md").exists() {
-                format!(" (the earlier run's outputs in {} are untouched)", out_dir.display())
-            } else {
-                String::new()
-            };
-            // An empty partial directory (stopped in the comparison, which writes at its end)
-            // says nothing: it goes.
-            let wrote = std::fs::remove_dir(&partial).is_err() && partial.is_dir();
-            if !out_dir_existed {
-                let _ = std::fs::remove_dir(&out_dir);
-            }
-            if wrote {
-                stopped(format!("interrupted: the study stopped before its end; what it wrote is in {}{earlier}", partial.display()), Some(partial))
-            } else {
-                stopped(format!("interrupted: the study stopped before writing anything{earlier}"), None)
-            }
+    // What an interrupted study wrote stays in its partial directory (report::reproduce
+    // removed it, and the run directory it made, where it left them empty, under its lock),
+    // and an earlier run's outputs are left whole.
+    let earlier = || {
+        if out_dir.join("report.md").exists() {
+            format!(" (the earlier run's outputs in {} are untouched)", out_dir.display())
+        } else {
+            String::new()
         }
-        // A study that failed has tidied its own directories (report::reproduce).
+    };
+    let summary = match report::reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop)) {
+        Err(bntrain::Error::Kept { failed, kept }) if matches!(*failed, bntrain::Error::Interrupted { .. }) => {
+            stopped(format!("interrupted: the study stopped before its end; what it wrote is in {}{}", kept.display(), earlier()), Some(kept))
+        }
+        Err(bntrain::Error::Interrupted { .. }) => stopped(format!("interrupted: the study stopped before writing anything{}", earlier()), None),
         done => done.with_context(|| format!("reproduce into {}", out_dir.display()))?,
     };
     if stop.load(Ordering::SeqCst) {
@@ -990,9 +986,10 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         bench::BenchNets::One { batch_norm: false } => "plain",
     };
     let runs = if r.runs == 1 { "1 run".to_string() } else { format!("{} runs", r.runs) };
+    let batches = if r.batches == 1 { "1 batch".to_string() } else { format!("{} batches", r.batches) };
     out!(
-        "{:?} ({which}, batch {}, {} batches of {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {runs} of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
-        r.config, r.batch_size, r.batches, r.data, 100.0 * r.nonzero_pixels, r.device,
+        "{:?} ({which}, batch {}, {batches} of {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {runs} of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
+        r.config, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
         r.us_per_step, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
     // The build's kernels say nothing about a CPU run (they stay in the JSON).

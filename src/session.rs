@@ -3,7 +3,7 @@
 //! atomically at the end or at the interruption point — never after a divergence.
 
 use crate::backend::{Backend, StepStats};
-use crate::data::{Dataset, DatasetKind};
+use crate::data::Dataset;
 use crate::device::{self, DeviceChoice, Precision};
 use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress, TrainedOn};
 use crate::model::{ConfigError, ModelConfig, ModelParams, TrainConfig};
@@ -169,7 +169,8 @@ struct StartingPoint {
 }
 
 /// Resolves the request against a checkpoint when resuming or initializing from one.
-fn starting_point(req: &TrainRequest, data_kind: DatasetKind) -> Result<StartingPoint> {
+fn starting_point(req: &TrainRequest, data: &Dataset) -> Result<StartingPoint> {
+    let (data_kind, data_features, data_source) = (data.kind, data.train.features, &data.source);
     match &req.start {
         Start::Fresh => {
             let params = ModelParams::init(&req.model, req.train.seed, req.train.estimators().len());
@@ -201,6 +202,14 @@ fn starting_point(req: &TrainRequest, data_kind: DatasetKind) -> Result<Starting
             // and the request's arithmetic (an f64 file stays f64).
             if let Some(TrainedOn { dataset, .. }) = ckpt.trained_on.filter(|t| t.dataset != data_kind) {
                 return Err(ConfigError::Mismatch(format!("{} was trained on {dataset}, the data loaded is {data_kind}", path.display())).into());
+            }
+            // The data directory is not recorded: other images than the loaded ones mean the
+            // run had its own --data.
+            if ckpt.model.inputs != data_features {
+                return Err(ConfigError::Mismatch(format!(
+                    "{} takes images of {} pixels, the data loaded ({}) has {}: give the --data it was trained on",
+                    path.display(), ckpt.model.inputs, data_source.display(), data_features
+                )).into());
             }
             let precision = match ckpt.recorded_precision() {
                 Some(Precision::F64) if req.device != DeviceChoice::Cpu => {
@@ -255,7 +264,7 @@ pub fn run(
         req.model.validate()?;
         crate::device::check_host_memory(&req.model, req.train.batch_size, evaluated(&data), req.device, req.precision)?;
     }
-    let StartingPoint { model, train: train_cfg, params, velocity, progress, precision } = starting_point(req, data.kind)?;
+    let StartingPoint { model, train: train_cfg, params, velocity, progress, precision } = starting_point(req, &data)?;
     model.validate()?;
     if resumed {
         crate::device::check_host_memory(&model, train_cfg.batch_size, evaluated(&data), req.device, precision)?;

@@ -128,6 +128,7 @@ fn training_settings_no_run_could_have_are_refused_naming_the_file() {
         (Box::new(|c: &mut Checkpoint| c.train.learning_rate = 0.0) as Box<dyn Fn(&mut Checkpoint)>, "learning rate must be positive"),
         (Box::new(|c: &mut Checkpoint| c.train.momentum = 1.5), "momentum must be in [0, 1)"),
         (Box::new(|c: &mut Checkpoint| c.train.batch_size = 0), "batch size must be at least 1"),
+        (Box::new(|c: &mut Checkpoint| c.train.learning_rate = 1e-300), "learning rate 1e-300 is 0 as the f32"),
     ] {
         let mut forged = sample(StoredPrecision::F32, 0.0);
         forge(&mut forged);
@@ -137,6 +138,11 @@ fn training_settings_no_run_could_have_are_refused_naming_the_file() {
         let message = refused.to_string();
         assert!(message.contains("forged.safetensors") && message.contains(needle), "{message}");
     }
+    // An f64 file keeps what only f32 cannot hold: it is evaluated in f64 on the CPU.
+    let mut wide_range = sample(StoredPrecision::F64, 0.0);
+    wide_range.train.learning_rate = 1e-300;
+    wide_range.save(&path).unwrap();
+    assert_eq!(Checkpoint::load(&path).unwrap().train.learning_rate, 1e-300);
 }
 
 #[test]

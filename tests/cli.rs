@@ -375,6 +375,11 @@ fn a_full_stderr_is_no_panic() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
     assert!(last["error"].as_str().is_some_and(|e| e.contains("MATMUL_NUM_THREADS=x is not a number of threads")), "{stdout}");
+    // Commands that multiply no matrices do not mind it.
+    for args in [&["info"][..], &["data", "where", "--data", s(&e.data)]] {
+        let out = Command::new(BIN).args(args).env("MATMUL_NUM_THREADS", "x").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 /// A full stdout (`>/dev/full`) is an error, help and version included: exit 1 and one line.
@@ -586,4 +591,28 @@ fn a_path_that_is_not_text_is_named_in_the_json_line() {
         .unwrap();
     let last = last_json(&out);
     assert_eq!(last["report"], json!(study.join("x").join("report.md").to_string_lossy()), "{last}");
+}
+
+/// A checkpoint trained on images of another size, resumed without its `--data`: the error
+/// says so and what to give, not a bare feature-count mismatch.
+#[test]
+fn resuming_on_images_of_another_size_asks_for_the_data_it_was_trained_on() {
+    let e = env();
+    let small = e.dir.join("small-images");
+    std::fs::create_dir(&small).unwrap();
+    for (prefix, count) in [("train", 120u32), ("t10k", 40)] {
+        let mut images = vec![0, 0, 8, 3];
+        [count, 20, 20].iter().for_each(|d| images.extend(d.to_be_bytes()));
+        images.extend((0..count * 400).map(|i| (i * 7 % 251) as u8));
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend(count.to_be_bytes());
+        labels.extend((0..count).map(|i| (i % 10) as u8));
+        std::fs::write(small.join(format!("{prefix}-images-idx3-ubyte")), images).unwrap();
+        std::fs::write(small.join(format!("{prefix}-labels-idx1-ubyte")), labels).unwrap();
+    }
+    let ckpt = e.dir.join("small.safetensors");
+    last_json(&bntrain(&["--device", "cpu", "train", "--data", s(&small), "--steps", "10", "--eval-every", "10", "--checkpoint", s(&ckpt), "--json"]));
+    let out = bntrain(&["--device", "cpu", "train", "--data", s(&e.data), "--resume", s(&ckpt), "--steps", "20"]);
+    expect_failure(&out, "takes images of 400 pixels");
+    expect_failure(&out, "give the --data it was trained on");
 }

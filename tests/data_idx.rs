@@ -176,7 +176,7 @@ fn malformed_files_give_one_line_errors_naming_the_file() {
     // breaks off as a cut member.
     let member_header = &gzip(b"x")[..10];
     for (name, after, says) in [
-        ("two-then-junk.gz", vec![0], "bytes that begin no gzip member follow"),
+        ("two-then-junk.gz", vec![0, 0, 7], "bytes that begin no gzip member follow"),
         ("two-then-lone.gz", vec![0x1f], "bytes that begin no gzip member follow"),
         ("two-then-magic.gz", vec![0x1f, 0x8b, 0, 0], "a gzip member after the first is cut short or corrupt"),
         ("two-then-header.gz", member_header.to_vec(), "a gzip member after the first is cut short or corrupt"),
@@ -381,10 +381,14 @@ fn locate_prefers_explicit_then_env_then_cache() {
     let error = locate(Some(empty.path()), kind, false).unwrap_err();
     assert!(matches!(error, DataError::MissingFile { .. }), "{error}");
     std::env::set_var("BNTRAIN_DATA", empty.path());
-    assert!(matches!(
-        locate(None, kind, false),
-        Err(DataError::MissingFile { .. })
-    ));
+    let error = locate(None, kind, false).unwrap_err();
+    assert!(matches!(error, DataError::MissingFile { .. }), "{error}");
+    assert!(error.to_string().ends_with("(the directory BNTRAIN_DATA names)"), "where the path came from: {error}");
+    // A file named as the data directory is said to be one.
+    let a_file = empty.path().join("a-file");
+    std::fs::write(&a_file, b"").unwrap();
+    let error = locate(Some(&a_file), kind, false).unwrap_err();
+    assert!(error.to_string().contains("it is not a directory"), "{error}");
 
     std::env::remove_var("BNTRAIN_DATA");
     assert_eq!(cache_dir(kind), cached);
@@ -404,6 +408,14 @@ fn locate_prefers_explicit_then_env_then_cache() {
         "{error}"
     );
     assert!(error.to_string().contains("--data DIR"), "{error}");
+    // A cache holding some of the files names those it lacks.
+    let partial_cache = empty.path().join("mnist");
+    std::fs::create_dir(&partial_cache).unwrap();
+    write_dataset(&partial_cache, false);
+    std::fs::remove_file(partial_cache.join("train-labels-idx1-ubyte")).unwrap();
+    let error = locate(None, kind, false).unwrap_err();
+    assert!(error.to_string().contains("the cache lacks train-labels-idx1-ubyte)"), "{error}");
+    std::fs::remove_dir_all(&partial_cache).unwrap();
     // Not found, Fashion-MNIST says where it looked and how to install it (no download).
     match locate(None, DatasetKind::FashionMnist, true) {
         Ok(dir) => assert_eq!(dir, Path::new(FASHION_MNIST_SYSTEM_DIR)),
@@ -575,7 +587,7 @@ fn fetch_downloads_verifies_and_skips_from_a_local_mirror() {
         files.insert(format!("/good/{name}.gz"), gzip(&raw));
         files.insert(format!("/corrupt/{name}.gz"), gzip(&corrupted));
     }
-    let server = serve(files);
+    let server = serve(files.clone());
     let dest = tempfile::tempdir().unwrap();
     let mirrors = [
         format!("{server}/missing/"),
@@ -617,4 +629,14 @@ fn fetch_downloads_verifies_and_skips_from_a_local_mirror() {
     );
     assert!(error.to_string().contains("SHA-256"), "{error}");
     assert!(error.to_string().contains("404"), "{error}");
+
+    // A directory holding the files compressed, as data directories may: they are verified
+    // and kept, not downloaded again.
+    let compressed = tempfile::tempdir().unwrap();
+    for name in IDX_FILES {
+        std::fs::write(compressed.path().join(format!("{name}.gz")), &files[&format!("/good/{name}.gz")]).unwrap();
+    }
+    let kept = fetch_from(&mirrors[..1], compressed.path(), false).unwrap();
+    assert_eq!(kept.already_present, IDX_FILES);
+    assert!(kept.downloaded.is_empty());
 }

@@ -68,7 +68,7 @@ fn run_quick(data: Dataset, dir: PathBuf) -> ReproduceSummary {
     summary
 }
 
-/// A stop request ends the study at the next step boundary with `Error::Interrupted`; what
+/// A stop request ends the study at the next step boundary with `Error::Interrupted` (inside `Error::Kept`, which names where); what
 /// it wrote stays in `<name>.partial` and nothing reaches the output directory. Meanwhile a
 /// second study into the same directory is refused rather than let delete those outputs.
 #[test]
@@ -82,8 +82,9 @@ fn a_stopped_study_keeps_its_partial_outputs_and_a_concurrent_one_is_refused() {
     let (mut opened, mut concurrent) = (0, None);
     let mut open = |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
         opened += 1;
-        // The comparison's two networks have trained; the test-time network is next.
-        if opened == 3 {
+        // The comparison's two networks and the test-time network have trained, and the
+        // last is saved; its restored copy is next.
+        if opened == 4 {
             let mut refused = |_: ModelConfig, _: TrainConfig, _: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
                 panic!("a study refused at the start opens no network")
             };
@@ -93,14 +94,20 @@ fn a_stopped_study_keeps_its_partial_outputs_and_a_concurrent_one_is_refused() {
         Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))
     };
     let result = reproduce(&opts, Arc::clone(&data), &mut open, Some(&stop));
-    assert!(matches!(result, Err(bntrain::Error::Interrupted { step: 0 })), "{:?}", result.map(|s| s.files));
+    match result {
+        Err(bntrain::Error::Kept { failed, kept }) => {
+            assert!(matches!(*failed, bntrain::Error::Interrupted { .. }), "{failed}");
+            assert_eq!(kept, partial_dir(&dir), "the partial directory, holding what it wrote");
+        }
+        other => panic!("not stopped with its partial outputs kept: {:?}", other.map(|s| s.files)),
+    }
     match concurrent {
         Some(Err(bntrain::Error::Report(ReportError::Busy(busy)))) => assert_eq!(busy, dir),
         other => panic!("the concurrent study was not refused: {:?}", other.map(|r| r.map(|s| s.files))),
     }
-    assert!(partial_dir(&dir).is_dir(), "the stopped study's partial directory is kept");
-    let reached: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(reached.is_empty(), "nothing reaches the output directory: {reached:?}");
+    assert!(partial_dir(&dir).join("bn_net.safetensors").is_file(), "the stopped study's partial outputs are kept");
+    // Nothing reached the output directory, which the study made: it went, empty.
+    assert!(!dir.exists(), "nothing reaches the output directory");
     // The lock went with the study: the next one runs.
     let mut open = |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
         Ok(Box::new(CpuBackend::<f32>::new(model, train, Arc::clone(&shared), params)?))

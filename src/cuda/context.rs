@@ -161,7 +161,11 @@ fn panic_as_message<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result
         }));
     });
     let was = PANIC_BECOMES_ERROR.with(|flag| flag.replace(true));
-    let outcome = std::panic::catch_unwind(f);
+    // Only this call's panic: not one that `f` caught itself earlier.
+    let outcome = std::panic::catch_unwind(|| {
+        CAUGHT_AT.with(|at| at.borrow_mut().take());
+        f()
+    });
     PANIC_BECOMES_ERROR.with(|flag| flag.set(was));
     outcome.map_err(|panic| {
         let what = panic

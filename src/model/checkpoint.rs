@@ -321,6 +321,13 @@ impl Checkpoint {
         // Its training settings too: eval and predict open a backend with them, whose refusal
         // would name neither the file nor a setting the command line has.
         train.validate_settings(&model).map_err(|e| malformed(format!("training settings: {e}")))?;
+        let computed_in_f64 = match (trained_on, precision) {
+            (Some(t), _) => t.precision == crate::device::Precision::F64,
+            (None, stored) => stored == StoredPrecision::F64,
+        };
+        if !computed_in_f64 {
+            train.validate_narrowed(&model, "f32", |value| value as f32 as f64).map_err(|e| malformed(format!("training settings: {e}")))?;
+        }
 
         let want_dtype = match precision {
             StoredPrecision::F32 => Dtype::F32,

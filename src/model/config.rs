@@ -235,23 +235,27 @@ impl TrainConfig {
     /// f32, 1e39 is infinite, 1e-300 is 0 and 1 − 1e-12 is 1, whatever they are as f64.
     pub fn validate_narrowed(&self, model: &ModelConfig, type_name: &str, narrow: impl Fn(f64) -> f64) -> Result<(), ConfigError> {
         let show = |v: f64| if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) { format!("{v:e}") } else { format!("{v}") };
-        let bad = |what: &str, value: f64| {
-            Err(ConfigError::Invalid(format!("{what} {} is {} as the {type_name} this computes in", show(value), show(narrow(value)))))
+        let bad = |what: &str, value: f64, must: &str| {
+            Err(ConfigError::Invalid(format!(
+                "{what} {} is {} as the {type_name} this run computes in, where it must be {must} (only the CPU's --precision f64 computes in f64)",
+                show(value),
+                show(narrow(value))
+            )))
         };
         let positive_and_finite = |value: f64| narrow(value) > 0.0 && narrow(value).is_finite();
         if !positive_and_finite(model.epsilon) {
-            return bad("epsilon", model.epsilon);
+            return bad("epsilon", model.epsilon, "positive and finite");
         }
         if !positive_and_finite(self.learning_rate) {
-            return bad("learning rate", self.learning_rate);
+            return bad("learning rate", self.learning_rate, "positive and finite");
         }
         if narrow(self.momentum) >= 1.0 {
-            return bad("momentum", self.momentum);
+            return bad("momentum", self.momentum, "below 1");
         }
         for e in self.estimators() {
             if let Averaging::Ema { decay } = e.averaging {
                 if !(narrow(decay) > 0.0 && narrow(decay) < 1.0) {
-                    return bad("decay", decay);
+                    return bad("decay", decay, "strictly between 0 and 1");
                 }
             }
         }

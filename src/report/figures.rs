@@ -150,8 +150,11 @@ fn step_label(max: f64) -> impl Fn(&f64) -> String {
             } else {
                 format!("{k:.1}k")
             }
-        } else {
+        } else if (v - v.round()).abs() < 1e-6 {
             format!("{}", v.round())
+        } else {
+            // A short axis (a few steps) gets fractional ticks: a step has no fraction.
+            String::new()
         }
     }
 }
@@ -427,10 +430,11 @@ fn fig1a_lead<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
             .label("PyTorch anchor")
             .legend(|(x, y)| Circle::new((x + 12, y), 6, INK.stroke_width(2)));
     }
-    // The legend where the line leaves the most room (on the log axis, by position).
+    // The legend where the line leaves the most room (on the log axis, by position), on the
+    // right: the left corners hold the "BN ahead" and "plain ahead" labels.
     let log = |x: f64| (x / x_lo).ln() / (x_hi / x_lo).ln();
     let drawn: Vec<(f64, f64)> = along(&lead, 20).into_iter().map(|(x, y)| (log(x), y)).collect();
-    let corners = [SeriesLabelPosition::UpperRight, SeriesLabelPosition::LowerRight, SeriesLabelPosition::UpperLeft, SeriesLabelPosition::LowerLeft];
+    let corners = [SeriesLabelPosition::UpperRight, SeriesLabelPosition::LowerRight];
     draw_legend(&mut chart, quietest_corner(&drawn, 0.0..1.0, y_lo..y_hi, 0.4, 0.3, &corners))
 }
 
@@ -713,6 +717,15 @@ mod tests {
         expected.push("fig.png".into());
         expected.sort();
         assert_eq!(names(dir.path()), expected);
+    }
+
+    /// Steps are whole: a short axis's fractional ticks get no label, not a repeated one.
+    #[test]
+    fn step_labels_are_whole_steps() {
+        let short = step_label(3.0);
+        assert_eq!([0.0, 0.5, 1.0, 2.5, 3.0].map(|v| short(&v)), ["0", "", "1", "", "3"]);
+        let long = step_label(40000.0);
+        assert_eq!([0.0, 5000.0, 2500.0].map(|v| long(&v)), ["0", "5k", "2.5k"]);
     }
 
     /// The lead is drawn in percentage points; step 0 (no place on a log axis) and a lead

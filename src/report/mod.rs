@@ -437,7 +437,8 @@ pub fn partial_dir(out_dir: &Path) -> PathBuf {
 /// `open` builds a backend (CPU or CUDA, the caller's choice) for a model, a training
 /// configuration and initial parameters; it is called for every network the study trains or
 /// restores. A request on `stop` ends the study at the next step boundary, or between its
-/// parts, with [`crate::Error::Interrupted`]; what it wrote stays in [`partial_dir`].
+/// parts, with [`crate::Error::Interrupted`], or [`crate::Error::Kept`] around it where what
+/// it wrote stays in [`partial_dir`]. A study that fails says so the same way.
 ///
 /// Another study into the same directory, in this process or another, is refused while this
 /// one runs ([`ReportError::Busy`]): it would delete this one's partial outputs.
@@ -462,49 +463,46 @@ pub fn reproduce(
     let out_dir_existed = opts.out_dir.exists();
     create_dir(&opts.out_dir)?;
     let _lock = lock_out_dir(&opts.out_dir)?;
-    // A stop that came before the study began (while the data loaded) leaves an earlier
-    // interrupted study's partial outputs where they are.
-    study::check_stop(stop, 0)?;
     let partial = partial_dir(&opts.out_dir);
-    // What an earlier interrupted study left is partial by its name: it goes.
-    if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| crate::Error::io(format!("cannot remove {}", partial.display()), e))?;
-    }
-    create_dir(&partial)?;
-    let probe = ".bntrain-move-probe";
-    // Never left behind by a second Ctrl-C between the write and the removal.
-    let probing = crate::interrupt::Critical::enter();
-    let probed = std::fs::write(partial.join(probe), b"")
-        .and_then(|()| move_file(&partial.join(probe), &opts.out_dir.join(probe)))
-        .and_then(|()| std::fs::remove_file(opts.out_dir.join(probe)));
-    if let Err(e) = probed {
-        let _ = std::fs::remove_dir_all(&partial);
-        return Err(crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e));
-    }
-    drop(probing);
-    let building = ReproduceOptions { out_dir: partial.clone(), ..opts.clone() };
-    let built = build_outputs(&building, data, open, stop).and_then(|summary| move_outputs(&partial, &opts.out_dir, &summary.files).map(|()| summary));
-    match built {
-        // The caller says what an interrupted study leaves.
-        Err(failed) if !matches!(failed, crate::Error::Interrupted { .. }) => {
-            Err(tidy_after_failure(failed, &partial, &opts.out_dir, out_dir_existed))
+    let mut made_partial = false;
+    let built = (|| {
+        // A stop that came before the study began (while the data loaded) leaves an earlier
+        // interrupted study's partial outputs where they are.
+        study::check_stop(stop, 0)?;
+        // What an earlier interrupted study left is partial by its name: it goes.
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| crate::Error::io(format!("cannot remove {}", partial.display()), e))?;
         }
-        done => done,
+        create_dir(&partial)?;
+        made_partial = true;
+        let probe = ".bntrain-move-probe";
+        // Never left behind by a second Ctrl-C between the write and the removal.
+        let _probing = crate::interrupt::Critical::enter();
+        std::fs::write(partial.join(probe), b"")
+            .and_then(|()| move_file(&partial.join(probe), &opts.out_dir.join(probe)))
+            .and_then(|()| std::fs::remove_file(opts.out_dir.join(probe)))
+            .map_err(|e| crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e))
+    })()
+    .and_then(|()| build_outputs(&ReproduceOptions { out_dir: partial.clone(), ..opts.clone() }, data, open, stop));
+    match built {
+        // The move names what moved and where the rest is, itself.
+        Ok(summary) => move_outputs(&partial, &opts.out_dir, &summary.files).map(|()| summary),
+        Err(failed) => Err(tidy_after_failure(failed, made_partial.then_some(partial.as_path()), &opts.out_dir, out_dir_existed)),
     }
 }
 
-/// After a study failed, with the lock still held (so that only this study's directories
-/// are touched): its partial directory goes where it is empty, and so does a run directory
-/// it made and left empty; where the partial directory holds something, the error says so.
-fn tidy_after_failure(failed: crate::Error, partial: &Path, out_dir: &Path, out_dir_existed: bool) -> crate::Error {
-    let wrote = std::fs::remove_dir(partial).is_err() && partial.is_dir();
+/// After a study failed or was interrupted, with the lock still held (so that only this
+/// study's directories are touched): the partial directory it made goes where it is empty,
+/// and so does a run directory it made and left empty; where the partial directory holds
+/// something, the error is [`crate::Error::Kept`], which names it.
+fn tidy_after_failure(failed: crate::Error, partial: Option<&Path>, out_dir: &Path, out_dir_existed: bool) -> crate::Error {
+    let kept = partial.filter(|partial| std::fs::remove_dir(partial).is_err() && partial.is_dir());
     if !out_dir_existed {
         let _ = std::fs::remove_dir(out_dir);
     }
-    if wrote {
-        crate::Error::Kept { failed: Box::new(failed), kept: partial.to_path_buf() }
-    } else {
-        failed
+    match kept {
+        Some(partial) => crate::Error::Kept { failed: Box::new(failed), kept: partial.to_path_buf() },
+        None => failed,
     }
 }
 

@@ -361,14 +361,15 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         ""
     };
     w(format!(
-        "The inputs to the sigmoid of the first {} units of hidden layer {} over training, on the test set. \
+        "The inputs to the sigmoid of {} of hidden layer {} over training, on the test set. \
          The post's view: their mean. The paper's view: their 15th, 50th and 85th percentiles. \
          The two panels of a row share their scale, each centered on its own values, so how far the inputs wander compares directly. \
          At the last evaluation the units' mean input is {} from 0 without BN and {} with BN, averaged over the units: {level}. \
          {wander} (the table: the range of each unit's mean input over training, averaged over the units). \
          Their spread, the 85th less the 15th percentile averaged over the units, goes from {} to {}{} without BN and from {} to {}{} with BN \
          between the first and the last evaluation.{by_construction}",
-        c.probe_neurons, c.probe_layer + 1, fmt4(level_plain), fmt4(level_bn),
+        if c.probe_neurons == 1 { "the first unit".to_string() } else { format!("the first {} units", c.probe_neurons) },
+        c.probe_layer + 1, fmt4(level_plain), fmt4(level_bn),
         fmt4(spread_plain_first), fmt4(spread_plain_last), growth(spread_plain_first, spread_plain_last),
         fmt4(spread_bn_first), fmt4(spread_bn_last), growth(spread_bn_first, spread_bn_last)
     ));
