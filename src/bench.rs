@@ -105,6 +105,9 @@ pub struct BenchReport {
     /// Networks trained in lockstep: 1, or 2 for `--pair` (the BN and the plain network side
     /// by side, as `reproduce`'s comparison trains them); µs per step covers both.
     pub networks: usize,
+    /// The layer widths, input to output: the configuration's on the data's image size
+    /// (784-100-100-10 for the seed on MNIST).
+    pub layers: String,
     pub device: String,
     /// The build's CUDA kernels (PTX target, nvcc), as `bntrain info` prints them.
     pub kernels: String,
@@ -296,6 +299,7 @@ pub fn run(
         config,
         batch_norm,
         networks: opened.len(),
+        layers: models[0].widths().iter().map(usize::to_string).collect::<Vec<_>>().join("-"),
         device: opened[0].device_name(),
         kernels: crate::cuda::build_info(),
         data: name,
@@ -331,6 +335,7 @@ mod tests {
         let report = run(BenchConfig::Seed, BenchNets::Pair, BenchData::Real(&data), 1, 0.01, false, false, &mut open, &mut |_| {}).unwrap();
         assert!(report.us_per_step > 0.0);
         assert_eq!(opened_inputs, [400, 400]);
+        assert_eq!(report.layers, "400-100-100-10");
     }
 
     #[test]

@@ -671,7 +671,9 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         let settings = args.optim.config();
         settings.validate_settings(&model)?;
         if args.precision != Precision::F64 {
-            settings.validate_narrowed(&model, "f32", |value| value as f32 as f64)?;
+            settings
+                .validate_narrowed(&model, "f32", |value| value as f32 as f64)
+                .map_err(|e| anyhow::anyhow!("{e}, the arithmetic of every run but the CPU's --precision f64"))?;
         }
         prefer_single_threaded_gemms(device_choice, &args.model.hidden);
     }
@@ -988,8 +990,8 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     let runs = if r.runs == 1 { "1 run".to_string() } else { format!("{} runs", r.runs) };
     let batches = if r.batches == 1 { "1 batch".to_string() } else { format!("{} batches", r.batches) };
     out!(
-        "{:?} ({which}, batch {}, {batches} of {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {runs} of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
-        r.config, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
+        "{:?} {} ({which}, batch {}, {batches} of {} with {:.0}% non-zero pixels) on {}: {:.1} µs per step (median of {runs} of {} steps; min {:.1}, max {:.1}), {:.0} steps/s",
+        r.config, r.layers, r.batch_size, r.data, 100.0 * r.nonzero_pixels, r.device,
         r.us_per_step, r.steps_per_run, r.us_per_step_min, r.us_per_step_max, r.steps_per_second
     );
     // The build's kernels say nothing about a CPU run (they stay in the JSON).

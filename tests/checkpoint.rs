@@ -128,7 +128,7 @@ fn training_settings_no_run_could_have_are_refused_naming_the_file() {
         (Box::new(|c: &mut Checkpoint| c.train.learning_rate = 0.0) as Box<dyn Fn(&mut Checkpoint)>, "learning rate must be positive"),
         (Box::new(|c: &mut Checkpoint| c.train.momentum = 1.5), "momentum must be in [0, 1)"),
         (Box::new(|c: &mut Checkpoint| c.train.batch_size = 0), "batch size must be at least 1"),
-        (Box::new(|c: &mut Checkpoint| c.train.learning_rate = 1e-300), "learning rate 1e-300 is 0 as the f32"),
+        (Box::new(|c: &mut Checkpoint| c.train.learning_rate = 1e-300), "learning rate 1e-300 is 0 in f32"),
     ] {
         let mut forged = sample(StoredPrecision::F32, 0.0);
         forge(&mut forged);

@@ -364,11 +364,11 @@ fn configuration_errors_are_caught_up_front() {
     }
     // Values an f64 backend takes, which are infinite, 0 or 1 as the f32 another computes in.
     let narrow_cases: Vec<(&str, Box<Mutation>)> = vec![
-        ("epsilon 1e39 is inf as the f32 this run computes in, where it must be positive and finite", Box::new(|_, m| m.epsilon = 1e39)),
-        ("epsilon 1e-300 is 0 as the f32", Box::new(|_, m| m.epsilon = 1e-300)),
-        ("learning rate 1e-300 is 0 as the f32", Box::new(|t, _| t.learning_rate = 1e-300)),
-        ("momentum 0.999999999999 is 1 as the f32 this run computes in, where it must be below 1", Box::new(|t, _| t.momentum = 1.0 - 1e-12)),
-        ("decay 0.999999999999 is 1 as the f32", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 - 1e-12 })),
+        ("epsilon 1e39 is inf in f32, where it must be positive and finite", Box::new(|_, m| m.epsilon = 1e39)),
+        ("epsilon 1e-300 is 0 in f32", Box::new(|_, m| m.epsilon = 1e-300)),
+        ("learning rate 1e-300 is 0 in f32", Box::new(|t, _| t.learning_rate = 1e-300)),
+        ("momentum 0.999999999999 is 1 in f32, where it must be below 1", Box::new(|t, _| t.momentum = 1.0 - 1e-12)),
+        ("decay 0.999999999999 is 1 in f32", Box::new(|t, _| t.estimator.averaging = Averaging::Ema { decay: 1.0 - 1e-12 })),
     ];
     let try_train_f32 = |edit: &dyn Fn(&mut TrainConfig, &mut ModelConfig)| {
         let (mut t, mut m) = (TrainConfig::seed(), model.clone());

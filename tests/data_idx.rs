@@ -416,6 +416,11 @@ fn locate_prefers_explicit_then_env_then_cache() {
     let error = locate(None, kind, false).unwrap_err();
     assert!(error.to_string().contains("the cache lacks train-labels-idx1-ubyte)"), "{error}");
     std::fs::remove_dir_all(&partial_cache).unwrap();
+    // A cache variable naming a file is said to.
+    std::env::set_var("BNTRAIN_CACHE", empty.path().join("a-file"));
+    let error = locate(None, kind, false).unwrap_err();
+    assert!(error.to_string().contains("a-file is a file, where the cache's directory would be"), "{error}");
+    std::env::set_var("BNTRAIN_CACHE", empty.path());
     // Not found, Fashion-MNIST says where it looked and how to install it (no download).
     match locate(None, DatasetKind::FashionMnist, true) {
         Ok(dir) => assert_eq!(dir, Path::new(FASHION_MNIST_SYSTEM_DIR)),

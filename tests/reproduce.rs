@@ -158,6 +158,24 @@ fn a_failed_study_tidies_only_its_own_directories() {
     }
 }
 
+/// A run directory the outputs could not move into is found before the study: nothing of
+/// the probe is left behind, and the error does not say the study wrote anything.
+#[test]
+fn a_failed_move_probe_leaves_nothing() {
+    let data = Arc::new(synthetic(600, 200));
+    let dir = out_dir("reproduce-probe");
+    // A directory where the probe file would go makes its move fail.
+    std::fs::create_dir_all(dir.join(".bntrain-move-probe")).unwrap();
+    let mut open = |_: ModelConfig, _: TrainConfig, _: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+        panic!("a study that cannot move its outputs opens no network")
+    };
+    let failed = reproduce(&ReproduceOptions::quick(dir.clone()), data, &mut open, None).map(|s| s.files).unwrap_err();
+    assert!(!matches!(failed, bntrain::Error::Kept { .. }), "{failed}");
+    assert!(failed.to_string().contains("cannot move outputs into"), "{failed}");
+    assert!(!partial_dir(&dir).exists(), "the partial directory, empty, goes");
+    assert!(dir.join(".bntrain-move-probe").is_dir(), "what was there stays");
+}
+
 /// The cells of a markdown table row, trimmed (None for lines that are not table rows).
 fn cells(line: &str) -> Option<Vec<String>> {
     let line = line.trim();

@@ -145,7 +145,13 @@ pub fn locate(
         DatasetKind::Mnist => {
             // A cache that holds some of the files: which it lacks.
             let lacking: Vec<&str> = IDX_FILES.iter().copied().filter(|name| find_idx_file(&cache, name).is_none()).collect();
-            let missing = if lacking.len() < IDX_FILES.len() { format!("; the cache lacks {}", lacking.join(", ")) } else { String::new() };
+            // Or a file where the cache's directory would be (BNTRAIN_CACHE naming a file).
+            let blocked = cache.ancestors().find(|dir| dir.exists()).filter(|dir| !dir.is_dir());
+            let missing = match blocked {
+                Some(file) => format!("; {} is a file, where the cache's directory would be", file.display()),
+                None if lacking.len() < IDX_FILES.len() => format!("; the cache lacks {}", lacking.join(", ")),
+                None => String::new(),
+            };
             Err(DataError::NotFound { kind, searched: searched.join(", "), cache, missing })
         }
         DatasetKind::FashionMnist => Err(DataError::FashionNotFound { searched: searched.join(", ") }),

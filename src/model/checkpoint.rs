@@ -326,7 +326,9 @@ impl Checkpoint {
             (None, stored) => stored == StoredPrecision::F64,
         };
         if !computed_in_f64 {
-            train.validate_narrowed(&model, "f32", |value| value as f32 as f64).map_err(|e| malformed(format!("training settings: {e}")))?;
+            train
+                .validate_narrowed(&model, "f32", |value| value as f32 as f64)
+                .map_err(|e| malformed(format!("training settings no f32 run could have had: {e}")))?;
         }
 
         let want_dtype = match precision {

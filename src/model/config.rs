@@ -237,7 +237,7 @@ impl TrainConfig {
         let show = |v: f64| if v != 0.0 && v.is_finite() && !(1e-4..1e6).contains(&v.abs()) { format!("{v:e}") } else { format!("{v}") };
         let bad = |what: &str, value: f64, must: &str| {
             Err(ConfigError::Invalid(format!(
-                "{what} {} is {} as the {type_name} this run computes in, where it must be {must} (only the CPU's --precision f64 computes in f64)",
+                "{what} {} is {} in {type_name}, where it must be {must}",
                 show(value),
                 show(narrow(value))
             )))

@@ -481,7 +481,11 @@ pub fn reproduce(
         std::fs::write(partial.join(probe), b"")
             .and_then(|()| move_file(&partial.join(probe), &opts.out_dir.join(probe)))
             .and_then(|()| std::fs::remove_file(opts.out_dir.join(probe)))
-            .map_err(|e| crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e))
+            .map_err(|e| {
+                // The probe is not an output: the partial directory is left empty for the tidy.
+                let _ = std::fs::remove_file(partial.join(probe));
+                crate::Error::io(format!("cannot move outputs into {}", opts.out_dir.display()), e)
+            })
     })()
     .and_then(|()| build_outputs(&ReproduceOptions { out_dir: partial.clone(), ..opts.clone() }, data, open, stop));
     match built {

@@ -294,10 +294,20 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         Some(_) => " BN is above plain at every evaluation.".to_string(),
         None => String::new(),
     };
-    w(format!(
-        "BN is above plain at {} of the first {} evaluation points (to step {}), {} of the first {} (to step {}) and {} of all {}.{for_good}",
-        above(&pairs[..early]), early, to_step(early), above(&pairs[..quarter]), quarter, to_step(quarter), above(&pairs), pairs.len()
-    ));
+    // The groups that say something: with few points the first 5% and the first quarter are
+    // the same points, or all of them.
+    let mut groups: Vec<String> = Vec::new();
+    for n in [early, quarter] {
+        if n >= 2 && n < pairs.len() && !groups.iter().any(|g| g.contains(&format!("(to step {})", to_step(n)))) {
+            groups.push(format!("{} of the first {n} (to step {})", above(&pairs[..n]), to_step(n)));
+        }
+    }
+    let all = match pairs.len() {
+        1 => format!("at the one evaluation point: {}", if above(&pairs) == 1 { "yes" } else { "no" }),
+        n => format!("at {} of all {n} evaluation points", above(&pairs)),
+    };
+    let groups = if groups.is_empty() { String::new() } else { format!(" ({})", groups.join(", ")) };
+    w(format!("BN is above plain {all}{groups}.{for_good}"));
     if let Some((at, bn, plain)) = both_at(s, c.steps) {
         let ends = match bn.partial_cmp(&plain) {
             Some(std::cmp::Ordering::Greater) => "BN ends higher",
@@ -316,10 +326,11 @@ pub fn render_report(s: &ReproduceSummary) -> String {
         "population" => "measured with BN's population statistics (the running estimates), not as the source and PyTorch's anchor measure it (the whole test set's own batch statistics)".to_string(),
         other => format!("with BN's test-time statistics `{other}`"),
     };
+    let when = if c.steps < c.eval_every { format!("at the last step ({}, before the first interval of {})", c.steps, c.eval_every) } else { format!("every {} steps", c.eval_every) };
     w(format!(
-        "Test accuracy every {} steps, {measured} (`eval_mode: {}`). \
+        "Test accuracy {when}, {measured} (`eval_mode: {}`). \
          The accuracy axis runs from {floor:.2} to 1{}; early points below it: {below_bn} of BN's, {below_plain} of plain's.",
-        c.eval_every, c.eval_mode, if floor == 0.8 { " as in the source" } else { " (lowered from the source's 0.8 to show this run)" }
+        c.eval_mode, if floor == 0.8 { " as in the source" } else { " (lowered from the source's 0.8 to show this run)" }
     ));
     w(String::new());
     w("Some of those points, every one in `curves.csv`:".into());
@@ -557,6 +568,19 @@ mod tests {
         }
         s.comparison.steps = 30;
         assert_eq!(rows(&s), ["30"]);
+        // The text of a run shorter than one interval: its one point, said once.
+        let report = render_report(&s);
+        assert!(report.contains("BN is above plain at the one evaluation point: yes."), "{report}");
+        assert!(report.contains("Test accuracy at the last step (30, before the first interval of 50)"), "{report}");
+    }
+
+    /// Counts of the early points, each group once and only where it is not all of them.
+    #[test]
+    fn the_early_points_are_counted_once_each() {
+        let report = render_report(&sample(1000, 50, 500));
+        assert!(report.contains("BN is above plain at 20 of all 20 evaluation points (5 of the first 5 (to step 250))."), "{report}");
+        let report = render_report(&sample(40000, 50, 500));
+        assert!(report.contains("at 800 of all 800 evaluation points (40 of the first 40 (to step 2000), 200 of the first 200 (to step 10000))."), "{report}");
     }
 
     #[test]
