@@ -24,8 +24,9 @@
 // hidden layers (the host adds the classes) those rows get blocks of their own instead of
 // lengthening the first blocks' phases. The logits and the softmax are computed whole, for
 // every row, by every block (batch_logits: B·classes dot products of the top layer's width,
-// a few per thread), into its shared memory, where the top hidden layer's backward and the
-// output layer's gradients read dlogits: the same values in every block, and no grid barrier
+// a few per thread, both operands first copied into the block's `part`), into its shared
+// memory, where the top hidden layer's backward and the output layer's gradients read
+// dlogits: the same values in every block, and no grid barrier
 // between the softmax and the backward (a row per block needed one, and a pass of
 // column_dot per row). A grid barrier separates a layer's forward from the next layer's
 // (which reads all of a; the logits read all of the top layer's a), each layer's backward
@@ -76,7 +77,8 @@
 //   running_stats.cu; barrier [1] u32, zero before the launch.
 //   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024;
 //   fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
-//   [rows, lanes+1], image indices and dz column.
+//   [rows, lanes+1] (`part`, which also holds the logits' operands, W_out then a chunk of
+//   the top layer's rows), image indices and dz column.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
@@ -91,7 +93,8 @@
 // The unstaged single-network kernel takes blocks of up to 1024 threads (the host picks 256,
 // the default, 512 or 1024): more warps an SM keep more loads in flight, where 256 threads
 // leave a seed block's SM with 8 warps waiting on L2. Measured on an H100 (docs/perf.md):
-// the seed step 6.5 % faster in blocks of 512, 2 % in blocks of 1024. One block of 1024 an
+// the seed step 6.5 % faster in blocks of 512, 2 % in blocks of 1024; on an H200 (with
+// batch_logits' copies) 10.6 % and 7.2 %. One block of 1024 an
 // SM caps registers at 64 a thread (65536 / 1024), as four blocks of 256 did: uncapped,
 // the compiler takes ~85 for the unrolled loads, and with the cap they still fit without
 // spills (scripts/ptx-check.sh).
@@ -458,45 +461,6 @@ __device__ __forceinline__ void column_dot(
     }
 }
 
-// out[r·classes + k] = Σ_i a[r·n + i]·w[k·n + i] (+ bias[k], if given) for every row r <
-// rows and class k: the whole batch's logits in one block, a (row, class) pair a thread
-// (pairs p = t, t+T, …; r = p / classes). Four partial sums, input i in sum i mod 4, added
-// as (s0+s1)+(s2+s3), then the bias: the same order whether the rows are read four floats a
-// load (both operands 16-byte aligned, n a multiple of 4) or one. Four independent chains
-// a thread, and no barrier: the row-per-block split it replaced took a pass of column_dot
-// (three block barriers) per row.
-__device__ __forceinline__ void batch_logits(
-    const float* a, const float* w, const float* bias, unsigned rows, unsigned n, unsigned classes, float* out)
-{
-    const bool quads = n % 4 == 0 && ((size_t)a % 16) == 0 && ((size_t)w % 16) == 0;
-    const unsigned pairs = rows * classes;
-    for (unsigned p = threadIdx.x; p < pairs; p += blockDim.x) {
-        const unsigned r = p / classes, k = p - r * classes;
-        const float* x = a + (size_t)r * n;
-        const float* y = w + (size_t)k * n;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-        unsigned i = 0;
-        if (quads) {
-#pragma unroll 2
-            for (; i < n; i += 4) {
-                const float4 xv = FUSED_LOAD_F4(x + i), yv = FUSED_LOAD_F4(y + i);
-                s0 += xv.x * yv.x; s1 += xv.y * yv.y; s2 += xv.z * yv.z; s3 += xv.w * yv.w;
-            }
-        } else {
-#pragma unroll 2
-            for (; i + 4 <= n; i += 4) {
-                s0 += x[i] * y[i]; s1 += x[i + 1] * y[i + 1]; s2 += x[i + 2] * y[i + 2]; s3 += x[i + 3] * y[i + 3];
-            }
-            if (i < n) s0 += x[i] * y[i];
-            if (i + 1 < n) s1 += x[i + 1] * y[i + 1];
-            if (i + 2 < n) s2 += x[i + 2] * y[i + 2];
-        }
-        float s = (s0 + s1) + (s2 + s3);
-        if (bias != nullptr) s += bias[k];
-        out[p] = s;
-    }
-}
-
 // dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n. Thread t keeps CH vectors of V outputs
 // (V·(kv), kv = t', t'+T', …) in registers. The pass's dz column is staged in `gs` and the
 // rows' lookups in `in.stage`, so a row costs one round trip, and U rows' loads are issued
@@ -690,6 +654,92 @@ __device__ __forceinline__ void stage_floats(uint8_t* region, const float* a, un
     else stage_rows<4>(region, 0, 1, n * 4, whole);
 }
 
+// out[(row0 + r)·classes + k] = Σ_i a[r·n + i]·w[k·n + i] (+ bias[k], if given) for rows
+// r < rows and every class k, a (row, class) pair a thread (pairs p = t, t+T, …; r = p /
+// classes). Four partial sums, input i in sum i mod 4, added as (s0+s1)+(s2+s3), then the
+// bias: the same order whether the rows are read four floats a load (both operands 16-byte
+// aligned, n a multiple of 4) or one. Four independent chains a thread, and no barrier.
+__device__ __forceinline__ void logit_pairs(
+    const float* a, const float* w, const float* bias, unsigned row0, unsigned rows, unsigned n, unsigned classes, float* out)
+{
+    const bool quads = n % 4 == 0 && ((size_t)a % 16) == 0 && ((size_t)w % 16) == 0;
+    const unsigned pairs = rows * classes;
+    for (unsigned p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const unsigned r = p / classes, k = p - r * classes;
+        const float* x = a + (size_t)r * n;
+        const float* y = w + (size_t)k * n;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        unsigned i = 0;
+        if (quads) {
+#pragma unroll 2
+            for (; i < n; i += 4) {
+                const float4 xv = FUSED_LOAD_F4(x + i), yv = FUSED_LOAD_F4(y + i);
+                s0 += xv.x * yv.x; s1 += xv.y * yv.y; s2 += xv.z * yv.z; s3 += xv.w * yv.w;
+            }
+        } else {
+#pragma unroll 2
+            for (; i + 4 <= n; i += 4) {
+                s0 += x[i] * y[i]; s1 += x[i + 1] * y[i + 1]; s2 += x[i + 2] * y[i + 2]; s3 += x[i + 3] * y[i + 3];
+            }
+            if (i < n) s0 += x[i] * y[i];
+            if (i + 1 < n) s1 += x[i + 1] * y[i + 1];
+            if (i + 2 < n) s2 += x[i + 2] * y[i + 2];
+        }
+        float s = (s0 + s1) + (s2 + s3);
+        if (bias != nullptr) s += bias[k];
+        out[(size_t)(row0 + r) * classes + k] = s;
+    }
+}
+
+// dst[q] = src[q] for q < quads float4s (both 16-byte aligned), a load a thread a round:
+// one round for the seed's W (250) in blocks of 256, four for a chunk of 31 rows (775).
+// Two or four loads a thread issued before their stores, as stage_rows does, made the
+// 64-register kernel spill (ptxas, sm_90: 76 and 144 bytes). Every thread calls it.
+__device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigned quads) {
+    for (unsigned q = threadIdx.x; q < quads; q += blockDim.x)
+        *reinterpret_cast<float4*>(dst + (size_t)q * 4) = FUSED_LOAD_F4(src + (size_t)q * 4);
+}
+
+// The whole batch's logits in one block (logit_pairs over rows < rows), its operands read
+// from shared memory: the output layer's W (classes × n floats) is copied into `part`
+// (part_floats floats) first, then the top layer's a (`a`, [rows, n]) a chunk of rows at a
+// time into the rest, unless `a_shared` (the staged kernels staged it). Each copy issues its
+// loads a round at a time (copy_quads). Read from L2 instead, a pair's n/2 loads waited a
+// round trip every two (unroll 2), and a thread of the seed's 256 took three pairs: on an
+// H200 the copies took the step's third phase from 22.1 to 14.3 µs (docs/perf.md, twentieth
+// session). The same values in the same order: the results are bitwise those of reading
+// L2, which it still does where n is not a multiple of 4, an operand is not 16-byte
+// aligned, or the rows would take more than LOGIT_MAX_CHUNKS chunks. Measured on an H200:
+// the seed's 2 chunks (blocks of 256: 51.07 → 43.05 µs a step) and the pair kernel's 6
+// (51.97 → 48.17) gained; batch 256 of a 256-wide layer, 43 chunks of 6 rows, lost (3000
+// steps of `train` 1.52 → 1.60 s): two block barriers and a copy a chunk cost more there
+// than the L2 reads they spare (perhaps because W's rows, read by every thread, stay in
+// L1; not measured). Every thread calls it.
+#ifndef LOGIT_MAX_CHUNKS
+#define LOGIT_MAX_CHUNKS 8
+#endif
+__device__ __forceinline__ void batch_logits(
+    float* part, unsigned part_floats, const float* a, bool a_shared, const float* w, const float* bias, unsigned rows, unsigned n,
+    unsigned classes, float* out)
+{
+    const unsigned w_floats = classes * n;
+    const bool aligned = n % 4 == 0 && ((size_t)a % 16) == 0 && ((size_t)w % 16) == 0;
+    const unsigned chunk = !aligned || w_floats >= part_floats ? 0 : a_shared ? rows : (part_floats - w_floats) / n;
+    const bool staging = chunk > 0 && (rows + chunk - 1) / chunk <= LOGIT_MAX_CHUNKS;
+    const unsigned step_rows = staging ? chunk : rows;
+    float* rows_copy = part + w_floats;
+    for (unsigned r0 = 0; r0 < rows; r0 += step_rows) {
+        const unsigned m = rows - r0 < step_rows ? rows - r0 : step_rows;
+        if (staging) {
+            __syncthreads();  // part's last readers (the last chunk's pairs, or before the call) are done
+            if (r0 == 0) copy_quads(part, w, w_floats / 4);
+            if (!a_shared) copy_quads(rows_copy, a + (size_t)r0 * n, m * n / 4);
+            __syncthreads();
+        }
+        logit_pairs(staging && !a_shared ? rows_copy : a + (size_t)r0 * n, staging ? part : w, bias, r0, m, n, classes, out);
+    }
+}
+
 // BN's forward of one column from its z (`z_at(r)` for rows r < batch): the batch's mean and
 // (biased) variance, by block totals in a fixed order; then `store(r, x̂, a)` with a =
 // act(γ·x̂ + β), by the thread that read z_at(r) last (so x̂ may overwrite z). Every thread
@@ -809,7 +859,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     // memory's first bytes, in every kernel (the staged regions follow, at the host's offsets).
     float* soft = reinterpret_cast<float*>(staged);
     // part: column_dot's partials, the block totals, the weight gradient's group sums, the
-    // step's row losses; index, gs: a pass's image indices and dz column.
+    // logits' operands, the step's row losses; index, gs: a pass's image indices and dz
+    // column.
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
@@ -968,7 +1019,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             const unsigned long long pos = base + t;
             const unsigned image = t < batch && pos < order_len ? order[pos] : count;
             stage_input(hidden, base);
-            batch_logits(float_input(hidden), params + out_info[L_W], bias, batch, in_w, classes, soft);
+            const bool top_staged = STAGED && out_info[L_STAGE] >= 0;
+            batch_logits(part, FUSED_PART_FLOATS, float_input(hidden), top_staged, params + out_info[L_W], bias, batch, in_w, classes, soft);
             __syncthreads();
             // softmax_xent.cu's arithmetic, a row a thread; dlogits overwrite the row's logits.
             for (unsigned r = t; r < batch; r += T) {

@@ -21,7 +21,8 @@
 #   STEP_VARIANTS=graph,fused,staged   (cuda) time bntrain once per BNTRAIN_CUDA_STEP variant
 #                     (`staged`: fused with BNTRAIN_FUSED_STAGE=1; `tuned`: graph with
 #                     BNTRAIN_GEMM_TUNE=1, wide only; `cluster`: fused with
-#                     BNTRAIN_FUSED_CLUSTER=1, seed only; `streams`: graph with
+#                     BNTRAIN_FUSED_CLUSTER=1, seed only; `replicated`: fused with
+#                     BNTRAIN_FUSED_REPLICATED=512, seed only; `streams`: graph with
 #                     BNTRAIN_BACKWARD_STREAMS=1, wide only; `tuned-streams`: both, wide only),
 #                     as rows bntrain-graph, bntrain-fused, bntrain-staged, bntrain-tuned, …;
 #                     ratios are against the fastest of them.
@@ -101,8 +102,9 @@ for cfg in "${cfg_list[@]}"; do
             # another graph run; its steps are fused, so a second stream for the backward's
             # GEMMs is measured on the wide one.
             [[ ( $variant == tuned || $variant == *streams ) && $cfg == seed ]] && continue
-            # Nor does the cluster kernel take the wide network (batch 1024 > 64).
-            [[ $variant == cluster && $cfg == wide ]] && continue
+            # Nor do the cluster and the one-barrier kernels take the wide network (batch
+            # 1024 > 64; 1024 neurons a layer).
+            [[ ( $variant == cluster || $variant == replicated ) && $cfg == wide ]] && continue
             flag=(); [[ $bn == no-bn ]] && flag=(--no-bn)
             name="bench-$cfg-$bn${variant:+-$variant}"
             impl="bntrain${variant:+-$variant}"
@@ -116,6 +118,7 @@ for cfg in "${cfg_list[@]}"; do
                 streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_BACKWARD_STREAMS=1) ;;
                 tuned-streams) step_env=(env BNTRAIN_CUDA_STEP=graph BNTRAIN_GEMM_TUNE=1 BNTRAIN_BACKWARD_STREAMS=1) ;;
                 cluster) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_CLUSTER=1) ;;
+                replicated) step_env=(env BNTRAIN_CUDA_STEP=fused BNTRAIN_FUSED_REPLICATED=512) ;;
                 *) step_env=(env "BNTRAIN_CUDA_STEP=$variant") ;;
             esac
             echo "== ${step_env[*]:1}${step_env[*]:+ }$bin --device $device bench --config $cfg ${flag[*]} ${bench_data[*]} --json ${bench_extra[*]}"

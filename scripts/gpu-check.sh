@@ -27,9 +27,10 @@
 #      too (part "blocks"), with evaluation points on a stream of their own
 #      (BNTRAIN_EVAL_STREAM=1), clusters (paired, then with that stream), staged fused
 #      steps, staged and paired, fused with tuned GEMMs, then graphs (REPRODUCE=0 skips
-#      them);
+#      them; REPRODUCE_VARIANTS="default fused …" runs only those named);
 #   5. compare-peers.sh: our PyTorch and JAX versions of the step on the same GPU, same
-#      call, same MNIST batches (RUN_PEERS=0 skips it);
+#      call, same MNIST batches (RUN_PEERS=0 skips it; PEER_VARIANTS=fused,replicated,…
+#      names bntrain's step variants, by default every one that works);
 #   6. profile: Nsight Compute's duration of every kernel of a few eager steps (seed, wide),
 #      and the fused kernel's stall reasons, unstaged and staged (skipped without ncu);
 #   7. optionally a peer anchor (python3 torch_anchor.py);
@@ -521,8 +522,9 @@ fi
 
 save_logs
 
-# The whole study (issue 4): its wall time on the GPU goes to docs/perf.md.
-for variant in fused default replicated replicated-streams replicated-50 replicated-50-streams baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph; do
+# The whole study (issue 4): its wall time on the GPU goes to docs/perf.md. REPRODUCE_VARIANTS
+# (default: all of those below that their parts allow) picks some, for a short call.
+for variant in ${REPRODUCE_VARIANTS:-fused default replicated replicated-streams replicated-50 replicated-50-streams baseline blocks1024 blocks1024-streams streams cluster cluster-streams staged paired tuned graph}; do
     # paired: staged fused steps, the two networks of the comparison in one launch; tuned:
     # fused steps, the evaluations' GEMMs tuned (BNTRAIN_GEMM_TUNE=1); streams: evaluation
     # points on a stream of their own beside the next steps (BNTRAIN_EVAL_STREAM=1).
@@ -599,8 +601,11 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     echo "== compare-peers.sh"
     # bntrain's side with each way of launching a step that works (the table names them and
     # compares the peers with the fastest).
+    # PEER_VARIANTS, when set, names them instead (a short call's subset).
     variants=graph,tuned,streams,tuned-streams; [[ $fused_ok == 1 ]] && variants+=,fused,staged
     [[ $cluster_ok == 1 ]] && variants+=,cluster
+    [[ $replicated_ok == 1 ]] && part replicated && variants+=,replicated
+    variants="${PEER_VARIANTS:-$variants}"
     STEP_VARIANTS=$variants DATA="$bundle/data" OUT="$logs" BUDGET="$t" timeout -k 10 "$t" bash "$bundle/compare-peers.sh" "$bin" 2>&1 | tee "$logs/peers.log"
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi
@@ -655,7 +660,7 @@ fi
 
 # Part "source" (not in the default PARTS): where the seed's fused kernel waits, by SASS
 # instruction. For each of SOURCE_VARIANTS (default "fused"; also "staged": BNTRAIN_FUSED_STAGE=1,
-# "fused512": blocks of 512 threads), one launch of 50 steps of `train` (the steps between
+# "fused512": blocks of 512 threads, "replicated": the one-barrier kernel in blocks of 512), one launch of 50 steps of `train` (the steps between
 # two evaluations) under Nsight Compute's source counters; the report's source page as CSV
 # (by SASS instruction: the CUDA-line view carries no counters) and its raw metrics,
 # summarized by ncu-source.py (stall reasons; the code between block barriers that holds
@@ -672,7 +677,8 @@ elif part source; then
             fused) ;;
             staged) kernel=fused_train_steps_staged_f32 env+=(BNTRAIN_FUSED_STAGE=1) ;;
             fused512) env+=(BNTRAIN_FUSED_THREADS=512) ;;
-            *) row "source profile ($variant, ncu)" "FAIL: unknown variant (fused, staged or fused512)"; failed=1; continue ;;
+            replicated) kernel=fused_train_steps_replicated_f32 env+=(BNTRAIN_FUSED_REPLICATED=512) ;;
+            *) row "source profile ($variant, ncu)" "FAIL: unknown variant (fused, staged, fused512 or replicated)"; failed=1; continue ;;
         esac
         limit 150 40 "source profile ($variant, ncu)" || break
         rep="$logs/source-$variant"

@@ -95,9 +95,11 @@ pub struct CudaOptions {
     pub backward_streams: Option<bool>,
     /// Threads per block of the unstaged fused kernel: 256 (the default), 512 or 1024 (more
     /// warps an SM to wait on L2 for a block's neuron). On an H100 512 made the seed step
-    /// 6.5 % faster alone, and 1024 the study's comparison in two launches 30 % slower (its
-    /// two networks' blocks no longer share SMs); the staged, pair and cluster kernels keep
-    /// 256 (so a paired study ignores it).
+    /// 6.5 % faster alone, on an H200 10.6 %, and 1024 the study's comparison in two launches
+    /// 30 % and 24 % slower (its two networks' blocks no longer share SMs); the staged, pair
+    /// and cluster kernels keep 256 (so a paired study ignores it). 256 stays the default
+    /// until the GPU tests that compare a network alone with the pair kernel bit for bit
+    /// have run with another.
     /// `BNTRAIN_FUSED_THREADS`.
     pub fused_threads: u32,
     /// Fused steps on the one-barrier kernel (cuda/fused_replicated.cuh: the layers above the
