@@ -24,7 +24,7 @@
 // hidden layers (the host adds the classes) those rows get blocks of their own instead of
 // lengthening the first blocks' phases. The logits and the softmax are computed whole, for
 // every row, by every block (batch_logits: B·classes dot products of the top layer's width,
-// a few per thread, both operands first copied into the block's `part`), into its shared
+// a few per thread, from copies in the block's `part` where they fit), into its shared
 // memory, where the top hidden layer's backward and the output layer's gradients read
 // dlogits: the same values in every block, and no grid barrier
 // between the softmax and the backward (a row per block needed one, and a pass of
@@ -705,11 +705,12 @@ __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigne
 // (part_floats floats) first, then the top layer's a (`a`, [rows, n]) a chunk of rows at a
 // time into the rest, unless `a_shared` (the staged kernels staged it). Each copy issues its
 // loads a round at a time (copy_quads). Read from L2 instead, a pair's n/2 loads waited a
-// round trip every two (unroll 2), and a thread of the seed's 256 took three pairs: on an
+// round trip every two (unroll 2), and a thread of the seed's 256 took up to three pairs: on an
 // H200 the copies took the step's third phase from 22.1 to 14.3 µs (docs/perf.md, twentieth
 // session). The same values in the same order: the results are bitwise those of reading
 // L2, which it still does where n is not a multiple of 4, an operand is not 16-byte
-// aligned, or the rows would take more than LOGIT_MAX_CHUNKS chunks. Measured on an H200:
+// aligned, W and one row do not fit `part`, or the rows would take more than
+// LOGIT_MAX_CHUNKS chunks. Measured on an H200:
 // the seed's 2 chunks (blocks of 256: 51.07 → 43.05 µs a step) and the pair kernel's 6
 // (51.97 → 48.17) gained; batch 256 of a 256-wide layer, 43 chunks of 6 rows, lost (3000
 // steps of `train` 1.52 → 1.60 s): two block barriers and a copy a chunk cost more there
