@@ -104,8 +104,11 @@
 #define FUSED_STAGED_THREADS 256
 #define FUSED_STAGED_MIN_BLOCKS 2
 // The pair kernels keep the per-network pointers in registers: 128 of them, two blocks an SM
-// (the seed's pair grid, 220 blocks, needs two on some SMs of 132).
+// (the seed's pair grid, 220 blocks, needs two on some SMs of 132); in blocks of 512 threads
+// (fused_train_pair_512_f32) 64 of them.
 #define FUSED_PAIR_MIN_BLOCKS 2
+// The single-network and pair kernels for blocks of 512 threads (the host's default size).
+#define FUSED_512_THREADS 512
 
 #ifndef FUSED_SPIN_PAUSE
 #define FUSED_SPIN_PAUSE() __nanosleep(32)
@@ -1163,6 +1166,16 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
     fused_train_steps<false, FUSED_MAX_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
+// The same kernel for blocks of at most 512 threads, one block an SM: up to 128 registers a
+// thread (ptxas, sm_90: it takes 105), where the kernel above, bounded by blocks of 1024,
+// has 64 and schedules its loads within them. The host runs blocks of 512 here unless told
+// not to (BNTRAIN_FUSED_512_KERNEL=0). Same code, same sums in the same order: its results
+// are bitwise those of the kernel above in blocks of 512.
+extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, 1) fused_train_steps_512_f32(FUSED_PARAMS)
+{
+    fused_train_steps<false, FUSED_512_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
+}
+
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
 // seed network) allow two blocks an SM at most, so registers are capped at 128, not 64:
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
@@ -1182,6 +1195,16 @@ extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MI
     const unsigned G = gridDim.x / 2;
     const bool second = blockIdx.x >= G;
     fused_train_steps<false, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+}
+
+// The pair in blocks of 512 threads, two an SM, so 64 registers a thread (ptxas, sm_90: 4 /
+// 8 bytes of spill): the host pairs networks whose own launches take blocks of 512 here, and
+// the pair then ends bit for bit where each network alone ends (same lanes, same sums).
+extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_512_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
+{
+    const unsigned G = gridDim.x / 2;
+    const bool second = blockIdx.x >= G;
+    fused_train_steps<false, FUSED_512_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }
 
 extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_staged_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))

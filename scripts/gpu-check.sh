@@ -20,7 +20,8 @@
 #      and graphs with weight gradients on a second stream (BNTRAIN_BACKWARD_STREAMS=1), and
 #      the seed's fused, staged, paired and graph steps on every batch (--all-batches);
 #      part "blocks" (first): the seed's fused step in blocks of 256, 512 and 1024 threads
-#      (BNTRAIN_FUSED_THREADS), and the study fused, in blocks of 1024, and with the
+#      (BNTRAIN_FUSED_THREADS) and in blocks of 512 on the 64-register kernel
+#      (BNTRAIN_FUSED_512_KERNEL=0), and the study fused, in blocks of 1024, and with the
 #      evaluation stream too;
 #   4. the full `reproduce` study, timed, with fused steps (two launches a step), with the
 #      defaults (fused, paired), in blocks of 1024 threads and with the evaluation stream
@@ -276,18 +277,19 @@ done
 # With bench_build set (as `bench_build=base bench …`; part "baseline"), the row and its
 # log are the baseline build's (base) or this build's beside it (here).
 bench_log() {
-    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-256}-all${11:-0}-replicated${12:-0}${13:+-grid${13}}${bench_build:+-$bench_build}.log"
+    echo "$logs/bench-$1-$2-$3-small${4:-0}-stage${5:-0}-pair${6:-0}-tune${7:-0}-cluster${8:-0}-backward${9:-0}-threads${10:-512}-all${11:-0}-replicated${12:-0}${13:+-grid${13}}${14:+-k512${14}}${bench_build:+-$bench_build}.log"
 }
 bench_part=bench
-bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)] [REPLICATED(0|256|512)] [GRID]
+bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_STAGE(0|1)] [PAIR(0|1|2)] [TUNE(0|1)] [CLUSTER(0|1|8|16)] [BACKWARD(0|1)] [THREADS(256|512|1024)] [ALL(0|1)] [REPLICATED(0|256|512)] [GRID] [KERNEL_512(0|1)]
     # PAIR: 1 times the BN and the plain network in lockstep (--pair), 2 also in one launch
     # (BNTRAIN_FUSED_PAIR=1). TUNE: 1 sets BNTRAIN_GEMM_TUNE=1. CLUSTER: BNTRAIN_FUSED_CLUSTER.
     # BACKWARD: 1 sets BNTRAIN_BACKWARD_STREAMS=1. THREADS: BNTRAIN_FUSED_THREADS. ALL: 1
     # passes --all-batches (every batch of MNIST's training set, as training streams them,
     # where twelve batches stay in L2). REPLICATED: BNTRAIN_FUSED_REPLICATED (the one-barrier
     # kernel in blocks of that many threads). GRID: BNTRAIN_FUSED_REPLICATED_GRID (at most that
-    # many blocks for it; unset: no cap). The part that runs it: $bench_part.
-    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-256}" all="${11:-0}" replicated="${12:-0}" grid="${13:-}"
+    # many blocks for it; unset: no cap). KERNEL_512: BNTRAIN_FUSED_512_KERNEL (0: blocks of 512
+    # on the kernel bounded by 1024, 64 registers a thread). The part that runs it: $bench_part.
+    local small="${4:-0}" stage="${5:-0}" pair="${6:-0}" tune="${7:-0}" cluster="${8:-0}" backward="${9:-0}" threads="${10:-512}" all="${11:-0}" replicated="${12:-0}" grid="${13:-}" k512="${14:-1}"
     local log; log="$(bench_log "$@")"
     local name="bench $1 ($2, $3"
     [[ $small == 1 ]] && name+=", small-GEMM kernels"
@@ -298,7 +300,8 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     [[ $cluster == 1 ]] && name+=", clusters"
     [[ $cluster == 8 || $cluster == 16 ]] && name+=", clusters of $cluster"
     [[ $backward == 1 ]] && name+=", dW on a 2nd stream"
-    [[ $threads != 256 ]] && name+=", $threads threads a block"
+    [[ $threads != 512 ]] && name+=", $threads threads a block"
+    [[ $k512 == 0 ]] && name+=", 64-register kernel"
     [[ $all == 1 ]] && name+=", all batches"
     [[ $replicated != 0 ]] && name+=", one barrier a step, $replicated threads"
     [[ -n $grid ]] && name+=", at most $grid blocks"
@@ -316,9 +319,9 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
     if [[ $cluster != 0 && $cluster_ok == 0 ]]; then row "$name" "SKIPPED: the cluster smoke test failed"; return; fi
     if [[ $2 == fused && $fused_ok == 0 ]]; then row "$name" "SKIPPED: the fused smoke test failed"; return; fi
     if [[ $replicated != 0 && $replicated_ok == 0 ]]; then row "$name" "SKIPPED: the replicated smoke test failed"; return; fi
-    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
+    echo "== BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_512_KERNEL=$k512 BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_CUDA_STEP=$2 bntrain bench --device cuda --config $1 --precision $3 ${pair_flag[*]}"
     limit 60 10 "$name" || { failed=1; return; }
-    BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
+    BNTRAIN_FUSED_REPLICATED_GRID=$grid BNTRAIN_FUSED_REPLICATED=$replicated BNTRAIN_SMALL_GEMM=$small BNTRAIN_FUSED_STAGE=$stage BNTRAIN_FUSED_PAIR=$one_launch BNTRAIN_GEMM_TUNE=$tune BNTRAIN_FUSED_CLUSTER=$cluster BNTRAIN_BACKWARD_STREAMS=$backward BNTRAIN_FUSED_THREADS=$threads BNTRAIN_FUSED_512_KERNEL=$k512 BNTRAIN_CUDA_STEP=$2 timeout -k 10 "$t" "$exe" --device cuda bench --config "$1" --precision "$3" "${pair_flag[@]}" --json 2>&1 | tee "$log"
     if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
         local device want; device="$(json_field "$log" device)"
         local tuned=""
@@ -334,7 +337,10 @@ bench() { # CONFIG STEP(graph|eager|fused) PRECISION [SMALL_GEMM(0|1)] [FUSED_ST
         [[ $stage == 1 ]] && want="(fused steps, staged in shared memory"
         [[ $cluster != 0 ]] && want="(fused steps, clusters of"
         [[ $cluster == 8 || $cluster == 16 ]] && want+=" $cluster blocks"
-        [[ $2 == fused && $threads != 256 ]] && want="(fused steps, $threads threads a block"
+        [[ $2 == fused && $threads != 512 ]] && want="(fused steps, $threads threads a block"
+        [[ $2 == fused && $threads == 512 && $k512 == 0 ]] && want="(fused steps, 512 threads a block, 64 registers a thread"
+        # (A baseline build may name its block sizes as builds before 512 became the default did.)
+        [[ $2 == fused && ${bench_build:-} == base && $stage == 0 && $cluster == 0 && $replicated == 0 ]] && want="(fused steps"
         [[ $replicated != 0 ]] && want="(fused steps, one barrier a step, $replicated threads a block"
         [[ $replicated != 0 && -n $grid ]] && want+=", $grid blocks"
         [[ $pair == 2 && "$device" != *", two networks a launch"* ]] && fell_back=1
@@ -355,26 +361,26 @@ save_logs
 # Part "replicated": the one-barrier kernel (cuda/fused_replicated.cuh) beside the grid kernel
 # (a short call, PARTS="tests replicated", runs just these after the tests): the seed
 # step in blocks of 512 and 256 (the grid kernel's rows as this part's baseline, the default
-# 256 and 512), every batch, and the BN+plain pair (the one-barrier kernel has no pair kernel:
+# 512 and 256), every batch, and the BN+plain pair (the one-barrier kernel has no pair kernel:
 # two launches, as the study then runs) beside the grid pair in one launch (the default).
 # The grid kernel's rows are made here only (parts "blocks" and "bench" skip them when this
 # part runs), and only when the one-barrier kernel's smoke test passed.
 bench_part=replicated
 if [[ $replicated_ok == 1 ]]; then
     bench seed fused f32
-    bench seed fused f32 0 0 0 0 0 0 512
+    bench seed fused f32 0 0 0 0 0 0 256
     bench seed fused f32 0 0 2
 fi
-bench seed fused f32 0 0 0 0 0 0 256 0 512
-bench seed fused f32 0 0 0 0 0 0 256 0 256
-bench seed fused f32 0 0 0 0 0 0 256 1 512
-bench seed fused f32 0 0 1 0 0 0 256 0 512
+bench seed fused f32 0 0 0 0 0 0 512 0 512
+bench seed fused f32 0 0 0 0 0 0 512 0 256
+bench seed fused f32 0 0 0 0 0 0 512 1 512
+bench seed fused f32 0 0 1 0 0 0 512 0 512
 # On 50 blocks, two layer-0 neurons each (their pixels read twice a block): the pair's two
 # launches may run side by side on 100 of an H100's or H200's 132 SMs, leaving 32 for the
 # evaluations on a stream of their own (66 blocks would take them all, no faster: 34 of them
 # would own two neurons).
-bench seed fused f32 0 0 0 0 0 0 256 0 512 50
-bench seed fused f32 0 0 1 0 0 0 256 0 512 50
+bench seed fused f32 0 0 0 0 0 0 512 0 512 50
+bench seed fused f32 0 0 1 0 0 0 512 0 512 50
 bench_part=bench
 # Part "points": the study's evaluation points alone (`bench --pair --points`: the whole test
 # split with batch statistics and the probe, each point begun and finished at once), with the
@@ -404,6 +410,9 @@ for threads in 256 512 1024; do
     [[ $threads != 1024 ]] && part replicated && [[ $replicated_ok == 1 ]] && continue
     bench seed fused f32 0 0 0 0 0 0 "$threads"
 done
+# Blocks of 512 on the kernel bounded by blocks of 1024 (64 registers a thread), against the
+# default's kernel bounded by 512 (BNTRAIN_FUSED_512_KERNEL=0).
+bench seed fused f32 0 0 0 0 0 0 512 0 0 "" 0
 bench_part=bench
 for config in seed wide; do
     for step in fused graph eager; do
@@ -450,10 +459,10 @@ bench seed eager f32 1
 # Every batch of the training set (--all-batches), as training and the study stream them:
 # twelve batches (0.56 MB) stay in L2 between steps, the 47 MB set may not. The fused step
 # alone, staged, and the study's pair in one launch; the graph step.
-bench seed fused f32 0 0 0 0 0 0 256 1
-bench seed fused f32 0 1 0 0 0 0 256 1
-bench seed fused f32 0 0 2 0 0 0 256 1
-bench seed graph f32 0 0 0 0 0 0 256 1
+bench seed fused f32 0 0 0 0 0 0 512 1
+bench seed fused f32 0 1 0 0 0 0 512 1
+bench seed fused f32 0 0 2 0 0 0 512 1
+bench seed graph f32 0 0 0 0 0 0 512 1
 
 save_logs
 
@@ -514,7 +523,11 @@ if [[ -n "$base_bin" ]]; then
     bench_part=baseline
     # This build's rows again, right after the baseline's (the bench part's own are minutes
     # older, on a GPU whose clocks move).
-    for build in base here; do bench_build=$build bench seed fused f32; done
+    # BASE_THREADS: the baseline build's block size for one network (default 512; 256 for a
+    # build from before 512 became the default), so that each build runs its defaults.
+    for build in base here; do
+        bench_build=$build bench seed fused f32 0 0 0 0 0 0 "$([[ $build == base ]] && echo "${BASE_THREADS:-512}" || echo 512)"
+    done
     for build in base here; do bench_build=$build bench seed fused f32 0 0 2; done
     [[ $fused_ok == 1 ]] && for build in base here; do ceiling "$build"; done
     bench_part=bench
@@ -538,7 +551,7 @@ for variant in ${REPRODUCE_VARIANTS:-fused default replicated replicated-streams
     # replicated-50: at most 50 blocks a network, so that the two launches may run side by
     # side; -streams: the evaluation points on a stream of their own (on the SMs the launches
     # leave free).
-    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=256 replicated=0 grid="" gate=reproduce exe="$bin"
+    step=$variant stage=0 pairing=0 tune=0 clusters=0 streams=0 threads=512 replicated=0 grid="" gate=reproduce exe="$bin"
     [[ $variant == replicated* ]] && step=fused replicated=512 gate=replicated
     [[ $variant == replicated-50* ]] && grid=50
     [[ $variant == replicated* && $replicated_ok == 0 ]] && continue
@@ -580,7 +593,7 @@ for variant in ${REPRODUCE_VARIANTS:-fused default replicated replicated-streams
         [[ $tune == 1 && "$device" != *"GEMMs tuned"* ]] && fell_back=1
         [[ $streams == 1 && "$device" != *"evaluations on a stream of their own"* ]] && fell_back=1
         [[ $clusters == 1 && "$device" != *"clusters of"* ]] && fell_back=1
-        [[ $threads != 256 && "$device" != *"$threads threads a block"* ]] && fell_back=1
+        [[ $threads != 512 && "$device" != *"$threads threads a block"* ]] && fell_back=1
         [[ $replicated != 0 && "$device" != *"one barrier a step"* ]] && fell_back=1
         [[ -n $grid && "$device" != *", $grid blocks"* ]] && fell_back=1
         if [[ $fell_back == 1 ]]; then
@@ -659,8 +672,10 @@ PY
 fi
 
 # Part "source" (not in the default PARTS): where the seed's fused kernel waits, by SASS
-# instruction. For each of SOURCE_VARIANTS (default "fused"; also "staged": BNTRAIN_FUSED_STAGE=1,
-# "fused512": blocks of 512 threads, "replicated": the one-barrier kernel in blocks of 512), one launch of 50 steps of `train` (the steps between
+# instruction. For each of SOURCE_VARIANTS (default "fused": the defaults, blocks of 512 on their
+# own kernel; also "staged": BNTRAIN_FUSED_STAGE=1, "fused256": blocks of 256 threads,
+# "bounded512": blocks of 512 on the 64-register kernel, "replicated": the one-barrier kernel in
+# blocks of 512), one launch of 50 steps of `train` (the steps between
 # two evaluations) under Nsight Compute's source counters; the report's source page as CSV
 # (by SASS instruction: the CUDA-line view carries no counters) and its raw metrics,
 # summarized by ncu-source.py (stall reasons; the code between block barriers that holds
@@ -672,13 +687,14 @@ elif part source && [[ $fused_ok == 0 ]]; then
     row "source profile" "SKIPPED: the fused smoke test failed"
 elif part source; then
     for variant in ${SOURCE_VARIANTS:-fused}; do
-        kernel=fused_train_steps_f32 env=(BNTRAIN_CUDA_STEP=fused)
+        kernel=fused_train_steps_512_f32 env=(BNTRAIN_CUDA_STEP=fused)
         case "$variant" in
             fused) ;;
             staged) kernel=fused_train_steps_staged_f32 env+=(BNTRAIN_FUSED_STAGE=1) ;;
-            fused512) env+=(BNTRAIN_FUSED_THREADS=512) ;;
+            fused256) kernel=fused_train_steps_f32 env+=(BNTRAIN_FUSED_THREADS=256) ;;
+            bounded512) kernel=fused_train_steps_f32 env+=(BNTRAIN_FUSED_512_KERNEL=0) ;;
             replicated) kernel=fused_train_steps_replicated_f32 env+=(BNTRAIN_FUSED_REPLICATED=512) ;;
-            *) row "source profile ($variant, ncu)" "FAIL: unknown variant (fused, staged, fused512 or replicated)"; failed=1; continue ;;
+            *) row "source profile ($variant, ncu)" "FAIL: unknown variant (fused, staged, fused256, bounded512 or replicated)"; failed=1; continue ;;
         esac
         limit 150 40 "source profile ($variant, ncu)" || break
         rep="$logs/source-$variant"
@@ -747,30 +763,30 @@ else:
 PY
 )")")
 }
-decide "seed fused: one barrier a step (512)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)"
-decide "seed fused: one barrier a step (256)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 256)"
-decide "seed fused, 512 threads: one barrier a step" "$(bench_log seed fused f32 0 0 0 0 0 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)"
-decide "seed one barrier (512): all batches" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1 512)"
-decide "seed pair: one barrier, 2 launches, vs grid 1" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)"
-decide "seed one barrier (512): at most 50 blocks" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 0 512 50)"
-decide "seed pair, one barrier: at most 50 blocks" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512)" "$(bench_log seed fused f32 0 0 1 0 0 0 256 0 512 50)"
+decide "seed fused: one barrier a step (512)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 0 512)"
+decide "seed fused: one barrier a step (256)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 0 256)"
+decide "seed one barrier (512): all batches" "$(bench_log seed fused f32 0 0 0 0 0 0 512 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 1 512)"
+decide "seed pair: one barrier, 2 launches, vs grid 1" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 1 0 0 0 512 0 512)"
+decide "seed one barrier (512): at most 50 blocks" "$(bench_log seed fused f32 0 0 0 0 0 0 512 0 512)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 0 512 50)"
+decide "seed pair, one barrier: at most 50 blocks" "$(bench_log seed fused f32 0 0 1 0 0 0 512 0 512)" "$(bench_log seed fused f32 0 0 1 0 0 0 512 0 512 50)"
 decide "train $steps steps: one barrier a step" "$logs/train-fused-f32.log" "$logs/train-replicated-f32.log"
 decide "seed fused: clusters (largest that fits)" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 1)"
 decide "seed fused: clusters of 8" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 8)"
 decide "seed fused: staged" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 1)"
-decide "seed fused: 512 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512)"
+decide "seed fused: 256 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256)"
+decide "seed fused: 512 on the 64-register kernel" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 0 0 "" 0)"
 decide "seed fused: 1024 threads a block" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 1024)"
 decide "seed fused pair: one launch (grid)" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2)"
 decide "seed fused pair, staged: one launch" "$(bench_log seed fused f32 0 1 1)" "$(bench_log seed fused f32 0 1 2)"
 decide "seed fused pair: clusters, one launch" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 2 0 1)"
 decide "seed fused pair: clusters, two launches" "$(bench_log seed fused f32 0 0 1)" "$(bench_log seed fused f32 0 0 1 0 1)"
 decide "seed graph: small-GEMM kernels" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 1)"
-decide "seed fused: all batches" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)"
-decide "seed fused, staged: all batches" "$(bench_log seed fused f32 0 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 256 1)"
-decide "seed fused pair, one launch: all batches" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 2 0 0 0 256 1)"
-decide "seed graph: all batches" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 0 256 1)"
-decide "seed fused, all batches: staged" "$(bench_log seed fused f32 0 0 0 0 0 0 256 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 256 1)"
-decide "seed fused: this build against the baseline" "$(bench_build=base bench_log seed fused f32)" "$(bench_build=here bench_log seed fused f32)"
+decide "seed fused: all batches" "$(bench_log seed fused f32)" "$(bench_log seed fused f32 0 0 0 0 0 0 512 1)"
+decide "seed fused, staged: all batches" "$(bench_log seed fused f32 0 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 512 1)"
+decide "seed fused pair, one launch: all batches" "$(bench_log seed fused f32 0 0 2)" "$(bench_log seed fused f32 0 0 2 0 0 0 512 1)"
+decide "seed graph: all batches" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 0 512 1)"
+decide "seed fused, all batches: staged" "$(bench_log seed fused f32 0 0 0 0 0 0 512 1)" "$(bench_log seed fused f32 0 1 0 0 0 0 512 1)"
+decide "seed fused: this build against the baseline" "$(bench_build=base bench_log seed fused f32 0 0 0 0 0 0 "${BASE_THREADS:-512}")" "$(bench_build=here bench_log seed fused f32)"
 decide "seed fused pair, one launch: against baseline" "$(bench_build=base bench_log seed fused f32 0 0 2)" "$(bench_build=here bench_log seed fused f32 0 0 2)"
 decide "train batch 256, 256-wide: against baseline" "$(ceiling_log base)" "$(ceiling_log here)"
 decide "seed graph: dW on a 2nd stream" "$(bench_log seed graph f32)" "$(bench_log seed graph f32 0 0 0 0 0 1)"

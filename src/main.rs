@@ -52,8 +52,9 @@ enum Command {
     /// captured into a CUDA graph and replayed) or eager (its operations one by one). The
     /// device shown says which ran. BNTRAIN_FUSED_STAGE=1 runs the fused kernel with layer
     /// inputs and weight rows staged in shared memory; BNTRAIN_FUSED_PAIR=0 runs --pair's two
-    /// networks in two fused launches instead of one; BNTRAIN_FUSED_THREADS=512 or 1024 sets
-    /// the fused kernel's block size (256 by default); BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs
+    /// networks in two fused launches instead of one; BNTRAIN_FUSED_THREADS=256 or 1024 sets
+    /// the fused kernel's block size (512 by default; BNTRAIN_FUSED_512_KERNEL=0 runs blocks of
+    /// 512 on the kernel bounded by blocks of 1024, 64 registers a thread); BNTRAIN_FUSED_CLUSTER=1 (or 8, 16) runs
     /// fused steps in one thread-block cluster per network (compute capability 9.0 and
     /// newer); BNTRAIN_FUSED_REPLICATED=1 (or 256, 512: the block size) runs fused steps with
     /// one grid barrier a step, the layers above the first computed whole in every block

@@ -521,8 +521,9 @@ pub struct CudaBackend {
     fused_staging: bool,
     /// Whether fused steps run on the thread-block-cluster kernels (see [`CudaOptions`]).
     fused_cluster: ClusterRequest,
-    /// CudaOptions::fused_threads, for the fused plan.
+    /// CudaOptions::fused_threads and fused_512_kernel, for the fused plan.
     fused_threads: u32,
+    fused_512_kernel: bool,
     /// CudaOptions::fused_replicated and fused_replicated_grid, for the fused plan.
     fused_replicated: Option<ReplicatedRequest>,
     /// Set by [`CudaBackend::refuse_next_cluster_launch`].
@@ -702,6 +703,7 @@ impl CudaBackend {
             fused_staging: options.fused_staging,
             fused_cluster: options.fused_cluster,
             fused_threads: options.fused_threads,
+            fused_512_kernel: options.fused_512_kernel,
             fused_replicated: options.fused_replicated.map(|threads| ReplicatedRequest { threads, max_grid: options.fused_replicated_grid }),
             refuse_cluster_launch: false,
             fused_pairing: options.fused_pairing,
@@ -771,13 +773,14 @@ impl CudaBackend {
         let fused_asked = options.fused_staging != defaults.fused_staging
             || options.fused_cluster != defaults.fused_cluster
             || options.fused_threads != defaults.fused_threads
+            || options.fused_512_kernel != defaults.fused_512_kernel
             || options.fused_replicated != defaults.fused_replicated
             || options.fused_replicated_grid != defaults.fused_replicated_grid;
         if fused_asked && backend.fused.is_none() {
             FUSED_ONLY.call_once(|| {
                 let _ = writeln!(
                     std::io::stderr(),
-                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER, BNTRAIN_FUSED_THREADS, BNTRAIN_FUSED_REPLICATED and BNTRAIN_FUSED_REPLICATED_GRID apply to fused steps only; this network's steps run as {}",
+                    "notice: BNTRAIN_FUSED_STAGE, BNTRAIN_FUSED_CLUSTER, BNTRAIN_FUSED_THREADS, BNTRAIN_FUSED_512_KERNEL, BNTRAIN_FUSED_REPLICATED and BNTRAIN_FUSED_REPLICATED_GRID apply to fused steps only; this network's steps run as {}",
                     if matches!(backend.graph, GraphState::Off { .. }) { "eager launches" } else { "a cuda graph" }
                 );
             });
@@ -839,7 +842,7 @@ impl CudaBackend {
             })
             .collect();
         let bn_total = self.stats_layout.as_ref().map_or(0, |s| s.total());
-        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads, self.fused_replicated)
+        FusedPlan::new(&self.gpu, layers, self.train.batch_size, self.flat_len, bn_total, self.fused_staging, self.fused_cluster, self.fused_threads, self.fused_512_kernel, self.fused_replicated)
     }
 
     /// Checks that batches `first..first+count` lie inside the epoch order and points the
@@ -1239,6 +1242,12 @@ impl CudaBackend {
         self.fused.as_ref().map(FusedPlan::staging)
     }
 
+    /// Whether this network's fused steps run alone on the kernel bounded by blocks of 512
+    /// threads (`fused_train_steps_512_f32`).
+    pub fn fused_512_kernel_in_use(&self) -> bool {
+        self.fused.as_ref().is_some_and(|p| p.kernel_512() && p.cluster().is_none() && p.replicated().is_none() && !p.staging().any())
+    }
+
     /// How many times the step has been captured into a graph (once, plus once per
     /// `set_epoch_order` that changed the order's length or reallocated it).
     pub fn graph_captures(&self) -> u32 {
@@ -1508,9 +1517,15 @@ impl Backend for CudaBackend {
             None if plan.staging().any() => "fused steps, staged in shared memory".to_string(),
             None => {
                 let mut name = String::from("fused steps");
-                // (A paired launch runs the pair kernel, whose blocks have 256 threads.)
-                if !self.paired && plan.threads() != 256 {
-                    name += &format!(", {} threads a block", plan.threads());
+                // The block size where it is not the default's (a paired launch's: the pair
+                // kernel's), and the 64-register kernel where blocks of 512 run on it alone.
+                let threads = if self.paired { plan.pair_threads() } else { plan.threads() };
+                let bounded_512 = !self.paired && threads == 512 && !plan.kernel_512();
+                if threads != CudaOptions::default().fused_threads || bounded_512 {
+                    name += &format!(", {threads} threads a block");
+                }
+                if bounded_512 {
+                    name += ", 64 registers a thread";
                 }
                 name
             }

@@ -28,8 +28,12 @@ pub(crate) struct Functions {
     pub running_stats_update: CudaFunction,
     pub sgd_update: CudaFunction,
     pub fused_train_steps: CudaFunction,
+    /// The same kernel bounded by blocks of 512 threads, not 1024 (more registers a thread).
+    pub fused_train_steps_512: CudaFunction,
     pub fused_train_steps_staged: CudaFunction,
     pub fused_train_pair: CudaFunction,
+    /// The pair kernel in blocks of 512 threads.
+    pub fused_train_pair_512: CudaFunction,
     pub fused_train_pair_staged: CudaFunction,
     /// The one-barrier kernel (cuda/fused_replicated.cuh) and its shared-memory layout query.
     pub fused_train_steps_replicated: CudaFunction,
@@ -292,8 +296,10 @@ impl Gpu {
             running_stats_update: function("running_stats", "running_stats_update_f32")?,
             sgd_update: function("sgd", "sgd_update_f32")?,
             fused_train_steps: function("fused_step", "fused_train_steps_f32")?,
+            fused_train_steps_512: function("fused_step", "fused_train_steps_512_f32")?,
             fused_train_steps_staged: function("fused_step", "fused_train_steps_staged_f32")?,
             fused_train_pair: function("fused_step", "fused_train_pair_f32")?,
+            fused_train_pair_512: function("fused_step", "fused_train_pair_512_f32")?,
             fused_train_pair_staged: function("fused_step", "fused_train_pair_staged_f32")?,
             fused_train_steps_replicated: function("fused_step", "fused_train_steps_replicated_f32")?,
             fused_replicated_layout_bytes: function("fused_step", "fused_replicated_layout_bytes")?,

@@ -829,6 +829,11 @@ impl FusedStaging {
     }
 }
 
+/// The unstaged single-network kernel: the one bounded by blocks of 512 threads, or by 1024.
+fn unstaged_function(gpu: &Gpu, kernel_512: bool) -> &CudaFunction {
+    if kernel_512 { &gpu.functions.fused_train_steps_512 } else { &gpu.functions.fused_train_steps }
+}
+
 /// What the fused kernel needs besides the backend's own buffers: the layer table and its
 /// workspaces, sized for one batch, and the grid every block of which stays resident.
 pub struct FusedPlan {
@@ -839,6 +844,9 @@ pub struct FusedPlan {
     /// Threads per block of the unstaged single-network kernel (the staged and pair kernels
     /// take FUSED_STAGED_THREADS).
     threads: u32,
+    /// Whether that kernel is `fused_train_steps_512_f32` (blocks of 512 threads, asked for),
+    /// not `fused_train_steps_f32`.
+    kernel_512: bool,
     staging: FusedStaging,
     /// Whether twice the grid is co-resident for the pair kernel (fused_train_pair).
     pair_fits: bool,
@@ -864,12 +872,13 @@ impl FusedPlan {
     /// `stage`, the staged kernel keeps every layer input (and the weight row) in shared
     /// memory that fits without shrinking the grid. `threads` (one of [`FUSED_BLOCK_THREADS`])
     /// is the unstaged kernel's block size; the grid is the one that kernel keeps resident.
-    /// `replicated` asks for the one-barrier kernel instead, where the layers fit its layout
+    /// With `kernel_512`, blocks of 512 run the kernel bounded by them (more registers a
+    /// thread; bitwise the same results). `replicated` asks for the one-barrier kernel instead, where the layers fit its layout
     /// (clusters, if also asked for, win).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         gpu: &Gpu, layers: Vec<FusedLayer>, batch: usize, flat_len: usize, bn_total: usize, stage: bool, cluster: ClusterRequest, threads: u32,
-        replicated: Option<ReplicatedRequest>,
+        kernel_512: bool, replicated: Option<ReplicatedRequest>,
     ) -> Result<Self, CudaError> {
         const K: &str = "fused_train_steps_f32";
         require(K, layers.len() >= 2, || "needs at least one hidden layer".into())?;
@@ -946,7 +955,8 @@ impl FusedPlan {
         };
         // The unstaged kernel's grid, with the softmax's region; staging may not shrink it.
         let unstaged = FusedStaging::unstaged(&layers, batch);
-        let plain = &gpu.functions.fused_train_steps;
+        let kernel_512 = kernel_512 && threads == 512;
+        let plain = unstaged_function(gpu, kernel_512);
         require(K, allows(plain, unstaged.bytes)?, || {
             format!("the batch's logits ({batch} × {} floats, {} bytes) do not fit a block's shared memory", layers[hidden].outputs, unstaged.bytes)
         })?;
@@ -975,10 +985,10 @@ impl FusedPlan {
         };
         // Whether two such networks fit on the device at once in one launch (fused_train_pair);
         // a failed query only rules the pair out.
-        let pair = plan_pair_function(gpu, &staging);
+        let (pair, pair_threads) = pair_kernel(gpu, &staging, threads);
         let dynamic = staging.bytes;
         let pair_opted_in = allows(pair, dynamic).unwrap_or(false);
-        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_STAGED_THREADS, dynamic, None).unwrap_or(0);
+        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(pair_threads, dynamic, None).unwrap_or(0);
         let pair_fits = replicated.is_none() && pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
             if let Some(offset) = offset {
@@ -1003,6 +1013,7 @@ impl FusedPlan {
             flat_len,
             grid,
             threads,
+            kernel_512,
             staging,
             pair_fits,
             cluster,
@@ -1036,6 +1047,12 @@ impl FusedPlan {
         self.grid
     }
 
+    /// Whether blocks of 512 threads run `fused_train_steps_512_f32` (not the kernel bounded
+    /// by blocks of 1024).
+    pub fn kernel_512(&self) -> bool {
+        self.kernel_512
+    }
+
     /// Threads per block of the launches of this plan's network alone (the staged kernel
     /// takes 256 whatever the plan asked for).
     pub fn threads(&self) -> u32 {
@@ -1063,12 +1080,26 @@ impl FusedPlan {
             && self.batch == other.batch
             && self.grid == other.grid
             && self.staging == other.staging
+            && self.pair_threads() == other.pair_threads()
+    }
+
+    /// Threads a block of this plan's pair launches (see `pair_kernel`).
+    pub fn pair_threads(&self) -> u32 {
+        if self.staging.any() || self.threads != 512 { FUSED_STAGED_THREADS } else { 512 }
     }
 }
 
-/// The pair kernel for a plan's staging.
-fn plan_pair_function<'g>(gpu: &'g Gpu, staging: &FusedStaging) -> &'g CudaFunction {
-    if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair }
+/// The pair kernel for a plan's staging and block size, and its threads a block: unstaged
+/// networks in blocks of 512 pair in blocks of 512 (and so end bit for bit as alone), the
+/// others in blocks of 256 (FUSED_STAGED_THREADS).
+fn pair_kernel<'g>(gpu: &'g Gpu, staging: &FusedStaging, threads: u32) -> (&'g CudaFunction, u32) {
+    if staging.any() {
+        (&gpu.functions.fused_train_pair_staged, FUSED_STAGED_THREADS)
+    } else if threads == 512 {
+        (&gpu.functions.fused_train_pair_512, 512)
+    } else {
+        (&gpu.functions.fused_train_pair, FUSED_STAGED_THREADS)
+    }
 }
 
 /// A BN network's running statistics as a fused launch updates them: the layout, running
@@ -1240,7 +1271,7 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
         return unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error("fused_train_steps_replicated_f32"));
     }
     // The staged kernel whenever the plan stages anything (it reads the offsets).
-    let function = if args.plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { &gpu.functions.fused_train_steps };
+    let function = if args.plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { unstaged_function(gpu, args.plan.kernel_512) };
     let cfg = LaunchConfig {
         grid_dim: (args.plan.grid, 1, 1),
         block_dim: (args.plan.threads(), 1, 1),
@@ -1286,12 +1317,12 @@ pub fn fused_train_pair(
         // pairs_with made the same.
         return unsafe { b.launch(cfg) }.map(drop).map_err(refusable_launch_error("fused_cluster_pair_f32"));
     }
-    let function = plan_pair_function(gpu, &pa.staging);
+    let (function, threads) = pair_kernel(gpu, &pa.staging, pa.threads);
     let grid = pa.grid.saturating_mul(2);
     let dynamic = u32::try_from(pa.staging.bytes).unwrap_or(u32::MAX);
     // The first network's barrier serves both (the kernel ignores the second's).
     gpu.stream().memset_zeros(&mut a.plan.barrier)?;
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_STAGED_THREADS, 1, 1), shared_mem_bytes: dynamic };
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: dynamic };
     let mut b = builder(gpu, function);
     a.push(&mut b);
     b_args.push(&mut b);

@@ -93,15 +93,20 @@ pub struct CudaOptions {
     /// step 5 % slower; docs/perf.md); [`CudaOptions::second_backward_stream`] resolves it.
     /// `BNTRAIN_BACKWARD_STREAMS=1` or `0` sets it either way.
     pub backward_streams: Option<bool>,
-    /// Threads per block of the unstaged fused kernel: 256 (the default), 512 or 1024 (more
+    /// Threads per block of the unstaged fused kernel: 256, 512 (the default) or 1024 (more
     /// warps an SM to wait on L2 for a block's neuron). On an H100 512 made the seed step
-    /// 6.5 % faster alone, on an H200 10.6 %, and 1024 the study's comparison in two launches
-    /// 30 % and 24 % slower (its two networks' blocks no longer share SMs); the staged, pair
-    /// and cluster kernels keep 256 (so a paired study ignores it). 256 stays the default
-    /// until the GPU tests that compare a network alone with the pair kernel bit for bit
-    /// have run with another.
+    /// 6.5 % faster alone, on an H200 10.6 % (and 1024 7.2 %), and 1024 the study's
+    /// comparison in two launches 30 % and 24 % slower (its two networks' blocks no longer
+    /// share SMs); the staged, pair and cluster kernels keep 256 (so a paired study ignores
+    /// it), and so does a network alone that must equal the pair kernel bit for bit.
     /// `BNTRAIN_FUSED_THREADS`.
     pub fused_threads: u32,
+    /// Blocks of 512 threads run the kernel compiled for them (`fused_train_steps_512_f32`,
+    /// one block an SM: up to 128 registers a thread) rather than the one bounded by blocks
+    /// of 1024 (64 registers a thread): the same code and sums, bitwise the same results,
+    /// with room for more loads in flight. On by default; `BNTRAIN_FUSED_512_KERNEL=0` runs
+    /// the bounded kernel instead.
+    pub fused_512_kernel: bool,
     /// Fused steps on the one-barrier kernel (cuda/fused_replicated.cuh: the layers above the
     /// first computed whole in every block, one grid barrier a step) in blocks of this many
     /// threads, where the network fits its layout; the study's two networks then take a launch
@@ -130,7 +135,8 @@ impl Default for CudaOptions {
             fused_cluster: ClusterRequest::Off,
             eval_stream: false,
             backward_streams: None,
-            fused_threads: 256,
+            fused_threads: 512,
+            fused_512_kernel: true,
             fused_replicated: None,
             fused_replicated_grid: None,
         }
@@ -167,6 +173,8 @@ impl CudaOptions {
     pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
     /// The switch for [`CudaOptions::fused_threads`]: `256`, `512` or `1024`.
     pub const FUSED_THREADS_ENV: &'static str = "BNTRAIN_FUSED_THREADS";
+    /// The switch for [`CudaOptions::fused_512_kernel`]: `0` off, `1` or unset on.
+    pub const FUSED_512_KERNEL_ENV: &'static str = "BNTRAIN_FUSED_512_KERNEL";
     /// The switch for [`CudaOptions::fused_replicated`]: `0` or unset off, `1` (512 threads),
     /// `256` or `512`.
     pub const REPLICATED_ENV: &'static str = "BNTRAIN_FUSED_REPLICATED";
@@ -179,7 +187,7 @@ impl CudaOptions {
     /// `BNTRAIN_FUSED_PAIR`, GEMM tuning from `BNTRAIN_GEMM_TUNE`, clusters from
     /// `BNTRAIN_FUSED_CLUSTER`, the evaluation stream from `BNTRAIN_EVAL_STREAM`, the
     /// backward's second stream from `BNTRAIN_BACKWARD_STREAMS`, the block size from
-    /// `BNTRAIN_FUSED_THREADS` and the one-barrier kernel from `BNTRAIN_FUSED_REPLICATED`
+    /// `BNTRAIN_FUSED_THREADS` (its kernel from `BNTRAIN_FUSED_512_KERNEL`) and the one-barrier kernel from `BNTRAIN_FUSED_REPLICATED`
     /// (its grid's cap from `BNTRAIN_FUSED_REPLICATED_GRID`); each unset (or empty) variable
     /// leaves [`CudaOptions::default`]'s choice.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -194,6 +202,7 @@ impl CudaOptions {
                 .or(options.backward_streams),
             fused_cluster: Self::cluster_from_env(env_text(Self::CLUSTER_ENV)?.as_deref())?.unwrap_or(options.fused_cluster),
             fused_threads: Self::threads_from_env(env_text(Self::FUSED_THREADS_ENV)?.as_deref())?.unwrap_or(options.fused_threads),
+            fused_512_kernel: switch(Self::FUSED_512_KERNEL_ENV, options.fused_512_kernel)?,
             fused_replicated: Self::replicated_from_env(env_text(Self::REPLICATED_ENV)?.as_deref())?.unwrap_or(options.fused_replicated),
             fused_replicated_grid: Self::replicated_grid_from_env(env_text(Self::REPLICATED_GRID_ENV)?.as_deref())?
                 .unwrap_or(options.fused_replicated_grid),
