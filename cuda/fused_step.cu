@@ -104,10 +104,12 @@
 #define FUSED_STAGED_THREADS 256
 #define FUSED_STAGED_MIN_BLOCKS 2
 // The pair kernels keep the per-network pointers in registers: 128 of them, two blocks an SM
-// (the seed's pair grid, 220 blocks, needs two on some SMs of 132); in blocks of 512 threads
-// (fused_train_pair_512_f32) 64 of them.
+// (the seed's pair grid, 220 blocks, needs two on some SMs of 132). In blocks of 512, two an
+// SM (64 registers a thread, 4 / 8 bytes of spill), the seed's pair step took 49.89 µs
+// against 48.95 in blocks of 256, and the study 2.87 against 2.81 s (H200, docs/perf.md): the
+// pair kernels keep 256.
 #define FUSED_PAIR_MIN_BLOCKS 2
-// The single-network and pair kernels for blocks of 512 threads (the host's default size).
+// The single-network kernel for blocks of 512 threads (the host's default size).
 #define FUSED_512_THREADS 512
 
 #ifndef FUSED_SPIN_PAUSE
@@ -275,12 +277,14 @@ __device__ __forceinline__ unsigned row_threads(unsigned rows) {
 // `at` loads inputs V·kv … V·kv+V−1 of a row.
 //
 // Layer 0: the batch's images, as bytes scaled by 1/255. `load` brings the raw bytes,
-// `unpack` scales them (NaN for an invalid row; an I2F a byte: pixel_scaled's byte permute
-// and FMA made the 64-register kernel spill 40 bytes): loads of several rows can be issued as
+// `unpack` scales them (NaN for an invalid row): loads of several rows can be issued as
 // packed words before any is widened to floats. With V = 4 (features a multiple of 4, rows
 // 4-byte aligned) one 32-bit load brings four pixels. An index outside the order or the
-// dataset gives NaN inputs, as gather.cu does.
-template <unsigned V_>
+// dataset gives NaN inputs, as gather.cu does. With PERMUTE, a byte becomes a float by
+// pixel_scaled (common.cuh: a byte permute and an FMA, full rate, bit for bit the same
+// value), else by an I2F (16 a cycle an SM): the 512-thread kernel, whose budget is 128
+// registers, takes the permute; the 64-register kernels spilled 40 bytes with it.
+template <unsigned V_, bool PERMUTE_>
 struct PixelBytes {
     static constexpr unsigned V = V_;
     typedef const uint8_t* Row;  // null: an invalid row
@@ -292,7 +296,7 @@ struct PixelBytes {
     __device__ __forceinline__ void unpack(bool valid, Raw q, float* x) const {
 #pragma unroll
         for (unsigned e = 0; e < V; ++e)
-            x[e] = valid ? (float)((q >> (8 * e)) & 255u) * (1.0f / 255.0f) : __int_as_float(0x7fc00000);
+            x[e] = !valid ? __int_as_float(0x7fc00000) : PERMUTE_ ? pixel_scaled(q, e) : (float)((q >> (8 * e)) & 255u) * (1.0f / 255.0f);
     }
     __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { unpack(p != nullptr, load(p, kv), x); }
 };
@@ -300,8 +304,8 @@ struct PixelBytes {
 // The pixels in global memory. An image's index costs a load of `order[pos]` that the pixel
 // loads depend on: `stage` looks the pass's rows up in parallel, once, into shared memory,
 // so inner loops do one round trip per load instead of two.
-template <unsigned V_>
-struct Pixels : PixelBytes<V_> {
+template <unsigned V_, bool PERMUTE_>
+struct Pixels : PixelBytes<V_, PERMUTE_> {
     const uint8_t* images;
     const unsigned* order;
     unsigned order_len, count, features;
@@ -325,8 +329,8 @@ struct Pixels : PixelBytes<V_> {
 
 // The pixels as stage_pixel_rows left them in shared memory: row r at r·pitch, its image
 // index (≥ count: invalid) in `image`.
-template <unsigned V_>
-struct StagedPixels : PixelBytes<V_> {
+template <unsigned V_, bool PERMUTE_>
+struct StagedPixels : PixelBytes<V_, PERMUTE_> {
     const uint8_t* pixels;
     const unsigned* image;
     unsigned count, pitch;
@@ -740,7 +744,12 @@ __device__ __forceinline__ void batch_logits(
             if (!a_shared) copy_quads(rows_copy, a + (size_t)r0 * n, m * n / 4);
             __syncthreads();
         }
-        logit_pairs(staging && !a_shared ? rows_copy : a + (size_t)r0 * n, staging ? part : w, bias, r0, m, n, classes, out);
+        // Two calls, not one on chosen pointers: where both operands are known to lie in shared
+        // memory the compiler reads them with shared loads (LDS), not generic ones (LD), which
+        // wait longer (the generic loads of one call held 6.8 % of the 512-thread kernel's
+        // warp samples on an H200, docs/perf.md).
+        if (staging) logit_pairs(a_shared ? a + (size_t)r0 * n : rows_copy, part, bias, r0, m, n, classes, out);
+        else logit_pairs(a + (size_t)r0 * n, w, bias, r0, m, n, classes, out);
     }
 }
 
@@ -840,10 +849,11 @@ __device__ __forceinline__ void sgd_row(
 }
 
 
-// The kernel's body; STAGED compiles the staging in (the kernels below). The network's blocks
-// are `G` blocks of the grid, this one its `me`-th (the whole grid, or half of it for a pair);
-// the grid barrier counts every block of the grid.
-template <bool STAGED, unsigned MAX_T>
+// The kernel's body; STAGED compiles the staging in (the kernels below), PERMUTE_PIXELS the
+// pixels' byte permute (PixelBytes). The network's blocks are `G` blocks of the grid, this one
+// its `me`-th (the whole grid, or half of it for a pair); the grid barrier counts every block
+// of the grid.
+template <bool STAGED, unsigned MAX_T, bool PERMUTE_PIXELS = false>
 __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
     constexpr unsigned FUSED_PART_FLOATS = fused_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
@@ -901,11 +911,11 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             const unsigned* image = reinterpret_cast<const unsigned*>(region);
             const uint8_t* pixels = region + staged_table_bytes(batch);
             // Staged rows start at multiples of 16 bytes: four pixels a load when features allow.
-            if (features % 4 == 0) f(StagedPixels<4>{pixels, image, count, staged_pitch(features)});
-            else f(StagedPixels<1>{pixels, image, count, staged_pitch(features)});
+            if (features % 4 == 0) f(StagedPixels<4, PERMUTE_PIXELS>{pixels, image, count, staged_pitch(features)});
+            else f(StagedPixels<1, PERMUTE_PIXELS>{pixels, image, count, staged_pitch(features)});
         } else if (l == 0) {
-            if (pixel_words) f(Pixels<4>{images, order, order_len, count, features, base, index});
-            else f(Pixels<1>{images, order, order_len, count, features, base, index});
+            if (pixel_words) f(Pixels<4, PERMUTE_PIXELS>{images, order, order_len, count, features, base, index});
+            else f(Pixels<1, PERMUTE_PIXELS>{images, order, order_len, count, features, base, index});
         } else {
             f(Floats{float_input(l), (size_t)layer_info[(size_t)l * LAYER_FIELDS + L_IN]});
         }
@@ -1167,13 +1177,14 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 }
 
 // The same kernel for blocks of at most 512 threads, one block an SM: up to 128 registers a
-// thread (ptxas, sm_90: it takes 105), where the kernel above, bounded by blocks of 1024,
-// has 64 and schedules its loads within them. The host runs blocks of 512 here unless told
-// not to (BNTRAIN_FUSED_512_KERNEL=0). Same code, same sums in the same order: its results
-// are bitwise those of the kernel above in blocks of 512.
+// thread, where the kernel above, bounded by blocks of 1024, has 64 and schedules its loads
+// within them; and the pixels widened by a byte permute, not an I2F (PixelBytes). The host
+// runs blocks of 512 here unless told not to (BNTRAIN_FUSED_512_KERNEL=0). Same sums of the
+// same values in the same order: its results are bitwise those of the kernel above in
+// blocks of 512.
 extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, 1) fused_train_steps_512_f32(FUSED_PARAMS)
 {
-    fused_train_steps<false, FUSED_512_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<false, FUSED_512_THREADS, true>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
@@ -1181,7 +1192,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, 1) fused_train_s
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
 extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
 {
-    fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<true, FUSED_STAGED_THREADS, true>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // Two networks of the same layer count trained in one launch on the same batches (the BN
@@ -1194,17 +1205,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MI
 {
     const unsigned G = gridDim.x / 2;
     const bool second = blockIdx.x >= G;
-    fused_train_steps<false, FUSED_STAGED_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
-}
-
-// The pair in blocks of 512 threads, two an SM, so 64 registers a thread (ptxas, sm_90: 4 /
-// 8 bytes of spill): the host pairs networks whose own launches take blocks of 512 here, and
-// the pair then ends bit for bit where each network alone ends (same lanes, same sums).
-extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_512_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))
-{
-    const unsigned G = gridDim.x / 2;
-    const bool second = blockIdx.x >= G;
-    fused_train_steps<false, FUSED_512_THREADS>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
+    fused_train_steps<false, FUSED_STAGED_THREADS, true>(FUSED_ARGS_SELECT(second, a_, b_), G, second ? blockIdx.x - G : blockIdx.x);
 }
 
 extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_PAIR_MIN_BLOCKS) fused_train_pair_staged_f32(FUSED_PARAMS_P(a_), FUSED_PARAMS_P(b_))

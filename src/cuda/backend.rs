@@ -1517,14 +1517,15 @@ impl Backend for CudaBackend {
             None if plan.staging().any() => "fused steps, staged in shared memory".to_string(),
             None => {
                 let mut name = String::from("fused steps");
-                // The block size where it is not the default's (a paired launch's: the pair
-                // kernel's), and the 64-register kernel where blocks of 512 run on it alone.
-                let threads = if self.paired { plan.pair_threads() } else { plan.threads() };
-                let bounded_512 = !self.paired && threads == 512 && !plan.kernel_512();
-                if threads != CudaOptions::default().fused_threads || bounded_512 {
+                // The block size where it is not the default's, and the 64-register kernel
+                // where blocks of 512 run on it. (A paired launch runs the pair kernel, whose
+                // blocks have 256 threads.)
+                let threads = plan.threads();
+                let bounded_512 = threads == 512 && !plan.kernel_512();
+                if !self.paired && (threads != CudaOptions::default().fused_threads || bounded_512) {
                     name += &format!(", {threads} threads a block");
                 }
-                if bounded_512 {
+                if !self.paired && bounded_512 {
                     name += ", 64 registers a thread";
                 }
                 name

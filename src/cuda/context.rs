@@ -32,8 +32,6 @@ pub(crate) struct Functions {
     pub fused_train_steps_512: CudaFunction,
     pub fused_train_steps_staged: CudaFunction,
     pub fused_train_pair: CudaFunction,
-    /// The pair kernel in blocks of 512 threads.
-    pub fused_train_pair_512: CudaFunction,
     pub fused_train_pair_staged: CudaFunction,
     /// The one-barrier kernel (cuda/fused_replicated.cuh) and its shared-memory layout query.
     pub fused_train_steps_replicated: CudaFunction,
@@ -299,7 +297,6 @@ impl Gpu {
             fused_train_steps_512: function("fused_step", "fused_train_steps_512_f32")?,
             fused_train_steps_staged: function("fused_step", "fused_train_steps_staged_f32")?,
             fused_train_pair: function("fused_step", "fused_train_pair_f32")?,
-            fused_train_pair_512: function("fused_step", "fused_train_pair_512_f32")?,
             fused_train_pair_staged: function("fused_step", "fused_train_pair_staged_f32")?,
             fused_train_steps_replicated: function("fused_step", "fused_train_steps_replicated_f32")?,
             fused_replicated_layout_bytes: function("fused_step", "fused_replicated_layout_bytes")?,

@@ -985,10 +985,10 @@ impl FusedPlan {
         };
         // Whether two such networks fit on the device at once in one launch (fused_train_pair);
         // a failed query only rules the pair out.
-        let (pair, pair_threads) = pair_kernel(gpu, &staging, threads);
+        let pair = plan_pair_function(gpu, &staging);
         let dynamic = staging.bytes;
         let pair_opted_in = allows(pair, dynamic).unwrap_or(false);
-        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(pair_threads, dynamic, None).unwrap_or(0);
+        let pair_per_sm = pair.occupancy_max_active_blocks_per_multiprocessor(FUSED_STAGED_THREADS, dynamic, None).unwrap_or(0);
         let pair_fits = replicated.is_none() && pair_opted_in && grid.saturating_mul(2) <= sms.saturating_mul(pair_per_sm);
         for (l, offset) in staging.inputs.iter().enumerate() {
             if let Some(offset) = offset {
@@ -1080,26 +1080,13 @@ impl FusedPlan {
             && self.batch == other.batch
             && self.grid == other.grid
             && self.staging == other.staging
-            && self.pair_threads() == other.pair_threads()
-    }
-
-    /// Threads a block of this plan's pair launches (see `pair_kernel`).
-    pub fn pair_threads(&self) -> u32 {
-        if self.staging.any() || self.threads != 512 { FUSED_STAGED_THREADS } else { 512 }
     }
 }
 
-/// The pair kernel for a plan's staging and block size, and its threads a block: unstaged
-/// networks in blocks of 512 pair in blocks of 512 (and so end bit for bit as alone), the
-/// others in blocks of 256 (FUSED_STAGED_THREADS).
-fn pair_kernel<'g>(gpu: &'g Gpu, staging: &FusedStaging, threads: u32) -> (&'g CudaFunction, u32) {
-    if staging.any() {
-        (&gpu.functions.fused_train_pair_staged, FUSED_STAGED_THREADS)
-    } else if threads == 512 {
-        (&gpu.functions.fused_train_pair_512, 512)
-    } else {
-        (&gpu.functions.fused_train_pair, FUSED_STAGED_THREADS)
-    }
+/// The pair kernel for a plan's staging (blocks of FUSED_STAGED_THREADS, whatever the plan's
+/// block size alone).
+fn plan_pair_function<'g>(gpu: &'g Gpu, staging: &FusedStaging) -> &'g CudaFunction {
+    if staging.any() { &gpu.functions.fused_train_pair_staged } else { &gpu.functions.fused_train_pair }
 }
 
 /// A BN network's running statistics as a fused launch updates them: the layout, running
@@ -1317,12 +1304,12 @@ pub fn fused_train_pair(
         // pairs_with made the same.
         return unsafe { b.launch(cfg) }.map(drop).map_err(refusable_launch_error("fused_cluster_pair_f32"));
     }
-    let (function, threads) = pair_kernel(gpu, &pa.staging, pa.threads);
+    let function = plan_pair_function(gpu, &pa.staging);
     let grid = pa.grid.saturating_mul(2);
     let dynamic = u32::try_from(pa.staging.bytes).unwrap_or(u32::MAX);
     // The first network's barrier serves both (the kernel ignores the second's).
     gpu.stream().memset_zeros(&mut a.plan.barrier)?;
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: dynamic };
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (FUSED_STAGED_THREADS, 1, 1), shared_mem_bytes: dynamic };
     let mut b = builder(gpu, function);
     a.push(&mut b);
     b_args.push(&mut b);
