@@ -282,8 +282,12 @@ __device__ __forceinline__ unsigned row_threads(unsigned rows) {
 // 4-byte aligned) one 32-bit load brings four pixels. An index outside the order or the
 // dataset gives NaN inputs, as gather.cu does. With PERMUTE, a byte becomes a float by
 // pixel_scaled (common.cuh: a byte permute and an FMA, full rate, bit for bit the same
-// value), else by an I2F (16 a cycle an SM): the 512-thread kernel, whose budget is 128
-// registers, takes the permute; the 64-register kernels spilled 40 bytes with it.
+// value), else by an I2F (16 a cycle an SM). Only the pair kernel takes the permute. The
+// 64-register kernels spilled 40 bytes with it; in the 512-thread kernel (128 registers, no
+// spill) it made the first phase slower on an H200, 20.0 against 18.0 µs, and the seed step
+// 39.58 against the I2F's 38.48 µs on the 64-register kernel in the same call (docs/perf.md,
+// twenty-first session); the pair, with it and the logits' shared loads, took 47.29
+// against 48.78 µs.
 template <unsigned V_, bool PERMUTE_>
 struct PixelBytes {
     static constexpr unsigned V = V_;
@@ -1177,14 +1181,14 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 }
 
 // The same kernel for blocks of at most 512 threads, one block an SM: up to 128 registers a
-// thread, where the kernel above, bounded by blocks of 1024, has 64 and schedules its loads
-// within them; and the pixels widened by a byte permute, not an I2F (PixelBytes). The host
-// runs blocks of 512 here unless told not to (BNTRAIN_FUSED_512_KERNEL=0). Same sums of the
-// same values in the same order: its results are bitwise those of the kernel above in
-// blocks of 512.
+// thread (ptxas, sm_90: 105 used), where the kernel above, bounded by blocks of 1024, has 64
+// and schedules its loads within them (on an H200 the seed step took 38.39 µs here against
+// 39.22 there, docs/perf.md). The host runs blocks of 512 here unless told not to
+// (BNTRAIN_FUSED_512_KERNEL=0). Same code, same sums in the same order: its results are
+// bitwise those of the kernel above in blocks of 512.
 extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, 1) fused_train_steps_512_f32(FUSED_PARAMS)
 {
-    fused_train_steps<false, FUSED_512_THREADS, true>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<false, FUSED_512_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // The layers the host staged read from shared memory. The staged regions (~96 KB for the
@@ -1192,7 +1196,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_512_THREADS, 1) fused_train_s
 // the staged loops want ~140 and spill under the unstaged kernel's cap.
 extern "C" __global__ void __launch_bounds__(FUSED_STAGED_THREADS, FUSED_STAGED_MIN_BLOCKS) fused_train_steps_staged_f32(FUSED_PARAMS)
 {
-    fused_train_steps<true, FUSED_STAGED_THREADS, true>(FUSED_ARGS, gridDim.x, blockIdx.x);
+    fused_train_steps<true, FUSED_STAGED_THREADS>(FUSED_ARGS, gridDim.x, blockIdx.x);
 }
 
 // Two networks of the same layer count trained in one launch on the same batches (the BN

@@ -1381,7 +1381,10 @@ fn queued_evaluation_points_equal_points_measured_at_once() {
         for (step_launch, fused_pairing) in variants {
             for eval_stream in [false, true] {
                 let at = format!("{name}, {step_launch:?} steps, paired {fused_pairing}, evaluation stream {eval_stream}");
-                let options = CudaOptions { step_launch, eval_stream, fused_pairing, ..Default::default() };
+                // Paired, in the pair kernel's blocks of 256, so that a network measured alone
+                // adds in the pair's order (other block sizes add in another).
+                let fused_threads = if fused_pairing { 256 } else { CudaOptions::default().fused_threads };
+                let options = CudaOptions { step_launch, eval_stream, fused_pairing, fused_threads, ..Default::default() };
                 let open = |batch_norm: bool| {
                     let model = ModelConfig::seed(batch_norm);
                     let params = ModelParams::init(&model, train.seed, 1);
