@@ -84,20 +84,22 @@
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
 //   most 64 registers a thread (__launch_bounds__); dynamic shared memory: the softmax's
 //   region, and the staged regions after it (opted into beyond 48 KB).
-//   fused_train_steps_staged_f32: the same, with at most 128 registers.
+//   fused_train_steps_staged_f32 and fused_train_steps_512_f32 (blocks of 512, the host's
+//   default): the same, with at most 128 registers.
 
 #include <stdint.h>
 #include "common.cuh"
 #include "fused_params.cuh"
 
-// The unstaged single-network kernel takes blocks of up to 1024 threads (the host picks 256,
-// the default, 512 or 1024): more warps an SM keep more loads in flight, where 256 threads
+// The unstaged single-network kernel takes blocks of up to 1024 threads (the host picks 256
+// or 1024 here; 512, the default, runs fused_train_steps_512_f32 below, the same code under
+// launch bounds of 512): more warps an SM keep more loads in flight, where 256 threads
 // leave a seed block's SM with 8 warps waiting on L2. Measured on an H100 (docs/perf.md):
-// the seed step 6.5 % faster in blocks of 512, 2 % in blocks of 1024; on an H200 (with
-// batch_logits' copies) 10.6 % and 7.2 %. One block of 1024 an
-// SM caps registers at 64 a thread (65536 / 1024), as four blocks of 256 did: uncapped,
-// the compiler takes ~85 for the unrolled loads, and with the cap they still fit without
-// spills (scripts/ptx-check.sh).
+// the seed step 6.5 % faster in blocks of 512, 2 % in blocks of 1024; on an H200 38.39 µs
+// in blocks of 512 (the 512 kernel), 40.30 in blocks of 1024, 43.47 in blocks of 256. One
+// block of 1024 an SM caps registers at 64 a thread (65536 / 1024), as four blocks of 256
+// did: uncapped, the compiler takes ~100 for the unrolled loads, and with the cap they
+// still fit without spills (scripts/ptx-check.sh).
 #define FUSED_MAX_THREADS 1024
 #define FUSED_MIN_BLOCKS 1
 // The staged and pair kernels: blocks of at most 256 threads (their launch bounds below).

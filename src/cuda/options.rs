@@ -95,17 +95,19 @@ pub struct CudaOptions {
     pub backward_streams: Option<bool>,
     /// Threads per block of the unstaged fused kernel: 256, 512 (the default) or 1024 (more
     /// warps an SM to wait on L2 for a block's neuron). On an H100 512 made the seed step
-    /// 6.5 % faster alone, on an H200 10.6 % (and 1024 7.2 %), and 1024 the study's
-    /// comparison in two launches 30 % and 24 % slower (its two networks' blocks no longer
-    /// share SMs); the staged, pair and cluster kernels keep 256 (so a paired study ignores
-    /// it), and so does a network alone that must equal the pair kernel bit for bit.
+    /// 6.5 % faster alone; on an H200 38.39 µs against 43.47 in blocks of 256 and 40.30 in
+    /// blocks of 1024 (docs/perf.md, twenty-first session). The study's comparison in two
+    /// launches took 3.62 s in blocks of 512 against 2.87 s paired (its two networks' blocks
+    /// no longer share SMs). The staged, pair and cluster kernels keep 256 (so a paired study
+    /// ignores it), and so does a network alone that must equal the pair kernel bit for bit.
     /// `BNTRAIN_FUSED_THREADS`.
     pub fused_threads: u32,
     /// Blocks of 512 threads run the kernel compiled for them (`fused_train_steps_512_f32`,
     /// one block an SM: up to 128 registers a thread) rather than the one bounded by blocks
     /// of 1024 (64 registers a thread): the same code and sums, bitwise the same results,
-    /// with room for more loads in flight. On by default; `BNTRAIN_FUSED_512_KERNEL=0` runs
-    /// the bounded kernel instead.
+    /// with room for more loads in flight: on an H200 the seed step took 38.39 µs on it
+    /// against 39.22 on the bounded one (docs/perf.md). On by default;
+    /// `BNTRAIN_FUSED_512_KERNEL=0` runs the bounded kernel instead.
     pub fused_512_kernel: bool,
     /// Fused steps on the one-barrier kernel (cuda/fused_replicated.cuh: the layers above the
     /// first computed whole in every block, one grid barrier a step) in blocks of this many
