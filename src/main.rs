@@ -673,7 +673,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         settings.validate_settings(&model)?;
         if args.precision != Precision::F64 {
             settings
-                .validate_narrowed(&model, "f32", |value| value as f32 as f64)
+                .validate_in_f32(&model)
                 .map_err(|e| anyhow::anyhow!("{e}, the arithmetic of every run but the CPU's --precision f64"))?;
         }
         prefer_single_threaded_gemms(device_choice, &args.model.hidden);

@@ -117,13 +117,16 @@ fn a_stopped_study_keeps_its_partial_outputs_and_a_concurrent_one_is_refused() {
     assert!(dir.join("report.md").is_file() && !partial_dir(&dir).exists());
 }
 
-/// A study that fails removes the directories it made where it left them empty, and says
-/// where what it wrote is kept; a concurrent study refused meanwhile touches nothing of it.
+/// A study that fails removes the directories it made where it left them empty (the run
+/// directory and the parents `--out` named that did not exist), and says where what it wrote
+/// is kept; a concurrent study refused meanwhile touches nothing of it.
 #[test]
 fn a_failed_study_tidies_only_its_own_directories() {
     let data = Arc::new(synthetic(600, 200));
     for fail_at in [1, 4] {
-        let dir = out_dir(&format!("reproduce-failed-{fail_at}"));
+        let base = out_dir(&format!("reproduce-failed-{fail_at}"));
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join("made").join("by-the-study");
         let _ = std::fs::remove_dir_all(partial_dir(&dir));
         let opts = ReproduceOptions::quick(dir.clone());
         let shared = Arc::clone(&data);
@@ -150,10 +153,12 @@ fn a_failed_study_tidies_only_its_own_directories() {
         assert!(message.contains("a test's failure"), "{message}");
         if kept {
             assert!(matches!(failed, bntrain::Error::Kept { .. }) && message.contains(&partial.display().to_string()), "{message}");
+            assert!(base.join("made").is_dir(), "fail at {fail_at}: the directory that holds what is kept stays");
         } else {
             assert!(!matches!(failed, bntrain::Error::Kept { .. }), "{message}");
-            assert!(!partial.exists() && !dir.exists(), "fail at {fail_at}: empty directories left");
+            assert!(!partial.exists() && !base.join("made").exists(), "fail at {fail_at}: empty directories left");
         }
+        assert!(base.is_dir(), "fail at {fail_at}: a directory that was there before the study stays");
         assert_eq!(kept, fail_at == 4, "the test-time network's checkpoint is written before the restore opens a network");
     }
 }

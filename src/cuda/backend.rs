@@ -618,7 +618,7 @@ impl CudaBackend {
     pub fn with_options(model: ModelConfig, train: TrainConfig, data: Arc<Dataset>, params: &ModelParams, options: CudaOptions) -> Result<Self> {
         model.validate()?;
         train.validate(&model, data.train.count)?;
-        train.validate_narrowed(&model, "f32", |value| value as f32 as f64)?;
+        train.validate_in_f32(&model)?;
         if data.train.features != model.inputs || data.train.classes != model.classes || data.test.features != model.inputs {
             return Err(ConfigError::Invalid(format!(
                 "the dataset has {} features and {} classes but the model expects {} and {}",

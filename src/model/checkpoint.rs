@@ -327,7 +327,7 @@ impl Checkpoint {
         };
         if !computed_in_f64 {
             train
-                .validate_narrowed(&model, "f32", |value| value as f32 as f64)
+                .validate_in_f32(&model)
                 .map_err(|e| malformed(format!("training settings no f32 run could have had: {e}")))?;
         }
 

@@ -230,6 +230,12 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// [`TrainConfig::validate_narrowed`] in f32, the arithmetic of the CUDA backend and of
+    /// the CPU's f32 path.
+    pub fn validate_in_f32(&self, model: &ModelConfig) -> Result<(), ConfigError> {
+        self.validate_narrowed(model, "f32", |value| value as f32 as f64)
+    }
+
     /// The settings (and `model`'s epsilon) as a backend that computes in a narrower type
     /// than f64 takes them: `narrow` rounds an f64 to that type (`type_name`) and back. In
     /// f32, 1e39 is infinite, 1e-300 is 0 and 1 − 1e-12 is 1, whatever they are as f64.

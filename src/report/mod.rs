@@ -460,7 +460,7 @@ pub fn reproduce(
     }
     // Whether the outputs can move in is found out now, not after the study: a file where
     // the directory should be, a directory that takes no files.
-    let out_dir_existed = opts.out_dir.exists();
+    let made_from = outermost_missing(&opts.out_dir);
     create_dir(&opts.out_dir)?;
     let _lock = lock_out_dir(&opts.out_dir)?;
     let partial = partial_dir(&opts.out_dir);
@@ -491,18 +491,30 @@ pub fn reproduce(
     match built {
         // The move names what moved and where the rest is, itself.
         Ok(summary) => move_outputs(&partial, &opts.out_dir, &summary.files).map(|()| summary),
-        Err(failed) => Err(tidy_after_failure(failed, made_partial.then_some(partial.as_path()), &opts.out_dir, out_dir_existed)),
+        Err(failed) => Err(tidy_after_failure(failed, made_partial.then_some(partial.as_path()), &opts.out_dir, made_from.as_deref())),
     }
+}
+
+/// The outermost directory of `dir`'s path that does not exist yet (`dir` itself where only
+/// it is missing; None where it exists): what creating `dir` makes.
+fn outermost_missing(dir: &Path) -> Option<PathBuf> {
+    dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).last().map(Path::to_path_buf)
 }
 
 /// After a study failed or was interrupted, with the lock still held (so that only this
 /// study's directories are touched): the partial directory it made goes where it is empty,
-/// and so does a run directory it made and left empty; where the partial directory holds
-/// something, the error is [`crate::Error::Kept`], which names it.
-fn tidy_after_failure(failed: crate::Error, partial: Option<&Path>, out_dir: &Path, out_dir_existed: bool) -> crate::Error {
+/// and so do the run directory and the parents it made (from `made_from` down), where it left
+/// them empty; where the partial directory holds something, the error is
+/// [`crate::Error::Kept`], which names it (and the directories above it stay).
+fn tidy_after_failure(failed: crate::Error, partial: Option<&Path>, out_dir: &Path, made_from: Option<&Path>) -> crate::Error {
     let kept = partial.filter(|partial| std::fs::remove_dir(partial).is_err() && partial.is_dir());
-    if !out_dir_existed {
-        let _ = std::fs::remove_dir(out_dir);
+    if let Some(top) = made_from {
+        // Innermost first; a directory that is not empty (or not ours to remove) ends it.
+        for dir in out_dir.ancestors() {
+            if std::fs::remove_dir(dir).is_err() || dir == top {
+                break;
+            }
+        }
     }
     match kept {
         Some(partial) => crate::Error::Kept { failed: Box::new(failed), kept: partial.to_path_buf() },
