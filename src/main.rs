@@ -977,6 +977,15 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         Some(dataset) => bench::BenchData::Real(dataset),
     };
     let nets = if args.pair { bench::BenchNets::Pair } else { bench::BenchNets::One { batch_norm: !args.no_bn } };
+    // As train and reproduce do, before anything is allocated: an allocation that fails
+    // aborts the process instead of returning an error. (The configuration's layers on the
+    // data's image size and classes; the points evaluate the whole test split.)
+    let (mut model, train_cfg) = args.config.configs(!args.no_bn);
+    if let Some(d) = dataset.as_deref() {
+        (model.inputs, model.classes) = (d.train.features, d.train.classes);
+    }
+    let evaluated = if args.points { dataset.as_deref().map_or(10_000, |d| d.test.count) } else { 0 };
+    device::check_host_memory(&model, train_cfg.batch_size, device::HeldRows { evaluated, exact: 0 }, device, args.precision)?;
     // The runs, on stderr (hidden where it is no terminal), updated between timed spans.
     let bar = ProgressBar::new(args.runs as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} timed runs [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));

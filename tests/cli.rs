@@ -410,6 +410,18 @@ fn an_address_space_limit_is_a_one_line_refusal() {
     expect_failure(&out, "needs at least 2.2 GB of memory to train and evaluate");
 }
 
+/// `bench` checks the host memory as `train` does: the wide configuration (about 0.1 GB on
+/// the CPU) under 60 MB of address space is refused in one line, not aborted.
+#[test]
+fn bench_refuses_what_the_address_space_cannot_hold() {
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -v 60000 && exec \"$0\" \"$@\"", BIN])
+        .args(["--device", "cpu", "bench", "--config", "wide", "--noise", "--runs", "1", "--seconds", "0.01"])
+        .output()
+        .unwrap();
+    expect_failure(&out, "784-1024-1024-10 Sigmoid with BN with batches of 1024 needs at least 0.1 GB of memory");
+}
+
 #[test]
 fn cuda_without_a_gpu_says_what_to_do() {
     if bntrain::cuda::cuda_available().is_ok() {
