@@ -9,6 +9,7 @@
 //! - [`train`]: the training loop, evaluation and metrics;
 //! - [`report`]: figures, CSV/JSON and the reproduction report;
 //! - [`tolerance`]: the one numeric comparison helper;
+//! - [`progress`]: a run's progress on stderr, a bar or plain lines;
 //! - [`interrupt`]: the work a prompt exit on a second Ctrl-C waits for.
 
 pub mod atomic_file;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod interrupt;
 pub mod model;
 pub mod bench;
+pub mod progress;
 pub mod report;
 pub mod session;
 pub mod tolerance;

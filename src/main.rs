@@ -593,18 +593,6 @@ fn load_data(args: &DataArgs, kind: DatasetKind) -> Result<Arc<Dataset>> {
     Ok(Arc::new(dataset))
 }
 
-fn progress_bar(len: u64, position: u64) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        // The metrics last, cut to the terminal's width: a line that wraps is redrawn on a
-        // new row each time.
-        ProgressStyle::with_template("{bar:30.cyan/blue} {pos:>6}/{len} steps [{elapsed_precise} < {eta_precise}] {wide_msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(position);
-    bar
-}
-
 /// Ctrl-C / SIGTERM: the first asks training to stop once the steps under way are done (`train`
 /// writes a checkpoint, `reproduce` keeps its partial outputs), the second exits at once,
 /// but never in the middle of a file's write or of the move of a study's outputs, and a
@@ -724,7 +712,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         precision: args.precision,
     };
 
-    let bar = progress_bar(args.steps, 0);
+    let bar = bntrain::progress::StepProgress::new("train", args.steps, 0);
     let mut on_event = |event: Event<'_>| match event {
         Event::Stepped { step } => bar.set_position(step),
         Event::Evaluated { record, .. } => {

@@ -15,9 +15,9 @@ use crate::data::Dataset;
 use crate::device::Precision;
 use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress, TrainedOn};
 use crate::model::{Averaging, ModelConfig, ModelParams, RunningStats, StatsEstimator, TrainConfig, VarianceKind};
+use crate::progress::StepProgress;
 use crate::train::{train_lockstep, Event, Outcome, Schedule};
 use crate::{Error, Result};
-use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::thread::{Scope, ScopedJoinHandle};
@@ -84,19 +84,10 @@ pub fn probe_for(model: &ModelConfig) -> Probe {
     Probe { layer, neurons: PROBE_NEURONS.min(model.hidden[layer]) }
 }
 
-/// A progress bar for `len` training steps that shows live loss and accuracy in its message;
-/// hidden unless asked for.
-fn step_bar(show: bool, len: u64, prefix: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let style = ProgressStyle::with_template("{prefix:>14.bold} [{bar:28.cyan/blue}] {pos:>6}/{len} steps {rate:>11} eta {eta:>4}  {wide_msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = write!(w, "{:.0} steps/s", state.per_sec());
-        })
-        .progress_chars("=> ");
-    ProgressBar::new(len).with_style(style).with_prefix(prefix.to_string())
+/// The progress of `len` training steps, with live loss and accuracy in its message (a bar,
+/// or lines where stderr is no terminal); hidden unless asked for.
+fn step_bar(show: bool, len: u64, prefix: &str) -> StepProgress {
+    if show { StepProgress::new(prefix, len, 0) } else { StepProgress::hidden() }
 }
 
 fn live(name: &str, p: &HistoryPoint) -> String {
