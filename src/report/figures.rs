@@ -578,13 +578,13 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     let caption = format!("One-by-one predictions of the first {count} test images{} (BN net after {} steps, restored)", other_dataset(s), t.steps);
     // Headroom above the tallest bar for the legend, which goes to the side with fewer tall
     // bars (the collapsed class's is as tall as the chart).
-    let y_max = (max * 1.3).max(1.0);
+    let y_max = (max * 1.3).max(1.0).ceil() as u32;
     let mut chart = ChartBuilder::on(root)
         .caption(caption, title(21.0))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(65)
-        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), 0f64..y_max)?;
+        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), (0u32..y_max).with_key_points(count_ticks(count)))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -592,8 +592,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         .bold_line_style(GRID)
         .x_labels(classes)
         .x_label_formatter(&|v| if (v - v.round()).abs() < 1e-6 && *v >= -0.01 { format!("{}", v.round()) } else { String::new() })
-        // The headroom above is the legend's: no count there is possible.
-        .y_label_formatter(&|v| if *v <= count as f64 + 1e-9 { format!("{v:.0}") } else { String::new() })
+        .y_label_formatter(&|v| format!("{v}"))
         .x_desc(if t.first_labels.is_empty() { "predicted class" } else { "class (bars: predicted; outlines: true)" })
         .y_desc(format!("images (of {count})"))
         .label_style(text(15.0))
@@ -607,7 +606,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         chart
             .draw_series(one.class_histogram.iter().enumerate().map(|(k, &n)| {
                 let x = k as f64 + offset;
-                Rectangle::new([(x, 0.0), (x + 0.36, n as f64)], color.filled())
+                Rectangle::new([(x, 0), (x + 0.36, n)], color.filled())
             }))?
             .label(format!("{name}: accuracy {acc:.2}"))
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
@@ -617,7 +616,7 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         let outline = INK.mix(0.6).stroke_width(2);
         chart
             .draw_series(labelled.iter().enumerate().filter(|(_, &n)| n > 0).map(|(k, &n)| {
-                Rectangle::new([(k as f64 - 0.42, 0.0), (k as f64 + 0.42, n as f64)], outline)
+                Rectangle::new([(k as f64 - 0.42, 0), (k as f64 + 0.42, n)], outline)
             }))?
             .label("true labels")
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], outline));
@@ -627,7 +626,18 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
         .flat_map(|histogram| histogram.iter().enumerate().flat_map(|(k, &n)| (0..=100).map(move |i| (k as f64, n as f64 * i as f64 / 100.0))))
         .collect();
     let corners = [SeriesLabelPosition::UpperLeft, SeriesLabelPosition::UpperRight];
-    draw_legend(&mut chart, quietest_corner(&tops, -0.5..classes as f64 - 0.5, 0.0..y_max, 0.45, 0.25, &corners))
+    draw_legend(&mut chart, quietest_corner(&tops, -0.5..classes as f64 - 0.5, 0.0..y_max as f64, 0.45, 0.25, &corners))
+}
+
+/// The count axis's ticks for `count` images: 0 and multiples of a round step (1, 2 or 5
+/// times a power of ten, about five of them) up to `count`, and none in the headroom above,
+/// which is the legend's (no count there is possible, and a tick there had no label).
+fn count_ticks(count: usize) -> Vec<u32> {
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    let raw = (count / 5).max(1);
+    let magnitude = 10u32.pow(raw.ilog10());
+    let step = [1, 2, 5, 10].iter().map(|m| m * magnitude).find(|&s| s >= raw).unwrap_or(10 * magnitude);
+    (0..=count / step).map(|i| i * step).collect()
 }
 
 /// Test accuracy per population-statistics estimator: each seed a small dot, the mean a large
@@ -681,6 +691,19 @@ fn estimators<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The count axis of the predictions figure: round steps from 0 up to the count, none
+    /// past it.
+    #[test]
+    fn count_ticks_stop_at_the_count() {
+        assert_eq!(count_ticks(100), vec![0, 20, 40, 60, 80, 100]);
+        assert_eq!(count_ticks(60), vec![0, 20, 40, 60]);
+        assert_eq!(count_ticks(7), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(count_ticks(12), vec![0, 2, 4, 6, 8, 10, 12]);
+        assert_eq!(count_ticks(1), vec![0, 1]);
+        assert_eq!(count_ticks(0), vec![0]);
+        assert_eq!(count_ticks(1000).last(), Some(&1000));
+    }
     use crate::report::tests::sample;
 
     fn names(dir: &Path) -> Vec<String> {
