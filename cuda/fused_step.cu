@@ -1183,7 +1183,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 }
 
 // The same kernel for blocks of at most 512 threads, one block an SM: up to 128 registers a
-// thread (ptxas, sm_90: 105 used), where the kernel above, bounded by blocks of 1024, has 64
+// thread (ptxas, sm_90: 102 used), where the kernel above, bounded by blocks of 1024, has 64
 // and schedules its loads within them (on an H200 the seed step took 38.39 µs here against
 // 39.22 there, docs/perf.md). The host runs blocks of 512 here unless told not to
 // (BNTRAIN_FUSED_512_KERNEL=0). Same code, same sums in the same order: its results are
