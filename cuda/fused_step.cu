@@ -75,7 +75,7 @@
 //   layers (the acts and dz blocks of the output layer go unused); inv_std [total]; row_loss
 //   [B] f64, row_correct [B] u32 (the loss block's); estimators [E, 2] f64 as in
 //   running_stats.cu; barrier [1] u32, zero before the launch.
-//   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024;
+//   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernels that take 1024 and 512;
 //   fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
 //   [rows, lanes+1] (`part`, which also holds the logits' operands, W_out then a chunk of
 //   the top layer's rows), image indices and dz column.
@@ -84,16 +84,16 @@
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
 //   most 64 registers a thread (__launch_bounds__); dynamic shared memory: the softmax's
 //   region, and the staged regions after it (opted into beyond 48 KB).
-//   fused_train_steps_staged_f32 and fused_train_steps_512_f32 (blocks of 512, the host's
-//   default): the same, with at most 128 registers.
+//   fused_train_steps_512_f32 (blocks of 512, the host's default; ~17 KB of static shared
+//   memory, as the 1024 kernel's), the staged and the pair kernels: at most 128 registers.
 
 #include <stdint.h>
 #include "common.cuh"
 #include "fused_params.cuh"
 
 // The unstaged single-network kernel takes blocks of up to 1024 threads (the host picks 256
-// or 1024 here; 512, the default, runs fused_train_steps_512_f32 below, the same code under
-// launch bounds of 512): more warps an SM keep more loads in flight, where 256 threads
+// or 1024 here, and 512 with BNTRAIN_FUSED_512_KERNEL=0; 512, the default, otherwise runs
+// fused_train_steps_512_f32 below, the same code under launch bounds of 512): more warps an SM keep more loads in flight, where 256 threads
 // leave a seed block's SM with 8 warps waiting on L2. Measured on an H100 (docs/perf.md):
 // the seed step 6.5 % faster in blocks of 512, 2 % in blocks of 1024; on an H200 38.39 µs
 // in blocks of 512 (the 512 kernel), 40.30 in blocks of 1024, 43.47 in blocks of 256. One
@@ -752,8 +752,8 @@ __device__ __forceinline__ void batch_logits(
         }
         // Two calls, not one on chosen pointers: where both operands are known to lie in shared
         // memory the compiler reads them with shared loads (LDS), not generic ones (LD), which
-        // wait longer (the generic loads of one call held 6.8 % of the 512-thread kernel's
-        // warp samples on an H200, docs/perf.md).
+        // wait longer (with one call, the logits' region held 6.8 % of the 512-thread kernel's
+        // warp samples on an H200; after, phase 3 took about 0.8 µs less; docs/perf.md).
         if (staging) logit_pairs(a_shared ? a + (size_t)r0 * n : rows_copy, part, bias, r0, m, n, classes, out);
         else logit_pairs(a + (size_t)r0 * n, w, bias, r0, m, n, classes, out);
     }

@@ -693,6 +693,8 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     let kind = resumed.as_ref().and_then(|r| r.checkpoint.trained_on).map_or_else(|| args.data.kind(None), |t| t.dataset);
     let data = load_data(&args.data, kind)?;
     let model = args.model.config(data.train.features, data.train.classes);
+    // The step the run starts from, for its progress (a resumed run's steps are counted from 0).
+    let first_step = if args.init.is_some() { 0 } else { resumed.as_ref().map_or(0, |r| r.checkpoint.progress.step) };
     // (The checkpoint read above, not read again.)
     let start = match (&args.init, resumed) {
         (Some(p), _) => Start::Init(p.clone()),
@@ -712,7 +714,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
         precision: args.precision,
     };
 
-    let bar = bntrain::progress::StepProgress::new("train", args.steps, 0);
+    let bar = bntrain::progress::StepProgress::new("train", args.steps, first_step);
     let mut on_event = |event: Event<'_>| match event {
         Event::Stepped { step } => bar.set_position(step),
         Event::Evaluated { record, .. } => {
@@ -965,9 +967,10 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
         Some(dataset) => bench::BenchData::Real(dataset),
     };
     let nets = if args.pair { bench::BenchNets::Pair } else { bench::BenchNets::One { batch_norm: !args.no_bn } };
-    // As train and reproduce do, before anything is allocated: an allocation that fails
+    // As train and reproduce do, before the networks are opened: an allocation that fails
     // aborts the process instead of returning an error. (The configuration's layers on the
-    // data's image size and classes; the points evaluate the whole test split.)
+    // data's image size and classes; the points evaluate the whole test split; with --pair,
+    // one network's needs, a lower bound.)
     let (mut model, train_cfg) = args.config.configs(!args.no_bn);
     if let Some(d) = dataset.as_deref() {
         (model.inputs, model.classes) = (d.train.features, d.train.classes);

@@ -1258,7 +1258,13 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
         return unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error("fused_train_steps_replicated_f32"));
     }
     // The staged kernel whenever the plan stages anything (it reads the offsets).
-    let function = if args.plan.staging.any() { &gpu.functions.fused_train_steps_staged } else { unstaged_function(gpu, args.plan.kernel_512) };
+    let (function, name) = if args.plan.staging.any() {
+        (&gpu.functions.fused_train_steps_staged, "fused_train_steps_staged_f32")
+    } else if args.plan.kernel_512 {
+        (unstaged_function(gpu, true), "fused_train_steps_512_f32")
+    } else {
+        (unstaged_function(gpu, false), K)
+    };
     let cfg = LaunchConfig {
         grid_dim: (args.plan.grid, 1, 1),
         block_dim: (args.plan.threads(), 1, 1),
@@ -1267,7 +1273,7 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
     let mut b = builder(gpu, function);
     args.push(&mut b);
     // SAFETY: see above.
-    unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(K))
+    unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error(name))
 }
 
 /// `fused_train_pair_f32`: [`fused_train_steps`] for two networks in one cooperative launch

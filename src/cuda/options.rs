@@ -107,7 +107,8 @@ pub struct CudaOptions {
     /// of 1024 (64 registers a thread): the same code and sums, bitwise the same results,
     /// with room for more loads in flight: on an H200 the seed step took 38.39 µs on it
     /// against 39.22 on the bounded one (docs/perf.md). On by default;
-    /// `BNTRAIN_FUSED_512_KERNEL=0` runs the bounded kernel instead.
+    /// `BNTRAIN_FUSED_512_KERNEL=0` runs the bounded kernel instead. Other block sizes run
+    /// the bounded kernel whatever this says.
     pub fused_512_kernel: bool,
     /// Fused steps on the one-barrier kernel (cuda/fused_replicated.cuh: the layers above the
     /// first computed whole in every block, one grid barrier a step) in blocks of this many

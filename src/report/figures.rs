@@ -577,14 +577,16 @@ fn test_time<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, s: &ReproduceSum
     let count = t.first_batch.count;
     let caption = format!("One-by-one predictions of the first {count} test images{} (BN net after {} steps, restored)", other_dataset(s), t.steps);
     // Headroom above the tallest bar for the legend, which goes to the side with fewer tall
-    // bars (the collapsed class's is as tall as the chart).
+    // bars (the collapsed class's is as tall as the chart). The ticks stop at the top of the
+    // range where that is below the count (plotters draws a grid line for a key point
+    // outside the range).
     let y_max = (max * 1.3).max(1.0).ceil() as u32;
     let mut chart = ChartBuilder::on(root)
         .caption(caption, title(21.0))
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(65)
-        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), (0u32..y_max).with_key_points(count_ticks(count)))?;
+        .build_cartesian_2d(-0.5f64..(classes as f64 - 0.5), (0u32..y_max).with_key_points(count_ticks(count.min(y_max as usize))))?;
     chart
         .configure_mesh()
         .disable_x_mesh()

@@ -219,8 +219,12 @@ pub fn run_comparison(
                 summaries.submit(net, record.point.step, std::mem::take(&mut record.probe));
                 curves[net].history.push(record.point.clone());
                 latest[net] = Some(record.point.clone());
+                // Once both networks' points of a step are in (BN's comes first): a progress
+                // line waiting for this step's message must not take plain's previous point.
                 if let [Some(b), Some(p)] = &latest {
-                    bar.set_message(format!("{} | {}", live("BN", b), live("plain", p)));
+                    if b.step == p.step {
+                        bar.set_message(format!("{} | {}", live("BN", b), live("plain", p)));
+                    }
                 }
             }
         });
