@@ -9,6 +9,11 @@ use std::cell::{Cell, RefCell};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+/// How many whole tenths of a run of `len` steps `position` has done (None for a run of none).
+fn tenths_of(position: u64, len: u64) -> Option<u64> {
+    position.min(len).saturating_mul(10).checked_div(len)
+}
+
 /// Lines written where stderr is no terminal: how many tenths of the run they have said, and
 /// the position of a line not written yet (its step's message may still come).
 struct Lines {
@@ -23,7 +28,7 @@ struct Lines {
 
 impl Lines {
     fn line(&self, position: u64) -> String {
-        let percent = if self.len == 0 { 100 } else { position.saturating_mul(100) / self.len };
+        let percent = position.saturating_mul(100).checked_div(self.len).unwrap_or(100);
         let message = self.message.borrow();
         let tail = if message.is_empty() { String::new() } else { format!("; {message}") };
         format!("{}: {position}/{} steps ({percent} %), {:.0} s{tail}", self.prefix, self.len, self.started.elapsed().as_secs_f64())
@@ -42,7 +47,7 @@ impl Lines {
         if self.pending.get().is_some_and(|p| position > p) {
             self.flush();
         }
-        let tenths = if self.len == 0 { 10 } else { (position.min(self.len).saturating_mul(10) / self.len).min(10) };
+        let tenths = tenths_of(position, self.len).unwrap_or(10);
         if tenths > self.tenths_said.get() {
             self.tenths_said.set(tenths);
             self.pending.set(Some(position));
@@ -92,7 +97,7 @@ impl StepProgress {
             sink: RefCell::new(sink),
         };
         // A resumed run's tenths already done are not said again.
-        lines.tenths_said.set(if len == 0 { 0 } else { (position.min(len).saturating_mul(10) / len).min(10) });
+        lines.tenths_said.set(tenths_of(position, len).unwrap_or(0));
         StepProgress { bar: ProgressBar::hidden(), lines: Some(lines) }
     }
 

@@ -829,9 +829,14 @@ impl FusedStaging {
     }
 }
 
-/// The unstaged single-network kernel: the one bounded by blocks of 512 threads, or by 1024.
-fn unstaged_function(gpu: &Gpu, kernel_512: bool) -> &CudaFunction {
-    if kernel_512 { &gpu.functions.fused_train_steps_512 } else { &gpu.functions.fused_train_steps }
+/// The unstaged single-network kernel, and its name for errors: the one bounded by blocks of
+/// 512 threads, or by 1024.
+fn unstaged_kernel(gpu: &Gpu, kernel_512: bool) -> (&CudaFunction, &'static str) {
+    if kernel_512 {
+        (&gpu.functions.fused_train_steps_512, "fused_train_steps_512_f32")
+    } else {
+        (&gpu.functions.fused_train_steps, "fused_train_steps_f32")
+    }
 }
 
 /// What the fused kernel needs besides the backend's own buffers: the layer table and its
@@ -956,7 +961,7 @@ impl FusedPlan {
         // The unstaged kernel's grid, with the softmax's region; staging may not shrink it.
         let unstaged = FusedStaging::unstaged(&layers, batch);
         let kernel_512 = kernel_512 && threads == 512;
-        let plain = unstaged_function(gpu, kernel_512);
+        let (plain, _) = unstaged_kernel(gpu, kernel_512);
         require(K, allows(plain, unstaged.bytes)?, || {
             format!("the batch's logits ({batch} × {} floats, {} bytes) do not fit a block's shared memory", layers[hidden].outputs, unstaged.bytes)
         })?;
@@ -1215,7 +1220,6 @@ impl<'a, 'b> FusedArgs<'a, 'b> {
 /// cooperative launch; advances the cursor by `steps`. The batches must lie inside the order
 /// (the host checks its batch numbers against it, as for the unfused step).
 pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<'_, '_>, hyper: FusedHyper, steps: usize) -> Result<(), CudaError> {
-    const K: &str = "fused_train_steps_f32";
     let mut args = FusedArgs::new(plan, buffers, hyper, steps)?;
     if let Some(cluster) = args.plan.cluster {
         let functions = gpu.functions.fused_cluster.as_ref().ok_or_else(|| CudaError::Launch { kernel: "fused_cluster8_f32", message: "the cluster kernels are not loaded".into() })?;
@@ -1258,13 +1262,8 @@ pub fn fused_train_steps(gpu: &Gpu, plan: &mut FusedPlan, buffers: FusedBuffers<
         return unsafe { b.launch_cooperative(cfg) }.map(drop).map_err(launch_error("fused_train_steps_replicated_f32"));
     }
     // The staged kernel whenever the plan stages anything (it reads the offsets).
-    let (function, name) = if args.plan.staging.any() {
-        (&gpu.functions.fused_train_steps_staged, "fused_train_steps_staged_f32")
-    } else if args.plan.kernel_512 {
-        (unstaged_function(gpu, true), "fused_train_steps_512_f32")
-    } else {
-        (unstaged_function(gpu, false), K)
-    };
+    let (function, name) =
+        if args.plan.staging.any() { (&gpu.functions.fused_train_steps_staged, "fused_train_steps_staged_f32") } else { unstaged_kernel(gpu, args.plan.kernel_512) };
     let cfg = LaunchConfig {
         grid_dim: (args.plan.grid, 1, 1),
         block_dim: (args.plan.threads(), 1, 1),
