@@ -42,13 +42,19 @@
 //
 // Latency, not bandwidth, bounds a step (a few warps per SM, each waiting on L2 round
 // trips), so the inner loops keep several independent loads in flight: a dot product takes
-// four rows at a time and adds their per-lane partials in one pass after one barrier; a
-// weight gradient issues eight rows' loads before using any; layer 0 looks a pass's image
-// indices up once, in parallel, into shared memory, and reads four pixels per 32-bit load.
+// four rows at a time, loads up to four inputs a lane of each (and their weights) before
+// using any, and adds their per-lane partials in one pass after one barrier; a weight
+// gradient issues 8 or 16 rows' loads before using any; layer 0 looks a pass's image indices
+// up once, in parallel, into shared memory, and reads four pixels per 32-bit load. Values a
+// later pass needs and nothing this step changes (the running statistics, a and x̂ in the
+// backward) are loaded before the dot products, in the kernels whose registers allow it.
 // Sums that one thread adds in row order (the loss, bias gradients) have their rows loaded
 // by all threads first; with one pass of rows and a row a thread (the seed's batch), the
-// thread that summed a row's z (or da) keeps it in a register for the BN passes; and a grid
-// barrier is one atomic arrival (release) and a spin (acquire loads) on the same count.
+// thread that summed a row's z (or da) keeps it in a register for the BN passes, and gives
+// its row of dz to the weight gradient's table from a register; and a grid barrier is one
+// atomic arrival (release) and a spin (acquire loads) on the same count.
+// `nvdisasm -c -g` of the sm_90 code shows which loads share a round trip (docs/perf.md,
+// twenty-second session).
 //
 // Staging (optional, chosen by the host per layer; off unless asked for until measured): a
 // block copies a layer's whole input (the batch's pixel rows for layer 0, the layer below's
@@ -411,15 +417,16 @@ __device__ __forceinline__ float ordered_column_total(float* stage, const float*
 // most blockDim/8: at least 8 groups, so 256 threads keep K ≤ 32 and 1024 threads cover a
 // 64-row pass in one sweep of 16 groups × 4 rows); a group takes rows
 // g, g+groups, … four at a time, its lanes reading V·K consecutive inputs of each row
-// (coalesced) and one w each for all four: 4 independent loads per w instead of a chain.
+// (coalesced) and one w each for all four: 4 independent loads per w instead of a chain,
+// AHEAD inputs a lane at once (with the weights), the rest of a row after them.
 // Each (row, lane) partial goes to `part` ([rows of the pass] × (K+1): the padding keeps the
 // per-row sums free of bank conflicts); after one barrier a thread per row adds its K
 // partials in a fixed order (four interleaved sums, then (s0+s1)+(s2+s3)).
 // `mine`, if given, also gets row threadIdx.x's result, from the thread that computed it.
-template <typename In>
+template <unsigned AHEAD, typename In>
 __device__ __forceinline__ void column_dot(
     float* part, const In& in, unsigned rows, unsigned n, const float* w, unsigned w_stride,
-    float* out, unsigned out_stride, const float* add, float* mine = nullptr)
+    float* out, unsigned out_stride, const float* add, float* mine = nullptr, bool prestaged = false)
 {
     constexpr unsigned V = In::V;
     const unsigned nv = n / V;
@@ -429,7 +436,7 @@ __device__ __forceinline__ void column_dot(
     const unsigned lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
     for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
         const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
-        in.stage(first, pass);
+        if (!prestaged || first > 0) in.stage(first, pass);
         __syncthreads();
         for (unsigned i0 = group; i0 < pass; i0 += 4 * groups) {
             // Rows past the pass load row i0 again (harmless) and are not stored.
@@ -438,15 +445,35 @@ __device__ __forceinline__ void column_dot(
             const typename In::Row r1 = i1 < pass ? in.row(first + i1, i1) : r0;
             const typename In::Row r2 = i2 < pass ? in.row(first + i2, i2) : r0;
             const typename In::Row r3 = i3 < pass ? in.row(first + i3, i3) : r0;
+            const bool v0 = r0 != typename In::Row(), v1 = r1 != typename In::Row(), v2 = r2 != typename In::Row(), v3 = r3 != typename In::Row();
             float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma unroll 2
-            for (unsigned kv = lane; kv < nv; kv += lanes) {
-                float x0[V], x1[V], x2[V], x3[V];
-                in.at(r0, kv, x0); in.at(r1, kv, x1); in.at(r2, kv, x2); in.at(r3, kv, x3);
+            for (unsigned kv0 = lane; kv0 < nv; kv0 += AHEAD * lanes) {
+                // AHEAD of the lane's inputs (and their weights) loaded before any is used, those
+                // past the row predicated off: one round trip where a loop over them (the
+                // compiler's unrolling checks the count between iterations, and each waits on its
+                // own loads) took one per input.
+                typename In::Raw q0[AHEAD], q1[AHEAD], q2[AHEAD], q3[AHEAD];
+                float wk[AHEAD][V];
 #pragma unroll
-                for (unsigned e = 0; e < V; ++e) {
-                    const float wk = w[(size_t)(kv * V + e) * w_stride];
-                    a0 += x0[e] * wk; a1 += x1[e] * wk; a2 += x2[e] * wk; a3 += x3[e] * wk;
+                for (unsigned c = 0; c < AHEAD; ++c) {
+                    const unsigned kv = kv0 + c * lanes;
+                    const bool on = kv < nv;
+                    q0[c] = on ? in.load(r0, kv) : (typename In::Raw)0;
+                    q1[c] = on ? in.load(r1, kv) : (typename In::Raw)0;
+                    q2[c] = on ? in.load(r2, kv) : (typename In::Raw)0;
+                    q3[c] = on ? in.load(r3, kv) : (typename In::Raw)0;
+#pragma unroll
+                    for (unsigned e = 0; e < V; ++e) wk[c][e] = on ? w[(size_t)(kv * V + e) * w_stride] : 0.0f;
+                }
+#pragma unroll
+                for (unsigned c = 0; c < AHEAD; ++c) {
+                    if (kv0 + c * lanes >= nv) break;
+                    float x0[V], x1[V], x2[V], x3[V];
+                    in.unpack(v0, q0[c], x0); in.unpack(v1, q1[c], x1); in.unpack(v2, q2[c], x2); in.unpack(v3, q3[c], x3);
+#pragma unroll
+                    for (unsigned e = 0; e < V; ++e) {
+                        a0 += x0[e] * wk[c][e]; a1 += x1[e] * wk[c][e]; a2 += x2[e] * wk[c][e]; a3 += x3[e] * wk[c][e];
+                    }
                 }
             }
             part[i0 * pitch + lane] = a0;
@@ -476,14 +503,13 @@ __device__ __forceinline__ void column_dot(
 
 // dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n. Thread t keeps CH vectors of V outputs
 // (V·(kv), kv = t', t'+T', …) in registers. The pass's dz column is staged in `gs` and the
-// rows' lookups in `in.stage`, so a row costs one round trip, and U rows' loads are issued
-// before any is used. When n/V ≤ T/2 the block splits into S = T/T' groups of T' ≥ n/V
+// rows' lookups in `in.stage` (unless the caller has them ready), and U rows' loads are
+// issued before any is used: ⌈rows/U⌉ round trips. When n/V ≤ T/2 the block splits into S = T/T' groups of T' ≥ n/V
 // threads, group s summing its contiguous share of each pass's rows; the groups' sums are
 // then added in group order (through `part`, T·V floats). Every sum runs in a fixed order.
-template <unsigned N> struct UnrollCount { static constexpr unsigned value = N; };
 template <unsigned CH, unsigned U, typename In>
 __device__ __forceinline__ void weight_row_gradient_by(
-    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n)
+    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready)
 {
     constexpr unsigned V = In::V;
     const unsigned nv = n / V, T = blockDim.x;
@@ -499,24 +525,31 @@ __device__ __forceinline__ void weight_row_gradient_by(
         for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
             const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
             __syncthreads();  // the previous pass's readers of the tables are done
-            in.stage(first, pass);
-            for (unsigned i = threadIdx.x; i < pass; i += T) gs[i] = dz[(size_t)(first + i) * dz_stride];
+            if (!ready) {
+                in.stage(first, pass);
+                for (unsigned i = threadIdx.x; i < pass; i += T) gs[i] = dz[(size_t)(first + i) * dz_stride];
+            }
             __syncthreads();
             const unsigned lo = s * pass / S, hi = (s + 1) * pass / S;
-            auto rows_from = [&](unsigned i, auto count) {
-                constexpr unsigned M = decltype(count)::value;
-                typename In::Raw raw[M][CH];
+            // U rows at a time, the last group's missing rows predicated off (no load, no
+            // add): the rows' sums keep their order, and a share of rows that is no multiple
+            // of U costs one more round trip, where a loop of single rows after the groups
+            // (the compiler unrolls it by four behind a remainder of singles) cost up to six.
+            for (unsigned i = lo; i < hi; i += U) {
+                const unsigned live = hi - i;
+                typename In::Raw raw[U][CH];
 #pragma unroll
-                for (unsigned u = 0; u < M; ++u) {
-                    const typename In::Row row = in.row(first + i + u, i + u);
+                for (unsigned u = 0; u < U; ++u) {
+                    const typename In::Row row = u < live ? in.row(first + i + u, i + u) : typename In::Row();
 #pragma unroll
                     for (unsigned q = 0; q < CH; ++q) {
                         const unsigned kv = c0 + q * tg_n + tg;
-                        raw[u][q] = kv < nv ? in.load(row, kv) : (typename In::Raw)0;
+                        raw[u][q] = u < live && kv < nv ? in.load(row, kv) : (typename In::Raw)0;
                     }
                 }
 #pragma unroll
-                for (unsigned u = 0; u < M; ++u) {
+                for (unsigned u = 0; u < U; ++u) {
+                    if (u >= live) break;
                     const float g = gs[i + u];
                     const bool valid = in.valid(first + i + u, i + u);
 #pragma unroll
@@ -527,10 +560,7 @@ __device__ __forceinline__ void weight_row_gradient_by(
                         for (unsigned e = 0; e < V; ++e) acc[q][e] += g * x[e];
                     }
                 }
-            };
-            unsigned i = lo;
-            for (; i + U <= hi; i += U) rows_from(i, UnrollCount<U>());
-            for (; i < hi; ++i) rows_from(i, UnrollCount<1>());
+            }
         }
         if (S == 1) {
 #pragma unroll
@@ -554,15 +584,18 @@ __device__ __forceinline__ void weight_row_gradient_by(
     }
 }
 
-// One load (V outputs) per thread and row in a block-sized chunk, U = 8 rows' loads in flight,
+// One load (V outputs) per thread and row in a block-sized chunk, U rows' loads in flight,
 // for pixel words or when the block covers the row (every layer of the seed network); four
 // outputs per thread, two rows at a time, for long float rows.
-template <typename In>
+// `ready` (rows ≤ FUSED_PASS_ROWS only): the caller has put the dz column in `gs` and the
+// input's tables are current (its stage already ran for this batch), so that the pass waits
+// on no load before its rows'.
+template <unsigned U, typename In>
 __device__ __forceinline__ void weight_row_gradient(
-    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n)
+    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready = false)
 {
-    if (In::V > 1 || n <= blockDim.x) weight_row_gradient_by<1, 8>(part, gs, dw, dz, dz_stride, in, rows, n);
-    else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n);
+    if (In::V > 1 || n <= blockDim.x) weight_row_gradient_by<1, U>(part, gs, dw, dz, dz_stride, in, rows, n, ready);
+    else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n, ready);
 }
 
 // Staging's copy units: 16, 4 or 1 bytes.
@@ -863,6 +896,20 @@ template <bool STAGED, unsigned MAX_T, bool PERMUTE_PIXELS = false>
 __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
     constexpr unsigned FUSED_PART_FLOATS = fused_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
+    // How many of a lane's inputs column_dot loads at once: four in the 512-thread kernel
+    // (up to 128 registers: the seed's first layer, 196 words a row over 64 lanes, in one round
+    // trip a group of rows), two in the other unstaged kernels, whose budgets (64 registers;
+    // the pair's 128 with two networks' pointers) would spill the rest, one in the staged
+    // kernels (their inputs in shared memory, the staged pair's registers spilling already).
+    constexpr unsigned DOT_AHEAD = MAX_T == FUSED_512_THREADS ? 4 : STAGED ? 1 : 2;
+    // Whether values that a later pass needs and nothing this step changes are loaded ahead,
+    // before the dot products that hide their round trips (the running statistics in the
+    // forward; a and x̂ in the backward): in the staged and 512-thread kernels, whose register
+    // budgets hold them; the 64-register kernels would spill.
+    constexpr bool PREFETCH = STAGED || MAX_T == FUSED_512_THREADS;
+    // How many rows' inputs the weight gradient loads at once: 16 in the 512-thread kernel (the
+    // seed's first layer: 30 rows a thread, two round trips), 8 in the others.
+    constexpr unsigned GRADIENT_AHEAD = MAX_T == FUSED_512_THREADS ? 16 : 8;
 #ifdef EMULATED_BLOCK_SHARED
     // The CPU emulation (tests/kernel_emulation) runs all blocks at once: it gives each block
     // its own buffer, where `__shared__` would be one static array for all of them. Nor does
@@ -961,6 +1008,10 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             if (me < width) stage_input(l, base);
             for (unsigned j = me; j < width; j += G) {
                 const float* w = params + info[L_W] + (size_t)j * in_w;
+                // The first pass's lookups (layer 0's image indices) before the deferred update,
+                // whose round trip they share; column_dot's first barrier orders them before its
+                // reads, and the previous readers of the table passed a barrier since.
+                with_input(l, base, [&](const auto& in) { in.stage(0, batch < FUSED_PASS_ROWS ? batch : FUSED_PASS_ROWS); });
                 // The weight row in shared memory: written by its deferred update, or copied
                 // (first step); column_dot's first barrier orders these writes before its reads.
                 if (step > 0) sgd_row(info, j, params, grads, velocity, lr, momentum, weight_row);
@@ -968,9 +1019,11 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     for (unsigned k = t; k < in_w; k += T) weight_row[k] = w[k];
                 if (weight_row != nullptr) w = weight_row;
                 // Estimator t's factors and running statistics, loaded before the dot products
-                // hide their round trips (they depend on nothing this step computes). Only in
-                // the staged kernel: the unstaged one's 64 registers would spill to hold them.
-                constexpr bool prefetch_stats = STAGED;
+                // hide their round trips (they depend on nothing this step computes), where
+                // loading them after the BN sums puts a chain of two round trips (the factors
+                // and the mean, then the variance, behind the mean's store) before the grid
+                // barrier.
+                constexpr bool prefetch_stats = PREFETCH;
                 float keep0 = 0.0f, corr0 = 0.0f, mean0 = 0.0f, var0 = 0.0f;
                 if (prefetch_stats && bn && t < n_estimators) {
                     const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
@@ -981,7 +1034,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     var0 = running_var[(size_t)t * bn_total + col];
                 }
                 float z_kept = 0.0f;
-                with_input(l, base, [&](const auto& in) { column_dot(part, in, batch, in_w, w, 1, zx + j, width, nullptr, &z_kept); });
+                with_input(l, base, [&](const auto& in) { column_dot<DOT_AHEAD>(part, in, batch, in_w, w, 1, zx + j, width, nullptr, &z_kept, true); });
                 // The column's z are in zx (this block's writes, visible after the barrier
                 // inside column_dot). When the batch is one pass of rows and a row a thread
                 // (the seed's 60), each thread's row is also in z_kept, from the thread that
@@ -1089,7 +1142,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     if (t == 0) grads[out_info[L_BIAS] + k] = s;
                 }
                 with_input(hidden, base, [&](const auto& in) {
-                    weight_row_gradient(part, gs, grads + out_info[L_W] + (size_t)k * in_w, dlogits + k, classes, in, batch, in_w);
+                    weight_row_gradient<GRADIENT_AHEAD>(part, gs, grads + out_info[L_W] + (size_t)k * in_w, dlogits + k, classes, in, batch, in_w);
                 });
             }
         }
@@ -1109,21 +1162,32 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 // As in the forward, a thread's row stays in registers (da, then dy and x̂) when
                 // the batch is one pass of rows and a row a thread.
                 float da_kept = 0.0f, dy_kept = 0.0f, xh_kept = 0.0f;
-                column_dot(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr, &da_kept);
                 const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
+                // The thread's row of a and x̂ (this step's forward, this block's column) ahead
+                // of the dot products, where the pass below would wait a round trip for them.
+                const bool ahead = PREFETCH && kept && t < batch;
+                float a_ahead = 0.0f, xh_ahead = 0.0f;
+                if (ahead) {
+                    a_ahead = a[(size_t)t * width + j];
+                    if (bn) xh_ahead = xh[(size_t)t * width + j];
+                }
+                column_dot<DOT_AHEAD>(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr, &da_kept);
                 float sb = 0.0f, sg = 0.0f;
                 for (unsigned r = t; r < batch; r += T) {
                     const size_t i = (size_t)r * width + j;
-                    const float dy = activate_backward(activation, a[i], kept ? da_kept : d[i]);
+                    const float dy = activate_backward(activation, ahead ? a_ahead : a[i], kept ? da_kept : d[i]);
                     d[i] = dy;
+                    dy_kept = dy;
                     if (bn) {
-                        const float x = xh[i];
+                        const float x = ahead ? xh_ahead : xh[i];
                         sb += dy;
                         sg += dy * x;
-                        dy_kept = dy;
                         xh_kept = x;
                     }
                 }
+                // With a row a thread, the column's final dz also goes to `gs` from the
+                // thread's register, and the weight gradient below waits on no load of it.
+                float dz_kept = dy_kept;
                 if (bn) {
                     const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
                     const float sums[2] = {sb, sg};
@@ -1134,7 +1198,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     for (unsigned r = t; r < batch; r += T) {
                         const size_t i = (size_t)r * width + j;
                         const float dy = kept ? dy_kept : d[i], x = kept ? xh_kept : xh[i];
-                        d[i] = g * istd / b * (b * dy - d_beta - x * d_gamma);
+                        dz_kept = g * istd / b * (b * dy - d_beta - x * d_gamma);
+                        d[i] = dz_kept;
                     }
                     if (t == 0) {
                         grads[info[L_GAMMA] + j] = d_gamma;
@@ -1145,10 +1210,14 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     const float s = ordered_column_total(gs, d + j, width, batch);
                     if (t == 0) grads[info[L_BIAS] + j] = s;
                 }
+                // (ordered_column_total's last reads of gs are behind its final barrier.) The
+                // input's tables are current with a row a thread (one pass): layer 0's image
+                // indices are this step's, staged by its forward, and no input since staged any.
+                if (kept && t < batch) gs[t] = dz_kept;
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
                 with_input(l, base, [&](const auto& in) {
-                    weight_row_gradient(part, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w);
+                    weight_row_gradient<GRADIENT_AHEAD>(part, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w, kept);
                 });
                 __syncthreads();
             }

@@ -142,18 +142,31 @@ pub struct HeldRows {
     pub exact: usize,
 }
 
+/// How many networks train side by side: `model` alone, or `model` (the BN network) and its
+/// plain twin (the study's comparison, `bench --pair`), each with its own parameters, batch
+/// and evaluated rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Networks {
+    One,
+    WithPlainTwin,
+}
+
 /// Fails, before anything is allocated, where training `model` with batches of `batch`
 /// (and the rows `held` beside them) would take more host memory than this process may still
 /// have ([`available_host_bytes`]; no check off Linux): a failed allocation aborts the
 /// process, and a cgroup over its limit is killed, instead of returning an error.
-pub fn check_host_memory(model: &ModelConfig, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> Result<()> {
+pub fn check_host_memory(model: &ModelConfig, networks: Networks, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> Result<()> {
     let Some(available) = available_host_bytes() else { return Ok(()) };
-    let needed = host_bytes_needed(model, batch, held, device, precision);
+    let needed = host_bytes_needed(model, networks, batch, held, device, precision);
     let parameters = model.parameter_count().unwrap_or(usize::MAX) as f64;
     if needed > available as f64 {
         let gb = |bytes: f64| bytes / 1e9;
+        let (what, needs, each) = match networks {
+            Networks::One => (model.to_string(), "needs", ""),
+            Networks::WithPlainTwin => (format!("{model} and its plain twin"), "need", " a network"),
+        };
         return Err(ConfigError::Invalid(format!(
-            "{model} with batches of {batch} needs at least {:.1} GB of memory to train and evaluate ({parameters:.3e} parameters); this process has {:.1} GB available",
+            "{what} with batches of {batch} {needs} at least {:.1} GB of memory to train and evaluate ({parameters:.3e} parameters{each}); this process has {:.1} GB available",
             gb(needed), gb(available as f64)
         )).into());
     }
@@ -166,7 +179,10 @@ pub fn check_host_memory(model: &ModelConfig, batch: usize, held: HeldRows, devi
 /// of a batch and of the evaluated rows (the input once; for every other unit z, BN's output
 /// and x̂, the activation, two gradients), and the exact pass, which holds its hidden layers
 /// only (the first layer's z twice, then a layer's output, activation and the next z).
-pub fn host_bytes_needed(model: &ModelConfig, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> f64 {
+/// With a plain twin, the parameters and the training phase twice (the twin counted at the
+/// BN network's size, which has a parameter more a unit); the exact pass, of the BN network
+/// alone, once.
+pub fn host_bytes_needed(model: &ModelConfig, networks: Networks, batch: usize, held: HeldRows, device: DeviceChoice, precision: Precision) -> f64 {
     let float = if precision == Precision::F64 { 8.0 } else { 4.0 };
     let (per_parameter, per_input, per_unit) = match device {
         DeviceChoice::Cpu => (8.0 + 4.0 * float, float, 6.0 * float),
@@ -179,7 +195,11 @@ pub fn host_bytes_needed(model: &ModelConfig, batch: usize, held: HeldRows, devi
     let first = model.hidden.first().copied().unwrap_or(0) as f64;
     let widest = model.hidden.iter().copied().max().unwrap_or(0) as f64;
     let exact_pass = held.exact as f64 * 8.0 * (2.0 * first + 3.0 * widest);
-    parameters * per_parameter + training.max(exact_pass)
+    let copies = match networks {
+        Networks::One => 1.0,
+        Networks::WithPlainTwin => 2.0,
+    };
+    copies * parameters * per_parameter + (copies * training).max(exact_pass)
 }
 
 /// The memory this process may still take, in bytes: the least of Linux's estimate for the
@@ -270,13 +290,31 @@ mod tests {
     #[test]
     fn the_seed_study_is_estimated_below_what_it_takes() {
         let model = ModelConfig::seed(true);
-        let held = HeldRows { evaluated: 60 + 2 * 10_000, exact: 60_000 };
-        let needed = host_bytes_needed(&model, 60, held, DeviceChoice::Cpu, Precision::F32);
+        let held = HeldRows { evaluated: 10_000, exact: 60_000 };
+        let needed = host_bytes_needed(&model, Networks::WithPlainTwin, 60, held, DeviceChoice::Cpu, Precision::F32);
         assert!((200e6..347e6).contains(&needed), "{needed}");
         // The exact pass: the first layer's z twice and three widest layers, in f64.
-        let exact_only = host_bytes_needed(&model, 0, HeldRows { evaluated: 0, exact: 60_000 }, DeviceChoice::Cuda, Precision::F32);
+        let exact_only = host_bytes_needed(&model, Networks::One, 0, HeldRows { evaluated: 0, exact: 60_000 }, DeviceChoice::Cuda, Precision::F32);
         let parameters = model.parameter_count().unwrap() as f64;
         assert_eq!(exact_only, parameters * 12.0 + 60_000.0 * 8.0 * (2.0 * 100.0 + 3.0 * 100.0));
+    }
+
+    /// A plain twin (`bench --pair`, the study) doubles the parameters and the training phase,
+    /// which dominate the wide network's needs; the exact pass is the BN network's alone.
+    #[test]
+    fn a_plain_twin_doubles_the_training_needs() {
+        let model = ModelConfig { hidden: vec![1024, 1024], ..ModelConfig::seed(true) };
+        let held = HeldRows { evaluated: 10_000, exact: 0 };
+        for device in [DeviceChoice::Cpu, DeviceChoice::Cuda] {
+            let one = host_bytes_needed(&model, Networks::One, 1024, held, device, Precision::F32);
+            let two = host_bytes_needed(&model, Networks::WithPlainTwin, 1024, held, device, Precision::F32);
+            assert_eq!(two, 2.0 * one, "{device:?}");
+        }
+        let exact = HeldRows { evaluated: 0, exact: 60_000 };
+        let alone = host_bytes_needed(&model, Networks::One, 0, exact, DeviceChoice::Cuda, Precision::F32);
+        let paired = host_bytes_needed(&model, Networks::WithPlainTwin, 0, exact, DeviceChoice::Cuda, Precision::F32);
+        let parameters = model.parameter_count().unwrap() as f64;
+        assert_eq!(paired - alone, parameters * 12.0);
     }
 
     #[test]

@@ -882,11 +882,10 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
     let data = load_data(&args.data, args.data.kind(None))?;
     let device = resolve_device(device_choice);
     let study_batch = report::study::train_config(opts.seed, Vec::new()).batch_size;
-    // Beside the BN network's batch: the plain one's, and the comparison's two networks each
-    // evaluating the whole test split with its own batch statistics; later, the estimator
-    // study's exact pass over the training split.
-    let held = device::HeldRows { evaluated: study_batch + 2 * data.test.count, exact: data.train.count };
-    device::check_host_memory(&report::study::model_config(&opts, &data, true), study_batch, held, device, Precision::F32)?;
+    // The BN network and its plain twin, each evaluating the whole test split with its own
+    // batch statistics; later, the estimator study's exact pass over the training split.
+    let held = device::HeldRows { evaluated: data.test.count, exact: data.train.count };
+    device::check_host_memory(&report::study::model_config(&opts, &data, true), device::Networks::WithPlainTwin, study_batch, held, device, Precision::F32)?;
     let mut open = |m, t, p: &_| device::open(device, Precision::F32, m, t, Arc::clone(&data), p);
     // An interrupted study ends here (it cannot resume): the message, the JSON line, 130.
     let stopped = |message: String, partial: Option<PathBuf>| -> ! {
@@ -970,13 +969,14 @@ fn bench_cmd(device_choice: DeviceChoice, args: BenchArgs) -> Result<()> {
     // As train and reproduce do, before the networks are opened: an allocation that fails
     // aborts the process instead of returning an error. (The configuration's layers on the
     // data's image size and classes; the points evaluate the whole test split; with --pair,
-    // one network's needs, a lower bound.)
+    // the plain twin's needs too.)
     let (mut model, train_cfg) = args.config.configs(!args.no_bn);
     if let Some(d) = dataset.as_deref() {
         (model.inputs, model.classes) = (d.train.features, d.train.classes);
     }
     let evaluated = if args.points { dataset.as_deref().map_or(10_000, |d| d.test.count) } else { 0 };
-    device::check_host_memory(&model, train_cfg.batch_size, device::HeldRows { evaluated, exact: 0 }, device, args.precision)?;
+    let networks = if args.pair { device::Networks::WithPlainTwin } else { device::Networks::One };
+    device::check_host_memory(&model, networks, train_cfg.batch_size, device::HeldRows { evaluated, exact: 0 }, device, args.precision)?;
     // The runs, on stderr (hidden where it is no terminal), updated between timed spans.
     let bar = ProgressBar::new(args.runs as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} timed runs [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));

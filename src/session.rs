@@ -262,12 +262,12 @@ pub fn run(
     let resumed = matches!(req.start, Start::Resume(_));
     if !resumed {
         req.model.validate()?;
-        crate::device::check_host_memory(&req.model, req.train.batch_size, evaluated(&data), req.device, req.precision)?;
+        crate::device::check_host_memory(&req.model, crate::device::Networks::One, req.train.batch_size, evaluated(&data), req.device, req.precision)?;
     }
     let StartingPoint { model, train: train_cfg, params, velocity, progress, precision } = starting_point(req, &data)?;
     model.validate()?;
     if resumed {
-        crate::device::check_host_memory(&model, train_cfg.batch_size, evaluated(&data), req.device, precision)?;
+        crate::device::check_host_memory(&model, crate::device::Networks::One, train_cfg.batch_size, evaluated(&data), req.device, precision)?;
     }
     let trained_on = TrainedOn { precision, dataset: data.kind };
     train_cfg.validate(&model, data.train.count)?;

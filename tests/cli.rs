@@ -411,15 +411,22 @@ fn an_address_space_limit_is_a_one_line_refusal() {
 }
 
 /// `bench` checks the host memory as `train` does: the wide configuration (about 0.1 GB on
-/// the CPU) under 60 MB of address space is refused in one line, not aborted.
+/// the CPU) under 60 MB of address space is refused in one line, not aborted; with `--pair`,
+/// the plain network beside it counts too.
 #[test]
 fn bench_refuses_what_the_address_space_cannot_hold() {
-    let out = Command::new("sh")
-        .args(["-c", "ulimit -v 60000 && exec \"$0\" \"$@\"", BIN])
-        .args(["--device", "cpu", "bench", "--config", "wide", "--noise", "--runs", "1", "--seconds", "0.01"])
-        .output()
-        .unwrap();
-    expect_failure(&out, "784-1024-1024-10 Sigmoid with BN with batches of 1024 needs at least 0.1 GB of memory");
+    for (pair, message) in [
+        (&[][..], "784-1024-1024-10 Sigmoid with BN with batches of 1024 needs at least 0.1 GB of memory"),
+        (&["--pair"][..], "784-1024-1024-10 Sigmoid with BN and its plain twin with batches of 1024 need at least 0.2 GB of memory"),
+    ] {
+        let out = Command::new("sh")
+            .args(["-c", "ulimit -v 60000 && exec \"$0\" \"$@\"", BIN])
+            .args(["--device", "cpu", "bench", "--config", "wide", "--noise", "--runs", "1", "--seconds", "0.01"])
+            .args(pair)
+            .output()
+            .unwrap();
+        expect_failure(&out, message);
+    }
 }
 
 #[test]
