@@ -81,8 +81,8 @@
 //   layers (the acts and dz blocks of the output layer go unused); inv_std [total]; row_loss
 //   [B] f64, row_correct [B] u32 (the loss block's); estimators [E, 2] f64 as in
 //   running_stats.cu; barrier [1] u32, zero before the launch.
-//   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernels that take 1024 and 512;
-//   fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
+//   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024, 33 KB
+//   for the 512-thread kernel; fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
 //   [rows, lanes+1] (`part`, which also holds the logits' operands, W_out then a chunk of
 //   the top layer's rows), image indices and dz column.
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
@@ -90,8 +90,8 @@
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
 //   most 64 registers a thread (__launch_bounds__); dynamic shared memory: the softmax's
 //   region, and the staged regions after it (opted into beyond 48 KB).
-//   fused_train_steps_512_f32 (blocks of 512, the host's default; ~17 KB of static shared
-//   memory, as the 1024 kernel's), the staged and the pair kernels: at most 128 registers.
+//   fused_train_steps_512_f32 (blocks of 512, the host's default, one an SM; 33 KB of static
+//   shared memory), the staged and the pair kernels: at most 128 registers.
 
 #include <stdint.h>
 #include "common.cuh"
@@ -382,11 +382,16 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 // column_dot's partials ([rows of a pass] × (lanes + 1), lanes ≤ MAX_T/8) or the weight
 // gradient's group sums (one V-vector a thread, V ≤ 4); then a pass's image indices and its
 // dz column. Sized per kernel, so that the 256-thread kernels keep their ~9 KB (two staged
-// blocks an SM need the rest for staging).
+// blocks an SM need the rest for staging). The 512-thread kernel, one block an SM, takes 32
+// KB: its `part` also holds the logits' operands for a whole batch of the seed's (W_out's
+// 1000 floats and 60 rows of 100), one copy behind one pair of barriers where 17 KB took two
+// chunks of rows, each a round trip of its own (batch_logits).
+#define FUSED_512_PART_FLOATS 8192
 __host__ __device__ constexpr unsigned fused_part_floats(unsigned max_t) {
     const unsigned lanes = max_t / 8 < FUSED_MAX_LANES ? max_t / 8 : FUSED_MAX_LANES;
     const unsigned rows = FUSED_PASS_ROWS * (lanes + 1), groups = max_t * 4;
-    return rows > groups ? rows : groups;
+    const unsigned need = rows > groups ? rows : groups;
+    return max_t == FUSED_512_THREADS && need < FUSED_512_PART_FLOATS ? FUSED_512_PART_FLOATS : need;
 }
 __host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t) {
     return fused_part_floats(max_t) + 2 * FUSED_PASS_ROWS;
@@ -990,6 +995,10 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     fused_trace_mark(FUSED_TRACE_BARRIERS);
     for (unsigned step = 0; step < steps; ++step) {
         const unsigned long long base = (unsigned long long)(cursor0 + step) * batch;
+        // Row t's image index, for its label in the softmax: read here, a whole phase ahead
+        // where registers allow, so that the label's load can overlap the logits' below.
+        const unsigned long long pos = base + t;
+        const unsigned image_ahead = PREFETCH && t < batch && pos < order_len ? order[pos] : count;
 
         // The output layer's deferred update (see the header): its rows are read by every
         // block in the logits, after the barriers of the forward below.
@@ -1087,10 +1096,11 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         {
             const unsigned in_w = (unsigned)out_info[L_IN];
             const float* bias = out_info[L_BIAS] >= 0 ? params + out_info[L_BIAS] : nullptr;
-            // Row t's label takes two dependent loads: the first before the dot products,
-            // the second after, so that they overlap them.
-            const unsigned long long pos = base + t;
-            const unsigned image = t < batch && pos < order_len ? order[pos] : count;
+            // Row t's label takes two dependent loads: the image index read at the step's
+            // start (PREFETCH) or here, before the dot products, and the label before them too
+            // (PREFETCH) or after, so that they overlap them.
+            const unsigned image = PREFETCH ? image_ahead : t < batch && pos < order_len ? order[pos] : count;
+            const unsigned label_ahead = PREFETCH && image < count ? labels[image] : 255u;
             stage_input(hidden, base);
             const bool top_staged = STAGED && out_info[L_STAGE] >= 0;
             batch_logits(part, FUSED_PART_FLOATS, float_input(hidden), top_staged, params + out_info[L_W], bias, batch, in_w, classes, soft);
@@ -1099,7 +1109,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             for (unsigned r = t; r < batch; r += T) {
                 const unsigned long long pos_r = base + r;
                 const unsigned image_r = r == t ? image : pos_r < order_len ? order[pos_r] : count;
-                const unsigned label = image_r < count ? labels[image_r] : 255u;
+                const unsigned label = PREFETCH && r == t ? label_ahead : image_r < count ? labels[image_r] : 255u;
                 bool right;
                 const double loss = softmax_row(soft + (size_t)r * classes, classes, label, grad_scale, &right);
                 if (loss_block) {
