@@ -281,8 +281,9 @@ __device__ __forceinline__ unsigned row_threads(unsigned rows) {
 
 // Layer inputs as the dot products and weight gradients read them: `V` consecutive inputs
 // per load; `stage` prepares a pass of rows (every thread calls it; the caller then
-// synchronizes), `row` finds row r (i within the pass) without touching global memory,
-// `at` loads inputs V·kv … V·kv+V−1 of a row.
+// synchronizes), `row` finds row r (i within the pass) without touching global memory
+// (a null row: invalid, for pixels), `load` brings inputs V·kv … V·kv+V−1 of a row as they
+// lie and `unpack` widens them to floats, so that several loads can be in flight first.
 //
 // Layer 0: the batch's images, as bytes scaled by 1/255. `load` brings the raw bytes,
 // `unpack` scales them (NaN for an invalid row): loads of several rows can be issued as
@@ -310,7 +311,6 @@ struct PixelBytes {
         for (unsigned e = 0; e < V; ++e)
             x[e] = !valid ? __int_as_float(0x7fc00000) : PERMUTE_ ? pixel_scaled(q, e) : (float)((q >> (8 * e)) & 255u) * (1.0f / 255.0f);
     }
-    __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { unpack(p != nullptr, load(p, kv), x); }
 };
 
 // The pixels in global memory. An image's index costs a load of `order[pos]` that the pixel
@@ -367,7 +367,6 @@ struct Floats {
     __device__ __forceinline__ Raw load(Row p, unsigned kv) const { return p[kv]; }
     __device__ __forceinline__ bool valid(unsigned, unsigned) const { return true; }
     __device__ __forceinline__ void unpack(bool, Raw q, float* x) const { x[0] = q; }
-    __device__ __forceinline__ void at(Row p, unsigned kv, float* x) const { x[0] = p[kv]; }
 };
 
 // Layer 0's staged input: bytes of the image-index table (16-byte multiple) and of a row.
@@ -417,10 +416,31 @@ __device__ __forceinline__ float ordered_column_total(float* stage, const float*
     return s;
 }
 
+// column_dot's lanes a row, K: a power of two up to the smallest ≥ nv (the row's inputs, V a
+// load), at most 64 and at most blockDim/8 (at least 8 groups, so 256 threads keep K ≤ 32).
+// Of those, the one whose pass of rows takes the fewest rounds of loads, counting a round as
+// four rows a group and four inputs a lane (the 512-thread kernel's reach; the others, which
+// load two inputs a lane at once, take more rounds alike), and the widest of those: the
+// seed's pixels (196 words) keep 64 lanes in blocks of 512 (2 groups of rows × 1 round) and
+// 32 in blocks of 256; its 100-wide layers take 32 lanes in blocks of 512 (16 groups: the
+// 60 rows in one group of four, four inputs a lane), where 64 lanes took two groups of rows.
+// The choice depends on nothing but nv, the pass and blockDim: every kernel sums alike.
+__device__ __forceinline__ unsigned dot_lanes(unsigned nv, unsigned pass) {
+    unsigned best = 1, best_rounds = ~0u;
+    for (unsigned lanes = 1;; lanes <<= 1) {
+        const unsigned groups = blockDim.x / lanes;
+        const unsigned rows_a_group = (pass + groups - 1) / groups, inputs_a_lane = (nv + lanes - 1) / lanes;
+        const unsigned rounds = (rows_a_group + 3) / 4 * ((inputs_a_lane + 3) / 4);
+        if (rounds <= best_rounds) {
+            best = lanes;
+            best_rounds = rounds;
+        }
+        if (lanes >= nv || lanes >= FUSED_MAX_LANES || lanes * 8 >= blockDim.x) return best;
+    }
+}
+
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] (+ add[r], if given) for r < rows.
-// Threads form groups of K lanes (K = the smallest power of two ≥ n/V, at most 64 and at
-// most blockDim/8: at least 8 groups, so 256 threads keep K ≤ 32 and 1024 threads cover a
-// 64-row pass in one sweep of 16 groups × 4 rows); a group takes rows
+// Threads form groups of K lanes (dot_lanes); a group takes rows
 // g, g+groups, … four at a time, its lanes reading V·K consecutive inputs of each row
 // (coalesced) and one w each for all four: 4 independent loads per w instead of a chain,
 // AHEAD inputs a lane at once (with the weights), the rest of a row after them.
@@ -435,8 +455,7 @@ __device__ __forceinline__ void column_dot(
 {
     constexpr unsigned V = In::V;
     const unsigned nv = n / V;
-    unsigned lanes = 1;
-    while (lanes < nv && lanes < FUSED_MAX_LANES && lanes * 8 < blockDim.x) lanes <<= 1;
+    const unsigned lanes = dot_lanes(nv, rows < FUSED_PASS_ROWS ? rows : FUSED_PASS_ROWS);
     const unsigned groups = blockDim.x / lanes, pitch = lanes + 1;
     const unsigned lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
     for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
@@ -509,9 +528,10 @@ __device__ __forceinline__ void column_dot(
 // dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n. Thread t keeps CH vectors of V outputs
 // (V·(kv), kv = t', t'+T', …) in registers. The pass's dz column is staged in `gs` and the
 // rows' lookups in `in.stage` (unless the caller has them ready), and U rows' loads are
-// issued before any is used: ⌈rows/U⌉ round trips. When n/V ≤ T/2 the block splits into S = T/T' groups of T' ≥ n/V
-// threads, group s summing its contiguous share of each pass's rows; the groups' sums are
-// then added in group order (through `part`, T·V floats). Every sum runs in a fixed order.
+// issued before any is used: ⌈rows/U⌉ round trips. When n/V ≤ T/2 the block splits into
+// S = T/T' groups of T' ≥ n/V threads, group s summing its contiguous share of each pass's
+// rows; the groups' sums are then added in group order (through `part`, T·V floats). Every
+// sum runs in a fixed order.
 template <unsigned CH, unsigned U, typename In>
 __device__ __forceinline__ void weight_row_gradient_by(
     float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready)
@@ -622,11 +642,11 @@ template <> struct Chunk<1> {
 };
 
 // Copies `rows` rows of `row_bytes` (a multiple of W) from src_row(r) to dst + r·pitch,
-// W bytes a load, STAGE_LOADS loads per thread issued before any store: the seed's 47 KB of
-// pixels takes two round trips (256 threads × 8 × 16 bytes at a time), where 4 loads a
-// thread took three (12 would take one, but spill the staged kernel's 128 registers). A null
-// source row is skipped (its bytes are never read). Every thread calls it; the caller
-// synchronizes.
+// W bytes a load, LOADS loads per thread issued before any store (STAGE_LOADS by default):
+// the seed's 47 KB of pixels takes two round trips (256 threads × 8 × 16 bytes at a time),
+// where 4 loads a thread took three (12 would take one, but spill the staged kernel's 128
+// registers). A null source row is skipped (its bytes are never read). Every thread calls
+// it; the caller synchronizes.
 // Chunk i = t + k·blockDim of the rows is (row, chunk) = (i / per_row, i % per_row); a thread
 // walks its (row, chunk) pairs by adding blockDim's quotient and remainder, two divisions a
 // call. Dividing for every chunk, as this did first, took a few dozen integer instructions a
@@ -646,25 +666,25 @@ struct ChunkWalk {
         }
     }
 };
-template <unsigned W, typename SrcRow>
+template <unsigned W, unsigned LOADS = STAGE_LOADS, typename SrcRow>
 __device__ __forceinline__ void stage_rows(uint8_t* dst, unsigned pitch, unsigned rows, unsigned row_bytes, SrcRow src_row) {
     typedef typename Chunk<W>::T T;
     const unsigned per_row = row_bytes / W, stride = blockDim.x;
     if (per_row == 0) return;
     ChunkWalk at{threadIdx.x / per_row, threadIdx.x % per_row, per_row, stride / per_row, stride % per_row};
     while (at.row < rows) {
-        T v[STAGE_LOADS];
-        bool loaded[STAGE_LOADS];
+        T v[LOADS];
+        bool loaded[LOADS];
         ChunkWalk load = at;
 #pragma unroll
-        for (unsigned u = 0; u < STAGE_LOADS; ++u) {
+        for (unsigned u = 0; u < LOADS; ++u) {
             const uint8_t* src = load.row < rows ? src_row(load.row) : nullptr;
             loaded[u] = src != nullptr;
             if (loaded[u]) v[u] = Chunk<W>::load(src + (size_t)load.chunk * W);
             load.advance();
         }
 #pragma unroll
-        for (unsigned u = 0; u < STAGE_LOADS; ++u) {
+        for (unsigned u = 0; u < LOADS; ++u) {
             if (loaded[u]) Chunk<W>::store(dst + (size_t)at.row * pitch + (size_t)at.chunk * W, v[u]);
             at.advance();
         }
@@ -743,9 +763,8 @@ __device__ __forceinline__ void logit_pairs(
 }
 
 // dst[q] = src[q] for q < quads float4s (both 16-byte aligned), a load a thread a round:
-// one round for the seed's W (250) in blocks of 256, four for a chunk of 31 rows (775).
-// Two or four loads a thread issued before their stores, as stage_rows does, made the
-// 64-register kernel spill (ptxas, sm_90: 76 and 144 bytes). Every thread calls it.
+// stage_rows with one load a thread, without its walk, which the 64-register kernels have no
+// registers for (sm_80: 16 bytes of spill).
 __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigned quads) {
     for (unsigned q = threadIdx.x; q < quads; q += blockDim.x)
         *reinterpret_cast<float4*>(dst + (size_t)q * 4) = FUSED_LOAD_F4(src + (size_t)q * 4);
@@ -754,8 +773,12 @@ __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigne
 // The whole batch's logits in one block (logit_pairs over rows < rows), its operands read
 // from shared memory: the output layer's W (classes × n floats) is copied into `part`
 // (part_floats floats) first, then the top layer's a (`a`, [rows, n]) a chunk of rows at a
-// time into the rest, unless `a_shared` (the staged kernels staged it). Each copy issues its
-// loads a round at a time (copy_quads). Read from L2 instead, a pair's n/2 loads waited a
+// time into the rest, unless `a_shared` (the staged kernels staged it): W and the first
+// chunk in one copy (stage_rows, their rows of n floats lying end to end in `part`), LOADS
+// 16-byte loads a thread issued before any store. LOADS = 1 (copy_quads, W then the chunk)
+// in the 64-register kernels: two or four made them spill (ptxas, sm_90: 76 and 144 bytes);
+// the 512-thread kernel takes 8 (the seed's W and 60 rows, 1750 loads, in one round trip
+// where a load a round took four). Read from L2 instead, a pair's n/2 loads waited a
 // round trip every two (unroll 2), and a thread of the seed's 256 took up to three pairs: on an
 // H200 the copies took the step's third phase from 22.1 to 14.3 µs (docs/perf.md, twentieth
 // session). The same values in the same order: the results are bitwise those of reading
@@ -770,6 +793,7 @@ __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigne
 #ifndef LOGIT_MAX_CHUNKS
 #define LOGIT_MAX_CHUNKS 8
 #endif
+template <unsigned LOADS>
 __device__ __forceinline__ void batch_logits(
     float* part, unsigned part_floats, const float* a, bool a_shared, const float* w, const float* bias, unsigned rows, unsigned n,
     unsigned classes, float* out)
@@ -784,8 +808,17 @@ __device__ __forceinline__ void batch_logits(
         const unsigned m = rows - r0 < step_rows ? rows - r0 : step_rows;
         if (staging) {
             __syncthreads();  // part's last readers (the last chunk's pairs, or before the call) are done
-            if (r0 == 0) copy_quads(part, w, w_floats / 4);
-            if (!a_shared) copy_quads(rows_copy, a + (size_t)r0 * n, m * n / 4);
+            if (LOADS == 1) {
+                if (r0 == 0) copy_quads(part, w, w_floats / 4);
+                if (!a_shared) copy_quads(rows_copy, a + (size_t)r0 * n, m * n / 4);
+            } else {
+                // Rows of n floats into `part` end to end: W's `classes` (first chunk), then the chunk's.
+                const unsigned w_rows = r0 == 0 ? classes : 0, a_rows = a_shared ? 0 : m;
+                uint8_t* to = reinterpret_cast<uint8_t*>(r0 == 0 ? part : rows_copy);
+                stage_rows<16, LOADS>(to, n * 4, w_rows + a_rows, n * 4, [&](unsigned r) {
+                    return reinterpret_cast<const uint8_t*>(r < w_rows ? w + (size_t)r * n : a + (size_t)(r0 + r - w_rows) * n);
+                });
+            }
             __syncthreads();
         }
         // Two calls, not one on chosen pointers: where both operands are known to lie in shared
@@ -1103,7 +1136,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             const unsigned label_ahead = PREFETCH && image < count ? labels[image] : 255u;
             stage_input(hidden, base);
             const bool top_staged = STAGED && out_info[L_STAGE] >= 0;
-            batch_logits(part, FUSED_PART_FLOATS, float_input(hidden), top_staged, params + out_info[L_W], bias, batch, in_w, classes, soft);
+            batch_logits<MAX_T == FUSED_512_THREADS ? 8 : 1>(part, FUSED_PART_FLOATS, float_input(hidden), top_staged, params + out_info[L_W], bias, batch, in_w, classes, soft);
             __syncthreads();
             // softmax_xent.cu's arithmetic, a row a thread; dlogits overwrite the row's logits.
             for (unsigned r = t; r < batch; r += T) {
