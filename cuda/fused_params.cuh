@@ -64,12 +64,15 @@ __device__ __forceinline__ float blend(float keep, float old, float take, float 
 struct EstimatorFactors {
     float keep, take, corr;
 };
-__device__ __forceinline__ EstimatorFactors estimator_factors(const double* estimators, unsigned e, unsigned long long seen, unsigned batch) {
-    const double decay = estimators[2 * e];
+// From the estimator's row ([E, 2] f64: decay, unbiased), as loaded.
+__device__ __forceinline__ EstimatorFactors estimator_factors_of(double decay, double unbiased, unsigned long long seen, unsigned batch) {
     const double n = (double)seen;
     const float keep = decay > 0.0 ? (float)decay : (float)(n / (n + 1.0));
-    const float corr = estimators[2 * e + 1] != 0.0 ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
+    const float corr = unbiased != 0.0 ? (float)((double)batch / ((double)batch - 1.0)) : 1.0f;
     return EstimatorFactors{keep, 1.0f - keep, corr};
+}
+__device__ __forceinline__ EstimatorFactors estimator_factors(const double* estimators, unsigned e, unsigned long long seen, unsigned batch) {
+    return estimator_factors_of(estimators[2 * e], estimators[2 * e + 1], seen, batch);
 }
 
 // One BN feature's running mean and variance, updated in place by estimator factors `f`

@@ -285,8 +285,8 @@ __device__ __forceinline__ void for_elements(unsigned rows, unsigned width, F f)
 // up to pixel_rows<V>() rows, their loads all issued before any is used: one round
 // trip a pass. The seed in blocks of 512: 49 lanes × 10 groups, the batch in one pass of six
 // 16-byte loads a thread (in blocks of 256: 5 groups, two passes). The grid kernels'
-// column_dot instead reads four bytes a load, 32 lanes to a row in blocks of 256, its 14
-// loop rounds a thread (four rows' words each) waiting a round trip every two, and converts
+// column_dot instead reads four bytes a load, 32 lanes to a row in blocks of 256 (two words
+// a lane of four rows at once: 8 round trips a thread for the seed's batch), and converts
 // each byte with an I2F (16 a cycle an SM; pixel_scaled here).
 //
 // Rows a thread a pass: the seed's 6 in blocks of 512 for 16-byte chunks (6 loads, 24

@@ -381,19 +381,23 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 // column_dot's partials ([rows of a pass] × (lanes + 1), lanes ≤ MAX_T/8) or the weight
 // gradient's group sums (one V-vector a thread, V ≤ 4); then a pass's image indices and its
 // dz column. Sized per kernel, so that the 256-thread kernels keep their ~9 KB (two staged
-// blocks an SM need the rest for staging). The 512-thread kernel, one block an SM, takes 32
-// KB: its `part` also holds the logits' operands for a whole batch of the seed's (W_out's
-// 1000 floats and 60 rows of 100), one copy behind one pair of barriers where 17 KB took two
-// chunks of rows, each a round trip of its own (batch_logits).
-#define FUSED_512_PART_FLOATS 8192
+// blocks an SM need the rest for staging).
 __host__ __device__ constexpr unsigned fused_part_floats(unsigned max_t) {
     const unsigned lanes = max_t / 8 < FUSED_MAX_LANES ? max_t / 8 : FUSED_MAX_LANES;
     const unsigned rows = FUSED_PASS_ROWS * (lanes + 1), groups = max_t * 4;
-    const unsigned need = rows > groups ? rows : groups;
+    return rows > groups ? rows : groups;
+}
+// The grid kernels' `part`: fused_part_floats, but 32 KB in the 512-thread kernel (one block
+// an SM), whose `part` also holds the logits' operands for a whole batch of the seed's (W_out's
+// 1000 floats and 60 rows of 100): one copy behind one pair of barriers, where 17 KB took two
+// chunks of rows, a copy each (batch_logits). The one-barrier kernel sizes its own.
+#define FUSED_512_PART_FLOATS 8192
+__host__ __device__ constexpr unsigned fused_step_part_floats(unsigned max_t) {
+    const unsigned need = fused_part_floats(max_t);
     return max_t == FUSED_512_THREADS && need < FUSED_512_PART_FLOATS ? FUSED_512_PART_FLOATS : need;
 }
 __host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t) {
-    return fused_part_floats(max_t) + 2 * FUSED_PASS_ROWS;
+    return fused_step_part_floats(max_t) + 2 * FUSED_PASS_ROWS;
 }
 
 // Σ_r col[r·stride] for r < rows, added in row order (as one thread's loop would) by thread
@@ -416,31 +420,36 @@ __device__ __forceinline__ float ordered_column_total(float* stage, const float*
     return s;
 }
 
-// column_dot's lanes a row, K: a power of two up to the smallest ≥ nv (the row's inputs, V a
-// load), at most 64 and at most blockDim/8 (at least 8 groups, so 256 threads keep K ≤ 32).
-// Of those, the one whose pass of rows takes the fewest rounds of loads, counting a round as
-// four rows a group and four inputs a lane (the 512-thread kernel's reach; the others, which
-// load two inputs a lane at once, take more rounds alike), and the widest of those: the
-// seed's pixels (196 words) keep 64 lanes in blocks of 512 (2 groups of rows × 1 round) and
-// 32 in blocks of 256; its 100-wide layers take 32 lanes in blocks of 512 (16 groups: the
-// 60 rows in one group of four, four inputs a lane), where 64 lanes took two groups of rows.
-// The choice depends on nothing but nv, the pass and blockDim: every kernel sums alike.
-__device__ __forceinline__ unsigned dot_lanes(unsigned nv, unsigned pass) {
-    unsigned best = 1, best_rounds = ~0u;
-    for (unsigned lanes = 1;; lanes <<= 1) {
-        const unsigned groups = blockDim.x / lanes;
-        const unsigned rows_a_group = (pass + groups - 1) / groups, inputs_a_lane = (nv + lanes - 1) / lanes;
-        const unsigned rounds = (rows_a_group + 3) / 4 * ((inputs_a_lane + 3) / 4);
+// log2 of column_dot's lanes a row, K: a power of two up to the smallest ≥ nv (the row's
+// inputs, V a load), at most 64 and at most blockDim/8 (at least 8 groups, so 256 threads
+// keep K ≤ 32). Of those, the one whose pass of rows takes the fewest rounds of loads,
+// counting a round as four rows a group and four inputs a lane (the 512-thread kernel's
+// reach; the others, which load fewer inputs a lane at once, take more rounds alike), and the
+// widest of those: the seed's pixels (196 words) keep 64 lanes in blocks of 512 (2 groups of
+// rows × 1 round) and 32 in blocks of 256; its 100-wide layers take 32 lanes in blocks of
+// 512 (16 groups: the 60 rows in one group of four, four inputs a lane), where 64 lanes took
+// two groups of rows. The choice depends on nothing but nv, the pass and blockDim: every
+// kernel sums alike. Shifts only (blockDim is a power of two): a division by a value known
+// at run time costs a few dozen instructions, and this runs before every column_dot.
+__device__ __forceinline__ unsigned dot_lane_shift(unsigned nv, unsigned pass) {
+    unsigned block_shift = 0;
+    while ((1u << block_shift) < blockDim.x) ++block_shift;
+    unsigned best = 0, best_rounds = ~0u;
+    for (unsigned shift = 0;; ++shift) {
+        // ⌈⌈pass/groups⌉/4⌉·⌈⌈nv/lanes⌉/4⌉ = ⌈pass/(4·groups)⌉·⌈nv/(4·lanes)⌉, groups = 2^(block_shift − shift).
+        const unsigned group_shift = block_shift - shift;
+        const unsigned rounds = ((pass + (4u << group_shift) - 1) >> (group_shift + 2)) * ((nv + (4u << shift) - 1) >> (shift + 2));
         if (rounds <= best_rounds) {
-            best = lanes;
+            best = shift;
             best_rounds = rounds;
         }
+        const unsigned lanes = 1u << shift;
         if (lanes >= nv || lanes >= FUSED_MAX_LANES || lanes * 8 >= blockDim.x) return best;
     }
 }
 
 // out[r·out_stride] = Σ_{k<n} in(r,k)·w[k·w_stride] (+ add[r], if given) for r < rows.
-// Threads form groups of K lanes (dot_lanes); a group takes rows
+// Threads form groups of K lanes (dot_lane_shift); a group takes rows
 // g, g+groups, … four at a time, its lanes reading V·K consecutive inputs of each row
 // (coalesced) and one w each for all four: 4 independent loads per w instead of a chain,
 // AHEAD inputs a lane at once (with the weights), the rest of a row after them.
@@ -455,9 +464,9 @@ __device__ __forceinline__ void column_dot(
 {
     constexpr unsigned V = In::V;
     const unsigned nv = n / V;
-    const unsigned lanes = dot_lanes(nv, rows < FUSED_PASS_ROWS ? rows : FUSED_PASS_ROWS);
-    const unsigned groups = blockDim.x / lanes, pitch = lanes + 1;
-    const unsigned lane = threadIdx.x % lanes, group = threadIdx.x / lanes;
+    const unsigned shift = dot_lane_shift(nv, rows < FUSED_PASS_ROWS ? rows : FUSED_PASS_ROWS);
+    const unsigned lanes = 1u << shift, groups = blockDim.x >> shift, pitch = lanes + 1;
+    const unsigned lane = threadIdx.x & (lanes - 1), group = threadIdx.x >> shift;
     for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
         const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
         if (!prestaged || first > 0) in.stage(first, pass);
@@ -528,10 +537,10 @@ __device__ __forceinline__ void column_dot(
 // dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n. Thread t keeps CH vectors of V outputs
 // (V·(kv), kv = t', t'+T', …) in registers. The pass's dz column is staged in `gs` and the
 // rows' lookups in `in.stage` (unless the caller has them ready), and U rows' loads are
-// issued before any is used: ⌈rows/U⌉ round trips. When n/V ≤ T/2 the block splits into
-// S = T/T' groups of T' ≥ n/V threads, group s summing its contiguous share of each pass's
-// rows; the groups' sums are then added in group order (through `part`, T·V floats). Every
-// sum runs in a fixed order.
+// issued before any is used. When n/V ≤ T/2 the block splits into S = T/T' groups of
+// T' ≥ n/V threads, group s summing its contiguous share of each pass's rows; the groups'
+// sums are then added in group order (through `part`, T·V floats): ⌈rows/(S·U)⌉ round trips
+// a chunk of outputs. Every sum runs in a fixed order.
 template <unsigned CH, unsigned U, typename In>
 __device__ __forceinline__ void weight_row_gradient_by(
     float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready)
@@ -776,7 +785,8 @@ __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigne
 // time into the rest, unless `a_shared` (the staged kernels staged it): W and the first
 // chunk in one copy (stage_rows, their rows of n floats lying end to end in `part`), LOADS
 // 16-byte loads a thread issued before any store. LOADS = 1 (copy_quads, W then the chunk)
-// in the 64-register kernels: two or four made them spill (ptxas, sm_90: 76 and 144 bytes);
+// in every kernel but the 512-thread one: two or four made the 64-register kernels spill
+// (ptxas, sm_90: 76 and 144 bytes), and the staged and pair kernels' 128 are spent already;
 // the 512-thread kernel takes 8 (the seed's W and 60 rows, 1750 loads, in one round trip
 // where a load a round took four). Read from L2 instead, a pair's n/2 loads waited a
 // round trip every two (unroll 2), and a thread of the seed's 256 took up to three pairs: on an
@@ -933,7 +943,7 @@ __device__ __forceinline__ void sgd_row(
 template <bool STAGED, unsigned MAX_T, bool PERMUTE_PIXELS = false>
 __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
-    constexpr unsigned FUSED_PART_FLOATS = fused_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
+    constexpr unsigned FUSED_PART_FLOATS = fused_step_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
     // How many of a lane's inputs column_dot loads at once: four in the 512-thread kernel
     // (up to 128 registers: the seed's first layer, 196 words a row over 64 lanes, in one round
     // trip a group of rows), two in the other unstaged kernels, whose budgets (64 registers;
@@ -942,8 +952,9 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     constexpr unsigned DOT_AHEAD = MAX_T == FUSED_512_THREADS ? 4 : STAGED ? 1 : 2;
     // Whether values that a later pass needs and nothing this step changes are loaded ahead,
     // before the dot products that hide their round trips (the running statistics in the
-    // forward; a and x̂ in the backward): in the staged and 512-thread kernels, whose register
-    // budgets hold them; the 64-register kernels would spill.
+    // forward; a and x̂ in the backward; row t's image index): in the staged and 512-thread
+    // kernels (128 registers; the staged pair kernel, not a default, spills more with them);
+    // the 64-register kernels would spill.
     constexpr bool PREFETCH = STAGED || MAX_T == FUSED_512_THREADS;
     // How many rows' inputs the weight gradient loads at once: 16 in the 512-thread kernel (the
     // seed's first layer: 30 rows a thread, two round trips), 8 in the others.
@@ -1028,8 +1039,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     fused_trace_mark(FUSED_TRACE_BARRIERS);
     for (unsigned step = 0; step < steps; ++step) {
         const unsigned long long base = (unsigned long long)(cursor0 + step) * batch;
-        // Row t's image index, for its label in the softmax: read here, a whole phase ahead
-        // where registers allow, so that the label's load can overlap the logits' below.
+        // Row t's image index, for layer 0's table and its label in the softmax: read here,
+        // before the whole forward, where registers allow, so that neither waits for it.
         const unsigned long long pos = base + t;
         const unsigned image_ahead = PREFETCH && t < batch && pos < order_len ? order[pos] : count;
 
@@ -1050,30 +1061,44 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             if (me < width) stage_input(l, base);
             for (unsigned j = me; j < width; j += G) {
                 const float* w = params + info[L_W] + (size_t)j * in_w;
-                // The first pass's lookups (layer 0's image indices) before the deferred update,
-                // whose round trip they share; column_dot's first barrier orders them before its
+                // The first pass's lookups (layer 0's image indices) share the deferred update's
+                // round trip: with a row a thread (PREFETCH), row t's index was read at the
+                // step's start and goes to the table after the update (a store of it before
+                // would wait for it, then the update for its own loads); otherwise they are
+                // looked up before it. column_dot's first barrier orders the table before its
                 // reads, and the previous readers of the table passed a barrier since.
-                with_input(l, base, [&](const auto& in) { in.stage(0, batch < FUSED_PASS_ROWS ? batch : FUSED_PASS_ROWS); });
+                const bool index_ahead = PREFETCH && l == 0 && batch <= FUSED_PASS_ROWS && batch <= T;
+                if (!index_ahead) with_input(l, base, [&](const auto& in) { in.stage(0, batch < FUSED_PASS_ROWS ? batch : FUSED_PASS_ROWS); });
+                // Estimator t's inputs and running statistics, loaded before the deferred update
+                // and used after it (the factors' arithmetic waits for them, so it comes after
+                // the update, which waits for its own loads at the same time): where they were
+                // loaded after the BN sums, a chain of two round trips (the factors and the
+                // mean, then the variance, behind the mean's store) came before the grid barrier.
+                constexpr bool prefetch_stats = PREFETCH;
+                const bool stats_ahead = prefetch_stats && bn && t < n_estimators;
+                double decay0 = 0.0, unbiased0 = 0.0;
+                unsigned long long seen0 = 0;
+                float mean0 = 0.0f, var0 = 0.0f;
+                if (stats_ahead) {
+                    const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
+                    decay0 = estimators[2 * t];
+                    unbiased0 = estimators[2 * t + 1];
+                    seen0 = batches_before(t, bn_index);
+                    mean0 = running_mean[(size_t)t * bn_total + col];
+                    var0 = running_var[(size_t)t * bn_total + col];
+                }
                 // The weight row in shared memory: written by its deferred update, or copied
                 // (first step); column_dot's first barrier orders these writes before its reads.
                 if (step > 0) sgd_row(info, j, params, grads, velocity, lr, momentum, weight_row);
                 else if (weight_row != nullptr)
                     for (unsigned k = t; k < in_w; k += T) weight_row[k] = w[k];
                 if (weight_row != nullptr) w = weight_row;
-                // Estimator t's factors and running statistics, loaded before the dot products
-                // hide their round trips (they depend on nothing this step computes), where
-                // loading them after the BN sums puts a chain of two round trips (the factors
-                // and the mean, then the variance, behind the mean's store) before the grid
-                // barrier.
-                constexpr bool prefetch_stats = PREFETCH;
-                float keep0 = 0.0f, corr0 = 0.0f, mean0 = 0.0f, var0 = 0.0f;
-                if (prefetch_stats && bn && t < n_estimators) {
-                    const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
-                    const EstimatorFactors f = estimator_factors(estimators, t, batches_before(t, bn_index) + step, batch);
+                if (index_ahead && t < batch) index[t] = image_ahead;
+                float keep0 = 0.0f, corr0 = 0.0f;
+                if (stats_ahead) {
+                    const EstimatorFactors f = estimator_factors_of(decay0, unbiased0, seen0 + step, batch);
                     keep0 = f.keep;
                     corr0 = f.corr;
-                    mean0 = running_mean[(size_t)t * bn_total + col];
-                    var0 = running_var[(size_t)t * bn_total + col];
                 }
                 float z_kept = 0.0f;
                 with_input(l, base, [&](const auto& in) { column_dot<DOT_AHEAD>(part, in, batch, in_w, w, 1, zx + j, width, nullptr, &z_kept, true); });
@@ -1295,7 +1320,7 @@ extern "C" __global__ void __launch_bounds__(FUSED_MAX_THREADS, FUSED_MIN_BLOCKS
 }
 
 // The same kernel for blocks of at most 512 threads, one block an SM: up to 128 registers a
-// thread (ptxas, sm_90: 102 used), where the kernel above, bounded by blocks of 1024, has 64
+// thread (ptxas, sm_90: 128 used), where the kernel above, bounded by blocks of 1024, has 64
 // and schedules its loads within them (on an H200 the seed step took 38.39 µs here against
 // 39.22 there, docs/perf.md). The host runs blocks of 512 here unless told not to
 // (BNTRAIN_FUSED_512_KERNEL=0). Same code, same sums in the same order: its results are
