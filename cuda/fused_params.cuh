@@ -82,16 +82,23 @@ __device__ __forceinline__ void update_running_stats(const EstimatorFactors& f, 
     *var = blend(f.keep, *var, f.take, __fmul_rn(sigma2, f.corr));
 }
 
-// One SGD step on parameter i (sgd.cu's arithmetic): v ← μ·v + g, w ← w − lr·v, or
-// w ← w − lr·g without velocity.
-__device__ __forceinline__ void sgd_element(float* params, const float* grads, float* velocity, size_t i, float lr, float momentum) {
-    if (velocity != nullptr) {
-        const float vi = momentum * velocity[i] + grads[i];
-        velocity[i] = vi;
-        params[i] -= lr * vi;
-    } else {
-        params[i] -= lr * grads[i];
+// One SGD step of a weight w with gradient g (sgd.cu's arithmetic): the new weight, w − lr·v
+// after v ← μ·v + g (*v updated), or w − lr·g without velocity (v null). Every fused
+// kernel's update goes through it, so that they all round alike.
+__device__ __forceinline__ float sgd_value(float w, float g, float* v, float lr, float momentum) {
+    if (v != nullptr) {
+        const float vi = momentum * *v + g;
+        *v = vi;
+        return w - lr * vi;
     }
+    return w - lr * g;
+}
+
+// One SGD step on parameter i, in place.
+__device__ __forceinline__ void sgd_element(float* params, const float* grads, float* velocity, size_t i, float lr, float momentum) {
+    float v = velocity != nullptr ? velocity[i] : 0.0f;
+    params[i] = sgd_value(params[i], grads[i], velocity != nullptr ? &v : nullptr, lr, momentum);
+    if (velocity != nullptr) velocity[i] = v;
 }
 
 // The kernels' parameters (see the header's Layout), and the same names as arguments; P

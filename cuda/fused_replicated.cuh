@@ -585,15 +585,8 @@ __device__ __forceinline__ void replicated_train_steps(FUSED_PARAMS)
     // A replicated layer's input: a0 (layer 1) or the layer below's a, and its pitch.
     auto input_of = [&](unsigned l) { return l == 1 ? a0s : sm + lay.act[l - 2]; };
     auto input_pitch = [&](unsigned l) { return l == 1 ? pitch0 : replicated_pitch(in_of(l)); };
-    // One SGD step (sgd_element's arithmetic) of weight w with velocity *v: the new weight.
-    auto sgd_step = [&](float w, float* v, float g) {
-        if (velocity != nullptr) {
-            const float vi = momentum * *v + g;
-            *v = vi;
-            return w - lr * vi;
-        }
-        return w - lr * g;
-    };
+    // One SGD step of weight w with velocity *v (unused without momentum): the new weight.
+    auto sgd_step = [&](float w, float* v, float g) { return sgd_value(w, g, velocity != nullptr ? v : nullptr, lr, momentum); };
     // The same on a shared copy's element.
     auto sgd_shared = [&](float* w, float* vw, unsigned i, float g) { w[i] = sgd_step(w[i], vw + i, g); };
     // A BN feature's running statistics, by the block that owns its column: estimators

@@ -36,7 +36,13 @@
 // backward of the layer below (column reads), so its update is deferred to the next step's
 // forward of its layer; the output layer's rows are also read by every block for the logits,
 // so their update comes at the start of the next step, before the forward's barriers (or,
-// for the last step, at the end of the launch). Every read of a row follows its previous
+// for the last step, at the end of the launch). Layer 0 has no layer below: no other block
+// reads its rows, which take their step in the backward, where their gradients are summed
+// (the weights and velocities loaded with the rows' inputs, in the kernels with registers for
+// them), and the next forward waits on no update. In the 512-thread and pair kernels a layer
+// above the first computes its row's update in the backward too, and keeps the new row in
+// shared memory until its next forward stores it (pending rows, see `pending_row`). Every
+// read of a row follows its previous
 // update, and precedes its next one, across a barrier: the result is the same as updating at
 // the end of the step.
 //
@@ -81,16 +87,18 @@
 //   layers (the acts and dz blocks of the output layer go unused); inv_std [total]; row_loss
 //   [B] f64, row_correct [B] u32 (the loss block's); estimators [E, 2] f64 as in
 //   running_stats.cu; barrier [1] u32, zero before the launch.
-//   Shared memory (static, ~9 KB for blocks of 256, ~17 KB for the kernel that takes 1024, 33 KB
-//   for the 512-thread kernel; fused_shared_floats): a pass of FUSED_PASS_ROWS rows' dot-product partials
-//   [rows, lanes+1] (`part`, which also holds the logits' operands, W_out then a chunk of
-//   the top layer's rows), image indices and dz column.
+//   Shared memory (static, ~9 KB for the staged kernels, 13 KB for the pair kernel, ~17 KB for
+//   the kernel that takes 1024, 37 KB for the 512-thread kernel; fused_shared_floats): a pass
+//   of FUSED_PASS_ROWS rows' dot-product partials [rows, lanes+1] (`part`, which also holds
+//   the logits' operands, W_out then a chunk of the top layer's rows, or in the 512-thread
+//   kernel the chunk then W_out), image indices and dz column; then, in the 512-thread and
+//   pair kernels, the pending rows (FUSED_PENDING_FLOATS).
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
 //   most 64 registers a thread (__launch_bounds__); dynamic shared memory: the softmax's
 //   region, and the staged regions after it (opted into beyond 48 KB).
-//   fused_train_steps_512_f32 (blocks of 512, the host's default, one an SM; 33 KB of static
+//   fused_train_steps_512_f32 (blocks of 512, the host's default, one an SM; 37 KB of static
 //   shared memory), the staged and the pair kernels: at most 128 registers.
 
 #include <stdint.h>
@@ -396,8 +404,10 @@ __host__ __device__ constexpr unsigned fused_step_part_floats(unsigned max_t) {
     const unsigned need = fused_part_floats(max_t);
     return max_t == FUSED_512_THREADS && need < FUSED_512_PART_FLOATS ? FUSED_512_PART_FLOATS : need;
 }
-__host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t) {
-    return fused_step_part_floats(max_t) + 2 * FUSED_PASS_ROWS;
+// Then, in the kernels that keep pending rows (see the kernel body), those rows.
+#define FUSED_PENDING_FLOATS 1024
+__host__ __device__ constexpr unsigned fused_shared_floats(unsigned max_t, unsigned pending_floats) {
+    return fused_step_part_floats(max_t) + 2 * FUSED_PASS_ROWS + pending_floats;
 }
 
 // Σ_r col[r·stride] for r < rows, added in row order (as one thread's loop would) by thread
@@ -534,7 +544,22 @@ __device__ __forceinline__ void column_dot(
     }
 }
 
-// dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n. Thread t keeps CH vectors of V outputs
+// A weight row's SGD step taken where its gradient is summed (see the kernel body): w the
+// row's weights, `to` where the new ones go (w, or a pending row in shared memory), v its
+// velocities (null without momentum). A null w: none. `early`: the weights and velocities
+// are loaded before the rows' loads (the kernels with registers for them), else after the
+// sums.
+struct RowUpdate {
+    const float* w;
+    float* to;
+    float* v;
+    float lr, momentum;
+    bool early;
+};
+
+// dw[k] = Σ_r dz[r·dz_stride]·in(r,k) for k < n, and then, if `update` has a row, that row's
+// SGD step from dw: early, its weights and velocities are loaded before the rows' loads, and
+// the step waits on no round trip of its own. Thread t keeps CH vectors of V outputs
 // (V·(kv), kv = t', t'+T', …) in registers. The pass's dz column is staged in `gs` and the
 // rows' lookups in `in.stage` (unless the caller has them ready), and U rows' loads are
 // issued before any is used. When n/V ≤ T/2 the block splits into S = T/T' groups of
@@ -543,7 +568,8 @@ __device__ __forceinline__ void column_dot(
 // a chunk of outputs. Every sum runs in a fixed order.
 template <unsigned CH, unsigned U, typename In>
 __device__ __forceinline__ void weight_row_gradient_by(
-    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready)
+    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready,
+    const RowUpdate& update)
 {
     constexpr unsigned V = In::V;
     const unsigned nv = n / V, T = blockDim.x;
@@ -556,6 +582,32 @@ __device__ __forceinline__ void weight_row_gradient_by(
         for (unsigned q = 0; q < CH; ++q)
 #pragma unroll
             for (unsigned e = 0; e < V; ++e) acc[q][e] = 0.0f;
+        // The outputs this thread writes (group 0's when the groups' sums are added) and their
+        // weights and velocities, for the update.
+        float w0[CH][V], v0[CH][V];
+#pragma unroll
+        for (unsigned q = 0; q < CH; ++q) {
+            const unsigned kv = c0 + q * tg_n + tg;
+            const bool mine = update.w != nullptr && update.early && s == 0 && kv < nv;
+#pragma unroll
+            for (unsigned e = 0; e < V; ++e) {
+                w0[q][e] = mine ? update.w[(size_t)kv * V + e] : 0.0f;
+                v0[q][e] = mine && update.v != nullptr ? update.v[(size_t)kv * V + e] : 0.0f;
+            }
+        }
+        // dw[kv·V + e] = g, and the update's step.
+        auto finish = [&](unsigned q, unsigned kv, unsigned e, float g) {
+            const size_t k = (size_t)kv * V + e;
+            dw[k] = g;
+            if (update.w != nullptr) {
+                if (!update.early) {
+                    w0[q][e] = update.w[k];
+                    if (update.v != nullptr) v0[q][e] = update.v[k];
+                }
+                update.to[k] = sgd_value(w0[q][e], g, update.v != nullptr ? &v0[q][e] : nullptr, update.lr, update.momentum);
+                if (update.v != nullptr) update.v[k] = v0[q][e];
+            }
+        };
         for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
             const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
             __syncthreads();  // the previous pass's readers of the tables are done
@@ -601,16 +653,18 @@ __device__ __forceinline__ void weight_row_gradient_by(
             for (unsigned q = 0; q < CH; ++q) {
                 const unsigned kv = c0 + q * tg_n + tg;
                 if (kv < nv)
-                    for (unsigned e = 0; e < V; ++e) dw[(size_t)kv * V + e] = acc[q][e];
+#pragma unroll
+                    for (unsigned e = 0; e < V; ++e) finish(q, kv, e, acc[q][e]);
             }
         } else {  // CH == 1, c0 == 0
             for (unsigned e = 0; e < V; ++e) part[(s * tg_n + tg) * V + e] = acc[0][e];
             __syncthreads();
             if (s == 0 && tg < nv) {
+#pragma unroll
                 for (unsigned e = 0; e < V; ++e) {
                     float v = part[tg * V + e];
                     for (unsigned o = 1; o < S; ++o) v += part[(o * tg_n + tg) * V + e];
-                    dw[(size_t)tg * V + e] = v;
+                    finish(0, tg, e, v);
                 }
             }
             __syncthreads();
@@ -626,10 +680,11 @@ __device__ __forceinline__ void weight_row_gradient_by(
 // on no load before its rows'.
 template <unsigned U, typename In>
 __device__ __forceinline__ void weight_row_gradient(
-    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready = false)
+    float* part, float* gs, float* dw, const float* dz, unsigned dz_stride, const In& in, unsigned rows, unsigned n, bool ready = false,
+    const RowUpdate& update = RowUpdate{nullptr, nullptr, nullptr, 0.0f, 0.0f, false})
 {
-    if (In::V > 1 || n <= blockDim.x) weight_row_gradient_by<1, U>(part, gs, dw, dz, dz_stride, in, rows, n, ready);
-    else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n, ready);
+    if (In::V > 1 || n <= blockDim.x) weight_row_gradient_by<1, U>(part, gs, dw, dz, dz_stride, in, rows, n, ready, update);
+    else weight_row_gradient_by<4, 2>(part, gs, dw, dz, dz_stride, in, rows, n, ready, update);
 }
 
 // Staging's copy units: 16, 4 or 1 bytes.
@@ -783,7 +838,9 @@ __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigne
 // from shared memory: the output layer's W (classes × n floats) is copied into `part`
 // (part_floats floats) first, then the top layer's a (`a`, [rows, n]) a chunk of rows at a
 // time into the rest, unless `a_shared` (the staged kernels staged it): W and the first
-// chunk in one copy (stage_rows, their rows of n floats lying end to end in `part`), LOADS
+// chunk in one copy (stage_rows, their rows of n floats lying end to end in `part`, the
+// chunk's first and W after them, where it stays: the return value is its offset in `part`,
+// or ~0 where W was not copied so), LOADS
 // 16-byte loads a thread issued before any store. LOADS = 1 (copy_quads, W then the chunk)
 // in every kernel but the 512-thread one: two or four made the 64-register kernels spill
 // (ptxas, sm_90: 76 and 144 bytes), and the staged and pair kernels' 128 are spent already;
@@ -804,7 +861,7 @@ __device__ __forceinline__ void copy_quads(float* dst, const float* src, unsigne
 #define LOGIT_MAX_CHUNKS 8
 #endif
 template <unsigned LOADS>
-__device__ __forceinline__ void batch_logits(
+__device__ __forceinline__ unsigned batch_logits(
     float* part, unsigned part_floats, const float* a, bool a_shared, const float* w, const float* bias, unsigned rows, unsigned n,
     unsigned classes, float* out)
 {
@@ -813,7 +870,10 @@ __device__ __forceinline__ void batch_logits(
     const unsigned chunk = !aligned || w_floats >= part_floats ? 0 : a_shared ? rows : (part_floats - w_floats) / n;
     const bool staging = chunk > 0 && (rows + chunk - 1) / chunk <= LOGIT_MAX_CHUNKS;
     const unsigned step_rows = staging ? chunk : rows;
-    float* rows_copy = part + w_floats;
+    // W's copy: first (LOADS = 1), or after the first chunk's rows.
+    const unsigned w_at = LOADS == 1 || a_shared ? 0 : (rows < step_rows ? rows : step_rows) * n;
+    float* rows_copy = LOADS == 1 || a_shared ? part + w_floats : part;
+    const float* w_copy = part + w_at;
     for (unsigned r0 = 0; r0 < rows; r0 += step_rows) {
         const unsigned m = rows - r0 < step_rows ? rows - r0 : step_rows;
         if (staging) {
@@ -822,11 +882,11 @@ __device__ __forceinline__ void batch_logits(
                 if (r0 == 0) copy_quads(part, w, w_floats / 4);
                 if (!a_shared) copy_quads(rows_copy, a + (size_t)r0 * n, m * n / 4);
             } else {
-                // Rows of n floats into `part` end to end: W's `classes` (first chunk), then the chunk's.
+                // Rows of n floats into `part` end to end: the chunk's, then W's `classes` (first
+                // chunk; at w_at, as the first chunk has m rows). With `a_shared`, W alone.
                 const unsigned w_rows = r0 == 0 ? classes : 0, a_rows = a_shared ? 0 : m;
-                uint8_t* to = reinterpret_cast<uint8_t*>(r0 == 0 ? part : rows_copy);
-                stage_rows<16, LOADS>(to, n * 4, w_rows + a_rows, n * 4, [&](unsigned r) {
-                    return reinterpret_cast<const uint8_t*>(r < w_rows ? w + (size_t)r * n : a + (size_t)(r0 + r - w_rows) * n);
+                stage_rows<16, LOADS>(reinterpret_cast<uint8_t*>(a_shared ? part : rows_copy), n * 4, a_rows + w_rows, n * 4, [&](unsigned r) {
+                    return reinterpret_cast<const uint8_t*>(r < a_rows ? a + (size_t)(r0 + r) * n : w + (size_t)(r - a_rows) * n);
                 });
             }
             __syncthreads();
@@ -835,9 +895,10 @@ __device__ __forceinline__ void batch_logits(
         // memory the compiler reads them with shared loads (LDS), not generic ones (LD), which
         // wait longer (with one call, the logits' region held 6.8 % of the 512-thread kernel's
         // warp samples on an H200; after, phase 3 took about 0.8 µs less; docs/perf.md).
-        if (staging) logit_pairs(a_shared ? a + (size_t)r0 * n : rows_copy, part, bias, r0, m, n, classes, out);
+        if (staging) logit_pairs(a_shared ? a + (size_t)r0 * n : rows_copy, w_copy, bias, r0, m, n, classes, out);
         else logit_pairs(a + (size_t)r0 * n, w, bias, r0, m, n, classes, out);
     }
+    return staging && LOADS > 1 && !a_shared ? w_at : ~0u;
 }
 
 // BN's forward of one column from its z (`z_at(r)` for rows r < batch): the batch's mean and
@@ -915,14 +976,8 @@ __device__ __forceinline__ void sgd_row(
         for (unsigned u = 0; u < 4; ++u) {
             const unsigned k = k0 + u * T;
             if (k >= in) continue;
-            float updated;
-            if (velocity != nullptr) {
-                const float vi = momentum * v[u] + g[u];
-                velocity[row + k] = vi;
-                updated = p[u] - lr * vi;
-            } else {
-                updated = p[u] - lr * g[u];
-            }
+            const float updated = sgd_value(p[u], g[u], velocity != nullptr ? &v[u] : nullptr, lr, momentum);
+            if (velocity != nullptr) velocity[row + k] = v[u];
             params[row + k] = updated;
             if (row_copy != nullptr) row_copy[k] = updated;
         }
@@ -943,7 +998,7 @@ __device__ __forceinline__ void sgd_row(
 template <bool STAGED, unsigned MAX_T, bool PERMUTE_PIXELS = false>
 __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsigned me)
 {
-    constexpr unsigned FUSED_PART_FLOATS = fused_step_part_floats(MAX_T), FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T);
+    constexpr unsigned FUSED_PART_FLOATS = fused_step_part_floats(MAX_T);
     // How many of a lane's inputs column_dot loads at once: four in the 512-thread kernel
     // (up to 128 registers: the seed's first layer, 196 words a row over 64 lanes, in one round
     // trip a group of rows), two in the other unstaged kernels, whose budgets (64 registers;
@@ -956,6 +1011,20 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     // kernels (128 registers; the staged pair kernel, not a default, spills more with them);
     // the 64-register kernels would spill.
     constexpr bool PREFETCH = STAGED || MAX_T == FUSED_512_THREADS;
+    // Whether layer 0's backward loads the row's parameters and velocities for its SGD step
+    // before the sums that need them (RowUpdate::early; γ and β, or the bias): in the
+    // 512-thread and pair kernels; with them, the 64-register kernel spilled 92 bytes, the
+    // staged ones 44 and 180 (ptxas, sm_90), and these load them after the sums.
+    constexpr bool EARLY_UPDATE = !STAGED && MAX_T != FUSED_MAX_THREADS;
+    // The same kernels keep pending rows: a layer l ≥ 1's updated row j, computed in its
+    // backward where its gradient is summed, waits in shared memory (other blocks still read
+    // the old row in the backward of the layer below) until the next forward of layer l,
+    // which stores it and reads it from there: the deferred update waits on no load. For the
+    // layers that are no wider than the grid (one row a block), whose rows fit
+    // FUSED_PENDING_FLOATS after those of the layers below; the others' updates are deferred
+    // whole (sgd_row).
+    constexpr unsigned PENDING_FLOATS = EARLY_UPDATE ? FUSED_PENDING_FLOATS : 0;
+    constexpr unsigned FUSED_SHARED_FLOATS = fused_shared_floats(MAX_T, PENDING_FLOATS);
     // How many rows' inputs the weight gradient loads at once: 16 in the 512-thread kernel (the
     // seed's first layer: 30 rows a thread, two round trips), 8 in the others.
     constexpr unsigned GRADIENT_AHEAD = MAX_T == FUSED_512_THREADS ? 16 : 8;
@@ -980,6 +1049,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
+    float* pending = shared + FUSED_PART_FLOATS + 2 * FUSED_PASS_ROWS;
 
     const unsigned t = threadIdx.x, T = blockDim.x;
     const unsigned hidden = n_layers - 1;
@@ -992,11 +1062,25 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     const bool loss_block = me == G - 1;
     const float inv_rows = 1.0f / (float)batch;
     const unsigned reduce_width = row_threads(batch);
+    // One pass of at most one row a thread (the seed's 60): each thread keeps its row's
+    // values (z, da, dy, x̂, dz) in registers, from the dot product that sums them to the
+    // passes that use them.
+    const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
     // Four pixels per load where the images allow it (the seed: 784 features, an allocation).
     const bool pixel_words = features % 4 == 0 && ((size_t)images & 3) == 0;
     // Read before the first barrier; block 0 writes them back after the last.
     const unsigned cursor0 = cursor[0];
     auto batches_before = [&](unsigned e, unsigned bn) { return batches[(size_t)e * bn_layers + bn]; };
+    // Layer l's pending row (this block's row of it), or null where its update is deferred
+    // whole: layer 0 (updated in its backward), the output layer, a layer wider than the grid,
+    // or one whose row does not fit after the layers' below it.
+    auto pending_row = [&](unsigned l) -> float* {
+        if (PENDING_FLOATS == 0 || l == 0 || l >= hidden) return nullptr;
+        unsigned at = 0;
+        for (unsigned m = 1; m < l; ++m) at += (unsigned)layer_info[(size_t)m * LAYER_FIELDS + L_IN];
+        const int* info = layer_info + (size_t)l * LAYER_FIELDS;
+        return (unsigned)info[L_OUT] <= G && at + (unsigned)info[L_IN] <= PENDING_FLOATS ? pending + at : nullptr;
+    };
 
     // Layer l > 0's input rows ([B, inputs] floats): the layer below's a, from shared memory
     // where this layer is staged.
@@ -1067,15 +1151,14 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 // would wait for it, then the update for its own loads); otherwise they are
                 // looked up before it. column_dot's first barrier orders the table before its
                 // reads, and the previous readers of the table passed a barrier since.
-                const bool index_ahead = PREFETCH && l == 0 && batch <= FUSED_PASS_ROWS && batch <= T;
+                const bool index_ahead = PREFETCH && l == 0 && kept;
                 if (!index_ahead) with_input(l, base, [&](const auto& in) { in.stage(0, batch < FUSED_PASS_ROWS ? batch : FUSED_PASS_ROWS); });
                 // Estimator t's inputs and running statistics, loaded before the deferred update
                 // and used after it (the factors' arithmetic waits for them, so it comes after
                 // the update, which waits for its own loads at the same time): where they were
                 // loaded after the BN sums, a chain of two round trips (the factors and the
                 // mean, then the variance, behind the mean's store) came before the grid barrier.
-                constexpr bool prefetch_stats = PREFETCH;
-                const bool stats_ahead = prefetch_stats && bn && t < n_estimators;
+                const bool stats_ahead = PREFETCH && bn && t < n_estimators;
                 double decay0 = 0.0, unbiased0 = 0.0;
                 unsigned long long seen0 = 0;
                 float mean0 = 0.0f, var0 = 0.0f;
@@ -1087,9 +1170,16 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     mean0 = running_mean[(size_t)t * bn_total + col];
                     var0 = running_var[(size_t)t * bn_total + col];
                 }
-                // The weight row in shared memory: written by its deferred update, or copied
-                // (first step); column_dot's first barrier orders these writes before its reads.
-                if (step > 0) sgd_row(info, j, params, grads, velocity, lr, momentum, weight_row);
+                // The deferred update of the layers above the first (layer 0's rows were updated
+                // by the last backward): the pending row stored, and read from shared memory,
+                // or the whole update. The weight row in shared memory: written by the
+                // deferred update, or copied; column_dot's first barrier orders these writes
+                // before its reads.
+                float* const pend = step > 0 ? pending_row(l) : nullptr;
+                if (pend != nullptr) {
+                    for (unsigned k = t; k < in_w; k += T) params[info[L_W] + (size_t)j * in_w + k] = pend[k];
+                    w = pend;
+                } else if (step > 0 && l > 0) sgd_row(info, j, params, grads, velocity, lr, momentum, weight_row);
                 else if (weight_row != nullptr)
                     for (unsigned k = t; k < in_w; k += T) weight_row[k] = w[k];
                 if (weight_row != nullptr) w = weight_row;
@@ -1107,7 +1197,6 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 // (the seed's 60), each thread's row is also in z_kept, from the thread that
                 // summed it: the passes below then wait on no load of z (the loops below run
                 // once, r = t).
-                const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
                 auto z_at = [&](size_t i) { return kept ? z_kept : zx[i]; };
                 if (bn) {
                     // γ and β are loaded before the totals, whose barriers hide the round trip.
@@ -1125,12 +1214,12 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     // prefetched above).
                     const unsigned col = (unsigned)info[L_COL] + j, bn_index = (unsigned)info[L_BN];
                     if (t == 0) inv_std[col] = istd;
-                    if (prefetch_stats && t < n_estimators) {
+                    if (PREFETCH && t < n_estimators) {
                         const float take = 1.0f - keep0;
                         running_mean[(size_t)t * bn_total + col] = blend(keep0, mean0, take, mu);
                         running_var[(size_t)t * bn_total + col] = blend(keep0, var0, take, __fmul_rn(sigma2, corr0));
                     }
-                    for (unsigned e = prefetch_stats ? t + T : t; e < n_estimators; e += T)
+                    for (unsigned e = PREFETCH ? t + T : t; e < n_estimators; e += T)
                         update_running_stats(estimator_factors(estimators, e, batches_before(e, bn_index) + step, batch),
                                              running_mean + (size_t)e * bn_total + col, running_var + (size_t)e * bn_total + col, mu, sigma2);
                 } else {
@@ -1145,6 +1234,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             grid_barrier(barrier);
         }
 
+        // W_out's copy in `part` (batch_logits), or null.
+        const float* w_out_copy = nullptr;
         // Logits (bias included) and softmax cross-entropy of the whole batch, in every block:
         // the backward below (the top hidden layer's dA, the output layer's gradients) then
         // reads dlogits from this block's shared memory, with no grid barrier between: with
@@ -1161,7 +1252,12 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             const unsigned label_ahead = PREFETCH && image < count ? labels[image] : 255u;
             stage_input(hidden, base);
             const bool top_staged = STAGED && out_info[L_STAGE] >= 0;
-            batch_logits<MAX_T == FUSED_512_THREADS ? 8 : 1>(part, FUSED_PART_FLOATS, float_input(hidden), top_staged, params + out_info[L_W], bias, batch, in_w, classes, soft);
+            const unsigned w_out_at = batch_logits<MAX_T == FUSED_512_THREADS ? 8 : 1>(part, FUSED_PART_FLOATS, float_input(hidden), top_staged, params + out_info[L_W], bias, batch, in_w, classes, soft);
+            // W_out's copy stays for the top hidden layer's backward where it lies past every
+            // other use of `part` until then (fused_part_floats: the dot products' partials,
+            // the weight gradients' group sums, the totals, the loss rows): the seed's, after
+            // 60 rows of 100 in the 512-thread kernel's 8192 floats.
+            w_out_copy = w_out_at != ~0u && w_out_at >= fused_part_floats(MAX_T) ? part + w_out_at : nullptr;
             __syncthreads();
             // softmax_xent.cu's arithmetic, a row a thread; dlogits overwrite the row's logits.
             for (unsigned r = t; r < batch; r += T) {
@@ -1224,13 +1320,19 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             const float* xh = xhat + info[L_ACT];
             float* d = dz + info[L_ACT];
             const bool bn = info[L_GAMMA] >= 0;
+            // Layer 0's row, and a layer's with a pending row, take their SGD step here, where
+            // their gradients are summed (see the header and `pending_row`): the weights in the
+            // weight gradient (layer 0's into params, no other block reading them; the others'
+            // into the pending row), γ and β (or the bias), which only this block reads, by
+            // thread 0.
+            float* const pend = pending_row(l);
+            const bool update_here = l == 0 || pend != nullptr;
             for (unsigned j = me; j < width; j += G) {
                 // da[r] = Σ_m dz_up[r,m]·W_up[m,j] into d's column, then dy = act'(a)·da, with
                 // the BN sums taken in the same pass (one round trip for a, da and x̂).
                 // As in the forward, a thread's row stays in registers (da, then dy and x̂) when
                 // the batch is one pass of rows and a row a thread.
                 float da_kept = 0.0f, dy_kept = 0.0f, xh_kept = 0.0f;
-                const bool kept = batch <= FUSED_PASS_ROWS && batch <= T;
                 // The thread's row of a and x̂ (this step's forward, this block's column) ahead
                 // of the dot products, where the pass below would wait a round trip for them.
                 const bool ahead = PREFETCH && kept && t < batch;
@@ -1239,7 +1341,38 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     a_ahead = a[(size_t)t * width + j];
                     if (bn) xh_ahead = xh[(size_t)t * width + j];
                 }
-                column_dot<DOT_AHEAD>(part, up_dz, batch, up_w, params + up[L_W] + j, width, d + j, width, nullptr, &da_kept);
+                // γ and 1/σ for the BN backward, loaded here in the kernels that load the
+                // step's parameters early (after the dot products, their round trip comes
+                // before the totals' barriers).
+                float g_ahead = 0.0f, istd_ahead = 0.0f;
+                if (EARLY_UPDATE && bn) {
+                    g_ahead = params[info[L_GAMMA] + j];
+                    istd_ahead = inv_std[info[L_COL] + j];
+                }
+                // Thread 0's parameters and velocities for the step here (early).
+                const int field0 = bn ? info[L_GAMMA] : info[L_BIAS], field1 = bn ? info[L_BETA] : -1;
+                float own[2] = {0.0f, 0.0f}, own_v[2] = {0.0f, 0.0f};
+                if (EARLY_UPDATE && update_here && t == 0) {
+                    const int fields[2] = {field0, field1};
+#pragma unroll
+                    for (unsigned f = 0; f < 2; ++f) {
+                        if (fields[f] < 0) continue;
+                        own[f] = params[fields[f] + j];
+                        if (velocity != nullptr) own_v[f] = velocity[fields[f] + j];
+                    }
+                }
+                // Thread 0's step of field f (field0 or field1) with gradient g.
+                auto own_step = [&](unsigned f, int field, float g) {
+                    if (!EARLY_UPDATE) {
+                        own[f] = params[field + j];
+                        if (velocity != nullptr) own_v[f] = velocity[field + j];
+                    }
+                    params[field + j] = sgd_value(own[f], g, velocity != nullptr ? &own_v[f] : nullptr, lr, momentum);
+                    if (velocity != nullptr) velocity[field + j] = own_v[f];
+                };
+                // W_up's column: from the logits' copy of W_out in shared memory where it stayed.
+                const float* up_column = (l + 1 == hidden && w_out_copy != nullptr ? w_out_copy : params + up[L_W]) + j;
+                column_dot<DOT_AHEAD>(part, up_dz, batch, up_w, up_column, width, d + j, width, nullptr, &da_kept);
                 float sb = 0.0f, sg = 0.0f;
                 for (unsigned r = t; r < batch; r += T) {
                     const size_t i = (size_t)r * width + j;
@@ -1257,7 +1390,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 // thread's register, and the weight gradient below waits on no load of it.
                 float dz_kept = dy_kept;
                 if (bn) {
-                    const float g = params[info[L_GAMMA] + j], istd = inv_std[info[L_COL] + j];
+                    const float g = EARLY_UPDATE ? g_ahead : params[info[L_GAMMA] + j], istd = EARLY_UPDATE ? istd_ahead : inv_std[info[L_COL] + j];
                     const float sums[2] = {sb, sg};
                     float totals[2];
                     block_totals<2>(part, sums, totals, reduce_width);
@@ -1272,11 +1405,19 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                     if (t == 0) {
                         grads[info[L_GAMMA] + j] = d_gamma;
                         grads[info[L_BETA] + j] = d_beta;
+                        // (Every thread read γ above, before block_totals' barriers.)
+                        if (update_here) {
+                            own_step(0, field0, d_gamma);
+                            own_step(1, field1, d_beta);
+                        }
                     }
                 } else {
                     __syncthreads();  // every thread's dy is written
                     const float s = ordered_column_total(gs, d + j, width, batch);
-                    if (t == 0) grads[info[L_BIAS] + j] = s;
+                    if (t == 0) {
+                        grads[info[L_BIAS] + j] = s;
+                        if (update_here) own_step(0, field0, s);
+                    }
                 }
                 // (ordered_column_total's last reads of gs are behind its final barrier.) The
                 // input's tables are current with a row a thread (one pass): layer 0's image
@@ -1284,8 +1425,11 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 if (kept && t < batch) gs[t] = dz_kept;
                 __syncthreads();
                 // dW[j,:] = Σ_r dz[r,j]·in[r,:]
+                const size_t row = (size_t)info[L_W] + (size_t)j * in_w;
+                const RowUpdate update{update_here ? params + row : nullptr, pend != nullptr ? pend : params + row,
+                                       velocity != nullptr ? velocity + row : nullptr, lr, momentum, EARLY_UPDATE};
                 with_input(l, base, [&](const auto& in) {
-                    weight_row_gradient<GRADIENT_AHEAD>(part, gs, grads + info[L_W] + (size_t)j * in_w, d + j, width, in, batch, in_w, kept);
+                    weight_row_gradient<GRADIENT_AHEAD>(part, gs, grads + row, d + j, width, in, batch, in_w, kept, update);
                 });
                 __syncthreads();
             }
@@ -1296,13 +1440,19 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         }
     }
 
-    // The last step's deferred updates, then the counters every block read at the start.
+    // The last step's deferred updates (layer 0's took theirs in the backward; the pending
+    // rows are stored), then the counters every block read at the start.
     grid_barrier(barrier);
     if (steps > 0) {
-        for (unsigned l = 0; l < n_layers; ++l) {
+        for (unsigned l = hidden > 0 ? 1 : 0; l < n_layers; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
-            for (unsigned j = l < hidden ? me : out_first; j < (unsigned)info[L_OUT]; j += G)
-                sgd_row(info, j, params, grads, velocity, lr, momentum);
+            const float* pend = pending_row(l);
+            const unsigned in_w = (unsigned)info[L_IN];
+            for (unsigned j = l < hidden ? me : out_first; j < (unsigned)info[L_OUT]; j += G) {
+                if (pend != nullptr)
+                    for (unsigned k = t; k < in_w; k += T) params[info[L_W] + (size_t)j * in_w + k] = pend[k];
+                else sgd_row(info, j, params, grads, velocity, lr, momentum);
+            }
         }
     }
     if (me == 0 && t == 0) {
