@@ -180,14 +180,8 @@ __device__ __forceinline__ void sgd_owned_rows(
         for (unsigned u = 0; u < SGD_LOADS; ++u) {
             const unsigned i = i0 + u * T;
             if (i >= n) continue;
-            float updated;
-            if (velocity != nullptr) {
-                const float vi = momentum * v[u] + g[u];
-                velocity[at[u]] = vi;
-                updated = p[u] - lr * vi;
-            } else {
-                updated = p[u] - lr * g[u];
-            }
+            const float updated = sgd_value(p[u], g[u], velocity != nullptr ? &v[u] : nullptr, lr, momentum);
+            if (velocity != nullptr) velocity[at[u]] = v[u];
             params[at[u]] = updated;
             if (copy != nullptr) copy[(i / K) * row_pitch(K) + i % K] = updated;
         }

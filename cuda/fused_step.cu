@@ -39,7 +39,7 @@
 // for the last step, at the end of the launch). Layer 0 has no layer below: no other block
 // reads its rows, which take their step in the backward, where their gradients are summed
 // (the weights and velocities loaded with the rows' inputs, in the kernels with registers for
-// them), and the next forward waits on no update. In the 512-thread and pair kernels a layer
+// them), and the next forward waits on no update. In the 512-thread and unstaged pair kernels a layer
 // above the first computes its row's update in the backward too, and keeps the new row in
 // shared memory until its next forward stores it (pending rows, see `pending_row`). Every
 // read of a row follows its previous
@@ -67,7 +67,8 @@
 // a otherwise) into shared memory with 16-byte loads, all issued together, once per step,
 // and both the forward dot products and the weight gradient then read shared memory: the
 // unstaged loops wait on an L2 round trip per few rows. The weight row a block computes with
-// goes to shared memory as its deferred update writes it. Same sums in the same order:
+// goes to shared memory as its deferred update writes it (layer 0's, updated in the
+// backward, is copied there). Same sums in the same order:
 // staged and unstaged results are bitwise equal.
 //
 // Layout: params, grads, velocity: the backend's flat buffers; `layer_info` [n_layers,
@@ -92,7 +93,7 @@
 //   of FUSED_PASS_ROWS rows' dot-product partials [rows, lanes+1] (`part`, which also holds
 //   the logits' operands, W_out then a chunk of the top layer's rows, or in the 512-thread
 //   kernel the chunk then W_out), image indices and dz column; then, in the 512-thread and
-//   pair kernels, the pending rows (FUSED_PENDING_FLOATS).
+//   unstaged pair kernels, the pending rows (FUSED_PENDING_FLOATS).
 // Launch: cooperative (all blocks resident: the grid barrier spins), grid ≤ the device's
 //   co-resident block count, block = power of two ≤ FUSED_MAX_THREADS (256, 512 or 1024 on
 //   the GPU; the staged and pair kernels 256, FUSED_STAGED_THREADS), at
@@ -389,7 +390,10 @@ __device__ __forceinline__ unsigned staged_pitch(unsigned features) { return (fe
 // column_dot's partials ([rows of a pass] × (lanes + 1), lanes ≤ MAX_T/8) or the weight
 // gradient's group sums (one V-vector a thread, V ≤ 4); then a pass's image indices and its
 // dz column. Sized per kernel, so that the 256-thread kernels keep their ~9 KB (two staged
-// blocks an SM need the rest for staging).
+// blocks an SM need the rest for staging). Every use of `part` but the logits' operands
+// stays below fused_part_floats(MAX_T) floats: the 512-thread kernel, whose `part` is larger,
+// keeps W_out's copy past that bound for the top hidden layer's backward (batch_logits), and
+// a use that grew past it would overwrite the copy.
 __host__ __device__ constexpr unsigned fused_part_floats(unsigned max_t) {
     const unsigned lanes = max_t / 8 < FUSED_MAX_LANES ? max_t / 8 : FUSED_MAX_LANES;
     const unsigned rows = FUSED_PASS_ROWS * (lanes + 1), groups = max_t * 4;
@@ -1011,10 +1015,12 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     // kernels (128 registers; the staged pair kernel, not a default, spills more with them);
     // the 64-register kernels would spill.
     constexpr bool PREFETCH = STAGED || MAX_T == FUSED_512_THREADS;
-    // Whether layer 0's backward loads the row's parameters and velocities for its SGD step
-    // before the sums that need them (RowUpdate::early; γ and β, or the bias): in the
-    // 512-thread and pair kernels; with them, the 64-register kernel spilled 92 bytes, the
-    // staged ones 44 and 180 (ptxas, sm_90), and these load them after the sums.
+    // Whether the backward loads the parameters and velocities of the SGD steps it takes
+    // (layer 0's row, and the pending rows below) before the sums that need them
+    // (RowUpdate::early; γ and β, or the bias, by thread 0), and γ and 1/σ for the BN
+    // backward before its dot products: in the 512-thread and unstaged pair kernels; with
+    // them, the 64-register kernel spilled 92 bytes, the staged ones 44 and 180 (ptxas,
+    // sm_90), and these load them after the sums.
     constexpr bool EARLY_UPDATE = !STAGED && MAX_T != FUSED_MAX_THREADS;
     // The same kernels keep pending rows: a layer l ≥ 1's updated row j, computed in its
     // backward where its gradient is summed, waits in shared memory (other blocks still read
@@ -1044,8 +1050,9 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
     // memory's first bytes, in every kernel (the staged regions follow, at the host's offsets).
     float* soft = reinterpret_cast<float*>(staged);
     // part: column_dot's partials, the block totals, the weight gradient's group sums, the
-    // logits' operands, the step's row losses; index, gs: a pass's image indices and dz
-    // column.
+    // logits' operands (W_out's copy kept, in the 512-thread kernel, until the top hidden
+    // layer's backward), the step's row losses; index, gs: a pass's image indices and dz
+    // column; pending: the pending rows.
     float* part = shared;
     unsigned* index = reinterpret_cast<unsigned*>(shared + FUSED_PART_FLOATS);
     float* gs = shared + FUSED_PART_FLOATS + FUSED_PASS_ROWS;
@@ -1145,17 +1152,19 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
             if (me < width) stage_input(l, base);
             for (unsigned j = me; j < width; j += G) {
                 const float* w = params + info[L_W] + (size_t)j * in_w;
-                // The first pass's lookups (layer 0's image indices) share the deferred update's
-                // round trip: with a row a thread (PREFETCH), row t's index was read at the
-                // step's start and goes to the table after the update (a store of it before
-                // would wait for it, then the update for its own loads); otherwise they are
-                // looked up before it. column_dot's first barrier orders the table before its
-                // reads, and the previous readers of the table passed a barrier since.
+                // The first pass's lookups (layer 0's image indices): with a row a thread
+                // (PREFETCH), row t's index was read at the step's start and goes to the table
+                // below, after the loads above it were issued (a store waits for its value);
+                // otherwise they are looked up here, a round trip of their own (shared, in the
+                // staged kernels, with the weight row's copy). column_dot's first barrier orders
+                // the table before its reads, and the previous readers of the table passed a
+                // barrier since.
                 const bool index_ahead = PREFETCH && l == 0 && kept;
                 if (!index_ahead) with_input(l, base, [&](const auto& in) { in.stage(0, batch < FUSED_PASS_ROWS ? batch : FUSED_PASS_ROWS); });
                 // Estimator t's inputs and running statistics, loaded before the deferred update
-                // and used after it (the factors' arithmetic waits for them, so it comes after
-                // the update, which waits for its own loads at the same time): where they were
+                // (of a layer updated whole here) and the dot products, and used after them (the
+                // factors' arithmetic waits for them, so it comes after the update, which waits
+                // for its own loads at the same time): where they were
                 // loaded after the BN sums, a chain of two round trips (the factors and the
                 // mean, then the variance, behind the mean's store) came before the grid barrier.
                 const bool stats_ahead = PREFETCH && bn && t < n_estimators;
