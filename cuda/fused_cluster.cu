@@ -180,9 +180,7 @@ __device__ __forceinline__ void sgd_owned_rows(
         for (unsigned u = 0; u < SGD_LOADS; ++u) {
             const unsigned i = i0 + u * T;
             if (i >= n) continue;
-            const float updated = sgd_value(p[u], g[u], velocity != nullptr ? &v[u] : nullptr, lr, momentum);
-            if (velocity != nullptr) velocity[at[u]] = v[u];
-            params[at[u]] = updated;
+            const float updated = sgd_step_at(params, params, velocity, at[u], g[u], p[u], v[u], true, lr, momentum);
             if (copy != nullptr) copy[(i / K) * row_pitch(K) + i % K] = updated;
         }
     }

@@ -94,11 +94,27 @@ __device__ __forceinline__ float sgd_value(float w, float g, float* v, float lr,
     return w - lr * g;
 }
 
+// Parameter i's SGD step with gradient g. w holds its value, and v its velocity where there
+// is one (velocity non-null: momentum), when `loaded`; else both are loaded here from
+// params[i] and velocity[i]. The new value goes to to[i] (params, or a copy elsewhere), then
+// the new velocity to velocity[i]; the new value is also returned.
+__device__ __forceinline__ float sgd_step_at(
+    const float* params, float* to, float* velocity, size_t i, float g, float& w, float& v, bool loaded, float lr, float momentum)
+{
+    if (!loaded) {
+        w = params[i];
+        if (velocity != nullptr) v = velocity[i];
+    }
+    const float updated = sgd_value(w, g, velocity != nullptr ? &v : nullptr, lr, momentum);
+    to[i] = updated;
+    if (velocity != nullptr) velocity[i] = v;
+    return updated;
+}
+
 // One SGD step on parameter i, in place.
 __device__ __forceinline__ void sgd_element(float* params, const float* grads, float* velocity, size_t i, float lr, float momentum) {
-    float v = velocity != nullptr ? velocity[i] : 0.0f;
-    params[i] = sgd_value(params[i], grads[i], velocity != nullptr ? &v : nullptr, lr, momentum);
-    if (velocity != nullptr) velocity[i] = v;
+    float w, v = 0.0f;
+    (void)sgd_step_at(params, params, velocity, i, grads[i], w, v, false, lr, momentum);
 }
 
 // The kernels' parameters (see the header's Layout), and the same names as arguments; P

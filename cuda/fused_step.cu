@@ -603,14 +603,8 @@ __device__ __forceinline__ void weight_row_gradient_by(
         auto finish = [&](unsigned q, unsigned kv, unsigned e, float g) {
             const size_t k = (size_t)kv * V + e;
             dw[k] = g;
-            if (update.w != nullptr) {
-                if (!update.early) {
-                    w0[q][e] = update.w[k];
-                    if (update.v != nullptr) v0[q][e] = update.v[k];
-                }
-                update.to[k] = sgd_value(w0[q][e], g, update.v != nullptr ? &v0[q][e] : nullptr, update.lr, update.momentum);
-                if (update.v != nullptr) update.v[k] = v0[q][e];
-            }
+            if (update.w != nullptr)
+                (void)sgd_step_at(update.w, update.to, update.v, k, g, w0[q][e], v0[q][e], update.early, update.lr, update.momentum);
         };
         for (unsigned first = 0; first < rows; first += FUSED_PASS_ROWS) {
             const unsigned pass = rows - first < FUSED_PASS_ROWS ? rows - first : FUSED_PASS_ROWS;
@@ -980,9 +974,7 @@ __device__ __forceinline__ void sgd_row(
         for (unsigned u = 0; u < 4; ++u) {
             const unsigned k = k0 + u * T;
             if (k >= in) continue;
-            const float updated = sgd_value(p[u], g[u], velocity != nullptr ? &v[u] : nullptr, lr, momentum);
-            if (velocity != nullptr) velocity[row + k] = v[u];
-            params[row + k] = updated;
+            const float updated = sgd_step_at(params, params, velocity, row + k, g[u], p[u], v[u], true, lr, momentum);
             if (row_copy != nullptr) row_copy[k] = updated;
         }
     }
@@ -1088,6 +1080,11 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         const int* info = layer_info + (size_t)l * LAYER_FIELDS;
         return (unsigned)info[L_OUT] <= G && at + (unsigned)info[L_IN] <= PENDING_FLOATS ? pending + at : nullptr;
     };
+    // Row j of the layer that `info` describes, from its pending row into params.
+    auto store_pending = [&](const int* info, unsigned j, const float* pend) {
+        const unsigned in_w = (unsigned)info[L_IN];
+        for (unsigned k = t; k < in_w; k += T) params[info[L_W] + (size_t)j * in_w + k] = pend[k];
+    };
 
     // Layer l > 0's input rows ([B, inputs] floats): the layer below's a, from shared memory
     // where this layer is staged.
@@ -1186,7 +1183,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 // before its reads.
                 float* const pend = step > 0 ? pending_row(l) : nullptr;
                 if (pend != nullptr) {
-                    for (unsigned k = t; k < in_w; k += T) params[info[L_W] + (size_t)j * in_w + k] = pend[k];
+                    store_pending(info, j, pend);
                     w = pend;
                 } else if (step > 0 && l > 0) sgd_row(info, j, params, grads, velocity, lr, momentum, weight_row);
                 else if (weight_row != nullptr)
@@ -1372,12 +1369,7 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
                 }
                 // Thread 0's step of field f (field0 or field1) with gradient g.
                 auto own_step = [&](unsigned f, int field, float g) {
-                    if (!EARLY_UPDATE) {
-                        own[f] = params[field + j];
-                        if (velocity != nullptr) own_v[f] = velocity[field + j];
-                    }
-                    params[field + j] = sgd_value(own[f], g, velocity != nullptr ? &own_v[f] : nullptr, lr, momentum);
-                    if (velocity != nullptr) velocity[field + j] = own_v[f];
+                    (void)sgd_step_at(params, params, velocity, field + j, g, own[f], own_v[f], EARLY_UPDATE, lr, momentum);
                 };
                 // W_up's column: from the logits' copy of W_out in shared memory where it stayed.
                 const float* up_column = (l + 1 == hidden && w_out_copy != nullptr ? w_out_copy : params + up[L_W]) + j;
@@ -1456,10 +1448,8 @@ __device__ __forceinline__ void fused_train_steps(FUSED_PARAMS, unsigned G, unsi
         for (unsigned l = hidden > 0 ? 1 : 0; l < n_layers; ++l) {
             const int* info = layer_info + (size_t)l * LAYER_FIELDS;
             const float* pend = pending_row(l);
-            const unsigned in_w = (unsigned)info[L_IN];
             for (unsigned j = l < hidden ? me : out_first; j < (unsigned)info[L_OUT]; j += G) {
-                if (pend != nullptr)
-                    for (unsigned k = t; k < in_w; k += T) params[info[L_W] + (size_t)j * in_w + k] = pend[k];
+                if (pend != nullptr) store_pending(info, j, pend);
                 else sgd_row(info, j, params, grads, velocity, lr, momentum);
             }
         }
