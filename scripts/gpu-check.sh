@@ -60,7 +60,9 @@
 # "tests replicated points train blocks bench baseline reproduce peers profile"; also "source": the fused kernel's warp
 # stalls by instruction; "jit": the binary's machine code against the driver's compilation;
 # "sanitize": Compute Sanitizer on the three fused kernels, which otherwise runs only on those
-# whose smoke test or tests failed)
+# whose smoke test or tests failed; "point-profile": every kernel of an evaluation point
+# timed by Nsight Compute; "intervals": training runs with a point every 50, 250 and 10000
+# steps, what a point costs beside the steps)
 # picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
@@ -273,6 +275,20 @@ for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     [[ $step == fused && $fused_ok == 0 ]] && continue
     train_row "train $steps steps (BN, $step, $precision)" "$logs/train-$step-$precision.log" "$bin" "$step" "$steps" --precision "$precision"
 done
+
+# Part "intervals" (not in the default PARTS): what an evaluation point costs a run beside
+# its steps. The same 10000 fused steps with a point every 50 (the study's interval), 250
+# and 10000 steps: the difference per point, against bench --points' latency and the
+# point profile's GPU time, says whether a point's time hides behind the queued steps or
+# adds to it (and by how much more than its kernels). Also whether Nsight Systems is
+# there, for a timeline of the gaps.
+if part intervals; then
+    [[ $fused_ok == 1 ]] && for every in 50 250 10000; do
+        train_row "train 10000 steps (BN, fused, f32), a point every $every" "$logs/train-interval-$every.log" "$bin" fused 10000 --precision f32 --eval-every "$every"
+    done
+    row "nsys" "$(command -v nsys || ls -d /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -n 1 || true)"
+    save_logs
+fi
 
 # A bench takes seconds (20 warm-up steps, a calibration of a few hundredths of a second,
 # then 7 runs of ~0.3 s); the cap only keeps a hang from eating the call.
@@ -631,6 +647,41 @@ if [[ "${RUN_PEERS:-1}" == 1 ]] && part peers && [[ -f "$bundle/compare-peers.sh
     row "peers (see the table above)" "exit ${PIPESTATUS[0]}"
 fi
 
+# Nsight Compute's gpu__time_duration of each kernel in CSV file $1, summed per kernel and
+# divided: UNIT "step" by the whole steps profiled (from the first batch gather to just
+# before the last one: a step starts with its gather, so every kernel counts once a step);
+# UNIT "pair" by POINTS/2 pairs of evaluation points, the fused steps' kernels left out.
+kernel_durations() { # CSV UNIT [POINTS]
+    python3 - "$@" <<'PY'
+import csv, sys
+path, unit = sys.argv[1], sys.argv[2]
+rows = [r for r in csv.reader(l for l in open(path) if l.startswith('"'))]
+if len(rows) < 2:
+    sys.exit("FAIL: no kernel rows (see the .err log)")
+head, rows = rows[0], rows[1:]
+name, value, grid, block = (head.index(k) for k in ("Kernel Name", "Metric Value", "Grid Size", "Block Size"))
+if unit == "step":
+    starts = [i for i, r in enumerate(rows) if r[name].startswith("gather_rows")]
+    if len(starts) < 2:
+        sys.exit("FAIL: fewer than two batch gathers in the profiled window")
+    rows, units = rows[starts[0]:starts[-1]], len(starts) - 1
+    title = f"{units} whole steps profiled; GPU time per step"
+else:
+    rows, units = [r for r in rows if not r[name].startswith("fused")], int(sys.argv[3]) / 2
+    title = f"GPU time per point (BN and plain together, over {int(sys.argv[3])}): a pair of points"
+total, per = 0.0, {}
+for r in rows:
+    ns = float(r[value].replace(",", ""))
+    k = r[name][:90]
+    calls, t, shapes = per.get(k, (0, 0.0, set()))
+    per[k] = (calls + 1, t + ns, shapes | {f"{r[grid]}x{r[block]}"})
+    total += ns
+print(f"{title} {total / units / 1000:.1f} µs (kernels back to back, no launch gaps; ncu locks the clocks)")
+for k, (calls, t, shapes) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+    print(f"  {t / units / 1000:8.2f} µs/{unit}  {calls / units:5.1f}×  {' '.join(sorted(shapes))[:40]:<40} {k}")
+PY
+}
+
 # Where a step's time goes (docs/perf.md): every kernel of a few eager steps timed by Nsight
 # Compute, summed per kernel per step; and the fused kernel's stall reasons.
 if part profile && command -v ncu >/dev/null; then
@@ -639,31 +690,7 @@ if part profile && command -v ncu >/dev/null; then
         echo "== ncu: BNTRAIN_CUDA_STEP=eager bntrain bench --config $config (kernel durations)"
         BNTRAIN_CUDA_STEP=eager timeout -k 10 "$t" ncu --metrics gpu__time_duration.sum --csv --print-units base --launch-skip 60 --launch-count 80 \
             "$bin" --device cuda bench --config "$config" --runs 1 --seconds 0.01 > "$logs/profile-$config.csv" 2> "$logs/profile-$config.err"
-        python3 - "$logs/profile-$config.csv" <<'PY' 2>&1 | tee "$logs/profile-$config.txt"
-import csv, sys
-rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
-if len(rows) < 2:
-    sys.exit("FAIL: no kernel rows (see the .err log)")
-head, rows = rows[0], rows[1:]
-name, value, grid, block = (head.index(k) for k in ("Kernel Name", "Metric Value", "Grid Size", "Block Size"))
-# Whole steps only: from the first batch gather to just before the last one (a step starts
-# with its gather), so that every kernel is counted once per step.
-starts = [i for i, r in enumerate(rows) if r[name].startswith("gather_rows")]
-if len(starts) < 2:
-    sys.exit("FAIL: fewer than two batch gathers in the profiled window")
-rows = rows[starts[0]:starts[-1]]
-steps = len(starts) - 1
-total, per = 0.0, {}
-for r in rows:
-    ns = float(r[value].replace(",", ""))
-    k = r[name][:90]
-    calls, t, shape = per.get(k, (0, 0.0, f"{r[grid]}x{r[block]}"))
-    per[k] = (calls + 1, t + ns, shape)
-    total += ns
-print(f"{steps} whole steps profiled; GPU time per step {total / steps / 1000:.1f} µs (kernels back to back, no launch gaps; ncu locks the clocks)")
-for k, (calls, t, shape) in sorted(per.items(), key=lambda kv: -kv[1][1]):
-    print(f"  {t / steps / 1000:8.2f} µs/step  {calls / steps:4.1f}×  {shape:<24} {k}")
-PY
+        kernel_durations "$logs/profile-$config.csv" step 2>&1 | tee "$logs/profile-$config.txt"
         row "profile $config (eager, ncu)" "$(head -n 1 "$logs/profile-$config.txt" 2>/dev/null | grep . || echo FAIL)"
     done
     # The fused kernel's stall reasons, unstaged and staged (BNTRAIN_FUSED_STAGE).
@@ -677,6 +704,21 @@ PY
         grep -E "Duration|Registers|Achieved Occupancy|No Eligible|Warp Cycles Per Issued" "$logs/profile-$variant.txt"
         row "profile seed ($variant, ncu)" "$(grep -m1 -E '^ *Duration' "$logs/profile-$variant.txt" | tr -s ' ' || echo FAIL)"
     done
+fi
+
+# Part "point-profile" (not in the default PARTS): where an evaluation point's time goes.
+# Nsight Compute times every kernel of `bench --pair --points` but the fused steps' (the
+# points' kernels are what the study adds to its steps), summed per kernel and divided by
+# the points the two networks made (WARM_POINTS + TIMED_POINTS each, src/bench.rs).
+if part point-profile && ! command -v ncu >/dev/null; then
+    row "point profile" "SKIPPED: no ncu on this host"
+elif part point-profile && limit 120 30 "point profile (ncu)"; then
+    echo "== ncu: BNTRAIN_CUDA_STEP=fused bntrain bench --pair --points (every kernel but the steps')"
+    BNTRAIN_CUDA_STEP=fused timeout -k 10 "$t" ncu --metrics gpu__time_duration.sum --csv --print-units base \
+        "$bin" --device cuda bench --config seed --pair --points --runs 1 --seconds 0.01 > "$logs/point-profile.csv" 2> "$logs/point-profile.err"
+    kernel_durations "$logs/point-profile.csv" pair $((2 * (2 + 21))) 2>&1 | tee "$logs/point-profile.txt"
+    row "point profile (ncu)" "$(head -n 1 "$logs/point-profile.txt" 2>/dev/null | grep . || echo FAIL)"
+    save_logs
 fi
 
 # Part "source" (not in the default PARTS): where the seed's fused kernel waits, by SASS

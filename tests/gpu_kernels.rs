@@ -112,8 +112,22 @@ fn gather_rows_past_the_order_gives_nan_rows_not_wild_reads() {
 #[test]
 fn bn_act_fwd_train_matches_batch_norm_forward_train() {
     let Some(gpu) = gpu() else { return };
+    check_bn_forward_train(&gpu, SHAPES, false);
+}
+
+/// The split forward (bn_column_moments, then bn_act_fwd_train_parts) at every shape, in one
+/// part or several (a short last part of 1 row; 10 000 rows, the test split's 40 parts).
+#[test]
+fn bn_act_fwd_train_in_parts_matches_batch_norm_forward_train() {
+    let Some(gpu) = gpu() else { return };
+    let tall = [(256, 9), (257, 33), (2049, 100), (10_000, 100), (10_000, 1)];
+    check_bn_forward_train(&gpu, &[SHAPES, &tall].concat(), true);
+}
+
+fn check_bn_forward_train(gpu: &Gpu, shapes: &[(usize, usize)], in_parts: bool) {
     let epsilon = 1e-3f32;
-    for (i, &(rows, width)) in SHAPES.iter().enumerate() {
+    let kernel = if in_parts { "bn_act_fwd_train_parts_f32" } else { "bn_act_fwd_train_f32" };
+    for (i, &(rows, width)) in shapes.iter().enumerate() {
         for activation in ACTIVATIONS {
             let seed = 100 + 10 * i as u64;
             // An offset mean (values in [1, 3]) exercises the two-pass variance.
@@ -121,14 +135,26 @@ fn bn_act_fwd_train_matches_batch_norm_forward_train() {
             let gamma = uniform(width, 0.5, 2.0, seed + 1);
             let beta = uniform(width, -1.0, 1.0, seed + 2);
             let n = rows * width;
-            let (mut mean, mut var, mut inv_std) = (poisoned(&gpu, width), poisoned(&gpu, width), poisoned(&gpu, width));
-            let (mut x_hat, mut y, mut a) = (poisoned(&gpu, n), poisoned(&gpu, n), poisoned(&gpu, n));
-            kernels::bn_act_fwd_train(
-                &gpu, &upload(&gpu, &z).as_view(), &upload(&gpu, &gamma).as_view(), &upload(&gpu, &beta).as_view(), epsilon,
-                activation, rows, width, &mut mean.as_view_mut(), &mut var.as_view_mut(), &mut inv_std.as_view_mut(),
-                &mut x_hat.as_view_mut(), Some(&mut y.as_view_mut()), &mut a.as_view_mut(),
-            )
-            .unwrap();
+            let (mut mean, mut var, mut inv_std) = (poisoned(gpu, width), poisoned(gpu, width), poisoned(gpu, width));
+            let (mut x_hat, mut y, mut a) = (poisoned(gpu, n), poisoned(gpu, n), poisoned(gpu, n));
+            let (z_d, gamma_d, beta_d) = (upload(gpu, &z), upload(gpu, &gamma), upload(gpu, &beta));
+            if in_parts {
+                let mut moments = poisoned(gpu, kernels::bn_moments_len(rows, width));
+                kernels::bn_column_moments(gpu, &z_d.as_view(), rows, width, &mut moments.as_view_mut()).unwrap();
+                kernels::bn_act_fwd_train_parts(
+                    gpu, &z_d.as_view(), &gamma_d.as_view(), &beta_d.as_view(), epsilon, activation, rows, width,
+                    &moments.as_view(), &mut mean.as_view_mut(), &mut var.as_view_mut(), &mut inv_std.as_view_mut(),
+                    &mut x_hat.as_view_mut(), Some(&mut y.as_view_mut()), &mut a.as_view_mut(),
+                )
+                .unwrap();
+            } else {
+                kernels::bn_act_fwd_train(
+                    gpu, &z_d.as_view(), &gamma_d.as_view(), &beta_d.as_view(), epsilon,
+                    activation, rows, width, &mut mean.as_view_mut(), &mut var.as_view_mut(), &mut inv_std.as_view_mut(),
+                    &mut x_hat.as_view_mut(), Some(&mut y.as_view_mut()), &mut a.as_view_mut(),
+                )
+                .unwrap();
+            }
             let mut r = [vec![0.0f64; width], vec![0.0; width], vec![0.0; width]];
             let (mut rx, mut ry, mut ra) = (vec![0.0f64; n], vec![0.0f64; n], vec![0.0f64; n]);
             let [rm, rv, rs] = &mut r;
@@ -136,16 +162,17 @@ fn bn_act_fwd_train_matches_batch_norm_forward_train() {
             ops::activation_forward(activation, &ry, &mut ra);
             // Column sums of ≤1030 values ≈ 2 in f32 (64 strided partials of ≤17 values, then
             // a tree over the 64): ≤ ~25 roundings deep, ≈1e-5 relative at worst; x̂ = (z−μ)·inv_std inherits
-            // |δμ|·inv_std ≈ 1e-5·|z|·inv_std in absolute terms.
+            // |δμ|·inv_std ≈ 1e-5·|z|·inv_std in absolute terms. In parts: sums of ≤256 values
+            // so, then ≤40 merges, each a few roundings of the running μ and M2.
             let stats = Tolerance::new(1e-6, 2e-5);
             let normalized = Tolerance::new(1e-4, 1e-4);
-            let w = |o: &str| what("bn_act_fwd_train_f32", rows, width, o);
-            assert_close(&w("mean"), read(&gpu, "mean", &mean, width), rm.clone(), stats);
-            assert_close(&w("var"), read(&gpu, "var", &var, width), rv.clone(), stats);
-            assert_close(&w("inv_std"), read(&gpu, "inv_std", &inv_std, width), rs.clone(), stats);
-            assert_close(&w("x_hat"), read(&gpu, "x_hat", &x_hat, n), rx, normalized);
-            assert_close(&w("y"), read(&gpu, "y", &y, n), ry, normalized);
-            assert_close(&w("a"), read(&gpu, "a", &a, n), ra, normalized);
+            let w = |o: &str| what(kernel, rows, width, o);
+            assert_close(&w("mean"), read(gpu, "mean", &mean, width), rm.clone(), stats);
+            assert_close(&w("var"), read(gpu, "var", &var, width), rv.clone(), stats);
+            assert_close(&w("inv_std"), read(gpu, "inv_std", &inv_std, width), rs.clone(), stats);
+            assert_close(&w("x_hat"), read(gpu, "x_hat", &x_hat, n), rx, normalized);
+            assert_close(&w("y"), read(gpu, "y", &y, n), ry, normalized);
+            assert_close(&w("a"), read(gpu, "a", &a, n), ra, normalized);
         }
     }
 }

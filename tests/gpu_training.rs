@@ -301,6 +301,19 @@ fn check_inference(make: Maker) {
     assert_eq!(gb, cb, "{name}: batch-statistics one-by-one predictions");
     assert!(gpu.predict_each(SplitKind::Test, 501, StatsMode::Population).is_err());
     assert_eq!(gpu.predict_each(SplitKind::Test, 0, StatsMode::Batch).unwrap(), Vec::<u8>::new());
+    // The evaluation keeps its last gather of a split's rows: the same split again skips it;
+    // after one-by-one predictions (which gathered their rows there) or the other split, it
+    // gathers again. Every one of them must give what the CPU gives.
+    let test = gpu.evaluate(SplitKind::Test, StatsMode::Batch, Some(probe)).unwrap();
+    for (at, split) in [("again", SplitKind::Test), ("the training split", SplitKind::Train), ("after it", SplitKind::Test)] {
+        let (g, c) = (gpu.evaluate(split, StatsMode::Batch, Some(probe)).unwrap(), cpu.evaluate(split, StatsMode::Batch, Some(probe)).unwrap());
+        assert_close(&format!("{name}: evaluate {split:?} {at}: loss"), [g.loss_sum], [c.loss_sum], Tolerance::new(1e-6, 1e-4));
+        if split == SplitKind::Test {
+            assert_eq!(g, test, "{name}: evaluate Test {at}");
+        }
+    }
+    gpu.predict_each(SplitKind::Test, 7, StatsMode::Population).unwrap();
+    assert_eq!(gpu.evaluate(SplitKind::Test, StatsMode::Batch, Some(probe)).unwrap(), test, "{name}: evaluate Test after one-by-one predictions");
 }
 
 #[test]

@@ -229,6 +229,11 @@ struct Activations {
     /// `[rows, inputs]` and `[rows]`.
     x: CudaSlice<f32>,
     labels: CudaSlice<u8>,
+    /// The examples `x` and `labels` hold (split, first, rows) where an evaluation gathered
+    /// them (the dataset on the device never changes), so that the next one of the same rows,
+    /// every evaluation point of a run, skips the gather (22 µs for the 10 000 test images
+    /// on an H200).
+    gathered: Option<(SplitKind, usize, usize)>,
     /// Per layer (the output layer's z are the logits without the bias): `[rows, outputs]`.
     z: Vec<CudaSlice<f32>>,
     /// Per hidden layer, `[rows, width]`: x̂ (BN nets only), the activation output a, and the
@@ -240,6 +245,9 @@ struct Activations {
     mean: CudaSlice<f32>,
     var: CudaSlice<f32>,
     inv_std: CudaSlice<f32>,
+    /// The split BN forward's moments (`kernels::bn_moments_len` of the widest hidden layer),
+    /// for BN nets with more than `kernels::BN_SPLIT_ROWS` rows; empty otherwise.
+    moments: CudaSlice<f32>,
 }
 
 impl Activations {
@@ -252,6 +260,7 @@ impl Activations {
             rows,
             x: zeros(gpu, rows * model.inputs)?,
             labels: zeros(gpu, rows)?,
+            gathered: None,
             z: model.widths()[1..].iter().map(|&w| zeros(gpu, rows * w)).collect::<Result<_, _>>()?,
             x_hat: per_hidden(model.batch_norm)?,
             a: per_hidden(true)?,
@@ -259,8 +268,14 @@ impl Activations {
             mean: zeros(gpu, bn_total)?,
             var: zeros(gpu, bn_total)?,
             inv_std: zeros(gpu, bn_total)?,
+            moments: zeros(gpu, if model.batch_norm && rows > kernels::BN_SPLIT_ROWS { bn_moments_len(model, rows) } else { 0 })?,
         })
     }
+}
+
+/// Floats of the split BN forward's moments for `rows` rows of `model`'s widest hidden layer.
+fn bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
+    kernels::bn_moments_len(rows, model.hidden.iter().copied().max().unwrap_or(0))
 }
 
 /// How BN normalizes during a forward pass.
@@ -305,6 +320,17 @@ impl Net<'_> {
                 _ => None,
             };
             match (&layer.bn, normalize) {
+                // A tall batch (an evaluation) in parts, so that its few columns fill the GPU.
+                (Some(bn), Normalize::WithBatchStats) if rows > kernels::BN_SPLIT_ROWS => {
+                    let mut moments = acts.moments.slice_mut(..kernels::bn_moments_len(rows, outputs));
+                    kernels::bn_column_moments(gpu, &z, rows, outputs, &mut moments)?;
+                    kernels::bn_act_fwd_train_parts(
+                        gpu, &z, &self.params.slice(bn.gamma.clone()), &self.params.slice(bn.beta.clone()), epsilon,
+                        model.activation, rows, outputs, &moments.as_view(),
+                        &mut acts.mean.slice_mut(bn.stats.clone()), &mut acts.var.slice_mut(bn.stats.clone()),
+                        &mut acts.inv_std.slice_mut(bn.stats.clone()), &mut acts.x_hat[l].slice_mut(..n), y.as_mut(), &mut a,
+                    )?
+                }
                 (Some(bn), Normalize::WithBatchStats) => kernels::bn_act_fwd_train(
                     gpu, &z, &self.params.slice(bn.gamma.clone()), &self.params.slice(bn.beta.clone()), epsilon,
                     model.activation, rows, outputs,
@@ -568,7 +594,7 @@ pub fn cluster_refusals() -> usize {
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
 /// statistics (twice: evaluation points take a copy of them and of the parameters), the
 /// activations of one training batch (twice: the fused kernel has its own) and one
-/// evaluation chunk, cuBLAS's workspace, and with bf16 GEMMs the operands' copies. Each
+/// evaluation chunk (with the split BN forward's moments), cuBLAS's workspace, and with bf16 GEMMs the operands' copies. Each
 /// second stream ([`CudaOptions::eval_stream`], [`CudaOptions::backward_streams`]) brings
 /// a workspace and bf16 operands of its own; the backward's also a second dz buffer.
 pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, options: &CudaOptions) -> usize {
@@ -596,7 +622,9 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     } else {
         0
     };
+    let moments = if model.batch_norm && eval_rows > kernels::BN_SPLIT_ROWS { bn_moments_len(model, eval_rows) * f32s } else { 0 };
     dataset
+        .saturating_add(moments)
         .saturating_add(parameters)
         .saturating_add(statistics)
         .saturating_add(point_copy)
@@ -1304,10 +1332,15 @@ impl CudaBackend {
         let acts = &mut self.eval;
         debug_assert!(rows <= acts.rows);
         let (features, count) = (data.features, data.count);
-        kernels::gather_rows(
-            gpu, &images.slice(..count * features), &labels.slice(..count), features, None, None, first, rows,
-            &mut acts.x.slice_mut(..rows * features), &mut acts.labels.slice_mut(..rows),
-        )?;
+        if acts.gathered != Some((split, first, rows)) {
+            // (Forgotten first: a failed launch leaves them undefined.)
+            acts.gathered = None;
+            kernels::gather_rows(
+                gpu, &images.slice(..count * features), &labels.slice(..count), features, None, None, first, rows,
+                &mut acts.x.slice_mut(..rows * features), &mut acts.labels.slice_mut(..rows),
+            )?;
+            acts.gathered = Some((split, first, rows));
+        }
         let net = Net { gpu, gemm: self.gemm, model: &self.model, layers: &self.layers, params, population };
         net.forward(acts, rows, normalize, probe_layer)?;
         let hidden = self.model.hidden.len();

@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 pub(crate) struct Functions {
     pub gather_rows: CudaFunction,
     pub bn_act_fwd_train: CudaFunction,
+    pub bn_column_moments: CudaFunction,
+    pub bn_act_fwd_train_parts: CudaFunction,
     pub bn_act_fwd_infer: CudaFunction,
     pub act_bn_bwd: CudaFunction,
     pub bias_act_fwd: CudaFunction,
@@ -286,6 +288,8 @@ impl Gpu {
         let functions = Functions {
             gather_rows: function("gather", "gather_rows_f32")?,
             bn_act_fwd_train: function("batchnorm", "bn_act_fwd_train_f32")?,
+            bn_column_moments: function("batchnorm", "bn_column_moments_f32")?,
+            bn_act_fwd_train_parts: function("batchnorm", "bn_act_fwd_train_parts_f32")?,
             bn_act_fwd_infer: function("batchnorm", "bn_act_fwd_infer_f32")?,
             act_bn_bwd: function("batchnorm", "act_bn_bwd_f32")?,
             bias_act_fwd: function("activation", "bias_act_fwd_f32")?,

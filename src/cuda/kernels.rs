@@ -173,6 +173,19 @@ pub fn gather_rows(
     unsafe { b.launch(cfg) }.map(drop).map_err(launch_error(K))
 }
 
+/// The BN training forward's buffer lengths: z, x̂, a and y (`usize::MAX` where absent) hold
+/// rows·width floats, γ, β, μ, σ² and inv_std width.
+fn require_bn_forward_lens(kernel: &'static str, rows: usize, width: usize, rows_by_width: [usize; 4], per_feature: [usize; 5]) -> Result<(), CudaError> {
+    let n = elements(kernel, rows, width)?;
+    for (what, len) in ["z", "x_hat", "a", "y"].into_iter().zip(rows_by_width) {
+        require_len(kernel, what, len, n)?;
+    }
+    for (what, len) in ["gamma", "beta", "mean", "var", "inv_std"].into_iter().zip(per_feature) {
+        require_len(kernel, what, len, width)?;
+    }
+    Ok(())
+}
+
 /// `bn_act_fwd_train_f32` (cpu::ops::batch_norm_forward_train, then activation_forward):
 /// batch mean, biased variance, inv_std = 1/√(σ²+ε), x̂, y = γx̂+β, a = act(y).
 /// z, x_hat, y, a: `[rows, width]`; gamma, beta, mean, var, inv_std: `[width]`.
@@ -185,16 +198,8 @@ pub fn bn_act_fwd_train(
 ) -> Result<(), CudaError> {
     const K: &str = "bn_act_fwd_train_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
-    let n = elements(K, rows, width)?;
-    require_len(K, "z", z.len(), n)?;
-    require_len(K, "x_hat", x_hat.len(), n)?;
-    require_len(K, "a", a.len(), n)?;
-    if let Some(y) = &y {
-        require_len(K, "y", y.len(), n)?;
-    }
-    for (what, len) in [("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len()), ("inv_std", inv_std.len())] {
-        require_len(K, what, len, width)?;
-    }
+    let rows_by_width = [z.len(), x_hat.len(), a.len(), y.as_ref().map_or(usize::MAX, |y| y.len())];
+    require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), var.len(), inv_std.len()])?;
     let act = activation_code(activation);
     let mut b = builder(gpu, &gpu.functions.bn_act_fwd_train);
     b.arg(z).arg(gamma).arg(beta).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u);
@@ -205,6 +210,75 @@ pub fn bn_act_fwd_train(
     // floats and every per-feature buffer width floats (checked); the grid covers the
     // columns with blocks of (TILE_COLS, TILE_ROWS) threads, the shape of its shared tile.
     unsafe { b.launch(columns(width_u)) }.map(drop).map_err(launch_error(K))
+}
+
+/// Rows a part of the split BN forward covers ([`bn_column_moments`]): 40 parts for the
+/// 10 000 test images, 520 blocks with the seed's 100 features, about four an SM.
+pub const BN_PART_ROWS: usize = 256;
+
+/// Batches of more rows than this take the split BN forward ([`bn_column_moments`], then
+/// [`bn_act_fwd_train_parts`]); the configurations' training batches (up to the wide
+/// network's 1024) keep the one-launch column kernel, whose ceil(width/8) blocks then suffice.
+pub const BN_SPLIT_ROWS: usize = 1024;
+
+/// Floats of the split BN forward's moments for `rows` rows of `width` features: [2, parts,
+/// width].
+pub fn bn_moments_len(rows: usize, width: usize) -> usize {
+    2usize.saturating_mul(rows.div_ceil(BN_PART_ROWS)).saturating_mul(width)
+}
+
+/// The split forward's launch shape: one block per TILE_COLS features (x) and part (y).
+fn column_parts(kernel: &'static str, rows: usize, width: u32) -> Result<LaunchConfig, CudaError> {
+    let parts = rows.div_ceil(BN_PART_ROWS);
+    // The driver's grid.y limit.
+    require(kernel, (1..=65_535).contains(&parts), || format!("{rows} rows make {parts} parts of {BN_PART_ROWS}, not 1 to 65535"))?;
+    Ok(LaunchConfig { grid_dim: (width.div_ceil(TILE_COLS), parts as u32, 1), ..columns(width) })
+}
+
+/// `bn_column_moments_f32`, the split BN forward's first kernel: every part of
+/// [`BN_PART_ROWS`] rows' column means and sums of squared deviations from them, into
+/// `moments` ([2, parts, width], [`bn_moments_len`]). z: `[rows, width]`.
+pub fn bn_column_moments(gpu: &Gpu, z: &CudaView<f32>, rows: usize, width: usize, moments: &mut CudaViewMut<f32>) -> Result<(), CudaError> {
+    const K: &str = "bn_column_moments_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    require_len(K, "z", z.len(), elements(K, rows, width)?)?;
+    require_len(K, "moments", moments.len(), bn_moments_len(rows, width))?;
+    let shape = column_parts(K, rows, width_u)?;
+    let part_rows = BN_PART_ROWS as u32;
+    let mut b = builder(gpu, &gpu.functions.bn_column_moments);
+    b.arg(z).arg(&rows_u).arg(&width_u).arg(&part_rows).arg(moments);
+    // SAFETY: types and order match the kernel; z holds rows·width floats and moments
+    // 2·parts·width (checked); grid.y is the number of parts of part_rows rows, each of which
+    // holds at least one row, and the block is the (TILE_COLS, TILE_ROWS) of its shared tile.
+    unsafe { b.launch(shape) }.map(drop).map_err(launch_error(K))
+}
+
+/// `bn_act_fwd_train_parts_f32`, the split BN forward's second kernel: the batch statistics
+/// merged from [`bn_column_moments`]'s `moments` (as [`bn_act_fwd_train`] gives them, summed
+/// in another order), then x̂, y and a. Buffers as [`bn_act_fwd_train`]'s.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_act_fwd_train_parts(
+    gpu: &Gpu, z: &CudaView<f32>, gamma: &CudaView<f32>, beta: &CudaView<f32>, epsilon: f32,
+    activation: Activation, rows: usize, width: usize, moments: &CudaView<f32>,
+    mean: &mut CudaViewMut<f32>, var: &mut CudaViewMut<f32>, inv_std: &mut CudaViewMut<f32>,
+    x_hat: &mut CudaViewMut<f32>, y: Option<&mut CudaViewMut<f32>>, a: &mut CudaViewMut<f32>,
+) -> Result<(), CudaError> {
+    const K: &str = "bn_act_fwd_train_parts_f32";
+    let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
+    let rows_by_width = [z.len(), x_hat.len(), a.len(), y.as_ref().map_or(usize::MAX, |y| y.len())];
+    require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), var.len(), inv_std.len()])?;
+    require_len(K, "moments", moments.len(), bn_moments_len(rows, width))?;
+    let shape = column_parts(K, rows, width_u)?;
+    let (act, part_rows) = (activation_code(activation), BN_PART_ROWS as u32);
+    let mut b = builder(gpu, &gpu.functions.bn_act_fwd_train_parts);
+    b.arg(z).arg(gamma).arg(beta).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u).arg(&part_rows).arg(moments);
+    b.arg(mean).arg(var).arg(inv_std).arg(x_hat);
+    opt_mut(&mut b, y);
+    b.arg(a);
+    // SAFETY: types and order match the kernel; every [rows, width] buffer holds rows·width
+    // floats, every per-feature buffer width floats and moments 2·parts·width (checked);
+    // grid.y is the number of parts, as bn_column_moments wrote them.
+    unsafe { b.launch(shape) }.map(drop).map_err(launch_error(K))
 }
 
 /// `bn_act_fwd_infer_f32` (cpu::ops::batch_norm_forward_infer, then activation_forward):
