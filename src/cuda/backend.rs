@@ -268,14 +268,19 @@ impl Activations {
             mean: zeros(gpu, bn_total)?,
             var: zeros(gpu, bn_total)?,
             inv_std: zeros(gpu, bn_total)?,
-            moments: zeros(gpu, if model.batch_norm && rows > kernels::BN_SPLIT_ROWS { bn_moments_len(model, rows) } else { 0 })?,
+            moments: zeros(gpu, split_bn_moments_len(model, rows))?,
         })
     }
 }
 
-/// Floats of the split BN forward's moments for `rows` rows of `model`'s widest hidden layer.
-fn bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
-    kernels::bn_moments_len(rows, model.hidden.iter().copied().max().unwrap_or(0))
+/// Floats of the split BN forward's moments that a forward over `rows` rows of `model`
+/// needs (its widest hidden layer's): none unless it has BN and `rows` take the split.
+fn split_bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
+    if model.batch_norm && rows > kernels::BN_SPLIT_ROWS {
+        kernels::bn_moments_len(rows, model.hidden.iter().copied().max().unwrap_or(0))
+    } else {
+        0
+    }
 }
 
 /// How BN normalizes during a forward pass.
@@ -622,7 +627,7 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     } else {
         0
     };
-    let moments = if model.batch_norm && eval_rows > kernels::BN_SPLIT_ROWS { bn_moments_len(model, eval_rows) * f32s } else { 0 };
+    let moments = split_bn_moments_len(model, eval_rows) * f32s;
     dataset
         .saturating_add(moments)
         .saturating_add(parameters)
