@@ -245,8 +245,9 @@ struct Activations {
     mean: CudaSlice<f32>,
     var: CudaSlice<f32>,
     inv_std: CudaSlice<f32>,
-    /// The split BN forward's moments (`kernels::bn_moments_len` of the widest hidden layer),
-    /// for BN nets with more than `kernels::BN_SPLIT_ROWS` rows; empty otherwise.
+    /// The split BN forward's moments (`kernels::bn_moments_len` of the widest hidden layer)
+    /// for BN nets whose forward over `rows` takes it (`kernels::bn_forward_in_parts`);
+    /// otherwise a one-float placeholder.
     moments: CudaSlice<f32>,
 }
 
@@ -276,7 +277,7 @@ impl Activations {
 /// Floats of the split BN forward's moments that a forward over `rows` rows of `model`
 /// needs (its widest hidden layer's): none unless it has BN and `rows` take the split.
 fn split_bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
-    if model.batch_norm && rows > kernels::BN_SPLIT_ROWS {
+    if model.batch_norm && kernels::bn_forward_in_parts(rows) {
         kernels::bn_moments_len(rows, model.hidden.iter().copied().max().unwrap_or(0))
     } else {
         0
@@ -326,7 +327,7 @@ impl Net<'_> {
             };
             match (&layer.bn, normalize) {
                 // A tall batch (an evaluation) in parts, so that its few columns fill the GPU.
-                (Some(bn), Normalize::WithBatchStats) if rows > kernels::BN_SPLIT_ROWS => {
+                (Some(bn), Normalize::WithBatchStats) if kernels::bn_forward_in_parts(rows) => {
                     let mut moments = acts.moments.slice_mut(..kernels::bn_moments_len(rows, outputs));
                     kernels::bn_column_moments(gpu, &z, rows, outputs, &mut moments)?;
                     kernels::bn_act_fwd_train_parts(

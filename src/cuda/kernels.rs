@@ -217,9 +217,19 @@ pub fn bn_act_fwd_train(
 pub const BN_PART_ROWS: usize = 256;
 
 /// Batches of more rows than this take the split BN forward ([`bn_column_moments`], then
-/// [`bn_act_fwd_train_parts`]); the configurations' training batches (up to the wide
+/// [`bn_act_fwd_train_parts`]; [`bn_forward_in_parts`]); the configurations' training batches (up to the wide
 /// network's 1024) keep the one-launch column kernel, whose ceil(width/8) blocks then suffice.
 pub const BN_SPLIT_ROWS: usize = 1024;
+
+/// The most parts a split BN forward has: the driver's limit on grid.y.
+const BN_MAX_PARTS: usize = 65_535;
+
+/// Whether a BN training forward over `rows` rows takes the split kernels: more than
+/// [`BN_SPLIT_ROWS`] rows, in at most [`BN_MAX_PARTS`] parts (a taller batch, over 16.7
+/// million rows, keeps the column kernel, which has no such limit).
+pub fn bn_forward_in_parts(rows: usize) -> bool {
+    rows > BN_SPLIT_ROWS && rows.div_ceil(BN_PART_ROWS) <= BN_MAX_PARTS
+}
 
 /// Floats of the split BN forward's moments for `rows` rows of `width` features: [2, parts,
 /// width].
@@ -230,8 +240,7 @@ pub fn bn_moments_len(rows: usize, width: usize) -> usize {
 /// The split forward's launch shape: one block per TILE_COLS features (x) and part (y).
 fn column_parts(kernel: &'static str, rows: usize, width: u32) -> Result<LaunchConfig, CudaError> {
     let parts = rows.div_ceil(BN_PART_ROWS);
-    // The driver's grid.y limit.
-    require(kernel, (1..=65_535).contains(&parts), || format!("{rows} rows make {parts} parts of {BN_PART_ROWS}, not 1 to 65535"))?;
+    require(kernel, (1..=BN_MAX_PARTS).contains(&parts), || format!("{rows} rows make {parts} parts of {BN_PART_ROWS}, not 1 to {BN_MAX_PARTS}"))?;
     Ok(LaunchConfig { grid_dim: (width.div_ceil(TILE_COLS), parts as u32, 1), ..columns(width) })
 }
 
