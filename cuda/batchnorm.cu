@@ -83,6 +83,12 @@ extern "C" __global__ void bn_act_fwd_train_f32(
     normalize_column(z, gamma[c], beta[c], activation, 0, rows, width, c, mu, istd, x_hat, y, a);
 }
 
+// Rows of part p of the split forward (all part_rows but the last's; p < ceil(rows/part_rows)).
+__device__ __forceinline__ unsigned rows_of_part(unsigned rows, unsigned part_rows, unsigned p) {
+    const unsigned left = rows - p * part_rows;
+    return left < part_rows ? left : part_rows;
+}
+
 // The split forward's first kernel: part blockIdx.y's moments m_p and M2_p.
 extern "C" __global__ void bn_column_moments_f32(
     const float* __restrict__ z, unsigned rows, unsigned width, unsigned part_rows, float* __restrict__ moments)
@@ -91,7 +97,7 @@ extern "C" __global__ void bn_column_moments_f32(
     const unsigned c = blockIdx.x * TILE_COLS + threadIdx.x;
     const bool live = c < width;
     const unsigned first = blockIdx.y * part_rows;
-    const unsigned count = min(part_rows, rows - first);
+    const unsigned count = rows_of_part(rows, part_rows, blockIdx.y);
     auto z_at = [&](unsigned r) { return z[(size_t)(first + r) * width + c]; };
     float s = 0.0f;
     if (live) for_column_rows(count, z_at, [&](unsigned, float v) { s += v; });
@@ -143,7 +149,7 @@ extern "C" __global__ void bn_act_fwd_train_parts_f32(
 #pragma unroll
             for (unsigned u = 0; u < MERGE_LOADS; ++u) {
                 if (p0 + u < parts) {
-                    const float n_p = (float)min(part_rows, rows - (p0 + u) * part_rows);
+                    const float n_p = (float)rows_of_part(rows, part_rows, p0 + u);
                     const float delta = m_p[u] - mu;
                     const float merged = n + n_p;
                     mu += delta * (n_p / merged);
@@ -165,7 +171,7 @@ extern "C" __global__ void bn_act_fwd_train_parts_f32(
     __syncthreads();
     if (!live) return;  // no barrier follows
     const unsigned first = blockIdx.y * part_rows;
-    normalize_column(z, gamma[c], beta[c], activation, first, min(part_rows, rows - first), width, c,
+    normalize_column(z, gamma[c], beta[c], activation, first, rows_of_part(rows, part_rows, blockIdx.y), width, c,
                      column_mu[threadIdx.x], column_istd[threadIdx.x], x_hat, y, a);
 }
 

@@ -42,6 +42,35 @@ static double act(int a, double y) { return a == 0 ? 1.0 / (1.0 + exp(-y)) : (y 
 static double actb(int a, double o, double g) { return a == 0 ? g * o * (1 - o) : (o > 0 ? g : 0); }
 #include "fused.inc"
 
+// The split BN forward (bn_column_moments_f32, then bn_act_fwd_train_parts_f32) on a
+// [rows, width] batch in parts of part_rows rows, against the f64 two-pass statistics.
+static void bn_parts_case(unsigned rows, unsigned width, unsigned part_rows, int a) {
+    std::string tag = std::to_string(rows) + "x" + std::to_string(width) + " parts of " + std::to_string(part_rows) + " act" + std::to_string(a);
+    size_t n = (size_t)rows * width;
+    unsigned parts = (rows + part_rows - 1) / part_rows;
+    auto z = uni(n, 1, 3), g = uni(width, 0.5, 2), b = uni(width, -1, 1);
+    float eps = 1e-3f;
+    auto moments = poison(2 * (size_t)parts * width);
+    auto mean = poison(width), var = poison(width), istd = poison(width), xh = poison(n), y = poison(n), av = poison(n);
+    dim3 grid{(width + TILE_COLS - 1) / TILE_COLS, parts, 1};
+    launch(grid, {TILE_COLS, TILE_ROWS, 1}, [&]{ bn_column_moments_f32(z.data(), rows, width, part_rows, moments.data()); });
+    // Every part's mean and M2, then nothing past them.
+    std::vector<double> rmom(2 * (size_t)parts * width);
+    for (unsigned p = 0; p < parts; ++p) for (unsigned c = 0; c < width; ++c) {
+        unsigned first = p * part_rows, count = std::min(part_rows, rows - first);
+        double s = 0; for (unsigned r = first; r < first + count; ++r) s += z[(size_t)r * width + c];
+        double m = s / count, q = 0; for (unsigned r = first; r < first + count; ++r) { double d = z[(size_t)r * width + c] - m; q += d * d; }
+        rmom[(size_t)p * width + c] = m; rmom[(size_t)(parts + p) * width + c] = q;
+    }
+    check("bn_moments " + tag, moments, rmom, 1e-4 * part_rows / 64, 2e-5);
+    launch(grid, {TILE_COLS, TILE_ROWS, 1}, [&]{ bn_act_fwd_train_parts_f32(z.data(), g.data(), b.data(), eps, a, rows, width, part_rows, moments.data(), mean.data(), var.data(), istd.data(), xh.data(), y.data(), av.data()); });
+    std::vector<double> rm(width), rv(width), ri(width), rx(n), ry(n), ra(n);
+    for (unsigned c = 0; c < width; ++c) { double s = 0; for (unsigned r = 0; r < rows; ++r) s += z[(size_t)r * width + c]; rm[c] = s / rows; double q = 0; for (unsigned r = 0; r < rows; ++r) { double d = z[(size_t)r * width + c] - rm[c]; q += d * d; } rv[c] = q / rows; ri[c] = 1 / sqrt(rv[c] + (double)eps);
+        for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; rx[i] = (z[i] - rm[c]) * ri[c]; ry[i] = g[c] * rx[i] + b[c]; ra[i] = act(a, ry[i]); } }
+    check("bn_parts mean " + tag, mean, rm, 1e-6, 2e-5); check("bn_parts var " + tag, var, rv, 1e-6, 2e-5); check("bn_parts istd " + tag, istd, ri, 1e-6, 2e-5);
+    check("bn_parts xhat " + tag, xh, rx, 1e-4, 1e-4); check("bn_parts y " + tag, y, ry, 1e-4, 1e-4); check("bn_parts a " + tag, av, ra, 1e-4, 1e-4);
+}
+
 int main(int argc, char** argv) {
     if (argc > 1 && std::string(argv[1]) == "cluster") {  // the cluster kernel only (quick)
         fused_cluster_cases(fused_case_list(), argc > 2);
@@ -82,6 +111,10 @@ int main(int argc, char** argv) {
         if (!eval_ok) { failures++; printf("FAIL gather eval labels\n"); }
         check("gather eval", x2, want, 0, 1e-6);
     }
+    // The split BN forward beyond the shapes: a 1-row last part, a second group of the
+    // merge's MERGE_LOADS loads (17 and 33 parts), a part narrower than the block's rows.
+    for (auto [rows, width, part_rows] : std::vector<std::array<unsigned, 3>>{{257, 33, 256}, {1030, 9, 64}, {2049, 8, 64}, {100, 3, 16}})
+        for (int a : {0, 1}) bn_parts_case(rows, width, part_rows, a);
     for (auto [rows, width] : shapes) for (int a : {0, 1}) {
         std::string tag = std::to_string(rows) + "x" + std::to_string(width) + " act" + std::to_string(a);
         size_t n = (size_t)rows * width;
@@ -95,6 +128,8 @@ int main(int argc, char** argv) {
             for (unsigned r = 0; r < rows; ++r) { size_t i = (size_t)r * width + c; rx[i] = (z[i] - rm[c]) * ri[c]; ry[i] = g[c] * rx[i] + b[c]; ra[i] = act(a, ry[i]); } }
         check("bn_train mean " + tag, mean, rm, 1e-6, 2e-5); check("bn_train var " + tag, var, rv, 1e-6, 2e-5); check("bn_train istd " + tag, istd, ri, 1e-6, 2e-5);
         check("bn_train xhat " + tag, xh, rx, 1e-4, 1e-4); check("bn_train y " + tag, y, ry, 1e-4, 1e-4); check("bn_train a " + tag, av, ra, 1e-4, 1e-4);
+        // the same in parts of 256 rows (kernels::BN_PART_ROWS): one part, or up to five
+        bn_parts_case(rows, width, 256, a);
         // bn infer
         auto pm = uni(width, -1, 1), pv = uni(width, 0.1, 2), z2 = uni(n, -3, 3);
         auto y2 = poison(n), a2 = poison(n);
