@@ -18,16 +18,18 @@
 //   column kernel's ceil(C/TILE_COLS) blocks, 13 for the seed's 100 features, leave most SMs
 //   idle): part p of R rows (the last may be shorter) gives its moments
 //     m_p = (Σ_{r∈p} z[r,c]) / n_p,   M2_p = Σ_{r∈p} (z[r,c] − m_p)²      (two passes)
-//   and every block merges them in the order p = 0, 1, … (Chan, Golub and LeVeque's pairwise
-//   update; all blocks get the same μ, σ²):
-//     n ← n + n_p,  δ = m_p − μ,  μ ← μ + δ·n_p/n,  M2 ← M2 + M2_p + δ²·(n − n_p)·n_p/n
-//   then σ²_c = M2/B and the normalization above for its own part's rows.
+//   and the last block of each column group to finish (it takes the group's last ticket)
+//   merges them (Chan, Golub and LeVeque's pairwise update of sets A and B, in a fixed tree):
+//     n = n_A + n_B,  δ = m_B − m_A,  m = m_A + δ·n_B/n,  M2 = M2_A + M2_B + δ²·n_A·n_B/n
+//   into μ_c, σ²_c = M2/B and inv_std_c. A second kernel then normalizes every part's rows.
 //
 // Layout: z, x̂, y, a, da, dz: [B, C] row-major; γ, β, μ, σ², inv_std, dγ, dβ: [C];
-//   the split's moments: [2, P, C] (every part's m_p, then every part's M2_p).
+//   the split's moments: [2, P, C] (every part's m_p, then every part's M2_p); its tickets:
+//   [ceil(C/TILE_COLS)] u32, zero between launches (the merging block resets its group's).
 // Launch: column kernels (train forward, backward): grid.x = ceil(C/TILE_COLS), block
 //   (TILE_COLS, TILE_ROWS), see common.cuh; sums are over rows in a fixed order (deterministic, no atomics).
-//   The split forward's two kernels: the same, with grid.y = P = ceil(B/R) parts.
+//   The split forward's two kernels: the same, with grid.y = P = ceil(B/R) parts; the
+//   moments are merged once a column group (one block), not in each of its P blocks.
 //   Inference forward: elementwise, grid-stride, any grid, block 256.
 // `y` may be null (only evaluation with a probe needs the activation input).
 
@@ -89,13 +91,30 @@ __device__ __forceinline__ unsigned rows_of_part(unsigned rows, unsigned part_ro
     return left < part_rows ? left : part_rows;
 }
 
-// The split forward's first kernel: part blockIdx.y's moments m_p and M2_p.
+// Rows n, mean and M2 (the sum of squared deviations from the mean) of a set of rows.
+struct PartMoments { float n, mean, m2; };
+
+// Moments of the union of the disjoint row sets a and b (Chan, Golub and LeVeque); an
+// empty b leaves a as it is, and an empty a gives b exactly.
+__device__ __forceinline__ PartMoments merge_moments(PartMoments a, PartMoments b) {
+    if (b.n == 0.0f) return a;
+    const float n = a.n + b.n;
+    const float delta = b.mean - a.mean;
+    return PartMoments{n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
+}
+
+// The split forward's first kernel: part blockIdx.y's moments m_p and M2_p; then the last
+// block of the column group to finish merges every part's into the batch statistics.
 extern "C" __global__ void bn_column_moments_f32(
-    const float* __restrict__ z, unsigned rows, unsigned width, unsigned part_rows, float* __restrict__ moments)
+    const float* __restrict__ z, unsigned rows, unsigned width, unsigned part_rows, float epsilon,
+    float* __restrict__ moments, unsigned* __restrict__ tickets,
+    float* __restrict__ mean, float* __restrict__ var, float* __restrict__ inv_std)
 {
     __shared__ float part[TILE_ROWS][TILE_COLS];
+    __shared__ bool merges;
     const unsigned c = blockIdx.x * TILE_COLS + threadIdx.x;
     const bool live = c < width;
+    const unsigned parts = gridDim.y;
     const unsigned first = blockIdx.y * part_rows;
     const unsigned count = rows_of_part(rows, part_rows, blockIdx.y);
     auto z_at = [&](unsigned r) { return z[(size_t)(first + r) * width + c]; };
@@ -111,68 +130,56 @@ extern "C" __global__ void bn_column_moments_f32(
     const float m2 = column_total(part, q);
     if (live && threadIdx.y == 0) {
         moments[(size_t)blockIdx.y * width + c] = m;
-        moments[(size_t)(gridDim.y + blockIdx.y) * width + c] = m2;
+        moments[(size_t)(parts + blockIdx.y) * width + c] = m2;
     }
+    // This part's moments, then the ticket: the fence orders the writes before the ticket
+    // the block takes after the barrier. (Merging in each block of the second kernel took
+    // 24.6 µs a launch on the test split, H200, docs/perf.md: 520 blocks, each waiting on a
+    // serial merge of 40 parts.)
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) merges = atomicAdd(tickets + blockIdx.x, 1u) == parts - 1;
+    __syncthreads();
+    if (!merges) return;  // the same for the whole block: no barrier is left waiting
+    if (threadIdx.x == 0 && threadIdx.y == 0) tickets[blockIdx.x] = 0u;  // every part has taken its ticket
+    __threadfence();
+    // Thread row y merges parts y, y + TILE_ROWS, … in order (one part each for up to
+    // TILE_ROWS parts: one L2 round trip), then the rows' merges combine by a fixed pairwise
+    // tree, as column_total's sums: deterministic, and log2(TILE_ROWS) steps deep, not P.
+    __shared__ PartMoments merged[TILE_ROWS][TILE_COLS];
+    PartMoments own{0.0f, 0.0f, 0.0f};
+    if (live)
+        for (unsigned p = threadIdx.y; p < parts; p += TILE_ROWS)
+            own = merge_moments(own, PartMoments{(float)rows_of_part(rows, part_rows, p),
+                                                 LOAD_PAST_L1(moments + (size_t)p * width + c),
+                                                 LOAD_PAST_L1(moments + (size_t)(parts + p) * width + c)});
+    merged[threadIdx.y][threadIdx.x] = own;
+    __syncthreads();
+#pragma unroll
+    for (unsigned step = TILE_ROWS / 2; step > 0; step >>= 1) {
+        if (threadIdx.y < step)
+            merged[threadIdx.y][threadIdx.x] = merge_moments(merged[threadIdx.y][threadIdx.x], merged[threadIdx.y + step][threadIdx.x]);
+        __syncthreads();
+    }
+    if (!live || threadIdx.y != 0) return;
+    const float sigma2 = merged[0][threadIdx.x].m2 / (float)rows;
+    mean[c] = merged[0][threadIdx.x].mean;
+    var[c] = sigma2;
+    inv_std[c] = 1.0f / sqrtf(sigma2 + epsilon);
 }
 
-#define MERGE_LOADS 16
-
-// The split forward's second kernel: the merged statistics (written by the blocks of part 0),
-// then x̂, y and a for part blockIdx.y's rows.
+// The split forward's second kernel: x̂, y and a for part blockIdx.y's rows, with the batch
+// statistics bn_column_moments_f32 merged.
 extern "C" __global__ void bn_act_fwd_train_parts_f32(
     const float* __restrict__ z, const float* __restrict__ gamma, const float* __restrict__ beta,
-    float epsilon, int activation, unsigned rows, unsigned width, unsigned part_rows,
-    const float* __restrict__ moments,
-    float* __restrict__ mean, float* __restrict__ var, float* __restrict__ inv_std,
+    int activation, unsigned rows, unsigned width, unsigned part_rows,
+    const float* __restrict__ mean, const float* __restrict__ inv_std,
     float* __restrict__ x_hat, float* __restrict__ y, float* __restrict__ a)
 {
-    // Thread row 0 merges the parts for the block's columns and shares μ and inv_std: the
-    // other 63 would only repeat it (with every thread merging, a launch on the test split's
-    // 10000 × 100 took 39.9 µs on an H200; so, 24.6 µs).
-    __shared__ float column_mu[TILE_COLS], column_istd[TILE_COLS];
     const unsigned c = blockIdx.x * TILE_COLS + threadIdx.x;
-    const bool live = c < width;
-    if (live && threadIdx.y == 0) {
-        const unsigned parts = gridDim.y;
-        float n = 0.0f, mu = 0.0f, m2 = 0.0f;
-        // MERGE_LOADS parts' moments loaded before the first is merged: one L2 round trip
-        // for them, not one each.
-        for (unsigned p0 = 0; p0 < parts; p0 += MERGE_LOADS) {
-            float m_p[MERGE_LOADS], m2_p[MERGE_LOADS];
-#pragma unroll
-            for (unsigned u = 0; u < MERGE_LOADS; ++u) {
-                if (p0 + u < parts) {
-                    m_p[u] = moments[(size_t)(p0 + u) * width + c];
-                    m2_p[u] = moments[(size_t)(parts + p0 + u) * width + c];
-                }
-            }
-#pragma unroll
-            for (unsigned u = 0; u < MERGE_LOADS; ++u) {
-                if (p0 + u < parts) {
-                    const float n_p = (float)rows_of_part(rows, part_rows, p0 + u);
-                    const float delta = m_p[u] - mu;
-                    const float merged = n + n_p;
-                    mu += delta * (n_p / merged);
-                    m2 += m2_p[u] + delta * delta * (n * n_p / merged);
-                    n = merged;
-                }
-            }
-        }
-        const float sigma2 = m2 / (float)rows;
-        const float istd = 1.0f / sqrtf(sigma2 + epsilon);
-        if (blockIdx.y == 0) {
-            mean[c] = mu;
-            var[c] = sigma2;
-            inv_std[c] = istd;
-        }
-        column_mu[threadIdx.x] = mu;
-        column_istd[threadIdx.x] = istd;
-    }
-    __syncthreads();
-    if (!live) return;  // no barrier follows
-    const unsigned first = blockIdx.y * part_rows;
-    normalize_column(z, gamma[c], beta[c], activation, first, rows_of_part(rows, part_rows, blockIdx.y), width, c,
-                     column_mu[threadIdx.x], column_istd[threadIdx.x], x_hat, y, a);
+    if (c >= width) return;
+    normalize_column(z, gamma[c], beta[c], activation, blockIdx.y * part_rows, rows_of_part(rows, part_rows, blockIdx.y),
+                     width, c, mean[c], inv_std[c], x_hat, y, a);
 }
 
 extern "C" __global__ void bn_act_fwd_infer_f32(

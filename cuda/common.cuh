@@ -45,6 +45,12 @@ __device__ __forceinline__ float pixel_scaled(unsigned word, unsigned e) {
     return fmaf(pixel_bits(word, e), PIXEL_SCALE, -8388608.0f * PIXEL_SCALE);
 }
 
+// Another block's writes of this launch, read past L1, which is not coherent across SMs.
+// The writer fenced them before the ticket that the reader's block took after it.
+#ifndef LOAD_PAST_L1
+#define LOAD_PAST_L1(p) (*(const volatile decltype(+*(p))*)(p))
+#endif
+
 // Column tiles: a block of (TILE_COLS, TILE_ROWS) threads owns TILE_COLS consecutive
 // features (threadIdx.x) and walks all rows, thread row threadIdx.y taking rows threadIdx.y,
 // +TILE_ROWS, ... . Launch: grid.x = ceil(width/TILE_COLS), block = (TILE_COLS, TILE_ROWS).

@@ -27,14 +27,10 @@
 //   walk the 10000 rows of a test-set evaluation ten times longer.)
 
 #include <stdint.h>
+#include "common.cuh"
 
 #define SOFTMAX_THREADS 256
 #define SOFTMAX_MAX_BLOCKS 128
-
-#ifndef SOFTMAX_LOAD_VOLATILE
-// Other blocks' partial sums: past L1, which is not coherent across SMs.
-#define SOFTMAX_LOAD_VOLATILE(p) (*(const volatile decltype(+*(p))*)(p))
-#endif
 
 extern "C" __global__ void softmax_xent_f32(
     const float* __restrict__ z, const float* __restrict__ bias, const uint8_t* __restrict__ labels,
@@ -135,8 +131,8 @@ extern "C" __global__ void softmax_xent_f32(
         double loss = 0.0;
         unsigned long long right = 0;
         for (unsigned b = 0; b < blocks; ++b) {
-            loss += SOFTMAX_LOAD_VOLATILE(partial_loss + b);
-            right += SOFTMAX_LOAD_VOLATILE(partial_correct + b);
+            loss += LOAD_PAST_L1(partial_loss + b);
+            right += LOAD_PAST_L1(partial_correct + b);
         }
         loss_sum[0] += loss;
         correct[0] += right;
@@ -144,7 +140,7 @@ extern "C" __global__ void softmax_xent_f32(
     }
     if (with_dbias && tid < classes) {
         float total = 0.0f;
-        for (unsigned b = 0; b < blocks; ++b) total += SOFTMAX_LOAD_VOLATILE(partial_dbias + (size_t)b * classes + tid);
+        for (unsigned b = 0; b < blocks; ++b) total += LOAD_PAST_L1(partial_dbias + (size_t)b * classes + tid);
         dbias[tid] = total;
     }
 }

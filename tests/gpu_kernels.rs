@@ -140,13 +140,24 @@ fn check_bn_forward_train(gpu: &Gpu, shapes: &[(usize, usize)], in_parts: bool) 
             let (z_d, gamma_d, beta_d) = (upload(gpu, &z), upload(gpu, &gamma), upload(gpu, &beta));
             if in_parts {
                 let mut moments = poisoned(gpu, kernels::bn_moments_len(rows, width));
-                kernels::bn_column_moments(gpu, &z_d.as_view(), rows, width, &mut moments.as_view_mut()).unwrap();
-                kernels::bn_act_fwd_train_parts(
-                    gpu, &z_d.as_view(), &gamma_d.as_view(), &beta_d.as_view(), epsilon, activation, rows, width,
-                    &moments.as_view(), &mut mean.as_view_mut(), &mut var.as_view_mut(), &mut inv_std.as_view_mut(),
-                    &mut x_hat.as_view_mut(), Some(&mut y.as_view_mut()), &mut a.as_view_mut(),
-                )
-                .unwrap();
+                let mut tickets = upload(gpu, &vec![0u32; kernels::bn_tickets_len(width)]);
+                // Twice from the same scratch, as evaluations run: the first launch must
+                // leave every ticket at zero for the second to merge.
+                for _ in 0..2 {
+                    (mean, var, inv_std) = (poisoned(gpu, width), poisoned(gpu, width), poisoned(gpu, width));
+                    kernels::bn_column_moments(
+                        gpu, &z_d.as_view(), rows, width, epsilon, &mut moments.as_view_mut(), &mut tickets.as_view_mut(),
+                        &mut mean.as_view_mut(), &mut var.as_view_mut(), &mut inv_std.as_view_mut(),
+                    )
+                    .unwrap();
+                    kernels::bn_act_fwd_train_parts(
+                        gpu, &z_d.as_view(), &gamma_d.as_view(), &beta_d.as_view(), activation, rows, width,
+                        &mean.as_view(), &inv_std.as_view(), &mut x_hat.as_view_mut(), Some(&mut y.as_view_mut()), &mut a.as_view_mut(),
+                    )
+                    .unwrap();
+                    let left = fetch(gpu, &tickets);
+                    assert!(left.iter().all(|&t| t == 0), "{}: tickets left at {left:?}", what(kernel, rows, width, "tickets"));
+                }
             } else {
                 kernels::bn_act_fwd_train(
                     gpu, &z_d.as_view(), &gamma_d.as_view(), &beta_d.as_view(), epsilon,

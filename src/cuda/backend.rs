@@ -247,8 +247,9 @@ struct Activations {
     inv_std: CudaSlice<f32>,
     /// The split BN forward's moments (`kernels::bn_moments_len` of the widest hidden layer)
     /// for BN nets whose forward over `rows` takes it (`kernels::bn_forward_in_parts`);
-    /// otherwise a one-float placeholder.
+    /// otherwise a one-float placeholder. With them, its tickets (`kernels::bn_tickets_len`).
     moments: CudaSlice<f32>,
+    bn_tickets: CudaSlice<u32>,
 }
 
 impl Activations {
@@ -270,6 +271,7 @@ impl Activations {
             var: zeros(gpu, bn_total)?,
             inv_std: zeros(gpu, bn_total)?,
             moments: zeros(gpu, split_bn_moments_len(model, rows))?,
+            bn_tickets: zeros(gpu, split_bn_tickets_len(model, rows))?,
         })
     }
 }
@@ -282,6 +284,12 @@ fn split_bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
     } else {
         0
     }
+}
+
+/// Tickets of the split BN forward that a forward over `rows` rows of `model` needs (as
+/// [`split_bn_moments_len`]).
+fn split_bn_tickets_len(model: &ModelConfig, rows: usize) -> usize {
+    if split_bn_moments_len(model, rows) > 0 { kernels::bn_tickets_len(model.hidden.iter().copied().max().unwrap_or(0)) } else { 0 }
 }
 
 /// How BN normalizes during a forward pass.
@@ -328,13 +336,16 @@ impl Net<'_> {
             match (&layer.bn, normalize) {
                 // A tall batch (an evaluation) in parts, so that its few columns fill the GPU.
                 (Some(bn), Normalize::WithBatchStats) if kernels::bn_forward_in_parts(rows) => {
-                    let mut moments = acts.moments.slice_mut(..kernels::bn_moments_len(rows, outputs));
-                    kernels::bn_column_moments(gpu, &z, rows, outputs, &mut moments)?;
-                    kernels::bn_act_fwd_train_parts(
-                        gpu, &z, &self.params.slice(bn.gamma.clone()), &self.params.slice(bn.beta.clone()), epsilon,
-                        model.activation, rows, outputs, &moments.as_view(),
+                    kernels::bn_column_moments(
+                        gpu, &z, rows, outputs, epsilon, &mut acts.moments.slice_mut(..kernels::bn_moments_len(rows, outputs)),
+                        &mut acts.bn_tickets.slice_mut(..kernels::bn_tickets_len(outputs)),
                         &mut acts.mean.slice_mut(bn.stats.clone()), &mut acts.var.slice_mut(bn.stats.clone()),
-                        &mut acts.inv_std.slice_mut(bn.stats.clone()), &mut acts.x_hat[l].slice_mut(..n), y.as_mut(), &mut a,
+                        &mut acts.inv_std.slice_mut(bn.stats.clone()),
+                    )?;
+                    kernels::bn_act_fwd_train_parts(
+                        gpu, &z, &self.params.slice(bn.gamma.clone()), &self.params.slice(bn.beta.clone()), model.activation,
+                        rows, outputs, &acts.mean.slice(bn.stats.clone()), &acts.inv_std.slice(bn.stats.clone()),
+                        &mut acts.x_hat[l].slice_mut(..n), y.as_mut(), &mut a,
                     )?
                 }
                 (Some(bn), Normalize::WithBatchStats) => kernels::bn_act_fwd_train(
@@ -600,7 +611,7 @@ pub fn cluster_refusals() -> usize {
 /// pixels, labels, the epoch order), parameters with gradients and momentum, running
 /// statistics (twice: evaluation points take a copy of them and of the parameters), the
 /// activations of one training batch (twice: the fused kernel has its own) and one
-/// evaluation chunk (with the split BN forward's moments), cuBLAS's workspace, and with bf16 GEMMs the operands' copies. Each
+/// evaluation chunk (with the split BN forward's moments and tickets), cuBLAS's workspace, and with bf16 GEMMs the operands' copies. Each
 /// second stream ([`CudaOptions::eval_stream`], [`CudaOptions::backward_streams`]) brings
 /// a workspace and bf16 operands of its own; the backward's also a second dz buffer.
 pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Dataset, options: &CudaOptions) -> usize {
@@ -628,7 +639,7 @@ pub fn device_bytes_needed(model: &ModelConfig, train: &TrainConfig, data: &Data
     } else {
         0
     };
-    let moments = split_bn_moments_len(model, eval_rows) * f32s;
+    let moments = split_bn_moments_len(model, eval_rows) * f32s + split_bn_tickets_len(model, eval_rows) * std::mem::size_of::<u32>();
     dataset
         .saturating_add(moments)
         .saturating_add(parameters)

@@ -244,49 +244,65 @@ fn column_parts(kernel: &'static str, rows: usize, width: u32) -> Result<LaunchC
     Ok(LaunchConfig { grid_dim: (width.div_ceil(TILE_COLS), parts as u32, 1), ..columns(width) })
 }
 
+/// Tickets of the split BN forward for `width` features: one per column group of
+/// TILE_COLS, zero before the first launch ([`bn_column_moments`] leaves them so).
+pub fn bn_tickets_len(width: usize) -> usize {
+    width.div_ceil(TILE_COLS as usize)
+}
+
 /// `bn_column_moments_f32`, the split BN forward's first kernel: every part of
 /// [`BN_PART_ROWS`] rows' column means and sums of squared deviations from them, into
-/// `moments` ([2, parts, width], [`bn_moments_len`]). z: `[rows, width]`.
-pub fn bn_column_moments(gpu: &Gpu, z: &CudaView<f32>, rows: usize, width: usize, moments: &mut CudaViewMut<f32>) -> Result<(), CudaError> {
+/// `moments` ([2, parts, width], [`bn_moments_len`]); then the last block of each column
+/// group to finish merges them into the batch mean, biased variance and inv_std = 1/√(σ²+ε)
+/// (as [`bn_act_fwd_train`] gives them, summed in another order). z: `[rows, width]`;
+/// mean, var, inv_std: `[width]`; tickets: [`bn_tickets_len`], all zero.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_column_moments(
+    gpu: &Gpu, z: &CudaView<f32>, rows: usize, width: usize, epsilon: f32, moments: &mut CudaViewMut<f32>,
+    tickets: &mut CudaViewMut<u32>, mean: &mut CudaViewMut<f32>, var: &mut CudaViewMut<f32>, inv_std: &mut CudaViewMut<f32>,
+) -> Result<(), CudaError> {
     const K: &str = "bn_column_moments_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
     require_len(K, "z", z.len(), elements(K, rows, width)?)?;
     require_len(K, "moments", moments.len(), bn_moments_len(rows, width))?;
+    require_len(K, "tickets", tickets.len(), bn_tickets_len(width))?;
+    for (what, len) in [("mean", mean.len()), ("var", var.len()), ("inv_std", inv_std.len())] {
+        require_len(K, what, len, width)?;
+    }
     let shape = column_parts(K, rows, width_u)?;
     let part_rows = BN_PART_ROWS as u32;
     let mut b = builder(gpu, &gpu.functions.bn_column_moments);
-    b.arg(z).arg(&rows_u).arg(&width_u).arg(&part_rows).arg(moments);
-    // SAFETY: types and order match the kernel; z holds rows·width floats and moments
-    // 2·parts·width (checked); grid.y is the number of parts of part_rows rows, each of which
-    // holds at least one row, and the block is the (TILE_COLS, TILE_ROWS) of its shared tile.
+    b.arg(z).arg(&rows_u).arg(&width_u).arg(&part_rows).arg(&epsilon).arg(moments).arg(tickets);
+    b.arg(mean).arg(var).arg(inv_std);
+    // SAFETY: types and order match the kernel; z holds rows·width floats, moments
+    // 2·parts·width, tickets one per column group and every per-feature buffer width floats
+    // (checked); grid.y is the number of parts of part_rows rows, each of which holds at least
+    // one row, and the block is the (TILE_COLS, TILE_ROWS) of its shared tiles. Tickets
+    // not zero would give wrong statistics, never an access out of bounds.
     unsafe { b.launch(shape) }.map(drop).map_err(launch_error(K))
 }
 
-/// `bn_act_fwd_train_parts_f32`, the split BN forward's second kernel: the batch statistics
-/// merged from [`bn_column_moments`]'s `moments` (as [`bn_act_fwd_train`] gives them, summed
-/// in another order), then x̂, y and a. Buffers as [`bn_act_fwd_train`]'s.
+/// `bn_act_fwd_train_parts_f32`, the split BN forward's second kernel: x̂, y and a with the
+/// batch statistics [`bn_column_moments`] merged. Buffers as [`bn_act_fwd_train`]'s.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_act_fwd_train_parts(
-    gpu: &Gpu, z: &CudaView<f32>, gamma: &CudaView<f32>, beta: &CudaView<f32>, epsilon: f32,
-    activation: Activation, rows: usize, width: usize, moments: &CudaView<f32>,
-    mean: &mut CudaViewMut<f32>, var: &mut CudaViewMut<f32>, inv_std: &mut CudaViewMut<f32>,
+    gpu: &Gpu, z: &CudaView<f32>, gamma: &CudaView<f32>, beta: &CudaView<f32>, activation: Activation,
+    rows: usize, width: usize, mean: &CudaView<f32>, inv_std: &CudaView<f32>,
     x_hat: &mut CudaViewMut<f32>, y: Option<&mut CudaViewMut<f32>>, a: &mut CudaViewMut<f32>,
 ) -> Result<(), CudaError> {
     const K: &str = "bn_act_fwd_train_parts_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
     let rows_by_width = [z.len(), x_hat.len(), a.len(), y.as_ref().map_or(usize::MAX, |y| y.len())];
-    require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), var.len(), inv_std.len()])?;
-    require_len(K, "moments", moments.len(), bn_moments_len(rows, width))?;
+    require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), usize::MAX, inv_std.len()])?;
     let shape = column_parts(K, rows, width_u)?;
     let (act, part_rows) = (activation_code(activation), BN_PART_ROWS as u32);
     let mut b = builder(gpu, &gpu.functions.bn_act_fwd_train_parts);
-    b.arg(z).arg(gamma).arg(beta).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u).arg(&part_rows).arg(moments);
-    b.arg(mean).arg(var).arg(inv_std).arg(x_hat);
+    b.arg(z).arg(gamma).arg(beta).arg(&act).arg(&rows_u).arg(&width_u).arg(&part_rows).arg(mean).arg(inv_std).arg(x_hat);
     opt_mut(&mut b, y);
     b.arg(a);
     // SAFETY: types and order match the kernel; every [rows, width] buffer holds rows·width
-    // floats, every per-feature buffer width floats and moments 2·parts·width (checked);
-    // grid.y is the number of parts, as bn_column_moments wrote them.
+    // floats and every per-feature buffer width floats (checked); grid.y is the number of
+    // parts of part_rows rows, each of which holds at least one row.
     unsafe { b.launch(shape) }.map(drop).map_err(launch_error(K))
 }
 

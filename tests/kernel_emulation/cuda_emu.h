@@ -185,7 +185,8 @@ inline void launch_clusters(dim3 grid, dim3 block, unsigned cluster, std::functi
 // Sequential launch (barrier-free kernels), threads run in a shuffled-ish order (reverse).
 inline void launch_seq(dim3 grid, dim3 block, std::function<void()> f) {
     gridDim = grid; blockDim = block;
-    for (int bx = grid.x - 1; bx >= 0; --bx) for (int tx = block.x - 1; tx >= 0; --tx) {
-        blockIdx = {(unsigned)bx, 0, 0}; threadIdx = {(unsigned)tx, 0, 0}; f();
-    }
+    for (int bz = grid.z - 1; bz >= 0; --bz) for (int by = grid.y - 1; by >= 0; --by) for (int bx = grid.x - 1; bx >= 0; --bx)
+        for (int tz = block.z - 1; tz >= 0; --tz) for (int ty = block.y - 1; ty >= 0; --ty) for (int tx = block.x - 1; tx >= 0; --tx) {
+            blockIdx = {(unsigned)bx, (unsigned)by, (unsigned)bz}; threadIdx = {(unsigned)tx, (unsigned)ty, (unsigned)tz}; f();
+        }
 }
