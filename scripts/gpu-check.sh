@@ -280,11 +280,15 @@ done
 # its steps. The same 10000 fused steps with a point every 50 (the study's interval), 250
 # and 10000 steps: the difference per point, against bench --points' latency and the
 # point profile's GPU time, says whether a point's time hides behind the queued steps or
-# adds to it (and by how much more than its kernels). Also whether Nsight Systems is
-# there, for a timeline of the gaps.
+# adds to it (and by how much more than its kernels); each run's device timeline says
+# where. Also whether Nsight Systems is there.
 if part intervals; then
+    # With BNTRAIN_TIMELINE=1: device events around every run and point, a row each of
+    # where the time went (runs' µs a step, right after a point or not; points; the gaps).
     [[ $fused_ok == 1 ]] && for every in 50 250 10000; do
-        train_row "train 10000 steps (BN, fused, f32), a point every $every" "$logs/train-interval-$every.log" "$bin" fused 10000 --precision f32 --eval-every "$every"
+        log="$logs/train-interval-$every.log"
+        BNTRAIN_TIMELINE=1 train_row "train 10000 steps (BN, fused, f32), a point every $every" "$log" "$bin" fused 10000 --precision f32 --eval-every "$every"
+        [[ -f "$log" ]] && row "  timeline, a point every $every" "$(json_eval "$log" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in (r.get('timeline') or [])) or 'no timeline'")"
     done
     row "nsys" "$(command -v nsys || ls -d /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -n 1 || true)"
     save_logs

@@ -186,6 +186,17 @@ pub struct PhaseTiming {
     pub barrier_us: f64,
 }
 
+/// One kind of interval of a training run's device timeline ([`Backend::timeline`]):
+/// how many there were, their total and their median, in microseconds (for runs of steps,
+/// the median is per step).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TimelineSpan {
+    pub what: &'static str,
+    pub count: usize,
+    pub total_us: f64,
+    pub median_us: f64,
+}
+
 /// A device that trains and evaluates one network. Object safe, so a loop can drive a BN and
 /// a plain network side by side as `&mut dyn Backend`.
 pub trait Backend {
@@ -229,6 +240,13 @@ pub trait Backend {
     /// fewer steps where the record is full), and returns a row per phase of a step. Ok(None),
     /// having trained nothing, elsewhere (the default).
     fn phase_trace(&mut self, _first: usize, _steps: usize) -> Result<Option<Vec<PhaseTiming>>> {
+        Ok(None)
+    }
+
+    /// Where the device's time went between the runs of steps and the evaluation points
+    /// queued so far, once they have finished (call [`Backend::synchronize`] first), where the
+    /// backend was asked to record it (CUDA with `BNTRAIN_TIMELINE=1`); Ok(None) elsewhere.
+    fn timeline(&mut self) -> Result<Option<Vec<TimelineSpan>>> {
         Ok(None)
     }
 

@@ -65,6 +65,16 @@ pub fn synthetic_dataset(train_count: usize, test_count: usize, features: usize,
 /// Steps `bench --trace` times phase by phase (fewer where the kernel's record is full).
 pub const TRACE_STEPS: usize = 15;
 
+/// `train`'s timeline table (`BNTRAIN_TIMELINE=1`): a line per kind of interval.
+pub fn timeline_table(spans: &[crate::backend::TimelineSpan]) -> String {
+    let width = spans.iter().map(|s| s.what.chars().count()).max().unwrap_or(0).max(8);
+    let mut out = format!("{:<width$}  {:>7}  {:>12}  {:>10}\n", "timeline", "count", "total µs", "median µs");
+    for s in spans {
+        out += &format!("{:<width$}  {:>7}  {:>12.1}  {:>10.2}\n", s.what, s.count, s.total_us, s.median_us);
+    }
+    out
+}
+
 /// `bench --trace`'s table: a line per phase, then their sum.
 pub fn phase_table(phases: &[crate::backend::PhaseTiming]) -> String {
     let width = phases.iter().map(|p| p.phase.chars().count()).max().unwrap_or(0).max(5);

@@ -750,6 +750,9 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
     if let Some(p) = &report.checkpoint {
         out!("checkpoint: {}", p.display());
     }
+    if let Some(spans) = &report.timeline {
+        out!("{}", bench::timeline_table(spans).trim_end_matches('\n'));
+    }
     if args.json {
         out!("{}", json!({
             "test_accuracy": last.test_accuracy,
@@ -762,6 +765,7 @@ fn train(device_choice: DeviceChoice, args: TrainArgs) -> Result<()> {
             "dataset": data.kind.name(),
             "seconds": report.seconds,
             "checkpoint": report.checkpoint.as_deref().map(path_text),
+            "timeline": report.timeline,
         }));
     }
     Ok(())

@@ -72,6 +72,8 @@ pub struct TrainReport {
     pub checkpoint: Option<PathBuf>,
     /// The network trained: a resumed checkpoint's, whatever the request said.
     pub model: ModelConfig,
+    /// Where the device's time went ([`Backend::timeline`]), where the backend recorded it.
+    pub timeline: Option<Vec<crate::backend::TimelineSpan>>,
 }
 
 impl TrainReport {
@@ -303,6 +305,7 @@ pub fn run(
     };
     net.synchronize()?;
     let seconds = started.elapsed().as_secs_f64();
+    let timeline = net.timeline()?;
     // After training: the name says how the steps ran, a fall-back on the way included.
     let device_name = net.device_name();
 
@@ -352,7 +355,7 @@ pub fn run(
             });
         }
     }
-    Ok(TrainReport { device: device_name, model, start_step, outcome, seconds, history, checkpoint })
+    Ok(TrainReport { device: device_name, model, start_step, outcome, seconds, history, checkpoint, timeline })
 }
 
 #[cfg(test)]

@@ -552,8 +552,8 @@ fn options_follow_the_step_switch() {
     // The defaults are the choices measured faster on an H100 (docs/perf.md).
     let defaults = CudaOptions::default();
     assert!(
-        !defaults.fused_staging && defaults.fused_pairing && !defaults.gemm_tuning && !defaults.eval_stream && defaults.backward_streams.is_none(),
-        "pairing on; staging, tuning and the evaluation stream off; the backward's stream by precision"
+        !defaults.fused_staging && defaults.fused_pairing && !defaults.gemm_tuning && !defaults.eval_stream && defaults.backward_streams.is_none() && !defaults.timeline,
+        "pairing on; staging, tuning, the evaluation stream and the timeline off; the backward's stream by precision"
     );
     for (gemm, expected) in [(GemmPrecision::F32, true), (GemmPrecision::Tf32, false), (GemmPrecision::Bf16, false)] {
         let options = CudaOptions { gemm, ..CudaOptions::default() };
@@ -562,7 +562,7 @@ fn options_follow_the_step_switch() {
             assert_eq!(CudaOptions { backward_streams: Some(asked), ..options }.second_backward_stream(), asked, "{gemm:?}, asked {asked}");
         }
     }
-    let switches = [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV];
+    let switches = [CudaOptions::STAGE_ENV, CudaOptions::PAIR_ENV, CudaOptions::GEMM_TUNE_ENV, CudaOptions::EVAL_STREAM_ENV, CudaOptions::BACKWARD_STREAMS_ENV, CudaOptions::TIMELINE_ENV];
     for name in switches {
         // Unset or empty: the default stands (None).
         for (value, expected) in [(None, None), (Some(""), None), (Some("0"), Some(false)), (Some(" 1 "), Some(true))] {
@@ -1495,5 +1495,39 @@ fn a_queued_point_names_what_went_non_finite_at_its_step() {
         let expected = points_measured_at_once(&mut measured, &train, data.train.count, &schedule).unwrap_err().to_string();
         assert_eq!(got, expected, "evaluation stream {eval_stream}");
         assert!(got.contains("training diverged at step 50") && got.contains("non-finite value (inf)"), "{got}");
+    }
+}
+
+/// `BNTRAIN_TIMELINE=1` (CudaOptions::timeline) through train_lockstep, 20 steps with a point
+/// every 5, fused and on graphs: four points, every run counted, and the kinds' totals add
+/// up to the whole span (each interval between marks in one row); off, no rows.
+#[test]
+fn the_timeline_counts_every_run_and_point() {
+    let Some(_gpu) = serial_gpu() else { return };
+    let (model, train) = (ModelConfig::seed(true), TrainConfig::seed());
+    let (params, data) = (scaled_init(&model, &train), dataset());
+    for (step_launch, timeline) in [(StepLaunch::Fused, true), (StepLaunch::Graph, true), (StepLaunch::Fused, false)] {
+        let options = CudaOptions { step_launch, timeline, ..Default::default() };
+        let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+        let mut runs = 0;
+        let mut count_runs = |event: bntrain::train::Event<'_>| runs += matches!(event, bntrain::train::Event::Stepped { .. }) as usize;
+        let mut nets: [&mut dyn Backend; 1] = [&mut net];
+        bntrain::train::train_lockstep(&mut nets, &train, data.train.count, 0, &Schedule::new(20, 5), None, &mut count_runs).unwrap();
+        net.synchronize().unwrap();
+        let spans = net.timeline().unwrap();
+        let Some(spans) = spans else {
+            assert!(!timeline, "{step_launch:?}: the timeline was asked for and gave no rows");
+            continue;
+        };
+        assert!(timeline, "{step_launch:?}: rows without the switch: {spans:?}");
+        let row = |what: &str| spans.iter().find(|s| s.what == what);
+        let count = |what: &str| row(what).map_or(0, |s| s.count);
+        assert_eq!(count("point"), 4, "{step_launch:?}: {spans:?}");
+        assert_eq!(count("run right after a point (per step)") + count("other run (per step)"), runs, "{step_launch:?}: {spans:?}");
+        assert!(spans.iter().all(|s| s.total_us >= 0.0 && s.median_us >= 0.0 && s.total_us.is_finite()), "{step_launch:?}: {spans:?}");
+        let whole = row("whole span").expect("a whole span").total_us;
+        let parts: f64 = spans.iter().filter(|s| s.what != "whole span").map(|s| s.total_us).sum();
+        assert_close(&format!("{step_launch:?}: the kinds' totals against the whole span"), vec![parts], vec![whole], Tolerance::new(1e-3, 1e-6));
+        assert!(row("point").unwrap().median_us > 0.0, "{step_launch:?}: a point of 10000 test images took no time: {spans:?}");
     }
 }

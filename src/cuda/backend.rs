@@ -26,8 +26,9 @@ use super::context::Gpu;
 use super::gemm::matmul;
 use super::kernels::{self, ClusterRequest, FusedBuffers, FusedHyper, FusedLayer, FusedPlan, ReplicatedRequest, RunningStatsLayout};
 use super::options::{CudaOptions, StepLaunch};
+use super::timeline::{Mark, Timeline};
 use super::{describe_driver_error, phase_trace, CudaError};
-use crate::backend::{measure_point, no_point_queued, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats};
+use crate::backend::{measure_point, no_point_queued, Backend, Evaluation, GemmPrecision, PendingPoint, PhaseTiming, PointResults, Probe, SplitKind, StatsMode, StepStats, TimelineSpan};
 use crate::cpu::check_params_match;
 use crate::data::{Dataset, Split};
 use crate::model::{BatchNormParams, ConfigError, LayerParams, LossReduction, ModelConfig, ModelParams, RunningStats, TrainConfig};
@@ -545,6 +546,8 @@ pub struct CudaBackend {
     non_finite: CudaSlice<u32>,
     /// Evaluation points queued by `begin_point`.
     point: PointState,
+    /// `BNTRAIN_TIMELINE=1`: timing events around every run of steps and point.
+    timeline: Option<Timeline>,
     /// The probed units' activation inputs of the last evaluation, `[examples, neurons]`
     /// (packed by [`pack_columns`]), grown when a larger probe comes.
     probe_columns: CudaSlice<f32>,
@@ -734,6 +737,7 @@ impl CudaBackend {
             non_finite: zeros(&gpu, 1)?,
             probe_columns: zeros(&gpu, 1)?,
             point: PointState::new(&gpu, if options.eval_stream { Some(eval_lane(&gpu)?) } else { None }, flat_len, estimators.len() * bn_total)?,
+            timeline: options.timeline.then(Timeline::default),
             pending_steps: 0,
             graph: match step_launch {
                 StepLaunch::Eager => GraphState::Off { fell_back: false },
@@ -912,6 +916,14 @@ impl CudaBackend {
     fn finish_steps(&mut self, first: usize, count: usize) {
         self.cursor_batch = Some(first + count);
         self.pending_steps += count as u64;
+    }
+
+    /// Records `mark` on `lane` (the training stream if None) where the timeline is on.
+    fn mark(&mut self, lane: Option<&Arc<CudaStream>>, mark: Mark) -> Result<(), CudaError> {
+        match self.timeline.as_mut() {
+            Some(timeline) => timeline.record(&self.gpu, lane.unwrap_or(self.gpu.stream()), mark),
+            None => Ok(()),
+        }
     }
 
     /// The fused kernel's hyperparameters of this network.
@@ -1646,21 +1658,22 @@ impl Backend for CudaBackend {
     }
 
     fn train_steps(&mut self, first: usize, count: usize) -> Result<()> {
+        self.mark(None, Mark::RunStart { steps: count })?;
         if self.fused.is_none() {
             for batch in first..first + count {
                 self.train_step(batch)?;
             }
-            return Ok(());
+        } else {
+            self.start_steps(first, count)?;
+            let mut left = count;
+            while left > 0 {
+                let steps = left.min(kernels::FUSED_MAX_STEPS);
+                self.launch_fused(steps)?;
+                left -= steps;
+            }
+            self.finish_steps(first, count);
         }
-        self.start_steps(first, count)?;
-        let mut left = count;
-        while left > 0 {
-            let steps = left.min(kernels::FUSED_MAX_STEPS);
-            self.launch_fused(steps)?;
-            left -= steps;
-        }
-        self.finish_steps(first, count);
-        Ok(())
+        Ok(self.mark(None, Mark::RunEnd)?)
     }
 
     fn train_steps_with(&mut self, other: &mut dyn Backend, first: usize, count: usize) -> Result<bool> {
@@ -1674,6 +1687,7 @@ impl Backend for CudaBackend {
         // (its cursor, statistics), and the other's next work waits for it.
         let (mine, theirs) = (Arc::clone(self.gpu.stream()), Arc::clone(other.gpu.stream()));
         mine.join(&theirs).map_err(CudaError::from)?;
+        self.mark(None, Mark::RunStart { steps: count })?;
         let hyper = self.fused_hyper();
         let (mut launched, mut together) = (Ok(()), true);
         let mut left = count;
@@ -1685,6 +1699,7 @@ impl Backend for CudaBackend {
         // Even after a failed launch: an earlier one may still use the other's buffers.
         theirs.join(&mine).map_err(CudaError::from)?;
         launched?;
+        self.mark(None, Mark::RunEnd)?;
         self.finish_steps(first, count);
         other.finish_steps(first, count);
         (self.paired, other.paired) = (together, together);
@@ -1693,6 +1708,13 @@ impl Backend for CudaBackend {
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
+    }
+
+    fn timeline(&mut self) -> Result<Option<Vec<TimelineSpan>>> {
+        match &self.timeline {
+            Some(timeline) => Ok(timeline.summarize()?),
+            None => Ok(None),
+        }
     }
 
     /// One launch of fused steps with `fused_trace` pointed at a record of its blocks'
@@ -1788,6 +1810,7 @@ impl Backend for CudaBackend {
             self.point.host.probe = Some(pinned(&self.gpu, probed)?);
         }
         let stream = self.gpu.stream().clone();
+        self.mark(None, Mark::PointStart)?;
         {
             let point = &mut self.point;
             stream.memcpy_dtod(&self.params, &mut point.params).map_err(CudaError::from)?;
@@ -1808,6 +1831,7 @@ impl Backend for CudaBackend {
         // On every path: what the training stream and the host wait for.
         self.point.done.record(&lane).map_err(CudaError::from)?;
         queued?;
+        self.mark(Some(&lane), Mark::PointEnd)?;
         let steps = std::mem::take(&mut self.pending_steps);
         self.point.in_flight = Some(PointInFlight { steps, examples: count, probe });
         Ok(PendingPoint::Queued)

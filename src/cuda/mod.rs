@@ -18,6 +18,7 @@ pub mod gemm_tuning;
 pub mod kernels;
 mod options;
 pub mod phase_trace;
+pub mod timeline;
 
 pub use backend::{cluster_refusals, device_bytes_needed, CudaBackend};
 pub use options::{CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};

@@ -124,6 +124,10 @@ pub struct CudaOptions {
     /// (docs/perf.md).
     /// Unset until measured; `BNTRAIN_FUSED_REPLICATED_GRID=N`.
     pub fused_replicated_grid: Option<u32>,
+    /// Records a timing event around every run of steps and evaluation point, for
+    /// [`Backend::timeline`](crate::backend::Backend::timeline) (`bntrain train` prints its
+    /// rows). Off by default; `BNTRAIN_TIMELINE=1`.
+    pub timeline: bool,
 }
 
 impl Default for CudaOptions {
@@ -142,6 +146,7 @@ impl Default for CudaOptions {
             fused_512_kernel: true,
             fused_replicated: None,
             fused_replicated_grid: None,
+            timeline: false,
         }
     }
 }
@@ -172,6 +177,8 @@ impl CudaOptions {
     pub const CLUSTER_ENV: &'static str = "BNTRAIN_FUSED_CLUSTER";
     /// The switch for [`CudaOptions::eval_stream`]: `1` on, `0` or unset off.
     pub const EVAL_STREAM_ENV: &'static str = "BNTRAIN_EVAL_STREAM";
+    /// The switch for [`CudaOptions::timeline`]: `1` on, `0` or unset off.
+    pub const TIMELINE_ENV: &'static str = "BNTRAIN_TIMELINE";
     /// The switch for [`CudaOptions::backward_streams`]: `1` on, `0` off, unset: with f32 GEMMs only.
     pub const BACKWARD_STREAMS_ENV: &'static str = "BNTRAIN_BACKWARD_STREAMS";
     /// The switch for [`CudaOptions::fused_threads`]: `256`, `512` or `1024`.
@@ -201,6 +208,7 @@ impl CudaOptions {
             fused_pairing: switch(Self::PAIR_ENV, options.fused_pairing)?,
             gemm_tuning: switch(Self::GEMM_TUNE_ENV, options.gemm_tuning)?,
             eval_stream: switch(Self::EVAL_STREAM_ENV, options.eval_stream)?,
+            timeline: switch(Self::TIMELINE_ENV, options.timeline)?,
             backward_streams: Self::switch_from_env(Self::BACKWARD_STREAMS_ENV, env_text(Self::BACKWARD_STREAMS_ENV)?.as_deref())?
                 .or(options.backward_streams),
             fused_cluster: Self::cluster_from_env(env_text(Self::CLUSTER_ENV)?.as_deref())?.unwrap_or(options.fused_cluster),
