@@ -29,7 +29,9 @@
 // Launch: column kernels (train forward, backward): grid.x = ceil(C/TILE_COLS), block
 //   (TILE_COLS, TILE_ROWS), see common.cuh; sums are over rows in a fixed order (deterministic, no atomics).
 //   The split forward's two kernels: the same, with grid.y = P = ceil(B/R) parts; the
-//   moments are merged once a column group (one block), not in each of its P blocks.
+//   moments are merged once a column group (one block), not in each of its P blocks. Its
+//   atomic ticket only elects the merging block: the merge's order is fixed, so its results
+//   are as deterministic as the column kernels'.
 //   Inference forward: elementwise, grid-stride, any grid, block 256.
 // `y` may be null (only evaluation with a probe needs the activation input).
 
@@ -95,9 +97,11 @@ __device__ __forceinline__ unsigned rows_of_part(unsigned rows, unsigned part_ro
 struct PartMoments { float n, mean, m2; };
 
 // Moments of the union of the disjoint row sets a and b (Chan, Golub and LeVeque); an
-// empty b leaves a as it is, and an empty a gives b exactly.
+// empty set leaves the other as it is (without the check, δ² of a mean past ~1.8e19 would
+// overflow and 0·∞ give NaN).
 __device__ __forceinline__ PartMoments merge_moments(PartMoments a, PartMoments b) {
     if (b.n == 0.0f) return a;
+    if (a.n == 0.0f) return b;
     const float n = a.n + b.n;
     const float delta = b.mean - a.mean;
     return PartMoments{n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
@@ -111,7 +115,7 @@ extern "C" __global__ void bn_column_moments_f32(
     float* __restrict__ mean, float* __restrict__ var, float* __restrict__ inv_std)
 {
     __shared__ float part[TILE_ROWS][TILE_COLS];
-    __shared__ bool merges;
+    __shared__ bool last_of_group;
     const unsigned c = blockIdx.x * TILE_COLS + threadIdx.x;
     const bool live = c < width;
     const unsigned parts = gridDim.y;
@@ -138,22 +142,22 @@ extern "C" __global__ void bn_column_moments_f32(
     // serial merge of 40 parts.)
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0 && threadIdx.y == 0) merges = atomicAdd(tickets + blockIdx.x, 1u) == parts - 1;
+    if (threadIdx.x == 0 && threadIdx.y == 0) last_of_group = atomicAdd(tickets + blockIdx.x, 1u) == parts - 1;
     __syncthreads();
-    if (!merges) return;  // the same for the whole block: no barrier is left waiting
+    if (!last_of_group) return;  // the same for the whole block: no barrier is left waiting
     if (threadIdx.x == 0 && threadIdx.y == 0) tickets[blockIdx.x] = 0u;  // every part has taken its ticket
     __threadfence();
     // Thread row y merges parts y, y + TILE_ROWS, … in order (one part each for up to
     // TILE_ROWS parts: one L2 round trip), then the rows' merges combine by a fixed pairwise
     // tree, as column_total's sums: deterministic, and log2(TILE_ROWS) steps deep, not P.
     __shared__ PartMoments merged[TILE_ROWS][TILE_COLS];
-    PartMoments own{0.0f, 0.0f, 0.0f};
+    PartMoments row_moments{0.0f, 0.0f, 0.0f};
     if (live)
         for (unsigned p = threadIdx.y; p < parts; p += TILE_ROWS)
-            own = merge_moments(own, PartMoments{(float)rows_of_part(rows, part_rows, p),
+            row_moments = merge_moments(row_moments, PartMoments{(float)rows_of_part(rows, part_rows, p),
                                                  LOAD_PAST_L1(moments + (size_t)p * width + c),
                                                  LOAD_PAST_L1(moments + (size_t)(parts + p) * width + c)});
-    merged[threadIdx.y][threadIdx.x] = own;
+    merged[threadIdx.y][threadIdx.x] = row_moments;
     __syncthreads();
 #pragma unroll
     for (unsigned step = TILE_ROWS / 2; step > 0; step >>= 1) {

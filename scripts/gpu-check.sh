@@ -285,6 +285,8 @@ done
 if part intervals; then
     # With BNTRAIN_TIMELINE=1: device events around every run and point, a row each of
     # where the time went (runs' µs a step, right after a point or not; points; the gaps).
+    # Its events (four a point) add a little host time: these runs' seconds are not the
+    # twenty-fifth session's, taken without it.
     [[ $fused_ok == 1 ]] && for every in 50 250 10000; do
         log="$logs/train-interval-$every.log"
         BNTRAIN_TIMELINE=1 train_row "train 10000 steps (BN, fused, f32), a point every $every" "$log" "$bin" fused 10000 --precision f32 --eval-every "$every"

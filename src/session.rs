@@ -305,7 +305,6 @@ pub fn run(
     };
     net.synchronize()?;
     let seconds = started.elapsed().as_secs_f64();
-    let timeline = net.timeline()?;
     // After training: the name says how the steps ran, a fall-back on the way included.
     let device_name = net.device_name();
 
@@ -355,6 +354,8 @@ pub fn run(
             });
         }
     }
+    // Last: a diagnostic whose failure (an event's) must not cost the checkpoint above.
+    let timeline = net.timeline()?;
     Ok(TrainReport { device: device_name, model, start_step, outcome, seconds, history, checkpoint, timeline })
 }
 

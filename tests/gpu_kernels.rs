@@ -116,11 +116,13 @@ fn bn_act_fwd_train_matches_batch_norm_forward_train() {
 }
 
 /// The split forward (bn_column_moments, then bn_act_fwd_train_parts) at every shape, in one
-/// part or several (a short last part of 1 row; 10 000 rows, the test split's 40 parts).
+/// part or several (a short last part of 1 row; 10 000 rows, the test split's 40 parts; 79),
+/// twice from the same tickets.
 #[test]
 fn bn_act_fwd_train_in_parts_matches_batch_norm_forward_train() {
     let Some(gpu) = gpu() else { return };
-    let tall = [(256, 9), (257, 33), (2049, 100), (10_000, 100), (10_000, 1)];
+    // (20 000, 9): 79 parts, more than the merge's 64 thread rows, so a row merges two.
+    let tall = [(256, 9), (257, 33), (2049, 100), (10_000, 100), (10_000, 1), (20_000, 9)];
     check_bn_forward_train(&gpu, &[SHAPES, &tall].concat(), true);
 }
 
@@ -145,6 +147,7 @@ fn check_bn_forward_train(gpu: &Gpu, shapes: &[(usize, usize)], in_parts: bool) 
                 // leave every ticket at zero for the second to merge.
                 for _ in 0..2 {
                     (mean, var, inv_std) = (poisoned(gpu, width), poisoned(gpu, width), poisoned(gpu, width));
+                    (x_hat, y, a) = (poisoned(gpu, n), poisoned(gpu, n), poisoned(gpu, n));
                     kernels::bn_column_moments(
                         gpu, &z_d.as_view(), rows, width, epsilon, &mut moments.as_view_mut(), &mut tickets.as_view_mut(),
                         &mut mean.as_view_mut(), &mut var.as_view_mut(), &mut inv_std.as_view_mut(),
@@ -174,7 +177,8 @@ fn check_bn_forward_train(gpu: &Gpu, shapes: &[(usize, usize)], in_parts: bool) 
             // Column sums of ≤1030 values ≈ 2 in f32 (64 strided partials of ≤17 values, then
             // a tree over the 64): ≤ ~25 roundings deep, ≈1e-5 relative at worst; x̂ = (z−μ)·inv_std inherits
             // |δμ|·inv_std ≈ 1e-5·|z|·inv_std in absolute terms. In parts: sums of ≤256 values
-            // so, then ≤40 merges, each a few roundings of the running μ and M2.
+            // so, then merges by a tree 6 deep (after a chain of up to 2 a thread row for 79
+            // parts), each a few roundings of μ and M2.
             let stats = Tolerance::new(1e-6, 2e-5);
             let normalized = Tolerance::new(1e-4, 1e-4);
             let w = |o: &str| what(kernel, rows, width, o);

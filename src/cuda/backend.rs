@@ -281,7 +281,7 @@ impl Activations {
 /// needs (its widest hidden layer's): none unless it has BN and `rows` take the split.
 fn split_bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
     if model.batch_norm && kernels::bn_forward_in_parts(rows) {
-        kernels::bn_moments_len(rows, model.hidden.iter().copied().max().unwrap_or(0))
+        kernels::bn_moments_len(rows, widest_hidden(model))
     } else {
         0
     }
@@ -290,7 +290,11 @@ fn split_bn_moments_len(model: &ModelConfig, rows: usize) -> usize {
 /// Tickets of the split BN forward that a forward over `rows` rows of `model` needs (as
 /// [`split_bn_moments_len`]).
 fn split_bn_tickets_len(model: &ModelConfig, rows: usize) -> usize {
-    if split_bn_moments_len(model, rows) > 0 { kernels::bn_tickets_len(model.hidden.iter().copied().max().unwrap_or(0)) } else { 0 }
+    if split_bn_moments_len(model, rows) > 0 { kernels::bn_tickets_len(widest_hidden(model)) } else { 0 }
+}
+
+fn widest_hidden(model: &ModelConfig) -> usize {
+    model.hidden.iter().copied().max().unwrap_or(0)
 }
 
 /// How BN normalizes during a forward pass.
@@ -1796,7 +1800,10 @@ impl Backend for CudaBackend {
         self.check_probe(probe)?;
         let count = self.data.test.count;
         if mode == StatsMode::Batch && count > self.eval.rows {
-            return Ok(PendingPoint::Measured(Box::new(measure_point(self, mode, probe)?)));
+            self.mark(None, Mark::PointStart)?;
+            let results = measure_point(self, mode, probe)?;
+            self.mark(None, Mark::PointEnd)?;
+            return Ok(PendingPoint::Measured(Box::new(results)));
         }
         // A point begun and never finished (its loop failed) is dropped.
         self.point.in_flight = None;

@@ -283,7 +283,8 @@ pub fn bn_column_moments(
 }
 
 /// `bn_act_fwd_train_parts_f32`, the split BN forward's second kernel: x̂, y and a with the
-/// batch statistics [`bn_column_moments`] merged. Buffers as [`bn_act_fwd_train`]'s.
+/// batch statistics [`bn_column_moments`] merged (its mean and inv_std, read here).
+/// z, x_hat, y, a: `[rows, width]`; gamma, beta, mean, inv_std: `[width]`.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_act_fwd_train_parts(
     gpu: &Gpu, z: &CudaView<f32>, gamma: &CudaView<f32>, beta: &CudaView<f32>, activation: Activation,
@@ -293,6 +294,7 @@ pub fn bn_act_fwd_train_parts(
     const K: &str = "bn_act_fwd_train_parts_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
     let rows_by_width = [z.len(), x_hat.len(), a.len(), y.as_ref().map_or(usize::MAX, |y| y.len())];
+    // (No var here: usize::MAX passes its check, as for an absent y.)
     require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), usize::MAX, inv_std.len()])?;
     let shape = column_parts(K, rows, width_u)?;
     let (act, part_rows) = (activation_code(activation), BN_PART_ROWS as u32);

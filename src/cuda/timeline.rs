@@ -6,6 +6,10 @@
 //! than one with a single point, where a point alone takes 0.26 ms (docs/perf.md,
 //! twenty-fifth session): these rows say whether the rest is idle device time between the
 //! launches, a point slower beside the steps, or steps slower after a point.
+//!
+//! With `BNTRAIN_EVAL_STREAM=1` a point runs on a stream of its own, beside the next run:
+//! its end mark is on that stream, so the point and the run after it overlap and the gap
+//! between them may come out negative. The rows are for the default, one stream.
 
 use super::{context::Gpu, CudaError};
 use crate::backend::TimelineSpan;
@@ -24,19 +28,22 @@ pub enum Mark {
 }
 
 /// Marks recorded at most: a 40000-step run with a point every 50 steps records 3200; past
-/// the cap, recording stops (the rows then cover the run's beginning).
+/// the cap, recording stops (the rows then cover the run's beginning, and one says so).
 const MAX_MARKS: usize = 100_000;
 
 /// The events of one backend, in the order they were queued.
 #[derive(Default)]
 pub struct Timeline {
     marks: Vec<(Mark, CudaEvent)>,
+    /// Marks not recorded past [`MAX_MARKS`].
+    dropped: usize,
 }
 
 impl Timeline {
     /// Records `mark` on `stream` (timing events, a microsecond or two of host time each).
     pub fn record(&mut self, gpu: &Gpu, stream: &CudaStream, mark: Mark) -> Result<(), CudaError> {
         if self.marks.len() >= MAX_MARKS {
+            self.dropped += 1;
             return Ok(());
         }
         let event = gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
@@ -48,25 +55,34 @@ impl Timeline {
     /// The rows of [`spans`], once every recorded event has completed (the caller has
     /// synchronized); None before any mark.
     pub fn summarize(&self) -> Result<Option<Vec<TimelineSpan>>, CudaError> {
-        let Some((_, first)) = self.marks.first() else { return Ok(None) };
-        let mut timed = Vec::with_capacity(self.marks.len());
-        for (mark, event) in &self.marks {
-            timed.push((*mark, f64::from(first.elapsed_ms(event)?) * 1e3));
+        let Some((first_mark, _)) = self.marks.first() else { return Ok(None) };
+        // Each event timed from the one before, added up in f64: an f32 count of
+        // milliseconds from the first would resolve only ~2 µs after 16 s.
+        let mut timed = vec![(*first_mark, 0.0)];
+        for pair in self.marks.windows(2) {
+            let since = f64::from(pair[0].1.elapsed_ms(&pair[1].1)?) * 1e3;
+            timed.push((pair[1].0, timed[timed.len() - 1].1 + since));
         }
-        Ok(Some(spans(&timed)))
+        let mut rows = spans(&timed);
+        if self.dropped > 0 {
+            rows.push(TimelineSpan { what: "marks past the cap, not recorded", count: self.dropped, total_us: 0.0, median_us: 0.0 });
+        }
+        Ok(Some(rows))
     }
 }
 
 /// Rows by kind of interval between consecutive marks (times in µs from the first): runs
 /// (their µs per step; those right after a point apart), points, the gaps around them,
-/// and the whole span. A kind that never occurs has no row.
+/// any other (a run a failure left without its end mark), and the whole span. A kind that
+/// never occurs has no row; every interval is in exactly one.
 pub fn spans(marks: &[(Mark, f64)]) -> Vec<TimelineSpan> {
     const RUN_AFTER_POINT: &str = "run right after a point (per step)";
-    const RUN: &str = "other run (per step)";
+    const RUN: &str = "run not right after a point (per step)";
     const POINT: &str = "point";
     const BEFORE_POINT: &str = "gap: run end to point start";
     const AFTER_POINT: &str = "gap: point end to run start";
     const BETWEEN_RUNS: &str = "gap: run end to run start";
+    const OTHER: &str = "other interval";
     let mut rows: Vec<(&'static str, Vec<f64>, f64)> = Vec::new();
     let mut add = |what: &'static str, value: f64, total: f64| match rows.iter_mut().find(|(w, ..)| *w == what) {
         Some((_, values, sum)) => {
@@ -87,7 +103,7 @@ pub fn spans(marks: &[(Mark, f64)]) -> Vec<TimelineSpan> {
             (Mark::RunEnd, Mark::PointStart) => add(BEFORE_POINT, us, us),
             (Mark::PointEnd, Mark::RunStart { .. }) => add(AFTER_POINT, us, us),
             (Mark::RunEnd, Mark::RunStart { .. }) => add(BETWEEN_RUNS, us, us),
-            _ => {}
+            _ => add(OTHER, us, us),
         }
     }
     let mut spans: Vec<TimelineSpan> = rows
@@ -122,7 +138,7 @@ mod tests {
             (RunStart { steps: 4 }, 303.0), (RunEnd, 323.0), (RunStart { steps: 2 }, 324.0), (RunEnd, 334.0),
         ];
         let spans = spans(&marks);
-        let other = row(&spans, "other run (per step)");
+        let other = row(&spans, "run not right after a point (per step)");
         assert_eq!((other.count, other.total_us, other.median_us), (2, 110.0, 10.0));
         let after = row(&spans, "run right after a point (per step)");
         assert_eq!((after.count, after.total_us, after.median_us), (2, 140.0, 12.0));
@@ -143,5 +159,16 @@ mod tests {
         assert!(spans(&[]).is_empty());
         let one = spans(&[(Mark::PointStart, 5.0)]);
         assert_eq!(one, vec![TimelineSpan { what: "whole span", count: 1, total_us: 0.0, median_us: 0.0 }]);
+    }
+
+    #[test]
+    fn a_run_left_without_its_end_is_an_other_interval() {
+        use Mark::*;
+        // A failed run (no RunEnd), then a point: the 50 µs from its start to the point.
+        let spans = spans(&[(RunStart { steps: 5 }, 0.0), (PointStart, 50.0), (PointEnd, 60.0)]);
+        let other = row(&spans, "other interval");
+        assert_eq!((other.count, other.total_us), (1, 50.0));
+        assert_eq!(row(&spans, "point").total_us, 10.0);
+        assert!(spans.iter().all(|s| !s.what.starts_with("run")), "{spans:?}");
     }
 }
