@@ -17,7 +17,7 @@
 mod gpu_support;
 mod support;
 
-use bntrain::backend::{measure_point, Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats};
+use bntrain::backend::{measure_point, Backend, Evaluation, GemmPrecision, Probe, SplitKind, StatsMode, StepStats, TimelineSpan};
 use bntrain::cpu::{CpuBackend, CpuOptions};
 use bntrain::cuda::{self, ClusterRequest, CudaBackend, CudaOptions, StepLaunch, FUSED_AUTO_MAX_BATCH, FUSED_AUTO_MAX_WIDTH};
 use bntrain::data::Dataset;
@@ -1499,36 +1499,49 @@ fn a_queued_point_names_what_went_non_finite_at_its_step() {
 }
 
 /// `BNTRAIN_TIMELINE=1` (CudaOptions::timeline) through train_lockstep, 20 steps with a point
-/// every 5, fused and on graphs: four points, every run counted, and the kinds' totals add
-/// up to the whole span (each interval between marks in one row); off, no rows.
+/// every 5, fused and on graphs, and a BN and a plain network fused in one launch: each
+/// network's timeline has four points, every run counted, and the kinds' totals add up to
+/// the whole span (each interval between marks in one row); off, no rows.
 #[test]
 fn the_timeline_counts_every_run_and_point() {
     let Some(_gpu) = serial_gpu() else { return };
-    let (model, train) = (ModelConfig::seed(true), TrainConfig::seed());
-    let (params, data) = (scaled_init(&model, &train), dataset());
-    for (step_launch, timeline) in [(StepLaunch::Fused, true), (StepLaunch::Graph, true), (StepLaunch::Fused, false)] {
+    let train = TrainConfig::seed();
+    let data = dataset();
+    let cases = [(StepLaunch::Fused, true, false), (StepLaunch::Graph, true, false), (StepLaunch::Fused, false, false), (StepLaunch::Fused, true, true)];
+    for (step_launch, timeline, paired) in cases {
         let options = CudaOptions { step_launch, timeline, ..Default::default() };
-        let mut net = CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &params, options).unwrap();
+        let models: Vec<ModelConfig> = if paired { vec![ModelConfig::seed(true), ModelConfig::seed(false)] } else { vec![ModelConfig::seed(true)] };
+        let mut nets: Vec<CudaBackend> = models
+            .iter()
+            .map(|model| CudaBackend::with_options(model.clone(), train.clone(), Arc::clone(&data), &scaled_init(model, &train), options).unwrap())
+            .collect();
         let mut runs = 0;
         let mut count_runs = |event: bntrain::train::Event<'_>| runs += matches!(event, bntrain::train::Event::Stepped { .. }) as usize;
-        let mut nets: [&mut dyn Backend; 1] = [&mut net];
-        bntrain::train::train_lockstep(&mut nets, &train, data.train.count, 0, &Schedule::new(20, 5), None, &mut count_runs).unwrap();
-        net.synchronize().unwrap();
-        let spans = net.timeline().unwrap();
-        let Some(spans) = spans else {
-            assert!(!timeline, "{step_launch:?}: the timeline was asked for and gave no rows");
-            continue;
-        };
-        assert!(timeline, "{step_launch:?}: rows without the switch: {spans:?}");
-        let row = |what: &str| spans.iter().find(|s| s.what == what);
-        let count = |what: &str| row(what).map_or(0, |s| s.count);
-        assert_eq!(count("point"), 4, "{step_launch:?}: {spans:?}");
-        assert_eq!(count("run right after a point (per step)") + count("run not right after a point (per step)"), runs, "{step_launch:?}: {spans:?}");
-        assert_eq!(count("other interval"), 0, "{step_launch:?}: {spans:?}");
-        assert!(spans.iter().all(|s| s.total_us >= 0.0 && s.median_us >= 0.0 && s.total_us.is_finite()), "{step_launch:?}: {spans:?}");
-        let whole = row("whole span").expect("a whole span").total_us;
-        let parts: f64 = spans.iter().filter(|s| s.what != "whole span").map(|s| s.total_us).sum();
-        assert_close(&format!("{step_launch:?}: the kinds' totals against the whole span"), vec![parts], vec![whole], Tolerance::new(1e-3, 1e-6));
-        assert!(row("point").unwrap().median_us > 0.0, "{step_launch:?}: a point of the test split took no time: {spans:?}");
+        let mut dyn_nets: Vec<&mut dyn Backend> = nets.iter_mut().map(|net| net as &mut dyn Backend).collect();
+        bntrain::train::train_lockstep(&mut dyn_nets, &train, data.train.count, 0, &Schedule::new(20, 5), None, &mut count_runs).unwrap();
+        for (index, net) in nets.iter_mut().enumerate() {
+            net.synchronize().unwrap();
+            assert_eq!(net.device_name().contains("two networks a launch"), paired, "{step_launch:?}: {}", net.device_name());
+            check_timeline(&format!("{step_launch:?}, network {index} of {}, timeline {timeline}", models.len()), net.timeline().unwrap(), timeline, runs);
+        }
     }
+}
+
+/// The checks of [`the_timeline_counts_every_run_and_point`] on one network's rows.
+fn check_timeline(case: &str, spans: Option<Vec<TimelineSpan>>, timeline: bool, runs: usize) {
+    let Some(spans) = spans else {
+        assert!(!timeline, "{case}: the timeline was asked for and gave no rows");
+        return;
+    };
+    assert!(timeline, "{case}: rows without the switch: {spans:?}");
+    let row = |what: &str| spans.iter().find(|s| s.what == what);
+    let count = |what: &str| row(what).map_or(0, |s| s.count);
+    assert_eq!(count("point"), 4, "{case}: {spans:?}");
+    assert_eq!(count("run right after a point (per step)") + count("run not right after a point (per step)"), runs, "{case}: {spans:?}");
+    assert_eq!(count("other interval"), 0, "{case}: {spans:?}");
+    assert!(spans.iter().all(|s| s.total_us >= 0.0 && s.median_us >= 0.0 && s.total_us.is_finite()), "{case}: {spans:?}");
+    let whole = row("whole span").expect("a whole span").total_us;
+    let parts: f64 = spans.iter().filter(|s| s.what != "whole span").map(|s| s.total_us).sum();
+    assert_close(&format!("{case}: the kinds' totals against the whole span"), vec![parts], vec![whole], Tolerance::new(1e-3, 1e-6));
+    assert!(row("point").unwrap().median_us > 0.0, "{case}: a point of the test split took no time: {spans:?}");
 }

@@ -1690,6 +1690,9 @@ impl Backend for CudaBackend {
         // One launch on this network's stream: it waits for the work queued on the other's
         // (its cursor, statistics), and the other's next work waits for it.
         let (mine, theirs) = (Arc::clone(self.gpu.stream()), Arc::clone(other.gpu.stream()));
+        // Each network's timeline marks the run on its own stream: the other's start before
+        // the launch waits for it, its end after it waits for the launch.
+        other.mark(None, Mark::RunStart { steps: count })?;
         mine.join(&theirs).map_err(CudaError::from)?;
         self.mark(None, Mark::RunStart { steps: count })?;
         let hyper = self.fused_hyper();
@@ -1704,6 +1707,7 @@ impl Backend for CudaBackend {
         theirs.join(&mine).map_err(CudaError::from)?;
         launched?;
         self.mark(None, Mark::RunEnd)?;
+        other.mark(None, Mark::RunEnd)?;
         self.finish_steps(first, count);
         other.finish_steps(first, count);
         (self.paired, other.paired) = (together, together);

@@ -73,6 +73,11 @@ fn require_len(kernel: &'static str, what: &str, len: usize, needed: usize) -> R
     require(kernel, len >= needed, || format!("{what} holds {len} elements, needs {needed}"))
 }
 
+/// Checks that each buffer (name, length) holds at least `needed` elements.
+fn require_lens(kernel: &'static str, needed: usize, buffers: &[(&str, usize)]) -> Result<(), CudaError> {
+    buffers.iter().try_for_each(|&(what, len)| require_len(kernel, what, len, needed))
+}
+
 /// `rows·width`, checked against overflow.
 fn elements(kernel: &'static str, rows: usize, width: usize) -> Result<usize, CudaError> {
     rows.checked_mul(width).ok_or_else(|| CudaError::Launch { kernel, message: format!("precondition failed: {rows}×{width} overflows") })
@@ -175,17 +180,6 @@ pub fn gather_rows(
 
 /// The BN training forward's buffer lengths: z, x̂, a and y (`usize::MAX` where absent) hold
 /// rows·width floats, γ, β, μ, σ² and inv_std width.
-fn require_bn_forward_lens(kernel: &'static str, rows: usize, width: usize, rows_by_width: [usize; 4], per_feature: [usize; 5]) -> Result<(), CudaError> {
-    let n = elements(kernel, rows, width)?;
-    for (what, len) in ["z", "x_hat", "a", "y"].into_iter().zip(rows_by_width) {
-        require_len(kernel, what, len, n)?;
-    }
-    for (what, len) in ["gamma", "beta", "mean", "var", "inv_std"].into_iter().zip(per_feature) {
-        require_len(kernel, what, len, width)?;
-    }
-    Ok(())
-}
-
 /// `bn_act_fwd_train_f32` (cpu::ops::batch_norm_forward_train, then activation_forward):
 /// batch mean, biased variance, inv_std = 1/√(σ²+ε), x̂, y = γx̂+β, a = act(y).
 /// z, x_hat, y, a: `[rows, width]`; gamma, beta, mean, var, inv_std: `[width]`.
@@ -198,8 +192,12 @@ pub fn bn_act_fwd_train(
 ) -> Result<(), CudaError> {
     const K: &str = "bn_act_fwd_train_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
-    let rows_by_width = [z.len(), x_hat.len(), a.len(), y.as_ref().map_or(usize::MAX, |y| y.len())];
-    require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), var.len(), inv_std.len()])?;
+    let n = elements(K, rows, width)?;
+    require_lens(K, n, &[("z", z.len()), ("x_hat", x_hat.len()), ("a", a.len())])?;
+    if let Some(y) = &y {
+        require_len(K, "y", y.len(), n)?;
+    }
+    require_lens(K, width, &[("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len()), ("inv_std", inv_std.len())])?;
     let act = activation_code(activation);
     let mut b = builder(gpu, &gpu.functions.bn_act_fwd_train);
     b.arg(z).arg(gamma).arg(beta).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u);
@@ -266,9 +264,7 @@ pub fn bn_column_moments(
     require_len(K, "z", z.len(), elements(K, rows, width)?)?;
     require_len(K, "moments", moments.len(), bn_moments_len(rows, width))?;
     require_len(K, "tickets", tickets.len(), bn_tickets_len(width))?;
-    for (what, len) in [("mean", mean.len()), ("var", var.len()), ("inv_std", inv_std.len())] {
-        require_len(K, what, len, width)?;
-    }
+    require_lens(K, width, &[("mean", mean.len()), ("var", var.len()), ("inv_std", inv_std.len())])?;
     let shape = column_parts(K, rows, width_u)?;
     let part_rows = BN_PART_ROWS as u32;
     let mut b = builder(gpu, &gpu.functions.bn_column_moments);
@@ -293,9 +289,12 @@ pub fn bn_act_fwd_train_parts(
 ) -> Result<(), CudaError> {
     const K: &str = "bn_act_fwd_train_parts_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
-    let rows_by_width = [z.len(), x_hat.len(), a.len(), y.as_ref().map_or(usize::MAX, |y| y.len())];
-    // (No var here: usize::MAX passes its check, as for an absent y.)
-    require_bn_forward_lens(K, rows, width, rows_by_width, [gamma.len(), beta.len(), mean.len(), usize::MAX, inv_std.len()])?;
+    let n = elements(K, rows, width)?;
+    require_lens(K, n, &[("z", z.len()), ("x_hat", x_hat.len()), ("a", a.len())])?;
+    if let Some(y) = &y {
+        require_len(K, "y", y.len(), n)?;
+    }
+    require_lens(K, width, &[("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("inv_std", inv_std.len())])?;
     let shape = column_parts(K, rows, width_u)?;
     let (act, part_rows) = (activation_code(activation), BN_PART_ROWS as u32);
     let mut b = builder(gpu, &gpu.functions.bn_act_fwd_train_parts);
@@ -325,9 +324,7 @@ pub fn bn_act_fwd_infer(
     if let Some(y) = &y {
         require_len(K, "y", y.len(), n)?;
     }
-    for (what, len) in [("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len())] {
-        require_len(K, what, len, width)?;
-    }
+    require_lens(K, width, &[("gamma", gamma.len()), ("beta", beta.len()), ("mean", mean.len()), ("var", var.len())])?;
     let act = activation_code(activation);
     let mut b = builder(gpu, &gpu.functions.bn_act_fwd_infer);
     b.arg(z).arg(gamma).arg(beta).arg(mean).arg(var).arg(&epsilon).arg(&act).arg(&rows_u).arg(&width_u);
@@ -350,12 +347,8 @@ pub fn act_bn_bwd(
     const K: &str = "act_bn_bwd_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
     let n = elements(K, rows, width)?;
-    for (what, len) in [("da", da.len()), ("a", a.len()), ("x_hat", x_hat.len()), ("dz", dz.len())] {
-        require_len(K, what, len, n)?;
-    }
-    for (what, len) in [("gamma", gamma.len()), ("inv_std", inv_std.len()), ("d_gamma", d_gamma.len()), ("d_beta", d_beta.len())] {
-        require_len(K, what, len, width)?;
-    }
+    require_lens(K, n, &[("da", da.len()), ("a", a.len()), ("x_hat", x_hat.len()), ("dz", dz.len())])?;
+    require_lens(K, width, &[("gamma", gamma.len()), ("inv_std", inv_std.len()), ("d_gamma", d_gamma.len()), ("d_beta", d_beta.len())])?;
     let act = activation_code(activation);
     let mut b = builder(gpu, &gpu.functions.act_bn_bwd);
     b.arg(da).arg(a).arg(x_hat).arg(gamma).arg(inv_std).arg(&act).arg(&rows_u).arg(&width_u);
@@ -406,9 +399,7 @@ pub fn act_bwd_bias_grad(
     const K: &str = "act_bwd_bias_grad_f32";
     let (rows_u, width_u) = (size_u32(K, "rows", rows)?, size_u32(K, "width", width)?);
     let n = elements(K, rows, width)?;
-    for (what, len) in [("da", da.len()), ("a", a.len()), ("dz", dz.len())] {
-        require_len(K, what, len, n)?;
-    }
+    require_lens(K, n, &[("da", da.len()), ("a", a.len()), ("dz", dz.len())])?;
     if let Some(dbias) = &dbias {
         require_len(K, "dbias", dbias.len(), width)?;
     }
