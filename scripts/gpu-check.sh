@@ -62,7 +62,8 @@
 # "sanitize": Compute Sanitizer on the three fused kernels, which otherwise runs only on those
 # whose smoke test or tests failed; "point-profile": every kernel of an evaluation point
 # timed by Nsight Compute; "intervals": training runs with a point every 50, 250 and 10000
-# steps, what a point costs beside the steps)
+# steps, what a point costs beside the steps, each with its device timeline, and the study
+# with the timeline: each network's rows for the comparison)
 # picks the steps after the smoke tests, for a rerun of a few. When
 # OUT is set (a device call), the rows come back in $OUT/summary.txt as they are made, the
 # decisions in $OUT/decisions.txt, and the logs and the reproduce reports (without
@@ -292,6 +293,23 @@ if part intervals; then
         BNTRAIN_TIMELINE=1 train_row "train 10000 steps (BN, fused, f32), a point every $every" "$log" "$bin" fused 10000 --precision f32 --eval-every "$every"
         [[ -f "$log" ]] && row "  timeline, a point every $every" "$(json_eval "$log" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in (r.get('timeline') or [])) or 'no timeline'")"
     done
+    # The study with the defaults and the timeline: where its comparison's seconds go
+    # beyond the pair steps and the points (each network's rows; the pair's runs are on
+    # both, the points on each).
+    if [[ $fused_ok == 1 ]] && limit 90 30 "reproduce with the timeline"; then
+        echo "== BNTRAIN_TIMELINE=1 bntrain reproduce --device cuda (the full study, the defaults)"
+        log="$logs/reproduce-timeline.log"
+        BNTRAIN_TIMELINE=1 timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$logs/runs" --name gpu-timeline --json 2>&1 | tee "$log"
+        if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
+            comparison="$(python3 -c "import json, sys; print(f\"{json.load(open(sys.argv[1]))['timings']['comparison_s']:.2f}\")" "$logs/runs/gpu-timeline/metrics.json" 2>/dev/null || echo '?')"
+            row "reproduce, timeline on" "comparison ${comparison} s; device $(json_field "$log" device)"
+            for net in BN plain; do
+                row "  comparison timeline, $net" "$(json_eval "$log" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in ((r.get('comparison_timeline') or {}).get('$net') or [])) or 'no timeline'")"
+            done
+        else
+            row "reproduce, timeline on" "FAIL"; failed=1
+        fi
+    fi
     row "nsys" "$(command -v nsys || ls -d /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -n 1 || true)"
     save_logs
 fi

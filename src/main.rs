@@ -925,6 +925,10 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
         note!("notice: the interrupt came after the last training step: the study finished and its outputs are in place");
     }
     out!("{}", summary.table());
+    for (label, rows) in &summary.comparison_timeline {
+        out!("comparison, {label}:");
+        out!("{}", bench::timeline_table(rows).trim_end_matches('\n'));
+    }
     out!("report: {}", out_dir.join("report.md").display());
     if args.json {
         // The headline numbers; every curve and table is in metrics.json.
@@ -942,6 +946,9 @@ fn reproduce(device_choice: DeviceChoice, args: ReproduceArgs) -> Result<()> {
             "estimators": estimators,
             "report": path_text(&out_dir.join("report.md")),
             "metrics": path_text(&out_dir.join("metrics.json")),
+            "comparison_timeline": (!summary.comparison_timeline.is_empty()).then(|| {
+                summary.comparison_timeline.iter().map(|(label, rows)| (label.clone(), json!(rows))).collect::<serde_json::Map<_, _>>()
+            }),
         }));
     }
     Ok(())

@@ -610,6 +610,8 @@ fn a_path_that_is_not_text_is_named_in_the_json_line() {
         .unwrap();
     let last = last_json(&out);
     assert_eq!(last["report"], json!(study.join("x").join("report.md").to_string_lossy()), "{last}");
+    // The CPU records no device timeline.
+    assert_eq!(last.get("comparison_timeline"), Some(&Value::Null), "{last}");
 }
 
 /// A checkpoint trained on images of another size, resumed without its `--data`: the error

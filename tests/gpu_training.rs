@@ -1527,6 +1527,37 @@ fn the_timeline_counts_every_run_and_point() {
     }
 }
 
+/// `reproduce`'s comparison with the timeline on (its two networks in one fused launch, a
+/// point every 5 of 20 steps): a timeline for each network, BN first, each with four points
+/// and the same runs, at least one before each point; off, none.
+#[test]
+fn the_comparison_reads_each_networks_timeline() {
+    let Some(_gpu) = serial_gpu() else { return };
+    let data = dataset();
+    for timeline in [true, false] {
+        let opts = bntrain::report::ReproduceOptions { steps_compare: 20, eval_every: 5, ..bntrain::report::ReproduceOptions::quick("unused") };
+        let mut open = |model: ModelConfig, train: TrainConfig, params: &ModelParams| -> bntrain::Result<Box<dyn Backend>> {
+            let options = CudaOptions { step_launch: StepLaunch::Fused, timeline, ..Default::default() };
+            Ok(Box::new(CudaBackend::with_options(model, train, Arc::clone(&data), params, options)?))
+        };
+        let run = bntrain::report::study::run_comparison(&opts, &data, &mut open, None).unwrap();
+        assert!(run.device.contains("two networks a launch"), "{}", run.device);
+        if !timeline {
+            assert!(run.timeline.is_empty(), "rows without the switch: {:?}", run.timeline);
+            continue;
+        }
+        let labels: Vec<&str> = run.timeline.iter().map(|(label, _)| label.as_str()).collect();
+        assert_eq!(labels, ["BN", "plain"]);
+        // (The loop may split a run where the first steps were slow: at least one a point.)
+        let runs_of = |rows: &[TimelineSpan]| rows.iter().filter(|s| s.what.starts_with("run ")).map(|s| s.count).sum::<usize>();
+        let runs = runs_of(&run.timeline[0].1);
+        assert!(runs >= 4, "{:?}", run.timeline[0].1);
+        for (label, rows) in run.timeline {
+            check_timeline(&format!("the comparison's {label} network"), Some(rows), true, runs);
+        }
+    }
+}
+
 /// The checks of [`the_timeline_counts_every_run_and_point`] on one network's rows.
 fn check_timeline(case: &str, spans: Option<Vec<TimelineSpan>>, timeline: bool, runs: usize) {
     let Some(spans) = spans else {

@@ -339,6 +339,10 @@ pub struct ReproduceSummary {
     pub timings: Timings,
     /// Files written, relative to the output directory.
     pub files: Vec<String>,
+    /// The comparison's device timeline per network (`BNTRAIN_TIMELINE=1` on CUDA; else
+    /// empty): printed and in `reproduce --json`, not in metrics.json.
+    #[serde(skip)]
+    pub comparison_timeline: Vec<study::NetTimeline>,
 }
 
 impl ReproduceSummary {
@@ -596,6 +600,7 @@ fn build_outputs(
             ..Timings::default()
         },
         comparison: comparison.result,
+        comparison_timeline: comparison.timeline,
         test_time,
         estimators,
         references: References::default(),
@@ -752,6 +757,7 @@ pub(crate) mod tests {
                 plain,
                 wall_s: 1.0,
             },
+            comparison_timeline: Vec::new(),
             test_time: TestTime {
                 steps: steps_bn,
                 checkpoint: "bn_net.safetensors".into(),

@@ -10,7 +10,7 @@
 
 use super::population;
 use super::{OpenBackend, Comparison, Curve, EstimatorRow, EstimatorStudy, OneByOne, ProbePoint, ProbeStats, ReproduceOptions, TestTime};
-use crate::backend::{Backend, Probe, SplitKind, StatsMode};
+use crate::backend::{Backend, Probe, SplitKind, StatsMode, TimelineSpan};
 use crate::data::Dataset;
 use crate::device::Precision;
 use crate::model::checkpoint::{Checkpoint, HistoryPoint, StoredPrecision, TrainProgress, TrainedOn};
@@ -180,11 +180,16 @@ pub(crate) fn drift(curve: &Curve) -> f64 {
     (0..neurons).map(range).sum::<f64>() / neurons as f64
 }
 
-/// What [`run_comparison`] hands back: the results and the device that produced them.
+/// What [`run_comparison`] hands back: the results, the device that produced them, and
+/// each network's device timeline where the backend recorded one ([`Backend::timeline`]).
 pub struct ComparisonRun {
     pub result: Comparison,
     pub device: String,
+    pub timeline: Vec<NetTimeline>,
 }
+
+/// A network's device timeline: its label ("BN", "plain") and its rows.
+pub type NetTimeline = (String, Vec<TimelineSpan>);
 
 /// Part 1: the BN and plain nets side by side (Figure 1).
 pub fn run_comparison(
@@ -251,7 +256,15 @@ pub fn run_comparison(
         plain: plain_curve,
         wall_s: started.elapsed().as_secs_f64(),
     };
-    Ok(ComparisonRun { result, device })
+    // Outside the timed part: the timelines' events are complete once their streams are.
+    let mut timeline = Vec::new();
+    for (label, net) in [("BN", &mut bn), ("plain", &mut plain)] {
+        net.synchronize()?;
+        if let Some(rows) = net.timeline()? {
+            timeline.push((label.to_string(), rows));
+        }
+    }
+    Ok(ComparisonRun { result, device, timeline })
 }
 
 /// A trained BN network with every running estimator, ready for the estimator study.
