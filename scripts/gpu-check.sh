@@ -302,7 +302,9 @@ if part intervals; then
         BNTRAIN_TIMELINE=1 timeout -k 10 "$t" "$bin" --device cuda reproduce --out "$logs/runs" --name gpu-timeline --json 2>&1 | tee "$log"
         if [[ ${PIPESTATUS[0]} -eq 0 ]]; then
             comparison="$(python3 -c "import json, sys; print(f\"{json.load(open(sys.argv[1]))['timings']['comparison_s']:.2f}\")" "$logs/runs/gpu-timeline/metrics.json" 2>/dev/null || echo '?')"
-            row "reproduce, timeline on" "comparison ${comparison} s; device $(json_field "$log" device)"
+            device="$(json_field "$log" device)"
+            row "reproduce, timeline on" "comparison ${comparison} s; device $device"
+            [[ "$device" == *"two networks a launch"* ]] || { row "reproduce, timeline on" "FELL BACK: not a paired launch"; failed=1; }
             for net in BN plain; do
                 row "  comparison timeline, $net" "$(json_eval "$log" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in ((r.get('comparison_timeline') or {}).get('$net') or [])) or 'no timeline'")"
             done

@@ -1519,12 +1519,24 @@ fn the_timeline_counts_every_run_and_point() {
         let mut count_runs = |event: bntrain::train::Event<'_>| runs += matches!(event, bntrain::train::Event::Stepped { .. }) as usize;
         let mut dyn_nets: Vec<&mut dyn Backend> = nets.iter_mut().map(|net| net as &mut dyn Backend).collect();
         bntrain::train::train_lockstep(&mut dyn_nets, &train, data.train.count, 0, &Schedule::new(20, 5), None, &mut count_runs).unwrap();
+        let mut run_totals = Vec::new();
         for (index, net) in nets.iter_mut().enumerate() {
             net.synchronize().unwrap();
             assert_eq!(net.device_name().contains("two networks a launch"), paired, "{step_launch:?}: {}", net.device_name());
-            check_timeline(&format!("{step_launch:?}, network {index} of {}, timeline {timeline}", models.len()), net.timeline().unwrap(), timeline, runs);
+            let spans = net.timeline().unwrap();
+            run_totals.extend(spans.as_deref().map(run_total));
+            check_timeline(&format!("{step_launch:?}, network {index} of {}, timeline {timeline}", models.len()), spans, timeline, runs);
+        }
+        if let [first, second] = run_totals[..] {
+            // The same launches, timed from the same stream's events but for the second's end.
+            assert_close("the paired networks' runs, µs", vec![second], vec![first], Tolerance::new(50.0, 0.05));
         }
     }
+}
+
+/// The µs of a timeline's runs of steps, all kinds.
+fn run_total(spans: &[TimelineSpan]) -> f64 {
+    spans.iter().filter(|s| s.what.starts_with("run ")).map(|s| s.total_us).sum()
 }
 
 /// `reproduce`'s comparison with the timeline on (its two networks in one fused launch, a
@@ -1552,6 +1564,8 @@ fn the_comparison_reads_each_networks_timeline() {
         let runs_of = |rows: &[TimelineSpan]| rows.iter().filter(|s| s.what.starts_with("run ")).map(|s| s.count).sum::<usize>();
         let runs = runs_of(&run.timeline[0].1);
         assert!(runs >= 4, "{:?}", run.timeline[0].1);
+        let totals: Vec<f64> = run.timeline.iter().map(|(_, rows)| run_total(rows)).collect();
+        assert_close("the comparison's networks' runs, µs", vec![totals[1]], vec![totals[0]], Tolerance::new(50.0, 0.05));
         for (label, rows) in run.timeline {
             check_timeline(&format!("the comparison's {label} network"), Some(rows), true, runs);
         }

@@ -1690,10 +1690,11 @@ impl Backend for CudaBackend {
         // One launch on this network's stream: it waits for the work queued on the other's
         // (its cursor, statistics), and the other's next work waits for it.
         let (mine, theirs) = (Arc::clone(self.gpu.stream()), Arc::clone(other.gpu.stream()));
-        // Each network's timeline marks the run on its own stream: the other's start before
-        // the launch waits for it, its end after it waits for the launch.
-        other.mark(None, Mark::RunStart { steps: count })?;
         mine.join(&theirs).map_err(CudaError::from)?;
+        // Both networks' timelines mark the run: its start on this stream, once it has waited
+        // for both networks' work (a point of either); the other's end on its own stream,
+        // once that has waited for the launch.
+        other.mark(Some(&mine), Mark::RunStart { steps: count })?;
         self.mark(None, Mark::RunStart { steps: count })?;
         let hyper = self.fused_hyper();
         let (mut launched, mut together) = (Ok(()), true);

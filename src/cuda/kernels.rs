@@ -178,8 +178,6 @@ pub fn gather_rows(
     unsafe { b.launch(cfg) }.map(drop).map_err(launch_error(K))
 }
 
-/// The BN training forward's buffer lengths: z, x̂, a and y (`usize::MAX` where absent) hold
-/// rows·width floats, γ, β, μ, σ² and inv_std width.
 /// `bn_act_fwd_train_f32` (cpu::ops::batch_norm_forward_train, then activation_forward):
 /// batch mean, biased variance, inv_std = 1/√(σ²+ε), x̂, y = γx̂+β, a = act(y).
 /// z, x_hat, y, a: `[rows, width]`; gamma, beta, mean, var, inv_std: `[width]`.
