@@ -1519,9 +1519,10 @@ fn the_timeline_counts_every_run_and_point() {
         let mut count_runs = |event: bntrain::train::Event<'_>| runs += matches!(event, bntrain::train::Event::Stepped { .. }) as usize;
         let mut dyn_nets: Vec<&mut dyn Backend> = nets.iter_mut().map(|net| net as &mut dyn Backend).collect();
         bntrain::train::train_lockstep(&mut dyn_nets, &train, data.train.count, 0, &Schedule::new(20, 5), None, &mut count_runs).unwrap();
+        // (The second network's timeline holds events on the first's stream.)
+        nets.iter_mut().for_each(|net| net.synchronize().unwrap());
         let mut run_totals = Vec::new();
         for (index, net) in nets.iter_mut().enumerate() {
-            net.synchronize().unwrap();
             assert_eq!(net.device_name().contains("two networks a launch"), paired, "{step_launch:?}: {}", net.device_name());
             let spans = net.timeline().unwrap();
             run_totals.extend(spans.as_deref().map(run_total));

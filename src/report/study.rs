@@ -256,10 +256,12 @@ pub fn run_comparison(
         plain: plain_curve,
         wall_s: started.elapsed().as_secs_f64(),
     };
-    // Outside the timed part: the timelines' events are complete once their streams are.
+    // Outside the timed part. A network's timeline may hold events on the other's stream
+    // (a paired launch's start): both finish their work before either is read.
+    bn.synchronize()?;
+    plain.synchronize()?;
     let mut timeline = Vec::new();
     for (label, net) in [("BN", &mut bn), ("plain", &mut plain)] {
-        net.synchronize()?;
         if let Some(rows) = net.timeline()? {
             timeline.push((label.to_string(), rows));
         }
