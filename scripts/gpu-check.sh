@@ -277,6 +277,12 @@ for run in graph:f32 fused:f32 graph:tf32 graph:bf16; do
     train_row "train $steps steps (BN, $step, $precision)" "$logs/train-$step-$precision.log" "$bin" "$step" "$steps" --precision "$precision"
 done
 
+# A row of a log's device timeline: ROWS, a Python expression over `r` (json_eval) giving
+# the list of rows.
+timeline_row() { # NAME LOG ROWS
+    row "$1" "$(json_eval "$2" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in ($3)) or 'no timeline'")"
+}
+
 # Part "intervals" (not in the default PARTS): what an evaluation point costs a run beside
 # its steps. The same 10000 fused steps with a point every 50 (the study's interval), 250
 # and 10000 steps: the difference per point, against bench --points' latency and the
@@ -291,7 +297,7 @@ if part intervals; then
     [[ $fused_ok == 1 ]] && for every in 50 250 10000; do
         log="$logs/train-interval-$every.log"
         BNTRAIN_TIMELINE=1 train_row "train 10000 steps (BN, fused, f32), a point every $every" "$log" "$bin" fused 10000 --precision f32 --eval-every "$every"
-        [[ -f "$log" ]] && row "  timeline, a point every $every" "$(json_eval "$log" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in (r.get('timeline') or [])) or 'no timeline'")"
+        [[ -f "$log" ]] && timeline_row "  timeline, a point every $every" "$log" "r.get('timeline') or []"
     done
     # The study with the defaults and the timeline: where its comparison's seconds go
     # beyond the pair steps and the points (each network's rows; the pair's runs are on
@@ -306,7 +312,7 @@ if part intervals; then
             row "reproduce, timeline on" "comparison ${comparison} s; device $device"
             [[ "$device" == *"two networks a launch"* ]] || { row "reproduce, timeline on" "FELL BACK: not a paired launch"; failed=1; }
             for net in BN plain; do
-                row "  comparison timeline, $net" "$(json_eval "$log" "'; '.join(f\"{s['what']}: {s['count']}× median {s['median_us']:.2f} µs, total {s['total_us'] / 1e3:.1f} ms\" for s in ((r.get('comparison_timeline') or {}).get('$net') or [])) or 'no timeline'")"
+                timeline_row "  comparison timeline, $net" "$log" "(r.get('comparison_timeline') or {}).get('$net') or []"
             done
         else
             row "reproduce, timeline on" "FAIL"; failed=1

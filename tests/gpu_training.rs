@@ -1525,7 +1525,7 @@ fn the_timeline_counts_every_run_and_point() {
         for (index, net) in nets.iter_mut().enumerate() {
             assert_eq!(net.device_name().contains("two networks a launch"), paired, "{step_launch:?}: {}", net.device_name());
             let spans = net.timeline().unwrap();
-            run_totals.extend(spans.as_deref().map(run_total));
+            run_totals.extend(spans.as_deref().map(|spans| runs_in(spans).1));
             check_timeline(&format!("{step_launch:?}, network {index} of {}, timeline {timeline}", models.len()), spans, timeline, runs);
         }
         if let [first, second] = run_totals[..] {
@@ -1535,9 +1535,9 @@ fn the_timeline_counts_every_run_and_point() {
     }
 }
 
-/// The µs of a timeline's runs of steps, all kinds.
-fn run_total(spans: &[TimelineSpan]) -> f64 {
-    spans.iter().filter(|s| s.what.starts_with("run ")).map(|s| s.total_us).sum()
+/// A timeline's runs of steps, right after a point or not: how many, and their µs.
+fn runs_in(spans: &[TimelineSpan]) -> (usize, f64) {
+    spans.iter().filter(|s| s.what.starts_with("run ")).fold((0, 0.0), |(count, us), s| (count + s.count, us + s.total_us))
 }
 
 /// `reproduce`'s comparison with the timeline on (its two networks in one fused launch, a
@@ -1562,10 +1562,9 @@ fn the_comparison_reads_each_networks_timeline() {
         let labels: Vec<&str> = run.timeline.iter().map(|(label, _)| label.as_str()).collect();
         assert_eq!(labels, ["BN", "plain"]);
         // (The loop may split a run where the first steps were slow: at least one a point.)
-        let runs_of = |rows: &[TimelineSpan]| rows.iter().filter(|s| s.what.starts_with("run ")).map(|s| s.count).sum::<usize>();
-        let runs = runs_of(&run.timeline[0].1);
+        let runs = runs_in(&run.timeline[0].1).0;
         assert!(runs >= 4, "{:?}", run.timeline[0].1);
-        let totals: Vec<f64> = run.timeline.iter().map(|(_, rows)| run_total(rows)).collect();
+        let totals: Vec<f64> = run.timeline.iter().map(|(_, rows)| runs_in(rows).1).collect();
         assert_close("the comparison's networks' runs, µs", vec![totals[1]], vec![totals[0]], Tolerance::new(50.0, 0.05));
         for (label, rows) in run.timeline {
             check_timeline(&format!("the comparison's {label} network"), Some(rows), true, runs);
